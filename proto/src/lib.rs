@@ -1,0 +1,34 @@
+//! Ferry's gRPC contract, generated at build time from `proto/ferry/**/*.proto`.
+//!
+//! The `.proto` files are the API reference; this crate only exports the code
+//! tonic generates from them and the descriptor set server reflection serves.
+
+#![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
+
+/// Encoded `FileDescriptorSet` of every Ferry package, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/ferry_descriptor.bin"));
+
+pub mod registry {
+    pub mod v1 {
+        tonic::include_proto!("ferry.registry.v1");
+    }
+}
+
+pub mod cache {
+    pub mod v1 {
+        tonic::include_proto!("ferry.cache.v1");
+    }
+}
+
+pub mod processor {
+    pub mod v1 {
+        tonic::include_proto!("ferry.processor.v1");
+    }
+}
+
+pub mod failover {
+    pub mod v1 {
+        tonic::include_proto!("ferry.failover.v1");
+    }
+}

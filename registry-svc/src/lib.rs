@@ -1,0 +1,127 @@
+//! registry-svc: Ferry's control plane. Source VMs are registered here and
+//! their replication enabled; target resources are derived; policies, network
+//! mappings, replication groups and each protected item's state and health are
+//! kept in sled and published on a watch stream.
+
+pub mod derive;
+pub mod error;
+pub mod lifecycle;
+pub mod model;
+pub mod registry;
+pub mod service;
+pub mod store;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use ferry_proto::registry::v1::registry_server::RegistryServer;
+use ferry_runtime::{CancellationToken, Host, ServiceConfig};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+pub use error::RegistryError;
+pub use registry::Registry;
+
+/// The gRPC service name, for health and reflection.
+pub const SERVICE_NAME: &str = "ferry.registry.v1.Registry";
+/// The default port.
+pub const DEFAULT_PORT: u16 = 7101;
+
+/// Regions known when the config file names none.
+pub const DEFAULT_REGIONS: &[&str] = &[
+    "australiaeast",
+    "brazilsouth",
+    "canadacentral",
+    "centralindia",
+    "centralus",
+    "eastasia",
+    "eastus",
+    "eastus2",
+    "francecentral",
+    "germanywestcentral",
+    "japaneast",
+    "northeurope",
+    "southeastasia",
+    "swedencentral",
+    "uksouth",
+    "ukwest",
+    "westeurope",
+    "westus",
+    "westus2",
+];
+
+/// The `[registry]` table of the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// The known regions; [`DEFAULT_REGIONS`] when empty.
+    pub regions: Vec<String>,
+}
+
+/// registry-svc's configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The common settings. `cache` is the cache endpoint handed to agents.
+    pub service: ServiceConfig,
+    /// The known regions.
+    pub regions: BTreeSet<String>,
+}
+
+impl Config {
+    /// A configuration from the common settings and the `[registry]` table.
+    pub fn new(service: ServiceConfig, settings: Settings) -> Result<Config, RegistryError> {
+        let regions: BTreeSet<String> = if settings.regions.is_empty() {
+            DEFAULT_REGIONS.iter().map(|r| r.to_string()).collect()
+        } else {
+            settings.regions.into_iter().collect()
+        };
+        for region in &regions {
+            model::check_name("region", region)?;
+        }
+        Ok(Config { service, regions })
+    }
+}
+
+/// Why registry-svc stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Host(#[from] ferry_runtime::HostError),
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Serves registry-svc on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let mut host = Host::new(&[SERVICE_NAME]).await?;
+    let health = host.health();
+    let data_dir = &config.service.data_dir;
+    std::fs::create_dir_all(data_dir).map_err(|source| ServeError::DataDir {
+        path: data_dir.clone(),
+        source,
+    })?;
+    let registry = Arc::new(
+        Registry::open(data_dir, config.regions.clone(), config.service.cache.clone()).await?,
+    );
+    let limits = &config.service.limits;
+    host.routes().add_service(
+        RegistryServer::new(service::RegistryService::new(registry, shutdown.clone()))
+            .max_decoding_message_size(limits.max_message_bytes)
+            .max_encoding_message_size(limits.max_message_bytes),
+    );
+    // Storage is open and registry has no peers to wait for.
+    health.serving().await;
+    tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "registry-svc serving");
+    host.serve(listener, limits, shutdown).await?;
+    tracing::info!("registry-svc stopped");
+    Ok(())
+}

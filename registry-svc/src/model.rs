@@ -1,0 +1,792 @@
+//! Domain types of the registry, apart from the prost types: requests are
+//! validated on receipt in `TryFrom<proto::X>` and answers built with
+//! `From<domain> for proto::X`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use ferry_proto::registry::v1 as pb;
+use ferry_runtime::time::{from_duration, to_duration, to_timestamp};
+use serde::{Deserialize, Serialize};
+
+use crate::error::RegistryError;
+
+/// Longest name of any object.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Checks a name: 1 to 64 ASCII letters, digits, '-', '_', '.', starting with
+/// a letter or digit.
+pub fn check_name(field: &str, value: &str) -> Result<(), RegistryError> {
+    if value.is_empty() {
+        return Err(RegistryError::invalid(format!("{field} is empty")));
+    }
+    if value.len() > MAX_NAME_LEN {
+        return Err(RegistryError::invalid(format!(
+            "{field} {value:?} is {} characters long; at most {MAX_NAME_LEN} are allowed",
+            value.len()
+        )));
+    }
+    let first_ok = value
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
+    let rest_ok = value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !first_ok || !rest_ok {
+        return Err(RegistryError::invalid(format!(
+            "{field} {value:?} is not a valid name: use ASCII letters, digits, '-', '_' and '.', \
+             starting with a letter or digit"
+        )));
+    }
+    Ok(())
+}
+
+fn optional_name(field: &str, value: String) -> Result<Option<String>, RegistryError> {
+    if value.is_empty() {
+        Ok(None)
+    } else {
+        check_name(field, &value)?;
+        Ok(Some(value))
+    }
+}
+
+/// OS or data disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskRole {
+    Os,
+    Data,
+}
+
+/// Managed or unmanaged disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskStorage {
+    Managed,
+    Unmanaged,
+}
+
+/// A source disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    pub id: String,
+    pub size_bytes: u64,
+    pub role: DiskRole,
+    pub storage: DiskStorage,
+    pub source_path: String,
+}
+
+/// A network interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Nic {
+    pub name: String,
+    pub private_ip: IpAddr,
+}
+
+/// A registered source VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vm {
+    pub name: String,
+    pub source_region: String,
+    pub resource_group: String,
+    pub virtual_network: String,
+    pub subnet: String,
+    pub availability_set: Option<String>,
+    pub nics: Vec<Nic>,
+    pub disks: Vec<Disk>,
+    pub registered_at: SystemTime,
+}
+
+impl TryFrom<pb::Disk> for Disk {
+    type Error = RegistryError;
+    fn try_from(d: pb::Disk) -> Result<Self, Self::Error> {
+        check_name("disk id", &d.id)?;
+        if d.size_bytes == 0 {
+            return Err(RegistryError::invalid(format!(
+                "disk {:?} has size 0; a disk needs at least 512 bytes",
+                d.id
+            )));
+        }
+        if d.size_bytes % 512 != 0 {
+            return Err(RegistryError::invalid(format!(
+                "disk {:?} has size {} bytes, which is not a multiple of 512",
+                d.id, d.size_bytes
+            )));
+        }
+        let role = match pb::DiskRole::try_from(d.role) {
+            Ok(pb::DiskRole::Os) => DiskRole::Os,
+            Ok(pb::DiskRole::Data) => DiskRole::Data,
+            _ => {
+                return Err(RegistryError::invalid(format!(
+                    "disk {:?} needs a role: DISK_ROLE_OS or DISK_ROLE_DATA",
+                    d.id
+                )))
+            }
+        };
+        let storage = match pb::DiskStorage::try_from(d.storage) {
+            Ok(pb::DiskStorage::Managed) => DiskStorage::Managed,
+            Ok(pb::DiskStorage::Unmanaged) => DiskStorage::Unmanaged,
+            _ => {
+                return Err(RegistryError::invalid(format!(
+                    "disk {:?} needs a storage kind: DISK_STORAGE_MANAGED or DISK_STORAGE_UNMANAGED",
+                    d.id
+                )))
+            }
+        };
+        if d.source_path.trim().is_empty() || d.source_path.contains('\0') {
+            return Err(RegistryError::invalid(format!(
+                "disk {:?} needs a source_path: where the agent finds the source image",
+                d.id
+            )));
+        }
+        Ok(Disk {
+            id: d.id,
+            size_bytes: d.size_bytes,
+            role,
+            storage,
+            source_path: d.source_path,
+        })
+    }
+}
+
+impl TryFrom<pb::Vm> for Vm {
+    type Error = RegistryError;
+    fn try_from(v: pb::Vm) -> Result<Self, Self::Error> {
+        check_name("VM name", &v.name)?;
+        check_name("source region", &v.source_region)?;
+        check_name("resource group", &v.resource_group)?;
+        check_name("virtual network", &v.virtual_network)?;
+        check_name("subnet", &v.subnet)?;
+        let availability_set = optional_name("availability set", v.availability_set)?;
+        if v.nics.is_empty() {
+            return Err(RegistryError::invalid(format!(
+                "VM {:?} has no network interface; give at least one",
+                v.name
+            )));
+        }
+        let mut nic_names = BTreeSet::new();
+        let mut ips = BTreeSet::new();
+        let mut nics = Vec::with_capacity(v.nics.len());
+        for nic in v.nics {
+            check_name("NIC name", &nic.name)?;
+            let ip: IpAddr = nic.private_ip.parse().map_err(|_| {
+                RegistryError::invalid(format!(
+                    "NIC {:?} has private IP {:?}, which is not an IPv4 or IPv6 address",
+                    nic.name, nic.private_ip
+                ))
+            })?;
+            if !nic_names.insert(nic.name.clone()) {
+                return Err(RegistryError::invalid(format!(
+                    "NIC name {:?} appears twice",
+                    nic.name
+                )));
+            }
+            if !ips.insert(ip) {
+                return Err(RegistryError::invalid(format!(
+                    "private IP {ip} is given to two NICs"
+                )));
+            }
+            nics.push(Nic {
+                name: nic.name,
+                private_ip: ip,
+            });
+        }
+        if v.disks.is_empty() {
+            return Err(RegistryError::invalid(format!(
+                "VM {:?} has no disk; give at least one",
+                v.name
+            )));
+        }
+        let mut disk_ids = BTreeSet::new();
+        let mut disks = Vec::with_capacity(v.disks.len());
+        for disk in v.disks {
+            let disk = Disk::try_from(disk)?;
+            if !disk_ids.insert(disk.id.clone()) {
+                return Err(RegistryError::invalid(format!(
+                    "disk id {:?} appears twice",
+                    disk.id
+                )));
+            }
+            disks.push(disk);
+        }
+        if disks.iter().filter(|d| d.role == DiskRole::Os).count() > 1 {
+            return Err(RegistryError::invalid(format!(
+                "VM {:?} has more than one OS disk",
+                v.name
+            )));
+        }
+        Ok(Vm {
+            name: v.name,
+            source_region: v.source_region,
+            resource_group: v.resource_group,
+            virtual_network: v.virtual_network,
+            subnet: v.subnet,
+            availability_set,
+            nics,
+            disks,
+            registered_at: SystemTime::now(),
+        })
+    }
+}
+
+impl From<&Disk> for pb::Disk {
+    fn from(d: &Disk) -> Self {
+        pb::Disk {
+            id: d.id.clone(),
+            size_bytes: d.size_bytes,
+            role: match d.role {
+                DiskRole::Os => pb::DiskRole::Os,
+                DiskRole::Data => pb::DiskRole::Data,
+            } as i32,
+            storage: storage_to_pb(d.storage) as i32,
+            source_path: d.source_path.clone(),
+        }
+    }
+}
+
+fn storage_to_pb(s: DiskStorage) -> pb::DiskStorage {
+    match s {
+        DiskStorage::Managed => pb::DiskStorage::Managed,
+        DiskStorage::Unmanaged => pb::DiskStorage::Unmanaged,
+    }
+}
+
+impl From<&Vm> for pb::Vm {
+    fn from(v: &Vm) -> Self {
+        pb::Vm {
+            name: v.name.clone(),
+            source_region: v.source_region.clone(),
+            resource_group: v.resource_group.clone(),
+            virtual_network: v.virtual_network.clone(),
+            subnet: v.subnet.clone(),
+            availability_set: v.availability_set.clone().unwrap_or_default(),
+            nics: v
+                .nics
+                .iter()
+                .map(|n| pb::Nic {
+                    name: n.name.clone(),
+                    private_ip: n.private_ip.to_string(),
+                })
+                .collect(),
+            disks: v.disks.iter().map(pb::Disk::from).collect(),
+            registered_at: Some(to_timestamp(v.registered_at)),
+        }
+    }
+}
+
+/// A replication policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    pub name: String,
+    pub retention: Duration,
+    pub crash_consistent_interval: Duration,
+    /// Zero: no app-consistent points.
+    pub app_consistent_frequency: Duration,
+    pub multi_vm_consistency: bool,
+    pub multi_vm_interval: Duration,
+    pub keep_all_points_for: Duration,
+    pub thinned_point_spacing: Duration,
+    pub created_at: SystemTime,
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+impl Policy {
+    /// Name of the policy that always exists.
+    pub const DEFAULT_NAME: &'static str = "default";
+    /// Longest retention.
+    pub const MAX_RETENTION: Duration = Duration::from_secs(15 * 24 * 3600);
+
+    /// The default policy: 24 h retention, a crash-consistent point every 5 s,
+    /// an app-consistent one every 4 h, all points for 2 h then one an hour.
+    pub fn default_policy() -> Policy {
+        Policy {
+            name: Self::DEFAULT_NAME.into(),
+            retention: 24 * HOUR,
+            crash_consistent_interval: Duration::from_secs(5),
+            app_consistent_frequency: 4 * HOUR,
+            multi_vm_consistency: false,
+            multi_vm_interval: Duration::from_secs(10),
+            keep_all_points_for: 2 * HOUR,
+            thinned_point_spacing: HOUR,
+            created_at: SystemTime::now(),
+        }
+    }
+}
+
+fn duration_field(
+    field: &str,
+    value: Option<prost_types::Duration>,
+) -> Result<Option<Duration>, RegistryError> {
+    match value {
+        None => Ok(None),
+        Some(d) => from_duration(&d).map(Some).ok_or_else(|| {
+            RegistryError::invalid(format!("{field} is negative or malformed: {d:?}"))
+        }),
+    }
+}
+
+fn within(field: &str, d: Duration, min: Duration, max: Duration) -> Result<(), RegistryError> {
+    if d < min || d > max {
+        return Err(RegistryError::invalid(format!(
+            "{field} is {d:?}; it must be between {min:?} and {max:?}"
+        )));
+    }
+    Ok(())
+}
+
+impl TryFrom<pb::ReplicationPolicy> for Policy {
+    type Error = RegistryError;
+    fn try_from(p: pb::ReplicationPolicy) -> Result<Self, Self::Error> {
+        check_name("policy name", &p.name)?;
+        let defaults = Policy::default_policy();
+        let crash = duration_field("crash_consistent_interval", p.crash_consistent_interval)?
+            .unwrap_or(defaults.crash_consistent_interval);
+        within(
+            "crash_consistent_interval",
+            crash,
+            Duration::from_secs(1),
+            HOUR,
+        )?;
+        let retention = duration_field("recovery_point_retention", p.recovery_point_retention)?
+            .unwrap_or(defaults.retention);
+        within(
+            "recovery_point_retention",
+            retention,
+            crash,
+            Policy::MAX_RETENTION,
+        )?;
+        let app = duration_field("app_consistent_frequency", p.app_consistent_frequency)?
+            .unwrap_or(defaults.app_consistent_frequency.min(retention));
+        if !app.is_zero() {
+            within("app_consistent_frequency", app, crash, retention)?;
+        }
+        let multi_vm_interval = duration_field("multi_vm_interval", p.multi_vm_interval)?
+            .unwrap_or(defaults.multi_vm_interval);
+        within(
+            "multi_vm_interval",
+            multi_vm_interval,
+            Duration::from_secs(1),
+            HOUR,
+        )?;
+        let keep_all = duration_field("keep_all_points_for", p.keep_all_points_for)?
+            .unwrap_or(defaults.keep_all_points_for.min(retention));
+        within("keep_all_points_for", keep_all, Duration::ZERO, retention)?;
+        let spacing = duration_field("thinned_point_spacing", p.thinned_point_spacing)?
+            .unwrap_or(defaults.thinned_point_spacing);
+        within(
+            "thinned_point_spacing",
+            spacing,
+            crash,
+            Policy::MAX_RETENTION,
+        )?;
+        Ok(Policy {
+            name: p.name,
+            retention,
+            crash_consistent_interval: crash,
+            app_consistent_frequency: app,
+            multi_vm_consistency: p.multi_vm_consistency,
+            multi_vm_interval,
+            keep_all_points_for: keep_all,
+            thinned_point_spacing: spacing,
+            created_at: SystemTime::now(),
+        })
+    }
+}
+
+impl From<&Policy> for pb::ReplicationPolicy {
+    fn from(p: &Policy) -> Self {
+        pb::ReplicationPolicy {
+            name: p.name.clone(),
+            recovery_point_retention: Some(to_duration(p.retention)),
+            crash_consistent_interval: Some(to_duration(p.crash_consistent_interval)),
+            app_consistent_frequency: Some(to_duration(p.app_consistent_frequency)),
+            multi_vm_consistency: p.multi_vm_consistency,
+            multi_vm_interval: Some(to_duration(p.multi_vm_interval)),
+            keep_all_points_for: Some(to_duration(p.keep_all_points_for)),
+            thinned_point_spacing: Some(to_duration(p.thinned_point_spacing)),
+            created_at: Some(to_timestamp(p.created_at)),
+        }
+    }
+}
+
+/// A mapping of a network in one region to a network in another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkMapping {
+    pub source_region: String,
+    pub source_network: String,
+    pub target_region: String,
+    pub target_network: String,
+    pub created_at: SystemTime,
+}
+
+impl NetworkMapping {
+    /// The id of the mapping of `network` in `region` into `target_region`.
+    pub fn id_of(region: &str, network: &str, target_region: &str) -> String {
+        format!("{region}/{network}->{target_region}")
+    }
+
+    /// This mapping's id.
+    pub fn id(&self) -> String {
+        Self::id_of(&self.source_region, &self.source_network, &self.target_region)
+    }
+
+    /// The mapping the other way.
+    pub fn reverse(&self) -> NetworkMapping {
+        NetworkMapping {
+            source_region: self.target_region.clone(),
+            source_network: self.target_network.clone(),
+            target_region: self.source_region.clone(),
+            target_network: self.source_network.clone(),
+            created_at: self.created_at,
+        }
+    }
+}
+
+impl TryFrom<pb::CreateNetworkMappingRequest> for NetworkMapping {
+    type Error = RegistryError;
+    fn try_from(r: pb::CreateNetworkMappingRequest) -> Result<Self, Self::Error> {
+        check_name("source region", &r.source_region)?;
+        check_name("source network", &r.source_network)?;
+        check_name("target region", &r.target_region)?;
+        check_name("target network", &r.target_network)?;
+        Ok(NetworkMapping {
+            source_region: r.source_region,
+            source_network: r.source_network,
+            target_region: r.target_region,
+            target_network: r.target_network,
+            created_at: SystemTime::now(),
+        })
+    }
+}
+
+impl From<&NetworkMapping> for pb::NetworkMapping {
+    fn from(m: &NetworkMapping) -> Self {
+        pb::NetworkMapping {
+            id: m.id(),
+            source_region: m.source_region.clone(),
+            source_network: m.source_network.clone(),
+            target_region: m.target_region.clone(),
+            target_network: m.target_network.clone(),
+            created_at: Some(to_timestamp(m.created_at)),
+        }
+    }
+}
+
+/// A replication group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    pub name: String,
+    pub policy: String,
+    pub target_region: Option<String>,
+    pub members: BTreeSet<String>,
+    pub coordinator: Option<String>,
+    pub created_at: SystemTime,
+}
+
+impl From<&Group> for pb::ReplicationGroup {
+    fn from(g: &Group) -> Self {
+        pb::ReplicationGroup {
+            name: g.name.clone(),
+            policy_name: g.policy.clone(),
+            target_region: g.target_region.clone().unwrap_or_default(),
+            members: g.members.iter().cloned().collect(),
+            coordinator: g.coordinator.clone().unwrap_or_default(),
+            created_at: Some(to_timestamp(g.created_at)),
+        }
+    }
+}
+
+/// Target resources the caller chose; `None` means derive it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    pub resource_group: Option<String>,
+    pub virtual_network: Option<String>,
+    pub subnet: Option<String>,
+    pub availability_set: Option<String>,
+    pub cache_storage: Option<String>,
+    pub target_storage_account: Option<String>,
+    pub replica_disk_names: BTreeMap<String, String>,
+}
+
+impl TryFrom<pb::TargetOverrides> for Overrides {
+    type Error = RegistryError;
+    fn try_from(o: pb::TargetOverrides) -> Result<Self, Self::Error> {
+        let mut replica_disk_names = BTreeMap::new();
+        for (disk, name) in o.replica_disk_names {
+            check_name("replica disk name", &name)?;
+            replica_disk_names.insert(disk, name);
+        }
+        Ok(Overrides {
+            resource_group: optional_name("target resource group", o.resource_group)?,
+            virtual_network: optional_name("target virtual network", o.virtual_network)?,
+            subnet: optional_name("target subnet", o.subnet)?,
+            availability_set: optional_name("target availability set", o.availability_set)?,
+            cache_storage: optional_name("cache storage", o.cache_storage)?,
+            target_storage_account: optional_name(
+                "target storage account",
+                o.target_storage_account,
+            )?,
+            replica_disk_names,
+        })
+    }
+}
+
+/// An enable-replication request, validated.
+#[derive(Debug, Clone)]
+pub struct EnableRequest {
+    pub vm_name: String,
+    pub target_region: String,
+    pub policy: Option<String>,
+    pub group: Option<String>,
+    pub overrides: Overrides,
+}
+
+impl TryFrom<pb::EnableReplicationRequest> for EnableRequest {
+    type Error = RegistryError;
+    fn try_from(r: pb::EnableReplicationRequest) -> Result<Self, Self::Error> {
+        check_name("VM name", &r.vm_name)?;
+        check_name("target region", &r.target_region)?;
+        Ok(EnableRequest {
+            vm_name: r.vm_name,
+            target_region: r.target_region,
+            policy: optional_name("policy name", r.policy_name)?,
+            group: optional_name("replication group", r.replication_group)?,
+            overrides: r.overrides.map(Overrides::try_from).transpose()?.unwrap_or_default(),
+        })
+    }
+}
+
+/// The replica of a source disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaDisk {
+    pub disk_id: String,
+    pub name: String,
+    pub storage: DiskStorage,
+    pub storage_account: Option<String>,
+    pub size_bytes: u64,
+}
+
+/// Every target resource of a protected item.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Targets {
+    pub region: String,
+    pub resource_group: String,
+    pub virtual_network: String,
+    pub subnet: String,
+    pub availability_set: Option<String>,
+    pub cache_storage: String,
+    pub target_storage_account: Option<String>,
+    pub replica_disks: Vec<ReplicaDisk>,
+    pub network_mapping: String,
+    pub reverse_network_mapping: String,
+}
+
+impl From<&Targets> for pb::TargetResources {
+    fn from(t: &Targets) -> Self {
+        pb::TargetResources {
+            region: t.region.clone(),
+            resource_group: t.resource_group.clone(),
+            virtual_network: t.virtual_network.clone(),
+            subnet: t.subnet.clone(),
+            availability_set: t.availability_set.clone().unwrap_or_default(),
+            cache_storage: t.cache_storage.clone(),
+            target_storage_account: t.target_storage_account.clone().unwrap_or_default(),
+            replica_disks: t
+                .replica_disks
+                .iter()
+                .map(|r| pb::ReplicaDisk {
+                    disk_id: r.disk_id.clone(),
+                    name: r.name.clone(),
+                    storage: storage_to_pb(r.storage) as i32,
+                    storage_account: r.storage_account.clone().unwrap_or_default(),
+                    size_bytes: r.size_bytes,
+                })
+                .collect(),
+            network_mapping: t.network_mapping.clone(),
+            reverse_network_mapping: t.reverse_network_mapping.clone(),
+        }
+    }
+}
+
+/// How well replication is doing; ordered from best to worst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Health {
+    Unknown,
+    Normal,
+    Warning,
+    Critical,
+}
+
+impl Health {
+    pub fn to_pb(self) -> pb::ReplicationHealth {
+        match self {
+            Health::Unknown => pb::ReplicationHealth::Unspecified,
+            Health::Normal => pb::ReplicationHealth::Normal,
+            Health::Warning => pb::ReplicationHealth::Warning,
+            Health::Critical => pb::ReplicationHealth::Critical,
+        }
+    }
+
+    pub fn from_pb(value: i32) -> Option<Health> {
+        match pb::ReplicationHealth::try_from(value).ok()? {
+            pb::ReplicationHealth::Unspecified => None,
+            pb::ReplicationHealth::Normal => Some(Health::Normal),
+            pb::ReplicationHealth::Warning => Some(Health::Warning),
+            pb::ReplicationHealth::Critical => Some(Health::Critical),
+        }
+    }
+}
+
+/// One component's latest health report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthReport {
+    pub health: Health,
+    pub message: String,
+    pub reported_at: SystemTime,
+}
+
+/// Components that report health.
+pub const COMPONENTS: [&str; 4] = ["agent", "cache", "processor", "failover"];
+
+/// A protected item.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProtectedItem {
+    pub vm_name: String,
+    pub source: Vm,
+    pub policy: String,
+    pub group: Option<String>,
+    pub target: Targets,
+    pub state: crate::lifecycle::State,
+    pub state_reason: String,
+    pub percent: u32,
+    pub health_reports: BTreeMap<String, HealthReport>,
+    pub rpo: Option<Duration>,
+    pub last_recovery_point: Option<SystemTime>,
+    pub epoch: u64,
+    pub backlog_bytes: u64,
+    pub backlog_records: u64,
+    pub revision: u64,
+    pub created_at: SystemTime,
+    pub updated_at: SystemTime,
+}
+
+impl ProtectedItem {
+    /// The worst reported health.
+    pub fn health(&self) -> Health {
+        self.health_reports
+            .values()
+            .map(|r| r.health)
+            .max()
+            .unwrap_or(Health::Unknown)
+    }
+}
+
+impl From<&ProtectedItem> for pb::ProtectedItem {
+    fn from(i: &ProtectedItem) -> Self {
+        pb::ProtectedItem {
+            vm_name: i.vm_name.clone(),
+            source: Some(pb::Vm::from(&i.source)),
+            policy_name: i.policy.clone(),
+            replication_group: i.group.clone().unwrap_or_default(),
+            target: Some(pb::TargetResources::from(&i.target)),
+            state: i.state.to_pb() as i32,
+            state_reason: i.state_reason.clone(),
+            initial_replication_percent: i.percent,
+            health: i.health().to_pb() as i32,
+            health_reports: i
+                .health_reports
+                .iter()
+                .map(|(component, r)| pb::HealthReport {
+                    component: component.clone(),
+                    health: r.health.to_pb() as i32,
+                    message: r.message.clone(),
+                    reported_at: Some(to_timestamp(r.reported_at)),
+                })
+                .collect(),
+            rpo: i.rpo.map(to_duration),
+            last_recovery_point_time: i.last_recovery_point.map(to_timestamp),
+            epoch: i.epoch,
+            backlog_bytes: i.backlog_bytes,
+            backlog_records: i.backlog_records,
+            revision: i.revision,
+            created_at: Some(to_timestamp(i.created_at)),
+            updated_at: Some(to_timestamp(i.updated_at)),
+        }
+    }
+}
+
+/// What registry keeps of an agent's registration. The credential itself is
+/// never stored, only its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub vm_name: String,
+    pub hostname: String,
+    pub group_address: String,
+    pub epoch: u64,
+    pub credential_sha256: String,
+    pub registered_at: SystemTime,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "vm-1", "A.b_c", &"x".repeat(64)] {
+            assert!(check_name("n", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", ".a", "a b", "a/b", "é", &"x".repeat(65)] {
+            assert!(check_name("n", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn policy_defaults_and_bounds() {
+        let p = Policy::try_from(pb::ReplicationPolicy {
+            name: "p".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(p.crash_consistent_interval, Duration::from_secs(5));
+        assert_eq!(p.retention, 24 * HOUR);
+        assert_eq!(p.keep_all_points_for, 2 * HOUR);
+
+        // A short retention clamps the unset windows instead of refusing.
+        let p = Policy::try_from(pb::ReplicationPolicy {
+            name: "short".into(),
+            recovery_point_retention: Some(to_duration(Duration::from_secs(60))),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(p.keep_all_points_for, Duration::from_secs(60));
+        assert_eq!(p.app_consistent_frequency, Duration::from_secs(60));
+
+        for bad in [
+            pb::ReplicationPolicy {
+                name: "p".into(),
+                crash_consistent_interval: Some(to_duration(Duration::from_millis(10))),
+                ..Default::default()
+            },
+            pb::ReplicationPolicy {
+                name: "p".into(),
+                recovery_point_retention: Some(to_duration(Duration::from_secs(16 * 86400))),
+                ..Default::default()
+            },
+            pb::ReplicationPolicy {
+                name: "p".into(),
+                crash_consistent_interval: Some(prost_types::Duration {
+                    seconds: -5,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            },
+        ] {
+            assert!(matches!(
+                Policy::try_from(bad),
+                Err(RegistryError::InvalidArgument(_))
+            ));
+        }
+    }
+}

@@ -1,0 +1,711 @@
+//! The registry's operations on domain types, independent of gRPC.
+//!
+//! Every change runs under one write lock, is stored as one atomic batch and
+//! flushed before it is acknowledged, then published to watchers in commit
+//! order. The lock makes concurrent updates of one VM serial, so none is lost;
+//! registry is a control plane and its write rate is small.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::{broadcast, Mutex};
+
+use crate::derive::derive_targets;
+use crate::error::RegistryError;
+use crate::lifecycle::State;
+use crate::model::{
+    AgentRecord, EnableRequest, Group, Health, HealthReport, NetworkMapping, Policy,
+    ProtectedItem, Vm, COMPONENTS,
+};
+use crate::store::{Kind, Store, Writes};
+
+/// A change of a protected item, as watchers see it.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Upserted(ProtectedItem),
+    Removed(ProtectedItem),
+}
+
+impl Change {
+    pub fn item(&self) -> &ProtectedItem {
+        match self {
+            Change::Upserted(item) | Change::Removed(item) => item,
+        }
+    }
+}
+
+/// How many changes a slow watcher may fall behind before it is re-sent a
+/// snapshot.
+const CHANGE_BUFFER: usize = 1024;
+
+/// A state move asked for by another service.
+#[derive(Debug, Clone)]
+pub struct Transition {
+    pub to: State,
+    pub expected: Option<State>,
+    pub reason: String,
+    pub bump_epoch: bool,
+}
+
+/// A health report from a component.
+#[derive(Debug, Clone)]
+pub struct HealthUpdate {
+    pub component: String,
+    pub health: Health,
+    pub message: String,
+    pub rpo: Option<Duration>,
+    pub last_recovery_point: Option<SystemTime>,
+    pub backlog_bytes: Option<u64>,
+    pub backlog_records: Option<u64>,
+}
+
+/// What an agent gets at registration.
+pub struct AgentGrant {
+    pub item: ProtectedItem,
+    pub credential: String,
+    pub epoch: u64,
+}
+
+/// The registry.
+pub struct Registry {
+    store: Store,
+    write: Mutex<()>,
+    changes: broadcast::Sender<Change>,
+    regions: BTreeSet<String>,
+    cache_endpoint: Option<String>,
+}
+
+impl Registry {
+    /// Opens the registry under `dir`: creates the default policy if missing
+    /// and finishes any disable a crash interrupted.
+    pub async fn open(
+        dir: &Path,
+        regions: BTreeSet<String>,
+        cache_endpoint: Option<String>,
+    ) -> Result<Registry, RegistryError> {
+        let store = Store::open(dir)?;
+        let (changes, _) = broadcast::channel(CHANGE_BUFFER);
+        let registry = Registry {
+            store,
+            write: Mutex::new(()),
+            changes,
+            regions,
+            cache_endpoint,
+        };
+        let _guard = registry.write.lock().await;
+        let mut writes = Writes::new();
+        if registry
+            .store
+            .get::<Policy>(Kind::Policy, Policy::DEFAULT_NAME)?
+            .is_none()
+        {
+            writes.put(Kind::Policy, Policy::DEFAULT_NAME, &Policy::default_policy())?;
+        }
+        for item in registry.store.list::<ProtectedItem>(Kind::Item)? {
+            if item.state == State::Disabling {
+                tracing::info!(vm = %item.vm_name, "finishing an interrupted disable");
+                writes.remove(Kind::Item, &item.vm_name);
+                writes.remove(Kind::Agent, &item.vm_name);
+            }
+        }
+        registry.store.commit(writes).await?;
+        drop(_guard);
+        Ok(registry)
+    }
+
+    /// The known regions.
+    pub fn regions(&self) -> &BTreeSet<String> {
+        &self.regions
+    }
+
+    fn check_region(&self, field: &str, region: &str) -> Result<(), RegistryError> {
+        if self.regions.contains(region) {
+            return Ok(());
+        }
+        let known: Vec<&str> = self.regions.iter().map(String::as_str).collect();
+        Err(RegistryError::invalid(format!(
+            "unknown {field} {region:?}; known regions: {}",
+            known.join(", ")
+        )))
+    }
+
+    fn publish(&self, change: Change) {
+        // No receiver is fine: nobody watches.
+        let _ = self.changes.send(change);
+    }
+
+    // ---- VMs ---------------------------------------------------------------
+
+    pub async fn register_vm(&self, vm: Vm) -> Result<Vm, RegistryError> {
+        self.check_region("source region", &vm.source_region)?;
+        let _guard = self.write.lock().await;
+        if self.store.get::<Vm>(Kind::Vm, &vm.name)?.is_some() {
+            return Err(RegistryError::AlreadyExists {
+                kind: "VM",
+                name: vm.name,
+            });
+        }
+        let mut writes = Writes::new();
+        writes.put(Kind::Vm, &vm.name, &vm)?;
+        self.store.commit(writes).await?;
+        tracing::info!(vm = %vm.name, region = %vm.source_region, disks = vm.disks.len(), "VM registered");
+        Ok(vm)
+    }
+
+    pub fn get_vm(&self, name: &str) -> Result<Vm, RegistryError> {
+        self.store
+            .get(Kind::Vm, name)?
+            .ok_or_else(|| RegistryError::not_found("VM", name))
+    }
+
+    pub fn list_vms(&self) -> Result<Vec<Vm>, RegistryError> {
+        self.store.list(Kind::Vm)
+    }
+
+    pub async fn unregister_vm(&self, name: &str) -> Result<(), RegistryError> {
+        let _guard = self.write.lock().await;
+        self.get_vm(name)?;
+        if let Some(item) = self.store.get::<ProtectedItem>(Kind::Item, name)? {
+            return Err(RegistryError::precondition(format!(
+                "VM {name:?} has replication enabled (state {}); disable replication first",
+                item.state.name()
+            )));
+        }
+        let mut writes = Writes::new();
+        writes.remove(Kind::Vm, name);
+        self.store.commit(writes).await
+    }
+
+    // ---- Protected items ---------------------------------------------------
+
+    pub async fn enable(&self, req: EnableRequest) -> Result<ProtectedItem, RegistryError> {
+        self.check_region("target region", &req.target_region)?;
+        let _guard = self.write.lock().await;
+        let vm = self.get_vm(&req.vm_name)?;
+        if req.target_region == vm.source_region {
+            return Err(RegistryError::invalid(format!(
+                "target region {:?} is VM {:?}'s source region; choose another region",
+                req.target_region, vm.name
+            )));
+        }
+        if let Some(item) = self.store.get::<ProtectedItem>(Kind::Item, &vm.name)? {
+            return Err(RegistryError::AlreadyExists {
+                kind: "protected item",
+                name: format!("{} (state {})", item.vm_name, item.state.name()),
+            });
+        }
+
+        let mut group = match &req.group {
+            Some(name) => Some(
+                self.store
+                    .get::<Group>(Kind::Group, name)?
+                    .ok_or_else(|| RegistryError::not_found("replication group", name))?,
+            ),
+            None => None,
+        };
+        let policy_name = match (&group, &req.policy) {
+            (Some(g), Some(p)) if *p != g.policy => {
+                return Err(RegistryError::invalid(format!(
+                    "replication group {:?} uses policy {:?}; omit policy_name or give that one",
+                    g.name, g.policy
+                )))
+            }
+            (Some(g), _) => g.policy.clone(),
+            (None, Some(p)) => p.clone(),
+            (None, None) => Policy::DEFAULT_NAME.to_string(),
+        };
+        self.store
+            .get::<Policy>(Kind::Policy, &policy_name)?
+            .ok_or_else(|| RegistryError::not_found("policy", &policy_name))?;
+        if let Some(g) = &group {
+            if let Some(region) = &g.target_region {
+                if !g.members.is_empty() && *region != req.target_region {
+                    return Err(RegistryError::precondition(format!(
+                        "replication group {:?} replicates into {region:?}; its members share one \
+                         target region",
+                        g.name
+                    )));
+                }
+            }
+        }
+
+        let derivation = derive_targets(&vm, &req.target_region, &req.overrides, |id| {
+            self.store.get::<NetworkMapping>(Kind::Mapping, id)
+        })?;
+
+        let now = SystemTime::now();
+        let item = ProtectedItem {
+            vm_name: vm.name.clone(),
+            source: vm,
+            policy: policy_name,
+            group: req.group.clone(),
+            target: derivation.targets,
+            state: State::Enabling,
+            state_reason: "replication enabled".into(),
+            percent: 0,
+            health_reports: Default::default(),
+            rpo: None,
+            last_recovery_point: None,
+            epoch: 0,
+            backlog_bytes: 0,
+            backlog_records: 0,
+            revision: 1,
+            created_at: now,
+            updated_at: now,
+        };
+        let mut writes = Writes::new();
+        writes.put(Kind::Item, &item.vm_name, &item)?;
+        for mapping in &derivation.new_mappings {
+            writes.put(Kind::Mapping, &mapping.id(), mapping)?;
+        }
+        if let Some(g) = &mut group {
+            g.members.insert(item.vm_name.clone());
+            g.target_region = Some(req.target_region.clone());
+            if g.coordinator.is_none() {
+                g.coordinator = Some(item.vm_name.clone());
+            }
+            writes.put(Kind::Group, &g.name, g)?;
+        }
+        self.store.commit(writes).await?;
+        tracing::info!(vm = %item.vm_name, target = %item.target.region, policy = %item.policy, "replication enabled");
+        self.publish(Change::Upserted(item.clone()));
+        Ok(item)
+    }
+
+    pub fn get_item(&self, vm: &str) -> Result<ProtectedItem, RegistryError> {
+        self.store
+            .get(Kind::Item, vm)?
+            .ok_or_else(|| RegistryError::not_found("protected item", vm))
+    }
+
+    pub fn list_items(&self) -> Result<Vec<ProtectedItem>, RegistryError> {
+        self.store.list(Kind::Item)
+    }
+
+    /// Moves the item to DISABLING (published), then removes it (published).
+    pub async fn disable(&self, vm: &str) -> Result<ProtectedItem, RegistryError> {
+        let _guard = self.write.lock().await;
+        let mut item = self.get_item(vm)?;
+        if !item.state.can_move_to(State::Disabling) {
+            return Err(RegistryError::precondition(format!(
+                "VM {vm:?} is {}; replication can be disabled from ENABLING, INITIAL_REPLICATION, \
+                 PROTECTED, RESYNC_REQUIRED, RESYNCING or COMMITTED",
+                item.state.name()
+            )));
+        }
+        item.state = State::Disabling;
+        item.state_reason = "replication disabled".into();
+        item.revision += 1;
+        item.updated_at = SystemTime::now();
+        let mut writes = Writes::new();
+        writes.put(Kind::Item, vm, &item)?;
+        self.store.commit(writes).await?;
+        self.publish(Change::Upserted(item.clone()));
+
+        let mut writes = Writes::new();
+        writes.remove(Kind::Item, vm);
+        writes.remove(Kind::Agent, vm);
+        if let Some(name) = &item.group {
+            if let Some(mut group) = self.store.get::<Group>(Kind::Group, name)? {
+                group.members.remove(vm);
+                if group.coordinator.as_deref() == Some(vm) {
+                    group.coordinator = group.members.iter().next().cloned();
+                }
+                if group.members.is_empty() {
+                    group.target_region = None;
+                }
+                writes.put(Kind::Group, name, &group)?;
+            }
+        }
+        self.store.commit(writes).await?;
+        tracing::info!(vm, "replication disabled");
+        self.publish(Change::Removed(item.clone()));
+        Ok(item)
+    }
+
+    /// Loads an item, lets `f` change it (returning whether it did), and
+    /// stores and publishes the result.
+    async fn update_item(
+        &self,
+        vm: &str,
+        f: impl FnOnce(&mut ProtectedItem) -> Result<bool, RegistryError>,
+    ) -> Result<ProtectedItem, RegistryError> {
+        let _guard = self.write.lock().await;
+        let mut item = self.get_item(vm)?;
+        if !f(&mut item)? {
+            return Ok(item);
+        }
+        item.revision += 1;
+        item.updated_at = SystemTime::now();
+        let mut writes = Writes::new();
+        writes.put(Kind::Item, vm, &item)?;
+        self.store.commit(writes).await?;
+        self.publish(Change::Upserted(item.clone()));
+        Ok(item)
+    }
+
+    pub async fn transition(
+        &self,
+        vm: &str,
+        t: Transition,
+    ) -> Result<ProtectedItem, RegistryError> {
+        if t.to == State::Disabling {
+            return Err(RegistryError::invalid(
+                "use DisableReplication to disable replication",
+            ));
+        }
+        self.update_item(vm, |item| {
+            if let Some(expected) = t.expected {
+                if item.state != expected {
+                    return Err(RegistryError::precondition(format!(
+                        "VM {vm:?} is {}, not {}",
+                        item.state.name(),
+                        expected.name()
+                    )));
+                }
+            }
+            if !item.state.can_move_to(t.to) {
+                return Err(RegistryError::precondition(format!(
+                    "VM {vm:?} cannot move from {} to {}",
+                    item.state.name(),
+                    t.to.name()
+                )));
+            }
+            if item.state == t.to && !t.bump_epoch {
+                return Ok(false);
+            }
+            if item.state != t.to {
+                tracing::info!(vm, from = item.state.name(), to = t.to.name(), reason = %t.reason, "state change");
+                item.percent = match t.to {
+                    State::InitialReplication | State::Resyncing => 0,
+                    State::Protected => 100,
+                    _ => item.percent,
+                };
+                item.state = t.to;
+                item.state_reason = t.reason;
+            }
+            if t.bump_epoch {
+                item.epoch += 1;
+            }
+            Ok(true)
+        })
+        .await
+    }
+
+    pub async fn report_progress(
+        &self,
+        vm: &str,
+        percent: u32,
+    ) -> Result<ProtectedItem, RegistryError> {
+        if percent > 100 {
+            return Err(RegistryError::invalid(format!(
+                "percent is {percent}; it must be 0 to 100"
+            )));
+        }
+        self.update_item(vm, |item| {
+            if !item.state.reports_progress() {
+                return Err(RegistryError::precondition(format!(
+                    "VM {vm:?} is {}; progress is reported only in INITIAL_REPLICATION or \
+                     RESYNCING",
+                    item.state.name()
+                )));
+            }
+            let changed = item.percent != percent;
+            item.percent = percent;
+            Ok(changed)
+        })
+        .await
+    }
+
+    pub async fn report_health(
+        &self,
+        vm: &str,
+        update: HealthUpdate,
+    ) -> Result<ProtectedItem, RegistryError> {
+        if !COMPONENTS.contains(&update.component.as_str()) {
+            return Err(RegistryError::invalid(format!(
+                "unknown component {:?}; one of {}",
+                update.component,
+                COMPONENTS.join(", ")
+            )));
+        }
+        self.update_item(vm, |item| {
+            item.health_reports.insert(
+                update.component.clone(),
+                HealthReport {
+                    health: update.health,
+                    message: update.message,
+                    reported_at: SystemTime::now(),
+                },
+            );
+            if let Some(rpo) = update.rpo {
+                item.rpo = Some(rpo);
+            }
+            if let Some(t) = update.last_recovery_point {
+                item.last_recovery_point = Some(t);
+            }
+            if let Some(b) = update.backlog_bytes {
+                item.backlog_bytes = b;
+            }
+            if let Some(r) = update.backlog_records {
+                item.backlog_records = r;
+            }
+            Ok(true)
+        })
+        .await
+    }
+
+    // ---- Agents ------------------------------------------------------------
+
+    pub async fn register_agent(
+        &self,
+        vm: &str,
+        hostname: String,
+        group_address: String,
+    ) -> Result<AgentGrant, RegistryError> {
+        let _guard = self.write.lock().await;
+        let mut item = self.get_item(vm)?;
+        if !item.state.source_active() {
+            return Err(RegistryError::precondition(format!(
+                "VM {vm:?} is {}; its source side is fenced and no agent may replicate it",
+                item.state.name()
+            )));
+        }
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret)
+            .map_err(|e| RegistryError::invalid(format!("no randomness for a credential: {e}")))?;
+        let credential = hex::encode(secret);
+        item.epoch += 1;
+        item.revision += 1;
+        item.updated_at = SystemTime::now();
+        let record = AgentRecord {
+            vm_name: vm.to_string(),
+            hostname,
+            group_address,
+            epoch: item.epoch,
+            credential_sha256: hex::encode(Sha256::digest(credential.as_bytes())),
+            registered_at: SystemTime::now(),
+        };
+        let mut writes = Writes::new();
+        writes.put(Kind::Item, vm, &item)?;
+        writes.put(Kind::Agent, vm, &record)?;
+        self.store.commit(writes).await?;
+        tracing::info!(vm, epoch = item.epoch, host = %record.hostname, "agent registered");
+        self.publish(Change::Upserted(item.clone()));
+        Ok(AgentGrant {
+            epoch: item.epoch,
+            item,
+            credential,
+        })
+    }
+
+    /// The stored record of a VM's agent.
+    pub fn agent(&self, vm: &str) -> Result<Option<AgentRecord>, RegistryError> {
+        self.store.get(Kind::Agent, vm)
+    }
+
+    /// The cache endpoint handed to agents.
+    pub fn cache_endpoint(&self) -> Result<String, RegistryError> {
+        self.cache_endpoint.clone().ok_or_else(|| {
+            RegistryError::precondition(
+                "registry has no cache endpoint configured; start registry-svc with --cache URL",
+            )
+        })
+    }
+
+    // ---- Policies ----------------------------------------------------------
+
+    pub async fn create_policy(&self, policy: Policy) -> Result<Policy, RegistryError> {
+        let _guard = self.write.lock().await;
+        if self.store.get::<Policy>(Kind::Policy, &policy.name)?.is_some() {
+            return Err(RegistryError::AlreadyExists {
+                kind: "policy",
+                name: policy.name,
+            });
+        }
+        let mut writes = Writes::new();
+        writes.put(Kind::Policy, &policy.name, &policy)?;
+        self.store.commit(writes).await?;
+        Ok(policy)
+    }
+
+    pub fn get_policy(&self, name: &str) -> Result<Policy, RegistryError> {
+        self.store
+            .get(Kind::Policy, name)?
+            .ok_or_else(|| RegistryError::not_found("policy", name))
+    }
+
+    pub fn list_policies(&self) -> Result<Vec<Policy>, RegistryError> {
+        self.store.list(Kind::Policy)
+    }
+
+    pub async fn delete_policy(&self, name: &str) -> Result<(), RegistryError> {
+        let _guard = self.write.lock().await;
+        self.get_policy(name)?;
+        if name == Policy::DEFAULT_NAME {
+            return Err(RegistryError::precondition(
+                "the default policy cannot be deleted",
+            ));
+        }
+        if let Some(item) = self
+            .list_items()?
+            .into_iter()
+            .find(|i| i.policy == name)
+        {
+            return Err(RegistryError::precondition(format!(
+                "policy {name:?} is used by protected VM {:?}",
+                item.vm_name
+            )));
+        }
+        if let Some(group) = self
+            .list_groups()?
+            .into_iter()
+            .find(|g| g.policy == name)
+        {
+            return Err(RegistryError::precondition(format!(
+                "policy {name:?} is used by replication group {:?}",
+                group.name
+            )));
+        }
+        let mut writes = Writes::new();
+        writes.remove(Kind::Policy, name);
+        self.store.commit(writes).await
+    }
+
+    // ---- Network mappings --------------------------------------------------
+
+    pub async fn create_mapping(
+        &self,
+        mapping: NetworkMapping,
+    ) -> Result<(NetworkMapping, NetworkMapping), RegistryError> {
+        self.check_region("source region", &mapping.source_region)?;
+        self.check_region("target region", &mapping.target_region)?;
+        if mapping.source_region == mapping.target_region {
+            return Err(RegistryError::invalid(
+                "a network mapping joins two different regions",
+            ));
+        }
+        let _guard = self.write.lock().await;
+        let reverse = mapping.reverse();
+        if let Some(existing) = self
+            .store
+            .get::<NetworkMapping>(Kind::Mapping, &mapping.id())?
+        {
+            return Err(RegistryError::AlreadyExists {
+                kind: "network mapping",
+                name: format!("{} (to {})", existing.id(), existing.target_network),
+            });
+        }
+        if let Some(existing) = self
+            .store
+            .get::<NetworkMapping>(Kind::Mapping, &reverse.id())?
+        {
+            return Err(RegistryError::AlreadyExists {
+                kind: "network mapping",
+                name: format!("{} (to {})", existing.id(), existing.target_network),
+            });
+        }
+        let mut writes = Writes::new();
+        writes.put(Kind::Mapping, &mapping.id(), &mapping)?;
+        writes.put(Kind::Mapping, &reverse.id(), &reverse)?;
+        self.store.commit(writes).await?;
+        Ok((mapping, reverse))
+    }
+
+    pub fn list_mappings(&self) -> Result<Vec<NetworkMapping>, RegistryError> {
+        self.store.list(Kind::Mapping)
+    }
+
+    pub async fn delete_mapping(&self, id: &str) -> Result<(), RegistryError> {
+        let _guard = self.write.lock().await;
+        let mapping = self
+            .store
+            .get::<NetworkMapping>(Kind::Mapping, id)?
+            .ok_or_else(|| RegistryError::not_found("network mapping", id))?;
+        let reverse_id = mapping.reverse().id();
+        if let Some(item) = self.list_items()?.into_iter().find(|i| {
+            i.target.network_mapping == id
+                || i.target.reverse_network_mapping == id
+                || i.target.network_mapping == reverse_id
+                || i.target.reverse_network_mapping == reverse_id
+        }) {
+            return Err(RegistryError::precondition(format!(
+                "network mapping {id:?} is used by protected VM {:?}",
+                item.vm_name
+            )));
+        }
+        let mut writes = Writes::new();
+        writes.remove(Kind::Mapping, id);
+        writes.remove(Kind::Mapping, &reverse_id);
+        self.store.commit(writes).await
+    }
+
+    // ---- Replication groups ------------------------------------------------
+
+    pub async fn create_group(&self, name: String, policy: String) -> Result<Group, RegistryError> {
+        let _guard = self.write.lock().await;
+        if self.store.get::<Group>(Kind::Group, &name)?.is_some() {
+            return Err(RegistryError::AlreadyExists {
+                kind: "replication group",
+                name,
+            });
+        }
+        let p = self.get_policy(&policy)?;
+        if !p.multi_vm_consistency {
+            return Err(RegistryError::precondition(format!(
+                "policy {policy:?} has multi-VM consistency off; a replication group needs a \
+                 policy with it on"
+            )));
+        }
+        let group = Group {
+            name,
+            policy,
+            target_region: None,
+            members: BTreeSet::new(),
+            coordinator: None,
+            created_at: SystemTime::now(),
+        };
+        let mut writes = Writes::new();
+        writes.put(Kind::Group, &group.name, &group)?;
+        self.store.commit(writes).await?;
+        Ok(group)
+    }
+
+    pub fn get_group(&self, name: &str) -> Result<Group, RegistryError> {
+        self.store
+            .get(Kind::Group, name)?
+            .ok_or_else(|| RegistryError::not_found("replication group", name))
+    }
+
+    pub fn list_groups(&self) -> Result<Vec<Group>, RegistryError> {
+        self.store.list(Kind::Group)
+    }
+
+    pub async fn delete_group(&self, name: &str) -> Result<(), RegistryError> {
+        let _guard = self.write.lock().await;
+        let group = self.get_group(name)?;
+        if !group.members.is_empty() {
+            return Err(RegistryError::precondition(format!(
+                "replication group {name:?} still has {} member(s); disable their replication first",
+                group.members.len()
+            )));
+        }
+        let mut writes = Writes::new();
+        writes.remove(Kind::Group, name);
+        self.store.commit(writes).await
+    }
+
+    // ---- Watch -------------------------------------------------------------
+
+    /// The current items and a receiver of every later change, taken together
+    /// under the write lock so that nothing falls between them.
+    pub async fn subscribe(
+        &self,
+    ) -> Result<(Vec<ProtectedItem>, broadcast::Receiver<Change>), RegistryError> {
+        let _guard = self.write.lock().await;
+        let receiver = self.changes.subscribe();
+        Ok((self.list_items()?, receiver))
+    }
+}

@@ -1,0 +1,365 @@
+//! The gRPC face of the registry: validates requests into domain types, calls
+//! [`Registry`], and turns results back into protobuf.
+
+use std::sync::Arc;
+
+use ferry_proto::registry::v1 as pb;
+use ferry_proto::registry::v1::registry_server::Registry as RegistryApi;
+use ferry_runtime::time::{from_duration, from_timestamp};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::lifecycle::State;
+use crate::model::{check_name, EnableRequest, Health, NetworkMapping, Policy, Vm};
+use crate::registry::{Change, HealthUpdate, Registry, Transition};
+
+/// Events buffered per watcher before the registry waits for it.
+const WATCH_BUFFER: usize = 64;
+
+/// The tonic service.
+#[derive(Clone)]
+pub struct RegistryService {
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+}
+
+impl RegistryService {
+    pub fn new(registry: Arc<Registry>, shutdown: CancellationToken) -> Self {
+        RegistryService { registry, shutdown }
+    }
+}
+
+type Result<T> = std::result::Result<Response<T>, Status>;
+
+fn name(field: &str, value: &str) -> std::result::Result<(), Status> {
+    check_name(field, value).map_err(Status::from)
+}
+
+fn item(i: &crate::model::ProtectedItem) -> pb::ProtectedItem {
+    pb::ProtectedItem::from(i)
+}
+
+#[tonic::async_trait]
+impl RegistryApi for RegistryService {
+    async fn list_regions(&self, _: Request<pb::ListRegionsRequest>) -> Result<pb::ListRegionsResponse> {
+        Ok(Response::new(pb::ListRegionsResponse {
+            regions: self.registry.regions().iter().cloned().collect(),
+        }))
+    }
+
+    async fn register_vm(&self, request: Request<pb::RegisterVmRequest>) -> Result<pb::Vm> {
+        let vm = request
+            .into_inner()
+            .vm
+            .ok_or_else(|| Status::invalid_argument("vm is missing"))?;
+        let vm = Vm::try_from(vm)?;
+        let vm = self.registry.register_vm(vm).await?;
+        Ok(Response::new(pb::Vm::from(&vm)))
+    }
+
+    async fn get_vm(&self, request: Request<pb::GetVmRequest>) -> Result<pb::Vm> {
+        let req = request.into_inner();
+        name("VM name", &req.name)?;
+        Ok(Response::new(pb::Vm::from(&self.registry.get_vm(&req.name)?)))
+    }
+
+    async fn list_vms(&self, _: Request<pb::ListVmsRequest>) -> Result<pb::ListVmsResponse> {
+        let vms = self.registry.list_vms()?;
+        Ok(Response::new(pb::ListVmsResponse {
+            vms: vms.iter().map(pb::Vm::from).collect(),
+        }))
+    }
+
+    async fn unregister_vm(&self, request: Request<pb::UnregisterVmRequest>) -> Result<pb::UnregisterVmResponse> {
+        let req = request.into_inner();
+        name("VM name", &req.name)?;
+        self.registry.unregister_vm(&req.name).await?;
+        Ok(Response::new(pb::UnregisterVmResponse {}))
+    }
+
+    async fn enable_replication(&self, request: Request<pb::EnableReplicationRequest>) -> Result<pb::ProtectedItem> {
+        let req = EnableRequest::try_from(request.into_inner())?;
+        Ok(Response::new(item(&self.registry.enable(req).await?)))
+    }
+
+    async fn get_protected_item(&self, request: Request<pb::GetProtectedItemRequest>) -> Result<pb::ProtectedItem> {
+        let req = request.into_inner();
+        name("VM name", &req.vm_name)?;
+        Ok(Response::new(item(&self.registry.get_item(&req.vm_name)?)))
+    }
+
+    async fn list_protected_items(&self, _: Request<pb::ListProtectedItemsRequest>) -> Result<pb::ListProtectedItemsResponse> {
+        let items = self.registry.list_items()?;
+        Ok(Response::new(pb::ListProtectedItemsResponse {
+            items: items.iter().map(item).collect(),
+        }))
+    }
+
+    async fn disable_replication(&self, request: Request<pb::DisableReplicationRequest>) -> Result<pb::ProtectedItem> {
+        let req = request.into_inner();
+        name("VM name", &req.vm_name)?;
+        Ok(Response::new(item(&self.registry.disable(&req.vm_name).await?)))
+    }
+
+    type WatchProtectedItemsStream = ReceiverStream<std::result::Result<pb::ProtectedItemEvent, Status>>;
+
+    async fn watch_protected_items(&self, request: Request<pb::WatchProtectedItemsRequest>) -> Result<Self::WatchProtectedItemsStream> {
+        let req = request.into_inner();
+        let filter = if req.vm_name.is_empty() {
+            None
+        } else {
+            name("VM name", &req.vm_name)?;
+            Some(req.vm_name)
+        };
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        tokio::spawn(watch(
+            self.registry.clone(),
+            filter,
+            tx,
+            self.shutdown.clone(),
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn transition_state(&self, request: Request<pb::TransitionStateRequest>) -> Result<pb::ProtectedItem> {
+        let req = request.into_inner();
+        name("VM name", &req.vm_name)?;
+        let to = State::from_pb(req.to).ok_or_else(|| {
+            Status::invalid_argument(format!("`to` must be a replication state, got {}", req.to))
+        })?;
+        let expected = match req.expected_state {
+            0 => None,
+            n => Some(State::from_pb(n).ok_or_else(|| {
+                Status::invalid_argument(format!("unknown expected_state {n}"))
+            })?),
+        };
+        let t = Transition {
+            to,
+            expected,
+            reason: req.reason,
+            bump_epoch: req.bump_epoch,
+        };
+        Ok(Response::new(item(&self.registry.transition(&req.vm_name, t).await?)))
+    }
+
+    async fn report_replication_progress(&self, request: Request<pb::ReportReplicationProgressRequest>) -> Result<pb::ProtectedItem> {
+        let req = request.into_inner();
+        name("VM name", &req.vm_name)?;
+        Ok(Response::new(item(
+            &self.registry.report_progress(&req.vm_name, req.percent).await?,
+        )))
+    }
+
+    async fn report_health(&self, request: Request<pb::ReportHealthRequest>) -> Result<pb::ProtectedItem> {
+        let req = request.into_inner();
+        name("VM name", &req.vm_name)?;
+        let health = Health::from_pb(req.health).ok_or_else(|| {
+            Status::invalid_argument("health must be NORMAL, WARNING or CRITICAL")
+        })?;
+        let rpo = req
+            .rpo
+            .map(|d| from_duration(&d).ok_or_else(|| Status::invalid_argument("rpo is negative or malformed")))
+            .transpose()?;
+        let last = req
+            .last_recovery_point_time
+            .map(|t| {
+                from_timestamp(&t).ok_or_else(|| {
+                    Status::invalid_argument("last_recovery_point_time is malformed")
+                })
+            })
+            .transpose()?;
+        let update = HealthUpdate {
+            component: req.component,
+            health,
+            message: req.message,
+            rpo,
+            last_recovery_point: last,
+            backlog_bytes: req.backlog_bytes,
+            backlog_records: req.backlog_records,
+        };
+        Ok(Response::new(item(
+            &self.registry.report_health(&req.vm_name, update).await?,
+        )))
+    }
+
+    async fn register_agent(&self, request: Request<pb::RegisterAgentRequest>) -> Result<pb::RegisterAgentResponse> {
+        let req = request.into_inner();
+        name("VM name", &req.vm_name)?;
+        let cache_endpoint = self.registry.cache_endpoint()?;
+        let grant = self
+            .registry
+            .register_agent(&req.vm_name, req.hostname, req.group_address)
+            .await?;
+        Ok(Response::new(pb::RegisterAgentResponse {
+            cache_endpoint,
+            disks: grant.item.source.disks.iter().map(pb::Disk::from).collect(),
+            epoch: grant.epoch,
+            credential: grant.credential,
+            item: Some(item(&grant.item)),
+        }))
+    }
+
+    async fn create_policy(&self, request: Request<pb::CreatePolicyRequest>) -> Result<pb::ReplicationPolicy> {
+        let policy = request
+            .into_inner()
+            .policy
+            .ok_or_else(|| Status::invalid_argument("policy is missing"))?;
+        let policy = self.registry.create_policy(Policy::try_from(policy)?).await?;
+        Ok(Response::new(pb::ReplicationPolicy::from(&policy)))
+    }
+
+    async fn get_policy(&self, request: Request<pb::GetPolicyRequest>) -> Result<pb::ReplicationPolicy> {
+        let req = request.into_inner();
+        name("policy name", &req.name)?;
+        Ok(Response::new(pb::ReplicationPolicy::from(
+            &self.registry.get_policy(&req.name)?,
+        )))
+    }
+
+    async fn list_policies(&self, _: Request<pb::ListPoliciesRequest>) -> Result<pb::ListPoliciesResponse> {
+        let policies = self.registry.list_policies()?;
+        Ok(Response::new(pb::ListPoliciesResponse {
+            policies: policies.iter().map(pb::ReplicationPolicy::from).collect(),
+            default_policy: Policy::DEFAULT_NAME.into(),
+        }))
+    }
+
+    async fn delete_policy(&self, request: Request<pb::DeletePolicyRequest>) -> Result<pb::DeletePolicyResponse> {
+        let req = request.into_inner();
+        name("policy name", &req.name)?;
+        self.registry.delete_policy(&req.name).await?;
+        Ok(Response::new(pb::DeletePolicyResponse {}))
+    }
+
+    async fn create_network_mapping(&self, request: Request<pb::CreateNetworkMappingRequest>) -> Result<pb::CreateNetworkMappingResponse> {
+        let mapping = NetworkMapping::try_from(request.into_inner())?;
+        let (mapping, reverse) = self.registry.create_mapping(mapping).await?;
+        Ok(Response::new(pb::CreateNetworkMappingResponse {
+            mapping: Some(pb::NetworkMapping::from(&mapping)),
+            reverse: Some(pb::NetworkMapping::from(&reverse)),
+        }))
+    }
+
+    async fn list_network_mappings(&self, _: Request<pb::ListNetworkMappingsRequest>) -> Result<pb::ListNetworkMappingsResponse> {
+        let mappings = self.registry.list_mappings()?;
+        Ok(Response::new(pb::ListNetworkMappingsResponse {
+            mappings: mappings.iter().map(pb::NetworkMapping::from).collect(),
+        }))
+    }
+
+    async fn delete_network_mapping(&self, request: Request<pb::DeleteNetworkMappingRequest>) -> Result<pb::DeleteNetworkMappingResponse> {
+        let req = request.into_inner();
+        if req.id.is_empty() {
+            return Err(Status::invalid_argument("id is empty"));
+        }
+        self.registry.delete_mapping(&req.id).await?;
+        Ok(Response::new(pb::DeleteNetworkMappingResponse {}))
+    }
+
+    async fn create_replication_group(&self, request: Request<pb::CreateReplicationGroupRequest>) -> Result<pb::ReplicationGroup> {
+        let req = request.into_inner();
+        name("replication group name", &req.name)?;
+        name("policy name", &req.policy_name)?;
+        let group = self.registry.create_group(req.name, req.policy_name).await?;
+        Ok(Response::new(pb::ReplicationGroup::from(&group)))
+    }
+
+    async fn get_replication_group(&self, request: Request<pb::GetReplicationGroupRequest>) -> Result<pb::ReplicationGroup> {
+        let req = request.into_inner();
+        name("replication group name", &req.name)?;
+        Ok(Response::new(pb::ReplicationGroup::from(
+            &self.registry.get_group(&req.name)?,
+        )))
+    }
+
+    async fn list_replication_groups(&self, _: Request<pb::ListReplicationGroupsRequest>) -> Result<pb::ListReplicationGroupsResponse> {
+        let groups = self.registry.list_groups()?;
+        Ok(Response::new(pb::ListReplicationGroupsResponse {
+            groups: groups.iter().map(pb::ReplicationGroup::from).collect(),
+        }))
+    }
+
+    async fn delete_replication_group(&self, request: Request<pb::DeleteReplicationGroupRequest>) -> Result<pb::DeleteReplicationGroupResponse> {
+        let req = request.into_inner();
+        name("replication group name", &req.name)?;
+        self.registry.delete_group(&req.name).await?;
+        Ok(Response::new(pb::DeleteReplicationGroupResponse {}))
+    }
+}
+
+type EventSender = mpsc::Sender<std::result::Result<pb::ProtectedItemEvent, Status>>;
+
+fn event(kind: pb::EventKind, item: Option<&crate::model::ProtectedItem>) -> pb::ProtectedItemEvent {
+    pb::ProtectedItemEvent {
+        kind: kind as i32,
+        item: item.map(pb::ProtectedItem::from),
+    }
+}
+
+/// Sends one event unless shutdown comes first; false when the watch is over.
+async fn send(tx: &EventSender, ev: pb::ProtectedItemEvent, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        sent = tx.send(Ok(ev)) => sent.is_ok(),
+        _ = shutdown.cancelled() => {
+            let _ = tx.try_send(Err(Status::unavailable("registry is shutting down; watch again")));
+            false
+        }
+    }
+}
+
+/// Feeds one watcher: a snapshot, SYNCED, then live changes. A watcher that
+/// falls more than the change buffer behind gets a fresh snapshot.
+async fn watch(
+    registry: Arc<Registry>,
+    filter: Option<String>,
+    tx: EventSender,
+    shutdown: CancellationToken,
+) {
+    let wanted = |vm: &str| filter.as_deref().is_none_or(|f| f == vm);
+    loop {
+        let (items, mut changes) = match registry.subscribe().await {
+            Ok(s) => s,
+            Err(err) => {
+                let _ = tx.send(Err(Status::from(err))).await;
+                return;
+            }
+        };
+        for i in items.iter().filter(|i| wanted(&i.vm_name)) {
+            if !send(&tx, event(pb::EventKind::Snapshot, Some(i)), &shutdown).await {
+                return;
+            }
+        }
+        if !send(&tx, event(pb::EventKind::Synced, None), &shutdown).await {
+            return;
+        }
+        loop {
+            let change = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let _ = tx.try_send(Err(Status::unavailable("registry is shutting down; watch again")));
+                    return;
+                }
+                _ = tx.closed() => return,
+                change = changes.recv() => change,
+            };
+            match change {
+                Ok(change) if wanted(&change.item().vm_name) => {
+                    let kind = match change {
+                        Change::Upserted(_) => pb::EventKind::Upserted,
+                        Change::Removed(_) => pb::EventKind::Removed,
+                    };
+                    if !send(&tx, event(kind, Some(change.item())), &shutdown).await {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "watcher fell behind; sending a fresh snapshot");
+                    break;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! Hosting a service's gRPC endpoints: health (grpc.health.v1), reflection (v1
+//! and v1alpha), request limits, trace context and graceful shutdown.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::service::RoutesBuilder;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+use crate::config::Limits;
+use crate::trace_context::TraceContextLayer;
+
+/// Why a service could not be hosted.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The reflection service could not be built from the descriptors.
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// A peer URL is unusable.
+    #[error("peer {url}: {message}")]
+    Peer { url: String, message: String },
+    /// Shutdown was requested while waiting.
+    #[error("shut down while waiting for {0}")]
+    Cancelled(String),
+}
+
+/// The health of one hosted service. Starts NOT_SERVING; the service turns it
+/// SERVING once its storage and peers are ready; the host turns it back to
+/// NOT_SERVING when shutdown begins.
+#[derive(Clone)]
+pub struct Health {
+    reporter: HealthReporter,
+    services: Vec<String>,
+}
+
+impl Health {
+    async fn set(&self, status: ServingStatus) {
+        // "" is the server as a whole, as grpc-health-probe asks by default.
+        self.reporter.set_service_status("", status).await;
+        for name in &self.services {
+            self.reporter.set_service_status(name, status).await;
+        }
+    }
+
+    /// Reports SERVING for the server and each of its services.
+    pub async fn serving(&self) {
+        self.set(ServingStatus::Serving).await;
+    }
+
+    /// Reports NOT_SERVING for the server and each of its services.
+    pub async fn not_serving(&self) {
+        self.set(ServingStatus::NotServing).await;
+    }
+}
+
+/// A gRPC server under construction: health and reflection are in from the
+/// start; the service adds its own API with [`Host::add_service`].
+pub struct Host {
+    routes: RoutesBuilder,
+    health: Health,
+}
+
+impl Host {
+    /// A host for the named gRPC services (e.g. "ferry.registry.v1.Registry").
+    /// Reflection lists them, health, and reflection itself; health reports
+    /// NOT_SERVING for each until [`Health::serving`].
+    pub async fn new(services: &[&str]) -> Result<Self, HostError> {
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let health = Health {
+            reporter,
+            services: services.iter().map(|s| s.to_string()).collect(),
+        };
+        health.not_serving().await;
+
+        let reflection = || {
+            let mut builder = tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(ferry_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .with_service_name("grpc.health.v1.Health");
+            for name in services {
+                builder = builder.with_service_name(*name);
+            }
+            builder
+        };
+        let mut routes = RoutesBuilder::default();
+        routes
+            .add_service(health_service)
+            .add_service(reflection().build_v1()?)
+            .add_service(reflection().build_v1alpha()?);
+        Ok(Host { routes, health })
+    }
+
+    /// The health handle to turn SERVING once ready.
+    pub fn health(&self) -> Health {
+        self.health.clone()
+    }
+
+    /// The routes, to add the service's own generated servers to.
+    pub fn routes(&mut self) -> &mut RoutesBuilder {
+        &mut self.routes
+    }
+
+    /// Serves on `listener` until `shutdown` is cancelled, then reports
+    /// NOT_SERVING, stops accepting and waits for calls in flight (streaming
+    /// handlers end themselves on the same token).
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        limits: &Limits,
+        shutdown: CancellationToken,
+    ) -> Result<(), HostError> {
+        let health = self.health.clone();
+        let incoming = TcpListenerStream::new(listener).map(|conn| {
+            if let Ok(stream) = &conn {
+                // Small control messages must not wait for Nagle.
+                let _ = stream.set_nodelay(true);
+            }
+            conn
+        });
+        tonic::transport::Server::builder()
+            .timeout(limits.request_timeout())
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .layer(TraceContextLayer)
+            .layer(tower::load_shed::LoadShedLayer::new())
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                limits.concurrency_limit.max(1),
+            ))
+            .add_routes(self.routes.routes())
+            .serve_with_incoming_shutdown(incoming, async move {
+                shutdown.cancelled().await;
+                health.not_serving().await;
+            })
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,17 @@
+//! What every Ferry service shares: the configuration scheme, gRPC hosting
+//! (health, reflection, limits, graceful shutdown), telemetry, W3C trace-context
+//! propagation and connections to peers.
+
+pub mod config;
+pub mod host;
+pub mod peers;
+pub mod shutdown;
+pub mod telemetry;
+pub mod time;
+pub mod trace_context;
+
+pub use config::{CommonArgs, ConfigError, Limits, ServiceConfig};
+pub use host::{Health, Host, HostError};
+pub use peers::{connect, wait_serving, PeerChannel};
+pub use shutdown::shutdown_token;
+pub use tokio_util::sync::CancellationToken;

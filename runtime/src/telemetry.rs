@@ -1,0 +1,82 @@
+//! Tracing for every Ferry binary: an env-filtered fmt layer, and an
+//! OpenTelemetry layer whose spans are exported over OTLP/gRPC when an endpoint
+//! is configured. The OpenTelemetry layer is installed even without an
+//! endpoint so that W3C trace context still flows through every service.
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::EnvFilter;
+
+/// Why telemetry could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The log filter does not parse.
+    #[error("invalid log filter {filter:?}: {message}")]
+    Filter { filter: String, message: String },
+    /// The OTLP exporter could not be built.
+    #[error("cannot set up OTLP export to {endpoint}: {message}")]
+    Otlp { endpoint: String, message: String },
+    /// A global subscriber was installed already.
+    #[error("tracing is already initialised: {0}")]
+    AlreadySet(String),
+}
+
+/// Flushes and stops span export when dropped.
+pub struct TelemetryGuard {
+    provider: SdkTracerProvider,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Err(err) = self.provider.shutdown() {
+            eprintln!("telemetry shutdown: {err}");
+        }
+    }
+}
+
+/// Installs the global subscriber and the W3C trace-context propagator.
+///
+/// `filter` uses tracing's env-filter syntax; `RUST_LOG`, when set, wins.
+pub fn init(
+    service: &'static str,
+    filter: &str,
+    otlp_endpoint: Option<&str>,
+) -> Result<TelemetryGuard, TelemetryError> {
+    let filter_text = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
+    let env_filter =
+        EnvFilter::try_new(&filter_text).map_err(|e| TelemetryError::Filter {
+            filter: filter_text.clone(),
+            message: e.to_string(),
+        })?;
+
+    let resource = Resource::builder().with_service_name(service).build();
+    let mut builder = SdkTracerProvider::builder().with_resource(resource);
+    if let Some(endpoint) = otlp_endpoint {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .build()
+            .map_err(|e| TelemetryError::Otlp {
+                endpoint: endpoint.to_string(),
+                message: e.to_string(),
+            })?;
+        builder = builder.with_batch_exporter(exporter);
+    }
+    let provider = builder.build();
+    let tracer = provider.tracer(service);
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    opentelemetry::global::set_tracer_provider(provider.clone());
+
+    tracing_subscriber::registry()
+        .with(env_filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .try_init()
+        .map_err(|e| TelemetryError::AlreadySet(e.to_string()))?;
+    Ok(TelemetryGuard { provider })
+}
