@@ -1,0 +1,30 @@
+//! cache-svc: the source-region cache: durable per-VM write logs (issue 3 fills it).
+//!
+//! Until its issue lands it serves health and reflection only: it opens its
+//! data directory, waits for its peers, then reports SERVING.
+
+use ferry_runtime::{CancellationToken, HostError, Peer, ServiceConfig};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+/// The gRPC service name, for health and reflection.
+pub const SERVICE_NAME: &str = "ferry.cache.v1.Cache";
+/// The default port.
+pub const DEFAULT_PORT: u16 = 7102;
+
+/// The `[cache]` table of the config file (no settings yet).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {}
+
+/// Serves cache-svc on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    config: ServiceConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), HostError> {
+    let peers = vec![
+        Peer::required("registry", config.registry.as_ref(), "ferry.registry.v1.Registry")?,
+    ];
+    ferry_runtime::placeholder::serve(&config, SERVICE_NAME, peers, listener, shutdown).await
+}

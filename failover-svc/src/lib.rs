@@ -1,0 +1,31 @@
+//! failover-svc: failover, test failover and commit as jobs (issue 5 fills it).
+//!
+//! Until its issue lands it serves health and reflection only: it opens its
+//! data directory, waits for its peers, then reports SERVING.
+
+use ferry_runtime::{CancellationToken, HostError, Peer, ServiceConfig};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+/// The gRPC service name, for health and reflection.
+pub const SERVICE_NAME: &str = "ferry.failover.v1.Failover";
+/// The default port.
+pub const DEFAULT_PORT: u16 = 7104;
+
+/// The `[failover]` table of the config file (no settings yet).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {}
+
+/// Serves failover-svc on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    config: ServiceConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), HostError> {
+    let peers = vec![
+        Peer::required("registry", config.registry.as_ref(), "ferry.registry.v1.Registry")?,
+        Peer::required("processor", config.processor.as_ref(), "ferry.processor.v1.Processor")?,
+    ];
+    ferry_runtime::placeholder::serve(&config, SERVICE_NAME, peers, listener, shutdown).await
+}

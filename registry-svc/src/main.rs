@@ -1,8 +1,6 @@
-//! The registry-svc binary: flags, telemetry, signals; the rest is the library.
+//! The registry-svc binary.
 
-use anyhow::Context;
 use clap::Parser;
-use ferry_runtime::CommonArgs;
 
 /// Ferry's control plane: VMs, policies, network mappings, replication groups
 /// and protected items.
@@ -10,25 +8,21 @@ use ferry_runtime::CommonArgs;
 #[command(name = "registry-svc", version)]
 struct Args {
     #[command(flatten)]
-    common: CommonArgs,
+    common: ferry_runtime::CommonArgs,
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
     let args = Args::parse();
-    let (service, settings) = args
-        .common
-        .resolve::<registry_svc::Settings>("registry", registry_svc::DEFAULT_PORT)?;
-    let _telemetry = ferry_runtime::telemetry::init(
+    ferry_runtime::binary::run(
         "registry-svc",
-        &service.log,
-        service.otlp_endpoint.as_deref(),
-    )?;
-    let listener = tokio::net::TcpListener::bind(service.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", service.listen))?;
-    let config = registry_svc::Config::new(service, settings)?;
-    let shutdown = ferry_runtime::shutdown_token();
-    registry_svc::serve(config, listener, shutdown).await?;
-    Ok(())
+        "registry",
+        registry_svc::DEFAULT_PORT,
+        &args.common,
+        |service, settings, listener, shutdown| async move {
+            let config = registry_svc::Config::new(service, settings)?;
+            registry_svc::serve(config, listener, shutdown).await
+        },
+    )
+    .await
 }

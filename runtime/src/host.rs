@@ -26,6 +26,12 @@ pub enum HostError {
     /// A peer URL is unusable.
     #[error("peer {url}: {message}")]
     Peer { url: String, message: String },
+    /// The data directory is not usable.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     /// Shutdown was requested while waiting.
     #[error("shut down while waiting for {0}")]
     Cancelled(String),
@@ -83,7 +89,14 @@ impl Host {
             let mut builder = tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(ferry_proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .with_service_name("grpc.health.v1.Health");
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(
+                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                )
+                .include_reflection_service(false)
+                .with_service_name("grpc.health.v1.Health")
+                .with_service_name("grpc.reflection.v1.ServerReflection")
+                .with_service_name("grpc.reflection.v1alpha.ServerReflection");
             for name in services {
                 builder = builder.with_service_name(*name);
             }

@@ -2,9 +2,12 @@
 //! (health, reflection, limits, graceful shutdown), telemetry, W3C trace-context
 //! propagation and connections to peers.
 
+pub mod binary;
 pub mod config;
 pub mod host;
 pub mod peers;
+pub mod placeholder;
+pub mod readiness;
 pub mod shutdown;
 pub mod telemetry;
 pub mod time;
@@ -13,5 +16,6 @@ pub mod trace_context;
 pub use config::{CommonArgs, ConfigError, Limits, ServiceConfig};
 pub use host::{Health, Host, HostError};
 pub use peers::{connect, wait_serving, PeerChannel};
+pub use readiness::Peer;
 pub use shutdown::shutdown_token;
 pub use tokio_util::sync::CancellationToken;

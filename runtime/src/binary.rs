@@ -1,0 +1,39 @@
+//! The shared body of every service binary's `main`: resolve the
+//! configuration, start telemetry, bind, wire SIGTERM/SIGINT, serve.
+
+use std::future::Future;
+
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{CommonArgs, ServiceConfig};
+
+/// An error a binary prints before exiting non-zero.
+pub type BinaryError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Runs a service binary. `key` names the service's table in the config file
+/// and its default data directory; `serve` is the service library's entry.
+pub async fn run<S, F, Fut, E>(
+    name: &'static str,
+    key: &str,
+    default_port: u16,
+    common: &CommonArgs,
+    serve: F,
+) -> Result<(), BinaryError>
+where
+    S: DeserializeOwned + Default,
+    F: FnOnce(ServiceConfig, S, TcpListener, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let (config, settings) = common.resolve::<S>(key, default_port)?;
+    let _telemetry =
+        crate::telemetry::init(name, &config.log, config.otlp_endpoint.as_deref())?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("{name}: cannot listen on {}: {e}", config.listen))?;
+    let shutdown = crate::shutdown::shutdown_token();
+    serve(config, settings, listener, shutdown).await?;
+    Ok(())
+}
