@@ -1,0 +1,134 @@
+//! All four services in-process, each on its own `127.0.0.1:0` listener with
+//! its own tempdir, wired to one another.
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use ferry_runtime::{CancellationToken, ServiceConfig};
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// One service running in-process.
+pub struct Running {
+    pub url: String,
+    pub data_dir: PathBuf,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Cancels the service's token and waits for it to stop.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
+async fn start<F, Fut, E>(name: &'static str, data_dir: PathBuf, serve: F) -> Running
+where
+    F: FnOnce(ServiceConfig, TcpListener, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let shutdown = CancellationToken::new();
+    let config = ServiceConfig::in_process(&data_dir);
+    let future = serve(config, listener, shutdown.clone());
+    let task = tokio::spawn(async move {
+        if let Err(err) = future.await {
+            panic!("{name} failed: {err}");
+        }
+    });
+    Running {
+        url,
+        data_dir,
+        shutdown,
+        task,
+    }
+}
+
+/// Every service, in-process.
+pub struct Cluster {
+    pub registry: Running,
+    pub cache: Running,
+    pub processor: Running,
+    pub failover: Running,
+    _dir: TempDir,
+}
+
+/// Starts registry-svc alone in-process on `data_dir`, handing out
+/// `cache_url` to agents.
+pub async fn start_registry(data_dir: PathBuf, cache_url: Option<String>) -> Running {
+    start("registry-svc", data_dir, move |mut service, listener, shutdown| {
+        service.cache = cache_url;
+        async move {
+            let settings = registry_svc::Settings::default();
+            let config = registry_svc::Config::new(service, settings)?;
+            registry_svc::serve(config, listener, shutdown).await
+        }
+    })
+    .await
+}
+
+impl Cluster {
+    /// Starts the four services and waits until each reports SERVING.
+    pub async fn start() -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The cache's address is needed by registry before cache starts.
+        let cache_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let cache_url = format!("http://{}", cache_listener.local_addr().expect("addr"));
+        let registry = start_registry(dir.path().join("registry"), Some(cache_url.clone())).await;
+
+        let registry_url = registry.url.clone();
+        let cache_dir = dir.path().join("cache");
+        let cache_shutdown = CancellationToken::new();
+        let mut cache_config = ServiceConfig::in_process(&cache_dir);
+        cache_config.registry = Some(registry_url.clone());
+        let future = cache_svc::serve(cache_config, cache_listener, cache_shutdown.clone());
+        let cache = Running {
+            url: cache_url.clone(),
+            data_dir: cache_dir,
+            shutdown: cache_shutdown,
+            task: tokio::spawn(async move {
+                if let Err(err) = future.await {
+                    panic!("cache-svc failed: {err}");
+                }
+            }),
+        };
+
+        let (r, c) = (registry_url.clone(), cache_url.clone());
+        let processor = start("processor-svc", dir.path().join("processor"), move |mut cfg, l, s| {
+            cfg.registry = Some(r);
+            cfg.cache = Some(c);
+            processor_svc::serve(cfg, l, s)
+        })
+        .await;
+        let (r, p) = (registry_url.clone(), processor.url.clone());
+        let failover = start("failover-svc", dir.path().join("failover"), move |mut cfg, l, s| {
+            cfg.registry = Some(r);
+            cfg.processor = Some(p);
+            failover_svc::serve(cfg, l, s)
+        })
+        .await;
+        for running in [&registry, &cache, &processor, &failover] {
+            crate::wait_serving(&running.url).await;
+        }
+        Cluster {
+            registry,
+            cache,
+            processor,
+            failover,
+            _dir: dir,
+        }
+    }
+
+    /// Stops every service.
+    pub async fn stop(self) {
+        self.failover.stop().await;
+        self.processor.stop().await;
+        self.cache.stop().await;
+        self.registry.stop().await;
+    }
+}

@@ -1,0 +1,104 @@
+//! Service binaries as child processes.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// A loopback address with a port free right now (bound, then released).
+pub fn free_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr")
+}
+
+/// The path of a workspace binary, beside the running test executable.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (cargo test --workspace builds them)",
+        path.display()
+    );
+    path
+}
+
+/// A service binary running as a child process on a loopback port.
+pub struct ServiceProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    binary: PathBuf,
+    args: Vec<String>,
+}
+
+impl ServiceProcess {
+    /// Starts `binary --listen <free port> --data-dir <data_dir> <args...>`.
+    pub fn start(binary: impl AsRef<Path>, data_dir: impl AsRef<Path>, args: &[&str]) -> Self {
+        let addr = free_addr();
+        let mut process = ServiceProcess {
+            child: spawn(binary.as_ref(), addr, data_dir.as_ref(), args),
+            addr,
+            data_dir: data_dir.as_ref().to_path_buf(),
+            binary: binary.as_ref().to_path_buf(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+        };
+        process.check_alive();
+        process
+    }
+
+    /// `http://<addr>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Panics if the process has exited already.
+    pub fn check_alive(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("{} exited early: {status}", self.binary.display());
+        }
+    }
+
+    /// Sends a signal (e.g. "TERM", "KILL") and waits for the exit.
+    pub fn signal_and_wait(&mut self, signal: &str) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
+        self.child.wait().expect("wait for child")
+    }
+
+    /// Starts the same binary again on the same address and data directory.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.child = spawn(&self.binary, self.addr, &self.data_dir, &args);
+    }
+}
+
+fn spawn(binary: &Path, addr: SocketAddr, data_dir: &Path, args: &[&str]) -> Child {
+    Command::new(binary)
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env("FERRY_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()))
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
