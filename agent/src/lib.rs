@@ -1,0 +1,76 @@
+//! ferry-agent: runs beside a VM's disks, captures every write and streams it
+//! in order to cache-svc (issue 3 brings capture and streaming). What it does
+//! today: register with registry-svc for its VM and receive its cache
+//! endpoint, disk layout, epoch and credential.
+
+use ferry_proto::registry::v1 as pb;
+use ferry_proto::registry::v1::registry_client::RegistryClient;
+
+/// The agent's replication group port (as ASR's Mobility service).
+pub const DEFAULT_GROUP_PORT: u16 = 20004;
+
+/// Why the agent cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The registry URL is unusable.
+    #[error(transparent)]
+    Peer(#[from] ferry_runtime::HostError),
+    /// registry-svc refused or could not be reached.
+    #[error("registry refused the agent for VM {vm:?}: {status}")]
+    Registry { vm: String, status: tonic::Status },
+}
+
+/// What registry assigned to this agent. The credential is deliberately not
+/// printed by `Debug`.
+pub struct Assignment {
+    pub cache_endpoint: String,
+    pub disks: Vec<pb::Disk>,
+    pub epoch: u64,
+    credential: String,
+}
+
+impl Assignment {
+    /// The secret to present to cache-svc.
+    pub fn credential(&self) -> &str {
+        &self.credential
+    }
+}
+
+impl std::fmt::Debug for Assignment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Assignment")
+            .field("cache_endpoint", &self.cache_endpoint)
+            .field("disks", &self.disks.len())
+            .field("epoch", &self.epoch)
+            .field("credential", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Registers the agent for `vm` with the registry at `registry_url`.
+pub async fn register(
+    registry_url: &str,
+    vm: &str,
+    hostname: &str,
+    group_address: &str,
+) -> Result<Assignment, AgentError> {
+    let mut client = RegistryClient::new(ferry_runtime::connect(registry_url)?);
+    let grant = client
+        .register_agent(pb::RegisterAgentRequest {
+            vm_name: vm.to_string(),
+            hostname: hostname.to_string(),
+            group_address: group_address.to_string(),
+        })
+        .await
+        .map_err(|status| AgentError::Registry {
+            vm: vm.to_string(),
+            status,
+        })?
+        .into_inner();
+    Ok(Assignment {
+        cache_endpoint: grant.cache_endpoint,
+        disks: grant.disks,
+        epoch: grant.epoch,
+        credential: grant.credential,
+    })
+}
