@@ -13,10 +13,20 @@ struct Args {
     #[arg(long, env = "FERRY_VM", value_name = "NAME")]
     vm: String,
     /// Where the NBD export of the VM's disks listens (used from issue 3).
-    #[arg(long, env = "FERRY_NBD_LISTEN", value_name = "HOST:PORT", default_value = "127.0.0.1:10809")]
+    #[arg(
+        long,
+        env = "FERRY_NBD_LISTEN",
+        value_name = "HOST:PORT",
+        default_value = "127.0.0.1:10809"
+    )]
     nbd_listen: String,
     /// The replication group port (ASR's 20004).
-    #[arg(long, env = "FERRY_GROUP_LISTEN", value_name = "HOST:PORT", default_value = "0.0.0.0:20004")]
+    #[arg(
+        long,
+        env = "FERRY_GROUP_LISTEN",
+        value_name = "HOST:PORT",
+        default_value = "0.0.0.0:20004"
+    )]
     group_listen: String,
     /// Log filter.
     #[arg(long, env = "FERRY_LOG", default_value = "info")]

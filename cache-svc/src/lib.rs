@@ -23,8 +23,10 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), HostError> {
-    let peers = vec![
-        Peer::required("registry", config.registry.as_ref(), "ferry.registry.v1.Registry")?,
-    ];
+    let peers = vec![Peer::required(
+        "registry",
+        config.registry.as_ref(),
+        "ferry.registry.v1.Registry",
+    )?];
     ferry_runtime::placeholder::serve(&config, SERVICE_NAME, peers, listener, shutdown).await
 }

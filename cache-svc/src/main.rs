@@ -18,7 +18,9 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
         "cache",
         cache_svc::DEFAULT_PORT,
         &args.common,
-        |config, _: cache_svc::Settings, listener, shutdown| cache_svc::serve(config, listener, shutdown),
+        |config, _: cache_svc::Settings, listener, shutdown| {
+            cache_svc::serve(config, listener, shutdown)
+        },
     )
     .await
 }

@@ -24,8 +24,16 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), HostError> {
     let peers = vec![
-        Peer::required("registry", config.registry.as_ref(), "ferry.registry.v1.Registry")?,
-        Peer::required("processor", config.processor.as_ref(), "ferry.processor.v1.Processor")?,
+        Peer::required(
+            "registry",
+            config.registry.as_ref(),
+            "ferry.registry.v1.Registry",
+        )?,
+        Peer::required(
+            "processor",
+            config.processor.as_ref(),
+            "ferry.processor.v1.Processor",
+        )?,
     ];
     ferry_runtime::placeholder::serve(&config, SERVICE_NAME, peers, listener, shutdown).await
 }

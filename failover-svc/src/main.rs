@@ -18,7 +18,9 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
         "failover",
         failover_svc::DEFAULT_PORT,
         &args.common,
-        |config, _: failover_svc::Settings, listener, shutdown| failover_svc::serve(config, listener, shutdown),
+        |config, _: failover_svc::Settings, listener, shutdown| {
+            failover_svc::serve(config, listener, shutdown)
+        },
     )
     .await
 }

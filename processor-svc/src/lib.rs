@@ -24,7 +24,11 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), HostError> {
     let peers = vec![
-        Peer::required("registry", config.registry.as_ref(), "ferry.registry.v1.Registry")?,
+        Peer::required(
+            "registry",
+            config.registry.as_ref(),
+            "ferry.registry.v1.Registry",
+        )?,
         Peer::required("cache", config.cache.as_ref(), "ferry.cache.v1.Cache")?,
     ];
     ferry_runtime::placeholder::serve(&config, SERVICE_NAME, peers, listener, shutdown).await

@@ -18,7 +18,9 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
         "processor",
         processor_svc::DEFAULT_PORT,
         &args.common,
-        |config, _: processor_svc::Settings, listener, shutdown| processor_svc::serve(config, listener, shutdown),
+        |config, _: processor_svc::Settings, listener, shutdown| {
+            processor_svc::serve(config, listener, shutdown)
+        },
     )
     .await
 }

@@ -5,9 +5,7 @@
 use std::time::SystemTime;
 
 use crate::error::RegistryError;
-use crate::model::{
-    check_name, DiskStorage, NetworkMapping, Overrides, ReplicaDisk, Targets, Vm,
-};
+use crate::model::{check_name, DiskStorage, NetworkMapping, Overrides, ReplicaDisk, Targets, Vm};
 
 /// The suffix of every derived name.
 pub const SUFFIX: &str = "-ferry";
@@ -151,7 +149,10 @@ pub fn derive_targets(
             region: target_region.to_string(),
             resource_group,
             virtual_network,
-            subnet: overrides.subnet.clone().unwrap_or_else(|| vm.subnet.clone()),
+            subnet: overrides
+                .subnet
+                .clone()
+                .unwrap_or_else(|| vm.subnet.clone()),
             availability_set,
             cache_storage,
             target_storage_account,
@@ -211,8 +212,13 @@ mod tests {
 
     #[test]
     fn defaults_follow_the_convention() {
-        let d = derive_targets(&vm(Some("web-avset"), true), "westus", &Overrides::default(), none)
-            .unwrap();
+        let d = derive_targets(
+            &vm(Some("web-avset"), true),
+            "westus",
+            &Overrides::default(),
+            none,
+        )
+        .unwrap();
         let t = &d.targets;
         assert_eq!(t.region, "westus");
         assert_eq!(t.resource_group, "prod-rg-ferry");
@@ -220,7 +226,10 @@ mod tests {
         assert_eq!(t.subnet, "frontend");
         assert_eq!(t.availability_set.as_deref(), Some("web-avset-ferry"));
         assert_eq!(t.cache_storage, "eastus-cache-ferry");
-        assert_eq!(t.target_storage_account.as_deref(), Some("prod-rg-storage-ferry"));
+        assert_eq!(
+            t.target_storage_account.as_deref(),
+            Some("prod-rg-storage-ferry")
+        );
         assert_eq!(t.replica_disks[0].name, "web1-os-ferry");
         assert_eq!(t.replica_disks[0].storage, DiskStorage::Managed);
         assert_eq!(t.replica_disks[0].storage_account, None);
@@ -264,7 +273,10 @@ mod tests {
         assert_eq!(t.target_storage_account.as_deref(), Some("drstore"));
         assert_eq!(t.replica_disks[0].name, "web1-os-ferry");
         assert_eq!(t.replica_disks[1].name, "d0");
-        assert_eq!(t.replica_disks[1].storage_account.as_deref(), Some("drstore"));
+        assert_eq!(
+            t.replica_disks[1].storage_account.as_deref(),
+            Some("drstore")
+        );
         assert_eq!(d.new_mappings[0].target_network, "dr-vnet");
     }
 

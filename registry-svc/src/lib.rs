@@ -110,7 +110,12 @@ pub async fn serve(
         source,
     })?;
     let registry = Arc::new(
-        Registry::open(data_dir, config.regions.clone(), config.service.cache.clone()).await?,
+        Registry::open(
+            data_dir,
+            config.regions.clone(),
+            config.service.cache.clone(),
+        )
+        .await?,
     );
     let limits = &config.service.limits;
     host.routes().add_service(

@@ -27,26 +27,14 @@ impl State {
             || matches!(
                 (self, to),
                 (Enabling, InitialReplication | Disabling)
-                    | (
-                        InitialReplication,
-                        Protected | ResyncRequired | Disabling
-                    )
-                    | (
-                        Protected,
-                        ResyncRequired | FailoverInProgress | Disabling
-                    )
-                    | (
-                        ResyncRequired,
-                        Resyncing | FailoverInProgress | Disabling
-                    )
+                    | (InitialReplication, Protected | ResyncRequired | Disabling)
+                    | (Protected, ResyncRequired | FailoverInProgress | Disabling)
+                    | (ResyncRequired, Resyncing | FailoverInProgress | Disabling)
                     | (
                         Resyncing,
                         Protected | ResyncRequired | FailoverInProgress | Disabling
                     )
-                    | (
-                        FailoverInProgress,
-                        FailedOver | Protected | ResyncRequired
-                    )
+                    | (FailoverInProgress, FailedOver | Protected | ResyncRequired)
                     | (FailedOver, FailoverInProgress | Committed)
                     | (Committed, Disabling)
             )

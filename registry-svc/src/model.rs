@@ -107,7 +107,7 @@ impl TryFrom<pb::Disk> for Disk {
                 d.id
             )));
         }
-        if d.size_bytes % 512 != 0 {
+        if !d.size_bytes.is_multiple_of(512) {
             return Err(RegistryError::invalid(format!(
                 "disk {:?} has size {} bytes, which is not a multiple of 512",
                 d.id, d.size_bytes
@@ -126,12 +126,10 @@ impl TryFrom<pb::Disk> for Disk {
         let storage = match pb::DiskStorage::try_from(d.storage) {
             Ok(pb::DiskStorage::Managed) => DiskStorage::Managed,
             Ok(pb::DiskStorage::Unmanaged) => DiskStorage::Unmanaged,
-            _ => {
-                return Err(RegistryError::invalid(format!(
-                    "disk {:?} needs a storage kind: DISK_STORAGE_MANAGED or DISK_STORAGE_UNMANAGED",
-                    d.id
-                )))
-            }
+            _ => return Err(RegistryError::invalid(format!(
+                "disk {:?} needs a storage kind: DISK_STORAGE_MANAGED or DISK_STORAGE_UNMANAGED",
+                d.id
+            ))),
         };
         if d.source_path.trim().is_empty() || d.source_path.contains('\0') {
             return Err(RegistryError::invalid(format!(
@@ -428,7 +426,11 @@ impl NetworkMapping {
 
     /// This mapping's id.
     pub fn id(&self) -> String {
-        Self::id_of(&self.source_region, &self.source_network, &self.target_region)
+        Self::id_of(
+            &self.source_region,
+            &self.source_network,
+            &self.target_region,
+        )
     }
 
     /// The mapping the other way.
@@ -552,7 +554,11 @@ impl TryFrom<pb::EnableReplicationRequest> for EnableRequest {
             target_region: r.target_region,
             policy: optional_name("policy name", r.policy_name)?,
             group: optional_name("replication group", r.replication_group)?,
-            overrides: r.overrides.map(Overrides::try_from).transpose()?.unwrap_or_default(),
+            overrides: r
+                .overrides
+                .map(Overrides::try_from)
+                .transpose()?
+                .unwrap_or_default(),
         })
     }
 }

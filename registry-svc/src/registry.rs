@@ -16,8 +16,8 @@ use crate::derive::derive_targets;
 use crate::error::RegistryError;
 use crate::lifecycle::State;
 use crate::model::{
-    AgentRecord, EnableRequest, Group, Health, HealthReport, NetworkMapping, Policy,
-    ProtectedItem, Vm, COMPONENTS,
+    AgentRecord, EnableRequest, Group, Health, HealthReport, NetworkMapping, Policy, ProtectedItem,
+    Vm, COMPONENTS,
 };
 use crate::store::{Kind, Store, Writes};
 
@@ -101,7 +101,11 @@ impl Registry {
             .get::<Policy>(Kind::Policy, Policy::DEFAULT_NAME)?
             .is_none()
         {
-            writes.put(Kind::Policy, Policy::DEFAULT_NAME, &Policy::default_policy())?;
+            writes.put(
+                Kind::Policy,
+                Policy::DEFAULT_NAME,
+                &Policy::default_policy(),
+            )?;
         }
         for item in registry.store.list::<ProtectedItem>(Kind::Item)? {
             if item.state == State::Disabling {
@@ -519,7 +523,11 @@ impl Registry {
 
     pub async fn create_policy(&self, policy: Policy) -> Result<Policy, RegistryError> {
         let _guard = self.write.lock().await;
-        if self.store.get::<Policy>(Kind::Policy, &policy.name)?.is_some() {
+        if self
+            .store
+            .get::<Policy>(Kind::Policy, &policy.name)?
+            .is_some()
+        {
             return Err(RegistryError::AlreadyExists {
                 kind: "policy",
                 name: policy.name,
@@ -549,21 +557,13 @@ impl Registry {
                 "the default policy cannot be deleted",
             ));
         }
-        if let Some(item) = self
-            .list_items()?
-            .into_iter()
-            .find(|i| i.policy == name)
-        {
+        if let Some(item) = self.list_items()?.into_iter().find(|i| i.policy == name) {
             return Err(RegistryError::precondition(format!(
                 "policy {name:?} is used by protected VM {:?}",
                 item.vm_name
             )));
         }
-        if let Some(group) = self
-            .list_groups()?
-            .into_iter()
-            .find(|g| g.policy == name)
-        {
+        if let Some(group) = self.list_groups()?.into_iter().find(|g| g.policy == name) {
             return Err(RegistryError::precondition(format!(
                 "policy {name:?} is used by replication group {:?}",
                 group.name

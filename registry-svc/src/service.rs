@@ -43,7 +43,10 @@ fn item(i: &crate::model::ProtectedItem) -> pb::ProtectedItem {
 
 #[tonic::async_trait]
 impl RegistryApi for RegistryService {
-    async fn list_regions(&self, _: Request<pb::ListRegionsRequest>) -> Result<pb::ListRegionsResponse> {
+    async fn list_regions(
+        &self,
+        _: Request<pb::ListRegionsRequest>,
+    ) -> Result<pb::ListRegionsResponse> {
         Ok(Response::new(pb::ListRegionsResponse {
             regions: self.registry.regions().iter().cloned().collect(),
         }))
@@ -62,7 +65,9 @@ impl RegistryApi for RegistryService {
     async fn get_vm(&self, request: Request<pb::GetVmRequest>) -> Result<pb::Vm> {
         let req = request.into_inner();
         name("VM name", &req.name)?;
-        Ok(Response::new(pb::Vm::from(&self.registry.get_vm(&req.name)?)))
+        Ok(Response::new(pb::Vm::from(
+            &self.registry.get_vm(&req.name)?,
+        )))
     }
 
     async fn list_vms(&self, _: Request<pb::ListVmsRequest>) -> Result<pb::ListVmsResponse> {
@@ -72,40 +77,61 @@ impl RegistryApi for RegistryService {
         }))
     }
 
-    async fn unregister_vm(&self, request: Request<pb::UnregisterVmRequest>) -> Result<pb::UnregisterVmResponse> {
+    async fn unregister_vm(
+        &self,
+        request: Request<pb::UnregisterVmRequest>,
+    ) -> Result<pb::UnregisterVmResponse> {
         let req = request.into_inner();
         name("VM name", &req.name)?;
         self.registry.unregister_vm(&req.name).await?;
         Ok(Response::new(pb::UnregisterVmResponse {}))
     }
 
-    async fn enable_replication(&self, request: Request<pb::EnableReplicationRequest>) -> Result<pb::ProtectedItem> {
+    async fn enable_replication(
+        &self,
+        request: Request<pb::EnableReplicationRequest>,
+    ) -> Result<pb::ProtectedItem> {
         let req = EnableRequest::try_from(request.into_inner())?;
         Ok(Response::new(item(&self.registry.enable(req).await?)))
     }
 
-    async fn get_protected_item(&self, request: Request<pb::GetProtectedItemRequest>) -> Result<pb::ProtectedItem> {
+    async fn get_protected_item(
+        &self,
+        request: Request<pb::GetProtectedItemRequest>,
+    ) -> Result<pb::ProtectedItem> {
         let req = request.into_inner();
         name("VM name", &req.vm_name)?;
         Ok(Response::new(item(&self.registry.get_item(&req.vm_name)?)))
     }
 
-    async fn list_protected_items(&self, _: Request<pb::ListProtectedItemsRequest>) -> Result<pb::ListProtectedItemsResponse> {
+    async fn list_protected_items(
+        &self,
+        _: Request<pb::ListProtectedItemsRequest>,
+    ) -> Result<pb::ListProtectedItemsResponse> {
         let items = self.registry.list_items()?;
         Ok(Response::new(pb::ListProtectedItemsResponse {
             items: items.iter().map(item).collect(),
         }))
     }
 
-    async fn disable_replication(&self, request: Request<pb::DisableReplicationRequest>) -> Result<pb::ProtectedItem> {
+    async fn disable_replication(
+        &self,
+        request: Request<pb::DisableReplicationRequest>,
+    ) -> Result<pb::ProtectedItem> {
         let req = request.into_inner();
         name("VM name", &req.vm_name)?;
-        Ok(Response::new(item(&self.registry.disable(&req.vm_name).await?)))
+        Ok(Response::new(item(
+            &self.registry.disable(&req.vm_name).await?,
+        )))
     }
 
-    type WatchProtectedItemsStream = ReceiverStream<std::result::Result<pb::ProtectedItemEvent, Status>>;
+    type WatchProtectedItemsStream =
+        ReceiverStream<std::result::Result<pb::ProtectedItemEvent, Status>>;
 
-    async fn watch_protected_items(&self, request: Request<pb::WatchProtectedItemsRequest>) -> Result<Self::WatchProtectedItemsStream> {
+    async fn watch_protected_items(
+        &self,
+        request: Request<pb::WatchProtectedItemsRequest>,
+    ) -> Result<Self::WatchProtectedItemsStream> {
         let req = request.into_inner();
         let filter = if req.vm_name.is_empty() {
             None
@@ -123,36 +149,51 @@ impl RegistryApi for RegistryService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn transition_state(&self, request: Request<pb::TransitionStateRequest>) -> Result<pb::ProtectedItem> {
+    async fn transition_state(
+        &self,
+        request: Request<pb::TransitionStateRequest>,
+    ) -> Result<pb::ProtectedItem> {
         let req = request.into_inner();
         name("VM name", &req.vm_name)?;
         let to = State::from_pb(req.to).ok_or_else(|| {
             Status::invalid_argument(format!("`to` must be a replication state, got {}", req.to))
         })?;
-        let expected = match req.expected_state {
-            0 => None,
-            n => Some(State::from_pb(n).ok_or_else(|| {
-                Status::invalid_argument(format!("unknown expected_state {n}"))
-            })?),
-        };
+        let expected =
+            match req.expected_state {
+                0 => None,
+                n => Some(State::from_pb(n).ok_or_else(|| {
+                    Status::invalid_argument(format!("unknown expected_state {n}"))
+                })?),
+            };
         let t = Transition {
             to,
             expected,
             reason: req.reason,
             bump_epoch: req.bump_epoch,
         };
-        Ok(Response::new(item(&self.registry.transition(&req.vm_name, t).await?)))
-    }
-
-    async fn report_replication_progress(&self, request: Request<pb::ReportReplicationProgressRequest>) -> Result<pb::ProtectedItem> {
-        let req = request.into_inner();
-        name("VM name", &req.vm_name)?;
         Ok(Response::new(item(
-            &self.registry.report_progress(&req.vm_name, req.percent).await?,
+            &self.registry.transition(&req.vm_name, t).await?,
         )))
     }
 
-    async fn report_health(&self, request: Request<pb::ReportHealthRequest>) -> Result<pb::ProtectedItem> {
+    async fn report_replication_progress(
+        &self,
+        request: Request<pb::ReportReplicationProgressRequest>,
+    ) -> Result<pb::ProtectedItem> {
+        let req = request.into_inner();
+        name("VM name", &req.vm_name)?;
+        Ok(Response::new(item(
+            &self
+                .registry
+                .report_progress(&req.vm_name, req.percent)
+                .await?,
+        )))
+    }
+
+    async fn report_health(
+        &self,
+        request: Request<pb::ReportHealthRequest>,
+    ) -> Result<pb::ProtectedItem> {
         let req = request.into_inner();
         name("VM name", &req.vm_name)?;
         let health = Health::from_pb(req.health).ok_or_else(|| {
@@ -160,7 +201,10 @@ impl RegistryApi for RegistryService {
         })?;
         let rpo = req
             .rpo
-            .map(|d| from_duration(&d).ok_or_else(|| Status::invalid_argument("rpo is negative or malformed")))
+            .map(|d| {
+                from_duration(&d)
+                    .ok_or_else(|| Status::invalid_argument("rpo is negative or malformed"))
+            })
             .transpose()?;
         let last = req
             .last_recovery_point_time
@@ -184,7 +228,10 @@ impl RegistryApi for RegistryService {
         )))
     }
 
-    async fn register_agent(&self, request: Request<pb::RegisterAgentRequest>) -> Result<pb::RegisterAgentResponse> {
+    async fn register_agent(
+        &self,
+        request: Request<pb::RegisterAgentRequest>,
+    ) -> Result<pb::RegisterAgentResponse> {
         let req = request.into_inner();
         name("VM name", &req.vm_name)?;
         let cache_endpoint = self.registry.cache_endpoint()?;
@@ -201,16 +248,25 @@ impl RegistryApi for RegistryService {
         }))
     }
 
-    async fn create_policy(&self, request: Request<pb::CreatePolicyRequest>) -> Result<pb::ReplicationPolicy> {
+    async fn create_policy(
+        &self,
+        request: Request<pb::CreatePolicyRequest>,
+    ) -> Result<pb::ReplicationPolicy> {
         let policy = request
             .into_inner()
             .policy
             .ok_or_else(|| Status::invalid_argument("policy is missing"))?;
-        let policy = self.registry.create_policy(Policy::try_from(policy)?).await?;
+        let policy = self
+            .registry
+            .create_policy(Policy::try_from(policy)?)
+            .await?;
         Ok(Response::new(pb::ReplicationPolicy::from(&policy)))
     }
 
-    async fn get_policy(&self, request: Request<pb::GetPolicyRequest>) -> Result<pb::ReplicationPolicy> {
+    async fn get_policy(
+        &self,
+        request: Request<pb::GetPolicyRequest>,
+    ) -> Result<pb::ReplicationPolicy> {
         let req = request.into_inner();
         name("policy name", &req.name)?;
         Ok(Response::new(pb::ReplicationPolicy::from(
@@ -218,7 +274,10 @@ impl RegistryApi for RegistryService {
         )))
     }
 
-    async fn list_policies(&self, _: Request<pb::ListPoliciesRequest>) -> Result<pb::ListPoliciesResponse> {
+    async fn list_policies(
+        &self,
+        _: Request<pb::ListPoliciesRequest>,
+    ) -> Result<pb::ListPoliciesResponse> {
         let policies = self.registry.list_policies()?;
         Ok(Response::new(pb::ListPoliciesResponse {
             policies: policies.iter().map(pb::ReplicationPolicy::from).collect(),
@@ -226,14 +285,20 @@ impl RegistryApi for RegistryService {
         }))
     }
 
-    async fn delete_policy(&self, request: Request<pb::DeletePolicyRequest>) -> Result<pb::DeletePolicyResponse> {
+    async fn delete_policy(
+        &self,
+        request: Request<pb::DeletePolicyRequest>,
+    ) -> Result<pb::DeletePolicyResponse> {
         let req = request.into_inner();
         name("policy name", &req.name)?;
         self.registry.delete_policy(&req.name).await?;
         Ok(Response::new(pb::DeletePolicyResponse {}))
     }
 
-    async fn create_network_mapping(&self, request: Request<pb::CreateNetworkMappingRequest>) -> Result<pb::CreateNetworkMappingResponse> {
+    async fn create_network_mapping(
+        &self,
+        request: Request<pb::CreateNetworkMappingRequest>,
+    ) -> Result<pb::CreateNetworkMappingResponse> {
         let mapping = NetworkMapping::try_from(request.into_inner())?;
         let (mapping, reverse) = self.registry.create_mapping(mapping).await?;
         Ok(Response::new(pb::CreateNetworkMappingResponse {
@@ -242,14 +307,20 @@ impl RegistryApi for RegistryService {
         }))
     }
 
-    async fn list_network_mappings(&self, _: Request<pb::ListNetworkMappingsRequest>) -> Result<pb::ListNetworkMappingsResponse> {
+    async fn list_network_mappings(
+        &self,
+        _: Request<pb::ListNetworkMappingsRequest>,
+    ) -> Result<pb::ListNetworkMappingsResponse> {
         let mappings = self.registry.list_mappings()?;
         Ok(Response::new(pb::ListNetworkMappingsResponse {
             mappings: mappings.iter().map(pb::NetworkMapping::from).collect(),
         }))
     }
 
-    async fn delete_network_mapping(&self, request: Request<pb::DeleteNetworkMappingRequest>) -> Result<pb::DeleteNetworkMappingResponse> {
+    async fn delete_network_mapping(
+        &self,
+        request: Request<pb::DeleteNetworkMappingRequest>,
+    ) -> Result<pb::DeleteNetworkMappingResponse> {
         let req = request.into_inner();
         if req.id.is_empty() {
             return Err(Status::invalid_argument("id is empty"));
@@ -258,15 +329,24 @@ impl RegistryApi for RegistryService {
         Ok(Response::new(pb::DeleteNetworkMappingResponse {}))
     }
 
-    async fn create_replication_group(&self, request: Request<pb::CreateReplicationGroupRequest>) -> Result<pb::ReplicationGroup> {
+    async fn create_replication_group(
+        &self,
+        request: Request<pb::CreateReplicationGroupRequest>,
+    ) -> Result<pb::ReplicationGroup> {
         let req = request.into_inner();
         name("replication group name", &req.name)?;
         name("policy name", &req.policy_name)?;
-        let group = self.registry.create_group(req.name, req.policy_name).await?;
+        let group = self
+            .registry
+            .create_group(req.name, req.policy_name)
+            .await?;
         Ok(Response::new(pb::ReplicationGroup::from(&group)))
     }
 
-    async fn get_replication_group(&self, request: Request<pb::GetReplicationGroupRequest>) -> Result<pb::ReplicationGroup> {
+    async fn get_replication_group(
+        &self,
+        request: Request<pb::GetReplicationGroupRequest>,
+    ) -> Result<pb::ReplicationGroup> {
         let req = request.into_inner();
         name("replication group name", &req.name)?;
         Ok(Response::new(pb::ReplicationGroup::from(
@@ -274,14 +354,20 @@ impl RegistryApi for RegistryService {
         )))
     }
 
-    async fn list_replication_groups(&self, _: Request<pb::ListReplicationGroupsRequest>) -> Result<pb::ListReplicationGroupsResponse> {
+    async fn list_replication_groups(
+        &self,
+        _: Request<pb::ListReplicationGroupsRequest>,
+    ) -> Result<pb::ListReplicationGroupsResponse> {
         let groups = self.registry.list_groups()?;
         Ok(Response::new(pb::ListReplicationGroupsResponse {
             groups: groups.iter().map(pb::ReplicationGroup::from).collect(),
         }))
     }
 
-    async fn delete_replication_group(&self, request: Request<pb::DeleteReplicationGroupRequest>) -> Result<pb::DeleteReplicationGroupResponse> {
+    async fn delete_replication_group(
+        &self,
+        request: Request<pb::DeleteReplicationGroupRequest>,
+    ) -> Result<pb::DeleteReplicationGroupResponse> {
         let req = request.into_inner();
         name("replication group name", &req.name)?;
         self.registry.delete_group(&req.name).await?;
@@ -291,7 +377,10 @@ impl RegistryApi for RegistryService {
 
 type EventSender = mpsc::Sender<std::result::Result<pb::ProtectedItemEvent, Status>>;
 
-fn event(kind: pb::EventKind, item: Option<&crate::model::ProtectedItem>) -> pb::ProtectedItemEvent {
+fn event(
+    kind: pb::EventKind,
+    item: Option<&crate::model::ProtectedItem>,
+) -> pb::ProtectedItemEvent {
     pb::ProtectedItemEvent {
         kind: kind as i32,
         item: item.map(pb::ProtectedItem::from),

@@ -58,7 +58,12 @@ fn vm(name: &str) -> pb::Vm {
         }],
         disks: vec![
             disk("os", 1 << 30, pb::DiskRole::Os, pb::DiskStorage::Managed),
-            disk("data", 1 << 29, pb::DiskRole::Data, pb::DiskStorage::Unmanaged),
+            disk(
+                "data",
+                1 << 29,
+                pb::DiskRole::Data,
+                pb::DiskStorage::Unmanaged,
+            ),
         ],
         registered_at: None,
     }
@@ -70,7 +75,10 @@ async fn register(c: &mut Client, v: pb::Vm) -> Result<pb::Vm, tonic::Status> {
         .map(|r| r.into_inner())
 }
 
-async fn enable(c: &mut Client, req: pb::EnableReplicationRequest) -> Result<pb::ProtectedItem, tonic::Status> {
+async fn enable(
+    c: &mut Client,
+    req: pb::EnableReplicationRequest,
+) -> Result<pb::ProtectedItem, tonic::Status> {
     c.enable_replication(req).await.map(|r| r.into_inner())
 }
 
@@ -82,7 +90,11 @@ fn enable_req(vm: &str, target: &str) -> pb::EnableReplicationRequest {
     }
 }
 
-async fn transition(c: &mut Client, vm: &str, to: pb::ReplicationState) -> Result<pb::ProtectedItem, tonic::Status> {
+async fn transition(
+    c: &mut Client,
+    vm: &str,
+    to: pb::ReplicationState,
+) -> Result<pb::ProtectedItem, tonic::Status> {
     c.transition_state(pb::TransitionStateRequest {
         vm_name: vm.into(),
         to: to as i32,
@@ -95,13 +107,21 @@ async fn transition(c: &mut Client, vm: &str, to: pb::ReplicationState) -> Resul
 
 /// Everything the registry holds, to check that refused requests change nothing.
 async fn everything(c: &mut Client) -> String {
-    let vms = c.list_vms(pb::ListVmsRequest {}).await.unwrap().into_inner();
+    let vms = c
+        .list_vms(pb::ListVmsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     let items = c
         .list_protected_items(pb::ListProtectedItemsRequest {})
         .await
         .unwrap()
         .into_inner();
-    let policies = c.list_policies(pb::ListPoliciesRequest {}).await.unwrap().into_inner();
+    let policies = c
+        .list_policies(pb::ListPoliciesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     let mappings = c
         .list_network_mappings(pb::ListNetworkMappingsRequest {})
         .await
@@ -149,7 +169,10 @@ async fn enable_derives_every_target_resource() {
         .into_inner()
         .mappings;
     let ids: Vec<_> = mappings.iter().map(|m| m.id.as_str()).collect();
-    assert_eq!(ids, ["eastus/prod-vnet->westus", "westus/prod-vnet-ferry->eastus"]);
+    assert_eq!(
+        ids,
+        ["eastus/prod-vnet->westus", "westus/prod-vnet-ferry->eastus"]
+    );
 
     // A second VM of the same network reuses the mapping; nothing new appears.
     let mut second = vm("web2");
@@ -221,7 +244,11 @@ async fn overrides_win_and_existing_mappings_are_reused() {
     });
     let err = enable(c, req).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    assert!(err.message().contains("already mapped"), "{}", err.message());
+    assert!(
+        err.message().contains("already mapped"),
+        "{}",
+        err.message()
+    );
 
     // A mapping in use cannot be deleted.
     let err = c
@@ -263,21 +290,69 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() {
         v
     };
     let bad_vms: Vec<(&str, pb::Vm, Code)> = vec![
-        ("empty name", with(&|v| v.name.clear()), Code::InvalidArgument),
-        ("invalid name", with(&|v| v.name = "bad name/x".into()), Code::InvalidArgument),
-        ("unknown region", with(&|v| v.source_region = "mars".into()), Code::InvalidArgument),
+        (
+            "empty name",
+            with(&|v| v.name.clear()),
+            Code::InvalidArgument,
+        ),
+        (
+            "invalid name",
+            with(&|v| v.name = "bad name/x".into()),
+            Code::InvalidArgument,
+        ),
+        (
+            "unknown region",
+            with(&|v| v.source_region = "mars".into()),
+            Code::InvalidArgument,
+        ),
         ("duplicate VM", vm("web1"), Code::AlreadyExists),
-        ("disk size zero", with(&|v| v.disks[0].size_bytes = 0), Code::InvalidArgument),
-        ("disk size not 512-aligned", with(&|v| v.disks[0].size_bytes = 1000), Code::InvalidArgument),
-        ("no disk role", with(&|v| v.disks[0].role = 0), Code::InvalidArgument),
-        ("no storage kind", with(&|v| v.disks[0].storage = 0), Code::InvalidArgument),
-        ("duplicate disk id", with(&|v| v.disks[1].id = "os".into()), Code::InvalidArgument),
-        ("two OS disks", with(&|v| v.disks[1].role = pb::DiskRole::Os as i32), Code::InvalidArgument),
-        ("no source path", with(&|v| v.disks[0].source_path.clear()), Code::InvalidArgument),
+        (
+            "disk size zero",
+            with(&|v| v.disks[0].size_bytes = 0),
+            Code::InvalidArgument,
+        ),
+        (
+            "disk size not 512-aligned",
+            with(&|v| v.disks[0].size_bytes = 1000),
+            Code::InvalidArgument,
+        ),
+        (
+            "no disk role",
+            with(&|v| v.disks[0].role = 0),
+            Code::InvalidArgument,
+        ),
+        (
+            "no storage kind",
+            with(&|v| v.disks[0].storage = 0),
+            Code::InvalidArgument,
+        ),
+        (
+            "duplicate disk id",
+            with(&|v| v.disks[1].id = "os".into()),
+            Code::InvalidArgument,
+        ),
+        (
+            "two OS disks",
+            with(&|v| v.disks[1].role = pb::DiskRole::Os as i32),
+            Code::InvalidArgument,
+        ),
+        (
+            "no source path",
+            with(&|v| v.disks[0].source_path.clear()),
+            Code::InvalidArgument,
+        ),
         ("no disk", with(&|v| v.disks.clear()), Code::InvalidArgument),
         ("no NIC", with(&|v| v.nics.clear()), Code::InvalidArgument),
-        ("bad IP", with(&|v| v.nics[0].private_ip = "10.1.0.300".into()), Code::InvalidArgument),
-        ("empty subnet", with(&|v| v.subnet.clear()), Code::InvalidArgument),
+        (
+            "bad IP",
+            with(&|v| v.nics[0].private_ip = "10.1.0.300".into()),
+            Code::InvalidArgument,
+        ),
+        (
+            "empty subnet",
+            with(&|v| v.subnet.clear()),
+            Code::InvalidArgument,
+        ),
     ];
     for (what, v, code) in bad_vms {
         let err = register(c, v).await.unwrap_err();
@@ -292,9 +367,21 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() {
 
     let bad_enables: Vec<(&str, pb::EnableReplicationRequest, Code)> = vec![
         ("unknown VM", enable_req("ghost", "westus"), Code::NotFound),
-        ("target equals source", enable_req("idle", "eastus"), Code::InvalidArgument),
-        ("unknown target region", enable_req("idle", "pluto"), Code::InvalidArgument),
-        ("empty target region", enable_req("idle", ""), Code::InvalidArgument),
+        (
+            "target equals source",
+            enable_req("idle", "eastus"),
+            Code::InvalidArgument,
+        ),
+        (
+            "unknown target region",
+            enable_req("idle", "pluto"),
+            Code::InvalidArgument,
+        ),
+        (
+            "empty target region",
+            enable_req("idle", ""),
+            Code::InvalidArgument,
+        ),
         (
             "unknown policy",
             pb::EnableReplicationRequest {
@@ -333,7 +420,11 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() {
             },
             Code::InvalidArgument,
         ),
-        ("already protected", enable_req("web1", "westus"), Code::AlreadyExists),
+        (
+            "already protected",
+            enable_req("web1", "westus"),
+            Code::AlreadyExists,
+        ),
     ];
     for (what, req, code) in bad_enables {
         let err = enable(c, req).await.unwrap_err();
@@ -341,14 +432,26 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() {
     }
 
     // Transitions the lifecycle does not allow.
-    let err = transition(c, "web1", pb::ReplicationState::Protected).await.unwrap_err();
+    let err = transition(c, "web1", pb::ReplicationState::Protected)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("ENABLING") && err.message().contains("PROTECTED"), "{}", err.message());
-    let err = transition(c, "web1", pb::ReplicationState::FailedOver).await.unwrap_err();
+    assert!(
+        err.message().contains("ENABLING") && err.message().contains("PROTECTED"),
+        "{}",
+        err.message()
+    );
+    let err = transition(c, "web1", pb::ReplicationState::FailedOver)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    let err = transition(c, "web1", pb::ReplicationState::Unspecified).await.unwrap_err();
+    let err = transition(c, "web1", pb::ReplicationState::Unspecified)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    let err = transition(c, "ghost", pb::ReplicationState::Protected).await.unwrap_err();
+    let err = transition(c, "ghost", pb::ReplicationState::Protected)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     let err = c
         .transition_state(pb::TransitionStateRequest {
@@ -397,7 +500,9 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() {
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     let err = c
-        .delete_policy(pb::DeletePolicyRequest { name: "default".into() })
+        .delete_policy(pb::DeletePolicyRequest {
+            name: "default".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -422,7 +527,9 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() {
         .unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists);
     let err = c
-        .unregister_vm(pb::UnregisterVmRequest { name: "web1".into() })
+        .unregister_vm(pb::UnregisterVmRequest {
+            name: "web1".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -435,7 +542,11 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() {
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 
-    assert_eq!(everything(c).await, before, "a refused request changed something");
+    assert_eq!(
+        everything(c).await,
+        before,
+        "a refused request changed something"
+    );
     f.registry.stop().await;
 }
 
@@ -491,7 +602,10 @@ async fn the_lifecycle_end_to_end() {
             component: "processor".into(),
             health: pb::ReplicationHealth::Warning as i32,
             message: "RPO over target".into(),
-            rpo: Some(prost_types::Duration { seconds: 7, nanos: 0 }),
+            rpo: Some(prost_types::Duration {
+                seconds: 7,
+                nanos: 0,
+            }),
             last_recovery_point_time: Some(prost_types::Timestamp {
                 seconds: 1_800_000_000,
                 nanos: 0,
@@ -505,7 +619,10 @@ async fn the_lifecycle_end_to_end() {
     assert_eq!(item.health(), pb::ReplicationHealth::Warning);
     assert_eq!(item.rpo.unwrap().seconds, 7);
     assert_eq!(item.backlog_bytes, 4096);
-    assert_eq!(item.last_recovery_point_time.unwrap().seconds, 1_800_000_000);
+    assert_eq!(
+        item.last_recovery_point_time.unwrap().seconds,
+        1_800_000_000
+    );
 
     // Failover fences the source: the epoch rises and agents are refused.
     let item = c
@@ -530,7 +647,9 @@ async fn the_lifecycle_end_to_end() {
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     let err = c
-        .disable_replication(pb::DisableReplicationRequest { vm_name: "app".into() })
+        .disable_replication(pb::DisableReplicationRequest {
+            vm_name: "app".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -544,18 +663,24 @@ async fn the_lifecycle_end_to_end() {
     assert_eq!(err.code(), Code::InvalidArgument);
 
     let removed = c
-        .disable_replication(pb::DisableReplicationRequest { vm_name: "app".into() })
+        .disable_replication(pb::DisableReplicationRequest {
+            vm_name: "app".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(removed.state(), S::Disabling);
     let err = c
-        .get_protected_item(pb::GetProtectedItemRequest { vm_name: "app".into() })
+        .get_protected_item(pb::GetProtectedItemRequest {
+            vm_name: "app".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     // The VM stays registered and can be protected again.
-    c.get_vm(pb::GetVmRequest { name: "app".into() }).await.unwrap();
+    c.get_vm(pb::GetVmRequest { name: "app".into() })
+        .await
+        .unwrap();
     let again = enable(c, enable_req("app", "westus2")).await.unwrap();
     assert_eq!(again.state(), S::Enabling);
     f.registry.stop().await;
@@ -632,9 +757,11 @@ async fn groups_track_members_and_coordinator() {
     assert_eq!(err.code(), Code::InvalidArgument);
 
     // The coordinator leaving hands the role on; an occupied group stays.
-    c.disable_replication(pb::DisableReplicationRequest { vm_name: "erp-db".into() })
-        .await
-        .unwrap();
+    c.disable_replication(pb::DisableReplicationRequest {
+        vm_name: "erp-db".into(),
+    })
+    .await
+    .unwrap();
     let group = c
         .get_replication_group(pb::GetReplicationGroupRequest { name: "erp".into() })
         .await
@@ -648,7 +775,9 @@ async fn groups_track_members_and_coordinator() {
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     let err = c
-        .delete_policy(pb::DeletePolicyRequest { name: "multi".into() })
+        .delete_policy(pb::DeletePolicyRequest {
+            name: "multi".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -677,11 +806,16 @@ async fn the_watch_stream_sees_every_change_in_order() {
         .unwrap()
         .into_inner();
     let ev = next(&mut all).await;
-    assert_eq!((ev.kind(), ev.item.unwrap().vm_name.as_str()), (K::Snapshot, "early"));
+    assert_eq!(
+        (ev.kind(), ev.item.unwrap().vm_name.as_str()),
+        (K::Snapshot, "early")
+    );
     assert_eq!(next(&mut all).await.kind(), K::Synced);
 
     let mut only_late = c
-        .watch_protected_items(pb::WatchProtectedItemsRequest { vm_name: "late".into() })
+        .watch_protected_items(pb::WatchProtectedItemsRequest {
+            vm_name: "late".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -691,11 +825,17 @@ async fn the_watch_stream_sees_every_change_in_order() {
     late.nics[0].private_ip = "10.1.0.8".into();
     register(c, late).await.unwrap();
     enable(c, enable_req("late", "westus")).await.unwrap();
-    transition(c, "early", pb::ReplicationState::InitialReplication).await.unwrap();
-    transition(c, "late", pb::ReplicationState::InitialReplication).await.unwrap();
-    c.disable_replication(pb::DisableReplicationRequest { vm_name: "late".into() })
+    transition(c, "early", pb::ReplicationState::InitialReplication)
         .await
         .unwrap();
+    transition(c, "late", pb::ReplicationState::InitialReplication)
+        .await
+        .unwrap();
+    c.disable_replication(pb::DisableReplicationRequest {
+        vm_name: "late".into(),
+    })
+    .await
+    .unwrap();
 
     let mut seen = Vec::new();
     for _ in 0..5 {
@@ -747,10 +887,16 @@ async fn the_watch_stream_sees_every_change_in_order() {
 async fn concurrent_updates_of_one_vm_lose_nothing() {
     let mut f = fixture().await;
     register(&mut f.client, vm("busy")).await.unwrap();
-    let start = enable(&mut f.client, enable_req("busy", "westus")).await.unwrap();
-    transition(&mut f.client, "busy", pb::ReplicationState::InitialReplication)
+    let start = enable(&mut f.client, enable_req("busy", "westus"))
         .await
         .unwrap();
+    transition(
+        &mut f.client,
+        "busy",
+        pb::ReplicationState::InitialReplication,
+    )
+    .await
+    .unwrap();
 
     const PER_COMPONENT: u64 = 10;
     let components = ["agent", "cache", "processor", "failover"];
@@ -776,7 +922,9 @@ async fn concurrent_updates_of_one_vm_lose_nothing() {
     }
     let item = f
         .client
-        .get_protected_item(pb::GetProtectedItemRequest { vm_name: "busy".into() })
+        .get_protected_item(pb::GetProtectedItemRequest {
+            vm_name: "busy".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -836,7 +984,9 @@ async fn agent_credentials_are_fresh_and_never_stored_in_clear() {
         let bytes = std::fs::read(&file).unwrap();
         for credential in &credentials {
             assert!(
-                !bytes.windows(credential.len()).any(|w| w == credential.as_bytes()),
+                !bytes
+                    .windows(credential.len())
+                    .any(|w| w == credential.as_bytes()),
                 "{} holds a credential in clear",
                 file.display()
             );

@@ -28,8 +28,7 @@ where
     E: std::error::Error + Send + Sync + 'static,
 {
     let (config, settings) = common.resolve::<S>(key, default_port)?;
-    let _telemetry =
-        crate::telemetry::init(name, &config.log, config.otlp_endpoint.as_deref())?;
+    let _telemetry = crate::telemetry::init(name, &config.log, config.otlp_endpoint.as_deref())?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("{name}: cannot listen on {}: {e}", config.listen))?;

@@ -248,9 +248,7 @@ fn read_file<S: DeserializeOwned + Default>(
     for other in ["registry", "cache", "processor", "failover", "agent"] {
         table.remove(other);
     }
-    let common: FileCommon = toml::Value::Table(table)
-        .try_into()
-        .map_err(parse_err)?;
+    let common: FileCommon = toml::Value::Table(table).try_into().map_err(parse_err)?;
     Ok((common, own))
 }
 

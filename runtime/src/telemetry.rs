@@ -48,11 +48,10 @@ pub fn init(
     otlp_endpoint: Option<&str>,
 ) -> Result<TelemetryGuard, TelemetryError> {
     let filter_text = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
-    let env_filter =
-        EnvFilter::try_new(&filter_text).map_err(|e| TelemetryError::Filter {
-            filter: filter_text.clone(),
-            message: e.to_string(),
-        })?;
+    let env_filter = EnvFilter::try_new(&filter_text).map_err(|e| TelemetryError::Filter {
+        filter: filter_text.clone(),
+        message: e.to_string(),
+    })?;
 
     let resource = Resource::builder().with_service_name(service).build();
     let mut builder = SdkTracerProvider::builder().with_resource(resource);

@@ -52,7 +52,10 @@ pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
 pub struct TraceInterceptor;
 
 impl tonic::service::Interceptor for TraceInterceptor {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         let cx = tracing::Span::current().context();
         opentelemetry::global::get_text_map_propagator(|p| {
             p.inject_context(&cx, &mut MetadataInjector(request.metadata_mut()))
@@ -101,8 +104,8 @@ where
         let span = tracing::info_span!("grpc", rpc = %request.uri().path());
         // A span disabled by the filter has no context to join; that is fine.
         let _ = span.set_parent(parent);
-        let traceresponse = traceparent_of(&span)
-            .and_then(|v| http::HeaderValue::from_str(&v).ok());
+        let traceresponse =
+            traceparent_of(&span).and_then(|v| http::HeaderValue::from_str(&v).ok());
         // The ready service is the one to call; keep a fresh clone in its place.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);

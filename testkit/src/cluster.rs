@@ -61,14 +61,18 @@ pub struct Cluster {
 /// Starts registry-svc alone in-process on `data_dir`, handing out
 /// `cache_url` to agents.
 pub async fn start_registry(data_dir: PathBuf, cache_url: Option<String>) -> Running {
-    start("registry-svc", data_dir, move |mut service, listener, shutdown| {
-        service.cache = cache_url;
-        async move {
-            let settings = registry_svc::Settings::default();
-            let config = registry_svc::Config::new(service, settings)?;
-            registry_svc::serve(config, listener, shutdown).await
-        }
-    })
+    start(
+        "registry-svc",
+        data_dir,
+        move |mut service, listener, shutdown| {
+            service.cache = cache_url;
+            async move {
+                let settings = registry_svc::Settings::default();
+                let config = registry_svc::Config::new(service, settings)?;
+                registry_svc::serve(config, listener, shutdown).await
+            }
+        },
+    )
     .await
 }
 
@@ -99,18 +103,26 @@ impl Cluster {
         };
 
         let (r, c) = (registry_url.clone(), cache_url.clone());
-        let processor = start("processor-svc", dir.path().join("processor"), move |mut cfg, l, s| {
-            cfg.registry = Some(r);
-            cfg.cache = Some(c);
-            processor_svc::serve(cfg, l, s)
-        })
+        let processor = start(
+            "processor-svc",
+            dir.path().join("processor"),
+            move |mut cfg, l, s| {
+                cfg.registry = Some(r);
+                cfg.cache = Some(c);
+                processor_svc::serve(cfg, l, s)
+            },
+        )
         .await;
         let (r, p) = (registry_url.clone(), processor.url.clone());
-        let failover = start("failover-svc", dir.path().join("failover"), move |mut cfg, l, s| {
-            cfg.registry = Some(r);
-            cfg.processor = Some(p);
-            failover_svc::serve(cfg, l, s)
-        })
+        let failover = start(
+            "failover-svc",
+            dir.path().join("failover"),
+            move |mut cfg, l, s| {
+                cfg.registry = Some(r);
+                cfg.processor = Some(p);
+                failover_svc::serve(cfg, l, s)
+            },
+        )
         .await;
         for running in [&registry, &cache, &processor, &failover] {
             crate::wait_serving(&running.url).await;

@@ -62,8 +62,10 @@ pub async fn is_serving(url: &str, service: &str) -> bool {
 
 /// Waits until `url` reports SERVING, up to 30 s.
 pub async fn wait_serving(url: &str) {
-    wait_for(&format!("{url} to be SERVING"), Duration::from_secs(30), || async {
-        is_serving(url, "").await.then_some(())
-    })
+    wait_for(
+        &format!("{url} to be SERVING"),
+        Duration::from_secs(30),
+        || async { is_serving(url, "").await.then_some(()) },
+    )
     .await
 }
