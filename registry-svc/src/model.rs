@@ -126,10 +126,12 @@ impl TryFrom<pb::Disk> for Disk {
         let storage = match pb::DiskStorage::try_from(d.storage) {
             Ok(pb::DiskStorage::Managed) => DiskStorage::Managed,
             Ok(pb::DiskStorage::Unmanaged) => DiskStorage::Unmanaged,
-            _ => return Err(RegistryError::invalid(format!(
-                "disk {:?} needs a storage kind: DISK_STORAGE_MANAGED or DISK_STORAGE_UNMANAGED",
-                d.id
-            ))),
+            _ => {
+                return Err(RegistryError::invalid(format!(
+                    "disk {:?} needs a storage kind: {}",
+                    d.id, "DISK_STORAGE_MANAGED or DISK_STORAGE_UNMANAGED"
+                )))
+            }
         };
         if d.source_path.trim().is_empty() || d.source_path.contains('\0') {
             return Err(RegistryError::invalid(format!(
