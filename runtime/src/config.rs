@@ -73,6 +73,10 @@ pub struct Limits {
     pub concurrency_limit: usize,
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_bytes: usize,
+    /// After a shutdown signal, calls in flight get this long to finish
+    /// before the server stops regardless (a client's open stream, such as a
+    /// health Watch, must not hold shutdown forever).
+    pub shutdown_grace_secs: u64,
 }
 
 impl Default for Limits {
@@ -81,6 +85,7 @@ impl Default for Limits {
             request_timeout_secs: 30,
             concurrency_limit: 1024,
             max_message_bytes: 16 * 1024 * 1024,
+            shutdown_grace_secs: 10,
         }
     }
 }

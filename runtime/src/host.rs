@@ -137,7 +137,9 @@ impl Host {
             }
             conn
         });
-        tonic::transport::Server::builder()
+        let grace = Duration::from_secs(limits.shutdown_grace_secs);
+        let stopping = shutdown.clone();
+        let server = tonic::transport::Server::builder()
             .timeout(limits.request_timeout())
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -150,8 +152,16 @@ impl Host {
             .serve_with_incoming_shutdown(incoming, async move {
                 shutdown.cancelled().await;
                 health.not_serving().await;
-            })
-            .await?;
+            });
+        tokio::select! {
+            served = server => served?,
+            _ = async {
+                stopping.cancelled().await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!(?grace, "calls still open after the shutdown grace period; stopping anyway");
+            }
+        }
         Ok(())
     }
 }

@@ -67,14 +67,25 @@ impl tower::Service<http::Request<Body>> for Gate {
 }
 
 async fn start(limits: Limits, gate: Gate) -> (String, CancellationToken) {
+    let (url, shutdown, _, _) = start_host(limits, gate).await;
+    (url, shutdown)
+}
+
+type Served = tokio::task::JoinHandle<Result<(), ferry_runtime::HostError>>;
+
+async fn start_host(
+    limits: Limits,
+    gate: Gate,
+) -> (String, CancellationToken, ferry_runtime::Health, Served) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let mut host = Host::new(&["test.Gate"]).await.unwrap();
     host.routes().add_service(gate);
+    let health = host.health();
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
-    tokio::spawn(async move { host.serve(listener, &limits, token).await });
-    (url, shutdown)
+    let served = tokio::spawn(async move { host.serve(listener, &limits, token).await });
+    (url, shutdown, health, served)
 }
 
 async fn pass(url: &str) -> Result<(), Status> {
@@ -153,6 +164,55 @@ async fn calls_past_the_timeout_are_cancelled() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Cancelled, "{err:?}");
     shutdown.cancel();
+}
+
+#[tokio::test]
+async fn shutdown_reports_not_serving_and_does_not_wait_forever_on_open_streams() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let limits = Limits {
+        shutdown_grace_secs: 1,
+        ..Limits::default()
+    };
+    let (url, shutdown, health, served) = start_host(limits, Gate::closed()).await;
+    health.serving().await;
+    let channel = tonic::transport::Endpoint::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = HealthClient::new(channel);
+    // An open Watch stream: it never ends by itself.
+    let mut watch = client
+        .watch(HealthCheckRequest {
+            service: "test.Gate".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+    // And a call stuck in a handler.
+    let stuck = tokio::spawn({
+        let url = url.clone();
+        async move { pass(&url).await }
+    });
+
+    shutdown.cancel();
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("health changes on shutdown")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.status(), ServingStatus::NotServing);
+    tokio::time::timeout(Duration::from_secs(10), served)
+        .await
+        .expect("the server stops after its grace period despite open calls")
+        .unwrap()
+        .unwrap();
+    assert!(stuck.await.unwrap().is_err());
 }
 
 /// Polls `check` every 10 ms for up to 10 s.
