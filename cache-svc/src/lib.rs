@@ -17,6 +17,16 @@ pub const DEFAULT_PORT: u16 = 7102;
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {}
 
+/// The binary's entry: serves with the config file's `Settings`.
+pub async fn run(
+    config: ServiceConfig,
+    _settings: Settings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), HostError> {
+    serve(config, listener, shutdown).await
+}
+
 /// Serves cache-svc on `listener` until `shutdown` is cancelled.
 pub async fn serve(
     config: ServiceConfig,

@@ -96,6 +96,16 @@ pub enum ServeError {
     },
 }
 
+/// The binary's entry: builds the configuration, then serves.
+pub async fn run(
+    service: ServiceConfig,
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    serve(Config::new(service, settings)?, listener, shutdown).await
+}
+
 /// Serves registry-svc on `listener` until `shutdown` is cancelled.
 pub async fn serve(
     config: Config,

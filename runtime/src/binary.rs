@@ -36,3 +36,24 @@ where
     serve(config, settings, listener, shutdown).await?;
     Ok(())
 }
+
+/// The whole `main.rs` of a service binary. The library `$lib` provides
+/// `DEFAULT_PORT`, a `Settings` type for its config-file table and
+/// `run(ServiceConfig, Settings, TcpListener, CancellationToken)`.
+#[macro_export]
+macro_rules! service_main {
+    ($name:literal, $key:literal, $lib:ident, $about:literal) => {
+        #[derive(clap::Parser)]
+        #[command(name = $name, version, about = $about)]
+        struct Args {
+            #[command(flatten)]
+            common: $crate::CommonArgs,
+        }
+
+        #[tokio::main]
+        async fn main() -> Result<(), $crate::binary::BinaryError> {
+            let args = <Args as clap::Parser>::parse();
+            $crate::binary::run($name, $key, $lib::DEFAULT_PORT, &args.common, $lib::run).await
+        }
+    };
+}
