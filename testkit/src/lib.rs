@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 pub use cluster::{start_registry, Cluster, Running};
 pub use process::{bin_path, free_addr, ServiceProcess};
-pub use tools::{grpcurl, python};
+pub use tools::{assert_reflection_and_health, grpcurl, grpcurl_run, python};
 
 /// Polls `check` until it returns `Some`, or panics with `what` after
 /// `timeout`. The poll interval starts at 5 ms and grows to 100 ms.

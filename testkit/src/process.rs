@@ -39,7 +39,16 @@ pub struct ServiceProcess {
 impl ServiceProcess {
     /// Starts `binary --listen <free port> --data-dir <data_dir> <args...>`.
     pub fn start(binary: impl AsRef<Path>, data_dir: impl AsRef<Path>, args: &[&str]) -> Self {
-        let addr = free_addr();
+        Self::start_at(free_addr(), binary, data_dir, args)
+    }
+
+    /// Starts `binary` listening on `addr`.
+    pub fn start_at(
+        addr: SocketAddr,
+        binary: impl AsRef<Path>,
+        data_dir: impl AsRef<Path>,
+        args: &[&str],
+    ) -> Self {
         let mut process = ServiceProcess {
             child: spawn(binary.as_ref(), addr, data_dir.as_ref(), args),
             addr,

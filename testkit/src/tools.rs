@@ -31,3 +31,40 @@ pub fn grpcurl() -> Command {
 pub fn python() -> Command {
     Command::new(venv_tool("python"))
 }
+
+/// Runs `grpcurl -plaintext <args>` and returns its stdout; panics with its
+/// stderr if it fails.
+pub fn grpcurl_run(args: &[&str]) -> String {
+    let out = grpcurl()
+        .arg("-plaintext")
+        .args(args)
+        .output()
+        .expect("run grpcurl");
+    assert!(
+        out.status.success(),
+        "grpcurl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Checks with grpcurl (reflection v1alpha) that the server at `addr` lists
+/// exactly `service`, health and both reflection versions, and that health
+/// answers SERVING.
+pub fn assert_reflection_and_health(addr: &str, service: &str) {
+    let listed = grpcurl_run(&[addr, "list"]);
+    let mut names: Vec<&str> = listed.lines().map(str::trim).collect();
+    names.sort();
+    let mut want = vec![
+        service,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+    want.sort();
+    assert_eq!(names, want, "grpcurl list on {addr}");
+    let described = grpcurl_run(&[addr, "describe", service]);
+    assert!(described.contains("is a service"), "{described}");
+    let health = grpcurl_run(&[addr, "grpc.health.v1.Health/Check"]);
+    assert!(health.contains("\"SERVING\""), "{health}");
+}
