@@ -1,0 +1,1 @@
+//! Ferry's cross-service tests live in `tests/tests/`; this crate has no code.

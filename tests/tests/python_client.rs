@@ -1,0 +1,86 @@
+//! The contract works from another language: a Python client generated from
+//! proto/ with grpcio-tools registers and protects a VM.
+
+use std::path::Path;
+
+use ferry_proto::registry::v1 as pb;
+use ferry_proto::registry::v1::registry_client::RegistryClient;
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generated_python_client_registers_and_enables() {
+    let dir = tempfile::tempdir().unwrap();
+    let generated = dir.path().join("generated");
+    std::fs::create_dir_all(&generated).unwrap();
+
+    // Generate the client from every .proto, with grpc_tools' well-known types.
+    let well_known = ferry_testkit::python()
+        .args([
+            "-c",
+            "import grpc_tools, os; print(os.path.join(os.path.dirname(grpc_tools.__file__), '_proto'))",
+        ])
+        .output()
+        .unwrap();
+    assert!(well_known.status.success());
+    let well_known = String::from_utf8(well_known.stdout).unwrap();
+    let proto = repo().join("proto");
+    let mut protoc = ferry_testkit::python();
+    protoc
+        .args(["-m", "grpc_tools.protoc"])
+        .arg(format!("-I{}", proto.display()))
+        .arg(format!("-I{}", well_known.trim()))
+        .arg(format!("--python_out={}", generated.display()))
+        .arg(format!("--grpc_python_out={}", generated.display()));
+    for package in ["registry", "cache", "processor", "failover"] {
+        protoc.arg(proto.join(format!("ferry/{package}/v1/{package}.proto")));
+    }
+    let out = protoc.output().unwrap();
+    assert!(
+        out.status.success(),
+        "grpc_tools.protoc: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(generated
+        .join("ferry/registry/v1/registry_pb2_grpc.py")
+        .exists());
+
+    let registry = ferry_testkit::start_registry(dir.path().join("registry"), None).await;
+    ferry_testkit::wait_serving(&registry.url).await;
+    let addr = registry.url.trim_start_matches("http://").to_string();
+    let script = repo().join("tests/python/register_and_enable.py");
+    let mut python = ferry_testkit::python();
+    python.arg(&script).arg(&generated).arg(&addr);
+    let out = tokio::task::spawn_blocking(move || python.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["state"], "REPLICATION_STATE_ENABLING");
+    assert_eq!(answer["target_region"], "westeurope");
+    assert_eq!(answer["target_resource_group"], "py-rg-ferry");
+    assert_eq!(
+        answer["replica_disks"],
+        serde_json::json!(["py-vm-os-ferry", "py-vm-data-ferry"])
+    );
+    assert_eq!(answer["same_region_refused_with"], "INVALID_ARGUMENT");
+
+    // The Rust client sees what the Python client made.
+    let mut client = RegistryClient::connect(registry.url.clone()).await.unwrap();
+    let item = client
+        .get_protected_item(pb::GetProtectedItemRequest {
+            vm_name: "py-vm".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(item.state(), pb::ReplicationState::Enabling);
+    assert_eq!(item.source.unwrap().disks.len(), 2);
+    registry.stop().await;
+}

@@ -1,0 +1,49 @@
+//! W3C trace context across a gRPC call to the real registry-svc binary: the
+//! server's span joins the caller's trace and says so in `traceresponse`.
+
+use ferry_proto::registry::v1 as pb;
+use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_testkit::{bin_path, wait_serving, ServiceProcess};
+
+const TRACE_ID: &str = "0af7651916cd43dd8448eb211c80319c";
+
+fn trace_id_of(response: &tonic::Response<pb::ListRegionsResponse>) -> String {
+    let value = response
+        .metadata()
+        .get("traceresponse")
+        .expect("a traceresponse header")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let parts: Vec<&str> = value.split('-').collect();
+    assert_eq!(parts.len(), 4, "{value}");
+    assert_eq!(parts[0], "00", "{value}");
+    parts[1].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_joins_the_callers_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = ServiceProcess::start(bin_path("registry-svc"), dir.path().join("r"), &[]);
+    wait_serving(&registry.url()).await;
+    let mut client = RegistryClient::connect(registry.url()).await.unwrap();
+
+    let mut request = tonic::Request::new(pb::ListRegionsRequest {});
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{TRACE_ID}-b7ad6b7169203331-01")
+            .parse()
+            .unwrap(),
+    );
+    let joined = client.list_regions(request).await.unwrap();
+    assert_eq!(trace_id_of(&joined), TRACE_ID);
+
+    // Without a caller's context the server starts a trace of its own.
+    let fresh = client
+        .list_regions(pb::ListRegionsRequest {})
+        .await
+        .unwrap();
+    let own = trace_id_of(&fresh);
+    assert_ne!(own, TRACE_ID);
+    assert_ne!(own, "0".repeat(32));
+}
