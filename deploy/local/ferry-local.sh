@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Runs Ferry's four services as separate processes on loopback, each with its
+# own data directory, pid file and log under $FERRY_LOCAL_DIR.
+#
+#   deploy/local/ferry-local.sh start    build if needed, start, wait, print addresses
+#   deploy/local/ferry-local.sh stop     SIGTERM, wait up to 10 s each, then SIGKILL
+#   deploy/local/ferry-local.sh status   pid, address and up/down of each
+#
+# Environment: FERRY_LOCAL_DIR (default deploy/local/run), FERRY_LOCAL_BASE_PORT
+# (default 7101: registry, then cache, processor, failover), FERRY_BIN_DIR
+# (default target/debug).
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/../.." && pwd)
+run_dir=${FERRY_LOCAL_DIR:-$root/deploy/local/run}
+base=${FERRY_LOCAL_BASE_PORT:-7101}
+bin_dir=${FERRY_BIN_DIR:-$root/target/debug}
+services=(registry cache processor failover)
+
+port_of() {
+  case $1 in
+    registry) echo $((base)) ;;
+    cache) echo $((base + 1)) ;;
+    processor) echo $((base + 2)) ;;
+    failover) echo $((base + 3)) ;;
+  esac
+}
+url_of() { echo "http://127.0.0.1:$(port_of "$1")"; }
+
+peers_of() {
+  case $1 in
+    registry) echo "--cache $(url_of cache)" ;;
+    cache) echo "--registry $(url_of registry)" ;;
+    processor) echo "--registry $(url_of registry) --cache $(url_of cache)" ;;
+    failover) echo "--registry $(url_of registry) --processor $(url_of processor)" ;;
+  esac
+}
+
+pid_of() {
+  local file="$run_dir/$1.pid"
+  [ -f "$file" ] && cat "$file"
+}
+
+alive() {
+  local pid
+  pid=$(pid_of "$1") || return 1
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
+}
+
+# SERVING per grpc.health.v1 when grpcurl is at hand, else the port accepts.
+healthy() {
+  local grpcurl="$root/.venv/bin/grpcurl"
+  if [ -x "$grpcurl" ]; then
+    "$grpcurl" -plaintext "127.0.0.1:$(port_of "$1")" grpc.health.v1.Health/Check 2>/dev/null \
+      | grep -q '"SERVING"'
+  else
+    (exec 3<>"/dev/tcp/127.0.0.1/$(port_of "$1")") 2>/dev/null
+  fi
+}
+
+start() {
+  mkdir -p "$run_dir"
+  for s in "${services[@]}"; do
+    if [ ! -x "$bin_dir/$s-svc" ]; then
+      echo "building the service binaries"
+      (cd "$root" && cargo build --bins)
+      break
+    fi
+  done
+  for s in "${services[@]}"; do
+    if alive "$s"; then
+      echo "$s-svc already running (pid $(pid_of "$s"))"
+      continue
+    fi
+    # shellcheck disable=SC2046
+    "$bin_dir/$s-svc" --listen "127.0.0.1:$(port_of "$s")" --data-dir "$run_dir/$s" \
+      $(peers_of "$s") >>"$run_dir/$s.log" 2>&1 &
+    echo $! >"$run_dir/$s.pid"
+  done
+  local deadline=$((SECONDS + 60))
+  for s in "${services[@]}"; do
+    until healthy "$s"; do
+      if ! alive "$s"; then
+        echo "$s-svc exited; see $run_dir/$s.log" >&2
+        tail -n 20 "$run_dir/$s.log" >&2 || true
+        exit 1
+      fi
+      if [ $SECONDS -ge $deadline ]; then
+        echo "$s-svc not serving after 60 s; see $run_dir/$s.log" >&2
+        exit 1
+      fi
+      sleep 0.2
+    done
+  done
+  for s in "${services[@]}"; do
+    echo "$s $(url_of "$s")"
+  done
+}
+
+stop() {
+  for s in failover processor cache registry; do
+    local pid
+    pid=$(pid_of "$s") || continue
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+      kill -TERM "$pid"
+      local deadline=$((SECONDS + 10))
+      while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
+      if kill -0 "$pid" 2>/dev/null; then
+        echo "$s-svc ignored SIGTERM for 10 s; killing it" >&2
+        kill -KILL "$pid" 2>/dev/null || true
+      fi
+      echo "$s stopped"
+    fi
+    rm -f "$run_dir/$s.pid"
+  done
+}
+
+status() {
+  for s in "${services[@]}"; do
+    if alive "$s"; then
+      echo "$s pid $(pid_of "$s") $(url_of "$s") up"
+    else
+      echo "$s $(url_of "$s") down"
+    fi
+  done
+}
+
+case ${1:-} in
+  start) start ;;
+  stop) stop ;;
+  status) status ;;
+  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac
