@@ -1,0 +1,205 @@
+//! The command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Ferry: disaster recovery for your virtual machines.
+#[derive(Parser)]
+#[command(name = "ferry", version)]
+pub struct Cli {
+    /// URL of registry-svc.
+    #[arg(
+        long,
+        global = true,
+        env = "FERRY_REGISTRY",
+        default_value = "http://127.0.0.1:7101"
+    )]
+    pub registry: String,
+    /// Tables for people or JSON for scripts.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How results are printed.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// The regions the registry knows.
+    Regions,
+    /// Register a source VM.
+    Register(RegisterArgs),
+    /// The registered VMs.
+    Vms,
+    /// Forget a registered VM (its replication must be disabled).
+    Unregister { name: String },
+    /// Enable replication of a VM into a target region.
+    Enable(EnableArgs),
+    /// The protected items: state, progress, health, RPO.
+    List,
+    /// Everything about one protected item.
+    Show { vm: String },
+    /// Disable replication of a VM.
+    Disable { vm: String },
+    /// Follow protected-item changes as they happen.
+    Watch {
+        /// Only this VM.
+        vm: Option<String>,
+    },
+    /// Replication policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Network mappings between regions.
+    #[command(subcommand)]
+    Mapping(MappingCommand),
+    /// Replication groups (multi-VM consistency).
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// Run all four services in this process (the embedded default).
+    Serve(ServeArgs),
+    /// Run the services in-process and walk through protecting a sample VM.
+    Demo {
+        /// Keep the demo's data here instead of a temporary directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+pub struct RegisterArgs {
+    /// The VM's name.
+    pub name: String,
+    /// Its source region.
+    #[arg(long)]
+    pub region: String,
+    #[arg(long)]
+    pub resource_group: String,
+    /// Its virtual network.
+    #[arg(long)]
+    pub vnet: String,
+    #[arg(long)]
+    pub subnet: String,
+    #[arg(long, default_value = "")]
+    pub availability_set: String,
+    /// NAME=IP, repeatable.
+    #[arg(long = "nic", required = true)]
+    pub nics: Vec<String>,
+    /// id=ID,size=SIZE,role=os|data,storage=managed|unmanaged,path=PATH; repeatable.
+    #[arg(long = "disk", required = true)]
+    pub disks: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct EnableArgs {
+    pub vm: String,
+    #[arg(long)]
+    pub target_region: String,
+    #[arg(long, default_value = "")]
+    pub policy: String,
+    #[arg(long, default_value = "")]
+    pub group: String,
+    #[arg(long, default_value = "")]
+    pub target_resource_group: String,
+    #[arg(long, default_value = "")]
+    pub target_vnet: String,
+    #[arg(long, default_value = "")]
+    pub target_subnet: String,
+    #[arg(long, default_value = "")]
+    pub target_availability_set: String,
+    #[arg(long, default_value = "")]
+    pub cache_storage: String,
+    #[arg(long, default_value = "")]
+    pub target_storage_account: String,
+    /// DISK=NAME, repeatable.
+    #[arg(long = "replica-disk-name")]
+    pub replica_disk_names: Vec<String>,
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Create a policy; unset durations take the registry's defaults.
+    Create(PolicyArgs),
+    List,
+    Show {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Args)]
+pub struct PolicyArgs {
+    pub name: String,
+    /// e.g. 24h
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub retention: Option<Duration>,
+    /// e.g. 5s
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub crash_interval: Option<Duration>,
+    /// e.g. 4h; 0s turns app-consistent points off.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub app_frequency: Option<Duration>,
+    #[arg(long)]
+    pub multi_vm: bool,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub multi_vm_interval: Option<Duration>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub keep_all_for: Option<Duration>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub thinned_spacing: Option<Duration>,
+}
+
+#[derive(Subcommand)]
+pub enum MappingCommand {
+    /// Map a network into another region (the reverse is created too).
+    Create {
+        #[arg(long)]
+        source_region: String,
+        #[arg(long)]
+        source_network: String,
+        #[arg(long)]
+        target_region: String,
+        #[arg(long)]
+        target_network: String,
+    },
+    List,
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum GroupCommand {
+    Create {
+        name: String,
+        #[arg(long)]
+        policy: String,
+    },
+    List,
+    Show {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[arg(long, default_value = "ferry-data")]
+    pub data_dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub listen_host: String,
+    /// registry on this port, cache +1, processor +2, failover +3.
+    #[arg(long, default_value_t = 7101)]
+    pub base_port: u16,
+}
