@@ -37,6 +37,33 @@ pub fn status(url: &str) -> impl Fn(tonic::Status) -> anyhow::Error + '_ {
     }
 }
 
+/// Prints many items: a JSON array, or a table.
+fn print_all<T>(
+    out: Output,
+    items: &[T],
+    json: fn(&T) -> Value,
+    headers: &[&str],
+    row: fn(&T) -> Vec<String>,
+) {
+    let rows: Vec<_> = items.iter().map(row).collect();
+    print(
+        out,
+        Value::Array(items.iter().map(json).collect()),
+        table(headers, &rows),
+    );
+}
+
+/// Prints one item: a JSON object, or a one-row table.
+fn print_one<T>(
+    out: Output,
+    item: &T,
+    json: fn(&T) -> Value,
+    headers: &[&str],
+    row: fn(&T) -> Vec<String>,
+) {
+    print(out, json(item), table(headers, &[row(item)]));
+}
+
 fn print(output: Output, json: Value, text: String) {
     match output {
         Output::Json => println!("{json:#}"),
@@ -225,12 +252,7 @@ pub async fn run(url: &str, out: Output, command: Command) -> Result<()> {
                 .map_err(&err)?
                 .into_inner()
                 .vms;
-            let rows: Vec<_> = vms.iter().map(vm_row).collect();
-            print(
-                out,
-                Value::Array(vms.iter().map(output::vm_json).collect()),
-                table(&VM_HEADERS, &rows),
-            );
+            print_all(out, &vms, output::vm_json, &VM_HEADERS, vm_row);
         }
         Command::Unregister { name } => {
             c.unregister_vm(pb::UnregisterVmRequest { name: name.clone() })
@@ -257,23 +279,7 @@ pub async fn run(url: &str, out: Output, command: Command) -> Result<()> {
                 .map_err(&err)?
                 .into_inner()
                 .items;
-            let rows: Vec<_> = items.iter().map(item_row).collect();
-            print(
-                out,
-                Value::Array(items.iter().map(output::item_json).collect()),
-                table(
-                    &[
-                        "VM",
-                        "REGIONS",
-                        "STATE",
-                        "PROGRESS",
-                        "HEALTH",
-                        "RPO",
-                        "LAST POINT",
-                    ],
-                    &rows,
-                ),
-            );
+            print_all(out, &items, output::item_json, &ITEM_HEADERS, item_row);
         }
         Command::Show { vm } => {
             let item = c
@@ -307,6 +313,16 @@ pub async fn run(url: &str, out: Output, command: Command) -> Result<()> {
     }
     Ok(())
 }
+
+const ITEM_HEADERS: [&str; 7] = [
+    "VM",
+    "REGIONS",
+    "STATE",
+    "PROGRESS",
+    "HEALTH",
+    "RPO",
+    "LAST POINT",
+];
 
 const VM_HEADERS: [&str; 6] = ["VM", "REGION", "RESOURCE GROUP", "NETWORK", "NICS", "DISKS"];
 
@@ -397,11 +413,7 @@ async fn policy(
                 .await
                 .map_err(err)?
                 .into_inner();
-            print(
-                out,
-                output::policy_json(&p),
-                table(&POLICY_HEADERS, &[policy_row(&p)]),
-            );
+            print_one(out, &p, output::policy_json, &POLICY_HEADERS, policy_row);
         }
         PolicyCommand::List => {
             let r = c
@@ -426,11 +438,7 @@ async fn policy(
                 .await
                 .map_err(err)?
                 .into_inner();
-            print(
-                out,
-                output::policy_json(&p),
-                table(&POLICY_HEADERS, &[policy_row(&p)]),
-            );
+            print_one(out, &p, output::policy_json, &POLICY_HEADERS, policy_row);
         }
         PolicyCommand::Delete { name } => {
             c.delete_policy(pb::DeletePolicyRequest { name: name.clone() })
@@ -471,11 +479,7 @@ async fn mapping(
                 .map_err(err)?
                 .into_inner();
             let both: Vec<_> = [r.mapping, r.reverse].into_iter().flatten().collect();
-            print(
-                out,
-                Value::Array(both.iter().map(output::mapping_json).collect()),
-                table(&HEADERS, &both.iter().map(mapping_row).collect::<Vec<_>>()),
-            );
+            print_all(out, &both, output::mapping_json, &HEADERS, mapping_row);
         }
         MappingCommand::List => {
             let all = c
@@ -484,11 +488,7 @@ async fn mapping(
                 .map_err(err)?
                 .into_inner()
                 .mappings;
-            print(
-                out,
-                Value::Array(all.iter().map(output::mapping_json).collect()),
-                table(&HEADERS, &all.iter().map(mapping_row).collect::<Vec<_>>()),
-            );
+            print_all(out, &all, output::mapping_json, &HEADERS, mapping_row);
         }
         MappingCommand::Delete { id } => {
             c.delete_network_mapping(pb::DeleteNetworkMappingRequest { id: id.clone() })
@@ -520,11 +520,7 @@ async fn group(
                 .await
                 .map_err(err)?
                 .into_inner();
-            print(
-                out,
-                output::group_json(&g),
-                table(&GROUP_HEADERS, &[group_row(&g)]),
-            );
+            print_one(out, &g, output::group_json, &GROUP_HEADERS, group_row);
         }
         GroupCommand::List => {
             let all = c
@@ -533,14 +529,7 @@ async fn group(
                 .map_err(err)?
                 .into_inner()
                 .groups;
-            print(
-                out,
-                Value::Array(all.iter().map(output::group_json).collect()),
-                table(
-                    &GROUP_HEADERS,
-                    &all.iter().map(group_row).collect::<Vec<_>>(),
-                ),
-            );
+            print_all(out, &all, output::group_json, &GROUP_HEADERS, group_row);
         }
         GroupCommand::Show { name } => {
             let g = c
@@ -548,11 +537,7 @@ async fn group(
                 .await
                 .map_err(err)?
                 .into_inner();
-            print(
-                out,
-                output::group_json(&g),
-                table(&GROUP_HEADERS, &[group_row(&g)]),
-            );
+            print_one(out, &g, output::group_json, &GROUP_HEADERS, group_row);
         }
         GroupCommand::Delete { name } => {
             c.delete_replication_group(pb::DeleteReplicationGroupRequest { name: name.clone() })
