@@ -23,9 +23,9 @@ pub enum RegistryError {
     /// A stored record cannot be decoded.
     #[error("stored record {key} is corrupt: {message}")]
     Corrupt { key: String, message: String },
-    /// The registry is shutting down.
-    #[error("registry is shutting down")]
-    ShuttingDown,
+    /// The machine failed the registry (e.g. no randomness for a credential).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl RegistryError {
@@ -55,7 +55,7 @@ impl From<RegistryError> for Status {
             RegistryError::FailedPrecondition(_) => Status::failed_precondition(message),
             RegistryError::Storage(_) => Status::internal(message),
             RegistryError::Corrupt { .. } => Status::data_loss(message),
-            RegistryError::ShuttingDown => Status::unavailable(message),
+            RegistryError::Internal(_) => Status::internal(message),
         }
     }
 }

@@ -479,7 +479,7 @@ impl Registry {
         }
         let mut secret = [0u8; 32];
         getrandom::fill(&mut secret)
-            .map_err(|e| RegistryError::invalid(format!("no randomness for a credential: {e}")))?;
+            .map_err(|e| RegistryError::Internal(format!("no randomness for a credential: {e}")))?;
         let credential = hex::encode(secret);
         item.epoch += 1;
         item.revision += 1;
