@@ -34,7 +34,11 @@ impl RegistryService {
 type Result<T> = std::result::Result<Response<T>, Status>;
 
 fn name(field: &str, value: &str) -> std::result::Result<(), Status> {
-    check_name(field, value).map_err(Status::from)
+    check_name(field, value).map_err(Status::from)?;
+    if field == "VM name" {
+        ferry_runtime::trace_context::record_vm(value);
+    }
+    Ok(())
 }
 
 fn item(i: &crate::model::ProtectedItem) -> pb::ProtectedItem {
@@ -58,6 +62,7 @@ impl RegistryApi for RegistryService {
             .vm
             .ok_or_else(|| Status::invalid_argument("vm is missing"))?;
         let vm = Vm::try_from(vm)?;
+        ferry_runtime::trace_context::record_vm(&vm.name);
         let vm = self.registry.register_vm(vm).await?;
         Ok(Response::new(pb::Vm::from(&vm)))
     }
@@ -92,6 +97,7 @@ impl RegistryApi for RegistryService {
         request: Request<pb::EnableReplicationRequest>,
     ) -> Result<pb::ProtectedItem> {
         let req = EnableRequest::try_from(request.into_inner())?;
+        ferry_runtime::trace_context::record_vm(&req.vm_name);
         Ok(Response::new(item(&self.registry.enable(req).await?)))
     }
 

@@ -39,6 +39,12 @@ impl Injector for MetadataInjector<'_> {
     }
 }
 
+/// Records the VM a request concerns on its request span, so that every log
+/// line and exported span of the request carries it.
+pub fn record_vm(vm: &str) {
+    tracing::Span::current().record("vm", vm);
+}
+
 /// The `traceparent` value naming `span`, if it belongs to a sampled trace.
 pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
     let cx = span.context();
@@ -101,7 +107,13 @@ where
         let parent = opentelemetry::global::get_text_map_propagator(|p| {
             p.extract(&HeaderExtractor(request.headers()))
         });
-        let span = tracing::info_span!("grpc", rpc = %request.uri().path());
+        let span = tracing::info_span!(
+            "grpc",
+            rpc = %request.uri().path(),
+            vm = tracing::field::Empty,
+            disk = tracing::field::Empty,
+            sequence = tracing::field::Empty,
+        );
         // A span disabled by the filter has no context to join; that is fine.
         let _ = span.set_parent(parent);
         let traceresponse =
