@@ -36,7 +36,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         descriptors.encode_to_vec(),
     )?;
 
+    // Payloads as `bytes::Bytes`: they move between tasks without copies.
     tonic_prost_build::configure()
+        .bytes(".ferry.cache.v1.WriteOp.data")
+        .bytes(".ferry.processor.v1.DiskExtent.data")
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;

@@ -5,6 +5,8 @@
 
 #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
 
+pub mod checksum;
+
 /// Encoded `FileDescriptorSet` of every Ferry package, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/ferry_descriptor.bin"));
