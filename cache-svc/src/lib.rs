@@ -1,42 +1,119 @@
-//! cache-svc: the source-region cache: durable per-VM write logs (issue 3 fills it).
-//!
-//! Until its issue lands it serves health and reflection only: it opens its
-//! data directory, waits for its peers, then reports SERVING.
+//! cache-svc: the source-region cache. Each VM's agent streams its ordered
+//! writes here; every record is validated (VM, disk, range, sequence, epoch,
+//! checksum), appended to the VM's durable log and fsynced before it is
+//! acknowledged; the processor tails the log from any retained sequence and
+//! reports what it applied, below which whole segments are deleted.
 
-use ferry_runtime::{CancellationToken, HostError, Peer, ServiceConfig};
+pub mod error;
+pub mod frame;
+pub mod ingest;
+pub mod log;
+pub mod service;
+pub mod store;
+pub mod tail;
+
+use std::sync::Arc;
+
+use ferry_proto::cache::v1::cache_server::CacheServer;
+use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_runtime::readiness::{prepare_data_dir, wait_for_peers};
+use ferry_runtime::{CancellationToken, Host, HostError, Peer, ServiceConfig};
 use serde::Deserialize;
 use tokio::net::TcpListener;
+
+pub use error::CacheError;
 
 /// The gRPC service name, for health and reflection.
 pub const SERVICE_NAME: &str = "ferry.cache.v1.Cache";
 /// The default port.
 pub const DEFAULT_PORT: u16 = 7102;
 
-/// The `[cache]` table of the config file (no settings yet).
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The `[cache]` table of the config file.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct Settings {}
-
-/// The binary's entry: serves with the config file's `Settings`.
-pub async fn run(
-    config: ServiceConfig,
-    _settings: Settings,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> Result<(), HostError> {
-    serve(config, listener, shutdown).await
+pub struct Settings {
+    /// A segment file rolls over past this many bytes.
+    pub segment_bytes: u64,
 }
 
-/// Serves cache-svc on `listener` until `shutdown` is cancelled.
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            segment_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Why cache-svc stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Host(#[from] HostError),
+}
+
+/// The binary's entry.
+pub async fn run(
+    config: ServiceConfig,
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    serve_with(config, settings, listener, shutdown).await
+}
+
+/// Serves cache-svc with default settings.
 pub async fn serve(
     config: ServiceConfig,
     listener: TcpListener,
     shutdown: CancellationToken,
-) -> Result<(), HostError> {
-    let peers = vec![Peer::required(
+) -> Result<(), ServeError> {
+    serve_with(config, Settings::default(), listener, shutdown).await
+}
+
+/// Serves cache-svc on `listener` until `shutdown` is cancelled. Health turns
+/// SERVING once the logs are open and registry serves.
+pub async fn serve_with(
+    config: ServiceConfig,
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let registry = Peer::required(
         "registry",
         config.registry.as_ref(),
         "ferry.registry.v1.Registry",
-    )?];
-    ferry_runtime::placeholder::serve(&config, SERVICE_NAME, peers, listener, shutdown).await
+    )?;
+    let mut host = Host::new(&[SERVICE_NAME]).await?;
+    prepare_data_dir(&config.data_dir).map_err(|source| HostError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let data_dir = config.data_dir.clone();
+    let segment_bytes = settings.segment_bytes.max(4096);
+    let store = tokio::task::spawn_blocking(move || store::Store::open(&data_dir, segment_bytes))
+        .await
+        .map_err(|_| CacheError::ShuttingDown)??;
+    let client = RegistryClient::new(ferry_runtime::connect(&registry.url)?);
+    let limits = &config.limits;
+    host.routes().add_service(
+        CacheServer::new(service::CacheService::new(
+            Arc::new(store),
+            client,
+            shutdown.clone(),
+        ))
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(limits.max_message_bytes),
+    );
+    let health = host.health();
+    let ready = shutdown.clone();
+    tokio::spawn(async move {
+        if wait_for_peers(&[registry], &ready).await.is_ok() && !ready.is_cancelled() {
+            health.serving().await;
+            tracing::info!("cache-svc serving");
+        }
+    });
+    host.serve(listener, limits, shutdown).await?;
+    Ok(())
 }

@@ -47,7 +47,7 @@ async fn serves_once_its_registry_does() {
     );
     wait_serving(&cache.url()).await;
     assert_reflection_and_health(&addr, "ferry.cache.v1.Cache");
-    // The API is listed from proto/ but not built yet.
+    // The API is described from proto/ through reflection.
     let described = grpcurl_run(&[&addr, "describe", "ferry.cache.v1.Cache.Ingest"]);
     assert!(described.contains("stream"), "{described}");
 

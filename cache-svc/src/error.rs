@@ -1,0 +1,67 @@
+//! cache-svc's one error type and its mapping onto gRPC status codes.
+
+use tonic::Status;
+
+/// Everything a cache operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// A malformed request or record; nothing of it was stored.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A VM the registry does not protect, or a log the cache does not have.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request does not fit the current state (fenced epoch, gap).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A sequence outside what the log retains.
+    #[error("{0}")]
+    OutOfRange(String),
+    /// A record whose checksum does not match its contents.
+    #[error("{0}")]
+    DataLoss(String),
+    /// registry-svc could not be asked.
+    #[error("registry unavailable: {0}")]
+    Registry(String),
+    /// The log's files failed.
+    #[error("log I/O on {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// A stored log is damaged (not just a torn final record).
+    #[error("log corrupt: {0}")]
+    Corrupt(String),
+    /// The embedded index failed.
+    #[error("index: {0}")]
+    Index(#[from] sled::Error),
+    /// The service is stopping.
+    #[error("cache-svc is shutting down")]
+    ShuttingDown,
+}
+
+impl CacheError {
+    pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        CacheError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+impl From<CacheError> for Status {
+    fn from(err: CacheError) -> Status {
+        let message = err.to_string();
+        match err {
+            CacheError::InvalidArgument(_) => Status::invalid_argument(message),
+            CacheError::NotFound(_) => Status::not_found(message),
+            CacheError::FailedPrecondition(_) => Status::failed_precondition(message),
+            CacheError::OutOfRange(_) => Status::out_of_range(message),
+            CacheError::DataLoss(_) => Status::data_loss(message),
+            CacheError::Registry(_) => Status::unavailable(message),
+            CacheError::Io { .. } | CacheError::Index(_) => Status::internal(message),
+            CacheError::Corrupt(_) => Status::data_loss(message),
+            CacheError::ShuttingDown => Status::unavailable(message),
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! The agent's stream: validate every record, append each batch durably, ack.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ferry_proto::cache::v1 as pb;
+use ferry_proto::cache::v1::record::Op;
+use ferry_proto::registry::v1 as registry;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::{Status, Streaming};
+
+use crate::error::CacheError;
+use crate::service::CacheService;
+use crate::store::VmState;
+
+/// Disk sizes by id: what records are checked against.
+pub type Disks = HashMap<String, u64>;
+
+/// Checks one record against the VM's disks and its own checksum.
+pub fn validate(record: &pb::Record, disks: &Disks) -> Result<(), CacheError> {
+    let seq = record.sequence;
+    let bad = |why: String| CacheError::InvalidArgument(format!("record {seq}: {why}"));
+    let range = |offset: u64, length: u64| -> Result<(), CacheError> {
+        let size = *disks.get(&record.disk_id).ok_or_else(|| {
+            CacheError::InvalidArgument(format!(
+                "record {seq}: unknown disk {:?}; the VM has {}",
+                record.disk_id,
+                {
+                    let mut ids: Vec<&str> = disks.keys().map(String::as_str).collect();
+                    ids.sort_unstable();
+                    ids.join(", ")
+                }
+            ))
+        })?;
+        if length == 0 {
+            return Err(bad("zero length".into()));
+        }
+        if !offset.is_multiple_of(512) || !length.is_multiple_of(512) {
+            return Err(bad(format!(
+                "offset {offset} and length {length} must be multiples of 512"
+            )));
+        }
+        match offset.checked_add(length) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(bad(format!(
+                "range {offset}+{length} is past the end of disk {:?} ({size} bytes)",
+                record.disk_id
+            ))),
+        }
+    };
+    match &record.op {
+        Some(Op::Write(w)) => range(w.offset, w.data.len() as u64)?,
+        Some(Op::Trim(z)) | Some(Op::WriteZeroes(z)) => range(z.offset, z.length)?,
+        Some(Op::Marker(m)) => {
+            if pb::MarkerKind::try_from(m.kind).unwrap_or(pb::MarkerKind::Unspecified)
+                == pb::MarkerKind::Unspecified
+            {
+                return Err(bad("marker without a kind".into()));
+            }
+            if !record.disk_id.is_empty() && !disks.contains_key(&record.disk_id) {
+                return Err(bad(format!(
+                    "marker names unknown disk {:?}",
+                    record.disk_id
+                )));
+            }
+        }
+        None => return Err(bad("no operation".into())),
+    }
+    let crc = ferry_proto::checksum::record_crc32c(record);
+    if crc != record.crc32c {
+        return Err(CacheError::DataLoss(format!(
+            "record {seq}: checksum {:#010x} does not match its contents ({crc:#010x}); \
+             nothing of this batch was stored",
+            record.crc32c
+        )));
+    }
+    Ok(())
+}
+
+type Tx = mpsc::Sender<Result<pb::IngestResponse, Status>>;
+
+fn reply(msg: pb::ingest_response::Msg) -> Result<pb::IngestResponse, Status> {
+    Ok(pb::IngestResponse { msg: Some(msg) })
+}
+
+impl CacheService {
+    /// Looks up the VM at registry: its disks and its current epoch.
+    async fn protected(&self, vm: &str) -> Result<(Disks, u64), CacheError> {
+        let mut client = self.registry.clone();
+        let item = client
+            .get_protected_item(registry::GetProtectedItemRequest {
+                vm_name: vm.to_string(),
+            })
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::NotFound => CacheError::NotFound(format!(
+                    "VM {vm:?} is not protected: enable its replication first"
+                )),
+                tonic::Code::InvalidArgument => CacheError::InvalidArgument(s.message().into()),
+                _ => CacheError::Registry(s.message().into()),
+            })?
+            .into_inner();
+        let disks = item
+            .source
+            .map(|v| v.disks.into_iter().map(|d| (d.id, d.size_bytes)).collect())
+            .unwrap_or_default();
+        Ok((disks, item.epoch))
+    }
+
+    /// Opens a session: the VM must be protected, the epoch current.
+    pub(crate) async fn open_session(
+        &self,
+        open: pb::IngestOpen,
+    ) -> Result<(Arc<VmState>, Disks), CacheError> {
+        let (disks, registry_epoch) = self.protected(&open.vm_name).await?;
+        if open.epoch < registry_epoch {
+            return Err(CacheError::FailedPrecondition(format!(
+                "agent epoch {} of VM {:?} is older than registry's {registry_epoch}: this agent \
+                 was fenced; register it again",
+                open.epoch, open.vm_name
+            )));
+        }
+        let state = self.store.get_or_create(&open.vm_name).await?;
+        self.store.admit_epoch(&state, open.epoch).await?;
+        Ok((state, disks))
+    }
+
+    /// Runs one agent stream until it ends, fails or shutdown comes.
+    pub(crate) async fn ingest(
+        self,
+        mut inbound: Streaming<pb::IngestRequest>,
+        tx: Tx,
+        shutdown: CancellationToken,
+    ) {
+        let result = self.ingest_inner(&mut inbound, &tx, &shutdown).await;
+        if let Err(err) = result {
+            tracing::warn!(%err, "ingest stream ended with an error");
+            let _ = tx.send(Err(Status::from(err))).await;
+        }
+    }
+
+    async fn ingest_inner(
+        &self,
+        inbound: &mut Streaming<pb::IngestRequest>,
+        tx: &Tx,
+        shutdown: &CancellationToken,
+    ) -> Result<(), CacheError> {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return Err(CacheError::ShuttingDown),
+            m = inbound.message() => m,
+        };
+        let open = match first {
+            Ok(Some(pb::IngestRequest {
+                msg: Some(pb::ingest_request::Msg::Open(open)),
+            })) => open,
+            Ok(Some(_)) => {
+                return Err(CacheError::InvalidArgument(
+                    "the first message of an ingest stream must be `open`".into(),
+                ))
+            }
+            Ok(None) => return Ok(()),
+            Err(status) => return Err(CacheError::InvalidArgument(status.message().into())),
+        };
+        let vm = open.vm_name.clone();
+        let epoch = open.epoch;
+        let (state, disks) = self.open_session(open).await?;
+        let mut durable = state.with_log(|log| log.last_seq())?;
+        tracing::info!(vm = %vm, epoch, durable, "agent stream open");
+        if tx
+            .send(reply(pb::ingest_response::Msg::Opened(pb::IngestOpened {
+                durable_sequence: durable,
+            })))
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+
+        loop {
+            let message = tokio::select! {
+                _ = shutdown.cancelled() => return Err(CacheError::ShuttingDown),
+                m = inbound.message() => m,
+            };
+            let batch = match message {
+                Ok(Some(pb::IngestRequest {
+                    msg: Some(pb::ingest_request::Msg::Batch(batch)),
+                })) => batch,
+                Ok(Some(_)) => {
+                    return Err(CacheError::InvalidArgument(
+                        "only record batches may follow `open`".into(),
+                    ))
+                }
+                Ok(None) => return Ok(()),
+                // tonic reports a message over the size limit as OUT_OF_RANGE;
+                // gRPC's code for it is RESOURCE_EXHAUSTED.
+                Err(status) if status.code() == tonic::Code::OutOfRange => {
+                    let _ = tx
+                        .send(Err(Status::resource_exhausted(format!(
+                            "{}; send fewer records per batch",
+                            status.message()
+                        ))))
+                        .await;
+                    return Ok(());
+                }
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    return Ok(());
+                }
+            };
+            // A resend of what is already durable is dropped; the rest must
+            // continue the log without a gap.
+            let records: Vec<pb::Record> = batch
+                .records
+                .into_iter()
+                .filter(|r| r.sequence > durable)
+                .collect();
+            if !records.is_empty() {
+                self.check_and_append(&state, &disks, &vm, epoch, &mut durable, records)
+                    .await?;
+            }
+            if tx
+                .send(reply(pb::ingest_response::Msg::Ack(pb::Ack {
+                    durable_sequence: durable,
+                })))
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Validates a batch whole, then appends it; nothing of it is stored if
+    /// any record is refused.
+    async fn check_and_append(
+        &self,
+        state: &Arc<VmState>,
+        disks: &Disks,
+        vm: &str,
+        epoch: u64,
+        durable: &mut u64,
+        records: Vec<pb::Record>,
+    ) -> Result<(), CacheError> {
+        for (expected, record) in (*durable + 1..).zip(&records) {
+            if record.sequence != expected {
+                return Err(CacheError::FailedPrecondition(format!(
+                    "sequence gap: got record {} where {expected} comes next; resend from \
+                     {expected}",
+                    record.sequence
+                )));
+            }
+            validate(record, disks)?;
+        }
+        // The fencing check again: a newer agent may have registered.
+        if state.meta()?.epoch > epoch {
+            return Err(CacheError::FailedPrecondition(format!(
+                "agent epoch {epoch} of VM {vm:?} was fenced by a newer agent"
+            )));
+        }
+        *durable = self.store.append(state, records).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_proto::cache::v1::{Marker, WriteOp, ZeroOp};
+
+    fn disks() -> Disks {
+        [("os".to_string(), 1 << 20)].into()
+    }
+
+    fn sealed(mut r: pb::Record) -> pb::Record {
+        ferry_proto::checksum::seal(&mut r);
+        r
+    }
+
+    fn write(offset: u64, len: usize) -> pb::Record {
+        sealed(pb::Record {
+            sequence: 1,
+            disk_id: "os".into(),
+            op: Some(Op::Write(WriteOp {
+                offset,
+                data: vec![7; len].into(),
+            })),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn records_are_checked() {
+        assert!(validate(&write(0, 4096), &disks()).is_ok());
+        assert!(validate(&write((1 << 20) - 512, 512), &disks()).is_ok());
+        for (what, r) in [
+            ("past the end", write(1 << 20, 512)),
+            ("straddles the end", write((1 << 20) - 512, 1024)),
+            ("unaligned offset", write(100, 512)),
+            ("unaligned length", write(0, 100)),
+            ("zero length", write(0, 0)),
+        ] {
+            assert!(
+                matches!(validate(&r, &disks()), Err(CacheError::InvalidArgument(_))),
+                "{what}"
+            );
+        }
+        let mut unknown = write(0, 512);
+        unknown.disk_id = "nope".into();
+        let unknown = sealed(unknown);
+        assert!(matches!(
+            validate(&unknown, &disks()),
+            Err(CacheError::InvalidArgument(_))
+        ));
+        let mut corrupt = write(0, 512);
+        corrupt.crc32c ^= 1;
+        assert!(matches!(
+            validate(&corrupt, &disks()),
+            Err(CacheError::DataLoss(_))
+        ));
+        let huge = sealed(pb::Record {
+            sequence: 1,
+            disk_id: "os".into(),
+            op: Some(Op::Trim(ZeroOp {
+                offset: u64::MAX - 511,
+                length: 1024,
+            })),
+            ..Default::default()
+        });
+        assert!(validate(&huge, &disks()).is_err());
+        let marker = sealed(pb::Record {
+            sequence: 1,
+            op: Some(Op::Marker(Marker {
+                kind: pb::MarkerKind::AppConsistent as i32,
+                id: "m1".into(),
+            })),
+            ..Default::default()
+        });
+        assert!(validate(&marker, &disks()).is_ok());
+        let no_kind = sealed(pb::Record {
+            sequence: 1,
+            op: Some(Op::Marker(Marker::default())),
+            ..Default::default()
+        });
+        assert!(validate(&no_kind, &disks()).is_err());
+    }
+}

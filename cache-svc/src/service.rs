@@ -1,0 +1,136 @@
+//! The gRPC face of cache-svc.
+
+use std::sync::Arc;
+
+use ferry_proto::cache::v1 as pb;
+use ferry_proto::cache::v1::cache_server::Cache;
+use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_runtime::PeerChannel;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::CacheError;
+use crate::store::Store;
+use crate::tail;
+
+/// Responses buffered per stream before the sender waits.
+const STREAM_BUFFER: usize = 16;
+
+/// The tonic service.
+#[derive(Clone)]
+pub struct CacheService {
+    pub(crate) store: Arc<Store>,
+    pub(crate) registry: RegistryClient<PeerChannel>,
+    shutdown: CancellationToken,
+}
+
+impl CacheService {
+    pub fn new(
+        store: Arc<Store>,
+        registry: RegistryClient<PeerChannel>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        CacheService {
+            store,
+            registry,
+            shutdown,
+        }
+    }
+}
+
+fn vm_name(vm: &str) -> Result<(), Status> {
+    if vm.is_empty() {
+        return Err(Status::invalid_argument("vm_name is empty"));
+    }
+    ferry_runtime::trace_context::record_vm(vm);
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Cache for CacheService {
+    type IngestStream = ReceiverStream<Result<pb::IngestResponse, Status>>;
+
+    async fn ingest(
+        &self,
+        request: Request<Streaming<pb::IngestRequest>>,
+    ) -> Result<Response<Self::IngestStream>, Status> {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let service = self.clone();
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(service.ingest(request.into_inner(), tx, shutdown));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type TailStream = ReceiverStream<Result<pb::TailResponse, Status>>;
+
+    async fn tail(
+        &self,
+        request: Request<pb::TailRequest>,
+    ) -> Result<Response<Self::TailStream>, Status> {
+        let req = request.into_inner();
+        vm_name(&req.vm_name)?;
+        let state = self.store.get(&req.vm_name)?.ok_or_else(|| {
+            CacheError::NotFound(format!("the cache has no log for VM {:?}", req.vm_name))
+        })?;
+        let first = state.with_log(|log| log.first_seq())?;
+        let from = req.from_sequence.max(1);
+        if from < first {
+            return Err(CacheError::OutOfRange(format!(
+                "sequence {from} of VM {:?} was trimmed; the log starts at {first}",
+                req.vm_name
+            ))
+            .into());
+        }
+        let max_bytes = match req.max_batch_bytes {
+            0 => tail::DEFAULT_BATCH_BYTES,
+            n => n as usize,
+        };
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(tail::run(
+            state,
+            from,
+            req.follow,
+            max_bytes,
+            tx,
+            self.shutdown.clone(),
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn report_applied(
+        &self,
+        request: Request<pb::ReportAppliedRequest>,
+    ) -> Result<Response<pb::ReportAppliedResponse>, Status> {
+        let req = request.into_inner();
+        vm_name(&req.vm_name)?;
+        let state = self.store.get(&req.vm_name)?.ok_or_else(|| {
+            CacheError::NotFound(format!("the cache has no log for VM {:?}", req.vm_name))
+        })?;
+        let trim_point = self.store.applied(&state, req.applied_sequence).await?;
+        Ok(Response::new(pb::ReportAppliedResponse { trim_point }))
+    }
+
+    async fn get_log_info(
+        &self,
+        request: Request<pb::GetLogInfoRequest>,
+    ) -> Result<Response<pb::LogInfo>, Status> {
+        let req = request.into_inner();
+        vm_name(&req.vm_name)?;
+        let state = self.store.get(&req.vm_name)?.ok_or_else(|| {
+            CacheError::NotFound(format!("the cache has no log for VM {:?}", req.vm_name))
+        })?;
+        let meta = state.meta()?;
+        let info = state.with_log(|log| pb::LogInfo {
+            vm_name: req.vm_name.clone(),
+            first_sequence: log.first_seq(),
+            last_sequence: log.last_seq(),
+            applied_sequence: meta.applied,
+            size_bytes: log.size(),
+            segments: log.segments().len() as u32,
+            epoch: meta.epoch,
+        })?;
+        Ok(Response::new(info))
+    }
+}

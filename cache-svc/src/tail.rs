@@ -1,0 +1,92 @@
+//! The processor's stream: retained records from a sequence on, then new ones
+//! as they become durable.
+
+use std::sync::Arc;
+
+use ferry_proto::cache::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::error::CacheError;
+use crate::log::{read, Cursor};
+use crate::store::VmState;
+
+/// Payload bytes per response unless the request asks for less.
+pub const DEFAULT_BATCH_BYTES: usize = 1024 * 1024;
+
+type Tx = mpsc::Sender<Result<pb::TailResponse, Status>>;
+
+/// Feeds one tail until it is caught up (without `follow`), the client goes,
+/// or shutdown comes.
+pub async fn run(
+    state: Arc<VmState>,
+    from: u64,
+    follow: bool,
+    max_bytes: usize,
+    tx: Tx,
+    shutdown: CancellationToken,
+) {
+    if let Err(err) = feed(state, from, follow, max_bytes, &tx, &shutdown).await {
+        let _ = tx.send(Err(Status::from(err))).await;
+    }
+}
+
+async fn feed(
+    state: Arc<VmState>,
+    from: u64,
+    follow: bool,
+    max_bytes: usize,
+    tx: &Tx,
+    shutdown: &CancellationToken,
+) -> Result<(), CacheError> {
+    let mut durable_rx = state.durable();
+    let mut cursor = Cursor {
+        next_seq: from,
+        at: None,
+    };
+    loop {
+        let (dir, segments, first) = state.with_log(|log| {
+            (
+                log.dir().to_path_buf(),
+                log.segments().to_vec(),
+                log.first_seq(),
+            )
+        })?;
+        if cursor.next_seq < first {
+            return Err(CacheError::OutOfRange(format!(
+                "sequence {} of VM {:?} was trimmed; the log starts at {first}",
+                cursor.next_seq, state.vm
+            )));
+        }
+        let durable = segments.last().map(|s| s.last_seq).unwrap_or(0);
+        if cursor.next_seq <= durable {
+            let mut c = cursor.clone();
+            let batch = tokio::task::spawn_blocking(move || {
+                read(&dir, &segments, &mut c, max_bytes).map(|b| (b, c))
+            })
+            .await
+            .map_err(|_| CacheError::ShuttingDown)??;
+            let (records, next) = batch;
+            cursor = next;
+            let response = pb::TailResponse {
+                batch: Some(pb::RecordBatch { records }),
+                durable_sequence: durable,
+            };
+            tokio::select! {
+                sent = tx.send(Ok(response)) => if sent.is_err() { return Ok(()) },
+                _ = shutdown.cancelled() => return Err(CacheError::ShuttingDown),
+            }
+            continue;
+        }
+        if !follow {
+            return Ok(());
+        }
+        // Caught up: wait for more, for the client to go, or for shutdown.
+        tokio::select! {
+            changed = durable_rx.changed() => if changed.is_err() { return Ok(()) },
+            _ = tx.closed() => return Ok(()),
+            _ = shutdown.cancelled() => return Err(CacheError::ShuttingDown),
+        }
+    }
+}

@@ -1,0 +1,468 @@
+//! cache-svc over real gRPC: records acknowledged only when durable, served
+//! back in order by Tail (also live), every bad input refused with its status
+//! and the log unchanged, trimming below the applied sequence, and a real
+//! cache-svc process killed with SIGKILL mid-stream losing nothing it acked.
+
+use std::time::Duration;
+
+use ferry_proto::cache::v1 as pb;
+use ferry_proto::cache::v1::cache_client::CacheClient;
+use ferry_proto::cache::v1::record::Op;
+use ferry_proto::registry::v1 as reg;
+use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_runtime::{CancellationToken, ServiceConfig};
+use ferry_testkit::{start_registry, wait_serving, Running, ServiceProcess};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+const DISK: u64 = 4 << 20;
+
+/// A deterministic record for `seq`: what it writes depends only on `seq`.
+fn record(seq: u64) -> pb::Record {
+    let op = match seq % 7 {
+        3 => Op::Trim(pb::ZeroOp {
+            offset: (seq % 64) * 4096,
+            length: 8192,
+        }),
+        5 => Op::WriteZeroes(pb::ZeroOp {
+            offset: (seq % 64) * 4096,
+            length: 4096,
+        }),
+        _ => Op::Write(pb::WriteOp {
+            offset: (seq % 1000) * 4096,
+            data: vec![(seq % 251) as u8; 4096].into(),
+        }),
+    };
+    let mut r = pb::Record {
+        sequence: seq,
+        disk_id: if seq.is_multiple_of(2) { "os" } else { "data" }.into(),
+        op: Some(op),
+        crc32c: 0,
+        captured_at_unix_nanos: seq,
+    };
+    ferry_proto::checksum::seal(&mut r);
+    r
+}
+
+fn batch(records: Vec<pb::Record>) -> pb::IngestRequest {
+    pb::IngestRequest {
+        msg: Some(pb::ingest_request::Msg::Batch(pb::RecordBatch { records })),
+    }
+}
+
+fn open(vm: &str, epoch: u64) -> pb::IngestRequest {
+    pb::IngestRequest {
+        msg: Some(pb::ingest_request::Msg::Open(pb::IngestOpen {
+            vm_name: vm.into(),
+            credential: String::new(),
+            epoch,
+        })),
+    }
+}
+
+/// Registers and protects `vm` with disks "os" and "data"; returns the agent epoch.
+async fn protect(registry_url: &str, vm: &str) -> u64 {
+    let mut r = RegistryClient::connect(registry_url.to_string())
+        .await
+        .unwrap();
+    let disk = |id: &str, role: reg::DiskRole| reg::Disk {
+        id: id.into(),
+        size_bytes: DISK,
+        role: role as i32,
+        storage: reg::DiskStorage::Managed as i32,
+        source_path: format!("/images/{vm}-{id}.raw"),
+    };
+    r.register_vm(reg::RegisterVmRequest {
+        vm: Some(reg::Vm {
+            name: vm.into(),
+            source_region: "eastus".into(),
+            resource_group: "rg".into(),
+            virtual_network: "net".into(),
+            subnet: "sub".into(),
+            nics: vec![reg::Nic {
+                name: "nic0".into(),
+                private_ip: "10.0.0.4".into(),
+            }],
+            disks: vec![
+                disk("os", reg::DiskRole::Os),
+                disk("data", reg::DiskRole::Data),
+            ],
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    r.enable_replication(reg::EnableReplicationRequest {
+        vm_name: vm.into(),
+        target_region: "westus".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    r.register_agent(reg::RegisterAgentRequest {
+        vm_name: vm.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .epoch
+}
+
+/// An open ingest stream.
+struct Stream {
+    tx: mpsc::Sender<pb::IngestRequest>,
+    rx: tonic::Streaming<pb::IngestResponse>,
+}
+
+impl Stream {
+    async fn open(cache: &str, vm: &str, epoch: u64) -> Result<(Stream, u64), tonic::Status> {
+        let mut client = CacheClient::connect(cache.to_string()).await.unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(open(vm, epoch)).await.unwrap();
+        let mut rx = client.ingest(ReceiverStream::new(rx)).await?.into_inner();
+        match rx.message().await?.and_then(|m| m.msg) {
+            Some(pb::ingest_response::Msg::Opened(o)) => {
+                Ok((Stream { tx, rx }, o.durable_sequence))
+            }
+            other => panic!("expected opened, got {other:?}"),
+        }
+    }
+
+    /// Sends a batch and returns the ack's durable sequence, or the status
+    /// that ended the stream.
+    async fn send(&mut self, records: Vec<pb::Record>) -> Result<u64, tonic::Status> {
+        if self.tx.send(batch(records)).await.is_err() {
+            return Err(tonic::Status::unavailable("stream closed"));
+        }
+        loop {
+            match self.rx.message().await?.and_then(|m| m.msg) {
+                Some(pb::ingest_response::Msg::Ack(a)) => return Ok(a.durable_sequence),
+                Some(_) => continue,
+                None => return Err(tonic::Status::unavailable("stream ended")),
+            }
+        }
+    }
+}
+
+async fn tail_all(cache: &str, vm: &str, from: u64) -> Result<Vec<pb::Record>, tonic::Status> {
+    let mut client = CacheClient::connect(cache.to_string()).await.unwrap();
+    let mut stream = client
+        .tail(pb::TailRequest {
+            vm_name: vm.into(),
+            from_sequence: from,
+            follow: false,
+            max_batch_bytes: 64 * 1024,
+        })
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(resp) = stream.message().await? {
+        out.extend(resp.batch.unwrap_or_default().records);
+    }
+    Ok(out)
+}
+
+async fn info(cache: &str, vm: &str) -> pb::LogInfo {
+    CacheClient::connect(cache.to_string())
+        .await
+        .unwrap()
+        .get_log_info(pb::GetLogInfoRequest { vm_name: vm.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+struct InProcess {
+    registry: Running,
+    cache_url: String,
+    cache_shutdown: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+async fn in_process(segment_bytes: u64, max_message_bytes: usize) -> InProcess {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cache_url = format!("http://{}", listener.local_addr().unwrap());
+    let registry = start_registry(dir.path().join("registry"), Some(cache_url.clone())).await;
+    let mut config = ServiceConfig::in_process(dir.path().join("cache"));
+    config.registry = Some(registry.url.clone());
+    config.limits.max_message_bytes = max_message_bytes;
+    let cache_shutdown = CancellationToken::new();
+    let settings = cache_svc::Settings { segment_bytes };
+    tokio::spawn(cache_svc::serve_with(
+        config,
+        settings,
+        listener,
+        cache_shutdown.clone(),
+    ));
+    wait_serving(&cache_url).await;
+    InProcess {
+        registry,
+        cache_url,
+        cache_shutdown,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_records_come_back_in_order_and_live() {
+    let env = in_process(256 * 1024, 16 << 20).await;
+    let epoch = protect(&env.registry.url, "vm1").await;
+    let (mut s, durable) = Stream::open(&env.cache_url, "vm1", epoch).await.unwrap();
+    assert_eq!(durable, 0);
+
+    // A follower started before anything is written sees everything live.
+    let mut client = CacheClient::connect(env.cache_url.clone()).await.unwrap();
+    let mut live = client
+        .tail(pb::TailRequest {
+            vm_name: "vm1".into(),
+            from_sequence: 1,
+            follow: true,
+            max_batch_bytes: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut seq = 1;
+    for size in [1, 10, 50, 100] {
+        let records: Vec<_> = (seq..seq + size).map(record).collect();
+        seq += size;
+        assert_eq!(s.send(records).await.unwrap(), seq - 1);
+    }
+    // A resend of durable records is dropped, not stored twice.
+    assert_eq!(
+        s.send((100..=161).map(record).collect()).await.unwrap(),
+        161
+    );
+
+    let all = tail_all(&env.cache_url, "vm1", 1).await.unwrap();
+    assert_eq!(all.len(), 161);
+    for (i, r) in all.iter().enumerate() {
+        assert_eq!(*r, record(i as u64 + 1));
+    }
+    let from_middle = tail_all(&env.cache_url, "vm1", 77).await.unwrap();
+    assert_eq!(from_middle.first().map(|r| r.sequence), Some(77));
+    assert_eq!(from_middle.len(), 85);
+
+    let mut seen = Vec::new();
+    while seen.len() < 161 {
+        let resp = tokio::time::timeout(Duration::from_secs(10), live.message())
+            .await
+            .expect("live records within 10 s")
+            .unwrap()
+            .unwrap();
+        seen.extend(resp.batch.unwrap().records.into_iter().map(|r| r.sequence));
+    }
+    assert_eq!(seen, (1..=161).collect::<Vec<_>>());
+    let i = info(&env.cache_url, "vm1").await;
+    assert_eq!(
+        (i.first_sequence, i.last_sequence, i.epoch),
+        (1, 161, epoch)
+    );
+    assert!(i.segments > 1, "rolled over at 256 KiB: {i:?}");
+    env.cache_shutdown.cancel();
+    env.registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_its_status_and_the_log_is_unchanged() {
+    let env = in_process(1 << 20, 256 * 1024).await;
+    let epoch = protect(&env.registry.url, "vm2").await;
+    let (mut s, _) = Stream::open(&env.cache_url, "vm2", epoch).await.unwrap();
+    assert_eq!(s.send((1..=5).map(record).collect()).await.unwrap(), 5);
+    drop(s);
+    let before = tail_all(&env.cache_url, "vm2", 1).await.unwrap();
+
+    let write = |offset: u64, len: usize| {
+        let mut r = pb::Record {
+            sequence: 6,
+            disk_id: "os".into(),
+            op: Some(Op::Write(pb::WriteOp {
+                offset,
+                data: vec![1; len].into(),
+            })),
+            ..Default::default()
+        };
+        ferry_proto::checksum::seal(&mut r);
+        r
+    };
+    let mut wrong_crc = write(0, 512);
+    wrong_crc.crc32c ^= 0xdead;
+    let mut unknown_disk = write(0, 512);
+    unknown_disk.disk_id = "swap".into();
+    ferry_proto::checksum::seal(&mut unknown_disk);
+    let cases: Vec<(&str, Vec<pb::Record>, Code)> = vec![
+        (
+            "write past the disk's end",
+            vec![write(DISK, 512)],
+            Code::InvalidArgument,
+        ),
+        (
+            "write straddling the end",
+            vec![write(DISK - 512, 1024)],
+            Code::InvalidArgument,
+        ),
+        (
+            "unaligned offset",
+            vec![write(100, 512)],
+            Code::InvalidArgument,
+        ),
+        (
+            "unaligned length",
+            vec![write(0, 700)],
+            Code::InvalidArgument,
+        ),
+        ("zero length", vec![write(0, 0)], Code::InvalidArgument),
+        ("wrong checksum", vec![wrong_crc], Code::DataLoss),
+        ("unknown disk", vec![unknown_disk], Code::InvalidArgument),
+        ("sequence gap", vec![record(7)], Code::FailedPrecondition),
+        // A good record before a bad one in the same batch is not stored either.
+        (
+            "bad record after a good one",
+            vec![record(6), {
+                let mut r = write(DISK, 512);
+                r.sequence = 7;
+                ferry_proto::checksum::seal(&mut r);
+                r
+            }],
+            Code::InvalidArgument,
+        ),
+        (
+            "oversized message",
+            vec![pb::Record {
+                sequence: 6,
+                ..write(0, 512 * 1024)
+            }],
+            Code::ResourceExhausted,
+        ),
+    ];
+    for (what, records, code) in cases {
+        let (mut s, durable) = Stream::open(&env.cache_url, "vm2", epoch).await.unwrap();
+        assert_eq!(durable, 5, "{what}");
+        let err = s.send(records).await.unwrap_err();
+        assert_eq!(err.code(), code, "{what}: {err:?}");
+        assert!(!err.message().is_empty());
+        assert_eq!(
+            tail_all(&env.cache_url, "vm2", 1).await.unwrap(),
+            before,
+            "{what}"
+        );
+    }
+
+    // Unknown VM, and an agent older than registry's epoch (fenced).
+    let err = Stream::open(&env.cache_url, "ghost", 1)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = Stream::open(&env.cache_url, "vm2", epoch - 1)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    // Tail of a VM the cache does not know.
+    let err = tail_all(&env.cache_url, "ghost", 1).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(info(&env.cache_url, "vm2").await.last_sequence, 5);
+    env.cache_shutdown.cancel();
+    env.registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_below_the_applied_sequence_are_deleted() {
+    let env = in_process(64 * 1024, 16 << 20).await;
+    let epoch = protect(&env.registry.url, "vm3").await;
+    let (mut s, _) = Stream::open(&env.cache_url, "vm3", epoch).await.unwrap();
+    for chunk in (1..=200u64).collect::<Vec<_>>().chunks(20) {
+        s.send(chunk.iter().copied().map(record).collect())
+            .await
+            .unwrap();
+    }
+    let before = info(&env.cache_url, "vm3").await;
+    let mut client = CacheClient::connect(env.cache_url.clone()).await.unwrap();
+    let err = client
+        .report_applied(pb::ReportAppliedRequest {
+            vm_name: "vm3".into(),
+            applied_sequence: 201,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange);
+    let trim = client
+        .report_applied(pb::ReportAppliedRequest {
+            vm_name: "vm3".into(),
+            applied_sequence: 150,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .trim_point;
+    assert!(trim > 1 && trim <= 151, "trim point {trim}");
+    let after = info(&env.cache_url, "vm3").await;
+    assert!(after.size_bytes < before.size_bytes);
+    assert!(after.segments < before.segments);
+    assert_eq!((after.first_sequence, after.applied_sequence), (trim, 150));
+    // Nothing not yet applied is gone; what was trimmed is out of range.
+    let rest = tail_all(&env.cache_url, "vm3", trim).await.unwrap();
+    assert_eq!(rest.last().map(|r| r.sequence), Some(200));
+    assert_eq!(
+        tail_all(&env.cache_url, "vm3", 1).await.unwrap_err().code(),
+        Code::OutOfRange
+    );
+    env.cache_shutdown.cancel();
+    env.registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache_addr = ferry_testkit::free_addr();
+    let cache_url = format!("http://{cache_addr}");
+    let registry = start_registry(dir.path().join("registry"), Some(cache_url.clone())).await;
+    wait_serving(&registry.url).await;
+    let epoch = protect(&registry.url, "vm4").await;
+    let mut cache = ServiceProcess::start_at(
+        cache_addr,
+        env!("CARGO_BIN_EXE_cache-svc"),
+        dir.path().join("cache"),
+        &["--registry", &registry.url],
+    );
+    wait_serving(&cache_url).await;
+
+    // Stream until well past the point of the kill, which comes while a
+    // batch is in flight.
+    let (mut s, _) = Stream::open(&cache_url, "vm4", epoch).await.unwrap();
+    let mut acked = 0;
+    let mut next = 1;
+    while acked < 300 {
+        let records: Vec<_> = (next..next + 25).map(record).collect();
+        next += 25;
+        acked = s.send(records).await.unwrap();
+    }
+    let records: Vec<_> = (next..next + 25).map(record).collect();
+    let _ = s.tx.send(batch(records)).await;
+    cache.signal_and_wait("KILL");
+    drop(s);
+
+    cache.restart();
+    wait_serving(&cache_url).await;
+    // Reconnect: the cache says what is durable; resend the rest.
+    let (mut s, durable) = Stream::open(&cache_url, "vm4", epoch).await.unwrap();
+    assert!(
+        durable >= acked,
+        "acknowledged {acked}, durable after restart {durable}"
+    );
+    let upto = next + 25 + 50;
+    let resent: Vec<_> = (durable + 1..upto).map(record).collect();
+    assert_eq!(s.send(resent).await.unwrap(), upto - 1);
+
+    let all = tail_all(&cache_url, "vm4", 1).await.unwrap();
+    assert_eq!(all.len() as u64, upto - 1, "every record exactly once");
+    for (i, r) in all.iter().enumerate() {
+        assert_eq!(*r, record(i as u64 + 1), "record {}", i + 1);
+    }
+    registry.stop().await;
+}
