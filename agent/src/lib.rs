@@ -1,7 +1,11 @@
 //! ferry-agent: runs beside a VM's disks, captures every write and streams it
-//! in order to cache-svc (issue 3 brings capture and streaming). What it does
-//! today: register with registry-svc for its VM and receive its cache
-//! endpoint, disk layout, epoch and credential.
+//! in order to cache-svc. It registers with registry-svc for its VM and
+//! receives its cache endpoint, disk layout, epoch and credential; writes go
+//! through [`capture::Capture`] (the library API) and reach the cache through
+//! [`stream`]. The NBD export comes next.
+
+pub mod capture;
+pub mod stream;
 
 use ferry_proto::registry::v1 as pb;
 use ferry_proto::registry::v1::registry_client::RegistryClient;

@@ -11,6 +11,7 @@
 
 pub mod cluster;
 pub mod process;
+pub mod replay;
 pub mod tools;
 
 use std::future::Future;

@@ -1,0 +1,189 @@
+//! The library API of write capture: a VM's disks as source images, every
+//! completed write turned into the next record of the VM's stream. The NBD
+//! export and the load generator both write through it.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use ferry_proto::cache::v1::record::Op;
+use ferry_proto::cache::v1::{WriteOp, ZeroOp};
+use tokio::sync::Mutex;
+
+use crate::stream::Stream;
+
+/// Why a write was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("unknown disk {0:?}")]
+    UnknownDisk(String),
+    #[error("range {offset}+{length} is outside disk {disk:?} ({size} bytes)")]
+    OutOfRange {
+        disk: String,
+        offset: u64,
+        length: u64,
+        size: u64,
+    },
+    #[error("source image {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// One source disk: an image file of a fixed size.
+pub struct SourceDisk {
+    pub id: String,
+    pub size: u64,
+    path: String,
+    file: File,
+}
+
+impl SourceDisk {
+    /// Opens (creating and sizing if missing) the image at `path`.
+    pub fn open(id: &str, path: &Path, size: u64) -> Result<SourceDisk, CaptureError> {
+        let io = |source| CaptureError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io)?;
+        if file.metadata().map_err(io)?.len() < size {
+            file.set_len(size).map_err(io)?;
+        }
+        Ok(SourceDisk {
+            id: id.to_string(),
+            size,
+            path: path.display().to_string(),
+            file,
+        })
+    }
+
+    fn check(&self, offset: u64, length: u64) -> Result<(), CaptureError> {
+        match offset.checked_add(length) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(CaptureError::OutOfRange {
+                disk: self.id.clone(),
+                offset,
+                length,
+                size: self.size,
+            }),
+        }
+    }
+
+    fn io(&self, source: std::io::Error) -> CaptureError {
+        CaptureError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), CaptureError> {
+        self.check(offset, buf.len() as u64)?;
+        self.file.read_exact_at(buf, offset).map_err(|e| self.io(e))
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64) -> Result<(), CaptureError> {
+        self.file.write_all_at(data, offset).map_err(|e| self.io(e))
+    }
+
+    fn zero(&self, offset: u64, length: u64) -> Result<(), CaptureError> {
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK.min(length) as usize];
+        let mut done = 0;
+        while done < length {
+            let n = (length - done).min(CHUNK) as usize;
+            self.write_at(&zeros[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Makes what was written reach the disk.
+    pub fn flush(&self) -> Result<(), CaptureError> {
+        self.file.sync_data().map_err(|e| self.io(e))
+    }
+}
+
+/// A VM's disks and its stream.
+pub struct Capture {
+    disks: HashMap<String, Arc<SourceDisk>>,
+    stream: Arc<Stream>,
+    /// Held from a write's completion to its sequence number, so the stream's
+    /// order is the order in which writes reached the images.
+    order: Mutex<()>,
+}
+
+impl Capture {
+    pub fn new(disks: Vec<SourceDisk>, stream: Arc<Stream>) -> Capture {
+        Capture {
+            disks: disks
+                .into_iter()
+                .map(|d| (d.id.clone(), Arc::new(d)))
+                .collect(),
+            stream,
+            order: Mutex::new(()),
+        }
+    }
+
+    /// The stream records go to.
+    pub fn stream(&self) -> &Arc<Stream> {
+        &self.stream
+    }
+
+    /// A disk by id.
+    pub fn disk(&self, id: &str) -> Result<&Arc<SourceDisk>, CaptureError> {
+        self.disks
+            .get(id)
+            .ok_or_else(|| CaptureError::UnknownDisk(id.to_string()))
+    }
+
+    /// Writes `data` at `offset` and records it; returns its sequence.
+    pub async fn write(&self, disk: &str, offset: u64, data: Vec<u8>) -> Result<u64, CaptureError> {
+        let d = self.disk(disk)?.clone();
+        d.check(offset, data.len() as u64)?;
+        let _order = self.order.lock().await;
+        let d2 = d.clone();
+        let data = tokio::task::spawn_blocking(move || d2.write_at(&data, offset).map(|_| data))
+            .await
+            .map_err(|e| d.io(std::io::Error::other(e)))??;
+        let op = Op::Write(WriteOp {
+            offset,
+            data: data.into(),
+        });
+        Ok(self.stream.push(disk, op).await)
+    }
+
+    /// Zeroes a range (WRITE_ZEROES, or TRIM when `trim`) and records it
+    /// without a payload; returns its sequence.
+    pub async fn zero(
+        &self,
+        disk: &str,
+        offset: u64,
+        length: u64,
+        trim: bool,
+    ) -> Result<u64, CaptureError> {
+        let d = self.disk(disk)?.clone();
+        d.check(offset, length)?;
+        let _order = self.order.lock().await;
+        let d2 = d.clone();
+        tokio::task::spawn_blocking(move || d2.zero(offset, length))
+            .await
+            .map_err(|e| d.io(std::io::Error::other(e)))??;
+        let z = ZeroOp { offset, length };
+        let op = if trim {
+            Op::Trim(z)
+        } else {
+            Op::WriteZeroes(z)
+        };
+        Ok(self.stream.push(disk, op).await)
+    }
+}
