@@ -146,24 +146,68 @@ impl Capture {
             .ok_or_else(|| CaptureError::UnknownDisk(id.to_string()))
     }
 
-    /// Writes `data` at `offset` and records it; returns its sequence.
+    /// The disk ids, sorted.
+    pub fn disk_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.disks.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// Reads `length` bytes at `offset`.
+    pub async fn read(
+        &self,
+        disk: &str,
+        offset: u64,
+        length: usize,
+    ) -> Result<Vec<u8>, CaptureError> {
+        let d = self.disk(disk)?.clone();
+        let d2 = d.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; length];
+            d2.read_at(&mut buf, offset).map(|_| buf)
+        })
+        .await
+        .map_err(|e| d.io(std::io::Error::other(e)))?
+    }
+
+    /// Makes the disk's completed writes durable on the source (FLUSH, FUA).
+    pub async fn flush(&self, disk: &str) -> Result<(), CaptureError> {
+        let d = self.disk(disk)?.clone();
+        let d2 = d.clone();
+        tokio::task::spawn_blocking(move || d2.flush())
+            .await
+            .map_err(|e| d.io(std::io::Error::other(e)))?
+    }
+
+    /// Writes `data` at `offset` and records it; returns its sequence (or the
+    /// last one, for an empty write). A write not aligned to 512 bytes is
+    /// widened to whole sectors with the bytes around it (read under the
+    /// ordering lock), since records are sector-aligned.
     pub async fn write(&self, disk: &str, offset: u64, data: Vec<u8>) -> Result<u64, CaptureError> {
         let d = self.disk(disk)?.clone();
         d.check(offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(self.stream.last().await);
+        }
         let _order = self.order.lock().await;
         let d2 = d.clone();
-        let data = tokio::task::spawn_blocking(move || d2.write_at(&data, offset).map(|_| data))
-            .await
-            .map_err(|e| d.io(std::io::Error::other(e)))??;
+        let (start, block) = tokio::task::spawn_blocking(move || {
+            let (start, block) = widen(&d2, offset, data)?;
+            d2.write_at(&block, start).map(|_| (start, block))
+        })
+        .await
+        .map_err(|e| d.io(std::io::Error::other(e)))??;
         let op = Op::Write(WriteOp {
-            offset,
-            data: data.into(),
+            offset: start,
+            data: block.into(),
         });
         Ok(self.stream.push(disk, op).await)
     }
 
     /// Zeroes a range (WRITE_ZEROES, or TRIM when `trim`) and records it
-    /// without a payload; returns its sequence.
+    /// without a payload; returns its sequence. An unaligned range becomes a
+    /// write of zeros widened to whole sectors. TRIM zeroes the source too, so
+    /// that the replica and the source read the same afterwards.
     pub async fn zero(
         &self,
         disk: &str,
@@ -173,6 +217,18 @@ impl Capture {
     ) -> Result<u64, CaptureError> {
         let d = self.disk(disk)?.clone();
         d.check(offset, length)?;
+        if length == 0 {
+            return Ok(self.stream.last().await);
+        }
+        if !offset.is_multiple_of(512) || !length.is_multiple_of(512) {
+            let zeros = usize::try_from(length).map_err(|_| CaptureError::OutOfRange {
+                disk: disk.to_string(),
+                offset,
+                length,
+                size: d.size,
+            })?;
+            return self.write(disk, offset, vec![0u8; zeros]).await;
+        }
         let _order = self.order.lock().await;
         let d2 = d.clone();
         tokio::task::spawn_blocking(move || d2.zero(offset, length))
@@ -186,4 +242,20 @@ impl Capture {
         };
         Ok(self.stream.push(disk, op).await)
     }
+}
+
+/// The sector-aligned block that holds `data` at `offset`, filled around it
+/// with what the disk holds.
+fn widen(d: &SourceDisk, offset: u64, data: Vec<u8>) -> Result<(u64, Vec<u8>), CaptureError> {
+    let end = offset + data.len() as u64;
+    if offset.is_multiple_of(512) && end.is_multiple_of(512) {
+        return Ok((offset, data));
+    }
+    let start = offset / 512 * 512;
+    let aligned_end = end.div_ceil(512) * 512;
+    let mut block = vec![0u8; (aligned_end - start) as usize];
+    d.read_at(&mut block, start)?;
+    let at = (offset - start) as usize;
+    block[at..at + data.len()].copy_from_slice(&data);
+    Ok((start, block))
 }

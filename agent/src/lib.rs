@@ -2,9 +2,10 @@
 //! in order to cache-svc. It registers with registry-svc for its VM and
 //! receives its cache endpoint, disk layout, epoch and credential; writes go
 //! through [`capture::Capture`] (the library API) and reach the cache through
-//! [`stream`]. The NBD export comes next.
+//! [`stream`]; [`nbd`] exports the disks to qemu and friends.
 
 pub mod capture;
+pub mod nbd;
 pub mod stream;
 
 use ferry_proto::registry::v1 as pb;

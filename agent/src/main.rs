@@ -1,6 +1,11 @@
 //! The ferry-agent binary.
 
+use std::path::Path;
+use std::sync::Arc;
+
 use clap::Parser;
+use ferry_agent::capture::{Capture, SourceDisk};
+use ferry_agent::stream::{Stream, StreamLimits};
 
 /// Ferry's agent: captures a VM's disk writes and streams them to the cache.
 #[derive(Parser)]
@@ -12,7 +17,7 @@ struct Args {
     /// The VM this agent replicates.
     #[arg(long, env = "FERRY_VM", value_name = "NAME")]
     vm: String,
-    /// Where the NBD export of the VM's disks listens (used from issue 3).
+    /// Where the NBD export of the VM's disks listens.
     #[arg(
         long,
         env = "FERRY_NBD_LISTEN",
@@ -40,14 +45,47 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
     let hostname = std::env::var("HOSTNAME").unwrap_or_default();
     let assignment =
         ferry_agent::register(&args.registry, &args.vm, &hostname, &args.group_listen).await?;
+    let mut disks = Vec::new();
+    for d in &assignment.disks {
+        disks.push(SourceDisk::open(
+            &d.id,
+            Path::new(&d.source_path),
+            d.size_bytes,
+        )?);
+    }
+    let shutdown = ferry_runtime::shutdown_token();
+    // Sequences continue after what the cache holds. Writes a previous agent
+    // had not yet streamed are not known here: resync covers them.
+    let next = ferry_agent::stream::resume_point(
+        &assignment.cache_endpoint,
+        &args.vm,
+        assignment.epoch,
+        assignment.credential(),
+        &shutdown,
+    )
+    .await?;
+    let stream = Stream::new(next, StreamLimits::default());
+    let capture = Arc::new(Capture::new(disks, stream.clone()));
+    let listener = tokio::net::TcpListener::bind(&args.nbd_listen)
+        .await
+        .map_err(|e| format!("cannot listen for NBD on {}: {e}", args.nbd_listen))?;
     tracing::info!(
         vm = %args.vm,
         cache = %assignment.cache_endpoint,
         epoch = assignment.epoch,
         disks = assignment.disks.len(),
         nbd = %args.nbd_listen,
-        "registered; write capture and streaming arrive with the agent/cache release"
+        "replicating; exports are the disk ids"
     );
-    ferry_runtime::shutdown_token().cancelled().await;
+    tokio::spawn(ferry_agent::nbd::serve(listener, capture, shutdown.clone()));
+    ferry_agent::stream::run(
+        stream,
+        assignment.cache_endpoint.clone(),
+        args.vm.clone(),
+        assignment.epoch,
+        assignment.credential().to_string(),
+        shutdown,
+    )
+    .await?;
     Ok(())
 }

@@ -175,6 +175,55 @@ impl Stream {
     }
 }
 
+/// The sequence a new stream for `vm` must start at: one past what the cache
+/// holds durably. Retries with backoff until the cache answers or `shutdown`.
+pub async fn resume_point(
+    cache_url: &str,
+    vm: &str,
+    epoch: u64,
+    credential: &str,
+    shutdown: &CancellationToken,
+) -> Result<u64, tonic::Status> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let attempt = async {
+            let channel = ferry_runtime::connect(cache_url)
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            let mut client = CacheClient::new(channel);
+            let (tx, rx) = mpsc::channel(1);
+            let open = pb::IngestRequest {
+                msg: Some(pb::ingest_request::Msg::Open(pb::IngestOpen {
+                    vm_name: vm.to_string(),
+                    credential: credential.to_string(),
+                    epoch,
+                })),
+            };
+            tx.send(open)
+                .await
+                .map_err(|_| tonic::Status::unavailable("request stream closed"))?;
+            let mut responses = client.ingest(ReceiverStream::new(rx)).await?.into_inner();
+            match responses.message().await? {
+                Some(pb::IngestResponse {
+                    msg: Some(pb::ingest_response::Msg::Opened(o)),
+                }) => Ok(o.durable_sequence + 1),
+                _ => Err(tonic::Status::unavailable(
+                    "the cache did not answer `open`",
+                )),
+            }
+        };
+        match attempt.await {
+            Ok(next) => return Ok(next),
+            Err(s) if fatal(&s) => return Err(s),
+            Err(s) => tracing::warn!(vm, %s, "cache unreachable; retrying"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Err(tonic::Status::cancelled("shutting down")),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
 /// Why a session with cache-svc ended.
 #[derive(Debug)]
 enum SessionEnd {
@@ -264,6 +313,15 @@ async fn session(
         Err(s) if fatal(&s) => return SessionEnd::Fatal(s),
         Err(s) => return SessionEnd::Retry(s.to_string()),
     };
+    let last = stream.last().await;
+    if sent > last {
+        // The cache holds records this stream never produced: numbering
+        // would collide. The agent must start from `resume_point`.
+        return SessionEnd::Fatal(tonic::Status::failed_precondition(format!(
+            "the cache holds VM {vm:?} up to sequence {sent}, beyond this agent's {last}; \
+             restart the agent so that it resumes after the cache"
+        )));
+    }
     stream.acknowledge(sent).await;
     sent = sent.max(stream.durable().await);
     loop {

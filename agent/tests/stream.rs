@@ -183,6 +183,41 @@ async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
             "disk {id}: replay differs from the source"
         );
     }
+    // A restarted agent resumes after what the cache holds; a stream that
+    // would reuse sequence numbers is refused instead of silently dropped.
+    let next = stream::resume_point(
+        &cache_url,
+        "vm",
+        assignment.epoch,
+        assignment.credential(),
+        &shutdown,
+    )
+    .await
+    .unwrap();
+    assert_eq!(next, 601);
+    let stale = Stream::new(1, limits);
+    stale
+        .push(
+            "os",
+            ferry_proto::cache::v1::record::Op::Write(ferry_proto::cache::v1::WriteOp {
+                offset: 0,
+                data: vec![1u8; 512].into(),
+            }),
+        )
+        .await;
+    let err = stream::run(
+        stale,
+        cache_url.clone(),
+        "vm".into(),
+        assignment.epoch,
+        assignment.credential().to_string(),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert_eq!(tail_all(&cache_url, "vm", 1).await.len(), 600);
+
     shutdown.cancel();
     sender.await.unwrap().unwrap();
     registry.stop().await;

@@ -1,0 +1,316 @@
+//! An NBD server (fixed newstyle handshake, simple replies) exporting each
+//! protected disk by its id, so that a VM's writes (qemu, qemu-io, qemu-img,
+//! nbd-client) reach the agent the way a real VM's would. Every completed
+//! write, TRIM and WRITE_ZEROES goes through [`Capture`] into the VM's stream.
+//!
+//! The protocol is NetworkBlockDevice/nbd `doc/proto.md`. Options Ferry does
+//! not support (structured replies, meta contexts, TLS, extended headers) are
+//! answered NBD_REP_ERR_UNSUP; the client then uses simple replies.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Mutex, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::capture::{Capture, CaptureError};
+
+const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+
+const FLAG_FIXED_NEWSTYLE: u16 = 1;
+const FLAG_NO_ZEROES: u16 = 2;
+const CLIENT_NO_ZEROES: u32 = 2;
+
+const OPT_EXPORT_NAME: u32 = 1;
+const OPT_ABORT: u32 = 2;
+const OPT_LIST: u32 = 3;
+const OPT_INFO: u32 = 6;
+const OPT_GO: u32 = 7;
+
+const REP_ACK: u32 = 1;
+const REP_SERVER: u32 = 2;
+const REP_INFO: u32 = 3;
+const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+
+const INFO_EXPORT: u16 = 0;
+const INFO_BLOCK_SIZE: u16 = 3;
+
+const TFLAG_HAS_FLAGS: u16 = 1;
+const TFLAG_SEND_FLUSH: u16 = 1 << 2;
+const TFLAG_SEND_FUA: u16 = 1 << 3;
+const TFLAG_SEND_TRIM: u16 = 1 << 5;
+const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+
+const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
+const CMD_TRIM: u16 = 4;
+const CMD_WRITE_ZEROES: u16 = 6;
+const CMD_FLAG_FUA: u16 = 1;
+
+const EIO: u32 = 5;
+const EINVAL: u32 = 22;
+const ENOSPC: u32 = 28;
+const ENOTSUP: u32 = 95;
+
+/// Largest READ or WRITE accepted (also advertised as the maximum block size).
+pub const MAX_REQUEST: u32 = 32 * 1024 * 1024;
+/// Requests of one connection handled at once.
+const IN_FLIGHT: usize = 64;
+
+/// Serves NBD on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, capture: Arc<Capture>, shutdown: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((socket, peer)) => {
+                let _ = socket.set_nodelay(true);
+                let capture = capture.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = connection(socket, capture, shutdown).await {
+                        tracing::debug!(%peer, error = %e, "NBD connection ended");
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "NBD accept failed"),
+        }
+    }
+}
+
+async fn reply_option(
+    w: &mut (impl AsyncWriteExt + Unpin),
+    option: u32,
+    kind: u32,
+    data: &[u8],
+) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(20 + data.len());
+    buf.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
+    buf.extend_from_slice(&option.to_be_bytes());
+    buf.extend_from_slice(&kind.to_be_bytes());
+    buf.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    buf.extend_from_slice(data);
+    w.write_all(&buf).await
+}
+
+fn transmission_flags() -> u16 {
+    TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES
+}
+
+/// The handshake; returns the chosen export, or None when the client left.
+async fn handshake(
+    socket: &mut BufReader<TcpStream>,
+    capture: &Capture,
+) -> std::io::Result<Option<String>> {
+    let mut hello = Vec::with_capacity(18);
+    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    socket.get_mut().write_all(&hello).await?;
+    let client_flags = socket.read_u32().await?;
+    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+
+    loop {
+        if socket.read_u64().await? != IHAVEOPT {
+            return Err(std::io::Error::other("bad option magic"));
+        }
+        let option = socket.read_u32().await?;
+        let len = socket.read_u32().await?;
+        if len > 64 * 1024 {
+            return Err(std::io::Error::other("option data too long"));
+        }
+        let mut data = vec![0u8; len as usize];
+        socket.read_exact(&mut data).await?;
+        let w = socket.get_mut();
+        match option {
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data).into_owned();
+                let Ok(disk) = capture.disk(&name) else {
+                    // No way to report an error for this option: hang up.
+                    return Ok(None);
+                };
+                let mut reply = Vec::with_capacity(134);
+                reply.extend_from_slice(&disk.size.to_be_bytes());
+                reply.extend_from_slice(&transmission_flags().to_be_bytes());
+                if !no_zeroes {
+                    reply.extend_from_slice(&[0u8; 124]);
+                }
+                w.write_all(&reply).await?;
+                return Ok(Some(name));
+            }
+            OPT_ABORT => {
+                reply_option(w, option, REP_ACK, &[]).await?;
+                return Ok(None);
+            }
+            OPT_LIST => {
+                for id in capture.disk_ids() {
+                    let mut d = (id.len() as u32).to_be_bytes().to_vec();
+                    d.extend_from_slice(id.as_bytes());
+                    reply_option(w, option, REP_SERVER, &d).await?;
+                }
+                reply_option(w, option, REP_ACK, &[]).await?;
+            }
+            OPT_INFO | OPT_GO => {
+                if data.len() < 6 {
+                    reply_option(w, option, REP_ERR_INVALID, b"short request").await?;
+                    continue;
+                }
+                let name_len = u32::from_be_bytes([data[0], data[1], data[2], data[3]]) as usize;
+                if data.len() < 4 + name_len + 2 {
+                    reply_option(w, option, REP_ERR_INVALID, b"short request").await?;
+                    continue;
+                }
+                let name = String::from_utf8_lossy(&data[4..4 + name_len]).into_owned();
+                let Ok(disk) = capture.disk(&name) else {
+                    let msg = format!("no export {name:?}");
+                    reply_option(w, option, REP_ERR_UNKNOWN, msg.as_bytes()).await?;
+                    continue;
+                };
+                let mut export = INFO_EXPORT.to_be_bytes().to_vec();
+                export.extend_from_slice(&disk.size.to_be_bytes());
+                export.extend_from_slice(&transmission_flags().to_be_bytes());
+                reply_option(w, option, REP_INFO, &export).await?;
+                let mut block = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                block.extend_from_slice(&512u32.to_be_bytes());
+                block.extend_from_slice(&4096u32.to_be_bytes());
+                block.extend_from_slice(&MAX_REQUEST.to_be_bytes());
+                reply_option(w, option, REP_INFO, &block).await?;
+                reply_option(w, option, REP_ACK, &[]).await?;
+                if option == OPT_GO {
+                    return Ok(Some(name));
+                }
+            }
+            _ => reply_option(w, option, REP_ERR_UNSUP, b"not supported by ferry-agent").await?,
+        }
+    }
+}
+
+async fn connection(
+    socket: TcpStream,
+    capture: Arc<Capture>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let mut socket = BufReader::new(socket);
+    let Some(export) = handshake(&mut socket, &capture).await? else {
+        return Ok(());
+    };
+    tracing::info!(disk = %export, "NBD client attached");
+    let (read_half, write_half) = socket.into_inner().into_split();
+    let mut reader = BufReader::with_capacity(256 * 1024, read_half);
+    let writer = Arc::new(Mutex::new(write_half));
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    loop {
+        let magic = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            m = reader.read_u32() => m?,
+        };
+        if magic != REQUEST_MAGIC {
+            return Err(std::io::Error::other("bad request magic"));
+        }
+        let flags = reader.read_u16().await?;
+        let kind = reader.read_u16().await?;
+        let cookie = reader.read_u64().await?;
+        let offset = reader.read_u64().await?;
+        let length = reader.read_u32().await?;
+        let mut payload = Vec::new();
+        if kind == CMD_WRITE {
+            if length > MAX_REQUEST {
+                return Err(std::io::Error::other("write larger than the maximum"));
+            }
+            payload.resize(length as usize, 0);
+            reader.read_exact(&mut payload).await?;
+        }
+        if kind == CMD_DISC {
+            // Finish what is in flight, then close.
+            let _all = slots.acquire_many(IN_FLIGHT as u32).await;
+            return Ok(());
+        }
+        let permit = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| std::io::Error::other("closed"))?;
+        let capture = capture.clone();
+        let writer = writer.clone();
+        let export = export.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (error, data) =
+                handle(&capture, &export, kind, flags, offset, length, payload).await;
+            let mut reply = Vec::with_capacity(16 + data.len());
+            reply.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+            reply.extend_from_slice(&error.to_be_bytes());
+            reply.extend_from_slice(&cookie.to_be_bytes());
+            reply.extend_from_slice(&data);
+            let mut w = writer.lock().await;
+            if let Err(e) = w.write_all(&reply).await {
+                tracing::debug!(error = %e, "NBD reply failed");
+            }
+        });
+    }
+}
+
+fn errno(e: &CaptureError) -> u32 {
+    match e {
+        CaptureError::OutOfRange { .. } => ENOSPC,
+        CaptureError::UnknownDisk(_) => EINVAL,
+        CaptureError::Io { .. } => EIO,
+    }
+}
+
+/// Handles one request; returns (NBD error, read data).
+async fn handle(
+    capture: &Capture,
+    disk: &str,
+    kind: u16,
+    flags: u16,
+    offset: u64,
+    length: u32,
+    payload: Vec<u8>,
+) -> (u32, Vec<u8>) {
+    let fua = flags & CMD_FLAG_FUA != 0;
+    let result = match kind {
+        CMD_READ => {
+            if length > MAX_REQUEST {
+                return (EINVAL, Vec::new());
+            }
+            return match capture.read(disk, offset, length as usize).await {
+                Ok(data) => (0, data),
+                Err(e) => (errno(&e), Vec::new()),
+            };
+        }
+        CMD_WRITE => capture.write(disk, offset, payload).await.map(|_| ()),
+        CMD_TRIM => capture
+            .zero(disk, offset, length as u64, true)
+            .await
+            .map(|_| ()),
+        CMD_WRITE_ZEROES => capture
+            .zero(disk, offset, length as u64, false)
+            .await
+            .map(|_| ()),
+        CMD_FLUSH => capture.flush(disk).await,
+        _ => return (ENOTSUP, Vec::new()),
+    };
+    let result = match (result, fua) {
+        (Ok(()), true) => capture.flush(disk).await,
+        (r, _) => r,
+    };
+    match result {
+        Ok(()) => (0, Vec::new()),
+        Err(e) => {
+            tracing::warn!(disk, offset, length, error = %e, "NBD request failed");
+            (errno(&e), Vec::new())
+        }
+    }
+}
