@@ -5,10 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests drive: qemu-io and qemu-img as real NBD clients.
+# Debian packages the tests drive as real NBD clients: qemu-io and qemu-img
+# (qemu-utils), nbdinfo and nbdcopy (libnbd-bin), fio's nbd engine (fio).
 need=()
 command -v qemu-io >/dev/null || need+=(qemu-utils)
-command -v qemu-img >/dev/null || need+=(qemu-utils)
+command -v nbdinfo >/dev/null || need+=(libnbd-bin)
+command -v fio >/dev/null || need+=(fio)
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing ${need[*]}"
   sudo_=""

@@ -1,10 +1,11 @@
-//! Real NBD clients (qemu-io, qemu-img) write through the agent's export; the
-//! cache's log replayed onto a copy of the original image gives an image that
-//! `qemu-img compare` finds identical to the source.
+//! Real NBD clients (qemu-io, qemu-img, nbdinfo, nbdcopy, fio's nbd engine)
+//! write through the agent's export; the cache's log replayed onto a copy of
+//! the original image gives an image that `qemu-img compare` finds identical
+//! to the source.
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::CancellationToken;
 use ferry_testkit::replay::{apply, tail_all};
-use ferry_testkit::{bin_path, free_addr, start_registry, wait_serving, ServiceProcess};
+use ferry_testkit::{bin_path, free_addr, start_registry, wait_serving, Running, ServiceProcess};
 
 const SIZE: u64 = 16 << 20;
 
@@ -23,9 +24,7 @@ fn run(program: &str, args: &[&str]) -> String {
     let out = Command::new(program)
         .args(args)
         .output()
-        .unwrap_or_else(|e| {
-            panic!("{program} is missing ({e}); scripts/test.sh installs qemu-utils")
-        });
+        .unwrap_or_else(|e| panic!("{program} is missing ({e}); scripts/test.sh installs it"));
     assert!(
         out.status.success(),
         "{program} {args:?}: {}{}",
@@ -35,7 +34,8 @@ fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-async fn blocking(program: &'static str, args: Vec<String>) -> String {
+/// Runs a client without blocking the runtime that serves it.
+async fn client(program: &'static str, args: Vec<String>) -> String {
     tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         run(program, &args)
@@ -44,107 +44,155 @@ async fn blocking(program: &'static str, args: Vec<String>) -> String {
     .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn qemu_writes_through_nbd_replay_to_an_identical_image() {
-    let dir = tempfile::tempdir().unwrap();
-    let images = dir.path().join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    let source = images.join("os.raw");
-    // The original image has content of its own before replication starts.
-    let original = dir.path().join("original.raw");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "raw",
-            original.to_str().unwrap(),
-            &SIZE.to_string(),
-        ],
-    );
-    run(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x5a 0 1M",
-            original.to_str().unwrap(),
-        ],
-    );
-    std::fs::copy(&original, &source).unwrap();
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
+}
 
-    let cache_addr = free_addr();
-    let cache_url = format!("http://{cache_addr}");
-    let registry = start_registry(dir.path().join("registry"), Some(cache_url.clone())).await;
-    wait_serving(&registry.url).await;
-    let mut r = RegistryClient::connect(registry.url.clone()).await.unwrap();
-    r.register_vm(reg::RegisterVmRequest {
-        vm: Some(reg::Vm {
-            name: "vm".into(),
-            source_region: "eastus".into(),
-            resource_group: "rg".into(),
-            virtual_network: "net".into(),
-            subnet: "sub".into(),
-            nics: vec![reg::Nic {
-                name: "nic0".into(),
-                private_ip: "10.0.0.4".into(),
-            }],
-            disks: vec![reg::Disk {
-                id: "os".into(),
-                size_bytes: SIZE,
-                role: reg::DiskRole::Os as i32,
-                storage: reg::DiskStorage::Managed as i32,
-                source_path: source.display().to_string(),
-            }],
-            ..Default::default()
-        }),
-    })
-    .await
-    .unwrap();
-    r.enable_replication(reg::EnableReplicationRequest {
-        vm_name: "vm".into(),
-        target_region: "westus".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let a = ferry_agent::register(&registry.url, "vm", "test", "")
+/// registry, a real cache-svc process, and an agent exporting disk "os".
+struct Agent {
+    dir: tempfile::TempDir,
+    original: PathBuf,
+    source: PathBuf,
+    cache_url: String,
+    registry: Running,
+    _cache: ServiceProcess,
+    stream: Arc<Stream>,
+    shutdown: CancellationToken,
+    sender: tokio::task::JoinHandle<Result<(), tonic::Status>>,
+    port: u16,
+}
+
+impl Agent {
+    async fn start() -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("os.raw");
+        // The original image has content of its own before replication starts.
+        let original = dir.path().join("original.raw");
+        let o = original.to_str().unwrap();
+        run("qemu-img", &["create", "-f", "raw", o, &SIZE.to_string()]);
+        run("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 0 1M", o]);
+        std::fs::copy(&original, &source).unwrap();
+
+        let cache_addr = free_addr();
+        let cache_url = format!("http://{cache_addr}");
+        let registry = start_registry(dir.path().join("registry"), Some(cache_url.clone())).await;
+        wait_serving(&registry.url).await;
+        let mut r = RegistryClient::connect(registry.url.clone()).await.unwrap();
+        r.register_vm(reg::RegisterVmRequest {
+            vm: Some(reg::Vm {
+                name: "vm".into(),
+                source_region: "eastus".into(),
+                resource_group: "rg".into(),
+                virtual_network: "net".into(),
+                subnet: "sub".into(),
+                nics: vec![reg::Nic {
+                    name: "nic0".into(),
+                    private_ip: "10.0.0.4".into(),
+                }],
+                disks: vec![reg::Disk {
+                    id: "os".into(),
+                    size_bytes: SIZE,
+                    role: reg::DiskRole::Os as i32,
+                    storage: reg::DiskStorage::Managed as i32,
+                    source_path: source.display().to_string(),
+                }],
+                ..Default::default()
+            }),
+        })
         .await
         .unwrap();
-    let _cache = ServiceProcess::start_at(
-        cache_addr,
-        bin_path("cache-svc"),
-        dir.path().join("cache"),
-        &["--registry", &registry.url],
-    );
-    wait_serving(&cache_url).await;
+        r.enable_replication(reg::EnableReplicationRequest {
+            vm_name: "vm".into(),
+            target_region: "westus".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let a = ferry_agent::register(&registry.url, "vm", "test", "")
+            .await
+            .unwrap();
+        let cache = ServiceProcess::start_at(
+            cache_addr,
+            bin_path("cache-svc"),
+            dir.path().join("cache"),
+            &["--registry", &registry.url],
+        );
+        wait_serving(&cache_url).await;
 
-    let s = Stream::new(1, StreamLimits::default());
-    let capture = Arc::new(Capture::new(
-        vec![SourceDisk::open("os", &source, SIZE).unwrap()],
-        s.clone(),
-    ));
-    let shutdown = CancellationToken::new();
-    let sender = tokio::spawn(stream::run(
-        s.clone(),
-        a.cache_endpoint.clone(),
-        "vm".into(),
-        a.epoch,
-        a.credential().to_string(),
-        shutdown.clone(),
-    ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(ferry_agent::nbd::serve(
-        listener,
-        capture.clone(),
-        shutdown.clone(),
-    ));
-    let url = format!("nbd://127.0.0.1:{port}/os");
+        let stream = Stream::new(1, StreamLimits::default());
+        let capture = Arc::new(Capture::new(
+            vec![SourceDisk::open("os", &source, SIZE).unwrap()],
+            stream.clone(),
+        ));
+        let shutdown = CancellationToken::new();
+        let sender = tokio::spawn(stream::run(
+            stream.clone(),
+            a.cache_endpoint.clone(),
+            "vm".into(),
+            a.epoch,
+            a.credential().to_string(),
+            shutdown.clone(),
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(ferry_agent::nbd::serve(listener, capture, shutdown.clone()));
+        Agent {
+            dir,
+            original,
+            source,
+            cache_url,
+            registry,
+            _cache: cache,
+            stream,
+            shutdown,
+            sender,
+            port,
+        }
+    }
 
-    // Patterns, unaligned writes, zeroes, discards and parallel AIO writes.
-    let script = [
+    fn url(&self) -> String {
+        format!("nbd://127.0.0.1:{}/os", self.port)
+    }
+
+    /// Waits until everything is durable in the cache, replays the log onto
+    /// a copy of the original image and compares it with the source.
+    async fn verify(self) -> u64 {
+        let last = tokio::time::timeout(Duration::from_secs(60), self.stream.flushed())
+            .await
+            .expect("everything reaches the cache");
+        let records = tail_all(&self.cache_url, "vm", 1).await;
+        assert_eq!(records.len() as u64, last);
+        let replica = self.dir.path().join("replica.raw");
+        std::fs::copy(&self.original, &replica).unwrap();
+        let files: HashMap<String, File> = [(
+            "os".to_string(),
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&replica)
+                .unwrap(),
+        )]
+        .into();
+        apply(&records, &files);
+        drop(files);
+        let (s, r) = (
+            self.source.display().to_string(),
+            replica.display().to_string(),
+        );
+        run("qemu-img", &["compare", "-f", "raw", "-F", "raw", &s, &r]);
+        self.shutdown.cancel();
+        self.sender.await.unwrap().unwrap();
+        self.registry.stop().await;
+        last
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_io_and_qemu_img_writes_replay_to_an_identical_image() {
+    let agent = Agent::start().await;
+    let url = agent.url();
+    // Patterns, unaligned writes, zeroes, discards, parallel AIO and FUA.
+    let mut args = strings(&["-f", "raw"]);
+    for c in [
         "write -P 0xab 0 64k",
         "write -P 0x11 1000 3000",
         "write -z 512k 128k",
@@ -155,85 +203,66 @@ async fn qemu_writes_through_nbd_replay_to_an_identical_image() {
         "aio_flush",
         "write -P 0x55 -f 8M 64k",
         "flush",
-    ];
-    let mut args = vec!["-f".to_string(), "raw".to_string()];
-    for c in script {
+    ] {
         args.push("-c".into());
         args.push(c.into());
     }
     args.push(url.clone());
-    blocking("qemu-io", args).await;
-    // Reading through NBD sees what was written.
-    let read = blocking(
+    client("qemu-io", args).await;
+    let read = client(
         "qemu-io",
-        vec![
-            "-f".into(),
-            "raw".into(),
-            "-c".into(),
-            "read -P 0xab 0 1000".into(),
-            url.clone(),
-        ],
+        strings(&["-f", "raw", "-c", "read -P 0xab 0 1000", &url]),
     )
     .await;
     assert!(read.contains("read 1000/1000 bytes"), "{read}");
-    // A whole image copied through NBD.
-    let pattern = dir.path().join("pattern.raw");
-    run(
+
+    let pattern = agent.dir.path().join("pattern.raw");
+    let p = pattern.display().to_string();
+    run("qemu-img", &["create", "-f", "raw", &p, "4M"]);
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0x77 1M 2M", &p]);
+    client(
         "qemu-img",
-        &["create", "-f", "raw", pattern.to_str().unwrap(), "4M"],
-    );
-    run(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x77 1M 2M",
-            pattern.to_str().unwrap(),
-        ],
-    );
-    blocking(
-        "qemu-img",
-        vec![
-            "convert".into(),
-            "-n".into(),
-            "-f".into(),
-            "raw".into(),
-            "-O".into(),
-            "raw".into(),
-            pattern.display().to_string(),
-            url.clone(),
-        ],
+        strings(&["convert", "-n", "-f", "raw", "-O", "raw", &p, &url]),
     )
     .await;
-
-    let last = tokio::time::timeout(Duration::from_secs(60), s.flushed())
-        .await
-        .expect("everything reaches the cache");
-    assert!(last > 8, "records: {last}");
-    let records = tail_all(&cache_url, "vm", 1).await;
-    assert_eq!(records.len() as u64, last);
-    let replica = dir.path().join("replica.raw");
-    std::fs::copy(&original, &replica).unwrap();
-    let files: HashMap<String, File> = [(
-        "os".to_string(),
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&replica)
-            .unwrap(),
-    )]
-    .into();
-    apply(&records, &files);
-    drop(files);
-    run(
-        "qemu-img",
-        &["compare", "-f", "raw", "-F", "raw", p(&source), p(&replica)],
-    );
-    shutdown.cancel();
-    sender.await.unwrap().unwrap();
-    registry.stop().await;
+    assert!(agent.verify().await > 8);
 }
 
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbdinfo_nbdcopy_and_fio_random_writes_replay_to_an_identical_image() {
+    let agent = Agent::start().await;
+    let url = agent.url();
+    let base = format!("nbd://127.0.0.1:{}", agent.port);
+    // libnbd asks for structured replies and meta contexts: refused politely.
+    let listed = client("nbdinfo", strings(&["--list", &base])).await;
+    assert!(listed.contains("export=\"os\""), "{listed}");
+    let info = client("nbdinfo", strings(&["--json", &url])).await;
+    assert!(info.contains(&format!("\"export-size\": {SIZE}")), "{info}");
+
+    let pattern = agent.dir.path().join("pattern.raw");
+    let p = pattern.display().to_string();
+    run("qemu-img", &["create", "-f", "raw", &p, "8M"]);
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0x3c 2M 3M", &p]);
+    client("nbdcopy", strings(&[&p, &url])).await;
+
+    client(
+        "fio",
+        strings(&[
+            "--name=randwrite",
+            "--ioengine=nbd",
+            &format!("--uri={url}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=16M",
+            "--io_size=8M",
+            "--iodepth=16",
+            "--randrepeat=1",
+            "--output-format=terse",
+        ]),
+    )
+    .await;
+    assert!(
+        agent.verify().await > 2048,
+        "fio's 2048 writes and nbdcopy's"
+    );
 }
