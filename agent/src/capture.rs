@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use ferry_proto::cache::v1::record::Op;
-use ferry_proto::cache::v1::{WriteOp, ZeroOp};
+use ferry_proto::cache::v1::{Marker, MarkerKind, WriteOp, ZeroOp};
 use tokio::sync::Mutex;
 
 use crate::stream::Stream;
@@ -107,6 +107,43 @@ impl SourceDisk {
         Ok(())
     }
 
+    /// The ranges of the image that may hold data, from SEEK_DATA/SEEK_HOLE;
+    /// the whole disk where the filesystem cannot tell.
+    pub fn data_ranges(&self) -> Vec<(u64, u64)> {
+        use std::os::fd::AsRawFd;
+        let fd = self.file.as_raw_fd();
+        let size = self.size;
+        let mut ranges = Vec::new();
+        let mut at: u64 = 0;
+        while at < size {
+            let Ok(off) = libc::off_t::try_from(at) else {
+                break;
+            };
+            // SAFETY: lseek on a file descriptor we own; it only moves the
+            // offset, which Ferry never relies on (all I/O is positional).
+            let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+            if data < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.raw_os_error() == Some(libc::ENXIO) {
+                    break; // no data after `at`
+                }
+                return vec![(0, size)];
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            if hole < 0 {
+                return vec![(0, size)];
+            }
+            let (start, end) = (data as u64, (hole as u64).min(size));
+            if start >= size {
+                break;
+            }
+            ranges.push((start, end));
+            at = end;
+        }
+        ranges
+    }
+
     /// Makes what was written reach the disk.
     pub fn flush(&self) -> Result<(), CaptureError> {
         self.file.sync_data().map_err(|e| self.io(e))
@@ -144,6 +181,48 @@ impl Capture {
         self.disks
             .get(id)
             .ok_or_else(|| CaptureError::UnknownDisk(id.to_string()))
+    }
+
+    /// Copies one chunk of the source into the stream for initial
+    /// replication or resync, under the ordering lock: writes completed
+    /// before it are in what it reads, writes after it follow it in the
+    /// stream, so the newest data wins on replay. All-zero chunks are skipped
+    /// (the replica starts zeroed). Returns whether a record was sent.
+    pub async fn copy_chunk(
+        &self,
+        disk: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<bool, CaptureError> {
+        let d = self.disk(disk)?.clone();
+        d.check(offset, length)?;
+        let _order = self.order.lock().await;
+        let d2 = d.clone();
+        let data = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; length as usize];
+            d2.read_at(&mut buf, offset).map(|_| buf)
+        })
+        .await
+        .map_err(|e| d.io(std::io::Error::other(e)))??;
+        if data.iter().all(|b| *b == 0) {
+            return Ok(false);
+        }
+        let op = Op::Write(WriteOp {
+            offset,
+            data: data.into(),
+        });
+        self.stream.push(disk, op).await;
+        Ok(true)
+    }
+
+    /// Puts a marker into the stream, in order with the writes around it.
+    pub async fn marker(&self, disk: &str, kind: MarkerKind, id: &str) -> u64 {
+        let _order = self.order.lock().await;
+        let op = Op::Marker(Marker {
+            kind: kind as i32,
+            id: id.to_string(),
+        });
+        self.stream.push(disk, op).await
     }
 
     /// The disk ids, sorted.

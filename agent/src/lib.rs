@@ -5,6 +5,7 @@
 //! [`stream`]; [`nbd`] exports the disks to qemu and friends.
 
 pub mod capture;
+pub mod initial;
 pub mod nbd;
 pub mod stream;
 
@@ -31,6 +32,8 @@ pub struct Assignment {
     pub cache_endpoint: String,
     pub disks: Vec<pb::Disk>,
     pub epoch: u64,
+    /// The protected item's state at registration.
+    pub state: pb::ReplicationState,
     credential: String,
 }
 
@@ -47,6 +50,7 @@ impl std::fmt::Debug for Assignment {
             .field("cache_endpoint", &self.cache_endpoint)
             .field("disks", &self.disks.len())
             .field("epoch", &self.epoch)
+            .field("state", &self.state)
             .field("credential", &"<redacted>")
             .finish()
     }
@@ -76,6 +80,10 @@ pub async fn register(
         cache_endpoint: grant.cache_endpoint,
         disks: grant.disks,
         epoch: grant.epoch,
+        state: grant
+            .item
+            .map(|i| i.state())
+            .unwrap_or(pb::ReplicationState::Unspecified),
         credential: grant.credential,
     })
 }

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use clap::Parser;
 use ferry_agent::capture::{Capture, SourceDisk};
 use ferry_agent::stream::{Stream, StreamLimits};
+use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_proto::registry::v1::ReplicationState;
 
 /// Ferry's agent: captures a VM's disk writes and streams them to the cache.
 #[derive(Parser)]
@@ -77,7 +79,23 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
         nbd = %args.nbd_listen,
         "replicating; exports are the disk ids"
     );
-    tokio::spawn(ferry_agent::nbd::serve(listener, capture, shutdown.clone()));
+    tokio::spawn(ferry_agent::nbd::serve(
+        listener,
+        capture.clone(),
+        shutdown.clone(),
+    ));
+    if matches!(
+        assignment.state,
+        ReplicationState::Enabling | ReplicationState::InitialReplication
+    ) {
+        let mut registry = RegistryClient::new(ferry_runtime::connect(&args.registry)?);
+        let vm = args.vm.clone();
+        tokio::spawn(async move {
+            if let Err(e) = ferry_agent::initial::replicate(&capture, &mut registry, &vm).await {
+                tracing::error!(vm, error = %e, "initial replication failed");
+            }
+        });
+    }
     ferry_agent::stream::run(
         stream,
         assignment.cache_endpoint.clone(),

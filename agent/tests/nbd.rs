@@ -57,6 +57,7 @@ struct Agent {
     registry: Running,
     _cache: ServiceProcess,
     stream: Arc<Stream>,
+    capture: Arc<Capture>,
     shutdown: CancellationToken,
     sender: tokio::task::JoinHandle<Result<(), tonic::Status>>,
     port: u16,
@@ -64,13 +65,18 @@ struct Agent {
 
 impl Agent {
     async fn start() -> Agent {
+        Self::start_with("write -P 0x5a 0 1M").await
+    }
+
+    /// Starts with the original image's content written by a qemu-io command.
+    async fn start_with(original_content: &str) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let source = dir.path().join("os.raw");
         // The original image has content of its own before replication starts.
         let original = dir.path().join("original.raw");
         let o = original.to_str().unwrap();
         run("qemu-img", &["create", "-f", "raw", o, &SIZE.to_string()]);
-        run("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 0 1M", o]);
+        run("qemu-io", &["-f", "raw", "-c", original_content, o]);
         std::fs::copy(&original, &source).unwrap();
 
         let cache_addr = free_addr();
@@ -135,8 +141,13 @@ impl Agent {
         ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        tokio::spawn(ferry_agent::nbd::serve(listener, capture, shutdown.clone()));
+        tokio::spawn(ferry_agent::nbd::serve(
+            listener,
+            capture.clone(),
+            shutdown.clone(),
+        ));
         Agent {
+            capture,
             dir,
             original,
             source,
@@ -157,13 +168,19 @@ impl Agent {
     /// Waits until everything is durable in the cache, replays the log onto
     /// a copy of the original image and compares it with the source.
     async fn verify(self) -> u64 {
+        let base = self.original.clone();
+        self.verify_from(base).await
+    }
+
+    /// As `verify`, replaying onto `base` instead of the original image.
+    async fn verify_from(self, base: PathBuf) -> u64 {
         let last = tokio::time::timeout(Duration::from_secs(60), self.stream.flushed())
             .await
             .expect("everything reaches the cache");
         let records = tail_all(&self.cache_url, "vm", 1).await;
         assert_eq!(records.len() as u64, last);
         let replica = self.dir.path().join("replica.raw");
-        std::fs::copy(&self.original, &replica).unwrap();
+        std::fs::copy(&base, &replica).unwrap();
         let files: HashMap<String, File> = [(
             "os".to_string(),
             std::fs::OpenOptions::new()
@@ -265,4 +282,92 @@ async fn nbdinfo_nbdcopy_and_fio_random_writes_replay_to_an_identical_image() {
         agent.verify().await > 2048,
         "fio's 2048 writes and nbdcopy's"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_replication_racing_live_writes_replays_from_zero() {
+    use ferry_proto::cache::v1::record::Op;
+    use ferry_proto::cache::v1::MarkerKind;
+
+    // A mostly written original with a hole in the middle.
+    let agent = Agent::start_with("write -P 0x5a 0 6M").await;
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x6b 10M 6M",
+            agent.source.to_str().unwrap(),
+        ],
+    );
+    let url = agent.url();
+    let mut registry = RegistryClient::new(ferry_runtime::connect(&agent.registry.url).unwrap());
+    let capture = agent.capture.clone();
+    let mut r2 = registry.clone();
+    let copy = tokio::spawn(async move {
+        ferry_agent::initial::replicate(&capture, &mut r2, "vm")
+            .await
+            .unwrap()
+    });
+    // Live writes over the ranges being copied, at the same time.
+    let mut args = strings(&["-f", "raw"]);
+    for c in [
+        "aio_write -P 0x01 0 1M",
+        "aio_write -P 0x02 5M 2M",
+        "aio_write -P 0x03 12M 64k",
+        "aio_flush",
+        "write -z 11M 512k",
+        "discard 2M 1M",
+    ] {
+        args.push("-c".into());
+        args.push(c.into());
+    }
+    args.push(url);
+    client("qemu-io", args).await;
+    let chunks = copy.await.unwrap();
+    assert!(chunks >= 10, "data chunks copied: {chunks}");
+
+    let item = registry
+        .get_protected_item(reg::GetProtectedItemRequest {
+            vm_name: "vm".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(item.state(), reg::ReplicationState::Protected);
+    assert_eq!(item.initial_replication_percent, 100);
+
+    let records = tail_all(&agent.cache_url, "vm", 1).await;
+    let markers: Vec<i32> = records
+        .iter()
+        .filter_map(|r| match &r.op {
+            Some(Op::Marker(m)) => Some(m.kind),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        markers,
+        [
+            MarkerKind::SyncStarted as i32,
+            MarkerKind::SyncCompleted as i32
+        ]
+    );
+    // The hole was skipped: nothing written in 6M..10M by the copy.
+    assert!(!records.iter().any(|r| matches!(&r.op,
+        Some(Op::Write(w)) if w.offset >= 6 << 20 && w.offset < 10 << 20 && w.data.iter().any(|b| *b != 0))));
+
+    // Replayed onto an empty disk, the stream rebuilds the source.
+    let zero = agent.dir.path().join("zero.raw");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "raw",
+            zero.to_str().unwrap(),
+            &SIZE.to_string(),
+        ],
+    );
+    agent.verify_from(zero).await;
 }
