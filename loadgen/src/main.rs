@@ -1,0 +1,292 @@
+//! `ferry-loadgen ingest-bench`: how fast writes become durable in cache-svc,
+//! through the agent's library API and through its NBD export (fio), beside
+//! the same run's fsynced sequential write bandwidth of the same filesystem.
+//! Prints figures and ratios; asserts nothing (machines are noisy).
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use ferry_agent::capture::{Capture, SourceDisk};
+use ferry_agent::stream::{self, Stream, StreamLimits};
+use ferry_proto::registry::v1 as reg;
+use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_runtime::{CancellationToken, ServiceConfig};
+
+#[derive(Parser)]
+#[command(name = "ferry-loadgen")]
+enum Cli {
+    /// Ingest throughput: library API and NBD, 1 MiB sequential and 4 KiB random.
+    IngestBench {
+        /// Where the services keep their data (the filesystem measured).
+        #[arg(long, default_value = "target/bench")]
+        dir: PathBuf,
+        /// MiB written by each sequential run.
+        #[arg(long, default_value_t = 512)]
+        seq_mib: u64,
+        /// 4 KiB writes in each random run.
+        #[arg(long, default_value_t = 40_000)]
+        random_writes: u64,
+    },
+}
+
+const DISK: u64 = 4 << 30;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// The baseline: MiB/s of 1 MiB writes each followed by fdatasync.
+fn fsync_baseline(dir: &Path, mib: u64) -> Result<f64> {
+    let path = dir.join("baseline.bin");
+    let mut f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(&path)?;
+    let buf = vec![0x5au8; 1 << 20];
+    let t = Instant::now();
+    for _ in 0..mib {
+        f.write_all(&buf)?;
+        f.sync_data()?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok(mib as f64 / secs)
+}
+
+struct Rig {
+    capture: Arc<Capture>,
+    stream: Arc<Stream>,
+    nbd_port: u16,
+    shutdown: CancellationToken,
+    _registry: ferry_testkit::Running,
+}
+
+async fn rig(dir: &Path, vm: &str) -> Result<Rig> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let cache_url = format!("http://{}", listener.local_addr()?);
+    let registry =
+        ferry_testkit::start_registry(dir.join(format!("{vm}-registry")), Some(cache_url.clone()))
+            .await;
+    ferry_testkit::wait_serving(&registry.url).await;
+    let mut config = ServiceConfig::in_process(dir.join(format!("{vm}-cache")));
+    config.registry = Some(registry.url.clone());
+    config.limits.max_message_bytes = 64 << 20;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cache_svc::serve(config, listener, shutdown.clone()));
+    ferry_testkit::wait_serving(&cache_url).await;
+
+    let source = dir.join(format!("{vm}-source.raw"));
+    let mut r = RegistryClient::connect(registry.url.clone()).await?;
+    r.register_vm(reg::RegisterVmRequest {
+        vm: Some(reg::Vm {
+            name: vm.into(),
+            source_region: "eastus".into(),
+            resource_group: "bench".into(),
+            virtual_network: "net".into(),
+            subnet: "sub".into(),
+            nics: vec![reg::Nic {
+                name: "nic0".into(),
+                private_ip: "10.0.0.4".into(),
+            }],
+            disks: vec![reg::Disk {
+                id: "os".into(),
+                size_bytes: DISK,
+                role: reg::DiskRole::Os as i32,
+                storage: reg::DiskStorage::Managed as i32,
+                source_path: source.display().to_string(),
+            }],
+            ..Default::default()
+        }),
+    })
+    .await?;
+    r.enable_replication(reg::EnableReplicationRequest {
+        vm_name: vm.into(),
+        target_region: "westus".into(),
+        ..Default::default()
+    })
+    .await?;
+    let a = ferry_agent::register(&registry.url, vm, "bench", "").await?;
+    let stream = Stream::new(1, StreamLimits::default());
+    let capture = Arc::new(Capture::new(
+        vec![SourceDisk::open("os", &source, DISK)?],
+        stream.clone(),
+    ));
+    tokio::spawn(stream::run(
+        stream.clone(),
+        a.cache_endpoint.clone(),
+        vm.into(),
+        a.epoch,
+        a.credential().to_string(),
+        shutdown.clone(),
+    ));
+    let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let nbd_port = nbd.local_addr()?.port();
+    tokio::spawn(ferry_agent::nbd::serve(
+        nbd,
+        capture.clone(),
+        shutdown.clone(),
+    ));
+    Ok(Rig {
+        capture,
+        stream,
+        nbd_port,
+        shutdown,
+        _registry: registry,
+    })
+}
+
+struct Figure {
+    name: &'static str,
+    bytes: u64,
+    ops: u64,
+    secs: f64,
+}
+
+async fn library_seq(rig: &Rig, mib: u64) -> Result<Figure> {
+    let data = vec![0xa5u8; 1 << 20];
+    let t = Instant::now();
+    for i in 0..mib {
+        rig.capture
+            .write("os", (i << 20) % DISK, data.clone())
+            .await?;
+    }
+    rig.stream.flushed().await;
+    Ok(Figure {
+        name: "library API, 1 MiB sequential",
+        bytes: mib << 20,
+        ops: mib,
+        secs: t.elapsed().as_secs_f64(),
+    })
+}
+
+async fn library_random(rig: &Rig, n: u64) -> Result<Figure> {
+    let mut rng = Rng(0x2545f4914f6cdd1d);
+    let data = vec![0x3cu8; 4096];
+    let t = Instant::now();
+    for _ in 0..n {
+        let offset = (rng.next() % (DISK / 4096)) * 4096;
+        rig.capture.write("os", offset, data.clone()).await?;
+    }
+    rig.stream.flushed().await;
+    Ok(Figure {
+        name: "library API, 4 KiB random",
+        bytes: n * 4096,
+        ops: n,
+        secs: t.elapsed().as_secs_f64(),
+    })
+}
+
+async fn fio(
+    rig: &Rig,
+    name: &'static str,
+    args: Vec<String>,
+    bytes: u64,
+    ops: u64,
+) -> Result<Figure> {
+    let uri = format!("--uri=nbd://127.0.0.1:{}/os", rig.nbd_port);
+    let t = Instant::now();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("fio")
+            .arg("--name=bench")
+            .arg("--ioengine=nbd")
+            .arg(uri)
+            .args(args)
+            .output()
+    })
+    .await?
+    .context("run fio (Debian package fio)")?;
+    if !out.status.success() {
+        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    rig.stream.flushed().await;
+    Ok(Figure {
+        name,
+        bytes,
+        ops,
+        secs: t.elapsed().as_secs_f64(),
+    })
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let Cli::IngestBench {
+        dir,
+        seq_mib,
+        random_writes,
+    } = Cli::parse();
+    std::fs::create_dir_all(&dir)?;
+    let work = tempfile::tempdir_in(&dir)?;
+    let baseline = fsync_baseline(work.path(), 256)?;
+    println!(
+        "filesystem of {}: fsynced 1 MiB sequential writes {baseline:.1} MiB/s (baseline)",
+        dir.display()
+    );
+
+    let rig = rig(work.path(), "bench").await?;
+    let mut figures = Vec::new();
+    figures.push(library_seq(&rig, seq_mib).await?);
+    figures.push(library_random(&rig, random_writes).await?);
+    figures.push(
+        fio(
+            &rig,
+            "NBD (fio), 1 MiB sequential",
+            vec![
+                "--rw=write".into(),
+                "--bs=1M".into(),
+                format!("--size={seq_mib}M"),
+                "--iodepth=8".into(),
+            ],
+            seq_mib << 20,
+            seq_mib,
+        )
+        .await?,
+    );
+    figures.push(
+        fio(
+            &rig,
+            "NBD (fio), 4 KiB random",
+            vec![
+                "--rw=randwrite".into(),
+                "--bs=4k".into(),
+                "--size=4G".into(),
+                format!("--io_size={}", random_writes * 4096),
+                "--iodepth=32".into(),
+                "--randrepeat=1".into(),
+            ],
+            random_writes * 4096,
+            random_writes,
+        )
+        .await?,
+    );
+    println!(
+        "{:<32} {:>10} {:>10} {:>12}",
+        "ingest (write -> durable in cache)", "MiB/s", "IOPS", "vs baseline"
+    );
+    for f in &figures {
+        let mibs = f.bytes as f64 / (1 << 20) as f64 / f.secs;
+        println!(
+            "{:<32} {:>10.1} {:>10.0} {:>11.2}x",
+            f.name,
+            mibs,
+            f.ops as f64 / f.secs,
+            mibs / baseline
+        );
+    }
+    rig.shutdown.cancel();
+    Ok(())
+}
