@@ -348,6 +348,10 @@ async fn session(
                     pb::ingest_response::Msg::Stop(s) => {
                         return SessionEnd::Fatal(tonic::Status::failed_precondition(s.reason))
                     }
+                    pb::ingest_response::Msg::Throttle(t) => {
+                        // The cache refuses the next batch; the retry backs off.
+                        tracing::warn!(vm, reason = %t.reason, "cache throttles this VM");
+                    }
                     other => tracing::debug!(?other, "control message not handled yet"),
                 },
                 Ok(_) => return SessionEnd::Retry("the cache ended the stream".into()),

@@ -20,6 +20,10 @@ pub enum CacheError {
     /// A record whose checksum does not match its contents.
     #[error("{0}")]
     DataLoss(String),
+    /// A quota is reached; the agent must back off until the processor has
+    /// applied (and the cache trimmed) enough. Nothing of the batch was stored.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// registry-svc could not be asked.
     #[error("registry unavailable: {0}")]
     Registry(String),
@@ -58,6 +62,7 @@ impl From<CacheError> for Status {
             CacheError::FailedPrecondition(_) => Status::failed_precondition(message),
             CacheError::OutOfRange(_) => Status::out_of_range(message),
             CacheError::DataLoss(_) => Status::data_loss(message),
+            CacheError::ResourceExhausted(_) => Status::resource_exhausted(message),
             CacheError::Registry(_) => Status::unavailable(message),
             CacheError::Io { .. } | CacheError::Index(_) => Status::internal(message),
             CacheError::Corrupt(_) => Status::data_loss(message),

@@ -136,6 +136,15 @@ impl CacheService {
         let result = self.ingest_inner(&mut inbound, &tx, &shutdown).await;
         if let Err(err) = result {
             tracing::warn!(%err, "ingest stream ended with an error");
+            if let CacheError::ResourceExhausted(reason) = &err {
+                let throttle = pb::Throttle {
+                    max_bytes_per_second: 0,
+                    reason: reason.clone(),
+                };
+                let _ = tx
+                    .send(reply(pb::ingest_response::Msg::Throttle(throttle)))
+                    .await;
+            }
             let _ = tx.send(Err(Status::from(err))).await;
         }
     }

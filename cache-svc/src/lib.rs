@@ -34,12 +34,18 @@ pub const DEFAULT_PORT: u16 = 7102;
 pub struct Settings {
     /// A segment file rolls over past this many bytes.
     pub segment_bytes: u64,
+    /// Log bytes one VM may have waiting (acknowledged, not yet applied).
+    pub vm_quota_bytes: u64,
+    /// Log bytes all VMs together may have waiting.
+    pub total_quota_bytes: u64,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Settings {
             segment_bytes: 64 * 1024 * 1024,
+            vm_quota_bytes: 16 << 30,
+            total_quota_bytes: 128 << 30,
         }
     }
 }
@@ -92,9 +98,16 @@ pub async fn serve_with(
     })?;
     let data_dir = config.data_dir.clone();
     let segment_bytes = settings.segment_bytes.max(4096);
-    let store = tokio::task::spawn_blocking(move || store::Store::open(&data_dir, segment_bytes))
-        .await
-        .map_err(|_| CacheError::ShuttingDown)??;
+    // A quota below two full messages could refuse a single batch forever.
+    let floor = 2 * config.limits.max_message_bytes as u64;
+    let quotas = store::Quotas {
+        per_vm_bytes: settings.vm_quota_bytes.max(floor),
+        total_bytes: settings.total_quota_bytes.max(floor),
+    };
+    let store =
+        tokio::task::spawn_blocking(move || store::Store::open(&data_dir, segment_bytes, quotas))
+            .await
+            .map_err(|_| CacheError::ShuttingDown)??;
     let client = RegistryClient::new(ferry_runtime::connect(&registry.url)?);
     let limits = &config.limits;
     host.routes().add_service(
@@ -102,6 +115,7 @@ pub async fn serve_with(
             Arc::new(store),
             client,
             shutdown.clone(),
+            limits.max_message_bytes,
         ))
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes),

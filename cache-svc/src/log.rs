@@ -383,6 +383,10 @@ pub fn read(
                     cursor.next_seq
                 )));
             }
+            if !out.is_empty() && bytes + whole.len() > max_bytes {
+                // Leave it for the next batch; the cursor still points at it.
+                return Ok(out);
+            }
             bytes += whole.len();
             cursor.next_seq += 1;
             cursor.at = Some((seg.first_seq, offset));

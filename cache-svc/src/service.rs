@@ -24,6 +24,8 @@ pub struct CacheService {
     pub(crate) store: Arc<Store>,
     pub(crate) registry: RegistryClient<PeerChannel>,
     shutdown: CancellationToken,
+    /// Tail batches stay well under the largest message the server sends.
+    max_batch_bytes: usize,
 }
 
 impl CacheService {
@@ -31,11 +33,13 @@ impl CacheService {
         store: Arc<Store>,
         registry: RegistryClient<PeerChannel>,
         shutdown: CancellationToken,
+        max_message_bytes: usize,
     ) -> Self {
         CacheService {
             store,
             registry,
             shutdown,
+            max_batch_bytes: (max_message_bytes / 2).max(4096),
         }
     }
 }
@@ -86,7 +90,8 @@ impl Cache for CacheService {
         let max_bytes = match req.max_batch_bytes {
             0 => tail::DEFAULT_BATCH_BYTES,
             n => n as usize,
-        };
+        }
+        .min(self.max_batch_bytes);
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tokio::spawn(tail::run(
             state,

@@ -57,7 +57,17 @@ pub struct Store {
     db: sled::Db,
     index: sled::Tree,
     segment_limit: u64,
+    quotas: Quotas,
     vms: Mutex<HashMap<String, Arc<VmState>>>,
+}
+
+/// Bytes of log the cache keeps at most, per VM and in all. They bound what is
+/// retained (acknowledged but not yet applied); past them new batches are
+/// refused with RESOURCE_EXHAUSTED and nothing acknowledged is dropped.
+#[derive(Debug, Clone, Copy)]
+pub struct Quotas {
+    pub per_vm_bytes: u64,
+    pub total_bytes: u64,
 }
 
 fn vm_key(vm: &str) -> String {
@@ -81,7 +91,7 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CacheError> {
 impl Store {
     /// Opens every VM's log under `dir`: torn tails are cut, so each log
     /// holds exactly what was acknowledged.
-    pub fn open(dir: &Path, segment_limit: u64) -> Result<Store, CacheError> {
+    pub fn open(dir: &Path, segment_limit: u64, quotas: Quotas) -> Result<Store, CacheError> {
         let db = sled::Config::new().path(dir.join("index.sled")).open()?;
         let index = db.open_tree("cache")?;
         let store = Store {
@@ -89,6 +99,7 @@ impl Store {
             db,
             index,
             segment_limit,
+            quotas,
             vms: Mutex::new(HashMap::new()),
         };
         let mut vms = HashMap::new();
@@ -173,12 +184,50 @@ impl Store {
         Ok(())
     }
 
-    /// Appends records durably (fsynced) and publishes the new durable sequence.
+    /// Refuses a batch of `bytes` that would take the VM's log or all logs
+    /// past their quota.
+    fn check_quota(&self, state: &VmState, bytes: u64) -> Result<(), CacheError> {
+        let mine = state.with_log(|log| log.size())?;
+        if mine + bytes > self.quotas.per_vm_bytes {
+            return Err(CacheError::ResourceExhausted(format!(
+                "VM {:?} has {mine} bytes waiting in the cache (quota {}); back off until the \
+                 processor catches up",
+                state.vm, self.quotas.per_vm_bytes
+            )));
+        }
+        let vms: Vec<Arc<VmState>> = self
+            .vms
+            .lock()
+            .map_err(|_| poisoned())?
+            .values()
+            .cloned()
+            .collect();
+        let mut total = bytes;
+        for vm in vms {
+            total += vm.with_log(|log| log.size())?;
+        }
+        if total > self.quotas.total_bytes {
+            return Err(CacheError::ResourceExhausted(format!(
+                "the cache holds its total quota of {} bytes; back off until the processor \
+                 catches up",
+                self.quotas.total_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Appends records durably (fsynced) and publishes the new durable
+    /// sequence; refuses them (storing nothing) past a quota.
     pub async fn append(
         &self,
         state: &Arc<VmState>,
         records: Vec<Record>,
     ) -> Result<u64, CacheError> {
+        let bytes: u64 = records
+            .iter()
+            .map(|r| prost::Message::encoded_len(r) as u64 + crate::frame::HEADER as u64)
+            .sum();
+        self.check_quota(state, bytes)?;
         let worker = state.clone();
         let (appended, last) = tokio::task::spawn_blocking(move || {
             worker.with_log(|log| log.append(&records).map(|a| (a, log.last_seq())))

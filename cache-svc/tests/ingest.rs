@@ -182,6 +182,14 @@ struct InProcess {
 }
 
 async fn in_process(segment_bytes: u64, max_message_bytes: usize) -> InProcess {
+    let settings = cache_svc::Settings {
+        segment_bytes,
+        ..Default::default()
+    };
+    in_process_with(settings, max_message_bytes).await
+}
+
+async fn in_process_with(settings: cache_svc::Settings, max_message_bytes: usize) -> InProcess {
     let dir = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let cache_url = format!("http://{}", listener.local_addr().unwrap());
@@ -190,7 +198,6 @@ async fn in_process(segment_bytes: u64, max_message_bytes: usize) -> InProcess {
     config.registry = Some(registry.url.clone());
     config.limits.max_message_bytes = max_message_bytes;
     let cache_shutdown = CancellationToken::new();
-    let settings = cache_svc::Settings { segment_bytes };
     tokio::spawn(cache_svc::serve_with(
         config,
         settings,
@@ -465,4 +472,81 @@ async fn sigkill_mid_stream_loses_nothing_acknowledged() {
         assert_eq!(*r, record(i as u64 + 1), "record {}", i + 1);
     }
     registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_its_quota_a_vm_is_throttled_and_nothing_is_lost() {
+    let settings = cache_svc::Settings {
+        segment_bytes: 32 * 1024,
+        vm_quota_bytes: 192 * 1024,
+        total_quota_bytes: 1 << 30,
+    };
+    let env = in_process_with(settings, 64 * 1024).await;
+    let epoch = protect(&env.registry.url, "vm5").await;
+    let (mut s, _) = Stream::open(&env.cache_url, "vm5", epoch).await.unwrap();
+    let mut next = 1;
+    let refused = loop {
+        let records: Vec<_> = (next..next + 5).map(record).collect();
+        match s.send(records).await {
+            Ok(durable) => {
+                assert_eq!(durable, next + 4);
+                next += 5;
+                assert!(next < 200, "the quota never bit");
+            }
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("quota"), "{}", refused.message());
+    let kept = tail_all(&env.cache_url, "vm5", 1).await.unwrap();
+    assert_eq!(
+        kept.len() as u64,
+        next - 1,
+        "everything acknowledged is kept"
+    );
+
+    // The refusal came with a throttle, ahead of the status.
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(open("vm5", epoch)).await.unwrap();
+    let mut client = CacheClient::connect(env.cache_url.clone()).await.unwrap();
+    let mut responses = client
+        .ingest(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    responses.message().await.unwrap();
+    tx.send(batch((next..next + 5).map(record).collect()))
+        .await
+        .unwrap();
+    let msg = responses.message().await.unwrap().and_then(|m| m.msg);
+    assert!(
+        matches!(msg, Some(pb::ingest_response::Msg::Throttle(ref t)) if t.max_bytes_per_second == 0),
+        "{msg:?}"
+    );
+    assert_eq!(
+        responses.message().await.unwrap_err().code(),
+        Code::ResourceExhausted
+    );
+
+    // Once the processor has applied everything, room is made and the same
+    // batch is accepted.
+    CacheClient::connect(env.cache_url.clone())
+        .await
+        .unwrap()
+        .report_applied(pb::ReportAppliedRequest {
+            vm_name: "vm5".into(),
+            applied_sequence: next - 1,
+        })
+        .await
+        .unwrap();
+    let (mut s, durable) = Stream::open(&env.cache_url, "vm5", epoch).await.unwrap();
+    assert_eq!(durable, next - 1);
+    assert_eq!(
+        s.send((next..next + 5).map(record).collect())
+            .await
+            .unwrap(),
+        next + 4
+    );
+    env.cache_shutdown.cancel();
+    env.registry.stop().await;
 }
