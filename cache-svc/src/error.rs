@@ -14,6 +14,9 @@ pub enum CacheError {
     /// The request does not fit the current state (fenced epoch, gap).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A credential registry does not recognise.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A sequence outside what the log retains.
     #[error("{0}")]
     OutOfRange(String),
@@ -60,6 +63,7 @@ impl From<CacheError> for Status {
             CacheError::InvalidArgument(_) => Status::invalid_argument(message),
             CacheError::NotFound(_) => Status::not_found(message),
             CacheError::FailedPrecondition(_) => Status::failed_precondition(message),
+            CacheError::PermissionDenied(_) => Status::permission_denied(message),
             CacheError::OutOfRange(_) => Status::out_of_range(message),
             CacheError::DataLoss(_) => Status::data_loss(message),
             CacheError::ResourceExhausted(_) => Status::resource_exhausted(message),

@@ -85,12 +85,20 @@ fn reply(msg: pb::ingest_response::Msg) -> Result<pb::IngestResponse, Status> {
 }
 
 impl CacheService {
-    /// Looks up the VM at registry: its disks and its current epoch.
-    async fn protected(&self, vm: &str) -> Result<(Disks, u64), CacheError> {
+    /// Opens a session: registry must recognise the agent's credential for
+    /// a protected VM and its epoch as current; the cache must not have seen a
+    /// newer one.
+    pub(crate) async fn open_session(
+        &self,
+        open: pb::IngestOpen,
+    ) -> Result<(Arc<VmState>, Disks), CacheError> {
+        let vm = open.vm_name.clone();
         let mut client = self.registry.clone();
         let item = client
-            .get_protected_item(registry::GetProtectedItemRequest {
-                vm_name: vm.to_string(),
+            .verify_agent(registry::VerifyAgentRequest {
+                vm_name: open.vm_name.clone(),
+                credential: open.credential.clone(),
+                epoch: open.epoch,
             })
             .await
             .map_err(|s| match s.code() {
@@ -98,6 +106,10 @@ impl CacheService {
                     "VM {vm:?} is not protected: enable its replication first"
                 )),
                 tonic::Code::InvalidArgument => CacheError::InvalidArgument(s.message().into()),
+                tonic::Code::PermissionDenied => CacheError::PermissionDenied(s.message().into()),
+                tonic::Code::FailedPrecondition => {
+                    CacheError::FailedPrecondition(s.message().into())
+                }
                 _ => CacheError::Registry(s.message().into()),
             })?
             .into_inner();
@@ -105,23 +117,7 @@ impl CacheService {
             .source
             .map(|v| v.disks.into_iter().map(|d| (d.id, d.size_bytes)).collect())
             .unwrap_or_default();
-        Ok((disks, item.epoch))
-    }
-
-    /// Opens a session: the VM must be protected, the epoch current.
-    pub(crate) async fn open_session(
-        &self,
-        open: pb::IngestOpen,
-    ) -> Result<(Arc<VmState>, Disks), CacheError> {
-        let (disks, registry_epoch) = self.protected(&open.vm_name).await?;
-        if open.epoch < registry_epoch {
-            return Err(CacheError::FailedPrecondition(format!(
-                "agent epoch {} of VM {:?} is older than registry's {registry_epoch}: this agent \
-                 was fenced; register it again",
-                open.epoch, open.vm_name
-            )));
-        }
-        let state = self.store.get_or_create(&open.vm_name).await?;
+        let state = self.store.get_or_create(&vm).await?;
         self.store.admit_epoch(&state, open.epoch).await?;
         Ok((state, disks))
     }

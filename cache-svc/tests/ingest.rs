@@ -51,18 +51,26 @@ fn batch(records: Vec<pb::Record>) -> pb::IngestRequest {
     }
 }
 
-fn open(vm: &str, epoch: u64) -> pb::IngestRequest {
+/// What registry gave the VM's agent.
+#[derive(Clone)]
+struct Cred {
+    epoch: u64,
+    credential: String,
+}
+
+fn open(vm: &str, cred: &Cred) -> pb::IngestRequest {
     pb::IngestRequest {
         msg: Some(pb::ingest_request::Msg::Open(pb::IngestOpen {
             vm_name: vm.into(),
-            credential: String::new(),
-            epoch,
+            credential: cred.credential.clone(),
+            epoch: cred.epoch,
         })),
     }
 }
 
-/// Registers and protects `vm` with disks "os" and "data"; returns the agent epoch.
-async fn protect(registry_url: &str, vm: &str) -> u64 {
+/// Registers and protects `vm` with disks "os" and "data"; returns what its
+/// agent got.
+async fn protect(registry_url: &str, vm: &str) -> Cred {
     let mut r = RegistryClient::connect(registry_url.to_string())
         .await
         .unwrap();
@@ -100,14 +108,25 @@ async fn protect(registry_url: &str, vm: &str) -> u64 {
     })
     .await
     .unwrap();
-    r.register_agent(reg::RegisterAgentRequest {
-        vm_name: vm.into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .epoch
+    register_agent(registry_url, vm).await
+}
+
+async fn register_agent(registry_url: &str, vm: &str) -> Cred {
+    let mut r = RegistryClient::connect(registry_url.to_string())
+        .await
+        .unwrap();
+    let grant = r
+        .register_agent(reg::RegisterAgentRequest {
+            vm_name: vm.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    Cred {
+        epoch: grant.epoch,
+        credential: grant.credential,
+    }
 }
 
 /// An open ingest stream.
@@ -117,10 +136,10 @@ struct Stream {
 }
 
 impl Stream {
-    async fn open(cache: &str, vm: &str, epoch: u64) -> Result<(Stream, u64), tonic::Status> {
+    async fn open(cache: &str, vm: &str, cred: &Cred) -> Result<(Stream, u64), tonic::Status> {
         let mut client = CacheClient::connect(cache.to_string()).await.unwrap();
         let (tx, rx) = mpsc::channel(16);
-        tx.send(open(vm, epoch)).await.unwrap();
+        tx.send(open(vm, cred)).await.unwrap();
         let mut rx = client.ingest(ReceiverStream::new(rx)).await?.into_inner();
         match rx.message().await?.and_then(|m| m.msg) {
             Some(pb::ingest_response::Msg::Opened(o)) => {
@@ -216,8 +235,8 @@ async fn in_process_with(settings: cache_svc::Settings, max_message_bytes: usize
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acked_records_come_back_in_order_and_live() {
     let env = in_process(256 * 1024, 16 << 20).await;
-    let epoch = protect(&env.registry.url, "vm1").await;
-    let (mut s, durable) = Stream::open(&env.cache_url, "vm1", epoch).await.unwrap();
+    let cred = protect(&env.registry.url, "vm1").await;
+    let (mut s, durable) = Stream::open(&env.cache_url, "vm1", &cred).await.unwrap();
     assert_eq!(durable, 0);
 
     // A follower started before anything is written sees everything live.
@@ -267,7 +286,7 @@ async fn acked_records_come_back_in_order_and_live() {
     let i = info(&env.cache_url, "vm1").await;
     assert_eq!(
         (i.first_sequence, i.last_sequence, i.epoch),
-        (1, 161, epoch)
+        (1, 161, cred.epoch)
     );
     assert!(i.segments > 1, "rolled over at 256 KiB: {i:?}");
     env.cache_shutdown.cancel();
@@ -277,8 +296,8 @@ async fn acked_records_come_back_in_order_and_live() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_its_status_and_the_log_is_unchanged() {
     let env = in_process(1 << 20, 256 * 1024).await;
-    let epoch = protect(&env.registry.url, "vm2").await;
-    let (mut s, _) = Stream::open(&env.cache_url, "vm2", epoch).await.unwrap();
+    let cred = protect(&env.registry.url, "vm2").await;
+    let (mut s, _) = Stream::open(&env.cache_url, "vm2", &cred).await.unwrap();
     assert_eq!(s.send((1..=5).map(record).collect()).await.unwrap(), 5);
     drop(s);
     let before = tail_all(&env.cache_url, "vm2", 1).await.unwrap();
@@ -347,7 +366,7 @@ async fn bad_input_gets_its_status_and_the_log_is_unchanged() {
         ),
     ];
     for (what, records, code) in cases {
-        let (mut s, durable) = Stream::open(&env.cache_url, "vm2", epoch).await.unwrap();
+        let (mut s, durable) = Stream::open(&env.cache_url, "vm2", &cred).await.unwrap();
         assert_eq!(durable, 5, "{what}");
         let err = s.send(records).await.unwrap_err();
         assert_eq!(err.code(), code, "{what}: {err:?}");
@@ -360,16 +379,39 @@ async fn bad_input_gets_its_status_and_the_log_is_unchanged() {
     }
 
     // Unknown VM, and an agent older than registry's epoch (fenced).
-    let err = Stream::open(&env.cache_url, "ghost", 1)
+    let err = Stream::open(&env.cache_url, "ghost", &cred)
         .await
         .err()
         .unwrap();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
-    let err = Stream::open(&env.cache_url, "vm2", epoch - 1)
+    let stale = Cred {
+        epoch: cred.epoch - 1,
+        ..cred.clone()
+    };
+    let err = Stream::open(&env.cache_url, "vm2", &stale)
         .await
         .err()
         .unwrap();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    // A credential registry did not issue.
+    let forged = Cred {
+        credential: "00".repeat(32),
+        ..cred.clone()
+    };
+    let err = Stream::open(&env.cache_url, "vm2", &forged)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // A newer agent registers: the old one is refused, the new one admitted.
+    let newer = register_agent(&env.registry.url, "vm2").await;
+    let err = Stream::open(&env.cache_url, "vm2", &cred)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let (_, durable) = Stream::open(&env.cache_url, "vm2", &newer).await.unwrap();
+    assert_eq!(durable, 5);
     // Tail of a VM the cache does not know.
     let err = tail_all(&env.cache_url, "ghost", 1).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -381,8 +423,8 @@ async fn bad_input_gets_its_status_and_the_log_is_unchanged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn segments_below_the_applied_sequence_are_deleted() {
     let env = in_process(64 * 1024, 16 << 20).await;
-    let epoch = protect(&env.registry.url, "vm3").await;
-    let (mut s, _) = Stream::open(&env.cache_url, "vm3", epoch).await.unwrap();
+    let cred = protect(&env.registry.url, "vm3").await;
+    let (mut s, _) = Stream::open(&env.cache_url, "vm3", &cred).await.unwrap();
     for chunk in (1..=200u64).collect::<Vec<_>>().chunks(20) {
         s.send(chunk.iter().copied().map(record).collect())
             .await
@@ -430,7 +472,7 @@ async fn sigkill_mid_stream_loses_nothing_acknowledged() {
     let cache_url = format!("http://{cache_addr}");
     let registry = start_registry(dir.path().join("registry"), Some(cache_url.clone())).await;
     wait_serving(&registry.url).await;
-    let epoch = protect(&registry.url, "vm4").await;
+    let cred = protect(&registry.url, "vm4").await;
     let mut cache = ServiceProcess::start_at(
         cache_addr,
         env!("CARGO_BIN_EXE_cache-svc"),
@@ -441,7 +483,7 @@ async fn sigkill_mid_stream_loses_nothing_acknowledged() {
 
     // Stream until well past the point of the kill, which comes while a
     // batch is in flight.
-    let (mut s, _) = Stream::open(&cache_url, "vm4", epoch).await.unwrap();
+    let (mut s, _) = Stream::open(&cache_url, "vm4", &cred).await.unwrap();
     let mut acked = 0;
     let mut next = 1;
     while acked < 300 {
@@ -457,7 +499,7 @@ async fn sigkill_mid_stream_loses_nothing_acknowledged() {
     cache.restart();
     wait_serving(&cache_url).await;
     // Reconnect: the cache says what is durable; resend the rest.
-    let (mut s, durable) = Stream::open(&cache_url, "vm4", epoch).await.unwrap();
+    let (mut s, durable) = Stream::open(&cache_url, "vm4", &cred).await.unwrap();
     assert!(
         durable >= acked,
         "acknowledged {acked}, durable after restart {durable}"
@@ -482,8 +524,8 @@ async fn past_its_quota_a_vm_is_throttled_and_nothing_is_lost() {
         total_quota_bytes: 1 << 30,
     };
     let env = in_process_with(settings, 64 * 1024).await;
-    let epoch = protect(&env.registry.url, "vm5").await;
-    let (mut s, _) = Stream::open(&env.cache_url, "vm5", epoch).await.unwrap();
+    let cred = protect(&env.registry.url, "vm5").await;
+    let (mut s, _) = Stream::open(&env.cache_url, "vm5", &cred).await.unwrap();
     let mut next = 1;
     let refused = loop {
         let records: Vec<_> = (next..next + 5).map(record).collect();
@@ -507,7 +549,7 @@ async fn past_its_quota_a_vm_is_throttled_and_nothing_is_lost() {
 
     // The refusal came with a throttle, ahead of the status.
     let (tx, rx) = mpsc::channel(4);
-    tx.send(open("vm5", epoch)).await.unwrap();
+    tx.send(open("vm5", &cred)).await.unwrap();
     let mut client = CacheClient::connect(env.cache_url.clone()).await.unwrap();
     let mut responses = client
         .ingest(ReceiverStream::new(rx))
@@ -539,7 +581,7 @@ async fn past_its_quota_a_vm_is_throttled_and_nothing_is_lost() {
         })
         .await
         .unwrap();
-    let (mut s, durable) = Stream::open(&env.cache_url, "vm5", epoch).await.unwrap();
+    let (mut s, durable) = Stream::open(&env.cache_url, "vm5", &cred).await.unwrap();
     assert_eq!(durable, next - 1);
     assert_eq!(
         s.send((next..next + 5).map(record).collect())

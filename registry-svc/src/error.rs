@@ -17,6 +17,9 @@ pub enum RegistryError {
     /// The request does not fit the current state; nothing was changed.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A credential that does not match.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The embedded database failed.
     #[error("storage error: {0}")]
     Storage(#[from] sled::Error),
@@ -53,6 +56,7 @@ impl From<RegistryError> for Status {
             RegistryError::NotFound { .. } => Status::not_found(message),
             RegistryError::AlreadyExists { .. } => Status::already_exists(message),
             RegistryError::FailedPrecondition(_) => Status::failed_precondition(message),
+            RegistryError::PermissionDenied(_) => Status::permission_denied(message),
             RegistryError::Storage(_) => Status::internal(message),
             RegistryError::Corrupt { .. } => Status::data_loss(message),
             RegistryError::Internal(_) => Status::internal(message),

@@ -505,6 +505,40 @@ impl Registry {
         })
     }
 
+    /// Checks an agent's credential and epoch; returns the protected item.
+    pub fn verify_agent(
+        &self,
+        vm: &str,
+        credential: &str,
+        epoch: u64,
+    ) -> Result<ProtectedItem, RegistryError> {
+        let item = self.get_item(vm)?;
+        let record = self.agent(vm)?;
+        let presented = hex::encode(Sha256::digest(credential.as_bytes()));
+        match record {
+            Some(r) if r.credential_sha256 == presented => {
+                if epoch < item.epoch || r.epoch != epoch {
+                    return Err(RegistryError::precondition(format!(
+                        "agent epoch {epoch} of VM {vm:?} is stale (current {}): a newer agent \
+                         registered or the source was fenced",
+                        item.epoch
+                    )));
+                }
+                if !item.state.source_active() {
+                    return Err(RegistryError::precondition(format!(
+                        "VM {vm:?} is {}; its source side is fenced",
+                        item.state.name()
+                    )));
+                }
+                Ok(item)
+            }
+            _ => Err(RegistryError::PermissionDenied(format!(
+                "the credential presented for VM {vm:?} is not the one registry issued to its \
+                 agent; register the agent again"
+            ))),
+        }
+    }
+
     /// The stored record of a VM's agent.
     pub fn agent(&self, vm: &str) -> Result<Option<AgentRecord>, RegistryError> {
         self.store.get(Kind::Agent, vm)

@@ -254,6 +254,19 @@ impl RegistryApi for RegistryService {
         }))
     }
 
+    async fn verify_agent(
+        &self,
+        request: Request<pb::VerifyAgentRequest>,
+    ) -> Result<pb::ProtectedItem> {
+        let req = request.into_inner();
+        name("VM name", &req.vm_name)?;
+        Ok(Response::new(item(&self.registry.verify_agent(
+            &req.vm_name,
+            &req.credential,
+            req.epoch,
+        )?)))
+    }
+
     async fn create_policy(
         &self,
         request: Request<pb::CreatePolicyRequest>,
