@@ -194,6 +194,28 @@ impl Capture {
         offset: u64,
         length: u64,
     ) -> Result<bool, CaptureError> {
+        self.copy(disk, offset, length, true).await
+    }
+
+    /// Copies one chunk for resync: as [`Capture::copy_chunk`], but an
+    /// all-zero chunk travels as WRITE_ZEROES, since the replica may hold
+    /// older data there.
+    pub async fn resync_chunk(
+        &self,
+        disk: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<bool, CaptureError> {
+        self.copy(disk, offset, length, false).await
+    }
+
+    async fn copy(
+        &self,
+        disk: &str,
+        offset: u64,
+        length: u64,
+        skip_zero: bool,
+    ) -> Result<bool, CaptureError> {
         let d = self.disk(disk)?.clone();
         d.check(offset, length)?;
         let _order = self.order.lock().await;
@@ -204,14 +226,18 @@ impl Capture {
         })
         .await
         .map_err(|e| d.io(std::io::Error::other(e)))??;
-        if data.iter().all(|b| *b == 0) {
-            return Ok(false);
-        }
-        let op = Op::Write(WriteOp {
-            offset,
-            data: data.into(),
-        });
-        self.stream.push(disk, op).await;
+        let op = if data.iter().all(|b| *b == 0) {
+            if skip_zero {
+                return Ok(false);
+            }
+            Op::WriteZeroes(ZeroOp { offset, length })
+        } else {
+            Op::Write(WriteOp {
+                offset,
+                data: data.into(),
+            })
+        };
+        self.stream.push_copy(disk, op).await;
         Ok(true)
     }
 
@@ -223,6 +249,14 @@ impl Capture {
             id: id.to_string(),
         });
         self.stream.push(disk, op).await
+    }
+
+    /// Ends changed-chunk tracking under the ordering lock and returns the
+    /// changed chunks; None while not tracking or before the stream has
+    /// re-established its numbering with the cache.
+    pub async fn end_tracking(&self) -> Option<crate::stream::Dirty> {
+        let _order = self.order.lock().await;
+        self.stream.take_tracking().await
     }
 
     /// The disk ids, sorted.

@@ -112,6 +112,15 @@ pub async fn replicate(
     drop(tx);
     let _ = reporting.await;
     capture.stream().flushed().await;
+    if capture.stream().tracking().await.0 {
+        // The stream overflowed during the copy: what it dropped and what
+        // changed since is tracked, and resync finishes the job.
+        tracing::warn!(
+            vm,
+            "stream overflowed during initial replication; resync follows"
+        );
+        return Ok(sent);
+    }
     registry
         .report_replication_progress(reg::ReportReplicationProgressRequest {
             vm_name: vm.to_string(),

@@ -7,6 +7,7 @@
 pub mod capture;
 pub mod initial;
 pub mod nbd;
+pub mod resync;
 pub mod stream;
 
 use ferry_proto::registry::v1 as pb;

@@ -84,6 +84,17 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
         capture.clone(),
         shutdown.clone(),
     ));
+    {
+        let capture = capture.clone();
+        let mut registry = RegistryClient::new(ferry_runtime::connect(&args.registry)?);
+        let (vm, shutdown) = (args.vm.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = ferry_agent::resync::run(&capture, &mut registry, &vm, &shutdown).await
+            {
+                tracing::error!(vm, error = %e, "resync stopped");
+            }
+        });
+    }
     if matches!(
         assignment.state,
         ReplicationState::Enabling | ReplicationState::InitialReplication

@@ -27,6 +27,9 @@ pub struct StreamLimits {
     pub in_flight_bytes: usize,
     /// Payload bytes per Ingest message.
     pub batch_bytes: usize,
+    /// After the cache has been unreachable this long, pending records are
+    /// dropped for changed-chunk tracking (resync follows when it is back).
+    pub max_outage: Duration,
 }
 
 impl Default for StreamLimits {
@@ -35,7 +38,15 @@ impl Default for StreamLimits {
             buffer_bytes: 256 * 1024 * 1024,
             in_flight_bytes: 32 * 1024 * 1024,
             batch_bytes: 1024 * 1024,
+            max_outage: Duration::from_secs(60),
         }
+    }
+}
+
+fn op_size(op: &Op) -> usize {
+    match op {
+        Op::Write(w) => w.data.len() + 64,
+        _ => 64,
     }
 }
 
@@ -55,6 +66,74 @@ struct Queue {
     pending_bytes: usize,
     /// The highest sequence cache-svc acknowledged durable.
     durable: u64,
+    /// Set when the buffer overflowed: writes only mark chunks dirty.
+    tracking: Option<Dirty>,
+    /// Set with `tracking`: numbering restarts after the cache's durable
+    /// sequence at the next session (pending records were dropped).
+    renumber: bool,
+    /// Raised on every overflow, so an open session ends and reconnects.
+    generation: u64,
+}
+
+/// Bytes per bit of the changed-chunk map.
+pub const DIRTY_CHUNK: u64 = 64 * 1024;
+
+/// Changed chunks per disk, as bit sets of `DIRTY_CHUNK`-sized chunks.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Dirty {
+    pub disks: std::collections::BTreeMap<String, Vec<u64>>,
+}
+
+impl Dirty {
+    /// Marks the chunks of `offset..offset + length` of `disk`.
+    pub fn mark(&mut self, disk: &str, offset: u64, length: u64) {
+        if length == 0 {
+            return;
+        }
+        let bits = self.disks.entry(disk.to_string()).or_default();
+        let (first, last) = (offset / DIRTY_CHUNK, (offset + length - 1) / DIRTY_CHUNK);
+        for chunk in first..=last {
+            let word = (chunk / 64) as usize;
+            if bits.len() <= word {
+                bits.resize(word + 1, 0);
+            }
+            bits[word] |= 1 << (chunk % 64);
+        }
+    }
+
+    /// Marks what a record would have changed.
+    pub fn mark_op(&mut self, disk: &str, op: &Op) {
+        match op {
+            Op::Write(w) => self.mark(disk, w.offset, w.data.len() as u64),
+            Op::Trim(z) | Op::WriteZeroes(z) => self.mark(disk, z.offset, z.length),
+            Op::Marker(_) => {}
+        }
+    }
+
+    /// The dirty chunk indexes of a disk, ascending.
+    pub fn chunks(&self, disk: &str) -> Vec<u64> {
+        let Some(bits) = self.disks.get(disk) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (w, word) in bits.iter().enumerate() {
+            for b in 0..64 {
+                if word & (1 << b) != 0 {
+                    out.push(w as u64 * 64 + b);
+                }
+            }
+        }
+        out
+    }
+
+    /// How many chunks are dirty.
+    pub fn count(&self) -> u64 {
+        self.disks
+            .values()
+            .flat_map(|b| b.iter())
+            .map(|w| u64::from(w.count_ones()))
+            .sum()
+    }
 }
 
 /// What the stream's users share with its sender task.
@@ -80,34 +159,120 @@ impl Stream {
     }
 
     /// Appends a record (its sequence and checksum filled in here) and
-    /// returns its sequence. Waits while the buffer is full.
+    /// returns its sequence. Never waits for the cache: when the buffer
+    /// would overflow, the stream drops its pending records and switches to
+    /// tracking changed chunks (then this returns 0), and resync sends their
+    /// current contents later.
     pub async fn push(&self, disk_id: &str, op: Op) -> u64 {
+        let q = self.queue.lock().await;
+        self.push_locked(q, disk_id, op)
+    }
+
+    /// Pushes a record of a copy (initial replication, resync): unlike a
+    /// VM's write it waits for room, keeping the buffer at most half full,
+    /// so that copying never overflows the stream by itself.
+    pub async fn push_copy(&self, disk_id: &str, op: Op) -> u64 {
+        let size = op_size(&op);
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let q = self.queue.lock().await;
+            if q.tracking.is_some()
+                || q.pending_bytes == 0
+                || q.pending_bytes + size <= self.limits.buffer_bytes / 2
+            {
+                return self.push_locked(q, disk_id, op);
+            }
+            drop(q);
+            notified.await;
+        }
+    }
+
+    fn push_locked(&self, mut q: tokio::sync::MutexGuard<'_, Queue>, disk_id: &str, op: Op) -> u64 {
+        let size = op_size(&op);
+        if let Some(dirty) = q.tracking.as_mut() {
+            dirty.mark_op(disk_id, &op);
+            return 0;
+        }
+        if q.pending_bytes > 0 && q.pending_bytes + size > self.limits.buffer_bytes {
+            tracing::warn!(
+                buffered = q.pending_bytes,
+                "replication buffer full: tracking changed chunks until resync"
+            );
+            Self::overflow(&mut q);
+            if let Some(dirty) = q.tracking.as_mut() {
+                dirty.mark_op(disk_id, &op);
+            }
+            drop(q);
+            self.changed.notify_waiters();
+            return 0;
+        }
         let mut record = pb::Record {
-            sequence: 0,
+            sequence: q.next_seq,
             disk_id: disk_id.to_string(),
             op: Some(op),
             crc32c: 0,
             captured_at_unix_nanos: ferry_runtime::time::unix_nanos_now(),
         };
-        let size = payload(&record);
-        loop {
-            let notified = self.changed.notified();
-            {
-                let mut q = self.queue.lock().await;
-                if q.pending_bytes == 0 || q.pending_bytes + size <= self.limits.buffer_bytes {
-                    record.sequence = q.next_seq;
-                    ferry_proto::checksum::seal(&mut record);
-                    q.next_seq += 1;
-                    q.pending_bytes += size;
-                    q.pending.push_back(record);
-                    let seq = q.next_seq - 1;
-                    drop(q);
-                    self.changed.notify_waiters();
-                    return seq;
-                }
+        ferry_proto::checksum::seal(&mut record);
+        q.next_seq += 1;
+        q.pending_bytes += size;
+        q.pending.push_back(record);
+        let seq = q.next_seq - 1;
+        drop(q);
+        self.changed.notify_waiters();
+        seq
+    }
+
+    /// Drops every pending record into the changed-chunk map.
+    fn overflow(q: &mut Queue) {
+        let mut dirty = q.tracking.take().unwrap_or_default();
+        for r in q.pending.drain(..) {
+            if let Some(op) = &r.op {
+                dirty.mark_op(&r.disk_id, op);
             }
-            notified.await;
         }
+        q.pending_bytes = 0;
+        q.tracking = Some(dirty);
+        q.renumber = true;
+        q.generation += 1;
+    }
+
+    /// Switches to tracking changed chunks now (the cache was away too long).
+    pub async fn enter_tracking(&self) {
+        let mut q = self.queue.lock().await;
+        if q.tracking.is_none() {
+            Self::overflow(&mut q);
+        }
+        drop(q);
+        self.changed.notify_waiters();
+    }
+
+    /// Whether writes are being tracked as changed chunks, and whether the
+    /// numbering has been re-established with the cache since.
+    pub async fn tracking(&self) -> (bool, bool) {
+        let q = self.queue.lock().await;
+        (q.tracking.is_some(), !q.renumber)
+    }
+
+    /// Ends tracking and returns the changed chunks. The caller holds the
+    /// capture's ordering lock, so no write falls between the map and the
+    /// records that follow.
+    pub async fn take_tracking(&self) -> Option<Dirty> {
+        let mut q = self.queue.lock().await;
+        if q.renumber {
+            return None;
+        }
+        let dirty = q.tracking.take();
+        drop(q);
+        self.changed.notify_waiters();
+        dirty
+    }
+
+    /// Rung when records are added or acknowledged or the mode changes.
+    pub fn notify(&self) -> &Notify {
+        &self.changed
     }
 
     /// The highest sequence cache-svc acknowledged durable.
@@ -125,6 +290,9 @@ impl Stream {
         let target = self.last().await;
         loop {
             let notified = self.changed.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so no wake-up falls in between.
+            notified.as_mut().enable();
             if self.durable().await >= target {
                 return target;
             }
@@ -246,14 +414,30 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), tonic::Status> {
     let mut backoff = Duration::from_millis(100);
+    let mut outage_since: Option<std::time::Instant> = None;
+    let mut last_durable = stream.durable().await;
     loop {
-        match session(&stream, &cache_url, &vm, epoch, &credential, &shutdown).await {
+        let end = session(&stream, &cache_url, &vm, epoch, &credential, &shutdown).await;
+        let durable = stream.durable().await;
+        if durable > last_durable {
+            // The cache made progress: any outage starts over.
+            outage_since = None;
+            last_durable = durable;
+        }
+        let waiting = !stream.queue.lock().await.pending.is_empty();
+        match end {
             SessionEnd::Shutdown => return Ok(()),
             SessionEnd::Fatal(status) => {
                 tracing::error!(vm, %status, "cache refused this agent; stopping the stream");
                 return Err(status);
             }
             SessionEnd::Retry(why) => {
+                let since = *outage_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= stream.limits.max_outage && waiting {
+                    tracing::warn!(vm, "cache away too long: tracking changed chunks");
+                    stream.enter_tracking().await;
+                    outage_since = None;
+                }
                 tracing::warn!(vm, why, ?backoff, "cache stream lost; reconnecting");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
@@ -313,6 +497,18 @@ async fn session(
         Err(s) if fatal(&s) => return SessionEnd::Fatal(s),
         Err(s) => return SessionEnd::Retry(s.to_string()),
     };
+    let generation = {
+        let mut q = stream.queue.lock().await;
+        if q.renumber {
+            // Pending records were dropped at an overflow: number on from
+            // what the cache holds.
+            q.next_seq = sent + 1;
+            q.durable = sent;
+            q.renumber = false;
+        }
+        q.generation
+    };
+    stream.changed.notify_waiters();
     let last = stream.last().await;
     if sent > last {
         // The cache holds records this stream never produced: numbering
@@ -326,6 +522,11 @@ async fn session(
     sent = sent.max(stream.durable().await);
     loop {
         let notified = stream.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if stream.queue.lock().await.generation != generation {
+            return SessionEnd::Retry("the buffer overflowed; reconnecting to renumber".into());
+        }
         let batch = stream.next_batch(sent).await;
         if let Some(last) = batch.last() {
             sent = last.sequence;

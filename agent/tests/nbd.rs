@@ -314,7 +314,7 @@ async fn initial_replication_racing_live_writes_replays_from_zero() {
     let mut args = strings(&["-f", "raw"]);
     for c in [
         "aio_write -P 0x01 0 1M",
-        "aio_write -P 0x02 5M 2M",
+        "aio_write -P 0x02 4M 2M",
         "aio_write -P 0x03 12M 64k",
         "aio_flush",
         "write -z 11M 512k",

@@ -95,6 +95,7 @@ async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
         buffer_bytes: 64 << 20,
         in_flight_bytes: 1 << 20,
         batch_bytes: 256 * 1024,
+        ..StreamLimits::default()
     };
     let s = Stream::new(1, limits);
     let capture = Arc::new(Capture::new(
@@ -220,5 +221,178 @@ async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
 
     shutdown.cancel();
     sender.await.unwrap().unwrap();
+    registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overflowing_buffer_switches_to_changed_chunks_and_resyncs() {
+    use ferry_proto::cache::v1::record::Op;
+    use ferry_proto::cache::v1::MarkerKind;
+    use std::collections::HashMap as Map;
+
+    let dir = tempfile::tempdir().unwrap();
+    let cache_addr = free_addr();
+    let cache_url = format!("http://{cache_addr}");
+    let registry = start_registry(dir.path().join("registry"), Some(cache_url.clone())).await;
+    wait_serving(&registry.url).await;
+    let mut r = RegistryClient::connect(registry.url.clone()).await.unwrap();
+    let image = dir.path().join("os.raw");
+    r.register_vm(reg::RegisterVmRequest {
+        vm: Some(reg::Vm {
+            name: "vm".into(),
+            source_region: "eastus".into(),
+            resource_group: "rg".into(),
+            virtual_network: "net".into(),
+            subnet: "sub".into(),
+            nics: vec![reg::Nic {
+                name: "nic0".into(),
+                private_ip: "10.0.0.4".into(),
+            }],
+            disks: vec![reg::Disk {
+                id: "os".into(),
+                size_bytes: SIZE,
+                role: reg::DiskRole::Os as i32,
+                storage: reg::DiskStorage::Managed as i32,
+                source_path: image.display().to_string(),
+            }],
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    r.enable_replication(reg::EnableReplicationRequest {
+        vm_name: "vm".into(),
+        target_region: "westus".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for to in [
+        reg::ReplicationState::InitialReplication,
+        reg::ReplicationState::Protected,
+    ] {
+        r.transition_state(reg::TransitionStateRequest {
+            vm_name: "vm".into(),
+            to: to as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let a = ferry_agent::register(&registry.url, "vm", "test", "")
+        .await
+        .unwrap();
+
+    // A small buffer, and no cache yet: the buffer overflows.
+    let limits = StreamLimits {
+        buffer_bytes: 256 * 1024,
+        ..StreamLimits::default()
+    };
+    let s = Stream::new(1, limits);
+    let capture = Arc::new(Capture::new(
+        vec![SourceDisk::open("os", &image, SIZE).unwrap()],
+        s.clone(),
+    ));
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stream::run(
+        s.clone(),
+        a.cache_endpoint.clone(),
+        "vm".into(),
+        a.epoch,
+        a.credential().to_string(),
+        shutdown.clone(),
+    ));
+    let resyncer = {
+        let capture = capture.clone();
+        let mut registry = RegistryClient::new(ferry_runtime::connect(&registry.url).unwrap());
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            ferry_agent::resync::run(&capture, &mut registry, "vm", &shutdown)
+                .await
+                .unwrap()
+        })
+    };
+
+    let mut rng = Rng(0x51ed270b27a3cd91);
+    for i in 0..200u64 {
+        let offset = (rng.next() % (SIZE / 4096)) * 4096;
+        // Writes complete locally although the cache is away.
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            capture.write(
+                "os",
+                offset,
+                vec![(i % 250 + 1) as u8; 8192.min((SIZE - offset) as usize)],
+            ),
+        )
+        .await
+        .expect("writes never wait for the cache")
+        .unwrap();
+    }
+    assert!(s.tracking().await.0, "the buffer overflowed into tracking");
+    let state = |r: &RegistryClient<tonic::transport::Channel>| {
+        let mut r = r.clone();
+        async move {
+            r.get_protected_item(reg::GetProtectedItemRequest {
+                vm_name: "vm".into(),
+            })
+            .await
+            .ok()
+            .map(|i| i.into_inner().state())
+        }
+    };
+    ferry_testkit::wait_for("RESYNC_REQUIRED", Duration::from_secs(30), || {
+        let st = state(&r);
+        async move {
+            st.await
+                .filter(|s| *s == reg::ReplicationState::ResyncRequired)
+        }
+    })
+    .await;
+    // Zeroing through the tracked phase too.
+    capture.zero("os", 0, 1 << 20, false).await.unwrap();
+
+    let _cache = ServiceProcess::start_at(
+        cache_addr,
+        bin_path("cache-svc"),
+        dir.path().join("cache"),
+        &["--registry", &registry.url],
+    );
+    ferry_testkit::wait_for("PROTECTED after resync", Duration::from_secs(60), || {
+        let st = state(&r);
+        async move { st.await.filter(|s| *s == reg::ReplicationState::Protected) }
+    })
+    .await;
+    // Writes go on as records again.
+    capture.write("os", 4096, vec![0xee; 4096]).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), s.flushed())
+        .await
+        .unwrap();
+
+    let records = tail_all(&cache_url, "vm", 1).await;
+    let markers: Vec<i32> = records
+        .iter()
+        .filter_map(|r| match &r.op {
+            Some(Op::Marker(m)) => Some(m.kind),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        markers,
+        [
+            MarkerKind::SyncStarted as i32,
+            MarkerKind::SyncCompleted as i32
+        ]
+    );
+    let replica = dir.path().join("replica.raw");
+    let f = File::create(&replica).unwrap();
+    f.set_len(SIZE).unwrap();
+    apply(&records, &Map::from([("os".to_string(), f)]));
+    assert!(
+        std::fs::read(&image).unwrap() == std::fs::read(&replica).unwrap(),
+        "the resynced replica differs from the source"
+    );
+    shutdown.cancel();
+    resyncer.await.unwrap();
     registry.stop().await;
 }

@@ -4,10 +4,26 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-/// A loopback address with a port free right now (bound, then released).
+/// A loopback address with a port free right now, for a service that must
+/// be told its address before it starts. Ports come from 20000..32000, below
+/// Linux's ephemeral range, so that an in-process service binding port 0 in
+/// the meantime cannot be handed the same one; no port is handed out twice
+/// by one test process.
 pub fn free_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local addr")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Spread test processes over the range by their pid.
+    let start = std::process::id() % 12000;
+    for _ in 0..12000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20000 + ((start + n * 7919) % 12000) as u16;
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            if let Ok(addr) = listener.local_addr() {
+                return addr;
+            }
+        }
+    }
+    panic!("no free port in 20000..32000");
 }
 
 /// The path of a workspace binary, beside the running test executable.

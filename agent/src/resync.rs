@@ -1,0 +1,138 @@
+//! Resync: after the stream overflowed (or the cache was away too long) and
+//! writes were tracked as changed chunks, the current contents of those
+//! chunks go through the stream again. Registry sees RESYNC_REQUIRED, then
+//! RESYNCING, then PROTECTED once everything is durable.
+
+use ferry_proto::cache::v1::MarkerKind;
+use ferry_proto::registry::v1 as reg;
+use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_runtime::PeerChannel;
+use tokio_util::sync::CancellationToken;
+
+use crate::capture::{Capture, CaptureError};
+use crate::stream::DIRTY_CHUNK;
+
+/// Why resync stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ResyncError {
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error("registry: {0}")]
+    Registry(#[from] tonic::Status),
+}
+
+async fn transition(
+    registry: &mut RegistryClient<PeerChannel>,
+    vm: &str,
+    to: reg::ReplicationState,
+    reason: &str,
+) -> Result<(), tonic::Status> {
+    registry
+        .transition_state(reg::TransitionStateRequest {
+            vm_name: vm.to_string(),
+            to: to as i32,
+            reason: reason.to_string(),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+}
+
+/// Watches the stream; whenever it has overflowed, reports RESYNC_REQUIRED,
+/// and once the stream is numbering again with the cache, resyncs the
+/// changed chunks. Runs until `shutdown`.
+pub async fn run(
+    capture: &Capture,
+    registry: &mut RegistryClient<PeerChannel>,
+    vm: &str,
+    shutdown: &CancellationToken,
+) -> Result<(), ResyncError> {
+    let mut reported = false;
+    loop {
+        let changed = capture.stream().notify().notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let (tracking, renumbered) = capture.stream().tracking().await;
+        if tracking && !reported {
+            transition(
+                registry,
+                vm,
+                reg::ReplicationState::ResyncRequired,
+                "replication buffer overflowed",
+            )
+            .await?;
+            reported = true;
+        }
+        if tracking && renumbered {
+            if let Some(dirty) = capture.end_tracking().await {
+                resync(capture, registry, vm, dirty).await?;
+                reported = false;
+                continue;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = changed => {}
+        }
+    }
+}
+
+/// Sends the current contents of every changed chunk, then reports
+/// PROTECTED once it is durable.
+pub async fn resync(
+    capture: &Capture,
+    registry: &mut RegistryClient<PeerChannel>,
+    vm: &str,
+    dirty: crate::stream::Dirty,
+) -> Result<u64, ResyncError> {
+    transition(
+        registry,
+        vm,
+        reg::ReplicationState::Resyncing,
+        "sending changed chunks",
+    )
+    .await?;
+    let total = dirty.count().max(1);
+    let mut done = 0u64;
+    for disk in capture.disk_ids() {
+        let chunks = dirty.chunks(&disk);
+        if chunks.is_empty() {
+            continue;
+        }
+        let size = capture.disk(&disk)?.size;
+        capture
+            .marker(&disk, MarkerKind::SyncStarted, "resync")
+            .await;
+        for chunk in chunks {
+            let offset = chunk * DIRTY_CHUNK;
+            if offset >= size {
+                continue;
+            }
+            capture
+                .resync_chunk(&disk, offset, DIRTY_CHUNK.min(size - offset))
+                .await?;
+            done += 1;
+            if done.is_multiple_of(256) {
+                let _ = registry
+                    .report_replication_progress(reg::ReportReplicationProgressRequest {
+                        vm_name: vm.to_string(),
+                        percent: (done * 100 / total).min(99) as u32,
+                    })
+                    .await;
+            }
+        }
+        capture
+            .marker(&disk, MarkerKind::SyncCompleted, "resync")
+            .await;
+    }
+    capture.stream().flushed().await;
+    transition(
+        registry,
+        vm,
+        reg::ReplicationState::Protected,
+        "resync complete",
+    )
+    .await?;
+    tracing::info!(vm, chunks = done, "resync complete");
+    Ok(done)
+}
