@@ -15,6 +15,16 @@ use ferry_testkit::{bin_path, free_addr, start_registry, wait_for, wait_serving,
 
 const SIZE: u64 = 8 << 20;
 
+/// The agent process, killed however the test ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn run(program: &str, args: &[&str]) {
     let out = Command::new(program).args(args).output().unwrap();
     assert!(
@@ -76,18 +86,20 @@ async fn the_agent_binary_replicates_its_vm() {
     .unwrap();
 
     let nbd = free_addr();
-    let mut agent = Command::new(env!("CARGO_BIN_EXE_ferry-agent"))
-        .args(["--registry", &registry.url, "--vm", "vm"])
-        .args([
-            "--nbd-listen",
-            &nbd.to_string(),
-            "--group-listen",
-            "127.0.0.1:0",
-        ])
-        .env("FERRY_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
+    let _agent = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_ferry-agent"))
+            .args(["--registry", &registry.url, "--vm", "vm"])
+            .args([
+                "--nbd-listen",
+                &nbd.to_string(),
+                "--group-listen",
+                "127.0.0.1:0",
+            ])
+            .env("FERRY_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
 
     let state = |r: &RegistryClient<tonic::transport::Channel>| {
         let mut r = r.clone();
@@ -149,7 +161,5 @@ async fn the_agent_binary_replicates_its_vm() {
     )
     .await;
 
-    let _ = agent.kill();
-    let _ = agent.wait();
     registry.stop().await;
 }
