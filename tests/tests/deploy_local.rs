@@ -34,10 +34,37 @@ fn script(action: &str, run_dir: &Path, base: u16) -> std::process::Output {
         .unwrap()
 }
 
+/// Runs `stop` when the test ends, so that a failing test leaves no
+/// processes behind.
+struct StopOnDrop<'a>(&'a Path, u16);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = script("stop", self.0, self.1);
+    }
+}
+
+/// Whether `pid` is a running process (not gone, not a zombie awaiting its
+/// reaper).
+fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ...": the state follows the last ')'.
+        Ok(stat) => !matches!(
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().chars().next()),
+            Some(Some('Z' | 'X'))
+        ),
+        Err(_) => false,
+    }
+}
+
+const SERVICES: [&str; 4] = ["registry", "cache", "processor", "failover"];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_four_serving_processes_and_stops_them() {
     let dir = tempfile::tempdir().unwrap();
     let base = free_base_port();
+    let _cleanup = StopOnDrop(dir.path(), base);
     let out = tokio::task::spawn_blocking({
         let run = dir.path().to_path_buf();
         move || script("start", &run, base)
@@ -60,15 +87,55 @@ async fn starts_four_serving_processes_and_stops_them() {
     for url in &urls {
         assert!(is_serving(url, "").await, "{url} is not SERVING");
     }
-    for service in ["registry", "cache", "processor", "failover"] {
+    for (i, url) in urls.iter().enumerate() {
+        assert_eq!(*url, format!("http://127.0.0.1:{}", base + i as u16));
+    }
+    let mut pids = Vec::new();
+    for service in SERVICES {
         assert!(
             dir.path().join(service).is_dir(),
             "{service} has its own data dir"
         );
+        let pid: u32 = std::fs::read_to_string(dir.path().join(format!("{service}.pid")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(running(pid), "{service} (pid {pid}) is running");
+        pids.push(pid);
     }
+    let status = String::from_utf8_lossy(&script("status", dir.path(), base).stdout).into_owned();
+    assert_eq!(status.matches(" up").count(), 4, "{status}");
 
-    let out = script("stop", dir.path(), base);
-    assert!(out.status.success());
+    let out = tokio::task::spawn_blocking({
+        let run = dir.path().to_path_buf();
+        move || script("stop", &run, base)
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "stop: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // SIGTERM sufficed: nobody needed SIGKILL.
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("killing"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (service, pid) in SERVICES.iter().zip(&pids) {
+        assert!(
+            !dir.path().join(format!("{service}.pid")).exists(),
+            "{service}'s pid file is removed"
+        );
+        wait_for(
+            &format!("{service} (pid {pid}) to exit"),
+            Duration::from_secs(15),
+            || async { (!running(*pid)).then_some(()) },
+        )
+        .await;
+    }
     for url in &urls {
         let addr = url.trim_start_matches("http://").to_string();
         wait_for(&format!("{addr} to close"), Duration::from_secs(15), || {

@@ -81,6 +81,23 @@ async fn a_generated_python_client_registers_and_enables() {
         .unwrap()
         .into_inner();
     assert_eq!(item.state(), pb::ReplicationState::Enabling);
-    assert_eq!(item.source.unwrap().disks.len(), 2);
+    assert_eq!(item.source.as_ref().unwrap().disks.len(), 2);
+    let target = item.target.as_ref().unwrap();
+    assert_eq!(target.region, "westeurope");
+    assert_eq!(target.resource_group, "py-rg-ferry");
+    let replicas: Vec<&str> = target
+        .replica_disks
+        .iter()
+        .map(|d| d.name.as_str())
+        .collect();
+    assert_eq!(replicas, ["py-vm-os-ferry", "py-vm-data-ferry"]);
+    // The refused request changed nothing: one item, the one above.
+    let items = client
+        .list_protected_items(pb::ListProtectedItemsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert_eq!(items.len(), 1);
     registry.stop().await;
 }
