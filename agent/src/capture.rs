@@ -31,6 +31,8 @@ pub enum CaptureError {
         path: String,
         source: std::io::Error,
     },
+    #[error("the agent is stopping; writes are refused")]
+    Closed,
 }
 
 /// One source disk: an image file of a fixed size.
@@ -157,10 +159,15 @@ pub struct Capture {
     /// Held from a write's completion to its sequence number, so the stream's
     /// order is the order in which writes reached the images.
     order: Mutex<()>,
+    /// Set under `order` by [`Capture::close`]: no write reaches a disk after.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Capture {
     pub fn new(disks: Vec<SourceDisk>, stream: Arc<Stream>) -> Capture {
+        let mut sizes: Vec<(String, u64)> = disks.iter().map(|d| (d.id.clone(), d.size)).collect();
+        sizes.sort();
+        stream.set_disks(sizes);
         Capture {
             disks: disks
                 .into_iter()
@@ -168,7 +175,23 @@ impl Capture {
                 .collect(),
             stream,
             order: Mutex::new(()),
+            closed: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Refuses every write from now on (the agent is stopping); returns once
+    /// no write is between the disk and the stream, so that what the stream
+    /// holds is everything the disks received.
+    pub async fn close(&self) {
+        let _order = self.order.lock().await;
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn check_open(&self) -> Result<(), CaptureError> {
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(CaptureError::Closed);
+        }
+        Ok(())
     }
 
     /// The stream records go to.
@@ -219,6 +242,7 @@ impl Capture {
         let d = self.disk(disk)?.clone();
         d.check(offset, length)?;
         let _order = self.order.lock().await;
+        self.check_open()?;
         let d2 = d.clone();
         let data = tokio::task::spawn_blocking(move || {
             let mut buf = vec![0u8; length as usize];
@@ -303,6 +327,7 @@ impl Capture {
             return Ok(self.stream.last().await);
         }
         let _order = self.order.lock().await;
+        self.check_open()?;
         let d2 = d.clone();
         let (start, block) = tokio::task::spawn_blocking(move || {
             let (start, block) = widen(&d2, offset, data)?;
@@ -343,6 +368,7 @@ impl Capture {
             return self.write(disk, offset, vec![0u8; zeros]).await;
         }
         let _order = self.order.lock().await;
+        self.check_open()?;
         let d2 = d.clone();
         tokio::task::spawn_blocking(move || d2.zero(offset, length))
             .await

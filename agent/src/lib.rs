@@ -8,6 +8,7 @@ pub mod capture;
 pub mod initial;
 pub mod nbd;
 pub mod resync;
+pub mod state;
 pub mod stream;
 
 use ferry_proto::registry::v1 as pb;

@@ -1,11 +1,12 @@
 //! The ferry-agent binary.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::Parser;
 use ferry_agent::capture::{Capture, SourceDisk};
-use ferry_agent::stream::{Stream, StreamLimits};
+use ferry_agent::state::{Saved, StateFile};
+use ferry_agent::stream::{Dirty, Stream, StreamLimits};
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_proto::registry::v1::ReplicationState;
 
@@ -35,6 +36,23 @@ struct Args {
         default_value = "0.0.0.0:20004"
     )]
     group_listen: String,
+    /// Where the changed-chunk map is kept across restarts (one file per VM).
+    #[arg(
+        long,
+        env = "FERRY_STATE_DIR",
+        value_name = "DIR",
+        default_value = "/var/lib/ferry-agent"
+    )]
+    state_dir: PathBuf,
+    /// At SIGTERM, how long to wait for the cache to take what is buffered
+    /// before saving the rest as changed chunks.
+    #[arg(
+        long,
+        env = "FERRY_DRAIN_SECS",
+        value_name = "SECONDS",
+        default_value_t = 10
+    )]
+    drain_secs: u64,
     /// Log filter.
     #[arg(long, env = "FERRY_LOG", default_value = "info")]
     log: String,
@@ -66,7 +84,43 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
         &shutdown,
     )
     .await?;
-    let stream = Stream::new(next, StreamLimits::default());
+    let state = StateFile::open(&args.state_dir, &args.vm)?;
+    let fresh = matches!(
+        assignment.state,
+        ReplicationState::Enabling | ReplicationState::InitialReplication
+    );
+    let sizes: Vec<(String, u64)> = disks.iter().map(|d| (d.id.clone(), d.size)).collect();
+    let limits = StreamLimits::default();
+    // Initial replication copies everything anyway; otherwise a clean map is
+    // resynced as it is, and a lost one means every chunk.
+    let stream = match (fresh, state.load()) {
+        (true, _) => Stream::new(next, limits),
+        (false, Ok(Some(Saved::Clean(dirty)))) if dirty.is_empty() => Stream::new(next, limits),
+        (false, Ok(Some(Saved::Clean(dirty)))) => {
+            tracing::info!(vm = %args.vm, chunks = dirty.count(), "resyncing the chunks the last run left");
+            Stream::with_tracking(
+                next,
+                limits,
+                dirty,
+                "the agent restarted with unsent writes",
+            )
+        }
+        (false, loaded) => {
+            let why = match loaded {
+                Ok(Some(_)) => "the agent did not stop cleanly".to_string(),
+                Ok(None) => format!("no changed-chunk map in {}", args.state_dir.display()),
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(vm = %args.vm, why, "changed-chunk map lost: full resync");
+            Stream::with_tracking(
+                next,
+                limits,
+                Dirty::full(&sizes),
+                &format!("full resync: {why}"),
+            )
+        }
+    };
+    state.mark_running()?;
     let capture = Arc::new(Capture::new(disks, stream.clone()));
     let listener = tokio::net::TcpListener::bind(&args.nbd_listen)
         .await
@@ -95,10 +149,8 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
             }
         });
     }
-    if matches!(
-        assignment.state,
-        ReplicationState::Enabling | ReplicationState::InitialReplication
-    ) {
+    if fresh {
+        let capture = capture.clone();
         let mut registry = RegistryClient::new(ferry_runtime::connect(&args.registry)?);
         let vm = args.vm.clone();
         tokio::spawn(async move {
@@ -107,14 +159,36 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
             }
         });
     }
-    ferry_agent::stream::run(
-        stream,
+    // The stream outlives the shutdown signal by the drain.
+    let stream_stop = tokio_util::sync::CancellationToken::new();
+    let mut streaming = tokio::spawn(ferry_agent::stream::run(
+        stream.clone(),
         assignment.cache_endpoint.clone(),
         args.vm.clone(),
         assignment.epoch,
         assignment.credential().to_string(),
-        shutdown,
-    )
-    .await?;
+        stream_stop.clone(),
+    ));
+    let ended = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        ended = &mut streaming => Some(ended),
+    };
+    // No write reaches a disk from here on; what the stream holds is all.
+    capture.close().await;
+    let ended = match ended {
+        Some(ended) => ended,
+        None => {
+            let drain = std::time::Duration::from_secs(args.drain_secs);
+            if tokio::time::timeout(drain, stream.flushed()).await.is_err() {
+                tracing::warn!(vm = %args.vm, "the cache did not take everything in time");
+            }
+            stream_stop.cancel();
+            streaming.await
+        }
+    };
+    let unsent = stream.unsent().await;
+    state.save_clean(&unsent)?;
+    tracing::info!(vm = %args.vm, unsent_chunks = unsent.count(), "stopped; changed-chunk map saved");
+    ended.map_err(|e| format!("stream task: {e}"))??;
     Ok(())
 }

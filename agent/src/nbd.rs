@@ -60,6 +60,8 @@ const EIO: u32 = 5;
 const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
 const ENOTSUP: u32 = 95;
+/// The server is shutting down (NBD_ESHUTDOWN).
+const ESHUTDOWN: u32 = 108;
 
 /// Largest READ or WRITE accepted (also advertised as the maximum block size).
 pub const MAX_REQUEST: u32 = 32 * 1024 * 1024;
@@ -266,6 +268,7 @@ fn errno(e: &CaptureError) -> u32 {
         CaptureError::OutOfRange { .. } => ENOSPC,
         CaptureError::UnknownDisk(_) => EINVAL,
         CaptureError::Io { .. } => EIO,
+        CaptureError::Closed => ESHUTDOWN,
     }
 }
 

@@ -21,21 +21,39 @@ pub enum ResyncError {
     Registry(#[from] tonic::Status),
 }
 
+/// Moves the VM to `to`; already being there (an agent restarted mid-resync)
+/// is fine.
 async fn transition(
     registry: &mut RegistryClient<PeerChannel>,
     vm: &str,
     to: reg::ReplicationState,
     reason: &str,
 ) -> Result<(), tonic::Status> {
-    registry
+    let moved = registry
         .transition_state(reg::TransitionStateRequest {
             vm_name: vm.to_string(),
             to: to as i32,
             reason: reason.to_string(),
             ..Default::default()
         })
-        .await
-        .map(|_| ())
+        .await;
+    match moved {
+        Ok(_) => Ok(()),
+        Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+            let item = registry
+                .get_protected_item(reg::GetProtectedItemRequest {
+                    vm_name: vm.to_string(),
+                })
+                .await?
+                .into_inner();
+            if item.state() == to {
+                Ok(())
+            } else {
+                Err(status)
+            }
+        }
+        Err(status) => Err(status),
+    }
 }
 
 /// Watches the stream; whenever it has overflowed, reports RESYNC_REQUIRED,
@@ -54,13 +72,8 @@ pub async fn run(
         changed.as_mut().enable();
         let (tracking, renumbered) = capture.stream().tracking().await;
         if tracking && !reported {
-            transition(
-                registry,
-                vm,
-                reg::ReplicationState::ResyncRequired,
-                "replication buffer overflowed",
-            )
-            .await?;
+            let reason = capture.stream().tracking_reason().await;
+            transition(registry, vm, reg::ReplicationState::ResyncRequired, &reason).await?;
             reported = true;
         }
         if tracking && renumbered {
@@ -111,6 +124,7 @@ pub async fn resync(
             capture
                 .resync_chunk(&disk, offset, DIRTY_CHUNK.min(size - offset))
                 .await?;
+            capture.stream().resent(&disk, chunk).await;
             done += 1;
             if done.is_multiple_of(256) {
                 let _ = registry

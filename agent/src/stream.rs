@@ -68,6 +68,10 @@ struct Queue {
     durable: u64,
     /// Set when the buffer overflowed: writes only mark chunks dirty.
     tracking: Option<Dirty>,
+    /// Why tracking started, for registry and people.
+    tracking_reason: String,
+    /// Chunks taken from tracking for resync and not yet sent again.
+    outstanding: Dirty,
     /// Set with `tracking`: numbering restarts after the cache's durable
     /// sequence at the next session (pending records were dropped).
     renumber: bool,
@@ -126,6 +130,44 @@ impl Dirty {
         out
     }
 
+    /// Every chunk of every disk: what a full resync sends.
+    pub fn full(disks: &[(String, u64)]) -> Dirty {
+        let mut dirty = Dirty::default();
+        for (id, size) in disks {
+            dirty.mark(id, 0, *size);
+        }
+        dirty
+    }
+
+    /// Adds every chunk `other` marks.
+    pub fn merge(&mut self, other: &Dirty) {
+        for (disk, words) in &other.disks {
+            let bits = self.disks.entry(disk.clone()).or_default();
+            if bits.len() < words.len() {
+                bits.resize(words.len(), 0);
+            }
+            for (mine, theirs) in bits.iter_mut().zip(words) {
+                *mine |= theirs;
+            }
+        }
+    }
+
+    /// Clears one chunk (it has been sent again).
+    pub fn clear(&mut self, disk: &str, chunk: u64) {
+        if let Some(word) = self
+            .disks
+            .get_mut(disk)
+            .and_then(|bits| bits.get_mut((chunk / 64) as usize))
+        {
+            *word &= !(1 << (chunk % 64));
+        }
+    }
+
+    /// Whether no chunk is dirty.
+    pub fn is_empty(&self) -> bool {
+        self.disks.values().flatten().all(|w| *w == 0)
+    }
+
     /// How many chunks are dirty.
     pub fn count(&self) -> u64 {
         self.disks
@@ -139,6 +181,8 @@ impl Dirty {
 /// What the stream's users share with its sender task.
 pub struct Stream {
     queue: Mutex<Queue>,
+    /// The VM's disks and sizes (set by the capture), for full resyncs.
+    disks: std::sync::Mutex<Vec<(String, u64)>>,
     /// Rung when records are added or acknowledged.
     changed: Notify,
     limits: StreamLimits,
@@ -153,9 +197,82 @@ impl Stream {
                 durable: next_seq.max(1) - 1,
                 ..Queue::default()
             }),
+            disks: std::sync::Mutex::new(Vec::new()),
             changed: Notify::new(),
             limits,
         })
+    }
+
+    /// A stream that starts by tracking `dirty` (restored after an agent
+    /// restart, or every chunk when that map was lost): resync sends those
+    /// chunks once the numbering is established with the cache.
+    pub fn with_tracking(
+        next_seq: u64,
+        limits: StreamLimits,
+        dirty: Dirty,
+        reason: &str,
+    ) -> Arc<Stream> {
+        let stream = Stream::new(next_seq, limits);
+        if let Ok(mut q) = stream.queue.try_lock() {
+            q.tracking = Some(dirty);
+            q.tracking_reason = reason.to_string();
+            q.renumber = true;
+        }
+        stream
+    }
+
+    /// Tells the stream the VM's disks and their sizes.
+    pub fn set_disks(&self, disks: Vec<(String, u64)>) {
+        if let Ok(mut d) = self.disks.lock() {
+            *d = disks;
+        }
+    }
+
+    /// The VM's disks and their sizes.
+    pub fn disks(&self) -> Vec<(String, u64)> {
+        self.disks.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    /// Asks for a resync of every chunk of `disk_ids` (all disks when
+    /// empty), as cache-svc's resync request does. Pending records still go
+    /// out; writes from now on are tracked until resync takes the map.
+    pub async fn request_resync(&self, disk_ids: &[String], reason: &str) {
+        let disks: Vec<(String, u64)> = self
+            .disks()
+            .into_iter()
+            .filter(|(id, _)| disk_ids.is_empty() || disk_ids.contains(id))
+            .collect();
+        let full = Dirty::full(&disks);
+        let mut q = self.queue.lock().await;
+        match q.tracking.as_mut() {
+            Some(dirty) => dirty.merge(&full),
+            None => {
+                q.tracking = Some(full);
+                q.tracking_reason = reason.to_string();
+            }
+        }
+        drop(q);
+        self.changed.notify_waiters();
+    }
+
+    /// Everything not yet durable in the cache, as changed chunks: the
+    /// tracked map, chunks resync has yet to send, and pending records.
+    /// Saved at a clean shutdown so that the next start resyncs just these.
+    pub async fn unsent(&self) -> Dirty {
+        let q = self.queue.lock().await;
+        let mut dirty = q.tracking.clone().unwrap_or_default();
+        dirty.merge(&q.outstanding);
+        for r in &q.pending {
+            if let Some(op) = &r.op {
+                dirty.mark_op(&r.disk_id, op);
+            }
+        }
+        dirty
+    }
+
+    /// Resync has sent `chunk` of `disk` again.
+    pub async fn resent(&self, disk: &str, chunk: u64) {
+        self.queue.lock().await.outstanding.clear(disk, chunk);
     }
 
     /// Appends a record (its sequence and checksum filled in here) and
@@ -235,6 +352,7 @@ impl Stream {
         }
         q.pending_bytes = 0;
         q.tracking = Some(dirty);
+        q.tracking_reason = "replication buffer overflowed".to_string();
         q.renumber = true;
         q.generation += 1;
     }
@@ -244,6 +362,7 @@ impl Stream {
         let mut q = self.queue.lock().await;
         if q.tracking.is_none() {
             Self::overflow(&mut q);
+            q.tracking_reason = "the cache was unreachable too long".to_string();
         }
         drop(q);
         self.changed.notify_waiters();
@@ -256,6 +375,11 @@ impl Stream {
         (q.tracking.is_some(), !q.renumber)
     }
 
+    /// Why changed chunks are being tracked.
+    pub async fn tracking_reason(&self) -> String {
+        self.queue.lock().await.tracking_reason.clone()
+    }
+
     /// Ends tracking and returns the changed chunks. The caller holds the
     /// capture's ordering lock, so no write falls between the map and the
     /// records that follow.
@@ -265,6 +389,9 @@ impl Stream {
             return None;
         }
         let dirty = q.tracking.take();
+        if let Some(d) = &dirty {
+            q.outstanding.merge(d);
+        }
         drop(q);
         self.changed.notify_waiters();
         dirty
@@ -553,7 +680,26 @@ async fn session(
                         // The cache refuses the next batch; the retry backs off.
                         tracing::warn!(vm, reason = %t.reason, "cache throttles this VM");
                     }
-                    other => tracing::debug!(?other, "control message not handled yet"),
+                    pb::ingest_response::Msg::Resync(r) => {
+                        tracing::warn!(vm, disks = ?r.disk_ids, reason = %r.reason, "cache asks for a resync");
+                        let reason = format!("resync requested: {}", r.reason);
+                        stream.request_resync(&r.disk_ids, &reason).await;
+                    }
+                    pb::ingest_response::Msg::Bookmark(b) => {
+                        let marker = Op::Marker(pb::Marker {
+                            kind: pb::MarkerKind::Bookmark as i32,
+                            id: b.id.clone(),
+                        });
+                        // Markers need no ordering lock: every write with a
+                        // lower sequence has completed, none after has.
+                        match stream.push("", marker).await {
+                            0 => tracing::warn!(vm, id = %b.id, "no bookmark while tracking changed chunks"),
+                            seq => tracing::debug!(vm, id = %b.id, seq, "bookmark"),
+                        }
+                    }
+                    pb::ingest_response::Msg::Opened(_) => {
+                        return SessionEnd::Retry("the cache answered `open` twice".into())
+                    }
                 },
                 Ok(_) => return SessionEnd::Retry("the cache ended the stream".into()),
                 Err(s) if fatal(&s) => return SessionEnd::Fatal(s),

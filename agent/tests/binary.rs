@@ -1,27 +1,82 @@
 //! The real ferry-agent binary: registers, copies its VM's disk (initial
 //! replication) while qemu-io writes through its NBD export, reaches
-//! PROTECTED, and everything lands in a real cache-svc process.
+//! PROTECTED, and everything lands in a real cache-svc process. Its
+//! changed-chunk map survives a clean restart (only those chunks are sent
+//! again); after a crash the map is lost and every chunk is sent again.
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use ferry_agent::state::{Saved, StateFile};
 use ferry_proto::cache::v1 as pb;
+use ferry_proto::cache::v1::record::Op;
 use ferry_proto::registry::v1 as reg;
-use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_testkit::replay::{apply, tail_all};
-use ferry_testkit::{bin_path, free_addr, start_registry, wait_for, wait_serving, ServiceProcess};
+use ferry_testkit::{
+    bin_path, free_addr, protect_vm, protected_item, start_registry, wait_for, wait_serving,
+    ServiceProcess,
+};
 
 const SIZE: u64 = 8 << 20;
 
 /// The agent process, killed however the test ends.
-struct KillOnDrop(std::process::Child);
+struct Agent {
+    child: std::process::Child,
+    nbd: SocketAddr,
+}
 
-impl Drop for KillOnDrop {
+impl Agent {
+    fn start(registry: &str, state_dir: &Path) -> Agent {
+        let nbd = free_addr();
+        let child = Command::new(env!("CARGO_BIN_EXE_ferry-agent"))
+            .args(["--registry", registry, "--vm", "vm"])
+            .args(["--nbd-listen", &nbd.to_string()])
+            .args(["--group-listen", "127.0.0.1:0", "--drain-secs", "1"])
+            .arg("--state-dir")
+            .arg(state_dir)
+            .env("FERRY_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        Agent { child, nbd }
+    }
+
+    /// Sends `signal` and waits for the exit; whether it exited with 0.
+    fn stop(&mut self, signal: &str) -> bool {
+        let killed = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        self.child.wait().unwrap().success()
+    }
+
+    /// qemu-io against the agent's export of `disk`, off the async runtime.
+    async fn qemu_io(&self, disk: &str, commands: &[&str]) {
+        let url = format!("nbd://{}/{disk}", self.nbd);
+        let mut args: Vec<String> = vec!["-f".into(), "raw".into()];
+        for c in commands {
+            args.extend(["-c".to_string(), c.to_string()]);
+        }
+        args.push(url);
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run("qemu-io", &args)
+        })
+        .await
+        .unwrap();
+    }
+}
+
+impl Drop for Agent {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -34,132 +89,188 @@ fn run(program: &str, args: &[&str]) {
     );
 }
 
+/// A registry, a cache-svc process and a protected VM with one 8 MiB disk
+/// holding 3 MiB of data.
+struct Setup {
+    dir: tempfile::TempDir,
+    source: PathBuf,
+    registry: ferry_testkit::Running,
+    cache: ServiceProcess,
+}
+
+impl Setup {
+    async fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("os.raw");
+        let s = source.to_str().unwrap();
+        run("qemu-img", &["create", "-f", "raw", s, &SIZE.to_string()]);
+        run("qemu-io", &["-f", "raw", "-c", "write -P 0x42 1M 3M", s]);
+        let cache_addr = free_addr();
+        let cache_url = format!("http://{cache_addr}");
+        let registry = start_registry(dir.path().join("registry"), Some(cache_url.clone())).await;
+        wait_serving(&registry.url).await;
+        let cache = ServiceProcess::start_at(
+            cache_addr,
+            bin_path("cache-svc"),
+            dir.path().join("cache"),
+            &["--registry", &registry.url],
+        );
+        wait_serving(&cache_url).await;
+        protect_vm(&registry.url, "vm", &[("os", SIZE, &source)]).await;
+        Setup {
+            dir,
+            source,
+            registry,
+            cache,
+        }
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("agent")
+    }
+
+    async fn wait_state(&self, state: reg::ReplicationState) {
+        let url = self.registry.url.clone();
+        wait_for(&format!("{state:?}"), Duration::from_secs(60), || {
+            let url = url.clone();
+            async move {
+                protected_item(&url, "vm")
+                    .await
+                    .filter(|i| i.state() == state)
+            }
+        })
+        .await;
+    }
+
+    /// Waits until the cache's log, replayed onto an empty disk, equals the
+    /// source image; returns the log.
+    async fn wait_replay_equals_source(&self) -> Vec<pb::Record> {
+        let cache_url = self.cache.url();
+        wait_for(
+            "the log to rebuild the source",
+            Duration::from_secs(60),
+            || {
+                let cache_url = cache_url.clone();
+                async move {
+                    let records: Vec<pb::Record> = tail_all(&cache_url, "vm", 1).await;
+                    self.replay_equals_source(&records).then_some(records)
+                }
+            },
+        )
+        .await
+    }
+
+    /// Whether `records` replayed onto an empty disk give the source image.
+    fn replay_equals_source(&self, records: &[pb::Record]) -> bool {
+        let replica = self.dir.path().join("replica.raw");
+        let f = File::create(&replica).unwrap();
+        f.set_len(SIZE).unwrap();
+        apply(records, &HashMap::from([("os".to_string(), f)]));
+        std::fs::read(&replica).unwrap() == std::fs::read(&self.source).unwrap()
+    }
+
+    /// Restarts the cache; the last sequence it holds.
+    async fn restart_cache(&mut self) -> u64 {
+        self.cache.restart();
+        wait_serving(&self.cache.url()).await;
+        let records = tail_all(&self.cache.url(), "vm", 1).await;
+        records.last().map_or(0, |r| r.sequence)
+    }
+
+    /// Waits until at least `n` data records follow `after`; the whole log.
+    async fn wait_data_records(&self, after: u64, n: usize) -> Vec<pb::Record> {
+        let cache_url = self.cache.url();
+        wait_for(
+            &format!("{n} data records after {after}"),
+            Duration::from_secs(60),
+            || {
+                let cache_url = cache_url.clone();
+                async move {
+                    let records: Vec<pb::Record> = tail_all(&cache_url, "vm", 1).await;
+                    (data_records_after(&records, after) >= n).then_some(records)
+                }
+            },
+        )
+        .await
+    }
+}
+
+/// Data records (writes and zeroes) above `after`.
+fn data_records_after(records: &[pb::Record], after: u64) -> usize {
+    records
+        .iter()
+        .filter(|r| r.sequence > after && !matches!(r.op, Some(Op::Marker(_))))
+        .count()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_binary_replicates_its_vm() {
-    let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("os.raw");
-    let s = source.to_str().unwrap();
-    run("qemu-img", &["create", "-f", "raw", s, &SIZE.to_string()]);
-    run("qemu-io", &["-f", "raw", "-c", "write -P 0x42 1M 3M", s]);
+    let setup = Setup::new().await;
+    let agent = Agent::start(&setup.registry.url, &setup.state_dir());
+    setup.wait_state(reg::ReplicationState::Protected).await;
+    agent
+        .qemu_io("os", &["write -P 0x99 2M 256k", "write -z 3M 64k"])
+        .await;
+    setup.wait_replay_equals_source().await;
+    setup.registry.stop().await;
+}
 
-    let cache_addr = free_addr();
-    let cache_url = format!("http://{cache_addr}");
-    let registry = start_registry(dir.path().join("registry"), Some(cache_url.clone())).await;
-    wait_serving(&registry.url).await;
-    let _cache = ServiceProcess::start_at(
-        cache_addr,
-        bin_path("cache-svc"),
-        dir.path().join("cache"),
-        &["--registry", &registry.url],
-    );
-    wait_serving(&cache_url).await;
-    let mut r = RegistryClient::connect(registry.url.clone()).await.unwrap();
-    r.register_vm(reg::RegisterVmRequest {
-        vm: Some(reg::Vm {
-            name: "vm".into(),
-            source_region: "eastus".into(),
-            resource_group: "rg".into(),
-            virtual_network: "net".into(),
-            subnet: "sub".into(),
-            nics: vec![reg::Nic {
-                name: "nic0".into(),
-                private_ip: "10.0.0.4".into(),
-            }],
-            disks: vec![reg::Disk {
-                id: "os".into(),
-                size_bytes: SIZE,
-                role: reg::DiskRole::Os as i32,
-                storage: reg::DiskStorage::Managed as i32,
-                source_path: s.to_string(),
-            }],
-            ..Default::default()
-        }),
-    })
-    .await
-    .unwrap();
-    r.enable_replication(reg::EnableReplicationRequest {
-        vm_name: "vm".into(),
-        target_region: "westus".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_changed_chunk_map_survives_a_clean_restart_and_a_crash_means_full_resync() {
+    let mut setup = Setup::new().await;
+    let state_dir = setup.state_dir();
+    let mut agent = Agent::start(&setup.registry.url, &state_dir);
+    setup.wait_state(reg::ReplicationState::Protected).await;
+    setup.wait_replay_equals_source().await;
 
-    let nbd = free_addr();
-    let _agent = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_ferry-agent"))
-            .args(["--registry", &registry.url, "--vm", "vm"])
-            .args([
-                "--nbd-listen",
-                &nbd.to_string(),
-                "--group-listen",
-                "127.0.0.1:0",
-            ])
-            .env("FERRY_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-
-    let state = |r: &RegistryClient<tonic::transport::Channel>| {
-        let mut r = r.clone();
-        async move {
-            r.get_protected_item(reg::GetProtectedItemRequest {
-                vm_name: "vm".into(),
-            })
-            .await
-            .ok()
-            .map(|i| i.into_inner())
-        }
+    // The cache goes away; writes complete at the agent and wait there.
+    assert!(setup.cache.signal_and_wait("TERM").success());
+    agent.qemu_io("os", &["write -P 0x77 5M 128k"]).await;
+    assert!(agent.stop("TERM"), "the agent stops cleanly");
+    let saved = StateFile::open(&state_dir, "vm").unwrap().load().unwrap();
+    let Some(Saved::Clean(dirty)) = saved else {
+        panic!("expected a clean map, got {saved:?}");
     };
-    wait_for(
-        "the agent to reach PROTECTED",
-        Duration::from_secs(60),
-        || {
-            let s = state(&r);
-            async move {
-                s.await
-                    .filter(|i| i.state() == reg::ReplicationState::Protected)
-            }
-        },
-    )
-    .await;
+    assert_eq!(
+        dirty.chunks("os"),
+        vec![80, 81],
+        "5M..5M+128k is chunks 80 and 81"
+    );
 
-    let url = format!("nbd://{nbd}/os");
-    let written = tokio::task::spawn_blocking(move || {
-        run(
-            "qemu-io",
-            &[
-                "-f",
-                "raw",
-                "-c",
-                "write -P 0x99 2M 256k",
-                "-c",
-                "write -z 3M 64k",
-                &url,
-            ],
-        )
-    });
-    written.await.unwrap();
+    // Back: only the two saved chunks travel again, and the log rebuilds
+    // the source.
+    let last = setup.restart_cache().await;
+    let mut agent = Agent::start(&setup.registry.url, &state_dir);
+    setup.wait_data_records(last, 2).await;
+    setup.wait_state(reg::ReplicationState::Protected).await;
+    let records = tail_all(&setup.cache.url(), "vm", 1).await;
+    assert_eq!(
+        data_records_after(&records, last),
+        2,
+        "only the saved chunks"
+    );
+    assert!(setup.replay_equals_source(&records));
 
-    // The cache's log, replayed onto an empty disk, becomes the source.
-    let expected = std::fs::read(&source).unwrap();
-    let replica = dir.path().join("replica.raw");
-    wait_for(
-        "the log to rebuild the source",
-        Duration::from_secs(60),
-        || {
-            let (cache_url, replica, expected) = (cache_url.clone(), replica.clone(), &expected);
-            async move {
-                let records: Vec<pb::Record> = tail_all(&cache_url, "vm", 1).await;
-                let f = File::create(&replica).unwrap();
-                f.set_len(SIZE).unwrap();
-                apply(&records, &HashMap::from([("os".to_string(), f)]));
-                (std::fs::read(&replica).unwrap() == *expected).then_some(())
-            }
-        },
-    )
-    .await;
-
-    registry.stop().await;
+    // A crash with writes still buffered: the map is lost, so every chunk
+    // of the disk is sent again.
+    assert!(setup.cache.signal_and_wait("TERM").success());
+    agent.qemu_io("os", &["write -P 0x55 7M 64k"]).await;
+    agent.stop("KILL");
+    assert_eq!(
+        StateFile::open(&state_dir, "vm").unwrap().load().unwrap(),
+        Some(Saved::Unclean)
+    );
+    let last = setup.restart_cache().await;
+    let _agent = Agent::start(&setup.registry.url, &state_dir);
+    let chunks = (SIZE / ferry_agent::stream::DIRTY_CHUNK) as usize;
+    setup.wait_data_records(last, chunks).await;
+    setup.wait_state(reg::ReplicationState::Protected).await;
+    let records = tail_all(&setup.cache.url(), "vm", 1).await;
+    assert_eq!(
+        data_records_after(&records, last),
+        chunks,
+        "every chunk once"
+    );
+    assert!(setup.replay_equals_source(&records));
+    setup.registry.stop().await;
 }

@@ -1,7 +1,9 @@
 //! Writes through the agent's library API reach cache-svc in order and
 //! durable: the cache's log replayed onto copies of the original images gives
 //! images identical to the sources, also when cache-svc is killed with SIGKILL
-//! mid-stream and the agent reconnects and resends.
+//! mid-stream and the agent reconnects and resends; an overflowing buffer
+//! turns into changed-chunk tracking and resync, and the cache's bookmark and
+//! resync requests are obeyed.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -225,7 +227,7 @@ async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_overflowing_buffer_switches_to_changed_chunks_and_resyncs() {
+async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
     use ferry_proto::cache::v1::record::Op;
     use ferry_proto::cache::v1::MarkerKind;
     use std::collections::HashMap as Map;
@@ -235,38 +237,9 @@ async fn an_overflowing_buffer_switches_to_changed_chunks_and_resyncs() {
     let cache_url = format!("http://{cache_addr}");
     let registry = start_registry(dir.path().join("registry"), Some(cache_url.clone())).await;
     wait_serving(&registry.url).await;
-    let mut r = RegistryClient::connect(registry.url.clone()).await.unwrap();
     let image = dir.path().join("os.raw");
-    r.register_vm(reg::RegisterVmRequest {
-        vm: Some(reg::Vm {
-            name: "vm".into(),
-            source_region: "eastus".into(),
-            resource_group: "rg".into(),
-            virtual_network: "net".into(),
-            subnet: "sub".into(),
-            nics: vec![reg::Nic {
-                name: "nic0".into(),
-                private_ip: "10.0.0.4".into(),
-            }],
-            disks: vec![reg::Disk {
-                id: "os".into(),
-                size_bytes: SIZE,
-                role: reg::DiskRole::Os as i32,
-                storage: reg::DiskStorage::Managed as i32,
-                source_path: image.display().to_string(),
-            }],
-            ..Default::default()
-        }),
-    })
-    .await
-    .unwrap();
-    r.enable_replication(reg::EnableReplicationRequest {
-        vm_name: "vm".into(),
-        target_region: "westus".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    ferry_testkit::protect_vm(&registry.url, "vm", &[("os", SIZE, &image)]).await;
+    let mut r = RegistryClient::connect(registry.url.clone()).await.unwrap();
     for to in [
         reg::ReplicationState::InitialReplication,
         reg::ReplicationState::Protected,
@@ -392,6 +365,78 @@ async fn an_overflowing_buffer_switches_to_changed_chunks_and_resyncs() {
         std::fs::read(&image).unwrap() == std::fs::read(&replica).unwrap(),
         "the resynced replica differs from the source"
     );
+
+    // The cache relays a bookmark request: the marker enters the stream.
+    use ferry_proto::cache::v1 as pb;
+    use ferry_proto::cache::v1::cache_client::CacheClient;
+    use pb::send_control_request::Control;
+    let control = |c: Control| {
+        let cache_url = cache_url.clone();
+        async move {
+            let mut client = CacheClient::connect(cache_url).await.ok()?;
+            let request = pb::SendControlRequest {
+                vm_name: "vm".into(),
+                control: Some(c),
+            };
+            client.send_control(request).await.ok().map(|_| ())
+        }
+    };
+    let bookmark = Control::Bookmark(pb::BookmarkRequest { id: "b1".into() });
+    ferry_testkit::wait_for(
+        "the bookmark request delivered",
+        Duration::from_secs(30),
+        || control(bookmark.clone()),
+    )
+    .await;
+    let last = ferry_testkit::wait_for("the bookmark in the log", Duration::from_secs(30), || {
+        let cache_url = cache_url.clone();
+        async move {
+            let records = tail_all(&cache_url, "vm", 1).await;
+            records
+                .iter()
+                .find(|r| {
+                    matches!(&r.op, Some(Op::Marker(m))
+                        if m.kind == MarkerKind::Bookmark as i32 && m.id == "b1")
+                })
+                .map(|r| r.sequence)
+        }
+    })
+    .await;
+
+    // A resync request: every chunk of the disk travels again, and the VM
+    // goes through RESYNCING back to PROTECTED.
+    let resync = Control::Resync(pb::ResyncRequest {
+        disk_ids: vec!["os".into()],
+        reason: "replica check".into(),
+    });
+    control(resync).await.expect("resync request delivered");
+    let chunks = (SIZE / ferry_agent::stream::DIRTY_CHUNK) as usize;
+    let records = ferry_testkit::wait_for("the disk sent again", Duration::from_secs(60), || {
+        let cache_url = cache_url.clone();
+        async move {
+            let records = tail_all(&cache_url, "vm", 1).await;
+            let resent = records
+                .iter()
+                .filter(|r| r.sequence > last && !matches!(r.op, Some(Op::Marker(_))))
+                .count();
+            (resent >= chunks).then_some(records)
+        }
+    })
+    .await;
+    ferry_testkit::wait_for(
+        "PROTECTED after the requested resync",
+        Duration::from_secs(60),
+        || {
+            let st = state(&r);
+            async move { st.await.filter(|s| *s == reg::ReplicationState::Protected) }
+        },
+    )
+    .await;
+    let f = File::create(&replica).unwrap();
+    f.set_len(SIZE).unwrap();
+    apply(&records, &Map::from([("os".to_string(), f)]));
+    assert!(std::fs::read(&image).unwrap() == std::fs::read(&replica).unwrap());
+
     shutdown.cancel();
     resyncer.await.unwrap();
     registry.stop().await;

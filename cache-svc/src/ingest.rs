@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
+use crate::control::Control;
 use crate::error::CacheError;
 use crate::service::CacheService;
 use crate::store::VmState;
@@ -170,6 +171,9 @@ impl CacheService {
         let vm = open.vm_name.clone();
         let epoch = open.epoch;
         let (state, disks) = self.open_session(open).await?;
+        // Registered before `opened`, so a control message sent once the
+        // agent is streaming finds it.
+        let (_session, mut control) = self.sessions.open(&vm, epoch)?;
         let mut durable = state.with_log(|log| log.last_seq())?;
         tracing::info!(vm = %vm, epoch, durable, "agent stream open");
         if tx
@@ -185,6 +189,23 @@ impl CacheService {
         loop {
             let message = tokio::select! {
                 _ = shutdown.cancelled() => return Err(CacheError::ShuttingDown),
+                Some(c) = control.recv() => {
+                    let (msg, stop) = match c {
+                        Control::Resync(r) => (pb::ingest_response::Msg::Resync(r), None),
+                        Control::Bookmark(b) => (pb::ingest_response::Msg::Bookmark(b), None),
+                        Control::Stop(s) => {
+                            let reason = s.reason.clone();
+                            (pb::ingest_response::Msg::Stop(s), Some(reason))
+                        }
+                    };
+                    if tx.send(reply(msg)).await.is_err() {
+                        return Ok(());
+                    }
+                    match stop {
+                        Some(reason) => return Err(CacheError::FailedPrecondition(reason)),
+                        None => continue,
+                    }
+                }
                 m = inbound.message() => m,
             };
             let batch = match message {

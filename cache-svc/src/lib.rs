@@ -4,6 +4,7 @@
 //! acknowledged; the processor tails the log from any retained sequence and
 //! reports what it applied, below which whole segments are deleted.
 
+pub mod control;
 pub mod error;
 pub mod frame;
 pub mod ingest;
@@ -110,9 +111,18 @@ pub async fn serve_with(
             .map_err(|_| CacheError::ShuttingDown)??;
     let client = RegistryClient::new(ferry_runtime::connect(&registry.url)?);
     let limits = &config.limits;
+    let store = Arc::new(store);
+    let sessions = Arc::new(control::Sessions::default());
+    tokio::spawn(control::watch_registry(
+        client.clone(),
+        sessions.clone(),
+        store.clone(),
+        shutdown.clone(),
+    ));
     host.routes().add_service(
         CacheServer::new(service::CacheService::new(
-            Arc::new(store),
+            store,
+            sessions,
             client,
             shutdown.clone(),
             limits.max_message_bytes,

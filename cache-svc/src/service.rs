@@ -11,6 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::control::{Control, Sessions};
 use crate::error::CacheError;
 use crate::store::Store;
 use crate::tail;
@@ -22,6 +23,7 @@ const STREAM_BUFFER: usize = 16;
 #[derive(Clone)]
 pub struct CacheService {
     pub(crate) store: Arc<Store>,
+    pub(crate) sessions: Arc<Sessions>,
     pub(crate) registry: RegistryClient<PeerChannel>,
     shutdown: CancellationToken,
     /// Tail batches stay well under the largest message the server sends.
@@ -31,12 +33,14 @@ pub struct CacheService {
 impl CacheService {
     pub fn new(
         store: Arc<Store>,
+        sessions: Arc<Sessions>,
         registry: RegistryClient<PeerChannel>,
         shutdown: CancellationToken,
         max_message_bytes: usize,
     ) -> Self {
         CacheService {
             store,
+            sessions,
             registry,
             shutdown,
             max_batch_bytes: (max_message_bytes / 2).max(4096),
@@ -137,5 +141,30 @@ impl Cache for CacheService {
             epoch: meta.epoch,
         })?;
         Ok(Response::new(info))
+    }
+
+    async fn send_control(
+        &self,
+        request: Request<pb::SendControlRequest>,
+    ) -> Result<Response<pb::SendControlResponse>, Status> {
+        let req = request.into_inner();
+        vm_name(&req.vm_name)?;
+        let control = match req.control {
+            Some(pb::send_control_request::Control::Resync(r)) => Control::Resync(r),
+            Some(pb::send_control_request::Control::Bookmark(b)) => {
+                if b.id.is_empty() {
+                    return Err(Status::invalid_argument("a bookmark needs an id"));
+                }
+                Control::Bookmark(b)
+            }
+            Some(pb::send_control_request::Control::Stop(s)) => Control::Stop(s),
+            None => {
+                return Err(Status::invalid_argument(
+                    "control is empty: set resync, bookmark or stop",
+                ))
+            }
+        };
+        let agent_epoch = self.sessions.send(&req.vm_name, control)?;
+        Ok(Response::new(pb::SendControlResponse { agent_epoch }))
     }
 }

@@ -1,7 +1,8 @@
 //! cache-svc over real gRPC: records acknowledged only when durable, served
 //! back in order by Tail (also live), every bad input refused with its status
-//! and the log unchanged, trimming below the applied sequence, and a real
-//! cache-svc process killed with SIGKILL mid-stream losing nothing it acked.
+//! and the log unchanged, trimming below the applied sequence, a real
+//! cache-svc process killed with SIGKILL mid-stream losing nothing it acked,
+//! and control messages (resync, bookmark, stop on fencing or disable).
 
 use std::time::Duration;
 
@@ -163,6 +164,55 @@ impl Stream {
             }
         }
     }
+}
+
+impl Stream {
+    /// The next message that is not an ack (within 10 s); Err with the
+    /// status that ended the stream.
+    async fn next_control(&mut self) -> Result<pb::ingest_response::Msg, tonic::Status> {
+        let next = async {
+            loop {
+                match self.rx.message().await?.and_then(|m| m.msg) {
+                    Some(pb::ingest_response::Msg::Ack(_)) => continue,
+                    Some(other) => return Ok(other),
+                    None => return Err(tonic::Status::unavailable("stream ended")),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), next)
+            .await
+            .expect("a control message within 10 s")
+    }
+}
+
+async fn send_control(
+    cache: &str,
+    vm: &str,
+    control: Option<pb::send_control_request::Control>,
+) -> Result<u64, tonic::Status> {
+    CacheClient::connect(cache.to_string())
+        .await
+        .unwrap()
+        .send_control(pb::SendControlRequest {
+            vm_name: vm.into(),
+            control,
+        })
+        .await
+        .map(|r| r.into_inner().agent_epoch)
+}
+
+async fn transition(registry_url: &str, vm: &str, to: reg::ReplicationState, bump_epoch: bool) {
+    RegistryClient::connect(registry_url.to_string())
+        .await
+        .unwrap()
+        .transition_state(reg::TransitionStateRequest {
+            vm_name: vm.into(),
+            to: to as i32,
+            bump_epoch,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
 }
 
 async fn tail_all(cache: &str, vm: &str, from: u64) -> Result<Vec<pb::Record>, tonic::Status> {
@@ -589,6 +639,91 @@ async fn past_its_quota_a_vm_is_throttled_and_nothing_is_lost() {
             .unwrap(),
         next + 4
     );
+    env.cache_shutdown.cancel();
+    env.registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_messages_reach_the_agent_and_a_fenced_or_disabled_stream_is_stopped() {
+    use pb::send_control_request::Control;
+    let env = in_process(256 * 1024, 16 << 20).await;
+    let cache = env.cache_url.as_str();
+    let cred = protect(&env.registry.url, "vm1").await;
+    let bookmark = |id: &str| Some(Control::Bookmark(pb::BookmarkRequest { id: id.into() }));
+
+    // Nobody streaming, nothing to send, or a bookmark without an id.
+    let err = send_control(cache, "vm1", bookmark("b1"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    for bad in [None, bookmark("")] {
+        let err = send_control(cache, "vm1", bad).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    }
+
+    // Streaming: resync and bookmark requests arrive as sent.
+    let (mut s, _) = Stream::open(cache, "vm1", &cred).await.unwrap();
+    let resync = Some(Control::Resync(pb::ResyncRequest {
+        disk_ids: vec!["os".into()],
+        reason: "replica check".into(),
+    }));
+    assert_eq!(
+        send_control(cache, "vm1", resync).await.unwrap(),
+        cred.epoch
+    );
+    match s.next_control().await.unwrap() {
+        pb::ingest_response::Msg::Resync(r) => assert_eq!(r.disk_ids, vec!["os".to_string()]),
+        other => panic!("expected resync, got {other:?}"),
+    }
+    send_control(cache, "vm1", bookmark("b1")).await.unwrap();
+    match s.next_control().await.unwrap() {
+        pb::ingest_response::Msg::Bookmark(b) => assert_eq!(b.id, "b1"),
+        other => panic!("expected bookmark, got {other:?}"),
+    }
+    assert_eq!(s.send(vec![record(1)]).await.unwrap(), 1);
+
+    // Failover fences the source: the open stream is told to stop and ends
+    // with FAILED_PRECONDITION; the same agent cannot come back.
+    for to in [
+        reg::ReplicationState::InitialReplication,
+        reg::ReplicationState::Protected,
+    ] {
+        transition(&env.registry.url, "vm1", to, false).await;
+    }
+    transition(
+        &env.registry.url,
+        "vm1",
+        reg::ReplicationState::FailoverInProgress,
+        true,
+    )
+    .await;
+    match s.next_control().await.unwrap() {
+        pb::ingest_response::Msg::Stop(stop) => assert!(stop.reason.contains("fenced"), "{stop:?}"),
+        other => panic!("expected stop, got {other:?}"),
+    }
+    let err = s.next_control().await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    let err = Stream::open(cache, "vm1", &cred).await.err().unwrap();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    assert_eq!(tail_all(cache, "vm1", 1).await.unwrap().len(), 1);
+
+    // Disabling replication stops the stream too.
+    let cred2 = protect(&env.registry.url, "vm2").await;
+    let (mut s2, _) = Stream::open(cache, "vm2", &cred2).await.unwrap();
+    RegistryClient::connect(env.registry.url.clone())
+        .await
+        .unwrap()
+        .disable_replication(reg::DisableReplicationRequest {
+            vm_name: "vm2".into(),
+        })
+        .await
+        .unwrap();
+    match s2.next_control().await.unwrap() {
+        pb::ingest_response::Msg::Stop(stop) => {
+            assert!(stop.reason.contains("disabled"), "{stop:?}")
+        }
+        other => panic!("expected stop, got {other:?}"),
+    }
     env.cache_shutdown.cancel();
     env.registry.stop().await;
 }

@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod process;
 pub mod replay;
 pub mod tools;
+pub mod vm;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 pub use cluster::{start_registry, Cluster, Running};
 pub use process::{bin_path, free_addr, ServiceProcess};
 pub use tools::{assert_reflection_and_health, grpcurl, grpcurl_run, python};
+pub use vm::{protect_vm, protected_item};
 
 /// Polls `check` until it returns `Some`, or panics with `what` after
 /// `timeout`. The poll interval starts at 5 ms and grows to 100 ms.
