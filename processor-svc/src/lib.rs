@@ -1,45 +1,154 @@
-//! processor-svc: the target-region processor: replica disks and recovery points (issue 4 fills it).
-//!
-//! Until its issue lands it serves health and reflection only: it opens its
-//! data directory, waits for its peers, then reports SERVING.
+//! processor-svc: the target-region processor. For every VM whose
+//! replication is enabled it tails cache-svc, applies the records to replica
+//! disks kept as versioned chunks, cuts recovery points every few seconds
+//! (and at app-consistent markers), thins and expires them by the policy,
+//! and serves any retained point's disks.
 
-use ferry_runtime::{CancellationToken, HostError, Peer, ServiceConfig};
+pub mod error;
+pub mod pipeline;
+pub mod replica;
+pub mod retention;
+pub mod service;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_proto::cache::v1::cache_client::CacheClient;
+use ferry_proto::processor::v1::processor_server::ProcessorServer;
+use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_runtime::readiness::{prepare_data_dir, wait_for_peers};
+use ferry_runtime::{CancellationToken, Host, HostError, Peer, ServiceConfig};
 use serde::Deserialize;
 use tokio::net::TcpListener;
+
+pub use error::ProcessorError;
 
 /// The gRPC service name, for health and reflection.
 pub const SERVICE_NAME: &str = "ferry.processor.v1.Processor";
 /// The default port.
 pub const DEFAULT_PORT: u16 = 7103;
 
-/// The `[processor]` table of the config file (no settings yet).
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The `[processor]` table of the config file.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct Settings {}
-
-/// The binary's entry: serves with the config file's `Settings`.
-pub async fn run(
-    config: ServiceConfig,
-    _settings: Settings,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> Result<(), HostError> {
-    serve(config, listener, shutdown).await
+pub struct Settings {
+    /// Replica chunk size in bytes (a multiple of 512). Fixed once a VM's
+    /// replica exists.
+    pub chunk_bytes: u64,
+    /// Replica segment files roll past this many bytes.
+    pub segment_bytes: u64,
+    /// Changed-chunk bytes held in memory before they are written without
+    /// waiting for the next point.
+    pub flush_bytes: usize,
+    /// Bytes compaction moves per step (one step per point interval).
+    pub compact_bytes: u64,
+    /// How long CutRecoveryPoint waits for everything pending to be applied.
+    pub cut_timeout_secs: u64,
 }
 
-/// Serves processor-svc on `listener` until `shutdown` is cancelled.
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            chunk_bytes: 64 * 1024,
+            segment_bytes: 64 << 20,
+            flush_bytes: 64 << 20,
+            compact_bytes: 16 << 20,
+            cut_timeout_secs: 120,
+        }
+    }
+}
+
+/// Why processor-svc stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Processor(#[from] ProcessorError),
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error("[processor] chunk_bytes {0} must be a non-zero multiple of 512")]
+    ChunkSize(u64),
+}
+
+/// The binary's entry.
+pub async fn run(
+    config: ServiceConfig,
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    serve_with(config, settings, listener, shutdown).await
+}
+
+/// Serves processor-svc with default settings.
 pub async fn serve(
     config: ServiceConfig,
     listener: TcpListener,
     shutdown: CancellationToken,
-) -> Result<(), HostError> {
-    let peers = vec![
-        Peer::required(
-            "registry",
-            config.registry.as_ref(),
-            "ferry.registry.v1.Registry",
-        )?,
-        Peer::required("cache", config.cache.as_ref(), "ferry.cache.v1.Cache")?,
-    ];
-    ferry_runtime::placeholder::serve(&config, SERVICE_NAME, peers, listener, shutdown).await
+) -> Result<(), ServeError> {
+    serve_with(config, Settings::default(), listener, shutdown).await
+}
+
+/// Serves processor-svc on `listener` until `shutdown`. Health turns SERVING
+/// once the replicas are open and registry and cache-svc serve.
+pub async fn serve_with(
+    config: ServiceConfig,
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    if settings.chunk_bytes == 0 || !settings.chunk_bytes.is_multiple_of(512) {
+        return Err(ServeError::ChunkSize(settings.chunk_bytes));
+    }
+    let registry = Peer::required(
+        "registry",
+        config.registry.as_ref(),
+        "ferry.registry.v1.Registry",
+    )?;
+    let cache = Peer::required("cache", config.cache.as_ref(), "ferry.cache.v1.Cache")?;
+    let mut host = Host::new(&[SERVICE_NAME]).await?;
+    prepare_data_dir(&config.data_dir).map_err(|source| HostError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let dir = config.data_dir.clone();
+    let (chunk, segment) = (settings.chunk_bytes, settings.segment_bytes.max(1 << 20));
+    let replicas =
+        tokio::task::spawn_blocking(move || replica::Replicas::open(&dir, chunk, segment))
+            .await
+            .map_err(|_| ProcessorError::ShuttingDown)??;
+    let limits = &config.limits;
+    let cache_client = CacheClient::new(ferry_runtime::connect(&cache.url)?)
+        .max_decoding_message_size(limits.max_message_bytes);
+    let registry_client = RegistryClient::new(ferry_runtime::connect(&registry.url)?);
+    let pipelines = pipeline::Pipelines::new(
+        Arc::new(replicas),
+        cache_client,
+        registry_client,
+        pipeline::Tuning {
+            flush_bytes: settings.flush_bytes.max(chunk as usize),
+            compact_bytes: settings.compact_bytes.max(chunk),
+        },
+        shutdown.clone(),
+    );
+    host.routes().add_service(
+        ProcessorServer::new(service::ProcessorService::new(
+            pipelines.clone(),
+            shutdown.clone(),
+            limits.max_message_bytes,
+            Duration::from_secs(settings.cut_timeout_secs.max(1)),
+        ))
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(limits.max_message_bytes),
+    );
+    let health = host.health();
+    let ready = shutdown.clone();
+    tokio::spawn(async move {
+        if wait_for_peers(&[registry, cache], &ready).await.is_ok() && !ready.is_cancelled() {
+            health.serving().await;
+            tracing::info!("processor-svc serving");
+            pipelines.follow_registry().await;
+        }
+    });
+    host.serve(listener, limits, shutdown).await?;
+    Ok(())
 }

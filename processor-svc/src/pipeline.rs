@@ -1,0 +1,609 @@
+//! One pipeline per replicating VM: tail cache-svc from the durable applied
+//! sequence, apply records to the replica, cut points, report back.
+//!
+//! Restart-safe and idempotent by sequence: the replica's durable meta says
+//! which record comes next; whatever was applied in memory but not
+//! checkpointed is applied again after a restart. The cache hears only of
+//! what is durable, so it never trims a record the replica might still need.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_proto::cache::v1 as cache;
+use ferry_proto::cache::v1::cache_client::CacheClient;
+use ferry_proto::cache::v1::MarkerKind;
+use ferry_proto::processor::v1::PointKind;
+use ferry_proto::registry::v1 as registry;
+use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_runtime::time::{to_duration, to_timestamp, unix_nanos_now};
+use ferry_runtime::PeerChannel;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::error::ProcessorError;
+use crate::replica::{Applied, Point, Replicas, VmReplica};
+use crate::retention::{self, Retention};
+
+/// Asks a pipeline for something.
+pub enum Command {
+    /// Cut a point once everything up to `min_sequence` is applied (or
+    /// return the newest point if nothing changed since).
+    Cut {
+        min_sequence: u64,
+        reply: oneshot::Sender<Result<Point, ProcessorError>>,
+    },
+}
+
+/// What a pipeline reports about itself.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    /// Applied (in memory or durably).
+    pub applied: u64,
+    /// The cache's durable sequence, as last heard.
+    pub cache_durable: u64,
+    /// Bytes the cache retains for the VM, as last heard.
+    pub backlog_bytes: u64,
+    /// Why it is not working, if it is not.
+    pub error: Option<String>,
+}
+
+/// How a pipeline works.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// Changed-chunk bytes held in memory before a checkpoint.
+    pub flush_bytes: usize,
+    /// Bytes moved per compaction step.
+    pub compact_bytes: u64,
+}
+
+struct Handle {
+    commands: mpsc::Sender<Command>,
+    status: watch::Receiver<Status>,
+    stop: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
+}
+
+/// Every running pipeline.
+pub struct Pipelines {
+    replicas: Arc<Replicas>,
+    cache: CacheClient<PeerChannel>,
+    registry: RegistryClient<PeerChannel>,
+    tuning: Tuning,
+    running: Mutex<HashMap<String, Handle>>,
+    shutdown: CancellationToken,
+}
+
+impl Pipelines {
+    pub fn new(
+        replicas: Arc<Replicas>,
+        cache: CacheClient<PeerChannel>,
+        registry: RegistryClient<PeerChannel>,
+        tuning: Tuning,
+        shutdown: CancellationToken,
+    ) -> Arc<Pipelines> {
+        Arc::new(Pipelines {
+            replicas,
+            cache,
+            registry,
+            tuning,
+            running: Mutex::new(HashMap::new()),
+            shutdown,
+        })
+    }
+
+    pub fn replicas(&self) -> &Arc<Replicas> {
+        &self.replicas
+    }
+
+    /// The cache client, for RPCs that ask it directly.
+    pub fn cache(&self) -> CacheClient<PeerChannel> {
+        self.cache.clone()
+    }
+
+    /// A command channel and status of the VM's pipeline, if it runs.
+    pub fn get(&self, vm: &str) -> Option<(mpsc::Sender<Command>, Status)> {
+        let running = self.running.lock().ok()?;
+        running
+            .get(vm)
+            .map(|h| (h.commands.clone(), h.status.borrow().clone()))
+    }
+
+    /// Starts the VM's pipeline unless it runs.
+    fn start(self: &Arc<Self>, item: &registry::ProtectedItem, retention: Retention) {
+        let Ok(mut running) = self.running.lock() else {
+            return;
+        };
+        if running
+            .get(&item.vm_name)
+            .is_some_and(|h| !h.done.is_finished())
+        {
+            return;
+        }
+        let disks: BTreeMap<String, u64> = item
+            .source
+            .as_ref()
+            .map(|v| {
+                v.disks
+                    .iter()
+                    .map(|d| (d.id.clone(), d.size_bytes))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let replica = match self.replicas.open_vm_with(&item.vm_name, &disks) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(vm = %item.vm_name, error = %e, "cannot open the replica");
+                return;
+            }
+        };
+        let (commands, rx) = mpsc::channel(16);
+        let (status_tx, status) = watch::channel(Status::default());
+        let stop = self.shutdown.child_token();
+        let pipeline = Pipeline {
+            vm: item.vm_name.clone(),
+            replica,
+            cache: self.cache.clone(),
+            registry: self.registry.clone(),
+            tuning: self.tuning.clone(),
+            retention,
+            status: status_tx,
+            pending: Vec::new(),
+            reported: 0,
+        };
+        let span = tracing::info_span!("pipeline", vm = %item.vm_name);
+        let done = tokio::spawn(pipeline.run(rx, stop.clone()).instrument(span));
+        tracing::info!(vm = %item.vm_name, "pipeline started");
+        running.insert(
+            item.vm_name.clone(),
+            Handle {
+                commands,
+                status,
+                stop,
+                done,
+            },
+        );
+    }
+
+    /// Stops the VM's pipeline and waits for it.
+    async fn stop(&self, vm: &str) {
+        let handle = self.running.lock().ok().and_then(|mut r| r.remove(vm));
+        if let Some(h) = handle {
+            h.stop.cancel();
+            let _ = h.done.await;
+            tracing::info!(vm, "pipeline stopped");
+        }
+    }
+
+    /// Follows registry until shutdown: a pipeline for every VM whose
+    /// replication is on; stopped when it is failed over; stopped and its
+    /// replica deleted when replication is disabled.
+    pub async fn follow_registry(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(100);
+        let mut client = self.registry.clone();
+        while !self.shutdown.is_cancelled() {
+            let watched = tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                w = client.watch_protected_items(registry::WatchProtectedItemsRequest::default()) => w,
+            };
+            match watched {
+                Ok(stream) => {
+                    backoff = Duration::from_millis(100);
+                    let mut stream = stream.into_inner();
+                    loop {
+                        let event = tokio::select! {
+                            _ = self.shutdown.cancelled() => break,
+                            e = stream.message() => e,
+                        };
+                        match event {
+                            Ok(Some(event)) => self.on_event(event).await,
+                            Ok(None) => break,
+                            Err(status) => {
+                                tracing::warn!(%status, "registry watch ended; watching again");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(status) => tracing::warn!(%status, "cannot watch registry; retrying"),
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        let names: Vec<String> = self
+            .running
+            .lock()
+            .map(|r| r.keys().cloned().collect())
+            .unwrap_or_default();
+        for vm in names {
+            self.stop(&vm).await;
+        }
+    }
+
+    async fn on_event(self: &Arc<Self>, event: registry::ProtectedItemEvent) {
+        use registry::ReplicationState as S;
+        let removed = event.kind() == registry::EventKind::Removed;
+        let Some(item) = event.item else { return };
+        if removed {
+            self.stop(&item.vm_name).await;
+            let replicas = self.replicas.clone();
+            let vm = item.vm_name.clone();
+            match tokio::task::spawn_blocking(move || replicas.remove(&vm)).await {
+                Ok(Ok(())) => {
+                    tracing::info!(vm = %item.vm_name, "replica deleted: replication disabled")
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(vm = %item.vm_name, error = %e, "cannot delete the replica")
+                }
+                Err(e) => {
+                    tracing::error!(vm = %item.vm_name, error = %e, "replica deletion panicked")
+                }
+            }
+            return;
+        }
+        match item.state() {
+            S::Enabling
+            | S::InitialReplication
+            | S::Protected
+            | S::ResyncRequired
+            | S::Resyncing
+            | S::FailoverInProgress => {
+                let retention = self.retention_of(&item.policy_name).await;
+                self.start(&item, retention);
+            }
+            S::FailedOver | S::Committed | S::Disabling | S::Unspecified => {
+                self.stop(&item.vm_name).await
+            }
+        }
+    }
+
+    async fn retention_of(&self, policy: &str) -> Retention {
+        let mut client = self.registry.clone();
+        match client
+            .get_policy(registry::GetPolicyRequest {
+                name: policy.to_string(),
+            })
+            .await
+        {
+            Ok(p) => Retention::from_policy(&p.into_inner()),
+            Err(status) => {
+                tracing::warn!(policy, %status, "policy unavailable; using the defaults");
+                Retention::default()
+            }
+        }
+    }
+}
+
+struct Pipeline {
+    vm: String,
+    replica: Arc<VmReplica>,
+    cache: CacheClient<PeerChannel>,
+    registry: RegistryClient<PeerChannel>,
+    tuning: Tuning,
+    retention: Retention,
+    status: watch::Sender<Status>,
+    /// Cut requests waiting for their sequence.
+    pending: Vec<(u64, oneshot::Sender<Result<Point, ProcessorError>>)>,
+    /// The applied sequence last reported to the cache.
+    reported: u64,
+}
+
+/// Runs blocking replica work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ProcessorError> + Send + 'static,
+) -> Result<T, ProcessorError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ProcessorError::Corrupt(format!("replica task failed: {e}")))?
+}
+
+impl Pipeline {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>, stop: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        let mut tick = tokio::time::interval(self.retention.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let ended = self.session(&mut commands, &mut tick, &stop).await;
+            match ended {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, ?backoff, "pipeline interrupted; resuming from the durable sequence");
+                    self.status.send_modify(|s| s.error = Some(e.to_string()));
+                    let replica = self.replica.clone();
+                    if let Err(e) = blocking(move || replica.reset()).await {
+                        tracing::error!(error = %e, "cannot reset the replica");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        // What is applied in memory is written, so a restart resumes close.
+        let replica = self.replica.clone();
+        if let Err(e) = blocking(move || replica.checkpoint()).await {
+            tracing::warn!(error = %e, "final checkpoint failed");
+        }
+        for (_, reply) in self.pending.drain(..) {
+            let _ = reply.send(Err(ProcessorError::ShuttingDown));
+        }
+    }
+
+    /// One tail of the cache, until stopped (Ok) or something fails.
+    async fn session(
+        &mut self,
+        commands: &mut mpsc::Receiver<Command>,
+        tick: &mut tokio::time::Interval,
+        stop: &CancellationToken,
+    ) -> Result<(), ProcessorError> {
+        let applied = self.replica.meta()?.applied;
+        let request = cache::TailRequest {
+            vm_name: self.vm.clone(),
+            from_sequence: applied + 1,
+            follow: true,
+            max_batch_bytes: 0,
+        };
+        let mut client = self.cache.clone();
+        let mut tail = match client.tail(request).await {
+            Ok(t) => t.into_inner(),
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                // No agent has streamed yet: nothing to apply.
+                return self.idle(commands, tick, stop).await;
+            }
+            Err(s) => return Err(ProcessorError::Unavailable(format!("cache tail: {s}"))),
+        };
+        self.status.send_modify(|s| s.error = None);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                Some(command) = commands.recv() => self.command(command).await,
+                _ = tick.tick() => self.on_tick().await?,
+                message = tail.message() => match message {
+                    Ok(Some(response)) => {
+                        let records = response.batch.map(|b| b.records).unwrap_or_default();
+                        self.status.send_modify(|s| s.cache_durable = response.durable_sequence);
+                        self.apply(records).await?;
+                    }
+                    Ok(None) => return Err(ProcessorError::Unavailable("the cache ended the tail".into())),
+                    Err(s) => return Err(ProcessorError::Unavailable(format!("cache tail: {s}"))),
+                },
+            }
+        }
+    }
+
+    /// Waits for the cache to have a log, answering commands meanwhile.
+    async fn idle(
+        &mut self,
+        commands: &mut mpsc::Receiver<Command>,
+        tick: &mut tokio::time::Interval,
+        stop: &CancellationToken,
+    ) -> Result<(), ProcessorError> {
+        let deadline = tokio::time::sleep(Duration::from_secs(1));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                Some(command) = commands.recv() => self.command(command).await,
+                _ = tick.tick() => self.on_tick().await?,
+                _ = &mut deadline => return Err(ProcessorError::Unavailable(
+                    "the cache has no log for this VM yet".into())),
+            }
+        }
+    }
+
+    async fn apply(&mut self, records: Vec<cache::Record>) -> Result<(), ProcessorError> {
+        let replica = self.replica.clone();
+        let flush_bytes = self.tuning.flush_bytes;
+        let (applied, cuts) = blocking(move || {
+            let mut cuts = Vec::new();
+            for record in &records {
+                if record.sequence <= replica.meta()?.applied {
+                    continue;
+                }
+                match replica.apply(record)? {
+                    Applied::Marker(MarkerKind::AppConsistent, _) => {
+                        cuts.push(cut_at_marker(&replica, PointKind::AppConsistent))
+                    }
+                    Applied::Marker(MarkerKind::Final, _) => {
+                        cuts.push(cut_at_marker(&replica, PointKind::CrashConsistent))
+                    }
+                    _ => {}
+                }
+                if replica.dirty_bytes()? >= flush_bytes {
+                    replica.checkpoint()?;
+                }
+            }
+            Ok((replica.meta()?.applied, cuts))
+        })
+        .await?;
+        for cut in cuts {
+            match cut {
+                Ok(p) => {
+                    tracing::info!(point = %p.id(), seq = p.sequence_cut, kind = p.kind, "point at marker")
+                }
+                Err(e) => tracing::warn!(error = %e, "no point at the marker"),
+            }
+        }
+        self.status.send_modify(|s| s.applied = applied);
+        self.serve_cuts(applied).await;
+        Ok(())
+    }
+
+    async fn command(&mut self, command: Command) {
+        match command {
+            Command::Cut {
+                min_sequence,
+                reply,
+            } => {
+                self.pending.push((min_sequence, reply));
+                let applied = self.replica.meta().map(|m| m.applied).unwrap_or(0);
+                self.serve_cuts(applied).await;
+            }
+        }
+    }
+
+    /// Answers the cut requests whose sequence is applied.
+    async fn serve_cuts(&mut self, applied: u64) {
+        if self.pending.iter().all(|(min, _)| *min > applied) {
+            return;
+        }
+        let replica = self.replica.clone();
+        let cut = blocking(move || {
+            let meta = replica.meta()?;
+            if meta.applied == meta.last_point_sequence && meta.applied > 0 {
+                if let Some(p) = replica.points()?.pop() {
+                    return Ok(p);
+                }
+            }
+            replica.cut(PointKind::CrashConsistent as i32, "", unix_nanos_now())
+        })
+        .await;
+        let (ready, waiting): (Vec<_>, Vec<_>) =
+            self.pending.drain(..).partition(|(min, _)| *min <= applied);
+        self.pending = waiting;
+        for (_, reply) in ready {
+            let _ = reply.send(match &cut {
+                Ok(p) => Ok(p.clone()),
+                Err(e) => Err(match e {
+                    ProcessorError::FailedPrecondition(m) => {
+                        ProcessorError::FailedPrecondition(m.clone())
+                    }
+                    other => ProcessorError::Unavailable(other.to_string()),
+                }),
+            });
+        }
+        if cut.is_ok() {
+            self.report_applied().await;
+        }
+    }
+
+    /// Every interval: a crash-consistent point if anything changed (else a
+    /// checkpoint while a disk syncs), the applied sequence to the cache,
+    /// retention, a compaction step, and health to registry.
+    async fn on_tick(&mut self) -> Result<(), ProcessorError> {
+        let replica = self.replica.clone();
+        let retention = self.retention.clone();
+        let compact_bytes = self.tuning.compact_bytes;
+        let cut = blocking(move || {
+            let meta = replica.meta()?;
+            let mut cut = None;
+            if meta.applied > meta.last_point_sequence {
+                if replica.not_cuttable()?.is_none() {
+                    cut = Some(replica.cut(
+                        PointKind::CrashConsistent as i32,
+                        "",
+                        unix_nanos_now(),
+                    )?);
+                } else {
+                    replica.checkpoint()?;
+                }
+            }
+            let points = replica.points()?;
+            let expired = retention::expired(&points, unix_nanos_now(), &retention);
+            if !expired.is_empty() {
+                let pruned = replica.prune(&expired)?;
+                if !pruned.is_empty() {
+                    tracing::debug!(points = pruned.len(), "recovery points expired");
+                }
+            }
+            replica.compact_step(compact_bytes)?;
+            Ok(cut)
+        })
+        .await?;
+        if let Some(p) = cut {
+            tracing::debug!(point = %p.id(), seq = p.sequence_cut, "crash-consistent point");
+        }
+        self.report_applied().await;
+        self.report_health().await;
+        Ok(())
+    }
+
+    /// Tells the cache what is durably applied, so it may trim below it.
+    async fn report_applied(&mut self) {
+        let Ok(durable) = self.durable_applied() else {
+            return;
+        };
+        if durable <= self.reported {
+            return;
+        }
+        let mut client = self.cache.clone();
+        match client
+            .report_applied(cache::ReportAppliedRequest {
+                vm_name: self.vm.clone(),
+                applied_sequence: durable,
+            })
+            .await
+        {
+            Ok(_) => self.reported = durable,
+            Err(s) => tracing::debug!(%s, "cannot report the applied sequence"),
+        }
+    }
+
+    /// The applied sequence the index holds (what survives a crash).
+    fn durable_applied(&self) -> Result<u64, ProcessorError> {
+        self.replica.durable_applied()
+    }
+
+    async fn report_health(&mut self) {
+        let mut client = self.cache.clone();
+        let info = client
+            .get_log_info(cache::GetLogInfoRequest {
+                vm_name: self.vm.clone(),
+            })
+            .await
+            .ok()
+            .map(|i| i.into_inner());
+        let meta = match self.replica.meta() {
+            Ok(m) => m,
+            Err(_) => return,
+        };
+        let latest = self.replica.points().ok().and_then(|mut p| p.pop());
+        let status = self.status.borrow().clone();
+        let (durable, size) = info
+            .map(|i| (i.last_sequence, i.size_bytes))
+            .unwrap_or((status.cache_durable, status.backlog_bytes));
+        self.status.send_modify(|s| {
+            s.cache_durable = durable;
+            s.backlog_bytes = size;
+        });
+        let now = unix_nanos_now();
+        let rpo = latest
+            .as_ref()
+            .map(|p| Duration::from_nanos(now.saturating_sub(p.time_nanos)));
+        let (health, message) = match (&status.error, meta.syncing.is_empty()) {
+            (Some(e), _) => (registry::ReplicationHealth::Warning, e.clone()),
+            (None, false) => (
+                registry::ReplicationHealth::Normal,
+                "initial replication or resync in progress; no points meanwhile".to_string(),
+            ),
+            (None, true) => (registry::ReplicationHealth::Normal, String::new()),
+        };
+        let request = registry::ReportHealthRequest {
+            vm_name: self.vm.clone(),
+            component: "processor".into(),
+            health: health as i32,
+            message,
+            rpo: rpo.map(to_duration),
+            last_recovery_point_time: latest
+                .as_ref()
+                .map(|p| to_timestamp(std::time::UNIX_EPOCH + Duration::from_nanos(p.time_nanos))),
+            backlog_bytes: Some(size),
+            backlog_records: Some(durable.saturating_sub(meta.applied)),
+        };
+        let mut registry = self.registry.clone();
+        if let Err(s) = registry.report_health(request).await {
+            tracing::debug!(%s, "cannot report health");
+        }
+    }
+}
+
+/// A point at an app-consistent or final marker, if the disks allow one.
+fn cut_at_marker(replica: &VmReplica, kind: PointKind) -> Result<Point, ProcessorError> {
+    replica.cut(kind as i32, "", unix_nanos_now())
+}

@@ -1,0 +1,1193 @@
+//! Replica disks as versioned chunks, and recovery points over them.
+//!
+//! A disk is cut into fixed-size chunks. Time is cut into intervals: the
+//! open interval collects writes, and cutting a point closes it. A chunk gets
+//! at most one version per interval (writes to it inside the interval are
+//! coalesced in memory, partial writes merged onto its previous version), so
+//! the point closing interval `g` reads, for each chunk, its newest version
+//! `<= g`. Bulk bytes go to append-only segment files of framed, checksummed
+//! blobs (`crc32c u32 | len u32 | bytes`), fsynced before the index names
+//! them; sled holds the index of each VM in a tree of its own:
+//!
+//! - `v disk chunk version` → where the version is (or "zero")
+//! - `g version disk chunk` → () (the versions an interval made, for pruning)
+//! - `r segment offset` → the `v` key (what a segment holds, for compaction)
+//! - `s segment` → its size and live bytes
+//! - `p interval` → a recovery point
+//! - `m` → the VM's meta: applied sequence, open interval, disk states
+//!
+//! Cutting a point writes the chunks changed in the interval and one point
+//! entry: O(changed chunks), whatever the disk size.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ferry_proto::cache::v1::record::Op;
+use ferry_proto::cache::v1::{MarkerKind, Record};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ProcessorError;
+
+type Result<T> = std::result::Result<T, ProcessorError>;
+
+const BLOB_HEADER: u64 = 8;
+
+/// A recovery point as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Point {
+    /// The interval it closed; its versions are those `<= interval`.
+    pub interval: u64,
+    /// It holds exactly the records with sequence `<=` this.
+    pub sequence_cut: u64,
+    /// `ferry.processor.v1.PointKind`.
+    pub kind: i32,
+    /// When the newest write it holds completed at the agent (Unix ns).
+    pub time_nanos: u64,
+    /// When it was cut (Unix ns).
+    pub created_nanos: u64,
+    /// The disks and their sizes.
+    pub disks: Vec<(String, u64)>,
+    /// Who pinned it; never pruned while non-empty.
+    pub pinned_by: Vec<String>,
+    /// The bookmark id of a multi-VM point.
+    pub bookmark_id: String,
+}
+
+impl Point {
+    /// Its id, unique per VM.
+    pub fn id(&self) -> String {
+        format!("rp-{}", self.interval)
+    }
+}
+
+/// The interval of a point id, if it is one.
+pub fn parse_point_id(id: &str) -> Option<u64> {
+    id.strip_prefix("rp-")?.parse().ok()
+}
+
+/// What the index keeps of a VM.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Meta {
+    /// Every record up to this sequence is in the replica (durably once
+    /// saved).
+    pub applied: u64,
+    /// The open interval; the next point closes it.
+    pub interval: u64,
+    /// Disks whose initial replication completed.
+    pub synced: BTreeSet<String>,
+    /// Disks in initial replication or resync now.
+    pub syncing: BTreeSet<String>,
+    /// Disk sizes.
+    pub disks: BTreeMap<String, u64>,
+    /// When the newest applied write completed at the agent (Unix ns).
+    pub last_time_nanos: u64,
+    /// The id the next segment file gets.
+    pub next_segment: u64,
+    /// The sequence cut of the newest point (0 if none).
+    pub last_point_sequence: u64,
+}
+
+/// Where a chunk version lives.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stored {
+    /// All zeros (written as zeros, zeroed or trimmed).
+    Zero,
+    Data {
+        seg: u64,
+        off: u64,
+        len: u32,
+        crc: u32,
+    },
+}
+
+impl Stored {
+    fn encode(&self) -> Vec<u8> {
+        match self {
+            Stored::Zero => vec![0],
+            Stored::Data { seg, off, len, crc } => {
+                let mut v = Vec::with_capacity(25);
+                v.push(1);
+                v.extend_from_slice(&seg.to_be_bytes());
+                v.extend_from_slice(&off.to_be_bytes());
+                v.extend_from_slice(&len.to_be_bytes());
+                v.extend_from_slice(&crc.to_be_bytes());
+                v
+            }
+        }
+    }
+
+    fn decode(b: &[u8]) -> Result<Stored> {
+        match b {
+            [0] => Ok(Stored::Zero),
+            [1, rest @ ..] if rest.len() == 24 => Ok(Stored::Data {
+                seg: be64(&rest[0..8]),
+                off: be64(&rest[8..16]),
+                len: be32(&rest[16..20]),
+                crc: be32(&rest[20..24]),
+            }),
+            _ => Err(ProcessorError::Corrupt("chunk version entry".into())),
+        }
+    }
+
+    /// Bytes it takes in its segment.
+    fn footprint(&self) -> u64 {
+        match self {
+            Stored::Zero => 0,
+            Stored::Data { len, .. } => BLOB_HEADER + u64::from(*len),
+        }
+    }
+}
+
+fn be64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+fn be32(b: &[u8]) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[..4]);
+    u32::from_be_bytes(a)
+}
+
+fn disk_part(out: &mut Vec<u8>, disk: &str) {
+    out.push(disk.len().min(255) as u8);
+    out.extend_from_slice(&disk.as_bytes()[..disk.len().min(255)]);
+}
+
+fn vkey(disk: &str, chunk: u64, version: u64) -> Vec<u8> {
+    let mut k = vec![b'v'];
+    disk_part(&mut k, disk);
+    k.extend_from_slice(&chunk.to_be_bytes());
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
+fn vkey_parts(k: &[u8]) -> Result<(String, u64, u64)> {
+    let bad = || ProcessorError::Corrupt("version key".into());
+    let len = *k.get(1).ok_or_else(bad)? as usize;
+    if k.len() != 2 + len + 16 {
+        return Err(bad());
+    }
+    let disk = String::from_utf8(k[2..2 + len].to_vec()).map_err(|_| bad())?;
+    Ok((disk, be64(&k[2 + len..]), be64(&k[2 + len + 8..])))
+}
+
+fn gkey(version: u64, disk: &str, chunk: u64) -> Vec<u8> {
+    let mut k = vec![b'g'];
+    k.extend_from_slice(&version.to_be_bytes());
+    disk_part(&mut k, disk);
+    k.extend_from_slice(&chunk.to_be_bytes());
+    k
+}
+
+fn rkey(seg: u64, off: u64) -> Vec<u8> {
+    let mut k = vec![b'r'];
+    k.extend_from_slice(&seg.to_be_bytes());
+    k.extend_from_slice(&off.to_be_bytes());
+    k
+}
+
+fn skey(seg: u64) -> Vec<u8> {
+    let mut k = vec![b's'];
+    k.extend_from_slice(&seg.to_be_bytes());
+    k
+}
+
+fn pkey(interval: u64) -> Vec<u8> {
+    let mut k = vec![b'p'];
+    k.extend_from_slice(&interval.to_be_bytes());
+    k
+}
+
+const META: &[u8] = b"m";
+
+fn json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| ProcessorError::Corrupt(e.to_string()))
+}
+
+fn unjson<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T> {
+    serde_json::from_slice(b).map_err(|e| ProcessorError::Corrupt(e.to_string()))
+}
+
+/// A segment's size and the bytes of it still referenced.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct SegMeta {
+    bytes: u64,
+    live: u64,
+}
+
+/// A chunk changed in the open interval, not yet written.
+#[derive(Debug, Clone)]
+enum Dirty {
+    Zero,
+    Data(Vec<u8>),
+}
+
+struct Writer {
+    meta: Meta,
+    dirty: BTreeMap<(String, u64), Dirty>,
+    dirty_bytes: usize,
+    /// The segment appends go to: id, file, length.
+    current: Option<(u64, File, u64)>,
+}
+
+/// A range of a disk at a point.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Extent {
+    pub offset: u64,
+    pub length: u64,
+    /// None: reads as zeros (never written, or zeroed).
+    pub data: Option<Vec<u8>>,
+}
+
+/// What a record did, for the pipeline.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Applied {
+    Data,
+    Marker(MarkerKind, String),
+}
+
+/// Every VM's replica.
+pub struct Replicas {
+    dir: PathBuf,
+    db: sled::Db,
+    chunk: u64,
+    segment_bytes: u64,
+    vms: Mutex<HashMap<String, Arc<VmReplica>>>,
+}
+
+fn poisoned() -> ProcessorError {
+    ProcessorError::Corrupt("a replica lock was poisoned by a panic".into())
+}
+
+fn tree_name(vm: &str) -> String {
+    format!("vm/{vm}")
+}
+
+impl Replicas {
+    /// Opens (or creates) the replicas under `dir`.
+    pub fn open(dir: &Path, chunk: u64, segment_bytes: u64) -> Result<Replicas> {
+        fs::create_dir_all(dir.join("segments")).map_err(|e| ProcessorError::io(dir, e))?;
+        let db = sled::Config::new().path(dir.join("index")).open()?;
+        Ok(Replicas {
+            dir: dir.to_path_buf(),
+            db,
+            chunk,
+            segment_bytes,
+            vms: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The names of every VM with a replica.
+    pub fn names(&self) -> Vec<String> {
+        self.db
+            .tree_names()
+            .into_iter()
+            .filter_map(|n| String::from_utf8(n.to_vec()).ok())
+            .filter_map(|n| n.strip_prefix("vm/").map(str::to_string))
+            .collect()
+    }
+
+    /// A VM's replica if it has one.
+    pub fn get(&self, vm: &str) -> Result<Option<Arc<VmReplica>>> {
+        if let Some(r) = self.vms.lock().map_err(|_| poisoned())?.get(vm) {
+            return Ok(Some(r.clone()));
+        }
+        if !self.names().iter().any(|n| n == vm) {
+            return Ok(None);
+        }
+        self.open_vm(vm).map(Some)
+    }
+
+    /// A VM's replica, created empty with `disks` if missing; disk sizes
+    /// are updated from `disks`.
+    pub fn open_vm_with(&self, vm: &str, disks: &BTreeMap<String, u64>) -> Result<Arc<VmReplica>> {
+        let replica = match self.get(vm)? {
+            Some(r) => r,
+            None => self.open_vm(vm)?,
+        };
+        replica.set_disks(disks)?;
+        Ok(replica)
+    }
+
+    fn open_vm(&self, vm: &str) -> Result<Arc<VmReplica>> {
+        let mut vms = self.vms.lock().map_err(|_| poisoned())?;
+        if let Some(r) = vms.get(vm) {
+            return Ok(r.clone());
+        }
+        let tree = self.db.open_tree(tree_name(vm))?;
+        let meta: Meta = match tree.get(META)? {
+            Some(b) => unjson(&b)?,
+            None => Meta {
+                interval: 1,
+                next_segment: 1,
+                ..Meta::default()
+            },
+        };
+        let dir = self.dir.join("segments").join(sanitize(vm));
+        fs::create_dir_all(&dir).map_err(|e| ProcessorError::io(&dir, e))?;
+        let replica = Arc::new(VmReplica {
+            vm: vm.to_string(),
+            tree,
+            db: self.db.clone(),
+            dir,
+            chunk: self.chunk,
+            segment_bytes: self.segment_bytes,
+            files: Mutex::new(HashMap::new()),
+            reading: Mutex::new(HashMap::new()),
+            writer: Mutex::new(Writer {
+                meta,
+                dirty: BTreeMap::new(),
+                dirty_bytes: 0,
+                current: None,
+            }),
+        });
+        vms.insert(vm.to_string(), replica.clone());
+        Ok(replica)
+    }
+
+    /// Deletes a VM's replica (its replication was disabled).
+    pub fn remove(&self, vm: &str) -> Result<()> {
+        let removed = self.vms.lock().map_err(|_| poisoned())?.remove(vm);
+        let dir = removed
+            .map(|r| r.dir.clone())
+            .unwrap_or_else(|| self.dir.join("segments").join(sanitize(vm)));
+        self.db.drop_tree(tree_name(vm))?;
+        self.db.flush()?;
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ProcessorError::io(&dir, e)),
+        }
+    }
+}
+
+fn sanitize(vm: &str) -> String {
+    vm.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// One VM's replica disks and points.
+pub struct VmReplica {
+    pub vm: String,
+    tree: sled::Tree,
+    db: sled::Db,
+    dir: PathBuf,
+    chunk: u64,
+    segment_bytes: u64,
+    /// Open segment files for reading.
+    files: Mutex<HashMap<u64, Arc<File>>>,
+    /// Points being read now (interval → readers): never pruned meanwhile.
+    reading: Mutex<HashMap<u64, usize>>,
+    writer: Mutex<Writer>,
+}
+
+/// Holds a point against pruning while it is read.
+pub struct ReadLease {
+    replica: Arc<VmReplica>,
+    interval: u64,
+}
+
+impl Drop for ReadLease {
+    fn drop(&mut self) {
+        if let Ok(mut reading) = self.replica.reading.lock() {
+            if let Some(n) = reading.get_mut(&self.interval) {
+                *n -= 1;
+                if *n == 0 {
+                    reading.remove(&self.interval);
+                }
+            }
+        }
+    }
+}
+
+impl VmReplica {
+    fn writer(&self) -> Result<MutexGuard<'_, Writer>> {
+        self.writer.lock().map_err(|_| poisoned())
+    }
+
+    /// The chunk size in bytes.
+    pub fn chunk_bytes(&self) -> u64 {
+        self.chunk
+    }
+
+    /// The VM's meta as it is in memory now.
+    pub fn meta(&self) -> Result<Meta> {
+        Ok(self.writer()?.meta.clone())
+    }
+
+    /// The applied sequence the index holds (what survives a crash).
+    pub fn durable_applied(&self) -> Result<u64> {
+        match self.tree.get(META)? {
+            Some(b) => Ok(unjson::<Meta>(&b)?.applied),
+            None => Ok(0),
+        }
+    }
+
+    /// Bytes of changed chunks held in memory for the open interval.
+    pub fn dirty_bytes(&self) -> Result<usize> {
+        Ok(self.writer()?.dirty_bytes)
+    }
+
+    fn set_disks(&self, disks: &BTreeMap<String, u64>) -> Result<()> {
+        let mut w = self.writer()?;
+        if w.meta.disks != *disks {
+            w.meta.disks = disks.clone();
+            self.tree.insert(META, json(&w.meta)?)?;
+            self.db.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Why no point may be cut now, if that is so.
+    pub fn not_cuttable(&self) -> Result<Option<String>> {
+        let w = self.writer()?;
+        Ok(not_cuttable(&w.meta))
+    }
+
+    /// Applies one record (the next in sequence) to the open interval.
+    pub fn apply(&self, record: &Record) -> Result<Applied> {
+        let mut w = self.writer()?;
+        let expected = w.meta.applied + 1;
+        if record.sequence != expected {
+            return Err(ProcessorError::FailedPrecondition(format!(
+                "VM {:?}: record {} arrived where {expected} comes next",
+                self.vm, record.sequence
+            )));
+        }
+        let applied = match &record.op {
+            Some(Op::Write(op)) => {
+                self.apply_range(
+                    &mut w,
+                    &record.disk_id,
+                    op.offset,
+                    op.data.len() as u64,
+                    Some(&op.data),
+                )?;
+                Applied::Data
+            }
+            Some(Op::Trim(z)) | Some(Op::WriteZeroes(z)) => {
+                self.apply_range(&mut w, &record.disk_id, z.offset, z.length, None)?;
+                Applied::Data
+            }
+            Some(Op::Marker(m)) => {
+                let kind = MarkerKind::try_from(m.kind).unwrap_or(MarkerKind::Unspecified);
+                match kind {
+                    MarkerKind::SyncStarted => {
+                        w.meta.syncing.insert(record.disk_id.clone());
+                    }
+                    MarkerKind::SyncCompleted => {
+                        w.meta.syncing.remove(&record.disk_id);
+                        w.meta.synced.insert(record.disk_id.clone());
+                    }
+                    _ => {}
+                }
+                Applied::Marker(kind, m.id.clone())
+            }
+            None => {
+                return Err(ProcessorError::DataLoss(format!(
+                    "VM {:?}: record {} has no operation",
+                    self.vm, record.sequence
+                )))
+            }
+        };
+        w.meta.applied = record.sequence;
+        if matches!(applied, Applied::Data) {
+            w.meta.last_time_nanos = w.meta.last_time_nanos.max(record.captured_at_unix_nanos);
+        }
+        Ok(applied)
+    }
+
+    fn apply_range(
+        &self,
+        w: &mut Writer,
+        disk: &str,
+        offset: u64,
+        length: u64,
+        data: Option<&[u8]>,
+    ) -> Result<()> {
+        let size = *w.meta.disks.get(disk).ok_or_else(|| {
+            ProcessorError::DataLoss(format!("VM {:?} has no disk {disk:?}", self.vm))
+        })?;
+        if offset.checked_add(length).is_none_or(|end| end > size) {
+            return Err(ProcessorError::DataLoss(format!(
+                "VM {:?}: range {offset}+{length} is past the end of disk {disk:?} ({size})",
+                self.vm
+            )));
+        }
+        let mut at = offset;
+        while at < offset + length {
+            let chunk = at / self.chunk;
+            let start = chunk * self.chunk;
+            let chunk_len = self.chunk.min(size - start);
+            let within = at - start;
+            let n = (chunk_len - within).min(offset + length - at);
+            let piece = data.map(|d| &d[(at - offset) as usize..(at - offset + n) as usize]);
+            let key = (disk.to_string(), chunk);
+            if within == 0 && n == chunk_len {
+                let new = match piece {
+                    Some(p) => Dirty::Data(p.to_vec()),
+                    None => Dirty::Zero,
+                };
+                let old = w.dirty.insert(key, new.clone());
+                w.dirty_bytes = w.dirty_bytes + dirty_len(&new) - old.as_ref().map_or(0, dirty_len);
+            } else {
+                if !w.dirty.contains_key(&key) {
+                    let base = self.head(disk, chunk, chunk_len, w.meta.interval)?;
+                    w.dirty_bytes += base.len();
+                    w.dirty.insert(key.clone(), Dirty::Data(base));
+                }
+                let entry = w.dirty.get_mut(&key).ok_or_else(poisoned)?;
+                if let Dirty::Zero = entry {
+                    *entry = Dirty::Data(vec![0; chunk_len as usize]);
+                    w.dirty_bytes += chunk_len as usize;
+                }
+                if let Dirty::Data(buf) = entry {
+                    let range = within as usize..(within + n) as usize;
+                    match piece {
+                        Some(p) => buf[range].copy_from_slice(p),
+                        None => buf[range].fill(0),
+                    }
+                }
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// The newest contents of a chunk up to `interval`, as bytes.
+    fn head(&self, disk: &str, chunk: u64, chunk_len: u64, interval: u64) -> Result<Vec<u8>> {
+        match self.version_at(disk, chunk, interval)? {
+            None | Some(Stored::Zero) => Ok(vec![0; chunk_len as usize]),
+            Some(stored) => self.read_blob(&stored),
+        }
+    }
+
+    /// The version of a chunk a point closing `interval` reads.
+    fn version_at(&self, disk: &str, chunk: u64, interval: u64) -> Result<Option<Stored>> {
+        let range = vkey(disk, chunk, 0)..=vkey(disk, chunk, interval);
+        match self.tree.range(range).next_back() {
+            Some(kv) => Ok(Some(Stored::decode(&kv?.1)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn file(&self, seg: u64) -> Result<Arc<File>> {
+        let mut files = self.files.lock().map_err(|_| poisoned())?;
+        if let Some(f) = files.get(&seg) {
+            return Ok(f.clone());
+        }
+        let path = self.segment_path(seg);
+        let f = Arc::new(File::open(&path).map_err(|e| ProcessorError::io(&path, e))?);
+        files.insert(seg, f.clone());
+        Ok(f)
+    }
+
+    fn segment_path(&self, seg: u64) -> PathBuf {
+        self.dir.join(format!("{seg:016}.seg"))
+    }
+
+    fn read_blob(&self, stored: &Stored) -> Result<Vec<u8>> {
+        let Stored::Data { seg, off, len, crc } = *stored else {
+            return Ok(Vec::new());
+        };
+        let f = self.file(seg)?;
+        let mut buf = vec![0u8; (BLOB_HEADER + u64::from(len)) as usize];
+        f.read_exact_at(&mut buf, off)
+            .map_err(|e| ProcessorError::io(&self.segment_path(seg), e))?;
+        let data = buf.split_off(BLOB_HEADER as usize);
+        if be32(&buf[0..4]) != crc || be32(&buf[4..8]) != len || crc32c::crc32c(&data) != crc {
+            return Err(ProcessorError::DataLoss(format!(
+                "VM {:?}: segment {seg} offset {off} does not match its checksum",
+                self.vm
+            )));
+        }
+        Ok(data)
+    }
+
+    fn append_blob(&self, w: &mut Writer, data: &[u8]) -> Result<Stored> {
+        let roll = w
+            .current
+            .as_ref()
+            .is_none_or(|(_, _, len)| *len >= self.segment_bytes);
+        if roll {
+            let seg = w.meta.next_segment;
+            w.meta.next_segment += 1;
+            let path = self.segment_path(seg);
+            // Truncating is right: a segment the index does not know yet
+            // holds nothing anyone needs (a crash before its checkpoint).
+            let f = OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(&path)
+                .map_err(|e| ProcessorError::io(&path, e))?;
+            if let Some(dir) = path.parent() {
+                File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| ProcessorError::io(dir, e))?;
+            }
+            w.current = Some((seg, f, 0));
+        }
+        let (seg, f, len) = w.current.as_mut().ok_or_else(poisoned)?;
+        let crc = crc32c::crc32c(data);
+        let mut blob = Vec::with_capacity(data.len() + BLOB_HEADER as usize);
+        blob.extend_from_slice(&crc.to_be_bytes());
+        blob.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        blob.extend_from_slice(data);
+        f.write_all(&blob)
+            .map_err(|e| ProcessorError::io(&self.segment_path(*seg), e))?;
+        let stored = Stored::Data {
+            seg: *seg,
+            off: *len,
+            len: data.len() as u32,
+            crc,
+        };
+        *len += blob.len() as u64;
+        Ok(stored)
+    }
+
+    /// Writes the open interval's changed chunks and the meta durably
+    /// (segment fdatasync, then the index, then its flush); returns the
+    /// applied sequence that is now durable.
+    pub fn checkpoint(&self) -> Result<u64> {
+        let mut w = self.writer()?;
+        self.checkpoint_locked(&mut w, None)?;
+        Ok(w.meta.applied)
+    }
+
+    /// On failure the writer is reset to what the index holds (the applied
+    /// sequence falls back), so nothing unwritten is ever reported applied.
+    fn checkpoint_locked(&self, w: &mut Writer, point: Option<&Point>) -> Result<()> {
+        let written = self.write_checkpoint(w, point);
+        if written.is_err() {
+            if let Err(e) = self.reload(w) {
+                tracing::error!(vm = %self.vm, error = %e, "cannot reload the replica's meta");
+            }
+        }
+        written
+    }
+
+    /// Drops what is in memory and takes the meta from the index again.
+    fn reload(&self, w: &mut Writer) -> Result<()> {
+        w.dirty.clear();
+        w.dirty_bytes = 0;
+        w.current = None;
+        if let Some(b) = self.tree.get(META)? {
+            w.meta = unjson(&b)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets what is not durable (after a failed apply): the pipeline
+    /// resumes from the durable applied sequence.
+    pub fn reset(&self) -> Result<u64> {
+        let mut w = self.writer()?;
+        self.reload(&mut w)?;
+        Ok(w.meta.applied)
+    }
+
+    fn write_checkpoint(&self, w: &mut Writer, point: Option<&Point>) -> Result<()> {
+        let dirty = std::mem::take(&mut w.dirty);
+        w.dirty_bytes = 0;
+        // A cut has opened the next interval already; its chunks belong to
+        // the interval the point closes.
+        let version = point.map_or(w.meta.interval, |p| p.interval);
+        let mut entries = Vec::with_capacity(dirty.len());
+        let mut wrote = BTreeSet::new();
+        for ((disk, chunk), d) in dirty {
+            let stored = match d {
+                Dirty::Zero => Stored::Zero,
+                Dirty::Data(data) if data.iter().all(|b| *b == 0) => Stored::Zero,
+                Dirty::Data(data) => {
+                    let s = self.append_blob(w, &data)?;
+                    if let Stored::Data { seg, .. } = s {
+                        wrote.insert(seg);
+                    }
+                    s
+                }
+            };
+            entries.push((disk, chunk, stored));
+        }
+        if let Some((seg, f, _)) = w.current.as_ref() {
+            if wrote.contains(seg) {
+                f.sync_data()
+                    .map_err(|e| ProcessorError::io(&self.segment_path(*seg), e))?;
+            }
+        }
+        let mut segs: BTreeMap<u64, SegMeta> = BTreeMap::new();
+        let mut batch = sled::Batch::default();
+        for (disk, chunk, stored) in entries {
+            let key = vkey(&disk, chunk, version);
+            // The same chunk written again in this interval: the older blob
+            // of this version is dead.
+            if let Some(old) = self.tree.get(&key)? {
+                let old = Stored::decode(&old)?;
+                self.release(&mut segs, &mut batch, &old)?;
+            }
+            if let Stored::Data { seg, off, len, .. } = stored {
+                let m = self.seg_meta(&mut segs, seg)?;
+                m.bytes = m.bytes.max(off + BLOB_HEADER + u64::from(len));
+                m.live += BLOB_HEADER + u64::from(len);
+                batch.insert(rkey(seg, off), key.clone());
+            }
+            batch.insert(key, stored.encode());
+            batch.insert(gkey(version, &disk, chunk), &[][..]);
+        }
+        if let Some(p) = point {
+            batch.insert(pkey(p.interval), json(p)?);
+        }
+        let dead = self.write_segs(&mut batch, &segs, w);
+        batch.insert(META, json(&w.meta)?);
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        self.delete_segments(&dead);
+        Ok(())
+    }
+
+    fn seg_meta<'a>(
+        &self,
+        segs: &'a mut BTreeMap<u64, SegMeta>,
+        seg: u64,
+    ) -> Result<&'a mut SegMeta> {
+        if let std::collections::btree_map::Entry::Vacant(e) = segs.entry(seg) {
+            let m = match self.tree.get(skey(seg))? {
+                Some(b) => unjson(&b)?,
+                None => SegMeta::default(),
+            };
+            e.insert(m);
+        }
+        segs.get_mut(&seg).ok_or_else(poisoned)
+    }
+
+    /// Accounts a version's blob as dead.
+    fn release(
+        &self,
+        segs: &mut BTreeMap<u64, SegMeta>,
+        batch: &mut sled::Batch,
+        old: &Stored,
+    ) -> Result<()> {
+        if let Stored::Data { seg, off, .. } = *old {
+            let m = self.seg_meta(segs, seg)?;
+            m.live = m.live.saturating_sub(old.footprint());
+            batch.remove(rkey(seg, off));
+        }
+        Ok(())
+    }
+
+    /// Puts segment metas in the batch; returns the sealed segments that hold
+    /// nothing live any more (their files go once the batch is durable).
+    fn write_segs(
+        &self,
+        batch: &mut sled::Batch,
+        segs: &BTreeMap<u64, SegMeta>,
+        w: &Writer,
+    ) -> Vec<u64> {
+        let current = w.current.as_ref().map(|(s, _, _)| *s);
+        let mut dead = Vec::new();
+        for (seg, m) in segs {
+            if m.live == 0 && Some(*seg) != current {
+                batch.remove(skey(*seg));
+                dead.push(*seg);
+            } else if let Ok(b) = json(m) {
+                batch.insert(skey(*seg), b);
+            }
+        }
+        dead
+    }
+
+    fn delete_segments(&self, dead: &[u64]) {
+        for seg in dead {
+            if let Ok(mut files) = self.files.lock() {
+                files.remove(seg);
+            }
+            let path = self.segment_path(*seg);
+            if let Err(e) = fs::remove_file(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot delete a dead segment");
+                }
+            }
+        }
+    }
+
+    /// Cuts a point of `kind` at the applied sequence: writes the interval's
+    /// changed chunks and the point, and opens the next interval.
+    pub fn cut(&self, kind: i32, bookmark_id: &str, now_nanos: u64) -> Result<Point> {
+        let mut w = self.writer()?;
+        if let Some(why) = not_cuttable(&w.meta) {
+            return Err(ProcessorError::FailedPrecondition(why));
+        }
+        let point = Point {
+            interval: w.meta.interval,
+            sequence_cut: w.meta.applied,
+            kind,
+            time_nanos: w.meta.last_time_nanos,
+            created_nanos: now_nanos,
+            disks: w.meta.disks.iter().map(|(d, s)| (d.clone(), *s)).collect(),
+            pinned_by: Vec::new(),
+            bookmark_id: bookmark_id.to_string(),
+        };
+        w.meta.interval += 1;
+        w.meta.last_point_sequence = point.sequence_cut;
+        self.checkpoint_locked(&mut w, Some(&point))?;
+        Ok(point)
+    }
+
+    /// Every point, oldest first.
+    pub fn points(&self) -> Result<Vec<Point>> {
+        self.tree
+            .scan_prefix(b"p")
+            .map(|kv| unjson(&kv?.1))
+            .collect()
+    }
+
+    /// One point by id.
+    pub fn point(&self, id: &str) -> Result<Point> {
+        let missing = || {
+            ProcessorError::NotFound(format!(
+                "VM {:?} has no recovery point {id:?} (unknown or expired); list its points",
+                self.vm
+            ))
+        };
+        let interval = parse_point_id(id).ok_or_else(missing)?;
+        match self.tree.get(pkey(interval))? {
+            Some(b) => unjson(&b),
+            None => Err(missing()),
+        }
+    }
+
+    /// Pins a point for `holder` (idempotent).
+    pub fn pin(&self, id: &str, holder: &str) -> Result<Point> {
+        let _w = self.writer()?;
+        let mut p = self.point(id)?;
+        if !p.pinned_by.iter().any(|h| h == holder) {
+            p.pinned_by.push(holder.to_string());
+            self.tree.insert(pkey(p.interval), json(&p)?)?;
+            self.db.flush()?;
+        }
+        Ok(p)
+    }
+
+    /// Releases `holder`'s pin (idempotent).
+    pub fn unpin(&self, id: &str, holder: &str) -> Result<Point> {
+        let _w = self.writer()?;
+        let mut p = self.point(id)?;
+        if p.pinned_by.iter().any(|h| h == holder) {
+            p.pinned_by.retain(|h| h != holder);
+            self.tree.insert(pkey(p.interval), json(&p)?)?;
+            self.db.flush()?;
+        }
+        Ok(p)
+    }
+
+    /// Holds `point` against pruning while it is read.
+    pub fn lease(self: &Arc<Self>, point: &Point) -> Result<ReadLease> {
+        let _w = self.writer()?;
+        // Still there under the writer lock, so pruning cannot have begun.
+        self.point(&point.id())?;
+        *self
+            .reading
+            .lock()
+            .map_err(|_| poisoned())?
+            .entry(point.interval)
+            .or_default() += 1;
+        Ok(ReadLease {
+            replica: self.clone(),
+            interval: point.interval,
+        })
+    }
+
+    /// A disk at a point from `offset` for up to `max_bytes` (whole chunks,
+    /// clipped to `end`): extents in order, runs of unwritten or zero chunks
+    /// as one hole.
+    pub fn read(
+        &self,
+        point: &Point,
+        disk: &str,
+        offset: u64,
+        end: u64,
+        max_bytes: u64,
+    ) -> Result<Vec<Extent>> {
+        let mut out: Vec<Extent> = Vec::new();
+        let mut data_bytes = 0u64;
+        let mut at = offset;
+        // Versions of the chunks in range, in chunk order.
+        let first_chunk = offset / self.chunk;
+        let mut versions = self
+            .tree
+            .range(vkey(disk, first_chunk, 0)..vkey(disk, end.div_ceil(self.chunk), 0))
+            .peekable();
+        while at < end && data_bytes < max_bytes {
+            let chunk = at / self.chunk;
+            let chunk_end = ((chunk + 1) * self.chunk).min(end);
+            // The newest version <= the point's interval among this chunk's,
+            // and the next chunk that has versions at all.
+            let mut found: Option<Stored> = None;
+            let mut next_chunk = None;
+            loop {
+                let head = match versions.peek() {
+                    None => None,
+                    Some(Err(e)) => return Err(ProcessorError::Index(e.clone())),
+                    Some(Ok((k, _))) => Some(vkey_parts(k)?),
+                };
+                let Some((_, c, v)) = head else { break };
+                if c > chunk {
+                    next_chunk = Some(c);
+                    break;
+                }
+                if let Some(Ok((_, val))) = versions.next() {
+                    if c == chunk && v <= point.interval {
+                        found = Some(Stored::decode(&val)?);
+                    }
+                }
+            }
+            let (piece, piece_end) = match found {
+                Some(stored @ Stored::Data { .. }) => {
+                    let blob = self.read_blob_retrying(disk, chunk, point.interval, stored)?;
+                    let from = (at - chunk * self.chunk) as usize;
+                    let to = (chunk_end - chunk * self.chunk) as usize;
+                    let bytes = blob.get(from..to).ok_or_else(|| {
+                        ProcessorError::DataLoss(format!("chunk {chunk} of disk {disk:?} is short"))
+                    })?;
+                    data_bytes += bytes.len() as u64;
+                    (Some(bytes.to_vec()), chunk_end)
+                }
+                // A hole through every following chunk without versions:
+                // one step, however large the disk.
+                _ => (
+                    None,
+                    next_chunk
+                        .map_or(end, |c| c.saturating_mul(self.chunk))
+                        .min(end)
+                        .max(chunk_end),
+                ),
+            };
+            let chunk_end = piece_end;
+            let length = chunk_end - at;
+            match (out.last_mut(), piece) {
+                (Some(last), None) if last.data.is_none() => last.length += length,
+                (
+                    Some(Extent {
+                        data: Some(d),
+                        length: l,
+                        ..
+                    }),
+                    Some(p),
+                ) if d.len() + p.len() <= max_bytes as usize => {
+                    d.extend_from_slice(&p);
+                    *l += length;
+                }
+                (_, data) => out.push(Extent {
+                    offset: at,
+                    length,
+                    data,
+                }),
+            }
+            at = chunk_end;
+        }
+        Ok(out)
+    }
+
+    /// Reads a blob; if compaction moved it meanwhile, looks it up again.
+    fn read_blob_retrying(
+        &self,
+        disk: &str,
+        chunk: u64,
+        interval: u64,
+        stored: Stored,
+    ) -> Result<Vec<u8>> {
+        match self.read_blob(&stored) {
+            Ok(b) => Ok(b),
+            Err(ProcessorError::Io { .. }) => match self.version_at(disk, chunk, interval)? {
+                Some(again) => self.read_blob(&again),
+                None => Ok(Vec::new()),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes the points of `intervals` (skipping pinned or read ones) and
+    /// every chunk version no remaining point or the head needs; returns the
+    /// points deleted.
+    pub fn prune(&self, intervals: &BTreeSet<u64>) -> Result<Vec<u64>> {
+        let w = self.writer()?;
+        let reading = self.reading.lock().map_err(|_| poisoned())?.clone();
+        let points = self.points()?;
+        let mut deleted = Vec::new();
+        let mut retained = BTreeSet::new();
+        for p in &points {
+            if intervals.contains(&p.interval)
+                && p.pinned_by.is_empty()
+                && !reading.contains_key(&p.interval)
+            {
+                deleted.push(p.interval);
+            } else {
+                retained.insert(p.interval);
+            }
+        }
+        if deleted.is_empty() {
+            return Ok(deleted);
+        }
+        let mut batch = sled::Batch::default();
+        let mut segs = BTreeMap::new();
+        let mut seen = BTreeSet::new();
+        for g in &deleted {
+            batch.remove(pkey(*g));
+            // Only versions made after the previous retained point and up to
+            // this one can have been needed by this point alone.
+            let prev = retained.range(..*g).next_back().copied().unwrap_or(0);
+            for kv in self.tree.range(gkey(prev + 1, "", 0)..gkey(g + 1, "", 0)) {
+                let (k, _) = kv?;
+                if !seen.insert(k.to_vec()) {
+                    continue;
+                }
+                let version = be64(&k[1..9]);
+                let len = k[9] as usize;
+                let disk = String::from_utf8(k[10..10 + len].to_vec())
+                    .map_err(|_| ProcessorError::Corrupt("interval key".into()))?;
+                let chunk = be64(&k[10 + len..]);
+                // The next version of the chunk, if any.
+                let next = self
+                    .tree
+                    .range(vkey(&disk, chunk, version + 1)..=vkey(&disk, chunk, u64::MAX))
+                    .next()
+                    .transpose()?
+                    .map(|(k, _)| vkey_parts(&k).map(|(_, _, v)| v))
+                    .transpose()?;
+                let needed = match next {
+                    None => true,
+                    Some(next) => retained.range(version..next).next().is_some(),
+                };
+                if !needed {
+                    let key = vkey(&disk, chunk, version);
+                    if let Some(old) = self.tree.get(&key)? {
+                        self.release(&mut segs, &mut batch, &Stored::decode(&old)?)?;
+                    }
+                    batch.remove(key);
+                    batch.remove(k);
+                }
+            }
+        }
+        let dead = self.write_segs(&mut batch, &segs, &w);
+        batch.insert(META, json(&w.meta)?);
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        self.delete_segments(&dead);
+        Ok(deleted)
+    }
+
+    /// Moves the live blobs of the sealed segment with the least live share
+    /// (below half) into the current one, up to `max_bytes`, then deletes it
+    /// once nothing in it is live. Returns the bytes moved.
+    pub fn compact_step(&self, max_bytes: u64) -> Result<u64> {
+        let mut w = self.writer()?;
+        let current = w.current.as_ref().map(|(s, _, _)| *s);
+        let mut victim: Option<(u64, SegMeta)> = None;
+        for kv in self.tree.scan_prefix(b"s") {
+            let (k, v) = kv?;
+            let seg = be64(&k[1..]);
+            let m: SegMeta = unjson(&v)?;
+            if Some(seg) == current || m.bytes == 0 || m.live * 2 > m.bytes {
+                continue;
+            }
+            if victim.is_none_or(|(_, best)| m.live * best.bytes < best.live * m.bytes) {
+                victim = Some((seg, m));
+            }
+        }
+        let Some((seg, _)) = victim else {
+            return Ok(0);
+        };
+        let mut moved = 0u64;
+        let mut batch = sled::Batch::default();
+        let mut segs = BTreeMap::new();
+        let mut moves = Vec::new();
+        for kv in self.tree.scan_prefix(&rkey(seg, 0)[..9]) {
+            if moved >= max_bytes {
+                break;
+            }
+            let (rk, vk) = kv?;
+            let Some(val) = self.tree.get(&vk)? else {
+                batch.remove(rk);
+                continue;
+            };
+            let old = Stored::decode(&val)?;
+            let data = self.read_blob(&old)?;
+            let new = self.append_blob(&mut w, &data)?;
+            moved += old.footprint();
+            moves.push((rk, vk, old, new));
+        }
+        if let Some((cur, f, _)) = w.current.as_ref() {
+            f.sync_data()
+                .map_err(|e| ProcessorError::io(&self.segment_path(*cur), e))?;
+        }
+        for (rk, vk, old, new) in moves {
+            self.release(&mut segs, &mut batch, &old)?;
+            batch.remove(rk);
+            if let Stored::Data { seg, off, len, .. } = new {
+                let m = self.seg_meta(&mut segs, seg)?;
+                m.bytes = m.bytes.max(off + BLOB_HEADER + u64::from(len));
+                m.live += BLOB_HEADER + u64::from(len);
+                batch.insert(rkey(seg, off), vk.to_vec());
+            }
+            batch.insert(vk, new.encode());
+        }
+        let dead = self.write_segs(&mut batch, &segs, &w);
+        batch.insert(META, json(&w.meta)?);
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        self.delete_segments(&dead);
+        Ok(moved)
+    }
+
+    /// Bytes of segment files on disk.
+    pub fn disk_bytes(&self) -> Result<u64> {
+        let mut total = 0;
+        let entries = fs::read_dir(&self.dir).map_err(|e| ProcessorError::io(&self.dir, e))?;
+        for e in entries.flatten() {
+            total += e.metadata().map(|m| m.len()).unwrap_or(0);
+        }
+        Ok(total)
+    }
+}
+
+fn dirty_len(d: &Dirty) -> usize {
+    match d {
+        Dirty::Zero => 0,
+        Dirty::Data(v) => v.len(),
+    }
+}
+
+fn not_cuttable(meta: &Meta) -> Option<String> {
+    if !meta.syncing.is_empty() {
+        let disks: Vec<&str> = meta.syncing.iter().map(String::as_str).collect();
+        return Some(format!(
+            "disk(s) {} are in initial replication or resync; no recovery point until they finish",
+            disks.join(", ")
+        ));
+    }
+    let missing: Vec<&str> = meta
+        .disks
+        .keys()
+        .filter(|d| !meta.synced.contains(*d))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        return Some(format!(
+            "disk(s) {} have not completed initial replication; no recovery point yet",
+            missing.join(", ")
+        ));
+    }
+    None
+}

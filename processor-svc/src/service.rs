@@ -1,0 +1,329 @@
+//! The gRPC face of processor-svc.
+
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use ferry_proto::cache::v1 as cache;
+use ferry_proto::processor::v1 as pb;
+use ferry_proto::processor::v1::processor_server::Processor;
+use ferry_runtime::time::{from_timestamp, to_timestamp};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::error::ProcessorError;
+use crate::pipeline::{Command, Pipelines};
+use crate::replica::{Point, VmReplica};
+
+/// Extents buffered per ReadDisk stream before the reader waits.
+const STREAM_BUFFER: usize = 8;
+
+/// The tonic service.
+#[derive(Clone)]
+pub struct ProcessorService {
+    pipelines: Arc<Pipelines>,
+    shutdown: CancellationToken,
+    /// Data bytes per ReadDisk message, well under the message size limit.
+    extent_bytes: u64,
+    /// How long CutRecoveryPoint waits for the pipeline.
+    cut_timeout: Duration,
+}
+
+impl ProcessorService {
+    pub fn new(
+        pipelines: Arc<Pipelines>,
+        shutdown: CancellationToken,
+        max_message_bytes: usize,
+        cut_timeout: Duration,
+    ) -> Self {
+        ProcessorService {
+            pipelines,
+            shutdown,
+            extent_bytes: (max_message_bytes as u64 / 2).clamp(4096, 4 << 20),
+            cut_timeout,
+        }
+    }
+
+    fn replica(&self, vm: &str) -> Result<Arc<VmReplica>, ProcessorError> {
+        if vm.is_empty() {
+            return Err(ProcessorError::InvalidArgument("vm_name is empty".into()));
+        }
+        ferry_runtime::trace_context::record_vm(vm);
+        self.pipelines.replicas().get(vm)?.ok_or_else(|| {
+            ProcessorError::NotFound(format!(
+                "processor-svc has no replica of VM {vm:?}: is its replication enabled?"
+            ))
+        })
+    }
+}
+
+fn time(nanos: u64) -> prost_types::Timestamp {
+    to_timestamp(UNIX_EPOCH + Duration::from_nanos(nanos))
+}
+
+fn nanos(t: &prost_types::Timestamp) -> Option<u64> {
+    from_timestamp(t)
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
+}
+
+/// A stored point as the API shows it.
+pub fn to_proto(vm: &str, p: &Point) -> pb::RecoveryPoint {
+    pb::RecoveryPoint {
+        id: p.id(),
+        vm_name: vm.to_string(),
+        kind: p.kind,
+        time: Some(time(p.time_nanos)),
+        sequence_cut: p.sequence_cut,
+        disks: p
+            .disks
+            .iter()
+            .map(|(id, size)| pb::DiskSize {
+                disk_id: id.clone(),
+                size_bytes: *size,
+            })
+            .collect(),
+        replication_group: String::new(),
+        bookmark_id: p.bookmark_id.clone(),
+        pinned_by: p.pinned_by.clone(),
+        created_at: Some(time(p.created_nanos)),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ProcessorError> + Send + 'static,
+) -> Result<T, ProcessorError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ProcessorError::Corrupt(format!("replica task failed: {e}")))?
+}
+
+#[tonic::async_trait]
+impl Processor for ProcessorService {
+    async fn list_recovery_points(
+        &self,
+        request: Request<pb::ListRecoveryPointsRequest>,
+    ) -> Result<Response<pb::ListRecoveryPointsResponse>, Status> {
+        let req = request.into_inner();
+        let replica = self.replica(&req.vm_name)?;
+        let kind = pb::PointKind::try_from(req.kind).map_err(|_| {
+            Status::invalid_argument(format!("kind {} is not a point kind", req.kind))
+        })?;
+        let not_before = req.not_before.as_ref().and_then(nanos);
+        let not_after = req.not_after.as_ref().and_then(nanos);
+        let r = replica.clone();
+        let mut points = blocking(move || r.points()).await?;
+        points.reverse();
+        let points = points
+            .iter()
+            .filter(|p| kind == pb::PointKind::Unspecified || p.kind == kind as i32)
+            .filter(|p| not_before.is_none_or(|t| p.time_nanos >= t))
+            .filter(|p| not_after.is_none_or(|t| p.time_nanos <= t))
+            .take(if req.limit == 0 {
+                usize::MAX
+            } else {
+                req.limit as usize
+            })
+            .map(|p| to_proto(&req.vm_name, p))
+            .collect();
+        Ok(Response::new(pb::ListRecoveryPointsResponse { points }))
+    }
+
+    async fn get_recovery_point(
+        &self,
+        request: Request<pb::GetRecoveryPointRequest>,
+    ) -> Result<Response<pb::RecoveryPoint>, Status> {
+        let req = request.into_inner();
+        let replica = self.replica(&req.vm_name)?;
+        let point = replica.point(&req.point_id)?;
+        Ok(Response::new(to_proto(&req.vm_name, &point)))
+    }
+
+    async fn cut_recovery_point(
+        &self,
+        request: Request<pb::CutRecoveryPointRequest>,
+    ) -> Result<Response<pb::RecoveryPoint>, Status> {
+        let req = request.into_inner();
+        self.replica(&req.vm_name)?;
+        let (commands, _) = self.pipelines.get(&req.vm_name).ok_or_else(|| {
+            ProcessorError::FailedPrecondition(format!(
+                "VM {:?} is not replicating now (failed over or disabled); no new points",
+                req.vm_name
+            ))
+        })?;
+        // Everything the cache holds now is processed first.
+        let mut cache_client = self.pipelines.cache();
+        let durable = cache_client
+            .get_log_info(cache::GetLogInfoRequest {
+                vm_name: req.vm_name.clone(),
+            })
+            .await
+            .map(|i| i.into_inner().last_sequence)
+            .or_else(|s| match s.code() {
+                tonic::Code::NotFound => Ok(0),
+                _ => Err(ProcessorError::Unavailable(format!(
+                    "cannot ask cache-svc what is pending ({}); use the latest processed point",
+                    s.message()
+                ))),
+            })?;
+        let (reply, answer) = oneshot::channel();
+        commands
+            .send(Command::Cut {
+                min_sequence: durable,
+                reply,
+            })
+            .await
+            .map_err(|_| ProcessorError::Unavailable("the VM's pipeline stopped".into()))?;
+        let point = tokio::time::timeout(self.cut_timeout, answer)
+            .await
+            .map_err(|_| {
+                ProcessorError::DeadlineExceeded(format!(
+                    "VM {:?}: sequence {durable} not processed within {:?}",
+                    req.vm_name, self.cut_timeout
+                ))
+            })?
+            .map_err(|_| ProcessorError::Unavailable("the VM's pipeline stopped".into()))??;
+        Ok(Response::new(to_proto(&req.vm_name, &point)))
+    }
+
+    type ReadDiskStream = ReceiverStream<Result<pb::DiskExtent, Status>>;
+
+    async fn read_disk(
+        &self,
+        request: Request<pb::ReadDiskRequest>,
+    ) -> Result<Response<Self::ReadDiskStream>, Status> {
+        let req = request.into_inner();
+        let replica = self.replica(&req.vm_name)?;
+        let point = replica.point(&req.point_id)?;
+        let size = point
+            .disks
+            .iter()
+            .find(|(id, _)| *id == req.disk_id)
+            .map(|(_, s)| *s)
+            .ok_or_else(|| {
+                let ids: Vec<&str> = point.disks.iter().map(|(d, _)| d.as_str()).collect();
+                ProcessorError::NotFound(format!(
+                    "point {} of VM {:?} has no disk {:?}; it has {}",
+                    req.point_id,
+                    req.vm_name,
+                    req.disk_id,
+                    ids.join(", ")
+                ))
+            })?;
+        if !req.offset.is_multiple_of(512) {
+            return Err(Status::invalid_argument(format!(
+                "offset {} is not a multiple of 512",
+                req.offset
+            )));
+        }
+        let end = match req.length {
+            0 => size,
+            n => req.offset.saturating_add(n),
+        };
+        if req.offset > size || end > size {
+            return Err(ProcessorError::OutOfRange(format!(
+                "range {}+{} is past the end of disk {:?} ({size} bytes)",
+                req.offset, req.length, req.disk_id
+            ))
+            .into());
+        }
+        let lease = replica.lease(&point)?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let (shutdown, max) = (self.shutdown.clone(), self.extent_bytes);
+        let disk = req.disk_id.clone();
+        let mut at = req.offset;
+        tokio::spawn(async move {
+            let _lease = lease;
+            while at < end {
+                let (r, p, d) = (replica.clone(), point.clone(), disk.clone());
+                let extents = match blocking(move || r.read(&p, &d, at, end, max)).await {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                for e in extents {
+                    at = e.offset + e.length;
+                    let extent = match e.data {
+                        Some(data) => pb::DiskExtent {
+                            offset: e.offset,
+                            length: e.length,
+                            crc32c: crc32c::crc32c(&data),
+                            content: Some(pb::disk_extent::Content::Data(data.into())),
+                        },
+                        None => pb::DiskExtent {
+                            offset: e.offset,
+                            length: e.length,
+                            crc32c: 0,
+                            content: Some(pb::disk_extent::Content::Hole(true)),
+                        },
+                    };
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        sent = tx.send(Ok(extent)) => if sent.is_err() { return },
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn pin_recovery_point(
+        &self,
+        request: Request<pb::PinRecoveryPointRequest>,
+    ) -> Result<Response<pb::PinRecoveryPointResponse>, Status> {
+        let req = request.into_inner();
+        if req.holder.is_empty() {
+            return Err(Status::invalid_argument(
+                "holder is empty: name who pins (a failover job id)",
+            ));
+        }
+        let replica = self.replica(&req.vm_name)?;
+        let (id, holder) = (req.point_id.clone(), req.holder.clone());
+        let point = blocking(move || replica.pin(&id, &holder)).await?;
+        Ok(Response::new(pb::PinRecoveryPointResponse {
+            point: Some(to_proto(&req.vm_name, &point)),
+        }))
+    }
+
+    async fn unpin_recovery_point(
+        &self,
+        request: Request<pb::UnpinRecoveryPointRequest>,
+    ) -> Result<Response<pb::UnpinRecoveryPointResponse>, Status> {
+        let req = request.into_inner();
+        if req.holder.is_empty() {
+            return Err(Status::invalid_argument("holder is empty"));
+        }
+        let replica = self.replica(&req.vm_name)?;
+        let (id, holder) = (req.point_id.clone(), req.holder.clone());
+        blocking(move || replica.unpin(&id, &holder)).await?;
+        Ok(Response::new(pb::UnpinRecoveryPointResponse {}))
+    }
+
+    async fn get_pipeline_status(
+        &self,
+        request: Request<pb::GetPipelineStatusRequest>,
+    ) -> Result<Response<pb::PipelineStatus>, Status> {
+        let req = request.into_inner();
+        let replica = self.replica(&req.vm_name)?;
+        let meta = replica.meta()?;
+        let status = self
+            .pipelines
+            .get(&req.vm_name)
+            .map(|(_, s)| s)
+            .unwrap_or_default();
+        let latest = replica.points()?.pop();
+        let durable = status.cache_durable.max(meta.applied);
+        Ok(Response::new(pb::PipelineStatus {
+            vm_name: req.vm_name.clone(),
+            applied_sequence: meta.applied,
+            cache_durable_sequence: durable,
+            backlog_bytes: status.backlog_bytes,
+            backlog_records: durable - meta.applied,
+            syncing_disks: meta.syncing.iter().cloned().collect(),
+            latest_point: latest.map(|p| to_proto(&req.vm_name, &p)),
+        }))
+    }
+}

@@ -1,0 +1,272 @@
+//! The replica store on its own: random writes (partial chunks, zeroes,
+//! checkpoints mid-interval) with a shadow copy per point, every point read
+//! back equal to its shadow, also after reopening; no point while a disk
+//! syncs; pruning and compaction give the disk space back.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ferry_proto::cache::v1::record::Op;
+use ferry_proto::cache::v1::{Marker, MarkerKind, Record, WriteOp, ZeroOp};
+use processor_svc::replica::{Point, Replicas, VmReplica};
+use processor_svc::ProcessorError;
+
+const SIZE: u64 = 4 << 20;
+const CHUNK: u64 = 64 * 1024;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+struct Feed {
+    seq: u64,
+}
+
+impl Feed {
+    fn record(&mut self, disk: &str, op: Op) -> Record {
+        self.seq += 1;
+        Record {
+            sequence: self.seq,
+            disk_id: disk.into(),
+            op: Some(op),
+            crc32c: 0,
+            captured_at_unix_nanos: self.seq * 1000,
+        }
+    }
+
+    fn marker(&mut self, disk: &str, kind: MarkerKind) -> Record {
+        self.record(
+            disk,
+            Op::Marker(Marker {
+                kind: kind as i32,
+                id: String::new(),
+            }),
+        )
+    }
+}
+
+fn disks() -> BTreeMap<String, u64> {
+    // The data disk's size is not a multiple of the chunk size.
+    BTreeMap::from([("os".to_string(), SIZE), ("data".to_string(), SIZE - 4096)])
+}
+
+/// A disk at a point, holes as zeros.
+fn read_all(replica: &VmReplica, point: &Point, disk: &str, size: u64) -> Vec<u8> {
+    let mut out = vec![0u8; size as usize];
+    let mut at = 0;
+    while at < size {
+        let extents = replica.read(point, disk, at, size, 1 << 20).unwrap();
+        assert!(!extents.is_empty());
+        for e in extents {
+            assert_eq!(e.offset, at, "extents are contiguous");
+            if let Some(d) = e.data {
+                assert_eq!(d.len() as u64, e.length);
+                out[e.offset as usize..(e.offset + e.length) as usize].copy_from_slice(&d);
+            }
+            at = e.offset + e.length;
+        }
+    }
+    out
+}
+
+fn synced(replica: &VmReplica, feed: &mut Feed) {
+    for disk in disks().keys() {
+        replica
+            .apply(&feed.marker(disk, MarkerKind::SyncStarted))
+            .unwrap();
+        replica
+            .apply(&feed.marker(disk, MarkerKind::SyncCompleted))
+            .unwrap();
+    }
+}
+
+#[test]
+fn every_point_reads_as_the_source_was_at_its_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut shadows: Vec<(Point, BTreeMap<String, Vec<u8>>)> = Vec::new();
+    {
+        let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
+        let replica = replicas.open_vm_with("vm", &disks()).unwrap();
+        let mut feed = Feed { seq: 0 };
+        let mut shadow: BTreeMap<String, Vec<u8>> = disks()
+            .iter()
+            .map(|(d, s)| (d.clone(), vec![0u8; *s as usize]))
+            .collect();
+        // No point before every disk completed its initial sync.
+        let err = replica.cut(1, "", 0).unwrap_err();
+        assert!(
+            matches!(err, ProcessorError::FailedPrecondition(_)),
+            "{err}"
+        );
+        synced(&replica, &mut feed);
+
+        let mut rng = Rng(0x2545f4914f6cdd1d);
+        for round in 0..8 {
+            for _ in 0..60 {
+                let disk = if rng.next().is_multiple_of(2) { "os" } else { "data" };
+                let size = disks()[disk];
+                let sectors = 1 + rng.next() % 300;
+                let len = (sectors * 512).min(size);
+                let offset = (rng.next() % ((size - len) / 512 + 1)) * 512;
+                let image = shadow.get_mut(disk).unwrap();
+                let range = offset as usize..(offset + len) as usize;
+                let op = match rng.next() % 6 {
+                    0 => {
+                        image[range].fill(0);
+                        Op::WriteZeroes(ZeroOp {
+                            offset,
+                            length: len,
+                        })
+                    }
+                    1 => {
+                        image[range].fill(0);
+                        Op::Trim(ZeroOp {
+                            offset,
+                            length: len,
+                        })
+                    }
+                    _ => {
+                        let byte = (rng.next() % 255 + 1) as u8;
+                        image[range].fill(byte);
+                        Op::Write(WriteOp {
+                            offset,
+                            data: vec![byte; len as usize].into(),
+                        })
+                    }
+                };
+                replica.apply(&feed.record(disk, op)).unwrap();
+                if rng.next().is_multiple_of(17) {
+                    // Memory pressure: written before the point.
+                    replica.checkpoint().unwrap();
+                }
+            }
+            let point = replica.cut(1, "", round).unwrap();
+            assert_eq!(point.sequence_cut, feed.seq);
+            shadows.push((point, shadow.clone()));
+        }
+        for (point, shadow) in &shadows {
+            for (disk, image) in shadow {
+                assert!(
+                    read_all(&replica, point, disk, image.len() as u64) == *image,
+                    "point {} disk {disk} differs from its shadow",
+                    point.id()
+                );
+            }
+        }
+        // Points are listed oldest first with their cuts.
+        let listed: Vec<u64> = replica
+            .points()
+            .unwrap()
+            .iter()
+            .map(|p| p.sequence_cut)
+            .collect();
+        let cuts: Vec<u64> = shadows.iter().map(|(p, _)| p.sequence_cut).collect();
+        assert_eq!(listed, cuts);
+    }
+    // Reopened (as after a restart): the same points, the same contents.
+    let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
+    let replica = replicas
+        .get("vm")
+        .unwrap()
+        .expect("the replica is still there");
+    assert_eq!(
+        replica.meta().unwrap().applied,
+        shadows.last().unwrap().0.sequence_cut
+    );
+    for (point, shadow) in &shadows {
+        for (disk, image) in shadow {
+            assert!(read_all(&replica, point, disk, image.len() as u64) == *image);
+        }
+    }
+}
+
+#[test]
+fn unwritten_ranges_are_holes_and_a_point_costs_what_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
+    // A 1 TiB disk: nothing may scale with its size.
+    let big = BTreeMap::from([("os".to_string(), 1u64 << 40)]);
+    let replica = replicas.open_vm_with("vm", &big).unwrap();
+    let mut feed = Feed { seq: 0 };
+    replica
+        .apply(&feed.marker("os", MarkerKind::SyncStarted))
+        .unwrap();
+    replica
+        .apply(&feed.marker("os", MarkerKind::SyncCompleted))
+        .unwrap();
+    let write = Op::Write(WriteOp {
+        offset: 1 << 39,
+        data: vec![7u8; 1 << 20].into(),
+    });
+    replica.apply(&feed.record("os", write)).unwrap();
+    let point = replica.cut(1, "", 0).unwrap();
+    let extents = replica.read(&point, "os", 0, 1 << 40, 4 << 20).unwrap();
+    assert_eq!(extents.len(), 3, "hole, 1 MiB of data, hole");
+    assert!(extents[0].data.is_none() && extents[2].data.is_none());
+    assert_eq!(extents[0].length, 1 << 39);
+    assert_eq!(extents[1].data.as_deref(), Some(&vec![7u8; 1 << 20][..]));
+    assert_eq!(extents[2].offset + extents[2].length, 1 << 40);
+}
+
+#[test]
+fn pruned_versions_give_their_space_back_and_what_remains_reads_right() {
+    let dir = tempfile::tempdir().unwrap();
+    let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
+    let one = BTreeMap::from([("os".to_string(), SIZE)]);
+    let replica = replicas.open_vm_with("vm", &one).unwrap();
+    let mut feed = Feed { seq: 0 };
+    replica
+        .apply(&feed.marker("os", MarkerKind::SyncStarted))
+        .unwrap();
+    replica
+        .apply(&feed.marker("os", MarkerKind::SyncCompleted))
+        .unwrap();
+    let mut points = Vec::new();
+    let mut rng = Rng(7);
+    for round in 0..10u8 {
+        // The whole disk rewritten each round, half of it with random bytes.
+        let data: Vec<u8> = (0..SIZE)
+            .map(|i| {
+                if i % 2 == 0 {
+                    round + 1
+                } else {
+                    rng.next() as u8
+                }
+            })
+            .collect();
+        let op = Op::Write(WriteOp {
+            offset: 0,
+            data: data.clone().into(),
+        });
+        replica.apply(&feed.record("os", op)).unwrap();
+        points.push((replica.cut(1, "", u64::from(round)).unwrap(), data));
+    }
+    let before = replica.disk_bytes().unwrap();
+    assert!(before >= 10 * SIZE, "ten versions of the disk: {before}");
+
+    // A pinned point survives pruning; the others but the newest go.
+    replica.pin(&points[3].0.id(), "job-1").unwrap();
+    let all: BTreeSet<u64> = points[..9].iter().map(|(p, _)| p.interval).collect();
+    let pruned = replica.prune(&all).unwrap();
+    assert_eq!(pruned.len(), 8);
+    assert!(replica.point(&points[0].0.id()).is_err());
+    while replica.compact_step(8 << 20).unwrap() > 0 {}
+    let after = replica.disk_bytes().unwrap();
+    assert!(
+        after <= 2 * SIZE + 2 * (1 << 20) + (64 << 10),
+        "two live versions left (+ one partly filled segment each): {after} of {before}"
+    );
+    for i in [3, 9] {
+        let (point, data) = &points[i];
+        assert!(read_all(&replica, point, "os", SIZE) == *data, "point {i}");
+    }
+    // Unpinned, it goes too.
+    replica.unpin(&points[3].0.id(), "job-1").unwrap();
+    assert_eq!(replica.prune(&all).unwrap(), vec![points[3].0.interval]);
+}
