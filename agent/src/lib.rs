@@ -8,6 +8,7 @@ pub mod capture;
 pub mod initial;
 pub mod nbd;
 pub mod resync;
+pub mod run;
 pub mod state;
 pub mod stream;
 

@@ -109,7 +109,11 @@ fn every_point_reads_as_the_source_was_at_its_cut() {
         let mut rng = Rng(0x2545f4914f6cdd1d);
         for round in 0..8 {
             for _ in 0..60 {
-                let disk = if rng.next().is_multiple_of(2) { "os" } else { "data" };
+                let disk = if rng.next().is_multiple_of(2) {
+                    "os"
+                } else {
+                    "data"
+                };
                 let size = disks()[disk];
                 let sectors = 1 + rng.next() % 300;
                 let len = (sectors * 512).min(size);

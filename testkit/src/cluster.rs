@@ -79,6 +79,11 @@ pub async fn start_registry(data_dir: PathBuf, cache_url: Option<String>) -> Run
 impl Cluster {
     /// Starts the four services and waits until each reports SERVING.
     pub async fn start() -> Cluster {
+        Self::start_with(processor_svc::Settings::default()).await
+    }
+
+    /// As [`Cluster::start`], with processor-svc's settings.
+    pub async fn start_with(processor_settings: processor_svc::Settings) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         // The cache's address is needed by registry before cache starts.
         let cache_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -109,7 +114,7 @@ impl Cluster {
             move |mut cfg, l, s| {
                 cfg.registry = Some(r);
                 cfg.cache = Some(c);
-                processor_svc::serve(cfg, l, s)
+                processor_svc::serve_with(cfg, processor_settings, l, s)
             },
         )
         .await;

@@ -10,6 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod cluster;
+pub mod points;
 pub mod process;
 pub mod replay;
 pub mod tools;
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 pub use cluster::{start_registry, Cluster, Running};
 pub use process::{bin_path, free_addr, ServiceProcess};
 pub use tools::{assert_reflection_and_health, grpcurl, grpcurl_run, python};
-pub use vm::{protect_vm, protected_item};
+pub use vm::{create_policy, protect_vm, protect_vm_with, protected_item};
 
 /// Polls `check` until it returns `Some`, or panics with `what` after
 /// `timeout`. The poll interval starts at 5 ms and grows to 100 ms.

@@ -13,6 +13,17 @@ pub async fn protect_vm(
     vm: &str,
     disks: &[(&str, u64, &Path)],
 ) -> reg::ProtectedItem {
+    protect_vm_with(registry_url, vm, disks, "").await
+}
+
+/// As [`protect_vm`], under replication policy `policy` ("" for the
+/// default).
+pub async fn protect_vm_with(
+    registry_url: &str,
+    vm: &str,
+    disks: &[(&str, u64, &Path)],
+    policy: &str,
+) -> reg::ProtectedItem {
     let mut r = RegistryClient::connect(registry_url.to_string())
         .await
         .expect("connect to registry");
@@ -50,6 +61,7 @@ pub async fn protect_vm(
     r.enable_replication(reg::EnableReplicationRequest {
         vm_name: vm.to_string(),
         target_region: "westus".into(),
+        policy_name: policy.to_string(),
         ..Default::default()
     })
     .await
@@ -68,4 +80,32 @@ pub async fn protected_item(registry_url: &str, vm: &str) -> Option<reg::Protect
     .await
     .ok()
     .map(|i| i.into_inner())
+}
+
+/// Creates a policy whose crash-consistent points come every `interval`,
+/// all kept for `keep_all_for`, then one per `spacing`, up to `retention`.
+pub async fn create_policy(
+    registry_url: &str,
+    name: &str,
+    interval: std::time::Duration,
+    keep_all_for: std::time::Duration,
+    spacing: std::time::Duration,
+    retention: std::time::Duration,
+) {
+    use ferry_runtime::time::to_duration;
+    let mut r = RegistryClient::connect(registry_url.to_string())
+        .await
+        .expect("connect to registry");
+    r.create_policy(reg::CreatePolicyRequest {
+        policy: Some(reg::ReplicationPolicy {
+            name: name.to_string(),
+            crash_consistent_interval: Some(to_duration(interval)),
+            keep_all_points_for: Some(to_duration(keep_all_for)),
+            thinned_point_spacing: Some(to_duration(spacing)),
+            recovery_point_retention: Some(to_duration(retention)),
+            ..Default::default()
+        }),
+    })
+    .await
+    .expect("create the policy");
 }

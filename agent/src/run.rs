@@ -1,0 +1,237 @@
+//! A whole agent for one VM: registration, its disks, the stream with the
+//! changed-chunk map carried over from the last run, the NBD export,
+//! initial replication or resync, and a clean stop. The binary is this plus
+//! flags; tests and `ferry demo` run it in-process.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_proto::registry::v1::ReplicationState;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::capture::{Capture, CaptureError, SourceDisk};
+use crate::state::{Saved, StateError, StateFile};
+use crate::stream::{Dirty, Stream, StreamLimits};
+use crate::AgentError;
+
+/// How to run an agent.
+pub struct AgentOptions {
+    /// registry-svc's URL.
+    pub registry: String,
+    /// The VM.
+    pub vm: String,
+    /// Where the NBD export listens (bound by the caller).
+    pub nbd: TcpListener,
+    /// The replication group address given to registry.
+    pub group_address: String,
+    /// Where the changed-chunk map is kept.
+    pub state_dir: PathBuf,
+    /// The stream's buffer limits.
+    pub limits: StreamLimits,
+}
+
+/// Why the agent could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("cache-svc: {0}")]
+    Cache(tonic::Status),
+    #[error("the stream task failed: {0}")]
+    Task(String),
+}
+
+/// A running agent.
+pub struct Agent {
+    pub vm: String,
+    pub capture: Arc<Capture>,
+    pub stream: Arc<Stream>,
+    /// The fencing epoch registry gave this agent.
+    pub epoch: u64,
+    streaming: JoinHandle<Result<(), tonic::Status>>,
+    /// How the stream task ended, once it has.
+    ended: Option<Result<Result<(), tonic::Status>, tokio::task::JoinError>>,
+    /// Stops the stream (after the drain).
+    stream_stop: CancellationToken,
+    /// Stops NBD, initial replication and resync.
+    stop: CancellationToken,
+    state: StateFile,
+}
+
+impl Agent {
+    /// Registers for the VM and starts replicating it.
+    pub async fn start(opts: AgentOptions) -> Result<Agent, RunError> {
+        let hostname = std::env::var("HOSTNAME").unwrap_or_default();
+        let assignment =
+            crate::register(&opts.registry, &opts.vm, &hostname, &opts.group_address).await?;
+        let mut disks = Vec::new();
+        for d in &assignment.disks {
+            disks.push(SourceDisk::open(
+                &d.id,
+                Path::new(&d.source_path),
+                d.size_bytes,
+            )?);
+        }
+        let stop = CancellationToken::new();
+        // Sequences continue after what the cache holds. Writes a previous
+        // agent had not streamed are covered by the resync below.
+        let next = crate::stream::resume_point(
+            &assignment.cache_endpoint,
+            &opts.vm,
+            assignment.epoch,
+            assignment.credential(),
+            &stop,
+        )
+        .await
+        .map_err(RunError::Cache)?;
+        let state = StateFile::open(&opts.state_dir, &opts.vm)?;
+        let fresh = matches!(
+            assignment.state,
+            ReplicationState::Enabling | ReplicationState::InitialReplication
+        );
+        let sizes: Vec<(String, u64)> = disks.iter().map(|d| (d.id.clone(), d.size)).collect();
+        let stream = initial_stream(&opts, &state, fresh, next, &sizes);
+        state.mark_running()?;
+        let capture = Arc::new(Capture::new(disks, stream.clone()));
+        tracing::info!(
+            vm = %opts.vm,
+            cache = %assignment.cache_endpoint,
+            epoch = assignment.epoch,
+            disks = assignment.disks.len(),
+            "replicating; NBD exports are the disk ids"
+        );
+        tokio::spawn(crate::nbd::serve(opts.nbd, capture.clone(), stop.clone()));
+        {
+            let capture = capture.clone();
+            let mut registry = RegistryClient::new(
+                ferry_runtime::connect(&opts.registry).map_err(AgentError::from)?,
+            );
+            let (vm, stop) = (opts.vm.clone(), stop.clone());
+            tokio::spawn(async move {
+                if let Err(e) = crate::resync::run(&capture, &mut registry, &vm, &stop).await {
+                    tracing::error!(vm, error = %e, "resync stopped");
+                }
+            });
+        }
+        if fresh {
+            let capture = capture.clone();
+            let mut registry = RegistryClient::new(
+                ferry_runtime::connect(&opts.registry).map_err(AgentError::from)?,
+            );
+            let (vm, stop) = (opts.vm.clone(), stop.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    done = crate::initial::replicate(&capture, &mut registry, &vm) => {
+                        if let Err(e) = done {
+                            tracing::error!(vm, error = %e, "initial replication failed");
+                        }
+                    }
+                }
+            });
+        }
+        let stream_stop = CancellationToken::new();
+        let streaming = tokio::spawn(crate::stream::run(
+            stream.clone(),
+            assignment.cache_endpoint.clone(),
+            opts.vm.clone(),
+            assignment.epoch,
+            assignment.credential().to_string(),
+            stream_stop.clone(),
+        ));
+        Ok(Agent {
+            vm: opts.vm,
+            capture,
+            stream,
+            epoch: assignment.epoch,
+            streaming,
+            ended: None,
+            stream_stop,
+            stop,
+            state,
+        })
+    }
+
+    /// Waits until the stream ends by itself (the cache stopped or fenced
+    /// this agent).
+    pub async fn stream_ended(&mut self) {
+        if self.ended.is_none() {
+            self.ended = Some((&mut self.streaming).await);
+        }
+    }
+
+    /// Stops cleanly: refuses writes, gives the cache `drain` to take what is
+    /// buffered, saves the rest as changed chunks for the next start.
+    pub async fn stop(self, drain: Duration) -> Result<(), RunError> {
+        self.stop.cancel();
+        // No write reaches a disk from here on; what the stream holds is all.
+        self.capture.close().await;
+        if self.ended.is_none()
+            && tokio::time::timeout(drain, self.stream.flushed())
+                .await
+                .is_err()
+        {
+            tracing::warn!(vm = %self.vm, "the cache did not take everything in time");
+        }
+        self.stream_stop.cancel();
+        let ended = match self.ended {
+            Some(ended) => ended,
+            None => self.streaming.await,
+        };
+        let unsent = self.stream.unsent().await;
+        self.state.save_clean(&unsent)?;
+        tracing::info!(vm = %self.vm, unsent_chunks = unsent.count(), "stopped; changed-chunk map saved");
+        match ended {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(status)) => Err(RunError::Cache(status)),
+            Err(e) => Err(RunError::Task(e.to_string())),
+        }
+    }
+}
+
+/// Initial replication copies everything anyway; otherwise a clean map is
+/// resynced as it is, and a lost one means every chunk.
+fn initial_stream(
+    opts: &AgentOptions,
+    state: &StateFile,
+    fresh: bool,
+    next: u64,
+    sizes: &[(String, u64)],
+) -> Arc<Stream> {
+    let limits = opts.limits;
+    match (fresh, state.load()) {
+        (true, _) => Stream::new(next, limits),
+        (false, Ok(Some(Saved::Clean(dirty)))) if dirty.is_empty() => Stream::new(next, limits),
+        (false, Ok(Some(Saved::Clean(dirty)))) => {
+            tracing::info!(vm = %opts.vm, chunks = dirty.count(), "resyncing the chunks the last run left");
+            Stream::with_tracking(
+                next,
+                limits,
+                dirty,
+                "the agent restarted with unsent writes",
+            )
+        }
+        (false, loaded) => {
+            let why = match loaded {
+                Ok(Some(_)) => "the agent did not stop cleanly".to_string(),
+                Ok(None) => format!("no changed-chunk map in {}", opts.state_dir.display()),
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(vm = %opts.vm, why, "changed-chunk map lost: full resync");
+            Stream::with_tracking(
+                next,
+                limits,
+                Dirty::full(sizes),
+                &format!("full resync: {why}"),
+            )
+        }
+    }
+}
