@@ -1,7 +1,11 @@
 //! `ferry-loadgen ingest-bench`: how fast writes become durable in cache-svc,
 //! through the agent's library API and through its NBD export (fio), beside
 //! the same run's fsynced sequential write bandwidth of the same filesystem.
-//! Prints figures and ratios; asserts nothing (machines are noisy).
+//! `ferry-loadgen processor-bench`: apply rate, point cut cost and RPO lag
+//! (see `processor_bench`). Both print figures and ratios and assert nothing
+//! (machines are noisy).
+
+mod processor_bench;
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -32,6 +36,21 @@ enum Cli {
         /// 4 KiB writes in each random run.
         #[arg(long, default_value_t = 40_000)]
         random_writes: u64,
+    },
+    /// processor-svc: apply MiB/s, cost of a point on a 1 TiB disk, RPO lag.
+    ProcessorBench {
+        /// Where the data goes (the filesystem measured).
+        #[arg(long, default_value = "target/bench")]
+        dir: PathBuf,
+        /// MiB applied by the sequential run.
+        #[arg(long, default_value_t = 512)]
+        apply_mib: u64,
+        /// Steady churn for the RPO lag run, in MB/s.
+        #[arg(long, default_value_t = 50.0)]
+        churn_mb: f64,
+        /// Length of the RPO lag run, in seconds.
+        #[arg(long, default_value_t = 20)]
+        churn_secs: u64,
     },
 }
 
@@ -224,11 +243,23 @@ async fn fio(
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let Cli::IngestBench {
-        dir,
-        seq_mib,
-        random_writes,
-    } = Cli::parse();
+    let (dir, seq_mib, random_writes) = match Cli::parse() {
+        Cli::IngestBench {
+            dir,
+            seq_mib,
+            random_writes,
+        } => (dir, seq_mib, random_writes),
+        Cli::ProcessorBench {
+            dir,
+            apply_mib,
+            churn_mb,
+            churn_secs,
+        } => {
+            std::fs::create_dir_all(&dir)?;
+            let work = tempfile::tempdir_in(&dir)?;
+            return processor_bench::run(work.path(), apply_mib, churn_mb, churn_secs).await;
+        }
+    };
     std::fs::create_dir_all(&dir)?;
     let work = tempfile::tempdir_in(&dir)?;
     let baseline = fsync_baseline(work.path(), 256)?;
