@@ -150,6 +150,20 @@ fn every_point_reads_as_the_source_was_at_its_cut() {
                     replica.checkpoint().unwrap();
                 }
             }
+            if round == 3 {
+                // A resync of one disk: no point until it completes.
+                replica
+                    .apply(&feed.marker("data", MarkerKind::SyncStarted))
+                    .unwrap();
+                let err = replica.cut(1, "", round).unwrap_err();
+                assert!(
+                    matches!(err, ProcessorError::FailedPrecondition(_)),
+                    "{err}"
+                );
+                replica
+                    .apply(&feed.marker("data", MarkerKind::SyncCompleted))
+                    .unwrap();
+            }
             let point = replica.cut(1, "", round).unwrap();
             assert_eq!(point.sequence_cut, feed.seq);
             shadows.push((point, shadow.clone()));

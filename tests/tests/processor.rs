@@ -155,6 +155,29 @@ async fn points_cut_during_nbd_writes_read_back_as_the_source_at_their_cut() {
             point.sequence_cut
         );
     }
+    // An app-consistent marker in the stream gets a point of its own, cut
+    // exactly at the marker.
+    let marker = agent
+        .capture
+        .marker(
+            "",
+            ferry_proto::cache::v1::MarkerKind::AppConsistent,
+            "app-1",
+        )
+        .await;
+    let app = wait_for(
+        "the app-consistent point",
+        Duration::from_secs(30),
+        || async {
+            list_points(&cluster.processor.url, "vm")
+                .await
+                .into_iter()
+                .find(|p| p.kind == pb::PointKind::AppConsistent as i32)
+        },
+    )
+    .await;
+    assert_eq!(app.sequence_cut, marker);
+
     // Timer points were cut besides: every 1 s while writes changed things.
     let points = list_points(&cluster.processor.url, "vm").await;
     assert!(points.len() >= 6, "{} points", points.len());
@@ -169,10 +192,7 @@ async fn points_cut_during_nbd_writes_read_back_as_the_source_at_their_cut() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        status.applied_sequence,
-        shadows.last().unwrap().0.sequence_cut
-    );
+    assert_eq!(status.applied_sequence, marker);
     assert!(status.syncing_disks.is_empty());
     wait_for(
         "the processor's health report",
@@ -536,5 +556,31 @@ async fn a_short_policy_thins_and_expires_points_and_reclaims_their_space() {
         assert_eq!(got[at], round ^ piece as u8);
     }
     agent.stop(Duration::from_secs(5)).await.unwrap();
+
+    // Disabling replication stops the pipeline and deletes the replica.
+    ferry_proto::registry::v1::registry_client::RegistryClient::connect(
+        cluster.registry.url.clone(),
+    )
+    .await
+    .unwrap()
+    .disable_replication(reg::DisableReplicationRequest {
+        vm_name: "vm".into(),
+    })
+    .await
+    .unwrap();
+    wait_for("the replica to be deleted", secs(30), || async {
+        let mut p = ProcessorClient::connect(cluster.processor.url.clone())
+            .await
+            .ok()?;
+        let listed = p
+            .list_recovery_points(pb::ListRecoveryPointsRequest {
+                vm_name: "vm".into(),
+                ..Default::default()
+            })
+            .await;
+        let gone = matches!(listed, Err(s) if s.code() == tonic::Code::NotFound);
+        (gone && !segments.exists()).then_some(())
+    })
+    .await;
     cluster.stop().await;
 }
