@@ -402,10 +402,12 @@ impl Pipeline {
         let flush_bytes = self.tuning.flush_bytes;
         let (applied, cuts) = blocking(move || {
             let mut cuts = Vec::new();
+            let mut applied = replica.applied()?;
             for record in &records {
-                if record.sequence <= replica.meta()?.applied {
+                if record.sequence <= applied {
                     continue;
                 }
+                applied = record.sequence;
                 match replica.apply(record)? {
                     Applied::Marker(MarkerKind::AppConsistent, _) => {
                         cuts.push(cut_at_marker(&replica, PointKind::AppConsistent))
@@ -419,7 +421,7 @@ impl Pipeline {
                     replica.checkpoint()?;
                 }
             }
-            Ok((replica.meta()?.applied, cuts))
+            Ok((applied, cuts))
         })
         .await?;
         for cut in cuts {

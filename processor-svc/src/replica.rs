@@ -228,12 +228,24 @@ enum Dirty {
     Data(Vec<u8>),
 }
 
+/// The segment appends go to, with blobs not yet written to it.
+struct Segment {
+    id: u64,
+    file: File,
+    /// Its length including `buf`.
+    len: u64,
+    buf: Vec<u8>,
+}
+
+/// Blob bytes gathered before one write(2).
+const WRITE_BUFFER: usize = 4 << 20;
+
 struct Writer {
     meta: Meta,
     dirty: BTreeMap<(String, u64), Dirty>,
     dirty_bytes: usize,
     /// The segment appends go to: id, file, length.
-    current: Option<(u64, File, u64)>,
+    current: Option<Segment>,
 }
 
 /// A range of a disk at a point.
@@ -428,6 +440,11 @@ impl VmReplica {
         Ok(self.writer()?.meta.clone())
     }
 
+    /// The applied sequence (in memory).
+    pub fn applied(&self) -> Result<u64> {
+        Ok(self.writer()?.meta.applied)
+    }
+
     /// The applied sequence the index holds (what survives a crash).
     pub fn durable_applied(&self) -> Result<u64> {
         match self.tree.get(META)? {
@@ -617,12 +634,31 @@ impl VmReplica {
         Ok(data)
     }
 
+    /// Writes the current segment's buffered blobs and fdatasyncs it.
+    fn sync_current(&self, w: &mut Writer) -> Result<()> {
+        if let Some(cur) = w.current.as_mut() {
+            let path = self.dir.join(format!("{:016}.seg", cur.id));
+            if !cur.buf.is_empty() {
+                cur.file
+                    .write_all(&cur.buf)
+                    .map_err(|e| ProcessorError::io(&path, e))?;
+                cur.buf.clear();
+            }
+            cur.file
+                .sync_data()
+                .map_err(|e| ProcessorError::io(&path, e))?;
+        }
+        Ok(())
+    }
+
     fn append_blob(&self, w: &mut Writer, data: &[u8]) -> Result<Stored> {
         let roll = w
             .current
             .as_ref()
-            .is_none_or(|(_, _, len)| *len >= self.segment_bytes);
+            .is_none_or(|cur| cur.len >= self.segment_bytes);
         if roll {
+            // The full segment is durable before the next one starts.
+            self.sync_current(w)?;
             let seg = w.meta.next_segment;
             w.meta.next_segment += 1;
             let path = self.segment_path(seg);
@@ -639,23 +675,32 @@ impl VmReplica {
                     .and_then(|d| d.sync_all())
                     .map_err(|e| ProcessorError::io(dir, e))?;
             }
-            w.current = Some((seg, f, 0));
+            w.current = Some(Segment {
+                id: seg,
+                file: f,
+                len: 0,
+                buf: Vec::with_capacity(WRITE_BUFFER),
+            });
         }
-        let (seg, f, len) = w.current.as_mut().ok_or_else(poisoned)?;
+        let cur = w.current.as_mut().ok_or_else(poisoned)?;
         let crc = crc32c::crc32c(data);
-        let mut blob = Vec::with_capacity(data.len() + BLOB_HEADER as usize);
-        blob.extend_from_slice(&crc.to_be_bytes());
-        blob.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        blob.extend_from_slice(data);
-        f.write_all(&blob)
-            .map_err(|e| ProcessorError::io(&self.segment_path(*seg), e))?;
         let stored = Stored::Data {
-            seg: *seg,
-            off: *len,
+            seg: cur.id,
+            off: cur.len,
             len: data.len() as u32,
             crc,
         };
-        *len += blob.len() as u64;
+        cur.buf.extend_from_slice(&crc.to_be_bytes());
+        cur.buf.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        cur.buf.extend_from_slice(data);
+        cur.len += BLOB_HEADER + data.len() as u64;
+        if cur.buf.len() >= WRITE_BUFFER {
+            let path = self.segment_path(cur.id);
+            cur.file
+                .write_all(&cur.buf)
+                .map_err(|e| ProcessorError::io(&path, e))?;
+            cur.buf.clear();
+        }
         Ok(stored)
     }
 
@@ -706,26 +751,20 @@ impl VmReplica {
         // the interval the point closes.
         let version = point.map_or(w.meta.interval, |p| p.interval);
         let mut entries = Vec::with_capacity(dirty.len());
-        let mut wrote = BTreeSet::new();
+        let mut wrote = false;
         for ((disk, chunk), d) in dirty {
             let stored = match d {
                 Dirty::Zero => Stored::Zero,
                 Dirty::Data(data) if data.iter().all(|b| *b == 0) => Stored::Zero,
                 Dirty::Data(data) => {
-                    let s = self.append_blob(w, &data)?;
-                    if let Stored::Data { seg, .. } = s {
-                        wrote.insert(seg);
-                    }
-                    s
+                    wrote = true;
+                    self.append_blob(w, &data)?
                 }
             };
             entries.push((disk, chunk, stored));
         }
-        if let Some((seg, f, _)) = w.current.as_ref() {
-            if wrote.contains(seg) {
-                f.sync_data()
-                    .map_err(|e| ProcessorError::io(&self.segment_path(*seg), e))?;
-            }
+        if wrote {
+            self.sync_current(w)?;
         }
         let mut segs: BTreeMap<u64, SegMeta> = BTreeMap::new();
         let mut batch = sled::Batch::default();
@@ -795,7 +834,7 @@ impl VmReplica {
         segs: &BTreeMap<u64, SegMeta>,
         w: &Writer,
     ) -> Vec<u64> {
-        let current = w.current.as_ref().map(|(s, _, _)| *s);
+        let current = w.current.as_ref().map(|cur| cur.id);
         let mut dead = Vec::new();
         for (seg, m) in segs {
             if m.live == 0 && Some(*seg) != current {
@@ -1093,7 +1132,7 @@ impl VmReplica {
     /// once nothing in it is live. Returns the bytes moved.
     pub fn compact_step(&self, max_bytes: u64) -> Result<u64> {
         let mut w = self.writer()?;
-        let current = w.current.as_ref().map(|(s, _, _)| *s);
+        let current = w.current.as_ref().map(|cur| cur.id);
         let mut victim: Option<(u64, SegMeta)> = None;
         for kv in self.tree.scan_prefix(b"s") {
             let (k, v) = kv?;
@@ -1128,10 +1167,7 @@ impl VmReplica {
             moved += old.footprint();
             moves.push((rk, vk, old, new));
         }
-        if let Some((cur, f, _)) = w.current.as_ref() {
-            f.sync_data()
-                .map_err(|e| ProcessorError::io(&self.segment_path(*cur), e))?;
-        }
+        self.sync_current(&mut w)?;
         for (rk, vk, old, new) in moves {
             self.release(&mut segs, &mut batch, &old)?;
             batch.remove(rk);
