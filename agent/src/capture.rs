@@ -265,6 +265,42 @@ impl Capture {
         Ok(true)
     }
 
+    /// Checks `length` bytes at `offset` by checksum: one CRC-32C per
+    /// `chunk_bytes` goes into the stream (under the ordering lock, so the
+    /// processor compares them with its replica at exactly this point).
+    pub async fn digest_chunks(
+        &self,
+        disk: &str,
+        offset: u64,
+        length: u64,
+        chunk_bytes: u64,
+    ) -> Result<(), CaptureError> {
+        let d = self.disk(disk)?.clone();
+        d.check(offset, length)?;
+        let _order = self.order.lock().await;
+        self.check_open()?;
+        let d2 = d.clone();
+        let crcs = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; length as usize];
+            d2.read_at(&mut buf, offset)?;
+            Ok::<_, CaptureError>(
+                buf.chunks(chunk_bytes.max(1) as usize)
+                    .map(crc32c::crc32c)
+                    .collect::<Vec<u32>>(),
+            )
+        })
+        .await
+        .map_err(|e| d.io(std::io::Error::other(e)))??;
+        let op = Op::Digests(ferry_proto::cache::v1::ChunkDigests {
+            offset,
+            chunk_bytes,
+            length,
+            crc32c: crcs,
+        });
+        self.stream.push_copy(disk, op).await;
+        Ok(())
+    }
+
     /// Puts a marker into the stream, in order with the writes around it.
     pub async fn marker(&self, disk: &str, kind: MarkerKind, id: &str) -> u64 {
         let _order = self.order.lock().await;
@@ -278,7 +314,7 @@ impl Capture {
     /// Ends changed-chunk tracking under the ordering lock and returns the
     /// changed chunks; None while not tracking or before the stream has
     /// re-established its numbering with the cache.
-    pub async fn end_tracking(&self) -> Option<crate::stream::Dirty> {
+    pub async fn end_tracking(&self) -> Option<crate::stream::ResyncSet> {
         let _order = self.order.lock().await;
         self.stream.take_tracking().await
     }

@@ -77,8 +77,8 @@ pub async fn run(
             reported = true;
         }
         if tracking && renumbered {
-            if let Some(dirty) = capture.end_tracking().await {
-                resync(capture, registry, vm, dirty).await?;
+            if let Some(set) = capture.end_tracking().await {
+                resync(capture, registry, vm, set).await?;
                 reported = false;
                 continue;
             }
@@ -90,13 +90,16 @@ pub async fn run(
     }
 }
 
-/// Sends the current contents of every changed chunk, then reports
-/// PROTECTED once it is durable.
+/// Chunks per ChunkDigests record (1 MiB of disk).
+const DIGESTS_PER_RECORD: u64 = 16;
+
+/// Sends the current contents of every changed chunk and the checksums of
+/// every chunk to check, then reports PROTECTED once it is durable.
 pub async fn resync(
     capture: &Capture,
     registry: &mut RegistryClient<PeerChannel>,
     vm: &str,
-    dirty: crate::stream::Dirty,
+    set: crate::stream::ResyncSet,
 ) -> Result<u64, ResyncError> {
     transition(
         registry,
@@ -105,11 +108,18 @@ pub async fn resync(
         "sending changed chunks",
     )
     .await?;
-    let total = dirty.count().max(1);
+    let total = set.count().max(1);
     let mut done = 0u64;
     for disk in capture.disk_ids() {
-        let chunks = dirty.chunks(&disk);
-        if chunks.is_empty() {
+        let chunks = set.data.chunks(&disk);
+        let sent: std::collections::BTreeSet<u64> = chunks.iter().copied().collect();
+        let check: Vec<u64> = set
+            .verify
+            .chunks(&disk)
+            .into_iter()
+            .filter(|c| !sent.contains(c))
+            .collect();
+        if chunks.is_empty() && check.is_empty() {
             continue;
         }
         let size = capture.disk(&disk)?.size;
@@ -127,6 +137,36 @@ pub async fn resync(
             capture.stream().resent(&disk, chunk).await;
             done += 1;
             if done.is_multiple_of(256) {
+                let _ = registry
+                    .report_replication_progress(reg::ReportReplicationProgressRequest {
+                        vm_name: vm.to_string(),
+                        percent: (done * 100 / total).min(99) as u32,
+                    })
+                    .await;
+            }
+        }
+        // Runs of consecutive chunks to check, a record per run.
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for c in check {
+            match runs.last_mut() {
+                Some((first, n)) if *first + *n == c && *n < DIGESTS_PER_RECORD => *n += 1,
+                _ => runs.push((c, 1)),
+            }
+        }
+        for (first, n) in runs {
+            let offset = first * DIRTY_CHUNK;
+            if offset >= size {
+                continue;
+            }
+            let length = (n * DIRTY_CHUNK).min(size - offset);
+            capture
+                .digest_chunks(&disk, offset, length, DIRTY_CHUNK)
+                .await?;
+            for c in first..first + n {
+                capture.stream().resent(&disk, c).await;
+            }
+            done += n;
+            if done % 4096 < n {
                 let _ = registry
                     .report_replication_progress(reg::ReportReplicationProgressRequest {
                         vm_name: vm.to_string(),

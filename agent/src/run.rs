@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::capture::{Capture, CaptureError, SourceDisk};
 use crate::state::{Saved, StateError, StateFile};
-use crate::stream::{Dirty, Stream, StreamLimits};
+use crate::stream::{Dirty, ResyncSet, Stream, StreamLimits};
 use crate::AgentError;
 
 /// How to run an agent.
@@ -225,13 +225,12 @@ fn initial_stream(
                 Ok(None) => format!("no changed-chunk map in {}", opts.state_dir.display()),
                 Err(e) => e.to_string(),
             };
-            tracing::warn!(vm = %opts.vm, why, "changed-chunk map lost: full resync");
-            Stream::with_tracking(
-                next,
-                limits,
-                Dirty::full(sizes),
-                &format!("full resync: {why}"),
-            )
+            tracing::warn!(vm = %opts.vm, why, "changed-chunk map lost: checksum resync of every chunk");
+            let set = ResyncSet {
+                data: Dirty::default(),
+                verify: Dirty::full(sizes),
+            };
+            Stream::with_tracking(next, limits, set, &format!("full resync: {why}"))
         }
     }
 }

@@ -8,18 +8,20 @@
 //! that was already replicating means the map is lost, and every chunk of
 //! every disk is sent again (full resync).
 //!
-//! Layout (little-endian): magic `FERRYDM1`, u32 flags (bit 0 = clean), u32
-//! CRC-32C of the body, u64 body length, then the body: u32 disk count, and
-//! per disk u16 id length, the id, u32 word count, the u64 words of its bit
-//! set. Written to a temporary file, fsynced, renamed, directory fsynced.
+//! Layout (little-endian): magic `FERRYDM2`, u32 flags (bit 0 = clean), u32
+//! CRC-32C of the body, u64 body length, then the body: two maps (chunks to
+//! send as data, then chunks to check by checksum), each a u32 disk count
+//! and per disk u16 id length, the id, u32 word count, the u64 words of its
+//! bit set. Written to a temporary file, fsynced, renamed, directory fsynced.
+//! A file of another layout counts as damaged (so: full checksum resync).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::stream::Dirty;
+use crate::stream::{Dirty, ResyncSet};
 
-const MAGIC: &[u8; 8] = b"FERRYDM1";
+const MAGIC: &[u8; 8] = b"FERRYDM2";
 const CLEAN: u32 = 1;
 const HEADER: usize = 8 + 4 + 4 + 8;
 
@@ -39,7 +41,7 @@ pub enum StateError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Saved {
     /// Stopped cleanly; these chunks were not yet durable in the cache.
-    Clean(Dirty),
+    Clean(ResyncSet),
     /// Did not stop cleanly: what it had buffered is unknown.
     Unclean,
 }
@@ -106,28 +108,33 @@ impl StateFile {
         if flags & CLEAN == 0 {
             return Ok(Some(Saved::Unclean));
         }
-        decode(body)
-            .map(|d| Some(Saved::Clean(d)))
-            .ok_or_else(|| damaged("truncated body"))
+        let mut rest = body;
+        let data = decode(&mut rest).ok_or_else(|| damaged("truncated body"))?;
+        let verify = decode(&mut rest).ok_or_else(|| damaged("truncated body"))?;
+        if !rest.is_empty() {
+            return Err(damaged("trailing bytes"));
+        }
+        Ok(Some(Saved::Clean(ResyncSet { data, verify })))
     }
 
     /// Marks the agent running: until [`StateFile::save_clean`], a restart
     /// finds the map lost.
     pub fn mark_running(&self) -> Result<(), StateError> {
-        self.write(0, &Dirty::default())
+        self.write(0, &ResyncSet::default())
     }
 
     /// Saves the chunks not yet durable in the cache at a clean stop.
-    pub fn save_clean(&self, dirty: &Dirty) -> Result<(), StateError> {
-        self.write(CLEAN, dirty)
+    pub fn save_clean(&self, set: &ResyncSet) -> Result<(), StateError> {
+        self.write(CLEAN, set)
     }
 
-    fn write(&self, flags: u32, dirty: &Dirty) -> Result<(), StateError> {
+    fn write(&self, flags: u32, set: &ResyncSet) -> Result<(), StateError> {
         let io = |source| StateError::Io {
             path: self.path.clone(),
             source,
         };
-        let body = encode(dirty);
+        let mut body = encode(&set.data);
+        body.extend_from_slice(&encode(&set.verify));
         let mut bytes = Vec::with_capacity(HEADER + body.len());
         bytes.extend_from_slice(MAGIC);
         bytes.extend_from_slice(&flags.to_le_bytes());
@@ -169,7 +176,7 @@ fn encode(dirty: &Dirty) -> Vec<u8> {
     out
 }
 
-fn decode(mut body: &[u8]) -> Option<Dirty> {
+fn decode(body: &mut &[u8]) -> Option<Dirty> {
     fn take<'a>(body: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
         if body.len() < n {
             return None;
@@ -179,19 +186,19 @@ fn decode(mut body: &[u8]) -> Option<Dirty> {
         Some(head)
     }
     let mut dirty = Dirty::default();
-    let disks = u32::from_le_bytes(take(&mut body, 4)?.try_into().ok()?);
+    let disks = u32::from_le_bytes(take(body, 4)?.try_into().ok()?);
     for _ in 0..disks {
-        let id_len = u16::from_le_bytes(take(&mut body, 2)?.try_into().ok()?);
-        let id = String::from_utf8(take(&mut body, id_len as usize)?.to_vec()).ok()?;
-        let count = u32::from_le_bytes(take(&mut body, 4)?.try_into().ok()?) as usize;
-        let raw = take(&mut body, count.checked_mul(8)?)?;
+        let id_len = u16::from_le_bytes(take(body, 2)?.try_into().ok()?);
+        let id = String::from_utf8(take(body, id_len as usize)?.to_vec()).ok()?;
+        let count = u32::from_le_bytes(take(body, 4)?.try_into().ok()?) as usize;
+        let raw = take(body, count.checked_mul(8)?)?;
         let words = raw
             .chunks_exact(8)
             .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()))
             .collect();
         dirty.disks.insert(id, words);
     }
-    body.is_empty().then_some(dirty)
+    Some(dirty)
 }
 
 #[cfg(test)]
@@ -205,20 +212,21 @@ mod tests {
         assert_eq!(state.load().unwrap(), None);
         state.mark_running().unwrap();
         assert_eq!(state.load().unwrap(), Some(Saved::Unclean));
-        let mut dirty = Dirty::default();
-        dirty.mark("os", 3 << 16, 1);
-        dirty.mark("data", 1 << 30, 1 << 17);
-        state.save_clean(&dirty).unwrap();
-        assert_eq!(state.load().unwrap(), Some(Saved::Clean(dirty)));
+        let mut set = ResyncSet::default();
+        set.data.mark("os", 3 << 16, 1);
+        set.data.mark("data", 1 << 30, 1 << 17);
+        set.verify.mark("data", 0, 1 << 20);
+        state.save_clean(&set).unwrap();
+        assert_eq!(state.load().unwrap(), Some(Saved::Clean(set)));
     }
 
     #[test]
     fn a_damaged_file_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateFile::open(dir.path(), "vm").unwrap();
-        let mut dirty = Dirty::default();
-        dirty.mark("os", 0, 1 << 20);
-        state.save_clean(&dirty).unwrap();
+        let mut set = ResyncSet::default();
+        set.data.mark("os", 0, 1 << 20);
+        state.save_clean(&set).unwrap();
         let mut bytes = fs::read(state.path()).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 0xff;

@@ -70,8 +70,10 @@ struct Queue {
     tracking: Option<Dirty>,
     /// Why tracking started, for registry and people.
     tracking_reason: String,
+    /// Chunks to check by checksum at the next resync.
+    verify: Dirty,
     /// Chunks taken from tracking for resync and not yet sent again.
-    outstanding: Dirty,
+    outstanding: ResyncSet,
     /// Set with `tracking`: numbering restarts after the cache's durable
     /// sequence at the next session (pending records were dropped).
     renumber: bool,
@@ -110,7 +112,7 @@ impl Dirty {
         match op {
             Op::Write(w) => self.mark(disk, w.offset, w.data.len() as u64),
             Op::Trim(z) | Op::WriteZeroes(z) => self.mark(disk, z.offset, z.length),
-            Op::Marker(_) => {}
+            Op::Marker(_) | Op::Digests(_) => {}
         }
     }
 
@@ -178,6 +180,31 @@ impl Dirty {
     }
 }
 
+/// What a resync sends: chunks whose contents go again as data, and chunks
+/// checked by checksum (the processor asks for those that differ).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ResyncSet {
+    pub data: Dirty,
+    pub verify: Dirty,
+}
+
+impl ResyncSet {
+    /// Nothing to send.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty() && self.verify.is_empty()
+    }
+
+    /// Chunks to send or check.
+    pub fn count(&self) -> u64 {
+        self.data.count() + self.verify.count()
+    }
+
+    fn merge(&mut self, other: &ResyncSet) {
+        self.data.merge(&other.data);
+        self.verify.merge(&other.verify);
+    }
+}
+
 /// What the stream's users share with its sender task.
 pub struct Stream {
     queue: Mutex<Queue>,
@@ -203,18 +230,20 @@ impl Stream {
         })
     }
 
-    /// A stream that starts by tracking `dirty` (restored after an agent
-    /// restart, or every chunk when that map was lost): resync sends those
-    /// chunks once the numbering is established with the cache.
+    /// A stream that starts by tracking `set` (restored after an agent
+    /// restart, or every chunk to check by checksum when that map was lost):
+    /// resync sends or checks those chunks once the numbering is established
+    /// with the cache.
     pub fn with_tracking(
         next_seq: u64,
         limits: StreamLimits,
-        dirty: Dirty,
+        set: ResyncSet,
         reason: &str,
     ) -> Arc<Stream> {
         let stream = Stream::new(next_seq, limits);
         if let Ok(mut q) = stream.queue.try_lock() {
-            q.tracking = Some(dirty);
+            q.tracking = Some(set.data);
+            q.verify = set.verify;
             q.tracking_reason = reason.to_string();
             q.renumber = true;
         }
@@ -233,24 +262,43 @@ impl Stream {
         self.disks.lock().map(|d| d.clone()).unwrap_or_default()
     }
 
-    /// Asks for a resync of every chunk of `disk_ids` (all disks when
-    /// empty), as cache-svc's resync request does. Pending records still go
-    /// out; writes from now on are tracked until resync takes the map.
-    pub async fn request_resync(&self, disk_ids: &[String], reason: &str) {
-        let disks: Vec<(String, u64)> = self
-            .disks()
-            .into_iter()
-            .filter(|(id, _)| disk_ids.is_empty() || disk_ids.contains(id))
-            .collect();
-        let full = Dirty::full(&disks);
+    /// A resync as cache-svc requests it: with `ranges` (disk, offset,
+    /// length), their contents go again as data; without, every chunk of
+    /// `disk_ids` (all disks when empty) is checked by checksum. Pending
+    /// records still go out; writes from now on are tracked until resync
+    /// takes the map.
+    pub async fn request_resync(
+        &self,
+        disk_ids: &[String],
+        ranges: &[(String, u64, u64)],
+        reason: &str,
+    ) {
+        let sizes = self.disks();
+        let mut data = Dirty::default();
+        for (disk, offset, length) in ranges {
+            if let Some((_, size)) = sizes.iter().find(|(id, _)| id == disk) {
+                let end = offset.saturating_add(*length).min(*size);
+                data.mark(disk, (*offset).min(end), end - (*offset).min(end));
+            }
+        }
+        let verify = if ranges.is_empty() {
+            let disks: Vec<(String, u64)> = sizes
+                .into_iter()
+                .filter(|(id, _)| disk_ids.is_empty() || disk_ids.contains(id))
+                .collect();
+            Dirty::full(&disks)
+        } else {
+            Dirty::default()
+        };
         let mut q = self.queue.lock().await;
         match q.tracking.as_mut() {
-            Some(dirty) => dirty.merge(&full),
+            Some(dirty) => dirty.merge(&data),
             None => {
-                q.tracking = Some(full);
+                q.tracking = Some(data);
                 q.tracking_reason = reason.to_string();
             }
         }
+        q.verify.merge(&verify);
         drop(q);
         self.changed.notify_waiters();
     }
@@ -258,21 +306,26 @@ impl Stream {
     /// Everything not yet durable in the cache, as changed chunks: the
     /// tracked map, chunks resync has yet to send, and pending records.
     /// Saved at a clean shutdown so that the next start resyncs just these.
-    pub async fn unsent(&self) -> Dirty {
+    pub async fn unsent(&self) -> ResyncSet {
         let q = self.queue.lock().await;
-        let mut dirty = q.tracking.clone().unwrap_or_default();
-        dirty.merge(&q.outstanding);
+        let mut set = ResyncSet {
+            data: q.tracking.clone().unwrap_or_default(),
+            verify: q.verify.clone(),
+        };
+        set.merge(&q.outstanding);
         for r in &q.pending {
             if let Some(op) = &r.op {
-                dirty.mark_op(&r.disk_id, op);
+                set.data.mark_op(&r.disk_id, op);
             }
         }
-        dirty
+        set
     }
 
-    /// Resync has sent `chunk` of `disk` again.
+    /// Resync has sent (or checked) `chunk` of `disk` again.
     pub async fn resent(&self, disk: &str, chunk: u64) {
-        self.queue.lock().await.outstanding.clear(disk, chunk);
+        let mut q = self.queue.lock().await;
+        q.outstanding.data.clear(disk, chunk);
+        q.outstanding.verify.clear(disk, chunk);
     }
 
     /// Appends a record (its sequence and checksum filled in here) and
@@ -383,18 +436,21 @@ impl Stream {
     /// Ends tracking and returns the changed chunks. The caller holds the
     /// capture's ordering lock, so no write falls between the map and the
     /// records that follow.
-    pub async fn take_tracking(&self) -> Option<Dirty> {
+    pub async fn take_tracking(&self) -> Option<ResyncSet> {
         let mut q = self.queue.lock().await;
         if q.renumber {
             return None;
         }
-        let dirty = q.tracking.take();
-        if let Some(d) = &dirty {
-            q.outstanding.merge(d);
+        let set = q.tracking.take().map(|data| ResyncSet {
+            data,
+            verify: std::mem::take(&mut q.verify),
+        });
+        if let Some(set) = &set {
+            q.outstanding.merge(set);
         }
         drop(q);
         self.changed.notify_waiters();
-        dirty
+        set
     }
 
     /// Rung when records are added or acknowledged or the mode changes.
@@ -681,9 +737,14 @@ async fn session(
                         tracing::warn!(vm, reason = %t.reason, "cache throttles this VM");
                     }
                     pb::ingest_response::Msg::Resync(r) => {
-                        tracing::warn!(vm, disks = ?r.disk_ids, reason = %r.reason, "cache asks for a resync");
+                        tracing::warn!(vm, disks = ?r.disk_ids, ranges = r.ranges.len(), reason = %r.reason, "cache asks for a resync");
                         let reason = format!("resync requested: {}", r.reason);
-                        stream.request_resync(&r.disk_ids, &reason).await;
+                        let ranges: Vec<(String, u64, u64)> = r
+                            .ranges
+                            .iter()
+                            .map(|x| (x.disk_id.clone(), x.offset, x.length))
+                            .collect();
+                        stream.request_resync(&r.disk_ids, &ranges, &reason).await;
                     }
                     pb::ingest_response::Msg::Bookmark(b) => {
                         let marker = Op::Marker(pb::Marker {

@@ -2,7 +2,9 @@
 //! replication) while qemu-io writes through its NBD export, reaches
 //! PROTECTED, and everything lands in a real cache-svc process. Its
 //! changed-chunk map survives a clean restart (only those chunks are sent
-//! again); after a crash the map is lost and every chunk is sent again.
+//! again); after a crash the map is lost and every chunk is checked by
+//! checksum against processor-svc's replica, which asks for the one that
+//! differs.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -89,13 +91,14 @@ fn run(program: &str, args: &[&str]) {
     );
 }
 
-/// A registry, a cache-svc process and a protected VM with one 8 MiB disk
-/// holding 3 MiB of data.
+/// A registry, cache-svc and processor-svc processes and a protected VM with
+/// one 8 MiB disk holding 3 MiB of data.
 struct Setup {
     dir: tempfile::TempDir,
     source: PathBuf,
     registry: ferry_testkit::Running,
     cache: ServiceProcess,
+    _processor: ServiceProcess,
 }
 
 impl Setup {
@@ -116,12 +119,18 @@ impl Setup {
             &["--registry", &registry.url],
         );
         wait_serving(&cache_url).await;
+        let processor = ServiceProcess::start(
+            bin_path("processor-svc"),
+            dir.path().join("processor"),
+            &["--registry", &registry.url, "--cache", &cache_url],
+        );
         protect_vm(&registry.url, "vm", &[("os", SIZE, &source)]).await;
         Setup {
             dir,
             source,
             registry,
             cache,
+            _processor: processor,
         }
     }
 
@@ -177,6 +186,23 @@ impl Setup {
         records.last().map_or(0, |r| r.sequence)
     }
 
+    /// Waits until the checksums of at least `n` chunks follow `after`.
+    async fn wait_digests(&self, after: u64, n: u64) {
+        let cache_url = self.cache.url();
+        wait_for(
+            &format!("{n} chunk checksums after {after}"),
+            Duration::from_secs(60),
+            || {
+                let cache_url = cache_url.clone();
+                async move {
+                    let records: Vec<pb::Record> = tail_all(&cache_url, "vm", 1).await;
+                    (digests_after(&records, after) >= n).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
     /// Waits until at least `n` data records follow `after`; the whole log.
     async fn wait_data_records(&self, after: u64, n: usize) -> Vec<pb::Record> {
         let cache_url = self.cache.url();
@@ -199,8 +225,21 @@ impl Setup {
 fn data_records_after(records: &[pb::Record], after: u64) -> usize {
     records
         .iter()
-        .filter(|r| r.sequence > after && !matches!(r.op, Some(Op::Marker(_))))
+        .filter(|r| r.sequence > after)
+        .filter(|r| matches!(r.op, Some(Op::Write(_) | Op::WriteZeroes(_) | Op::Trim(_))))
         .count()
+}
+
+/// Chunks whose checksums follow `after`.
+fn digests_after(records: &[pb::Record], after: u64) -> u64 {
+    records
+        .iter()
+        .filter(|r| r.sequence > after)
+        .filter_map(|r| match &r.op {
+            Some(Op::Digests(d)) => Some(d.crc32c.len() as u64),
+            _ => None,
+        })
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,7 +255,7 @@ async fn the_agent_binary_replicates_its_vm() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_changed_chunk_map_survives_a_clean_restart_and_a_crash_means_full_resync() {
+async fn the_changed_chunk_map_survives_a_clean_restart_and_a_crash_means_a_checksum_resync() {
     let mut setup = Setup::new().await;
     let state_dir = setup.state_dir();
     let mut agent = Agent::start(&setup.registry.url, &state_dir);
@@ -232,7 +271,7 @@ async fn the_changed_chunk_map_survives_a_clean_restart_and_a_crash_means_full_r
         panic!("expected a clean map, got {saved:?}");
     };
     assert_eq!(
-        dirty.chunks("os"),
+        dirty.data.chunks("os"),
         vec![80, 81],
         "5M..5M+128k is chunks 80 and 81"
     );
@@ -252,7 +291,8 @@ async fn the_changed_chunk_map_survives_a_clean_restart_and_a_crash_means_full_r
     assert!(setup.replay_equals_source(&records));
 
     // A crash with writes still buffered: the map is lost, so every chunk
-    // of the disk is sent again.
+    // of the disk is checked by checksum against the replica, and only the
+    // chunk whose write was lost travels again.
     assert!(setup.cache.signal_and_wait("TERM").success());
     agent.qemu_io("os", &["write -P 0x55 7M 64k"]).await;
     agent.stop("KILL");
@@ -262,14 +302,20 @@ async fn the_changed_chunk_map_survives_a_clean_restart_and_a_crash_means_full_r
     );
     let last = setup.restart_cache().await;
     let _agent = Agent::start(&setup.registry.url, &state_dir);
-    let chunks = (SIZE / ferry_agent::stream::DIRTY_CHUNK) as usize;
-    setup.wait_data_records(last, chunks).await;
+    let chunks = SIZE / ferry_agent::stream::DIRTY_CHUNK;
+    setup.wait_digests(last, chunks).await;
+    setup.wait_data_records(last, 1).await;
     setup.wait_state(reg::ReplicationState::Protected).await;
     let records = tail_all(&setup.cache.url(), "vm", 1).await;
     assert_eq!(
-        data_records_after(&records, last),
+        digests_after(&records, last),
         chunks,
-        "every chunk once"
+        "every chunk checked once"
+    );
+    assert_eq!(
+        data_records_after(&records, last),
+        1,
+        "only 7M..7M+64k differed"
     );
     assert!(setup.replay_equals_source(&records));
     setup.registry.stop().await;

@@ -403,28 +403,60 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
     })
     .await;
 
-    // A resync request: every chunk of the disk travels again, and the VM
-    // goes through RESYNCING back to PROTECTED.
+    // A whole-disk resync request: every chunk is checked by checksum
+    // (ChunkDigests records, no data), and the VM goes through RESYNCING back
+    // to PROTECTED.
     let resync = Control::Resync(pb::ResyncRequest {
         disk_ids: vec!["os".into()],
         reason: "replica check".into(),
+        ranges: Vec::new(),
     });
     control(resync).await.expect("resync request delivered");
-    let chunks = (SIZE / ferry_agent::stream::DIRTY_CHUNK) as usize;
-    let records = ferry_testkit::wait_for("the disk sent again", Duration::from_secs(60), || {
+    let chunks = SIZE / ferry_agent::stream::DIRTY_CHUNK;
+    let after = |records: &[pb::Record], after: u64| -> (u64, usize) {
+        let digested = records
+            .iter()
+            .filter(|r| r.sequence > after)
+            .filter_map(|r| match &r.op {
+                Some(Op::Digests(d)) => Some(d.crc32c.len() as u64),
+                _ => None,
+            })
+            .sum();
+        let data = records
+            .iter()
+            .filter(|r| r.sequence > after)
+            .filter(|r| matches!(r.op, Some(Op::Write(_) | Op::WriteZeroes(_) | Op::Trim(_))))
+            .count();
+        (digested, data)
+    };
+    let records = ferry_testkit::wait_for("every chunk checked", Duration::from_secs(60), || {
         let cache_url = cache_url.clone();
         async move {
             let records = tail_all(&cache_url, "vm", 1).await;
-            let resent = records
-                .iter()
-                .filter(|r| r.sequence > last && !matches!(r.op, Some(Op::Marker(_))))
-                .count();
-            (resent >= chunks).then_some(records)
+            (after(&records, last).0 >= chunks).then_some(records)
         }
     })
     .await;
+    assert_eq!(
+        after(&records, last),
+        (chunks, 0),
+        "checksums only, each chunk once"
+    );
+    // The digests are the source's.
+    let source = std::fs::read(&image).unwrap();
+    for r in records.iter().filter(|r| r.sequence > last) {
+        if let Some(Op::Digests(d)) = &r.op {
+            for (i, crc) in d.crc32c.iter().enumerate() {
+                let at = (d.offset + i as u64 * d.chunk_bytes) as usize;
+                assert_eq!(
+                    *crc,
+                    crc32c::crc32c(&source[at..at + d.chunk_bytes as usize])
+                );
+            }
+        }
+    }
     ferry_testkit::wait_for(
-        "PROTECTED after the requested resync",
+        "PROTECTED after the requested check",
         Duration::from_secs(60),
         || {
             let st = state(&r);
@@ -432,6 +464,29 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
         },
     )
     .await;
+
+    // A request for ranges (what a processor asks for when checksums
+    // differ): just those chunks travel again, as data.
+    let last = records.last().map_or(0, |r| r.sequence);
+    let resync = Control::Resync(pb::ResyncRequest {
+        disk_ids: Vec::new(),
+        reason: "chunks differ".into(),
+        ranges: vec![pb::DiskRange {
+            disk_id: "os".into(),
+            offset: 1 << 20,
+            length: 128 << 10,
+        }],
+    });
+    control(resync).await.expect("ranges request delivered");
+    let records = ferry_testkit::wait_for("the ranges sent again", Duration::from_secs(60), || {
+        let cache_url = cache_url.clone();
+        async move {
+            let records = tail_all(&cache_url, "vm", 1).await;
+            (after(&records, last).1 >= 2).then_some(records)
+        }
+    })
+    .await;
+    assert_eq!(after(&records, last), (0, 2));
     let f = File::create(&replica).unwrap();
     f.set_len(SIZE).unwrap();
     apply(&records, &Map::from([("os".to_string(), f)]));

@@ -53,6 +53,23 @@ pub fn validate(record: &pb::Record, disks: &Disks) -> Result<(), CacheError> {
     match &record.op {
         Some(Op::Write(w)) => range(w.offset, w.data.len() as u64)?,
         Some(Op::Trim(z)) | Some(Op::WriteZeroes(z)) => range(z.offset, z.length)?,
+        Some(Op::Digests(d)) => {
+            range(d.offset, d.length)?;
+            if d.chunk_bytes == 0 || !d.chunk_bytes.is_multiple_of(512) {
+                return Err(bad(format!(
+                    "chunk_bytes {} must be a non-zero multiple of 512",
+                    d.chunk_bytes
+                )));
+            }
+            let expected = d.length.div_ceil(d.chunk_bytes);
+            if d.crc32c.len() as u64 != expected {
+                return Err(bad(format!(
+                    "{} checksums for {} chunks",
+                    d.crc32c.len(),
+                    expected
+                )));
+            }
+        }
         Some(Op::Marker(m)) => {
             if pb::MarkerKind::try_from(m.kind).unwrap_or(pb::MarkerKind::Unspecified)
                 == pb::MarkerKind::Unspecified

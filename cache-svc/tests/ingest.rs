@@ -666,6 +666,7 @@ async fn control_messages_reach_the_agent_and_a_fenced_or_disabled_stream_is_sto
     let resync = Some(Control::Resync(pb::ResyncRequest {
         disk_ids: vec!["os".into()],
         reason: "replica check".into(),
+        ranges: Vec::new(),
     }));
     assert_eq!(
         send_control(cache, "vm1", resync).await.unwrap(),

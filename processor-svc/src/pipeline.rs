@@ -151,6 +151,7 @@ impl Pipelines {
             status: status_tx,
             pending: Vec::new(),
             reported: 0,
+            last_request: None,
         };
         let span = tracing::info_span!("pipeline", vm = %item.vm_name);
         let done = tokio::spawn(pipeline.run(rx, stop.clone()).instrument(span));
@@ -290,7 +291,14 @@ struct Pipeline {
     pending: Vec<(u64, oneshot::Sender<Result<Point, ProcessorError>>)>,
     /// The applied sequence last reported to the cache.
     reported: u64,
+    /// When the agent was last asked for mismatched ranges.
+    last_request: Option<std::time::Instant>,
 }
+
+/// Ranges per resync request (each is a few dozen bytes).
+const RANGES_PER_REQUEST: usize = 4096;
+/// How long before mismatched ranges are asked for again.
+const REQUEST_AGAIN: Duration = Duration::from_secs(10);
 
 /// Runs blocking replica work off the async threads.
 async fn blocking<T: Send + 'static>(
@@ -400,8 +408,9 @@ impl Pipeline {
     async fn apply(&mut self, records: Vec<cache::Record>) -> Result<(), ProcessorError> {
         let replica = self.replica.clone();
         let flush_bytes = self.tuning.flush_bytes;
-        let (applied, cuts) = blocking(move || {
+        let (applied, cuts, mismatched) = blocking(move || {
             let mut cuts = Vec::new();
+            let mut mismatched = false;
             let mut applied = replica.applied()?;
             for record in &records {
                 if record.sequence <= applied {
@@ -415,15 +424,26 @@ impl Pipeline {
                     Applied::Marker(MarkerKind::Final, _) => {
                         cuts.push(cut_at_marker(&replica, PointKind::CrashConsistent))
                     }
+                    Applied::Mismatched(disk, ranges) if !ranges.is_empty() => {
+                        tracing::info!(
+                            disk,
+                            ranges = ranges.len(),
+                            "chunks differ from the source"
+                        );
+                        mismatched = true;
+                    }
                     _ => {}
                 }
                 if replica.dirty_bytes()? >= flush_bytes {
                     replica.checkpoint()?;
                 }
             }
-            Ok((applied, cuts))
+            Ok((applied, cuts, mismatched))
         })
         .await?;
+        if mismatched {
+            self.request_mismatched().await;
+        }
         for cut in cuts {
             match cut {
                 Ok(p) => {
@@ -521,9 +541,59 @@ impl Pipeline {
         if let Some(p) = cut {
             tracing::debug!(point = %p.id(), seq = p.sequence_cut, "crash-consistent point");
         }
+        if self
+            .last_request
+            .is_none_or(|t| t.elapsed() >= REQUEST_AGAIN)
+        {
+            self.request_mismatched().await;
+        }
         self.report_applied().await;
         self.report_health().await;
         Ok(())
+    }
+
+    /// Asks the agent, through the cache, for the ranges whose checksums
+    /// differed; asked again on later ticks until they have arrived.
+    async fn request_mismatched(&mut self) {
+        let Ok(meta) = self.replica.meta() else {
+            return;
+        };
+        let ranges: Vec<cache::DiskRange> = meta
+            .mismatched
+            .iter()
+            .flat_map(|(disk, ranges)| {
+                ranges.iter().map(|(offset, length)| cache::DiskRange {
+                    disk_id: disk.clone(),
+                    offset: *offset,
+                    length: *length,
+                })
+            })
+            .collect();
+        if ranges.is_empty() {
+            return;
+        }
+        self.last_request = Some(std::time::Instant::now());
+        let mut client = self.cache.clone();
+        for part in ranges.chunks(RANGES_PER_REQUEST) {
+            let request = cache::SendControlRequest {
+                vm_name: self.vm.clone(),
+                control: Some(cache::send_control_request::Control::Resync(
+                    cache::ResyncRequest {
+                        disk_ids: Vec::new(),
+                        reason: format!("{} chunk(s) differ from the replica", ranges.len()),
+                        ranges: part.to_vec(),
+                    },
+                )),
+            };
+            if let Err(s) = client.send_control(request).await {
+                tracing::warn!(%s, "cannot ask the agent for the differing chunks yet");
+                return;
+            }
+        }
+        tracing::info!(
+            ranges = ranges.len(),
+            "asked the agent for the differing chunks"
+        );
     }
 
     /// Tells the cache what is durably applied, so it may trim below it.

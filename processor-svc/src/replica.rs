@@ -71,6 +71,7 @@ pub fn parse_point_id(id: &str) -> Option<u64> {
 
 /// What the index keeps of a VM.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Meta {
     /// Every record up to this sequence is in the replica (durably once
     /// saved).
@@ -89,6 +90,10 @@ pub struct Meta {
     pub next_segment: u64,
     /// The sequence cut of the newest point (0 if none).
     pub last_point_sequence: u64,
+    /// Ranges (offset, length) per disk whose checksum differed from the
+    /// source's in a checksum-based resync; no point until data for each
+    /// has arrived.
+    pub mismatched: BTreeMap<String, BTreeSet<(u64, u64)>>,
 }
 
 /// Where a chunk version lives.
@@ -262,6 +267,9 @@ pub struct Extent {
 pub enum Applied {
     Data,
     Marker(MarkerKind, String),
+    /// Chunk digests compared: these (offset, length) ranges of the disk
+    /// differ from the source and must be sent again.
+    Mismatched(String, Vec<(u64, u64)>),
 }
 
 /// Every VM's replica.
@@ -486,18 +494,19 @@ impl VmReplica {
         }
         let applied = match &record.op {
             Some(Op::Write(op)) => {
-                self.apply_range(
-                    &mut w,
-                    &record.disk_id,
-                    op.offset,
-                    op.data.len() as u64,
-                    Some(&op.data),
-                )?;
+                let length = op.data.len() as u64;
+                self.apply_range(&mut w, &record.disk_id, op.offset, length, Some(&op.data))?;
+                resolve(&mut w.meta, &record.disk_id, op.offset, length);
                 Applied::Data
             }
             Some(Op::Trim(z)) | Some(Op::WriteZeroes(z)) => {
                 self.apply_range(&mut w, &record.disk_id, z.offset, z.length, None)?;
+                resolve(&mut w.meta, &record.disk_id, z.offset, z.length);
                 Applied::Data
+            }
+            Some(Op::Digests(d)) => {
+                let differ = self.compare(&mut w, &record.disk_id, d)?;
+                Applied::Mismatched(record.disk_id.clone(), differ)
             }
             Some(Op::Marker(m)) => {
                 let kind = MarkerKind::try_from(m.kind).unwrap_or(MarkerKind::Unspecified);
@@ -525,6 +534,77 @@ impl VmReplica {
             w.meta.last_time_nanos = w.meta.last_time_nanos.max(record.captured_at_unix_nanos);
         }
         Ok(applied)
+    }
+
+    /// Compares chunk digests with the replica as it is at this point of
+    /// the stream; records and returns the ranges that differ.
+    fn compare(
+        &self,
+        w: &mut Writer,
+        disk: &str,
+        d: &ferry_proto::cache::v1::ChunkDigests,
+    ) -> Result<Vec<(u64, u64)>> {
+        let size = *w.meta.disks.get(disk).ok_or_else(|| {
+            ProcessorError::DataLoss(format!("VM {:?} has no disk {disk:?}", self.vm))
+        })?;
+        let end = d.offset.saturating_add(d.length);
+        if end > size || d.chunk_bytes == 0 {
+            return Err(ProcessorError::DataLoss(format!(
+                "VM {:?}: digests of {}+{} do not fit disk {disk:?} ({size})",
+                self.vm, d.offset, d.length
+            )));
+        }
+        let mut differ = Vec::new();
+        for (i, crc) in d.crc32c.iter().enumerate() {
+            let offset = d.offset + i as u64 * d.chunk_bytes;
+            if offset >= end {
+                break;
+            }
+            let length = d.chunk_bytes.min(end - offset);
+            let bytes = self.current_bytes(w, disk, offset, length, size)?;
+            if crc32c::crc32c(&bytes) != *crc {
+                differ.push((offset, length));
+                w.meta
+                    .mismatched
+                    .entry(disk.to_string())
+                    .or_default()
+                    .insert((offset, length));
+            }
+        }
+        Ok(differ)
+    }
+
+    /// A range of a disk as the replica holds it now (changed chunks in
+    /// memory first).
+    fn current_bytes(
+        &self,
+        w: &Writer,
+        disk: &str,
+        offset: u64,
+        length: u64,
+        size: u64,
+    ) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(length as usize);
+        let mut at = offset;
+        while at < offset + length {
+            let chunk = at / self.chunk;
+            let start = chunk * self.chunk;
+            let chunk_len = self.chunk.min(size - start);
+            let n = (start + chunk_len).min(offset + length) - at;
+            let from = (at - start) as usize;
+            match w.dirty.get(&(disk.to_string(), chunk)) {
+                Some(Dirty::Data(d)) => out.extend_from_slice(&d[from..from + n as usize]),
+                Some(Dirty::Zero) => out.resize(out.len() + n as usize, 0),
+                None => {
+                    let head = self.head(disk, chunk, chunk_len, w.meta.interval)?;
+                    out.extend_from_slice(head.get(from..from + n as usize).ok_or_else(|| {
+                        ProcessorError::DataLoss(format!("chunk {chunk} of disk {disk:?} is short"))
+                    })?);
+                }
+            }
+            at += n;
+        }
+        Ok(out)
     }
 
     fn apply_range(
@@ -691,7 +771,8 @@ impl VmReplica {
             crc,
         };
         cur.buf.extend_from_slice(&crc.to_be_bytes());
-        cur.buf.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        cur.buf
+            .extend_from_slice(&(data.len() as u32).to_be_bytes());
         cur.buf.extend_from_slice(data);
         cur.len += BLOB_HEADER + data.len() as u64;
         if cur.buf.len() >= WRITE_BUFFER {
@@ -1205,7 +1286,33 @@ fn dirty_len(d: &Dirty) -> usize {
     }
 }
 
+/// Data for `offset..offset + length` arrived: mismatched ranges inside it
+/// are resolved.
+fn resolve(meta: &mut Meta, disk: &str, offset: u64, length: u64) {
+    if let Some(ranges) = meta.mismatched.get_mut(disk) {
+        let end = offset + length;
+        let inside: Vec<(u64, u64)> = ranges
+            .range((offset, 0)..(end, 0))
+            .filter(|(o, l)| o + l <= end)
+            .copied()
+            .collect();
+        for r in inside {
+            ranges.remove(&r);
+        }
+        if ranges.is_empty() {
+            meta.mismatched.remove(disk);
+        }
+    }
+}
+
 fn not_cuttable(meta: &Meta) -> Option<String> {
+    if let Some((disk, ranges)) = meta.mismatched.iter().next() {
+        return Some(format!(
+            "disk {disk} has {} range(s) that differ from the source after a checksum \
+             resync; no recovery point until they arrive",
+            ranges.len()
+        ));
+    }
     if !meta.syncing.is_empty() {
         let disks: Vec<&str> = meta.syncing.iter().map(String::as_str).collect();
         return Some(format!(

@@ -36,6 +36,16 @@ pub fn record_crc32c(record: &Record) -> u32 {
             head.extend_from_slice(&(m.kind as u32).to_le_bytes());
             put_str(&mut head, &m.id);
         }
+        Some(Op::Digests(d)) => {
+            head.push(5);
+            head.extend_from_slice(&d.offset.to_le_bytes());
+            head.extend_from_slice(&d.chunk_bytes.to_le_bytes());
+            head.extend_from_slice(&d.length.to_le_bytes());
+            head.extend_from_slice(&(d.crc32c.len() as u32).to_le_bytes());
+            for c in &d.crc32c {
+                head.extend_from_slice(&c.to_le_bytes());
+            }
+        }
         None => head.push(0),
     }
     let crc = crc32c::crc32c(&head);

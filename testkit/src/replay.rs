@@ -23,7 +23,7 @@ pub fn apply(records: &[Record], images: &HashMap<String, File>) {
                 let zeros = vec![0u8; z.length as usize];
                 image().write_all_at(&zeros, z.offset).unwrap();
             }
-            Some(Op::Marker(_)) => {}
+            Some(Op::Marker(_)) | Some(Op::Digests(_)) => {}
             None => panic!("record {} has no op", r.sequence),
         }
     }
