@@ -177,6 +177,34 @@ async fn points_cut_during_nbd_writes_read_back_as_the_source_at_their_cut() {
     )
     .await;
     assert_eq!(app.sequence_cut, marker);
+    // Listing filters by kind and limits from the newest.
+    let mut p = ProcessorClient::connect(cluster.processor.url.clone())
+        .await
+        .unwrap();
+    let list = |kind: pb::PointKind, limit: u32| pb::ListRecoveryPointsRequest {
+        vm_name: "vm".into(),
+        kind: kind as i32,
+        limit,
+        ..Default::default()
+    };
+    let apps = p
+        .list_recovery_points(list(pb::PointKind::AppConsistent, 0))
+        .await
+        .unwrap()
+        .into_inner()
+        .points;
+    assert_eq!(
+        apps.iter().map(|p| &p.id).collect::<Vec<_>>(),
+        vec![&app.id]
+    );
+    let newest = p
+        .list_recovery_points(list(pb::PointKind::Unspecified, 1))
+        .await
+        .unwrap()
+        .into_inner()
+        .points;
+    assert_eq!(newest.len(), 1);
+    assert!(newest[0].sequence_cut >= app.sequence_cut);
 
     // Timer points were cut besides: every 1 s while writes changed things.
     let points = list_points(&cluster.processor.url, "vm").await;
