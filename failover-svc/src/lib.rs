@@ -1,11 +1,27 @@
-//! failover-svc: failover, test failover and commit as jobs (issue 5 fills it).
-//!
-//! Until its issue lands it serves health and reflection only: it opens its
-//! data directory, waits for its peers, then reports SERVING.
+//! failover-svc: brings protected VMs up in their target region from any
+//! retained recovery point. Test failover (into an isolated network, while
+//! replication goes on) and its cleanup, unplanned failover (the source
+//! fenced; a change of point before commit), and commit run as persisted,
+//! resumable, idempotent jobs with a progress stream. The target regions'
+//! networks and VMs are kept by an inventory backend.
 
-use ferry_runtime::{CancellationToken, HostError, Peer, ServiceConfig};
+pub mod engine;
+pub mod error;
+pub mod inventory;
+pub mod jobs;
+pub mod service;
+
+use std::sync::Arc;
+
+use ferry_proto::failover::v1::failover_server::FailoverServer;
+use ferry_proto::processor::v1::processor_client::ProcessorClient;
+use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_runtime::readiness::{prepare_data_dir, wait_for_peers};
+use ferry_runtime::{CancellationToken, Host, HostError, Peer, ServiceConfig};
 use serde::Deserialize;
 use tokio::net::TcpListener;
+
+pub use error::FailoverError;
 
 /// The gRPC service name, for health and reflection.
 pub const SERVICE_NAME: &str = "ferry.failover.v1.Failover";
@@ -17,33 +33,87 @@ pub const DEFAULT_PORT: u16 = 7104;
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {}
 
+/// Why failover-svc stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Failover(#[from] FailoverError),
+    #[error(transparent)]
+    Host(#[from] HostError),
+}
+
 /// The binary's entry: serves with the config file's `Settings`.
 pub async fn run(
     config: ServiceConfig,
     _settings: Settings,
     listener: TcpListener,
     shutdown: CancellationToken,
-) -> Result<(), HostError> {
+) -> Result<(), ServeError> {
     serve(config, listener, shutdown).await
 }
 
-/// Serves failover-svc on `listener` until `shutdown` is cancelled.
+/// Serves failover-svc on `listener` until `shutdown`. Health turns SERVING
+/// once its records are open, unfinished jobs are resumed and registry and
+/// processor-svc serve.
 pub async fn serve(
     config: ServiceConfig,
     listener: TcpListener,
     shutdown: CancellationToken,
-) -> Result<(), HostError> {
-    let peers = vec![
-        Peer::required(
-            "registry",
-            config.registry.as_ref(),
-            "ferry.registry.v1.Registry",
-        )?,
-        Peer::required(
-            "processor",
-            config.processor.as_ref(),
-            "ferry.processor.v1.Processor",
-        )?,
-    ];
-    ferry_runtime::placeholder::serve(&config, SERVICE_NAME, peers, listener, shutdown).await
+) -> Result<(), ServeError> {
+    let registry = Peer::required(
+        "registry",
+        config.registry.as_ref(),
+        "ferry.registry.v1.Registry",
+    )?;
+    let processor = Peer::required(
+        "processor",
+        config.processor.as_ref(),
+        "ferry.processor.v1.Processor",
+    )?;
+    let mut host = Host::new(&[SERVICE_NAME]).await?;
+    prepare_data_dir(&config.data_dir).map_err(|source| HostError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let dir = config.data_dir.clone();
+    let (db, backend) = tokio::task::spawn_blocking(move || {
+        let db = sled::Config::new().path(dir.join("index")).open()?;
+        let backend = inventory::LocalBackend::new(&db, &dir.join("regions"))?;
+        Ok::<_, FailoverError>((db, backend))
+    })
+    .await
+    .map_err(|e| FailoverError::Corrupt(e.to_string()))??;
+    let jobs = Arc::new(jobs::Jobs::open(&db)?);
+    let limits = &config.limits;
+    let engine = engine::Engine::new(
+        RegistryClient::new(ferry_runtime::connect(&registry.url)?),
+        ProcessorClient::new(ferry_runtime::connect(&processor.url)?)
+            .max_decoding_message_size(limits.max_message_bytes),
+        Arc::new(backend),
+        jobs,
+        shutdown.clone(),
+    );
+    host.routes().add_service(
+        FailoverServer::new(service::FailoverService::new(
+            engine.clone(),
+            shutdown.clone(),
+        ))
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(limits.max_message_bytes),
+    );
+    let health = host.health();
+    let ready = shutdown.clone();
+    tokio::spawn(async move {
+        if wait_for_peers(&[registry, processor], &ready).await.is_ok() && !ready.is_cancelled() {
+            match engine.resume() {
+                Ok(n) if n > 0 => tracing::info!(jobs = n, "unfinished jobs resumed"),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "cannot resume jobs"),
+            }
+            health.serving().await;
+            tracing::info!("failover-svc serving");
+        }
+    });
+    host.serve(listener, limits, shutdown).await?;
+    Ok(())
 }

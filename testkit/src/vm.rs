@@ -28,33 +28,7 @@ pub async fn protect_vm_with(
         .await
         .expect("connect to registry");
     r.register_vm(reg::RegisterVmRequest {
-        vm: Some(reg::Vm {
-            name: vm.to_string(),
-            source_region: "eastus".into(),
-            resource_group: "rg".into(),
-            virtual_network: "net".into(),
-            subnet: "sub".into(),
-            nics: vec![reg::Nic {
-                name: "nic0".into(),
-                private_ip: "10.0.0.4".into(),
-            }],
-            disks: disks
-                .iter()
-                .enumerate()
-                .map(|(i, (id, size, path))| reg::Disk {
-                    id: id.to_string(),
-                    size_bytes: *size,
-                    role: if i == 0 {
-                        reg::DiskRole::Os
-                    } else {
-                        reg::DiskRole::Data
-                    } as i32,
-                    storage: reg::DiskStorage::Managed as i32,
-                    source_path: path.display().to_string(),
-                })
-                .collect(),
-            ..Default::default()
-        }),
+        vm: Some(vm_spec(vm, disks)),
     })
     .await
     .expect("register the VM");
@@ -108,4 +82,36 @@ pub async fn create_policy(
     })
     .await
     .expect("create the policy");
+}
+
+/// A VM in eastus (rg, net, sub; NIC nic0 at 10.0.0.4) with `disks` (id,
+/// size, source image; the first is the OS disk).
+pub fn vm_spec(vm: &str, disks: &[(&str, u64, &Path)]) -> reg::Vm {
+    reg::Vm {
+        name: vm.to_string(),
+        source_region: "eastus".into(),
+        resource_group: "rg".into(),
+        virtual_network: "net".into(),
+        subnet: "sub".into(),
+        nics: vec![reg::Nic {
+            name: "nic0".into(),
+            private_ip: "10.0.0.4".into(),
+        }],
+        disks: disks
+            .iter()
+            .enumerate()
+            .map(|(i, (id, size, path))| reg::Disk {
+                id: id.to_string(),
+                size_bytes: *size,
+                role: if i == 0 {
+                    reg::DiskRole::Os
+                } else {
+                    reg::DiskRole::Data
+                } as i32,
+                storage: reg::DiskStorage::Managed as i32,
+                source_path: path.display().to_string(),
+            })
+            .collect(),
+        ..Default::default()
+    }
 }

@@ -1,0 +1,944 @@
+//! Failover, commit and test cleanup as jobs of idempotent steps.
+//!
+//! - Test failover: validate, pin-point, network, materialize-disks,
+//!   create-vm. Replication goes on; the VM is created as `<vm>-test` in the
+//!   network the user names.
+//! - Unplanned failover: validate, fence (FAILOVER_IN_PROGRESS, epoch
+//!   raised, so cache-svc stops and refuses the old agent), pin-point,
+//!   network, materialize-disks, create-vm, update-registry (FAILED_OVER).
+//!   Failing over again before commit changes the recovery point.
+//! - Commit: validate, commit-registry (COMMITTED), release-points.
+//! - Cleanup of a test failover: validate, delete-vm, release-points.
+
+use std::collections::HashSet;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_proto::failover::v1 as pb;
+use ferry_proto::processor::v1 as proc;
+use ferry_proto::processor::v1::processor_client::ProcessorClient;
+use ferry_proto::registry::v1 as reg;
+use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_runtime::time::unix_nanos_now;
+use ferry_runtime::PeerChannel;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::FailoverError;
+use crate::inventory::{self, Backend, TargetVm};
+use crate::jobs::{Choice, JobRecord, Jobs, Step, Used};
+
+type Result<T> = std::result::Result<T, FailoverError>;
+
+/// How long "latest" may wait for the source region's cache before an
+/// unplanned failover falls back to the latest processed point.
+const LATEST_BOUND: Duration = Duration::from_secs(10);
+/// Progress is persisted every this many bytes (and published always).
+const SAVE_EVERY: u64 = 64 << 20;
+
+/// Runs jobs.
+pub struct Engine {
+    registry: RegistryClient<PeerChannel>,
+    processor: ProcessorClient<PeerChannel>,
+    backend: Arc<dyn Backend>,
+    jobs: Arc<Jobs>,
+    /// VMs with a job running.
+    busy: Mutex<HashSet<String>>,
+    shutdown: CancellationToken,
+}
+
+fn steps(names: &[&str]) -> Vec<Step> {
+    names
+        .iter()
+        .map(|n| Step {
+            name: n.to_string(),
+            state: pb::JobState::Queued as i32,
+            message: String::new(),
+        })
+        .collect()
+}
+
+fn state_name(s: i32) -> String {
+    reg::ReplicationState::try_from(s)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("REPLICATION_STATE_")
+                .to_string()
+        })
+        .unwrap_or_else(|_| s.to_string())
+}
+
+impl Engine {
+    pub fn new(
+        registry: RegistryClient<PeerChannel>,
+        processor: ProcessorClient<PeerChannel>,
+        backend: Arc<dyn Backend>,
+        jobs: Arc<Jobs>,
+        shutdown: CancellationToken,
+    ) -> Arc<Engine> {
+        Arc::new(Engine {
+            registry,
+            processor,
+            backend,
+            jobs,
+            busy: Mutex::new(HashSet::new()),
+            shutdown,
+        })
+    }
+
+    pub fn jobs(&self) -> &Arc<Jobs> {
+        &self.jobs
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    async fn item(&self, vm: &str) -> Result<reg::ProtectedItem> {
+        if vm.is_empty() {
+            return Err(FailoverError::InvalidArgument("vm_name is empty".into()));
+        }
+        let mut registry = self.registry.clone();
+        registry
+            .get_protected_item(reg::GetProtectedItemRequest {
+                vm_name: vm.to_string(),
+            })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| match s.code() {
+                tonic::Code::NotFound => FailoverError::NotFound(format!(
+                    "VM {vm:?} is not protected (unknown, or its replication is not enabled)"
+                )),
+                _ => FailoverError::peer("registry", s),
+            })
+    }
+
+    fn test_vms(&self, vm: &str) -> Result<Vec<TargetVm>> {
+        Ok(self
+            .backend
+            .vms()?
+            .into_iter()
+            .filter(|t| t.source_vm == vm && t.test)
+            .collect())
+    }
+
+    /// Validates a failover request and starts its job.
+    pub async fn start_failover(
+        self: &Arc<Self>,
+        req: pb::StartFailoverRequest,
+    ) -> Result<JobRecord> {
+        if let Some(job) = self.jobs.by_request(&req.request_id)? {
+            return Ok(job);
+        }
+        let vm = match req.target {
+            Some(pb::start_failover_request::Target::VmName(vm)) => vm,
+            Some(pb::start_failover_request::Target::ReplicationGroup(g)) => {
+                return Err(FailoverError::FailedPrecondition(format!(
+                    "failing over replication group {g:?} as a whole is not available yet; \
+                     its VMs cannot be failed over one by one either"
+                )))
+            }
+            None => {
+                return Err(FailoverError::InvalidArgument(
+                    "set vm_name or replication_group".into(),
+                ))
+            }
+        };
+        let kind = pb::FailoverKind::try_from(req.kind).unwrap_or(pb::FailoverKind::Unspecified);
+        if kind == pb::FailoverKind::Unspecified {
+            return Err(FailoverError::InvalidArgument(
+                "kind is unset: TEST, PLANNED or UNPLANNED".into(),
+            ));
+        }
+        if kind == pb::FailoverKind::Planned {
+            return Err(FailoverError::FailedPrecondition(
+                "planned failover is not available yet; shut the VM down and use UNPLANNED with \
+                 point latest"
+                    .into(),
+            ));
+        }
+        let choice = match req.point.and_then(|p| p.choice) {
+            None => Choice::LatestProcessed,
+            Some(pb::point_choice::Choice::Latest(_)) => Choice::Latest,
+            Some(pb::point_choice::Choice::LatestProcessed(_)) => Choice::LatestProcessed,
+            Some(pb::point_choice::Choice::LatestAppConsistent(_)) => Choice::LatestAppConsistent,
+            Some(pb::point_choice::Choice::LatestMultiVm(_)) => Choice::LatestMultiVm,
+            Some(pb::point_choice::Choice::PointId(id)) if id.is_empty() => {
+                return Err(FailoverError::InvalidArgument("point_id is empty".into()))
+            }
+            Some(pb::point_choice::Choice::PointId(id)) => Choice::Point(id),
+        };
+        let item = self.item(&vm).await?;
+        if !item.replication_group.is_empty() {
+            return Err(FailoverError::FailedPrecondition(format!(
+                "VM {vm:?} belongs to replication group {:?}: fail the group over as a whole",
+                item.replication_group
+            )));
+        }
+        use reg::ReplicationState as S;
+        let state = item.state();
+        let test = kind == pb::FailoverKind::Test;
+        let allowed = if test {
+            matches!(state, S::Protected | S::ResyncRequired | S::Resyncing)
+        } else {
+            matches!(
+                state,
+                S::Protected
+                    | S::ResyncRequired
+                    | S::Resyncing
+                    | S::FailoverInProgress
+                    | S::FailedOver
+            )
+        };
+        if !allowed {
+            return Err(FailoverError::FailedPrecondition(format!(
+                "VM {vm:?} is {}: {} needs it protected{}",
+                state_name(state as i32),
+                if test {
+                    "a test failover"
+                } else {
+                    "a failover"
+                },
+                if test {
+                    ""
+                } else {
+                    " (or failed over, to change the point)"
+                }
+            )));
+        }
+        if test {
+            if req.test_network.is_empty() {
+                return Err(FailoverError::InvalidArgument(
+                    "a test failover needs test_network: an isolated network of the target region"
+                        .into(),
+                ));
+            }
+            let region = item
+                .target
+                .as_ref()
+                .map(|t| t.region.clone())
+                .unwrap_or_default();
+            if self.backend.network(&region, &req.test_network)?.is_none() {
+                return Err(FailoverError::NotFound(format!(
+                    "test network {:?} does not exist in {region}; create it first",
+                    req.test_network
+                )));
+            }
+            if !self.test_vms(&vm)?.is_empty() {
+                return Err(FailoverError::FailedPrecondition(format!(
+                    "VM {vm:?} has a test failover already; clean it up first"
+                )));
+            }
+        }
+        if let Choice::Point(id) = &choice {
+            self.point(&vm, id).await?;
+        }
+        let names: &[&str] = if test {
+            &[
+                "validate",
+                "pin-point",
+                "network",
+                "materialize-disks",
+                "create-vm",
+            ]
+        } else {
+            &[
+                "validate",
+                "fence",
+                "pin-point",
+                "network",
+                "materialize-disks",
+                "create-vm",
+                "update-registry",
+            ]
+        };
+        let job = JobRecord {
+            id: self.jobs.new_id()?,
+            kind: pb::JobKind::Failover as i32,
+            failover_kind: kind as i32,
+            vm_name: vm,
+            choice,
+            test_network: req.test_network,
+            state: pb::JobState::Queued as i32,
+            steps: steps(names),
+            bytes_done: 0,
+            bytes_total: 0,
+            points: Vec::new(),
+            error: String::new(),
+            request_id: req.request_id,
+            created_nanos: unix_nanos_now(),
+            finished_nanos: 0,
+            from_state: state as i32,
+        };
+        self.admit(job).await
+    }
+
+    /// Validates a commit and starts its job.
+    pub async fn commit(self: &Arc<Self>, vm: String, request_id: String) -> Result<JobRecord> {
+        if let Some(job) = self.jobs.by_request(&request_id)? {
+            return Ok(job);
+        }
+        let item = self.item(&vm).await?;
+        if item.state() != reg::ReplicationState::FailedOver {
+            return Err(FailoverError::FailedPrecondition(format!(
+                "VM {vm:?} is {}: only a failed-over VM can be committed",
+                state_name(item.state)
+            )));
+        }
+        let job = self.simple(
+            pb::JobKind::Commit,
+            vm,
+            request_id,
+            &["validate", "commit-registry", "release-points"],
+            item.state,
+        )?;
+        self.admit(job).await
+    }
+
+    /// Validates a test cleanup and starts its job.
+    pub async fn cleanup_test(
+        self: &Arc<Self>,
+        vm: String,
+        request_id: String,
+    ) -> Result<JobRecord> {
+        if let Some(job) = self.jobs.by_request(&request_id)? {
+            return Ok(job);
+        }
+        let item = self.item(&vm).await?;
+        if self.test_vms(&vm)?.is_empty() {
+            return Err(FailoverError::FailedPrecondition(format!(
+                "VM {vm:?} has no test failover to clean up"
+            )));
+        }
+        let job = self.simple(
+            pb::JobKind::CleanupTest,
+            vm,
+            request_id,
+            &["validate", "delete-vm", "release-points"],
+            item.state,
+        )?;
+        self.admit(job).await
+    }
+
+    fn simple(
+        &self,
+        kind: pb::JobKind,
+        vm: String,
+        request_id: String,
+        names: &[&str],
+        state: i32,
+    ) -> Result<JobRecord> {
+        Ok(JobRecord {
+            id: self.jobs.new_id()?,
+            kind: kind as i32,
+            failover_kind: pb::FailoverKind::Unspecified as i32,
+            vm_name: vm,
+            choice: Choice::LatestProcessed,
+            test_network: String::new(),
+            state: pb::JobState::Queued as i32,
+            steps: steps(names),
+            bytes_done: 0,
+            bytes_total: 0,
+            points: Vec::new(),
+            error: String::new(),
+            request_id,
+            created_nanos: unix_nanos_now(),
+            finished_nanos: 0,
+            from_state: state,
+        })
+    }
+
+    /// One job per VM at a time; the job is stored before it runs.
+    async fn admit(self: &Arc<Self>, job: JobRecord) -> Result<JobRecord> {
+        {
+            let mut busy = self
+                .busy
+                .lock()
+                .map_err(|_| FailoverError::Corrupt("busy lock".into()))?;
+            if !busy.insert(job.vm_name.clone()) {
+                return Err(FailoverError::FailedPrecondition(format!(
+                    "a job is running for VM {:?}; wait for it (ferry jobs --watch)",
+                    job.vm_name
+                )));
+            }
+        }
+        if let Err(e) = self.jobs.insert(&job) {
+            self.release(&job.vm_name);
+            return Err(e);
+        }
+        tracing::info!(job = %job.id, vm = %job.vm_name, kind = job.kind, "job accepted");
+        let engine = self.clone();
+        let accepted = job.clone();
+        tokio::spawn(async move { engine.run(job).await });
+        Ok(accepted)
+    }
+
+    fn release(&self, vm: &str) {
+        if let Ok(mut busy) = self.busy.lock() {
+            busy.remove(vm);
+        }
+    }
+
+    /// Resumes every unfinished job (after a restart).
+    pub fn resume(self: &Arc<Self>) -> Result<usize> {
+        let unfinished = self.jobs.unfinished()?;
+        let n = unfinished.len();
+        for job in unfinished {
+            if let Ok(mut busy) = self.busy.lock() {
+                busy.insert(job.vm_name.clone());
+            }
+            tracing::info!(job = %job.id, vm = %job.vm_name, "resuming job");
+            let engine = self.clone();
+            tokio::spawn(async move { engine.run(job).await });
+        }
+        Ok(n)
+    }
+
+    async fn run(self: Arc<Self>, mut job: JobRecord) {
+        let vm = job.vm_name.clone();
+        job.state = pb::JobState::Running as i32;
+        let _ = self.jobs.save(&job);
+        for i in 0..job.steps.len() {
+            if job.steps[i].state == pb::JobState::Succeeded as i32 {
+                continue;
+            }
+            if self.shutdown.is_cancelled() {
+                // Resumed at this step after the restart.
+                self.release(&vm);
+                return;
+            }
+            job.steps[i].state = pb::JobState::Running as i32;
+            let _ = self.jobs.save(&job);
+            let name = job.steps[i].name.clone();
+            let outcome = tokio::select! {
+                _ = self.shutdown.cancelled() => {
+                    self.release(&vm);
+                    return;
+                }
+                outcome = self.step(&name, &mut job) => outcome,
+            };
+            match outcome {
+                Ok(message) => {
+                    job.steps[i].state = pb::JobState::Succeeded as i32;
+                    job.steps[i].message = message;
+                    if let Err(e) = self.jobs.save(&job) {
+                        tracing::error!(job = %job.id, error = %e, "cannot save the job");
+                        self.release(&vm);
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(job = %job.id, step = %name, error = %e, "job failed");
+                    job.steps[i].state = pb::JobState::Failed as i32;
+                    job.steps[i].message = e.to_string();
+                    job.state = pb::JobState::Failed as i32;
+                    job.error = format!("{name}: {e}");
+                    job.finished_nanos = unix_nanos_now();
+                    let _ = self.jobs.save(&job);
+                    self.release(&vm);
+                    return;
+                }
+            }
+        }
+        job.state = pb::JobState::Succeeded as i32;
+        job.finished_nanos = unix_nanos_now();
+        let _ = self.jobs.save(&job);
+        tracing::info!(job = %job.id, vm = %vm, "job succeeded");
+        self.release(&vm);
+    }
+
+    async fn step(&self, name: &str, job: &mut JobRecord) -> Result<String> {
+        match name {
+            "validate" => {
+                let item = self.item(&job.vm_name).await?;
+                Ok(format!("VM {} is {}", job.vm_name, state_name(item.state)))
+            }
+            "fence" => {
+                self.transition(
+                    &job.vm_name,
+                    reg::ReplicationState::FailoverInProgress,
+                    true,
+                    "failover",
+                )
+                .await?;
+                Ok("source fenced: epoch raised; cache-svc refuses the old agent".into())
+            }
+            "pin-point" => self.pin_point(job).await,
+            "network" => {
+                let (net, subnet) = self.network(job).await?;
+                Ok(format!("network {} subnet {}", net.name, subnet.name))
+            }
+            "materialize-disks" => self.materialize(job).await,
+            "create-vm" => self.create_vm(job).await,
+            "update-registry" => {
+                self.transition(
+                    &job.vm_name,
+                    reg::ReplicationState::FailedOver,
+                    false,
+                    "failed over",
+                )
+                .await?;
+                self.release_points(&job.vm_name, false, Some(&job.id))
+                    .await?;
+                Ok("FAILED_OVER".into())
+            }
+            "commit-registry" => {
+                self.transition(
+                    &job.vm_name,
+                    reg::ReplicationState::Committed,
+                    false,
+                    "committed",
+                )
+                .await?;
+                Ok("COMMITTED".into())
+            }
+            "release-points" => {
+                let test = job.kind == pb::JobKind::CleanupTest as i32;
+                let n = self.release_points(&job.vm_name, test, None).await?;
+                Ok(format!("{n} point(s) released"))
+            }
+            "delete-vm" => {
+                let mut deleted = Vec::new();
+                for t in self.test_vms(&job.vm_name)? {
+                    self.backend
+                        .delete_vm(&t.region, &t.resource_group, &t.name)?;
+                    deleted.push(t.name);
+                }
+                Ok(format!("deleted {}", deleted.join(", ")))
+            }
+            other => Err(FailoverError::Corrupt(format!("unknown step {other:?}"))),
+        }
+    }
+
+    async fn transition(
+        &self,
+        vm: &str,
+        to: reg::ReplicationState,
+        bump: bool,
+        reason: &str,
+    ) -> Result<()> {
+        let mut registry = self.registry.clone();
+        registry
+            .transition_state(reg::TransitionStateRequest {
+                vm_name: vm.to_string(),
+                to: to as i32,
+                bump_epoch: bump,
+                reason: reason.to_string(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| FailoverError::peer("registry", s))
+    }
+
+    async fn point(&self, vm: &str, id: &str) -> Result<proc::RecoveryPoint> {
+        let mut p = self.processor.clone();
+        p.get_recovery_point(proc::GetRecoveryPointRequest {
+            vm_name: vm.to_string(),
+            point_id: id.to_string(),
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| match s.code() {
+            tonic::Code::NotFound => FailoverError::NotFound(format!(
+                "VM {vm:?} has no recovery point {id:?} (unknown or expired); see ferry points {vm}"
+            )),
+            _ => FailoverError::peer("processor", s),
+        })
+    }
+
+    async fn newest(&self, vm: &str, kind: proc::PointKind) -> Result<proc::RecoveryPoint> {
+        let mut p = self.processor.clone();
+        p.list_recovery_points(proc::ListRecoveryPointsRequest {
+            vm_name: vm.to_string(),
+            kind: kind as i32,
+            limit: 1,
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| FailoverError::peer("processor", s))?
+        .into_inner()
+        .points
+        .into_iter()
+        .next()
+        .ok_or_else(|| {
+            FailoverError::NotFound(format!(
+                "VM {vm:?} has no {} recovery point",
+                match kind {
+                    proc::PointKind::AppConsistent => "app-consistent",
+                    proc::PointKind::MultiVm => "multi-VM",
+                    _ => "processed",
+                }
+            ))
+        })
+    }
+
+    async fn pin_point(&self, job: &mut JobRecord) -> Result<String> {
+        let vm = job.vm_name.clone();
+        let mut note = String::new();
+        let point = match job.points.first() {
+            // Resumed: the same point again.
+            Some(used) => self.point(&vm, &used.point_id).await?,
+            None => match &job.choice {
+                Choice::Point(id) => self.point(&vm, id).await?,
+                Choice::LatestProcessed => self.newest(&vm, proc::PointKind::Unspecified).await?,
+                Choice::LatestAppConsistent => {
+                    self.newest(&vm, proc::PointKind::AppConsistent).await?
+                }
+                Choice::LatestMultiVm => self.newest(&vm, proc::PointKind::MultiVm).await?,
+                Choice::Latest => {
+                    let mut p = self.processor.clone();
+                    let cut = tokio::time::timeout(
+                        LATEST_BOUND,
+                        p.cut_recovery_point(proc::CutRecoveryPointRequest {
+                            vm_name: vm.clone(),
+                        }),
+                    )
+                    .await;
+                    match cut {
+                        Ok(Ok(point)) => point.into_inner(),
+                        Ok(Err(s)) if job.failover_kind == pb::FailoverKind::Test as i32 => {
+                            return Err(FailoverError::peer("processor (latest)", s))
+                        }
+                        outcome => {
+                            note = format!(
+                                " (latest unavailable: {}; used the latest processed point)",
+                                match outcome {
+                                    Ok(Err(s)) => s.message().to_string(),
+                                    _ => format!("no answer within {LATEST_BOUND:?}"),
+                                }
+                            );
+                            self.newest(&vm, proc::PointKind::Unspecified).await?
+                        }
+                    }
+                }
+            },
+        };
+        let mut p = self.processor.clone();
+        p.pin_recovery_point(proc::PinRecoveryPointRequest {
+            vm_name: vm.clone(),
+            point_id: point.id.clone(),
+            holder: job.id.clone(),
+        })
+        .await
+        .map_err(|s| FailoverError::peer("processor (pin)", s))?;
+        let time_nanos = point
+            .time
+            .map(|t| t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64)
+            .unwrap_or(0);
+        if job.points.is_empty() {
+            job.points.push(Used {
+                vm_name: vm.clone(),
+                point_id: point.id.clone(),
+                time_nanos,
+                data_loss_nanos: unix_nanos_now().saturating_sub(time_nanos),
+            });
+            job.bytes_total = point.disks.iter().map(|d| d.size_bytes).sum();
+        }
+        Ok(format!(
+            "point {} (sequence {}){note}",
+            point.id, point.sequence_cut
+        ))
+    }
+
+    /// The network and subnet the VM joins: the named test network, or the
+    /// item's target network (created with a /24 around the source's first
+    /// NIC if missing).
+    async fn network(&self, job: &JobRecord) -> Result<(inventory::Network, inventory::Subnet)> {
+        let item = self.item(&job.vm_name).await?;
+        let target = item.target.clone().unwrap_or_default();
+        let net = if job.failover_kind == pb::FailoverKind::Test as i32 {
+            self.backend
+                .network(&target.region, &job.test_network)?
+                .ok_or_else(|| {
+                    FailoverError::NotFound(format!(
+                        "test network {:?} does not exist in {}",
+                        job.test_network, target.region
+                    ))
+                })?
+        } else {
+            match self
+                .backend
+                .network(&target.region, &target.virtual_network)?
+            {
+                Some(n) => n,
+                None => {
+                    let ip = item
+                        .source
+                        .as_ref()
+                        .and_then(|v| v.nics.first())
+                        .map(|n| n.private_ip.clone())
+                        .unwrap_or_default();
+                    self.backend.create_network(inventory::Network {
+                        region: target.region.clone(),
+                        resource_group: target.resource_group.clone(),
+                        name: target.virtual_network.clone(),
+                        subnets: vec![inventory::Subnet {
+                            name: target.subnet.clone(),
+                            address_prefix: inventory::subnet_around(&ip),
+                        }],
+                    })?
+                }
+            }
+        };
+        let subnet = if job.failover_kind == pb::FailoverKind::Test as i32 {
+            net.subnets.first().cloned()
+        } else {
+            net.subnets
+                .iter()
+                .find(|s| s.name == target.subnet)
+                .cloned()
+        }
+        .ok_or_else(|| {
+            FailoverError::FailedPrecondition(format!(
+                "network {} has no subnet {:?}",
+                net.name, target.subnet
+            ))
+        })?;
+        Ok((net, subnet))
+    }
+
+    fn target_names(
+        &self,
+        job: &JobRecord,
+        item: &reg::ProtectedItem,
+    ) -> (String, Vec<(String, String)>) {
+        let test = job.failover_kind == pb::FailoverKind::Test as i32;
+        let suffix = if test { "-test" } else { "" };
+        let target = item.target.clone().unwrap_or_default();
+        let disks = item
+            .source
+            .as_ref()
+            .map(|v| v.disks.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|d| {
+                let name = target
+                    .replica_disks
+                    .iter()
+                    .find(|r| r.disk_id == d.id)
+                    .map(|r| r.name.clone())
+                    .unwrap_or_else(|| format!("{}-{}", item.vm_name, d.id));
+                (d.id, format!("{name}{suffix}"))
+            })
+            .collect();
+        (format!("{}{suffix}", item.vm_name), disks)
+    }
+
+    async fn materialize(&self, job: &mut JobRecord) -> Result<String> {
+        let item = self.item(&job.vm_name).await?;
+        let target = item.target.clone().unwrap_or_default();
+        let used = job
+            .points
+            .first()
+            .cloned()
+            .ok_or_else(|| FailoverError::Corrupt("no point pinned".into()))?;
+        let point = self.point(&job.vm_name, &used.point_id).await?;
+        let (_, names) = self.target_names(job, &item);
+        job.bytes_done = 0;
+        job.bytes_total = point.disks.iter().map(|d| d.size_bytes).sum();
+        let started = std::time::Instant::now();
+        let mut saved = 0u64;
+        for disk in &point.disks {
+            let name = names
+                .iter()
+                .find(|(id, _)| *id == disk.disk_id)
+                .map(|(_, n)| n.clone())
+                .unwrap_or_else(|| format!("{}-{}", job.vm_name, disk.disk_id));
+            let path = self.backend.prepare_disk(
+                &target.region,
+                &target.resource_group,
+                &name,
+                disk.size_bytes,
+            )?;
+            let file = Arc::new(inventory::open_disk(&path)?);
+            let mut p = self.processor.clone();
+            let mut extents = p
+                .read_disk(proc::ReadDiskRequest {
+                    vm_name: job.vm_name.clone(),
+                    point_id: point.id.clone(),
+                    disk_id: disk.disk_id.clone(),
+                    offset: 0,
+                    length: 0,
+                })
+                .await
+                .map_err(|s| FailoverError::peer("processor (read disk)", s))?
+                .into_inner();
+            while let Some(extent) = extents
+                .message()
+                .await
+                .map_err(|s| FailoverError::peer("processor (read disk)", s))?
+            {
+                if let Some(proc::disk_extent::Content::Data(data)) = extent.content {
+                    if crc32c::crc32c(&data) != extent.crc32c {
+                        return Err(FailoverError::Unavailable(format!(
+                            "extent at {} of disk {} arrived damaged; retry the job",
+                            extent.offset, disk.disk_id
+                        )));
+                    }
+                    let (f, at) = (file.clone(), extent.offset);
+                    let p2 = path.clone();
+                    tokio::task::spawn_blocking(move || f.write_all_at(&data, at))
+                        .await
+                        .map_err(|e| FailoverError::Corrupt(e.to_string()))?
+                        .map_err(|e| FailoverError::io(&p2, e))?;
+                }
+                job.bytes_done += extent.length;
+                self.jobs.publish(job);
+                if job.bytes_done - saved >= SAVE_EVERY {
+                    saved = job.bytes_done;
+                    self.jobs.save(job)?;
+                }
+            }
+            let (f, p2) = (file.clone(), path.clone());
+            tokio::task::spawn_blocking(move || f.sync_all())
+                .await
+                .map_err(|e| FailoverError::Corrupt(e.to_string()))?
+                .map_err(|e| FailoverError::io(&p2, e))?;
+        }
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        Ok(format!(
+            "{} disk(s), {} MiB in {secs:.2} s ({:.0} MiB/s)",
+            point.disks.len(),
+            job.bytes_total >> 20,
+            job.bytes_total as f64 / (1 << 20) as f64 / secs
+        ))
+    }
+
+    async fn create_vm(&self, job: &mut JobRecord) -> Result<String> {
+        let item = self.item(&job.vm_name).await?;
+        let target = item.target.clone().unwrap_or_default();
+        let (net, subnet) = self.network(job).await?;
+        let (name, disk_names) = self.target_names(job, &item);
+        let used = job.points.first().cloned().unwrap_or(Used {
+            vm_name: job.vm_name.clone(),
+            point_id: String::new(),
+            time_nanos: 0,
+            data_loss_nanos: 0,
+        });
+        let point = self.point(&job.vm_name, &used.point_id).await?;
+        // Addresses other VMs hold in this subnet.
+        let mut taken: Vec<String> = self
+            .backend
+            .vms()?
+            .into_iter()
+            .filter(|v| {
+                !(v.name == name
+                    && v.region == target.region
+                    && v.resource_group == target.resource_group)
+            })
+            .flat_map(|v| {
+                v.nics
+                    .into_iter()
+                    .filter(|n| n.subnet == subnet.name)
+                    .map(|n| n.private_ip)
+            })
+            .collect();
+        let mut nics = Vec::new();
+        for nic in item
+            .source
+            .as_ref()
+            .map(|v| v.nics.clone())
+            .unwrap_or_default()
+        {
+            let ip = inventory::assign_ip(&subnet.address_prefix, &nic.private_ip, &taken)
+                .ok_or_else(|| {
+                    FailoverError::FailedPrecondition(format!(
+                        "subnet {} has no free address",
+                        subnet.name
+                    ))
+                })?;
+            taken.push(ip.clone());
+            nics.push(inventory::Nic {
+                name: nic.name,
+                subnet: subnet.name.clone(),
+                private_ip: ip,
+            });
+        }
+        // In the source VM's disk order.
+        let order: Vec<String> = item
+            .source
+            .as_ref()
+            .map(|v| v.disks.iter().map(|d| d.id.clone()).collect())
+            .unwrap_or_default();
+        let mut point_disks = point.disks.clone();
+        point_disks.sort_by_key(|d| {
+            order
+                .iter()
+                .position(|id| *id == d.disk_id)
+                .unwrap_or(usize::MAX)
+        });
+        let disks = point_disks
+            .iter()
+            .map(|d| {
+                let disk_name = disk_names
+                    .iter()
+                    .find(|(id, _)| *id == d.disk_id)
+                    .map(|(_, n)| n.clone())
+                    .unwrap_or_default();
+                let path =
+                    self.backend
+                        .disk_path(&target.region, &target.resource_group, &disk_name);
+                inventory::Disk {
+                    disk_id: d.disk_id.clone(),
+                    name: disk_name,
+                    size_bytes: d.size_bytes,
+                    path,
+                }
+            })
+            .collect();
+        let vm = TargetVm {
+            region: target.region.clone(),
+            resource_group: target.resource_group.clone(),
+            name: name.clone(),
+            source_vm: job.vm_name.clone(),
+            virtual_network: net.name.clone(),
+            availability_set: target.availability_set.clone(),
+            nics,
+            disks,
+            point_id: point.id.clone(),
+            test: job.failover_kind == pb::FailoverKind::Test as i32,
+            job_id: job.id.clone(),
+            created_nanos: unix_nanos_now(),
+        };
+        let ips: Vec<String> = vm.nics.iter().map(|n| n.private_ip.clone()).collect();
+        self.backend.put_vm(vm)?;
+        Ok(format!(
+            "VM {name} in {}/{} at {}",
+            target.region,
+            target.resource_group,
+            ips.join(", ")
+        ))
+    }
+
+    /// Unpins the points this VM's earlier failover jobs pinned (test ones,
+    /// or the others), except `keep`'s; how many.
+    async fn release_points(&self, vm: &str, test: bool, keep: Option<&str>) -> Result<usize> {
+        let mut n = 0;
+        for job in self.jobs.list(Some(vm), usize::MAX)? {
+            let is_test = job.failover_kind == pb::FailoverKind::Test as i32;
+            if job.kind != pb::JobKind::Failover as i32
+                || is_test != test
+                || Some(job.id.as_str()) == keep
+            {
+                continue;
+            }
+            for used in &job.points {
+                let mut p = self.processor.clone();
+                match p
+                    .unpin_recovery_point(proc::UnpinRecoveryPointRequest {
+                        vm_name: vm.to_string(),
+                        point_id: used.point_id.clone(),
+                        holder: job.id.clone(),
+                    })
+                    .await
+                {
+                    Ok(_) => n += 1,
+                    Err(s) if s.code() == tonic::Code::NotFound => {}
+                    Err(s) => return Err(FailoverError::peer("processor (unpin)", s)),
+                }
+            }
+        }
+        Ok(n)
+    }
+}

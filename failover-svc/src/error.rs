@@ -1,0 +1,71 @@
+//! failover-svc's one error type and its mapping onto gRPC status codes.
+
+use tonic::Status;
+
+/// Everything a failover operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum FailoverError {
+    /// A malformed request.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// An unknown VM, point, network or job.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request does not fit the current state.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Exists already, differently.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// A peer could not be asked.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A peer refused; its status is kept.
+    #[error("{what}: {status}")]
+    Peer { what: String, status: Status },
+    /// Target storage failed.
+    #[error("target storage {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// The embedded index failed.
+    #[error("index: {0}")]
+    Index(#[from] sled::Error),
+    /// A stored record could not be decoded.
+    #[error("record damaged: {0}")]
+    Corrupt(String),
+}
+
+impl FailoverError {
+    pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        FailoverError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    pub(crate) fn peer(what: impl Into<String>, status: Status) -> Self {
+        FailoverError::Peer {
+            what: what.into(),
+            status,
+        }
+    }
+}
+
+impl From<FailoverError> for Status {
+    fn from(err: FailoverError) -> Status {
+        let message = err.to_string();
+        match err {
+            FailoverError::InvalidArgument(_) => Status::invalid_argument(message),
+            FailoverError::NotFound(_) => Status::not_found(message),
+            FailoverError::FailedPrecondition(_) => Status::failed_precondition(message),
+            FailoverError::AlreadyExists(_) => Status::already_exists(message),
+            FailoverError::Unavailable(_) => Status::unavailable(message),
+            FailoverError::Peer { status, .. } => Status::new(status.code(), message),
+            FailoverError::Io { .. } | FailoverError::Index(_) | FailoverError::Corrupt(_) => {
+                Status::internal(message)
+            }
+        }
+    }
+}

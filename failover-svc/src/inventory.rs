@@ -1,0 +1,329 @@
+//! The target regions' inventory: virtual networks with subnets, and the VMs
+//! failovers create with their NICs and disks. Orchestration goes through
+//! [`Backend`]; [`LocalBackend`] keeps records in sled and disks as sparse
+//! raw images under `<data>/regions/<region>/<resource group>/`. A libvirt or
+//! QEMU backend would implement the same trait.
+
+use std::fs::{self, File, OpenOptions};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::FailoverError;
+
+type Result<T> = std::result::Result<T, FailoverError>;
+
+/// A subnet: name and IPv4 CIDR.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Subnet {
+    pub name: String,
+    pub address_prefix: String,
+}
+
+/// A virtual network of a target region.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Network {
+    pub region: String,
+    pub resource_group: String,
+    pub name: String,
+    pub subnets: Vec<Subnet>,
+}
+
+/// A NIC of a created VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Nic {
+    pub name: String,
+    pub subnet: String,
+    pub private_ip: String,
+}
+
+/// A disk of a created VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Disk {
+    pub disk_id: String,
+    pub name: String,
+    pub size_bytes: u64,
+    pub path: PathBuf,
+}
+
+/// A VM a failover created.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetVm {
+    pub region: String,
+    pub resource_group: String,
+    pub name: String,
+    pub source_vm: String,
+    pub virtual_network: String,
+    pub availability_set: String,
+    pub nics: Vec<Nic>,
+    pub disks: Vec<Disk>,
+    pub point_id: String,
+    pub test: bool,
+    pub job_id: String,
+    pub created_nanos: u64,
+}
+
+/// What orchestration needs of a target region.
+pub trait Backend: Send + Sync {
+    /// Creates a network; the same again is a no-op, another with the same
+    /// name is ALREADY_EXISTS.
+    fn create_network(&self, network: Network) -> Result<Network>;
+    /// A network by region and name.
+    fn network(&self, region: &str, name: &str) -> Result<Option<Network>>;
+    /// Every network, or a region's.
+    fn networks(&self, region: Option<&str>) -> Result<Vec<Network>>;
+    /// Where a disk's image lives.
+    fn disk_path(&self, region: &str, resource_group: &str, name: &str) -> PathBuf;
+    /// An empty sparse disk image of `size` bytes at the disk's place
+    /// (replacing what was there); its path.
+    fn prepare_disk(
+        &self,
+        region: &str,
+        resource_group: &str,
+        name: &str,
+        size: u64,
+    ) -> Result<PathBuf>;
+    /// Records a VM (replacing one of the same region, group and name).
+    fn put_vm(&self, vm: TargetVm) -> Result<()>;
+    /// Every VM.
+    fn vms(&self) -> Result<Vec<TargetVm>>;
+    /// Deletes a VM and its disk images; what it was.
+    fn delete_vm(&self, region: &str, resource_group: &str, name: &str)
+        -> Result<Option<TargetVm>>;
+}
+
+/// Records in sled, disks as files.
+pub struct LocalBackend {
+    tree: sled::Tree,
+    db: sled::Db,
+    root: PathBuf,
+}
+
+fn key(kind: &str, parts: &[&str]) -> Vec<u8> {
+    let mut k = kind.as_bytes().to_vec();
+    for p in parts {
+        k.push(0);
+        k.extend_from_slice(p.as_bytes());
+    }
+    k
+}
+
+fn json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| FailoverError::Corrupt(e.to_string()))
+}
+
+fn unjson<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T> {
+    serde_json::from_slice(b).map_err(|e| FailoverError::Corrupt(e.to_string()))
+}
+
+fn path_part(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+impl LocalBackend {
+    pub fn new(db: &sled::Db, root: &Path) -> Result<LocalBackend> {
+        fs::create_dir_all(root).map_err(|e| FailoverError::io(root, e))?;
+        Ok(LocalBackend {
+            tree: db.open_tree("inventory")?,
+            db: db.clone(),
+            root: root.to_path_buf(),
+        })
+    }
+}
+
+impl Backend for LocalBackend {
+    fn create_network(&self, network: Network) -> Result<Network> {
+        let k = key("net", &[&network.region, &network.name]);
+        if let Some(old) = self.tree.get(&k)? {
+            let old: Network = unjson(&old)?;
+            if old == network {
+                return Ok(old);
+            }
+            return Err(FailoverError::AlreadyExists(format!(
+                "network {:?} exists in {} with other settings",
+                network.name, network.region
+            )));
+        }
+        self.tree.insert(k, json(&network)?)?;
+        self.db.flush()?;
+        Ok(network)
+    }
+
+    fn network(&self, region: &str, name: &str) -> Result<Option<Network>> {
+        self.tree
+            .get(key("net", &[region, name]))?
+            .map(|b| unjson(&b))
+            .transpose()
+    }
+
+    fn networks(&self, region: Option<&str>) -> Result<Vec<Network>> {
+        // "net\0<region>\0" for one region, "net\0" for all.
+        let prefix = match region {
+            Some(r) => key("net", &[r, ""]),
+            None => key("net", &[""]),
+        };
+        self.tree
+            .scan_prefix(prefix)
+            .map(|kv| unjson(&kv?.1))
+            .collect()
+    }
+
+    fn disk_path(&self, region: &str, resource_group: &str, name: &str) -> PathBuf {
+        self.root
+            .join(path_part(region))
+            .join(path_part(resource_group))
+            .join(format!("{}.raw", path_part(name)))
+    }
+
+    fn prepare_disk(
+        &self,
+        region: &str,
+        resource_group: &str,
+        name: &str,
+        size: u64,
+    ) -> Result<PathBuf> {
+        let path = self.disk_path(region, resource_group, name);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(|e| FailoverError::io(dir, e))?;
+        }
+        let f = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| FailoverError::io(&path, e))?;
+        f.set_len(size).map_err(|e| FailoverError::io(&path, e))?;
+        Ok(path)
+    }
+
+    fn put_vm(&self, vm: TargetVm) -> Result<()> {
+        let k = key("vm", &[&vm.region, &vm.resource_group, &vm.name]);
+        self.tree.insert(k, json(&vm)?)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn vms(&self) -> Result<Vec<TargetVm>> {
+        self.tree
+            .scan_prefix(b"vm\0")
+            .map(|kv| unjson(&kv?.1))
+            .collect()
+    }
+
+    fn delete_vm(
+        &self,
+        region: &str,
+        resource_group: &str,
+        name: &str,
+    ) -> Result<Option<TargetVm>> {
+        let k = key("vm", &[region, resource_group, name]);
+        let Some(old) = self.tree.get(&k)? else {
+            return Ok(None);
+        };
+        let vm: TargetVm = unjson(&old)?;
+        for d in &vm.disks {
+            match fs::remove_file(&d.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(FailoverError::io(&d.path, e)),
+            }
+        }
+        self.tree.remove(k)?;
+        self.db.flush()?;
+        Ok(Some(vm))
+    }
+}
+
+/// Opens a prepared disk image for writing.
+pub fn open_disk(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| FailoverError::io(path, e))
+}
+
+/// Parses `a.b.c.d/n`.
+pub fn parse_cidr(cidr: &str) -> Option<(u32, u32)> {
+    let (ip, len) = cidr.split_once('/')?;
+    let ip: Ipv4Addr = ip.parse().ok()?;
+    let len: u32 = len.parse().ok()?;
+    if len > 30 {
+        return None;
+    }
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    Some((u32::from(ip) & mask, len))
+}
+
+/// The address for a NIC in `cidr`: `wanted` when the subnet contains it
+/// and it is free, else the lowest free host address (the first four and
+/// the last are reserved, as in Azure).
+pub fn assign_ip(cidr: &str, wanted: &str, used: &[String]) -> Option<String> {
+    let (base, len) = parse_cidr(cidr)?;
+    let size = 1u64 << (32 - len);
+    let first = u64::from(base) + 4;
+    let last = u64::from(base) + size - 2;
+    let taken = |ip: u64| {
+        used.iter().any(|u| {
+            u.parse::<Ipv4Addr>()
+                .is_ok_and(|a| u64::from(u32::from(a)) == ip)
+        })
+    };
+    if let Ok(w) = wanted.parse::<Ipv4Addr>() {
+        let w = u64::from(u32::from(w));
+        if (first..=last).contains(&w) && !taken(w) {
+            return Some(Ipv4Addr::from(w as u32).to_string());
+        }
+    }
+    (first..=last)
+        .find(|ip| !taken(*ip))
+        .map(|ip| Ipv4Addr::from(ip as u32).to_string())
+}
+
+/// A /24 around `ip` (the subnet of a network failover creates).
+pub fn subnet_around(ip: &str) -> String {
+    match ip.parse::<Ipv4Addr>() {
+        Ok(a) => {
+            let o = a.octets();
+            format!("{}.{}.{}.0/24", o[0], o[1], o[2])
+        }
+        Err(_) => "10.0.0.0/24".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ips_are_kept_when_the_subnet_holds_them_else_the_next_free_one() {
+        assert_eq!(
+            assign_ip("10.1.0.0/24", "10.1.0.7", &[]).as_deref(),
+            Some("10.1.0.7")
+        );
+        assert_eq!(
+            assign_ip("10.1.0.0/24", "10.1.0.7", &["10.1.0.7".into()]).as_deref(),
+            Some("10.1.0.4")
+        );
+        assert_eq!(
+            assign_ip("10.2.0.0/24", "10.1.0.7", &[]).as_deref(),
+            Some("10.2.0.4")
+        );
+        assert_eq!(
+            assign_ip("10.2.0.0/24", "10.2.0.1", &[]).as_deref(),
+            Some("10.2.0.4")
+        );
+        let full: Vec<String> = (4..=254).map(|i| format!("10.3.0.{i}")).collect();
+        assert_eq!(assign_ip("10.3.0.0/24", "", &full), None);
+        assert_eq!(subnet_around("192.168.7.9"), "192.168.7.0/24");
+        assert!(parse_cidr("10.0.0.0/33").is_none());
+    }
+}

@@ -1,0 +1,650 @@
+//! Failover end to end: register → enable → initial replication → writes
+//! through NBD → points → test failover (disks verified, cleanup leaves
+//! nothing behind) → unplanned failover to an older point (disks equal the
+//! source at that point's cut, by `qemu-img compare`) → commit; the stale
+//! agent's writes are refused. Bad input gets precise codes.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use ferry_agent::run::{Agent, AgentOptions};
+use ferry_agent::stream::StreamLimits;
+use ferry_proto::failover::v1 as fo;
+use ferry_proto::failover::v1::failover_client::FailoverClient;
+use ferry_proto::processor::v1 as pb;
+use ferry_proto::registry::v1 as reg;
+use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_testkit::points::{cut_latest, list_points};
+use ferry_testkit::{create_policy, protect_vm_with, protected_item, wait_for, Cluster};
+use tonic::Code;
+
+const OS: u64 = 16 << 20;
+const DATA: u64 = 8 << 20;
+
+fn run(program: &str, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} is missing ({e}); scripts/test.sh installs it"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn identical(a: &Path, b: &Path) -> bool {
+    Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+        .arg(a)
+        .arg(b)
+        .status()
+        .unwrap()
+        .success()
+}
+
+async fn qemu_io(nbd: &str, disk: &str, commands: Vec<String>) {
+    let mut args: Vec<String> = vec!["-f".into(), "raw".into()];
+    for c in commands {
+        args.extend(["-c".to_string(), c]);
+    }
+    args.push(format!("{nbd}/{disk}"));
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run("qemu-io", &args)
+    })
+    .await
+    .unwrap();
+}
+
+async fn failover(url: &str) -> FailoverClient<tonic::transport::Channel> {
+    FailoverClient::connect(url.to_string()).await.unwrap()
+}
+
+/// Follows a job's stream to its end; the final job and how many distinct
+/// progress values were seen.
+async fn finish(url: &str, job: &fo::Job) -> (fo::Job, usize) {
+    let mut stream = failover(url)
+        .await
+        .watch_job(fo::WatchJobRequest { id: job.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    let mut progress = std::collections::BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while let Some(j) = tokio::time::timeout_at(deadline, stream.message())
+        .await
+        .expect("the job ends within 2 minutes")
+        .unwrap()
+    {
+        progress.insert(j.bytes_done);
+        last = Some(j);
+    }
+    let job = last.expect("at least the job itself");
+    assert!(
+        job.state == fo::JobState::Succeeded as i32 || job.state == fo::JobState::Failed as i32,
+        "the stream ends with the job: {job:?}"
+    );
+    (job, progress.len())
+}
+
+fn start(
+    vm: &str,
+    kind: fo::FailoverKind,
+    point: fo::point_choice::Choice,
+    network: &str,
+) -> fo::StartFailoverRequest {
+    fo::StartFailoverRequest {
+        target: Some(fo::start_failover_request::Target::VmName(vm.into())),
+        kind: kind as i32,
+        point: Some(fo::PointChoice {
+            choice: Some(point),
+        }),
+        test_network: network.into(),
+        request_id: String::new(),
+    }
+}
+
+fn copy_sources(sources: &[(&str, PathBuf)], dir: &Path, tag: &str) -> Vec<(String, PathBuf)> {
+    sources
+        .iter()
+        .map(|(id, path)| {
+            let shadow = dir.join(format!("{tag}-{id}.raw"));
+            std::fs::copy(path, &shadow).unwrap();
+            (id.to_string(), shadow)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_failover_cleanup_unplanned_failover_to_an_older_point_and_commit() {
+    let cluster = Cluster::start().await;
+    let registry = cluster.registry.url.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let sources: Vec<(&str, PathBuf)> = vec![
+        ("os", dir.path().join("os.raw")),
+        ("data", dir.path().join("data.raw")),
+    ];
+    for ((_, path), size) in sources.iter().zip([OS, DATA]) {
+        let p = path.to_str().unwrap();
+        run("qemu-img", &["create", "-f", "raw", p, &size.to_string()]);
+        run("qemu-io", &["-f", "raw", "-c", "write -P 0x11 0 1M", p]);
+    }
+    let day = Duration::from_secs(86400);
+    create_policy(&registry, "fast", Duration::from_secs(1), day, day, day).await;
+    protect_vm_with(
+        &registry,
+        "vm",
+        &[("os", OS, &sources[0].1), ("data", DATA, &sources[1].1)],
+        "fast",
+    )
+    .await;
+    let nbd_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let nbd = format!("nbd://{}", nbd_listener.local_addr().unwrap());
+    let mut agent = Agent::start(AgentOptions {
+        registry: registry.clone(),
+        vm: "vm".into(),
+        nbd: nbd_listener,
+        group_address: String::new(),
+        state_dir: dir.path().join("agent"),
+        limits: StreamLimits::default(),
+    })
+    .await
+    .unwrap();
+    wait_for("PROTECTED", Duration::from_secs(60), || async {
+        protected_item(&registry, "vm")
+            .await
+            .filter(|i| i.state() == reg::ReplicationState::Protected)
+    })
+    .await;
+
+    // Two rounds of writes through NBD, a point and a shadow copy after each.
+    let mut rounds = Vec::new();
+    for round in 0..2u8 {
+        qemu_io(
+            &nbd,
+            "os",
+            vec![
+                format!("write -P {} {}M 2M", 0x20 + round, 2 + 3 * round as u64),
+                "write -z 0 64k".into(),
+            ],
+        )
+        .await;
+        qemu_io(
+            &nbd,
+            "data",
+            vec![format!(
+                "write -P {} {}M 1M",
+                0x40 + round,
+                1 + 2 * round as u64
+            )],
+        )
+        .await;
+        let last = agent.stream.flushed().await;
+        let shadows = copy_sources(&sources, dir.path(), &format!("round{round}"));
+        let point = cut_latest(&cluster.processor.url, "vm").await.unwrap();
+        assert_eq!(point.sequence_cut, last);
+        rounds.push((point, shadows));
+    }
+    let url = cluster.failover.url.clone();
+
+    // Test failover into an isolated network, while replication goes on.
+    failover(&url)
+        .await
+        .create_network(fo::CreateNetworkRequest {
+            network: Some(fo::Network {
+                region: "westus".into(),
+                resource_group: "drill".into(),
+                name: "isolated".into(),
+                subnets: vec![fo::Subnet {
+                    name: "default".into(),
+                    address_prefix: "10.9.0.0/24".into(),
+                }],
+            }),
+        })
+        .await
+        .unwrap();
+    let job = failover(&url)
+        .await
+        .start_failover(start(
+            "vm",
+            fo::FailoverKind::Test,
+            fo::point_choice::Choice::LatestProcessed(true),
+            "isolated",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let (job, progress) = finish(&url, &job).await;
+    assert_eq!(job.state, fo::JobState::Succeeded as i32, "{job:?}");
+    assert_eq!(job.bytes_done, OS + DATA);
+    assert!(progress >= 2, "progress was streamed");
+    let newest = list_points(&cluster.processor.url, "vm")
+        .await
+        .pop()
+        .unwrap();
+    assert_eq!(job.points[0].point_id, newest.id);
+    let vms = failover(&url)
+        .await
+        .list_target_vms(fo::ListTargetVmsRequest {
+            source_vm: "vm".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .vms;
+    assert_eq!(vms.len(), 1);
+    let test_vm = &vms[0];
+    assert!(test_vm.test && test_vm.name == "vm-test" && test_vm.virtual_network == "isolated");
+    assert_eq!(
+        test_vm.nics[0].private_ip, "10.9.0.4",
+        "10.0.0.4 is outside 10.9.0.0/24"
+    );
+    for (disk, (id, shadow)) in test_vm.disks.iter().zip(&rounds[1].1) {
+        assert_eq!(&disk.disk_id, id);
+        assert!(identical(Path::new(&disk.path), shadow), "test disk {id}");
+    }
+    assert_eq!(
+        protected_item(&registry, "vm").await.unwrap().state(),
+        reg::ReplicationState::Protected,
+        "replication goes on during a test failover"
+    );
+    // Cleanup leaves nothing behind and releases the point.
+    let job = failover(&url)
+        .await
+        .cleanup_test_failover(fo::CleanupTestFailoverRequest {
+            target: Some(fo::cleanup_test_failover_request::Target::VmName(
+                "vm".into(),
+            )),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        finish(&url, &job).await.0.state,
+        fo::JobState::Succeeded as i32
+    );
+    let left = failover(&url)
+        .await
+        .list_target_vms(fo::ListTargetVmsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .vms;
+    assert!(left.is_empty(), "{left:?}");
+    for disk in &test_vm.disks {
+        assert!(!Path::new(&disk.path).exists(), "{} removed", disk.path);
+    }
+    let p = list_points(&cluster.processor.url, "vm").await;
+    assert!(p.iter().all(|p| p.pinned_by.is_empty()), "pins released");
+
+    // Unplanned failover to the older point; idempotent by request id.
+    let older = &rounds[0].0;
+    let mut request = start(
+        "vm",
+        fo::FailoverKind::Unplanned,
+        fo::point_choice::Choice::PointId(older.id.clone()),
+        "",
+    );
+    request.request_id = "failover-1".into();
+    let job = failover(&url)
+        .await
+        .start_failover(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let again = failover(&url)
+        .await
+        .start_failover(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.id, again.id, "a retried request gets the same job");
+    let (job, _) = finish(&url, &job).await;
+    assert_eq!(job.state, fo::JobState::Succeeded as i32, "{job:?}");
+    assert_eq!(job.points[0].point_id, older.id);
+    assert!(job.points[0].data_loss_window.is_some());
+    let item = protected_item(&registry, "vm").await.unwrap();
+    assert_eq!(item.state(), reg::ReplicationState::FailedOver);
+    let vms = failover(&url)
+        .await
+        .list_target_vms(fo::ListTargetVmsRequest {
+            source_vm: "vm".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .vms;
+    assert_eq!(vms.len(), 1);
+    let target = &vms[0];
+    assert!(!target.test && target.name == "vm" && target.point_id == older.id);
+    assert_eq!(
+        target.nics[0].private_ip, "10.0.0.4",
+        "the source's IP is kept"
+    );
+    for (disk, (id, shadow)) in target.disks.iter().zip(&rounds[0].1) {
+        assert!(
+            identical(Path::new(&disk.path), shadow),
+            "failed-over disk {id} equals the source at the older point"
+        );
+    }
+
+    // The source was fenced: the agent's stream was stopped, and what it
+    // writes now never reaches the cache.
+    tokio::time::timeout(Duration::from_secs(30), agent.stream_ended())
+        .await
+        .expect("the fenced agent's stream ends");
+    let before = cluster_log_last(&cluster.cache.url).await;
+    agent
+        .capture
+        .write("os", 0, vec![0xff; 4096])
+        .await
+        .unwrap();
+    let err = agent.stop(Duration::from_secs(1)).await.unwrap_err();
+    assert!(err.to_string().contains("fenced"), "{err}");
+    assert_eq!(cluster_log_last(&cluster.cache.url).await, before);
+
+    // Commit releases the pins; a second commit has nothing to commit.
+    let commit = fo::CommitFailoverRequest {
+        target: Some(fo::commit_failover_request::Target::VmName("vm".into())),
+        request_id: String::new(),
+    };
+    let job = failover(&url)
+        .await
+        .commit_failover(commit.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        finish(&url, &job).await.0.state,
+        fo::JobState::Succeeded as i32
+    );
+    assert_eq!(
+        protected_item(&registry, "vm").await.unwrap().state(),
+        reg::ReplicationState::Committed
+    );
+    let p = list_points(&cluster.processor.url, "vm").await;
+    assert!(
+        p.iter().all(|p| p.pinned_by.is_empty()),
+        "pins released at commit"
+    );
+    let err = failover(&url)
+        .await
+        .commit_failover(commit)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    let jobs = failover(&url)
+        .await
+        .list_jobs(fo::ListJobsRequest {
+            vm_name: "vm".into(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(jobs.len(), 4, "test, cleanup, failover, commit");
+    assert_eq!(jobs[0].kind, fo::JobKind::Commit as i32, "newest first");
+    cluster.stop().await;
+}
+
+async fn cluster_log_last(cache: &str) -> u64 {
+    use ferry_proto::cache::v1 as cache_pb;
+    cache_pb::cache_client::CacheClient::connect(cache.to_string())
+        .await
+        .unwrap()
+        .get_log_info(cache_pb::GetLogInfoRequest {
+            vm_name: "vm".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .last_sequence
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_failover_requests_get_precise_codes() {
+    let cluster = Cluster::start().await;
+    let registry = cluster.registry.url.clone();
+    let url = cluster.failover.url.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("os.raw");
+    std::fs::File::create(&image).unwrap().set_len(OS).unwrap();
+    // "enabled": replication enabled, no agent yet (ENABLING).
+    ferry_testkit::protect_vm(&registry, "enabled", &[("os", OS, &image)]).await;
+    // "grouped": in a replication group.
+    let mut r = RegistryClient::connect(registry.clone()).await.unwrap();
+    r.create_policy(reg::CreatePolicyRequest {
+        policy: Some(reg::ReplicationPolicy {
+            name: "multi".into(),
+            multi_vm_consistency: true,
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    r.create_replication_group(reg::CreateReplicationGroupRequest {
+        name: "g1".into(),
+        policy_name: "multi".into(),
+    })
+    .await
+    .unwrap();
+    let mut grouped = ferry_testkit::vm::vm_spec("grouped", &[("os", OS, &image)]);
+    grouped.name = "grouped".into();
+    r.register_vm(reg::RegisterVmRequest { vm: Some(grouped) })
+        .await
+        .unwrap();
+    r.enable_replication(reg::EnableReplicationRequest {
+        vm_name: "grouped".into(),
+        target_region: "westus".into(),
+        policy_name: "multi".into(),
+        replication_group: "g1".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // "registered": known, replication never enabled.
+    r.register_vm(reg::RegisterVmRequest {
+        vm: Some(ferry_testkit::vm::vm_spec(
+            "registered",
+            &[("os", OS, &image)],
+        )),
+    })
+    .await
+    .unwrap();
+
+    use fo::point_choice::Choice;
+    let unplanned = |vm: &str, point: Choice| start(vm, fo::FailoverKind::Unplanned, point, "");
+    let cases: Vec<(&str, fo::StartFailoverRequest, Code)> = vec![
+        (
+            "unknown VM",
+            unplanned("nope", Choice::LatestProcessed(true)),
+            Code::NotFound,
+        ),
+        (
+            "never enabled",
+            unplanned("registered", Choice::LatestProcessed(true)),
+            Code::NotFound,
+        ),
+        (
+            "not protected yet",
+            unplanned("enabled", Choice::LatestProcessed(true)),
+            Code::FailedPrecondition,
+        ),
+        (
+            "one VM out of its group",
+            unplanned("grouped", Choice::LatestProcessed(true)),
+            Code::FailedPrecondition,
+        ),
+        (
+            "kind unset",
+            fo::StartFailoverRequest {
+                kind: 0,
+                ..unplanned("enabled", Choice::LatestProcessed(true))
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "empty point id",
+            unplanned("enabled", Choice::PointId(String::new())),
+            Code::InvalidArgument,
+        ),
+        (
+            "no target",
+            fo::StartFailoverRequest {
+                target: None,
+                ..unplanned("x", Choice::LatestProcessed(true))
+            },
+            Code::InvalidArgument,
+        ),
+    ];
+    for (what, request, code) in cases {
+        let err = failover(&url)
+            .await
+            .start_failover(request)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "{what}: {err}");
+    }
+    // The rest need a protected VM with points.
+    let source = dir.path().join("p.raw");
+    std::fs::File::create(&source).unwrap().set_len(OS).unwrap();
+    let day = Duration::from_secs(86400);
+    create_policy(&registry, "fast", Duration::from_secs(1), day, day, day).await;
+    protect_vm_with(&registry, "vm", &[("os", OS, &source)], "fast").await;
+    let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agent = Agent::start(AgentOptions {
+        registry: registry.clone(),
+        vm: "vm".into(),
+        nbd,
+        group_address: String::new(),
+        state_dir: dir.path().join("agent"),
+        limits: StreamLimits::default(),
+    })
+    .await
+    .unwrap();
+    wait_for("PROTECTED", Duration::from_secs(60), || async {
+        protected_item(&registry, "vm")
+            .await
+            .filter(|i| i.state() == reg::ReplicationState::Protected)
+    })
+    .await;
+    agent.capture.write("os", 0, vec![1; 4096]).await.unwrap();
+    agent.stream.flushed().await;
+    let point: pb::RecoveryPoint = cut_latest(&cluster.processor.url, "vm").await.unwrap();
+    assert!(!point.id.is_empty());
+    let cases: Vec<(&str, fo::StartFailoverRequest, Code)> = vec![
+        (
+            "unknown point",
+            unplanned("vm", Choice::PointId("rp-999999".into())),
+            Code::NotFound,
+        ),
+        (
+            "expired or garbage point",
+            unplanned("vm", Choice::PointId("yesterday".into())),
+            Code::NotFound,
+        ),
+        (
+            "test network missing",
+            start(
+                "vm",
+                fo::FailoverKind::Test,
+                Choice::LatestProcessed(true),
+                "nowhere",
+            ),
+            Code::NotFound,
+        ),
+        (
+            "test network unnamed",
+            start(
+                "vm",
+                fo::FailoverKind::Test,
+                Choice::LatestProcessed(true),
+                "",
+            ),
+            Code::InvalidArgument,
+        ),
+    ];
+    for (what, request, code) in cases {
+        let err = failover(&url)
+            .await
+            .start_failover(request)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "{what}: {err}");
+    }
+    let commit = fo::CommitFailoverRequest {
+        target: Some(fo::commit_failover_request::Target::VmName("vm".into())),
+        request_id: String::new(),
+    };
+    let err = failover(&url)
+        .await
+        .commit_failover(commit)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::FailedPrecondition,
+        "commit with no failover: {err}"
+    );
+    let cleanup = fo::CleanupTestFailoverRequest {
+        target: Some(fo::cleanup_test_failover_request::Target::VmName(
+            "vm".into(),
+        )),
+        request_id: String::new(),
+    };
+    let err = failover(&url)
+        .await
+        .cleanup_test_failover(cleanup)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::FailedPrecondition,
+        "cleanup with no test failover: {err}"
+    );
+    let err = failover(&url)
+        .await
+        .get_job(fo::GetJobRequest {
+            id: "job-nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let bad_network = fo::CreateNetworkRequest {
+        network: Some(fo::Network {
+            region: "westus".into(),
+            resource_group: "rg".into(),
+            name: "n".into(),
+            subnets: vec![fo::Subnet {
+                name: "s".into(),
+                address_prefix: "10.0.0.0/33".into(),
+            }],
+        }),
+    };
+    let err = failover(&url)
+        .await
+        .create_network(bad_network)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // Nothing was created by any of it.
+    let vms = failover(&url)
+        .await
+        .list_target_vms(fo::ListTargetVmsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .vms;
+    assert!(vms.is_empty());
+    assert_eq!(
+        protected_item(&registry, "vm").await.unwrap().state(),
+        reg::ReplicationState::Protected
+    );
+    agent.stop(Duration::from_secs(5)).await.unwrap();
+    cluster.stop().await;
+}
