@@ -44,6 +44,8 @@ pub struct Engine {
     jobs: Arc<Jobs>,
     /// VMs with a job running.
     busy: Mutex<HashSet<String>>,
+    /// Bytes per second materialization may write, if capped.
+    write_rate: Option<u64>,
     shutdown: CancellationToken,
 }
 
@@ -74,6 +76,7 @@ impl Engine {
         processor: ProcessorClient<PeerChannel>,
         backend: Arc<dyn Backend>,
         jobs: Arc<Jobs>,
+        write_rate: Option<u64>,
         shutdown: CancellationToken,
     ) -> Arc<Engine> {
         Arc::new(Engine {
@@ -82,6 +85,7 @@ impl Engine {
             backend,
             jobs,
             busy: Mutex::new(HashSet::new()),
+            write_rate,
             shutdown,
         })
     }
@@ -739,6 +743,7 @@ impl Engine {
         job.bytes_total = point.disks.iter().map(|d| d.size_bytes).sum();
         let started = std::time::Instant::now();
         let mut saved = 0u64;
+        let mut written = 0u64;
         for disk in &point.disks {
             let name = names
                 .iter()
@@ -778,10 +783,19 @@ impl Engine {
                     }
                     let (f, at) = (file.clone(), extent.offset);
                     let p2 = path.clone();
+                    let n = data.len() as u64;
                     tokio::task::spawn_blocking(move || f.write_all_at(&data, at))
                         .await
                         .map_err(|e| FailoverError::Corrupt(e.to_string()))?
                         .map_err(|e| FailoverError::io(&p2, e))?;
+                    written += n;
+                    if let Some(rate) = self.write_rate {
+                        // Paced: never ahead of the cap.
+                        let due = Duration::from_secs_f64(written as f64 / rate as f64);
+                        if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                            tokio::time::sleep(ahead).await;
+                        }
+                    }
                 }
                 job.bytes_done += extent.length;
                 self.jobs.publish(job);

@@ -28,10 +28,14 @@ pub const SERVICE_NAME: &str = "ferry.failover.v1.Failover";
 /// The default port.
 pub const DEFAULT_PORT: u16 = 7104;
 
-/// The `[failover]` table of the config file (no settings yet).
+/// The `[failover]` table of the config file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct Settings {}
+pub struct Settings {
+    /// Caps how fast disks are written while materializing, in MiB/s, so a
+    /// failover does not starve the target storage; 0 for no cap.
+    pub materialize_mib_per_sec: u64,
+}
 
 /// Why failover-svc stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -45,18 +49,28 @@ pub enum ServeError {
 /// The binary's entry: serves with the config file's `Settings`.
 pub async fn run(
     config: ServiceConfig,
-    _settings: Settings,
+    settings: Settings,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    serve(config, listener, shutdown).await
+    serve_with(config, settings, listener, shutdown).await
+}
+
+/// Serves failover-svc with default settings.
+pub async fn serve(
+    config: ServiceConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    serve_with(config, Settings::default(), listener, shutdown).await
 }
 
 /// Serves failover-svc on `listener` until `shutdown`. Health turns SERVING
 /// once its records are open, unfinished jobs are resumed and registry and
 /// processor-svc serve.
-pub async fn serve(
+pub async fn serve_with(
     config: ServiceConfig,
+    settings: Settings,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
@@ -91,6 +105,7 @@ pub async fn serve(
             .max_decoding_message_size(limits.max_message_bytes),
         Arc::new(backend),
         jobs,
+        (settings.materialize_mib_per_sec > 0).then_some(settings.materialize_mib_per_sec << 20),
         shutdown.clone(),
     );
     host.routes().add_service(

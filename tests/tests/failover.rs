@@ -648,3 +648,134 @@ async fn bad_failover_requests_get_precise_codes() {
     agent.stop(Duration::from_secs(5)).await.unwrap();
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_svc_killed_mid_job_completes_the_job_exactly_once() {
+    let cluster = Cluster::start().await;
+    let registry = cluster.registry.url.clone();
+    let dir = tempfile::tempdir().unwrap();
+    // 48 MiB of data on a 64 MiB disk, copied by initial replication.
+    let source = dir.path().join("os.raw");
+    let s = source.to_str().unwrap();
+    run(
+        "qemu-img",
+        &["create", "-f", "raw", s, &(64u64 << 20).to_string()],
+    );
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0x33 0 48M", s]);
+    let day = Duration::from_secs(86400);
+    create_policy(&registry, "fast", Duration::from_secs(1), day, day, day).await;
+    protect_vm_with(&registry, "vm", &[("os", 64 << 20, &source)], "fast").await;
+    let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agent = Agent::start(AgentOptions {
+        registry: registry.clone(),
+        vm: "vm".into(),
+        nbd,
+        group_address: String::new(),
+        state_dir: dir.path().join("agent"),
+        limits: StreamLimits::default(),
+    })
+    .await
+    .unwrap();
+    wait_for("PROTECTED", Duration::from_secs(60), || async {
+        protected_item(&registry, "vm")
+            .await
+            .filter(|i| i.state() == reg::ReplicationState::Protected)
+    })
+    .await;
+    agent.stream.flushed().await;
+    let point = cut_latest(&cluster.processor.url, "vm").await.unwrap();
+
+    // failover-svc as a real process, writing at most 16 MiB/s so that the
+    // job is surely mid-way when it is killed.
+    let config = dir.path().join("failover.toml");
+    std::fs::write(&config, "[failover]\nmaterialize_mib_per_sec = 16\n").unwrap();
+    let mut process = ferry_testkit::ServiceProcess::start(
+        ferry_testkit::bin_path("failover-svc"),
+        dir.path().join("failover"),
+        &[
+            "--registry",
+            &registry,
+            "--processor",
+            &cluster.processor.url,
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
+    let url = process.url();
+    ferry_testkit::wait_serving(&url).await;
+    let mut request = start(
+        "vm",
+        fo::FailoverKind::Unplanned,
+        fo::point_choice::Choice::PointId(point.id.clone()),
+        "",
+    );
+    request.request_id = "once".into();
+    let job = failover(&url)
+        .await
+        .start_failover(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    wait_for("the job to be mid-way", Duration::from_secs(60), || {
+        let (url, id) = (url.clone(), job.id.clone());
+        async move {
+            let j = failover(&url)
+                .await
+                .get_job(fo::GetJobRequest { id })
+                .await
+                .ok()?
+                .into_inner();
+            assert_ne!(
+                j.state,
+                fo::JobState::Succeeded as i32,
+                "the job ended before the kill"
+            );
+            (j.bytes_done >= 8 << 20).then_some(())
+        }
+    })
+    .await;
+    assert!(!process.signal_and_wait("KILL").success());
+    process.restart();
+    ferry_testkit::wait_serving(&url).await;
+
+    // Resumed: it finishes once; a retry of the request is the same job.
+    let (done, _) = finish(&url, &job).await;
+    assert_eq!(done.state, fo::JobState::Succeeded as i32, "{done:?}");
+    assert!(done
+        .steps
+        .iter()
+        .all(|s| s.state == fo::JobState::Succeeded as i32));
+    let again = failover(&url)
+        .await
+        .start_failover(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.id, job.id);
+    let jobs = failover(&url)
+        .await
+        .list_jobs(fo::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(jobs.len(), 1, "one job");
+    let vms = failover(&url)
+        .await
+        .list_target_vms(fo::ListTargetVmsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .vms;
+    assert_eq!(vms.len(), 1, "one VM created");
+    assert!(
+        identical(Path::new(&vms[0].disks[0].path), &source),
+        "the disk equals the source"
+    );
+    assert_eq!(
+        protected_item(&registry, "vm").await.unwrap().state(),
+        reg::ReplicationState::FailedOver
+    );
+    let _ = agent.stop(Duration::from_secs(1)).await;
+    cluster.stop().await;
+}
