@@ -17,6 +17,22 @@ pub struct Cli {
         default_value = "http://127.0.0.1:7101"
     )]
     pub registry: String,
+    /// URL of processor-svc (recovery points).
+    #[arg(
+        long,
+        global = true,
+        env = "FERRY_PROCESSOR",
+        default_value = "http://127.0.0.1:7103"
+    )]
+    pub processor: String,
+    /// URL of failover-svc (failover, jobs, target networks and VMs).
+    #[arg(
+        long,
+        global = true,
+        env = "FERRY_FAILOVER",
+        default_value = "http://127.0.0.1:7104"
+    )]
+    pub failover: String,
     /// Tables for people or JSON for scripts.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -63,6 +79,21 @@ pub enum Command {
     /// Replication groups (multi-VM consistency).
     #[command(subcommand)]
     Group(GroupCommand),
+    /// A VM's recovery points, newest first.
+    Points(PointsArgs),
+    /// Fail a VM over to a recovery point (unplanned by default, --test for a
+    /// drill); `ferry failover commit VM`, `ferry failover cleanup-test VM`.
+    Failover(FailoverArgs),
+    /// Failover, commit and cleanup jobs, newest first.
+    Jobs(JobsArgs),
+    /// Virtual networks of the target regions (test failovers use them).
+    #[command(subcommand)]
+    Network(NetworkCommand),
+    /// The VMs failovers created in target regions.
+    TargetVms {
+        /// Only those of this source VM.
+        vm: Option<String>,
+    },
     /// Run all four services in this process (the embedded default).
     Serve(ServeArgs),
     /// Run the services in-process and walk through protecting a sample VM.
@@ -202,4 +233,80 @@ pub struct ServeArgs {
     /// registry on this port, cache +1, processor +2, failover +3.
     #[arg(long, default_value_t = 7101)]
     pub base_port: u16,
+}
+
+#[derive(Args)]
+pub struct PointsArgs {
+    pub vm: String,
+    /// Only this kind: crash, app or multi-vm.
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// At most this many.
+    #[arg(long, default_value_t = 0)]
+    pub limit: u32,
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct FailoverArgs {
+    #[command(subcommand)]
+    pub action: Option<FailoverAction>,
+    /// The VM to fail over.
+    pub vm: Option<String>,
+    /// latest, latest-processed, latest-app, latest-multi-vm, or a point id.
+    #[arg(long, default_value = "latest-processed")]
+    pub point: String,
+    /// A test failover (a drill): replication goes on.
+    #[arg(long)]
+    pub test: bool,
+    /// The isolated network of a test failover.
+    #[arg(long)]
+    pub network: Option<String>,
+    /// A planned failover (the source is reachable).
+    #[arg(long, conflicts_with = "test")]
+    pub planned: bool,
+    /// Return once the job is accepted instead of following it.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+#[derive(Subcommand)]
+pub enum FailoverAction {
+    /// Commit a failed-over VM: its points are released.
+    Commit { vm: String },
+    /// Remove everything a test failover created.
+    CleanupTest { vm: String },
+}
+
+#[derive(Args)]
+pub struct JobsArgs {
+    /// Only this VM's jobs.
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// At most this many.
+    #[arg(long, default_value_t = 20)]
+    pub limit: u32,
+    /// Follow the unfinished ones until they end.
+    #[arg(long)]
+    pub watch: bool,
+}
+
+#[derive(Subcommand)]
+pub enum NetworkCommand {
+    /// Create a network in a target region.
+    Create {
+        name: String,
+        #[arg(long)]
+        region: String,
+        #[arg(long)]
+        resource_group: String,
+        /// NAME=CIDR, repeatable.
+        #[arg(long = "subnet", required = true)]
+        subnets: Vec<String>,
+    },
+    /// List networks.
+    List {
+        #[arg(long)]
+        region: Option<String>,
+    },
 }

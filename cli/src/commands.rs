@@ -309,7 +309,13 @@ pub async fn run(url: &str, out: Output, command: Command) -> Result<()> {
         Command::Policy(p) => policy(&mut c, &err, out, p).await?,
         Command::Mapping(m) => mapping(&mut c, &err, out, m).await?,
         Command::Group(g) => group(&mut c, &err, out, g).await?,
-        Command::Serve(_) | Command::Demo { .. } => bail!("not a registry command"),
+        Command::Serve(_)
+        | Command::Demo { .. }
+        | Command::Points(_)
+        | Command::Failover(_)
+        | Command::Jobs(_)
+        | Command::Network(_)
+        | Command::TargetVms { .. } => bail!("not a registry command"),
     }
     Ok(())
 }

@@ -1,5 +1,8 @@
-//! `ferry demo`: the four services in this process on loopback, and a walk
-//! through protecting a sample VM, printed as it happens.
+//! `ferry demo`: the four services in this process on loopback, a sample VM
+//! with two disks written through its agent's NBD export, recovery points, a
+//! test failover and its cleanup, an unplanned failover to an earlier point
+//! checked byte for byte against the source at that point, and commit,
+//! printed as it happens, with the figures at the end.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -9,9 +12,18 @@ use ferry_proto::registry::v1 as pb;
 use ferry_runtime::CancellationToken;
 use tokio::sync::mpsc;
 
+use ferry_agent::run::{Agent, AgentOptions};
+use ferry_agent::stream::StreamLimits;
+use ferry_proto::failover::v1 as fo;
+use ferry_proto::failover::v1::failover_client::FailoverClient;
+use ferry_proto::processor::v1 as proc_pb;
+use ferry_runtime::PeerChannel;
+
 use crate::commands::{client, status};
 use crate::embedded::Embedded;
+use crate::nbd_client::NbdClient;
 use crate::output;
+use crate::recovery::{failover_client, follow_job, processor_client};
 
 struct Steps {
     timings: Vec<(String, Duration)>,
@@ -71,7 +83,7 @@ pub async fn run(data_dir: Option<PathBuf>) -> Result<()> {
 
     let result = walk(&services, &dir, &mut steps).await;
     let stopped = services.stop().await;
-    result?;
+    let figures = result?;
     stopped?;
 
     println!("\nSummary");
@@ -83,34 +95,106 @@ pub async fn run(data_dir: Option<PathBuf>) -> Result<()> {
         "whole demo",
         total.elapsed().as_millis()
     );
+    println!("\nFigures");
     println!(
-        "\nThe data path (write capture by the agent, the cache, recovery points, failover) \
-         arrives with later releases; this demo shows the control plane."
+        "    RPO before the failover          {}",
+        output::duration(&figures.rpo)
     );
+    println!(
+        "    unplanned failover                {:.2} s",
+        figures.failover_secs
+    );
+    println!(
+        "    disks materialized                {} at {:.0} MiB/s",
+        output::bytes(figures.materialized),
+        figures.materialized as f64 / (1 << 20) as f64 / figures.failover_secs.max(1e-9)
+    );
+    for (round, mib_s) in ["A", "B"].iter().zip(&figures.ingest_mib_s) {
+        println!("    round {round}: NBD write to durable in cache {mib_s:.0} MiB/s");
+    }
     Ok(())
 }
 
-async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<()> {
+/// The shadow copies of the source images at a moment.
+struct Shadow {
+    os: PathBuf,
+    data: PathBuf,
+}
+
+fn shadow(images: &Path, tag: &str) -> Result<Shadow> {
+    let copy = |id: &str| -> Result<PathBuf> {
+        let to = images.join(format!("demo-web-{id}.{tag}.raw"));
+        std::fs::copy(images.join(format!("demo-web-{id}.raw")), &to)
+            .with_context(|| format!("copy the {id} image"))?;
+        Ok(to)
+    };
+    Ok(Shadow {
+        os: copy("os")?,
+        data: copy("data")?,
+    })
+}
+
+/// Whether two files hold the same bytes.
+fn same_bytes(a: &Path, b: &Path) -> Result<bool> {
+    use std::io::Read;
+    let mut fa = std::fs::File::open(a).with_context(|| format!("open {}", a.display()))?;
+    let mut fb = std::fs::File::open(b).with_context(|| format!("open {}", b.display()))?;
+    if fa.metadata()?.len() != fb.metadata()?.len() {
+        return Ok(false);
+    }
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = fa.read(&mut ba)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        fb.read_exact(&mut bb[..n])?;
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+    }
+}
+
+/// Writes `len` bytes of `byte` at `offset` of `disk` through the agent's
+/// NBD export, 1 MiB per request, and flushes.
+async fn nbd_write(addr: &str, disk: &str, offset: u64, len: u64, byte: u8) -> Result<()> {
+    let mut c = NbdClient::connect(addr, disk).await?;
+    if offset + len > c.size {
+        bail!(
+            "{len} bytes at {offset} do not fit export {disk} ({} bytes)",
+            c.size
+        );
+    }
+    let block = vec![byte; 1 << 20];
+    let mut at = offset;
+    while at < offset + len {
+        let n = (1u64 << 20).min(offset + len - at);
+        c.write(at, &block[..n as usize]).await?;
+        at += n;
+    }
+    c.flush().await?;
+    c.disconnect().await
+}
+
+async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<Figures> {
     let url = services.registry.as_str();
     let mut c = client(url)?;
     let err = status(url);
+    let mut figures = Figures::default();
 
-    let t = steps.begin(2, "regions the registry knows");
-    let regions = c
-        .list_regions(pb::ListRegionsRequest {})
-        .await
-        .map_err(&err)?
-        .into_inner();
-    println!("    {}", regions.regions.join(" "));
-    steps.end("list regions", t);
-
-    let t = steps.begin(3, "registering VM demo-web (eastus) with two sparse disks");
+    let t = steps.begin(2, "registering VM demo-web (eastus) with two disks");
     let images = dir.join("source-images");
     std::fs::create_dir_all(&images)?;
     let os = images.join("demo-web-os.raw");
     let data = images.join("demo-web-data.raw");
     sparse_image(&os, 64 << 20)?;
     sparse_image(&data, 32 << 20)?;
+    {
+        // Something for initial replication to copy: 8 MiB at the start of os.
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&os)?;
+        f.write_all_at(&vec![0x42u8; 8 << 20], 0)?;
+    }
     let disk = |id: &str, size: u64, role: pb::DiskRole, path: &Path| pb::Disk {
         id: id.into(),
         size_bytes: size,
@@ -153,18 +237,16 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<()> 
     steps.end("register the VM", t);
 
     let t = steps.begin(
-        4,
-        "creating policy demo-5s (a crash-consistent point every 5 s, 1 h retention)",
+        3,
+        "policy demo-1s: a crash-consistent point every second, kept an hour",
     );
+    let secs = |n| Some(ferry_runtime::time::to_duration(Duration::from_secs(n)));
     c.create_policy(pb::CreatePolicyRequest {
         policy: Some(pb::ReplicationPolicy {
-            name: "demo-5s".into(),
-            crash_consistent_interval: Some(ferry_runtime::time::to_duration(Duration::from_secs(
-                5,
-            ))),
-            recovery_point_retention: Some(ferry_runtime::time::to_duration(Duration::from_secs(
-                3600,
-            ))),
+            name: "demo-1s".into(),
+            crash_consistent_interval: secs(1),
+            recovery_point_retention: secs(3600),
+            keep_all_points_for: secs(3600),
             ..Default::default()
         }),
     })
@@ -172,7 +254,6 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<()> 
     .map_err(&err)?;
     steps.end("create the policy", t);
 
-    let t = steps.begin(5, "watching demo-web's protected item");
     let mut watch = c
         .watch_protected_items(pb::WatchProtectedItemsRequest {
             vm_name: "demo-web".into(),
@@ -182,23 +263,26 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<()> 
         .into_inner();
     let (events_tx, mut events) = mpsc::channel(64);
     let watcher = tokio::spawn(async move {
+        let mut last = None;
         while let Ok(Some(ev)) = watch.message().await {
-            println!("    [watch] {}", crate::watch::line(&ev));
-            let seen = (ev.kind(), ev.item.as_ref().map(|i| i.state()));
-            if events_tx.send(seen).await.is_err() {
+            let state = ev.item.as_ref().map(|i| i.state());
+            if state != last {
+                println!("    [watch] {}", crate::watch::line(&ev));
+                last = state;
+            }
+            if events_tx.send((ev.kind(), state)).await.is_err() {
                 break;
             }
         }
     });
     wait_event(&mut events, pb::EventKind::Synced, None).await?;
-    steps.end("open the watch", t);
 
-    let t = steps.begin(6, "enabling replication of demo-web into westus");
+    let t = steps.begin(4, "enabling replication of demo-web into westus");
     let item = c
         .enable_replication(pb::EnableReplicationRequest {
             vm_name: "demo-web".into(),
             target_region: "westus".into(),
-            policy_name: "demo-5s".into(),
+            policy_name: "demo-1s".into(),
             ..Default::default()
         })
         .await
@@ -208,77 +292,344 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<()> 
         .target
         .clone()
         .ok_or_else(|| anyhow!("the item has no target"))?;
-    println!("    target resource group    {}", target.resource_group);
-    println!("    target virtual network   {}", target.virtual_network);
-    println!("    target subnet            {}", target.subnet);
-    println!("    target availability set  {}", target.availability_set);
-    println!("    cache storage (eastus)   {}", target.cache_storage);
-    for r in &target.replica_disks {
-        println!("    replica managed disk     {} <- {}", r.name, r.disk_id);
-    }
-    println!("    network mapping          {}", target.network_mapping);
     println!(
-        "    reverse network mapping  {}",
-        target.reverse_network_mapping
+        "    target {} / {} / {} / {}",
+        target.resource_group, target.virtual_network, target.subnet, target.availability_set
     );
-    wait_event(
-        &mut events,
-        pb::EventKind::Upserted,
-        Some(pb::ReplicationState::Enabling),
-    )
-    .await?;
+    for r in &target.replica_disks {
+        println!("    replica disk {} <- {}", r.name, r.disk_id);
+    }
     steps.end("enable replication", t);
 
-    let t = steps.begin(7, "the agent of demo-web registers");
-    let grant = c
-        .register_agent(pb::RegisterAgentRequest {
-            vm_name: "demo-web".into(),
-            hostname: "demo-web".into(),
-            group_address: "127.0.0.1:20004".into(),
-        })
-        .await
-        .map_err(&err)?
-        .into_inner();
-    println!("    cache endpoint {}", grant.cache_endpoint);
-    println!("    epoch {}, {} disks", grant.epoch, grant.disks.len());
-    println!("    a credential scoped to demo-web was issued (registry keeps only its hash)");
-    steps.end("register the agent", t);
+    let t = steps.begin(
+        5,
+        "starting demo-web's agent: NBD export, initial replication",
+    );
+    let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let nbd_addr = nbd.local_addr()?.to_string();
+    let mut agent = Agent::start(AgentOptions {
+        registry: url.to_string(),
+        vm: "demo-web".into(),
+        nbd,
+        group_address: "127.0.0.1:20004".into(),
+        state_dir: dir.join("agent"),
+        limits: StreamLimits::default(),
+    })
+    .await?;
+    println!("    NBD exports nbd://{nbd_addr}/os and nbd://{nbd_addr}/data");
+    wait_event_for(
+        &mut events,
+        pb::EventKind::Upserted,
+        Some(pb::ReplicationState::Protected),
+        120,
+    )
+    .await?;
+    steps.end("initial replication", t);
 
-    let t = steps.begin(8, "the protected item");
-    let item = c
-        .get_protected_item(pb::GetProtectedItemRequest {
-            vm_name: "demo-web".into(),
-        })
-        .await
-        .map_err(&err)?
-        .into_inner();
-    for line in output::item_text(&item).lines() {
-        println!("    {line}");
+    let processor = services.processor.clone();
+    let mut points = Vec::new();
+    for (round, (os_at, data_at, byte)) in [(16u64, 4u64, 0xa1u8), (16, 10, 0xb1)]
+        .into_iter()
+        .enumerate()
+    {
+        let name = if round == 0 { "A" } else { "B" };
+        let t = steps.begin(
+            6 + round,
+            &format!("round {name}: writes through NBD, then a recovery point"),
+        );
+        let started = Instant::now();
+        nbd_write(&nbd_addr, "os", os_at << 20, 4 << 20, byte).await?;
+        nbd_write(
+            &nbd_addr,
+            "data",
+            data_at << 20,
+            2 << 20,
+            byte.wrapping_add(1),
+        )
+        .await?;
+        let last = agent.stream.flushed().await;
+        figures
+            .ingest_mib_s
+            .push(6.0 / started.elapsed().as_secs_f64());
+        println!("    6 MiB written at os+{os_at}M, data+{data_at}M; durable in the cache up to sequence {last}");
+        let shadow = shadow(&images, name)?;
+        let point = processor_client(&processor)?
+            .cut_recovery_point(proc_pb::CutRecoveryPointRequest {
+                vm_name: "demo-web".into(),
+            })
+            .await
+            .map_err(|s| anyhow!("cut a point: {}", s.message()))?
+            .into_inner();
+        println!(
+            "    point {} at sequence {} ({})",
+            point.id,
+            point.sequence_cut,
+            output::time(&point.time)
+        );
+        points.push((point, shadow));
+        steps.end(&format!("round {name}"), t);
     }
-    steps.end("show the item", t);
+    let listed = processor_client(&processor)?
+        .list_recovery_points(proc_pb::ListRecoveryPointsRequest {
+            vm_name: "demo-web".into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| anyhow!("list points: {}", s.message()))?
+        .into_inner()
+        .points;
+    println!(
+        "\n    {} recovery points so far, newest first:",
+        listed.len()
+    );
+    for p in listed.iter().take(5) {
+        println!(
+            "      {:<8} sequence {:>6}  {}",
+            p.id,
+            p.sequence_cut,
+            output::time(&p.time)
+        );
+    }
+    // The processor reports RPO to registry once a second.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while figures.rpo.is_none() && Instant::now() < deadline {
+        figures.rpo = c
+            .get_protected_item(pb::GetProtectedItemRequest {
+                vm_name: "demo-web".into(),
+            })
+            .await
+            .map_err(&err)?
+            .into_inner()
+            .rpo;
+        if figures.rpo.is_none() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    println!(
+        "    RPO reported to registry: {}",
+        output::duration(&figures.rpo)
+    );
 
-    let t = steps.begin(9, "disabling replication of demo-web");
-    c.disable_replication(pb::DisableReplicationRequest {
-        vm_name: "demo-web".into(),
+    let mut f = failover_client(&services.failover)?;
+    let t = steps.begin(
+        8,
+        "test failover of demo-web into isolated network demo-drill",
+    );
+    f.create_network(fo::CreateNetworkRequest {
+        network: Some(fo::Network {
+            region: "westus".into(),
+            resource_group: "demo-drill".into(),
+            name: "demo-drill".into(),
+            subnets: vec![fo::Subnet {
+                name: "default".into(),
+                address_prefix: "10.99.0.0/24".into(),
+            }],
+        }),
     })
     .await
-    .map_err(&err)?;
+    .map_err(|s| anyhow!("create the drill network: {}", s.message()))?;
+    let job = f
+        .start_failover(fo::StartFailoverRequest {
+            target: Some(fo::start_failover_request::Target::VmName(
+                "demo-web".into(),
+            )),
+            kind: fo::FailoverKind::Test as i32,
+            point: Some(fo::PointChoice {
+                choice: Some(fo::point_choice::Choice::LatestProcessed(true)),
+            }),
+            test_network: "demo-drill".into(),
+            request_id: String::new(),
+        })
+        .await
+        .map_err(|s| anyhow!("test failover: {}", s.message()))?
+        .into_inner();
+    let job = follow_job(&mut f, &job.id, true).await?;
+    if job.state != fo::JobState::Succeeded as i32 {
+        bail!("the test failover failed: {}", job.error);
+    }
+    let vms = target_vms(&mut f).await?;
+    let test_vm = vms
+        .iter()
+        .find(|v| v.test)
+        .ok_or_else(|| anyhow!("the test VM is missing"))?;
+    println!(
+        "    {} up in {}/{} at {} with point {}",
+        test_vm.name,
+        test_vm.region,
+        test_vm.virtual_network,
+        test_vm
+            .nics
+            .first()
+            .map(|n| n.private_ip.as_str())
+            .unwrap_or("-"),
+        test_vm.point_id
+    );
+    let newest = &points[1].1;
+    for (d, shadow) in test_vm.disks.iter().zip([&newest.os, &newest.data]) {
+        let same = same_bytes(Path::new(&d.path), shadow)?;
+        println!(
+            "    {} {} the source at round B",
+            d.name,
+            if same {
+                "is byte-for-byte"
+            } else {
+                "DIFFERS from"
+            }
+        );
+        if !same {
+            bail!(
+                "the test failover's disk {} differs from the source",
+                d.name
+            );
+        }
+    }
+    steps.end("test failover", t);
+
+    let t = steps.begin(9, "cleaning up the test failover");
+    let job = f
+        .cleanup_test_failover(fo::CleanupTestFailoverRequest {
+            target: Some(fo::cleanup_test_failover_request::Target::VmName(
+                "demo-web".into(),
+            )),
+            request_id: String::new(),
+        })
+        .await
+        .map_err(|s| anyhow!("cleanup: {}", s.message()))?
+        .into_inner();
+    follow_job(&mut f, &job.id, false).await?;
+    let left = target_vms(&mut f).await?;
+    println!(
+        "    target VMs left: {}; test disks removed: {}",
+        left.len(),
+        test_vm.disks.iter().all(|d| !Path::new(&d.path).exists())
+    );
+    steps.end("cleanup", t);
+
+    let (older, older_shadow) = &points[0];
+    let t = steps.begin(
+        10,
+        &format!(
+            "unplanned failover of demo-web to the earlier point {}",
+            older.id
+        ),
+    );
+    let started = Instant::now();
+    let job = f
+        .start_failover(fo::StartFailoverRequest {
+            target: Some(fo::start_failover_request::Target::VmName(
+                "demo-web".into(),
+            )),
+            kind: fo::FailoverKind::Unplanned as i32,
+            point: Some(fo::PointChoice {
+                choice: Some(fo::point_choice::Choice::PointId(older.id.clone())),
+            }),
+            test_network: String::new(),
+            request_id: "demo-failover".into(),
+        })
+        .await
+        .map_err(|s| anyhow!("failover: {}", s.message()))?
+        .into_inner();
+    let job = follow_job(&mut f, &job.id, true).await?;
+    if job.state != fo::JobState::Succeeded as i32 {
+        bail!("the failover failed: {}", job.error);
+    }
+    figures.failover_secs = started.elapsed().as_secs_f64();
+    figures.materialized = job.bytes_total;
+    if let Some(used) = job.points.first() {
+        println!(
+            "    used point {} ({}), data-loss window {}",
+            used.point_id,
+            output::time(&used.time),
+            output::duration(&used.data_loss_window)
+        );
+    }
+    let vms = target_vms(&mut f).await?;
+    let failed_over = vms
+        .iter()
+        .find(|v| !v.test)
+        .ok_or_else(|| anyhow!("the failed-over VM is missing"))?;
+    println!(
+        "    {} up in {}/{} at {} (the source's address kept)",
+        failed_over.name,
+        failed_over.region,
+        failed_over.resource_group,
+        failed_over
+            .nics
+            .first()
+            .map(|n| n.private_ip.as_str())
+            .unwrap_or("-")
+    );
+    for (d, shadow) in failed_over
+        .disks
+        .iter()
+        .zip([&older_shadow.os, &older_shadow.data])
+    {
+        let same = same_bytes(Path::new(&d.path), shadow)?;
+        println!(
+            "    {} {} the source at point {}",
+            d.name,
+            if same {
+                "is byte-for-byte identical to"
+            } else {
+                "DIFFERS from"
+            },
+            older.id
+        );
+        if !same {
+            bail!(
+                "the failed-over disk {} differs from the source at the point",
+                d.name
+            );
+        }
+    }
+    // The source is fenced: its agent's stream was stopped by the cache.
+    let fenced = tokio::time::timeout(Duration::from_secs(10), agent.stream_ended())
+        .await
+        .is_ok();
+    println!("    the old agent was fenced: {fenced}");
+    steps.end("failover", t);
+
+    let t = steps.begin(11, "committing the failover");
+    let job = f
+        .commit_failover(fo::CommitFailoverRequest {
+            target: Some(fo::commit_failover_request::Target::VmName(
+                "demo-web".into(),
+            )),
+            request_id: String::new(),
+        })
+        .await
+        .map_err(|s| anyhow!("commit: {}", s.message()))?
+        .into_inner();
+    follow_job(&mut f, &job.id, false).await?;
     wait_event(
         &mut events,
         pb::EventKind::Upserted,
-        Some(pb::ReplicationState::Disabling),
+        Some(pb::ReplicationState::Committed),
     )
     .await?;
-    wait_event(
-        &mut events,
-        pb::EventKind::Removed,
-        Some(pb::ReplicationState::Disabling),
-    )
-    .await?;
-    println!("    the watch saw DISABLING, then REMOVED");
-    steps.end("disable replication", t);
+    steps.end("commit", t);
+    let _ = agent.stop(Duration::from_secs(1)).await;
     watcher.abort();
-    Ok(())
+    Ok(figures)
+}
+
+async fn target_vms(f: &mut FailoverClient<PeerChannel>) -> Result<Vec<fo::TargetVm>> {
+    Ok(f.list_target_vms(fo::ListTargetVmsRequest {
+        source_vm: "demo-web".into(),
+    })
+    .await
+    .map_err(|s| anyhow!("list target VMs: {}", s.message()))?
+    .into_inner()
+    .vms)
+}
+
+/// What the demo measured.
+#[derive(Default)]
+struct Figures {
+    rpo: Option<prost_types::Duration>,
+    failover_secs: f64,
+    materialized: u64,
+    ingest_mib_s: Vec<f64>,
 }
 
 type Seen = (pb::EventKind, Option<pb::ReplicationState>);
@@ -289,13 +640,23 @@ async fn wait_event(
     kind: pb::EventKind,
     state: Option<pb::ReplicationState>,
 ) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    wait_event_for(events, kind, state, 10).await
+}
+
+/// Waits up to `secs` for the watch to report `kind` with `state`.
+async fn wait_event_for(
+    events: &mut mpsc::Receiver<Seen>,
+    kind: pb::EventKind,
+    state: Option<pb::ReplicationState>,
+    secs: u64,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     loop {
         match tokio::time::timeout_at(deadline, events.recv()).await {
             Ok(Some(seen)) if seen == (kind, state) => return Ok(()),
             Ok(Some(_)) => {}
             Ok(None) => bail!("the watch stream ended early"),
-            Err(_) => bail!("the watch did not report {kind:?} {state:?} within 10 s"),
+            Err(_) => bail!("the watch did not report {kind:?} {state:?} within {secs} s"),
         }
     }
 }

@@ -6,7 +6,9 @@ mod args;
 mod commands;
 mod demo;
 mod embedded;
+mod nbd_client;
 mod output;
+mod recovery;
 mod watch;
 
 use anyhow::Result;
@@ -44,9 +46,16 @@ async fn run(cli: Cli) -> Result<()> {
             services.stop().await
         }
         Command::Demo { data_dir } => {
-            let _telemetry = ferry_runtime::telemetry::init("ferry", "warn", None)?;
+            // The demo prints what happens; service logs only on request.
+            let filter = std::env::var("FERRY_LOG").unwrap_or_else(|_| "off".into());
+            let _telemetry = ferry_runtime::telemetry::init("ferry", &filter, None)?;
             demo::run(data_dir).await
         }
+        Command::Points(a) => recovery::points(&cli.processor, cli.output, a).await,
+        Command::Failover(a) => recovery::failover(&cli.failover, cli.output, a).await,
+        Command::Jobs(a) => recovery::jobs(&cli.failover, cli.output, a).await,
+        Command::Network(c) => recovery::network(&cli.failover, cli.output, c).await,
+        Command::TargetVms { vm } => recovery::target_vms(&cli.failover, cli.output, vm).await,
         command => commands::run(&cli.registry, cli.output, command).await,
     }
 }

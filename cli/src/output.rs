@@ -100,6 +100,8 @@ fn time_json(t: &Option<prost_types::Timestamp>) -> Value {
 pub fn duration(d: &Option<prost_types::Duration>) -> String {
     d.as_ref()
         .and_then(ferry_runtime::time::from_duration)
+        // Milliseconds are as fine as people need.
+        .map(|d| std::time::Duration::from_millis(d.as_millis() as u64))
         .map(|d| humantime::format_duration(d).to_string())
         .unwrap_or_else(|| "-".into())
 }

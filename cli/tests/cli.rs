@@ -154,9 +154,34 @@ async fn the_demo_runs_end_to_end() {
         .await
         .unwrap();
     let stdout = ok(&out);
-    assert!(stdout.contains("[watch] REMOVED"), "{stdout}");
     assert!(stdout.contains("demo-rg-ferry"), "{stdout}");
-    assert!(stdout.contains("whole demo"), "{stdout}");
+    // Initial replication, points, a test failover verified and cleaned up,
+    // a failover to the earlier point verified byte for byte, commit.
+    assert!(stdout.contains("PROTECTED"), "{stdout}");
+    assert!(
+        stdout.contains("is byte-for-byte the source at round B"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("target VMs left: 0; test disks removed: true"),
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout
+            .matches("is byte-for-byte identical to the source at point rp-1")
+            .count(),
+        2,
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("the old agent was fenced: true"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("COMMITTED"), "{stdout}");
+    assert!(
+        stdout.contains("whole demo") && stdout.contains("Figures"),
+        "{stdout}"
+    );
     // Each service kept its own data directory.
     for service in ["registry", "cache", "processor", "failover"] {
         assert!(dir.path().join(service).is_dir(), "{service}");

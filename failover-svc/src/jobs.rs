@@ -234,6 +234,15 @@ impl Jobs {
         Ok(out)
     }
 
+    /// The job as the API shows it, with progress not yet persisted.
+    pub fn live(&self, job: &JobRecord) -> pb::Job {
+        self.watchers
+            .lock()
+            .ok()
+            .and_then(|w| w.get(&job.id).map(|tx| tx.borrow().clone()))
+            .unwrap_or_else(|| job.to_proto())
+    }
+
     /// A receiver of the job's changes.
     pub fn watch(&self, job: &JobRecord) -> Option<watch::Receiver<pb::Job>> {
         let mut w = self.watchers.lock().ok()?;

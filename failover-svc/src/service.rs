@@ -140,7 +140,7 @@ impl Failover for FailoverService {
             .jobs()
             .get(&id)?
             .ok_or_else(|| FailoverError::NotFound(format!("no job {id:?}")))?;
-        Ok(Response::new(job.to_proto()))
+        Ok(Response::new(self.engine.jobs().live(&job)))
     }
 
     async fn list_jobs(
@@ -156,7 +156,7 @@ impl Failover for FailoverService {
         };
         let jobs = self.engine.jobs().list(vm, limit)?;
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: jobs.iter().map(|j| j.to_proto()).collect(),
+            jobs: jobs.iter().map(|j| self.engine.jobs().live(j)).collect(),
         }))
     }
 
@@ -178,8 +178,8 @@ impl Failover for FailoverService {
             return Err(Status::internal("job watchers unavailable"));
         };
         tokio::spawn(async move {
-            // The job as stored now, then each change until it ends.
-            let mut current = job.to_proto();
+            // The job as it is now, then each change until it ends.
+            let mut current = changes.borrow_and_update().clone();
             loop {
                 let ended = current.state == pb::JobState::Succeeded as i32
                     || current.state == pb::JobState::Failed as i32;

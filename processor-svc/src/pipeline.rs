@@ -317,7 +317,9 @@ impl Pipeline {
         loop {
             let ended = self.session(&mut commands, &mut tick, &stop).await;
             match ended {
-                Ok(()) => break,
+                Ok(true) => break,
+                // No log in the cache yet: `idle` waited; ask again.
+                Ok(false) => continue,
                 Err(e) => {
                     tracing::warn!(error = %e, ?backoff, "pipeline interrupted; resuming from the durable sequence");
                     self.status.send_modify(|s| s.error = Some(e.to_string()));
@@ -343,13 +345,14 @@ impl Pipeline {
         }
     }
 
-    /// One tail of the cache, until stopped (Ok) or something fails.
+    /// One tail of the cache, until stopped (Ok(true)) or something fails;
+    /// Ok(false) when the cache has no log for the VM yet.
     async fn session(
         &mut self,
         commands: &mut mpsc::Receiver<Command>,
         tick: &mut tokio::time::Interval,
         stop: &CancellationToken,
-    ) -> Result<(), ProcessorError> {
+    ) -> Result<bool, ProcessorError> {
         let applied = self.replica.meta()?.applied;
         let request = cache::TailRequest {
             vm_name: self.vm.clone(),
@@ -369,7 +372,7 @@ impl Pipeline {
         self.status.send_modify(|s| s.error = None);
         loop {
             tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
+                _ = stop.cancelled() => return Ok(true),
                 Some(command) = commands.recv() => self.command(command).await,
                 _ = tick.tick() => self.on_tick().await?,
                 message = tail.message() => match message {
@@ -385,22 +388,22 @@ impl Pipeline {
         }
     }
 
-    /// Waits for the cache to have a log, answering commands meanwhile.
+    /// Waits a moment for the cache to have a log, answering commands
+    /// meanwhile; Ok(true) if stopped.
     async fn idle(
         &mut self,
         commands: &mut mpsc::Receiver<Command>,
         tick: &mut tokio::time::Interval,
         stop: &CancellationToken,
-    ) -> Result<(), ProcessorError> {
-        let deadline = tokio::time::sleep(Duration::from_secs(1));
+    ) -> Result<bool, ProcessorError> {
+        let deadline = tokio::time::sleep(Duration::from_millis(200));
         tokio::pin!(deadline);
         loop {
             tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
+                _ = stop.cancelled() => return Ok(true),
                 Some(command) = commands.recv() => self.command(command).await,
                 _ = tick.tick() => self.on_tick().await?,
-                _ = &mut deadline => return Err(ProcessorError::Unavailable(
-                    "the cache has no log for this VM yet".into())),
+                _ = &mut deadline => return Ok(false),
             }
         }
     }
