@@ -2,9 +2,11 @@
 //! through the agent's library API and through its NBD export (fio), beside
 //! the same run's fsynced sequential write bandwidth of the same filesystem.
 //! `ferry-loadgen processor-bench`: apply rate, point cut cost and RPO lag
-//! (see `processor_bench`). Both print figures and ratios and assert nothing
+//! (see `processor_bench`). `ferry-loadgen failover-bench`: a failover of a
+//! 1 GiB disk half written beside `cp --sparse=always` (see `failover_bench`). Both print figures and ratios and assert nothing
 //! (machines are noisy).
 
+mod failover_bench;
 mod processor_bench;
 
 use std::fs::OpenOptions;
@@ -36,6 +38,12 @@ enum Cli {
         /// 4 KiB writes in each random run.
         #[arg(long, default_value_t = 40_000)]
         random_writes: u64,
+    },
+    /// failover-svc: a failover of a 1 GiB disk half written, beside cp.
+    FailoverBench {
+        /// Where the data goes (the filesystem measured).
+        #[arg(long, default_value = "target/bench")]
+        dir: PathBuf,
     },
     /// processor-svc: apply MiB/s, cost of a point on a 1 TiB disk, RPO lag.
     ProcessorBench {
@@ -249,6 +257,11 @@ async fn main() -> Result<()> {
             seq_mib,
             random_writes,
         } => (dir, seq_mib, random_writes),
+        Cli::FailoverBench { dir } => {
+            std::fs::create_dir_all(&dir)?;
+            let work = tempfile::tempdir_in(&dir)?;
+            return failover_bench::run(work.path()).await;
+        }
         Cli::ProcessorBench {
             dir,
             apply_mib,
