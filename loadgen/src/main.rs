@@ -28,7 +28,8 @@ use ferry_runtime::{CancellationToken, ServiceConfig};
 #[command(name = "ferry-loadgen")]
 enum Cli {
     /// Ingest throughput: library API and NBD, 1 MiB sequential and 4 KiB random.
-    IngestBench {
+    #[command(name = "ingest-bench")]
+    Ingest {
         /// Where the services keep their data (the filesystem measured).
         #[arg(long, default_value = "target/bench")]
         dir: PathBuf,
@@ -40,13 +41,15 @@ enum Cli {
         random_writes: u64,
     },
     /// failover-svc: a failover of a 1 GiB disk half written, beside cp.
-    FailoverBench {
+    #[command(name = "failover-bench")]
+    Failover {
         /// Where the data goes (the filesystem measured).
         #[arg(long, default_value = "target/bench")]
         dir: PathBuf,
     },
     /// processor-svc: apply MiB/s, cost of a point on a 1 TiB disk, RPO lag.
-    ProcessorBench {
+    #[command(name = "processor-bench")]
+    Processor {
         /// Where the data goes (the filesystem measured).
         #[arg(long, default_value = "target/bench")]
         dir: PathBuf,
@@ -252,17 +255,17 @@ async fn fio(
 #[tokio::main]
 async fn main() -> Result<()> {
     let (dir, seq_mib, random_writes) = match Cli::parse() {
-        Cli::IngestBench {
+        Cli::Ingest {
             dir,
             seq_mib,
             random_writes,
         } => (dir, seq_mib, random_writes),
-        Cli::FailoverBench { dir } => {
+        Cli::Failover { dir } => {
             std::fs::create_dir_all(&dir)?;
             let work = tempfile::tempdir_in(&dir)?;
             return failover_bench::run(work.path()).await;
         }
-        Cli::ProcessorBench {
+        Cli::Processor {
             dir,
             apply_mib,
             churn_mb,
