@@ -139,6 +139,44 @@ impl Agent {
             });
         }
         let stream_stop = CancellationToken::new();
+        {
+            // A planned failover: no more writes, everything sent, a FINAL
+            // marker, then the stream ends.
+            let (capture, stream, stream_stop, stop) = (
+                capture.clone(),
+                stream.clone(),
+                stream_stop.clone(),
+                stop.clone(),
+            );
+            let vm = opts.vm.clone();
+            tokio::spawn(async move {
+                let id = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    id = stream.final_requested() => id,
+                };
+                capture.close().await;
+                let marker =
+                    ferry_proto::cache::v1::record::Op::Marker(ferry_proto::cache::v1::Marker {
+                        kind: ferry_proto::cache::v1::MarkerKind::Final as i32,
+                        id: id.clone(),
+                    });
+                if stream.push("", marker).await == 0 {
+                    tracing::error!(
+                        vm,
+                        "cannot end with a FINAL marker while tracking changed chunks"
+                    );
+                    return;
+                }
+                let last = stream.flushed().await;
+                tracing::warn!(
+                    vm,
+                    id,
+                    last,
+                    "planned failover: everything sent; stream closed"
+                );
+                stream_stop.cancel();
+            });
+        }
         let streaming = tokio::spawn(crate::stream::run(
             stream.clone(),
             assignment.cache_endpoint.clone(),

@@ -210,6 +210,8 @@ pub struct Stream {
     queue: Mutex<Queue>,
     /// The VM's disks and sizes (set by the capture), for full resyncs.
     disks: std::sync::Mutex<Vec<(String, u64)>>,
+    /// A planned failover's FINAL marker id, once the cache asked for it.
+    final_request: tokio::sync::watch::Sender<Option<String>>,
     /// Rung when records are added or acknowledged.
     changed: Notify,
     limits: StreamLimits,
@@ -225,6 +227,7 @@ impl Stream {
                 ..Queue::default()
             }),
             disks: std::sync::Mutex::new(Vec::new()),
+            final_request: tokio::sync::watch::channel(None).0,
             changed: Notify::new(),
             limits,
         })
@@ -248,6 +251,25 @@ impl Stream {
             q.renumber = true;
         }
         stream
+    }
+
+    /// The cache asked to end with a FINAL marker of this id (a planned
+    /// failover).
+    pub fn request_final(&self, id: &str) {
+        self.final_request.send_replace(Some(id.to_string()));
+    }
+
+    /// Waits until a planned failover asks for the FINAL marker; its id.
+    pub async fn final_requested(&self) -> String {
+        let mut rx = self.final_request.subscribe();
+        loop {
+            if let Some(id) = rx.borrow_and_update().clone() {
+                return id;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 
     /// Tells the stream the VM's disks and their sizes.
@@ -729,6 +751,10 @@ async fn session(
             response = responses.message() => match response {
                 Ok(Some(pb::IngestResponse { msg: Some(msg) })) => match msg {
                     pb::ingest_response::Msg::Ack(a) => stream.acknowledge(a.durable_sequence).await,
+                    pb::ingest_response::Msg::Stop(s) if !s.final_marker_id.is_empty() => {
+                        tracing::warn!(vm, reason = %s.reason, "planned failover: draining, then a FINAL marker");
+                        stream.request_final(&s.final_marker_id);
+                    }
                     pb::ingest_response::Msg::Stop(s) => {
                         return SessionEnd::Fatal(tonic::Status::failed_precondition(s.reason))
                     }

@@ -80,6 +80,7 @@ impl Sessions {
         if let Some(old) = old.filter(|old| old.epoch < epoch) {
             let _ = old.tx.try_send(Control::Stop(pb::Stop {
                 reason: format!("a newer agent (epoch {epoch}) streams VM {vm:?} now"),
+                ..Default::default()
             }));
         }
         let guard = SessionGuard {
@@ -124,6 +125,7 @@ impl Sessions {
                 );
                 let _ = session.tx.try_send(Control::Stop(pb::Stop {
                     reason: reason.to_string(),
+                    ..Default::default()
                 }));
             }
         }

@@ -210,6 +210,11 @@ impl CacheService {
                     let (msg, stop) = match c {
                         Control::Resync(r) => (pb::ingest_response::Msg::Resync(r), None),
                         Control::Bookmark(b) => (pb::ingest_response::Msg::Bookmark(b), None),
+                        // A planned failover's stop: the agent sends what it
+                        // holds and a FINAL marker, then closes the stream.
+                        Control::Stop(s) if !s.final_marker_id.is_empty() => {
+                            (pb::ingest_response::Msg::Stop(s), None)
+                        }
                         Control::Stop(s) => {
                             let reason = s.reason.clone();
                             (pb::ingest_response::Msg::Stop(s), Some(reason))

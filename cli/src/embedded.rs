@@ -74,6 +74,7 @@ impl Embedded {
         let mut fc = config("failover");
         fc.registry = Some(registry.clone());
         fc.processor = Some(processor.clone());
+        fc.cache = Some(cache.clone());
         tasks.push((
             "failover-svc",
             spawn(failover_svc::serve(fc, fl, shutdown.clone())),

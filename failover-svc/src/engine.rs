@@ -15,6 +15,8 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ferry_proto::cache::v1 as cache;
+use ferry_proto::cache::v1::cache_client::CacheClient;
 use ferry_proto::failover::v1 as pb;
 use ferry_proto::processor::v1 as proc;
 use ferry_proto::processor::v1::processor_client::ProcessorClient;
@@ -36,9 +38,14 @@ const LATEST_BOUND: Duration = Duration::from_secs(10);
 /// Progress is persisted every this many bytes (and published always).
 const SAVE_EVERY: u64 = 64 << 20;
 
+/// How long a planned failover waits for the source to drain.
+const DRAIN_BOUND: Duration = Duration::from_secs(120);
+
 /// Runs jobs.
 pub struct Engine {
     registry: RegistryClient<PeerChannel>,
+    /// The source region's cache, for planned failovers (optional).
+    cache: Option<CacheClient<PeerChannel>>,
     processor: ProcessorClient<PeerChannel>,
     backend: Arc<dyn Backend>,
     jobs: Arc<Jobs>,
@@ -73,6 +80,7 @@ fn state_name(s: i32) -> String {
 impl Engine {
     pub fn new(
         registry: RegistryClient<PeerChannel>,
+        cache: Option<CacheClient<PeerChannel>>,
         processor: ProcessorClient<PeerChannel>,
         backend: Arc<dyn Backend>,
         jobs: Arc<Jobs>,
@@ -81,6 +89,7 @@ impl Engine {
     ) -> Arc<Engine> {
         Arc::new(Engine {
             registry,
+            cache,
             processor,
             backend,
             jobs,
@@ -154,10 +163,10 @@ impl Engine {
                 "kind is unset: TEST, PLANNED or UNPLANNED".into(),
             ));
         }
-        if kind == pb::FailoverKind::Planned {
+        if kind == pb::FailoverKind::Planned && self.cache.is_none() {
             return Err(FailoverError::FailedPrecondition(
-                "planned failover is not available yet; shut the VM down and use UNPLANNED with \
-                 point latest"
+                "failover-svc was started without --cache: a planned failover needs the source \
+                 region's cache; use an unplanned failover"
                     .into(),
             ));
         }
@@ -182,8 +191,12 @@ impl Engine {
         use reg::ReplicationState as S;
         let state = item.state();
         let test = kind == pb::FailoverKind::Test;
+        let planned = kind == pb::FailoverKind::Planned;
         let allowed = if test {
             matches!(state, S::Protected | S::ResyncRequired | S::Resyncing)
+        } else if planned {
+            // Every write must reach the replica: nothing may await a resync.
+            state == S::Protected
         } else {
             matches!(
                 state,
@@ -244,6 +257,17 @@ impl Engine {
                 "network",
                 "materialize-disks",
                 "create-vm",
+            ]
+        } else if planned {
+            &[
+                "validate",
+                "drain",
+                "fence",
+                "pin-point",
+                "network",
+                "materialize-disks",
+                "create-vm",
+                "update-registry",
             ]
         } else {
             &[
@@ -457,6 +481,7 @@ impl Engine {
                 let item = self.item(&job.vm_name).await?;
                 Ok(format!("VM {} is {}", job.vm_name, state_name(item.state)))
             }
+            "drain" => self.drain(job).await,
             "fence" => {
                 self.transition(
                     &job.vm_name,
@@ -577,12 +602,78 @@ impl Engine {
         })
     }
 
+    /// The point cut at this job's FINAL marker, if it exists.
+    async fn final_point(&self, job: &JobRecord) -> Result<Option<proc::RecoveryPoint>> {
+        let mut p = self.processor.clone();
+        let points = p
+            .list_recovery_points(proc::ListRecoveryPointsRequest {
+                vm_name: job.vm_name.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| FailoverError::peer("processor", s))?
+            .into_inner()
+            .points;
+        Ok(points.into_iter().find(|p| p.bookmark_id == job.id))
+    }
+
+    /// A planned failover: the agent stops taking writes, sends everything
+    /// and a FINAL marker; the processor cuts a point at it.
+    async fn drain(&self, job: &JobRecord) -> Result<String> {
+        let drained = |p: proc::RecoveryPoint| {
+            format!(
+                "source drained; final point {} at sequence {}",
+                p.id, p.sequence_cut
+            )
+        };
+        if let Some(p) = self.final_point(job).await? {
+            return Ok(drained(p));
+        }
+        let mut cache = self.cache.clone().ok_or_else(|| {
+            FailoverError::FailedPrecondition("failover-svc has no --cache".into())
+        })?;
+        cache
+            .send_control(cache::SendControlRequest {
+                vm_name: job.vm_name.clone(),
+                control: Some(cache::send_control_request::Control::Stop(cache::Stop {
+                    reason: format!("planned failover (job {})", job.id),
+                    final_marker_id: job.id.clone(),
+                })),
+            })
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::FailedPrecondition => FailoverError::FailedPrecondition(format!(
+                    "the source agent of {:?} is not streaming, so it cannot drain ({}); use an \
+                     unplanned failover",
+                    job.vm_name,
+                    s.message()
+                )),
+                _ => FailoverError::peer("cache (drain)", s),
+            })?;
+        let deadline = tokio::time::Instant::now() + DRAIN_BOUND;
+        loop {
+            if let Some(p) = self.final_point(job).await? {
+                return Ok(drained(p));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(FailoverError::Unavailable(format!(
+                    "the source did not drain within {DRAIN_BOUND:?}; use an unplanned failover"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     async fn pin_point(&self, job: &mut JobRecord) -> Result<String> {
         let vm = job.vm_name.clone();
         let mut note = String::new();
+        let planned = job.failover_kind == pb::FailoverKind::Planned as i32;
         let point = match job.points.first() {
             // Resumed: the same point again.
             Some(used) => self.point(&vm, &used.point_id).await?,
+            None if planned => self.final_point(job).await?.ok_or_else(|| {
+                FailoverError::FailedPrecondition("the final point of the drain is missing".into())
+            })?,
             None => match &job.choice {
                 Choice::Point(id) => self.point(&vm, id).await?,
                 Choice::LatestProcessed => self.newest(&vm, proc::PointKind::Unspecified).await?,
@@ -635,7 +726,12 @@ impl Engine {
                 vm_name: vm.clone(),
                 point_id: point.id.clone(),
                 time_nanos,
-                data_loss_nanos: unix_nanos_now().saturating_sub(time_nanos),
+                // Planned: the source took no write after the final point.
+                data_loss_nanos: if planned {
+                    0
+                } else {
+                    unix_nanos_now().saturating_sub(time_nanos)
+                },
             });
             job.bytes_total = point.disks.iter().map(|d| d.size_bytes).sum();
         }

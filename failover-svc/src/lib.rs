@@ -13,6 +13,7 @@ pub mod service;
 
 use std::sync::Arc;
 
+use ferry_proto::cache::v1::cache_client::CacheClient;
 use ferry_proto::failover::v1::failover_server::FailoverServer;
 use ferry_proto::processor::v1::processor_client::ProcessorClient;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
@@ -99,8 +100,14 @@ pub async fn serve_with(
     .map_err(|e| FailoverError::Corrupt(e.to_string()))??;
     let jobs = Arc::new(jobs::Jobs::open(&db)?);
     let limits = &config.limits;
+    // The source region's cache is optional: only planned failovers use it.
+    let cache = match &config.cache {
+        Some(url) => Some(CacheClient::new(ferry_runtime::connect(url)?)),
+        None => None,
+    };
     let engine = engine::Engine::new(
         RegistryClient::new(ferry_runtime::connect(&registry.url)?),
+        cache,
         ProcessorClient::new(ferry_runtime::connect(&processor.url)?)
             .max_decoding_message_size(limits.max_message_bytes),
         Arc::new(backend),

@@ -424,9 +424,11 @@ impl Pipeline {
                     Applied::Marker(MarkerKind::AppConsistent, _) => {
                         cuts.push(cut_at_marker(&replica, PointKind::AppConsistent))
                     }
-                    Applied::Marker(MarkerKind::Final, _) => {
-                        cuts.push(cut_at_marker(&replica, PointKind::CrashConsistent))
-                    }
+                    Applied::Marker(MarkerKind::Final, id) => cuts.push(replica.cut(
+                        PointKind::CrashConsistent as i32,
+                        &id,
+                        unix_nanos_now(),
+                    )),
                     Applied::Mismatched(disk, ranges) if !ranges.is_empty() => {
                         tracing::info!(
                             disk,

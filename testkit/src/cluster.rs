@@ -118,13 +118,18 @@ impl Cluster {
             },
         )
         .await;
-        let (r, p) = (registry_url.clone(), processor.url.clone());
+        let (r, p, c) = (
+            registry_url.clone(),
+            processor.url.clone(),
+            cache_url.clone(),
+        );
         let failover = start(
             "failover-svc",
             dir.path().join("failover"),
             move |mut cfg, l, s| {
                 cfg.registry = Some(r);
                 cfg.processor = Some(p);
+                cfg.cache = Some(c);
                 failover_svc::serve(cfg, l, s)
             },
         )

@@ -779,3 +779,99 @@ async fn a_failover_svc_killed_mid_job_completes_the_job_exactly_once() {
     let _ = agent.stop(Duration::from_secs(1)).await;
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_failover_drains_the_source_and_loses_nothing() {
+    let cluster = Cluster::start().await;
+    let registry = cluster.registry.url.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("os.raw");
+    std::fs::File::create(&source).unwrap().set_len(OS).unwrap();
+    let day = Duration::from_secs(86400);
+    // Points only every 30 s: the final point is the drain's, not a timer's.
+    create_policy(&registry, "slow", Duration::from_secs(30), day, day, day).await;
+    protect_vm_with(&registry, "vm", &[("os", OS, &source)], "slow").await;
+    let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut agent = Agent::start(AgentOptions {
+        registry: registry.clone(),
+        vm: "vm".into(),
+        nbd,
+        group_address: String::new(),
+        state_dir: dir.path().join("agent"),
+        limits: StreamLimits::default(),
+    })
+    .await
+    .unwrap();
+    wait_for("PROTECTED", Duration::from_secs(60), || async {
+        protected_item(&registry, "vm")
+            .await
+            .filter(|i| i.state() == reg::ReplicationState::Protected)
+    })
+    .await;
+    // Writes up to the moment of the failover, none of them awaited.
+    for i in 0..64u64 {
+        agent
+            .capture
+            .write("os", i * 128 * 1024, vec![i as u8 + 1; 64 * 1024])
+            .await
+            .unwrap();
+    }
+    let last = agent.stream.last().await;
+    let url = cluster.failover.url.clone();
+    let job = failover(&url)
+        .await
+        .start_failover(start(
+            "vm",
+            fo::FailoverKind::Planned,
+            fo::point_choice::Choice::Latest(true),
+            "",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let (job, _) = finish(&url, &job).await;
+    assert_eq!(job.state, fo::JobState::Succeeded as i32, "{job:?}");
+    assert_eq!(
+        job.steps
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()[..3],
+        ["validate", "drain", "fence"]
+    );
+    // The final point holds every write, and the marker after them.
+    let point = list_points(&cluster.processor.url, "vm")
+        .await
+        .into_iter()
+        .find(|p| p.id == job.points[0].point_id)
+        .unwrap();
+    assert_eq!(point.bookmark_id, job.id);
+    assert_eq!(
+        point.sequence_cut,
+        last + 1,
+        "every write, then the FINAL marker"
+    );
+    let window = job.points[0].data_loss_window.unwrap();
+    assert_eq!((window.seconds, window.nanos), (0, 0), "zero data loss");
+    // The source took no write after the drain, and its stream is closed.
+    assert!(agent.capture.write("os", 0, vec![9; 4096]).await.is_err());
+    tokio::time::timeout(Duration::from_secs(10), agent.stream_ended())
+        .await
+        .expect("the drained agent's stream ends");
+    let vms = failover(&url)
+        .await
+        .list_target_vms(fo::ListTargetVmsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .vms;
+    assert!(
+        identical(Path::new(&vms[0].disks[0].path), &source),
+        "the failed-over disk is the source"
+    );
+    assert_eq!(
+        protected_item(&registry, "vm").await.unwrap().state(),
+        reg::ReplicationState::FailedOver
+    );
+    let _ = agent.stop(Duration::from_secs(1)).await;
+    cluster.stop().await;
+}
