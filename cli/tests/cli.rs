@@ -187,3 +187,150 @@ async fn the_demo_runs_end_to_end() {
         assert!(dir.path().join(service).is_dir(), "{service}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn points_test_failover_cleanup_failover_commit_and_jobs_from_the_command_line() {
+    use ferry_proto::registry::v1 as reg;
+    use std::time::Duration;
+    let cluster = ferry_testkit::Cluster::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("os.raw");
+    std::fs::File::create(&source)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let day = Duration::from_secs(86400);
+    ferry_testkit::create_policy(
+        &cluster.registry.url,
+        "fast",
+        Duration::from_secs(1),
+        day,
+        day,
+        day,
+    )
+    .await;
+    ferry_testkit::protect_vm_with(
+        &cluster.registry.url,
+        "vm",
+        &[("os", 8 << 20, &source)],
+        "fast",
+    )
+    .await;
+    let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agent = ferry_agent::run::Agent::start(ferry_agent::run::AgentOptions {
+        registry: cluster.registry.url.clone(),
+        vm: "vm".into(),
+        nbd,
+        group_address: String::new(),
+        state_dir: dir.path().join("agent"),
+        limits: ferry_agent::stream::StreamLimits::default(),
+    })
+    .await
+    .unwrap();
+    let registry = cluster.registry.url.clone();
+    ferry_testkit::wait_for("PROTECTED", Duration::from_secs(60), || async {
+        ferry_testkit::protected_item(&registry, "vm")
+            .await
+            .filter(|i| i.state() == reg::ReplicationState::Protected)
+    })
+    .await;
+    agent.capture.write("os", 0, vec![7; 65536]).await.unwrap();
+    agent.stream.flushed().await;
+    let run = |args: Vec<&str>| {
+        let mut full = vec![
+            "--processor",
+            cluster.processor.url.as_str(),
+            "--failover",
+            cluster.failover.url.as_str(),
+        ];
+        full.extend(args);
+        let registry = registry.clone();
+        let full: Vec<String> = full.iter().map(|s| s.to_string()).collect();
+        async move {
+            let args: Vec<&str> = full.iter().map(String::as_str).collect();
+            ferry(&registry, &args).await
+        }
+    };
+    let json = |out: &Output| -> serde_json::Value {
+        serde_json::from_str(&ok(out)).unwrap_or_else(|e| panic!("not JSON ({e}): {}", ok(out)))
+    };
+    ok(&run(vec![
+        "network",
+        "create",
+        "drill",
+        "--region",
+        "westus",
+        "--resource-group",
+        "drill",
+        "--subnet",
+        "default=10.9.0.0/24",
+    ])
+    .await);
+    // "latest" processes what the cache holds, then cuts the point used.
+    let job = json(
+        &run(vec![
+            "--output",
+            "json",
+            "failover",
+            "vm",
+            "--test",
+            "--network",
+            "drill",
+            "--point",
+            "latest",
+        ])
+        .await,
+    );
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["kind"], "test failover");
+    let vms = json(&run(vec!["--output", "json", "target-vms"]).await);
+    assert_eq!(vms.as_array().unwrap().len(), 1);
+    assert_eq!(vms[0]["test"], true);
+    assert_eq!(vms[0]["nics"][0]["private_ip"], "10.9.0.4");
+    let points = json(&run(vec!["--output", "json", "points", "vm"]).await);
+    let pinned = points
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| !p["pinned_by"].as_array().unwrap().is_empty())
+        .count();
+    assert_eq!(pinned, 1, "{points}");
+    let text = ok(&run(vec!["failover", "cleanup-test", "vm"]).await);
+    assert!(text.contains("succeeded"), "{text}");
+    let text = ok(&run(vec!["failover", "vm", "--point", "latest-processed"]).await);
+    assert!(
+        text.contains("update-registry") && text.contains("succeeded"),
+        "{text}"
+    );
+    assert!(text.contains("data-loss window"), "{text}");
+    ok(&run(vec!["failover", "commit", "vm"]).await);
+    let jobs = json(&run(vec!["--output", "json", "jobs", "--vm", "vm"]).await);
+    let kinds: Vec<&str> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "commit",
+            "unplanned failover",
+            "cleanup test",
+            "test failover"
+        ]
+    );
+    // Mistakes are said plainly.
+    let out = run(vec!["failover", "vm", "--test"]).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--network"));
+    let out = run(vec!["failover", "nope"]).await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("NotFound") && stderr.contains("nope"),
+        "{stderr}"
+    );
+    let _ = agent.stop(Duration::from_secs(1)).await;
+    cluster.stop().await;
+}

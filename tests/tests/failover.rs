@@ -1,8 +1,10 @@
 //! Failover end to end: register → enable → initial replication → writes
 //! through NBD → points → test failover (disks verified, cleanup leaves
 //! nothing behind) → unplanned failover to an older point (disks equal the
-//! source at that point's cut, by `qemu-img compare`) → commit; the stale
-//! agent's writes are refused. Bad input gets precise codes.
+//! source at that point's cut, by `qemu-img compare`) → a change of point →
+//! commit; the stale agent's writes are refused. failover-svc killed
+//! mid-job finishes it exactly once; a planned failover loses nothing. Bad
+//! input gets precise codes.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -332,6 +334,51 @@ async fn test_failover_cleanup_unplanned_failover_to_an_older_point_and_commit()
         );
     }
 
+    // Before commit, the point can be changed: a failover again, to the
+    // newer point, replaces the VM's disks and releases the older pin.
+    let newer = &rounds[1].0;
+    let job = failover(&url)
+        .await
+        .start_failover(start(
+            "vm",
+            fo::FailoverKind::Unplanned,
+            fo::point_choice::Choice::PointId(newer.id.clone()),
+            "",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let (job, _) = finish(&url, &job).await;
+    assert_eq!(job.state, fo::JobState::Succeeded as i32, "{job:?}");
+    let vms = failover(&url)
+        .await
+        .list_target_vms(fo::ListTargetVmsRequest {
+            source_vm: "vm".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .vms;
+    assert_eq!(vms.len(), 1, "still one VM");
+    assert_eq!(vms[0].point_id, newer.id);
+    for (disk, (id, shadow)) in vms[0].disks.iter().zip(&rounds[1].1) {
+        assert!(
+            identical(Path::new(&disk.path), shadow),
+            "disk {id} at the newer point"
+        );
+    }
+    let p = list_points(&cluster.processor.url, "vm").await;
+    let pins: Vec<(&str, usize)> = p
+        .iter()
+        .filter(|p| !p.pinned_by.is_empty())
+        .map(|p| (p.id.as_str(), p.pinned_by.len()))
+        .collect();
+    assert_eq!(
+        pins,
+        vec![(newer.id.as_str(), 1)],
+        "only the point in use is pinned"
+    );
+
     // The source was fenced: the agent's stream was stopped, and what it
     // writes now never reaches the cache.
     tokio::time::timeout(Duration::from_secs(30), agent.stream_ended())
@@ -387,7 +434,11 @@ async fn test_failover_cleanup_unplanned_failover_to_an_older_point_and_commit()
         .unwrap()
         .into_inner()
         .jobs;
-    assert_eq!(jobs.len(), 4, "test, cleanup, failover, commit");
+    assert_eq!(
+        jobs.len(),
+        5,
+        "test, cleanup, failover, change of point, commit"
+    );
     assert_eq!(jobs[0].kind, fo::JobKind::Commit as i32, "newest first");
     cluster.stop().await;
 }
