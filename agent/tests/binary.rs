@@ -6,6 +6,8 @@
 //! checksum against processor-svc's replica, which asks for the one that
 //! differs.
 
+use ferry_testkit::run_tool;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::net::SocketAddr;
@@ -68,7 +70,7 @@ impl Agent {
         args.push(url);
         tokio::task::spawn_blocking(move || {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            run("qemu-io", &args)
+            run_tool("qemu-io", &args)
         })
         .await
         .unwrap();
@@ -80,15 +82,6 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// A registry, cache-svc and processor-svc processes and a protected VM with
@@ -106,8 +99,8 @@ impl Setup {
         let dir = tempfile::tempdir().unwrap();
         let source = dir.path().join("os.raw");
         let s = source.to_str().unwrap();
-        run("qemu-img", &["create", "-f", "raw", s, &SIZE.to_string()]);
-        run("qemu-io", &["-f", "raw", "-c", "write -P 0x42 1M 3M", s]);
+        run_tool("qemu-img", &["create", "-f", "raw", s, &SIZE.to_string()]);
+        run_tool("qemu-io", &["-f", "raw", "-c", "write -P 0x42 1M 3M", s]);
         let cache_addr = free_addr();
         let cache_url = format!("http://{cache_addr}");
         let registry = start_registry(dir.path().join("registry"), Some(cache_url.clone())).await;

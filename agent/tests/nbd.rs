@@ -3,10 +3,11 @@
 //! the original image gives an image that `qemu-img compare` finds identical
 //! to the source.
 
+use ferry_testkit::run_tool;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,25 +21,11 @@ use ferry_testkit::{bin_path, free_addr, start_registry, wait_serving, Running, 
 
 const SIZE: u64 = 16 << 20;
 
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} is missing ({e}); scripts/test.sh installs it"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Runs a client without blocking the runtime that serves it.
 async fn client(program: &'static str, args: Vec<String>) -> String {
     tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run(program, &args)
+        run_tool(program, &args)
     })
     .await
     .unwrap()
@@ -75,8 +62,8 @@ impl Agent {
         // The original image has content of its own before replication starts.
         let original = dir.path().join("original.raw");
         let o = original.to_str().unwrap();
-        run("qemu-img", &["create", "-f", "raw", o, &SIZE.to_string()]);
-        run("qemu-io", &["-f", "raw", "-c", original_content, o]);
+        run_tool("qemu-img", &["create", "-f", "raw", o, &SIZE.to_string()]);
+        run_tool("qemu-io", &["-f", "raw", "-c", original_content, o]);
         std::fs::copy(&original, &source).unwrap();
 
         let cache_addr = free_addr();
@@ -195,7 +182,7 @@ impl Agent {
             self.source.display().to_string(),
             replica.display().to_string(),
         );
-        run("qemu-img", &["compare", "-f", "raw", "-F", "raw", &s, &r]);
+        run_tool("qemu-img", &["compare", "-f", "raw", "-F", "raw", &s, &r]);
         self.shutdown.cancel();
         self.sender.await.unwrap().unwrap();
         self.registry.stop().await;
@@ -235,8 +222,8 @@ async fn qemu_io_and_qemu_img_writes_replay_to_an_identical_image() {
 
     let pattern = agent.dir.path().join("pattern.raw");
     let p = pattern.display().to_string();
-    run("qemu-img", &["create", "-f", "raw", &p, "4M"]);
-    run("qemu-io", &["-f", "raw", "-c", "write -P 0x77 1M 2M", &p]);
+    run_tool("qemu-img", &["create", "-f", "raw", &p, "4M"]);
+    run_tool("qemu-io", &["-f", "raw", "-c", "write -P 0x77 1M 2M", &p]);
     client(
         "qemu-img",
         strings(&["convert", "-n", "-f", "raw", "-O", "raw", &p, &url]),
@@ -258,8 +245,8 @@ async fn nbdinfo_nbdcopy_and_fio_random_writes_replay_to_an_identical_image() {
 
     let pattern = agent.dir.path().join("pattern.raw");
     let p = pattern.display().to_string();
-    run("qemu-img", &["create", "-f", "raw", &p, "8M"]);
-    run("qemu-io", &["-f", "raw", "-c", "write -P 0x3c 2M 3M", &p]);
+    run_tool("qemu-img", &["create", "-f", "raw", &p, "8M"]);
+    run_tool("qemu-io", &["-f", "raw", "-c", "write -P 0x3c 2M 3M", &p]);
     client("nbdcopy", strings(&[&p, &url])).await;
 
     client(
@@ -291,7 +278,7 @@ async fn initial_replication_racing_live_writes_replays_from_zero() {
 
     // A mostly written original with a hole in the middle.
     let agent = Agent::start_with("write -P 0x5a 0 6M").await;
-    run(
+    run_tool(
         "qemu-io",
         &[
             "-f",
@@ -359,7 +346,7 @@ async fn initial_replication_racing_live_writes_replays_from_zero() {
 
     // Replayed onto an empty disk, the stream rebuilds the source.
     let zero = agent.dir.path().join("zero.raw");
-    run(
+    run_tool(
         "qemu-img",
         &[
             "create",

@@ -5,6 +5,8 @@
 //! turns into changed-chunk tracking and resync, and the cache's bookmark and
 //! resync requests are obeyed.
 
+use ferry_testkit::Rng;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::sync::Arc;
@@ -19,18 +21,6 @@ use ferry_testkit::replay::{apply, tail_all};
 use ferry_testkit::{bin_path, free_addr, start_registry, wait_serving, ServiceProcess};
 
 const SIZE: u64 = 8 << 20;
-
-/// A small deterministic generator (no external crates needed).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {

@@ -3,6 +3,8 @@
 //! back equal to its shadow, also after reopening; no point while a disk
 //! syncs; pruning and compaction give the disk space back.
 
+use ferry_testkit::Rng;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use ferry_proto::cache::v1::record::Op;
@@ -12,17 +14,6 @@ use processor_svc::ProcessorError;
 
 const SIZE: u64 = 4 << 20;
 const CHUNK: u64 = 64 * 1024;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 struct Feed {
     seq: u64,

@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 pub use cluster::{start_registry, Cluster, Running};
 pub use process::{bin_path, free_addr, ServiceProcess};
-pub use tools::{assert_reflection_and_health, grpcurl, grpcurl_run, python};
+pub use tools::{
+    assert_reflection_and_health, grpcurl, grpcurl_run, identical_images, python, run_tool, Rng,
+};
 pub use vm::{create_policy, protect_vm, protect_vm_with, protected_item};
 
 /// Polls `check` until it returns `Some`, or panics with `what` after

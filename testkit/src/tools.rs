@@ -68,3 +68,43 @@ pub fn assert_reflection_and_health(addr: &str, service: &str) {
     let health = grpcurl_run(&[addr, "grpc.health.v1.Health/Check"]);
     assert!(health.contains("\"SERVING\""), "{health}");
 }
+
+/// Runs a Debian tool the tests drive (qemu-img, qemu-io, nbdinfo, fio...)
+/// and returns its stdout; panics with its stderr if it fails.
+pub fn run_tool(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} is missing ({e}); scripts/test.sh installs it"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether `qemu-img compare` finds two raw images identical.
+pub fn identical_images(a: &std::path::Path, b: &std::path::Path) -> bool {
+    Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+        .arg(a)
+        .arg(b)
+        .status()
+        .unwrap_or_else(|e| panic!("qemu-img is missing ({e}); scripts/test.sh installs it"))
+        .success()
+}
+
+/// A small deterministic generator (xorshift64) for test workloads.
+pub struct Rng(pub u64);
+
+impl Rng {
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}

@@ -6,45 +6,24 @@
 //! mid-job finishes it exactly once; a planned failover loses nothing. Bad
 //! input gets precise codes.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use ferry_agent::run::{Agent, AgentOptions};
-use ferry_agent::stream::StreamLimits;
 use ferry_proto::failover::v1 as fo;
 use ferry_proto::failover::v1::failover_client::FailoverClient;
 use ferry_proto::processor::v1 as pb;
 use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_testkit::points::{cut_latest, list_points};
-use ferry_testkit::{create_policy, protect_vm_with, protected_item, wait_for, Cluster};
+use ferry_testkit::{
+    identical_images, protect_vm_with, protected_item, run_tool, wait_for, Cluster,
+};
 use tonic::Code;
 
 const OS: u64 = 16 << 20;
 const DATA: u64 = 8 << 20;
-
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} is missing ({e}); scripts/test.sh installs it"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn identical(a: &Path, b: &Path) -> bool {
-    Command::new("qemu-img")
-        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
-        .arg(a)
-        .arg(b)
-        .status()
-        .unwrap()
-        .success()
-}
 
 async fn qemu_io(nbd: &str, disk: &str, commands: Vec<String>) {
     let mut args: Vec<String> = vec!["-f".into(), "raw".into()];
@@ -54,7 +33,7 @@ async fn qemu_io(nbd: &str, disk: &str, commands: Vec<String>) {
     args.push(format!("{nbd}/{disk}"));
     tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run("qemu-io", &args)
+        run_tool("qemu-io", &args)
     })
     .await
     .unwrap();
@@ -131,11 +110,10 @@ async fn test_failover_cleanup_unplanned_failover_to_an_older_point_and_commit()
     ];
     for ((_, path), size) in sources.iter().zip([OS, DATA]) {
         let p = path.to_str().unwrap();
-        run("qemu-img", &["create", "-f", "raw", p, &size.to_string()]);
-        run("qemu-io", &["-f", "raw", "-c", "write -P 0x11 0 1M", p]);
+        run_tool("qemu-img", &["create", "-f", "raw", p, &size.to_string()]);
+        run_tool("qemu-io", &["-f", "raw", "-c", "write -P 0x11 0 1M", p]);
     }
-    let day = Duration::from_secs(86400);
-    create_policy(&registry, "fast", Duration::from_secs(1), day, day, day).await;
+    common::policy(&registry, "fast", Duration::from_secs(1)).await;
     protect_vm_with(
         &registry,
         "vm",
@@ -143,24 +121,8 @@ async fn test_failover_cleanup_unplanned_failover_to_an_older_point_and_commit()
         "fast",
     )
     .await;
-    let nbd_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let nbd = format!("nbd://{}", nbd_listener.local_addr().unwrap());
-    let mut agent = Agent::start(AgentOptions {
-        registry: registry.clone(),
-        vm: "vm".into(),
-        nbd: nbd_listener,
-        group_address: String::new(),
-        state_dir: dir.path().join("agent"),
-        limits: StreamLimits::default(),
-    })
-    .await
-    .unwrap();
-    wait_for("PROTECTED", Duration::from_secs(60), || async {
-        protected_item(&registry, "vm")
-            .await
-            .filter(|i| i.state() == reg::ReplicationState::Protected)
-    })
-    .await;
+    let (mut agent, nbd) =
+        common::protected_agent(&registry, "vm", &dir.path().join("agent")).await;
 
     // Two rounds of writes through NBD, a point and a shadow copy after each.
     let mut rounds = Vec::new();
@@ -246,7 +208,10 @@ async fn test_failover_cleanup_unplanned_failover_to_an_older_point_and_commit()
     );
     for (disk, (id, shadow)) in test_vm.disks.iter().zip(&rounds[1].1) {
         assert_eq!(&disk.disk_id, id);
-        assert!(identical(Path::new(&disk.path), shadow), "test disk {id}");
+        assert!(
+            identical_images(Path::new(&disk.path), shadow),
+            "test disk {id}"
+        );
     }
     assert_eq!(
         protected_item(&registry, "vm").await.unwrap().state(),
@@ -329,7 +294,7 @@ async fn test_failover_cleanup_unplanned_failover_to_an_older_point_and_commit()
     );
     for (disk, (id, shadow)) in target.disks.iter().zip(&rounds[0].1) {
         assert!(
-            identical(Path::new(&disk.path), shadow),
+            identical_images(Path::new(&disk.path), shadow),
             "failed-over disk {id} equals the source at the older point"
         );
     }
@@ -363,7 +328,7 @@ async fn test_failover_cleanup_unplanned_failover_to_an_older_point_and_commit()
     assert_eq!(vms[0].point_id, newer.id);
     for (disk, (id, shadow)) in vms[0].disks.iter().zip(&rounds[1].1) {
         assert!(
-            identical(Path::new(&disk.path), shadow),
+            identical_images(Path::new(&disk.path), shadow),
             "disk {id} at the newer point"
         );
     }
@@ -564,26 +529,9 @@ async fn bad_failover_requests_get_precise_codes() {
     // The rest need a protected VM with points.
     let source = dir.path().join("p.raw");
     std::fs::File::create(&source).unwrap().set_len(OS).unwrap();
-    let day = Duration::from_secs(86400);
-    create_policy(&registry, "fast", Duration::from_secs(1), day, day, day).await;
+    common::policy(&registry, "fast", Duration::from_secs(1)).await;
     protect_vm_with(&registry, "vm", &[("os", OS, &source)], "fast").await;
-    let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let agent = Agent::start(AgentOptions {
-        registry: registry.clone(),
-        vm: "vm".into(),
-        nbd,
-        group_address: String::new(),
-        state_dir: dir.path().join("agent"),
-        limits: StreamLimits::default(),
-    })
-    .await
-    .unwrap();
-    wait_for("PROTECTED", Duration::from_secs(60), || async {
-        protected_item(&registry, "vm")
-            .await
-            .filter(|i| i.state() == reg::ReplicationState::Protected)
-    })
-    .await;
+    let (agent, _) = common::protected_agent(&registry, "vm", &dir.path().join("agent")).await;
     agent.capture.write("os", 0, vec![1; 4096]).await.unwrap();
     agent.stream.flushed().await;
     let point: pb::RecoveryPoint = cut_latest(&cluster.processor.url, "vm").await.unwrap();
@@ -708,31 +656,14 @@ async fn a_failover_svc_killed_mid_job_completes_the_job_exactly_once() {
     // 48 MiB of data on a 64 MiB disk, copied by initial replication.
     let source = dir.path().join("os.raw");
     let s = source.to_str().unwrap();
-    run(
+    run_tool(
         "qemu-img",
         &["create", "-f", "raw", s, &(64u64 << 20).to_string()],
     );
-    run("qemu-io", &["-f", "raw", "-c", "write -P 0x33 0 48M", s]);
-    let day = Duration::from_secs(86400);
-    create_policy(&registry, "fast", Duration::from_secs(1), day, day, day).await;
+    run_tool("qemu-io", &["-f", "raw", "-c", "write -P 0x33 0 48M", s]);
+    common::policy(&registry, "fast", Duration::from_secs(1)).await;
     protect_vm_with(&registry, "vm", &[("os", 64 << 20, &source)], "fast").await;
-    let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let agent = Agent::start(AgentOptions {
-        registry: registry.clone(),
-        vm: "vm".into(),
-        nbd,
-        group_address: String::new(),
-        state_dir: dir.path().join("agent"),
-        limits: StreamLimits::default(),
-    })
-    .await
-    .unwrap();
-    wait_for("PROTECTED", Duration::from_secs(60), || async {
-        protected_item(&registry, "vm")
-            .await
-            .filter(|i| i.state() == reg::ReplicationState::Protected)
-    })
-    .await;
+    let (agent, _) = common::protected_agent(&registry, "vm", &dir.path().join("agent")).await;
     agent.stream.flushed().await;
     let point = cut_latest(&cluster.processor.url, "vm").await.unwrap();
 
@@ -820,7 +751,7 @@ async fn a_failover_svc_killed_mid_job_completes_the_job_exactly_once() {
         .vms;
     assert_eq!(vms.len(), 1, "one VM created");
     assert!(
-        identical(Path::new(&vms[0].disks[0].path), &source),
+        identical_images(Path::new(&vms[0].disks[0].path), &source),
         "the disk equals the source"
     );
     assert_eq!(
@@ -838,27 +769,10 @@ async fn a_planned_failover_drains_the_source_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let source = dir.path().join("os.raw");
     std::fs::File::create(&source).unwrap().set_len(OS).unwrap();
-    let day = Duration::from_secs(86400);
     // Points only every 30 s: the final point is the drain's, not a timer's.
-    create_policy(&registry, "slow", Duration::from_secs(30), day, day, day).await;
+    common::policy(&registry, "slow", Duration::from_secs(30)).await;
     protect_vm_with(&registry, "vm", &[("os", OS, &source)], "slow").await;
-    let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut agent = Agent::start(AgentOptions {
-        registry: registry.clone(),
-        vm: "vm".into(),
-        nbd,
-        group_address: String::new(),
-        state_dir: dir.path().join("agent"),
-        limits: StreamLimits::default(),
-    })
-    .await
-    .unwrap();
-    wait_for("PROTECTED", Duration::from_secs(60), || async {
-        protected_item(&registry, "vm")
-            .await
-            .filter(|i| i.state() == reg::ReplicationState::Protected)
-    })
-    .await;
+    let (mut agent, _) = common::protected_agent(&registry, "vm", &dir.path().join("agent")).await;
     // Writes up to the moment of the failover, none of them awaited.
     for i in 0..64u64 {
         agent
@@ -916,7 +830,7 @@ async fn a_planned_failover_drains_the_source_and_loses_nothing() {
         .into_inner()
         .vms;
     assert!(
-        identical(Path::new(&vms[0].disks[0].path), &source),
+        identical_images(Path::new(&vms[0].disks[0].path), &source),
         "the failed-over disk is the source"
     );
     assert_eq!(

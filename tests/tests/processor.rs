@@ -5,12 +5,11 @@
 //! with no record lost or applied twice, and the cache trims only below
 //! what is durably applied.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+
+use std::path::PathBuf;
 use std::time::Duration;
 
-use ferry_agent::run::{Agent, AgentOptions};
-use ferry_agent::stream::StreamLimits;
 use ferry_proto::cache::v1 as cache;
 use ferry_proto::cache::v1::cache_client::CacheClient;
 use ferry_proto::processor::v1 as pb;
@@ -19,76 +18,11 @@ use ferry_proto::registry::v1 as reg;
 use ferry_runtime::{CancellationToken, ServiceConfig};
 use ferry_testkit::points::{cut_latest, list_points, read_disk};
 use ferry_testkit::{
-    bin_path, create_policy, protect_vm_with, protected_item, start_registry, wait_for,
-    wait_serving, Cluster, Running, ServiceProcess,
+    bin_path, create_policy, identical_images, protect_vm_with, protected_item, run_tool,
+    start_registry, wait_for, wait_serving, Cluster, Rng, Running, ServiceProcess,
 };
 
 const SIZE: u64 = 16 << 20;
-
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} is missing ({e}); scripts/test.sh installs it"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-async fn fast_policy(registry: &str) {
-    let day = Duration::from_secs(86400);
-    create_policy(registry, "fast", Duration::from_secs(1), day, day, day).await;
-}
-
-/// Starts the agent for "vm" in-process with its NBD export on loopback.
-async fn start_agent(registry: &str, state_dir: &Path) -> (Agent, String) {
-    let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = nbd.local_addr().unwrap();
-    let agent = Agent::start(AgentOptions {
-        registry: registry.to_string(),
-        vm: "vm".into(),
-        nbd,
-        group_address: String::new(),
-        state_dir: state_dir.to_path_buf(),
-        limits: StreamLimits::default(),
-    })
-    .await
-    .unwrap();
-    (agent, format!("nbd://{addr}"))
-}
-
-async fn wait_protected(registry: &str) {
-    wait_for("PROTECTED", Duration::from_secs(60), || async {
-        protected_item(registry, "vm")
-            .await
-            .filter(|i| i.state() == reg::ReplicationState::Protected)
-    })
-    .await;
-}
-
-/// `qemu-img compare` of two raw images.
-fn identical(a: &Path, b: &Path) -> bool {
-    Command::new("qemu-img")
-        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
-        .arg(a)
-        .arg(b)
-        .status()
-        .unwrap()
-        .success()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn points_cut_during_nbd_writes_read_back_as_the_source_at_their_cut() {
@@ -96,9 +30,9 @@ async fn points_cut_during_nbd_writes_read_back_as_the_source_at_their_cut() {
     let dir = tempfile::tempdir().unwrap();
     let source = dir.path().join("os.raw");
     let s = source.to_str().unwrap().to_string();
-    run("qemu-img", &["create", "-f", "raw", &s, &SIZE.to_string()]);
-    run("qemu-io", &["-f", "raw", "-c", "write -P 0x42 1M 3M", &s]);
-    fast_policy(&cluster.registry.url).await;
+    run_tool("qemu-img", &["create", "-f", "raw", &s, &SIZE.to_string()]);
+    run_tool("qemu-io", &["-f", "raw", "-c", "write -P 0x42 1M 3M", &s]);
+    common::policy(&cluster.registry.url, "fast", Duration::from_secs(1)).await;
     protect_vm_with(
         &cluster.registry.url,
         "vm",
@@ -106,8 +40,8 @@ async fn points_cut_during_nbd_writes_read_back_as_the_source_at_their_cut() {
         "fast",
     )
     .await;
-    let (agent, nbd) = start_agent(&cluster.registry.url, &dir.path().join("agent")).await;
-    wait_protected(&cluster.registry.url).await;
+    let (agent, nbd) =
+        common::protected_agent(&cluster.registry.url, "vm", &dir.path().join("agent")).await;
 
     let mut rng = Rng(0x853c49e6748fea9b);
     let mut shadows: Vec<(pb::RecoveryPoint, PathBuf)> = Vec::new();
@@ -127,7 +61,7 @@ async fn points_cut_during_nbd_writes_read_back_as_the_source_at_their_cut() {
         args.push(format!("{nbd}/os"));
         tokio::task::spawn_blocking(move || {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            run("qemu-io", &args)
+            run_tool("qemu-io", &args)
         })
         .await
         .unwrap();
@@ -149,7 +83,7 @@ async fn points_cut_during_nbd_writes_read_back_as_the_source_at_their_cut() {
         )
         .unwrap();
         assert!(
-            identical(shadow, &replica),
+            identical_images(shadow, &replica),
             "point {} (cut {}) differs from the source at its cut",
             point.id,
             point.sequence_cut
@@ -343,10 +277,9 @@ async fn a_sigkilled_processor_resumes_without_loss_or_duplicates() {
         .unwrap()
         .set_len(SIZE)
         .unwrap();
-    fast_policy(&registry.url).await;
+    common::policy(&registry.url, "fast", Duration::from_secs(1)).await;
     protect_vm_with(&registry.url, "vm", &[("os", SIZE, &source)], "fast").await;
-    let (agent, _) = start_agent(&registry.url, &dir.path().join("agent")).await;
-    wait_protected(&registry.url).await;
+    let (agent, _) = common::protected_agent(&registry.url, "vm", &dir.path().join("agent")).await;
 
     // Writes through the library API go on while processor-svc is killed
     // twice; each write's sequence is known, so the source at any cut is too.
@@ -492,8 +425,8 @@ async fn a_short_policy_thins_and_expires_points_and_reclaims_their_space() {
         "short",
     )
     .await;
-    let (agent, _) = start_agent(&cluster.registry.url, &dir.path().join("agent")).await;
-    wait_protected(&cluster.registry.url).await;
+    let (agent, _) =
+        common::protected_agent(&cluster.registry.url, "vm", &dir.path().join("agent")).await;
 
     // The same 2 MiB rewritten over and over for 16 s: every point has its
     // own version of it, and only the retained ones may keep theirs.
