@@ -71,6 +71,19 @@ async fn finish(url: &str, job: &fo::Job) -> (fo::Job, usize) {
     (job, progress.len())
 }
 
+/// Starts a job and follows it; it must succeed.
+async fn succeed(url: &str, request: fo::StartFailoverRequest) -> (fo::Job, usize) {
+    let job = failover(url)
+        .await
+        .start_failover(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let (job, progress) = finish(url, &job).await;
+    assert_eq!(job.state, fo::JobState::Succeeded as i32, "{job:?}");
+    (job, progress)
+}
+
 fn start(
     vm: &str,
     kind: fo::FailoverKind,
@@ -170,19 +183,16 @@ async fn test_failover_cleanup_unplanned_failover_to_an_older_point_and_commit()
         })
         .await
         .unwrap();
-    let job = failover(&url)
-        .await
-        .start_failover(start(
+    let (job, progress) = succeed(
+        &url,
+        start(
             "vm",
             fo::FailoverKind::Test,
             fo::point_choice::Choice::LatestProcessed(true),
             "isolated",
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let (job, progress) = finish(&url, &job).await;
-    assert_eq!(job.state, fo::JobState::Succeeded as i32, "{job:?}");
+        ),
+    )
+    .await;
     assert_eq!(job.bytes_done, OS + DATA);
     assert!(progress >= 2, "progress was streamed");
     let newest = list_points(&cluster.processor.url, "vm")
@@ -302,19 +312,16 @@ async fn test_failover_cleanup_unplanned_failover_to_an_older_point_and_commit()
     // Before commit, the point can be changed: a failover again, to the
     // newer point, replaces the VM's disks and releases the older pin.
     let newer = &rounds[1].0;
-    let job = failover(&url)
-        .await
-        .start_failover(start(
+    succeed(
+        &url,
+        start(
             "vm",
             fo::FailoverKind::Unplanned,
             fo::point_choice::Choice::PointId(newer.id.clone()),
             "",
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let (job, _) = finish(&url, &job).await;
-    assert_eq!(job.state, fo::JobState::Succeeded as i32, "{job:?}");
+        ),
+    )
+    .await;
     let vms = failover(&url)
         .await
         .list_target_vms(fo::ListTargetVmsRequest {
@@ -783,19 +790,16 @@ async fn a_planned_failover_drains_the_source_and_loses_nothing() {
     }
     let last = agent.stream.last().await;
     let url = cluster.failover.url.clone();
-    let job = failover(&url)
-        .await
-        .start_failover(start(
+    let (job, _) = succeed(
+        &url,
+        start(
             "vm",
             fo::FailoverKind::Planned,
             fo::point_choice::Choice::Latest(true),
             "",
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let (job, _) = finish(&url, &job).await;
-    assert_eq!(job.state, fo::JobState::Succeeded as i32, "{job:?}");
+        ),
+    )
+    .await;
     assert_eq!(
         job.steps
             .iter()
