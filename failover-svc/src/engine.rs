@@ -865,6 +865,20 @@ impl Engine {
                 .await
                 .map_err(|s| FailoverError::peer("processor (read disk)", s))?
                 .into_inner();
+            // Writes go to a blocking writer through a short queue, so that
+            // receiving the next extent overlaps writing this one.
+            let (queue, mut pending) = tokio::sync::mpsc::channel(4);
+            let writer = {
+                let (f, p2) = (file.clone(), path.clone());
+                tokio::task::spawn_blocking(move || -> Result<()> {
+                    while let Some((at, data)) = pending.blocking_recv() {
+                        let data: Vec<u8> = data;
+                        f.write_all_at(&data, at)
+                            .map_err(|e| FailoverError::io(&p2, e))?;
+                    }
+                    f.sync_all().map_err(|e| FailoverError::io(&p2, e))
+                })
+            };
             while let Some(extent) = extents
                 .message()
                 .await
@@ -877,13 +891,11 @@ impl Engine {
                             extent.offset, disk.disk_id
                         )));
                     }
-                    let (f, at) = (file.clone(), extent.offset);
-                    let p2 = path.clone();
                     let n = data.len() as u64;
-                    tokio::task::spawn_blocking(move || f.write_all_at(&data, at))
-                        .await
-                        .map_err(|e| FailoverError::Corrupt(e.to_string()))?
-                        .map_err(|e| FailoverError::io(&p2, e))?;
+                    if queue.send((extent.offset, data.to_vec())).await.is_err() {
+                        // The writer stopped: its error says why.
+                        break;
+                    }
                     written += n;
                     if let Some(rate) = self.write_rate {
                         // Paced: never ahead of the cap.
@@ -900,11 +912,10 @@ impl Engine {
                     self.jobs.save(job)?;
                 }
             }
-            let (f, p2) = (file.clone(), path.clone());
-            tokio::task::spawn_blocking(move || f.sync_all())
+            drop(queue);
+            writer
                 .await
-                .map_err(|e| FailoverError::Corrupt(e.to_string()))?
-                .map_err(|e| FailoverError::io(&p2, e))?;
+                .map_err(|e| FailoverError::Corrupt(e.to_string()))??;
         }
         let secs = started.elapsed().as_secs_f64().max(1e-9);
         Ok(format!(

@@ -118,6 +118,32 @@ pub async fn run(dir: &Path) -> Result<()> {
         cp_secs / secs
     );
     println!("  materialize-disks: {materialize}");
+    // Where the time goes: reading the point alone, extents discarded.
+    let mut p = ferry_proto::processor::v1::processor_client::ProcessorClient::new(
+        ferry_runtime::connect(&cluster.processor.url)?,
+    )
+    .max_decoding_message_size(64 << 20);
+    let t = Instant::now();
+    let mut extents = p
+        .read_disk(ferry_proto::processor::v1::ReadDiskRequest {
+            vm_name: "vm".into(),
+            point_id: point.id.clone(),
+            disk_id: "os".into(),
+            offset: 0,
+            length: 0,
+        })
+        .await?
+        .into_inner();
+    let mut n = 0u64;
+    while let Some(e) = extents.message().await? {
+        n += e.length;
+    }
+    let read_secs = t.elapsed().as_secs_f64();
+    println!(
+        "  ReadDisk alone: {} MiB in {read_secs:.2} s ({:.0} MB/s)",
+        n >> 20,
+        n as f64 / 1e6 / read_secs
+    );
     let _ = agent.stop(Duration::from_secs(1)).await;
     cluster.stop().await;
     Ok(())

@@ -141,6 +141,8 @@ impl Host {
         let stopping = shutdown.clone();
         let server = tonic::transport::Server::builder()
             .timeout(limits.request_timeout())
+            .initial_stream_window_size(Some(crate::peers::STREAM_WINDOW))
+            .initial_connection_window_size(Some(crate::peers::CONNECTION_WINDOW))
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .layer(TraceContextLayer)

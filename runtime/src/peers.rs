@@ -15,6 +15,11 @@ use crate::trace_context::TraceInterceptor;
 /// A channel to a peer that carries the caller's trace context.
 pub type PeerChannel = InterceptedService<Channel, TraceInterceptor>;
 
+/// HTTP/2 flow-control window per stream, for clients and servers.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+/// HTTP/2 flow-control window per connection.
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+
 /// A lazily connecting channel to `url` that injects trace context. Calls made
 /// while the peer is down fail with UNAVAILABLE and reconnect on the next call.
 pub fn connect(url: &str) -> Result<PeerChannel, HostError> {
@@ -25,6 +30,10 @@ pub fn connect(url: &str) -> Result<PeerChannel, HostError> {
     let channel = endpoint
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
+        // Bulk streams (ingest, tail, disk reads) need more than HTTP/2's
+        // default 64 KiB window to go at disk speed.
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_while_idle(true)
         .connect_lazy();
