@@ -348,6 +348,8 @@ impl Stream {
         let mut q = self.queue.lock().await;
         q.outstanding.data.clear(disk, chunk);
         q.outstanding.verify.clear(disk, chunk);
+        drop(q);
+        self.changed.notify_waiters();
     }
 
     /// Appends a record (its sequence and checksum filled in here) and
@@ -490,19 +492,73 @@ impl Stream {
         self.queue.lock().await.next_seq - 1
     }
 
-    /// Waits until everything pushed so far is durable in the cache.
+    /// Waits until every record pushed so far is durable in the cache, or
+    /// until the buffer overflows (what was pending is then tracked as
+    /// changed chunks, and resync sends it). Returns the durable sequence.
     pub async fn flushed(&self) -> u64 {
-        let target = self.last().await;
+        let (target, generation) = {
+            let q = self.queue.lock().await;
+            (q.next_seq - 1, q.generation)
+        };
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             // Registered before the check, so no wake-up falls in between.
             notified.as_mut().enable();
-            if self.durable().await >= target {
-                return target;
+            {
+                let q = self.queue.lock().await;
+                if q.durable >= target || q.generation != generation {
+                    return q.durable;
+                }
             }
             notified.await;
         }
+    }
+
+    /// Waits until every write made so far is durable in the cache, through
+    /// a resync if the buffer overflowed meanwhile: nothing tracked, nothing
+    /// left for resync to send, and every record pushed before that durable.
+    /// Needs the resync loop running. Returns the durable sequence.
+    pub async fn settled(&self) -> u64 {
+        let mut target = None;
+        let mut generation = self.queue.lock().await.generation;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let q = self.queue.lock().await;
+                if q.generation != generation {
+                    generation = q.generation;
+                    target = None;
+                }
+                if q.tracking.is_some()
+                    || q.renumber
+                    || !q.outstanding.is_empty()
+                    || !q.verify.is_empty()
+                {
+                    // Writes from before are tracked: wait until resync has
+                    // pushed them, then for those records.
+                    target = None;
+                } else {
+                    let t = *target.get_or_insert(q.next_seq - 1);
+                    if q.durable >= t {
+                        return q.durable;
+                    }
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// How often the buffer has overflowed into changed-chunk tracking.
+    pub async fn overflows(&self) -> u64 {
+        self.queue.lock().await.generation
+    }
+
+    /// Payload bytes waiting for the cache's acknowledgement.
+    pub async fn pending_bytes(&self) -> usize {
+        self.queue.lock().await.pending_bytes
     }
 
     async fn acknowledge(&self, durable: u64) {
@@ -733,65 +789,100 @@ async fn session(
             return SessionEnd::Retry("the buffer overflowed; reconnecting to renumber".into());
         }
         let batch = stream.next_batch(sent).await;
-        if let Some(last) = batch.last() {
-            sent = last.sequence;
+        if let Some(last) = batch.last().map(|r| r.sequence) {
             let request = pb::IngestRequest {
                 msg: Some(pb::ingest_request::Msg::Batch(pb::RecordBatch {
                     records: batch,
                 })),
             };
-            if tx.send(request).await.is_err() {
-                return SessionEnd::Retry("request stream closed".into());
+            // Responses are taken while waiting for room to send: the
+            // acknowledgements keep the buffer draining, and a cache that
+            // waits for its answers to be read cannot stall the stream.
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+                    permit = tx.reserve() => match permit {
+                        Ok(permit) => {
+                            permit.send(request);
+                            break;
+                        }
+                        Err(_) => return SessionEnd::Retry("request stream closed".into()),
+                    },
+                    response = responses.message() => {
+                        if let Some(end) = on_response(stream, vm, response).await {
+                            return end;
+                        }
+                    }
+                }
             }
+            sent = last;
             continue;
         }
         tokio::select! {
             _ = shutdown.cancelled() => return SessionEnd::Shutdown,
             _ = notified => {}
-            response = responses.message() => match response {
-                Ok(Some(pb::IngestResponse { msg: Some(msg) })) => match msg {
-                    pb::ingest_response::Msg::Ack(a) => stream.acknowledge(a.durable_sequence).await,
-                    pb::ingest_response::Msg::Stop(s) if !s.final_marker_id.is_empty() => {
-                        tracing::warn!(vm, reason = %s.reason, "planned failover: draining, then a FINAL marker");
-                        stream.request_final(&s.final_marker_id);
-                    }
-                    pb::ingest_response::Msg::Stop(s) => {
-                        return SessionEnd::Fatal(tonic::Status::failed_precondition(s.reason))
-                    }
-                    pb::ingest_response::Msg::Throttle(t) => {
-                        // The cache refuses the next batch; the retry backs off.
-                        tracing::warn!(vm, reason = %t.reason, "cache throttles this VM");
-                    }
-                    pb::ingest_response::Msg::Resync(r) => {
-                        tracing::warn!(vm, disks = ?r.disk_ids, ranges = r.ranges.len(), reason = %r.reason, "cache asks for a resync");
-                        let reason = format!("resync requested: {}", r.reason);
-                        let ranges: Vec<(String, u64, u64)> = r
-                            .ranges
-                            .iter()
-                            .map(|x| (x.disk_id.clone(), x.offset, x.length))
-                            .collect();
-                        stream.request_resync(&r.disk_ids, &ranges, &reason).await;
-                    }
-                    pb::ingest_response::Msg::Bookmark(b) => {
-                        let marker = Op::Marker(pb::Marker {
-                            kind: pb::MarkerKind::Bookmark as i32,
-                            id: b.id.clone(),
-                        });
-                        // Markers need no ordering lock: every write with a
-                        // lower sequence has completed, none after has.
-                        match stream.push("", marker).await {
-                            0 => tracing::warn!(vm, id = %b.id, "no bookmark while tracking changed chunks"),
-                            seq => tracing::debug!(vm, id = %b.id, seq, "bookmark"),
-                        }
-                    }
-                    pb::ingest_response::Msg::Opened(_) => {
-                        return SessionEnd::Retry("the cache answered `open` twice".into())
-                    }
-                },
-                Ok(_) => return SessionEnd::Retry("the cache ended the stream".into()),
-                Err(s) if fatal(&s) => return SessionEnd::Fatal(s),
-                Err(s) => return SessionEnd::Retry(s.to_string()),
-            },
+            response = responses.message() => {
+                if let Some(end) = on_response(stream, vm, response).await {
+                    return end;
+                }
+            }
         }
     }
+}
+
+/// Handles one response of the cache; what ends the session, if it does.
+async fn on_response(
+    stream: &Stream,
+    vm: &str,
+    response: Result<Option<pb::IngestResponse>, tonic::Status>,
+) -> Option<SessionEnd> {
+    match response {
+        Ok(Some(pb::IngestResponse { msg: Some(msg) })) => match msg {
+            pb::ingest_response::Msg::Ack(a) => stream.acknowledge(a.durable_sequence).await,
+            pb::ingest_response::Msg::Stop(s) if !s.final_marker_id.is_empty() => {
+                tracing::warn!(vm, reason = %s.reason, "planned failover: draining, then a FINAL marker");
+                stream.request_final(&s.final_marker_id);
+            }
+            pb::ingest_response::Msg::Stop(s) => {
+                return Some(SessionEnd::Fatal(tonic::Status::failed_precondition(
+                    s.reason,
+                )))
+            }
+            pb::ingest_response::Msg::Throttle(t) => {
+                // The cache refuses the next batch; the retry backs off.
+                tracing::warn!(vm, reason = %t.reason, "cache throttles this VM");
+            }
+            pb::ingest_response::Msg::Resync(r) => {
+                tracing::warn!(vm, disks = ?r.disk_ids, ranges = r.ranges.len(), reason = %r.reason, "cache asks for a resync");
+                let reason = format!("resync requested: {}", r.reason);
+                let ranges: Vec<(String, u64, u64)> = r
+                    .ranges
+                    .iter()
+                    .map(|x| (x.disk_id.clone(), x.offset, x.length))
+                    .collect();
+                stream.request_resync(&r.disk_ids, &ranges, &reason).await;
+            }
+            pb::ingest_response::Msg::Bookmark(b) => {
+                let marker = Op::Marker(pb::Marker {
+                    kind: pb::MarkerKind::Bookmark as i32,
+                    id: b.id.clone(),
+                });
+                // Markers need no ordering lock: every write with a
+                // lower sequence has completed, none after has.
+                match stream.push("", marker).await {
+                    0 => {
+                        tracing::warn!(vm, id = %b.id, "no bookmark while tracking changed chunks")
+                    }
+                    seq => tracing::debug!(vm, id = %b.id, seq, "bookmark"),
+                }
+            }
+            pb::ingest_response::Msg::Opened(_) => {
+                return Some(SessionEnd::Retry("the cache answered `open` twice".into()))
+            }
+        },
+        Ok(_) => return Some(SessionEnd::Retry("the cache ended the stream".into())),
+        Err(s) if fatal(&s) => return Some(SessionEnd::Fatal(s)),
+        Err(s) => return Some(SessionEnd::Retry(s.to_string())),
+    }
+    None
 }
