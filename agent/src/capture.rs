@@ -158,7 +158,7 @@ pub struct Capture {
     stream: Arc<Stream>,
     /// Held from a write's completion to its sequence number, so the stream's
     /// order is the order in which writes reached the images.
-    order: Mutex<()>,
+    order: Arc<Mutex<()>>,
     /// Set under `order` by [`Capture::close`]: no write reaches a disk after.
     closed: std::sync::atomic::AtomicBool,
 }
@@ -174,7 +174,7 @@ impl Capture {
                 .map(|d| (d.id.clone(), Arc::new(d)))
                 .collect(),
             stream,
-            order: Mutex::new(()),
+            order: Arc::new(Mutex::new(())),
             closed: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -192,6 +192,13 @@ impl Capture {
             return Err(CaptureError::Closed);
         }
         Ok(())
+    }
+
+    /// Holds the completion of new writes until the guard is dropped (a
+    /// group bookmark round): writes in flight finish first, later ones wait
+    /// before reaching the disks, and the stream's last sequence is stable.
+    pub async fn hold_writes(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.order.clone().lock_owned().await
     }
 
     /// The stream records go to.
@@ -307,6 +314,7 @@ impl Capture {
         let op = Op::Marker(Marker {
             kind: kind as i32,
             id: id.to_string(),
+            time_unix_nanos: 0,
         });
         self.stream.push(disk, op).await
     }

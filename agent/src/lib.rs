@@ -5,8 +5,10 @@
 //! [`stream`]; [`nbd`] exports the disks to qemu and friends.
 
 pub mod capture;
+pub mod group;
 pub mod initial;
 pub mod nbd;
+pub mod quiesce;
 pub mod resync;
 pub mod run;
 pub mod state;
@@ -37,6 +39,8 @@ pub struct Assignment {
     pub epoch: u64,
     /// The protected item's state at registration.
     pub state: pb::ReplicationState,
+    /// The VM's replication group; empty if none.
+    pub group: String,
     credential: String,
 }
 
@@ -54,6 +58,7 @@ impl std::fmt::Debug for Assignment {
             .field("disks", &self.disks.len())
             .field("epoch", &self.epoch)
             .field("state", &self.state)
+            .field("group", &self.group)
             .field("credential", &"<redacted>")
             .finish()
     }
@@ -85,8 +90,10 @@ pub async fn register(
         epoch: grant.epoch,
         state: grant
             .item
+            .as_ref()
             .map(|i| i.state())
             .unwrap_or(pb::ReplicationState::Unspecified),
+        group: grant.item.map(|i| i.replication_group).unwrap_or_default(),
         credential: grant.credential,
     })
 }

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use ferry_agent::run::{Agent, AgentOptions};
+use ferry_agent::quiesce::Scripts;
+use ferry_agent::run::{Agent, AgentOptions, GroupPort};
 use ferry_agent::stream::StreamLimits;
 
 /// Ferry's agent: captures a VM's disk writes and streams them to the cache.
@@ -25,7 +26,8 @@ struct Args {
         default_value = "127.0.0.1:10809"
     )]
     nbd_listen: String,
-    /// The replication group port (ASR's 20004).
+    /// Where the replication group port (ASR's 20004) listens when the VM is
+    /// in a replication group; `off` turns it off.
     #[arg(
         long,
         env = "FERRY_GROUP_LISTEN",
@@ -33,6 +35,10 @@ struct Args {
         default_value = "0.0.0.0:20004"
     )]
     group_listen: String,
+    /// The group port's address as the group's other agents reach it;
+    /// default: the listen address (the host name if it is 0.0.0.0).
+    #[arg(long, env = "FERRY_GROUP_ADVERTISE", value_name = "HOST:PORT")]
+    group_advertise: Option<String>,
     /// Where the changed-chunk map is kept across restarts (one file per VM).
     #[arg(
         long,
@@ -50,6 +56,28 @@ struct Args {
         default_value_t = 10
     )]
     drain_secs: u64,
+    /// Script that quiesces the VM's applications before an app-consistent
+    /// point (fsfreeze, a database flush), run at the policy's
+    /// app-consistent frequency with FERRY_VM, FERRY_SEQUENCE, FERRY_PHASE.
+    #[arg(long, env = "FERRY_PRE_SCRIPT", value_name = "PATH")]
+    pre_script: Option<PathBuf>,
+    /// Script that thaws them; runs after every pre script.
+    #[arg(
+        long,
+        env = "FERRY_POST_SCRIPT",
+        value_name = "PATH",
+        requires = "pre_script"
+    )]
+    post_script: Option<PathBuf>,
+    /// How long each script may run before it is killed (then the point is
+    /// crash-consistent only, and the VM's health says why).
+    #[arg(
+        long,
+        env = "FERRY_SCRIPT_TIMEOUT_SECS",
+        value_name = "SECONDS",
+        default_value_t = 60
+    )]
+    script_timeout_secs: u64,
     /// Log filter.
     #[arg(long, env = "FERRY_LOG", default_value = "info")]
     log: String,
@@ -64,13 +92,23 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
         .await
         .map_err(|e| format!("cannot listen for NBD on {}: {e}", args.nbd_listen))?;
     tracing::info!(nbd = %args.nbd_listen, "NBD export listening");
+    let group = match args.group_listen.as_str() {
+        "off" => GroupPort::Off,
+        address => GroupPort::Listen(address.to_string()),
+    };
     let mut agent = Agent::start(AgentOptions {
         registry: args.registry.clone(),
         vm: args.vm.clone(),
         nbd,
-        group_address: args.group_listen.clone(),
+        group,
+        group_address: args.group_advertise.clone().unwrap_or_default(),
         state_dir: args.state_dir.clone(),
         limits: StreamLimits::default(),
+        scripts: args.pre_script.clone().map(|pre| Scripts {
+            pre,
+            post: args.post_script.clone(),
+            timeout: Duration::from_secs(args.script_timeout_secs.max(1)),
+        }),
     })
     .await?;
     tokio::select! {

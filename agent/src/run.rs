@@ -26,12 +26,29 @@ pub struct AgentOptions {
     pub vm: String,
     /// Where the NBD export listens (bound by the caller).
     pub nbd: TcpListener,
-    /// The replication group address given to registry.
+    /// The replication group port (`ferry.agent.v1.AgentGroup`), used only
+    /// when the VM is in a group.
+    pub group: GroupPort,
+    /// The group port's address as the other members reach it; empty for
+    /// the listener's address (with the host name if it listens on all
+    /// interfaces).
     pub group_address: String,
     /// Where the changed-chunk map is kept.
     pub state_dir: PathBuf,
     /// The stream's buffer limits.
     pub limits: StreamLimits,
+    /// Pre and post scripts for app-consistent points; None for none.
+    pub scripts: Option<crate::quiesce::Scripts>,
+}
+
+/// Where the replication group port listens.
+pub enum GroupPort {
+    /// Off: a VM in a group then gets no multi-VM points.
+    Off,
+    /// A listener bound by the caller.
+    Bound(TcpListener),
+    /// An address bound at start, only if the VM is in a group.
+    Listen(String),
 }
 
 /// Why the agent could not start or stop cleanly.
@@ -45,6 +62,11 @@ pub enum RunError {
     State(#[from] StateError),
     #[error("cache-svc: {0}")]
     Cache(tonic::Status),
+    #[error("cannot listen for the replication group on {address}: {source} (--group-listen HOST:PORT, or off)")]
+    GroupPort {
+        address: String,
+        source: std::io::Error,
+    },
     #[error("the stream task failed: {0}")]
     Task(String),
 }
@@ -52,6 +74,11 @@ pub enum RunError {
 /// A running agent.
 pub struct Agent {
     pub vm: String,
+    /// Its side of the replication group protocol, if the VM is in a group
+    /// and the group port is on.
+    pub member: Option<Arc<crate::group::Member>>,
+    /// Its group port's address as other members reach it (empty if off).
+    pub group_address: String,
     pub capture: Arc<Capture>,
     pub stream: Arc<Stream>,
     /// The fencing epoch registry gave this agent.
@@ -70,8 +97,13 @@ impl Agent {
     /// Registers for the VM and starts replicating it.
     pub async fn start(opts: AgentOptions) -> Result<Agent, RunError> {
         let hostname = std::env::var("HOSTNAME").unwrap_or_default();
+        let mut group_address = match (&opts.group, opts.group_address.is_empty()) {
+            (GroupPort::Bound(listener), true) => advertised(listener, &hostname),
+            (GroupPort::Listen(address), true) => address.clone(),
+            _ => opts.group_address.clone(),
+        };
         let assignment =
-            crate::register(&opts.registry, &opts.vm, &hostname, &opts.group_address).await?;
+            crate::register(&opts.registry, &opts.vm, &hostname, &group_address).await?;
         let mut disks = Vec::new();
         for d in &assignment.disks {
             disks.push(SourceDisk::open(
@@ -109,6 +141,76 @@ impl Agent {
             "replicating; NBD exports are the disk ids"
         );
         tokio::spawn(crate::nbd::serve(opts.nbd, capture.clone(), stop.clone()));
+        let port = match (&assignment.group, opts.group) {
+            (g, _) if g.is_empty() => None,
+            (_, GroupPort::Off) => None,
+            (_, GroupPort::Bound(listener)) => Some(listener),
+            (_, GroupPort::Listen(address)) => {
+                let listener =
+                    TcpListener::bind(&address)
+                        .await
+                        .map_err(|source| RunError::GroupPort {
+                            address: address.clone(),
+                            source,
+                        })?;
+                if opts.group_address.is_empty() {
+                    group_address = advertised(&listener, &hostname);
+                }
+                Some(listener)
+            }
+        };
+        if let Some(scripts) = opts.scripts.clone() {
+            let capture = capture.clone();
+            let mut registry = RegistryClient::new(
+                ferry_runtime::connect(&opts.registry).map_err(AgentError::from)?,
+            );
+            let (vm, stop) = (opts.vm.clone(), stop.clone());
+            tokio::spawn(async move {
+                match app_consistent_frequency(&mut registry, &vm).await {
+                    Ok(Some(frequency)) => {
+                        crate::quiesce::run(
+                            &capture,
+                            &mut registry,
+                            &vm,
+                            &scripts,
+                            frequency,
+                            &stop,
+                        )
+                        .await
+                    }
+                    Ok(None) => tracing::warn!(
+                        vm,
+                        "the VM's policy has app-consistent points off: the scripts are not run"
+                    ),
+                    Err(status) => {
+                        tracing::error!(vm, %status, "cannot read the VM's policy: no app-consistent points")
+                    }
+                }
+            });
+        }
+        let member = match (&assignment.group, port) {
+            (g, _) if g.is_empty() => None,
+            (g, None) => {
+                tracing::warn!(vm = %opts.vm, group = %g, "the VM is in a replication group but the group port is off: it gets no multi-VM points");
+                None
+            }
+            (g, Some(listener)) => {
+                let member = crate::group::Member::new(&opts.vm, g, capture.clone());
+                serve_group(member.clone(), listener, stop.clone()).await?;
+                tokio::spawn(crate::group::run(
+                    crate::group::GroupOptions {
+                        registry: opts.registry.clone(),
+                        vm: opts.vm.clone(),
+                        epoch: assignment.epoch,
+                        credential: assignment.credential().to_string(),
+                        address: group_address.clone(),
+                    },
+                    stop.clone(),
+                ));
+                tracing::info!(vm = %opts.vm, group = %g, address = %group_address, "replication group port serving");
+                Some(member)
+            }
+        };
         {
             let capture = capture.clone();
             let mut registry = RegistryClient::new(
@@ -159,6 +261,7 @@ impl Agent {
                     ferry_proto::cache::v1::record::Op::Marker(ferry_proto::cache::v1::Marker {
                         kind: ferry_proto::cache::v1::MarkerKind::Final as i32,
                         id: id.clone(),
+                        time_unix_nanos: 0,
                     });
                 if stream.push("", marker).await == 0 {
                     tracing::error!(
@@ -186,6 +289,12 @@ impl Agent {
             stream_stop.clone(),
         ));
         Ok(Agent {
+            group_address: if member.is_some() {
+                group_address
+            } else {
+                String::new()
+            },
+            member,
             vm: opts.vm,
             capture,
             stream,
@@ -271,4 +380,67 @@ fn initial_stream(
             Stream::with_tracking(next, limits, set, &format!("full resync: {why}"))
         }
     }
+}
+
+/// The group port's address as other members reach it.
+fn advertised(listener: &TcpListener, hostname: &str) -> String {
+    match listener.local_addr() {
+        Ok(a) if a.ip().is_unspecified() => {
+            let host = if hostname.is_empty() {
+                "localhost"
+            } else {
+                hostname
+            };
+            format!("{host}:{}", a.port())
+        }
+        Ok(a) => a.to_string(),
+        Err(_) => String::new(),
+    }
+}
+
+/// Serves `ferry.agent.v1.AgentGroup` (with health and reflection) on
+/// `listener` until `stop`.
+async fn serve_group(
+    member: Arc<crate::group::Member>,
+    listener: TcpListener,
+    stop: CancellationToken,
+) -> Result<(), RunError> {
+    let mut host = ferry_runtime::Host::new(&[crate::group::SERVICE_NAME])
+        .await
+        .map_err(AgentError::from)?;
+    host.routes().add_service(member.service());
+    let health = host.health();
+    tokio::spawn(async move {
+        health.serving().await;
+        let limits = ferry_runtime::config::Limits::default();
+        if let Err(e) = host.serve(listener, &limits, stop).await {
+            tracing::error!(error = %e, "replication group port stopped");
+        }
+    });
+    Ok(())
+}
+
+/// The app-consistent frequency of the VM's policy; None when it is off.
+async fn app_consistent_frequency(
+    registry: &mut RegistryClient<ferry_runtime::PeerChannel>,
+    vm: &str,
+) -> Result<Option<Duration>, tonic::Status> {
+    use ferry_proto::registry::v1 as reg;
+    let item = registry
+        .get_protected_item(reg::GetProtectedItemRequest {
+            vm_name: vm.to_string(),
+        })
+        .await?
+        .into_inner();
+    let policy = registry
+        .get_policy(reg::GetPolicyRequest {
+            name: item.policy_name,
+        })
+        .await?
+        .into_inner();
+    Ok(policy
+        .app_consistent_frequency
+        .as_ref()
+        .and_then(ferry_runtime::time::from_duration)
+        .filter(|d| !d.is_zero()))
 }

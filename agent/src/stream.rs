@@ -866,6 +866,7 @@ async fn on_response(
                 let marker = Op::Marker(pb::Marker {
                     kind: pb::MarkerKind::Bookmark as i32,
                     id: b.id.clone(),
+                    time_unix_nanos: 0,
                 });
                 // Markers need no ordering lock: every write with a
                 // lower sequence has completed, none after has.

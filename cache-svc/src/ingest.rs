@@ -381,6 +381,7 @@ mod tests {
             op: Some(Op::Marker(Marker {
                 kind: pb::MarkerKind::AppConsistent as i32,
                 id: "m1".into(),
+                time_unix_nanos: 0,
             })),
             ..Default::default()
         });

@@ -311,9 +311,11 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<Figu
         registry: url.to_string(),
         vm: "demo-web".into(),
         nbd,
-        group_address: "127.0.0.1:20004".into(),
+        group: ferry_agent::run::GroupPort::Off,
+        group_address: String::new(),
         state_dir: dir.join("agent"),
         limits: StreamLimits::default(),
+        scripts: None,
     })
     .await?;
     println!("    NBD exports nbd://{nbd_addr}/os and nbd://{nbd_addr}/data");

@@ -221,9 +221,11 @@ async fn points_test_failover_cleanup_failover_commit_and_jobs_from_the_command_
         registry: cluster.registry.url.clone(),
         vm: "vm".into(),
         nbd,
+        group: ferry_agent::run::GroupPort::Off,
         group_address: String::new(),
         state_dir: dir.path().join("agent"),
         limits: ferry_agent::stream::StreamLimits::default(),
+        scripts: None,
     })
     .await
     .unwrap();

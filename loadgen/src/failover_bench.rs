@@ -54,9 +54,11 @@ pub async fn run(dir: &Path) -> Result<()> {
         registry: registry.clone(),
         vm: "vm".into(),
         nbd,
+        group: ferry_agent::run::GroupPort::Off,
         group_address: String::new(),
         state_dir: dir.join("agent"),
         limits: StreamLimits::default(),
+        scripts: None,
     })
     .await?;
     let t = Instant::now();

@@ -161,9 +161,11 @@ async fn rig(dir: &Path, vm: &str) -> Result<Rig> {
         registry: registry.url.clone(),
         vm: vm.into(),
         nbd,
+        group: ferry_agent::run::GroupPort::Off,
         group_address: String::new(),
         state_dir: dir.join(format!("{vm}-agent")),
         limits: StreamLimits::default(),
+        scripts: None,
     })
     .await?;
     let url = registry.url.clone();

@@ -41,6 +41,7 @@ impl Feed {
             let marker = Op::Marker(Marker {
                 kind: kind as i32,
                 id: String::new(),
+                time_unix_nanos: 0,
             });
             replica.apply(&self.next(disk, marker))?;
         }
@@ -132,9 +133,11 @@ async fn rpo_lag(dir: &Path, mb_per_sec: f64, secs: u64) -> Result<(f64, f64, f6
         registry: registry.clone(),
         vm: "vm".into(),
         nbd,
+        group: ferry_agent::run::GroupPort::Off,
         group_address: String::new(),
         state_dir: dir.join("rpo-agent"),
         limits: StreamLimits::default(),
+        scripts: None,
     })
     .await?;
     ferry_testkit::wait_for("PROTECTED", Duration::from_secs(60), || async {

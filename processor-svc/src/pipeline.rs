@@ -72,6 +72,9 @@ pub struct Pipelines {
     registry: RegistryClient<PeerChannel>,
     tuning: Tuning,
     running: Mutex<HashMap<String, Handle>>,
+    /// Each protected VM's replication group (VMs in none are absent), as
+    /// registry says.
+    groups: Mutex<BTreeMap<String, String>>,
     shutdown: CancellationToken,
 }
 
@@ -89,6 +92,7 @@ impl Pipelines {
             registry,
             tuning,
             running: Mutex::new(HashMap::new()),
+            groups: Mutex::new(BTreeMap::new()),
             shutdown,
         })
     }
@@ -108,6 +112,19 @@ impl Pipelines {
         running
             .get(vm)
             .map(|h| (h.commands.clone(), h.status.borrow().clone()))
+    }
+
+    /// The members of a replication group, sorted.
+    pub fn members(&self, group: &str) -> Vec<String> {
+        self.groups
+            .lock()
+            .map(|g| {
+                g.iter()
+                    .filter(|(_, of)| *of == group)
+                    .map(|(vm, _)| vm.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Starts the VM's pipeline unless it runs.
@@ -143,6 +160,7 @@ impl Pipelines {
         let stop = self.shutdown.child_token();
         let pipeline = Pipeline {
             vm: item.vm_name.clone(),
+            group: item.replication_group.clone(),
             replica,
             cache: self.cache.clone(),
             registry: self.registry.clone(),
@@ -229,6 +247,13 @@ impl Pipelines {
         use registry::ReplicationState as S;
         let removed = event.kind() == registry::EventKind::Removed;
         let Some(item) = event.item else { return };
+        if let Ok(mut groups) = self.groups.lock() {
+            if removed || item.replication_group.is_empty() {
+                groups.remove(&item.vm_name);
+            } else {
+                groups.insert(item.vm_name.clone(), item.replication_group.clone());
+            }
+        }
         if removed {
             self.stop(&item.vm_name).await;
             let replicas = self.replicas.clone();
@@ -281,6 +306,8 @@ impl Pipelines {
 
 struct Pipeline {
     vm: String,
+    /// The VM's replication group; empty if none.
+    group: String,
     replica: Arc<VmReplica>,
     cache: CacheClient<PeerChannel>,
     registry: RegistryClient<PeerChannel>,
@@ -411,6 +438,7 @@ impl Pipeline {
     async fn apply(&mut self, records: Vec<cache::Record>) -> Result<(), ProcessorError> {
         let replica = self.replica.clone();
         let flush_bytes = self.tuning.flush_bytes;
+        let group = self.group.clone();
         let (applied, cuts, mismatched) = blocking(move || {
             let mut cuts = Vec::new();
             let mut mismatched = false;
@@ -421,10 +449,17 @@ impl Pipeline {
                 }
                 applied = record.sequence;
                 match replica.apply(record)? {
-                    Applied::Marker(MarkerKind::AppConsistent, _) => {
+                    Applied::Marker(MarkerKind::AppConsistent, _, _) => {
                         cuts.push(cut_at_marker(&replica, PointKind::AppConsistent))
                     }
-                    Applied::Marker(MarkerKind::Final, id) => cuts.push(replica.cut(
+                    // A bookmark of the VM's group (one of another group, say
+                    // from before it joined, is no multi-VM point).
+                    Applied::Marker(MarkerKind::Bookmark, id, time)
+                        if !group.is_empty() && time > 0 =>
+                    {
+                        cuts.push(replica.cut_bookmark(&id, &group, time, unix_nanos_now()))
+                    }
+                    Applied::Marker(MarkerKind::Final, id, _) => cuts.push(replica.cut(
                         PointKind::CrashConsistent as i32,
                         &id,
                         unix_nanos_now(),

@@ -55,6 +55,9 @@ pub struct Point {
     pub pinned_by: Vec<String>,
     /// The bookmark id of a multi-VM point.
     pub bookmark_id: String,
+    /// The replication group of a multi-VM point.
+    #[serde(default)]
+    pub group: String,
 }
 
 impl Point {
@@ -266,7 +269,8 @@ pub struct Extent {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Applied {
     Data,
-    Marker(MarkerKind, String),
+    /// A marker: its kind, id and time (Unix ns; bookmarks only).
+    Marker(MarkerKind, String, u64),
     /// Chunk digests compared: these (offset, length) ranges of the disk
     /// differ from the source and must be sent again.
     Mismatched(String, Vec<(u64, u64)>),
@@ -520,7 +524,7 @@ impl VmReplica {
                     }
                     _ => {}
                 }
-                Applied::Marker(kind, m.id.clone())
+                Applied::Marker(kind, m.id.clone(), m.time_unix_nanos)
             }
             None => {
                 return Err(ProcessorError::DataLoss(format!(
@@ -945,6 +949,30 @@ impl VmReplica {
     /// Cuts a point of `kind` at the applied sequence: writes the interval's
     /// changed chunks and the point, and opens the next interval.
     pub fn cut(&self, kind: i32, bookmark_id: &str, now_nanos: u64) -> Result<Point> {
+        self.cut_inner(kind, bookmark_id, "", None, now_nanos)
+    }
+
+    /// Cuts a multi-VM point at a group bookmark: its time is the round's,
+    /// the same on every member.
+    pub fn cut_bookmark(
+        &self,
+        id: &str,
+        group: &str,
+        round_nanos: u64,
+        now_nanos: u64,
+    ) -> Result<Point> {
+        let kind = ferry_proto::processor::v1::PointKind::MultiVm as i32;
+        self.cut_inner(kind, id, group, Some(round_nanos), now_nanos)
+    }
+
+    fn cut_inner(
+        &self,
+        kind: i32,
+        bookmark_id: &str,
+        group: &str,
+        time: Option<u64>,
+        now_nanos: u64,
+    ) -> Result<Point> {
         let mut w = self.writer()?;
         if let Some(why) = not_cuttable(&w.meta) {
             return Err(ProcessorError::FailedPrecondition(why));
@@ -953,11 +981,12 @@ impl VmReplica {
             interval: w.meta.interval,
             sequence_cut: w.meta.applied,
             kind,
-            time_nanos: w.meta.last_time_nanos,
+            time_nanos: time.unwrap_or(w.meta.last_time_nanos),
             created_nanos: now_nanos,
             disks: w.meta.disks.iter().map(|(d, s)| (d.clone(), *s)).collect(),
             pinned_by: Vec::new(),
             bookmark_id: bookmark_id.to_string(),
+            group: group.to_string(),
         };
         w.meta.interval += 1;
         w.meta.last_point_sequence = point.sequence_cut;

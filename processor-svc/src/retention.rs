@@ -100,6 +100,7 @@ mod tests {
             disks: vec![],
             pinned_by: vec![],
             bookmark_id: String::new(),
+            group: String::new(),
         }
     }
 

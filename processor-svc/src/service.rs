@@ -84,7 +84,7 @@ pub fn to_proto(vm: &str, p: &Point) -> pb::RecoveryPoint {
                 size_bytes: *size,
             })
             .collect(),
-        replication_group: String::new(),
+        replication_group: p.group.clone(),
         bookmark_id: p.bookmark_id.clone(),
         pinned_by: p.pinned_by.clone(),
         created_at: Some(time(p.created_nanos)),
@@ -101,6 +101,65 @@ async fn blocking<T: Send + 'static>(
 
 #[tonic::async_trait]
 impl Processor for ProcessorService {
+    async fn list_group_points(
+        &self,
+        request: Request<pb::ListGroupPointsRequest>,
+    ) -> Result<Response<pb::ListGroupPointsResponse>, Status> {
+        let req = request.into_inner();
+        if req.replication_group.is_empty() {
+            return Err(Status::invalid_argument("replication_group is empty"));
+        }
+        let members = self.pipelines.members(&req.replication_group);
+        if members.is_empty() {
+            return Err(Status::not_found(format!(
+                "no protected VM is in replication group {:?}",
+                req.replication_group
+            )));
+        }
+        // Each member's multi-VM points of this group, by bookmark id.
+        let mut by_member = Vec::new();
+        for vm in &members {
+            let points = match self.pipelines.replicas().get(vm)? {
+                Some(r) => blocking(move || r.points()).await?,
+                None => Vec::new(),
+            };
+            let points: std::collections::HashMap<String, Point> = points
+                .into_iter()
+                .filter(|p| {
+                    p.kind == pb::PointKind::MultiVm as i32 && p.group == req.replication_group
+                })
+                .map(|p| (p.bookmark_id.clone(), p))
+                .collect();
+            by_member.push(points);
+        }
+        let Some((first, rest)) = by_member.split_first() else {
+            return Err(Status::not_found("the group has no members"));
+        };
+        let mut points: Vec<pb::GroupPoint> = first
+            .iter()
+            .filter(|(id, _)| rest.iter().all(|m| m.contains_key(*id)))
+            .map(|(id, p)| pb::GroupPoint {
+                bookmark_id: id.clone(),
+                time: Some(time(p.time_nanos)),
+                points: members
+                    .iter()
+                    .zip(&by_member)
+                    .filter_map(|(vm, m)| m.get(id).map(|p| to_proto(vm, p)))
+                    .collect(),
+            })
+            .collect();
+        points.sort_by_key(|g| {
+            std::cmp::Reverse(g.time.as_ref().and_then(nanos).unwrap_or_default())
+        });
+        if req.limit > 0 {
+            points.truncate(req.limit as usize);
+        }
+        Ok(Response::new(pb::ListGroupPointsResponse {
+            points,
+            members,
+        }))
+    }
+
     async fn list_recovery_points(
         &self,
         request: Request<pb::ListRecoveryPointsRequest>,

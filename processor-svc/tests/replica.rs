@@ -37,6 +37,7 @@ impl Feed {
             Op::Marker(Marker {
                 kind: kind as i32,
                 id: String::new(),
+                time_unix_nanos: 0,
             }),
         )
     }

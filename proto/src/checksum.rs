@@ -35,6 +35,7 @@ pub fn record_crc32c(record: &Record) -> u32 {
             head.push(4);
             head.extend_from_slice(&(m.kind as u32).to_le_bytes());
             put_str(&mut head, &m.id);
+            head.extend_from_slice(&m.time_unix_nanos.to_le_bytes());
         }
         Some(Op::Digests(d)) => {
             head.push(5);

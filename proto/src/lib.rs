@@ -29,6 +29,12 @@ pub mod processor {
     }
 }
 
+pub mod agent {
+    pub mod v1 {
+        tonic::include_proto!("ferry.agent.v1");
+    }
+}
+
 pub mod failover {
     pub mod v1 {
         tonic::include_proto!("ferry.failover.v1");

@@ -56,6 +56,9 @@ pub const DEFAULT_REGIONS: &[&str] = &[
 pub struct Settings {
     /// The known regions; [`DEFAULT_REGIONS`] when empty.
     pub regions: Vec<String>,
+    /// Seconds a group coordinator's agent may stay silent before registry
+    /// passes the role on; 0 for the default (3).
+    pub coordinator_lease_secs: u64,
 }
 
 /// registry-svc's configuration.
@@ -65,6 +68,8 @@ pub struct Config {
     pub service: ServiceConfig,
     /// The known regions.
     pub regions: BTreeSet<String>,
+    /// How long a silent group coordinator keeps its role.
+    pub coordinator_lease: std::time::Duration,
 }
 
 impl Config {
@@ -78,7 +83,15 @@ impl Config {
         for region in &regions {
             model::check_name("region", region)?;
         }
-        Ok(Config { service, regions })
+        let coordinator_lease = match settings.coordinator_lease_secs {
+            0 => registry::COORDINATOR_LEASE,
+            secs => std::time::Duration::from_secs(secs),
+        };
+        Ok(Config {
+            service,
+            regions,
+            coordinator_lease,
+        })
     }
 }
 
@@ -125,7 +138,8 @@ pub async fn serve(
             config.regions.clone(),
             config.service.cache.clone(),
         )
-        .await?,
+        .await?
+        .with_coordinator_lease(config.coordinator_lease),
     );
     let limits = &config.service.limits;
     host.routes().add_service(

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, Mutex};
@@ -68,6 +68,18 @@ pub struct AgentGrant {
     pub epoch: u64,
 }
 
+/// What a group member's agent gets from a heartbeat.
+pub struct GroupView {
+    pub group: Group,
+    /// Every member: (VM, group address, alive).
+    pub members: Vec<(String, String, bool)>,
+    pub multi_vm_interval: Duration,
+    pub lease: Duration,
+}
+
+/// The default coordinator lease.
+pub const COORDINATOR_LEASE: Duration = Duration::from_secs(3);
+
 /// The registry.
 pub struct Registry {
     store: Store,
@@ -75,6 +87,11 @@ pub struct Registry {
     changes: broadcast::Sender<Change>,
     regions: BTreeSet<String>,
     cache_endpoint: Option<String>,
+    /// Group members' agents: when each last said it is alive, and its group
+    /// address. In memory: after a restart every agent gets a fresh lease.
+    heartbeats: std::sync::Mutex<std::collections::HashMap<String, (Instant, String)>>,
+    started: Instant,
+    lease: Duration,
 }
 
 impl Registry {
@@ -93,6 +110,9 @@ impl Registry {
             changes,
             regions,
             cache_endpoint,
+            heartbeats: std::sync::Mutex::new(std::collections::HashMap::new()),
+            started: Instant::now(),
+            lease: COORDINATOR_LEASE,
         };
         let _guard = registry.write.lock().await;
         let mut writes = Writes::new();
@@ -117,6 +137,12 @@ impl Registry {
         registry.store.commit(writes).await?;
         drop(_guard);
         Ok(registry)
+    }
+
+    /// Sets how long a silent coordinator keeps its role.
+    pub fn with_coordinator_lease(mut self, lease: Duration) -> Registry {
+        self.lease = lease;
+        self
     }
 
     /// The known regions.
@@ -729,6 +755,89 @@ impl Registry {
         let mut writes = Writes::new();
         writes.remove(Kind::Group, name);
         self.store.commit(writes).await
+    }
+
+    /// A group member's agent is alive at `address`: records it and returns
+    /// its group, passing the coordinator role on first when the coordinator
+    /// has been silent for the lease (to the next live member by name, after
+    /// the silent one).
+    pub async fn group_heartbeat(
+        &self,
+        vm: &str,
+        credential: &str,
+        epoch: u64,
+        address: String,
+    ) -> Result<GroupView, RegistryError> {
+        let item = self.verify_agent(vm, credential, epoch)?;
+        let Some(name) = item.group.clone() else {
+            return Err(RegistryError::precondition(format!(
+                "VM {vm:?} is in no replication group"
+            )));
+        };
+        let now = Instant::now();
+        if let Ok(mut beats) = self.heartbeats.lock() {
+            beats.insert(vm.to_string(), (now, address));
+        }
+        let alive = |member: &str| -> bool {
+            self.heartbeats
+                .lock()
+                .ok()
+                .and_then(|b| {
+                    b.get(member)
+                        .map(|(at, _)| now.duration_since(*at) < self.lease)
+                })
+                // Before registry has been up a lease, nobody is presumed gone.
+                .unwrap_or(now.duration_since(self.started) < self.lease)
+        };
+        let mut group = self.get_group(&name)?;
+        let silent = group.coordinator.as_deref().is_none_or(|c| !alive(c));
+        if silent {
+            let _guard = self.write.lock().await;
+            group = self.get_group(&name)?;
+            let current = group.coordinator.clone();
+            if current.as_deref().is_none_or(|c| !alive(c)) {
+                let after = current.clone().unwrap_or_default();
+                let next = group
+                    .members
+                    .range::<String, _>((
+                        std::ops::Bound::Excluded(&after),
+                        std::ops::Bound::Unbounded,
+                    ))
+                    .chain(group.members.iter())
+                    .find(|m| alive(m))
+                    .cloned();
+                if next.is_some() && next != current {
+                    tracing::warn!(group = %name, from = ?current, to = ?next, "coordinator silent past its lease; passing the role on");
+                    group.coordinator = next;
+                    let mut writes = Writes::new();
+                    writes.put(Kind::Group, &name, &group)?;
+                    self.store.commit(writes).await?;
+                }
+            }
+        }
+        let beats = self
+            .heartbeats
+            .lock()
+            .map(|b| b.clone())
+            .unwrap_or_default();
+        let members = group
+            .members
+            .iter()
+            .map(|m| {
+                let address = beats
+                    .get(m)
+                    .map(|(_, a)| a.clone())
+                    .or_else(|| self.agent(m).ok().flatten().map(|r| r.group_address));
+                (m.clone(), address.unwrap_or_default(), alive(m))
+            })
+            .collect();
+        let policy = self.get_policy(&group.policy)?;
+        Ok(GroupView {
+            group,
+            members,
+            multi_vm_interval: policy.multi_vm_interval,
+            lease: self.lease,
+        })
     }
 
     // ---- Watch -------------------------------------------------------------

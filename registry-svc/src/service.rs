@@ -254,6 +254,32 @@ impl RegistryApi for RegistryService {
         }))
     }
 
+    async fn group_heartbeat(
+        &self,
+        request: Request<pb::GroupHeartbeatRequest>,
+    ) -> Result<pb::GroupHeartbeatResponse> {
+        let req = request.into_inner();
+        name("VM name", &req.vm_name)?;
+        let view = self
+            .registry
+            .group_heartbeat(&req.vm_name, &req.credential, req.epoch, req.group_address)
+            .await?;
+        Ok(Response::new(pb::GroupHeartbeatResponse {
+            group: Some(pb::ReplicationGroup::from(&view.group)),
+            members: view
+                .members
+                .into_iter()
+                .map(|(vm_name, group_address, alive)| pb::GroupMember {
+                    vm_name,
+                    group_address,
+                    alive,
+                })
+                .collect(),
+            multi_vm_interval: Some(ferry_runtime::time::to_duration(view.multi_vm_interval)),
+            coordinator_lease: Some(ferry_runtime::time::to_duration(view.lease)),
+        }))
+    }
+
     async fn verify_agent(
         &self,
         request: Request<pb::VerifyAgentRequest>,

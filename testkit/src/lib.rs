@@ -10,6 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod cluster;
+pub mod group;
 pub mod points;
 pub mod process;
 pub mod replay;

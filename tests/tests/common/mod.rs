@@ -1,6 +1,9 @@
 //! What the cross-service tests share: a fast policy and a protected VM
 //! with its agent running in-process.
 
+// Each test file uses a part of it.
+#![allow(dead_code)]
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -20,13 +23,17 @@ pub async fn policy(registry: &str, name: &str, interval: Duration) {
 pub async fn protected_agent(registry: &str, vm: &str, state_dir: &Path) -> (Agent, String) {
     let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = nbd.local_addr().unwrap();
+    // Used only if the VM is in a replication group.
+    let group = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let agent = Agent::start(AgentOptions {
         registry: registry.to_string(),
         vm: vm.to_string(),
         nbd,
+        group: ferry_agent::run::GroupPort::Bound(group),
         group_address: String::new(),
         state_dir: state_dir.to_path_buf(),
         limits: StreamLimits::default(),
+        scripts: None,
     })
     .await
     .unwrap();

@@ -1,0 +1,481 @@
+//! Replication groups: every member's agent serves `ferry.agent.v1.AgentGroup`
+//! (port 20004 by default) and says it is alive to registry; the member
+//! registry names coordinator runs a bookmark round every multi-VM interval.
+//!
+//! A round: Prepare on every member (each holds the completion of new writes
+//! and reports its last sequence), then Commit on every member (each puts a
+//! BOOKMARK marker with the round's id and time into its stream and releases
+//! writes), or Abort. While every member holds, no write completes anywhere,
+//! so a write acknowledged to one VM before another VM's write was issued is
+//! before the bookmark on its own VM whenever the later one is before it on
+//! its VM: the bookmarks cut the group consistently. A member releases by
+//! itself when the hold it was asked for (at most [`MAX_HOLD`]) ends, and then
+//! refuses that round's Commit, so a coordinator dying mid-round stalls
+//! writes for that long at most.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_proto::agent::v1 as pb;
+use ferry_proto::agent::v1::agent_group_client::AgentGroupClient;
+use ferry_proto::agent::v1::agent_group_server::{AgentGroup, AgentGroupServer};
+use ferry_proto::cache::v1::record::Op;
+use ferry_proto::cache::v1::{Marker, MarkerKind};
+use ferry_proto::registry::v1 as reg;
+use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_runtime::time::from_duration;
+use ferry_runtime::PeerChannel;
+use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::capture::Capture;
+
+/// The gRPC service name, for health and reflection.
+pub const SERVICE_NAME: &str = "ferry.agent.v1.AgentGroup";
+/// A member never holds writes longer than this, whatever it is asked.
+pub const MAX_HOLD: Duration = Duration::from_secs(2);
+/// How long a coordinator gives a round (and asks members to hold at most).
+pub const ROUND_DEADLINE: Duration = Duration::from_millis(500);
+/// How often a member's agent says it is alive to registry.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+
+struct Hold {
+    round: String,
+    /// Dropping it releases writes.
+    _writes: OwnedMutexGuard<()>,
+}
+
+/// This agent's side of the group protocol.
+pub struct Member {
+    vm: String,
+    group: String,
+    capture: Arc<Capture>,
+    /// The round holding writes, if any. Locked across taking the hold, so
+    /// that two rounds never hold at once.
+    hold: Arc<Mutex<Option<Hold>>>,
+    /// Holds that ended by themselves (their round did not finish in time).
+    expired: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Member {
+    pub fn new(vm: &str, group: &str, capture: Arc<Capture>) -> Arc<Member> {
+        Arc::new(Member {
+            vm: vm.to_string(),
+            group: group.to_string(),
+            capture,
+            hold: Arc::new(Mutex::new(None)),
+            expired: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        })
+    }
+
+    /// How many holds ended by themselves because their round did not finish.
+    pub fn expired_holds(&self) -> u64 {
+        self.expired.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn check_group(&self, group: &str) -> Result<(), Status> {
+        if group != self.group {
+            return Err(Status::failed_precondition(format!(
+                "VM {:?} is in replication group {:?}, not {group:?}",
+                self.vm, self.group
+            )));
+        }
+        Ok(())
+    }
+
+    async fn prepare(&self, req: pb::PrepareRequest) -> Result<pb::PrepareResponse, Status> {
+        self.check_group(&req.replication_group)?;
+        if req.round_id.is_empty() {
+            return Err(Status::invalid_argument("round_id is empty"));
+        }
+        let hold = req
+            .hold
+            .as_ref()
+            .and_then(from_duration)
+            .filter(|d| !d.is_zero())
+            .unwrap_or(ROUND_DEADLINE)
+            .min(MAX_HOLD);
+        let mut slot = self.hold.lock().await;
+        if let Some(h) = slot.as_ref() {
+            if h.round == req.round_id {
+                return Ok(pb::PrepareResponse {
+                    vm_name: self.vm.clone(),
+                    sequence: self.capture.stream().last().await,
+                });
+            }
+            return Err(Status::aborted(format!(
+                "round {:?} holds VM {:?}'s writes",
+                h.round, self.vm
+            )));
+        }
+        if self.capture.stream().tracking().await.0 {
+            return Err(Status::failed_precondition(format!(
+                "VM {:?} is tracking changed chunks until resync: no bookmark possible",
+                self.vm
+            )));
+        }
+        let writes = tokio::time::timeout(hold, self.capture.hold_writes())
+            .await
+            .map_err(|_| {
+                Status::aborted(format!(
+                    "VM {:?}: a write in progress did not finish within {hold:?}",
+                    self.vm
+                ))
+            })?;
+        let sequence = self.capture.stream().last().await;
+        *slot = Some(Hold {
+            round: req.round_id.clone(),
+            _writes: writes,
+        });
+        drop(slot);
+        // The hold ends by itself if the round does not finish in time.
+        let (slot, expired, round, vm) = (
+            self.hold.clone(),
+            self.expired.clone(),
+            req.round_id.clone(),
+            self.vm.clone(),
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(hold).await;
+            let mut slot = slot.lock().await;
+            if slot.as_ref().is_some_and(|h| h.round == round) {
+                *slot = None;
+                expired.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(
+                    vm,
+                    round,
+                    ?hold,
+                    "round did not finish in time: writes released, no bookmark"
+                );
+            }
+        });
+        tracing::debug!(vm = %self.vm, round = %req.round_id, coordinator = %req.coordinator, sequence, "writes held");
+        Ok(pb::PrepareResponse {
+            vm_name: self.vm.clone(),
+            sequence,
+        })
+    }
+
+    async fn commit(&self, req: pb::CommitRequest) -> Result<pb::CommitResponse, Status> {
+        self.check_group(&req.replication_group)?;
+        let mut slot = self.hold.lock().await;
+        if slot.as_ref().is_none_or(|h| h.round != req.round_id) {
+            return Err(Status::failed_precondition(format!(
+                "VM {:?} holds no writes for round {:?} (its hold ended, or Prepare never \
+                 reached it): abort the round",
+                self.vm, req.round_id
+            )));
+        }
+        // Writes are held, so the marker needs no ordering lock: every write
+        // before it has completed, none after it has.
+        let marker = Op::Marker(Marker {
+            kind: MarkerKind::Bookmark as i32,
+            id: req.round_id.clone(),
+            time_unix_nanos: req.time_unix_nanos,
+        });
+        let sequence = self.capture.stream().push("", marker).await;
+        *slot = None;
+        if sequence == 0 {
+            return Err(Status::failed_precondition(format!(
+                "VM {:?} started tracking changed chunks: no bookmark",
+                self.vm
+            )));
+        }
+        tracing::debug!(vm = %self.vm, round = %req.round_id, sequence, "bookmark");
+        Ok(pb::CommitResponse { sequence })
+    }
+
+    async fn abort(&self, req: pb::AbortRequest) -> Result<pb::AbortResponse, Status> {
+        self.check_group(&req.replication_group)?;
+        let mut slot = self.hold.lock().await;
+        if slot.as_ref().is_some_and(|h| h.round == req.round_id) {
+            *slot = None;
+        }
+        Ok(pb::AbortResponse {})
+    }
+
+    /// The tonic service.
+    pub fn service(self: &Arc<Self>) -> AgentGroupServer<MemberService> {
+        AgentGroupServer::new(MemberService(self.clone()))
+    }
+}
+
+/// The tonic face of a [`Member`].
+pub struct MemberService(Arc<Member>);
+
+#[tonic::async_trait]
+impl AgentGroup for MemberService {
+    async fn prepare(
+        &self,
+        request: Request<pb::PrepareRequest>,
+    ) -> Result<Response<pb::PrepareResponse>, Status> {
+        self.0
+            .prepare(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn commit(
+        &self,
+        request: Request<pb::CommitRequest>,
+    ) -> Result<Response<pb::CommitResponse>, Status> {
+        self.0.commit(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn abort(
+        &self,
+        request: Request<pb::AbortRequest>,
+    ) -> Result<Response<pb::AbortResponse>, Status> {
+        self.0.abort(request.into_inner()).await.map(Response::new)
+    }
+}
+
+/// Channels to the members' group ports, by address.
+#[derive(Default)]
+pub struct Peers {
+    clients: HashMap<String, AgentGroupClient<PeerChannel>>,
+}
+
+impl Peers {
+    fn client(&mut self, address: &str) -> Result<AgentGroupClient<PeerChannel>, Status> {
+        if let Some(c) = self.clients.get(address) {
+            return Ok(c.clone());
+        }
+        let url = if address.contains("://") {
+            address.to_string()
+        } else {
+            format!("http://{address}")
+        };
+        let channel =
+            ferry_runtime::connect(&url).map_err(|e| Status::unavailable(e.to_string()))?;
+        let client = AgentGroupClient::new(channel);
+        self.clients.insert(address.to_string(), client.clone());
+        Ok(client)
+    }
+}
+
+/// How a round went.
+#[derive(Debug, Clone)]
+pub struct Round {
+    /// The bookmark id.
+    pub id: String,
+    /// The round's time (Unix ns): the multi-VM point's time.
+    pub time_unix_nanos: u64,
+    /// From the first Prepare to the last answer.
+    pub elapsed: Duration,
+    /// Each member's bookmark sequence, when committed.
+    pub sequences: Vec<(String, u64)>,
+}
+
+/// Why a round produced no bookmark on every member.
+#[derive(Debug, thiserror::Error)]
+pub enum RoundError {
+    #[error("round {round}: prepare failed on {vm}: {status}; aborted")]
+    Prepare {
+        round: String,
+        vm: String,
+        status: Status,
+    },
+    #[error("round {round}: commit failed on {vm}: {status}; the group has no point here")]
+    Commit {
+        round: String,
+        vm: String,
+        status: Status,
+    },
+    #[error("round {round} did not finish within {deadline:?}; aborted")]
+    Deadline { round: String, deadline: Duration },
+}
+
+/// Runs one bookmark round over `members` (VM, group address), coordinated
+/// by `coordinator`, within `deadline`.
+pub async fn round(
+    peers: &mut Peers,
+    group: &str,
+    coordinator: &str,
+    members: &[(String, String)],
+    deadline: Duration,
+) -> Result<Round, RoundError> {
+    let started = Instant::now();
+    let time_unix_nanos = ferry_runtime::time::unix_nanos_now();
+    let id = format!("{group}-{time_unix_nanos:x}");
+    let mut clients = Vec::new();
+    for (vm, address) in members {
+        let client = peers
+            .client(address)
+            .map_err(|status| RoundError::Prepare {
+                round: id.clone(),
+                vm: vm.clone(),
+                status,
+            })?;
+        clients.push((vm.clone(), client));
+    }
+    let prepares = clients.iter().map(|(vm, client)| {
+        let mut client = client.clone();
+        let request = pb::PrepareRequest {
+            replication_group: group.to_string(),
+            round_id: id.clone(),
+            coordinator: coordinator.to_string(),
+            hold: Some(ferry_runtime::time::to_duration(deadline)),
+        };
+        async move { (vm.clone(), client.prepare(request).await) }
+    });
+    let prepared = tokio::time::timeout(deadline, futures::future::join_all(prepares)).await;
+    let failure = match prepared {
+        Err(_) => Some(RoundError::Deadline {
+            round: id.clone(),
+            deadline,
+        }),
+        Ok(answers) => answers
+            .into_iter()
+            .find_map(|(vm, answer)| answer.err().map(|status| (vm, status)))
+            .map(|(vm, status)| RoundError::Prepare {
+                round: id.clone(),
+                vm,
+                status,
+            }),
+    };
+    if let Some(e) = failure {
+        let aborts = clients.iter().map(|(_, client)| {
+            let mut client = client.clone();
+            let request = pb::AbortRequest {
+                replication_group: group.to_string(),
+                round_id: id.clone(),
+            };
+            async move { client.abort(request).await }
+        });
+        // Best effort: members release by themselves anyway.
+        let _ = tokio::time::timeout(deadline, futures::future::join_all(aborts)).await;
+        return Err(e);
+    }
+    let left = deadline.saturating_sub(started.elapsed());
+    let commits = clients.iter().map(|(vm, client)| {
+        let mut client = client.clone();
+        let request = pb::CommitRequest {
+            replication_group: group.to_string(),
+            round_id: id.clone(),
+            time_unix_nanos,
+        };
+        async move { (vm.clone(), client.commit(request).await) }
+    });
+    let committed = tokio::time::timeout(
+        left.max(Duration::from_millis(50)),
+        futures::future::join_all(commits),
+    )
+    .await
+    .map_err(|_| RoundError::Deadline {
+        round: id.clone(),
+        deadline,
+    })?;
+    let mut sequences = Vec::new();
+    for (vm, answer) in committed {
+        match answer {
+            Ok(r) => sequences.push((vm, r.into_inner().sequence)),
+            Err(status) => {
+                return Err(RoundError::Commit {
+                    round: id.clone(),
+                    vm,
+                    status,
+                })
+            }
+        }
+    }
+    Ok(Round {
+        id,
+        time_unix_nanos,
+        elapsed: started.elapsed(),
+        sequences,
+    })
+}
+
+/// What the group loop needs.
+pub struct GroupOptions {
+    pub registry: String,
+    pub vm: String,
+    pub epoch: u64,
+    pub credential: String,
+    /// This agent's group port address, as the other members reach it.
+    pub address: String,
+}
+
+/// Says this member is alive to registry every [`HEARTBEAT`]; while registry
+/// names it coordinator, runs a round every multi-VM interval. Until `stop`.
+pub async fn run(opts: GroupOptions, stop: CancellationToken) {
+    let mut registry = match ferry_runtime::connect(&opts.registry) {
+        Ok(c) => RegistryClient::new(c),
+        Err(e) => {
+            tracing::error!(vm = %opts.vm, error = %e, "group: bad registry URL");
+            return;
+        }
+    };
+    let mut peers = Peers::default();
+    let mut next_round: Option<Instant> = None;
+    loop {
+        let beat = registry
+            .group_heartbeat(reg::GroupHeartbeatRequest {
+                vm_name: opts.vm.clone(),
+                credential: opts.credential.clone(),
+                epoch: opts.epoch,
+                group_address: opts.address.clone(),
+            })
+            .await;
+        let mut wait = HEARTBEAT;
+        match beat {
+            Ok(view) => {
+                let view = view.into_inner();
+                let group = view.group.unwrap_or_default();
+                let interval = view
+                    .multi_vm_interval
+                    .as_ref()
+                    .and_then(from_duration)
+                    .filter(|d| !d.is_zero())
+                    .unwrap_or(Duration::from_secs(10));
+                if group.coordinator == opts.vm {
+                    let due = *next_round.get_or_insert_with(Instant::now);
+                    if Instant::now() >= due {
+                        next_round = Some(due + interval.max(Duration::from_millis(100)));
+                        if next_round.is_some_and(|n| n < Instant::now()) {
+                            // Fell behind (a slow round): start the schedule over.
+                            next_round = Some(Instant::now() + interval);
+                        }
+                        coordinate(&mut peers, &opts.vm, &group.name, &view.members).await;
+                    }
+                    if let Some(n) = next_round {
+                        wait = wait.min(n.saturating_duration_since(Instant::now()));
+                    }
+                } else {
+                    next_round = None;
+                }
+            }
+            Err(status) => {
+                tracing::warn!(vm = %opts.vm, %status, "group heartbeat refused");
+                next_round = None;
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+async fn coordinate(peers: &mut Peers, vm: &str, group: &str, members: &[reg::GroupMember]) {
+    if let Some(m) = members
+        .iter()
+        .find(|m| !m.alive || m.group_address.is_empty())
+    {
+        tracing::warn!(group, member = %m.vm_name, "a member's agent is not alive: no round (a multi-VM point needs every member)");
+        return;
+    }
+    let members: Vec<(String, String)> = members
+        .iter()
+        .map(|m| (m.vm_name.clone(), m.group_address.clone()))
+        .collect();
+    match round(peers, group, vm, &members, ROUND_DEADLINE).await {
+        Ok(r) => {
+            tracing::debug!(group, round = %r.id, members = members.len(), elapsed = ?r.elapsed, "bookmark round committed")
+        }
+        Err(e) => tracing::warn!(group, error = %e, "bookmark round failed"),
+    }
+}

@@ -1,0 +1,332 @@
+//! Replication groups over the agents' group port: multi-VM points never
+//! show a write without the writes it depended on, on any VM of the group;
+//! a coordinator dying mid-round stalls nobody past the hold bound, and the
+//! next coordinator's rounds make points again.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferry_agent::group::{Peers, ROUND_DEADLINE};
+use ferry_agent::run::Agent;
+use ferry_proto::agent::v1 as agent_pb;
+use ferry_proto::agent::v1::agent_group_client::AgentGroupClient;
+use ferry_proto::processor::v1 as proc;
+use ferry_testkit::group::{create_group, group, group_points, join_group};
+use ferry_testkit::points::read_disk;
+use ferry_testkit::{bin_path, free_addr, wait_for, Cluster};
+
+const DISK: u64 = 4 << 20;
+const SLOT: u64 = 512;
+const SLOTS: u64 = DISK / SLOT;
+
+fn image(dir: &Path, vm: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("{vm}.raw"));
+    std::fs::File::create(&path).unwrap().set_len(DISK).unwrap();
+    path
+}
+
+/// Iteration `k` of the causal chain writes `k + 1` into slot `k % SLOTS`.
+fn slot_write(k: u64) -> (u64, Vec<u8>) {
+    let value = (k + 1) as u32;
+    let data: Vec<u8> = value.to_le_bytes().repeat((SLOT / 4) as usize);
+    ((k % SLOTS) * SLOT, data)
+}
+
+/// The iteration count a disk image holds: the largest value in any slot.
+/// Panics unless the image is exactly the chain's first `n` writes.
+fn chain_prefix(image: &[u8]) -> u64 {
+    let values: Vec<u32> = (0..SLOTS)
+        .map(|s| {
+            let at = (s * SLOT) as usize;
+            let v = u32::from_le_bytes(image[at..at + 4].try_into().unwrap());
+            assert!(
+                image[at..at + SLOT as usize]
+                    .chunks(4)
+                    .all(|c| c == v.to_le_bytes()),
+                "slot {s} is torn"
+            );
+            v
+        })
+        .collect();
+    let n = u64::from(values.iter().copied().max().unwrap_or(0));
+    for (s, v) in values.iter().enumerate() {
+        // The newest iteration k < n with k % SLOTS == s, if any.
+        let s = s as u64;
+        let expected = if n > s {
+            let k = s + (n - 1 - s) / SLOTS * SLOTS;
+            k + 1
+        } else {
+            0
+        };
+        assert_eq!(u64::from(*v), expected, "slot {s} after {n} iterations");
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn multi_vm_points_never_show_an_effect_without_its_cause() {
+    let cluster = Cluster::start().await;
+    let registry = cluster.registry.url.clone();
+    let dir = tempfile::tempdir().unwrap();
+    create_group(&registry, "shop", Duration::from_secs(1)).await;
+    // db's write is acknowledged before app writes, app's before web writes.
+    let vms = ["db", "app", "web"];
+    let mut agents: Vec<Agent> = Vec::new();
+    for vm in vms {
+        let image = image(dir.path(), vm);
+        join_group(&registry, vm, &[("os", DISK, &image)], "shop").await;
+    }
+    for vm in vms {
+        let state = dir.path().join(format!("{vm}-state"));
+        agents.push(common::protected_agent(&registry, vm, &state).await.0);
+    }
+    let captures: Vec<_> = agents.iter().map(|a| a.capture.clone()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let iterations = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, iterations) = (stop.clone(), iterations.clone());
+        tokio::spawn(async move {
+            let mut k = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let (offset, data) = slot_write(k);
+                for capture in &captures {
+                    capture.write("os", offset, data.clone()).await.unwrap();
+                }
+                k += 1;
+                iterations.store(k, Ordering::Relaxed);
+            }
+        })
+    };
+
+    // Beside the coordinator's round a second, rounds back to back from
+    // here, through the same code, for many cuts mid-chain.
+    let members: Vec<(String, String)> = agents
+        .iter()
+        .map(|a| (a.vm.clone(), a.group_address.clone()))
+        .collect();
+    assert!(members.iter().all(|(_, a)| !a.is_empty()));
+    let mut peers = Peers::default();
+    let mut committed = Vec::new();
+    let mut failed = 0;
+    while committed.len() < 20 {
+        match ferry_agent::group::round(&mut peers, "shop", "test", &members, ROUND_DEADLINE).await
+        {
+            Ok(r) => committed.push(r.id),
+            // Colliding with the coordinator's round: ABORTED, retried.
+            Err(e) => {
+                failed += 1;
+                assert!(failed < 40, "too many failed rounds; last: {e}");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    let total = iterations.load(Ordering::Relaxed);
+    assert!(total > 100, "the chain advanced {total} iterations only");
+
+    let processor = cluster.processor.url.clone();
+    let points = wait_for(
+        "a group point at every committed round",
+        Duration::from_secs(120),
+        || {
+            let (processor, committed) = (processor.clone(), committed.clone());
+            async move {
+                let points = group_points(&processor, "shop").await;
+                committed
+                    .iter()
+                    .all(|id| points.iter().any(|p| &p.bookmark_id == id))
+                    .then_some(points)
+            }
+        },
+    )
+    .await;
+    let mut mid_chain = 0;
+    for point in &points {
+        assert_eq!(point.points.len(), 3, "one point per member");
+        let mut prefix = Vec::new();
+        for vm in vms {
+            let p: &proc::RecoveryPoint = point
+                .points
+                .iter()
+                .find(|p| p.vm_name == vm)
+                .expect("member point");
+            assert_eq!(p.kind, proc::PointKind::MultiVm as i32);
+            assert_eq!(p.replication_group, "shop");
+            assert_eq!(p.time, point.time, "members share the round's time");
+            let image = read_disk(&processor, vm, p, "os").await;
+            prefix.push(chain_prefix(&image));
+        }
+        assert!(
+            prefix[0] >= prefix[1] && prefix[1] >= prefix[2],
+            "point {}: db holds {} iterations, app {}, web {}: an effect without its cause",
+            point.bookmark_id,
+            prefix[0],
+            prefix[1],
+            prefix[2]
+        );
+        if prefix[2] > 0 && prefix[0] < total {
+            mid_chain += 1;
+        }
+    }
+    assert!(
+        mid_chain >= 10,
+        "only {mid_chain} points cut the chain mid-way"
+    );
+    for a in agents {
+        a.stop(Duration::from_secs(5)).await.unwrap();
+    }
+}
+
+/// An agent binary in its own process, to be killed.
+struct AgentProcess(Child);
+
+impl AgentProcess {
+    fn start(registry: &str, vm: &str, state: &Path) -> AgentProcess {
+        let child = Command::new(bin_path("ferry-agent"))
+            .args(["--registry", registry, "--vm", vm])
+            .args(["--nbd-listen", &free_addr().to_string()])
+            .args(["--group-listen", "127.0.0.1:0", "--drain-secs", "1"])
+            .arg("--state-dir")
+            .arg(state)
+            .env("FERRY_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        AgentProcess(child)
+    }
+
+    fn kill(&mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_coordinator_dying_mid_round_holds_writes_no_longer_than_the_bound() {
+    let cluster = Cluster::start().await;
+    let registry = cluster.registry.url.clone();
+    let processor = cluster.processor.url.clone();
+    let dir = tempfile::tempdir().unwrap();
+    create_group(&registry, "erp", Duration::from_secs(1)).await;
+    for vm in ["erp-a", "erp-b", "erp-c"] {
+        let image = image(dir.path(), vm);
+        join_group(&registry, vm, &[("os", DISK, &image)], "erp").await;
+    }
+    // The first member coordinates; its agent is a process of its own.
+    assert_eq!(group(&registry, "erp").await.coordinator, "erp-a");
+    let mut a = AgentProcess::start(&registry, "erp-a", &dir.path().join("a"));
+    let (b, _) = common::protected_agent(&registry, "erp-b", &dir.path().join("b")).await;
+    let (c, _) = common::protected_agent(&registry, "erp-c", &dir.path().join("c")).await;
+    wait_for("a group point under erp-a", Duration::from_secs(60), || {
+        let processor = processor.clone();
+        async move { group_points(&processor, "erp").await.first().cloned() }
+    })
+    .await;
+
+    // A coordinator prepares a round on b and c, then dies before Commit.
+    let hold = Duration::from_secs(1);
+    for agent in [&b, &c] {
+        let client = AgentGroupClient::connect(format!("http://{}", agent.group_address))
+            .await
+            .unwrap();
+        // The real coordinator's round may be holding for a moment.
+        wait_for("the lost round's Prepare", Duration::from_secs(10), || {
+            let mut client = client.clone();
+            async move {
+                client
+                    .prepare(agent_pb::PrepareRequest {
+                        replication_group: "erp".into(),
+                        round_id: "lost-round".into(),
+                        coordinator: "erp-a".into(),
+                        hold: Some(ferry_runtime::time::to_duration(hold)),
+                    })
+                    .await
+                    .ok()
+            }
+        })
+        .await;
+    }
+    a.kill();
+    let killed_at = now_nanos();
+    // Writes wait for the hold to end by itself, then go on.
+    let (offset, data) = slot_write(7);
+    tokio::time::timeout(
+        ferry_agent::group::MAX_HOLD + Duration::from_secs(10),
+        b.capture.write("os", offset, data),
+    )
+    .await
+    .expect("a write on erp-b completes once the hold has ended")
+    .unwrap();
+    for agent in [&b, &c] {
+        let member = agent.member.clone().expect("group member");
+        wait_for("the hold to end by itself", Duration::from_secs(10), || {
+            let member = member.clone();
+            async move { (member.expired_holds() >= 1).then_some(()) }
+        })
+        .await;
+        let mut client = AgentGroupClient::connect(format!("http://{}", agent.group_address))
+            .await
+            .unwrap();
+        let late = client
+            .commit(agent_pb::CommitRequest {
+                replication_group: "erp".into(),
+                round_id: "lost-round".into(),
+                time_unix_nanos: killed_at,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(late.code(), tonic::Code::FailedPrecondition, "{late}");
+    }
+
+    // Registry passes the role on once erp-a is silent past the lease; with
+    // erp-a's agent back, the new coordinator's rounds cover the group.
+    wait_for("a new coordinator", Duration::from_secs(30), || {
+        let registry = registry.clone();
+        async move {
+            let g = group(&registry, "erp").await;
+            (g.coordinator != "erp-a").then_some(g)
+        }
+    })
+    .await;
+    assert_eq!(group(&registry, "erp").await.coordinator, "erp-b");
+    let _a = AgentProcess::start(&registry, "erp-a", &dir.path().join("a"));
+    let point = wait_for(
+        "a group point after the kill",
+        Duration::from_secs(120),
+        || {
+            let processor = processor.clone();
+            async move {
+                group_points(&processor, "erp").await.into_iter().find(|p| {
+                    p.time.as_ref().is_some_and(|t| {
+                        (t.seconds as u64) * 1_000_000_000 + t.nanos as u64 > killed_at
+                    })
+                })
+            }
+        },
+    )
+    .await;
+    assert_eq!(point.points.len(), 3);
+    assert!(point.points.iter().all(|p| p.bookmark_id != "lost-round"));
+    b.stop(Duration::from_secs(5)).await.unwrap();
+    c.stop(Duration::from_secs(5)).await.unwrap();
+}
