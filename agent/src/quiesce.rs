@@ -51,13 +51,25 @@ async fn run_script(
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
+        // Its own process group, so that a timeout kills what it started too.
+        .process_group(0)
         .spawn()
         .map_err(|e| format!("{phase} script {} cannot start: {e}", script.display()))?;
+    let pid = child.id();
     match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Err(_) => Err(format!(
-            "{phase} script {} timed out after {timeout:?} and was killed",
-            script.display()
-        )),
+        Err(_) => {
+            if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+                // SAFETY: kill(2) with a negative pid signals that process
+                // group; it touches no memory of ours.
+                unsafe {
+                    libc::kill(-pid, libc::SIGKILL);
+                }
+            }
+            Err(format!(
+                "{phase} script {} timed out after {timeout:?} and was killed",
+                script.display()
+            ))
+        }
         Ok(Err(e)) => Err(format!("{phase} script {}: {e}", script.display())),
         Ok(Ok(out)) if out.status.success() => Ok(()),
         Ok(Ok(out)) => {

@@ -20,53 +20,7 @@ use ferry_testkit::group::{create_group, group, group_points, join_group};
 use ferry_testkit::points::read_disk;
 use ferry_testkit::{bin_path, free_addr, wait_for, Cluster};
 
-const DISK: u64 = 4 << 20;
-const SLOT: u64 = 512;
-const SLOTS: u64 = DISK / SLOT;
-
-fn image(dir: &Path, vm: &str) -> std::path::PathBuf {
-    let path = dir.join(format!("{vm}.raw"));
-    std::fs::File::create(&path).unwrap().set_len(DISK).unwrap();
-    path
-}
-
-/// Iteration `k` of the causal chain writes `k + 1` into slot `k % SLOTS`.
-fn slot_write(k: u64) -> (u64, Vec<u8>) {
-    let value = (k + 1) as u32;
-    let data: Vec<u8> = value.to_le_bytes().repeat((SLOT / 4) as usize);
-    ((k % SLOTS) * SLOT, data)
-}
-
-/// The iteration count a disk image holds: the largest value in any slot.
-/// Panics unless the image is exactly the chain's first `n` writes.
-fn chain_prefix(image: &[u8]) -> u64 {
-    let values: Vec<u32> = (0..SLOTS)
-        .map(|s| {
-            let at = (s * SLOT) as usize;
-            let v = u32::from_le_bytes(image[at..at + 4].try_into().unwrap());
-            assert!(
-                image[at..at + SLOT as usize]
-                    .chunks(4)
-                    .all(|c| c == v.to_le_bytes()),
-                "slot {s} is torn"
-            );
-            v
-        })
-        .collect();
-    let n = u64::from(values.iter().copied().max().unwrap_or(0));
-    for (s, v) in values.iter().enumerate() {
-        // The newest iteration k < n with k % SLOTS == s, if any.
-        let s = s as u64;
-        let expected = if n > s {
-            let k = s + (n - 1 - s) / SLOTS * SLOTS;
-            k + 1
-        } else {
-            0
-        };
-        assert_eq!(u64::from(*v), expected, "slot {s} after {n} iterations");
-    }
-    n
-}
+use common::{chain_prefix, image, slot_write, DISK};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn multi_vm_points_never_show_an_effect_without_its_cause() {

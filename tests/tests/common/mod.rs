@@ -21,6 +21,17 @@ pub async fn policy(registry: &str, name: &str, interval: Duration) {
 /// Starts `vm`'s agent in-process with its NBD export on loopback and waits
 /// until the VM is PROTECTED; the agent and `nbd://host:port`.
 pub async fn protected_agent(registry: &str, vm: &str, state_dir: &Path) -> (Agent, String) {
+    protected_agent_with(registry, vm, state_dir, None).await
+}
+
+/// As [`protected_agent`], with pre and post scripts for app-consistent
+/// points.
+pub async fn protected_agent_with(
+    registry: &str,
+    vm: &str,
+    state_dir: &Path,
+    scripts: Option<ferry_agent::quiesce::Scripts>,
+) -> (Agent, String) {
     let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = nbd.local_addr().unwrap();
     // Used only if the VM is in a replication group.
@@ -33,7 +44,7 @@ pub async fn protected_agent(registry: &str, vm: &str, state_dir: &Path) -> (Age
         group_address: String::new(),
         state_dir: state_dir.to_path_buf(),
         limits: StreamLimits::default(),
-        scripts: None,
+        scripts,
     })
     .await
     .unwrap();
@@ -44,4 +55,56 @@ pub async fn protected_agent(registry: &str, vm: &str, state_dir: &Path) -> (Age
     })
     .await;
     (agent, format!("nbd://{addr}"))
+}
+
+// A chain of writes: iteration k writes k + 1 into slot k % SLOTS, so that
+// an image shows exactly how many iterations it holds.
+
+pub const DISK: u64 = 4 << 20;
+pub const SLOT: u64 = 512;
+pub const SLOTS: u64 = DISK / SLOT;
+
+/// A sparse source image of `DISK` bytes for `vm` under `dir`.
+pub fn image(dir: &Path, vm: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("{vm}.raw"));
+    std::fs::File::create(&path).unwrap().set_len(DISK).unwrap();
+    path
+}
+
+/// Iteration `k` of the causal chain writes `k + 1` into slot `k % SLOTS`.
+pub fn slot_write(k: u64) -> (u64, Vec<u8>) {
+    let value = (k + 1) as u32;
+    let data: Vec<u8> = value.to_le_bytes().repeat((SLOT / 4) as usize);
+    ((k % SLOTS) * SLOT, data)
+}
+
+/// The iteration count a disk image holds: the largest value in any slot.
+/// Panics unless the image is exactly the chain's first `n` writes.
+pub fn chain_prefix(image: &[u8]) -> u64 {
+    let values: Vec<u32> = (0..SLOTS)
+        .map(|s| {
+            let at = (s * SLOT) as usize;
+            let v = u32::from_le_bytes(image[at..at + 4].try_into().unwrap());
+            assert!(
+                image[at..at + SLOT as usize]
+                    .chunks(4)
+                    .all(|c| c == v.to_le_bytes()),
+                "slot {s} is torn"
+            );
+            v
+        })
+        .collect();
+    let n = u64::from(values.iter().copied().max().unwrap_or(0));
+    for (s, v) in values.iter().enumerate() {
+        // The newest iteration k < n with k % SLOTS == s, if any.
+        let s = s as u64;
+        let expected = if n > s {
+            let k = s + (n - 1 - s) / SLOTS * SLOTS;
+            k + 1
+        } else {
+            0
+        };
+        assert_eq!(u64::from(*v), expected, "slot {s} after {n} iterations");
+    }
+    n
 }
