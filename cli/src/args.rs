@@ -237,7 +237,12 @@ pub struct ServeArgs {
 
 #[derive(Args)]
 pub struct PointsArgs {
-    pub vm: String,
+    /// The VM whose points to list.
+    #[arg(required_unless_present = "group")]
+    pub vm: Option<String>,
+    /// A replication group's multi-VM points instead.
+    #[arg(long, conflicts_with = "vm")]
+    pub group: Option<String>,
     /// Only this kind: crash, app or multi-vm.
     #[arg(long)]
     pub kind: Option<String>,
@@ -253,9 +258,14 @@ pub struct FailoverArgs {
     pub action: Option<FailoverAction>,
     /// The VM to fail over.
     pub vm: Option<String>,
-    /// latest, latest-processed, latest-app, latest-multi-vm, or a point id.
-    #[arg(long, default_value = "latest-processed")]
-    pub point: String,
+    /// A whole replication group instead (to a multi-VM point).
+    #[arg(long, conflicts_with = "vm")]
+    pub group: Option<String>,
+    /// latest, latest-processed, latest-app, latest-multi-vm, or a point id
+    /// (for a group: latest-multi-vm or a bookmark id). Default:
+    /// latest-processed, for a group latest-multi-vm.
+    #[arg(long)]
+    pub point: Option<String>,
     /// A test failover (a drill): replication goes on.
     #[arg(long)]
     pub test: bool,
@@ -272,10 +282,22 @@ pub struct FailoverArgs {
 
 #[derive(Subcommand)]
 pub enum FailoverAction {
-    /// Commit a failed-over VM: its points are released.
-    Commit { vm: String },
-    /// Remove everything a test failover created.
-    CleanupTest { vm: String },
+    /// Commit a failed-over VM (or group): its points are released.
+    Commit {
+        #[arg(required_unless_present = "group")]
+        vm: Option<String>,
+        /// A whole replication group.
+        #[arg(long, conflicts_with = "vm")]
+        group: Option<String>,
+    },
+    /// Remove everything a test failover of a VM (or group) created.
+    CleanupTest {
+        #[arg(required_unless_present = "group")]
+        vm: Option<String>,
+        /// A whole replication group.
+        #[arg(long, conflicts_with = "vm")]
+        group: Option<String>,
+    },
 }
 
 #[derive(Args)]

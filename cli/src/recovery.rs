@@ -215,7 +215,54 @@ fn choice(point: &str) -> fo::point_choice::Choice {
     }
 }
 
+/// A replication group's multi-VM points.
+async fn group_points(url: &str, out: Output, group: String, limit: u32) -> Result<()> {
+    let points = processor_client(url)?
+        .list_group_points(pb::ListGroupPointsRequest {
+            replication_group: group,
+            limit,
+        })
+        .await
+        .map_err(status("processor-svc", url))?
+        .into_inner()
+        .points;
+    match out {
+        Output::Json => println!(
+            "{:#}",
+            Value::Array(
+                points
+                    .iter()
+                    .map(|g| serde_json::json!({
+                        "bookmark_id": g.bookmark_id,
+                        "time": output::time(&g.time),
+                        "points": g.points.iter().map(point_json).collect::<Vec<_>>(),
+                    }))
+                    .collect()
+            )
+        ),
+        Output::Table => {
+            let rows: Vec<Vec<String>> = points
+                .iter()
+                .map(|g| {
+                    vec![
+                        g.bookmark_id.clone(),
+                        output::time(&g.time),
+                        g.points.len().to_string(),
+                    ]
+                })
+                .collect();
+            println!("{}", table(&["GROUP POINT", "TIME", "VMS"], &rows))
+        }
+    }
+    Ok(())
+}
+
 pub async fn points(url: &str, out: Output, a: PointsArgs) -> Result<()> {
+    let vm = match (a.vm, a.group) {
+        (_, Some(group)) => return group_points(url, out, group, a.limit).await,
+        (Some(vm), None) => vm,
+        (None, None) => bail!("name a VM or --group GROUP"),
+    };
     let kind = match a.kind.as_deref() {
         None => pb::PointKind::Unspecified,
         Some("crash") => pb::PointKind::CrashConsistent,
@@ -225,7 +272,7 @@ pub async fn points(url: &str, out: Output, a: PointsArgs) -> Result<()> {
     };
     let points = processor_client(url)?
         .list_recovery_points(pb::ListRecoveryPointsRequest {
-            vm_name: a.vm.clone(),
+            vm_name: vm,
             kind: kind as i32,
             limit: a.limit,
             ..Default::default()
@@ -268,25 +315,44 @@ pub async fn failover(url: &str, out: Output, a: FailoverArgs) -> Result<()> {
     let err = status("failover-svc", url);
     let started = Instant::now();
     let job = match a.action {
-        Some(FailoverAction::Commit { vm }) => client
+        Some(FailoverAction::Commit { vm, group }) => client
             .commit_failover(fo::CommitFailoverRequest {
-                target: Some(fo::commit_failover_request::Target::VmName(vm)),
+                target: Some(match group {
+                    Some(g) => fo::commit_failover_request::Target::ReplicationGroup(g),
+                    None => fo::commit_failover_request::Target::VmName(vm.unwrap_or_default()),
+                }),
                 request_id: String::new(),
             })
             .await
             .map_err(&err)?
             .into_inner(),
-        Some(FailoverAction::CleanupTest { vm }) => client
+        Some(FailoverAction::CleanupTest { vm, group }) => client
             .cleanup_test_failover(fo::CleanupTestFailoverRequest {
-                target: Some(fo::cleanup_test_failover_request::Target::VmName(vm)),
+                target: Some(match group {
+                    Some(g) => fo::cleanup_test_failover_request::Target::ReplicationGroup(g),
+                    None => {
+                        fo::cleanup_test_failover_request::Target::VmName(vm.unwrap_or_default())
+                    }
+                }),
                 request_id: String::new(),
             })
             .await
             .map_err(&err)?
             .into_inner(),
         None => {
-            let vm =
-                a.vm.ok_or_else(|| anyhow!("name the VM: ferry failover VM --point latest"))?;
+            let (target, default_point) = match (a.vm, a.group) {
+                (_, Some(g)) => (
+                    fo::start_failover_request::Target::ReplicationGroup(g),
+                    "latest-multi-vm",
+                ),
+                (Some(vm), None) => (
+                    fo::start_failover_request::Target::VmName(vm),
+                    "latest-processed",
+                ),
+                (None, None) => bail!(
+                    "name the VM (ferry failover VM --point latest) or the group (--group GROUP)"
+                ),
+            };
             if a.test && a.network.is_none() {
                 bail!("a test failover needs --network NAME (an isolated network: ferry network create)");
             }
@@ -299,10 +365,10 @@ pub async fn failover(url: &str, out: Output, a: FailoverArgs) -> Result<()> {
             };
             client
                 .start_failover(fo::StartFailoverRequest {
-                    target: Some(fo::start_failover_request::Target::VmName(vm)),
+                    target: Some(target),
                     kind: kind as i32,
                     point: Some(fo::PointChoice {
-                        choice: Some(choice(&a.point)),
+                        choice: Some(choice(a.point.as_deref().unwrap_or(default_point))),
                     }),
                     test_network: a.network.unwrap_or_default(),
                     request_id: String::new(),

@@ -43,20 +43,29 @@ const DRAIN_BOUND: Duration = Duration::from_secs(120);
 
 /// Runs jobs.
 pub struct Engine {
-    registry: RegistryClient<PeerChannel>,
+    pub(crate) registry: RegistryClient<PeerChannel>,
     /// The source region's cache, for planned failovers (optional).
     cache: Option<CacheClient<PeerChannel>>,
-    processor: ProcessorClient<PeerChannel>,
+    pub(crate) processor: ProcessorClient<PeerChannel>,
     backend: Arc<dyn Backend>,
-    jobs: Arc<Jobs>,
+    pub(crate) jobs: Arc<Jobs>,
     /// VMs with a job running.
-    busy: Mutex<HashSet<String>>,
+    pub(crate) busy: Mutex<HashSet<String>>,
     /// Bytes per second materialization may write, if capped.
     write_rate: Option<u64>,
-    shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
 }
 
-fn steps(names: &[&str]) -> Vec<Step> {
+/// The key a job holds in `busy`: its VM, or its group.
+fn busy_key(job: &JobRecord) -> String {
+    if job.group.is_empty() {
+        job.vm_name.clone()
+    } else {
+        format!("group:{}", job.group)
+    }
+}
+
+pub(crate) fn steps(names: &[&str]) -> Vec<Step> {
     names
         .iter()
         .map(|n| Step {
@@ -107,7 +116,7 @@ impl Engine {
         &self.backend
     }
 
-    async fn item(&self, vm: &str) -> Result<reg::ProtectedItem> {
+    pub(crate) async fn item(&self, vm: &str) -> Result<reg::ProtectedItem> {
         if vm.is_empty() {
             return Err(FailoverError::InvalidArgument("vm_name is empty".into()));
         }
@@ -126,7 +135,7 @@ impl Engine {
             })
     }
 
-    fn test_vms(&self, vm: &str) -> Result<Vec<TargetVm>> {
+    pub(crate) fn test_vms(&self, vm: &str) -> Result<Vec<TargetVm>> {
         Ok(self
             .backend
             .vms()?
@@ -143,25 +152,54 @@ impl Engine {
         if let Some(job) = self.jobs.by_request(&req.request_id)? {
             return Ok(job);
         }
-        let vm = match req.target {
-            Some(pb::start_failover_request::Target::VmName(vm)) => vm,
-            Some(pb::start_failover_request::Target::ReplicationGroup(g)) => {
-                return Err(FailoverError::FailedPrecondition(format!(
-                    "failing over replication group {g:?} as a whole is not available yet; \
-                     its VMs cannot be failed over one by one either"
-                )))
-            }
-            None => {
-                return Err(FailoverError::InvalidArgument(
-                    "set vm_name or replication_group".into(),
-                ))
-            }
-        };
         let kind = pb::FailoverKind::try_from(req.kind).unwrap_or(pb::FailoverKind::Unspecified);
         if kind == pb::FailoverKind::Unspecified {
             return Err(FailoverError::InvalidArgument(
                 "kind is unset: TEST, PLANNED or UNPLANNED".into(),
             ));
+        }
+        let choice = match req.point.and_then(|p| p.choice) {
+            None => None,
+            Some(pb::point_choice::Choice::Latest(_)) => Some(Choice::Latest),
+            Some(pb::point_choice::Choice::LatestProcessed(_)) => Some(Choice::LatestProcessed),
+            Some(pb::point_choice::Choice::LatestAppConsistent(_)) => {
+                Some(Choice::LatestAppConsistent)
+            }
+            Some(pb::point_choice::Choice::LatestMultiVm(_)) => Some(Choice::LatestMultiVm),
+            Some(pb::point_choice::Choice::PointId(id)) if id.is_empty() => {
+                return Err(FailoverError::InvalidArgument("point_id is empty".into()))
+            }
+            Some(pb::point_choice::Choice::PointId(id)) => Some(Choice::Point(id)),
+        };
+        match req.target {
+            Some(pb::start_failover_request::Target::VmName(vm)) => {
+                let choice = choice.unwrap_or(Choice::LatestProcessed);
+                self.start_vm_failover(vm, kind, choice, req.test_network, req.request_id, false)
+                    .await
+            }
+            Some(pb::start_failover_request::Target::ReplicationGroup(g)) => {
+                self.start_group_failover(g, kind, choice, req.test_network, req.request_id)
+                    .await
+            }
+            None => Err(FailoverError::InvalidArgument(
+                "set vm_name or replication_group".into(),
+            )),
+        }
+    }
+
+    /// Validates one VM's failover and starts its job; `in_group` when a
+    /// group job starts it for a member.
+    pub(crate) async fn start_vm_failover(
+        self: &Arc<Self>,
+        vm: String,
+        kind: pb::FailoverKind,
+        choice: Choice,
+        test_network: String,
+        request_id: String,
+        in_group: bool,
+    ) -> Result<JobRecord> {
+        if let Some(job) = self.jobs.by_request(&request_id)? {
+            return Ok(job);
         }
         if kind == pb::FailoverKind::Planned && self.cache.is_none() {
             return Err(FailoverError::FailedPrecondition(
@@ -170,83 +208,17 @@ impl Engine {
                     .into(),
             ));
         }
-        let choice = match req.point.and_then(|p| p.choice) {
-            None => Choice::LatestProcessed,
-            Some(pb::point_choice::Choice::Latest(_)) => Choice::Latest,
-            Some(pb::point_choice::Choice::LatestProcessed(_)) => Choice::LatestProcessed,
-            Some(pb::point_choice::Choice::LatestAppConsistent(_)) => Choice::LatestAppConsistent,
-            Some(pb::point_choice::Choice::LatestMultiVm(_)) => Choice::LatestMultiVm,
-            Some(pb::point_choice::Choice::PointId(id)) if id.is_empty() => {
-                return Err(FailoverError::InvalidArgument("point_id is empty".into()))
-            }
-            Some(pb::point_choice::Choice::PointId(id)) => Choice::Point(id),
-        };
         let item = self.item(&vm).await?;
-        if !item.replication_group.is_empty() {
+        if !item.replication_group.is_empty() && !in_group {
             return Err(FailoverError::FailedPrecondition(format!(
                 "VM {vm:?} belongs to replication group {:?}: fail the group over as a whole",
                 item.replication_group
             )));
         }
-        use reg::ReplicationState as S;
+        self.check_failover(&vm, &item, kind, &test_network)?;
         let state = item.state();
         let test = kind == pb::FailoverKind::Test;
         let planned = kind == pb::FailoverKind::Planned;
-        let allowed = if test {
-            matches!(state, S::Protected | S::ResyncRequired | S::Resyncing)
-        } else if planned {
-            // Every write must reach the replica: nothing may await a resync.
-            state == S::Protected
-        } else {
-            matches!(
-                state,
-                S::Protected
-                    | S::ResyncRequired
-                    | S::Resyncing
-                    | S::FailoverInProgress
-                    | S::FailedOver
-            )
-        };
-        if !allowed {
-            return Err(FailoverError::FailedPrecondition(format!(
-                "VM {vm:?} is {}: {} needs it protected{}",
-                state_name(state as i32),
-                if test {
-                    "a test failover"
-                } else {
-                    "a failover"
-                },
-                if test {
-                    ""
-                } else {
-                    " (or failed over, to change the point)"
-                }
-            )));
-        }
-        if test {
-            if req.test_network.is_empty() {
-                return Err(FailoverError::InvalidArgument(
-                    "a test failover needs test_network: an isolated network of the target region"
-                        .into(),
-                ));
-            }
-            let region = item
-                .target
-                .as_ref()
-                .map(|t| t.region.clone())
-                .unwrap_or_default();
-            if self.backend.network(&region, &req.test_network)?.is_none() {
-                return Err(FailoverError::NotFound(format!(
-                    "test network {:?} does not exist in {region}; create it first",
-                    req.test_network
-                )));
-            }
-            if !self.test_vms(&vm)?.is_empty() {
-                return Err(FailoverError::FailedPrecondition(format!(
-                    "VM {vm:?} has a test failover already; clean it up first"
-                )));
-            }
-        }
         if let Choice::Point(id) = &choice {
             self.point(&vm, id).await?;
         }
@@ -286,19 +258,89 @@ impl Engine {
             failover_kind: kind as i32,
             vm_name: vm,
             choice,
-            test_network: req.test_network,
+            test_network,
             state: pb::JobState::Queued as i32,
             steps: steps(names),
             bytes_done: 0,
             bytes_total: 0,
             points: Vec::new(),
             error: String::new(),
-            request_id: req.request_id,
+            request_id,
             created_nanos: unix_nanos_now(),
             finished_nanos: 0,
             from_state: state as i32,
+            ..JobRecord::default()
         };
         self.admit(job).await
+    }
+
+    /// Whether `vm` (its protected item) may be failed over so.
+    pub(crate) fn check_failover(
+        &self,
+        vm: &str,
+        item: &reg::ProtectedItem,
+        kind: pb::FailoverKind,
+        test_network: &str,
+    ) -> Result<()> {
+        use reg::ReplicationState as S;
+        let state = item.state();
+        let test = kind == pb::FailoverKind::Test;
+        let planned = kind == pb::FailoverKind::Planned;
+        let allowed = if test {
+            matches!(state, S::Protected | S::ResyncRequired | S::Resyncing)
+        } else if planned {
+            // Every write must reach the replica: nothing may await a resync.
+            state == S::Protected
+        } else {
+            matches!(
+                state,
+                S::Protected
+                    | S::ResyncRequired
+                    | S::Resyncing
+                    | S::FailoverInProgress
+                    | S::FailedOver
+            )
+        };
+        if !allowed {
+            return Err(FailoverError::FailedPrecondition(format!(
+                "VM {vm:?} is {}: {} needs it protected{}",
+                state_name(state as i32),
+                if test {
+                    "a test failover"
+                } else {
+                    "a failover"
+                },
+                if test {
+                    ""
+                } else {
+                    " (or failed over, to change the point)"
+                }
+            )));
+        }
+        if test {
+            if test_network.is_empty() {
+                return Err(FailoverError::InvalidArgument(
+                    "a test failover needs test_network: an isolated network of the target region"
+                        .into(),
+                ));
+            }
+            let region = item
+                .target
+                .as_ref()
+                .map(|t| t.region.clone())
+                .unwrap_or_default();
+            if self.backend.network(&region, test_network)?.is_none() {
+                return Err(FailoverError::NotFound(format!(
+                    "test network {test_network:?} does not exist in {region}; create it first"
+                )));
+            }
+            if !self.test_vms(vm)?.is_empty() {
+                return Err(FailoverError::FailedPrecondition(format!(
+                    "VM {vm:?} has a test failover already; clean it up first"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Validates a commit and starts its job.
@@ -373,32 +415,48 @@ impl Engine {
             created_nanos: unix_nanos_now(),
             finished_nanos: 0,
             from_state: state,
+            ..JobRecord::default()
         })
     }
 
-    /// One job per VM at a time; the job is stored before it runs.
-    async fn admit(self: &Arc<Self>, job: JobRecord) -> Result<JobRecord> {
+    /// One job per VM (and per group) at a time; the job is stored before
+    /// it runs.
+    pub(crate) async fn admit(self: &Arc<Self>, job: JobRecord) -> Result<JobRecord> {
         {
             let mut busy = self
                 .busy
                 .lock()
                 .map_err(|_| FailoverError::Corrupt("busy lock".into()))?;
-            if !busy.insert(job.vm_name.clone()) {
-                return Err(FailoverError::FailedPrecondition(format!(
-                    "a job is running for VM {:?}; wait for it (ferry jobs --watch)",
-                    job.vm_name
-                )));
+            if !busy.insert(busy_key(&job)) {
+                return Err(FailoverError::FailedPrecondition(if job.group.is_empty() {
+                    format!(
+                        "a job is running for VM {:?}; wait for it (ferry jobs --watch)",
+                        job.vm_name
+                    )
+                } else {
+                    format!(
+                        "a job is running for replication group {:?}; wait for it (ferry jobs --watch)",
+                        job.group
+                    )
+                }));
             }
         }
         if let Err(e) = self.jobs.insert(&job) {
-            self.release(&job.vm_name);
+            self.release(&busy_key(&job));
             return Err(e);
         }
         tracing::info!(job = %job.id, vm = %job.vm_name, kind = job.kind, "job accepted");
-        let engine = self.clone();
         let accepted = job.clone();
-        tokio::spawn(async move { engine.run(job).await });
+        self.spawn_run(job);
         Ok(accepted)
+    }
+
+    /// Runs a job in its own task. Not async: a group job's member jobs are
+    /// admitted from inside a running job, and spawning here keeps that
+    /// recursion out of the futures' types.
+    fn spawn_run(self: &Arc<Self>, job: JobRecord) {
+        let engine = self.clone();
+        tokio::spawn(async move { engine.run(job).await });
     }
 
     fn release(&self, vm: &str) {
@@ -413,17 +471,17 @@ impl Engine {
         let n = unfinished.len();
         for job in unfinished {
             if let Ok(mut busy) = self.busy.lock() {
-                busy.insert(job.vm_name.clone());
+                busy.insert(busy_key(&job));
             }
             tracing::info!(job = %job.id, vm = %job.vm_name, "resuming job");
-            let engine = self.clone();
-            tokio::spawn(async move { engine.run(job).await });
+            self.spawn_run(job);
         }
         Ok(n)
     }
 
     async fn run(self: Arc<Self>, mut job: JobRecord) {
-        let vm = job.vm_name.clone();
+        // What `busy` holds for this job.
+        let vm = busy_key(&job);
         job.state = pb::JobState::Running as i32;
         let _ = self.jobs.save(&job);
         for i in 0..job.steps.len() {
@@ -475,8 +533,14 @@ impl Engine {
         self.release(&vm);
     }
 
-    async fn step(&self, name: &str, job: &mut JobRecord) -> Result<String> {
+    async fn step(self: &Arc<Self>, name: &str, job: &mut JobRecord) -> Result<String> {
         match name {
+            "validate" if !job.group.is_empty() => {
+                let g = self.group(&job.group).await?;
+                Ok(format!("group {} of {} VMs", g.name, g.members.len()))
+            }
+            "member-jobs" => self.member_jobs(job).await,
+            "members-done" => self.members_done(job).await,
             "validate" => {
                 let item = self.item(&job.vm_name).await?;
                 Ok(format!("VM {} is {}", job.vm_name, state_name(item.state)))

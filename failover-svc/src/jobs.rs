@@ -16,9 +16,10 @@ use crate::error::FailoverError;
 type Result<T> = std::result::Result<T, FailoverError>;
 
 /// Which point to use, as asked.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub enum Choice {
     Latest,
+    #[default]
     LatestProcessed,
     LatestAppConsistent,
     LatestMultiVm,
@@ -43,8 +44,17 @@ pub struct Used {
     pub data_loss_nanos: u64,
 }
 
+/// A member of a group job: the VM, the point it fails over to (its point
+/// at the group's bookmark; empty for commit and cleanup) and its job.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemberJob {
+    pub vm_name: String,
+    pub point_id: String,
+    pub job_id: String,
+}
+
 /// A job as stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
     pub id: String,
     /// `pb::JobKind`.
@@ -66,6 +76,12 @@ pub struct JobRecord {
     pub finished_nanos: u64,
     /// The registry state the VM was in when the job was accepted.
     pub from_state: i32,
+    /// For a group job: the group (then `vm_name` is empty) and one job per
+    /// member.
+    #[serde(default)]
+    pub group: String,
+    #[serde(default)]
+    pub members: Vec<MemberJob>,
 }
 
 fn time(nanos: u64) -> prost_types::Timestamp {
@@ -84,8 +100,12 @@ impl JobRecord {
             id: self.id.clone(),
             kind: self.kind,
             failover_kind: self.failover_kind,
-            vm_names: vec![self.vm_name.clone()],
-            replication_group: String::new(),
+            vm_names: if self.group.is_empty() {
+                vec![self.vm_name.clone()]
+            } else {
+                self.members.iter().map(|m| m.vm_name.clone()).collect()
+            },
+            replication_group: self.group.clone(),
             state: self.state,
             steps: self
                 .steps
@@ -212,7 +232,7 @@ impl Jobs {
         let mut out = Vec::new();
         for kv in self.jobs.iter().rev() {
             let job: JobRecord = unjson(&kv?.1)?;
-            if vm.is_none_or(|v| v == job.vm_name) {
+            if vm.is_none_or(|v| v == job.vm_name || job.members.iter().any(|m| m.vm_name == v)) {
                 out.push(job);
                 if out.len() >= limit {
                     break;

@@ -7,6 +7,7 @@
 
 pub mod engine;
 pub mod error;
+pub mod group;
 pub mod inventory;
 pub mod jobs;
 pub mod service;

@@ -26,16 +26,8 @@ impl FailoverService {
     }
 }
 
-fn vm_of(target: Option<&str>, group: Option<&str>) -> Result<String, FailoverError> {
-    match (target, group) {
-        (Some(vm), _) if !vm.is_empty() => Ok(vm.to_string()),
-        (_, Some(g)) => Err(FailoverError::FailedPrecondition(format!(
-            "replication group {g:?}: group operations are not available yet"
-        ))),
-        _ => Err(FailoverError::InvalidArgument(
-            "set vm_name or replication_group".into(),
-        )),
-    }
+fn no_target() -> FailoverError {
+    FailoverError::InvalidArgument("set vm_name or replication_group".into())
 }
 
 fn network_proto(n: &inventory::Network) -> pb::Network {
@@ -105,12 +97,15 @@ impl Failover for FailoverService {
         request: Request<pb::CommitFailoverRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let req = request.into_inner();
-        let vm = match &req.target {
-            Some(pb::commit_failover_request::Target::VmName(v)) => vm_of(Some(v), None),
-            Some(pb::commit_failover_request::Target::ReplicationGroup(g)) => vm_of(None, Some(g)),
-            None => vm_of(None, None),
-        }?;
-        let job = self.engine.commit(vm, req.request_id).await?;
+        let job = match req.target {
+            Some(pb::commit_failover_request::Target::VmName(vm)) => {
+                self.engine.commit(vm, req.request_id).await?
+            }
+            Some(pb::commit_failover_request::Target::ReplicationGroup(g)) => {
+                self.engine.commit_group(g, req.request_id).await?
+            }
+            None => return Err(no_target().into()),
+        };
         Ok(Response::new(job.to_proto()))
     }
 
@@ -119,14 +114,15 @@ impl Failover for FailoverService {
         request: Request<pb::CleanupTestFailoverRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let req = request.into_inner();
-        let vm = match &req.target {
-            Some(pb::cleanup_test_failover_request::Target::VmName(v)) => vm_of(Some(v), None),
-            Some(pb::cleanup_test_failover_request::Target::ReplicationGroup(g)) => {
-                vm_of(None, Some(g))
+        let job = match req.target {
+            Some(pb::cleanup_test_failover_request::Target::VmName(vm)) => {
+                self.engine.cleanup_test(vm, req.request_id).await?
             }
-            None => vm_of(None, None),
-        }?;
-        let job = self.engine.cleanup_test(vm, req.request_id).await?;
+            Some(pb::cleanup_test_failover_request::Target::ReplicationGroup(g)) => {
+                self.engine.cleanup_group(g, req.request_id).await?
+            }
+            None => return Err(no_target().into()),
+        };
         Ok(Response::new(job.to_proto()))
     }
 

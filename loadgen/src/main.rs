@@ -3,10 +3,13 @@
 //! the same run's fsynced sequential write bandwidth of the same filesystem.
 //! `ferry-loadgen processor-bench`: apply rate, point cut cost and RPO lag
 //! (see `processor_bench`). `ferry-loadgen failover-bench`: a failover of a
-//! 1 GiB disk half written beside `cp --sparse=always` (see `failover_bench`). Both print figures and ratios and assert nothing
-//! (machines are noisy).
+//! 1 GiB disk half written beside `cp --sparse=always` (see
+//! `failover_bench`). `ferry-loadgen group-bench`: bookmark rounds of a
+//! 20-VM group and the write latency they add (see `group_bench`). All print
+//! figures and ratios and assert nothing (machines are noisy).
 
 mod failover_bench;
+mod group_bench;
 mod processor_bench;
 
 use std::fs::OpenOptions;
@@ -47,6 +50,20 @@ enum Cli {
         /// Where the data goes (the filesystem measured).
         #[arg(long, default_value = "target/bench")]
         dir: PathBuf,
+    },
+    /// Replication groups: bookmark rounds per second over 20 VMs, and the
+    /// write latency they add.
+    #[command(name = "group-bench")]
+    Group {
+        /// Where the data goes.
+        #[arg(long, default_value = "target/bench")]
+        dir: PathBuf,
+        /// VMs in the group.
+        #[arg(long, default_value_t = 20)]
+        vms: usize,
+        /// Seconds per phase.
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
     },
     /// processor-svc: apply MiB/s, cost of a point on a 1 TiB disk, RPO lag.
     #[command(name = "processor-bench")]
@@ -293,6 +310,11 @@ async fn main() -> Result<()> {
             seq_mib,
             random_writes,
         } => (dir, seq_mib, random_writes),
+        Cli::Group { dir, vms, secs } => {
+            std::fs::create_dir_all(&dir)?;
+            let work = tempfile::tempdir_in(&dir)?;
+            return group_bench::run(work.path(), vms, secs).await;
+        }
         Cli::Failover { dir } => {
             std::fs::create_dir_all(&dir)?;
             let work = tempfile::tempdir_in(&dir)?;

@@ -8,11 +8,12 @@
 
 mod common;
 
+use common::{failover, finish, succeed};
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_proto::failover::v1 as fo;
-use ferry_proto::failover::v1::failover_client::FailoverClient;
 use ferry_proto::processor::v1 as pb;
 use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
@@ -37,51 +38,6 @@ async fn qemu_io(nbd: &str, disk: &str, commands: Vec<String>) {
     })
     .await
     .unwrap();
-}
-
-async fn failover(url: &str) -> FailoverClient<tonic::transport::Channel> {
-    FailoverClient::connect(url.to_string()).await.unwrap()
-}
-
-/// Follows a job's stream to its end; the final job and how many distinct
-/// progress values were seen.
-async fn finish(url: &str, job: &fo::Job) -> (fo::Job, usize) {
-    let mut stream = failover(url)
-        .await
-        .watch_job(fo::WatchJobRequest { id: job.id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut last = None;
-    let mut progress = std::collections::BTreeSet::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while let Some(j) = tokio::time::timeout_at(deadline, stream.message())
-        .await
-        .expect("the job ends within 2 minutes")
-        .unwrap()
-    {
-        progress.insert(j.bytes_done);
-        last = Some(j);
-    }
-    let job = last.expect("at least the job itself");
-    assert!(
-        job.state == fo::JobState::Succeeded as i32 || job.state == fo::JobState::Failed as i32,
-        "the stream ends with the job: {job:?}"
-    );
-    (job, progress.len())
-}
-
-/// Starts a job and follows it; it must succeed.
-async fn succeed(url: &str, request: fo::StartFailoverRequest) -> (fo::Job, usize) {
-    let job = failover(url)
-        .await
-        .start_failover(request)
-        .await
-        .unwrap()
-        .into_inner();
-    let (job, progress) = finish(url, &job).await;
-    assert_eq!(job.state, fo::JobState::Succeeded as i32, "{job:?}");
-    (job, progress)
 }
 
 fn start(

@@ -15,6 +15,7 @@ use ferry_agent::group::{Peers, ROUND_DEADLINE};
 use ferry_agent::run::Agent;
 use ferry_proto::agent::v1 as agent_pb;
 use ferry_proto::agent::v1::agent_group_client::AgentGroupClient;
+use ferry_proto::failover::v1 as fo;
 use ferry_proto::processor::v1 as proc;
 use ferry_testkit::group::{create_group, group, group_points, join_group};
 use ferry_testkit::points::read_disk;
@@ -101,6 +102,8 @@ async fn multi_vm_points_never_show_an_effect_without_its_cause() {
     )
     .await;
     let mut mid_chain = 0;
+    let mut prefixes: std::collections::HashMap<String, Vec<u64>> =
+        std::collections::HashMap::new();
     for point in &points {
         assert_eq!(point.points.len(), 3, "one point per member");
         let mut prefix = Vec::new();
@@ -127,13 +130,90 @@ async fn multi_vm_points_never_show_an_effect_without_its_cause() {
         if prefix[2] > 0 && prefix[0] < total {
             mid_chain += 1;
         }
+        prefixes.insert(point.bookmark_id.clone(), prefix);
     }
     assert!(
         mid_chain >= 10,
         "only {mid_chain} points cut the chain mid-way"
     );
+
+    // The group fails over as a whole to one of its points (one VM alone
+    // cannot); every failed-over disk holds exactly that point's writes.
+    let failover_url = cluster.failover.url.clone();
+    let chosen = &points[points.len() / 2];
+    let alone = common::failover(&failover_url)
+        .await
+        .start_failover(fo::StartFailoverRequest {
+            target: Some(fo::start_failover_request::Target::VmName("app".into())),
+            kind: fo::FailoverKind::Unplanned as i32,
+            point: None,
+            test_network: String::new(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(alone.code(), tonic::Code::FailedPrecondition, "{alone}");
+    let (job, _) = common::succeed(
+        &failover_url,
+        fo::StartFailoverRequest {
+            target: Some(fo::start_failover_request::Target::ReplicationGroup(
+                "shop".into(),
+            )),
+            kind: fo::FailoverKind::Unplanned as i32,
+            point: Some(fo::PointChoice {
+                choice: Some(fo::point_choice::Choice::PointId(
+                    chosen.bookmark_id.clone(),
+                )),
+            }),
+            test_network: String::new(),
+            request_id: "shop-failover".into(),
+        },
+    )
+    .await;
+    assert_eq!(job.replication_group, "shop");
+    assert_eq!(job.points.len(), 3, "{job:?}");
+    let vms_after = common::failover(&failover_url)
+        .await
+        .list_target_vms(fo::ListTargetVmsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .vms;
+    let expected = &prefixes[&chosen.bookmark_id];
+    for (i, vm) in vms.iter().enumerate() {
+        let target = vms_after
+            .iter()
+            .find(|t| t.source_vm == *vm && !t.test)
+            .expect("failed-over VM");
+        let used = job.points.iter().find(|u| u.vm_name == *vm).unwrap();
+        let at_bookmark = chosen.points.iter().find(|p| p.vm_name == *vm).unwrap();
+        assert_eq!(used.point_id, at_bookmark.id);
+        let image = std::fs::read(&target.disks[0].path).unwrap();
+        assert_eq!(chain_prefix(&image), expected[i], "{vm}");
+    }
+    let commit = common::failover(&failover_url)
+        .await
+        .commit_failover(fo::CommitFailoverRequest {
+            target: Some(fo::commit_failover_request::Target::ReplicationGroup(
+                "shop".into(),
+            )),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (commit, _) = common::finish(&failover_url, &commit).await;
+    assert_eq!(commit.state, fo::JobState::Succeeded as i32, "{commit:?}");
+    for vm in vms {
+        let item = ferry_testkit::protected_item(&registry, vm).await.unwrap();
+        assert_eq!(
+            item.state(),
+            ferry_proto::registry::v1::ReplicationState::Committed
+        );
+    }
     for a in agents {
-        a.stop(Duration::from_secs(5)).await.unwrap();
+        // Fenced by the failover: the stream has ended.
+        let _ = a.stop(Duration::from_secs(1)).await;
     }
 }
 
@@ -283,4 +363,62 @@ async fn a_coordinator_dying_mid_round_holds_writes_no_longer_than_the_bound() {
     assert!(point.points.iter().all(|p| p.bookmark_id != "lost-round"));
     b.stop(Duration::from_secs(5)).await.unwrap();
     c.stop(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_agents_share_multi_vm_points() {
+    let cluster = Cluster::start().await;
+    let registry = cluster.registry.url.clone();
+    let processor = cluster.processor.url.clone();
+    let dir = tempfile::tempdir().unwrap();
+    create_group(&registry, "fleet", Duration::from_secs(1)).await;
+    let vms: Vec<String> = (0..20).map(|i| format!("node-{i:02}")).collect();
+    for vm in &vms {
+        let image = image(dir.path(), vm);
+        join_group(&registry, vm, &[("os", DISK, &image)], "fleet").await;
+    }
+    let mut agents = Vec::new();
+    for vm in &vms {
+        let state = dir.path().join(format!("{vm}-state"));
+        agents.push(common::protected_agent(&registry, vm, &state).await.0);
+    }
+    // The group port answers grpcurl, with health and reflection.
+    let address = agents[0].group_address.clone();
+    tokio::task::spawn_blocking(move || {
+        ferry_testkit::assert_reflection_and_health(&address, ferry_agent::group::SERVICE_NAME)
+    })
+    .await
+    .unwrap();
+    // Each VM writes iteration i of the chain (i = its index), then the
+    // group needs a point taken after all of them.
+    for (i, agent) in agents.iter().enumerate() {
+        for k in 0..=i as u64 {
+            let (offset, data) = slot_write(k);
+            agent.capture.write("os", offset, data).await.unwrap();
+        }
+    }
+    let written = now_nanos();
+    let point = wait_for("a group point of 20 VMs", Duration::from_secs(120), || {
+        let processor = processor.clone();
+        async move {
+            group_points(&processor, "fleet")
+                .await
+                .into_iter()
+                .find(|p| {
+                    p.time.as_ref().is_some_and(|t| {
+                        (t.seconds as u64) * 1_000_000_000 + t.nanos as u64 > written
+                    })
+                })
+        }
+    })
+    .await;
+    assert_eq!(point.points.len(), 20);
+    for (i, vm) in vms.iter().enumerate() {
+        let p = point.points.iter().find(|p| &p.vm_name == vm).unwrap();
+        let image = read_disk(&processor, vm, p, "os").await;
+        assert_eq!(chain_prefix(&image), i as u64 + 1, "{vm}");
+    }
+    for a in agents {
+        a.stop(Duration::from_secs(5)).await.unwrap();
+    }
 }

@@ -108,3 +108,65 @@ pub fn chain_prefix(image: &[u8]) -> u64 {
     }
     n
 }
+
+// Failover jobs.
+
+pub async fn failover(
+    url: &str,
+) -> ferry_proto::failover::v1::failover_client::FailoverClient<tonic::transport::Channel> {
+    ferry_proto::failover::v1::failover_client::FailoverClient::connect(url.to_string())
+        .await
+        .unwrap()
+}
+
+/// Follows a job's stream to its end; the final job and how many distinct
+/// progress values were seen.
+pub async fn finish(
+    url: &str,
+    job: &ferry_proto::failover::v1::Job,
+) -> (ferry_proto::failover::v1::Job, usize) {
+    let mut stream = failover(url)
+        .await
+        .watch_job(ferry_proto::failover::v1::WatchJobRequest { id: job.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    let mut progress = std::collections::BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while let Some(j) = tokio::time::timeout_at(deadline, stream.message())
+        .await
+        .expect("the job ends within 2 minutes")
+        .unwrap()
+    {
+        progress.insert(j.bytes_done);
+        last = Some(j);
+    }
+    let job = last.expect("at least the job itself");
+    assert!(
+        job.state == ferry_proto::failover::v1::JobState::Succeeded as i32
+            || job.state == ferry_proto::failover::v1::JobState::Failed as i32,
+        "the stream ends with the job: {job:?}"
+    );
+    (job, progress.len())
+}
+
+/// Starts a job and follows it; it must succeed.
+pub async fn succeed(
+    url: &str,
+    request: ferry_proto::failover::v1::StartFailoverRequest,
+) -> (ferry_proto::failover::v1::Job, usize) {
+    let job = failover(url)
+        .await
+        .start_failover(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let (job, progress) = finish(url, &job).await;
+    assert_eq!(
+        job.state,
+        ferry_proto::failover::v1::JobState::Succeeded as i32,
+        "{job:?}"
+    );
+    (job, progress)
+}

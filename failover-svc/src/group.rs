@@ -1,0 +1,311 @@
+//! Replication groups fail over as a whole, to one multi-VM point: a group
+//! job checks every member, starts one member job per VM (each to its own
+//! point at the group's bookmark, so the VMs come up consistent with one
+//! another), and ends when all of them have. Commit and test cleanup of a
+//! group go the same way. A member job is an ordinary VM job (resumed,
+//! idempotent); its idempotency key is `<group job id>/<vm>`, so a resumed
+//! group job never starts a member twice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_proto::failover::v1 as pb;
+use ferry_proto::processor::v1 as proc;
+use ferry_proto::registry::v1 as reg;
+use ferry_runtime::time::unix_nanos_now;
+
+use crate::engine::{steps, Engine};
+use crate::error::FailoverError;
+use crate::jobs::{Choice, JobRecord, MemberJob};
+
+type Result<T> = std::result::Result<T, FailoverError>;
+
+const GROUP_STEPS: &[&str] = &["validate", "member-jobs", "members-done"];
+
+impl Engine {
+    /// A replication group as registry has it.
+    pub(crate) async fn group(&self, name: &str) -> Result<reg::ReplicationGroup> {
+        if name.is_empty() {
+            return Err(FailoverError::InvalidArgument(
+                "replication_group is empty".into(),
+            ));
+        }
+        let mut registry = self.registry.clone();
+        registry
+            .get_replication_group(reg::GetReplicationGroupRequest {
+                name: name.to_string(),
+            })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| match s.code() {
+                tonic::Code::NotFound => {
+                    FailoverError::NotFound(format!("replication group {name:?} does not exist"))
+                }
+                _ => FailoverError::peer("registry", s),
+            })
+    }
+
+    /// The group point `choice` names: the newest, or the one of a bookmark.
+    async fn group_point(&self, group: &str, choice: &Choice) -> Result<proc::GroupPoint> {
+        let mut p = self.processor.clone();
+        let points = p
+            .list_group_points(proc::ListGroupPointsRequest {
+                replication_group: group.to_string(),
+                limit: 0,
+            })
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::NotFound => FailoverError::NotFound(s.message().to_string()),
+                _ => FailoverError::peer("processor", s),
+            })?
+            .into_inner()
+            .points;
+        match choice {
+            Choice::Point(id) => points
+                .into_iter()
+                .find(|p| &p.bookmark_id == id)
+                .ok_or_else(|| {
+                    FailoverError::NotFound(format!(
+                    "replication group {group:?} has no multi-VM point {id:?} (unknown, expired, \
+                     or not every member has it); see ferry points --group {group}"
+                ))
+                }),
+            _ => points.into_iter().next().ok_or_else(|| {
+                FailoverError::NotFound(format!(
+                    "replication group {group:?} has no multi-VM point yet (one needs a bookmark \
+                     round with every member's agent up)"
+                ))
+            }),
+        }
+    }
+
+    /// A group's members, or FAILED_PRECONDITION if it has none.
+    async fn members(&self, group: &str) -> Result<Vec<String>> {
+        let g = self.group(group).await?;
+        if g.members.is_empty() {
+            return Err(FailoverError::FailedPrecondition(format!(
+                "replication group {group:?} has no members"
+            )));
+        }
+        Ok(g.members)
+    }
+
+    /// Validates a group failover and starts its job.
+    pub(crate) async fn start_group_failover(
+        self: &Arc<Self>,
+        group: String,
+        kind: pb::FailoverKind,
+        choice: Option<Choice>,
+        test_network: String,
+        request_id: String,
+    ) -> Result<JobRecord> {
+        if kind == pb::FailoverKind::Planned {
+            return Err(FailoverError::FailedPrecondition(format!(
+                "a planned failover of replication group {group:?} is not available; fail it \
+                 over unplanned to its latest multi-VM point"
+            )));
+        }
+        let choice = match choice {
+            None | Some(Choice::LatestMultiVm) => Choice::LatestMultiVm,
+            Some(Choice::Point(id)) => Choice::Point(id),
+            Some(_) => {
+                return Err(FailoverError::InvalidArgument(
+                    "a replication group fails over to a multi-VM point: latest_multi_vm or a \
+                     group point id (a bookmark id)"
+                        .into(),
+                ))
+            }
+        };
+        let members = self.members(&group).await?;
+        for vm in &members {
+            let item = self.item(vm).await?;
+            self.check_failover(vm, &item, kind, &test_network)?;
+        }
+        let point = self.group_point(&group, &choice).await?;
+        let mut jobs = Vec::new();
+        for vm in &members {
+            let p = point
+                .points
+                .iter()
+                .find(|p| &p.vm_name == vm)
+                .ok_or_else(|| {
+                    FailoverError::NotFound(format!(
+                        "VM {vm:?} has no point at bookmark {:?}",
+                        point.bookmark_id
+                    ))
+                })?;
+            jobs.push(MemberJob {
+                vm_name: vm.clone(),
+                point_id: p.id.clone(),
+                job_id: String::new(),
+            });
+        }
+        let job = JobRecord {
+            id: self.jobs.new_id()?,
+            kind: pb::JobKind::Failover as i32,
+            failover_kind: kind as i32,
+            choice: Choice::Point(point.bookmark_id.clone()),
+            test_network,
+            state: pb::JobState::Queued as i32,
+            steps: steps(GROUP_STEPS),
+            request_id,
+            created_nanos: unix_nanos_now(),
+            group,
+            members: jobs,
+            ..JobRecord::default()
+        };
+        self.admit(job).await
+    }
+
+    /// Validates a group commit (every member failed over) and starts its job.
+    pub(crate) async fn commit_group(
+        self: &Arc<Self>,
+        group: String,
+        request_id: String,
+    ) -> Result<JobRecord> {
+        if let Some(job) = self.jobs.by_request(&request_id)? {
+            return Ok(job);
+        }
+        let members = self.members(&group).await?;
+        for vm in &members {
+            let item = self.item(vm).await?;
+            if item.state() != reg::ReplicationState::FailedOver {
+                return Err(FailoverError::FailedPrecondition(format!(
+                    "VM {vm:?} of replication group {group:?} is not failed over: only a \
+                     failed-over group can be committed"
+                )));
+            }
+        }
+        self.group_job(pb::JobKind::Commit, group, members, request_id)
+            .await
+    }
+
+    /// Validates a group test cleanup and starts its job.
+    pub(crate) async fn cleanup_group(
+        self: &Arc<Self>,
+        group: String,
+        request_id: String,
+    ) -> Result<JobRecord> {
+        if let Some(job) = self.jobs.by_request(&request_id)? {
+            return Ok(job);
+        }
+        let members = self.members(&group).await?;
+        let mut with_tests = Vec::new();
+        for vm in members {
+            if !self.test_vms(&vm)?.is_empty() {
+                with_tests.push(vm);
+            }
+        }
+        if with_tests.is_empty() {
+            return Err(FailoverError::FailedPrecondition(format!(
+                "replication group {group:?} has no test failover to clean up"
+            )));
+        }
+        self.group_job(pb::JobKind::CleanupTest, group, with_tests, request_id)
+            .await
+    }
+
+    async fn group_job(
+        self: &Arc<Self>,
+        kind: pb::JobKind,
+        group: String,
+        members: Vec<String>,
+        request_id: String,
+    ) -> Result<JobRecord> {
+        let job = JobRecord {
+            id: self.jobs.new_id()?,
+            kind: kind as i32,
+            state: pb::JobState::Queued as i32,
+            steps: steps(GROUP_STEPS),
+            request_id,
+            created_nanos: unix_nanos_now(),
+            group,
+            members: members
+                .into_iter()
+                .map(|vm_name| MemberJob {
+                    vm_name,
+                    ..MemberJob::default()
+                })
+                .collect(),
+            ..JobRecord::default()
+        };
+        self.admit(job).await
+    }
+
+    /// Starts each member's job (again after a restart: the same job).
+    pub(crate) async fn member_jobs(self: &Arc<Self>, job: &mut JobRecord) -> Result<String> {
+        for i in 0..job.members.len() {
+            if !job.members[i].job_id.is_empty() {
+                continue;
+            }
+            let m = job.members[i].clone();
+            let key = format!("{}/{}", job.id, m.vm_name);
+            let started = if job.kind == pb::JobKind::Commit as i32 {
+                self.commit(m.vm_name.clone(), key).await
+            } else if job.kind == pb::JobKind::CleanupTest as i32 {
+                self.cleanup_test(m.vm_name.clone(), key).await
+            } else {
+                let kind = pb::FailoverKind::try_from(job.failover_kind)
+                    .unwrap_or(pb::FailoverKind::Unplanned);
+                self.start_vm_failover(
+                    m.vm_name.clone(),
+                    kind,
+                    Choice::Point(m.point_id.clone()),
+                    job.test_network.clone(),
+                    key,
+                    true,
+                )
+                .await
+            };
+            let member = started.map_err(|e| {
+                FailoverError::FailedPrecondition(format!("VM {:?}: {e}", m.vm_name))
+            })?;
+            job.members[i].job_id = member.id;
+            self.jobs.save(job)?;
+        }
+        Ok(format!("{} member job(s)", job.members.len()))
+    }
+
+    /// Follows the member jobs until all have ended; progress is their sum.
+    pub(crate) async fn members_done(&self, job: &mut JobRecord) -> Result<String> {
+        loop {
+            let (mut done, mut total, mut ended) = (0u64, 0u64, 0usize);
+            let mut points = Vec::new();
+            for m in &job.members {
+                let member = self.jobs.get(&m.job_id)?.ok_or_else(|| {
+                    FailoverError::Corrupt(format!("member job {} is missing", m.job_id))
+                })?;
+                if member.state == pb::JobState::Failed as i32 {
+                    return Err(FailoverError::FailedPrecondition(format!(
+                        "VM {:?} (job {}): {}",
+                        m.vm_name, member.id, member.error
+                    )));
+                }
+                let live = self.jobs.live(&member);
+                done += live.bytes_done;
+                total += live.bytes_total;
+                if member.ended() {
+                    ended += 1;
+                    points.extend(member.points.clone());
+                }
+            }
+            if ended == job.members.len() {
+                job.points = points;
+                job.bytes_done = done;
+                job.bytes_total = total;
+                return Ok(format!("{ended} VM(s) done"));
+            }
+            if (done, total) != (job.bytes_done, job.bytes_total) {
+                job.bytes_done = done;
+                job.bytes_total = total;
+                self.jobs.publish(job);
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => {
+                    return Err(FailoverError::Unavailable("failover-svc is stopping".into()))
+                }
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! `ferry-loadgen group-bench`: a replication group of 20 VMs, every agent,
+//! cache-svc and processor-svc in-process on loopback. Bookmark rounds run
+//! back to back over all members (rounds per second, and how long one
+//! takes), and a writer on one member issues 4 KiB writes meanwhile: their
+//! latency beside the same writer's with no round running, in the same run.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use ferry_agent::capture::Capture;
+use ferry_agent::group::{Peers, ROUND_DEADLINE};
+use ferry_agent::run::{Agent, AgentOptions, GroupPort};
+use ferry_agent::stream::StreamLimits;
+use ferry_proto::registry::v1 as reg;
+
+const DISK: u64 = 64 << 20;
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return 0.0;
+    }
+    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+/// 4 KiB writes back to back on `capture` until `stop`: each one's latency
+/// in microseconds.
+async fn writer(capture: Arc<Capture>, stop: Arc<AtomicBool>) -> Result<Vec<f64>> {
+    let data = vec![0x6bu8; 4096];
+    let mut latencies = Vec::new();
+    let mut i = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let offset = (i * 4096) % DISK;
+        let t = Instant::now();
+        capture.write("os", offset, data.clone()).await?;
+        latencies.push(t.elapsed().as_secs_f64() * 1e6);
+        i += 1;
+        if capture.stream().pending_bytes().await > 64 << 20 {
+            // Keep the stream well inside its buffer: measure rounds, not
+            // an overflow.
+            capture.stream().flushed().await;
+        }
+    }
+    Ok(latencies)
+}
+
+pub async fn run(dir: &Path, vms: usize, secs: u64) -> Result<()> {
+    let cluster = ferry_testkit::Cluster::start().await;
+    let registry = cluster.registry.url.clone();
+    // Rounds an hour apart: the coordinator's own stay out of the way of
+    // the ones measured here.
+    ferry_testkit::group::create_group(&registry, "bench", Duration::from_secs(3600)).await;
+    let names: Vec<String> = (0..vms).map(|i| format!("vm-{i:02}")).collect();
+    for vm in &names {
+        let source = dir.join(format!("{vm}.raw"));
+        std::fs::File::create(&source)?.set_len(DISK)?;
+        ferry_testkit::group::join_group(&registry, vm, &[("os", DISK, &source)], "bench").await;
+    }
+    let mut agents = Vec::new();
+    for vm in &names {
+        let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let group = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        agents.push(
+            Agent::start(AgentOptions {
+                registry: registry.clone(),
+                vm: vm.clone(),
+                nbd,
+                group: GroupPort::Bound(group),
+                group_address: String::new(),
+                state_dir: dir.join(format!("{vm}-agent")),
+                limits: StreamLimits::default(),
+                scripts: None,
+            })
+            .await?,
+        );
+    }
+    for vm in &names {
+        let registry = registry.clone();
+        ferry_testkit::wait_for("PROTECTED", Duration::from_secs(120), || async {
+            ferry_testkit::protected_item(&registry, vm)
+                .await
+                .filter(|i| i.state() == reg::ReplicationState::Protected)
+        })
+        .await;
+    }
+    let members: Vec<(String, String)> = agents
+        .iter()
+        .map(|a| (a.vm.clone(), a.group_address.clone()))
+        .collect();
+    let capture = agents[0].capture.clone();
+    let span = Duration::from_secs(secs);
+
+    // The baseline: the writer alone.
+    let stop = Arc::new(AtomicBool::new(false));
+    let alone = tokio::spawn(writer(capture.clone(), stop.clone()));
+    tokio::time::sleep(span).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut alone = alone.await??;
+
+    // Rounds back to back, the writer beside them.
+    let stop = Arc::new(AtomicBool::new(false));
+    let during = tokio::spawn(writer(capture.clone(), stop.clone()));
+    let mut peers = Peers::default();
+    let (mut committed, mut failed) = (0u64, 0u64);
+    let mut round_ms = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < span {
+        match ferry_agent::group::round(&mut peers, "bench", "bench", &members, ROUND_DEADLINE)
+            .await
+        {
+            Ok(r) => {
+                committed += 1;
+                round_ms.push(r.elapsed.as_secs_f64() * 1000.0);
+            }
+            Err(e) => {
+                failed += 1;
+                if failed > committed + 10 {
+                    bail!("rounds keep failing: {e}");
+                }
+            }
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let mut during = during.await??;
+
+    println!("replication group of {vms} VMs, agents in-process on loopback; {secs} s per phase");
+    println!(
+        "bookmark rounds back to back: {:.0} rounds/s committed ({committed} committed, {failed} failed); \
+         a round takes p50 {:.2} ms, p99 {:.2} ms",
+        committed as f64 / elapsed,
+        percentile(&mut round_ms, 50.0),
+        percentile(&mut round_ms, 99.0)
+    );
+    let (a50, a99, amax) = (
+        percentile(&mut alone, 50.0),
+        percentile(&mut alone, 99.0),
+        percentile(&mut alone, 100.0),
+    );
+    let (d50, d99, dmax) = (
+        percentile(&mut during, 50.0),
+        percentile(&mut during, 99.0),
+        percentile(&mut during, 100.0),
+    );
+    println!(
+        "{:<40} {:>10} {:>10} {:>10} {:>10}",
+        "4 KiB write latency on one member (µs)", "writes", "p50", "p99", "max"
+    );
+    println!(
+        "{:<40} {:>10} {:>10.0} {:>10.0} {:>10.0}",
+        "no round (baseline)",
+        alone.len(),
+        a50,
+        a99,
+        amax
+    );
+    println!(
+        "{:<40} {:>10} {:>10.0} {:>10.0} {:>10.0}",
+        "rounds back to back",
+        during.len(),
+        d50,
+        d99,
+        dmax
+    );
+    println!(
+        "added by rounds: p99 +{:.0} µs ({:.2}x the baseline p99)",
+        d99 - a99,
+        d99 / a99.max(1e-9)
+    );
+    for a in agents {
+        a.stop(Duration::from_secs(5)).await?;
+    }
+    Ok(())
+}
