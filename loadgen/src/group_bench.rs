@@ -1,8 +1,9 @@
 //! `ferry-loadgen group-bench`: a replication group of 20 VMs, every agent,
 //! cache-svc and processor-svc in-process on loopback. Bookmark rounds run
 //! back to back over all members (rounds per second, and how long one
-//! takes), and a writer on one member issues 4 KiB writes meanwhile: their
-//! latency beside the same writer's with no round running, in the same run.
+//! takes); then a writer on one member issues 4 KiB writes alone (the
+//! baseline), and again with a round every 200 ms: the latency of the writes
+//! begun while a round held them, beside the baseline of the same run.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +18,8 @@ use ferry_agent::stream::StreamLimits;
 use ferry_proto::registry::v1 as reg;
 
 const DISK: u64 = 64 << 20;
+/// Spacing of the rounds measured beside the writer.
+const ROUND_EVERY: Duration = Duration::from_millis(200);
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -27,9 +30,9 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[i.min(v.len() - 1)]
 }
 
-/// 4 KiB writes back to back on `capture` until `stop`: each one's latency
-/// in microseconds.
-async fn writer(capture: Arc<Capture>, stop: Arc<AtomicBool>) -> Result<Vec<f64>> {
+/// 4 KiB writes back to back on `capture` until `stop`: when each began
+/// and its latency in microseconds.
+async fn writer(capture: Arc<Capture>, stop: Arc<AtomicBool>) -> Result<Vec<(Instant, f64)>> {
     let data = vec![0x6bu8; 4096];
     let mut latencies = Vec::new();
     let mut i = 0u64;
@@ -37,7 +40,7 @@ async fn writer(capture: Arc<Capture>, stop: Arc<AtomicBool>) -> Result<Vec<f64>
         let offset = (i * 4096) % DISK;
         let t = Instant::now();
         capture.write("os", offset, data.clone()).await?;
-        latencies.push(t.elapsed().as_secs_f64() * 1e6);
+        latencies.push((t, t.elapsed().as_secs_f64() * 1e6));
         i += 1;
         if capture.stream().pending_bytes().await > 64 << 20 {
             // Keep the stream well inside its buffer: measure rounds, not
@@ -46,6 +49,17 @@ async fn writer(capture: Arc<Capture>, stop: Arc<AtomicBool>) -> Result<Vec<f64>
         }
     }
     Ok(latencies)
+}
+
+/// p50, p99 and max of `v`.
+fn summary(mut v: Vec<f64>) -> (usize, f64, f64, f64) {
+    let n = v.len();
+    (
+        n,
+        percentile(&mut v, 50.0),
+        percentile(&mut v, 99.0),
+        percentile(&mut v, 100.0),
+    )
 }
 
 pub async fn run(dir: &Path, vms: usize, secs: u64) -> Result<()> {
@@ -94,17 +108,9 @@ pub async fn run(dir: &Path, vms: usize, secs: u64) -> Result<()> {
     let capture = agents[0].capture.clone();
     let span = Duration::from_secs(secs);
 
-    // The baseline: the writer alone.
-    let stop = Arc::new(AtomicBool::new(false));
-    let alone = tokio::spawn(writer(capture.clone(), stop.clone()));
-    tokio::time::sleep(span).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut alone = alone.await??;
-
-    // Rounds back to back, the writer beside them.
-    let stop = Arc::new(AtomicBool::new(false));
-    let during = tokio::spawn(writer(capture.clone(), stop.clone()));
     let mut peers = Peers::default();
+
+    // Capacity: rounds back to back, nothing else running.
     let (mut committed, mut failed) = (0u64, 0u64);
     let mut round_ms = Vec::new();
     let started = Instant::now();
@@ -125,51 +131,71 @@ pub async fn run(dir: &Path, vms: usize, secs: u64) -> Result<()> {
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    let mut during = during.await??;
+    let (_, r50, r99, _) = summary(round_ms);
 
-    println!("replication group of {vms} VMs, agents in-process on loopback; {secs} s per phase");
+    // The baseline: the writer alone.
+    let stop = Arc::new(AtomicBool::new(false));
+    let alone = tokio::spawn(writer(capture.clone(), stop.clone()));
+    tokio::time::sleep(span).await;
+    stop.store(true, Ordering::Relaxed);
+    let alone = alone.await??;
+
+    // The writer with a round every ROUND_EVERY: which writes began while a
+    // round held writes, and what they waited.
+    let stop = Arc::new(AtomicBool::new(false));
+    let during = tokio::spawn(writer(capture.clone(), stop.clone()));
+    let mut windows: Vec<(Instant, Instant)> = Vec::new();
+    let mut loaded_ms = Vec::new();
+    let started = Instant::now();
+    let mut next = started;
+    while started.elapsed() < span {
+        tokio::time::sleep_until(next.into()).await;
+        next += ROUND_EVERY;
+        let t = Instant::now();
+        if let Ok(r) =
+            ferry_agent::group::round(&mut peers, "bench", "bench", &members, ROUND_DEADLINE).await
+        {
+            windows.push((t, t + r.elapsed));
+            loaded_ms.push(r.elapsed.as_secs_f64() * 1000.0);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let during = during.await??;
+    let in_round: Vec<f64> = during
+        .iter()
+        .filter(|(t, _)| windows.iter().any(|(a, b)| t >= a && t <= b))
+        .map(|(_, l)| *l)
+        .collect();
+    let (ln, l50, l99, _) = summary(loaded_ms);
+
+    println!("replication group of {vms} VMs, agents, cache-svc and processor-svc in-process on loopback; {secs} s per phase");
     println!(
-        "bookmark rounds back to back: {:.0} rounds/s committed ({committed} committed, {failed} failed); \
-         a round takes p50 {:.2} ms, p99 {:.2} ms",
-        committed as f64 / elapsed,
-        percentile(&mut round_ms, 50.0),
-        percentile(&mut round_ms, 99.0)
-    );
-    let (a50, a99, amax) = (
-        percentile(&mut alone, 50.0),
-        percentile(&mut alone, 99.0),
-        percentile(&mut alone, 100.0),
-    );
-    let (d50, d99, dmax) = (
-        percentile(&mut during, 50.0),
-        percentile(&mut during, 99.0),
-        percentile(&mut during, 100.0),
+        "rounds back to back, idle group: {:.0} rounds/s ({committed} committed, {failed} failed); a round takes p50 {r50:.2} ms, p99 {r99:.2} ms",
+        committed as f64 / elapsed
     );
     println!(
-        "{:<40} {:>10} {:>10} {:>10} {:>10}",
+        "a round every {} ms beside a writer: {ln} rounds, p50 {l50:.2} ms, p99 {l99:.2} ms",
+        ROUND_EVERY.as_millis()
+    );
+    let alone = summary(alone.iter().map(|(_, l)| *l).collect());
+    let all = summary(during.iter().map(|(_, l)| *l).collect());
+    let held = summary(in_round);
+    println!(
+        "{:<44} {:>9} {:>9} {:>9} {:>9}",
         "4 KiB write latency on one member (µs)", "writes", "p50", "p99", "max"
     );
+    for (name, (n, p50, p99, max)) in [
+        ("no round (baseline)", alone),
+        ("all writes, with rounds", all),
+        ("writes begun during a round", held),
+    ] {
+        println!("{name:<44} {n:>9} {p50:>9.0} {p99:>9.0} {max:>9.0}");
+    }
     println!(
-        "{:<40} {:>10} {:>10.0} {:>10.0} {:>10.0}",
-        "no round (baseline)",
-        alone.len(),
-        a50,
-        a99,
-        amax
-    );
-    println!(
-        "{:<40} {:>10} {:>10.0} {:>10.0} {:>10.0}",
-        "rounds back to back",
-        during.len(),
-        d50,
-        d99,
-        dmax
-    );
-    println!(
-        "added by rounds: p99 +{:.0} µs ({:.2}x the baseline p99)",
-        d99 - a99,
-        d99 / a99.max(1e-9)
+        "added p99 during a round: +{:.0} µs ({:.2}x the baseline p99); over all writes: +{:.0} µs",
+        held.2 - alone.2,
+        held.2 / alone.2.max(1e-9),
+        all.2 - alone.2
     );
     for a in agents {
         a.stop(Duration::from_secs(5)).await?;

@@ -730,6 +730,53 @@ async fn groups_track_members_and_coordinator() {
     assert_eq!(group.coordinator, "erp-db");
     assert_eq!(group.target_region, "westus");
 
+    // A member's agent heartbeats with its credential; registry hands back
+    // the group with addresses and liveness.
+    let grant = c
+        .register_agent(pb::RegisterAgentRequest {
+            vm_name: "erp-app".into(),
+            hostname: "h".into(),
+            group_address: "10.1.0.20:20004".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let beat = |credential: &str, epoch: u64, vm: &str| pb::GroupHeartbeatRequest {
+        vm_name: vm.into(),
+        credential: credential.into(),
+        epoch,
+        group_address: "127.0.0.1:20004".into(),
+    };
+    let view = c
+        .group_heartbeat(beat(&grant.credential, grant.epoch, "erp-app"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(view.group.unwrap().coordinator, "erp-db");
+    let app = view
+        .members
+        .iter()
+        .find(|m| m.vm_name == "erp-app")
+        .unwrap();
+    assert_eq!(app.group_address, "127.0.0.1:20004");
+    assert!(app.alive);
+    assert!(view.multi_vm_interval.is_some() && view.coordinator_lease.is_some());
+    let err = c
+        .group_heartbeat(beat("not-the-credential", grant.epoch, "erp-app"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = c
+        .group_heartbeat(beat(&grant.credential, grant.epoch - 1, "erp-app"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let err = c
+        .group_heartbeat(beat(&grant.credential, grant.epoch, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
     // Members share a target region and the group's policy.
     let mut v = vm("erp-web");
     v.nics[0].private_ip = "10.1.0.30".into();

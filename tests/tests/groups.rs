@@ -153,6 +153,85 @@ async fn multi_vm_points_never_show_an_effect_without_its_cause() {
         .await
         .unwrap_err();
     assert_eq!(alone.code(), tonic::Code::FailedPrecondition, "{alone}");
+    // A drill first: the whole group into an isolated network, then gone.
+    common::failover(&failover_url)
+        .await
+        .create_network(fo::CreateNetworkRequest {
+            network: Some(fo::Network {
+                region: "westus".into(),
+                resource_group: "drill".into(),
+                name: "isolated".into(),
+                subnets: vec![fo::Subnet {
+                    name: "default".into(),
+                    address_prefix: "10.9.0.0/24".into(),
+                }],
+            }),
+        })
+        .await
+        .unwrap();
+    let (drill, _) = common::succeed(
+        &failover_url,
+        fo::StartFailoverRequest {
+            target: Some(fo::start_failover_request::Target::ReplicationGroup(
+                "shop".into(),
+            )),
+            kind: fo::FailoverKind::Test as i32,
+            point: None,
+            test_network: "isolated".into(),
+            request_id: String::new(),
+        },
+    )
+    .await;
+    assert_eq!(drill.points.len(), 3, "{drill:?}");
+    // The newest multi-VM point when it started: one bookmark on all three.
+    let now = group_points(&processor, "shop").await;
+    let used = now
+        .iter()
+        .find(|g| {
+            drill.points.iter().all(|u| {
+                g.points
+                    .iter()
+                    .any(|p| p.vm_name == u.vm_name && p.id == u.point_id)
+            })
+        })
+        .expect("the drill used one group point");
+    let nanos = |t: &Option<prost_types::Timestamp>| {
+        t.as_ref().map(|t| (t.seconds, t.nanos)).unwrap_or_default()
+    };
+    assert!(
+        nanos(&used.time) >= nanos(&points[0].time),
+        "latest multi-VM point by default"
+    );
+    let tests = common::failover(&failover_url)
+        .await
+        .list_target_vms(fo::ListTargetVmsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .vms;
+    assert_eq!(tests.iter().filter(|t| t.test).count(), 3);
+    let cleanup = common::failover(&failover_url)
+        .await
+        .cleanup_test_failover(fo::CleanupTestFailoverRequest {
+            target: Some(fo::cleanup_test_failover_request::Target::ReplicationGroup(
+                "shop".into(),
+            )),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (cleanup, _) = common::finish(&failover_url, &cleanup).await;
+    assert_eq!(cleanup.state, fo::JobState::Succeeded as i32, "{cleanup:?}");
+    let left = common::failover(&failover_url)
+        .await
+        .list_target_vms(fo::ListTargetVmsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .vms;
+    assert!(left.is_empty(), "{left:?}");
+
     let (job, _) = common::succeed(
         &failover_url,
         fo::StartFailoverRequest {
