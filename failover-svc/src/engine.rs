@@ -45,7 +45,7 @@ const DRAIN_BOUND: Duration = Duration::from_secs(120);
 pub struct Engine {
     pub(crate) registry: RegistryClient<PeerChannel>,
     /// The source region's cache, for planned failovers (optional).
-    cache: Option<CacheClient<PeerChannel>>,
+    pub(crate) cache: Option<CacheClient<PeerChannel>>,
     pub(crate) processor: ProcessorClient<PeerChannel>,
     backend: Arc<dyn Backend>,
     pub(crate) jobs: Arc<Jobs>,

@@ -1,7 +1,9 @@
 //! Replication groups fail over as a whole, to one multi-VM point: a group
 //! job checks every member, starts one member job per VM (each to its own
 //! point at the group's bookmark, so the VMs come up consistent with one
-//! another), and ends when all of them have. Commit and test cleanup of a
+//! another), and ends when all of them have. A planned group failover drains
+//! every member instead: each ends at its own final point, which holds every
+//! write it acknowledged, so none of the group's writes is lost. Commit and test cleanup of a
 //! group go the same way. A member job is an ordinary VM job (resumed,
 //! idempotent); its idempotency key is `<group job id>/<vm>`, so a resumed
 //! group job never starts a member twice.
@@ -99,13 +101,20 @@ impl Engine {
         test_network: String,
         request_id: String,
     ) -> Result<JobRecord> {
-        if kind == pb::FailoverKind::Planned {
-            return Err(FailoverError::FailedPrecondition(format!(
-                "a planned failover of replication group {group:?} is not available; fail it \
-                 over unplanned to its latest multi-VM point"
-            )));
+        let planned = kind == pb::FailoverKind::Planned;
+        if planned && self.cache.is_none() {
+            return Err(FailoverError::FailedPrecondition(
+                "failover-svc was started without --cache: a planned failover needs the source \
+                 region's cache; use an unplanned failover"
+                    .into(),
+            ));
         }
         let choice = match choice {
+            // Planned: every member drains and ends with its own final
+            // point, which holds every write it acknowledged; no write
+            // acknowledged anywhere is missing, so together they are
+            // consistent.
+            _ if planned => Choice::Latest,
             None | Some(Choice::LatestMultiVm) => Choice::LatestMultiVm,
             Some(Choice::Point(id)) => Choice::Point(id),
             Some(_) => {
@@ -121,30 +130,42 @@ impl Engine {
             let item = self.item(vm).await?;
             self.check_failover(vm, &item, kind, &test_network)?;
         }
-        let point = self.group_point(&group, &choice).await?;
         let mut jobs = Vec::new();
-        for vm in &members {
-            let p = point
-                .points
+        let mut bookmark = Choice::Latest;
+        if planned {
+            jobs = members
                 .iter()
-                .find(|p| &p.vm_name == vm)
-                .ok_or_else(|| {
-                    FailoverError::NotFound(format!(
-                        "VM {vm:?} has no point at bookmark {:?}",
-                        point.bookmark_id
-                    ))
-                })?;
-            jobs.push(MemberJob {
-                vm_name: vm.clone(),
-                point_id: p.id.clone(),
-                job_id: String::new(),
-            });
+                .map(|vm| MemberJob {
+                    vm_name: vm.clone(),
+                    ..MemberJob::default()
+                })
+                .collect();
+        } else {
+            let point = self.group_point(&group, &choice).await?;
+            for vm in &members {
+                let p = point
+                    .points
+                    .iter()
+                    .find(|p| &p.vm_name == vm)
+                    .ok_or_else(|| {
+                        FailoverError::NotFound(format!(
+                            "VM {vm:?} has no point at bookmark {:?}",
+                            point.bookmark_id
+                        ))
+                    })?;
+                jobs.push(MemberJob {
+                    vm_name: vm.clone(),
+                    point_id: p.id.clone(),
+                    job_id: String::new(),
+                });
+            }
+            bookmark = Choice::Point(point.bookmark_id.clone());
         }
         let job = JobRecord {
             id: self.jobs.new_id()?,
             kind: pb::JobKind::Failover as i32,
             failover_kind: kind as i32,
-            choice: Choice::Point(point.bookmark_id.clone()),
+            choice: bookmark,
             test_network,
             state: pb::JobState::Queued as i32,
             steps: steps(GROUP_STEPS),
@@ -247,10 +268,17 @@ impl Engine {
             } else {
                 let kind = pb::FailoverKind::try_from(job.failover_kind)
                     .unwrap_or(pb::FailoverKind::Unplanned);
+                // A planned member job drains its VM and takes its final
+                // point; the others go to their point at the bookmark.
+                let choice = if m.point_id.is_empty() {
+                    Choice::Latest
+                } else {
+                    Choice::Point(m.point_id.clone())
+                };
                 self.start_vm_failover(
                     m.vm_name.clone(),
                     kind,
-                    Choice::Point(m.point_id.clone()),
+                    choice,
                     job.test_network.clone(),
                     key,
                     true,

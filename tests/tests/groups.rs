@@ -501,3 +501,66 @@ async fn twenty_agents_share_multi_vm_points() {
         a.stop(Duration::from_secs(5)).await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_planned_group_failover_loses_no_write_of_any_member() {
+    let cluster = Cluster::start().await;
+    let registry = cluster.registry.url.clone();
+    let dir = tempfile::tempdir().unwrap();
+    create_group(&registry, "pair", Duration::from_secs(30)).await;
+    let vms = ["pair-a", "pair-b"];
+    let mut images = Vec::new();
+    for vm in vms {
+        let image = image(dir.path(), vm);
+        join_group(&registry, vm, &[("os", DISK, &image)], "pair").await;
+        images.push(image);
+    }
+    let mut agents = Vec::new();
+    for vm in vms {
+        let state = dir.path().join(format!("{vm}-state"));
+        agents.push(common::protected_agent(&registry, vm, &state).await.0);
+    }
+    // Writes on both up to the failover, none of them awaited by the cache.
+    for k in 0..200 {
+        for agent in &agents {
+            let (offset, data) = slot_write(k);
+            agent.capture.write("os", offset, data).await.unwrap();
+        }
+    }
+    let url = cluster.failover.url.clone();
+    let (job, _) = common::succeed(
+        &url,
+        fo::StartFailoverRequest {
+            target: Some(fo::start_failover_request::Target::ReplicationGroup(
+                "pair".into(),
+            )),
+            kind: fo::FailoverKind::Planned as i32,
+            point: None,
+            test_network: String::new(),
+            request_id: String::new(),
+        },
+    )
+    .await;
+    assert_eq!(job.points.len(), 2, "{job:?}");
+    for used in &job.points {
+        let window = used.data_loss_window.unwrap();
+        assert_eq!((window.seconds, window.nanos), (0, 0), "zero data loss");
+    }
+    let targets = common::failover(&url)
+        .await
+        .list_target_vms(fo::ListTargetVmsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .vms;
+    for (vm, image) in vms.iter().zip(&images) {
+        let target = targets.iter().find(|t| t.source_vm == *vm).unwrap();
+        assert!(
+            ferry_testkit::identical_images(Path::new(&target.disks[0].path), image),
+            "{vm}: the failed-over disk is the source"
+        );
+    }
+    for a in agents {
+        let _ = a.stop(Duration::from_secs(1)).await;
+    }
+}
