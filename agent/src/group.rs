@@ -38,6 +38,8 @@ pub const SERVICE_NAME: &str = "ferry.agent.v1.AgentGroup";
 pub const MAX_HOLD: Duration = Duration::from_secs(2);
 /// How long a coordinator gives a round (and asks members to hold at most).
 pub const ROUND_DEADLINE: Duration = Duration::from_millis(500);
+/// Rounds failing in a row before the members' health says so.
+const FAILURES_TO_WARN: u32 = 3;
 /// How often a member's agent says it is alive to registry.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
@@ -411,6 +413,10 @@ pub async fn run(opts: GroupOptions, stop: CancellationToken) {
     };
     let mut peers = Peers::default();
     let mut next_round: Option<Instant> = None;
+    // Whether the members' health last said multi-VM points are made, and
+    // how many rounds in a row failed (one failure alone is no warning).
+    let mut reported: Option<bool> = None;
+    let mut failures = 0u32;
     loop {
         let beat = registry
             .group_heartbeat(reg::GroupHeartbeatRequest {
@@ -439,13 +445,27 @@ pub async fn run(opts: GroupOptions, stop: CancellationToken) {
                             // Fell behind (a slow round): start the schedule over.
                             next_round = Some(Instant::now() + interval);
                         }
-                        coordinate(&mut peers, &opts.vm, &group.name, &view.members).await;
+                        let outcome =
+                            coordinate(&mut peers, &opts.vm, &group.name, &view.members).await;
+                        failures = if outcome.is_ok() { 0 } else { failures + 1 };
+                        let healthy = match &outcome {
+                            Ok(()) => Some(true),
+                            Err(_) if failures >= FAILURES_TO_WARN => Some(false),
+                            Err(_) => None,
+                        };
+                        if healthy.is_some()
+                            && healthy != reported
+                            && report(&mut registry, &view.members, &outcome).await
+                        {
+                            reported = healthy;
+                        }
                     }
                     if let Some(n) = next_round {
                         wait = wait.min(n.saturating_duration_since(Instant::now()));
                     }
                 } else {
                     next_round = None;
+                    reported = None;
                 }
             }
             Err(status) => {
@@ -460,13 +480,50 @@ pub async fn run(opts: GroupOptions, stop: CancellationToken) {
     }
 }
 
-async fn coordinate(peers: &mut Peers, vm: &str, group: &str, members: &[reg::GroupMember]) {
+/// Tells registry, on every member, whether the group gets multi-VM points;
+/// whether every report was taken.
+async fn report(
+    registry: &mut RegistryClient<PeerChannel>,
+    members: &[reg::GroupMember],
+    outcome: &Result<(), String>,
+) -> bool {
+    let (health, message) = match outcome {
+        Ok(()) => (reg::ReplicationHealth::Normal, String::new()),
+        Err(e) => (
+            reg::ReplicationHealth::Warning,
+            format!("no multi-VM points: {e}"),
+        ),
+    };
+    let mut all = true;
+    for m in members {
+        let request = reg::ReportHealthRequest {
+            vm_name: m.vm_name.clone(),
+            component: "group".into(),
+            health: health as i32,
+            message: message.clone(),
+            ..Default::default()
+        };
+        if let Err(status) = registry.report_health(request).await {
+            tracing::warn!(vm = %m.vm_name, %status, "group health report refused");
+            all = false;
+        }
+    }
+    all
+}
+
+/// One round if every member is alive; why the group got no bookmark.
+async fn coordinate(
+    peers: &mut Peers,
+    vm: &str,
+    group: &str,
+    members: &[reg::GroupMember],
+) -> Result<(), String> {
     if let Some(m) = members
         .iter()
         .find(|m| !m.alive || m.group_address.is_empty())
     {
         tracing::warn!(group, member = %m.vm_name, "a member's agent is not alive: no round (a multi-VM point needs every member)");
-        return;
+        return Err(format!("the agent of member {:?} is not alive", m.vm_name));
     }
     let members: Vec<(String, String)> = members
         .iter()
@@ -474,8 +531,12 @@ async fn coordinate(peers: &mut Peers, vm: &str, group: &str, members: &[reg::Gr
         .collect();
     match round(peers, group, vm, &members, ROUND_DEADLINE).await {
         Ok(r) => {
-            tracing::debug!(group, round = %r.id, members = members.len(), elapsed = ?r.elapsed, "bookmark round committed")
+            tracing::debug!(group, round = %r.id, members = members.len(), elapsed = ?r.elapsed, "bookmark round committed");
+            Ok(())
         }
-        Err(e) => tracing::warn!(group, error = %e, "bookmark round failed"),
+        Err(e) => {
+            tracing::warn!(group, error = %e, "bookmark round failed");
+            Err(e.to_string())
+        }
     }
 }

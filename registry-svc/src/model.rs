@@ -655,7 +655,8 @@ pub struct HealthReport {
 }
 
 /// Components that report health.
-pub const COMPONENTS: [&str; 4] = ["agent", "cache", "processor", "failover"];
+/// "group" is the replication group's coordinator, about multi-VM points.
+pub const COMPONENTS: [&str; 5] = ["agent", "cache", "processor", "failover", "group"];
 
 /// A protected item.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

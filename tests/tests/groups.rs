@@ -17,6 +17,7 @@ use ferry_proto::agent::v1 as agent_pb;
 use ferry_proto::agent::v1::agent_group_client::AgentGroupClient;
 use ferry_proto::failover::v1 as fo;
 use ferry_proto::processor::v1 as proc;
+use ferry_proto::registry::v1 as reg;
 use ferry_testkit::group::{create_group, group, group_points, join_group};
 use ferry_testkit::points::read_disk;
 use ferry_testkit::{bin_path, free_addr, wait_for, Cluster};
@@ -422,6 +423,27 @@ async fn a_coordinator_dying_mid_round_holds_writes_no_longer_than_the_bound() {
     })
     .await;
     assert_eq!(group(&registry, "erp").await.coordinator, "erp-b");
+    // Without erp-a's agent the group gets no multi-VM points, and the
+    // members' health says why.
+    let group_health = |health: reg::ReplicationHealth| {
+        let registry = registry.clone();
+        move || {
+            let registry = registry.clone();
+            async move {
+                let item = ferry_testkit::protected_item(&registry, "erp-c").await?;
+                item.health_reports
+                    .into_iter()
+                    .find(|r| r.component == "group" && r.health == health as i32)
+            }
+        }
+    };
+    let warning = wait_for(
+        "a group warning",
+        Duration::from_secs(30),
+        group_health(reg::ReplicationHealth::Warning),
+    )
+    .await;
+    assert!(warning.message.contains("erp-a"), "{}", warning.message);
     let _a = AgentProcess::start(&registry, "erp-a", &dir.path().join("a"));
     let point = wait_for(
         "a group point after the kill",
@@ -440,6 +462,12 @@ async fn a_coordinator_dying_mid_round_holds_writes_no_longer_than_the_bound() {
     .await;
     assert_eq!(point.points.len(), 3);
     assert!(point.points.iter().all(|p| p.bookmark_id != "lost-round"));
+    wait_for(
+        "the group healthy again",
+        Duration::from_secs(30),
+        group_health(reg::ReplicationHealth::Normal),
+    )
+    .await;
     b.stop(Duration::from_secs(5)).await.unwrap();
     c.stop(Duration::from_secs(5)).await.unwrap();
 }
