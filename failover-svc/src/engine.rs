@@ -1108,7 +1108,8 @@ impl Engine {
             {
                 continue;
             }
-            for used in &job.points {
+            // A group job's points are its members'; only this VM's here.
+            for used in job.points.iter().filter(|u| u.vm_name == vm) {
                 let mut p = self.processor.clone();
                 match p
                     .unpin_recovery_point(proc::UnpinRecoveryPointRequest {

@@ -18,7 +18,7 @@ use ferry_runtime::time::unix_nanos_now;
 
 use crate::engine::{steps, Engine};
 use crate::error::FailoverError;
-use crate::jobs::{Choice, JobRecord, MemberJob};
+use crate::jobs::{Choice, JobRecord, MemberJob, Used};
 
 type Result<T> = std::result::Result<T, FailoverError>;
 
@@ -131,6 +131,7 @@ impl Engine {
             self.check_failover(vm, &item, kind, &test_network)?;
         }
         let mut jobs = Vec::new();
+        let mut used = Vec::new();
         let mut bookmark = Choice::Latest;
         if planned {
             jobs = members
@@ -158,6 +159,17 @@ impl Engine {
                     point_id: p.id.clone(),
                     job_id: String::new(),
                 });
+                let time_nanos = p
+                    .time
+                    .as_ref()
+                    .map(|t| t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64)
+                    .unwrap_or(0);
+                used.push(Used {
+                    vm_name: vm.clone(),
+                    point_id: p.id.clone(),
+                    time_nanos,
+                    data_loss_nanos: unix_nanos_now().saturating_sub(time_nanos),
+                });
             }
             bookmark = Choice::Point(point.bookmark_id.clone());
         }
@@ -175,7 +187,56 @@ impl Engine {
             members: jobs,
             ..JobRecord::default()
         };
-        self.admit(job).await
+        // The group job pins every member's point before any member job
+        // starts, so retention cannot take one away half way through; the
+        // pins go when the group is committed or failed over again (as the
+        // member jobs' own).
+        let mut job = job;
+        for u in used {
+            if let Err(e) = self.pin(&u.vm_name, &u.point_id, &job.id).await {
+                self.unpin_all(&job).await;
+                return Err(e);
+            }
+            job.points.push(u);
+        }
+        match self.admit(job.clone()).await {
+            Ok(job) => Ok(job),
+            Err(e) => {
+                self.unpin_all(&job).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn pin(&self, vm: &str, point: &str, holder: &str) -> Result<()> {
+        let mut p = self.processor.clone();
+        p.pin_recovery_point(proc::PinRecoveryPointRequest {
+            vm_name: vm.to_string(),
+            point_id: point.to_string(),
+            holder: holder.to_string(),
+        })
+        .await
+        .map(|_| ())
+        .map_err(|s| match s.code() {
+            tonic::Code::NotFound => FailoverError::NotFound(format!(
+                "VM {vm:?} no longer has point {point:?} (expired); try again"
+            )),
+            _ => FailoverError::peer("processor (pin)", s),
+        })
+    }
+
+    /// Best effort: the group job's own pins.
+    async fn unpin_all(&self, job: &JobRecord) {
+        for used in &job.points {
+            let mut p = self.processor.clone();
+            let _ = p
+                .unpin_recovery_point(proc::UnpinRecoveryPointRequest {
+                    vm_name: used.vm_name.clone(),
+                    point_id: used.point_id.clone(),
+                    holder: job.id.clone(),
+                })
+                .await;
+        }
     }
 
     /// Validates a group commit (every member failed over) and starts its job.
@@ -304,6 +365,7 @@ impl Engine {
                     FailoverError::Corrupt(format!("member job {} is missing", m.job_id))
                 })?;
                 if member.state == pb::JobState::Failed as i32 {
+                    self.unpin_all(job).await;
                     return Err(FailoverError::FailedPrecondition(format!(
                         "VM {:?} (job {}): {}",
                         m.vm_name, member.id, member.error

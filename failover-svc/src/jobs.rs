@@ -36,7 +36,7 @@ pub struct Step {
 }
 
 /// The point a failover used.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Used {
     pub vm_name: String,
     pub point_id: String,

@@ -79,7 +79,13 @@ async fn multi_vm_points_never_show_an_effect_without_its_cause() {
                 assert!(failed < 40, "too many failed rounds; last: {e}");
             }
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The chain goes on between rounds, so each one cuts it mid-way.
+        let from = iterations.load(Ordering::Relaxed);
+        wait_for("the chain to advance", Duration::from_secs(30), || {
+            let iterations = iterations.clone();
+            async move { (iterations.load(Ordering::Relaxed) >= from + 10).then_some(()) }
+        })
+        .await;
     }
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
@@ -271,6 +277,22 @@ async fn multi_vm_points_never_show_an_effect_without_its_cause() {
         let image = std::fs::read(&target.disks[0].path).unwrap();
         assert_eq!(chain_prefix(&image), expected[i], "{vm}");
     }
+    // The points in use stay pinned until the commit.
+    let pins = |vm: String, id: String| {
+        let processor = processor.clone();
+        async move {
+            ferry_testkit::points::list_points(&processor, &vm)
+                .await
+                .into_iter()
+                .find(|p| p.id == id)
+                .map(|p| p.pinned_by)
+                .unwrap_or_default()
+        }
+    };
+    for used in &job.points {
+        let pinned = pins(used.vm_name.clone(), used.point_id.clone()).await;
+        assert!(!pinned.is_empty(), "{}: {pinned:?}", used.vm_name);
+    }
     let commit = common::failover(&failover_url)
         .await
         .commit_failover(fo::CommitFailoverRequest {
@@ -289,6 +311,14 @@ async fn multi_vm_points_never_show_an_effect_without_its_cause() {
         assert_eq!(
             item.state(),
             ferry_proto::registry::v1::ReplicationState::Committed
+        );
+    }
+    for used in &job.points {
+        let pinned = pins(used.vm_name.clone(), used.point_id.clone()).await;
+        assert!(
+            pinned.is_empty(),
+            "{}: still pinned by {pinned:?}",
+            used.vm_name
         );
     }
     for a in agents {
