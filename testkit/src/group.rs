@@ -5,7 +5,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use ferry_proto::processor::v1 as proc;
-use ferry_proto::processor::v1::processor_client::ProcessorClient;
 use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::time::to_duration;
@@ -71,9 +70,7 @@ pub async fn join_group(
 /// The group's multi-VM points, newest first (none if the group has no
 /// protected member yet).
 pub async fn group_points(processor_url: &str, group: &str) -> Vec<proc::GroupPoint> {
-    let mut p = ProcessorClient::connect(processor_url.to_string())
-        .await
-        .expect("connect to processor");
+    let mut p = crate::points::client(processor_url).await;
     match p
         .list_group_points(proc::ListGroupPointsRequest {
             replication_group: group.to_string(),

@@ -3,11 +3,18 @@
 use ferry_proto::processor::v1 as pb;
 use ferry_proto::processor::v1::processor_client::ProcessorClient;
 
-async fn client(url: &str) -> ProcessorClient<tonic::transport::Channel> {
-    ProcessorClient::connect(url.to_string())
+/// A call (or a stream's next message) not answered within this fails the
+/// test with the call's name, rather than hanging it.
+pub const CALL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+pub(crate) async fn client(url: &str) -> ProcessorClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .expect("processor-svc URL")
+        .timeout(CALL_DEADLINE)
+        .connect()
         .await
-        .expect("connect to processor-svc")
-        .max_decoding_message_size(64 << 20)
+        .expect("connect to processor-svc");
+    ProcessorClient::new(channel).max_decoding_message_size(64 << 20)
 }
 
 /// A VM's points, oldest first.
@@ -60,7 +67,16 @@ pub async fn read_disk(url: &str, vm: &str, point: &pb::RecoveryPoint, disk: &st
         .into_inner();
     let mut out = vec![0u8; size as usize];
     let mut at = 0u64;
-    while let Some(extent) = stream.message().await.expect("read disk stream") {
+    while let Some(extent) = tokio::time::timeout(CALL_DEADLINE, stream.message())
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "ReadDisk of {vm} {}: no extent within {CALL_DEADLINE:?}",
+                point.id
+            )
+        })
+        .expect("read disk stream")
+    {
         assert_eq!(extent.offset, at, "extents are contiguous");
         match extent.content {
             Some(pb::disk_extent::Content::Data(d)) => {
