@@ -745,12 +745,21 @@ async fn session(
     if tx.send(open).await.is_err() {
         return SessionEnd::Retry("request stream closed".into());
     }
-    let mut responses = match client.ingest(ReceiverStream::new(rx)).await {
+    // Setting up waits on the cache; a stop must not.
+    let opened = tokio::select! {
+        _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+        r = client.ingest(ReceiverStream::new(rx)) => r,
+    };
+    let mut responses = match opened {
         Ok(r) => r.into_inner(),
         Err(s) if fatal(&s) => return SessionEnd::Fatal(s),
         Err(s) => return SessionEnd::Retry(s.to_string()),
     };
-    let mut sent = match responses.message().await {
+    let first = tokio::select! {
+        _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+        m = responses.message() => m,
+    };
+    let mut sent = match first {
         Ok(Some(pb::IngestResponse {
             msg: Some(pb::ingest_response::Msg::Opened(o)),
         })) => o.durable_sequence,
