@@ -102,9 +102,15 @@ async fn an_app_consistent_point_holds_exactly_what_was_written_before_the_quies
                 if dir.join("frozen").exists() {
                     paused_at.lock().unwrap().push(k);
                     std::fs::write(dir.join("paused"), k.to_string()).unwrap();
-                    while dir.join("frozen").exists() && !stop.load(Ordering::Relaxed) {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
+                    // Quiesced until the post script thaws it (or the test ends).
+                    wait_for("the post script's thaw", Duration::from_secs(60), || {
+                        let (dir, stop) = (dir.clone(), stop.clone());
+                        async move {
+                            (!dir.join("frozen").exists() || stop.load(Ordering::Relaxed))
+                                .then_some(())
+                        }
+                    })
+                    .await;
                     continue;
                 }
                 let (offset, data) = slot_write(k);

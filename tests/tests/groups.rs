@@ -209,13 +209,7 @@ async fn multi_vm_points_never_show_an_effect_without_its_cause() {
         nanos(&used.time) >= nanos(&points[0].time),
         "latest multi-VM point by default"
     );
-    let tests = common::failover(&failover_url)
-        .await
-        .list_target_vms(fo::ListTargetVmsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .vms;
+    let tests = common::target_vms(&failover_url).await;
     assert_eq!(tests.iter().filter(|t| t.test).count(), 3);
     let cleanup = common::failover(&failover_url)
         .await
@@ -230,13 +224,7 @@ async fn multi_vm_points_never_show_an_effect_without_its_cause() {
         .into_inner();
     let (cleanup, _) = common::finish(&failover_url, &cleanup).await;
     assert_eq!(cleanup.state, fo::JobState::Succeeded as i32, "{cleanup:?}");
-    let left = common::failover(&failover_url)
-        .await
-        .list_target_vms(fo::ListTargetVmsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .vms;
+    let left = common::target_vms(&failover_url).await;
     assert!(left.is_empty(), "{left:?}");
 
     let (job, _) = common::succeed(
@@ -258,13 +246,7 @@ async fn multi_vm_points_never_show_an_effect_without_its_cause() {
     .await;
     assert_eq!(job.replication_group, "shop");
     assert_eq!(job.points.len(), 3, "{job:?}");
-    let vms_after = common::failover(&failover_url)
-        .await
-        .list_target_vms(fo::ListTargetVmsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .vms;
+    let vms_after = common::target_vms(&failover_url).await;
     let expected = &prefixes[&chosen.bookmark_id];
     for (i, vm) in vms.iter().enumerate() {
         let target = vms_after
@@ -604,13 +586,7 @@ async fn a_planned_group_failover_loses_no_write_of_any_member() {
         let window = used.data_loss_window.unwrap();
         assert_eq!((window.seconds, window.nanos), (0, 0), "zero data loss");
     }
-    let targets = common::failover(&url)
-        .await
-        .list_target_vms(fo::ListTargetVmsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .vms;
+    let targets = common::target_vms(&url).await;
     for (vm, image) in vms.iter().zip(&images) {
         let target = targets.iter().find(|t| t.source_vm == *vm).unwrap();
         assert!(

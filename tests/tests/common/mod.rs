@@ -170,3 +170,14 @@ pub async fn succeed(
     );
     (job, progress)
 }
+
+/// Every VM failovers created, in every region.
+pub async fn target_vms(url: &str) -> Vec<ferry_proto::failover::v1::TargetVm> {
+    failover(url)
+        .await
+        .list_target_vms(ferry_proto::failover::v1::ListTargetVmsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .vms
+}
