@@ -678,6 +678,11 @@ pub struct ProtectedItem {
     pub revision: u64,
     pub created_at: SystemTime,
     pub updated_at: SystemTime,
+    /// Set once the item has reached FAILED_OVER: the target side has run,
+    /// so the source may never replicate over it again (only re-protect may
+    /// bring it back).
+    #[serde(default)]
+    pub failed_over: bool,
 }
 
 impl ProtectedItem {

@@ -284,6 +284,7 @@ impl Registry {
             revision: 1,
             created_at: now,
             updated_at: now,
+            failed_over: false,
         };
         let mut writes = Writes::new();
         writes.put(Kind::Item, &item.vm_name, &item)?;
@@ -403,6 +404,15 @@ impl Registry {
                     t.to.name()
                 )));
             }
+            if item.failed_over && t.to.source_active() {
+                // FAILED_OVER -> FAILOVER_IN_PROGRESS -> PROTECTED would
+                // re-activate a fenced source over a replica that has run.
+                return Err(RegistryError::precondition(format!(
+                    "VM {vm:?} has been failed over; its source cannot replicate again \
+                     (from {} only FAILED_OVER or COMMITTED)",
+                    item.state.name()
+                )));
+            }
             if item.state == t.to && !t.bump_epoch {
                 return Ok(false);
             }
@@ -415,6 +425,9 @@ impl Registry {
                 };
                 item.state = t.to;
                 item.state_reason = t.reason;
+                if t.to == State::FailedOver {
+                    item.failed_over = true;
+                }
             }
             if t.bump_epoch {
                 item.epoch += 1;

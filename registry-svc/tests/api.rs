@@ -655,6 +655,12 @@ async fn the_lifecycle_end_to_end() {
     assert_eq!(err.code(), Code::FailedPrecondition);
     transition(c, "app", S::FailedOver).await.unwrap();
     transition(c, "app", S::FailoverInProgress).await.unwrap();
+    // A change of point is not a way back: the fenced source stays fenced.
+    for back in [S::Protected, S::ResyncRequired] {
+        let err = transition(c, "app", back).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{back:?}");
+        assert!(err.message().contains("has been failed over"), "{err}");
+    }
     transition(c, "app", S::FailedOver).await.unwrap();
     transition(c, "app", S::Committed).await.unwrap();
     let err = transition(c, "app", S::Protected).await.unwrap_err();
