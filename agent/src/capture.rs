@@ -33,7 +33,24 @@ pub enum CaptureError {
     },
     #[error("the agent is stopping; writes are refused")]
     Closed,
+    #[error("a planned failover is draining the stream; writes are refused until it ends")]
+    Draining,
 }
+
+impl CaptureError {
+    /// The OS error behind an I/O failure, if any (ENOSPC, EIO, ...).
+    pub fn os_error(&self) -> Option<i32> {
+        match self {
+            CaptureError::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+/// The largest payload of one record: a larger write travels as several
+/// consecutive records (the cache takes messages of a few MiB, and a tail
+/// batch must fit half of one).
+pub const MAX_RECORD_DATA: usize = 1024 * 1024;
 
 /// One source disk: an image file of a fixed size.
 pub struct SourceDisk {
@@ -97,7 +114,31 @@ impl SourceDisk {
         self.file.write_all_at(data, offset).map_err(|e| self.io(e))
     }
 
+    /// Zeroes a range: a hole punched where the filesystem can (no bytes
+    /// written, whatever the length), else zeros written 1 MiB at a time.
     fn zero(&self, offset: u64, length: u64) -> Result<(), CaptureError> {
+        use std::os::fd::AsRawFd;
+        if let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(length)) {
+            // SAFETY: fallocate on a descriptor we own, inside the file.
+            let punched = unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off,
+                    len,
+                )
+            };
+            if punched == 0 {
+                return Ok(());
+            }
+            let err = std::io::Error::last_os_error();
+            if !matches!(
+                err.raw_os_error(),
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+            ) {
+                return Err(self.io(err));
+            }
+        }
         const CHUNK: u64 = 1 << 20;
         let zeros = vec![0u8; CHUNK.min(length) as usize];
         let mut done = 0;
@@ -161,6 +202,9 @@ pub struct Capture {
     order: Arc<Mutex<()>>,
     /// Set under `order` by [`Capture::close`]: no write reaches a disk after.
     closed: std::sync::atomic::AtomicBool,
+    /// Set under `order` while a planned failover drains the stream: writes
+    /// are refused until the drain ends (and only until then).
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Capture {
@@ -176,6 +220,7 @@ impl Capture {
             stream,
             order: Arc::new(Mutex::new(())),
             closed: std::sync::atomic::AtomicBool::new(false),
+            draining: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -187,9 +232,27 @@ impl Capture {
         self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Refuses writes while a planned failover drains the stream; returns
+    /// once no write is between the disk and the stream.
+    pub async fn begin_drain(&self) {
+        let _order = self.order.lock().await;
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The drain is over (done, or given up): writes complete again.
+    pub async fn end_drain(&self) {
+        let _order = self.order.lock().await;
+        self.draining
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
     fn check_open(&self) -> Result<(), CaptureError> {
         if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(CaptureError::Closed);
+        }
+        if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(CaptureError::Draining);
         }
         Ok(())
     }
@@ -248,6 +311,9 @@ impl Capture {
     ) -> Result<bool, CaptureError> {
         let d = self.disk(disk)?.clone();
         d.check(offset, length)?;
+        // Room first, without the ordering lock: a VM's writes never wait
+        // for the cache behind a copy.
+        self.stream.copy_room(length as usize).await;
         let _order = self.order.lock().await;
         self.check_open()?;
         let d2 = d.clone();
@@ -268,7 +334,7 @@ impl Capture {
                 data: data.into(),
             })
         };
-        self.stream.push_copy(disk, op).await;
+        self.stream.push(disk, op).await;
         Ok(true)
     }
 
@@ -284,6 +350,9 @@ impl Capture {
     ) -> Result<(), CaptureError> {
         let d = self.disk(disk)?.clone();
         d.check(offset, length)?;
+        self.stream
+            .copy_room(length.div_ceil(chunk_bytes.max(1)) as usize * 4)
+            .await;
         let _order = self.order.lock().await;
         self.check_open()?;
         let d2 = d.clone();
@@ -304,7 +373,7 @@ impl Capture {
             length,
             crc32c: crcs,
         });
-        self.stream.push_copy(disk, op).await;
+        self.stream.push(disk, op).await;
         Ok(())
     }
 
@@ -373,17 +442,64 @@ impl Capture {
         let _order = self.order.lock().await;
         self.check_open()?;
         let d2 = d.clone();
-        let (start, block) = tokio::task::spawn_blocking(move || {
-            let (start, block) = widen(&d2, offset, data)?;
-            d2.write_at(&block, start).map(|_| (start, block))
+        let (start, block) = match tokio::task::spawn_blocking(move || {
+            let (start, block) = widen(&d2, offset, data).map_err(|e| (None, e))?;
+            match d2.write_at(&block, start) {
+                Ok(()) => Ok((start, block)),
+                Err(e) => Err((Some((start, block.len() as u64)), e)),
+            }
         })
         .await
-        .map_err(|e| d.io(std::io::Error::other(e)))??;
-        let op = Op::Write(WriteOp {
-            offset: start,
-            data: block.into(),
-        });
-        Ok(self.stream.push(disk, op).await)
+        {
+            Ok(Ok(done)) => done,
+            Ok(Err((range, e))) => return Err(self.failed(disk, range, e).await),
+            Err(e) => {
+                // The write may have happened: the range must go again.
+                let len = d.size.saturating_sub(offset).min(1 << 30);
+                let e = d.io(std::io::Error::other(e));
+                return Err(self.failed(disk, Some((offset, len)), e).await);
+            }
+        };
+        // One record per MAX_RECORD_DATA, pushed under the same lock: dense,
+        // in order, nothing between them.
+        let block = bytes::Bytes::from(block);
+        let mut seq = 0;
+        let mut at = 0;
+        while at < block.len() {
+            let n = (block.len() - at).min(MAX_RECORD_DATA);
+            let op = Op::Write(WriteOp {
+                offset: start + at as u64,
+                data: block.slice(at..at + n),
+            });
+            seq = self.stream.push(disk, op).await;
+            at += n;
+        }
+        Ok(seq)
+    }
+
+    /// A write or zeroing failed part way (ENOSPC, EIO): the source may hold
+    /// part of it, so the range is marked for resync, never left unrecorded.
+    async fn failed(
+        &self,
+        disk: &str,
+        range: Option<(u64, u64)>,
+        error: CaptureError,
+    ) -> CaptureError {
+        let error = match (range, error) {
+            (_, CaptureError::Io { path, source }) => CaptureError::Io { path, source },
+            (_, e) => return e,
+        };
+        if let Some((offset, length)) = range {
+            tracing::warn!(disk, offset, length, %error, "a write failed on the source image: the range is resynced");
+            self.stream
+                .request_resync(
+                    &[],
+                    &[(disk.to_string(), offset, length)],
+                    &format!("a write failed on the source image: {error}"),
+                )
+                .await;
+        }
+        error
     }
 
     /// Zeroes a range (WRITE_ZEROES, or TRIM when `trim`) and records it
@@ -402,21 +518,53 @@ impl Capture {
         if length == 0 {
             return Ok(self.stream.last().await);
         }
-        if !offset.is_multiple_of(512) || !length.is_multiple_of(512) {
-            let zeros = usize::try_from(length).map_err(|_| CaptureError::OutOfRange {
-                disk: disk.to_string(),
-                offset,
-                length,
-                size: d.size,
-            })?;
-            return self.write(disk, offset, vec![0u8; zeros]).await;
+        // An unaligned range: its partial sectors become writes of zeros
+        // (at most a sector each, widened), the aligned middle stays a
+        // payload-free record; nothing of the range's length is allocated.
+        let end = offset + length;
+        let head_end = offset.div_ceil(512) * 512;
+        let tail_start = end / 512 * 512;
+        if head_end >= tail_start {
+            // Inside one or two sectors.
+            return self.write(disk, offset, vec![0u8; length as usize]).await;
         }
+        let mut seq = 0;
+        if head_end > offset {
+            seq = self
+                .write(disk, offset, vec![0u8; (head_end - offset) as usize])
+                .await?;
+        }
+        seq = self
+            .zero_aligned(&d, disk, head_end, tail_start - head_end, trim)
+            .await?
+            .max(seq);
+        if end > tail_start {
+            seq = self
+                .write(disk, tail_start, vec![0u8; (end - tail_start) as usize])
+                .await?;
+        }
+        Ok(seq)
+    }
+
+    async fn zero_aligned(
+        &self,
+        d: &Arc<SourceDisk>,
+        disk: &str,
+        offset: u64,
+        length: u64,
+        trim: bool,
+    ) -> Result<u64, CaptureError> {
         let _order = self.order.lock().await;
         self.check_open()?;
         let d2 = d.clone();
-        tokio::task::spawn_blocking(move || d2.zero(offset, length))
-            .await
-            .map_err(|e| d.io(std::io::Error::other(e)))??;
+        match tokio::task::spawn_blocking(move || d2.zero(offset, length)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(self.failed(disk, Some((offset, length)), e).await),
+            Err(e) => {
+                let e = d.io(std::io::Error::other(e));
+                return Err(self.failed(disk, Some((offset, length)), e).await);
+            }
+        }
         let z = ZeroOp { offset, length };
         let op = if trim {
             Op::Trim(z)

@@ -6,6 +6,7 @@
 
 pub mod capture;
 pub mod group;
+pub mod health;
 pub mod initial;
 pub mod nbd;
 pub mod quiesce;

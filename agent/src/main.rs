@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use ferry_agent::nbd::NbdLimits;
 use ferry_agent::quiesce::Scripts;
 use ferry_agent::run::{Agent, AgentOptions, GroupPort};
 use ferry_agent::stream::StreamLimits;
@@ -78,6 +79,23 @@ struct Args {
         default_value_t = 60
     )]
     script_timeout_secs: u64,
+    /// How often the agent tells registry how replication is going (its
+    /// heartbeat: registry marks the VM CRITICAL when it stops).
+    #[arg(
+        long,
+        env = "FERRY_HEARTBEAT_SECS",
+        value_name = "SECONDS",
+        default_value_t = 5
+    )]
+    heartbeat_secs: u64,
+    /// NBD clients attached to one disk export at once.
+    #[arg(
+        long,
+        env = "FERRY_NBD_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value_t = 16
+    )]
+    nbd_max_connections: usize,
     /// Log filter.
     #[arg(long, env = "FERRY_LOG", default_value = "info")]
     log: String,
@@ -96,7 +114,7 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
         "off" => GroupPort::Off,
         address => GroupPort::Listen(address.to_string()),
     };
-    let mut agent = Agent::start(AgentOptions {
+    let agent = Agent::start(AgentOptions {
         registry: args.registry.clone(),
         vm: args.vm.clone(),
         nbd,
@@ -104,6 +122,11 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
         group_address: args.group_advertise.clone().unwrap_or_default(),
         state_dir: args.state_dir.clone(),
         limits: StreamLimits::default(),
+        nbd_limits: NbdLimits {
+            connections_per_export: args.nbd_max_connections.max(1),
+            ..NbdLimits::default()
+        },
+        heartbeat: Duration::from_secs(args.heartbeat_secs.max(1)),
         scripts: args.pre_script.clone().map(|pre| Scripts {
             pre,
             post: args.post_script.clone(),
@@ -111,10 +134,9 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
         }),
     })
     .await?;
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        _ = agent.stream_ended() => {}
-    }
+    // The agent runs until it is told to stop: whatever happens to
+    // replication, the VM's disks stay exported.
+    shutdown.cancelled().await;
     agent.stop(Duration::from_secs(args.drain_secs)).await?;
     Ok(())
 }

@@ -36,6 +36,7 @@ const REP_ACK: u32 = 1;
 const REP_SERVER: u32 = 2;
 const REP_INFO: u32 = 3;
 const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 
@@ -68,8 +69,54 @@ pub const MAX_REQUEST: u32 = 32 * 1024 * 1024;
 /// Requests of one connection handled at once.
 const IN_FLIGHT: usize = 64;
 
-/// Serves NBD on `listener` until `shutdown`.
+/// What one NBD client may hold of the agent: memory stays bounded whatever
+/// a client sends.
+#[derive(Debug, Clone, Copy)]
+pub struct NbdLimits {
+    /// Connections attached to one export at once; one more is refused at
+    /// its handshake (NBD_REP_ERR_POLICY).
+    pub connections_per_export: usize,
+    /// Payload bytes (write data read, read data to send) one connection may
+    /// have in flight; the next request's payload is not read until there
+    /// is room. At least MAX_REQUEST.
+    pub in_flight_bytes: usize,
+}
+
+impl Default for NbdLimits {
+    fn default() -> Self {
+        NbdLimits {
+            connections_per_export: 16,
+            in_flight_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Serves NBD on `listener` until `shutdown`, with the default limits.
 pub async fn serve(listener: TcpListener, capture: Arc<Capture>, shutdown: CancellationToken) {
+    serve_with(listener, capture, NbdLimits::default(), shutdown).await
+}
+
+/// Serves NBD on `listener` until `shutdown`.
+pub async fn serve_with(
+    listener: TcpListener,
+    capture: Arc<Capture>,
+    limits: NbdLimits,
+    shutdown: CancellationToken,
+) {
+    let exports: Arc<std::collections::HashMap<String, Arc<Semaphore>>> = Arc::new(
+        capture
+            .disk_ids()
+            .into_iter()
+            .map(|id| (id, Arc::new(Semaphore::new(limits.connections_per_export))))
+            .collect(),
+    );
+    // Connections still in their handshake, so that a flood of them is
+    // bounded too.
+    let handshakes = Arc::new(Semaphore::new(limits.connections_per_export.max(1) * 2));
+    let limits = NbdLimits {
+        in_flight_bytes: limits.in_flight_bytes.max(MAX_REQUEST as usize),
+        ..limits
+    };
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -77,11 +124,18 @@ pub async fn serve(listener: TcpListener, capture: Arc<Capture>, shutdown: Cance
         };
         match accepted {
             Ok((socket, peer)) => {
+                let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "too many NBD connections in their handshake; refused");
+                    continue;
+                };
                 let _ = socket.set_nodelay(true);
                 let capture = capture.clone();
                 let shutdown = shutdown.clone();
+                let exports = exports.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection(socket, capture, shutdown).await {
+                    if let Err(e) =
+                        connection(socket, capture, &exports, handshake, limits, shutdown).await
+                    {
                         tracing::debug!(%peer, error = %e, "NBD connection ended");
                     }
                 });
@@ -89,6 +143,16 @@ pub async fn serve(listener: TcpListener, capture: Arc<Capture>, shutdown: Cance
             Err(e) => tracing::warn!(error = %e, "NBD accept failed"),
         }
     }
+}
+
+/// A place on an export, held while a client is attached.
+type Attached = tokio::sync::OwnedSemaphorePermit;
+
+fn attach(
+    exports: &std::collections::HashMap<String, Arc<Semaphore>>,
+    name: &str,
+) -> Option<Attached> {
+    exports.get(name)?.clone().try_acquire_owned().ok()
 }
 
 async fn reply_option(
@@ -110,11 +174,14 @@ fn transmission_flags() -> u16 {
     TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES
 }
 
-/// The handshake; returns the chosen export, or None when the client left.
+/// The handshake; returns the chosen export (with its place), or None when
+/// the client left.
 async fn handshake(
     socket: &mut BufReader<TcpStream>,
     capture: &Capture,
-) -> std::io::Result<Option<String>> {
+    exports: &std::collections::HashMap<String, Arc<Semaphore>>,
+    limits: NbdLimits,
+) -> std::io::Result<Option<(String, Attached)>> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -142,6 +209,10 @@ async fn handshake(
                     // No way to report an error for this option: hang up.
                     return Ok(None);
                 };
+                let Some(place) = attach(exports, &name) else {
+                    tracing::warn!(export = %name, limit = limits.connections_per_export, "too many NBD connections to the export; refused");
+                    return Ok(None);
+                };
                 let mut reply = Vec::with_capacity(134);
                 reply.extend_from_slice(&disk.size.to_be_bytes());
                 reply.extend_from_slice(&transmission_flags().to_be_bytes());
@@ -149,7 +220,7 @@ async fn handshake(
                     reply.extend_from_slice(&[0u8; 124]);
                 }
                 w.write_all(&reply).await?;
-                return Ok(Some(name));
+                return Ok(Some((name, place)));
             }
             OPT_ABORT => {
                 reply_option(w, option, REP_ACK, &[]).await?;
@@ -179,6 +250,22 @@ async fn handshake(
                     reply_option(w, option, REP_ERR_UNKNOWN, msg.as_bytes()).await?;
                     continue;
                 };
+                let place = if option == OPT_GO {
+                    match attach(exports, &name) {
+                        Some(place) => Some(place),
+                        None => {
+                            let msg = format!(
+                                "export {name:?} has {} clients attached, the most it takes",
+                                limits.connections_per_export
+                            );
+                            tracing::warn!(export = %name, "{msg}; refused");
+                            reply_option(w, option, REP_ERR_POLICY, msg.as_bytes()).await?;
+                            continue;
+                        }
+                    }
+                } else {
+                    None
+                };
                 let mut export = INFO_EXPORT.to_be_bytes().to_vec();
                 export.extend_from_slice(&disk.size.to_be_bytes());
                 export.extend_from_slice(&transmission_flags().to_be_bytes());
@@ -189,8 +276,8 @@ async fn handshake(
                 block.extend_from_slice(&MAX_REQUEST.to_be_bytes());
                 reply_option(w, option, REP_INFO, &block).await?;
                 reply_option(w, option, REP_ACK, &[]).await?;
-                if option == OPT_GO {
-                    return Ok(Some(name));
+                if let Some(place) = place {
+                    return Ok(Some((name, place)));
                 }
             }
             _ => reply_option(w, option, REP_ERR_UNSUP, b"not supported by ferry-agent").await?,
@@ -201,10 +288,18 @@ async fn handshake(
 async fn connection(
     socket: TcpStream,
     capture: Arc<Capture>,
+    exports: &std::collections::HashMap<String, Arc<Semaphore>>,
+    handshaking: tokio::sync::OwnedSemaphorePermit,
+    limits: NbdLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let mut socket = BufReader::new(socket);
-    let Some(export) = handshake(&mut socket, &capture).await? else {
+    let shaken = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        h = handshake(&mut socket, &capture, exports, limits) => h?,
+    };
+    drop(handshaking);
+    let Some((export, _attached)) = shaken else {
         return Ok(());
     };
     tracing::info!(disk = %export, "NBD client attached");
@@ -212,6 +307,7 @@ async fn connection(
     let mut reader = BufReader::with_capacity(256 * 1024, read_half);
     let writer = Arc::new(Mutex::new(write_half));
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let bytes = Arc::new(Semaphore::new(limits.in_flight_bytes));
     loop {
         let magic = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -225,14 +321,6 @@ async fn connection(
         let cookie = reader.read_u64().await?;
         let offset = reader.read_u64().await?;
         let length = reader.read_u32().await?;
-        let mut payload = Vec::new();
-        if kind == CMD_WRITE {
-            if length > MAX_REQUEST {
-                return Err(std::io::Error::other("write larger than the maximum"));
-            }
-            payload.resize(length as usize, 0);
-            reader.read_exact(&mut payload).await?;
-        }
         if kind == CMD_DISC {
             // Finish what is in flight, then close.
             let _all = slots.acquire_many(IN_FLIGHT as u32).await;
@@ -243,11 +331,28 @@ async fn connection(
             .acquire_owned()
             .await
             .map_err(|_| std::io::Error::other("closed"))?;
+        // Room for the payload before it is read (a write's data) or made
+        // (a read's reply): a client cannot make the agent hold more.
+        let carries = matches!(kind, CMD_WRITE | CMD_READ) && length <= MAX_REQUEST;
+        let room = bytes
+            .clone()
+            .acquire_many_owned(if carries { length } else { 0 })
+            .await
+            .map_err(|_| std::io::Error::other("closed"))?;
+        let mut payload = Vec::new();
+        if kind == CMD_WRITE {
+            if length > MAX_REQUEST {
+                return Err(std::io::Error::other("write larger than the maximum"));
+            }
+            payload.resize(length as usize, 0);
+            reader.read_exact(&mut payload).await?;
+        }
         let capture = capture.clone();
         let writer = writer.clone();
         let export = export.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _room = room;
             let (error, data) =
                 handle(&capture, &export, kind, flags, offset, length, payload).await;
             let mut reply = Vec::with_capacity(16 + data.len());
@@ -267,8 +372,11 @@ fn errno(e: &CaptureError) -> u32 {
     match e {
         CaptureError::OutOfRange { .. } => ENOSPC,
         CaptureError::UnknownDisk(_) => EINVAL,
-        CaptureError::Io { .. } => EIO,
-        CaptureError::Closed => ESHUTDOWN,
+        CaptureError::Io { .. } => match e.os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => ENOSPC,
+            _ => EIO,
+        },
+        CaptureError::Closed | CaptureError::Draining => ESHUTDOWN,
     }
 }
 

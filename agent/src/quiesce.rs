@@ -13,11 +13,10 @@ use std::time::Duration;
 
 use ferry_proto::cache::v1::MarkerKind;
 use ferry_proto::registry::v1 as reg;
-use ferry_proto::registry::v1::registry_client::RegistryClient;
-use ferry_runtime::PeerChannel;
 use tokio_util::sync::CancellationToken;
 
 use crate::capture::Capture;
+use crate::health::Conditions;
 
 /// The scripts and their bound.
 #[derive(Debug, Clone)]
@@ -111,17 +110,16 @@ pub async fn quiesce(capture: &Capture, vm: &str, scripts: &Scripts) -> Result<u
     }
 }
 
-/// Quiesces every `frequency` until `stop`, reporting each outcome as the
-/// agent's health of the VM when it changes.
+/// Quiesces every `frequency` until `stop`; each outcome becomes the
+/// "scripts" condition of the agent's health report.
 pub async fn run(
     capture: &Capture,
-    registry: &mut RegistryClient<PeerChannel>,
+    conditions: &Conditions,
     vm: &str,
     scripts: &Scripts,
     frequency: Duration,
     stop: &CancellationToken,
 ) {
-    let mut reported: Option<Result<(), String>> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -129,28 +127,19 @@ pub async fn run(
         }
         let outcome = quiesce(capture, vm, scripts).await;
         match &outcome {
-            Ok(seq) => tracing::info!(vm, seq, "app-consistent marker"),
-            Err(e) => tracing::warn!(vm, error = %e, "no app-consistent point this time"),
-        }
-        let outcome = outcome.map(|_| ());
-        if reported.as_ref() != Some(&outcome) {
-            let (health, message) = match &outcome {
-                Ok(()) => (reg::ReplicationHealth::Normal, String::new()),
-                Err(e) => (
-                    reg::ReplicationHealth::Warning,
-                    format!("app-consistent points failing, crash-consistent only: {e}"),
-                ),
-            };
-            let report = reg::ReportHealthRequest {
-                vm_name: vm.to_string(),
-                component: "agent".into(),
-                health: health as i32,
-                message,
-                ..Default::default()
-            };
-            match registry.report_health(report).await {
-                Ok(_) => reported = Some(outcome),
-                Err(status) => tracing::warn!(vm, %status, "health report refused"),
+            Ok(seq) => {
+                tracing::info!(vm, seq, "app-consistent marker");
+                conditions.set("scripts", None);
+            }
+            Err(e) => {
+                tracing::warn!(vm, error = %e, "no app-consistent point this time");
+                conditions.set(
+                    "scripts",
+                    Some((
+                        reg::ReplicationHealth::Warning,
+                        format!("app-consistent points failing, crash-consistent only: {e}"),
+                    )),
+                );
             }
         }
     }

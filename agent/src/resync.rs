@@ -58,7 +58,9 @@ async fn transition(
 
 /// Watches the stream; whenever it has overflowed, reports RESYNC_REQUIRED,
 /// and once the stream is numbering again with the cache, resyncs the
-/// changed chunks. Runs until `shutdown`.
+/// changed chunks. Runs until `shutdown`. A failed round (registry away, a
+/// source read failing) puts its chunks back and is tried again; while
+/// replication is stopped for good (fenced, drained) nothing is sent.
 pub async fn run(
     capture: &Capture,
     registry: &mut RegistryClient<PeerChannel>,
@@ -71,17 +73,40 @@ pub async fn run(
         tokio::pin!(changed);
         changed.as_mut().enable();
         let (tracking, renumbered) = capture.stream().tracking().await;
-        if tracking && !reported {
+        let detached = capture.stream().detached().await.is_some();
+        let mut failed = false;
+        if tracking && !reported && !detached {
             let reason = capture.stream().tracking_reason().await;
-            transition(registry, vm, reg::ReplicationState::ResyncRequired, &reason).await?;
-            reported = true;
-        }
-        if tracking && renumbered {
-            if let Some(set) = capture.end_tracking().await {
-                resync(capture, registry, vm, set).await?;
-                reported = false;
-                continue;
+            match transition(registry, vm, reg::ReplicationState::ResyncRequired, &reason).await {
+                Ok(()) => reported = true,
+                Err(status) => {
+                    tracing::warn!(vm, %status, "cannot report RESYNC_REQUIRED; trying again");
+                    failed = true;
+                }
             }
+        }
+        if tracking && renumbered && !detached && !failed {
+            if let Some(set) = capture.end_tracking().await {
+                match resync(capture, registry, vm, set).await {
+                    Ok(_) => {
+                        reported = false;
+                        continue;
+                    }
+                    Err(ResyncError::Capture(CaptureError::Closed)) => return Ok(()),
+                    Err(e) => {
+                        tracing::warn!(vm, error = %e, "resync round failed; its chunks go again");
+                        capture.stream().retry_outstanding().await;
+                        failed = true;
+                    }
+                }
+            }
+        }
+        if failed {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
+            continue;
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),

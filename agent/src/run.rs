@@ -37,6 +37,10 @@ pub struct AgentOptions {
     pub state_dir: PathBuf,
     /// The stream's buffer limits.
     pub limits: StreamLimits,
+    /// What one NBD client may hold of the agent.
+    pub nbd_limits: crate::nbd::NbdLimits,
+    /// How often the agent's health goes to registry (its heartbeat).
+    pub heartbeat: Duration,
     /// Pre and post scripts for app-consistent points; None for none.
     pub scripts: Option<crate::quiesce::Scripts>,
 }
@@ -84,8 +88,6 @@ pub struct Agent {
     /// The fencing epoch registry gave this agent.
     pub epoch: u64,
     streaming: JoinHandle<Result<(), tonic::Status>>,
-    /// How the stream task ended, once it has.
-    ended: Option<Result<Result<(), tonic::Status>, tokio::task::JoinError>>,
     /// Stops the stream (after the drain).
     stream_stop: CancellationToken,
     /// Stops NBD, initial replication and resync.
@@ -140,7 +142,22 @@ impl Agent {
             disks = assignment.disks.len(),
             "replicating; NBD exports are the disk ids"
         );
-        tokio::spawn(crate::nbd::serve(opts.nbd, capture.clone(), stop.clone()));
+        tokio::spawn(crate::nbd::serve_with(
+            opts.nbd,
+            capture.clone(),
+            opts.nbd_limits,
+            stop.clone(),
+        ));
+        let conditions = crate::health::Conditions::new();
+        tokio::spawn(crate::health::run(
+            stream.clone(),
+            conditions.clone(),
+            RegistryClient::new(ferry_runtime::connect(&opts.registry).map_err(AgentError::from)?),
+            opts.vm.clone(),
+            assignment.epoch,
+            opts.heartbeat,
+            stop.clone(),
+        ));
         let port = match (&assignment.group, opts.group) {
             (g, _) if g.is_empty() => None,
             (_, GroupPort::Off) => None,
@@ -164,19 +181,12 @@ impl Agent {
             let mut registry = RegistryClient::new(
                 ferry_runtime::connect(&opts.registry).map_err(AgentError::from)?,
             );
-            let (vm, stop) = (opts.vm.clone(), stop.clone());
+            let (vm, stop, conditions) = (opts.vm.clone(), stop.clone(), conditions.clone());
             tokio::spawn(async move {
                 match app_consistent_frequency(&mut registry, &vm).await {
                     Ok(Some(frequency)) => {
-                        crate::quiesce::run(
-                            &capture,
-                            &mut registry,
-                            &vm,
-                            &scripts,
-                            frequency,
-                            &stop,
-                        )
-                        .await
+                        crate::quiesce::run(&capture, &conditions, &vm, &scripts, frequency, &stop)
+                            .await
                     }
                     Ok(None) => tracing::warn!(
                         vm,
@@ -241,51 +251,21 @@ impl Agent {
             });
         }
         let stream_stop = CancellationToken::new();
-        {
-            // A planned failover: no more writes, everything sent, a FINAL
-            // marker, then the stream ends.
-            let (capture, stream, stream_stop, stop) = (
-                capture.clone(),
-                stream.clone(),
-                stream_stop.clone(),
-                stop.clone(),
-            );
-            let vm = opts.vm.clone();
-            tokio::spawn(async move {
-                let id = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    id = stream.final_requested() => id,
-                };
-                capture.close().await;
-                let marker =
-                    ferry_proto::cache::v1::record::Op::Marker(ferry_proto::cache::v1::Marker {
-                        kind: ferry_proto::cache::v1::MarkerKind::Final as i32,
-                        id: id.clone(),
-                        time_unix_nanos: 0,
-                    });
-                if stream.push("", marker).await == 0 {
-                    tracing::error!(
-                        vm,
-                        "cannot end with a FINAL marker while tracking changed chunks"
-                    );
-                    return;
-                }
-                let last = stream.flushed().await;
-                tracing::warn!(
-                    vm,
-                    id,
-                    last,
-                    "planned failover: everything sent; stream closed"
-                );
-                stream_stop.cancel();
-            });
-        }
-        let streaming = tokio::spawn(crate::stream::run(
+        tokio::spawn(drain_on_request(
+            capture.clone(),
             stream.clone(),
-            assignment.cache_endpoint.clone(),
             opts.vm.clone(),
-            assignment.epoch,
-            assignment.credential().to_string(),
+            stop.clone(),
+        ));
+        let streaming = tokio::spawn(supervise(
+            stream.clone(),
+            Session {
+                cache: assignment.cache_endpoint.clone(),
+                registry: opts.registry.clone(),
+                vm: opts.vm.clone(),
+                epoch: assignment.epoch,
+                credential: assignment.credential().to_string(),
+            },
             stream_stop.clone(),
         ));
         Ok(Agent {
@@ -300,18 +280,24 @@ impl Agent {
             stream,
             epoch: assignment.epoch,
             streaming,
-            ended: None,
             stream_stop,
             stop,
             state,
         })
     }
 
-    /// Waits until the stream ends by itself (the cache stopped or fenced
-    /// this agent).
-    pub async fn stream_ended(&mut self) {
-        if self.ended.is_none() {
-            self.ended = Some((&mut self.streaming).await);
+    /// Waits until replication has stopped for good (the cache stopped or
+    /// fenced this agent, or a planned failover drained it); why. The
+    /// agent runs on: its exports serve and its writes are tracked.
+    pub async fn replication_stopped(&self) -> String {
+        loop {
+            let changed = self.stream.notify().notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(why) = self.stream.detached().await {
+                return why;
+            }
+            changed.await;
         }
     }
 
@@ -321,7 +307,7 @@ impl Agent {
         self.stop.cancel();
         // No write reaches a disk from here on; what the stream holds is all.
         self.capture.close().await;
-        if self.ended.is_none()
+        if self.stream.detached().await.is_none()
             && tokio::time::timeout(drain, self.stream.flushed())
                 .await
                 .is_err()
@@ -329,10 +315,7 @@ impl Agent {
             tracing::warn!(vm = %self.vm, "the cache did not take everything in time");
         }
         self.stream_stop.cancel();
-        let ended = match self.ended {
-            Some(ended) => ended,
-            None => self.streaming.await,
-        };
+        let ended = self.streaming.await;
         let unsent = self.stream.unsent().await;
         self.state.save_clean(&unsent)?;
         tracing::info!(vm = %self.vm, unsent_chunks = unsent.count(), "stopped; changed-chunk map saved");
@@ -342,6 +325,134 @@ impl Agent {
             Err(e) => Err(RunError::Task(e.to_string())),
         }
     }
+}
+
+/// How long a planned failover's drain may refuse the VM's writes: past it
+/// the writes complete again (tracked), and the failover fails at its drain.
+pub const DRAIN_BOUND: Duration = Duration::from_secs(120);
+
+/// A planned failover: once the cache asks for the FINAL marker, writes are
+/// refused, everything is sent, the marker goes in, and the stream ends.
+/// Then (or after [`DRAIN_BOUND`]) writes complete again, tracked for
+/// failback: the VM is never left without its disks.
+async fn drain_on_request(
+    capture: Arc<Capture>,
+    stream: Arc<Stream>,
+    vm: String,
+    stop: CancellationToken,
+) {
+    let id = tokio::select! {
+        _ = stop.cancelled() => return,
+        id = stream.final_requested() => id,
+    };
+    capture.begin_drain().await;
+    let marker = ferry_proto::cache::v1::record::Op::Marker(ferry_proto::cache::v1::Marker {
+        kind: ferry_proto::cache::v1::MarkerKind::Final as i32,
+        id: id.clone(),
+        time_unix_nanos: 0,
+    });
+    let reason = if stream.push("", marker).await == 0 {
+        tracing::error!(
+            vm,
+            "cannot end with a FINAL marker while tracking changed chunks"
+        );
+        "a planned failover asked for a FINAL marker while tracking changed chunks".to_string()
+    } else {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            done = tokio::time::timeout(DRAIN_BOUND, stream.flushed()) => match done {
+                Ok(last) => {
+                    tracing::warn!(vm, id, last, "planned failover: everything sent; replication ends here");
+                    format!("planned failover {id}: the stream ended at its FINAL marker")
+                }
+                Err(_) => {
+                    tracing::error!(vm, id, "planned failover: the cache did not take everything in time; writes resume");
+                    format!("planned failover {id}: the drain did not finish within {DRAIN_BOUND:?}")
+                }
+            },
+        }
+    };
+    stream.detach(&reason).await;
+    capture.end_drain().await;
+}
+
+/// What a stream session needs.
+struct Session {
+    cache: String,
+    registry: String,
+    vm: String,
+    epoch: u64,
+    credential: String,
+}
+
+/// Streams until `stop`. When the cache refuses this agent for good, the
+/// stream is detached (writes go on, tracked) and the agent waits until
+/// registry says it may replicate again (its epoch still the item's, the
+/// item replicating), then streams and resyncs what was tracked. A fenced
+/// agent (failover, a newer agent) waits for the operator: restart it.
+async fn supervise(
+    stream: Arc<Stream>,
+    s: Session,
+    stop: CancellationToken,
+) -> Result<(), tonic::Status> {
+    loop {
+        let ended = crate::stream::run(
+            stream.clone(),
+            s.cache.clone(),
+            s.vm.clone(),
+            s.epoch,
+            s.credential.clone(),
+            stop.clone(),
+        )
+        .await;
+        let status = match ended {
+            Ok(()) => return Ok(()),
+            Err(status) => status,
+        };
+        tracing::warn!(vm = %s.vm, %status, "replication stopped; the VM's disks stay online, writes are tracked");
+        let mut told = false;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+            match may_stream(&s).await {
+                Ok(()) => break,
+                Err(why) if !told => {
+                    tracing::warn!(vm = %s.vm, why, "replication stays stopped");
+                    told = true;
+                }
+                Err(_) => {}
+            }
+        }
+        tracing::info!(vm = %s.vm, "registry lets this agent replicate again: resuming");
+    }
+}
+
+/// Whether registry still lets this agent replicate its VM; why not.
+async fn may_stream(s: &Session) -> Result<(), String> {
+    use ferry_proto::registry::v1 as reg;
+    let channel = ferry_runtime::connect(&s.registry).map_err(|e| e.to_string())?;
+    let item = RegistryClient::new(channel)
+        .get_protected_item(reg::GetProtectedItemRequest {
+            vm_name: s.vm.clone(),
+        })
+        .await
+        .map_err(|status| format!("registry: {}", status.message()))?
+        .into_inner();
+    if !crate::health::source_active(item.state()) {
+        return Err(format!(
+            "the VM is {:?}: its source is fenced; its writes are tracked for failback",
+            item.state()
+        ));
+    }
+    if item.epoch != s.epoch {
+        return Err(format!(
+            "a newer agent holds the VM (epoch {} > this agent's {}); restart this agent to take it back",
+            item.epoch, s.epoch
+        ));
+    }
+    Ok(())
 }
 
 /// Initial replication copies everything anyway; otherwise a clean map is

@@ -79,6 +79,10 @@ struct Queue {
     renumber: bool,
     /// Raised on every overflow, so an open session ends and reconnects.
     generation: u64,
+    /// Set when replication stopped for good (fenced, stopped, disabled, a
+    /// planned failover's drain done): writes go on locally and are tracked;
+    /// why, for health. Cleared when a session opens again.
+    detached: Option<String>,
 }
 
 /// Bytes per bit of the changed-chunk map.
@@ -343,6 +347,20 @@ impl Stream {
         set
     }
 
+    /// A resync round failed part way: the chunks it had yet to send go back
+    /// into the map, to be taken by the next round.
+    pub async fn retry_outstanding(&self) {
+        let mut q = self.queue.lock().await;
+        let outstanding = std::mem::take(&mut q.outstanding);
+        match q.tracking.as_mut() {
+            Some(dirty) => dirty.merge(&outstanding.data),
+            None => q.tracking = Some(outstanding.data),
+        }
+        q.verify.merge(&outstanding.verify);
+        drop(q);
+        self.changed.notify_waiters();
+    }
+
     /// Resync has sent (or checked) `chunk` of `disk` again.
     pub async fn resent(&self, disk: &str, chunk: u64) {
         let mut q = self.queue.lock().await;
@@ -362,23 +380,25 @@ impl Stream {
         self.push_locked(q, disk_id, op)
     }
 
-    /// Pushes a record of a copy (initial replication, resync): unlike a
-    /// VM's write it waits for room, keeping the buffer at most half full,
-    /// so that copying never overflows the stream by itself.
-    pub async fn push_copy(&self, disk_id: &str, op: Op) -> u64 {
-        let size = op_size(&op);
+    /// Waits until a copy's record of `size` payload bytes (initial
+    /// replication, resync) fits in half the buffer, so that copying never
+    /// overflows the stream by itself. Called before the capture's ordering
+    /// lock is taken: a VM's writes never wait for the cache behind a copy.
+    pub async fn copy_room(&self, size: usize) {
+        let size = size + 64;
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let q = self.queue.lock().await;
-            if q.tracking.is_some()
-                || q.pending_bytes == 0
-                || q.pending_bytes + size <= self.limits.buffer_bytes / 2
             {
-                return self.push_locked(q, disk_id, op);
+                let q = self.queue.lock().await;
+                if q.tracking.is_some()
+                    || q.pending_bytes == 0
+                    || q.pending_bytes + size <= self.limits.buffer_bytes / 2
+                {
+                    return;
+                }
             }
-            drop(q);
             notified.await;
         }
     }
@@ -432,6 +452,29 @@ impl Stream {
         q.tracking_reason = "replication buffer overflowed".to_string();
         q.renumber = true;
         q.generation += 1;
+    }
+
+    /// Replication stopped for good (`reason`): what is pending goes into
+    /// the changed-chunk map, later writes only mark it, and the open
+    /// session ends. The VM's writes go on; a new session (the same agent
+    /// allowed again) renumbers after the cache and resyncs the map.
+    pub async fn detach(&self, reason: &str) {
+        let mut q = self.queue.lock().await;
+        if q.tracking.is_none() {
+            Self::overflow(&mut q);
+        } else {
+            q.renumber = true;
+            q.generation += 1;
+        }
+        q.tracking_reason = reason.to_string();
+        q.detached = Some(reason.to_string());
+        drop(q);
+        self.changed.notify_waiters();
+    }
+
+    /// Why replication stopped for good, if it did.
+    pub async fn detached(&self) -> Option<String> {
+        self.queue.lock().await.detached.clone()
     }
 
     /// Switches to tracking changed chunks now (the cache was away too long).
@@ -665,7 +708,8 @@ enum SessionEnd {
 
 /// Streams `stream` to the cache at `cache_url` until `shutdown`, reconnecting
 /// with backoff (100 ms doubling to 5 s). Returns the status that ended it for
-/// good, if any (e.g. this agent was fenced).
+/// good, if any (e.g. this agent was fenced); the stream is then detached:
+/// writes go on and are tracked, and a later `run` resumes it.
 pub async fn run(
     stream: Arc<Stream>,
     cache_url: String,
@@ -689,8 +733,15 @@ pub async fn run(
         match end {
             SessionEnd::Shutdown => return Ok(()),
             SessionEnd::Fatal(status) => {
-                tracing::error!(vm, %status, "cache refused this agent; stopping the stream");
+                tracing::error!(vm, %status, "cache refused this agent: replication stopped; the disks stay online and writes are tracked");
+                stream
+                    .detach(&format!("replication stopped: {}", status.message()))
+                    .await;
                 return Err(status);
+            }
+            SessionEnd::Retry(_) if stream.detached().await.is_some() => {
+                let why = stream.detached().await.unwrap_or_default();
+                return Err(tonic::Status::failed_precondition(why));
             }
             SessionEnd::Retry(why) => {
                 let since = *outage_since.get_or_insert_with(std::time::Instant::now);
@@ -769,6 +820,25 @@ async fn session(
     };
     let generation = {
         let mut q = stream.queue.lock().await;
+        if !q.renumber && sent >= q.next_seq {
+            // The cache holds records this stream never produced (another
+            // agent's last batch landed after this one learned where to
+            // start): numbering would collide, and what those records wrote
+            // is unknown. Number on after them, and check every chunk by
+            // checksum; pending records go again as data.
+            tracing::warn!(
+                vm,
+                cache = sent,
+                ours = q.next_seq - 1,
+                "the cache is ahead of this agent: renumbering, checksum resync of every chunk"
+            );
+            Stream::overflow(&mut q);
+            q.verify.merge(&Dirty::full(&stream.disks()));
+            q.tracking_reason = format!(
+                "the cache holds records up to {sent}, beyond this agent's {}: checksum resync",
+                q.next_seq - 1
+            );
+        }
         if q.renumber {
             // Pending records were dropped at an overflow: number on from
             // what the cache holds.
@@ -776,18 +846,10 @@ async fn session(
             q.durable = sent;
             q.renumber = false;
         }
+        q.detached = None;
         q.generation
     };
     stream.changed.notify_waiters();
-    let last = stream.last().await;
-    if sent > last {
-        // The cache holds records this stream never produced: numbering
-        // would collide. The agent must start from `resume_point`.
-        return SessionEnd::Fatal(tonic::Status::failed_precondition(format!(
-            "the cache holds VM {vm:?} up to sequence {sent}, beyond this agent's {last}; \
-             restart the agent so that it resumes after the cache"
-        )));
-    }
     stream.acknowledge(sent).await;
     sent = sent.max(stream.durable().await);
     loop {

@@ -35,9 +35,14 @@ struct Agent {
 
 impl Agent {
     fn start(registry: &str, state_dir: &Path) -> Agent {
+        Self::start_with(registry, state_dir, &[])
+    }
+
+    fn start_with(registry: &str, state_dir: &Path, extra: &[&str]) -> Agent {
         let nbd = free_addr();
         let child = Command::new(env!("CARGO_BIN_EXE_ferry-agent"))
             .args(["--registry", registry, "--vm", "vm"])
+            .args(extra)
             .args(["--nbd-listen", &nbd.to_string()])
             .args(["--group-listen", "127.0.0.1:0", "--drain-secs", "1"])
             .arg("--state-dir")
@@ -311,5 +316,131 @@ async fn the_changed_chunk_map_survives_a_clean_restart_and_a_crash_means_a_chec
         "only 7M..7M+64k differed"
     );
     assert!(setup.replay_equals_source(&records));
+    setup.registry.stop().await;
+}
+
+/// The cache's newest durable sequence of the VM.
+async fn cache_last(cache_url: &str) -> u64 {
+    pb::cache_client::CacheClient::connect(cache_url.to_string())
+        .await
+        .unwrap()
+        .get_log_info(pb::GetLogInfoRequest {
+            vm_name: "vm".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .last_sequence
+}
+
+/// Whether an agent streams the VM into the cache now.
+async fn streaming(cache_url: &str) -> bool {
+    let sent = pb::cache_client::CacheClient::connect(cache_url.to_string())
+        .await
+        .unwrap()
+        .send_control(pb::SendControlRequest {
+            vm_name: "vm".into(),
+            control: Some(pb::send_control_request::Control::Bookmark(
+                pb::BookmarkRequest { id: "probe".into() },
+            )),
+        })
+        .await;
+    match sent {
+        Ok(_) => true,
+        Err(s) if s.code() == tonic::Code::FailedPrecondition => false,
+        Err(s) => panic!("SendControl: {s}"),
+    }
+}
+
+/// A write and a read back through one held NBD connection, off the
+/// runtime; panics unless both succeed.
+async fn write_and_read(
+    nbd: ferry_testkit::nbd::Nbd,
+    offset: u64,
+    byte: u8,
+) -> ferry_testkit::nbd::Nbd {
+    tokio::task::spawn_blocking(move || {
+        let mut nbd = nbd;
+        let data = vec![byte; 64 * 1024];
+        assert_eq!(nbd.write(offset, &data).unwrap(), 0, "the write completes");
+        assert_eq!(nbd.read(offset, data.len() as u32).unwrap(), data);
+        nbd
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_stopped_or_fenced_never_takes_the_vm_disk_offline() {
+    let setup = Setup::new().await;
+    let mut agent = Agent::start_with(
+        &setup.registry.url,
+        &setup.state_dir(),
+        &["--heartbeat-secs", "1"],
+    );
+    setup.wait_state(reg::ReplicationState::Protected).await;
+    setup.wait_replay_equals_source().await;
+    // One NBD connection, held across everything below, as a VM holds it.
+    let addr = agent.nbd.to_string();
+    let nbd =
+        tokio::task::spawn_blocking(move || ferry_testkit::nbd::Nbd::go(&addr, "os").unwrap())
+            .await
+            .unwrap();
+
+    // The cache stops the stream: the export stays, the write completes,
+    // and since registry still lets this agent replicate, it streams again
+    // and resyncs what it tracked meanwhile.
+    pb::cache_client::CacheClient::connect(setup.cache.url())
+        .await
+        .unwrap()
+        .send_control(pb::SendControlRequest {
+            vm_name: "vm".into(),
+            control: Some(pb::send_control_request::Control::Stop(pb::Stop {
+                reason: "operator".into(),
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+    let nbd = write_and_read(nbd, 6 << 20, 0xab).await;
+    setup.wait_replay_equals_source().await;
+    setup.wait_state(reg::ReplicationState::Protected).await;
+
+    // A newer agent registers (fencing this one): the export still serves
+    // and the VM's writes complete, tracked, never reaching the cache.
+    let registry = setup.registry.url.clone();
+    ferry_agent::register(&registry, "vm", "newer", "")
+        .await
+        .unwrap();
+    let cache_url = setup.cache.url();
+    wait_for("the fenced stream to end", Duration::from_secs(30), || {
+        let cache_url = cache_url.clone();
+        async move { (!streaming(&cache_url).await).then_some(()) }
+    })
+    .await;
+    let before = cache_last(&cache_url).await;
+    let _nbd = write_and_read(nbd, 7 << 20, 0xcd).await;
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "the agent runs on"
+    );
+    assert!(agent.stop("TERM"), "and stops cleanly when told");
+    assert_eq!(
+        cache_last(&cache_url).await,
+        before,
+        "nothing reached the cache"
+    );
+    let saved = StateFile::open(&setup.state_dir(), "vm")
+        .unwrap()
+        .load()
+        .unwrap();
+    let Some(Saved::Clean(dirty)) = saved else {
+        panic!("expected a clean map, got {saved:?}");
+    };
+    assert_eq!(
+        dirty.data.chunks("os"),
+        vec![112],
+        "the fenced write is tracked"
+    );
     setup.registry.stop().await;
 }

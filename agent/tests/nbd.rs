@@ -358,3 +358,34 @@ async fn initial_replication_racing_live_writes_replays_from_zero() {
     );
     agent.verify_from(zero).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_as_large_as_the_export_takes_is_replicated_in_records_the_cache_takes() {
+    let agent = Agent::start().await;
+    let url = agent.url();
+    // 16 MiB in one NBD request (the export advertises 32 MiB): more than
+    // one cache-svc message carries.
+    client(
+        "qemu-io",
+        strings(&["-f", "raw", "-c", "write -P 0x3c 0 16M", &url]),
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(60), agent.stream.flushed())
+        .await
+        .expect("the write reaches the cache");
+    assert_eq!(agent.stream.overflows().await, 0, "no overflow, no resync");
+    let records = tail_all(&agent.cache_url, "vm", 1).await;
+    let largest = records
+        .iter()
+        .filter_map(|r| match &r.op {
+            Some(ferry_proto::cache::v1::record::Op::Write(w)) => Some(w.data.len()),
+            _ => None,
+        })
+        .max();
+    assert!(
+        largest.is_some_and(|n| n <= ferry_agent::capture::MAX_RECORD_DATA),
+        "records of at most {} bytes, got {largest:?}",
+        ferry_agent::capture::MAX_RECORD_DATA
+    );
+    assert!(agent.verify().await >= 16);
+}

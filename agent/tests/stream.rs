@@ -176,8 +176,11 @@ async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
             "disk {id}: replay differs from the source"
         );
     }
-    // A restarted agent resumes after what the cache holds; a stream that
-    // would reuse sequence numbers is refused instead of silently dropped.
+    // A restarted agent resumes after what the cache holds. A stream that
+    // finds the cache ahead of it (another agent's last batch landed after
+    // it learned where to start) never reuses those numbers and never stops
+    // the VM: it numbers on after the cache and checks every chunk by
+    // checksum, its own pending write going again as data.
     let next = stream::resume_point(
         &cache_url,
         "vm",
@@ -189,6 +192,7 @@ async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
     .unwrap();
     assert_eq!(next, 601);
     let stale = Stream::new(1, limits);
+    stale.set_disks(disks.iter().map(|d| (d.to_string(), SIZE)).collect());
     stale
         .push(
             "os",
@@ -198,18 +202,38 @@ async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
             }),
         )
         .await;
-    let err = stream::run(
-        stale,
+    let stale_stop = CancellationToken::new();
+    let stale_run = tokio::spawn(stream::run(
+        stale.clone(),
         cache_url.clone(),
         "vm".into(),
         assignment.epoch,
         assignment.credential().to_string(),
-        shutdown.clone(),
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        stale_stop.clone(),
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while stale.tracking().await != (true, true) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stale stream renumbers after the cache"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stale.last().await, 600, "numbering goes on after the cache");
+    let unsent = stale.unsent().await;
+    assert_eq!(
+        unsent.data.chunks("os"),
+        vec![0],
+        "its own write goes again"
+    );
+    assert_eq!(
+        unsent.verify.count(),
+        2 * SIZE / stream::DIRTY_CHUNK,
+        "every chunk is checked by checksum"
+    );
     assert_eq!(tail_all(&cache_url, "vm", 1).await.len(), 600);
+    stale_stop.cancel();
+    stale_run.await.unwrap().unwrap();
 
     shutdown.cancel();
     sender.await.unwrap().unwrap();

@@ -307,7 +307,7 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<Figu
     );
     let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let nbd_addr = nbd.local_addr()?.to_string();
-    let mut agent = Agent::start(AgentOptions {
+    let agent = Agent::start(AgentOptions {
         registry: url.to_string(),
         vm: "demo-web".into(),
         nbd,
@@ -315,6 +315,8 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<Figu
         group_address: String::new(),
         state_dir: dir.join("agent"),
         limits: StreamLimits::default(),
+        nbd_limits: Default::default(),
+        heartbeat: ferry_agent::health::HEARTBEAT,
         scripts: None,
     })
     .await?;
@@ -585,7 +587,7 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<Figu
         }
     }
     // The source is fenced: its agent's stream was stopped by the cache.
-    let fenced = tokio::time::timeout(Duration::from_secs(10), agent.stream_ended())
+    let fenced = tokio::time::timeout(Duration::from_secs(10), agent.replication_stopped())
         .await
         .is_ok();
     println!("    the old agent was fenced: {fenced}");

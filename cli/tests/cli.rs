@@ -225,6 +225,8 @@ async fn points_test_failover_cleanup_failover_commit_and_jobs_from_the_command_
         group_address: String::new(),
         state_dir: dir.path().join("agent"),
         limits: ferry_agent::stream::StreamLimits::default(),
+        nbd_limits: Default::default(),
+        heartbeat: ferry_agent::health::HEARTBEAT,
         scripts: None,
     })
     .await

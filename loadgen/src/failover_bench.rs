@@ -58,6 +58,8 @@ pub async fn run(dir: &Path) -> Result<()> {
         group_address: String::new(),
         state_dir: dir.join("agent"),
         limits: StreamLimits::default(),
+        nbd_limits: Default::default(),
+        heartbeat: ferry_agent::health::HEARTBEAT,
         scripts: None,
     })
     .await?;

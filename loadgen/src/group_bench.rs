@@ -87,6 +87,8 @@ pub async fn run(dir: &Path, vms: usize, secs: u64) -> Result<()> {
                 group_address: String::new(),
                 state_dir: dir.join(format!("{vm}-agent")),
                 limits: StreamLimits::default(),
+                nbd_limits: Default::default(),
+                heartbeat: ferry_agent::health::HEARTBEAT,
                 scripts: None,
             })
             .await?,

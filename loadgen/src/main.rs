@@ -182,6 +182,8 @@ async fn rig(dir: &Path, vm: &str) -> Result<Rig> {
         group_address: String::new(),
         state_dir: dir.join(format!("{vm}-agent")),
         limits: StreamLimits::default(),
+        nbd_limits: Default::default(),
+        heartbeat: ferry_agent::health::HEARTBEAT,
         scripts: None,
     })
     .await?;

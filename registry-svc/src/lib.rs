@@ -59,6 +59,10 @@ pub struct Settings {
     /// Seconds a group coordinator's agent may stay silent before registry
     /// passes the role on; 0 for the default (3).
     pub coordinator_lease_secs: u64,
+    /// Seconds an agent may stay silent (no health report, heartbeat or
+    /// registration) before its VM's health turns CRITICAL; 0 for the
+    /// default (15: three of the agent's default 5 s heartbeats).
+    pub agent_timeout_secs: u64,
 }
 
 /// registry-svc's configuration.
@@ -70,6 +74,8 @@ pub struct Config {
     pub regions: BTreeSet<String>,
     /// How long a silent group coordinator keeps its role.
     pub coordinator_lease: std::time::Duration,
+    /// How long an agent may stay silent before its VM is CRITICAL.
+    pub agent_timeout: std::time::Duration,
 }
 
 impl Config {
@@ -87,10 +93,15 @@ impl Config {
             0 => registry::COORDINATOR_LEASE,
             secs => std::time::Duration::from_secs(secs),
         };
+        let agent_timeout = match settings.agent_timeout_secs {
+            0 => registry::AGENT_TIMEOUT,
+            secs => std::time::Duration::from_secs(secs),
+        };
         Ok(Config {
             service,
             regions,
             coordinator_lease,
+            agent_timeout,
         })
     }
 }
@@ -139,8 +150,10 @@ pub async fn serve(
             config.service.cache.clone(),
         )
         .await?
-        .with_coordinator_lease(config.coordinator_lease),
+        .with_coordinator_lease(config.coordinator_lease)
+        .with_agent_timeout(config.agent_timeout),
     );
+    tokio::spawn(registry.clone().watch_agents(shutdown.clone()));
     let limits = &config.service.limits;
     host.routes().add_service(
         RegistryServer::new(service::RegistryService::new(registry, shutdown.clone()))

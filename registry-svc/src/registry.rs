@@ -92,7 +92,23 @@ pub struct Registry {
     heartbeats: std::sync::Mutex<std::collections::HashMap<String, (Instant, String)>>,
     started: Instant,
     lease: Duration,
+    /// When each VM's agent was last heard (a health report, a group
+    /// heartbeat, a registration). In memory: after a restart every agent
+    /// gets `agent_timeout` to be heard again.
+    agents_heard: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
+    agent_timeout: Duration,
 }
+
+/// How often an unchanged agent report is written again, so that its time
+/// stays recent for people.
+const REPORT_REFRESH: Duration = Duration::from_secs(60);
+
+/// The default time an agent may stay silent before its VM is CRITICAL.
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How an agent's silence reads in its VM's health; the report is replaced
+/// by the agent's own once it speaks again.
+const SILENT_AGENT: &str = "agent not heard from for";
 
 impl Registry {
     /// Opens the registry under `dir`: creates the default policy if missing
@@ -113,6 +129,8 @@ impl Registry {
             heartbeats: std::sync::Mutex::new(std::collections::HashMap::new()),
             started: Instant::now(),
             lease: COORDINATOR_LEASE,
+            agents_heard: std::sync::Mutex::new(std::collections::HashMap::new()),
+            agent_timeout: AGENT_TIMEOUT,
         };
         let _guard = registry.write.lock().await;
         let mut writes = Writes::new();
@@ -143,6 +161,106 @@ impl Registry {
     pub fn with_coordinator_lease(mut self, lease: Duration) -> Registry {
         self.lease = lease;
         self
+    }
+
+    /// Sets how long an agent may stay silent before its VM is CRITICAL.
+    pub fn with_agent_timeout(mut self, timeout: Duration) -> Registry {
+        self.agent_timeout = timeout;
+        self
+    }
+
+    fn heard_agent(&self, vm: &str) {
+        if let Ok(mut heard) = self.agents_heard.lock() {
+            heard.insert(vm.to_string(), Instant::now());
+        }
+    }
+
+    /// Turns the health of every replicating VM whose agent has been silent
+    /// past the agent timeout CRITICAL, saying for how long; runs until
+    /// `shutdown`. Only VMs whose agent has registered count: before that
+    /// there is nobody to miss.
+    pub async fn watch_agents(
+        self: std::sync::Arc<Self>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let tick =
+            (self.agent_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(tick) => {}
+            }
+            if let Err(e) = self.mark_silent_agents().await {
+                tracing::warn!(error = %e, "cannot check agents' liveness");
+            }
+        }
+    }
+
+    async fn mark_silent_agents(&self) -> Result<(), RegistryError> {
+        let now = Instant::now();
+        for item in self.list_items()? {
+            if !item.state.source_active() {
+                continue;
+            }
+            let registered = self
+                .store
+                .get::<AgentRecord>(Kind::Agent, &item.vm_name)?
+                .is_some_and(|a| a.epoch == item.epoch);
+            if !registered {
+                continue;
+            }
+            let heard = self
+                .agents_heard
+                .lock()
+                .ok()
+                .and_then(|h| h.get(&item.vm_name).copied())
+                .unwrap_or(self.started);
+            let silent = now.duration_since(heard);
+            if silent < self.agent_timeout {
+                continue;
+            }
+            let marked = item.health_reports.get("agent").is_some_and(|r| {
+                r.health == Health::Critical && r.message.starts_with(SILENT_AGENT)
+            });
+            if marked {
+                continue;
+            }
+            tracing::warn!(vm = %item.vm_name, silent_secs = silent.as_secs(), "agent silent: replication health CRITICAL");
+            let message = format!(
+                "{SILENT_AGENT} {} s: it is down or cut off, and no writes of the VM are \
+                 being captured",
+                silent.as_secs()
+            );
+            let vm = item.vm_name.clone();
+            let outcome = self
+                .update_item(&vm, |item| {
+                    // The agent may have spoken since the list was read.
+                    let heard = self
+                        .agents_heard
+                        .lock()
+                        .ok()
+                        .and_then(|h| h.get(&item.vm_name).copied())
+                        .unwrap_or(self.started);
+                    if Instant::now().duration_since(heard) < self.agent_timeout {
+                        return Ok(false);
+                    }
+                    item.health_reports.insert(
+                        "agent".into(),
+                        HealthReport {
+                            health: Health::Critical,
+                            message: message.clone(),
+                            reported_at: SystemTime::now(),
+                        },
+                    );
+                    Ok(true)
+                })
+                .await;
+            match outcome {
+                Ok(_) | Err(RegistryError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// The known regions.
@@ -474,7 +592,25 @@ impl Registry {
                 COMPONENTS.join(", ")
             )));
         }
+        let from_agent = update.component == "agent";
+        if from_agent {
+            self.heard_agent(vm);
+        }
         self.update_item(vm, |item| {
+            if from_agent {
+                // A heartbeat that says what the last one said changes
+                // nothing but the time it was heard (refreshed each minute).
+                let same = item.health_reports.get("agent").is_some_and(|r| {
+                    r.health == update.health
+                        && r.message == update.message
+                        && r.reported_at
+                            .elapsed()
+                            .is_ok_and(|age| age < REPORT_REFRESH)
+                });
+                if same {
+                    return Ok(false);
+                }
+            }
             item.health_reports.insert(
                 update.component.clone(),
                 HealthReport {
@@ -536,6 +672,7 @@ impl Registry {
         writes.put(Kind::Agent, vm, &record)?;
         self.store.commit(writes).await?;
         tracing::info!(vm, epoch = item.epoch, host = %record.hostname, "agent registered");
+        self.heard_agent(vm);
         self.publish(Change::Upserted(item.clone()));
         Ok(AgentGrant {
             epoch: item.epoch,
@@ -791,6 +928,7 @@ impl Registry {
         if let Ok(mut beats) = self.heartbeats.lock() {
             beats.insert(vm.to_string(), (now, address));
         }
+        self.heard_agent(vm);
         let alive = |member: &str| -> bool {
             self.heartbeats
                 .lock()

@@ -1046,3 +1046,77 @@ async fn agent_credentials_are_fresh_and_never_stored_in_clear() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_silent_agent_turns_its_vm_critical_and_back_when_it_speaks() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = ferry_testkit::start_registry_with(
+        dir.path().join("registry"),
+        Some("http://127.0.0.1:7102".into()),
+        registry_svc::Settings {
+            agent_timeout_secs: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    ferry_testkit::wait_serving(&registry.url).await;
+    let c = &mut RegistryClient::connect(registry.url.clone()).await.unwrap();
+    for name in ["web1", "idle"] {
+        register(c, vm(name)).await.unwrap();
+        enable(c, enable_req(name, "westus")).await.unwrap();
+    }
+    c.register_agent(pb::RegisterAgentRequest {
+        vm_name: "web1".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let report = |health: pb::ReplicationHealth| pb::ReportHealthRequest {
+        vm_name: "web1".into(),
+        component: "agent".into(),
+        health: health as i32,
+        ..Default::default()
+    };
+    let item = c
+        .report_health(report(pb::ReplicationHealth::Normal))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(item.health(), pb::ReplicationHealth::Normal);
+
+    // Silent past the timeout: CRITICAL, saying why.
+    let url = registry.url.clone();
+    let item = ferry_testkit::wait_for("web1 to turn CRITICAL", Duration::from_secs(20), || {
+        let url = url.clone();
+        async move {
+            ferry_testkit::protected_item(&url, "web1")
+                .await
+                .filter(|i| i.health() == pb::ReplicationHealth::Critical)
+        }
+    })
+    .await;
+    let agent = item
+        .health_reports
+        .iter()
+        .find(|r| r.component == "agent")
+        .unwrap();
+    assert!(
+        agent.message.starts_with("agent not heard from for"),
+        "{}",
+        agent.message
+    );
+    // A VM whose agent never registered has nobody to miss.
+    let idle = ferry_testkit::protected_item(&registry.url, "idle")
+        .await
+        .unwrap();
+    assert_eq!(idle.health(), pb::ReplicationHealth::Unspecified);
+
+    // The agent speaks again: its own report replaces the alarm.
+    let item = c
+        .report_health(report(pb::ReplicationHealth::Normal))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(item.health(), pb::ReplicationHealth::Normal);
+    registry.stop().await;
+}

@@ -61,13 +61,21 @@ pub struct Cluster {
 /// Starts registry-svc alone in-process on `data_dir`, handing out
 /// `cache_url` to agents.
 pub async fn start_registry(data_dir: PathBuf, cache_url: Option<String>) -> Running {
+    start_registry_with(data_dir, cache_url, registry_svc::Settings::default()).await
+}
+
+/// As [`start_registry`], with `[registry]` settings of the test's own.
+pub async fn start_registry_with(
+    data_dir: PathBuf,
+    cache_url: Option<String>,
+    settings: registry_svc::Settings,
+) -> Running {
     start(
         "registry-svc",
         data_dir,
         move |mut service, listener, shutdown| {
             service.cache = cache_url;
             async move {
-                let settings = registry_svc::Settings::default();
                 let config = registry_svc::Config::new(service, settings)?;
                 registry_svc::serve(config, listener, shutdown).await
             }

@@ -11,6 +11,7 @@
 
 pub mod cluster;
 pub mod group;
+pub mod nbd;
 pub mod points;
 pub mod process;
 pub mod replay;
@@ -20,10 +21,11 @@ pub mod vm;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-pub use cluster::{start_registry, Cluster, Running};
+pub use cluster::{start_registry, start_registry_with, Cluster, Running};
 pub use process::{bin_path, free_addr, ServiceProcess};
 pub use tools::{
     assert_reflection_and_health, grpcurl, grpcurl_run, identical_images, python, run_tool, Rng,
+    SmallFs,
 };
 pub use vm::{create_policy, protect_vm, protect_vm_with, protected_item};
 

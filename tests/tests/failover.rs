@@ -90,8 +90,7 @@ async fn test_failover_cleanup_unplanned_failover_to_an_older_point_and_commit()
         "fast",
     )
     .await;
-    let (mut agent, nbd) =
-        common::protected_agent(&registry, "vm", &dir.path().join("agent")).await;
+    let (agent, nbd) = common::protected_agent(&registry, "vm", &dir.path().join("agent")).await;
 
     // Two rounds of writes through NBD, a point and a shadow copy after each.
     let mut rounds = Vec::new();
@@ -307,19 +306,24 @@ async fn test_failover_cleanup_unplanned_failover_to_an_older_point_and_commit()
         "only the point in use is pinned"
     );
 
-    // The source was fenced: the agent's stream was stopped, and what it
-    // writes now never reaches the cache.
-    tokio::time::timeout(Duration::from_secs(30), agent.stream_ended())
+    // The source was fenced: the agent's replication stopped, but the VM's
+    // disk stays online: what it writes now completes locally, is tracked
+    // for failback, and never reaches the cache.
+    let why = tokio::time::timeout(Duration::from_secs(30), agent.replication_stopped())
         .await
-        .expect("the fenced agent's stream ends");
+        .expect("the fenced agent's replication stops");
+    assert!(why.contains("fenced"), "{why}");
     let before = cluster_log_last(&cluster.cache.url).await;
     agent
         .capture
         .write("os", 0, vec![0xff; 4096])
         .await
-        .unwrap();
-    let err = agent.stop(Duration::from_secs(1)).await.unwrap_err();
-    assert!(err.to_string().contains("fenced"), "{err}");
+        .expect("the fenced source's write completes");
+    assert!(
+        agent.stream.unsent().await.data.chunks("os").contains(&0),
+        "the write is tracked for failback"
+    );
+    agent.stop(Duration::from_secs(1)).await.unwrap();
     assert_eq!(cluster_log_last(&cluster.cache.url).await, before);
 
     // Commit releases the pins; a second commit has nothing to commit.
@@ -735,7 +739,7 @@ async fn a_planned_failover_drains_the_source_and_loses_nothing() {
     // Points only every 30 s: the final point is the drain's, not a timer's.
     common::policy(&registry, "slow", Duration::from_secs(30)).await;
     protect_vm_with(&registry, "vm", &[("os", OS, &source)], "slow").await;
-    let (mut agent, _) = common::protected_agent(&registry, "vm", &dir.path().join("agent")).await;
+    let (agent, _) = common::protected_agent(&registry, "vm", &dir.path().join("agent")).await;
     // Writes up to the moment of the failover, none of them awaited.
     for i in 0..64u64 {
         agent
@@ -777,11 +781,12 @@ async fn a_planned_failover_drains_the_source_and_loses_nothing() {
     );
     let window = job.points[0].data_loss_window.unwrap();
     assert_eq!((window.seconds, window.nanos), (0, 0), "zero data loss");
-    // The source took no write after the drain, and its stream is closed.
-    assert!(agent.capture.write("os", 0, vec![9; 4096]).await.is_err());
-    tokio::time::timeout(Duration::from_secs(10), agent.stream_ended())
+    // The drain is over and the stream closed: the source's writes complete
+    // again (the VM is never left without its disk), tracked, never sent.
+    let why = tokio::time::timeout(Duration::from_secs(10), agent.replication_stopped())
         .await
-        .expect("the drained agent's stream ends");
+        .expect("the drained agent's replication ends");
+    assert!(why.contains("FINAL marker"), "{why}");
     let vms = failover(&url)
         .await
         .list_target_vms(fo::ListTargetVmsRequest::default())
@@ -793,10 +798,18 @@ async fn a_planned_failover_drains_the_source_and_loses_nothing() {
         identical_images(Path::new(&vms[0].disks[0].path), &source),
         "the failed-over disk is the source"
     );
+    let after_drain = cluster_log_last(&cluster.cache.url).await;
+    agent
+        .capture
+        .write("os", 0, vec![9; 4096])
+        .await
+        .expect("a write after the drain completes locally");
+    assert!(agent.stream.unsent().await.data.chunks("os").contains(&0));
     assert_eq!(
         protected_item(&registry, "vm").await.unwrap().state(),
         reg::ReplicationState::FailedOver
     );
-    let _ = agent.stop(Duration::from_secs(1)).await;
+    agent.stop(Duration::from_secs(1)).await.unwrap();
+    assert_eq!(cluster_log_last(&cluster.cache.url).await, after_drain);
     cluster.stop().await;
 }

@@ -44,6 +44,8 @@ pub async fn protected_agent_with(
         group_address: String::new(),
         state_dir: state_dir.to_path_buf(),
         limits: StreamLimits::default(),
+        nbd_limits: Default::default(),
+        heartbeat: ferry_agent::health::HEARTBEAT,
         scripts,
     })
     .await
