@@ -59,16 +59,7 @@ impl StateFile {
             path: dir.to_path_buf(),
             source,
         })?;
-        let name: String = vm
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
+        let name = ferry_runtime::path_name(vm);
         Ok(StateFile {
             path: dir.join(format!("{name}.state")),
         })
@@ -204,6 +195,20 @@ fn decode(body: &mut &[u8]) -> Option<Dirty> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vms_whose_names_differ_only_in_punctuation_keep_their_own_maps() {
+        let dir = tempfile::tempdir().unwrap();
+        let dotted = StateFile::open(dir.path(), "web.1").unwrap();
+        let underscored = StateFile::open(dir.path(), "web_1").unwrap();
+        assert_ne!(dotted.path(), underscored.path());
+        dotted.mark_running().unwrap();
+        assert_eq!(
+            underscored.load().unwrap(),
+            None,
+            "the other VM's map is its own"
+        );
+    }
 
     #[test]
     fn a_clean_map_round_trips_and_running_means_lost() {

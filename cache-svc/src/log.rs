@@ -94,7 +94,7 @@ impl VmLog {
         start_seq: u64,
         segment_limit: u64,
     ) -> Result<VmLog, CacheError> {
-        std::fs::create_dir_all(dir).map_err(|e| CacheError::io(dir, e))?;
+        ferry_runtime::durable::create_dir_all(dir).map_err(|e| CacheError::io(dir, e))?;
         let mut files: Vec<u64> = std::fs::read_dir(dir)
             .map_err(|e| CacheError::io(dir, e))?
             .filter_map(|entry| {

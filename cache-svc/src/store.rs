@@ -115,7 +115,7 @@ impl Store {
     }
 
     fn log_dir(&self, vm: &str) -> PathBuf {
-        self.dir.join("logs").join(vm)
+        self.dir.join("logs").join(ferry_runtime::path_name(vm))
     }
 
     fn load(&self, vm: &str, meta: VmMeta) -> Result<Arc<VmState>, CacheError> {

@@ -910,6 +910,22 @@ impl Engine {
                 .find(|(id, _)| *id == disk.disk_id)
                 .map(|(_, n)| n.clone())
                 .unwrap_or_else(|| format!("{}-{}", job.vm_name, disk.disk_id));
+            // Never replace a disk another VM's failover made.
+            let place = self
+                .backend
+                .disk_path(&target.region, &target.resource_group, &name);
+            if let Some(owner) = self
+                .backend
+                .vms()?
+                .into_iter()
+                .find(|v| v.source_vm != job.vm_name && v.disks.iter().any(|d| d.path == place))
+            {
+                return Err(FailoverError::AlreadyExists(format!(
+                    "target disk {name:?} in {}/{} belongs to VM {:?} (failed over from {:?}); \
+                     VM {:?} cannot use it",
+                    target.region, target.resource_group, owner.name, owner.source_vm, job.vm_name
+                )));
+            }
             let path = self.backend.prepare_disk(
                 &target.region,
                 &target.resource_group,

@@ -118,15 +118,7 @@ fn unjson<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T> {
 }
 
 fn path_part(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    ferry_runtime::path_name(s)
 }
 
 impl LocalBackend {
@@ -193,7 +185,7 @@ impl Backend for LocalBackend {
     ) -> Result<PathBuf> {
         let path = self.disk_path(region, resource_group, name);
         if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).map_err(|e| FailoverError::io(dir, e))?;
+            ferry_runtime::durable::create_dir_all(dir).map_err(|e| FailoverError::io(dir, e))?;
         }
         let f = OpenOptions::new()
             .create(true)
@@ -202,6 +194,9 @@ impl Backend for LocalBackend {
             .open(&path)
             .map_err(|e| FailoverError::io(&path, e))?;
         f.set_len(size).map_err(|e| FailoverError::io(&path, e))?;
+        if let Some(dir) = path.parent() {
+            ferry_runtime::durable::sync_dir(dir).map_err(|e| FailoverError::io(dir, e))?;
+        }
         Ok(path)
     }
 

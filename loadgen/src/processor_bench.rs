@@ -27,13 +27,15 @@ struct Feed(u64);
 impl Feed {
     fn next(&mut self, disk: &str, op: Op) -> Record {
         self.0 += 1;
-        Record {
+        let mut record = Record {
             sequence: self.0,
             disk_id: disk.into(),
             op: Some(op),
             crc32c: 0,
             captured_at_unix_nanos: ferry_runtime::time::unix_nanos_now(),
-        }
+        };
+        ferry_proto::checksum::seal(&mut record);
+        record
     }
 
     fn synced(&mut self, replica: &VmReplica, disk: &str) -> Result<()> {
@@ -137,6 +139,8 @@ async fn rpo_lag(dir: &Path, mb_per_sec: f64, secs: u64) -> Result<(f64, f64, f6
         group_address: String::new(),
         state_dir: dir.join("rpo-agent"),
         limits: StreamLimits::default(),
+        nbd_limits: Default::default(),
+        heartbeat: ferry_agent::health::HEARTBEAT,
         scripts: None,
     })
     .await?;

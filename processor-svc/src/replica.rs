@@ -276,6 +276,15 @@ pub enum Applied {
     Mismatched(String, Vec<(u64, u64)>),
 }
 
+/// The unit in which the agent sends a range again (its changed-chunk
+/// size, 64 KiB): a differing range is recorded in these, so that each
+/// resent chunk resolves one.
+const RESYNC_UNIT: u64 = 64 * 1024;
+
+/// The largest range a damaged record may name and still be asked for
+/// again by range (larger: DATA_LOSS, the pipeline stops).
+const MAX_REFUSED_RANGE: u64 = 64 * 1024 * 1024;
+
 /// Every VM's replica.
 pub struct Replicas {
     dir: PathBuf,
@@ -353,8 +362,8 @@ impl Replicas {
                 ..Meta::default()
             },
         };
-        let dir = self.dir.join("segments").join(sanitize(vm));
-        fs::create_dir_all(&dir).map_err(|e| ProcessorError::io(&dir, e))?;
+        let dir = self.dir.join("segments").join(ferry_runtime::path_name(vm));
+        ferry_runtime::durable::create_dir_all(&dir).map_err(|e| ProcessorError::io(&dir, e))?;
         let replica = Arc::new(VmReplica {
             vm: vm.to_string(),
             tree,
@@ -380,7 +389,7 @@ impl Replicas {
         let removed = self.vms.lock().map_err(|_| poisoned())?.remove(vm);
         let dir = removed
             .map(|r| r.dir.clone())
-            .unwrap_or_else(|| self.dir.join("segments").join(sanitize(vm)));
+            .unwrap_or_else(|| self.dir.join("segments").join(ferry_runtime::path_name(vm)));
         self.db.drop_tree(tree_name(vm))?;
         self.db.flush()?;
         match fs::remove_dir_all(&dir) {
@@ -389,18 +398,6 @@ impl Replicas {
             Err(e) => Err(ProcessorError::io(&dir, e)),
         }
     }
-}
-
-fn sanitize(vm: &str) -> String {
-    vm.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }
 
 /// One VM's replica disks and points.
@@ -496,6 +493,9 @@ impl VmReplica {
                 self.vm, record.sequence
             )));
         }
+        if ferry_proto::checksum::record_crc32c(record) != record.crc32c {
+            return self.refuse_damaged(&mut w, record);
+        }
         let applied = match &record.op {
             Some(Op::Write(op)) => {
                 let length = op.data.len() as u64;
@@ -538,6 +538,57 @@ impl VmReplica {
             w.meta.last_time_nanos = w.meta.last_time_nanos.max(record.captured_at_unix_nanos);
         }
         Ok(applied)
+    }
+
+    /// A record that fails its checksum (damaged between the agent and
+    /// here) is never applied. When it still names a disk and a range of
+    /// it, that range is recorded as differing from the source, in the
+    /// agent's resync units, so no point is cut until the agent has sent it
+    /// again, and the stream moves on (the sequence is consumed, never
+    /// reused). A record that cannot be trusted that far is DATA_LOSS: the
+    /// pipeline stops at it and says so.
+    fn refuse_damaged(&self, w: &mut Writer, record: &Record) -> Result<Applied> {
+        let range = match &record.op {
+            Some(Op::Write(op)) => Some((op.offset, op.data.len() as u64)),
+            Some(Op::Trim(z)) | Some(Op::WriteZeroes(z)) => Some((z.offset, z.length)),
+            _ => None,
+        };
+        let size = w.meta.disks.get(&record.disk_id).copied();
+        let (Some(size), Some((offset, length))) = (size, range) else {
+            return Err(ProcessorError::DataLoss(format!(
+                "VM {:?}: record {} fails its checksum and names no range of a known disk",
+                self.vm, record.sequence
+            )));
+        };
+        let end = offset.saturating_add(length).min(size);
+        if length == 0 || offset >= end || end - offset > MAX_REFUSED_RANGE {
+            return Err(ProcessorError::DataLoss(format!(
+                "VM {:?}: record {} fails its checksum ({offset}+{length} of disk {:?})",
+                self.vm, record.sequence, record.disk_id
+            )));
+        }
+        tracing::error!(
+            vm = %self.vm,
+            sequence = record.sequence,
+            disk = %record.disk_id,
+            offset,
+            length,
+            "a record fails its checksum: not applied; its range is asked for again"
+        );
+        let mut ranges = Vec::new();
+        let mut at = offset / RESYNC_UNIT * RESYNC_UNIT;
+        while at < end {
+            let piece = (at, RESYNC_UNIT.min(size - at));
+            w.meta
+                .mismatched
+                .entry(record.disk_id.clone())
+                .or_default()
+                .insert(piece);
+            ranges.push(piece);
+            at += RESYNC_UNIT;
+        }
+        w.meta.applied = record.sequence;
+        Ok(Applied::Mismatched(record.disk_id.clone(), ranges))
     }
 
     /// Compares chunk digests with the replica as it is at this point of

@@ -22,13 +22,15 @@ struct Feed {
 impl Feed {
     fn record(&mut self, disk: &str, op: Op) -> Record {
         self.seq += 1;
-        Record {
+        let mut record = Record {
             sequence: self.seq,
             disk_id: disk.into(),
             op: Some(op),
             crc32c: 0,
             captured_at_unix_nanos: self.seq * 1000,
-        }
+        };
+        ferry_proto::checksum::seal(&mut record);
+        record
     }
 
     fn marker(&mut self, disk: &str, kind: MarkerKind) -> Record {
@@ -279,4 +281,106 @@ fn pruned_versions_give_their_space_back_and_what_remains_reads_right() {
     // Unpinned, it goes too.
     replica.unpin(&points[3].0.id(), "job-1").unwrap();
     assert_eq!(replica.prune(&all).unwrap(), vec![points[3].0.interval]);
+}
+
+#[test]
+fn a_record_that_fails_its_checksum_is_never_applied_and_blocks_points_until_resent() {
+    let dir = tempfile::tempdir().unwrap();
+    let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
+    let replica = replicas.open_vm_with("vm", &disks()).unwrap();
+    let mut feed = Feed { seq: 0 };
+    synced(&replica, &mut feed);
+    let good = feed.record(
+        "os",
+        Op::Write(WriteOp {
+            offset: 0,
+            data: vec![1u8; CHUNK as usize].into(),
+        }),
+    );
+    replica.apply(&good).unwrap();
+    let before = replica.cut(1, "", 1).unwrap();
+
+    // One flipped byte in transit.
+    let mut damaged = feed.record(
+        "os",
+        Op::Write(WriteOp {
+            offset: 4096,
+            data: vec![2u8; 8192].into(),
+        }),
+    );
+    if let Some(Op::Write(w)) = &mut damaged.op {
+        let mut bytes = w.data.to_vec();
+        bytes[100] ^= 0x40;
+        w.data = bytes.into();
+    }
+    replica.apply(&damaged).unwrap();
+    assert_eq!(
+        replica.meta().unwrap().applied,
+        damaged.sequence,
+        "consumed"
+    );
+    let why = replica
+        .not_cuttable()
+        .unwrap()
+        .expect("no point while it is missing");
+    assert!(why.contains("differ from the source"), "{why}");
+    assert!(replica.cut(1, "", 2).is_err());
+    // Nothing of it reached the replica.
+    assert_eq!(
+        read_all(&replica, &before, "os", SIZE)[..CHUNK as usize],
+        vec![1u8; CHUNK as usize][..]
+    );
+
+    // The agent sends the chunk again: resolved, and the next point holds it.
+    let mut chunk = vec![1u8; CHUNK as usize];
+    chunk[4096..4096 + 8192].fill(2);
+    let resent = feed.record(
+        "os",
+        Op::Write(WriteOp {
+            offset: 0,
+            data: chunk.clone().into(),
+        }),
+    );
+    replica.apply(&resent).unwrap();
+    assert_eq!(replica.not_cuttable().unwrap(), None);
+    let after = replica.cut(1, "", 3).unwrap();
+    assert_eq!(
+        read_all(&replica, &after, "os", SIZE)[..CHUNK as usize],
+        chunk[..]
+    );
+
+    // A damaged marker names no range: DATA_LOSS, never applied.
+    let mut marker = feed.marker("os", MarkerKind::SyncCompleted);
+    marker.crc32c ^= 1;
+    let err = replica.apply(&marker).unwrap_err();
+    assert!(matches!(err, ProcessorError::DataLoss(_)), "{err}");
+}
+
+#[test]
+fn vms_whose_names_differ_only_in_punctuation_keep_their_own_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
+    let mut points = Vec::new();
+    for (vm, byte) in [("web.1", 0x11u8), ("web_1", 0x22u8)] {
+        let replica = replicas.open_vm_with(vm, &disks()).unwrap();
+        let mut feed = Feed { seq: 0 };
+        synced(&replica, &mut feed);
+        replica
+            .apply(&feed.record(
+                "os",
+                Op::Write(WriteOp {
+                    offset: 0,
+                    data: vec![byte; CHUNK as usize].into(),
+                }),
+            ))
+            .unwrap();
+        points.push((replica.clone(), replica.cut(1, "", 1).unwrap(), byte));
+    }
+    for (replica, point, byte) in points {
+        assert_eq!(
+            read_all(&replica, &point, "os", SIZE)[..CHUNK as usize],
+            vec![byte; CHUNK as usize][..],
+            "each VM reads its own data"
+        );
+    }
 }

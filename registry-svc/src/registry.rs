@@ -328,6 +328,64 @@ impl Registry {
 
     // ---- Protected items ---------------------------------------------------
 
+    /// The target disks a VM's failovers create: its replica disks, and
+    /// their `-test` copies for test failover. Two VMs in one target
+    /// resource group must never share one (a failover would overwrite the
+    /// other VM's disk): ALREADY_EXISTS, naming the override that fixes it.
+    fn check_disk_names(
+        &self,
+        vm: &str,
+        targets: &crate::model::Targets,
+    ) -> Result<(), RegistryError> {
+        let uses = |t: &crate::model::Targets| -> Vec<(String, String)> {
+            t.replica_disks
+                .iter()
+                .flat_map(|d| {
+                    [
+                        (d.disk_id.clone(), d.name.clone()),
+                        (d.disk_id.clone(), format!("{}-test", d.name)),
+                    ]
+                })
+                .collect()
+        };
+        let mine = uses(targets);
+        let mut seen = std::collections::BTreeMap::new();
+        for (disk, name) in &mine {
+            if let Some(other) = seen.insert(name.clone(), disk.clone()) {
+                if other != *disk {
+                    return Err(RegistryError::AlreadyExists {
+                        kind: "target disk",
+                        name: format!(
+                            "{name} (disks {other:?} and {disk:?} of VM {vm:?} both map to it; \
+                             give one of them replica_disk_names)"
+                        ),
+                    });
+                }
+            }
+        }
+        for item in self.store.list::<ProtectedItem>(Kind::Item)? {
+            if item.vm_name == vm
+                || item.target.region != targets.region
+                || item.target.resource_group != targets.resource_group
+            {
+                continue;
+            }
+            for (_, theirs) in uses(&item.target) {
+                if let Some(disk) = seen.get(&theirs) {
+                    return Err(RegistryError::AlreadyExists {
+                        kind: "target disk",
+                        name: format!(
+                            "{theirs} in {}/{} (VM {:?} uses it; disk {disk:?} of VM {vm:?} \
+                             would map to it: give it replica_disk_names)",
+                            targets.region, targets.resource_group, item.vm_name
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub async fn enable(&self, req: EnableRequest) -> Result<ProtectedItem, RegistryError> {
         self.check_region("target region", &req.target_region)?;
         let _guard = self.write.lock().await;
@@ -382,6 +440,7 @@ impl Registry {
         let derivation = derive_targets(&vm, &req.target_region, &req.overrides, |id| {
             self.store.get::<NetworkMapping>(Kind::Mapping, id)
         })?;
+        self.check_disk_names(&vm.name, &derivation.targets)?;
 
         let now = SystemTime::now();
         let item = ProtectedItem {

@@ -1120,3 +1120,37 @@ async fn a_silent_agent_turns_its_vm_critical_and_back_when_it_speaks() {
     assert_eq!(item.health(), pb::ReplicationHealth::Normal);
     registry.stop().await;
 }
+
+#[tokio::test]
+async fn two_vms_whose_target_disks_would_share_a_name_are_refused() {
+    let mut f = fixture().await;
+    let c = &mut f.client;
+    // "a-b" + "c" and "a" + "b-c" both derive "a-b-c-ferry".
+    let with_disk = |name: &str, id: &str| pb::Vm {
+        disks: vec![disk(
+            id,
+            1 << 30,
+            pb::DiskRole::Os,
+            pb::DiskStorage::Managed,
+        )],
+        ..vm(name)
+    };
+    register(c, with_disk("a-b", "c")).await.unwrap();
+    register(c, with_disk("a", "b-c")).await.unwrap();
+    enable(c, enable_req("a-b", "westus")).await.unwrap();
+    let before = everything(c).await;
+    let err = enable(c, enable_req("a", "westus")).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err}");
+    assert!(err.message().contains("a-b-c-ferry"), "{err}");
+    assert!(err.message().contains("replica_disk_names"), "{err}");
+    assert_eq!(everything(c).await, before, "nothing changed");
+    // An override settles it.
+    let mut req = enable_req("a", "westus");
+    req.overrides = Some(pb::TargetOverrides {
+        replica_disk_names: [("b-c".to_string(), "a-bc-ferry".to_string())].into(),
+        ..Default::default()
+    });
+    let item = enable(c, req).await.unwrap();
+    assert_eq!(item.target.unwrap().replica_disks[0].name, "a-bc-ferry");
+    f.registry.stop().await;
+}

@@ -4,7 +4,9 @@
 
 pub mod binary;
 pub mod config;
+pub mod durable;
 pub mod host;
+pub mod names;
 pub mod peers;
 pub mod placeholder;
 pub mod readiness;
@@ -15,6 +17,7 @@ pub mod trace_context;
 
 pub use config::{CommonArgs, ConfigError, Limits, ServiceConfig};
 pub use host::{Health, Host, HostError};
+pub use names::path_name;
 pub use peers::{connect, wait_serving, PeerChannel};
 pub use readiness::Peer;
 pub use shutdown::shutdown_token;
