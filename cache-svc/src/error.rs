@@ -39,6 +39,15 @@ pub enum CacheError {
     /// A stored log is damaged (not just a torn final record).
     #[error("log corrupt: {0}")]
     Corrupt(String),
+    /// Acknowledged records in a segment are damaged: the log is kept as it
+    /// is for inspection and refused, never cut.
+    #[error("segment {segment} is damaged at byte {offset}, after sequence {after_sequence} ({why}); acknowledged records follow, so the log is kept as it is and refused")]
+    Damaged {
+        segment: String,
+        offset: u64,
+        after_sequence: u64,
+        why: String,
+    },
     /// The embedded index failed.
     #[error("index: {0}")]
     Index(#[from] sled::Error),
@@ -70,6 +79,7 @@ impl From<CacheError> for Status {
             CacheError::Registry(_) => Status::unavailable(message),
             CacheError::Io { .. } | CacheError::Index(_) => Status::internal(message),
             CacheError::Corrupt(_) => Status::data_loss(message),
+            CacheError::Damaged { .. } => Status::data_loss(message),
             CacheError::ShuttingDown => Status::unavailable(message),
         }
     }

@@ -113,6 +113,11 @@ pub async fn serve_with(
     let limits = &config.limits;
     let store = Arc::new(store);
     let sessions = Arc::new(control::Sessions::default());
+    tokio::spawn(report_damaged(
+        client.clone(),
+        store.damaged(),
+        shutdown.clone(),
+    ));
     tokio::spawn(control::watch_registry(
         client.clone(),
         sessions.clone(),
@@ -140,4 +145,36 @@ pub async fn serve_with(
     });
     host.serve(listener, limits, shutdown).await?;
     Ok(())
+}
+
+/// Tells registry (component "cache", CRITICAL) of every VM whose log is
+/// damaged, retrying until registry has heard each or `shutdown`.
+async fn report_damaged(
+    mut registry: RegistryClient<ferry_runtime::PeerChannel>,
+    damaged: Vec<(String, String)>,
+    shutdown: CancellationToken,
+) {
+    use ferry_proto::registry::v1 as reg;
+    for (vm, why) in damaged {
+        let mut backoff = std::time::Duration::from_millis(200);
+        loop {
+            let report = reg::ReportHealthRequest {
+                vm_name: vm.clone(),
+                component: "cache".into(),
+                health: reg::ReplicationHealth::Critical as i32,
+                message: format!("the cache's log of this VM is damaged: {why}"),
+                ..Default::default()
+            };
+            match registry.report_health(report).await {
+                Ok(_) => break,
+                Err(s) if s.code() == tonic::Code::NotFound => break,
+                Err(s) => tracing::warn!(vm, %s, "cannot report the damaged log yet"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+        }
+    }
 }

@@ -195,6 +195,7 @@ impl VmLog {
             frame::encode(r, &mut buf);
             expected += 1;
         }
+        frame::encode_commit(expected - 1, &mut buf);
 
         let mut appended = Appended::default();
         let active = *self.active_meta();
@@ -265,13 +266,16 @@ impl VmLog {
     }
 }
 
-/// Reads a whole segment, truncates it after its last intact frame, and
-/// returns its metadata.
+/// Reads a whole segment and returns its metadata. Damage after its last
+/// commit frame is a torn tail (a batch whose fsync never finished, so never
+/// acknowledged) and is cut off; damage before it is acknowledged data
+/// damaged: [`CacheError::Damaged`], the file left as it is.
 fn scan_and_repair(dir: &Path, first_seq: u64) -> Result<SegmentMeta, CacheError> {
     let path = segment_path(dir, first_seq);
     let bytes = std::fs::read(&path).map_err(|e| CacheError::io(&path, e))?;
     let mut meta = SegmentMeta::empty(first_seq);
     let mut offset = 0usize;
+    let mut damage = None;
     while offset < bytes.len() {
         match frame::decode(&bytes[offset..]) {
             Decoded::Frame(record, used) => {
@@ -286,15 +290,32 @@ fn scan_and_repair(dir: &Path, first_seq: u64) -> Result<SegmentMeta, CacheError
                 meta.last_seq = record.sequence;
                 offset += used;
             }
-            Decoded::Incomplete | Decoded::Invalid(_) => break,
+            Decoded::Commit(crc) if crc == frame::commit_crc(meta.last_seq) => offset += HEADER,
+            Decoded::Commit(_) => {
+                damage = Some("a commit frame does not match its batch".to_string());
+                break;
+            }
+            Decoded::Incomplete => break,
+            Decoded::Invalid(why) => {
+                damage = Some(why);
+                break;
+            }
         }
+    }
+    if offset < bytes.len() && committed_after(&bytes, offset, meta.last_seq) {
+        return Err(CacheError::Damaged {
+            segment: path.display().to_string(),
+            offset: offset as u64,
+            after_sequence: meta.last_seq,
+            why: damage.unwrap_or_else(|| "a frame is cut short".into()),
+        });
     }
     meta.len = offset as u64;
     if offset < bytes.len() {
         tracing::warn!(
             segment = %path.display(),
             dropped = bytes.len() - offset,
-            "truncating a torn final record (never acknowledged)"
+            "truncating a torn final batch (never acknowledged)"
         );
         let file = OpenOptions::new()
             .write(true)
@@ -305,6 +326,59 @@ fn scan_and_repair(dir: &Path, first_seq: u64) -> Result<SegmentMeta, CacheError
             .map_err(|e| CacheError::io(&path, e))?;
     }
     Ok(meta)
+}
+
+/// Whether an intact record frame of a later sequence follows the damage
+/// at `from`: then the damage is inside acknowledged data, not a torn tail
+/// (a torn tail is one batch whose write did not finish). Searched byte by
+/// byte, since the damage may hide where the next frame starts; a position
+/// is checksummed only when its header fits and its body starts with a
+/// sequence just above `after` (field 1, the first prost writes).
+fn committed_after(bytes: &[u8], from: usize, after: u64) -> bool {
+    let mut at = from + 1;
+    while at + HEADER + 2 <= bytes.len() {
+        let len =
+            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize;
+        let fits = len > 0 && at + HEADER + len <= bytes.len() && bytes[at + HEADER] == 0x08;
+        if fits {
+            let plausible = varint(&bytes[at + HEADER + 1..])
+                .is_some_and(|seq| seq > after && seq <= after.saturating_add(1 << 24));
+            if plausible && matches!(frame::decode(&bytes[at..]), Decoded::Frame(..)) {
+                return true;
+            }
+        }
+        at += 1;
+    }
+    // The damage is in the final batch, and that batch's commit frame made
+    // it to disk: it was fsynced whole, so it was acknowledged.
+    let tail = bytes.len().saturating_sub(HEADER);
+    tail > from
+        && bytes[tail..tail + 4] == [0, 0, 0, 0]
+        && (1..=MAX_BATCH_RECORDS).any(|k| {
+            let crc = u32::from_le_bytes([
+                bytes[tail + 4],
+                bytes[tail + 5],
+                bytes[tail + 6],
+                bytes[tail + 7],
+            ]);
+            crc == frame::commit_crc(after + k)
+        })
+}
+
+/// The most records one batch may hold, as far as recognising its commit
+/// frame after damage is concerned.
+const MAX_BATCH_RECORDS: u64 = 1 << 16;
+
+/// A protobuf varint at the start of `b`.
+fn varint(b: &[u8]) -> Option<u64> {
+    let mut value = 0u64;
+    for (i, byte) in b.iter().take(10).enumerate() {
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
 }
 
 /// A reader's position in a log.
@@ -364,6 +438,10 @@ pub fn read(
                 .map_err(|e| CacheError::io(&path, e))?;
             let record = match frame::decode(&whole) {
                 Decoded::Frame(record, _) => record,
+                Decoded::Commit(_) => {
+                    offset += HEADER as u64;
+                    continue;
+                }
                 Decoded::Incomplete | Decoded::Invalid(_) => {
                     return Err(CacheError::Corrupt(format!(
                         "{}: damaged frame at byte {offset}",
@@ -472,6 +550,49 @@ mod tests {
         assert_eq!(log.last_seq(), 40);
         log.append(&[rec(41, 512)]).unwrap();
         assert_eq!(read_all(&log, 38), vec![38, 39, 40, 41]);
+    }
+
+    /// Flips one byte of the segment file at `at`.
+    fn flip(path: &Path, at: u64) {
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes[at as usize] ^= 0x20;
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn a_flipped_byte_in_acknowledged_records_is_reported_and_nothing_is_cut() {
+        for (name, victim) in [("in the middle", 2u64), ("in the final batch", 3u64)] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut log = VmLog::open(dir.path(), vec![], 1, 1 << 20).unwrap();
+            let mut ends = Vec::new();
+            for s in 1..=3 {
+                log.append(&[rec(s, 1024)]).unwrap();
+                ends.push(log.segments()[0].len);
+            }
+            drop(log);
+            let path = segment_path(dir.path(), 1);
+            let len = std::fs::metadata(&path).unwrap().len();
+            // A byte inside the victim record's data.
+            let start = if victim == 1 {
+                0
+            } else {
+                ends[victim as usize - 2]
+            };
+            flip(&path, start + 600);
+            match VmLog::open(dir.path(), vec![], 1, 1 << 20) {
+                Err(CacheError::Damaged {
+                    offset,
+                    after_sequence,
+                    ..
+                }) => {
+                    assert_eq!(offset, start, "{name}");
+                    assert_eq!(after_sequence, victim - 1, "{name}");
+                }
+                Err(e) => panic!("{name}: {e}"),
+                Ok(log) => panic!("{name}: opened with last {}", log.last_seq()),
+            }
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), len, "{name}: kept");
+        }
     }
 
     #[test]

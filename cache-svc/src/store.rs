@@ -59,6 +59,9 @@ pub struct Store {
     segment_limit: u64,
     quotas: Quotas,
     vms: Mutex<HashMap<String, Arc<VmState>>>,
+    /// VMs whose logs hold damaged acknowledged records: kept on disk as
+    /// they are, refused (DATA_LOSS) until an operator repairs them; why.
+    damaged: Mutex<HashMap<String, String>>,
 }
 
 /// Bytes of log the cache keeps at most, per VM and in all. They bound what is
@@ -101,14 +104,27 @@ impl Store {
             segment_limit,
             quotas,
             vms: Mutex::new(HashMap::new()),
+            damaged: Mutex::new(HashMap::new()),
         };
         let mut vms = HashMap::new();
         for entry in store.index.scan_prefix("vm/") {
             let (key, bytes) = entry?;
             let meta: VmMeta = decode(&key, &bytes)?;
             let vm = String::from_utf8_lossy(&key["vm/".len()..]).into_owned();
-            let state = store.load(&vm, meta)?;
-            vms.insert(vm, state);
+            match store.load(&vm, meta) {
+                Ok(state) => {
+                    vms.insert(vm, state);
+                }
+                Err(e @ CacheError::Damaged { .. }) => {
+                    tracing::error!(vm, error = %e, "a VM's log is damaged: kept as it is, refused");
+                    store
+                        .damaged
+                        .lock()
+                        .map_err(|_| poisoned())?
+                        .insert(vm, e.to_string());
+                }
+                Err(e) => return Err(e),
+            }
         }
         *store.vms.lock().map_err(|_| poisoned())? = vms;
         Ok(store)
@@ -140,9 +156,20 @@ impl Store {
         }))
     }
 
-    /// A VM's log, if the cache has one.
+    /// A VM's log, if the cache has one; DATA_LOSS if it is damaged.
     pub fn get(&self, vm: &str) -> Result<Option<Arc<VmState>>, CacheError> {
+        if let Some(why) = self.damaged.lock().map_err(|_| poisoned())?.get(vm) {
+            return Err(CacheError::DataLoss(format!("VM {vm:?}'s log: {why}")));
+        }
         Ok(self.vms.lock().map_err(|_| poisoned())?.get(vm).cloned())
+    }
+
+    /// The VMs whose logs are damaged, and why.
+    pub fn damaged(&self) -> Vec<(String, String)> {
+        self.damaged
+            .lock()
+            .map(|d| d.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
     }
 
     /// A VM's log, created empty if missing.

@@ -728,3 +728,67 @@ async fn control_messages_reach_the_agent_and_a_fenced_or_disabled_stream_is_sto
     env.cache_shutdown.cancel();
     env.registry.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_byte_in_acknowledged_records_is_refused_loudly_never_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache_addr = ferry_testkit::free_addr();
+    let cache_url = format!("http://{cache_addr}");
+    let registry = start_registry(dir.path().join("registry"), Some(cache_url.clone())).await;
+    wait_serving(&registry.url).await;
+    let mut cache = ServiceProcess::start_at(
+        cache_addr,
+        env!("CARGO_BIN_EXE_cache-svc"),
+        dir.path().join("cache"),
+        &["--registry", &registry.url],
+    );
+    wait_serving(&cache_url).await;
+    for vm in ["vm5", "vm6"] {
+        let cred = protect(&registry.url, vm).await;
+        let (mut s, _) = Stream::open(&cache_url, vm, &cred).await.unwrap();
+        for first in (1..=100).step_by(10) {
+            s.send((first..first + 10).map(record).collect()).await.unwrap();
+        }
+    }
+    assert!(cache.signal_and_wait("TERM").success());
+    // One flipped byte in the middle of vm5's acknowledged records.
+    let segment = dir
+        .path()
+        .join("cache/logs/vm5")
+        .join(format!("{:020}.seg", 1));
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let len = bytes.len();
+    bytes[len / 2] ^= 0x01;
+    std::fs::write(&segment, &bytes).unwrap();
+
+    cache.restart();
+    wait_serving(&cache_url).await;
+    let err = tail_all(&cache_url, "vm5", 1).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::DataLoss, "{err}");
+    assert!(err.message().contains("damaged at byte"), "{err}");
+    assert_eq!(
+        std::fs::metadata(&segment).unwrap().len() as usize,
+        len,
+        "nothing was cut: the log is kept for inspection"
+    );
+    // The other VM is untouched.
+    assert_eq!(tail_all(&cache_url, "vm6", 1).await.unwrap().len(), 100);
+    // registry hears it.
+    let url = registry.url.clone();
+    let item = ferry_testkit::wait_for("vm5 to be CRITICAL", Duration::from_secs(30), || {
+        let url = url.clone();
+        async move {
+            ferry_testkit::protected_item(&url, "vm5")
+                .await
+                .filter(|i| i.health() == reg::ReplicationHealth::Critical)
+        }
+    })
+    .await;
+    let report = item
+        .health_reports
+        .iter()
+        .find(|r| r.component == "cache")
+        .unwrap();
+    assert!(report.message.contains("vm5"), "{}", report.message);
+    registry.stop().await;
+}
