@@ -144,7 +144,7 @@ pub async fn resync(
             .into_iter()
             .filter(|c| !sent.contains(c))
             .collect();
-        if chunks.is_empty() && check.is_empty() {
+        if chunks.is_empty() && check.is_empty() && !set.close.contains(&disk) {
             continue;
         }
         let size = capture.disk(&disk)?.size;
@@ -203,6 +203,7 @@ pub async fn resync(
         capture
             .marker(&disk, MarkerKind::SyncCompleted, "resync")
             .await;
+        capture.stream().sync_closed(&disk).await;
     }
     capture.stream().flushed().await;
     transition(

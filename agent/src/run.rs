@@ -468,8 +468,11 @@ fn initial_stream(
     match (fresh, state.load()) {
         (true, _) => Stream::new(next, limits),
         (false, Ok(Some(Saved::Clean(dirty)))) if dirty.is_empty() => Stream::new(next, limits),
-        (false, Ok(Some(Saved::Clean(dirty)))) => {
+        (false, Ok(Some(Saved::Clean(mut dirty)))) => {
             tracing::info!(vm = %opts.vm, chunks = dirty.count(), "resyncing the chunks the last run left");
+            // Past initial replication every disk's copy is complete: the
+            // round closes any sync the processor may still hold open.
+            dirty.close = sizes.iter().map(|(id, _)| id.clone()).collect();
             Stream::with_tracking(
                 next,
                 limits,
@@ -487,6 +490,7 @@ fn initial_stream(
             let set = ResyncSet {
                 data: Dirty::default(),
                 verify: Dirty::full(sizes),
+                close: sizes.iter().map(|(id, _)| id.clone()).collect(),
             };
             Stream::with_tracking(next, limits, set, &format!("full resync: {why}"))
         }

@@ -105,7 +105,11 @@ impl StateFile {
         if !rest.is_empty() {
             return Err(damaged("trailing bytes"));
         }
-        Ok(Some(Saved::Clean(ResyncSet { data, verify })))
+        Ok(Some(Saved::Clean(ResyncSet {
+            data,
+            verify,
+            close: Default::default(),
+        })))
     }
 
     /// Marks the agent running: until [`StateFile::save_clean`], a restart

@@ -43,6 +43,10 @@ impl Default for StreamLimits {
     }
 }
 
+fn is_sync_completed(op: &Op) -> bool {
+    matches!(op, Op::Marker(m) if m.kind == pb::MarkerKind::SyncCompleted as i32)
+}
+
 fn op_size(op: &Op) -> usize {
     match op {
         Op::Write(w) => w.data.len() + 64,
@@ -72,6 +76,8 @@ struct Queue {
     tracking_reason: String,
     /// Chunks to check by checksum at the next resync.
     verify: Dirty,
+    /// Disks whose SYNC_COMPLETED was lost to tracking.
+    close: std::collections::BTreeSet<String>,
     /// Chunks taken from tracking for resync and not yet sent again.
     outstanding: ResyncSet,
     /// Set with `tracking`: numbering restarts after the cache's durable
@@ -190,12 +196,17 @@ impl Dirty {
 pub struct ResyncSet {
     pub data: Dirty,
     pub verify: Dirty,
+    /// Disks whose SYNC_COMPLETED marker was lost to tracking (dropped at an
+    /// overflow or pushed while tracking): their copy was complete, but the
+    /// processor still holds them syncing, so resync brackets them again
+    /// even when none of their chunks changed.
+    pub close: std::collections::BTreeSet<String>,
 }
 
 impl ResyncSet {
     /// Nothing to send.
     pub fn is_empty(&self) -> bool {
-        self.data.is_empty() && self.verify.is_empty()
+        self.data.is_empty() && self.verify.is_empty() && self.close.is_empty()
     }
 
     /// Chunks to send or check.
@@ -206,6 +217,7 @@ impl ResyncSet {
     fn merge(&mut self, other: &ResyncSet) {
         self.data.merge(&other.data);
         self.verify.merge(&other.verify);
+        self.close.extend(other.close.iter().cloned());
     }
 }
 
@@ -251,6 +263,7 @@ impl Stream {
         if let Ok(mut q) = stream.queue.try_lock() {
             q.tracking = Some(set.data);
             q.verify = set.verify;
+            q.close = set.close;
             q.tracking_reason = reason.to_string();
             q.renumber = true;
         }
@@ -337,8 +350,15 @@ impl Stream {
         let mut set = ResyncSet {
             data: q.tracking.clone().unwrap_or_default(),
             verify: q.verify.clone(),
+            close: q.close.clone(),
         };
         set.merge(&q.outstanding);
+        // The state file keeps chunks only: a lost SYNC_COMPLETED travels
+        // as a check of its disk's first chunk, and the next start's resync
+        // round closes every disk anyway.
+        for disk in std::mem::take(&mut set.close) {
+            set.verify.mark(&disk, 0, 1);
+        }
         for r in &q.pending {
             if let Some(op) = &r.op {
                 set.data.mark_op(&r.disk_id, op);
@@ -357,6 +377,15 @@ impl Stream {
             None => q.tracking = Some(outstanding.data),
         }
         q.verify.merge(&outstanding.verify);
+        q.close.extend(outstanding.close);
+        drop(q);
+        self.changed.notify_waiters();
+    }
+
+    /// Resync has put a SYNC_COMPLETED of `disk` into the stream again.
+    pub async fn sync_closed(&self, disk: &str) {
+        let mut q = self.queue.lock().await;
+        q.outstanding.close.remove(disk);
         drop(q);
         self.changed.notify_waiters();
     }
@@ -407,6 +436,9 @@ impl Stream {
         let size = op_size(&op);
         if let Some(dirty) = q.tracking.as_mut() {
             dirty.mark_op(disk_id, &op);
+            if is_sync_completed(&op) {
+                q.close.insert(disk_id.to_string());
+            }
             return 0;
         }
         if q.pending_bytes > 0 && q.pending_bytes + size > self.limits.buffer_bytes {
@@ -417,6 +449,9 @@ impl Stream {
             Self::overflow(&mut q);
             if let Some(dirty) = q.tracking.as_mut() {
                 dirty.mark_op(disk_id, &op);
+            }
+            if is_sync_completed(&op) {
+                q.close.insert(disk_id.to_string());
             }
             drop(q);
             self.changed.notify_waiters();
@@ -442,11 +477,16 @@ impl Stream {
     /// Drops every pending record into the changed-chunk map.
     fn overflow(q: &mut Queue) {
         let mut dirty = q.tracking.take().unwrap_or_default();
+        let mut lost = Vec::new();
         for r in q.pending.drain(..) {
             if let Some(op) = &r.op {
                 dirty.mark_op(&r.disk_id, op);
+                if is_sync_completed(op) {
+                    lost.push(r.disk_id.clone());
+                }
             }
         }
+        q.close.extend(lost);
         q.pending_bytes = 0;
         q.tracking = Some(dirty);
         q.tracking_reason = "replication buffer overflowed".to_string();
@@ -511,6 +551,7 @@ impl Stream {
         let set = q.tracking.take().map(|data| ResyncSet {
             data,
             verify: std::mem::take(&mut q.verify),
+            close: std::mem::take(&mut q.close),
         });
         if let Some(set) = &set {
             q.outstanding.merge(set);

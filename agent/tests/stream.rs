@@ -510,3 +510,121 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
     resyncer.await.unwrap();
     registry.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_completed_marker_lost_at_an_overflow_is_sent_again_by_resync() {
+    use ferry_proto::cache::v1::record::Op;
+    use ferry_proto::cache::v1::MarkerKind;
+
+    let dir = tempfile::tempdir().unwrap();
+    let cache_addr = free_addr();
+    let cache_url = format!("http://{cache_addr}");
+    let registry = start_registry(dir.path().join("registry"), Some(cache_url.clone())).await;
+    wait_serving(&registry.url).await;
+    let (a_image, b_image) = (dir.path().join("a.raw"), dir.path().join("b.raw"));
+    std::fs::write(&a_image, vec![0x61u8; SIZE as usize]).unwrap();
+    ferry_testkit::protect_vm(
+        &registry.url,
+        "vm",
+        &[("a", SIZE, &a_image), ("b", SIZE, &b_image)],
+    )
+    .await;
+    let mut r = RegistryClient::connect(registry.url.clone()).await.unwrap();
+    r.transition_state(reg::TransitionStateRequest {
+        vm_name: "vm".into(),
+        to: reg::ReplicationState::InitialReplication as i32,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let assignment = ferry_agent::register(&registry.url, "vm", "test", "")
+        .await
+        .unwrap();
+    let mut cache = ServiceProcess::start_at(
+        cache_addr,
+        bin_path("cache-svc"),
+        dir.path().join("cache"),
+        &["--registry", &registry.url],
+    );
+    wait_serving(&cache_url).await;
+    let limits = StreamLimits {
+        buffer_bytes: 1 << 20,
+        max_outage: Duration::from_secs(3600),
+        ..StreamLimits::default()
+    };
+    let s = Stream::new(1, limits);
+    let capture = Arc::new(Capture::new(
+        vec![
+            SourceDisk::open("a", &a_image, SIZE).unwrap(),
+            SourceDisk::open("b", &b_image, SIZE).unwrap(),
+        ],
+        s.clone(),
+    ));
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stream::run(
+        s.clone(),
+        assignment.cache_endpoint.clone(),
+        "vm".into(),
+        assignment.epoch,
+        assignment.credential().to_string(),
+        shutdown.clone(),
+    ));
+    {
+        let capture = capture.clone();
+        let mut registry = RegistryClient::new(ferry_runtime::connect(&registry.url).unwrap());
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            ferry_agent::resync::run(&capture, &mut registry, "vm", &shutdown)
+                .await
+                .unwrap()
+        });
+    }
+    // Disk a's copy is sent and acknowledged whole...
+    capture
+        .marker("a", MarkerKind::SyncStarted, "initial")
+        .await;
+    assert!(capture.copy_chunk("a", 0, 64 * 1024).await.unwrap());
+    s.flushed().await;
+    let before = tail_all(&cache_url, "vm", 1).await.len();
+    // ...then, with the cache away, disk b's writes overflow the buffer, and
+    // a's SYNC_COMPLETED falls into the map with nothing of a's chunks.
+    assert!(cache.signal_and_wait("TERM").success());
+    for i in 0..3u64 {
+        capture
+            .write("b", i << 19, vec![0x62u8; 512 * 1024])
+            .await
+            .unwrap();
+    }
+    assert_eq!(s.overflows().await, 1);
+    assert_eq!(
+        capture
+            .marker("a", MarkerKind::SyncCompleted, "initial")
+            .await,
+        0,
+        "lost to tracking"
+    );
+    cache.restart();
+    wait_serving(&cache_url).await;
+    // Resync closes a's sync again, though none of a's chunks changed.
+    ferry_testkit::wait_for(
+        "a SYNC_COMPLETED of disk a after the overflow",
+        Duration::from_secs(30),
+        || {
+            let cache_url = cache_url.clone();
+            async move {
+                tail_all(&cache_url, "vm", 1)
+                    .await
+                    .iter()
+                    .skip(before)
+                    .any(|r| {
+                        r.disk_id == "a"
+                            && matches!(&r.op, Some(Op::Marker(m)) if m.kind == MarkerKind::SyncCompleted as i32)
+                    })
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    shutdown.cancel();
+    registry.stop().await;
+}

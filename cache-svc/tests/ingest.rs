@@ -747,7 +747,9 @@ async fn a_flipped_byte_in_acknowledged_records_is_refused_loudly_never_cut() {
         let cred = protect(&registry.url, vm).await;
         let (mut s, _) = Stream::open(&cache_url, vm, &cred).await.unwrap();
         for first in (1..=100).step_by(10) {
-            s.send((first..first + 10).map(record).collect()).await.unwrap();
+            s.send((first..first + 10).map(record).collect())
+                .await
+                .unwrap();
         }
     }
     assert!(cache.signal_and_wait("TERM").success());

@@ -535,7 +535,13 @@ impl VmReplica {
         };
         w.meta.applied = record.sequence;
         if matches!(applied, Applied::Data) {
-            w.meta.last_time_nanos = w.meta.last_time_nanos.max(record.captured_at_unix_nanos);
+            // A capture time ahead of this clock (the agent's clock stepped,
+            // or is wrong) counts as now: a point's time never lies in the
+            // future, where it would freeze retention and hide the RPO.
+            let captured = record
+                .captured_at_unix_nanos
+                .min(ferry_runtime::time::unix_nanos_now());
+            w.meta.last_time_nanos = w.meta.last_time_nanos.max(captured);
         }
         Ok(applied)
     }

@@ -384,3 +384,31 @@ fn vms_whose_names_differ_only_in_punctuation_keep_their_own_data() {
         );
     }
 }
+
+#[test]
+fn a_capture_time_from_the_future_never_dates_a_point_in_the_future() {
+    let dir = tempfile::tempdir().unwrap();
+    let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
+    let replica = replicas.open_vm_with("vm", &disks()).unwrap();
+    let mut feed = Feed { seq: 0 };
+    synced(&replica, &mut feed);
+    let day = 86_400 * 1_000_000_000u64;
+    let mut ahead = feed.record(
+        "os",
+        Op::Write(WriteOp {
+            offset: 0,
+            data: vec![3u8; 4096].into(),
+        }),
+    );
+    ahead.captured_at_unix_nanos = ferry_runtime::time::unix_nanos_now() + day;
+    ferry_proto::checksum::seal(&mut ahead);
+    replica.apply(&ahead).unwrap();
+    let point = replica
+        .cut(1, "", ferry_runtime::time::unix_nanos_now())
+        .unwrap();
+    assert!(
+        point.time_nanos <= ferry_runtime::time::unix_nanos_now(),
+        "the point is dated {} ns ahead",
+        point.time_nanos - ferry_runtime::time::unix_nanos_now()
+    );
+}
