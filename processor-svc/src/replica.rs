@@ -250,10 +250,27 @@ const WRITE_BUFFER: usize = 4 << 20;
 
 struct Writer {
     meta: Meta,
+    /// The meta as last flushed with the chunk data it covers: its applied
+    /// sequence is what may be reported to the cache (which trims below
+    /// it), and any other write of the meta stores it, not the open
+    /// interval's state (in memory only, applied again after a crash).
+    flushed: Meta,
     dirty: BTreeMap<(String, u64), Dirty>,
     dirty_bytes: usize,
     /// The segment appends go to: id, file, length.
     current: Option<Segment>,
+}
+
+impl Writer {
+    /// The meta as a write outside a checkpoint (pruning, compaction, new
+    /// disk sizes) may store it: as last flushed with its data, with the
+    /// live segment numbering and disk sizes.
+    fn stored_meta(&self) -> Meta {
+        let mut meta = self.flushed.clone();
+        meta.next_segment = self.meta.next_segment.max(meta.next_segment);
+        meta.disks = self.meta.disks.clone();
+        meta
+    }
 }
 
 /// A range of a disk at a point.
@@ -374,6 +391,7 @@ impl Replicas {
             files: Mutex::new(HashMap::new()),
             reading: Mutex::new(HashMap::new()),
             writer: Mutex::new(Writer {
+                flushed: meta.clone(),
                 meta,
                 dirty: BTreeMap::new(),
                 dirty_bytes: 0,
@@ -456,10 +474,7 @@ impl VmReplica {
 
     /// The applied sequence the index holds (what survives a crash).
     pub fn durable_applied(&self) -> Result<u64> {
-        match self.tree.get(META)? {
-            Some(b) => Ok(unjson::<Meta>(&b)?.applied),
-            None => Ok(0),
-        }
+        Ok(self.writer()?.flushed.applied)
     }
 
     /// Bytes of changed chunks held in memory for the open interval.
@@ -471,7 +486,7 @@ impl VmReplica {
         let mut w = self.writer()?;
         if w.meta.disks != *disks {
             w.meta.disks = disks.clone();
-            self.tree.insert(META, json(&w.meta)?)?;
+            self.tree.insert(META, json(&w.stored_meta())?)?;
             self.db.flush()?;
         }
         Ok(())
@@ -872,9 +887,9 @@ impl VmReplica {
         w.dirty.clear();
         w.dirty_bytes = 0;
         w.current = None;
-        if let Some(b) = self.tree.get(META)? {
-            w.meta = unjson(&b)?;
-        }
+        // What was last flushed, not what the index holds in memory: a
+        // checkpoint whose flush failed is not durable.
+        w.meta = w.stored_meta();
         Ok(())
     }
 
@@ -934,6 +949,8 @@ impl VmReplica {
         batch.insert(META, json(&w.meta)?);
         self.tree.apply_batch(batch)?;
         self.db.flush()?;
+        // Only now is everything up to `applied` durable.
+        w.flushed = w.meta.clone();
         self.delete_segments(&dead);
         Ok(())
     }
@@ -1287,7 +1304,7 @@ impl VmReplica {
             }
         }
         let dead = self.write_segs(&mut batch, &segs, &w);
-        batch.insert(META, json(&w.meta)?);
+        batch.insert(META, json(&w.stored_meta())?);
         self.tree.apply_batch(batch)?;
         self.db.flush()?;
         self.delete_segments(&dead);
@@ -1347,7 +1364,7 @@ impl VmReplica {
             batch.insert(vk, new.encode());
         }
         let dead = self.write_segs(&mut batch, &segs, &w);
-        batch.insert(META, json(&w.meta)?);
+        batch.insert(META, json(&w.stored_meta())?);
         self.tree.apply_batch(batch)?;
         self.db.flush()?;
         self.delete_segments(&dead);

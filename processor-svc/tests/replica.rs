@@ -412,3 +412,44 @@ fn a_capture_time_from_the_future_never_dates_a_point_in_the_future() {
         point.time_nanos - ferry_runtime::time::unix_nanos_now()
     );
 }
+
+#[test]
+fn pruning_never_makes_the_open_intervals_records_look_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let cut_at;
+    {
+        let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
+        let replica = replicas.open_vm_with("vm", &disks()).unwrap();
+        let mut feed = Feed { seq: 0 };
+        synced(&replica, &mut feed);
+        let write = |feed: &mut Feed, byte: u8| {
+            feed.record(
+                "os",
+                Op::Write(WriteOp {
+                    offset: 0,
+                    data: vec![byte; 4096].into(),
+                }),
+            )
+        };
+        replica.apply(&write(&mut feed, 1)).unwrap();
+        let first = replica.cut(1, "", 1).unwrap();
+        replica.apply(&write(&mut feed, 2)).unwrap();
+        let second = replica.cut(1, "", 2).unwrap();
+        cut_at = second.sequence_cut;
+        // A write in memory only, then a point pruned: the index is written.
+        replica.apply(&write(&mut feed, 3)).unwrap();
+        assert_eq!(
+            replica.prune(&BTreeSet::from([first.interval])).unwrap(),
+            vec![first.interval]
+        );
+        assert_eq!(
+            replica.durable_applied().unwrap(),
+            cut_at,
+            "only what was flushed with its data may be reported"
+        );
+    }
+    // A crash now: the write that was in memory is applied again, not lost.
+    let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
+    let replica = replicas.open_vm_with("vm", &disks()).unwrap();
+    assert_eq!(replica.meta().unwrap().applied, cut_at);
+}
