@@ -442,6 +442,11 @@ impl Capture {
         let _order = self.order.lock().await;
         self.check_open()?;
         let d2 = d.clone();
+        // The sectors the write may touch, should it fail part way.
+        let touched = (
+            offset / 512 * 512,
+            (offset + data.len() as u64).div_ceil(512) * 512 - offset / 512 * 512,
+        );
         let (start, block) = match tokio::task::spawn_blocking(move || {
             let (start, block) = widen(&d2, offset, data).map_err(|e| (None, e))?;
             match d2.write_at(&block, start) {
@@ -455,9 +460,8 @@ impl Capture {
             Ok(Err((range, e))) => return Err(self.failed(disk, range, e).await),
             Err(e) => {
                 // The write may have happened: the range must go again.
-                let len = d.size.saturating_sub(offset).min(1 << 30);
                 let e = d.io(std::io::Error::other(e));
-                return Err(self.failed(disk, Some((offset, len)), e).await);
+                return Err(self.failed(disk, Some(touched), e).await);
             }
         };
         // One record per MAX_RECORD_DATA, pushed under the same lock: dense,
@@ -485,11 +489,8 @@ impl Capture {
         range: Option<(u64, u64)>,
         error: CaptureError,
     ) -> CaptureError {
-        let error = match (range, error) {
-            (_, CaptureError::Io { path, source }) => CaptureError::Io { path, source },
-            (_, e) => return e,
-        };
-        if let Some((offset, length)) = range {
+        // Only an I/O failure can have changed the image.
+        if let (Some((offset, length)), CaptureError::Io { .. }) = (range, &error) {
             tracing::warn!(disk, offset, length, %error, "a write failed on the source image: the range is resynced");
             self.stream
                 .request_resync(

@@ -68,6 +68,8 @@ const ESHUTDOWN: u32 = 108;
 pub const MAX_REQUEST: u32 = 32 * 1024 * 1024;
 /// Requests of one connection handled at once.
 const IN_FLIGHT: usize = 64;
+/// How long a client may take over its handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What one NBD client may hold of the agent: memory stays bounded whatever
 /// a client sends.
@@ -294,9 +296,14 @@ async fn connection(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let mut socket = BufReader::new(socket);
+    // A client that stalls in its handshake holds a handshake place only
+    // for so long, so stalled clients cannot lock a VM out of its disks.
     let shaken = tokio::select! {
         _ = shutdown.cancelled() => return Ok(()),
-        h = handshake(&mut socket, &capture, exports, limits) => h?,
+        h = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut socket, &capture, exports, limits)) => match h {
+            Ok(h) => h?,
+            Err(_) => return Err(std::io::Error::other("the client did not finish its handshake in time")),
+        },
     };
     drop(handshaking);
     let Some((export, _attached)) = shaken else {

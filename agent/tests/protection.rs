@@ -114,7 +114,8 @@ async fn an_export_takes_a_bounded_number_of_clients() {
         ..NbdLimits::default()
     };
     let addr = export(&capture, limits, &stop).await;
-    tokio::task::spawn_blocking(move || {
+    let probe = addr.clone();
+    let first = tokio::task::spawn_blocking(move || {
         let first = Nbd::go(&addr, "os").unwrap();
         let _second = Nbd::go(&addr, "os").unwrap();
         match Nbd::go(&addr, "os") {
@@ -125,19 +126,25 @@ async fn an_export_takes_a_bounded_number_of_clients() {
             Err(e) => panic!("refused without a reply: {e:?}"),
             Ok(_) => panic!("a third client attached past the limit of 2"),
         }
-        // A client that leaves frees its place.
-        drop(first);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            match Nbd::go(&addr, "os") {
-                Ok(_) => break,
-                Err(e) if std::time::Instant::now() > deadline => panic!("no place freed: {e:?}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
+        first
     })
     .await
     .unwrap();
+    // A client that leaves frees its place.
+    drop(first);
+    wait_for(
+        "a freed place on the export",
+        Duration::from_secs(10),
+        || {
+            let probe = probe.clone();
+            async move {
+                tokio::task::spawn_blocking(move || Nbd::go(&probe, "os").ok())
+                    .await
+                    .unwrap()
+            }
+        },
+    )
+    .await;
     stop.cancel();
 }
 

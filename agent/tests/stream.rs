@@ -211,14 +211,15 @@ async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
         assignment.credential().to_string(),
         stale_stop.clone(),
     ));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while stale.tracking().await != (true, true) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the stale stream renumbers after the cache"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    ferry_testkit::wait_for(
+        "the stale stream to renumber after the cache",
+        Duration::from_secs(30),
+        || {
+            let stale = stale.clone();
+            async move { (stale.tracking().await == (true, true)).then_some(()) }
+        },
+    )
+    .await;
     assert_eq!(stale.last().await, 600, "numbering goes on after the cache");
     let unsent = stale.unsent().await;
     assert_eq!(

@@ -169,6 +169,18 @@ impl Registry {
         self
     }
 
+    /// How long the VM's agent has been silent at `now` (since registry
+    /// started, if it has not been heard since).
+    fn agent_silence(&self, vm: &str, now: Instant) -> Duration {
+        let heard = self
+            .agents_heard
+            .lock()
+            .ok()
+            .and_then(|h| h.get(vm).copied())
+            .unwrap_or(self.started);
+        now.duration_since(heard)
+    }
+
     fn heard_agent(&self, vm: &str) {
         if let Ok(mut heard) = self.agents_heard.lock() {
             heard.insert(vm.to_string(), Instant::now());
@@ -209,13 +221,7 @@ impl Registry {
             if !registered {
                 continue;
             }
-            let heard = self
-                .agents_heard
-                .lock()
-                .ok()
-                .and_then(|h| h.get(&item.vm_name).copied())
-                .unwrap_or(self.started);
-            let silent = now.duration_since(heard);
+            let silent = self.agent_silence(&item.vm_name, now);
             if silent < self.agent_timeout {
                 continue;
             }
@@ -227,21 +233,15 @@ impl Registry {
             }
             tracing::warn!(vm = %item.vm_name, silent_secs = silent.as_secs(), "agent silent: replication health CRITICAL");
             let message = format!(
-                "{SILENT_AGENT} {} s: it is down or cut off, and no writes of the VM are \
-                 being captured",
+                "{SILENT_AGENT} {} s: it is down or cut off from registry, and the VM's \
+                 writes may not be replicated",
                 silent.as_secs()
             );
             let vm = item.vm_name.clone();
             let outcome = self
                 .update_item(&vm, |item| {
                     // The agent may have spoken since the list was read.
-                    let heard = self
-                        .agents_heard
-                        .lock()
-                        .ok()
-                        .and_then(|h| h.get(&item.vm_name).copied())
-                        .unwrap_or(self.started);
-                    if Instant::now().duration_since(heard) < self.agent_timeout {
+                    if self.agent_silence(&item.vm_name, Instant::now()) < self.agent_timeout {
                         return Ok(false);
                     }
                     item.health_reports.insert(
