@@ -68,8 +68,6 @@ const ESHUTDOWN: u32 = 108;
 pub const MAX_REQUEST: u32 = 32 * 1024 * 1024;
 /// Requests of one connection handled at once.
 const IN_FLIGHT: usize = 64;
-/// How long a client may take over its handshake.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What one NBD client may hold of the agent: memory stays bounded whatever
 /// a client sends.
@@ -82,6 +80,9 @@ pub struct NbdLimits {
     /// have in flight; the next request's payload is not read until there
     /// is room. At least MAX_REQUEST.
     pub in_flight_bytes: usize,
+    /// How long a client may take over its handshake; one that stalls is
+    /// dropped, so stalled clients cannot keep a VM from attaching.
+    pub handshake_timeout: std::time::Duration,
 }
 
 impl Default for NbdLimits {
@@ -89,6 +90,7 @@ impl Default for NbdLimits {
         NbdLimits {
             connections_per_export: 16,
             in_flight_bytes: 64 * 1024 * 1024,
+            handshake_timeout: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -296,11 +298,9 @@ async fn connection(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let mut socket = BufReader::new(socket);
-    // A client that stalls in its handshake holds a handshake place only
-    // for so long, so stalled clients cannot lock a VM out of its disks.
     let shaken = tokio::select! {
         _ = shutdown.cancelled() => return Ok(()),
-        h = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut socket, &capture, exports, limits)) => match h {
+        h = tokio::time::timeout(limits.handshake_timeout, handshake(&mut socket, &capture, exports, limits)) => match h {
             Ok(h) => h?,
             Err(_) => return Err(std::io::Error::other("the client did not finish its handshake in time")),
         },

@@ -270,3 +270,33 @@ async fn a_write_the_full_source_disk_took_in_part_is_enospc_and_marked_for_resy
     );
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_stalled_in_their_handshake_cannot_lock_the_vm_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let capture = capture_at(&dir.path().join("os.raw"), 1 << 20, StreamLimits::default());
+    let stop = CancellationToken::new();
+    let limits = NbdLimits {
+        connections_per_export: 1,
+        handshake_timeout: Duration::from_secs(1),
+        ..NbdLimits::default()
+    };
+    let addr = export(&capture, limits, &stop).await;
+    // Every handshake place taken by clients that never answer the greeting.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        stalled.push(std::net::TcpStream::connect(&addr).unwrap());
+    }
+    // The VM's own client attaches once they have been dropped.
+    wait_for("the VM's client to attach", Duration::from_secs(10), || {
+        let addr = addr.clone();
+        async move {
+            tokio::task::spawn_blocking(move || Nbd::go(&addr, "os").ok())
+                .await
+                .unwrap()
+        }
+    })
+    .await;
+    drop(stalled);
+    stop.cancel();
+}
