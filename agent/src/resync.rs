@@ -148,9 +148,13 @@ pub async fn resync(
             continue;
         }
         let size = capture.disk(&disk)?.size;
-        capture
-            .marker(&disk, MarkerKind::SyncStarted, "resync")
-            .await;
+        // A round that covers every chunk of the disk says so: it closes a
+        // gap the processor found in the stream (cache.proto).
+        let all = size.div_ceil(DIRTY_CHUNK);
+        let covered = chunks.iter().chain(&check).filter(|c| **c < all).count();
+        let full = covered as u64 >= all;
+        let id = if full { "resync:full" } else { "resync" };
+        capture.marker(&disk, MarkerKind::SyncStarted, id).await;
         for chunk in chunks {
             let offset = chunk * DIRTY_CHUNK;
             if offset >= size {

@@ -117,7 +117,8 @@ impl Dirty {
         }
     }
 
-    /// Marks what a record would have changed.
+    /// Marks what a record would have changed. A checksum record changes
+    /// nothing: see [`mark_unsent`] for where its chunks go.
     pub fn mark_op(&mut self, disk: &str, op: &Op) {
         match op {
             Op::Write(w) => self.mark(disk, w.offset, w.data.len() as u64),
@@ -187,6 +188,18 @@ impl Dirty {
             .flat_map(|b| b.iter())
             .map(|w| u64::from(w.count_ones()))
             .sum()
+    }
+}
+
+/// A record that will never reach the cache (dropped at an overflow,
+/// pushed while tracking, unsent at a stop): what it wrote goes into `data`
+/// to be sent again, and the chunks a checksum record would have had checked
+/// go into `verify`, so that they are still checked. Dropping those silently
+/// would let a replica chunk that differs from the source pass for checked.
+pub fn mark_unsent(data: &mut Dirty, verify: &mut Dirty, disk: &str, op: &Op) {
+    match op {
+        Op::Digests(d) => verify.mark(disk, d.offset, d.length),
+        other => data.mark_op(disk, other),
     }
 }
 
@@ -361,7 +374,7 @@ impl Stream {
         }
         for r in &q.pending {
             if let Some(op) = &r.op {
-                set.data.mark_op(&r.disk_id, op);
+                mark_unsent(&mut set.data, &mut set.verify, &r.disk_id, op);
             }
         }
         set
@@ -434,10 +447,13 @@ impl Stream {
 
     fn push_locked(&self, mut q: tokio::sync::MutexGuard<'_, Queue>, disk_id: &str, op: Op) -> u64 {
         let size = op_size(&op);
-        if let Some(dirty) = q.tracking.as_mut() {
-            dirty.mark_op(disk_id, &op);
+        if q.tracking.is_some() {
+            let queue = &mut *q;
+            if let Some(dirty) = queue.tracking.as_mut() {
+                mark_unsent(dirty, &mut queue.verify, disk_id, &op);
+            }
             if is_sync_completed(&op) {
-                q.close.insert(disk_id.to_string());
+                queue.close.insert(disk_id.to_string());
             }
             return 0;
         }
@@ -447,8 +463,9 @@ impl Stream {
                 "replication buffer full: tracking changed chunks until resync"
             );
             Self::overflow(&mut q);
-            if let Some(dirty) = q.tracking.as_mut() {
-                dirty.mark_op(disk_id, &op);
+            let queue = &mut *q;
+            if let Some(dirty) = queue.tracking.as_mut() {
+                mark_unsent(dirty, &mut queue.verify, disk_id, &op);
             }
             if is_sync_completed(&op) {
                 q.close.insert(disk_id.to_string());
@@ -480,7 +497,7 @@ impl Stream {
         let mut lost = Vec::new();
         for r in q.pending.drain(..) {
             if let Some(op) = &r.op {
-                dirty.mark_op(&r.disk_id, op);
+                mark_unsent(&mut dirty, &mut q.verify, &r.disk_id, op);
                 if is_sync_completed(op) {
                     lost.push(r.disk_id.clone());
                 }
@@ -880,6 +897,26 @@ async fn session(
                 q.next_seq - 1
             );
         }
+        if !q.renumber && sent < q.durable {
+            // The cache acknowledged records up to our durable sequence and
+            // no longer has them (its log was lost, damaged or started
+            // again): what they wrote is gone from the stream. Number on
+            // after what it holds and check every chunk by checksum.
+            tracing::error!(
+                vm,
+                cache = sent,
+                acknowledged = q.durable,
+                "the cache lost records it had acknowledged: renumbering, checksum resync of \
+                 every chunk"
+            );
+            Stream::overflow(&mut q);
+            q.verify.merge(&Dirty::full(&stream.disks()));
+            q.tracking_reason = format!(
+                "the cache lost acknowledged records {}..={}: checksum resync",
+                sent + 1,
+                q.durable
+            );
+        }
         if q.renumber {
             // Pending records were dropped at an overflow: number on from
             // what the cache holds.
@@ -998,4 +1035,44 @@ async fn on_response(
         Err(s) => return Some(SessionEnd::Retry(s.to_string())),
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digests(offset: u64, chunks: u64) -> Op {
+        Op::Digests(pb::ChunkDigests {
+            offset,
+            chunk_bytes: DIRTY_CHUNK,
+            length: chunks * DIRTY_CHUNK,
+            crc32c: vec![0; chunks as usize],
+        })
+    }
+
+    fn write(offset: u64, len: usize) -> Op {
+        Op::Write(pb::WriteOp {
+            offset,
+            data: vec![1; len].into(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_checksum_record_that_never_reaches_the_cache_is_checked_by_the_next_round() {
+        let limits = StreamLimits {
+            buffer_bytes: 64 * 1024,
+            ..Default::default()
+        };
+        let stream = Stream::new(1, limits);
+        stream.set_disks(vec![("os".into(), 64 * DIRTY_CHUNK)]);
+        // Pending, then dropped at an overflow.
+        assert_ne!(stream.push("os", digests(0, 4)).await, 0);
+        assert_ne!(stream.push("os", write(40 * DIRTY_CHUNK, 40_000)).await, 0);
+        assert_eq!(stream.push("os", write(50 * DIRTY_CHUNK, 40_000)).await, 0);
+        // Pushed while tracking.
+        assert_eq!(stream.push("os", digests(8 * DIRTY_CHUNK, 2)).await, 0);
+        let set = stream.unsent().await;
+        assert_eq!(set.verify.chunks("os"), vec![0, 1, 2, 3, 8, 9]);
+        assert_eq!(set.data.chunks("os"), vec![40, 50]);
+    }
 }

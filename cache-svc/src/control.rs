@@ -151,13 +151,25 @@ pub async fn watch_registry(
             Ok(stream) => {
                 backoff = Duration::from_millis(100);
                 let mut stream = stream.into_inner();
+                let mut snapshot = HashMap::new();
                 loop {
                     let event = tokio::select! {
                         _ = shutdown.cancelled() => return,
                         e = stream.message() => e,
                     };
                     match event {
-                        Ok(Some(event)) => apply(&event, &sessions, &store).await,
+                        Ok(Some(event)) if event.kind() == registry::EventKind::Synced => {
+                            reconcile(&store, &snapshot, event.last_incarnation).await;
+                            snapshot.clear();
+                        }
+                        Ok(Some(event)) => {
+                            if let (registry::EventKind::Snapshot, Some(item)) =
+                                (event.kind(), &event.item)
+                            {
+                                snapshot.insert(item.vm_name.clone(), item.incarnation);
+                            }
+                            apply(&event, &sessions, &store).await
+                        }
                         Ok(None) => break,
                         Err(status) => {
                             tracing::warn!(%status, "registry watch ended; watching again");
@@ -176,14 +188,53 @@ pub async fn watch_registry(
     }
 }
 
+/// After registry's snapshot: logs of VMs registry no longer protects, at
+/// an incarnation it has issued, belong to items disabled while this cache
+/// was away, and are deleted. A log newer than anything registry issued
+/// (registry restored from an old backup?), or from before incarnations,
+/// is kept and reported.
+async fn reconcile(store: &Store, items: &HashMap<String, u64>, last_incarnation: u64) {
+    for (vm, incarnation) in store.incarnations() {
+        if items.contains_key(&vm) {
+            continue;
+        }
+        if incarnation == 0 || incarnation > last_incarnation {
+            tracing::warn!(
+                vm,
+                incarnation,
+                last_incarnation,
+                "registry does not protect this VM, but its log is not of an incarnation \
+                 registry issued: kept"
+            );
+            continue;
+        }
+        match store.remove(&vm, incarnation).await {
+            Ok(_) => {}
+            Err(err) => tracing::error!(vm, %err, "cannot delete a disabled item's log"),
+        }
+    }
+}
+
 async fn apply(event: &registry::ProtectedItemEvent, sessions: &Sessions, store: &Store) {
     let Some(item) = &event.item else { return };
     let vm = item.vm_name.as_str();
-    let leaving = event.kind() == registry::EventKind::Removed
-        || item.state() == registry::ReplicationState::Disabling;
-    if leaving {
+    if event.kind() == registry::EventKind::Removed {
+        sessions.stop(vm, None, &format!("replication of VM {vm:?} was disabled"));
+        // The log goes with the item (never a newer incarnation's).
+        if let Err(err) = store.remove(vm, item.incarnation).await {
+            tracing::error!(vm, %err, "cannot delete a disabled item's log");
+        }
+        return;
+    }
+    if item.state() == registry::ReplicationState::Disabling {
         sessions.stop(vm, None, &format!("replication of VM {vm:?} was disabled"));
         return;
+    }
+    if item.incarnation > 0 {
+        // A log of an older incarnation is the disabled item's.
+        if let Err(err) = store.remove(vm, item.incarnation - 1).await {
+            tracing::error!(vm, %err, "cannot delete a disabled item's log");
+        }
     }
     // Recorded durably, so that the fenced agent stays refused even if it
     // reaches this cache before registry can be asked again.

@@ -17,6 +17,10 @@ pub enum CacheError {
     /// A credential registry does not recognise.
     #[error("{0}")]
     PermissionDenied(String),
+    /// The stream no longer follows the log (its numbering moved, or a
+    /// batch leaves a gap): reconnect and start from the durable sequence.
+    #[error("{0}")]
+    Aborted(String),
     /// A sequence outside what the log retains.
     #[error("{0}")]
     OutOfRange(String),
@@ -74,6 +78,7 @@ impl From<CacheError> for Status {
             CacheError::FailedPrecondition(_) => Status::failed_precondition(message),
             CacheError::PermissionDenied(_) => Status::permission_denied(message),
             CacheError::OutOfRange(_) => Status::out_of_range(message),
+            CacheError::Aborted(_) => Status::aborted(message),
             CacheError::DataLoss(_) => Status::data_loss(message),
             CacheError::ResourceExhausted(_) => Status::resource_exhausted(message),
             CacheError::Registry(_) => Status::unavailable(message),

@@ -135,7 +135,7 @@ impl CacheService {
             .source
             .map(|v| v.disks.into_iter().map(|d| (d.id, d.size_bytes)).collect())
             .unwrap_or_default();
-        let state = self.store.get_or_create(&vm).await?;
+        let state = self.store.get_or_create(&vm, item.incarnation).await?;
         self.store.admit_epoch(&state, open.epoch).await?;
         Ok((state, disks))
     }
@@ -191,6 +191,7 @@ impl CacheService {
         // Registered before `opened`, so a control message sent once the
         // agent is streaming finds it.
         let (_session, mut control) = self.sessions.open(&vm, epoch)?;
+        let mut restarts = state.restarts();
         let mut durable = state.with_log(|log| log.last_seq())?;
         tracing::info!(vm = %vm, epoch, durable, "agent stream open");
         if tx
@@ -206,6 +207,12 @@ impl CacheService {
         loop {
             let message = tokio::select! {
                 _ = shutdown.cancelled() => return Err(CacheError::ShuttingDown),
+                _ = restarts.changed() => {
+                    return Err(CacheError::Aborted(format!(
+                        "VM {vm:?}'s log started again; reconnect and number on from its \
+                         durable sequence"
+                    )))
+                }
                 Some(c) = control.recv() => {
                     let (msg, stop) = match c {
                         Control::Resync(r) => (pb::ingest_response::Msg::Resync(r), None),
@@ -292,7 +299,7 @@ impl CacheService {
     ) -> Result<(), CacheError> {
         for (expected, record) in (*durable + 1..).zip(&records) {
             if record.sequence != expected {
-                return Err(CacheError::FailedPrecondition(format!(
+                return Err(CacheError::Aborted(format!(
                     "sequence gap: got record {} where {expected} comes next; resend from \
                      {expected}",
                     record.sequence

@@ -177,7 +177,7 @@ impl VmLog {
         };
         let mut expected = self.last_seq() + 1;
         if first.sequence != expected {
-            return Err(CacheError::FailedPrecondition(format!(
+            return Err(CacheError::Aborted(format!(
                 "record {} does not follow the log's last sequence {}",
                 first.sequence,
                 self.last_seq()
@@ -186,7 +186,7 @@ impl VmLog {
         let mut buf = Vec::new();
         for r in records {
             if r.sequence != expected {
-                return Err(CacheError::FailedPrecondition(format!(
+                return Err(CacheError::Aborted(format!(
                     "record {} leaves a gap after {}",
                     r.sequence,
                     expected - 1
@@ -242,6 +242,19 @@ impl VmLog {
         &mut self.segments[last]
     }
 
+    /// Deletes every segment and starts the log again, empty, at
+    /// `first_seq` (a new incarnation, or numbering moved past a loss).
+    /// The caller has recorded the restart durably first, so a crash part
+    /// way is finished at the next open.
+    pub fn restart(&mut self, first_seq: u64) -> Result<(), CacheError> {
+        remove_segments(&self.dir)?;
+        let first_seq = first_seq.max(1);
+        self.active = create_segment(&self.dir, first_seq)?;
+        self.segments = vec![SegmentMeta::empty(first_seq)];
+        self.broken = None;
+        Ok(())
+    }
+
     /// Deletes every sealed segment whose records are all `<= applied`, and
     /// returns what was deleted. The active segment is never deleted.
     pub fn trim(&mut self, applied: u64) -> Result<Vec<SegmentMeta>, CacheError> {
@@ -264,6 +277,29 @@ impl VmLog {
         }
         Ok(removed)
     }
+}
+
+/// Deletes every segment file under `dir` (a missing `dir` has none); the
+/// directory entries are synced by whoever creates the next segment.
+pub fn remove_segments(dir: &Path) -> Result<(), CacheError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(CacheError::io(dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| CacheError::io(dir, e))?;
+        let name = entry.file_name();
+        if name.to_str().is_some_and(|n| n.ends_with(".seg")) {
+            let path = entry.path();
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(CacheError::io(&path, e)),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads a whole segment and returns its metadata. Damage after its last
@@ -530,7 +566,7 @@ mod tests {
         // A gap or a replay is refused and changes nothing.
         assert!(matches!(
             log.append(&[rec(42, 512)]),
-            Err(CacheError::FailedPrecondition(_))
+            Err(CacheError::Aborted(_))
         ));
         assert!(log.append(&[rec(41, 512), rec(43, 512)]).is_err());
         assert_eq!(log.last_seq(), 40);

@@ -82,8 +82,36 @@ impl Cache for CacheService {
         let state = self.store.get(&req.vm_name)?.ok_or_else(|| {
             CacheError::NotFound(format!("the cache has no log for VM {:?}", req.vm_name))
         })?;
-        let first = state.with_log(|log| log.first_seq())?;
+        let meta = state.meta()?;
+        if req.incarnation != 0 && meta.incarnation < req.incarnation {
+            return Err(CacheError::NotFound(format!(
+                "the cache has no log of VM {:?}'s incarnation {} yet (only of {}): its agent \
+                 has not streamed since replication was enabled again",
+                req.vm_name, req.incarnation, meta.incarnation
+            ))
+            .into());
+        }
+        if req.incarnation != 0 && meta.incarnation > req.incarnation {
+            return Err(CacheError::FailedPrecondition(format!(
+                "VM {:?}'s log belongs to incarnation {}, newer than the {} asked for",
+                req.vm_name, meta.incarnation, req.incarnation
+            ))
+            .into());
+        }
         let from = req.from_sequence.max(1);
+        let (first, last) = state.with_log(|log| (log.first_seq(), log.last_seq()))?;
+        let other_lineage = req.lineage != 0 && req.lineage != meta.lineage;
+        if (other_lineage && from > first) || from > last + 1 {
+            // The reader applied up to `from - 1`, from another lineage of
+            // this log or from records this log lost: the numbers this log
+            // holds or will give overlap what it applied, and would be
+            // skipped as applied. Renumber past them first.
+            self.store.renumber_past(&state, from - 1).await?;
+        }
+        // Subscribed before the lineage is read: a restart after is seen.
+        let restarts = state.restarts();
+        let meta = state.meta()?;
+        let first = state.with_log(|log| log.first_seq())?;
         if from < first {
             return Err(CacheError::OutOfRange(format!(
                 "sequence {from} of VM {:?} was trimmed; the log starts at {first}",
@@ -97,14 +125,15 @@ impl Cache for CacheService {
         }
         .min(self.max_batch_bytes);
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(tail::run(
+        let tail = tail::Tail {
             state,
             from,
-            req.follow,
+            follow: req.follow,
             max_bytes,
-            tx,
-            self.shutdown.clone(),
-        ));
+            lineage: meta.lineage,
+            restarts,
+        };
+        tokio::spawn(tail::run(tail, tx, self.shutdown.clone()));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -117,7 +146,10 @@ impl Cache for CacheService {
         let state = self.store.get(&req.vm_name)?.ok_or_else(|| {
             CacheError::NotFound(format!("the cache has no log for VM {:?}", req.vm_name))
         })?;
-        let trim_point = self.store.applied(&state, req.applied_sequence).await?;
+        let trim_point = self
+            .store
+            .applied(&state, req.applied_sequence, req.lineage)
+            .await?;
         Ok(Response::new(pb::ReportAppliedResponse { trim_point }))
     }
 
@@ -139,6 +171,8 @@ impl Cache for CacheService {
             size_bytes: log.size(),
             segments: log.segments().len() as u32,
             epoch: meta.epoch,
+            lineage: meta.lineage,
+            incarnation: meta.incarnation,
         })?;
         Ok(Response::new(info))
     }

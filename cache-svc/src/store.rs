@@ -19,6 +19,18 @@ pub struct VmMeta {
     pub epoch: u64,
     /// The highest sequence the processor reported durably applied.
     pub applied: u64,
+    /// The protected item's incarnation (registry) the log belongs to; 0
+    /// for logs from before incarnations.
+    #[serde(default)]
+    pub incarnation: u64,
+    /// A random id of this log's numbering, new whenever the log starts
+    /// again, so a reader can tell a continuation from a gap.
+    #[serde(default)]
+    pub lineage: u64,
+    /// Set while a restart of the log at this sequence is recorded but its
+    /// old segments may not all be deleted yet (finished at open).
+    #[serde(default)]
+    pub restart_at: Option<u64>,
 }
 
 /// One VM's log with its live state.
@@ -28,6 +40,10 @@ pub struct VmState {
     meta: Mutex<VmMeta>,
     /// The highest durable sequence, for tails that follow.
     durable: watch::Sender<u64>,
+    /// Raised whenever the log starts again under its readers and writers
+    /// (a new incarnation, numbering moved past a loss, the log deleted):
+    /// open ingest and tail streams end, and their peers start over.
+    restarts: watch::Sender<u64>,
 }
 
 fn poisoned() -> CacheError {
@@ -42,6 +58,11 @@ impl VmState {
 
     pub fn meta(&self) -> Result<VmMeta, CacheError> {
         self.meta.lock().map(|m| *m).map_err(|_| poisoned())
+    }
+
+    /// A receiver that sees the log start again (or go).
+    pub fn restarts(&self) -> watch::Receiver<u64> {
+        self.restarts.subscribe()
     }
 
     /// Runs `f` on the log under its lock.
@@ -60,8 +81,20 @@ pub struct Store {
     quotas: Quotas,
     vms: Mutex<HashMap<String, Arc<VmState>>>,
     /// VMs whose logs hold damaged acknowledged records: kept on disk as
-    /// they are, refused (DATA_LOSS) until an operator repairs them; why.
-    damaged: Mutex<HashMap<String, String>>,
+    /// they are, refused (DATA_LOSS) until an operator repairs them; why,
+    /// and the log's meta.
+    damaged: Mutex<HashMap<String, (String, VmMeta)>>,
+}
+
+/// A fresh random lineage (never 0, which means "none").
+fn new_lineage() -> u64 {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No entropy source: the time still differs between restarts.
+        let nanos = ferry_runtime::time::unix_nanos_now();
+        bytes = nanos.to_le_bytes();
+    }
+    u64::from_le_bytes(bytes).max(1)
 }
 
 /// Bytes of log the cache keeps at most, per VM and in all. They bound what is
@@ -121,7 +154,7 @@ impl Store {
                         .damaged
                         .lock()
                         .map_err(|_| poisoned())?
-                        .insert(vm, e.to_string());
+                        .insert(vm, (e.to_string(), meta));
                 }
                 Err(e) => return Err(e),
             }
@@ -134,31 +167,55 @@ impl Store {
         self.dir.join("logs").join(ferry_runtime::path_name(vm))
     }
 
-    fn load(&self, vm: &str, meta: VmMeta) -> Result<Arc<VmState>, CacheError> {
+    fn load(&self, vm: &str, mut meta: VmMeta) -> Result<Arc<VmState>, CacheError> {
+        let dir = self.log_dir(vm);
         let mut sealed = Vec::new();
-        for entry in self.index.scan_prefix(format!("seg/{vm}/")) {
-            let (key, bytes) = entry?;
-            sealed.push(decode::<SegmentMeta>(&key, &bytes)?);
+        if meta.restart_at.is_some() {
+            // A restart a crash interrupted: its old segments go now.
+            crate::log::remove_segments(&dir)?;
+            let mut batch = sled::Batch::default();
+            for entry in self.index.scan_prefix(format!("seg/{vm}/")) {
+                batch.remove(entry?.0);
+            }
+            self.index.apply_batch(batch)?;
+        } else {
+            for entry in self.index.scan_prefix(format!("seg/{vm}/")) {
+                let (key, bytes) = entry?;
+                sealed.push(decode::<SegmentMeta>(&key, &bytes)?);
+            }
         }
-        let log = VmLog::open(&self.log_dir(vm), sealed, 1, self.segment_limit)?;
+        let start = meta.restart_at.unwrap_or(1);
+        let log = VmLog::open(&dir, sealed, start, self.segment_limit)?;
+        if meta.restart_at.is_some() || meta.lineage == 0 {
+            meta.restart_at = None;
+            if meta.lineage == 0 {
+                meta.lineage = new_lineage();
+            }
+            self.index.insert(vm_key(vm), encode(&meta)?)?;
+            self.db.flush()?;
+        }
         tracing::info!(
             vm,
             first = log.first_seq(),
             last = log.last_seq(),
+            incarnation = meta.incarnation,
+            lineage = meta.lineage,
             "log opened"
         );
         let (durable, _) = watch::channel(log.last_seq());
+        let (restarts, _) = watch::channel(0);
         Ok(Arc::new(VmState {
             vm: vm.to_string(),
             log: Mutex::new(log),
             meta: Mutex::new(meta),
             durable,
+            restarts,
         }))
     }
 
     /// A VM's log, if the cache has one; DATA_LOSS if it is damaged.
     pub fn get(&self, vm: &str) -> Result<Option<Arc<VmState>>, CacheError> {
-        if let Some(why) = self.damaged.lock().map_err(|_| poisoned())?.get(vm) {
+        if let Some((why, _)) = self.damaged.lock().map_err(|_| poisoned())?.get(vm) {
             return Err(CacheError::DataLoss(format!("VM {vm:?}'s log: {why}")));
         }
         Ok(self.vms.lock().map_err(|_| poisoned())?.get(vm).cloned())
@@ -168,24 +225,217 @@ impl Store {
     pub fn damaged(&self) -> Vec<(String, String)> {
         self.damaged
             .lock()
-            .map(|d| d.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .map(|d| {
+                d.iter()
+                    .map(|(k, (why, _))| (k.clone(), why.clone()))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
-    /// A VM's log, created empty if missing.
-    pub async fn get_or_create(&self, vm: &str) -> Result<Arc<VmState>, CacheError> {
+    /// Every VM with a log (damaged ones too) and the incarnation it
+    /// belongs to.
+    pub fn incarnations(&self) -> Vec<(String, u64)> {
+        let mut all: Vec<(String, u64)> = self
+            .vms
+            .lock()
+            .map(|vms| {
+                vms.values()
+                    .filter_map(|s| s.meta().ok().map(|m| (s.vm.clone(), m.incarnation)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Ok(damaged) = self.damaged.lock() {
+            all.extend(
+                damaged
+                    .iter()
+                    .map(|(vm, (_, m))| (vm.clone(), m.incarnation)),
+            );
+        }
+        all
+    }
+
+    /// The log of `vm`'s protected item at `incarnation`, created empty if
+    /// missing. A log of an older incarnation (replication was disabled and
+    /// enabled again) is deleted and started again: nothing of the old item
+    /// reaches the new one, and its epoch no longer fences the new agent. A
+    /// log of a newer incarnation than registry's is refused and kept.
+    pub async fn get_or_create(
+        &self,
+        vm: &str,
+        incarnation: u64,
+    ) -> Result<Arc<VmState>, CacheError> {
+        let damaged = self
+            .damaged
+            .lock()
+            .map_err(|_| poisoned())?
+            .get(vm)
+            .map(|(_, m)| m.incarnation);
+        if damaged.is_some_and(|old| old < incarnation) {
+            // The damaged log belongs to a disabled item: it goes.
+            self.remove(vm, incarnation - 1).await?;
+        }
         if let Some(state) = self.get(vm)? {
+            let meta = state.meta()?;
+            if meta.incarnation > incarnation {
+                return Err(CacheError::FailedPrecondition(format!(
+                    "the cache holds VM {vm:?}'s log of incarnation {}, newer than registry's                      {incarnation}: is registry restored from an older backup? The log is kept",
+                    meta.incarnation
+                )));
+            }
+            if meta.incarnation < incarnation {
+                tracing::warn!(
+                    vm,
+                    old = meta.incarnation,
+                    new = incarnation,
+                    "replication was enabled again: the old log is deleted"
+                );
+                let fresh = VmMeta {
+                    incarnation,
+                    ..VmMeta::default()
+                };
+                self.restart(&state, fresh, 1).await?;
+            }
             return Ok(state);
         }
-        self.index.insert(vm_key(vm), encode(&VmMeta::default())?)?;
+        let meta = VmMeta {
+            incarnation,
+            lineage: new_lineage(),
+            ..VmMeta::default()
+        };
+        self.index.insert(vm_key(vm), encode(&meta)?)?;
         self.db.flush_async().await?;
         let mut vms = self.vms.lock().map_err(|_| poisoned())?;
         if let Some(state) = vms.get(vm) {
             return Ok(state.clone());
         }
-        let state = self.load(vm, VmMeta::default())?;
+        let state = self.load(vm, meta)?;
         vms.insert(vm.to_string(), state.clone());
         Ok(state)
+    }
+
+    /// Starts the VM's log again, empty, at `first_seq`, with `next` as its
+    /// meta and a new lineage. The restart is recorded durably before any
+    /// segment goes, so a crash part way is finished at the next open;
+    /// every open stream of the log ends.
+    pub async fn restart(
+        &self,
+        state: &Arc<VmState>,
+        next: VmMeta,
+        first_seq: u64,
+    ) -> Result<VmMeta, CacheError> {
+        let first_seq = first_seq.max(1);
+        let mut meta = VmMeta {
+            lineage: new_lineage(),
+            restart_at: Some(first_seq),
+            ..next
+        };
+        let mut batch = sled::Batch::default();
+        batch.insert(vm_key(&state.vm).as_bytes(), encode(&meta)?);
+        for entry in self.index.scan_prefix(format!("seg/{}/", state.vm)) {
+            batch.remove(entry?.0);
+        }
+        self.index.apply_batch(batch)?;
+        self.db.flush_async().await?;
+        *state.meta.lock().map_err(|_| poisoned())? = meta;
+        let worker = state.clone();
+        tokio::task::spawn_blocking(move || {
+            worker.with_log(|log| {
+                // Before any file goes, under the log's lock: a tail that
+                // read the old files and checks afterwards knows.
+                worker.restarts.send_modify(|n| *n += 1);
+                log.restart(first_seq)
+            })
+        })
+        .await
+        .map_err(|_| CacheError::ShuttingDown)???;
+        meta.restart_at = None;
+        self.save_meta(state, meta).await?;
+        state.durable.send_replace(first_seq - 1);
+        tracing::warn!(
+            vm = %state.vm,
+            first_seq,
+            incarnation = meta.incarnation,
+            lineage = meta.lineage,
+            "log started again"
+        );
+        Ok(meta)
+    }
+
+    /// Renumbers the VM's log past `applied`, which a reader applied from
+    /// another lineage of it (this log was lost or set aside and started
+    /// again, and its numbers overlap what the reader has): the log starts
+    /// again after both, so no sequence number ever names two records. What
+    /// it held is gone from the cache; the agent, finding the cache's
+    /// numbering moved, checks every chunk by checksum.
+    pub async fn renumber_past(
+        &self,
+        state: &Arc<VmState>,
+        applied: u64,
+    ) -> Result<VmMeta, CacheError> {
+        let meta = state.meta()?;
+        let last = state.with_log(|log| log.last_seq())?;
+        let first_seq = applied.max(last) + 1;
+        tracing::error!(
+            vm = %state.vm,
+            reader_applied = applied,
+            log_last = last,
+            first_seq,
+            "the log's numbering overlaps what the processor applied from a lost log: \
+             renumbering past both; the agent resyncs by checksum"
+        );
+        self.restart(
+            state,
+            VmMeta {
+                applied: first_seq - 1,
+                ..meta
+            },
+            first_seq,
+        )
+        .await
+    }
+
+    /// Deletes the VM's log if it belongs to `incarnation` or an older one
+    /// (its replication was disabled); open streams of it end.
+    pub async fn remove(&self, vm: &str, incarnation: u64) -> Result<bool, CacheError> {
+        let damaged = self
+            .damaged
+            .lock()
+            .map_err(|_| poisoned())?
+            .get(vm)
+            .map(|(_, m)| m.incarnation);
+        let live = self.vms.lock().map_err(|_| poisoned())?.get(vm).cloned();
+        let of = match (&live, damaged) {
+            (Some(state), _) => state.meta()?.incarnation,
+            (None, Some(of)) => of,
+            (None, None) => return Ok(false),
+        };
+        if of > incarnation {
+            return Ok(false);
+        }
+        let mut batch = sled::Batch::default();
+        batch.remove(vm_key(vm).as_bytes());
+        for entry in self.index.scan_prefix(format!("seg/{vm}/")) {
+            batch.remove(entry?.0);
+        }
+        self.index.apply_batch(batch)?;
+        self.db.flush_async().await?;
+        self.vms.lock().map_err(|_| poisoned())?.remove(vm);
+        self.damaged.lock().map_err(|_| poisoned())?.remove(vm);
+        if let Some(state) = &live {
+            state.with_log(|_| state.restarts.send_modify(|n| *n += 1))?;
+        }
+        let dir = self.log_dir(vm);
+        let removed = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(CacheError::io(&dir, e)),
+        })
+        .await
+        .map_err(|_| CacheError::ShuttingDown)?;
+        removed?;
+        tracing::info!(vm, incarnation = of, "log deleted: replication disabled");
+        Ok(true)
     }
 
     async fn save_meta(&self, state: &VmState, meta: VmMeta) -> Result<(), CacheError> {
@@ -272,7 +522,21 @@ impl Store {
 
     /// Records the processor's applied sequence and deletes the segments
     /// entirely below it. Returns the trim point (lowest retained sequence).
-    pub async fn applied(&self, state: &Arc<VmState>, applied: u64) -> Result<u64, CacheError> {
+    /// A report about another lineage (0: any) trims nothing.
+    pub async fn applied(
+        &self,
+        state: &Arc<VmState>,
+        applied: u64,
+        lineage: u64,
+    ) -> Result<u64, CacheError> {
+        let ours = state.meta()?.lineage;
+        if lineage != 0 && lineage != ours {
+            return Err(CacheError::FailedPrecondition(format!(
+                "applied sequence {applied} of VM {:?} is about lineage {lineage:#x} of its log; \
+                 the log is lineage {ours:#x} now: tail it again",
+                state.vm
+            )));
+        }
         let last = state.with_log(|log| log.last_seq())?;
         if applied > last {
             return Err(CacheError::OutOfRange(format!(

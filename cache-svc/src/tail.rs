@@ -19,33 +19,48 @@ type Tx = mpsc::Sender<Result<pb::TailResponse, Status>>;
 
 /// Feeds one tail until it is caught up (without `follow`), the client goes,
 /// or shutdown comes.
-pub async fn run(
-    state: Arc<VmState>,
-    from: u64,
-    follow: bool,
-    max_bytes: usize,
-    tx: Tx,
-    shutdown: CancellationToken,
-) {
-    if let Err(err) = feed(state, from, follow, max_bytes, &tx, &shutdown).await {
+/// Every response carries `lineage`, the log's when the tail began; if the
+/// log starts again meanwhile (`restarts`, subscribed before `lineage` was
+/// read) the tail ends with ABORTED and the reader tails again.
+pub struct Tail {
+    pub state: Arc<VmState>,
+    pub from: u64,
+    pub follow: bool,
+    pub max_bytes: usize,
+    pub lineage: u64,
+    pub restarts: tokio::sync::watch::Receiver<u64>,
+}
+
+pub async fn run(tail: Tail, tx: Tx, shutdown: CancellationToken) {
+    if let Err(err) = feed(tail, &tx, &shutdown).await {
         let _ = tx.send(Err(Status::from(err))).await;
     }
 }
 
-async fn feed(
-    state: Arc<VmState>,
-    from: u64,
-    follow: bool,
-    max_bytes: usize,
-    tx: &Tx,
-    shutdown: &CancellationToken,
-) -> Result<(), CacheError> {
+fn restarted(vm: &str) -> CacheError {
+    CacheError::Aborted(format!(
+        "VM {vm:?}'s log started again (renumbered or replaced); tail it again"
+    ))
+}
+
+async fn feed(tail: Tail, tx: &Tx, shutdown: &CancellationToken) -> Result<(), CacheError> {
+    let Tail {
+        state,
+        from,
+        follow,
+        max_bytes,
+        lineage,
+        mut restarts,
+    } = tail;
     let mut durable_rx = state.durable();
     let mut cursor = Cursor {
         next_seq: from,
         at: None,
     };
     loop {
+        if restarts.has_changed().unwrap_or(true) {
+            return Err(restarted(&state.vm));
+        }
         let (dir, segments, first) = state.with_log(|log| {
             (
                 log.dir().to_path_buf(),
@@ -68,10 +83,15 @@ async fn feed(
             .await
             .map_err(|_| CacheError::ShuttingDown)??;
             let (records, next) = batch;
+            if restarts.has_changed().unwrap_or(true) {
+                // What was read may be from the files of the old numbering.
+                return Err(restarted(&state.vm));
+            }
             cursor = next;
             let response = pb::TailResponse {
                 batch: Some(pb::RecordBatch { records }),
                 durable_sequence: durable,
+                lineage,
             };
             tokio::select! {
                 sent = tx.send(Ok(response)) => if sent.is_err() { return Ok(()) },
@@ -85,6 +105,7 @@ async fn feed(
         // Caught up: wait for more, for the client to go, or for shutdown.
         tokio::select! {
             changed = durable_rx.changed() => if changed.is_err() { return Ok(()) },
+            _ = restarts.changed() => return Err(restarted(&state.vm)),
             _ = tx.closed() => return Ok(()),
             _ = shutdown.cancelled() => return Err(CacheError::ShuttingDown),
         }

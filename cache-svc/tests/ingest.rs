@@ -223,6 +223,7 @@ async fn tail_all(cache: &str, vm: &str, from: u64) -> Result<Vec<pb::Record>, t
             from_sequence: from,
             follow: false,
             max_batch_bytes: 64 * 1024,
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -297,6 +298,7 @@ async fn acked_records_come_back_in_order_and_live() {
             from_sequence: 1,
             follow: true,
             max_batch_bytes: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -394,7 +396,7 @@ async fn bad_input_gets_its_status_and_the_log_is_unchanged() {
         ("zero length", vec![write(0, 0)], Code::InvalidArgument),
         ("wrong checksum", vec![wrong_crc], Code::DataLoss),
         ("unknown disk", vec![unknown_disk], Code::InvalidArgument),
-        ("sequence gap", vec![record(7)], Code::FailedPrecondition),
+        ("sequence gap", vec![record(7)], Code::Aborted),
         // A good record before a bad one in the same batch is not stored either.
         (
             "bad record after a good one",
@@ -486,6 +488,7 @@ async fn segments_below_the_applied_sequence_are_deleted() {
         .report_applied(pb::ReportAppliedRequest {
             vm_name: "vm3".into(),
             applied_sequence: 201,
+            lineage: 0,
         })
         .await
         .unwrap_err();
@@ -494,6 +497,7 @@ async fn segments_below_the_applied_sequence_are_deleted() {
         .report_applied(pb::ReportAppliedRequest {
             vm_name: "vm3".into(),
             applied_sequence: 150,
+            lineage: 0,
         })
         .await
         .unwrap()
@@ -628,6 +632,7 @@ async fn past_its_quota_a_vm_is_throttled_and_nothing_is_lost() {
         .report_applied(pb::ReportAppliedRequest {
             vm_name: "vm5".into(),
             applied_sequence: next - 1,
+            lineage: 0,
         })
         .await
         .unwrap();

@@ -70,7 +70,7 @@ fn apply_rate(
     offset: impl Fn(u64) -> u64,
 ) -> Result<(f64, f64)> {
     let replicas = Replicas::open(&dir.join(name), CHUNK, 64 << 20)?;
-    let replica = replicas.open_vm_with("vm", &BTreeMap::from([("os".into(), disk_size)]))?;
+    let replica = replicas.open_vm_with("vm", &BTreeMap::from([("os".into(), disk_size)]), 0)?;
     let mut feed = Feed(0);
     feed.synced(&replica, "os")?;
     let t = Instant::now();
@@ -92,7 +92,7 @@ fn apply_rate(
 /// disk of `size`, over `rounds` rounds: (median, p99).
 fn cut_cost(dir: &Path, name: &str, size: u64, rounds: usize) -> Result<(f64, f64)> {
     let replicas = Replicas::open(&dir.join(name), CHUNK, 64 << 20)?;
-    let replica = replicas.open_vm_with("vm", &BTreeMap::from([("os".into(), size)]))?;
+    let replica = replicas.open_vm_with("vm", &BTreeMap::from([("os".into(), size)]), 0)?;
     let mut feed = Feed(0);
     feed.synced(&replica, "os")?;
     let mut rng = Rng(0x51ed270b27a3cd91);

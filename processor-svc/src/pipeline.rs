@@ -148,7 +148,10 @@ impl Pipelines {
                     .collect()
             })
             .unwrap_or_default();
-        let replica = match self.replicas.open_vm_with(&item.vm_name, &disks) {
+        let replica = match self
+            .replicas
+            .open_vm_with(&item.vm_name, &disks, item.incarnation)
+        {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(vm = %item.vm_name, error = %e, "cannot open the replica");
@@ -160,6 +163,7 @@ impl Pipelines {
         let stop = self.shutdown.child_token();
         let pipeline = Pipeline {
             vm: item.vm_name.clone(),
+            incarnation: item.incarnation,
             group: item.replication_group.clone(),
             replica,
             cache: self.cache.clone(),
@@ -170,6 +174,7 @@ impl Pipelines {
             pending: Vec::new(),
             reported: 0,
             last_request: None,
+            last_gap_request: None,
         };
         let span = tracing::info_span!("pipeline", vm = %item.vm_name);
         let done = tokio::spawn(pipeline.run(rx, stop.clone()).instrument(span));
@@ -210,13 +215,25 @@ impl Pipelines {
                 Ok(stream) => {
                     backoff = Duration::from_millis(100);
                     let mut stream = stream.into_inner();
+                    let mut snapshot = std::collections::BTreeSet::new();
                     loop {
                         let event = tokio::select! {
                             _ = self.shutdown.cancelled() => break,
                             e = stream.message() => e,
                         };
                         match event {
-                            Ok(Some(event)) => self.on_event(event).await,
+                            Ok(Some(event)) if event.kind() == registry::EventKind::Synced => {
+                                self.reconcile(&snapshot, event.last_incarnation).await;
+                                snapshot.clear();
+                            }
+                            Ok(Some(event)) => {
+                                if let (registry::EventKind::Snapshot, Some(item)) =
+                                    (event.kind(), &event.item)
+                                {
+                                    snapshot.insert(item.vm_name.clone());
+                                }
+                                self.on_event(event).await
+                            }
                             Ok(None) => break,
                             Err(status) => {
                                 tracing::warn!(%status, "registry watch ended; watching again");
@@ -240,6 +257,41 @@ impl Pipelines {
             .unwrap_or_default();
         for vm in names {
             self.stop(&vm).await;
+        }
+    }
+
+    /// After registry's snapshot: replicas of VMs registry no longer
+    /// protects, at an incarnation it has issued, belong to items disabled
+    /// while this processor was away, and are deleted. A replica newer than
+    /// anything registry issued (registry restored from an old backup?), or
+    /// from before incarnations, is kept and reported.
+    async fn reconcile(&self, items: &std::collections::BTreeSet<String>, last_incarnation: u64) {
+        for vm in self.replicas.names() {
+            if items.contains(&vm) {
+                continue;
+            }
+            let incarnation = match self.replicas.get(&vm) {
+                Ok(Some(r)) => r.meta().map(|m| m.incarnation).unwrap_or(0),
+                _ => continue,
+            };
+            if incarnation == 0 || incarnation > last_incarnation {
+                tracing::warn!(
+                    vm,
+                    incarnation,
+                    last_incarnation,
+                    "registry does not protect this VM, but its replica is not of an \
+                     incarnation registry issued: kept"
+                );
+                continue;
+            }
+            self.stop(&vm).await;
+            let replicas = self.replicas.clone();
+            let name = vm.clone();
+            match tokio::task::spawn_blocking(move || replicas.remove(&name)).await {
+                Ok(Ok(())) => tracing::info!(vm, incarnation, "replica of a disabled item deleted"),
+                Ok(Err(e)) => tracing::error!(vm, error = %e, "cannot delete the replica"),
+                Err(e) => tracing::error!(vm, error = %e, "replica deletion panicked"),
+            }
         }
     }
 
@@ -306,6 +358,8 @@ impl Pipelines {
 
 struct Pipeline {
     vm: String,
+    /// The protected item's incarnation (registry).
+    incarnation: u64,
     /// The VM's replication group; empty if none.
     group: String,
     replica: Arc<VmReplica>,
@@ -320,6 +374,8 @@ struct Pipeline {
     reported: u64,
     /// When the agent was last asked for mismatched ranges.
     last_request: Option<std::time::Instant>,
+    /// When the agent was last asked to check whole disks after a gap.
+    last_gap_request: Option<std::time::Instant>,
 }
 
 /// Ranges per resync request (each is a few dozen bytes).
@@ -380,12 +436,14 @@ impl Pipeline {
         tick: &mut tokio::time::Interval,
         stop: &CancellationToken,
     ) -> Result<bool, ProcessorError> {
-        let applied = self.replica.meta()?.applied;
+        let meta = self.replica.meta()?;
         let request = cache::TailRequest {
             vm_name: self.vm.clone(),
-            from_sequence: applied + 1,
+            from_sequence: meta.applied + 1,
             follow: true,
             max_batch_bytes: 0,
+            incarnation: self.incarnation,
+            lineage: meta.lineage,
         };
         let mut client = self.cache.clone();
         let mut tail = match client.tail(request).await {
@@ -393,6 +451,10 @@ impl Pipeline {
             Err(s) if s.code() == tonic::Code::NotFound => {
                 // No agent has streamed yet: nothing to apply.
                 return self.idle(commands, tick, stop).await;
+            }
+            Err(s) if s.code() == tonic::Code::OutOfRange => {
+                self.trimmed_past(meta.applied, s.message()).await?;
+                return Ok(false);
             }
             Err(s) => return Err(ProcessorError::Unavailable(format!("cache tail: {s}"))),
         };
@@ -404,6 +466,7 @@ impl Pipeline {
                 _ = tick.tick() => self.on_tick().await?,
                 message = tail.message() => match message {
                     Ok(Some(response)) => {
+                        self.check_lineage(response.lineage).await?;
                         let records = response.batch.map(|b| b.records).unwrap_or_default();
                         self.status.send_modify(|s| s.cache_durable = response.durable_sequence);
                         self.apply(records).await?;
@@ -412,6 +475,94 @@ impl Pipeline {
                     Err(s) => return Err(ProcessorError::Unavailable(format!("cache tail: {s}"))),
                 },
             }
+        }
+    }
+
+    /// The cache no longer has the records after what this replica
+    /// applied (its log was trimmed past them: a bad report, or this
+    /// replica lost its newest data): they are gone, so the stream numbers
+    /// on from the log's first record and every disk is checked against the
+    /// source before the next point.
+    async fn trimmed_past(&mut self, applied: u64, why: &str) -> Result<(), ProcessorError> {
+        let mut client = self.cache.clone();
+        let info = client
+            .get_log_info(cache::GetLogInfoRequest {
+                vm_name: self.vm.clone(),
+            })
+            .await
+            .map_err(|s| ProcessorError::Unavailable(format!("cache log info: {s}")))?
+            .into_inner();
+        if info.incarnation != self.incarnation || info.first_sequence <= applied + 1 {
+            return Err(ProcessorError::Unavailable(format!("cache tail: {why}")));
+        }
+        let reason = format!(
+            "the cache's log starts at {} but this replica has applied only up to {applied}",
+            info.first_sequence
+        );
+        let replica = self.replica.clone();
+        let (lineage, first) = (info.lineage, info.first_sequence);
+        let gap_reason = reason.clone();
+        blocking(move || replica.gap(first - 1, lineage, &gap_reason)).await?;
+        self.last_gap_request = None;
+        self.request_full_check().await;
+        Ok(())
+    }
+
+    /// A tail's lineage other than the one applied from: the cache lost its
+    /// log and started it again, so what comes does not follow what was
+    /// applied: a gap.
+    async fn check_lineage(&mut self, lineage: u64) -> Result<(), ProcessorError> {
+        if lineage == 0 {
+            return Ok(());
+        }
+        let replica = self.replica.clone();
+        let follows = blocking(move || replica.adopt_lineage(lineage)).await?;
+        if follows {
+            return Ok(());
+        }
+        let replica = self.replica.clone();
+        let applied = replica.applied()?;
+        blocking(move || {
+            replica.gap(
+                applied,
+                lineage,
+                "the cache's log was lost and started again; records may be missing",
+            )
+        })
+        .await?;
+        self.last_gap_request = None;
+        self.request_full_check().await;
+        Ok(())
+    }
+
+    /// Asks the agent, through the cache, to check every disk in a gap
+    /// whole by checksum; again on later ticks until such a round starts.
+    async fn request_full_check(&mut self) {
+        let Ok(meta) = self.replica.meta() else {
+            return;
+        };
+        if meta.gap.is_empty()
+            || self
+                .last_gap_request
+                .is_some_and(|t| t.elapsed() < REQUEST_AGAIN)
+        {
+            return;
+        }
+        self.last_gap_request = Some(std::time::Instant::now());
+        let request = cache::SendControlRequest {
+            vm_name: self.vm.clone(),
+            control: Some(cache::send_control_request::Control::Resync(
+                cache::ResyncRequest {
+                    disk_ids: meta.gap.iter().cloned().collect(),
+                    reason: meta.gap_reason.clone(),
+                    ranges: Vec::new(),
+                },
+            )),
+        };
+        let mut client = self.cache.clone();
+        match client.send_control(request).await {
+            Ok(_) => tracing::warn!(disks = ?meta.gap, "asked the agent to check every chunk"),
+            Err(s) => tracing::warn!(%s, "cannot ask the agent for a full check yet"),
         }
     }
 
@@ -587,6 +738,7 @@ impl Pipeline {
         {
             self.request_mismatched().await;
         }
+        self.request_full_check().await;
         self.report_applied().await;
         self.report_health().await;
         Ok(())
@@ -638,7 +790,7 @@ impl Pipeline {
 
     /// Tells the cache what is durably applied, so it may trim below it.
     async fn report_applied(&mut self) {
-        let Ok(durable) = self.durable_applied() else {
+        let Ok((durable, lineage)) = self.replica.durable_position() else {
             return;
         };
         if durable <= self.reported {
@@ -649,17 +801,13 @@ impl Pipeline {
             .report_applied(cache::ReportAppliedRequest {
                 vm_name: self.vm.clone(),
                 applied_sequence: durable,
+                lineage,
             })
             .await
         {
             Ok(_) => self.reported = durable,
             Err(s) => tracing::debug!(%s, "cannot report the applied sequence"),
         }
-    }
-
-    /// The applied sequence the index holds (what survives a crash).
-    fn durable_applied(&self) -> Result<u64, ProcessorError> {
-        self.replica.durable_applied()
     }
 
     async fn report_health(&mut self) {
@@ -690,6 +838,13 @@ impl Pipeline {
             .map(|p| Duration::from_nanos(now.saturating_sub(p.time_nanos)));
         let (health, message) = match (&status.error, meta.syncing.is_empty()) {
             (Some(e), _) => (registry::ReplicationHealth::Warning, e.clone()),
+            (None, _) if !meta.gap.is_empty() => (
+                registry::ReplicationHealth::Warning,
+                format!(
+                    "{}: every disk is being checked against the source; no points meanwhile",
+                    meta.gap_reason
+                ),
+            ),
             (None, false) => (
                 registry::ReplicationHealth::Normal,
                 "initial replication or resync in progress; no points meanwhile".to_string(),

@@ -97,7 +97,24 @@ pub struct Meta {
     /// source's in a checksum-based resync; no point until data for each
     /// has arrived.
     pub mismatched: BTreeMap<String, BTreeSet<(u64, u64)>>,
+    /// The protected item's incarnation (registry) this replica belongs
+    /// to; 0 for replicas from before incarnations.
+    pub incarnation: u64,
+    /// The lineage of the cache log that `applied` counts in (0: none
+    /// yet). Records of another lineage do not follow those applied.
+    pub lineage: u64,
+    /// Disks that must be checked whole against the source before any
+    /// point: records between what was applied and what comes next were
+    /// lost (the cache's log was trimmed past this replica, or lost and
+    /// started again). Cleared per disk by a "resync:full" round.
+    pub gap: BTreeSet<String>,
+    /// Why the gap is there, for people.
+    pub gap_reason: String,
 }
+
+/// The SYNC_STARTED id of a resync round that covers every chunk of its
+/// disk (cache.proto): only such a round closes a gap.
+pub const FULL_RESYNC: &str = "resync:full";
 
 /// Where a chunk version lives.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -269,6 +286,7 @@ impl Writer {
         let mut meta = self.flushed.clone();
         meta.next_segment = self.meta.next_segment.max(meta.next_segment);
         meta.disks = self.meta.disks.clone();
+        meta.incarnation = self.meta.incarnation;
         meta
     }
 }
@@ -354,13 +372,39 @@ impl Replicas {
         self.open_vm(vm).map(Some)
     }
 
-    /// A VM's replica, created empty with `disks` if missing; disk sizes
-    /// are updated from `disks`.
-    pub fn open_vm_with(&self, vm: &str, disks: &BTreeMap<String, u64>) -> Result<Arc<VmReplica>> {
-        let replica = match self.get(vm)? {
+    /// The replica of `vm`'s protected item at `incarnation`, created
+    /// empty with `disks` if missing; disk sizes are updated from `disks`.
+    /// A replica of an older incarnation (replication was disabled and
+    /// enabled again while this processor did not see it) is deleted first;
+    /// one of a newer incarnation than registry's is refused and kept.
+    pub fn open_vm_with(
+        &self,
+        vm: &str,
+        disks: &BTreeMap<String, u64>,
+        incarnation: u64,
+    ) -> Result<Arc<VmReplica>> {
+        let mut replica = match self.get(vm)? {
             Some(r) => r,
             None => self.open_vm(vm)?,
         };
+        let held = replica.meta()?.incarnation;
+        if held > incarnation {
+            return Err(ProcessorError::FailedPrecondition(format!(
+                "the replica of VM {vm:?} is of incarnation {held}, newer than registry's \
+                 {incarnation}: is registry restored from an older backup? The replica is kept"
+            )));
+        }
+        if held < incarnation {
+            tracing::warn!(
+                vm,
+                old = held,
+                new = incarnation,
+                "replication was enabled again: the old replica is deleted"
+            );
+            self.remove(vm)?;
+            replica = self.open_vm(vm)?;
+            replica.set_incarnation(incarnation)?;
+        }
         replica.set_disks(disks)?;
         Ok(replica)
     }
@@ -477,6 +521,12 @@ impl VmReplica {
         Ok(self.writer()?.flushed.applied)
     }
 
+    /// The durable applied sequence and the log lineage it counts in.
+    pub fn durable_position(&self) -> Result<(u64, u64)> {
+        let w = self.writer()?;
+        Ok((w.flushed.applied, w.flushed.lineage))
+    }
+
     /// Bytes of changed chunks held in memory for the open interval.
     pub fn dirty_bytes(&self) -> Result<usize> {
         Ok(self.writer()?.dirty_bytes)
@@ -490,6 +540,51 @@ impl VmReplica {
             self.db.flush()?;
         }
         Ok(())
+    }
+
+    fn set_incarnation(&self, incarnation: u64) -> Result<()> {
+        let mut w = self.writer()?;
+        w.meta.incarnation = incarnation;
+        w.flushed.incarnation = incarnation;
+        self.tree.insert(META, json(&w.stored_meta())?)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Takes `lineage` as the log's if this replica has followed none yet;
+    /// false if it follows another (a gap).
+    pub fn adopt_lineage(&self, lineage: u64) -> Result<bool> {
+        let mut w = self.writer()?;
+        if w.meta.lineage == lineage {
+            return Ok(true);
+        }
+        if w.meta.lineage == 0 {
+            w.meta.lineage = lineage;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Records a gap in the stream before the next record: the applied
+    /// sequence moves to at least `applied` (numbers below it are gone from
+    /// the cache), the log's lineage becomes `lineage`, and every disk must
+    /// be checked whole against the source before the next point. Durable
+    /// before it returns.
+    pub fn gap(&self, applied: u64, lineage: u64, reason: &str) -> Result<()> {
+        let mut w = self.writer()?;
+        tracing::error!(
+            vm = %self.vm,
+            from = w.meta.applied,
+            to = applied.max(w.meta.applied),
+            lineage,
+            reason,
+            "a gap in the stream: no point until every disk is checked against the source"
+        );
+        w.meta.applied = w.meta.applied.max(applied);
+        w.meta.lineage = lineage;
+        w.meta.gap = w.meta.disks.keys().cloned().collect();
+        w.meta.gap_reason = reason.to_string();
+        self.checkpoint_locked(&mut w, None)
     }
 
     /// Why no point may be cut now, if that is so.
@@ -532,6 +627,11 @@ impl VmReplica {
                 match kind {
                     MarkerKind::SyncStarted => {
                         w.meta.syncing.insert(record.disk_id.clone());
+                        if m.id == FULL_RESYNC {
+                            // The round checks every chunk: the gap closes
+                            // once it completes (the disk is syncing now).
+                            w.meta.gap.remove(&record.disk_id);
+                        }
                     }
                     MarkerKind::SyncCompleted => {
                         w.meta.syncing.remove(&record.disk_id);
@@ -1409,6 +1509,15 @@ fn resolve(meta: &mut Meta, disk: &str, offset: u64, length: u64) {
 }
 
 fn not_cuttable(meta: &Meta) -> Option<String> {
+    if !meta.gap.is_empty() {
+        let disks: Vec<&str> = meta.gap.iter().map(String::as_str).collect();
+        return Some(format!(
+            "disk(s) {} must be checked whole against the source ({}); no recovery point \
+             until that resync",
+            disks.join(", "),
+            meta.gap_reason
+        ));
+    }
     if let Some((disk, ranges)) = meta.mismatched.iter().next() {
         return Some(format!(
             "disk {disk} has {} range(s) that differ from the source after a checksum \

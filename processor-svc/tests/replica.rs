@@ -86,7 +86,7 @@ fn every_point_reads_as_the_source_was_at_its_cut() {
     let mut shadows: Vec<(Point, BTreeMap<String, Vec<u8>>)> = Vec::new();
     {
         let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
-        let replica = replicas.open_vm_with("vm", &disks()).unwrap();
+        let replica = replicas.open_vm_with("vm", &disks(), 0).unwrap();
         let mut feed = Feed { seq: 0 };
         let mut shadow: BTreeMap<String, Vec<u8>> = disks()
             .iter()
@@ -204,7 +204,7 @@ fn unwritten_ranges_are_holes_and_a_point_costs_what_changed() {
     let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
     // A 1 TiB disk: nothing may scale with its size.
     let big = BTreeMap::from([("os".to_string(), 1u64 << 40)]);
-    let replica = replicas.open_vm_with("vm", &big).unwrap();
+    let replica = replicas.open_vm_with("vm", &big, 0).unwrap();
     let mut feed = Feed { seq: 0 };
     replica
         .apply(&feed.marker("os", MarkerKind::SyncStarted))
@@ -231,7 +231,7 @@ fn pruned_versions_give_their_space_back_and_what_remains_reads_right() {
     let dir = tempfile::tempdir().unwrap();
     let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
     let one = BTreeMap::from([("os".to_string(), SIZE)]);
-    let replica = replicas.open_vm_with("vm", &one).unwrap();
+    let replica = replicas.open_vm_with("vm", &one, 0).unwrap();
     let mut feed = Feed { seq: 0 };
     replica
         .apply(&feed.marker("os", MarkerKind::SyncStarted))
@@ -287,7 +287,7 @@ fn pruned_versions_give_their_space_back_and_what_remains_reads_right() {
 fn a_record_that_fails_its_checksum_is_never_applied_and_blocks_points_until_resent() {
     let dir = tempfile::tempdir().unwrap();
     let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
-    let replica = replicas.open_vm_with("vm", &disks()).unwrap();
+    let replica = replicas.open_vm_with("vm", &disks(), 0).unwrap();
     let mut feed = Feed { seq: 0 };
     synced(&replica, &mut feed);
     let good = feed.record(
@@ -362,7 +362,7 @@ fn vms_whose_names_differ_only_in_punctuation_keep_their_own_data() {
     let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
     let mut points = Vec::new();
     for (vm, byte) in [("web.1", 0x11u8), ("web_1", 0x22u8)] {
-        let replica = replicas.open_vm_with(vm, &disks()).unwrap();
+        let replica = replicas.open_vm_with(vm, &disks(), 0).unwrap();
         let mut feed = Feed { seq: 0 };
         synced(&replica, &mut feed);
         replica
@@ -389,7 +389,7 @@ fn vms_whose_names_differ_only_in_punctuation_keep_their_own_data() {
 fn a_capture_time_from_the_future_never_dates_a_point_in_the_future() {
     let dir = tempfile::tempdir().unwrap();
     let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
-    let replica = replicas.open_vm_with("vm", &disks()).unwrap();
+    let replica = replicas.open_vm_with("vm", &disks(), 0).unwrap();
     let mut feed = Feed { seq: 0 };
     synced(&replica, &mut feed);
     let day = 86_400 * 1_000_000_000u64;
@@ -419,7 +419,7 @@ fn pruning_never_makes_the_open_intervals_records_look_durable() {
     let cut_at;
     {
         let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
-        let replica = replicas.open_vm_with("vm", &disks()).unwrap();
+        let replica = replicas.open_vm_with("vm", &disks(), 0).unwrap();
         let mut feed = Feed { seq: 0 };
         synced(&replica, &mut feed);
         let write = |feed: &mut Feed, byte: u8| {
@@ -450,6 +450,6 @@ fn pruning_never_makes_the_open_intervals_records_look_durable() {
     }
     // A crash now: the write that was in memory is applied again, not lost.
     let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
-    let replica = replicas.open_vm_with("vm", &disks()).unwrap();
+    let replica = replicas.open_vm_with("vm", &disks(), 0).unwrap();
     assert_eq!(replica.meta().unwrap().applied, cut_at);
 }

@@ -683,6 +683,11 @@ pub struct ProtectedItem {
     /// bring it back).
     #[serde(default)]
     pub failed_over: bool,
+    /// Which enabling of replication this is (see `Registry::enable`): a
+    /// disable then enable of the same VM gets a new, higher one, so no
+    /// cache log or replica of the old item is ever taken for the new one.
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 impl ProtectedItem {
@@ -726,6 +731,7 @@ impl From<&ProtectedItem> for pb::ProtectedItem {
             revision: i.revision,
             created_at: Some(to_timestamp(i.created_at)),
             updated_at: Some(to_timestamp(i.updated_at)),
+            incarnation: i.incarnation,
         }
     }
 }

@@ -36,6 +36,17 @@ impl Change {
     }
 }
 
+/// The counter of incarnations issued.
+const INCARNATION: &str = "incarnation";
+
+/// What a watcher starts from: every item, the last incarnation issued, and
+/// the changes after them.
+pub struct Subscription {
+    pub items: Vec<ProtectedItem>,
+    pub last_incarnation: u64,
+    pub changes: broadcast::Receiver<Change>,
+}
+
 /// How many changes a slow watcher may fall behind before it is re-sent a
 /// snapshot.
 const CHANGE_BUFFER: usize = 1024;
@@ -442,6 +453,7 @@ impl Registry {
         })?;
         self.check_disk_names(&vm.name, &derivation.targets)?;
 
+        let incarnation = self.last_incarnation()? + 1;
         let now = SystemTime::now();
         let item = ProtectedItem {
             vm_name: vm.name.clone(),
@@ -462,9 +474,11 @@ impl Registry {
             created_at: now,
             updated_at: now,
             failed_over: false,
+            incarnation,
         };
         let mut writes = Writes::new();
         writes.put(Kind::Item, &item.vm_name, &item)?;
+        writes.put(Kind::Counter, INCARNATION, &incarnation)?;
         for mapping in &derivation.new_mappings {
             writes.put(Kind::Mapping, &mapping.id(), mapping)?;
         }
@@ -1054,11 +1068,22 @@ impl Registry {
 
     /// The current items and a receiver of every later change, taken together
     /// under the write lock so that nothing falls between them.
-    pub async fn subscribe(
-        &self,
-    ) -> Result<(Vec<ProtectedItem>, broadcast::Receiver<Change>), RegistryError> {
+    pub async fn subscribe(&self) -> Result<Subscription, RegistryError> {
         let _guard = self.write.lock().await;
-        let receiver = self.changes.subscribe();
-        Ok((self.list_items()?, receiver))
+        let changes = self.changes.subscribe();
+        Ok(Subscription {
+            items: self.list_items()?,
+            last_incarnation: self.last_incarnation()?,
+            changes,
+        })
+    }
+
+    /// The highest incarnation ever issued (0 before the first enable).
+    /// Items enabled before incarnations existed count as 0.
+    pub fn last_incarnation(&self) -> Result<u64, RegistryError> {
+        Ok(self
+            .store
+            .get::<u64>(Kind::Counter, INCARNATION)?
+            .unwrap_or(0))
     }
 }

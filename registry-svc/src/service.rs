@@ -425,10 +425,12 @@ type EventSender = mpsc::Sender<std::result::Result<pb::ProtectedItemEvent, Stat
 fn event(
     kind: pb::EventKind,
     item: Option<&crate::model::ProtectedItem>,
+    last_incarnation: u64,
 ) -> pb::ProtectedItemEvent {
     pb::ProtectedItemEvent {
         kind: kind as i32,
         item: item.map(pb::ProtectedItem::from),
+        last_incarnation,
     }
 }
 
@@ -453,7 +455,11 @@ async fn watch(
 ) {
     let wanted = |vm: &str| filter.as_deref().is_none_or(|f| f == vm);
     loop {
-        let (items, mut changes) = match registry.subscribe().await {
+        let crate::registry::Subscription {
+            items,
+            mut last_incarnation,
+            mut changes,
+        } = match registry.subscribe().await {
             Ok(s) => s,
             Err(err) => {
                 let _ = tx.send(Err(Status::from(err))).await;
@@ -461,11 +467,13 @@ async fn watch(
             }
         };
         for i in items.iter().filter(|i| wanted(&i.vm_name)) {
-            if !send(&tx, event(pb::EventKind::Snapshot, Some(i)), &shutdown).await {
+            let ev = event(pb::EventKind::Snapshot, Some(i), last_incarnation);
+            if !send(&tx, ev, &shutdown).await {
                 return;
             }
         }
-        if !send(&tx, event(pb::EventKind::Synced, None), &shutdown).await {
+        let synced = event(pb::EventKind::Synced, None, last_incarnation);
+        if !send(&tx, synced, &shutdown).await {
             return;
         }
         loop {
@@ -483,7 +491,9 @@ async fn watch(
                         Change::Upserted(_) => pb::EventKind::Upserted,
                         Change::Removed(_) => pb::EventKind::Removed,
                     };
-                    if !send(&tx, event(kind, Some(change.item())), &shutdown).await {
+                    last_incarnation = last_incarnation.max(change.item().incarnation);
+                    let ev = event(kind, Some(change.item()), last_incarnation);
+                    if !send(&tx, ev, &shutdown).await {
                         return;
                     }
                 }

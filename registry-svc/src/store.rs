@@ -17,6 +17,8 @@ pub enum Kind {
     Group,
     Item,
     Agent,
+    /// Counters that only grow (the last incarnation issued).
+    Counter,
 }
 
 impl Kind {
@@ -28,6 +30,7 @@ impl Kind {
             Kind::Group => "group/",
             Kind::Item => "item/",
             Kind::Agent => "agent/",
+            Kind::Counter => "counter/",
         }
     }
 

@@ -42,6 +42,7 @@ pub async fn tail_all(url: &str, vm: &str, from: u64) -> Vec<Record> {
             from_sequence: from,
             follow: false,
             max_batch_bytes: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
