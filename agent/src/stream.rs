@@ -591,7 +591,10 @@ impl Stream {
             notified.as_mut().enable();
             {
                 let q = self.queue.lock().await;
-                if q.durable >= target || q.generation != generation {
+                // Renumbering pending: nothing is pending (it went into the
+                // map), and `target` may be of the old numbering, which the
+                // new one would not reach without further records.
+                if q.durable >= target || q.generation != generation || q.renumber {
                     return q.durable;
                 }
             }
