@@ -210,6 +210,12 @@ pub async fn resync(
         capture.stream().sync_closed(&disk).await;
     }
     capture.stream().flushed().await;
+    if capture.stream().tracking().await.0 {
+        // The stream overflowed or stopped during the round: what it
+        // dropped is tracked again, and the next round sends it.
+        tracing::warn!(vm, "resync round overtaken by tracking; another follows");
+        return Ok(done);
+    }
     transition(
         registry,
         vm,

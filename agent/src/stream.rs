@@ -608,7 +608,10 @@ impl Stream {
             notified.as_mut().enable();
             {
                 let q = self.queue.lock().await;
-                if q.durable >= target || q.generation != generation {
+                // Renumbering pending: nothing is pending (it went into the
+                // map), and `target` may be of the old numbering, which the
+                // new one would not reach without further records.
+                if q.durable >= target || q.generation != generation || q.renumber {
                     return q.durable;
                 }
             }
@@ -780,7 +783,17 @@ pub async fn run(
     let mut outage_since: Option<std::time::Instant> = None;
     let mut last_durable = stream.durable().await;
     loop {
-        let end = session(&stream, &cache_url, &vm, epoch, &credential, &shutdown).await;
+        let end = tokio::select! {
+            end = session(&stream, &cache_url, &vm, epoch, &credential, &shutdown) => end,
+            () = stalled(&stream) => {
+                // A link that stalls rather than fails (packets dropped, a
+                // hung peer) ends no call: without this the outage would
+                // last until the buffer overflowed, whatever max_outage says.
+                tracing::warn!(vm, "no acknowledgement from the cache within max_outage: tracking changed chunks");
+                stream.enter_tracking().await;
+                SessionEnd::Retry("the cache acknowledged nothing within max_outage".into())
+            }
+        };
         let durable = stream.durable().await;
         if durable > last_durable {
             // The cache made progress: any outage starts over.
@@ -815,6 +828,25 @@ pub async fn run(
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
+        }
+    }
+}
+
+/// Returns once records have waited `max_outage` without the cache
+/// acknowledging anything.
+async fn stalled(stream: &Stream) {
+    let max = stream.limits.max_outage;
+    let tick = (max / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut seen = stream.durable().await;
+    let mut since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(tick).await;
+        let q = stream.queue.lock().await;
+        if q.durable != seen || q.pending.is_empty() {
+            seen = q.durable;
+            since = tokio::time::Instant::now();
+        } else if since.elapsed() >= max {
+            return;
         }
     }
 }

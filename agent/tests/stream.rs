@@ -629,3 +629,28 @@ async fn a_sync_completed_marker_lost_at_an_overflow_is_sent_again_by_resync() {
     shutdown.cancel();
     registry.stop().await;
 }
+
+#[tokio::test]
+async fn flushed_does_not_wait_for_records_an_earlier_overflow_dropped() {
+    use ferry_proto::cache::v1::record::Op;
+    use ferry_proto::cache::v1::WriteOp;
+
+    // No cache: three records wait, then the stream gives up on them
+    // (dropped into the map, numbering to restart after the cache's).
+    let s = Stream::new(1, StreamLimits::default());
+    for _ in 0..3 {
+        let write = Op::Write(WriteOp {
+            offset: 0,
+            data: vec![1u8; 512].into(),
+        });
+        assert!(s.push("os", write).await > 0);
+    }
+    s.enter_tracking().await;
+    // A resync round calling flushed() now must not wait for sequence 3:
+    // the new numbering may never reach it, and the round would hang with
+    // the item RESYNCING for good.
+    let durable = tokio::time::timeout(Duration::from_secs(10), s.flushed())
+        .await
+        .expect("flushed() returns: nothing it could wait for is pending");
+    assert_eq!(durable, 0);
+}

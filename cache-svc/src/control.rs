@@ -58,6 +58,25 @@ impl Drop for SessionGuard {
     }
 }
 
+impl SessionGuard {
+    /// A check, callable off the runtime, that this is still the VM's
+    /// stream: once its agent opened a newer one (it gave up on this one,
+    /// whose last batches may still be arriving), this one may not append,
+    /// or it would take the sequences the newer one was told to use.
+    pub fn still_current(&self) -> impl FnOnce() -> Result<(), CacheError> + Send + 'static {
+        let (sessions, vm, id) = (self.sessions.clone(), self.vm.clone(), self.id);
+        move || {
+            let open = sessions.open.lock().map_err(|_| poisoned())?;
+            match open.get(&vm) {
+                Some(s) if s.id == id => Ok(()),
+                _ => Err(CacheError::FailedPrecondition(format!(
+                    "a newer stream of VM {vm:?} has taken over from this one"
+                ))),
+            }
+        }
+    }
+}
+
 fn poisoned() -> CacheError {
     CacheError::Corrupt("the session table lock was poisoned".into())
 }

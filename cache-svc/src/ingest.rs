@@ -190,7 +190,7 @@ impl CacheService {
         let (state, disks) = self.open_session(open).await?;
         // Registered before `opened`, so a control message sent once the
         // agent is streaming finds it.
-        let (_session, mut control) = self.sessions.open(&vm, epoch)?;
+        let (session, mut control) = self.sessions.open(&vm, epoch)?;
         let mut restarts = state.restarts();
         let mut durable = state.with_log(|log| log.last_seq())?;
         tracing::info!(vm = %vm, epoch, durable, "agent stream open");
@@ -271,7 +271,8 @@ impl CacheService {
                 .filter(|r| r.sequence > durable)
                 .collect();
             if !records.is_empty() {
-                self.check_and_append(&state, &disks, &vm, epoch, &mut durable, records)
+                let writer = session.still_current();
+                self.check_and_append(&state, &disks, epoch, &mut durable, records, writer)
                     .await?;
             }
             if tx
@@ -286,16 +287,17 @@ impl CacheService {
         }
     }
 
-    /// Validates a batch whole, then appends it; nothing of it is stored if
-    /// any record is refused.
+    /// Validates a batch whole, then appends it while `writer` allows (this
+    /// is still the VM's stream); nothing of it is stored if any record is
+    /// refused.
     async fn check_and_append(
         &self,
         state: &Arc<VmState>,
         disks: &Disks,
-        vm: &str,
         epoch: u64,
         durable: &mut u64,
         records: Vec<pb::Record>,
+        writer: impl FnOnce() -> Result<(), CacheError> + Send + 'static,
     ) -> Result<(), CacheError> {
         for (expected, record) in (*durable + 1..).zip(&records) {
             if record.sequence != expected {
@@ -310,10 +312,11 @@ impl CacheService {
         // The fencing check again: a newer agent may have registered.
         if state.meta()?.epoch > epoch {
             return Err(CacheError::FailedPrecondition(format!(
-                "agent epoch {epoch} of VM {vm:?} was fenced by a newer agent"
+                "agent epoch {epoch} of VM {:?} was fenced by a newer agent",
+                state.vm
             )));
         }
-        *durable = self.store.append(state, records).await?;
+        *durable = self.store.append_while(state, records, writer).await?;
         Ok(())
     }
 }

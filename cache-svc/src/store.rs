@@ -500,6 +500,17 @@ impl Store {
         state: &Arc<VmState>,
         records: Vec<Record>,
     ) -> Result<u64, CacheError> {
+        self.append_while(state, records, || Ok(())).await
+    }
+
+    /// As [`Store::append`], if `writer` allows it when checked under the
+    /// log's lock, so that no other writer can take over in between.
+    pub async fn append_while(
+        &self,
+        state: &Arc<VmState>,
+        records: Vec<Record>,
+        writer: impl FnOnce() -> Result<(), CacheError> + Send + 'static,
+    ) -> Result<u64, CacheError> {
         let bytes: u64 = records
             .iter()
             .map(|r| prost::Message::encoded_len(r) as u64 + crate::frame::HEADER as u64)
@@ -507,7 +518,10 @@ impl Store {
         self.check_quota(state, bytes)?;
         let worker = state.clone();
         let (appended, last) = tokio::task::spawn_blocking(move || {
-            worker.with_log(|log| log.append(&records).map(|a| (a, log.last_seq())))
+            worker.with_log(|log| {
+                writer()?;
+                log.append(&records).map(|a| (a, log.last_seq()))
+            })
         })
         .await
         .map_err(|_| CacheError::ShuttingDown)???;

@@ -799,3 +799,24 @@ async fn a_flipped_byte_in_acknowledged_records_is_refused_loudly_never_cut() {
     assert!(report.message.contains("vm5"), "{}", report.message);
     registry.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_its_agent_gave_up_on_appends_nothing_once_a_newer_one_opened() {
+    let env = in_process(256 * 1024, 16 << 20).await;
+    let cred = protect(&env.registry.url, "vm1").await;
+    let (mut old, _) = Stream::open(&env.cache_url, "vm1", &cred).await.unwrap();
+    assert_eq!(old.send((1..=5).map(record).collect()).await.unwrap(), 5);
+    // The agent gave up on `old` (a stalled link) and opened a new stream,
+    // told to go on after 5; then `old`'s last batch arrives. Taken, it
+    // would hold the sequences the new stream was told to use.
+    let (mut new, durable) = Stream::open(&env.cache_url, "vm1", &cred).await.unwrap();
+    assert_eq!(durable, 5);
+    let late = old.send((6..=8).map(record).collect()).await.unwrap_err();
+    assert_eq!(late.code(), Code::FailedPrecondition, "{late}");
+    assert!(late.message().contains("newer stream"), "{late}");
+    assert_eq!(new.send((6..=9).map(record).collect()).await.unwrap(), 9);
+    let all = tail_all(&env.cache_url, "vm1", 1).await.unwrap();
+    assert_eq!(all, (1..=9).map(record).collect::<Vec<_>>());
+    env.cache_shutdown.cancel();
+    env.registry.stop().await;
+}

@@ -9,6 +9,8 @@ use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use crate::FaultProxy;
+
 /// One service running in-process.
 pub struct Running {
     pub url: String,
@@ -92,11 +94,36 @@ impl Cluster {
 
     /// As [`Cluster::start`], with processor-svc's settings.
     pub async fn start_with(processor_settings: processor_svc::Settings) -> Cluster {
+        Self::start_inner(processor_settings, false).await.0
+    }
+
+    /// As [`Cluster::start_with`], but registry hands agents the URL of a
+    /// [`FaultProxy`] in front of the cache, so that a test can cut, stall
+    /// or slow the agents' link alone (processor-svc and failover-svc reach
+    /// the cache directly).
+    pub async fn start_behind_proxy(
+        processor_settings: processor_svc::Settings,
+    ) -> (Cluster, FaultProxy) {
+        let (cluster, proxy) = Self::start_inner(processor_settings, true).await;
+        (cluster, proxy.expect("a proxy was asked for"))
+    }
+
+    async fn start_inner(
+        processor_settings: processor_svc::Settings,
+        proxied: bool,
+    ) -> (Cluster, Option<FaultProxy>) {
         let dir = tempfile::tempdir().expect("tempdir");
         // The cache's address is needed by registry before cache starts.
         let cache_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let cache_url = format!("http://{}", cache_listener.local_addr().expect("addr"));
-        let registry = start_registry(dir.path().join("registry"), Some(cache_url.clone())).await;
+        let cache_addr = cache_listener.local_addr().expect("addr");
+        let cache_url = format!("http://{cache_addr}");
+        let proxy = if proxied {
+            Some(FaultProxy::start(cache_addr).await)
+        } else {
+            None
+        };
+        let agents_cache = proxy.as_ref().map_or(cache_url.clone(), FaultProxy::url);
+        let registry = start_registry(dir.path().join("registry"), Some(agents_cache)).await;
 
         let registry_url = registry.url.clone();
         let cache_dir = dir.path().join("cache");
@@ -145,13 +172,14 @@ impl Cluster {
         for running in [&registry, &cache, &processor, &failover] {
             crate::wait_serving(&running.url).await;
         }
-        Cluster {
+        let cluster = Cluster {
             registry,
             cache,
             processor,
             failover,
             _dir: dir,
-        }
+        };
+        (cluster, proxy)
     }
 
     /// Stops every service.

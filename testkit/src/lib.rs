@@ -14,6 +14,7 @@ pub mod group;
 pub mod nbd;
 pub mod points;
 pub mod process;
+pub mod proxy;
 pub mod replay;
 pub mod tools;
 pub mod vm;
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 
 pub use cluster::{start_registry, start_registry_with, Cluster, Running};
 pub use process::{bin_path, free_addr, ServiceProcess};
+pub use proxy::FaultProxy;
 pub use tools::{
     assert_reflection_and_health, grpcurl, grpcurl_run, identical_images, python, run_tool, Rng,
     SmallFs,

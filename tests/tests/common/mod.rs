@@ -32,6 +32,18 @@ pub async fn protected_agent_with(
     state_dir: &Path,
     scripts: Option<ferry_agent::quiesce::Scripts>,
 ) -> (Agent, String) {
+    protected_agent_limited(registry, vm, state_dir, scripts, StreamLimits::default()).await
+}
+
+/// As [`protected_agent_with`], with the stream's limits (a small buffer,
+/// a short outage) of the test's own.
+pub async fn protected_agent_limited(
+    registry: &str,
+    vm: &str,
+    state_dir: &Path,
+    scripts: Option<ferry_agent::quiesce::Scripts>,
+    limits: StreamLimits,
+) -> (Agent, String) {
     let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = nbd.local_addr().unwrap();
     // Used only if the VM is in a replication group.
@@ -43,7 +55,7 @@ pub async fn protected_agent_with(
         group: ferry_agent::run::GroupPort::Bound(group),
         group_address: String::new(),
         state_dir: state_dir.to_path_buf(),
-        limits: StreamLimits::default(),
+        limits,
         nbd_limits: Default::default(),
         heartbeat: ferry_agent::health::HEARTBEAT,
         scripts,
