@@ -29,15 +29,19 @@ pub fn config(cases: u32) -> Config {
 
 static PANICS: AtomicUsize = AtomicUsize::new(0);
 
-/// How many panics the process has seen on any thread so far. A server
-/// task's panic is swallowed by tokio (the connection just closes), so a
-/// test that must see "zero panics" compares this before and after.
+/// How many panics tokio's threads (where a server's tasks run) have seen
+/// so far. tokio swallows a task's panic (the connection just closes), so a
+/// test that must see "zero panics" compares this before and after. Panics
+/// of the test's own thread (failed assertions) are not counted.
 pub fn panics() -> usize {
     static HOOK: OnceLock<()> = OnceLock::new();
     HOOK.get_or_init(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            PANICS.fetch_add(1, Ordering::SeqCst);
+            let thread = std::thread::current();
+            if thread.name().is_some_and(|n| n.starts_with("tokio-")) {
+                PANICS.fetch_add(1, Ordering::SeqCst);
+            }
             previous(info);
         }));
     });
