@@ -91,7 +91,7 @@ proptest! {
         magic in any::<bool>(),
         bytes in vec(any::<u8>(), 0..300),
     ) {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = props::tempdir();
         let state = StateFile::open(dir.path(), "vm").unwrap();
         let mut file = if magic { b"FERRYDM3".to_vec() } else { Vec::new() };
         file.extend_from_slice(&bytes);
@@ -104,7 +104,7 @@ proptest! {
     /// (as a bug, not damage, could write): decoded or refused, no panic.
     #[test]
     fn a_checksummed_body_of_arbitrary_parts_never_panics(body in body(), clean in any::<bool>()) {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = props::tempdir();
         let (state, mut file) = saved(dir.path(), None);
         let flags = u32::from(clean);
         let crc = crc32c::crc32c_append(crc32c::crc32c(&flags.to_le_bytes()), &body);
@@ -123,7 +123,7 @@ proptest! {
 
     #[test]
     fn a_saved_map_round_trips(set in resync_set()) {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = props::tempdir();
         let (state, _) = saved(dir.path(), Some(&set));
         prop_assert_eq!(state.load().unwrap(), Some(Saved::Clean(set)));
     }
@@ -140,7 +140,7 @@ proptest! {
         cut in any::<usize>(),
         extra in vec(any::<u8>(), 1..16),
     ) {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = props::tempdir();
         let (state, bytes) = saved(dir.path(), (!running).then_some(&set));
 
         let mut flipped = bytes.clone();
@@ -166,7 +166,7 @@ proptest! {
 /// into a clean, empty map, and the agent resynced nothing.
 #[test]
 fn a_running_file_with_its_clean_bit_flipped_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = props::tempdir();
     let (state, mut bytes) = saved(dir.path(), None);
     bytes[8] ^= 1;
     std::fs::write(state.path(), &bytes).unwrap();
@@ -207,7 +207,7 @@ struct Export {
 
 impl Export {
     async fn start() -> Export {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = props::tempdir();
         let stream = Stream::new(
             1,
             StreamLimits {
@@ -273,6 +273,7 @@ impl Client {
     /// Connects and attaches "os" with NBD_OPT_GO (no zeroes, fixed newstyle).
     async fn go(addr: &str) -> std::io::Result<Client> {
         let mut s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
         if s.read_u64().await? != NBDMAGIC || s.read_u64().await? != IHAVEOPT {
             return Err(std::io::Error::other("not newstyle"));
         }

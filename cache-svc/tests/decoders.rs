@@ -133,7 +133,7 @@ fn write_log(
     Vec<SegmentMeta>,
     Vec<SegmentMeta>,
 ) {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = props::tempdir();
     let mut log = VmLog::open(dir.path(), vec![], 1, segment_limit).unwrap();
     let mut all = Vec::new();
     let mut sealed = Vec::new();
@@ -257,7 +257,7 @@ proptest! {
         first in first_seq(),
         pieces in vec(piece(), 0..8),
     ) {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = props::tempdir();
         let mut bytes = Vec::new();
         for p in pieces {
             match p {
@@ -408,7 +408,7 @@ proptest! {
 /// overflowed the scan's sequence arithmetic (a panic in debug builds).
 #[test]
 fn a_record_after_the_last_sequence_is_corrupt_not_an_overflow() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = props::tempdir();
     let mut bytes = Vec::new();
     frame::encode(&stored(u64::MAX, Record::default()), &mut bytes);
     frame::encode(&stored(1, Record::default()), &mut bytes);
@@ -423,7 +423,7 @@ fn a_record_after_the_last_sequence_is_corrupt_not_an_overflow() {
 fn commit_frame_candidates_past_the_last_sequence_never_overflow() {
     // Damage, then what may be the final batch's commit frame, whose
     // candidate sequences would run past u64::MAX.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = props::tempdir();
     let mut bytes = framed(&[0xff]);
     bytes[4] ^= 1;
     frame::encode_commit(7, &mut bytes);
@@ -434,7 +434,7 @@ fn commit_frame_candidates_past_the_last_sequence_never_overflow() {
 
 #[test]
 fn a_segment_after_one_ending_at_the_last_sequence_is_corrupt_not_an_overflow() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = props::tempdir();
     let mut bytes = Vec::new();
     frame::encode(&stored(u64::MAX - 1, Record::default()), &mut bytes);
     frame::encode(&stored(u64::MAX, Record::default()), &mut bytes);

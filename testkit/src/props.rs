@@ -55,3 +55,16 @@ pub fn flip(bytes: &mut [u8], at: usize, mask: u8) -> usize {
     bytes[at] ^= mask.max(1);
     at
 }
+
+/// A temporary directory for a case, in RAM (/dev/shm) where there is one:
+/// these tests are about decoding, and thousands of cases each fsyncing a
+/// real disk would take minutes.
+pub fn tempdir() -> tempfile::TempDir {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(dir) = tempfile::tempdir_in(shm) {
+            return dir;
+        }
+    }
+    tempfile::tempdir().unwrap()
+}
