@@ -92,7 +92,7 @@ fn disk_ok(d: &pb::Disk) -> bool {
     name_ok(&d.id)
         && d.size_bytes > 0
         && d.size_bytes <= MAX_DISK_BYTES
-        && d.size_bytes % 512 == 0
+        && d.size_bytes.is_multiple_of(512)
         && (1..=2).contains(&d.role)
         && (1..=2).contains(&d.storage)
         && !d.source_path.trim().is_empty()

@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
-use proptest::test_runner::{Config, RngSeed};
+use proptest::test_runner::{Config, FileFailurePersistence, RngSeed};
 
 /// The seed CI runs from.
 pub const SEED: u64 = 0x0f0e_7272_0011;
@@ -23,6 +23,13 @@ pub fn config(cases: u32) -> Config {
     }
     if std::env::var_os("PROPTEST_RNG_SEED").is_none() {
         config.rng_seed = RngSeed::Fixed(SEED);
+    }
+    // Failures are kept beside the test file (`tests/x.rs` keeps them in
+    // `tests/x.proptest-regressions`), to be checked in.
+    if config.failure_persistence.is_some() {
+        config.failure_persistence = Some(Box::new(FileFailurePersistence::WithSource(
+            "proptest-regressions",
+        )));
     }
     config
 }
