@@ -310,8 +310,11 @@ async fn connection(
         return Ok(());
     };
     tracing::info!(disk = %export, "NBD client attached");
+    // Requests a client sent right behind its last option may already sit
+    // in the handshake's buffer: they are read first, not dropped.
+    let early = std::io::Cursor::new(socket.buffer().to_vec());
     let (read_half, write_half) = socket.into_inner().into_split();
-    let mut reader = BufReader::with_capacity(256 * 1024, read_half);
+    let mut reader = BufReader::with_capacity(256 * 1024, early.chain(read_half));
     let writer = Arc::new(Mutex::new(write_half));
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let bytes = Arc::new(Semaphore::new(limits.in_flight_bytes));

@@ -8,8 +8,10 @@
 //! that was already replicating means the map is lost, and every chunk of
 //! every disk is sent again (full resync).
 //!
-//! Layout (little-endian): magic `FERRYDM2`, u32 flags (bit 0 = clean), u32
-//! CRC-32C of the body, u64 body length, then the body: two maps (chunks to
+//! Layout (little-endian): magic `FERRYDM3`, u32 flags (bit 0 = clean), u32
+//! CRC-32C of the flags and the body, u64 body length, then the body (the
+//! flags are under the checksum since one flipped bit of them would turn a
+//! crashed run's file into a clean, empty map): two maps (chunks to
 //! send as data, then chunks to check by checksum), each a u32 disk count
 //! and per disk u16 id length, the id, u32 word count, the u64 words of its
 //! bit set. Written to a temporary file, fsynced, renamed, directory fsynced.
@@ -21,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use crate::stream::{Dirty, ResyncSet};
 
-const MAGIC: &[u8; 8] = b"FERRYDM2";
+const MAGIC: &[u8; 8] = b"FERRYDM3";
 const CLEAN: u32 = 1;
 const HEADER: usize = 8 + 4 + 4 + 8;
 
@@ -93,7 +95,7 @@ impl StateFile {
         let crc = u32_at(&bytes, 12);
         let len = u64::from_le_bytes(bytes[16..24].try_into().unwrap_or_default());
         let body = &bytes[HEADER..];
-        if body.len() as u64 != len || crc32c::crc32c(body) != crc {
+        if body.len() as u64 != len || checksum(flags, body) != crc {
             return Err(damaged("checksum or length mismatch"));
         }
         if flags & CLEAN == 0 {
@@ -133,7 +135,7 @@ impl StateFile {
         let mut bytes = Vec::with_capacity(HEADER + body.len());
         bytes.extend_from_slice(MAGIC);
         bytes.extend_from_slice(&flags.to_le_bytes());
-        bytes.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        bytes.extend_from_slice(&checksum(flags, &body).to_le_bytes());
         bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
         bytes.extend_from_slice(&body);
         let tmp = self.path.with_extension("state.tmp");
@@ -151,6 +153,11 @@ impl StateFile {
         }
         Ok(())
     }
+}
+
+/// The CRC-32C of the flags (LE) and the body.
+fn checksum(flags: u32, body: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&flags.to_le_bytes()), body)
 }
 
 fn u32_at(bytes: &[u8], at: usize) -> u32 {

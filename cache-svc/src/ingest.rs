@@ -55,10 +55,14 @@ pub fn validate(record: &pb::Record, disks: &Disks) -> Result<(), CacheError> {
         Some(Op::Trim(z)) | Some(Op::WriteZeroes(z)) => range(z.offset, z.length)?,
         Some(Op::Digests(d)) => {
             range(d.offset, d.length)?;
-            if d.chunk_bytes == 0 || !d.chunk_bytes.is_multiple_of(512) {
+            if d.chunk_bytes == 0
+                || !d.chunk_bytes.is_multiple_of(512)
+                || d.chunk_bytes > ferry_proto::MAX_DIGEST_CHUNK_BYTES
+            {
                 return Err(bad(format!(
-                    "chunk_bytes {} must be a non-zero multiple of 512",
-                    d.chunk_bytes
+                    "chunk_bytes {} must be a non-zero multiple of 512, at most {}",
+                    d.chunk_bytes,
+                    ferry_proto::MAX_DIGEST_CHUNK_BYTES
                 )));
             }
             let expected = d.length.div_ceil(d.chunk_bytes);
@@ -386,6 +390,27 @@ mod tests {
             ..Default::default()
         });
         assert!(validate(&huge, &disks()).is_err());
+        // Checksums of chunks as large as the disk: the processor would read
+        // a whole chunk to compare it.
+        let digests = |chunk_bytes: u64| {
+            sealed(pb::Record {
+                sequence: 1,
+                disk_id: "os".into(),
+                op: Some(Op::Digests(pb::ChunkDigests {
+                    offset: 0,
+                    chunk_bytes,
+                    length: 1 << 20,
+                    crc32c: vec![0; (1u64 << 20).div_ceil(chunk_bytes) as usize],
+                })),
+                ..Default::default()
+            })
+        };
+        assert!(validate(&digests(64 << 10), &disks()).is_ok());
+        let big: Disks = [("os".to_string(), 64u64 << 20)].into();
+        assert!(matches!(
+            validate(&digests(8 << 20), &big),
+            Err(CacheError::InvalidArgument(_))
+        ));
         let marker = sealed(pb::Record {
             sequence: 1,
             op: Some(Op::Marker(Marker {

@@ -115,7 +115,7 @@ impl VmLog {
             }
             let meta = scan_and_repair(dir, first)?;
             if let Some(prev) = segments.last() {
-                if prev.last_seq + 1 != meta.first_seq {
+                if prev.last_seq.checked_add(1) != Some(meta.first_seq) {
                     return Err(CacheError::Corrupt(format!(
                         "{}: segment {} does not follow sequence {}",
                         dir.display(),
@@ -315,7 +315,8 @@ fn scan_and_repair(dir: &Path, first_seq: u64) -> Result<SegmentMeta, CacheError
     while offset < bytes.len() {
         match frame::decode(&bytes[offset..]) {
             Decoded::Frame(record, used) => {
-                if record.sequence != meta.last_seq + 1 {
+                // Checked: a file named near u64::MAX must not overflow.
+                if meta.last_seq.checked_add(1) != Some(record.sequence) {
                     return Err(CacheError::Corrupt(format!(
                         "{}: record {} follows {}",
                         path.display(),
@@ -397,7 +398,7 @@ fn committed_after(bytes: &[u8], from: usize, after: u64) -> bool {
                 bytes[tail + 6],
                 bytes[tail + 7],
             ]);
-            crc == frame::commit_crc(after + k)
+            after.checked_add(k).map(frame::commit_crc) == Some(crc)
         })
 }
 

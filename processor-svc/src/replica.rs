@@ -202,6 +202,17 @@ fn vkey_parts(k: &[u8]) -> Result<(String, u64, u64)> {
     Ok((disk, be64(&k[2 + len..]), be64(&k[2 + len + 8..])))
 }
 
+/// Checked like [`vkey_parts`]: a damaged key is an error, not a panic.
+fn gkey_parts(k: &[u8]) -> Result<(u64, String, u64)> {
+    let bad = || ProcessorError::Corrupt("interval key".into());
+    let len = *k.get(9).ok_or_else(bad)? as usize;
+    if k.len() != 10 + len + 8 {
+        return Err(bad());
+    }
+    let disk = String::from_utf8(k[10..10 + len].to_vec()).map_err(|_| bad())?;
+    Ok((be64(&k[1..9]), disk, be64(&k[10 + len..])))
+}
+
 fn gkey(version: u64, disk: &str, chunk: u64) -> Vec<u8> {
     let mut k = vec![b'g'];
     k.extend_from_slice(&version.to_be_bytes());
@@ -724,7 +735,7 @@ impl VmReplica {
             ProcessorError::DataLoss(format!("VM {:?} has no disk {disk:?}", self.vm))
         })?;
         let end = d.offset.saturating_add(d.length);
-        if end > size || d.chunk_bytes == 0 {
+        if end > size || d.chunk_bytes == 0 || d.chunk_bytes > ferry_proto::MAX_DIGEST_CHUNK_BYTES {
             return Err(ProcessorError::DataLoss(format!(
                 "VM {:?}: digests of {}+{} do not fit disk {disk:?} ({size})",
                 self.vm, d.offset, d.length
@@ -1376,11 +1387,7 @@ impl VmReplica {
                 if !seen.insert(k.to_vec()) {
                     continue;
                 }
-                let version = be64(&k[1..9]);
-                let len = k[9] as usize;
-                let disk = String::from_utf8(k[10..10 + len].to_vec())
-                    .map_err(|_| ProcessorError::Corrupt("interval key".into()))?;
-                let chunk = be64(&k[10 + len..]);
+                let (version, disk, chunk) = gkey_parts(&k)?;
                 // The next version of the chunk, if any.
                 let next = self
                     .tree
@@ -1420,6 +1427,9 @@ impl VmReplica {
         let mut victim: Option<(u64, SegMeta)> = None;
         for kv in self.tree.scan_prefix(b"s") {
             let (k, v) = kv?;
+            if k.len() != 9 {
+                return Err(ProcessorError::Corrupt("segment key".into()));
+            }
             let seg = be64(&k[1..]);
             let m: SegMeta = unjson(&v)?;
             if Some(seg) == current || m.bytes == 0 || m.live * 2 > m.bytes {

@@ -7,6 +7,10 @@
 
 pub mod checksum;
 
+/// The largest `ChunkDigests.chunk_bytes` (cache.proto): the processor
+/// reads one chunk at a time to compare it, so this bounds its memory.
+pub const MAX_DIGEST_CHUNK_BYTES: u64 = 4 << 20;
+
 /// Encoded `FileDescriptorSet` of every Ferry package, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/ferry_descriptor.bin"));

@@ -52,6 +52,11 @@ fn optional_name(field: &str, value: String) -> Result<Option<String>, RegistryE
     }
 }
 
+/// The largest disk a VM may register: 64 TiB, Azure's largest managed
+/// disk. Every part sizes maps, chunk indexes and ranges by a disk's size;
+/// sizes near u64::MAX overflowed that arithmetic downstream.
+pub const MAX_DISK_BYTES: u64 = 64 << 40;
+
 /// OS or data disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DiskRole {
@@ -105,6 +110,12 @@ impl TryFrom<pb::Disk> for Disk {
             return Err(RegistryError::invalid(format!(
                 "disk {:?} has size 0; a disk needs at least 512 bytes",
                 d.id
+            )));
+        }
+        if d.size_bytes > MAX_DISK_BYTES {
+            return Err(RegistryError::invalid(format!(
+                "disk {:?} has size {} bytes; at most {MAX_DISK_BYTES} (64 TiB) are allowed",
+                d.id, d.size_bytes
             )));
         }
         if !d.size_bytes.is_multiple_of(512) {

@@ -14,6 +14,7 @@ pub mod group;
 pub mod nbd;
 pub mod points;
 pub mod process;
+pub mod props;
 pub mod proxy;
 pub mod replay;
 pub mod tools;
