@@ -153,38 +153,7 @@ impl SourceDisk {
     /// The ranges of the image that may hold data, from SEEK_DATA/SEEK_HOLE;
     /// the whole disk where the filesystem cannot tell.
     pub fn data_ranges(&self) -> Vec<(u64, u64)> {
-        use std::os::fd::AsRawFd;
-        let fd = self.file.as_raw_fd();
-        let size = self.size;
-        let mut ranges = Vec::new();
-        let mut at: u64 = 0;
-        while at < size {
-            let Ok(off) = libc::off_t::try_from(at) else {
-                break;
-            };
-            // SAFETY: lseek on a file descriptor we own; it only moves the
-            // offset, which Ferry never relies on (all I/O is positional).
-            let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
-            if data < 0 {
-                let err = std::io::Error::last_os_error();
-                if err.raw_os_error() == Some(libc::ENXIO) {
-                    break; // no data after `at`
-                }
-                return vec![(0, size)];
-            }
-            // SAFETY: as above.
-            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-            if hole < 0 {
-                return vec![(0, size)];
-            }
-            let (start, end) = (data as u64, (hole as u64).min(size));
-            if start >= size {
-                break;
-            }
-            ranges.push((start, end));
-            at = end;
-        }
-        ranges
+        ferry_runtime::sparse::data_ranges(&self.file, self.size)
     }
 
     /// Makes what was written reach the disk.

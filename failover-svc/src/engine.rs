@@ -28,7 +28,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::FailoverError;
 use crate::inventory::{self, Backend, TargetVm};
-use crate::jobs::{Choice, JobRecord, Jobs, Step, Used};
+use crate::jobs::{Choice, JobRecord, Jobs, Step, Used, Verified};
+use crate::verify;
 
 type Result<T> = std::result::Result<T, FailoverError>;
 
@@ -904,6 +905,8 @@ impl Engine {
         let started = std::time::Instant::now();
         let mut saved = 0u64;
         let mut written = 0u64;
+        // Rewritten whole when the step runs again.
+        job.verified.clear();
         for disk in &point.disks {
             let name = names
                 .iter()
@@ -959,11 +962,17 @@ impl Engine {
                     f.sync_all().map_err(|e| FailoverError::io(&p2, e))
                 })
             };
+            let mut coverage = verify::Coverage::new(&disk.disk_id, disk.size_bytes);
             while let Some(extent) = extents
                 .message()
                 .await
                 .map_err(|s| FailoverError::peer("processor (read disk)", s))?
             {
+                let data_len = match &extent.content {
+                    Some(proc::disk_extent::Content::Data(d)) => Some(d.len() as u64),
+                    _ => None,
+                };
+                coverage.extent(extent.offset, extent.length, data_len)?;
                 if let Some(proc::disk_extent::Content::Data(data)) = extent.content {
                     if crc32c::crc32c(&data) != extent.crc32c {
                         return Err(FailoverError::Unavailable(format!(
@@ -996,6 +1005,9 @@ impl Engine {
             writer
                 .await
                 .map_err(|e| FailoverError::Corrupt(e.to_string()))??;
+            coverage.finish()?;
+            job.verified
+                .push(self.check_digest(job, &point.id, disk, &path).await?);
         }
         let secs = started.elapsed().as_secs_f64().max(1e-9);
         Ok(format!(
@@ -1004,6 +1016,64 @@ impl Engine {
             job.bytes_total >> 20,
             job.bytes_total as f64 / (1 << 20) as f64 / secs
         ))
+    }
+
+    /// The image written at `path` must have the point's digest: computed
+    /// by the processor from its index, here over the file as it is on disk.
+    async fn check_digest(
+        &self,
+        job: &JobRecord,
+        point_id: &str,
+        disk: &proc::DiskSize,
+        path: &std::path::Path,
+    ) -> Result<Verified> {
+        let mut p = self.processor.clone();
+        let want = p
+            .get_disk_digest(proc::GetDiskDigestRequest {
+                vm_name: job.vm_name.clone(),
+                point_id: point_id.to_string(),
+                disk_id: disk.disk_id.clone(),
+            })
+            .await
+            .map_err(|s| FailoverError::peer("processor (disk digest)", s))?
+            .into_inner();
+        if want.algorithm != ferry_proto::digest::ALGORITHM || want.size_bytes != disk.size_bytes {
+            return Err(FailoverError::FailedPrecondition(format!(
+                "disk {}: the processor's digest is {} of {} bytes; this failover-svc checks {} \
+                 of {} bytes",
+                disk.disk_id,
+                want.algorithm,
+                want.size_bytes,
+                ferry_proto::digest::ALGORITHM,
+                disk.size_bytes
+            )));
+        }
+        let (file, size, chunk) = (path.to_path_buf(), disk.size_bytes, want.chunk_bytes);
+        let got = tokio::task::spawn_blocking(move || verify::image_digest(&file, size, chunk))
+            .await
+            .map_err(|e| FailoverError::Corrupt(e.to_string()))??;
+        let (want_hex, got_hex) = (
+            ferry_proto::digest::hex(&want.sha256),
+            ferry_proto::digest::hex(&got),
+        );
+        if want.sha256.as_ref() as &[u8] != got.as_slice() {
+            return Err(FailoverError::DataLoss(format!(
+                "disk {} as written at {} has digest {got_hex}, but point {point_id} has \
+                 {want_hex}: the image is not the point's disk; it is not used",
+                disk.disk_id,
+                path.display()
+            )));
+        }
+        tracing::info!(vm = %job.vm_name, disk = %disk.disk_id, point = point_id, sha256 = %got_hex, "disk verified end to end");
+        Ok(Verified {
+            vm_name: job.vm_name.clone(),
+            disk_id: disk.disk_id.clone(),
+            point_id: point_id.to_string(),
+            path: path.display().to_string(),
+            size_bytes: disk.size_bytes,
+            algorithm: want.algorithm,
+            sha256: got_hex,
+        })
     }
 
     async fn create_vm(&self, job: &mut JobRecord) -> Result<String> {

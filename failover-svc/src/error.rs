@@ -32,6 +32,10 @@ pub enum FailoverError {
     /// The embedded index failed.
     #[error("index: {0}")]
     Index(#[from] sled::Error),
+    /// What was written is not what the point holds (an end-to-end check
+    /// failed); it is not used.
+    #[error("{0}")]
+    DataLoss(String),
     /// A stored record could not be decoded.
     #[error("record damaged: {0}")]
     Corrupt(String),
@@ -62,6 +66,7 @@ impl From<FailoverError> for Status {
             FailoverError::FailedPrecondition(_) => Status::failed_precondition(message),
             FailoverError::AlreadyExists(_) => Status::already_exists(message),
             FailoverError::Unavailable(_) => Status::unavailable(message),
+            FailoverError::DataLoss(_) => Status::data_loss(message),
             FailoverError::Peer { status, .. } => Status::new(status.code(), message),
             FailoverError::Io { .. } | FailoverError::Index(_) | FailoverError::Corrupt(_) => {
                 Status::internal(message)

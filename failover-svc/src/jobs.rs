@@ -44,6 +44,18 @@ pub struct Used {
     pub data_loss_nanos: u64,
 }
 
+/// A disk a failover wrote and checked end to end against its point.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Verified {
+    pub vm_name: String,
+    pub disk_id: String,
+    pub point_id: String,
+    pub path: String,
+    pub size_bytes: u64,
+    pub algorithm: String,
+    pub sha256: String,
+}
+
 /// A member of a group job: the VM, the point it fails over to (its point
 /// at the group's bookmark; empty for commit and cleanup) and its job.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -82,6 +94,9 @@ pub struct JobRecord {
     pub group: String,
     #[serde(default)]
     pub members: Vec<MemberJob>,
+    /// The disks materialize-disks wrote, each checked against its point.
+    #[serde(default)]
+    pub verified: Vec<Verified>,
 }
 
 fn time(nanos: u64) -> prost_types::Timestamp {
@@ -134,6 +149,19 @@ impl JobRecord {
             request_id: self.request_id.clone(),
             created_at: Some(time(self.created_nanos)),
             finished_at: (self.finished_nanos > 0).then(|| time(self.finished_nanos)),
+            verified_disks: self
+                .verified
+                .iter()
+                .map(|v| pb::VerifiedDisk {
+                    vm_name: v.vm_name.clone(),
+                    disk_id: v.disk_id.clone(),
+                    point_id: v.point_id.clone(),
+                    path: v.path.clone(),
+                    size_bytes: v.size_bytes,
+                    algorithm: v.algorithm.clone(),
+                    sha256: v.sha256.clone(),
+                })
+                .collect(),
         }
     }
 }

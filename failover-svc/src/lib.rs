@@ -11,6 +11,7 @@ pub mod group;
 pub mod inventory;
 pub mod jobs;
 pub mod service;
+pub mod verify;
 
 use std::sync::Arc;
 

@@ -44,6 +44,9 @@ pub struct Settings {
     pub compact_bytes: u64,
     /// How long CutRecoveryPoint waits for everything pending to be applied.
     pub cut_timeout_secs: u64,
+    /// Blob bytes the background scrub reads and checks per step (one step
+    /// per point interval); 0 turns the scrub off.
+    pub scrub_bytes: u64,
 }
 
 impl Default for Settings {
@@ -54,6 +57,7 @@ impl Default for Settings {
             flush_bytes: 64 << 20,
             compact_bytes: 16 << 20,
             cut_timeout_secs: 120,
+            scrub_bytes: 4 << 20,
         }
     }
 }
@@ -127,6 +131,7 @@ pub async fn serve_with(
         pipeline::Tuning {
             flush_bytes: settings.flush_bytes.max(chunk as usize),
             compact_bytes: settings.compact_bytes.max(chunk),
+            scrub_bytes: settings.scrub_bytes,
         },
         shutdown.clone(),
     );

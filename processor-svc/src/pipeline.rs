@@ -56,6 +56,8 @@ pub struct Tuning {
     pub flush_bytes: usize,
     /// Bytes moved per compaction step.
     pub compact_bytes: u64,
+    /// Blob bytes checked per scrub step; 0: no scrub.
+    pub scrub_bytes: u64,
 }
 
 struct Handle {
@@ -703,6 +705,7 @@ impl Pipeline {
         let replica = self.replica.clone();
         let retention = self.retention.clone();
         let compact_bytes = self.tuning.compact_bytes;
+        let scrub_bytes = self.tuning.scrub_bytes;
         let cut = blocking(move || {
             let meta = replica.meta()?;
             let mut cut = None;
@@ -726,6 +729,12 @@ impl Pipeline {
                 }
             }
             replica.compact_step(compact_bytes)?;
+            if scrub_bytes > 0 {
+                let scrubbed = replica.scrub_step(scrub_bytes)?;
+                if scrubbed.damaged > 0 {
+                    tracing::error!(found = scrubbed.damaged, "the scrub found damaged blobs");
+                }
+            }
             Ok(cut)
         })
         .await?;
@@ -836,7 +845,31 @@ impl Pipeline {
         let rpo = latest
             .as_ref()
             .map(|p| Duration::from_nanos(now.saturating_sub(p.time_nanos)));
+        let damage = self.replica.damage().unwrap_or_default();
         let (health, message) = match (&status.error, meta.syncing.is_empty()) {
+            // The head reads damaged data until the agent has resent it.
+            _ if damage.iter().any(|d| d.head) => (
+                registry::ReplicationHealth::Critical,
+                format!(
+                    "{} replica chunk version(s) failed their checksum (first: chunk {} of disk \
+                     {} in segment {} at {}, found by {}); points reading them are refused and \
+                     no point is cut until the agent has sent those chunks again",
+                    damage.len(),
+                    damage[0].chunk,
+                    damage[0].disk,
+                    damage[0].segment,
+                    damage[0].offset,
+                    damage[0].found_by
+                ),
+            ),
+            _ if !damage.is_empty() => (
+                registry::ReplicationHealth::Warning,
+                format!(
+                    "{} older chunk version(s) failed their checksum; the points reading them \
+                     are refused (see ferry points) until retention removes them",
+                    damage.len()
+                ),
+            ),
             (Some(e), _) => (registry::ReplicationHealth::Warning, e.clone()),
             (None, _) if !meta.gap.is_empty() => (
                 registry::ReplicationHealth::Warning,

@@ -26,8 +26,12 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+mod damage;
+pub use damage::{Damaged, Scrubbed};
+
 use ferry_proto::cache::v1::record::Op;
 use ferry_proto::cache::v1::{MarkerKind, Record};
+use ferry_proto::digest::DiskDigester;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ProcessorError;
@@ -58,6 +62,11 @@ pub struct Point {
     /// The replication group of a multi-VM point.
     #[serde(default)]
     pub group: String,
+    /// Why its data is known damaged (a blob it reads failed its checksum
+    /// on a read or in the scrub); such a point is never served. Not
+    /// stored: worked out from the replica's damage record when read.
+    #[serde(skip)]
+    pub damaged: Option<String>,
 }
 
 impl Point {
@@ -436,6 +445,7 @@ impl Replicas {
         };
         let dir = self.dir.join("segments").join(ferry_runtime::path_name(vm));
         ferry_runtime::durable::create_dir_all(&dir).map_err(|e| ProcessorError::io(&dir, e))?;
+        let damage = damage::Damage::load(&tree)?;
         let replica = Arc::new(VmReplica {
             vm: vm.to_string(),
             tree,
@@ -452,6 +462,8 @@ impl Replicas {
                 dirty_bytes: 0,
                 current: None,
             }),
+            damage: Mutex::new(damage),
+            scrub_at: Mutex::new(Vec::new()),
         });
         vms.insert(vm.to_string(), replica.clone());
         Ok(replica)
@@ -486,6 +498,10 @@ pub struct VmReplica {
     /// Points being read now (interval → readers): never pruned meanwhile.
     reading: Mutex<HashMap<u64, usize>>,
     writer: Mutex<Writer>,
+    /// Chunk versions whose blobs failed their checksum (see `damage`).
+    damage: Mutex<damage::Damage>,
+    /// Where the scrub goes on: the next blob key.
+    scrub_at: Mutex<Vec<u8>>,
 }
 
 /// Holds a point against pruning while it is read.
@@ -707,18 +723,7 @@ impl VmReplica {
             length,
             "a record fails its checksum: not applied; its range is asked for again"
         );
-        let mut ranges = Vec::new();
-        let mut at = offset / RESYNC_UNIT * RESYNC_UNIT;
-        while at < end {
-            let piece = (at, RESYNC_UNIT.min(size - at));
-            w.meta
-                .mismatched
-                .entry(record.disk_id.clone())
-                .or_default()
-                .insert(piece);
-            ranges.push(piece);
-            at += RESYNC_UNIT;
-        }
+        let ranges = mark_mismatched(&mut w.meta, &record.disk_id, offset, end, size);
         w.meta.applied = record.sequence;
         Ok(Applied::Mismatched(record.disk_id.clone(), ranges))
     }
@@ -1172,6 +1177,7 @@ impl VmReplica {
             pinned_by: Vec::new(),
             bookmark_id: bookmark_id.to_string(),
             group: group.to_string(),
+            damaged: None,
         };
         w.meta.interval += 1;
         w.meta.last_point_sequence = point.sequence_cut;
@@ -1183,7 +1189,7 @@ impl VmReplica {
     pub fn points(&self) -> Result<Vec<Point>> {
         self.tree
             .scan_prefix(b"p")
-            .map(|kv| unjson(&kv?.1))
+            .map(|kv| self.with_damage(unjson(&kv?.1)?))
             .collect()
     }
 
@@ -1197,7 +1203,7 @@ impl VmReplica {
         };
         let interval = parse_point_id(id).ok_or_else(missing)?;
         match self.tree.get(pkey(interval))? {
-            Some(b) => unjson(&b),
+            Some(b) => self.with_damage(unjson(&b)?),
             None => Err(missing()),
         }
     }
@@ -1334,7 +1340,71 @@ impl VmReplica {
         Ok(out)
     }
 
-    /// Reads a blob; if compaction moved it meanwhile, looks it up again.
+    /// The digest of `disk` at `point` (`ferry_proto::digest`), from the
+    /// checksums the index keeps for each chunk version: no blob is read,
+    /// so it does not share the read path it checks. O(chunks of the disk).
+    pub fn digest(&self, point: &Point, disk: &str) -> Result<(u64, [u8; 32])> {
+        let size = point
+            .disks
+            .iter()
+            .find(|(d, _)| d == disk)
+            .map(|(_, s)| *s)
+            .ok_or_else(|| {
+                ProcessorError::NotFound(format!(
+                    "point {} of VM {:?} has no disk {disk:?}",
+                    point.id(),
+                    self.vm
+                ))
+            })?;
+        let mut digest = DiskDigester::new(self.chunk, size);
+        let chunks = digest.chunks();
+        // The version a point reads of one chunk: the newest at or below
+        // its interval.
+        let mut current: Option<(u64, Option<Stored>)> = None;
+        let emit = |digest: &mut DiskDigester, chunk: u64, stored: Option<Stored>| {
+            digest.push_zeros(chunk - digest.next_chunk());
+            match stored {
+                Some(Stored::Data { len, crc, .. }) => {
+                    let want = digest.chunk_len(chunk);
+                    if u64::from(len) != want {
+                        return Err(ProcessorError::DataLoss(format!(
+                            "VM {:?}: chunk {chunk} of disk {disk:?} is stored with {len} \
+                             bytes, not {want}",
+                            self.vm
+                        )));
+                    }
+                    digest.push(crc);
+                }
+                _ => digest.push_zeros(1),
+            }
+            Ok(())
+        };
+        for kv in self.tree.range(vkey(disk, 0, 0)..vkey(disk, chunks, 0)) {
+            let (key, value) = kv?;
+            let (_, chunk, version) = vkey_parts(&key)?;
+            if current.as_ref().is_some_and(|(c, _)| *c != chunk) {
+                if let Some((c, stored)) = current.take() {
+                    emit(&mut digest, c, stored)?;
+                }
+            }
+            let entry = current.get_or_insert((chunk, None));
+            if version <= point.interval {
+                entry.1 = Some(Stored::decode(&value)?);
+            }
+        }
+        if let Some((c, stored)) = current.take() {
+            emit(&mut digest, c, stored)?;
+        }
+        digest.push_zeros(u64::MAX);
+        let sha = digest
+            .finish()
+            .map_err(|e| ProcessorError::Corrupt(format!("disk digest: {e}")))?;
+        Ok((self.chunk, sha))
+    }
+
+    /// Reads a blob; if compaction moved it meanwhile, looks it up again. A
+    /// blob that fails its checksum is recorded as damage before the error
+    /// goes back.
     fn read_blob_retrying(
         &self,
         disk: &str,
@@ -1342,13 +1412,20 @@ impl VmReplica {
         interval: u64,
         stored: Stored,
     ) -> Result<Vec<u8>> {
-        match self.read_blob(&stored) {
-            Ok(b) => Ok(b),
+        let read = match self.read_blob(&stored) {
             Err(ProcessorError::Io { .. }) => match self.version_at(disk, chunk, interval)? {
-                Some(again) => self.read_blob(&again),
+                Some(again) => self.read_blob(&again).map_err(|e| (e, again)),
                 None => Ok(Vec::new()),
             },
-            Err(e) => Err(e),
+            other => other.map_err(|e| (e, stored)),
+        };
+        match read {
+            Ok(b) => Ok(b),
+            Err((e @ ProcessorError::DataLoss(_), stored)) => {
+                self.note_damage(&stored, "a read", &e.to_string())?;
+                Err(e)
+            }
+            Err((e, _)) => Err(e),
         }
     }
 
@@ -1456,7 +1533,16 @@ impl VmReplica {
                 continue;
             };
             let old = Stored::decode(&val)?;
-            let data = self.read_blob(&old)?;
+            let data = match self.read_blob(&old) {
+                Ok(data) => data,
+                // Left where it is, for inspection; the damage is recorded
+                // (the head asked for again when it reads it).
+                Err(e @ ProcessorError::DataLoss(_)) => {
+                    self.damage_locked(&mut w, &vk, "compaction", &e.to_string())?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let new = self.append_blob(&mut w, &data)?;
             moved += old.footprint();
             moves.push((rk, vk, old, new));
@@ -1516,6 +1602,29 @@ fn resolve(meta: &mut Meta, disk: &str, offset: u64, length: u64) {
             meta.mismatched.remove(disk);
         }
     }
+}
+
+/// Records `start..end` of `disk` as differing from the source, in the
+/// agent's resync units; returns the pieces.
+fn mark_mismatched(
+    meta: &mut Meta,
+    disk: &str,
+    start: u64,
+    end: u64,
+    size: u64,
+) -> Vec<(u64, u64)> {
+    let mut ranges = Vec::new();
+    let mut at = start / RESYNC_UNIT * RESYNC_UNIT;
+    while at < end {
+        let piece = (at, RESYNC_UNIT.min(size - at));
+        meta.mismatched
+            .entry(disk.to_string())
+            .or_default()
+            .insert(piece);
+        ranges.push(piece);
+        at += RESYNC_UNIT;
+    }
+    ranges
 }
 
 fn not_cuttable(meta: &Meta) -> Option<String> {

@@ -101,6 +101,7 @@ mod tests {
             pinned_by: vec![],
             bookmark_id: String::new(),
             group: String::new(),
+            damaged: None,
         }
     }
 

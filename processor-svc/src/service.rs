@@ -88,6 +88,18 @@ pub fn to_proto(vm: &str, p: &Point) -> pb::RecoveryPoint {
         bookmark_id: p.bookmark_id.clone(),
         pinned_by: p.pinned_by.clone(),
         created_at: Some(time(p.created_nanos)),
+        damaged: p.damaged.clone().unwrap_or_default(),
+    }
+}
+
+/// A damaged point is never served.
+fn servable(vm: &str, p: &Point) -> Result<(), ProcessorError> {
+    match &p.damaged {
+        Some(why) => Err(ProcessorError::DataLoss(format!(
+            "recovery point {} of VM {vm:?}: {why}",
+            p.id()
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -246,6 +258,39 @@ impl Processor for ProcessorService {
         Ok(Response::new(to_proto(&req.vm_name, &point)))
     }
 
+    async fn get_disk_digest(
+        &self,
+        request: Request<pb::GetDiskDigestRequest>,
+    ) -> Result<Response<pb::DiskDigest>, Status> {
+        let req = request.into_inner();
+        let replica = self.replica(&req.vm_name)?;
+        let point = replica.point(&req.point_id)?;
+        servable(&req.vm_name, &point)?;
+        // Leased like a read: the point cannot be pruned meanwhile.
+        let lease = replica.lease(&point)?;
+        let (r, p, disk) = (replica.clone(), point.clone(), req.disk_id.clone());
+        let (chunk_bytes, sha) = blocking(move || {
+            let _lease = lease;
+            r.digest(&p, &disk)
+        })
+        .await?;
+        let size_bytes = point
+            .disks
+            .iter()
+            .find(|(d, _)| *d == req.disk_id)
+            .map(|(_, s)| *s)
+            .unwrap_or_default();
+        Ok(Response::new(pb::DiskDigest {
+            vm_name: req.vm_name,
+            point_id: req.point_id,
+            disk_id: req.disk_id,
+            size_bytes,
+            chunk_bytes,
+            algorithm: ferry_proto::digest::ALGORITHM.to_string(),
+            sha256: sha.to_vec(),
+        }))
+    }
+
     type ReadDiskStream = ReceiverStream<Result<pb::DiskExtent, Status>>;
 
     async fn read_disk(
@@ -255,6 +300,7 @@ impl Processor for ProcessorService {
         let req = request.into_inner();
         let replica = self.replica(&req.vm_name)?;
         let point = replica.point(&req.point_id)?;
+        servable(&req.vm_name, &point)?;
         let size = point
             .disks
             .iter()
@@ -319,8 +365,22 @@ impl Processor for ProcessorService {
                             content: Some(pb::disk_extent::Content::Hole(true)),
                         },
                     };
+                    let offset = extent.offset;
                     tokio::select! {
-                        _ = shutdown.cancelled() => return,
+                        _ = shutdown.cancelled() => {
+                            // Said, not just ended: a reader must never take
+                            // a stream cut short for the whole disk.
+                            let stop = Status::unavailable(format!(
+                                "processor-svc is shutting down; disk {disk:?} was read up to \
+                                 byte {offset}: read it again"
+                            ));
+                            let _ = tokio::time::timeout(
+                                std::time::Duration::from_secs(1),
+                                tx.send(Err(stop)),
+                            )
+                            .await;
+                            return;
+                        }
                         sent = tx.send(Ok(extent)) => if sent.is_err() { return },
                     }
                 }
@@ -340,6 +400,8 @@ impl Processor for ProcessorService {
             ));
         }
         let replica = self.replica(&req.vm_name)?;
+        // A failover pins the point it uses: never a damaged one.
+        servable(&req.vm_name, &replica.point(&req.point_id)?)?;
         let (id, holder) = (req.point_id.clone(), req.holder.clone());
         let point = blocking(move || replica.pin(&id, &holder)).await?;
         Ok(Response::new(pb::PinRecoveryPointResponse {

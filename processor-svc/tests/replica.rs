@@ -453,3 +453,141 @@ fn pruning_never_makes_the_open_intervals_records_look_durable() {
     let replica = replicas.open_vm_with("vm", &disks(), 0).unwrap();
     assert_eq!(replica.meta().unwrap().applied, cut_at);
 }
+
+/// Flips one byte inside the first data blob of the VM's first segment
+/// file (past its 8-byte header).
+fn flip_first_blob(dir: &std::path::Path) -> std::path::PathBuf {
+    let segments = dir.join("segments");
+    let vm_dir = std::fs::read_dir(&segments)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut files: Vec<_> = std::fs::read_dir(&vm_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let seg = files[0].clone();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[8 + 100] ^= 0x40;
+    std::fs::write(&seg, &bytes).unwrap();
+    seg
+}
+
+#[test]
+fn a_damaged_blob_found_by_the_scrub_is_never_served_and_the_head_is_asked_for_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
+    let replica = replicas.open_vm_with("vm", &disks(), 0).unwrap();
+    let mut feed = Feed { seq: 0 };
+    synced(&replica, &mut feed);
+    // Chunk 0 of "os" written once: every later point reads that blob.
+    let write = |feed: &mut Feed, offset: u64, byte: u8| {
+        feed.record(
+            "os",
+            Op::Write(WriteOp {
+                offset,
+                data: vec![byte; CHUNK as usize].into(),
+            }),
+        )
+    };
+    replica.apply(&write(&mut feed, 0, 7)).unwrap();
+    let first = replica.cut(1, "", 1).unwrap();
+    replica.apply(&write(&mut feed, 4 * CHUNK, 8)).unwrap();
+    let second = replica.cut(1, "", 2).unwrap();
+    assert!(replica.not_cuttable().unwrap().is_none());
+
+    flip_first_blob(dir.path());
+    let mut found = 0;
+    for _ in 0..8 {
+        let step = replica.scrub_step(64 * 1024).unwrap();
+        found += step.damaged;
+        if step.wrapped {
+            break;
+        }
+    }
+    assert_eq!(found, 1, "the scrub finds the damaged blob once");
+    let damage = replica.damage().unwrap();
+    assert_eq!(damage.len(), 1);
+    assert!(damage[0].head, "{damage:?}");
+
+    // Both points read chunk 0's only version: both refused, with a reason.
+    for p in [&first, &second] {
+        let p = replica.point(&p.id()).unwrap();
+        let why = p.damaged.clone().expect("the point is marked damaged");
+        assert!(why.contains("chunk 0 of disk \"os\""), "{why}");
+        let err = replica.read(&p, "os", 0, SIZE, 1 << 20).unwrap_err();
+        assert!(matches!(err, ProcessorError::DataLoss(_)), "{err}");
+    }
+    // The head reads it too: its range is asked of the agent again, and no
+    // point is cut until it has arrived.
+    let why = replica.not_cuttable().unwrap().expect("no point meanwhile");
+    assert!(why.contains("differ from the source"), "{why}");
+    replica.apply(&write(&mut feed, 0, 9)).unwrap();
+    assert!(replica.not_cuttable().unwrap().is_none());
+    let repaired = replica.cut(1, "", 3).unwrap();
+    let repaired = replica.point(&repaired.id()).unwrap();
+    assert!(repaired.damaged.is_none(), "{repaired:?}");
+    let bytes = read_all(&replica, &repaired, "os", SIZE);
+    assert!(bytes[..CHUNK as usize].iter().all(|b| *b == 9));
+    assert!(!replica.damage().unwrap()[0].head, "the head is repaired");
+
+    // The record survives a restart.
+    drop(replica);
+    drop(replicas);
+    let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
+    let replica = replicas.get("vm").unwrap().unwrap();
+    assert!(replica.point(&first.id()).unwrap().damaged.is_some());
+    assert!(replica.point(&repaired.id()).unwrap().damaged.is_none());
+}
+
+#[test]
+fn a_disk_digest_is_the_digest_of_the_disk_as_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
+    let replica = replicas.open_vm_with("vm", &disks(), 0).unwrap();
+    let mut feed = Feed { seq: 0 };
+    synced(&replica, &mut feed);
+    let mut rng = Rng(0xd1_9e57);
+    let mut points = Vec::new();
+    for round in 0..4 {
+        for _ in 0..20 {
+            let disk = if rng.next().is_multiple_of(2) {
+                "os"
+            } else {
+                "data"
+            };
+            let size = disks()[disk];
+            let len = (1 + rng.next() % 256) * 512;
+            let offset = (rng.next() % ((size - len) / 512)) * 512;
+            let op = if rng.next().is_multiple_of(5) {
+                Op::WriteZeroes(ZeroOp {
+                    offset,
+                    length: len,
+                })
+            } else {
+                Op::Write(WriteOp {
+                    offset,
+                    data: vec![(round * 31 + rng.next() % 200) as u8 + 1; len as usize].into(),
+                })
+            };
+            replica.apply(&feed.record(disk, op)).unwrap();
+        }
+        points.push(replica.cut(1, "", round + 1).unwrap());
+    }
+    for p in &points {
+        for (disk, size) in disks() {
+            let bytes = read_all(&replica, p, &disk, size);
+            let (chunk, digest) = replica.digest(p, &disk).unwrap();
+            assert_eq!(chunk, CHUNK);
+            assert_eq!(
+                digest,
+                ferry_proto::digest::of_bytes(CHUNK, &bytes),
+                "point {} disk {disk}",
+                p.id()
+            );
+        }
+    }
+}

@@ -6,6 +6,7 @@
 #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
 
 pub mod checksum;
+pub mod digest;
 
 /// The largest `ChunkDigests.chunk_bytes` (cache.proto): the processor
 /// reads one chunk at a time to compare it, so this bounds its memory.

@@ -721,10 +721,104 @@ async fn a_failover_svc_killed_mid_job_completes_the_job_exactly_once() {
         identical_images(Path::new(&vms[0].disks[0].path), &source),
         "the disk equals the source"
     );
+    // Checked end to end, and the job says so: the digest is the source's.
+    let want = ferry_proto::digest::hex(&ferry_proto::digest::of_bytes(
+        64 << 10,
+        &std::fs::read(&source).unwrap(),
+    ));
+    assert_eq!(done.verified_disks.len(), 1, "{done:?}");
+    let verified = &done.verified_disks[0];
+    assert_eq!(verified.disk_id, "os");
+    assert_eq!(verified.point_id, point.id);
+    assert_eq!(verified.sha256, want);
+    assert_eq!(verified.path, vms[0].disks[0].path);
     assert_eq!(
         protected_item(&registry, "vm").await.unwrap().state(),
         reg::ReplicationState::FailedOver
     );
+    let _ = agent.stop(Duration::from_secs(1)).await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_processor_stopped_mid_read_fails_the_failover_never_a_partial_disk() {
+    let cluster = Cluster::start().await;
+    let registry = cluster.registry.url.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("os.raw");
+    let s = source.to_str().unwrap();
+    run_tool(
+        "qemu-img",
+        &["create", "-f", "raw", s, &(128u64 << 20).to_string()],
+    );
+    run_tool("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 0 128M", s]);
+    common::policy(&registry, "fast", Duration::from_secs(1)).await;
+    protect_vm_with(&registry, "vm", &[("os", 128 << 20, &source)], "fast").await;
+    let (agent, _) = common::protected_agent(&registry, "vm", &dir.path().join("agent")).await;
+    agent.stream.flushed().await;
+    let point = cut_latest(&cluster.processor.url, "vm").await.unwrap();
+
+    // A failover-svc writing at most 8 MiB/s, so that the read is mid-way
+    // when processor-svc stops (the processor sends extents of up to 8 MiB
+    // a few ahead: 128 MiB of data cannot all be on the way).
+    let config = dir.path().join("failover.toml");
+    std::fs::write(&config, "[failover]\nmaterialize_mib_per_sec = 8\n").unwrap();
+    let process = ferry_testkit::ServiceProcess::start(
+        ferry_testkit::bin_path("failover-svc"),
+        dir.path().join("failover"),
+        &[
+            "--registry",
+            &registry,
+            "--processor",
+            &cluster.processor.url,
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
+    let url = process.url();
+    ferry_testkit::wait_serving(&url).await;
+    let job = failover(&url)
+        .await
+        .start_failover(start(
+            "vm",
+            fo::FailoverKind::Unplanned,
+            fo::point_choice::Choice::PointId(point.id.clone()),
+            "",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    wait_for("the read to be mid-way", Duration::from_secs(60), || {
+        let (url, id) = (url.clone(), job.id.clone());
+        async move {
+            let j = failover(&url)
+                .await
+                .get_job(fo::GetJobRequest { id })
+                .await
+                .ok()?
+                .into_inner();
+            (j.bytes_done >= 2 << 20).then_some(())
+        }
+    })
+    .await;
+    // processor-svc shuts down: its ReadDisk streams end.
+    cluster.processor.shutdown.cancel();
+    let (done, _) = finish(&url, &job).await;
+    assert_eq!(done.state, fo::JobState::Failed as i32, "{done:?}");
+    assert!(
+        done.error.starts_with("materialize-disks:"),
+        "{}",
+        done.error
+    );
+    assert!(done.verified_disks.is_empty(), "{done:?}");
+    let vms = failover(&url)
+        .await
+        .list_target_vms(fo::ListTargetVmsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .vms;
+    assert!(vms.is_empty(), "no VM from a partial disk: {vms:?}");
     let _ = agent.stop(Duration::from_secs(1)).await;
     cluster.stop().await;
 }
