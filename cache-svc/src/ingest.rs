@@ -210,13 +210,10 @@ impl CacheService {
 
         loop {
             let message = tokio::select! {
+                // A stop queued before the log went (replication disabled)
+                // is said before the stream ends for the restart.
+                biased;
                 _ = shutdown.cancelled() => return Err(CacheError::ShuttingDown),
-                _ = restarts.changed() => {
-                    return Err(CacheError::Aborted(format!(
-                        "VM {vm:?}'s log started again; reconnect and number on from its \
-                         durable sequence"
-                    )))
-                }
                 Some(c) = control.recv() => {
                     let (msg, stop) = match c {
                         Control::Resync(r) => (pb::ingest_response::Msg::Resync(r), None),
@@ -238,6 +235,12 @@ impl CacheService {
                         Some(reason) => return Err(CacheError::FailedPrecondition(reason)),
                         None => continue,
                     }
+                }
+                _ = restarts.changed() => {
+                    return Err(CacheError::Aborted(format!(
+                        "VM {vm:?}'s log started again; reconnect and number on from its \
+                         durable sequence"
+                    )))
                 }
                 m = inbound.message() => m,
             };

@@ -116,6 +116,7 @@ pub async fn serve_with(
     tokio::spawn(report_damaged(
         client.clone(),
         store.damaged(),
+        store.take_reports(),
         shutdown.clone(),
     ));
     tokio::spawn(control::watch_registry(
@@ -148,14 +149,30 @@ pub async fn serve_with(
 }
 
 /// Tells registry (component "cache", CRITICAL) of every VM whose log is
-/// damaged, retrying until registry has heard each or `shutdown`.
+/// damaged, found at open (`damaged`) or later (`later`), retrying until
+/// registry has heard each or `shutdown`.
 async fn report_damaged(
     mut registry: RegistryClient<ferry_runtime::PeerChannel>,
     damaged: Vec<(String, String)>,
+    mut later: Option<tokio::sync::mpsc::Receiver<(String, String)>>,
     shutdown: CancellationToken,
 ) {
     use ferry_proto::registry::v1 as reg;
-    for (vm, why) in damaged {
+    let mut queue: std::collections::VecDeque<(String, String)> = damaged.into();
+    loop {
+        let (vm, why) = match queue.pop_front() {
+            Some(next) => next,
+            None => {
+                let Some(rx) = later.as_mut() else { return };
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    next = rx.recv() => match next {
+                        Some(next) => next,
+                        None => return,
+                    },
+                }
+            }
+        };
         let mut backoff = std::time::Duration::from_millis(200);
         loop {
             let report = reg::ReportHealthRequest {

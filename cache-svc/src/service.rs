@@ -126,6 +126,7 @@ impl Cache for CacheService {
         .min(self.max_batch_bytes);
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let tail = tail::Tail {
+            store: self.store.clone(),
             state,
             from,
             follow: req.follow,

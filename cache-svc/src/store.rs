@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use ferry_proto::cache::v1::Record;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::error::CacheError;
 use crate::log::{SegmentMeta, VmLog};
@@ -80,11 +80,22 @@ pub struct Store {
     segment_limit: u64,
     quotas: Quotas,
     vms: Mutex<HashMap<String, Arc<VmState>>>,
-    /// VMs whose logs hold damaged acknowledged records: kept on disk as
-    /// they are, refused (DATA_LOSS) until an operator repairs them; why,
-    /// and the log's meta.
+    /// VMs whose logs hold damaged acknowledged records and could not be
+    /// set aside: kept as they are, refused (DATA_LOSS); why, and the meta.
     damaged: Mutex<HashMap<String, (String, VmMeta)>>,
+    /// VMs whose damaged logs were set aside at open and started again, and
+    /// what to tell registry about it.
+    repaired: Mutex<Vec<(String, String)>>,
+    /// Logs found damaged while serving (set aside and started again), for
+    /// registry: a bounded queue the service's reporter drains.
+    reports: (
+        mpsc::Sender<DamageReport>,
+        Mutex<Option<mpsc::Receiver<DamageReport>>>,
+    ),
 }
+
+/// A VM and what registry should hear about its damaged log.
+pub type DamageReport = (String, String);
 
 /// A fresh random lineage (never 0, which means "none").
 fn new_lineage() -> u64 {
@@ -138,6 +149,11 @@ impl Store {
             quotas,
             vms: Mutex::new(HashMap::new()),
             damaged: Mutex::new(HashMap::new()),
+            repaired: Mutex::new(Vec::new()),
+            reports: {
+                let (tx, rx) = mpsc::channel(256);
+                (tx, Mutex::new(Some(rx)))
+            },
         };
         let mut vms = HashMap::new();
         for entry in store.index.scan_prefix("vm/") {
@@ -148,14 +164,31 @@ impl Store {
                 Ok(state) => {
                     vms.insert(vm, state);
                 }
-                Err(e @ CacheError::Damaged { .. }) => {
-                    tracing::error!(vm, error = %e, "a VM's log is damaged: kept as it is, refused");
-                    store
-                        .damaged
-                        .lock()
-                        .map_err(|_| poisoned())?
-                        .insert(vm, (e.to_string(), meta));
-                }
+                Err(e @ CacheError::Damaged { .. }) => match store.set_aside(&vm, meta) {
+                    Ok((state, aside)) => {
+                        let first = state.with_log(|log| log.first_seq())?;
+                        let why = format!(
+                            "{e}; the damaged log is kept in {} and a new one starts at \
+                             sequence {first}; the VM is checked against its source by checksum",
+                            aside.display()
+                        );
+                        tracing::error!(vm, why, "a VM's log is damaged: set aside, started again");
+                        store
+                            .repaired
+                            .lock()
+                            .map_err(|_| poisoned())?
+                            .push((vm.clone(), why));
+                        vms.insert(vm, state);
+                    }
+                    Err(set_aside) => {
+                        tracing::error!(vm, error = %e, %set_aside, "a VM's log is damaged and cannot be set aside: kept as it is, refused");
+                        store
+                            .damaged
+                            .lock()
+                            .map_err(|_| poisoned())?
+                            .insert(vm, (format!("{e} (not set aside: {set_aside})"), meta));
+                    }
+                },
                 Err(e) => return Err(e),
             }
         }
@@ -221,16 +254,122 @@ impl Store {
         Ok(self.vms.lock().map_err(|_| poisoned())?.get(vm).cloned())
     }
 
-    /// The VMs whose logs are damaged, and why.
+    /// The VMs whose logs are damaged, and why: those refused, then those
+    /// set aside and started again.
     pub fn damaged(&self) -> Vec<(String, String)> {
-        self.damaged
+        let mut all: Vec<(String, String)> = self
+            .damaged
             .lock()
             .map(|d| {
                 d.iter()
                     .map(|(k, (why, _))| (k.clone(), why.clone()))
                     .collect()
             })
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if let Ok(r) = self.repaired.lock() {
+            all.extend(r.iter().cloned());
+        }
+        all
+    }
+
+    /// The damage found while serving, for registry (taken once).
+    pub fn take_reports(&self) -> Option<mpsc::Receiver<DamageReport>> {
+        self.reports.1.lock().ok().and_then(|mut r| r.take())
+    }
+
+    /// A tail found acknowledged records of `state`'s log damaged (`why`):
+    /// the log's directory is moved aside whole (kept for inspection, never
+    /// read again) and the log starts again, empty, past everything it
+    /// held, with a new lineage; every stream of it ends. The processor,
+    /// seeing the new lineage, has the VM checked against its source by
+    /// checksum; registry hears CRITICAL from "cache".
+    pub async fn set_aside_live(&self, state: &Arc<VmState>, why: &str) -> Result<(), CacheError> {
+        let meta = state.meta()?;
+        let nanos = ferry_runtime::time::unix_nanos_now();
+        let damaged = self.dir.join("damaged");
+        let aside = damaged.join(format!("{}-{nanos}", ferry_runtime::path_name(&state.vm)));
+        let dir = self.log_dir(&state.vm);
+        let worker = state.clone();
+        let (from, to) = (dir.clone(), aside.clone());
+        let first_seq = tokio::task::spawn_blocking(move || {
+            worker.with_log(|log| -> Result<u64, CacheError> {
+                let first_seq = log.last_seq() + 1;
+                // Before the files move, under the log's lock: readers of
+                // the old files know.
+                worker.restarts.send_modify(|n| *n += 1);
+                ferry_runtime::durable::create_dir_all(&damaged)
+                    .map_err(|e| CacheError::io(&damaged, e))?;
+                std::fs::rename(&from, &to).map_err(|e| CacheError::io(&from, e))?;
+                for parent in [&damaged, &from.parent().unwrap_or(&from).to_path_buf()] {
+                    ferry_runtime::durable::sync_dir(parent)
+                        .map_err(|e| CacheError::io(parent, e))?;
+                }
+                ferry_runtime::durable::create_dir_all(&from)
+                    .map_err(|e| CacheError::io(&from, e))?;
+                log.restart(first_seq)?;
+                Ok(first_seq)
+            })
+        })
+        .await
+        .map_err(|_| CacheError::ShuttingDown)???;
+        let next = VmMeta {
+            lineage: new_lineage(),
+            restart_at: None,
+            applied: first_seq - 1,
+            ..meta
+        };
+        let mut batch = sled::Batch::default();
+        batch.insert(vm_key(&state.vm).as_bytes(), encode(&next)?);
+        for entry in self.index.scan_prefix(format!("seg/{}/", state.vm)) {
+            batch.remove(entry?.0);
+        }
+        self.index.apply_batch(batch)?;
+        self.db.flush_async().await?;
+        *state.meta.lock().map_err(|_| poisoned())? = next;
+        state.durable.send_replace(first_seq - 1);
+        let report = format!(
+            "{why}; the damaged log is kept in {} and a new one starts at sequence {first_seq}; \
+             the VM is checked against its source by checksum",
+            aside.display()
+        );
+        tracing::error!(vm = %state.vm, report, "a VM's log is damaged: set aside, started again");
+        if self.reports.0.try_send((state.vm.clone(), report)).is_err() {
+            tracing::warn!(vm = %state.vm, "damage reports are backed up; registry hears later");
+        }
+        Ok(())
+    }
+
+    /// Moves a damaged log's directory aside (kept for inspection, never
+    /// read again) and starts the VM's log again, empty, past what the
+    /// processor reported applied, with a new lineage: the processor and
+    /// the agent see the gap and the VM is checked against its source by
+    /// checksum (a processor that applied more has the log renumbered past
+    /// that when it tails). Returns the new log and where the old one went.
+    fn set_aside(&self, vm: &str, meta: VmMeta) -> Result<(Arc<VmState>, PathBuf), CacheError> {
+        let dir = self.log_dir(vm);
+        let nanos = ferry_runtime::time::unix_nanos_now();
+        let damaged = self.dir.join("damaged");
+        ferry_runtime::durable::create_dir_all(&damaged)
+            .map_err(|e| CacheError::io(&damaged, e))?;
+        let aside = damaged.join(format!("{}-{nanos}", ferry_runtime::path_name(vm)));
+        std::fs::rename(&dir, &aside).map_err(|e| CacheError::io(&dir, e))?;
+        for parent in [&damaged, &self.dir.join("logs")] {
+            ferry_runtime::durable::sync_dir(parent).map_err(|e| CacheError::io(parent, e))?;
+        }
+        let next = VmMeta {
+            lineage: new_lineage(),
+            restart_at: Some(meta.applied + 1),
+            ..meta
+        };
+        let mut batch = sled::Batch::default();
+        batch.insert(vm_key(vm).as_bytes(), encode(&next)?);
+        for entry in self.index.scan_prefix(format!("seg/{vm}/")) {
+            batch.remove(entry?.0);
+        }
+        self.index.apply_batch(batch)?;
+        self.db.flush()?;
+        let state = self.load(vm, next)?;
+        Ok((state, aside))
     }
 
     /// Every VM with a log (damaged ones too) and the incarnation it

@@ -23,6 +23,8 @@ type Tx = mpsc::Sender<Result<pb::TailResponse, Status>>;
 /// log starts again meanwhile (`restarts`, subscribed before `lineage` was
 /// read) the tail ends with ABORTED and the reader tails again.
 pub struct Tail {
+    /// Where a damaged log is set aside.
+    pub store: Arc<crate::store::Store>,
     pub state: Arc<VmState>,
     pub from: u64,
     pub follow: bool,
@@ -45,6 +47,7 @@ fn restarted(vm: &str) -> CacheError {
 
 async fn feed(tail: Tail, tx: &Tx, shutdown: &CancellationToken) -> Result<(), CacheError> {
     let Tail {
+        store,
         state,
         from,
         follow,
@@ -81,12 +84,22 @@ async fn feed(tail: Tail, tx: &Tx, shutdown: &CancellationToken) -> Result<(), C
                 read(&dir, &segments, &mut c, max_bytes).map(|b| (b, c))
             })
             .await
-            .map_err(|_| CacheError::ShuttingDown)??;
-            let (records, next) = batch;
+            .map_err(|_| CacheError::ShuttingDown)?;
             if restarts.has_changed().unwrap_or(true) {
                 // What was read may be from the files of the old numbering.
                 return Err(restarted(&state.vm));
             }
+            let (records, next) = match batch {
+                Ok(b) => b,
+                // Acknowledged records damaged on disk (a sealed segment is
+                // not scanned at open): never served, never cut; the log is
+                // set aside and started again, and the VM resynced.
+                Err(CacheError::Corrupt(why)) => {
+                    store.set_aside_live(&state, &why).await?;
+                    return Err(restarted(&state.vm));
+                }
+                Err(e) => return Err(e),
+            };
             cursor = next;
             let response = pb::TailResponse {
                 batch: Some(pb::RecordBatch { records }),

@@ -735,7 +735,7 @@ async fn control_messages_reach_the_agent_and_a_fenced_or_disabled_stream_is_sto
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flipped_byte_in_acknowledged_records_is_refused_loudly_never_cut() {
+async fn a_flipped_byte_in_acknowledged_records_is_set_aside_loudly_and_the_log_starts_again() {
     let dir = tempfile::tempdir().unwrap();
     let cache_addr = ferry_testkit::free_addr();
     let cache_url = format!("http://{cache_addr}");
@@ -757,6 +757,7 @@ async fn a_flipped_byte_in_acknowledged_records_is_refused_loudly_never_cut() {
                 .unwrap();
         }
     }
+    let before = log_info(&cache_url, "vm5").await;
     assert!(cache.signal_and_wait("TERM").success());
     // One flipped byte in the middle of vm5's acknowledged records.
     let segment = dir
@@ -770,14 +771,29 @@ async fn a_flipped_byte_in_acknowledged_records_is_refused_loudly_never_cut() {
 
     cache.restart();
     wait_serving(&cache_url).await;
-    let err = tail_all(&cache_url, "vm5", 1).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::DataLoss, "{err}");
-    assert!(err.message().contains("damaged at byte"), "{err}");
+    // Never served, never cut: the damaged log is kept whole, aside, and a
+    // new one (another lineage) starts past what was applied; its agent
+    // finds the cache behind what it acknowledged and resyncs by checksum.
     assert_eq!(
-        std::fs::metadata(&segment).unwrap().len() as usize,
+        std::fs::metadata(&segment).map(|m| m.len()).unwrap_or(0),
+        0,
+        "the damaged log is no longer the VM's"
+    );
+    let aside: Vec<_> = std::fs::read_dir(dir.path().join("cache/damaged"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    let kept = aside[0].join(format!("{:020}.seg", 1));
+    assert_eq!(
+        std::fs::metadata(&kept).unwrap().len() as usize,
         len,
         "nothing was cut: the log is kept for inspection"
     );
+    assert!(tail_all(&cache_url, "vm5", 1).await.unwrap().is_empty());
+    let after = log_info(&cache_url, "vm5").await;
+    assert_eq!(after.last_sequence, 0, "{after:?}");
+    assert_ne!(after.lineage, before.lineage, "a new lineage");
     // The other VM is untouched.
     assert_eq!(tail_all(&cache_url, "vm6", 1).await.unwrap().len(), 100);
     // registry hears it.
@@ -797,7 +813,22 @@ async fn a_flipped_byte_in_acknowledged_records_is_refused_loudly_never_cut() {
         .find(|r| r.component == "cache")
         .unwrap();
     assert!(report.message.contains("vm5"), "{}", report.message);
+    assert!(
+        report.message.contains("damaged at byte") && report.message.contains("kept in"),
+        "{}",
+        report.message
+    );
     registry.stop().await;
+}
+
+async fn log_info(cache_url: &str, vm: &str) -> pb::LogInfo {
+    CacheClient::connect(cache_url.to_string())
+        .await
+        .unwrap()
+        .get_log_info(pb::GetLogInfoRequest { vm_name: vm.into() })
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
