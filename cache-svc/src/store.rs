@@ -272,6 +272,17 @@ impl Store {
         all
     }
 
+    /// A batch that records `meta` as the VM's and forgets its sealed
+    /// segments (the log starts again, or goes).
+    fn meta_without_segments(&self, vm: &str, meta: &VmMeta) -> Result<sled::Batch, CacheError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(vm_key(vm).as_bytes(), encode(meta)?);
+        for entry in self.index.scan_prefix(format!("seg/{vm}/")) {
+            batch.remove(entry?.0);
+        }
+        Ok(batch)
+    }
+
     /// The damage found while serving, for registry (taken once).
     pub fn take_reports(&self) -> Option<mpsc::Receiver<DamageReport>> {
         self.reports.1.lock().ok().and_then(|mut r| r.take())
@@ -318,11 +329,7 @@ impl Store {
             applied: first_seq - 1,
             ..meta
         };
-        let mut batch = sled::Batch::default();
-        batch.insert(vm_key(&state.vm).as_bytes(), encode(&next)?);
-        for entry in self.index.scan_prefix(format!("seg/{}/", state.vm)) {
-            batch.remove(entry?.0);
-        }
+        let batch = self.meta_without_segments(&state.vm, &next)?;
         self.index.apply_batch(batch)?;
         self.db.flush_async().await?;
         *state.meta.lock().map_err(|_| poisoned())? = next;
@@ -361,11 +368,7 @@ impl Store {
             restart_at: Some(meta.applied + 1),
             ..meta
         };
-        let mut batch = sled::Batch::default();
-        batch.insert(vm_key(vm).as_bytes(), encode(&next)?);
-        for entry in self.index.scan_prefix(format!("seg/{vm}/")) {
-            batch.remove(entry?.0);
-        }
+        let batch = self.meta_without_segments(vm, &next)?;
         self.index.apply_batch(batch)?;
         self.db.flush()?;
         let state = self.load(vm, next)?;
@@ -469,11 +472,7 @@ impl Store {
             restart_at: Some(first_seq),
             ..next
         };
-        let mut batch = sled::Batch::default();
-        batch.insert(vm_key(&state.vm).as_bytes(), encode(&meta)?);
-        for entry in self.index.scan_prefix(format!("seg/{}/", state.vm)) {
-            batch.remove(entry?.0);
-        }
+        let batch = self.meta_without_segments(&state.vm, &meta)?;
         self.index.apply_batch(batch)?;
         self.db.flush_async().await?;
         *state.meta.lock().map_err(|_| poisoned())? = meta;

@@ -757,7 +757,7 @@ async fn a_flipped_byte_in_acknowledged_records_is_set_aside_loudly_and_the_log_
                 .unwrap();
         }
     }
-    let before = log_info(&cache_url, "vm5").await;
+    let before = info(&cache_url, "vm5").await;
     assert!(cache.signal_and_wait("TERM").success());
     // One flipped byte in the middle of vm5's acknowledged records.
     let segment = dir
@@ -791,7 +791,7 @@ async fn a_flipped_byte_in_acknowledged_records_is_set_aside_loudly_and_the_log_
         "nothing was cut: the log is kept for inspection"
     );
     assert!(tail_all(&cache_url, "vm5", 1).await.unwrap().is_empty());
-    let after = log_info(&cache_url, "vm5").await;
+    let after = info(&cache_url, "vm5").await;
     assert_eq!(after.last_sequence, 0, "{after:?}");
     assert_ne!(after.lineage, before.lineage, "a new lineage");
     // The other VM is untouched.
@@ -819,16 +819,6 @@ async fn a_flipped_byte_in_acknowledged_records_is_set_aside_loudly_and_the_log_
         report.message
     );
     registry.stop().await;
-}
-
-async fn log_info(cache_url: &str, vm: &str) -> pb::LogInfo {
-    CacheClient::connect(cache_url.to_string())
-        .await
-        .unwrap()
-        .get_log_info(pb::GetLogInfoRequest { vm_name: vm.into() })
-        .await
-        .unwrap()
-        .into_inner()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -68,6 +68,71 @@ fn copy_sources(sources: &[(&str, PathBuf)], dir: &Path, tag: &str) -> Vec<(Stri
         .collect()
 }
 
+/// A VM "vm" with one disk of `size` bytes whose first `data` bytes are
+/// written (0x5a), protected with its agent, and a point holding it all.
+async fn protected_with_data(
+    cluster: &Cluster,
+    dir: &Path,
+    size: u64,
+    data: u64,
+) -> (ferry_agent::run::Agent, PathBuf, pb::RecoveryPoint) {
+    let registry = cluster.registry.url.clone();
+    let source = dir.join("os.raw");
+    let s = source.to_str().unwrap();
+    run_tool("qemu-img", &["create", "-f", "raw", s, &size.to_string()]);
+    run_tool(
+        "qemu-io",
+        &["-f", "raw", "-c", &format!("write -P 0x5a 0 {data}"), s],
+    );
+    common::policy(&registry, "fast", Duration::from_secs(1)).await;
+    protect_vm_with(&registry, "vm", &[("os", size, &source)], "fast").await;
+    let (agent, _) = common::protected_agent(&registry, "vm", &dir.join("agent")).await;
+    agent.stream.flushed().await;
+    let point = cut_latest(&cluster.processor.url, "vm").await.unwrap();
+    (agent, source, point)
+}
+
+/// failover-svc as a real process writing at most 8 MiB/s, so that a job
+/// is surely mid-way for a while.
+fn slow_failover_svc(cluster: &Cluster, dir: &Path) -> ferry_testkit::ServiceProcess {
+    let config = dir.join("failover.toml");
+    std::fs::write(&config, "[failover]\nmaterialize_mib_per_sec = 8\n").unwrap();
+    ferry_testkit::ServiceProcess::start(
+        ferry_testkit::bin_path("failover-svc"),
+        dir.join("failover"),
+        &[
+            "--registry",
+            &cluster.registry.url,
+            "--processor",
+            &cluster.processor.url,
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    )
+}
+
+/// Waits until `job` has materialized at least `bytes`.
+async fn wait_mid_way(url: &str, job: &fo::Job, bytes: u64) {
+    wait_for("the job to be mid-way", Duration::from_secs(60), || {
+        let (url, id) = (url.to_string(), job.id.clone());
+        async move {
+            let j = failover(&url)
+                .await
+                .get_job(fo::GetJobRequest { id })
+                .await
+                .ok()?
+                .into_inner();
+            assert_ne!(
+                j.state,
+                fo::JobState::Succeeded as i32,
+                "the job ended before it was interrupted"
+            );
+            (j.bytes_done >= bytes).then_some(())
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_failover_cleanup_unplanned_failover_to_an_older_point_and_commit() {
     let cluster = Cluster::start().await;
@@ -621,35 +686,9 @@ async fn a_failover_svc_killed_mid_job_completes_the_job_exactly_once() {
     let registry = cluster.registry.url.clone();
     let dir = tempfile::tempdir().unwrap();
     // 48 MiB of data on a 64 MiB disk, copied by initial replication.
-    let source = dir.path().join("os.raw");
-    let s = source.to_str().unwrap();
-    run_tool(
-        "qemu-img",
-        &["create", "-f", "raw", s, &(64u64 << 20).to_string()],
-    );
-    run_tool("qemu-io", &["-f", "raw", "-c", "write -P 0x33 0 48M", s]);
-    common::policy(&registry, "fast", Duration::from_secs(1)).await;
-    protect_vm_with(&registry, "vm", &[("os", 64 << 20, &source)], "fast").await;
-    let (agent, _) = common::protected_agent(&registry, "vm", &dir.path().join("agent")).await;
-    agent.stream.flushed().await;
-    let point = cut_latest(&cluster.processor.url, "vm").await.unwrap();
-
-    // failover-svc as a real process, writing at most 8 MiB/s so that the
-    // job is surely mid-way when it is killed.
-    let config = dir.path().join("failover.toml");
-    std::fs::write(&config, "[failover]\nmaterialize_mib_per_sec = 8\n").unwrap();
-    let mut process = ferry_testkit::ServiceProcess::start(
-        ferry_testkit::bin_path("failover-svc"),
-        dir.path().join("failover"),
-        &[
-            "--registry",
-            &registry,
-            "--processor",
-            &cluster.processor.url,
-            "--config",
-            config.to_str().unwrap(),
-        ],
-    );
+    let (agent, source, point) =
+        protected_with_data(&cluster, dir.path(), 64 << 20, 48 << 20).await;
+    let mut process = slow_failover_svc(&cluster, dir.path());
     let url = process.url();
     ferry_testkit::wait_serving(&url).await;
     let mut request = start(
@@ -665,24 +704,7 @@ async fn a_failover_svc_killed_mid_job_completes_the_job_exactly_once() {
         .await
         .unwrap()
         .into_inner();
-    wait_for("the job to be mid-way", Duration::from_secs(60), || {
-        let (url, id) = (url.clone(), job.id.clone());
-        async move {
-            let j = failover(&url)
-                .await
-                .get_job(fo::GetJobRequest { id })
-                .await
-                .ok()?
-                .into_inner();
-            assert_ne!(
-                j.state,
-                fo::JobState::Succeeded as i32,
-                "the job ended before the kill"
-            );
-            (j.bytes_done >= 2 << 20).then_some(())
-        }
-    })
-    .await;
+    wait_mid_way(&url, &job, 2 << 20).await;
     assert!(!process.signal_and_wait("KILL").success());
     process.restart();
     ferry_testkit::wait_serving(&url).await;
@@ -743,38 +765,11 @@ async fn a_failover_svc_killed_mid_job_completes_the_job_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_processor_stopped_mid_read_fails_the_failover_never_a_partial_disk() {
     let cluster = Cluster::start().await;
-    let registry = cluster.registry.url.clone();
     let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("os.raw");
-    let s = source.to_str().unwrap();
-    run_tool(
-        "qemu-img",
-        &["create", "-f", "raw", s, &(128u64 << 20).to_string()],
-    );
-    run_tool("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 0 128M", s]);
-    common::policy(&registry, "fast", Duration::from_secs(1)).await;
-    protect_vm_with(&registry, "vm", &[("os", 128 << 20, &source)], "fast").await;
-    let (agent, _) = common::protected_agent(&registry, "vm", &dir.path().join("agent")).await;
-    agent.stream.flushed().await;
-    let point = cut_latest(&cluster.processor.url, "vm").await.unwrap();
-
-    // A failover-svc writing at most 8 MiB/s, so that the read is mid-way
-    // when processor-svc stops (the processor sends extents of up to 8 MiB
-    // a few ahead: 128 MiB of data cannot all be on the way).
-    let config = dir.path().join("failover.toml");
-    std::fs::write(&config, "[failover]\nmaterialize_mib_per_sec = 8\n").unwrap();
-    let process = ferry_testkit::ServiceProcess::start(
-        ferry_testkit::bin_path("failover-svc"),
-        dir.path().join("failover"),
-        &[
-            "--registry",
-            &registry,
-            "--processor",
-            &cluster.processor.url,
-            "--config",
-            config.to_str().unwrap(),
-        ],
-    );
+    let (agent, _, point) = protected_with_data(&cluster, dir.path(), 128 << 20, 128 << 20).await;
+    // Mid-way when processor-svc stops: the processor sends extents of up
+    // to 8 MiB a few ahead, so 128 MiB of data cannot all be on the way.
+    let process = slow_failover_svc(&cluster, dir.path());
     let url = process.url();
     ferry_testkit::wait_serving(&url).await;
     let job = failover(&url)
@@ -788,19 +783,7 @@ async fn a_processor_stopped_mid_read_fails_the_failover_never_a_partial_disk() 
         .await
         .unwrap()
         .into_inner();
-    wait_for("the read to be mid-way", Duration::from_secs(60), || {
-        let (url, id) = (url.clone(), job.id.clone());
-        async move {
-            let j = failover(&url)
-                .await
-                .get_job(fo::GetJobRequest { id })
-                .await
-                .ok()?
-                .into_inner();
-            (j.bytes_done >= 2 << 20).then_some(())
-        }
-    })
-    .await;
+    wait_mid_way(&url, &job, 2 << 20).await;
     // processor-svc shuts down: its ReadDisk streams end.
     cluster.processor.shutdown.cancel();
     let (done, _) = finish(&url, &job).await;
