@@ -11,6 +11,7 @@ pub mod peers;
 pub mod placeholder;
 pub mod readiness;
 pub mod shutdown;
+pub mod space;
 pub mod sparse;
 pub mod telemetry;
 pub mod time;

@@ -51,6 +51,18 @@ where
     }
 }
 
+/// How a [`Cluster`] is set up beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub processor: processor_svc::Settings,
+    pub cache: cache_svc::Settings,
+    /// cache-svc's data directory, if the test has its own (a [`crate::SmallFs`]
+    /// for a full disk); else one under the cluster's tempdir.
+    pub cache_dir: Option<PathBuf>,
+    /// processor-svc's, likewise.
+    pub processor_dir: Option<PathBuf>,
+}
+
 /// Every service, in-process.
 pub struct Cluster {
     pub registry: Running,
@@ -94,7 +106,16 @@ impl Cluster {
 
     /// As [`Cluster::start`], with processor-svc's settings.
     pub async fn start_with(processor_settings: processor_svc::Settings) -> Cluster {
-        Self::start_inner(processor_settings, false).await.0
+        Self::start_options(Options {
+            processor: processor_settings,
+            ..Options::default()
+        })
+        .await
+    }
+
+    /// As [`Cluster::start`], set up by `options`.
+    pub async fn start_options(options: Options) -> Cluster {
+        Self::start_inner(options, false).await.0
     }
 
     /// As [`Cluster::start_with`], but registry hands agents the URL of a
@@ -104,14 +125,16 @@ impl Cluster {
     pub async fn start_behind_proxy(
         processor_settings: processor_svc::Settings,
     ) -> (Cluster, FaultProxy) {
-        let (cluster, proxy) = Self::start_inner(processor_settings, true).await;
+        let options = Options {
+            processor: processor_settings,
+            ..Options::default()
+        };
+        let (cluster, proxy) = Self::start_inner(options, true).await;
         (cluster, proxy.expect("a proxy was asked for"))
     }
 
-    async fn start_inner(
-        processor_settings: processor_svc::Settings,
-        proxied: bool,
-    ) -> (Cluster, Option<FaultProxy>) {
+    async fn start_inner(options: Options, proxied: bool) -> (Cluster, Option<FaultProxy>) {
+        let processor_settings = options.processor;
         let dir = tempfile::tempdir().expect("tempdir");
         // The cache's address is needed by registry before cache starts.
         let cache_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -126,11 +149,18 @@ impl Cluster {
         let registry = start_registry(dir.path().join("registry"), Some(agents_cache)).await;
 
         let registry_url = registry.url.clone();
-        let cache_dir = dir.path().join("cache");
+        let cache_dir = options
+            .cache_dir
+            .unwrap_or_else(|| dir.path().join("cache"));
         let cache_shutdown = CancellationToken::new();
         let mut cache_config = ServiceConfig::in_process(&cache_dir);
         cache_config.registry = Some(registry_url.clone());
-        let future = cache_svc::serve(cache_config, cache_listener, cache_shutdown.clone());
+        let future = cache_svc::serve_with(
+            cache_config,
+            options.cache,
+            cache_listener,
+            cache_shutdown.clone(),
+        );
         let cache = Running {
             url: cache_url.clone(),
             data_dir: cache_dir,
@@ -145,7 +175,9 @@ impl Cluster {
         let (r, c) = (registry_url.clone(), cache_url.clone());
         let processor = start(
             "processor-svc",
-            dir.path().join("processor"),
+            options
+                .processor_dir
+                .unwrap_or_else(|| dir.path().join("processor")),
             move |mut cfg, l, s| {
                 cfg.registry = Some(r);
                 cfg.cache = Some(c);

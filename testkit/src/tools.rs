@@ -134,6 +134,30 @@ impl SmallFs {
     pub fn path(&self) -> &std::path::Path {
         self.dir.path()
     }
+
+    /// Fills the filesystem with a ballast file at its root until about
+    /// `free` bytes are left (in whole pages); deleting the file gives the
+    /// space back. Its path.
+    pub fn fill_leaving(&self, free: u64) -> PathBuf {
+        use std::io::Write;
+        let path = self.path().join("ballast");
+        let available = ferry_runtime::space::available_bytes(self.path()).unwrap();
+        let mut left = available.saturating_sub(free);
+        let mut file = std::fs::File::create(&path).unwrap();
+        let block = vec![0xbbu8; 1 << 20];
+        while left > 0 {
+            let n = left.min(block.len() as u64) as usize;
+            file.write_all(&block[..n]).unwrap();
+            left -= n as u64;
+        }
+        file.sync_all().unwrap();
+        path
+    }
+
+    /// Bytes free on it now.
+    pub fn free(&self) -> u64 {
+        ferry_runtime::space::available_bytes(self.path()).unwrap()
+    }
 }
 
 impl Drop for SmallFs {
