@@ -31,6 +31,11 @@ pub enum CacheError {
     /// applied (and the cache trimmed) enough. Nothing of the batch was stored.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The data directory's filesystem is full, or would keep less than the
+    /// index's reserve: like a quota, the agent backs off and resends (then
+    /// tracks changed chunks). Nothing of the batch was stored.
+    #[error("disk full: {0}")]
+    DiskFull(String),
     /// registry-svc could not be asked.
     #[error("registry unavailable: {0}")]
     Registry(String),
@@ -62,6 +67,13 @@ pub enum CacheError {
 
 impl CacheError {
     pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        // ENOSPC is the agent's to wait out, not a fault of the cache.
+        if ferry_runtime::space::is_full(&source) {
+            return CacheError::DiskFull(format!(
+                "{}: {source}; back off until the log is trimmed or space is freed",
+                path.display()
+            ));
+        }
         CacheError::Io {
             path: path.to_path_buf(),
             source,
@@ -80,7 +92,9 @@ impl From<CacheError> for Status {
             CacheError::OutOfRange(_) => Status::out_of_range(message),
             CacheError::Aborted(_) => Status::aborted(message),
             CacheError::DataLoss(_) => Status::data_loss(message),
-            CacheError::ResourceExhausted(_) => Status::resource_exhausted(message),
+            CacheError::ResourceExhausted(_) | CacheError::DiskFull(_) => {
+                Status::resource_exhausted(message)
+            }
             CacheError::Registry(_) => Status::unavailable(message),
             CacheError::Io { .. } | CacheError::Index(_) => Status::internal(message),
             CacheError::Corrupt(_) => Status::data_loss(message),

@@ -1,7 +1,9 @@
 //! The agent's stream: validate every record, append each batch durably, ack.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ferry_proto::cache::v1 as pb;
 use ferry_proto::cache::v1::record::Op;
@@ -100,7 +102,59 @@ pub fn validate(record: &pb::Record, disks: &Disks) -> Result<(), CacheError> {
     Ok(())
 }
 
+/// Room on the data directory's filesystem. Batches stop short of a
+/// reserve kept for the sled index: sled fails for good (until a restart)
+/// once a write of its own hits ENOSPC, and the index must still record
+/// the processor's applied sequence and the trims that free space again.
+pub struct Room {
+    dir: PathBuf,
+    reserve: u64,
+    /// VMs registry was told are refused for a full disk, until one of
+    /// their batches fits again.
+    refused: Mutex<HashSet<String>>,
+}
+
+impl Room {
+    pub fn new(dir: PathBuf, reserve: u64) -> Room {
+        Room {
+            dir,
+            reserve,
+            refused: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Refuses `bytes` more that would leave less than the reserve free.
+    fn check(&self, bytes: u64) -> Result<(), CacheError> {
+        let free = ferry_runtime::space::available_bytes(&self.dir)
+            .map_err(|e| CacheError::io(&self.dir, e))?;
+        if free < bytes.saturating_add(self.reserve) {
+            return Err(CacheError::DiskFull(format!(
+                "{free} bytes free under {} and {} kept for the index: a batch of {bytes} \
+                 bytes does not fit; back off until the log is trimmed or space is freed",
+                self.dir.display(),
+                self.reserve
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether `vm`'s refusal is news (true once, until it fits again).
+    fn refused(&self, vm: &str) -> bool {
+        self.refused
+            .lock()
+            .is_ok_and(|mut r| r.insert(vm.to_string()))
+    }
+
+    /// Whether `vm` fits again after a refusal registry heard of.
+    fn fits(&self, vm: &str) -> bool {
+        self.refused.lock().is_ok_and(|mut r| r.remove(vm))
+    }
+}
+
 type Tx = mpsc::Sender<Result<pb::IngestResponse, Status>>;
+
+/// How the cache's health report about a full disk begins.
+const DISK_FULL: &str = "disk full";
 
 fn reply(msg: pb::ingest_response::Msg) -> Result<pb::IngestResponse, Status> {
     Ok(pb::IngestResponse { msg: Some(msg) })
@@ -135,6 +189,15 @@ impl CacheService {
                 _ => CacheError::Registry(s.message().into()),
             })?
             .into_inner();
+        // Registry still says this VM's records are refused for a full disk
+        // (the cache restarted since, say): the next batch that fits clears it.
+        if item.health_reports.iter().any(|r| {
+            r.component == "cache"
+                && r.health != registry::ReplicationHealth::Normal as i32
+                && r.message.starts_with(DISK_FULL)
+        }) {
+            self.room.refused(&vm);
+        }
         let disks = item
             .source
             .map(|v| v.disks.into_iter().map(|d| (d.id, d.size_bytes)).collect())
@@ -154,10 +217,14 @@ impl CacheService {
         let result = self.ingest_inner(&mut inbound, &tx, &shutdown).await;
         if let Err(err) = result {
             tracing::warn!(%err, "ingest stream ended with an error");
-            if let CacheError::ResourceExhausted(reason) = &err {
+            // A quota or a full disk: the agent backs off and resends.
+            if matches!(
+                err,
+                CacheError::ResourceExhausted(_) | CacheError::DiskFull(_)
+            ) {
                 let throttle = pb::Throttle {
                     max_bytes_per_second: 0,
-                    reason: reason.clone(),
+                    reason: err.to_string(),
                 };
                 let _ = tx
                     .send(reply(pb::ingest_response::Msg::Throttle(throttle)))
@@ -279,8 +346,25 @@ impl CacheService {
                 .collect();
             if !records.is_empty() {
                 let writer = session.still_current();
-                self.check_and_append(&state, &disks, epoch, &mut durable, records, writer)
-                    .await?;
+                let appended = self
+                    .check_and_append(&state, &disks, epoch, &mut durable, records, writer)
+                    .await;
+                match &appended {
+                    Err(CacheError::DiskFull(why)) if self.room.refused(&vm) => {
+                        let message = format!(
+                            "{DISK_FULL}: cache-svc refuses this VM's records ({why}); the \
+                             agent tracks changed chunks until space returns"
+                        );
+                        self.report(&vm, registry::ReplicationHealth::Critical, message)
+                            .await;
+                    }
+                    Ok(()) if self.room.fits(&vm) => {
+                        self.report(&vm, registry::ReplicationHealth::Normal, String::new())
+                            .await;
+                    }
+                    _ => {}
+                }
+                appended?;
             }
             if tx
                 .send(reply(pb::ingest_response::Msg::Ack(pb::Ack {
@@ -291,6 +375,25 @@ impl CacheService {
             {
                 return Ok(());
             }
+        }
+    }
+
+    /// Tells registry how the cache fares with `vm` (component "cache").
+    /// Best effort: the refusal itself reaches the agent regardless.
+    async fn report(&self, vm: &str, health: registry::ReplicationHealth, message: String) {
+        tracing::warn!(vm, ?health, message, "reporting the cache's health");
+        let mut client = self.registry.clone();
+        let report = registry::ReportHealthRequest {
+            vm_name: vm.to_string(),
+            component: "cache".into(),
+            health: health as i32,
+            message,
+            ..Default::default()
+        };
+        match tokio::time::timeout(Duration::from_secs(5), client.report_health(report)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(s)) => tracing::warn!(vm, %s, "cannot report the cache's health"),
+            Err(_) => tracing::warn!(vm, "registry did not take the cache's health report in 5 s"),
         }
     }
 
@@ -316,6 +419,12 @@ impl CacheService {
             }
             validate(record, disks)?;
         }
+        let bytes: u64 = records
+            .iter()
+            .map(|r| prost::Message::encoded_len(r) as u64 + crate::frame::HEADER as u64)
+            .sum();
+        // Its commit frame is one more header.
+        self.room.check(bytes + crate::frame::HEADER as u64)?;
         // The fencing check again: a newer agent may have registered.
         if state.meta()?.epoch > epoch {
             return Err(CacheError::FailedPrecondition(format!(

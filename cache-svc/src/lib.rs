@@ -39,6 +39,9 @@ pub struct Settings {
     pub vm_quota_bytes: u64,
     /// Log bytes all VMs together may have waiting.
     pub total_quota_bytes: u64,
+    /// Bytes kept free on the data directory's filesystem for the index:
+    /// a batch that would leave less is refused like one past a quota.
+    pub reserve_bytes: u64,
 }
 
 impl Default for Settings {
@@ -47,6 +50,7 @@ impl Default for Settings {
             segment_bytes: 64 * 1024 * 1024,
             vm_quota_bytes: 16 << 30,
             total_quota_bytes: 128 << 30,
+            reserve_bytes: 64 << 20,
         }
     }
 }
@@ -98,6 +102,7 @@ pub async fn serve_with(
         source,
     })?;
     let data_dir = config.data_dir.clone();
+    let room = ingest::Room::new(config.data_dir.clone(), settings.reserve_bytes);
     let segment_bytes = settings.segment_bytes.max(4096);
     // A quota below two full messages could refuse a single batch forever.
     let floor = 2 * config.limits.max_message_bytes as u64;
@@ -130,6 +135,7 @@ pub async fn serve_with(
             store,
             sessions,
             client,
+            room,
             shutdown.clone(),
             limits.max_message_bytes,
         ))

@@ -25,6 +25,7 @@ pub struct CacheService {
     pub(crate) store: Arc<Store>,
     pub(crate) sessions: Arc<Sessions>,
     pub(crate) registry: RegistryClient<PeerChannel>,
+    pub(crate) room: Arc<crate::ingest::Room>,
     shutdown: CancellationToken,
     /// Tail batches stay well under the largest message the server sends.
     max_batch_bytes: usize,
@@ -35,6 +36,7 @@ impl CacheService {
         store: Arc<Store>,
         sessions: Arc<Sessions>,
         registry: RegistryClient<PeerChannel>,
+        room: crate::ingest::Room,
         shutdown: CancellationToken,
         max_message_bytes: usize,
     ) -> Self {
@@ -42,6 +44,7 @@ impl CacheService {
             store,
             sessions,
             registry,
+            room: Arc::new(room),
             shutdown,
             max_batch_bytes: (max_message_bytes / 2).max(4096),
         }

@@ -12,7 +12,9 @@ use ferry_proto::cache::v1::record::Op;
 use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::{CancellationToken, ServiceConfig};
-use ferry_testkit::{start_registry, wait_serving, Running, ServiceProcess};
+use ferry_testkit::{
+    protected_item, start_registry, wait_for, wait_serving, Running, ServiceProcess, SmallFs,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -576,6 +578,7 @@ async fn past_its_quota_a_vm_is_throttled_and_nothing_is_lost() {
         segment_bytes: 32 * 1024,
         vm_quota_bytes: 192 * 1024,
         total_quota_bytes: 1 << 30,
+        ..Default::default()
     };
     let env = in_process_with(settings, 64 * 1024).await;
     let cred = protect(&env.registry.url, "vm5").await;
@@ -840,4 +843,192 @@ async fn a_stream_its_agent_gave_up_on_appends_nothing_once_a_newer_one_opened()
     assert_eq!(all, (1..=9).map(record).collect::<Vec<_>>());
     env.cache_shutdown.cancel();
     env.registry.stop().await;
+}
+
+/// The VM's "cache" health report in registry, once it has one.
+async fn cache_report(registry_url: &str, vm: &str) -> Option<reg::HealthReport> {
+    protected_item(registry_url, vm)
+        .await?
+        .health_reports
+        .into_iter()
+        .find(|r| r.component == "cache")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_throttled_like_a_quota_and_nothing_acknowledged_is_lost() {
+    // cache-svc, a real process, with its data on a 16 MiB filesystem of
+    // which the test takes all but 1 MiB over the index's reserve.
+    let dir = tempfile::tempdir().unwrap();
+    let fs = SmallFs::mount(16 << 20);
+    let reserve: u64 = 2 << 20;
+    let config = dir.path().join("cache.toml");
+    std::fs::write(&config, format!("[cache]\nreserve_bytes = {reserve}\n")).unwrap();
+    let cache_addr = ferry_testkit::free_addr();
+    let cache_url = format!("http://{cache_addr}");
+    let registry = start_registry(dir.path().join("registry"), Some(cache_url.clone())).await;
+    wait_serving(&registry.url).await;
+    let cred = protect(&registry.url, "vm7").await;
+    let mut cache = ServiceProcess::start_at(
+        cache_addr,
+        env!("CARGO_BIN_EXE_cache-svc"),
+        fs.path().join("cache"),
+        &[
+            "--registry",
+            &registry.url,
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
+    wait_serving(&cache_url).await;
+    let (mut s, _) = Stream::open(&cache_url, "vm7", &cred).await.unwrap();
+    assert_eq!(s.send((1..=5).map(record).collect()).await.unwrap(), 5);
+    let ballast = fs.fill_leaving(reserve + (1 << 20));
+
+    // Batches of 5 records (20 KiB) until the disk is full.
+    let mut next = 6;
+    let refused = loop {
+        let records: Vec<_> = (next..next + 5).map(record).collect();
+        match s.send(records).await {
+            Ok(durable) => {
+                assert_eq!(durable, next + 4);
+                next += 5;
+                assert!(next < 1000, "the disk never filled: {} B free", fs.free());
+            }
+            Err(status) => break status,
+        }
+    };
+    // Like a quota: the agent backs off and resends (INTERNAL before).
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("disk full"), "{refused:?}");
+    assert!(
+        fs.free() >= reserve,
+        "the index's reserve is kept: {} B free",
+        fs.free()
+    );
+    let report = wait_for(
+        "registry to hear the cache's disk is full",
+        Duration::from_secs(10),
+        || async {
+            cache_report(&registry.url, "vm7")
+                .await
+                .filter(|r| r.health == reg::ReplicationHealth::Critical as i32)
+        },
+    )
+    .await;
+    assert!(report.message.contains("disk full"), "{}", report.message);
+
+    // A throttle comes ahead of the status, as for a quota.
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(open("vm7", &cred)).await.unwrap();
+    let mut client = CacheClient::connect(cache_url.clone()).await.unwrap();
+    let mut responses = client
+        .ingest(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    responses.message().await.unwrap();
+    tx.send(batch((next..next + 5).map(record).collect()))
+        .await
+        .unwrap();
+    let msg = responses.message().await.unwrap().and_then(|m| m.msg);
+    assert!(
+        matches!(msg, Some(pb::ingest_response::Msg::Throttle(ref t)) if t.reason.contains("disk full")),
+        "{msg:?}"
+    );
+    assert_eq!(
+        responses.message().await.unwrap_err().code(),
+        Code::ResourceExhausted
+    );
+
+    // What the processor reports still lands: the index has its reserve.
+    CacheClient::connect(cache_url.clone())
+        .await
+        .unwrap()
+        .report_applied(pb::ReportAppliedRequest {
+            vm_name: "vm7".into(),
+            applied_sequence: 5,
+            lineage: 0,
+        })
+        .await
+        .unwrap();
+
+    // Killed on the full disk, the cache opens its log with exactly what
+    // it acknowledged.
+    cache.signal_and_wait("KILL");
+    cache.restart();
+    wait_serving(&cache_url).await;
+    let all = tail_all(&cache_url, "vm7", 1).await.unwrap();
+    assert_eq!(all.len() as u64, next - 1, "every acknowledged record");
+    for (i, r) in all.iter().enumerate() {
+        assert_eq!(*r, record(i as u64 + 1), "record {}", i + 1);
+    }
+    assert_eq!(info(&cache_url, "vm7").await.applied_sequence, 5);
+
+    // Space returns: the refused batch is taken, and registry hears so.
+    std::fs::remove_file(&ballast).unwrap();
+    let (mut s, durable) = Stream::open(&cache_url, "vm7", &cred).await.unwrap();
+    assert_eq!(durable, next - 1);
+    assert_eq!(
+        s.send((next..next + 5).map(record).collect())
+            .await
+            .unwrap(),
+        next + 4
+    );
+    wait_for("registry to hear space returned", Duration::from_secs(10), || async {
+        cache_report(&registry.url, "vm7")
+            .await
+            .filter(|r| r.health == reg::ReplicationHealth::Normal as i32)
+    })
+    .await;
+    let all = tail_all(&cache_url, "vm7", 1).await.unwrap();
+    assert_eq!(all.len() as u64, next + 4);
+    drop(cache);
+    registry.stop().await;
+}
+
+#[test]
+fn an_append_the_full_disk_took_in_part_is_undone() {
+    use cache_svc::log::{read, Cursor, VmLog};
+    // No reserve at this level: the filesystem itself runs out mid-write.
+    let fs = SmallFs::mount(1 << 20);
+    let dir = fs.path().join("vm");
+    let mut log = VmLog::open(&dir, Vec::new(), 1, 64 << 20).unwrap();
+    log.append(&(1..=10).map(record).collect::<Vec<_>>())
+        .unwrap();
+    let size = log.size();
+    let ballast = fs.fill_leaving(32 << 10);
+    // 25 records of 4 KiB: 100 KiB into 32.
+    let err = log
+        .append(&(11..=35).map(record).collect::<Vec<_>>())
+        .unwrap_err();
+    assert!(
+        matches!(err, cache_svc::CacheError::DiskFull(_)),
+        "ENOSPC is a full disk, for the agent to wait out: {err}"
+    );
+    assert_eq!(tonic::Status::from(err).code(), Code::ResourceExhausted);
+    assert_eq!((log.last_seq(), log.size()), (10, size), "nothing of it counts");
+    let segment = cache_svc::log::segment_path(&dir, 1);
+    assert_eq!(
+        std::fs::metadata(&segment).unwrap().len(),
+        size,
+        "nothing of it is left in the file"
+    );
+    std::fs::remove_file(ballast).unwrap();
+    log.append(&(11..=35).map(record).collect::<Vec<_>>())
+        .unwrap();
+    drop(log);
+    let log = VmLog::open(&dir, Vec::new(), 1, 64 << 20).unwrap();
+    let mut cursor = Cursor {
+        next_seq: 1,
+        at: None,
+    };
+    let mut all = Vec::new();
+    loop {
+        let batch = read(log.dir(), log.segments(), &mut cursor, 1 << 20).unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        all.extend(batch);
+    }
+    assert_eq!(all, (1..=35).map(record).collect::<Vec<_>>());
 }
