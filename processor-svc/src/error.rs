@@ -20,6 +20,10 @@ pub enum ProcessorError {
     /// A peer (cache, registry) could not be asked.
     #[error("{0}")]
     Unavailable(String),
+    /// The data directory's filesystem is full, or would keep less than the
+    /// index's reserve: the pipeline pauses until space returns.
+    #[error("disk full: {0}")]
+    DiskFull(String),
     /// The request took longer than it may.
     #[error("{0}")]
     DeadlineExceeded(String),
@@ -45,6 +49,10 @@ pub enum ProcessorError {
 
 impl ProcessorError {
     pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        // Space can return; the pipeline waits for it rather than failing.
+        if ferry_runtime::space::is_full(&source) {
+            return ProcessorError::DiskFull(format!("{}: {source}", path.display()));
+        }
         ProcessorError::Io {
             path: path.to_path_buf(),
             source,
@@ -64,6 +72,7 @@ impl From<ProcessorError> for Status {
                 Status::unavailable(message)
             }
             ProcessorError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
+            ProcessorError::DiskFull(_) => Status::resource_exhausted(message),
             ProcessorError::DataLoss(_) => Status::data_loss(message),
             ProcessorError::Io { .. } | ProcessorError::Index(_) | ProcessorError::Corrupt(_) => {
                 Status::internal(message)

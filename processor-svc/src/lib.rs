@@ -47,6 +47,10 @@ pub struct Settings {
     /// Blob bytes the background scrub reads and checks per step (one step
     /// per point interval); 0 turns the scrub off.
     pub scrub_bytes: u64,
+    /// Bytes kept free on the data directory's filesystem for the index:
+    /// replica data that would leave less is not written, and the pipeline
+    /// pauses (health CRITICAL) until space returns.
+    pub reserve_bytes: u64,
 }
 
 impl Default for Settings {
@@ -58,6 +62,7 @@ impl Default for Settings {
             compact_bytes: 16 << 20,
             cut_timeout_secs: 120,
             scrub_bytes: 4 << 20,
+            reserve_bytes: 64 << 20,
         }
     }
 }
@@ -132,6 +137,10 @@ pub async fn serve_with(
             flush_bytes: settings.flush_bytes.max(chunk as usize),
             compact_bytes: settings.compact_bytes.max(chunk),
             scrub_bytes: settings.scrub_bytes,
+            room: pipeline::Room {
+                dir: config.data_dir.clone(),
+                reserve: settings.reserve_bytes,
+            },
         },
         shutdown.clone(),
     );

@@ -58,6 +58,36 @@ pub struct Tuning {
     pub compact_bytes: u64,
     /// Blob bytes checked per scrub step; 0: no scrub.
     pub scrub_bytes: u64,
+    /// Free space replica data must leave on the data directory.
+    pub room: Room,
+}
+
+/// Room on the data directory's filesystem. Replica data stops short of a
+/// reserve kept for the sled index: sled fails for good (until a restart)
+/// once a write of its own hits ENOSPC, and the index must still record
+/// what frees space (pruned points). Checked before every write of replica
+/// data, so a full disk pauses the pipeline before anything is written.
+#[derive(Debug, Clone)]
+pub struct Room {
+    pub dir: std::path::PathBuf,
+    pub reserve: u64,
+}
+
+impl Room {
+    /// Refuses writing `bytes` that would leave less than the reserve free.
+    pub fn check(&self, bytes: u64) -> Result<(), ProcessorError> {
+        let free = ferry_runtime::space::available_bytes(&self.dir)
+            .map_err(|e| ProcessorError::io(&self.dir, e))?;
+        if free < bytes.saturating_add(self.reserve) {
+            return Err(ProcessorError::DiskFull(format!(
+                "{free} bytes free under {} and {} kept for the index: {bytes} bytes of \
+                 replica data do not fit",
+                self.dir.display(),
+                self.reserve
+            )));
+        }
+        Ok(())
+    }
 }
 
 struct Handle {
@@ -174,6 +204,7 @@ impl Pipelines {
             retention,
             status: status_tx,
             pending: Vec::new(),
+            disk_full: None,
             reported: 0,
             last_request: None,
             last_gap_request: None,
@@ -372,6 +403,8 @@ struct Pipeline {
     status: watch::Sender<Status>,
     /// Cut requests waiting for their sequence.
     pending: Vec<(u64, oneshot::Sender<Result<Point, ProcessorError>>)>,
+    /// Why the pipeline is paused for a full disk, while it is.
+    disk_full: Option<String>,
     /// The applied sequence last reported to the cache.
     reported: u64,
     /// When the agent was last asked for mismatched ranges.
@@ -405,6 +438,13 @@ impl Pipeline {
                 Ok(true) => break,
                 // No log in the cache yet: `idle` waited; ask again.
                 Ok(false) => continue,
+                Err(ProcessorError::DiskFull(why)) => {
+                    if self.pause(&why, &mut commands, &stop).await {
+                        break;
+                    }
+                    backoff = Duration::from_millis(100);
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, ?backoff, "pipeline interrupted; resuming from the durable sequence");
                     self.status.send_modify(|s| s.error = Some(e.to_string()));
@@ -422,12 +462,79 @@ impl Pipeline {
         }
         // What is applied in memory is written, so a restart resumes close.
         let replica = self.replica.clone();
-        if let Err(e) = blocking(move || replica.checkpoint()).await {
+        let room = self.tuning.room.clone();
+        let last = blocking(move || {
+            room.check(replica.dirty_bytes()? as u64)?;
+            replica.checkpoint()
+        });
+        if let Err(e) = last.await {
             tracing::warn!(error = %e, "final checkpoint failed");
         }
         for (_, reply) in self.pending.drain(..) {
             let _ = reply.send(Err(ProcessorError::ShuttingDown));
         }
+    }
+
+    /// The disk is full: what is not durable is dropped (nothing of it was
+    /// written, nor reported applied), registry hears CRITICAL, cut
+    /// requests are refused, and the pipeline waits until the reserve is
+    /// free again, then tails from the durable sequence. True if stopped
+    /// meanwhile.
+    async fn pause(
+        &mut self,
+        why: &str,
+        commands: &mut mpsc::Receiver<Command>,
+        stop: &CancellationToken,
+    ) -> bool {
+        let replica = self.replica.clone();
+        // What did not fit must fit before applying it again is worthwhile.
+        let need = blocking(move || {
+            let need = replica.dirty_bytes()? as u64;
+            replica.reset()?;
+            Ok(need)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot reset the replica");
+            0
+        });
+        let message = format!(
+            "{}; the pipeline is paused until space returns: no points, nothing more applied",
+            ProcessorError::DiskFull(why.to_string())
+        );
+        tracing::error!(%message, "replica disk full");
+        self.status.send_modify(|s| s.error = Some(message.clone()));
+        self.disk_full = Some(message);
+        let refuse = |reply: oneshot::Sender<Result<Point, ProcessorError>>| {
+            let _ = reply.send(Err(ProcessorError::DiskFull(why.to_string())));
+        };
+        for (_, reply) in self.pending.drain(..) {
+            refuse(reply);
+        }
+        self.report_health().await;
+        let mut check = tokio::time::interval(Duration::from_secs(1));
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reported = std::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return true,
+                Some(Command::Cut { reply, .. }) = commands.recv() => refuse(reply),
+                _ = check.tick() => {
+                    let room = self.tuning.room.clone();
+                    if blocking(move || room.check(need)).await.is_ok() {
+                        break;
+                    }
+                    if reported.elapsed() >= self.retention.interval {
+                        self.report_health().await;
+                        reported = std::time::Instant::now();
+                    }
+                }
+            }
+        }
+        tracing::info!("space returned on the replica disk: resuming");
+        self.disk_full = None;
+        self.status.send_modify(|s| s.error = None);
+        false
     }
 
     /// One tail of the cache, until stopped (Ok(true)) or something fails;
@@ -591,8 +698,11 @@ impl Pipeline {
     async fn apply(&mut self, records: Vec<cache::Record>) -> Result<(), ProcessorError> {
         let replica = self.replica.clone();
         let flush_bytes = self.tuning.flush_bytes;
+        let room = self.tuning.room.clone();
         let group = self.group.clone();
         let (applied, cuts, mismatched) = blocking(move || {
+            // Replica data is written only if it leaves the reserve free.
+            let room_for = |replica: &VmReplica| room.check(replica.dirty_bytes()? as u64);
             let mut cuts = Vec::new();
             let mut mismatched = false;
             let mut applied = replica.applied()?;
@@ -601,22 +711,23 @@ impl Pipeline {
                     continue;
                 }
                 applied = record.sequence;
-                match replica.apply(record)? {
+                let cut = match replica.apply(record)? {
                     Applied::Marker(MarkerKind::AppConsistent, _, _) => {
-                        cuts.push(cut_at_marker(&replica, PointKind::AppConsistent))
+                        room_for(&replica)?;
+                        Some(cut_at_marker(&replica, PointKind::AppConsistent))
                     }
                     // A bookmark of the VM's group (one of another group, say
                     // from before it joined, is no multi-VM point).
                     Applied::Marker(MarkerKind::Bookmark, id, time)
                         if !group.is_empty() && time > 0 =>
                     {
-                        cuts.push(replica.cut_bookmark(&id, &group, time, unix_nanos_now()))
+                        room_for(&replica)?;
+                        Some(replica.cut_bookmark(&id, &group, time, unix_nanos_now()))
                     }
-                    Applied::Marker(MarkerKind::Final, id, _) => cuts.push(replica.cut(
-                        PointKind::CrashConsistent as i32,
-                        &id,
-                        unix_nanos_now(),
-                    )),
+                    Applied::Marker(MarkerKind::Final, id, _) => {
+                        room_for(&replica)?;
+                        Some(replica.cut(PointKind::CrashConsistent as i32, &id, unix_nanos_now()))
+                    }
                     Applied::Mismatched(disk, ranges) if !ranges.is_empty() => {
                         tracing::info!(
                             disk,
@@ -624,10 +735,19 @@ impl Pipeline {
                             "chunks differ from the source"
                         );
                         mismatched = true;
+                        None
                     }
-                    _ => {}
+                    _ => None,
+                };
+                match cut {
+                    // The disk filled under the cut: nothing of the interval
+                    // is durable; the pipeline pauses and applies it again.
+                    Some(Err(e @ ProcessorError::DiskFull(_))) => return Err(e),
+                    Some(cut) => cuts.push(cut),
+                    None => {}
                 }
                 if replica.dirty_bytes()? >= flush_bytes {
+                    room_for(&replica)?;
                     replica.checkpoint()?;
                 }
             }
@@ -669,6 +789,7 @@ impl Pipeline {
             return;
         }
         let replica = self.replica.clone();
+        let room = self.tuning.room.clone();
         let cut = blocking(move || {
             let meta = replica.meta()?;
             if meta.applied == meta.last_point_sequence && meta.applied > 0 {
@@ -676,6 +797,7 @@ impl Pipeline {
                     return Ok(p);
                 }
             }
+            room.check(replica.dirty_bytes()? as u64)?;
             replica.cut(PointKind::CrashConsistent as i32, "", unix_nanos_now())
         })
         .await;
@@ -689,6 +811,7 @@ impl Pipeline {
                     ProcessorError::FailedPrecondition(m) => {
                         ProcessorError::FailedPrecondition(m.clone())
                     }
+                    ProcessorError::DiskFull(m) => ProcessorError::DiskFull(m.clone()),
                     other => ProcessorError::Unavailable(other.to_string()),
                 }),
             });
@@ -706,10 +829,14 @@ impl Pipeline {
         let retention = self.retention.clone();
         let compact_bytes = self.tuning.compact_bytes;
         let scrub_bytes = self.tuning.scrub_bytes;
+        let room = self.tuning.room.clone();
         let cut = blocking(move || {
             let meta = replica.meta()?;
             let mut cut = None;
-            if meta.applied > meta.last_point_sequence {
+            // Checked first, but pruning below runs on a full disk too: it
+            // only frees space (its index writes are what the reserve is for).
+            let fits = room.check(replica.dirty_bytes()? as u64);
+            if fits.is_ok() && meta.applied > meta.last_point_sequence {
                 if replica.not_cuttable()?.is_none() {
                     cut = Some(replica.cut(
                         PointKind::CrashConsistent as i32,
@@ -728,13 +855,18 @@ impl Pipeline {
                     tracing::debug!(points = pruned.len(), "recovery points expired");
                 }
             }
-            replica.compact_step(compact_bytes)?;
+            // Compaction copies live blobs before it frees their segment.
+            if fits.is_ok() && room.check(compact_bytes).is_ok() {
+                replica.compact_step(compact_bytes)?;
+            }
+            // The scrub only reads; what it finds is a small index write.
             if scrub_bytes > 0 {
                 let scrubbed = replica.scrub_step(scrub_bytes)?;
                 if scrubbed.damaged > 0 {
                     tracing::error!(found = scrubbed.damaged, "the scrub found damaged blobs");
                 }
             }
+            fits?;
             Ok(cut)
         })
         .await?;
@@ -847,6 +979,11 @@ impl Pipeline {
             .map(|p| Duration::from_nanos(now.saturating_sub(p.time_nanos)));
         let damage = self.replica.damage().unwrap_or_default();
         let (health, message) = match (&status.error, meta.syncing.is_empty()) {
+            // Nothing more is applied until space returns: no points.
+            _ if self.disk_full.is_some() => (
+                registry::ReplicationHealth::Critical,
+                self.disk_full.clone().unwrap_or_default(),
+            ),
             // The head reads damaged data until the agent has resent it.
             _ if damage.iter().any(|d| d.head) => (
                 registry::ReplicationHealth::Critical,

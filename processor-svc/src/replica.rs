@@ -1002,11 +1002,42 @@ impl VmReplica {
     fn reload(&self, w: &mut Writer) -> Result<()> {
         w.dirty.clear();
         w.dirty_bytes = 0;
-        w.current = None;
+        if let Some(cur) = w.current.take() {
+            self.discard_unindexed(cur);
+        }
         // What was last flushed, not what the index holds in memory: a
         // checkpoint whose flush failed is not durable.
         w.meta = w.stored_meta();
         Ok(())
+    }
+
+    /// Cuts what a failed write left past the index's end of the segment
+    /// (a disk that filled mid-write): nothing names those bytes, and on a
+    /// full disk they are the space needed to go on. A segment the index
+    /// does not know holds nothing named at all.
+    fn discard_unindexed(&self, cur: Segment) {
+        let path = self.segment_path(cur.id);
+        let known = self
+            .tree
+            .get(skey(cur.id))
+            .map_err(ProcessorError::from)
+            .and_then(|b| b.map(|b| unjson::<SegMeta>(&b)).transpose());
+        let cut = match known {
+            Ok(Some(m)) => cur.file.set_len(m.bytes),
+            Ok(None) => {
+                drop(cur);
+                fs::remove_file(&path)
+            }
+            Err(e) => {
+                tracing::warn!(vm = %self.vm, error = %e, "cannot tell what of a segment is named");
+                return;
+            }
+        };
+        if let Err(e) = cut {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %path.display(), error = %e, "cannot cut what a failed write left");
+            }
+        }
     }
 
     /// Forgets what is not durable (after a failed apply): the pipeline

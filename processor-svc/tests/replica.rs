@@ -3,7 +3,7 @@
 //! back equal to its shadow, also after reopening; no point while a disk
 //! syncs; pruning and compaction give the disk space back.
 
-use ferry_testkit::Rng;
+use ferry_testkit::{Rng, SmallFs};
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -590,4 +590,85 @@ fn a_disk_digest_is_the_digest_of_the_disk_as_read() {
             );
         }
     }
+}
+
+#[test]
+fn a_point_the_full_disk_took_in_part_is_not_cut_and_leaves_nothing_behind() {
+    // No reserve at this level: the filesystem itself runs out mid-write.
+    let fs = SmallFs::mount(16 << 20);
+    let replicas = Replicas::open(fs.path(), CHUNK, 1 << 20).unwrap();
+    let replica = replicas.open_vm_with("vm", &disks(), 1).unwrap();
+    let mut feed = Feed { seq: 0 };
+    synced(&replica, &mut feed);
+    let mut shadow = vec![0u8; SIZE as usize];
+    let interval = |feed: &mut Feed, shadow: &mut [u8], chunks: u64, byte: u8| {
+        (0..chunks)
+            .map(|c| {
+                let data = vec![byte ^ c as u8; CHUNK as usize];
+                shadow[(c * CHUNK) as usize..((c + 1) * CHUNK) as usize].copy_from_slice(&data);
+                feed.record(
+                    "os",
+                    Op::Write(WriteOp {
+                        offset: c * CHUNK,
+                        data: data.into(),
+                    }),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    for r in interval(&mut feed, &mut shadow, 16, 0xa0) {
+        replica.apply(&r).unwrap();
+    }
+    let first = replica.cut(1, "", 1).unwrap();
+    let first_shadow = shadow.clone();
+    let durable = replica.durable_applied().unwrap();
+
+    // Room for 256 KiB; the next interval writes 2 MiB.
+    let ballast = fs.fill_leaving(256 << 10);
+    let free = fs.free();
+    let second = interval(&mut feed, &mut shadow, 32, 0x5b);
+    for r in &second {
+        replica.apply(r).unwrap();
+    }
+    let err = replica.cut(1, "", 2).unwrap_err();
+    assert!(matches!(err, ProcessorError::DiskFull(_)), "{err}");
+    assert_eq!(
+        replica.points().unwrap().len(),
+        1,
+        "no point from data written in part"
+    );
+    assert_eq!(
+        replica.durable_applied().unwrap(),
+        durable,
+        "nothing more looks durable"
+    );
+    assert_eq!(
+        replica.applied().unwrap(),
+        durable,
+        "and it is applied again"
+    );
+    assert!(
+        fs.free() + (64 << 10) >= free,
+        "what the failed write left is gone: {} B free, {free} before",
+        fs.free()
+    );
+    assert_eq!(read_all(&replica, &first, "os", SIZE), first_shadow);
+
+    // Space returns: applied again from the durable sequence (as the
+    // pipeline does), the point is cut and reads as the source, also after
+    // reopening.
+    std::fs::remove_file(ballast).unwrap();
+    for r in &second {
+        replica.apply(r).unwrap();
+    }
+    let point = replica.cut(1, "", 3).unwrap();
+    assert_eq!(read_all(&replica, &point, "os", SIZE), shadow);
+    drop(replica);
+    drop(replicas);
+    let replicas = Replicas::open(fs.path(), CHUNK, 1 << 20).unwrap();
+    let replica = replicas.open_vm_with("vm", &disks(), 1).unwrap();
+    let points = replica.points().unwrap();
+    assert_eq!(points.len(), 2);
+    assert_eq!(read_all(&replica, &points[0], "os", SIZE), first_shadow);
+    assert_eq!(read_all(&replica, &points[1], "os", SIZE), shadow);
 }
