@@ -892,7 +892,7 @@ async fn a_full_disk_is_throttled_like_a_quota_and_nothing_acknowledged_is_lost(
             Ok(durable) => {
                 assert_eq!(durable, next + 4);
                 next += 5;
-                assert!(next < 1000, "the disk never filled: {} B free", fs.free());
+                assert!(next < 2000, "the disk never filled: {} B free", fs.free());
             }
             Err(status) => break status,
         }
@@ -974,11 +974,15 @@ async fn a_full_disk_is_throttled_like_a_quota_and_nothing_acknowledged_is_lost(
             .unwrap(),
         next + 4
     );
-    wait_for("registry to hear space returned", Duration::from_secs(10), || async {
-        cache_report(&registry.url, "vm7")
-            .await
-            .filter(|r| r.health == reg::ReplicationHealth::Normal as i32)
-    })
+    wait_for(
+        "registry to hear space returned",
+        Duration::from_secs(10),
+        || async {
+            cache_report(&registry.url, "vm7")
+                .await
+                .filter(|r| r.health == reg::ReplicationHealth::Normal as i32)
+        },
+    )
     .await;
     let all = tail_all(&cache_url, "vm7", 1).await.unwrap();
     assert_eq!(all.len() as u64, next + 4);
@@ -1006,7 +1010,11 @@ fn an_append_the_full_disk_took_in_part_is_undone() {
         "ENOSPC is a full disk, for the agent to wait out: {err}"
     );
     assert_eq!(tonic::Status::from(err).code(), Code::ResourceExhausted);
-    assert_eq!((log.last_seq(), log.size()), (10, size), "nothing of it counts");
+    assert_eq!(
+        (log.last_seq(), log.size()),
+        (10, size),
+        "nothing of it counts"
+    );
     let segment = cache_svc::log::segment_path(&dir, 1);
     assert_eq!(
         std::fs::metadata(&segment).unwrap().len(),

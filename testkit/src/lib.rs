@@ -23,7 +23,9 @@ pub mod vm;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-pub use cluster::{start_registry, start_registry_with, Cluster, Options as ClusterOptions, Running};
+pub use cluster::{
+    start_registry, start_registry_with, Cluster, Options as ClusterOptions, Running,
+};
 pub use process::{bin_path, free_addr, ServiceProcess};
 pub use proxy::FaultProxy;
 pub use tools::{
