@@ -107,8 +107,7 @@ pub fn validate(record: &pb::Record, disks: &Disks) -> Result<(), CacheError> {
 /// once a write of its own hits ENOSPC, and the index must still record
 /// the processor's applied sequence and the trims that free space again.
 pub struct Room {
-    dir: PathBuf,
-    reserve: u64,
+    space: ferry_runtime::space::Room,
     /// VMs registry was told are refused for a full disk, until one of
     /// their batches fits again.
     refused: Mutex<HashSet<String>>,
@@ -117,25 +116,20 @@ pub struct Room {
 impl Room {
     pub fn new(dir: PathBuf, reserve: u64) -> Room {
         Room {
-            dir,
-            reserve,
+            space: ferry_runtime::space::Room::new(dir, reserve),
             refused: Mutex::new(HashSet::new()),
         }
     }
 
-    /// Refuses `bytes` more that would leave less than the reserve free.
-    fn check(&self, bytes: u64) -> Result<(), CacheError> {
-        let free = ferry_runtime::space::available_bytes(&self.dir)
-            .map_err(|e| CacheError::io(&self.dir, e))?;
-        if free < bytes.saturating_add(self.reserve) {
-            return Err(CacheError::DiskFull(format!(
-                "{free} bytes free under {} and {} kept for the index: a batch of {bytes} \
-                 bytes does not fit; back off until the log is trimmed or space is freed",
-                self.dir.display(),
-                self.reserve
-            )));
-        }
-        Ok(())
+    /// Claims room for a batch of `bytes`, held until it is written.
+    fn claim(&self, bytes: u64) -> Result<ferry_runtime::space::Claim, CacheError> {
+        use ferry_runtime::space::NoRoom;
+        self.space.claim(bytes).map_err(|e| match e {
+            NoRoom::Io { path, source } => CacheError::io(&path, source),
+            full @ NoRoom::Full { .. } => CacheError::DiskFull(format!(
+                "{full}; back off until the log is trimmed or space is freed"
+            )),
+        })
     }
 
     /// Whether `vm`'s refusal is news (true once, until it fits again).
@@ -424,7 +418,7 @@ impl CacheService {
             .map(|r| prost::Message::encoded_len(r) as u64 + crate::frame::HEADER as u64)
             .sum();
         // Its commit frame is one more header.
-        self.room.check(bytes + crate::frame::HEADER as u64)?;
+        let _claim = self.room.claim(bytes + crate::frame::HEADER as u64)?;
         // The fencing check again: a newer agent may have registered.
         if state.meta()?.epoch > epoch {
             return Err(CacheError::FailedPrecondition(format!(

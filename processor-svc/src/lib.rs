@@ -137,10 +137,10 @@ pub async fn serve_with(
             flush_bytes: settings.flush_bytes.max(chunk as usize),
             compact_bytes: settings.compact_bytes.max(chunk),
             scrub_bytes: settings.scrub_bytes,
-            room: pipeline::Room {
-                dir: config.data_dir.clone(),
-                reserve: settings.reserve_bytes,
-            },
+            room: pipeline::Room(ferry_runtime::space::Room::new(
+                config.data_dir.clone(),
+                settings.reserve_bytes,
+            )),
         },
         shutdown.clone(),
     );

@@ -65,28 +65,19 @@ pub struct Tuning {
 /// Room on the data directory's filesystem. Replica data stops short of a
 /// reserve kept for the sled index: sled fails for good (until a restart)
 /// once a write of its own hits ENOSPC, and the index must still record
-/// what frees space (pruned points). Checked before every write of replica
+/// what frees space (pruned points). Claimed before every write of replica
 /// data, so a full disk pauses the pipeline before anything is written.
 #[derive(Debug, Clone)]
-pub struct Room {
-    pub dir: std::path::PathBuf,
-    pub reserve: u64,
-}
+pub struct Room(pub ferry_runtime::space::Room);
 
 impl Room {
-    /// Refuses writing `bytes` that would leave less than the reserve free.
-    pub fn check(&self, bytes: u64) -> Result<(), ProcessorError> {
-        let free = ferry_runtime::space::available_bytes(&self.dir)
-            .map_err(|e| ProcessorError::io(&self.dir, e))?;
-        if free < bytes.saturating_add(self.reserve) {
-            return Err(ProcessorError::DiskFull(format!(
-                "{free} bytes free under {} and {} kept for the index: {bytes} bytes of \
-                 replica data do not fit",
-                self.dir.display(),
-                self.reserve
-            )));
-        }
-        Ok(())
+    /// Claims room for `bytes` of replica data, held until they are written.
+    pub fn claim(&self, bytes: u64) -> Result<ferry_runtime::space::Claim, ProcessorError> {
+        use ferry_runtime::space::NoRoom;
+        self.0.claim(bytes).map_err(|e| match e {
+            NoRoom::Io { path, source } => ProcessorError::io(&path, source),
+            full @ NoRoom::Full { .. } => ProcessorError::DiskFull(full.to_string()),
+        })
     }
 }
 
@@ -464,7 +455,7 @@ impl Pipeline {
         let replica = self.replica.clone();
         let room = self.tuning.room.clone();
         let last = blocking(move || {
-            room.check(replica.dirty_bytes()? as u64)?;
+            let _claim = room.claim(replica.dirty_bytes()? as u64)?;
             replica.checkpoint()
         });
         if let Err(e) = last.await {
@@ -476,10 +467,10 @@ impl Pipeline {
     }
 
     /// The disk is full: what is not durable is dropped (nothing of it was
-    /// written, nor reported applied), registry hears CRITICAL, cut
-    /// requests are refused, and the pipeline waits until the reserve is
-    /// free again, then tails from the durable sequence. True if stopped
-    /// meanwhile.
+    /// written, nor reported applied, so the cache keeps it), registry hears
+    /// CRITICAL, cut requests are refused, and the pipeline waits until
+    /// what did not fit would fit, then tails from the durable sequence
+    /// again. True if stopped meanwhile.
     async fn pause(
         &mut self,
         why: &str,
@@ -521,7 +512,7 @@ impl Pipeline {
                 Some(Command::Cut { reply, .. }) = commands.recv() => refuse(reply),
                 _ = check.tick() => {
                     let room = self.tuning.room.clone();
-                    if blocking(move || room.check(need)).await.is_ok() {
+                    if blocking(move || room.claim(need).map(drop)).await.is_ok() {
                         break;
                     }
                     if reported.elapsed() >= self.retention.interval {
@@ -702,7 +693,7 @@ impl Pipeline {
         let group = self.group.clone();
         let (applied, cuts, mismatched) = blocking(move || {
             // Replica data is written only if it leaves the reserve free.
-            let room_for = |replica: &VmReplica| room.check(replica.dirty_bytes()? as u64);
+            let room_for = |replica: &VmReplica| room.claim(replica.dirty_bytes()? as u64);
             let mut cuts = Vec::new();
             let mut mismatched = false;
             let mut applied = replica.applied()?;
@@ -713,7 +704,7 @@ impl Pipeline {
                 applied = record.sequence;
                 let cut = match replica.apply(record)? {
                     Applied::Marker(MarkerKind::AppConsistent, _, _) => {
-                        room_for(&replica)?;
+                        let _claim = room_for(&replica)?;
                         Some(cut_at_marker(&replica, PointKind::AppConsistent))
                     }
                     // A bookmark of the VM's group (one of another group, say
@@ -721,11 +712,11 @@ impl Pipeline {
                     Applied::Marker(MarkerKind::Bookmark, id, time)
                         if !group.is_empty() && time > 0 =>
                     {
-                        room_for(&replica)?;
+                        let _claim = room_for(&replica)?;
                         Some(replica.cut_bookmark(&id, &group, time, unix_nanos_now()))
                     }
                     Applied::Marker(MarkerKind::Final, id, _) => {
-                        room_for(&replica)?;
+                        let _claim = room_for(&replica)?;
                         Some(replica.cut(PointKind::CrashConsistent as i32, &id, unix_nanos_now()))
                     }
                     Applied::Mismatched(disk, ranges) if !ranges.is_empty() => {
@@ -747,7 +738,7 @@ impl Pipeline {
                     None => {}
                 }
                 if replica.dirty_bytes()? >= flush_bytes {
-                    room_for(&replica)?;
+                    let _claim = room_for(&replica)?;
                     replica.checkpoint()?;
                 }
             }
@@ -797,7 +788,7 @@ impl Pipeline {
                     return Ok(p);
                 }
             }
-            room.check(replica.dirty_bytes()? as u64)?;
+            let _claim = room.claim(replica.dirty_bytes()? as u64)?;
             replica.cut(PointKind::CrashConsistent as i32, "", unix_nanos_now())
         })
         .await;
@@ -835,7 +826,7 @@ impl Pipeline {
             let mut cut = None;
             // Checked first, but pruning below runs on a full disk too: it
             // only frees space (its index writes are what the reserve is for).
-            let fits = room.check(replica.dirty_bytes()? as u64);
+            let fits = room.claim(replica.dirty_bytes()? as u64);
             if fits.is_ok() && meta.applied > meta.last_point_sequence {
                 if replica.not_cuttable()?.is_none() {
                     cut = Some(replica.cut(
@@ -856,8 +847,10 @@ impl Pipeline {
                 }
             }
             // Compaction copies live blobs before it frees their segment.
-            if fits.is_ok() && room.check(compact_bytes).is_ok() {
-                replica.compact_step(compact_bytes)?;
+            if fits.is_ok() {
+                if let Ok(_claim) = room.claim(compact_bytes) {
+                    replica.compact_step(compact_bytes)?;
+                }
             }
             // The scrub only reads; what it finds is a small index write.
             if scrub_bytes > 0 {

@@ -8,7 +8,8 @@
 use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 /// Bytes an unprivileged writer may still use on the filesystem of `path`.
 pub fn available_bytes(path: &Path) -> io::Result<u64> {
@@ -38,6 +39,91 @@ pub fn is_full(err: &io::Error) -> bool {
         )
 }
 
+/// Room for bulk data on a data directory's filesystem: each write claims
+/// its bytes first and is refused if it would leave less than `reserve`
+/// free, counting what other writes in flight have claimed (so that
+/// concurrent writers cannot together eat the reserve).
+#[derive(Debug, Clone)]
+pub struct Room {
+    dir: PathBuf,
+    reserve: u64,
+    claimed: Arc<Mutex<u64>>,
+}
+
+/// Bytes claimed by a write in flight; released when dropped.
+#[derive(Debug)]
+pub struct Claim {
+    claimed: Arc<Mutex<u64>>,
+    bytes: u64,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut claimed = self
+            .claimed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *claimed = claimed.saturating_sub(self.bytes);
+    }
+}
+
+/// Why a write gets no room.
+#[derive(Debug, thiserror::Error)]
+pub enum NoRoom {
+    #[error("cannot tell the free space under {}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error(
+        "{free} bytes free under {}, {claimed} of them claimed by writes in flight and \
+         {reserve} kept for the index: {bytes} bytes do not fit",
+        path.display()
+    )]
+    Full {
+        path: PathBuf,
+        free: u64,
+        claimed: u64,
+        reserve: u64,
+        bytes: u64,
+    },
+}
+
+impl Room {
+    pub fn new(dir: PathBuf, reserve: u64) -> Room {
+        Room {
+            dir,
+            reserve,
+            claimed: Arc::new(Mutex::new(0)),
+        }
+    }
+
+    /// Claims `bytes` if writing them leaves the reserve free.
+    pub fn claim(&self, bytes: u64) -> Result<Claim, NoRoom> {
+        // Checked and claimed under one lock: two writers cannot both fit
+        // into the same free bytes.
+        let mut claimed = self
+            .claimed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let free = available_bytes(&self.dir).map_err(|source| NoRoom::Io {
+            path: self.dir.clone(),
+            source,
+        })?;
+        if free.saturating_sub(*claimed) < bytes.saturating_add(self.reserve) {
+            return Err(NoRoom::Full {
+                path: self.dir.clone(),
+                free,
+                claimed: *claimed,
+                reserve: self.reserve,
+                bytes,
+            });
+        }
+        *claimed += bytes;
+        Ok(Claim {
+            claimed: self.claimed.clone(),
+            bytes,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -51,5 +137,19 @@ mod tests {
         assert!(!super::is_full(&std::io::Error::from_raw_os_error(
             libc::EIO
         )));
+    }
+
+    #[test]
+    fn writes_in_flight_cannot_together_eat_the_reserve() {
+        let dir = tempfile::tempdir().unwrap();
+        let free = super::available_bytes(dir.path()).unwrap();
+        let room = super::Room::new(dir.path().to_path_buf(), free / 4);
+        let half = room.claim(free / 2).unwrap();
+        assert!(
+            matches!(room.claim(free / 2), Err(super::NoRoom::Full { .. })),
+            "the second half would take the reserve"
+        );
+        drop(half);
+        room.claim(free / 2).unwrap();
     }
 }
