@@ -30,10 +30,8 @@ use crate::{bin_path, free_addr, identical_images, wait_for, FaultProxy, Rng};
 /// The VM's disks: (id, size).
 pub const DISKS: [(&str, u64); 2] = [("os", 8 << 20), ("data", 4 << 20)];
 const SECTOR: u64 = 512;
-/// Largest write; the pattern files are this long, so a write's bytes are
-/// a pattern file's first `len` bytes.
+/// Largest write.
 const MAX_WRITE: u64 = 128 << 10;
-const PATTERN_FILES: usize = 8;
 
 /// What a run does.
 #[derive(Debug, Clone)]
@@ -45,8 +43,15 @@ pub struct ChaosOptions {
     /// Network faults (a cut or a blackhole, then restore), spread over
     /// the proxied links; each link at least once when there are 3 or more.
     pub faults: usize,
+    /// Partitions of the agent's link longer than its `max_outage` (60 s),
+    /// so that it drops what it buffered into its changed-chunk map and
+    /// resyncs it once healed; the other events go on meanwhile.
+    pub long_partitions: usize,
     /// The mean time between two events.
     pub pace: Duration,
+    /// Recovery points read back at the end and checked for holding a
+    /// prefix of the writes (spread over the run; the newest included).
+    pub points: usize,
     /// Where the run's directory goes (the system's temporary directory
     /// when None). It is kept, with every process's log, when the run
     /// fails, and removed when it succeeds.
@@ -60,7 +65,9 @@ impl ChaosOptions {
             seed,
             kills: 22,
             faults: 6,
+            long_partitions: 0,
             pace: Duration::from_millis(2200),
+            points: 12,
             dir: None,
         }
     }
@@ -73,6 +80,9 @@ impl ChaosOptions {
         ChaosOptions {
             kills: events - faults,
             faults,
+            // One every 5 minutes (each lasts over a minute).
+            long_partitions: (minutes / 5) as usize,
+            points: 12 + minutes as usize,
             ..ci
         }
     }
@@ -113,6 +123,9 @@ pub struct ChaosReport {
     pub final_sequence: u64,
     /// Bytes of the source disks compared with the target disks.
     pub bytes_compared: u64,
+    /// Points read back whole, each with the prefix of the run's writes
+    /// it holds.
+    pub points_checked: Vec<(String, usize)>,
 }
 
 impl ChaosReport {
@@ -182,10 +195,19 @@ impl fmt::Display for ChaosReport {
             "  chaos {:.1?}; healed to PROTECTED in {:.1?}; planned failover {} in {:.1?}",
             self.chaos, self.heal, self.failover_job, self.failover
         )?;
-        write!(
+        writeln!(
             f,
             "  final point {} at sequence {}: target disks identical to the source ({} bytes)",
             self.final_point, self.final_sequence, self.bytes_compared
+        )?;
+        write!(
+            f,
+            "  points read back, each the first k writes: {}",
+            self.points_checked
+                .iter()
+                .map(|(id, k)| format!("{id} k={k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         )
     }
 }
@@ -291,6 +313,9 @@ const NAMES: [&str; 5] = [
 /// How often each is picked for a kill beyond the first round, in
 /// twentieths: the data path more often than the control plane.
 const KILL_WEIGHTS: [u64; 5] = [3, 5, 5, 2, 5];
+
+/// ferry-agent's `max_outage` (`StreamLimits::default()`).
+const AGENT_MAX_OUTAGE: Duration = Duration::from_secs(60);
 
 /// The links with a proxy.
 const LINKS: [&str; 3] = ["agent→cache", "processor→cache", "all→registry"];
@@ -579,78 +604,176 @@ impl Supervisor {
 }
 
 // The VM's writes and what they must leave on its disks.
+//
+// Every sector a data write puts down names the write (its number in the
+// run, counting from 1), its disk and its own position, followed by bytes
+// derived from those: any image can then be read back as "which write last
+// wrote each sector", and a recovery point checked for being a prefix of
+// the writes (crash-consistent), not only the final image.
 
-#[derive(Debug, Clone, Copy)]
-enum Content {
-    /// Every byte this one (`write -P`).
-    Pattern(u8),
-    /// The first bytes of pattern file k (`write -s`).
-    File(usize),
-    /// Zeroes (`write -z`, with `-u`: the export may unmap).
+/// A data sector's first bytes.
+const MAGIC: &[u8; 8] = b"FERRYCHS";
+
+/// The sector `sector` of disk `disk` as write `id` writes it.
+fn stamped(id: u64, disk: usize, sector: u64) -> [u8; SECTOR as usize] {
+    let mut out = [0u8; SECTOR as usize];
+    out[..8].copy_from_slice(MAGIC);
+    out[8..16].copy_from_slice(&id.to_le_bytes());
+    out[16..24].copy_from_slice(&(disk as u64).to_le_bytes());
+    out[24..32].copy_from_slice(&sector.to_le_bytes());
+    let mut rng = Rng((id.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ sector.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
+        ^ disk as u64)
+        | 1);
+    for word in out[32..].chunks_mut(8) {
+        word.copy_from_slice(&rng.next().to_le_bytes());
+    }
+    out
+}
+
+/// The write a sector read at (`disk`, `sector`) names, if it is exactly
+/// what that write put there.
+fn stamp_of(bytes: &[u8], disk: usize, sector: u64) -> Option<u64> {
+    if bytes.len() != SECTOR as usize || &bytes[..8] != MAGIC {
+        return None;
+    }
+    let id = u64::from_le_bytes(bytes[8..16].try_into().ok()?);
+    (bytes == stamped(id, disk, sector)).then_some(id)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Stamped sectors (`write -s <file>`).
+    Data,
+    /// Zeroes (`write -z`; with `-u` the export may unmap).
     Zero { unmap: bool },
 }
 
+/// One write of the run; its id is its index in the journal + 1.
 #[derive(Debug, Clone, Copy)]
 struct Write {
+    disk: usize,
     offset: u64,
     len: u64,
-    content: Content,
+    kind: Kind,
+    /// qemu-io saw it complete. Otherwise it failed or was cut off: it may
+    /// be on the disk, in part or not at all.
+    completed: bool,
 }
 
-impl Write {
-    fn command(&self, files: &[PathBuf]) -> String {
-        let (o, l) = (self.offset, self.len);
-        match self.content {
-            Content::Pattern(p) => format!("write -P {p} {o} {l}"),
-            Content::File(k) => format!("write -s {} {o} {l}", files[k].display()),
-            Content::Zero { unmap: false } => format!("write -z {o} {l}"),
-            Content::Zero { unmap: true } => format!("write -z -u {o} {l}"),
+/// What a sector must hold after a prefix of the writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cell {
+    Initial,
+    Zero,
+    Data(u64),
+    /// An uncertain write touched it last: anything.
+    Any,
+}
+
+/// The initial images and every write in order.
+struct Journal {
+    initial: Vec<Vec<u8>>,
+    writes: Vec<Write>,
+}
+
+impl Journal {
+    fn sectors(w: &Write) -> std::ops::Range<usize> {
+        (w.offset / SECTOR) as usize..((w.offset + w.len) / SECTOR) as usize
+    }
+
+    /// The cells after the first `k` writes.
+    fn state(&self, k: usize) -> Vec<Vec<Cell>> {
+        let mut state: Vec<Vec<Cell>> = DISKS
+            .iter()
+            .map(|(_, size)| vec![Cell::Initial; (size / SECTOR) as usize])
+            .collect();
+        for (i, w) in self.writes[..k].iter().enumerate() {
+            Self::apply(&mut state, i as u64 + 1, w);
+        }
+        state
+    }
+
+    fn apply(state: &mut [Vec<Cell>], id: u64, w: &Write) {
+        let cell = match (w.completed, w.kind) {
+            (false, _) => Cell::Any,
+            (true, Kind::Data) => Cell::Data(id),
+            (true, Kind::Zero { .. }) => Cell::Zero,
+        };
+        state[w.disk][Self::sectors(w)].fill(cell);
+    }
+
+    fn holds(&self, cell: Cell, disk: usize, sector: usize, bytes: &[u8]) -> bool {
+        let at = sector * SECTOR as usize;
+        match cell {
+            Cell::Any => true,
+            Cell::Initial => bytes == &self.initial[disk][at..at + SECTOR as usize],
+            Cell::Zero => bytes.iter().all(|b| *b == 0),
+            Cell::Data(id) => stamp_of(bytes, disk, sector as u64) == Some(id),
         }
     }
-}
 
-/// The disks as the completed writes left them, and the sectors a failed
-/// write may have touched (old or new data both right there).
-struct Reference {
-    disks: Vec<Vec<u8>>,
-    uncertain: Vec<Vec<bool>>,
-    patterns: Vec<Vec<u8>>,
-}
-
-impl Reference {
-    fn completed(&mut self, disk: usize, w: &Write) {
-        let range = w.offset as usize..(w.offset + w.len) as usize;
-        let target = &mut self.disks[disk][range];
-        match w.content {
-            Content::Pattern(p) => target.fill(p),
-            Content::File(k) => target.copy_from_slice(&self.patterns[k][..w.len as usize]),
-            Content::Zero { .. } => target.fill(0),
-        }
-        let sectors = (w.offset / SECTOR) as usize..((w.offset + w.len) / SECTOR) as usize;
-        self.uncertain[disk][sectors].fill(false);
-    }
-
-    fn uncertain(&mut self, disk: usize, w: &Write) {
-        let sectors = (w.offset / SECTOR) as usize..((w.offset + w.len) / SECTOR) as usize;
-        self.uncertain[disk][sectors].fill(true);
-    }
-
-    /// Where `image` (disk `disk`) differs from the reference outside the
-    /// uncertain sectors: up to 8 sector offsets, and how many in all.
-    fn differences(&self, disk: usize, image: &[u8]) -> (Vec<u64>, usize) {
-        let want = &self.disks[disk];
-        let mut first = Vec::new();
-        let mut count = 0;
-        for (s, uncertain) in self.uncertain[disk].iter().enumerate() {
-            let range = s * SECTOR as usize..(s + 1) * SECTOR as usize;
-            if !uncertain && image.get(range.clone()) != want.get(range) {
+    /// Where `images` (one per disk) differ from `state`: up to 6, with
+    /// what was expected and what is there, and how many in all.
+    fn differences(&self, state: &[Vec<Cell>], images: &[Vec<u8>]) -> (Vec<String>, usize) {
+        let (mut first, mut count) = (Vec::new(), 0);
+        for (disk, cells) in state.iter().enumerate() {
+            for (s, cell) in cells.iter().enumerate() {
+                let at = s * SECTOR as usize;
+                let bytes = images[disk].get(at..at + SECTOR as usize).unwrap_or(&[]);
+                if self.holds(*cell, disk, s, bytes) {
+                    continue;
+                }
                 count += 1;
-                if first.len() < 8 {
-                    first.push(s as u64 * SECTOR);
+                if first.len() < 6 {
+                    let found = match stamp_of(bytes, disk, s as u64) {
+                        Some(id) => format!("write {id} ({:?})", self.writes[id as usize - 1]),
+                        None if bytes.iter().all(|b| *b == 0) => "zeroes".into(),
+                        None if self.holds(Cell::Initial, disk, s, bytes) => "initial data".into(),
+                        None => "other bytes".into(),
+                    };
+                    first.push(format!(
+                        "{} at {}: want {cell:?}, found {found}",
+                        DISKS[disk].0, at
+                    ));
                 }
             }
         }
         (first, count)
+    }
+
+    /// The prefix of the writes `images` hold (a crash-consistent image
+    /// holds the first k writes, uncertain ones either way), or where they
+    /// differ from the shortest prefix they could be.
+    fn prefix(&self, images: &[Vec<u8>]) -> Result<usize, String> {
+        // At least every write whose sectors it shows.
+        let mut newest = 0;
+        for (disk, image) in images.iter().enumerate() {
+            for (s, bytes) in image.chunks(SECTOR as usize).enumerate() {
+                if let Some(id) = stamp_of(bytes, disk, s as u64) {
+                    newest = newest.max(id as usize);
+                }
+            }
+        }
+        if newest > self.writes.len() {
+            return Err(format!("a sector of write {newest}, which was never made"));
+        }
+        let mut state = self.state(newest);
+        // Zeroes (and uncertain writes) after it leave no stamp: try a few
+        // more.
+        for k in newest..=(newest + 64).min(self.writes.len()) {
+            if k > newest {
+                Self::apply(&mut state, k as u64, &self.writes[k - 1]);
+            }
+            if self.differences(&state, images).1 == 0 {
+                return Ok(k);
+            }
+        }
+        let (first, count) = self.differences(&self.state(newest), images);
+        Err(format!(
+            "no prefix of the writes: {count} sectors differ from the first {newest} writes \
+             (the newest it shows): {first:#?}"
+        ))
     }
 }
 
@@ -676,76 +799,94 @@ const BATCH_BOUND: Duration = Duration::from_secs(30);
 /// "wrote") or uncertain.
 struct Writer {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<(Reference, WriterStats)>,
+    thread: std::thread::JoinHandle<(Journal, WriterStats)>,
 }
 
 impl Writer {
-    fn start(
-        seed: u64,
-        nbd: String,
-        reference: Reference,
-        files: Vec<PathBuf>,
-        dir: PathBuf,
-    ) -> Writer {
+    fn start(seed: u64, nbd: String, journal: Journal, dir: PathBuf) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
-            let mut reference = reference;
+            let mut journal = journal;
             let mut stats = WriterStats::default();
             let mut rng = Rng(seed ^ 0x00c0_ffee_0000_0001);
+            let files = dir.join("writes");
+            std::fs::create_dir_all(&files).unwrap();
             while !flag.load(Ordering::Relaxed) {
                 let disk = (rng.next() % DISKS.len() as u64) as usize;
-                let writes = draw_writes(&mut rng, DISKS[disk].1);
-                let started = Instant::now();
-                let outcome = qemu_io(&nbd, DISKS[disk].0, &writes, &files);
-                let took = started.elapsed();
-                match outcome {
-                    Batch::Refused => stats.refused += 1,
-                    Batch::Ran { completed, hung } => {
-                        if completed.iter().all(|c| *c) && !hung {
-                            stats.ok += 1;
-                            stats.slowest = stats.slowest.max(took);
-                        } else {
-                            stats.failed += 1;
-                            let done = completed.iter().filter(|c| **c).count();
-                            note_in(
-                                &dir,
-                                &format!(
-                                    "qemu-io to {}: {done} of {} writes completed{}",
-                                    DISKS[disk].0,
-                                    writes.len(),
-                                    if hung { ", hung" } else { "" }
-                                ),
-                            );
-                        }
-                        if hung {
-                            stats.hung.push(format!(
-                                "{} writes to {} not done after {took:?}",
-                                writes.len(),
-                                DISKS[disk].0
-                            ));
-                        }
-                        for (w, done) in writes.iter().zip(completed) {
-                            if done {
-                                stats.completed += 1;
-                                stats.bytes += w.len;
-                                reference.completed(disk, w);
-                            } else {
-                                stats.uncertain += 1;
-                                reference.uncertain(disk, w);
+                let writes = draw_writes(&mut rng, disk);
+                let first = journal.writes.len() as u64 + 1;
+                let commands: Vec<String> = writes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, w)| {
+                        let (o, l) = (w.offset, w.len);
+                        match w.kind {
+                            Kind::Data => {
+                                let file = files.join(format!("{i}.bin"));
+                                let mut data = Vec::with_capacity(l as usize);
+                                for s in o / SECTOR..(o + l) / SECTOR {
+                                    data.extend_from_slice(&stamped(first + i as u64, disk, s));
+                                }
+                                std::fs::write(&file, data).unwrap();
+                                format!("write -s {} {o} {l}", file.display())
                             }
+                            Kind::Zero { unmap: false } => format!("write -z {o} {l}"),
+                            Kind::Zero { unmap: true } => format!("write -z -u {o} {l}"),
                         }
+                    })
+                    .collect();
+                let started = Instant::now();
+                let outcome = qemu_io(&nbd, DISKS[disk].0, &writes, &commands);
+                let took = started.elapsed();
+                let Batch::Ran { completed, hung } = outcome else {
+                    // Nothing written: the writes are not in the journal.
+                    stats.refused += 1;
+                    std::thread::sleep(Duration::from_millis(50 + rng.next() % 200));
+                    continue;
+                };
+                let done = completed.iter().filter(|c| **c).count();
+                if done == writes.len() && !hung {
+                    stats.ok += 1;
+                    stats.slowest = stats.slowest.max(took);
+                } else {
+                    stats.failed += 1;
+                    note_in(
+                        &dir,
+                        &format!(
+                            "qemu-io to {}: {done} of {} writes (from {first}) completed{}",
+                            DISKS[disk].0,
+                            writes.len(),
+                            if hung { ", hung" } else { "" }
+                        ),
+                    );
+                }
+                if hung {
+                    stats.hung.push(format!(
+                        "{} writes to {} not done after {took:?}",
+                        writes.len(),
+                        DISKS[disk].0
+                    ));
+                }
+                for (mut w, done) in writes.into_iter().zip(completed) {
+                    w.completed = done;
+                    if done {
+                        stats.completed += 1;
+                        stats.bytes += w.len;
+                    } else {
+                        stats.uncertain += 1;
                     }
+                    journal.writes.push(w);
                 }
                 // Pacing, so that the services have CPU too.
                 std::thread::sleep(Duration::from_millis(50 + rng.next() % 200));
             }
-            (reference, stats)
+            (journal, stats)
         });
         Writer { stop, thread }
     }
 
-    async fn stop(self) -> (Reference, WriterStats) {
+    async fn stop(self) -> (Journal, WriterStats) {
         self.stop.store(true, Ordering::Relaxed);
         let thread = self.thread;
         tokio::task::spawn_blocking(move || thread.join().expect("the writer"))
@@ -754,34 +895,36 @@ impl Writer {
     }
 }
 
-/// 8 to 32 writes at distinct (offset, length), mostly small, some up to
-/// [`MAX_WRITE`], sector-aligned.
-fn draw_writes(rng: &mut Rng, size: u64) -> Vec<Write> {
+/// 8 to 32 writes to `disk` at distinct (offset, length), mostly small,
+/// some up to [`MAX_WRITE`], sector-aligned; one in six zeroes.
+fn draw_writes(rng: &mut Rng, disk: usize) -> Vec<Write> {
+    let size = DISKS[disk].1;
     let n = 8 + rng.next() % 25;
     let mut seen = std::collections::BTreeSet::new();
     let mut writes = Vec::new();
     for _ in 0..n {
         let sectors = match rng.next() % 20 {
             0..=9 => 1 + rng.next() % 8,
-            10..=16 => 1 + rng.next() % (64 << 10) / SECTOR,
+            10..=16 => 1 + rng.next() % ((64 << 10) / SECTOR),
             _ => 1 + rng.next() % (MAX_WRITE / SECTOR),
         };
         let len = sectors * SECTOR;
         let offset = rng.next() % ((size - len) / SECTOR + 1) * SECTOR;
-        let content = match rng.next() % 20 {
-            0..=13 => Content::File((rng.next() % PATTERN_FILES as u64) as usize),
-            14..=17 => Content::Pattern((1 + rng.next() % 255) as u8),
-            _ => Content::Zero {
+        let kind = match rng.next() % 6 {
+            0 => Kind::Zero {
                 unmap: rng.next().is_multiple_of(2),
             },
+            _ => Kind::Data,
         };
         // Distinct, so that qemu-io's "wrote <len> bytes at offset <o>"
         // names exactly one of them.
         if seen.insert((offset, len)) {
             writes.push(Write {
+                disk,
                 offset,
                 len,
-                content,
+                kind,
+                completed: false,
             });
         }
     }
@@ -796,11 +939,11 @@ enum Batch {
 }
 
 /// One qemu-io invocation with every write as a `-c` command.
-fn qemu_io(nbd: &str, disk: &str, writes: &[Write], files: &[PathBuf]) -> Batch {
+fn qemu_io(nbd: &str, disk: &str, writes: &[Write], commands: &[String]) -> Batch {
     let mut command = Command::new("qemu-io");
     command.args(["-f", "raw"]);
-    for w in writes {
-        command.arg("-c").arg(w.command(files));
+    for c in commands {
+        command.arg("-c").arg(c);
     }
     command
         .arg(format!("nbd://{nbd}/{disk}"))
@@ -854,60 +997,37 @@ fn qemu_io(nbd: &str, disk: &str, writes: &[Write], files: &[PathBuf]) -> Batch 
     Batch::Ran { completed, hung }
 }
 
-/// Seeded source images: a few MiB of data scattered over each disk
-/// before protection (initial replication copies it), and the pattern
-/// files the writes use.
-fn prepare(dir: &Path, rng: &mut Rng) -> (Vec<PathBuf>, Reference, Vec<PathBuf>) {
-    let mut bytes = |n: usize| -> Vec<u8> {
-        let mut out = Vec::with_capacity(n + 8);
-        while out.len() < n {
-            out.extend_from_slice(&rng.next().to_le_bytes());
-        }
-        out.truncate(n);
-        out
-    };
-    let files: Vec<PathBuf> = (0..PATTERN_FILES)
-        .map(|k| {
-            let path = dir.join(format!("pattern-{k}.bin"));
-            std::fs::write(&path, bytes(MAX_WRITE as usize)).unwrap();
-            path
-        })
-        .collect();
-    let patterns = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
+/// Seeded source images: every other 256 KiB block of each disk holds
+/// data before protection (initial replication copies it), the rest are
+/// holes.
+fn prepare(dir: &Path, rng: &mut Rng) -> (Vec<PathBuf>, Journal) {
+    use std::os::unix::fs::FileExt;
+    const BLOCK: u64 = 256 << 10;
     let mut sources = Vec::new();
-    let mut disks = Vec::new();
+    let mut initial = Vec::new();
     for (id, size) in DISKS {
         let mut image = vec![0u8; size as usize];
-        // Every other 256 KiB block holds data; the rest are holes.
-        for block in (0..size / (256 << 10)).step_by(2) {
-            let at = (block * (256 << 10)) as usize;
-            image[at..at + (256 << 10)].copy_from_slice(&bytes(256 << 10));
-        }
         let path = dir.join(format!("{id}.raw"));
         let f = File::create(&path).unwrap();
         f.set_len(size).unwrap();
-        use std::os::unix::fs::FileExt;
-        for block in (0..size / (256 << 10)).step_by(2) {
-            let at = block * (256 << 10);
-            f.write_all_at(&image[at as usize..(at + (256 << 10)) as usize], at)
+        for block in (0..size / BLOCK).step_by(2) {
+            let at = (block * BLOCK) as usize;
+            for word in image[at..at + BLOCK as usize].chunks_mut(8) {
+                word.copy_from_slice(&rng.next().to_le_bytes());
+            }
+            f.write_all_at(&image[at..at + BLOCK as usize], at as u64)
                 .unwrap();
         }
         f.sync_all().unwrap();
         sources.push(path);
-        disks.push(image);
+        initial.push(image);
     }
-    let uncertain = DISKS
-        .iter()
-        .map(|(_, size)| vec![false; (size / SECTOR) as usize])
-        .collect();
     (
         sources,
-        Reference {
-            disks,
-            uncertain,
-            patterns,
+        Journal {
+            initial,
+            writes: Vec::new(),
         },
-        files,
     )
 }
 
@@ -941,7 +1061,7 @@ fn weighted(rng: &mut Rng) -> usize {
 /// link faulted once first (when there are enough), the rest drawn by
 /// weight; about one kill in three takes a second process down with it;
 /// a clean stop for every eight kills; all shuffled.
-fn plan(rng: &mut Rng, kills: usize, faults: usize) -> Vec<Event> {
+fn plan(rng: &mut Rng, kills: usize, faults: usize, long: usize) -> Vec<Event> {
     let mut events = Vec::new();
     let down = |rng: &mut Rng| Duration::from_millis(rng.next() % 1500);
     let mut i = 0;
@@ -980,6 +1100,14 @@ fn plan(rng: &mut Rng, kills: usize, faults: usize) -> Vec<Event> {
         let lasts = Duration::from_millis(1000 + rng.next() % 4000);
         events.push(Event::Fault(link, cut, lasts));
     }
+    for _ in 0..long {
+        let cut = rng.next().is_multiple_of(2);
+        events.push(Event::Fault(
+            0,
+            cut,
+            AGENT_MAX_OUTAGE + Duration::from_secs(5),
+        ));
+    }
     for i in (1..events.len()).rev() {
         let j = (rng.next() % (i as u64 + 1)) as usize;
         events.swap(i, j);
@@ -1001,9 +1129,10 @@ pub async fn run(options: ChaosOptions) -> ChaosReport {
         .unwrap()
         .keep();
     println!(
-        "chaos seed {seed:#x}: {} kills, {} network faults about {:?} apart; logs in {}",
+        "chaos seed {seed:#x}: {} kills, {} network faults ({} of the agent's link over a minute) about {:?} apart; logs in {}",
         options.kills,
-        options.faults,
+        options.faults + options.long_partitions,
+        options.long_partitions,
         options.pace,
         dir.display()
     );
@@ -1011,7 +1140,7 @@ pub async fn run(options: ChaosOptions) -> ChaosReport {
         seed,
         ..Default::default()
     };
-    let (sources, reference, files) = prepare(&dir, &mut rng);
+    let (sources, journal) = prepare(&dir, &mut rng);
     let stack = Stack::start(&dir).await;
 
     // Protect the VM: points every second.
@@ -1045,8 +1174,13 @@ pub async fn run(options: ChaosOptions) -> ChaosReport {
 
     // Chaos while the VM writes.
     let supervisor = Supervisor::start(stack.procs.clone(), dir.clone());
-    let writer = Writer::start(seed, stack.nbd.clone(), reference, files, dir.clone());
-    let events = plan(&mut rng, options.kills, options.faults);
+    let writer = Writer::start(seed, stack.nbd.clone(), journal, dir.clone());
+    let events = plan(
+        &mut rng,
+        options.kills,
+        options.faults,
+        options.long_partitions,
+    );
     let link_locks: Vec<Arc<tokio::sync::Mutex<()>>> =
         LINKS.iter().map(|_| Default::default()).collect();
     let mut faults = Vec::new();
@@ -1086,7 +1220,16 @@ pub async fn run(options: ChaosOptions) -> ChaosReport {
                 stack.note(&format!("start {}", NAMES[which]));
             }
             Event::Fault(link, cut, lasts) => {
-                let name = format!("{} {}", if cut { "cut" } else { "blackhole" }, LINKS[link]);
+                let name = format!(
+                    "{} {}{}",
+                    if cut { "cut" } else { "blackhole" },
+                    LINKS[link],
+                    if lasts > AGENT_MAX_OUTAGE {
+                        " past max_outage"
+                    } else {
+                        ""
+                    }
+                );
                 *report.faults.entry(name.clone()).or_default() += 1;
                 let (proxy, lock) = (stack.proxies[link].clone(), link_locks[link].clone());
                 let (dir, note) = (stack.dir.clone(), name.clone());
@@ -1113,7 +1256,7 @@ pub async fn run(options: ChaosOptions) -> ChaosReport {
         proxy.restore();
     }
     report.chaos = started.elapsed();
-    let (reference, stats) = writer.stop().await;
+    let (journal, stats) = writer.stop().await;
     report.batches_ok = stats.ok;
     report.batches_failed = stats.failed;
     report.batches_refused = stats.refused;
@@ -1169,15 +1312,12 @@ pub async fn run(options: ChaosOptions) -> ChaosReport {
 
     // The source images hold every completed write (the rest of what
     // replication must deliver is checked against them below).
-    for (disk, path) in sources.iter().enumerate() {
-        let image = std::fs::read(path).unwrap();
-        let (first, count) = reference.differences(disk, &image);
-        if count > 0 {
-            fail(format!(
-                "source disk {} differs from the completed writes in {count} sectors, first at {first:?}",
-                DISKS[disk].0
-            ));
-        }
+    let images: Vec<Vec<u8>> = sources.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let (first, count) = journal.differences(&journal.state(journal.writes.len()), &images);
+    if count > 0 {
+        fail(format!(
+            "the source disks differ from the completed writes in {count} sectors: {first:#?}"
+        ));
     }
 
     // A planned failover: drained, fenced, materialized from the final
@@ -1238,6 +1378,36 @@ pub async fn run(options: ChaosOptions) -> ChaosReport {
             ));
         }
         report.bytes_compared += size;
+    }
+    match crate::protected_item(&stack.registry, "vm").await {
+        Some(item) if item.state() == reg::ReplicationState::FailedOver => {}
+        other => fail(format!("the item is FAILED_OVER: {other:?}")),
+    }
+
+    // Every point is crash-consistent: it holds a prefix of the writes,
+    // whatever was killed or cut while it was made. A sample spread over
+    // the run, the final point last.
+    let points = crate::points::list_points(&stack.processor, "vm").await;
+    let n = points.len();
+    let want = options.points.max(2);
+    let picks: std::collections::BTreeSet<usize> = if n <= want {
+        (0..n).collect()
+    } else {
+        (0..want).map(|i| i * (n - 1) / (want - 1)).collect()
+    };
+    for i in picks {
+        let point = &points[i];
+        let mut images = Vec::new();
+        for (id, _) in DISKS {
+            images.push(crate::points::read_disk(&stack.processor, "vm", point, id).await);
+        }
+        match journal.prefix(&images) {
+            Ok(k) => report.points_checked.push((point.id.clone(), k)),
+            Err(why) => fail(format!(
+                "point {} (sequence {}) is not crash-consistent: {why}",
+                point.id, point.sequence_cut
+            )),
+        }
     }
     drop(stack);
     let _ = std::fs::remove_dir_all(&dir);
@@ -1331,4 +1501,112 @@ async fn final_point(processor: &str, id: &str) -> Option<pb::RecoveryPoint> {
         .await
         .into_iter()
         .find(|p| p.id == id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(disk: usize, offset: u64, len: u64, kind: Kind, completed: bool) -> Write {
+        Write {
+            disk,
+            offset,
+            len,
+            kind,
+            completed,
+        }
+    }
+
+    /// The images after the first `k` writes, the uncertain ones landed.
+    fn images(journal: &Journal, k: usize) -> Vec<Vec<u8>> {
+        let mut images = journal.initial.clone();
+        for (i, w) in journal.writes[..k].iter().enumerate() {
+            for s in Journal::sectors(w) {
+                let at = s * SECTOR as usize;
+                let sector = match w.kind {
+                    Kind::Data => stamped(i as u64 + 1, w.disk, s as u64),
+                    Kind::Zero { .. } => [0; SECTOR as usize],
+                };
+                images[w.disk][at..at + SECTOR as usize].copy_from_slice(&sector);
+            }
+        }
+        images
+    }
+
+    fn journal() -> Journal {
+        let mut rng = Rng(7);
+        let initial = DISKS
+            .iter()
+            .map(|(_, size)| {
+                (0..*size / 8)
+                    .flat_map(|_| rng.next().to_le_bytes())
+                    .collect()
+            })
+            .collect();
+        Journal {
+            initial,
+            writes: vec![
+                write(0, 0, 1024, Kind::Data, true),
+                write(0, 512, 512, Kind::Zero { unmap: true }, true),
+                write(1, 4096, 512, Kind::Data, true),
+                write(0, 8192, 1024, Kind::Data, false),
+                write(1, 4096, 512, Kind::Zero { unmap: false }, true),
+            ],
+        }
+    }
+
+    #[test]
+    fn a_prefix_of_the_writes_is_recognised() {
+        let journal = journal();
+        for k in 0..=journal.writes.len() {
+            assert_eq!(journal.prefix(&images(&journal, k)), Ok(k), "prefix {k}");
+        }
+        // The uncertain write (4) not landed: still the first 4, or 5.
+        let mut without = images(&journal, 5);
+        without[0][8192..9216].copy_from_slice(&journal.initial[0][8192..9216]);
+        assert_eq!(journal.prefix(&without), Ok(5));
+    }
+
+    #[test]
+    fn a_lost_moved_or_damaged_write_is_no_prefix() {
+        let journal = journal();
+        // Write 3 without write 1.
+        let mut lost = images(&journal, 3);
+        lost[0][..512].copy_from_slice(&journal.initial[0][..512]);
+        assert!(journal.prefix(&lost).is_err());
+        // Write 3's sector at another offset.
+        let mut moved = images(&journal, 3);
+        let sector = moved[1][4096..4608].to_vec();
+        moved[1][4608..5120].copy_from_slice(&sector);
+        assert!(journal.prefix(&moved).is_err());
+        // One flipped byte.
+        let mut flipped = images(&journal, 3);
+        flipped[1][4100] ^= 1;
+        assert!(journal.prefix(&flipped).is_err());
+        // The source with a completed write missing.
+        let (_, count) = journal.differences(&journal.state(5), &images(&journal, 2));
+        assert!(count > 0);
+    }
+
+    #[test]
+    fn the_plan_kills_every_process_and_faults_every_link() {
+        let events = plan(&mut Rng(3), 22, 6, 1);
+        let mut killed = BTreeMap::new();
+        let mut links = BTreeMap::new();
+        for e in &events {
+            match e {
+                Event::Kill(victims) => {
+                    for (w, _) in victims {
+                        *killed.entry(*w).or_insert(0) += 1;
+                    }
+                }
+                Event::Fault(l, _, _) => *links.entry(*l).or_insert(0) += 1,
+                Event::Stop(_) => {}
+            }
+        }
+        assert_eq!(killed.values().sum::<usize>(), 22);
+        assert_eq!(killed.len(), NAMES.len());
+        assert_eq!(links.values().sum::<usize>(), 7);
+        assert_eq!(links.len(), LINKS.len());
+    }
 }
