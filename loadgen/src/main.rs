@@ -7,6 +7,9 @@
 //! `failover_bench`). `ferry-loadgen group-bench`: bookmark rounds of a
 //! 20-VM group and the write latency they add (see `group_bench`). All print
 //! figures and ratios and assert nothing (machines are noisy).
+//! `ferry-loadgen chaos --minutes N`: the chaos test of `tests/tests/chaos.rs`
+//! for N minutes (`ferry_testkit::chaos`); it fails loudly when a check
+//! fails and prints kills and cuts survived, writes and the failover.
 
 mod failover_bench;
 mod group_bench;
@@ -64,6 +67,23 @@ enum Cli {
         /// Seconds per phase.
         #[arg(long, default_value_t = 10)]
         secs: u64,
+    },
+    /// Chaos soak: the services and the agent as processes, SIGKILLed and
+    /// partitioned at random while qemu-io writes, then a planned failover
+    /// checked byte for byte (the CI test `tests/tests/chaos.rs`, longer).
+    #[command(name = "chaos")]
+    Chaos {
+        /// Minutes of chaos (the checks and the failover come after).
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        /// The seed, in hex (0x optional); a new one when unset. The same
+        /// seed repeats the schedule of kills, faults and writes.
+        #[arg(long)]
+        seed: Option<String>,
+        /// Where the run's directory goes; kept with every process's log
+        /// when the run fails.
+        #[arg(long, default_value = "target/chaos")]
+        dir: PathBuf,
     },
     /// processor-svc: apply MiB/s, cost of a point on a 1 TiB disk, RPO lag.
     #[command(name = "processor-bench")]
@@ -304,6 +324,27 @@ async fn fio(
     Ok(settle(rig, name, bytes, ops, t, before).await)
 }
 
+/// `ferry-loadgen chaos`: the seed printed first, the figures at the end;
+/// a failure panics with the seed and the kept run directory.
+async fn chaos(minutes: u64, seed: Option<String>, dir: PathBuf) -> Result<()> {
+    let seed = match seed {
+        Some(s) => u64::from_str_radix(s.trim_start_matches("0x"), 16)
+            .with_context(|| format!("--seed {s:?} is not hex"))?,
+        None => {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_nanos() as u64;
+            nanos ^ u64::from(std::process::id()) << 32
+        }
+    };
+    println!("seed {seed:#x} (--seed {seed:x} repeats it)");
+    let mut options = ferry_testkit::chaos::ChaosOptions::soak(seed, minutes);
+    options.dir = Some(dir);
+    let report = ferry_testkit::chaos::run(options).await;
+    println!("{report}");
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let (dir, seq_mib, random_writes) = match Cli::parse() {
@@ -317,6 +358,7 @@ async fn main() -> Result<()> {
             let work = tempfile::tempdir_in(&dir)?;
             return group_bench::run(work.path(), vms, secs).await;
         }
+        Cli::Chaos { minutes, seed, dir } => return chaos(minutes, seed, dir).await,
         Cli::Failover { dir } => {
             std::fs::create_dir_all(&dir)?;
             let work = tempfile::tempdir_in(&dir)?;

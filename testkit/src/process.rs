@@ -26,14 +26,16 @@ pub fn free_addr() -> SocketAddr {
     panic!("no free port in 20000..32000");
 }
 
-/// The path of a workspace binary, beside the running test executable.
+/// The path of a workspace binary, beside the running test executable
+/// (`target/<profile>/deps/<test>`) or the running binary
+/// (`target/<profile>/ferry-loadgen`).
 pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in target/<profile>/deps");
+    let beside = exe.parent().expect("an executable lives in a directory");
+    let dir = match beside.file_name() {
+        Some(d) if d == "deps" => beside.parent().unwrap_or(beside),
+        _ => beside,
+    };
     let path = dir.join(name);
     assert!(
         path.exists(),
