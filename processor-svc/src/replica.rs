@@ -407,14 +407,18 @@ impl Replicas {
             Some(r) => r,
             None => self.open_vm(vm)?,
         };
-        let held = replica.meta()?.incarnation;
-        if held > incarnation {
+        let meta = replica.meta()?;
+        let held = meta.incarnation;
+        // Nothing applied, no point: a new replica, not an old item's.
+        let fresh = held == 0 && meta.applied == 0 && meta.last_point_sequence == 0;
+        if fresh && incarnation > 0 {
+            replica.set_incarnation(incarnation)?;
+        } else if held > incarnation {
             return Err(ProcessorError::FailedPrecondition(format!(
                 "the replica of VM {vm:?} is of incarnation {held}, newer than registry's \
                  {incarnation}: is registry restored from an older backup? The replica is kept"
             )));
-        }
-        if held < incarnation {
+        } else if held < incarnation {
             tracing::warn!(
                 vm,
                 old = held,
