@@ -5,6 +5,7 @@
 //! again); after a crash the map is lost and every chunk is checked by
 //! checksum against processor-svc's replica, which asks for the one that
 //! differs.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may
 
 use ferry_testkit::run_tool;
 

@@ -5,6 +5,7 @@
 //! answers or closes, and goes on serving; a damaged state file is refused,
 //! never read as another map. Bounded for CI; `PROPTEST_CASES=100000` runs
 //! longer (docs/reliability.md).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may
 
 use std::cell::Cell;
 use std::sync::Arc;

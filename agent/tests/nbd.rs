@@ -2,6 +2,7 @@
 //! write through the agent's export; the cache's log replayed onto a copy of
 //! the original image gives an image that `qemu-img compare` finds identical
 //! to the source.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may
 
 use ferry_testkit::run_tool;
 

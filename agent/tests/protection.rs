@@ -4,6 +4,7 @@
 //! length), and a write the source image only partly took (ENOSPC) is
 //! failed with the right errno and marked for resync, never left
 //! unrecorded.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may
 
 use std::io::Write;
 use std::sync::Arc;

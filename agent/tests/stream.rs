@@ -4,6 +4,7 @@
 //! mid-stream and the agent reconnects and resends; an overflowing buffer
 //! turns into changed-chunk tracking and resync, and the cache's bookmark and
 //! resync requests are obeyed.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may
 
 use ferry_testkit::Rng;
 

@@ -2,14 +2,14 @@
 //! a bounded mailbox per stream, and the registry watch that stops a stream
 //! whose agent was fenced (a newer epoch) or whose VM stopped replicating.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use ferry_proto::cache::v1 as pb;
 use ferry_proto::registry::v1 as registry;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_runtime::follow::{follow_registry, Follower};
 use ferry_runtime::PeerChannel;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -155,55 +155,27 @@ impl Sessions {
 /// (failover fenced the source, or a newer agent registered) is recorded and
 /// stops older streams; a VM leaving replication stops its stream.
 pub async fn watch_registry(
-    mut client: RegistryClient<PeerChannel>,
+    client: RegistryClient<PeerChannel>,
     sessions: Arc<Sessions>,
     store: Arc<Store>,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
-    while !shutdown.is_cancelled() {
-        let watched = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            w = client.watch_protected_items(registry::WatchProtectedItemsRequest::default()) => w,
-        };
-        match watched {
-            Ok(stream) => {
-                backoff = Duration::from_millis(100);
-                let mut stream = stream.into_inner();
-                let mut snapshot = HashMap::new();
-                loop {
-                    let event = tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        e = stream.message() => e,
-                    };
-                    match event {
-                        Ok(Some(event)) if event.kind() == registry::EventKind::Synced => {
-                            reconcile(&store, &snapshot, event.last_incarnation).await;
-                            snapshot.clear();
-                        }
-                        Ok(Some(event)) => {
-                            if let (registry::EventKind::Snapshot, Some(item)) =
-                                (event.kind(), &event.item)
-                            {
-                                snapshot.insert(item.vm_name.clone(), item.incarnation);
-                            }
-                            apply(&event, &sessions, &store).await
-                        }
-                        Ok(None) => break,
-                        Err(status) => {
-                            tracing::warn!(%status, "registry watch ended; watching again");
-                            break;
-                        }
-                    }
-                }
-            }
-            Err(status) => tracing::warn!(%status, "cannot watch registry; retrying"),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+    let mut follower = RegistryFollower { sessions, store };
+    follow_registry(client, &mut follower, &shutdown).await
+}
+
+struct RegistryFollower {
+    sessions: Arc<Sessions>,
+    store: Arc<Store>,
+}
+
+impl Follower for RegistryFollower {
+    async fn event(&mut self, event: registry::ProtectedItemEvent) {
+        apply(&event, &self.sessions, &self.store).await
+    }
+
+    async fn synced(&mut self, protected: &BTreeMap<String, u64>, last_incarnation: u64) {
+        reconcile(&self.store, protected, last_incarnation).await
     }
 }
 
@@ -212,7 +184,7 @@ pub async fn watch_registry(
 /// was away, and are deleted. A log newer than anything registry issued
 /// (registry restored from an old backup?), or from before incarnations,
 /// is kept and reported.
-async fn reconcile(store: &Store, items: &HashMap<String, u64>, last_incarnation: u64) {
+async fn reconcile(store: &Store, items: &BTreeMap<String, u64>, last_incarnation: u64) {
     for (vm, incarnation) in store.incarnations() {
         if items.contains_key(&vm) {
             continue;

@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use ferry_proto::cache::v1::cache_server::CacheServer;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
-use ferry_runtime::readiness::{prepare_data_dir, wait_for_peers};
-use ferry_runtime::{CancellationToken, Host, HostError, Peer, ServiceConfig};
+use ferry_runtime::retry::{retry, RetryError, RetryParams};
+use ferry_runtime::{CancellationToken, HostError, Role, Service, ServiceConfig};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
@@ -64,43 +64,24 @@ pub enum ServeError {
     Host(#[from] HostError),
 }
 
-/// The binary's entry.
-pub async fn run(
-    config: ServiceConfig,
-    settings: Settings,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> Result<(), ServeError> {
-    serve_with(config, settings, listener, shutdown).await
-}
-
 /// Serves cache-svc with default settings.
 pub async fn serve(
     config: ServiceConfig,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    serve_with(config, Settings::default(), listener, shutdown).await
+    run(config, Settings::default(), listener, shutdown).await
 }
 
 /// Serves cache-svc on `listener` until `shutdown` is cancelled. Health turns
 /// SERVING once the logs are open and registry serves.
-pub async fn serve_with(
+pub async fn run(
     config: ServiceConfig,
     settings: Settings,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let registry = Peer::required(
-        "registry",
-        config.registry.as_ref(),
-        "ferry.registry.v1.Registry",
-    )?;
-    let mut host = Host::new(&[SERVICE_NAME]).await?;
-    prepare_data_dir(&config.data_dir).map_err(|source| HostError::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
+    let mut service = Service::start("cache-svc", SERVICE_NAME, &config, &[Role::Registry]).await?;
     let data_dir = config.data_dir.clone();
     let room = ingest::Room::new(config.data_dir.clone(), settings.reserve_bytes);
     let segment_bytes = settings.segment_bytes.max(4096);
@@ -114,7 +95,7 @@ pub async fn serve_with(
         tokio::task::spawn_blocking(move || store::Store::open(&data_dir, segment_bytes, quotas))
             .await
             .map_err(|_| CacheError::ShuttingDown)??;
-    let client = RegistryClient::new(ferry_runtime::connect(&registry.url)?);
+    let client = RegistryClient::new(ferry_runtime::connect(service.url(Role::Registry)?)?);
     let limits = &config.limits;
     let store = Arc::new(store);
     let sessions = Arc::new(control::Sessions::default());
@@ -130,7 +111,7 @@ pub async fn serve_with(
         store.clone(),
         shutdown.clone(),
     ));
-    host.routes().add_service(
+    service.routes().add_service(
         CacheServer::new(service::CacheService::new(
             store,
             sessions,
@@ -142,15 +123,11 @@ pub async fn serve_with(
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes),
     );
-    let health = host.health();
-    let ready = shutdown.clone();
-    tokio::spawn(async move {
-        if wait_for_peers(&[registry], &ready).await.is_ok() && !ready.is_cancelled() {
-            health.serving().await;
-            tracing::info!("cache-svc serving");
-        }
-    });
-    host.serve(listener, limits, shutdown).await?;
+    // Nothing to prepare once registry serves, nothing to run after.
+    let nothing = || std::future::ready(());
+    service
+        .serve(listener, &config, shutdown, nothing(), nothing())
+        .await?;
     Ok(())
 }
 
@@ -158,7 +135,7 @@ pub async fn serve_with(
 /// damaged, found at open (`damaged`) or later (`later`), retrying until
 /// registry has heard each or `shutdown`.
 async fn report_damaged(
-    mut registry: RegistryClient<ferry_runtime::PeerChannel>,
+    registry: RegistryClient<ferry_runtime::PeerChannel>,
     damaged: Vec<(String, String)>,
     mut later: Option<tokio::sync::mpsc::Receiver<(String, String)>>,
     shutdown: CancellationToken,
@@ -179,25 +156,28 @@ async fn report_damaged(
                 }
             }
         };
-        let mut backoff = std::time::Duration::from_millis(200);
-        loop {
-            let report = reg::ReportHealthRequest {
-                vm_name: vm.clone(),
-                component: "cache".into(),
-                health: reg::ReplicationHealth::Critical as i32,
-                message: format!("the cache's log of this VM is damaged: {why}"),
-                ..Default::default()
-            };
-            match registry.report_health(report).await {
-                Ok(_) => break,
-                Err(s) if s.code() == tonic::Code::NotFound => break,
-                Err(s) => tracing::warn!(vm, %s, "cannot report the damaged log yet"),
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+        let report = reg::ReportHealthRequest {
+            vm_name: vm.clone(),
+            component: "cache".into(),
+            health: reg::ReplicationHealth::Critical as i32,
+            message: format!("the cache's log of this VM is damaged: {why}"),
+            ..Default::default()
+        };
+        // NOT_FOUND: registry no longer knows the VM; nobody to tell.
+        let sent = retry(
+            RetryParams::REPORT,
+            &shutdown,
+            "reporting a damaged log",
+            |s: &tonic::Status| s.code() == tonic::Code::NotFound,
+            || {
+                let mut registry = registry.clone();
+                let report = report.clone();
+                async move { registry.report_health(report).await }
+            },
+        )
+        .await;
+        if let Err(RetryError::Cancelled) = sent {
+            return;
         }
     }
 }

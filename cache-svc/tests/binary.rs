@@ -1,5 +1,6 @@
 //! The real cache-svc binary: NOT_SERVING until its registry serves, then
 //! reflection and health through grpcurl, and a graceful SIGTERM.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may
 
 use ferry_testkit::{
     assert_reflection_and_health, bin_path, free_addr, grpcurl_run, is_serving, wait_for,

@@ -3,6 +3,7 @@
 //! and the log unchanged, trimming below the applied sequence, a real
 //! cache-svc process killed with SIGKILL mid-stream losing nothing it acked,
 //! and control messages (resync, bookmark, stop on fencing or disable).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may
 
 use std::time::Duration;
 
@@ -270,7 +271,7 @@ async fn in_process_with(settings: cache_svc::Settings, max_message_bytes: usize
     config.registry = Some(registry.url.clone());
     config.limits.max_message_bytes = max_message_bytes;
     let cache_shutdown = CancellationToken::new();
-    tokio::spawn(cache_svc::serve_with(
+    tokio::spawn(cache_svc::run(
         config,
         settings,
         listener,

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 use ferry_proto::registry::v1 as pb;
+use ferry_runtime::{Backoff, RetryParams};
 
 use crate::args::Output;
 use crate::commands::Client;
@@ -35,7 +36,10 @@ fn json(ev: &pb::ProtectedItemEvent) -> serde_json::Value {
 /// Prints events until the stream fails with something other than
 /// UNAVAILABLE; UNAVAILABLE (registry restarting) reconnects with backoff.
 pub async fn run(c: &mut Client, url: &str, out: Output, vm: String) -> Result<()> {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(RetryParams {
+        base: Duration::from_millis(200),
+        ..RetryParams::RECONNECT
+    });
     loop {
         let opened = c
             .watch_protected_items(pb::WatchProtectedItemsRequest {
@@ -45,7 +49,7 @@ pub async fn run(c: &mut Client, url: &str, out: Output, vm: String) -> Result<(
         let failure = match opened {
             Ok(stream) => {
                 let mut stream = stream.into_inner();
-                backoff = Duration::from_millis(200);
+                backoff.reset();
                 loop {
                     match stream.message().await {
                         Ok(Some(ev)) => match out {
@@ -66,7 +70,6 @@ pub async fn run(c: &mut Client, url: &str, out: Output, vm: String) -> Result<(
             "watch: registry at {url} unavailable ({}); reconnecting",
             failure.message()
         );
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }

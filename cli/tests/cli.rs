@@ -1,4 +1,5 @@
 //! The real `ferry` binary against a registry on loopback.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may
 
 use std::process::Output;
 

@@ -19,8 +19,7 @@ use ferry_proto::cache::v1::cache_client::CacheClient;
 use ferry_proto::failover::v1::failover_server::FailoverServer;
 use ferry_proto::processor::v1::processor_client::ProcessorClient;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
-use ferry_runtime::readiness::{prepare_data_dir, wait_for_peers};
-use ferry_runtime::{CancellationToken, Host, HostError, Peer, ServiceConfig};
+use ferry_runtime::{CancellationToken, HostError, Role, Service, ServiceConfig};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
@@ -49,49 +48,26 @@ pub enum ServeError {
     Host(#[from] HostError),
 }
 
-/// The binary's entry: serves with the config file's `Settings`.
-pub async fn run(
-    config: ServiceConfig,
-    settings: Settings,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> Result<(), ServeError> {
-    serve_with(config, settings, listener, shutdown).await
-}
-
 /// Serves failover-svc with default settings.
 pub async fn serve(
     config: ServiceConfig,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    serve_with(config, Settings::default(), listener, shutdown).await
+    run(config, Settings::default(), listener, shutdown).await
 }
 
 /// Serves failover-svc on `listener` until `shutdown`. Health turns SERVING
 /// once its records are open, unfinished jobs are resumed and registry and
 /// processor-svc serve.
-pub async fn serve_with(
+pub async fn run(
     config: ServiceConfig,
     settings: Settings,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let registry = Peer::required(
-        "registry",
-        config.registry.as_ref(),
-        "ferry.registry.v1.Registry",
-    )?;
-    let processor = Peer::required(
-        "processor",
-        config.processor.as_ref(),
-        "ferry.processor.v1.Processor",
-    )?;
-    let mut host = Host::new(&[SERVICE_NAME]).await?;
-    prepare_data_dir(&config.data_dir).map_err(|source| HostError::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
+    let needs = [Role::Registry, Role::Processor];
+    let mut service = Service::start("failover-svc", SERVICE_NAME, &config, &needs).await?;
     let dir = config.data_dir.clone();
     let (db, backend) = tokio::task::spawn_blocking(move || {
         let db = sled::Config::new().path(dir.join("index")).open()?;
@@ -108,16 +84,16 @@ pub async fn serve_with(
         None => None,
     };
     let engine = engine::Engine::new(
-        RegistryClient::new(ferry_runtime::connect(&registry.url)?),
+        RegistryClient::new(ferry_runtime::connect(service.url(Role::Registry)?)?),
         cache,
-        ProcessorClient::new(ferry_runtime::connect(&processor.url)?)
+        ProcessorClient::new(ferry_runtime::connect(service.url(Role::Processor)?)?)
             .max_decoding_message_size(limits.max_message_bytes),
         Arc::new(backend),
         jobs,
         (settings.materialize_mib_per_sec > 0).then_some(settings.materialize_mib_per_sec << 20),
         shutdown.clone(),
     );
-    host.routes().add_service(
+    service.routes().add_service(
         FailoverServer::new(service::FailoverService::new(
             engine.clone(),
             shutdown.clone(),
@@ -125,19 +101,16 @@ pub async fn serve_with(
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes),
     );
-    let health = host.health();
-    let ready = shutdown.clone();
-    tokio::spawn(async move {
-        if wait_for_peers(&[registry, processor], &ready).await.is_ok() && !ready.is_cancelled() {
-            match engine.resume() {
-                Ok(n) if n > 0 => tracing::info!(jobs = n, "unfinished jobs resumed"),
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = %e, "cannot resume jobs"),
-            }
-            health.serving().await;
-            tracing::info!("failover-svc serving");
+    // Unfinished jobs resume before health turns SERVING.
+    let resume = async move {
+        match engine.resume() {
+            Ok(n) if n > 0 => tracing::info!(jobs = n, "unfinished jobs resumed"),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "cannot resume jobs"),
         }
-    });
-    host.serve(listener, limits, shutdown).await?;
+    };
+    service
+        .serve(listener, &config, shutdown, resume, std::future::ready(()))
+        .await?;
     Ok(())
 }

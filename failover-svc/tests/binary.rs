@@ -1,5 +1,6 @@
 //! The real failover-svc binary, with its peers as real processes: reflection and
 //! health through grpcurl, and a graceful SIGTERM.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may
 
 use ferry_testkit::{assert_reflection_and_health, bin_path, wait_serving, ServiceProcess};
 

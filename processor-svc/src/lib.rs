@@ -16,8 +16,7 @@ use std::time::Duration;
 use ferry_proto::cache::v1::cache_client::CacheClient;
 use ferry_proto::processor::v1::processor_server::ProcessorServer;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
-use ferry_runtime::readiness::{prepare_data_dir, wait_for_peers};
-use ferry_runtime::{CancellationToken, Host, HostError, Peer, ServiceConfig};
+use ferry_runtime::{CancellationToken, HostError, Role, Service, ServiceConfig};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
@@ -78,28 +77,18 @@ pub enum ServeError {
     ChunkSize(u64),
 }
 
-/// The binary's entry.
-pub async fn run(
-    config: ServiceConfig,
-    settings: Settings,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> Result<(), ServeError> {
-    serve_with(config, settings, listener, shutdown).await
-}
-
 /// Serves processor-svc with default settings.
 pub async fn serve(
     config: ServiceConfig,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    serve_with(config, Settings::default(), listener, shutdown).await
+    run(config, Settings::default(), listener, shutdown).await
 }
 
 /// Serves processor-svc on `listener` until `shutdown`. Health turns SERVING
 /// once the replicas are open and registry and cache-svc serve.
-pub async fn serve_with(
+pub async fn run(
     config: ServiceConfig,
     settings: Settings,
     listener: TcpListener,
@@ -108,17 +97,8 @@ pub async fn serve_with(
     if settings.chunk_bytes == 0 || !settings.chunk_bytes.is_multiple_of(512) {
         return Err(ServeError::ChunkSize(settings.chunk_bytes));
     }
-    let registry = Peer::required(
-        "registry",
-        config.registry.as_ref(),
-        "ferry.registry.v1.Registry",
-    )?;
-    let cache = Peer::required("cache", config.cache.as_ref(), "ferry.cache.v1.Cache")?;
-    let mut host = Host::new(&[SERVICE_NAME]).await?;
-    prepare_data_dir(&config.data_dir).map_err(|source| HostError::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
+    let needs = [Role::Registry, Role::Cache];
+    let mut service = Service::start("processor-svc", SERVICE_NAME, &config, &needs).await?;
     let dir = config.data_dir.clone();
     let (chunk, segment) = (settings.chunk_bytes, settings.segment_bytes.max(1 << 20));
     let replicas =
@@ -126,9 +106,10 @@ pub async fn serve_with(
             .await
             .map_err(|_| ProcessorError::ShuttingDown)??;
     let limits = &config.limits;
-    let cache_client = CacheClient::new(ferry_runtime::connect(&cache.url)?)
+    let cache_client = CacheClient::new(ferry_runtime::connect(service.url(Role::Cache)?)?)
         .max_decoding_message_size(limits.max_message_bytes);
-    let registry_client = RegistryClient::new(ferry_runtime::connect(&registry.url)?);
+    let registry_client =
+        RegistryClient::new(ferry_runtime::connect(service.url(Role::Registry)?)?);
     let pipelines = pipeline::Pipelines::new(
         Arc::new(replicas),
         cache_client,
@@ -144,7 +125,7 @@ pub async fn serve_with(
         },
         shutdown.clone(),
     );
-    host.routes().add_service(
+    service.routes().add_service(
         ProcessorServer::new(service::ProcessorService::new(
             pipelines.clone(),
             shutdown.clone(),
@@ -154,15 +135,16 @@ pub async fn serve_with(
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes),
     );
-    let health = host.health();
-    let ready = shutdown.clone();
-    tokio::spawn(async move {
-        if wait_for_peers(&[registry, cache], &ready).await.is_ok() && !ready.is_cancelled() {
-            health.serving().await;
-            tracing::info!("processor-svc serving");
-            pipelines.follow_registry().await;
-        }
-    });
-    host.serve(listener, limits, shutdown).await?;
+    // Replication follows registry once the peers serve.
+    let following = pipelines.follow_registry();
+    service
+        .serve(
+            listener,
+            &config,
+            shutdown,
+            std::future::ready(()),
+            following,
+        )
+        .await?;
     Ok(())
 }

@@ -16,8 +16,9 @@ use ferry_proto::cache::v1::MarkerKind;
 use ferry_proto::processor::v1::PointKind;
 use ferry_proto::registry::v1 as registry;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_runtime::follow::{follow_registry, Follower};
 use ferry_runtime::time::{to_duration, to_timestamp, unix_nanos_now};
-use ferry_runtime::PeerChannel;
+use ferry_runtime::{Backoff, PeerChannel, RetryParams};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -228,52 +229,9 @@ impl Pipelines {
     /// replication is on; stopped when it is failed over; stopped and its
     /// replica deleted when replication is disabled.
     pub async fn follow_registry(self: Arc<Self>) {
-        let mut backoff = Duration::from_millis(100);
-        let mut client = self.registry.clone();
-        while !self.shutdown.is_cancelled() {
-            let watched = tokio::select! {
-                _ = self.shutdown.cancelled() => break,
-                w = client.watch_protected_items(registry::WatchProtectedItemsRequest::default()) => w,
-            };
-            match watched {
-                Ok(stream) => {
-                    backoff = Duration::from_millis(100);
-                    let mut stream = stream.into_inner();
-                    let mut snapshot = std::collections::BTreeSet::new();
-                    loop {
-                        let event = tokio::select! {
-                            _ = self.shutdown.cancelled() => break,
-                            e = stream.message() => e,
-                        };
-                        match event {
-                            Ok(Some(event)) if event.kind() == registry::EventKind::Synced => {
-                                self.reconcile(&snapshot, event.last_incarnation).await;
-                                snapshot.clear();
-                            }
-                            Ok(Some(event)) => {
-                                if let (registry::EventKind::Snapshot, Some(item)) =
-                                    (event.kind(), &event.item)
-                                {
-                                    snapshot.insert(item.vm_name.clone());
-                                }
-                                self.on_event(event).await
-                            }
-                            Ok(None) => break,
-                            Err(status) => {
-                                tracing::warn!(%status, "registry watch ended; watching again");
-                                break;
-                            }
-                        }
-                    }
-                }
-                Err(status) => tracing::warn!(%status, "cannot watch registry; retrying"),
-            }
-            tokio::select! {
-                _ = self.shutdown.cancelled() => break,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
+        let client = self.registry.clone();
+        let shutdown = self.shutdown.clone();
+        follow_registry(client, &mut Following(self.clone()), &shutdown).await;
         let names: Vec<String> = self
             .running
             .lock()
@@ -289,9 +247,9 @@ impl Pipelines {
     /// while this processor was away, and are deleted. A replica newer than
     /// anything registry issued (registry restored from an old backup?), or
     /// from before incarnations, is kept and reported.
-    async fn reconcile(&self, items: &std::collections::BTreeSet<String>, last_incarnation: u64) {
+    async fn reconcile(&self, items: &BTreeMap<String, u64>, last_incarnation: u64) {
         for vm in self.replicas.names() {
-            if items.contains(&vm) {
+            if items.contains_key(&vm) {
                 continue;
             }
             let incarnation = match self.replicas.get(&vm) {
@@ -420,7 +378,7 @@ async fn blocking<T: Send + 'static>(
 
 impl Pipeline {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>, stop: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(RetryParams::RECONNECT);
         let mut tick = tokio::time::interval(self.retention.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -433,11 +391,11 @@ impl Pipeline {
                     if self.pause(&why, &mut commands, &stop).await {
                         break;
                     }
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, ?backoff, "pipeline interrupted; resuming from the durable sequence");
+                    tracing::warn!(error = %e, attempt = backoff.attempts(), "pipeline interrupted; resuming from the durable sequence");
                     self.status.send_modify(|s| s.error = Some(e.to_string()));
                     let replica = self.replica.clone();
                     if let Err(e) = blocking(move || replica.reset()).await {
@@ -445,11 +403,9 @@ impl Pipeline {
                     }
                 }
             }
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = tokio::time::sleep(backoff) => {}
+            if !backoff.wait(&stop).await {
+                break;
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
         // What is applied in memory is written, so a restart resumes close.
         let replica = self.replica.clone();
@@ -1036,4 +992,17 @@ impl Pipeline {
 /// A point at an app-consistent or final marker, if the disks allow one.
 fn cut_at_marker(replica: &VmReplica, kind: PointKind) -> Result<Point, ProcessorError> {
     replica.cut(kind as i32, "", unix_nanos_now())
+}
+
+/// Pipelines following registry ([`follow_registry`]).
+struct Following(Arc<Pipelines>);
+
+impl Follower for Following {
+    async fn event(&mut self, event: registry::ProtectedItemEvent) {
+        self.0.on_event(event).await
+    }
+
+    async fn synced(&mut self, protected: &BTreeMap<String, u64>, last_incarnation: u64) {
+        self.0.reconcile(protected, last_incarnation).await
+    }
 }

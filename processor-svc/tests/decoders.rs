@@ -4,6 +4,7 @@
 //! byte of a blob, or of a chunk version's index entry, is an error, never
 //! data. Bounded for CI; `PROPTEST_CASES=100000` runs longer
 //! (docs/reliability.md).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -2,6 +2,7 @@
 //! checkpoints mid-interval) with a shadow copy per point, every point read
 //! back equal to its shadow, also after reopening; no point while a disk
 //! syncs; pruning and compaction give the disk space back.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may
 
 use ferry_testkit::{Rng, SmallFs};
 

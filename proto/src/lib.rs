@@ -7,6 +7,7 @@
 
 pub mod checksum;
 pub mod digest;
+pub mod ids;
 
 /// The largest `ChunkDigests.chunk_bytes` (cache.proto): the processor
 /// reads one chunk at a time to compare it, so this bounds its memory.

@@ -13,34 +13,12 @@ use serde::{Deserialize, Serialize};
 use crate::error::RegistryError;
 
 /// Longest name of any object.
-pub const MAX_NAME_LEN: usize = 64;
+pub use ferry_proto::ids::MAX_NAME_LEN;
 
-/// Checks a name: 1 to 64 ASCII letters, digits, '-', '_', '.', starting with
-/// a letter or digit.
+/// Checks a name ([`ferry_proto::ids::check_name`]): 1 to 64 ASCII letters,
+/// digits, '-', '_', '.', starting with a letter or digit.
 pub fn check_name(field: &str, value: &str) -> Result<(), RegistryError> {
-    if value.is_empty() {
-        return Err(RegistryError::invalid(format!("{field} is empty")));
-    }
-    if value.len() > MAX_NAME_LEN {
-        return Err(RegistryError::invalid(format!(
-            "{field} {value:?} is {} characters long; at most {MAX_NAME_LEN} are allowed",
-            value.len()
-        )));
-    }
-    let first_ok = value
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric());
-    let rest_ok = value
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if !first_ok || !rest_ok {
-        return Err(RegistryError::invalid(format!(
-            "{field} {value:?} is not a valid name: use ASCII letters, digits, '-', '_' and '.', \
-             starting with a letter or digit"
-        )));
-    }
-    Ok(())
+    ferry_proto::ids::check_name(field, value).map_err(|e| RegistryError::invalid(e.0))
 }
 
 fn optional_name(field: &str, value: String) -> Result<Option<String>, RegistryError> {

@@ -1,6 +1,7 @@
 //! registry-svc over real gRPC on loopback, in-process: derivation of target
 //! resources, every bad input, the lifecycle, the watch stream, concurrent
 //! updates and agent credentials.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may
 
 use std::time::Duration;
 

@@ -1,5 +1,6 @@
 //! The real registry-svc binary: reflection and health through grpcurl,
 //! graceful SIGTERM, persistence across SIGKILL, and the configuration scheme.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may
 
 use std::process::{Child, Command, Stdio};
 

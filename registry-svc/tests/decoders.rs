@@ -4,6 +4,7 @@
 //! accepted exactly when its rules say so, or refused with INVALID_ARGUMENT,
 //! never a panic; what is accepted comes back the same through its `From`.
 //! Bounded for CI; `PROPTEST_CASES=100000` runs longer (docs/reliability.md).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may
 
 use std::collections::HashMap;
 use std::time::Duration;

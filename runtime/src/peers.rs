@@ -10,6 +10,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use crate::host::HostError;
+use crate::retry::{Backoff, RetryParams};
 use crate::trace_context::TraceInterceptor;
 
 /// A channel to a peer that carries the caller's trace context.
@@ -41,7 +42,7 @@ pub fn connect(url: &str) -> Result<PeerChannel, HostError> {
 }
 
 /// Waits until the peer at `url` reports `service` SERVING over grpc.health.v1,
-/// retrying with backoff (100 ms doubling to 2 s). Returns early with
+/// retrying with backoff (jittered, 100 ms doubling to 2 s). Returns early with
 /// [`HostError::Cancelled`] when `shutdown` is cancelled.
 pub async fn wait_serving(
     url: &str,
@@ -49,7 +50,10 @@ pub async fn wait_serving(
     shutdown: &CancellationToken,
 ) -> Result<(), HostError> {
     let mut client = HealthClient::new(connect(url)?);
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(RetryParams {
+        max: Duration::from_secs(2),
+        ..RetryParams::RECONNECT
+    });
     loop {
         let request = HealthCheckRequest {
             service: service.to_string(),
@@ -59,10 +63,8 @@ pub async fn wait_serving(
             Ok(_) => tracing::info!(%url, %service, "peer not serving yet"),
             Err(status) => tracing::info!(%url, %service, %status, "peer unreachable"),
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return Err(HostError::Cancelled(format!("{service} at {url}"))),
-            _ = tokio::time::sleep(backoff) => {}
+        if !backoff.wait(shutdown).await {
+            return Err(HostError::Cancelled(format!("{service} at {url}")));
         }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }

@@ -155,7 +155,7 @@ impl Cluster {
         let cache_shutdown = CancellationToken::new();
         let mut cache_config = ServiceConfig::in_process(&cache_dir);
         cache_config.registry = Some(registry_url.clone());
-        let future = cache_svc::serve_with(
+        let future = cache_svc::run(
             cache_config,
             options.cache,
             cache_listener,
@@ -181,7 +181,7 @@ impl Cluster {
             move |mut cfg, l, s| {
                 cfg.registry = Some(r);
                 cfg.cache = Some(c);
-                processor_svc::serve_with(cfg, processor_settings, l, s)
+                processor_svc::run(cfg, processor_settings, l, s)
             },
         )
         .await;

@@ -258,7 +258,7 @@ async fn a_sigkilled_processor_resumes_without_loss_or_duplicates() {
         segment_bytes: 256 * 1024,
         ..Default::default()
     };
-    tokio::spawn(cache_svc::serve_with(
+    tokio::spawn(cache_svc::run(
         config,
         settings,
         cache_listener,

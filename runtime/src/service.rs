@@ -1,0 +1,124 @@
+//! The skeleton every service's `serve` shares: a host for its gRPC name
+//! (health NOT_SERVING, reflection), its data directory checked, its peers
+//! resolved from the configuration; then its routes; then serving, with
+//! health turned SERVING once every peer serves and the service's own
+//! readiness work is done, and NOT_SERVING on shutdown.
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::service::RoutesBuilder;
+
+use crate::config::ServiceConfig;
+use crate::host::{Host, HostError};
+use crate::readiness::{prepare_data_dir, wait_for_peers, Peer};
+
+/// A peer service, by what it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Registry,
+    Cache,
+    Processor,
+}
+
+impl Role {
+    /// The peer in `config`, or a configuration error naming the flag.
+    pub fn peer(self, config: &ServiceConfig) -> Result<Peer, HostError> {
+        let (role, url, service) = match self {
+            Role::Registry => (
+                "registry",
+                config.registry.as_ref(),
+                "ferry.registry.v1.Registry",
+            ),
+            Role::Cache => ("cache", config.cache.as_ref(), "ferry.cache.v1.Cache"),
+            Role::Processor => (
+                "processor",
+                config.processor.as_ref(),
+                "ferry.processor.v1.Processor",
+            ),
+        };
+        Peer::required(role, url, service)
+    }
+}
+
+/// A service being started.
+pub struct Service {
+    label: &'static str,
+    host: Host,
+    peers: Vec<(Role, Peer)>,
+}
+
+impl Service {
+    /// Starts `label` (e.g. "cache-svc") serving the gRPC service
+    /// `grpc_name`: checks every peer in `needs` is configured and the data
+    /// directory is writable (a fsynced probe) before anything opens.
+    pub async fn start(
+        label: &'static str,
+        grpc_name: &'static str,
+        config: &ServiceConfig,
+        needs: &[Role],
+    ) -> Result<Service, HostError> {
+        let peers = needs
+            .iter()
+            .map(|role| Ok((*role, role.peer(config)?)))
+            .collect::<Result<Vec<_>, HostError>>()?;
+        let host = Host::new(&[grpc_name]).await?;
+        prepare_data_dir(&config.data_dir).map_err(|source| HostError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        Ok(Service { label, host, peers })
+    }
+
+    /// The URL of a peer named in `start`'s `needs`.
+    pub fn url(&self, role: Role) -> Result<&str, HostError> {
+        self.peers
+            .iter()
+            .find(|(r, _)| *r == role)
+            .map(|(_, p)| p.url.as_str())
+            .ok_or_else(|| HostError::Peer {
+                url: String::new(),
+                message: format!("{} did not declare it needs {role:?}", self.label),
+            })
+    }
+
+    /// The routes, to add the service's generated servers to.
+    pub fn routes(&mut self) -> &mut RoutesBuilder {
+        self.host.routes()
+    }
+
+    /// Serves on `listener` until `shutdown`. Once every peer serves,
+    /// `prepare` runs (resuming work, say), health turns SERVING, and then
+    /// `serving` runs for as long as it likes (following registry, say).
+    pub async fn serve<P, S>(
+        self,
+        listener: TcpListener,
+        config: &ServiceConfig,
+        shutdown: CancellationToken,
+        prepare: P,
+        serving: S,
+    ) -> Result<(), HostError>
+    where
+        P: Future<Output = ()> + Send + 'static,
+        S: Future<Output = ()> + Send + 'static,
+    {
+        let health = self.host.health();
+        let ready = shutdown.clone();
+        let peers: Vec<Peer> = self.peers.into_iter().map(|(_, p)| p).collect();
+        let label = self.label;
+        tokio::spawn(async move {
+            if wait_for_peers(&peers, &ready).await.is_err() || ready.is_cancelled() {
+                return;
+            }
+            prepare.await;
+            if ready.is_cancelled() {
+                return;
+            }
+            health.serving().await;
+            tracing::info!("{label} serving");
+            serving.await;
+        });
+        self.host.serve(listener, &config.limits, shutdown).await
+    }
+}
