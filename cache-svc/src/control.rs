@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ferry_proto::cache::v1 as pb;
+use ferry_proto::ids::{Epoch, Incarnation};
 use ferry_proto::registry::v1 as registry;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::follow::{follow_registry, Follower};
@@ -189,10 +190,10 @@ async fn reconcile(store: &Store, items: &BTreeMap<String, u64>, last_incarnatio
         if items.contains_key(&vm) {
             continue;
         }
-        if incarnation == 0 || incarnation > last_incarnation {
+        if incarnation == Incarnation(0) || incarnation.get() > last_incarnation {
             tracing::warn!(
                 vm,
-                incarnation,
+                %incarnation,
                 last_incarnation,
                 "registry does not protect this VM, but its log is not of an incarnation \
                  registry issued: kept"
@@ -212,7 +213,7 @@ async fn apply(event: &registry::ProtectedItemEvent, sessions: &Sessions, store:
     if event.kind() == registry::EventKind::Removed {
         sessions.stop(vm, None, &format!("replication of VM {vm:?} was disabled"));
         // The log goes with the item (never a newer incarnation's).
-        if let Err(err) = store.remove(vm, item.incarnation).await {
+        if let Err(err) = store.remove(vm, Incarnation(item.incarnation)).await {
             tracing::error!(vm, %err, "cannot delete a disabled item's log");
         }
         return;
@@ -223,14 +224,14 @@ async fn apply(event: &registry::ProtectedItemEvent, sessions: &Sessions, store:
     }
     if item.incarnation > 0 {
         // A log of an older incarnation is the disabled item's.
-        if let Err(err) = store.remove(vm, item.incarnation - 1).await {
+        if let Err(err) = store.remove(vm, Incarnation(item.incarnation - 1)).await {
             tracing::error!(vm, %err, "cannot delete a disabled item's log");
         }
     }
     // Recorded durably, so that the fenced agent stays refused even if it
     // reaches this cache before registry can be asked again.
     if let Ok(Some(state)) = store.get(vm) {
-        if let Err(err) = store.admit_epoch(&state, item.epoch).await {
+        if let Err(err) = store.admit_epoch(&state, Epoch(item.epoch)).await {
             tracing::debug!(vm, %err, "epoch not raised");
         }
     }

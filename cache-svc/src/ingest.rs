@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use ferry_proto::cache::v1 as pb;
 use ferry_proto::cache::v1::record::Op;
+use ferry_proto::ids::{Epoch, Incarnation};
 use ferry_proto::registry::v1 as registry;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -14,6 +15,7 @@ use tonic::{Status, Streaming};
 
 use crate::control::Control;
 use crate::error::CacheError;
+use crate::model::Open;
 use crate::service::CacheService;
 use crate::store::VmState;
 
@@ -160,15 +162,15 @@ impl CacheService {
     /// newer one.
     pub(crate) async fn open_session(
         &self,
-        open: pb::IngestOpen,
+        open: &Open,
     ) -> Result<(Arc<VmState>, Disks), CacheError> {
-        let vm = open.vm_name.clone();
+        let vm = open.vm.as_str();
         let mut client = self.registry.clone();
         let item = client
             .verify_agent(registry::VerifyAgentRequest {
-                vm_name: open.vm_name.clone(),
+                vm_name: vm.to_string(),
                 credential: open.credential.clone(),
-                epoch: open.epoch,
+                epoch: open.epoch.get(),
             })
             .await
             .map_err(|s| match s.code() {
@@ -190,13 +192,16 @@ impl CacheService {
                 && r.health != registry::ReplicationHealth::Normal as i32
                 && r.message.starts_with(DISK_FULL)
         }) {
-            self.room.refused(&vm);
+            self.room.refused(vm);
         }
         let disks = item
             .source
             .map(|v| v.disks.into_iter().map(|d| (d.id, d.size_bytes)).collect())
             .unwrap_or_default();
-        let state = self.store.get_or_create(&vm, item.incarnation).await?;
+        let state = self
+            .store
+            .get_or_create(vm, Incarnation(item.incarnation))
+            .await?;
         self.store.admit_epoch(&state, open.epoch).await?;
         Ok((state, disks))
     }
@@ -241,7 +246,7 @@ impl CacheService {
         let open = match first {
             Ok(Some(pb::IngestRequest {
                 msg: Some(pb::ingest_request::Msg::Open(open)),
-            })) => open,
+            })) => Open::try_from(open)?,
             Ok(Some(_)) => {
                 return Err(CacheError::InvalidArgument(
                     "the first message of an ingest stream must be `open`".into(),
@@ -250,9 +255,8 @@ impl CacheService {
             Ok(None) => return Ok(()),
             Err(status) => return Err(CacheError::InvalidArgument(status.message().into())),
         };
-        let vm = open.vm_name.clone();
-        let epoch = open.epoch;
-        let (state, disks) = self.open_session(open).await?;
+        let (state, disks) = self.open_session(&open).await?;
+        let (vm, epoch) = (open.vm.to_string(), open.epoch.get());
         // Registered before `opened`, so a control message sent once the
         // agent is streaming finds it.
         let (session, mut control) = self.sessions.open(&vm, epoch)?;
@@ -420,7 +424,7 @@ impl CacheService {
         // Its commit frame is one more header.
         let _claim = self.room.claim(bytes + crate::frame::HEADER as u64)?;
         // The fencing check again: a newer agent may have registered.
-        if state.meta()?.epoch > epoch {
+        if state.meta()?.epoch > Epoch(epoch) {
             return Err(CacheError::FailedPrecondition(format!(
                 "agent epoch {epoch} of VM {:?} was fenced by a newer agent",
                 state.vm

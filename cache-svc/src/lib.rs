@@ -9,6 +9,7 @@ pub mod error;
 pub mod frame;
 pub mod ingest;
 pub mod log;
+pub mod model;
 pub mod service;
 pub mod store;
 pub mod tail;
@@ -18,7 +19,8 @@ use std::sync::Arc;
 use ferry_proto::cache::v1::cache_server::CacheServer;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::retry::{retry, RetryError, RetryParams};
-use ferry_runtime::{CancellationToken, HostError, Role, Service, ServiceConfig};
+use ferry_runtime::service::open_storage;
+use ferry_runtime::{CancellationToken, Role, Service, ServiceConfig};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
@@ -56,22 +58,7 @@ impl Default for Settings {
 }
 
 /// Why cache-svc stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error(transparent)]
-    Cache(#[from] CacheError),
-    #[error(transparent)]
-    Host(#[from] HostError),
-}
-
-/// Serves cache-svc with default settings.
-pub async fn serve(
-    config: ServiceConfig,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> Result<(), ServeError> {
-    run(config, Settings::default(), listener, shutdown).await
-}
+pub type ServeError = ferry_runtime::service::ServeError<CacheError>;
 
 /// Serves cache-svc on `listener` until `shutdown` is cancelled. Health turns
 /// SERVING once the logs are open and registry serves.
@@ -91,10 +78,7 @@ pub async fn run(
         per_vm_bytes: settings.vm_quota_bytes.max(floor),
         total_bytes: settings.total_quota_bytes.max(floor),
     };
-    let store =
-        tokio::task::spawn_blocking(move || store::Store::open(&data_dir, segment_bytes, quotas))
-            .await
-            .map_err(|_| CacheError::ShuttingDown)??;
+    let store = open_storage(move || store::Store::open(&data_dir, segment_bytes, quotas)).await?;
     let client = RegistryClient::new(ferry_runtime::connect(service.url(Role::Registry)?)?);
     let limits = &config.limits;
     let store = Arc::new(store);

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use ferry_proto::cache::v1 as pb;
 use ferry_proto::cache::v1::cache_server::Cache;
+use ferry_proto::ids::VmName;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::PeerChannel;
 use tokio::sync::mpsc;
@@ -11,9 +12,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::control::{Control, Sessions};
+use crate::control::Sessions;
 use crate::error::CacheError;
-use crate::store::Store;
+use crate::model::{AppliedReport, ControlFor, LogOf, TailFrom};
+use crate::store::{Store, VmState};
 use crate::tail;
 
 /// Responses buffered per stream before the sender waits.
@@ -51,12 +53,11 @@ impl CacheService {
     }
 }
 
-fn vm_name(vm: &str) -> Result<(), Status> {
-    if vm.is_empty() {
-        return Err(Status::invalid_argument("vm_name is empty"));
-    }
-    ferry_runtime::trace_context::record_vm(vm);
-    Ok(())
+/// The VM's log, or NOT_FOUND.
+fn log_of(store: &Store, vm: &VmName) -> Result<Arc<VmState>, CacheError> {
+    store
+        .get(vm.as_str())?
+        .ok_or_else(|| CacheError::NotFound(format!("the cache has no log for VM {vm:?}")))
 }
 
 #[tonic::async_trait]
@@ -80,30 +81,31 @@ impl Cache for CacheService {
         &self,
         request: Request<pb::TailRequest>,
     ) -> Result<Response<Self::TailStream>, Status> {
-        let req = request.into_inner();
-        vm_name(&req.vm_name)?;
-        let state = self.store.get(&req.vm_name)?.ok_or_else(|| {
-            CacheError::NotFound(format!("the cache has no log for VM {:?}", req.vm_name))
-        })?;
+        let req = TailFrom::try_from(request.into_inner())?;
+        let vm = &req.vm;
+        let state = log_of(&self.store, vm)?;
         let meta = state.meta()?;
-        if req.incarnation != 0 && meta.incarnation < req.incarnation {
-            return Err(CacheError::NotFound(format!(
-                "the cache has no log of VM {:?}'s incarnation {} yet (only of {}): its agent \
-                 has not streamed since replication was enabled again",
-                req.vm_name, req.incarnation, meta.incarnation
-            ))
-            .into());
+        if let Some(incarnation) = req.incarnation {
+            if meta.incarnation < incarnation {
+                return Err(CacheError::NotFound(format!(
+                    "the cache has no log of VM {vm:?}'s incarnation {incarnation} yet (only of \
+                     {}): its agent has not streamed since replication was enabled again",
+                    meta.incarnation
+                ))
+                .into());
+            }
+            if meta.incarnation > incarnation {
+                return Err(CacheError::FailedPrecondition(format!(
+                    "VM {vm:?}'s log belongs to incarnation {}, newer than the {incarnation} \
+                     asked for",
+                    meta.incarnation
+                ))
+                .into());
+            }
         }
-        if req.incarnation != 0 && meta.incarnation > req.incarnation {
-            return Err(CacheError::FailedPrecondition(format!(
-                "VM {:?}'s log belongs to incarnation {}, newer than the {} asked for",
-                req.vm_name, meta.incarnation, req.incarnation
-            ))
-            .into());
-        }
-        let from = req.from_sequence.max(1);
+        let from = req.from.get();
         let (first, last) = state.with_log(|log| (log.first_seq(), log.last_seq()))?;
-        let other_lineage = req.lineage != 0 && req.lineage != meta.lineage;
+        let other_lineage = req.lineage.is_some_and(|l| l != meta.lineage);
         if (other_lineage && from > first) || from > last + 1 {
             // The reader applied up to `from - 1`, from another lineage of
             // this log or from records this log lost: the numbers this log
@@ -117,16 +119,14 @@ impl Cache for CacheService {
         let first = state.with_log(|log| log.first_seq())?;
         if from < first {
             return Err(CacheError::OutOfRange(format!(
-                "sequence {from} of VM {:?} was trimmed; the log starts at {first}",
-                req.vm_name
+                "sequence {from} of VM {vm:?} was trimmed; the log starts at {first}"
             ))
             .into());
         }
-        let max_bytes = match req.max_batch_bytes {
-            0 => tail::DEFAULT_BATCH_BYTES,
-            n => n as usize,
-        }
-        .min(self.max_batch_bytes);
+        let max_bytes = req
+            .max_batch_bytes
+            .unwrap_or(tail::DEFAULT_BATCH_BYTES)
+            .min(self.max_batch_bytes);
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let tail = tail::Tail {
             store: self.store.clone(),
@@ -145,15 +145,9 @@ impl Cache for CacheService {
         &self,
         request: Request<pb::ReportAppliedRequest>,
     ) -> Result<Response<pb::ReportAppliedResponse>, Status> {
-        let req = request.into_inner();
-        vm_name(&req.vm_name)?;
-        let state = self.store.get(&req.vm_name)?.ok_or_else(|| {
-            CacheError::NotFound(format!("the cache has no log for VM {:?}", req.vm_name))
-        })?;
-        let trim_point = self
-            .store
-            .applied(&state, req.applied_sequence, req.lineage)
-            .await?;
+        let req = AppliedReport::try_from(request.into_inner())?;
+        let state = log_of(&self.store, &req.vm)?;
+        let trim_point = self.store.applied(&state, req.applied, req.lineage).await?;
         Ok(Response::new(pb::ReportAppliedResponse { trim_point }))
     }
 
@@ -161,22 +155,19 @@ impl Cache for CacheService {
         &self,
         request: Request<pb::GetLogInfoRequest>,
     ) -> Result<Response<pb::LogInfo>, Status> {
-        let req = request.into_inner();
-        vm_name(&req.vm_name)?;
-        let state = self.store.get(&req.vm_name)?.ok_or_else(|| {
-            CacheError::NotFound(format!("the cache has no log for VM {:?}", req.vm_name))
-        })?;
+        let LogOf(vm) = LogOf::try_from(request.into_inner())?;
+        let state = log_of(&self.store, &vm)?;
         let meta = state.meta()?;
         let info = state.with_log(|log| pb::LogInfo {
-            vm_name: req.vm_name.clone(),
+            vm_name: vm.to_string(),
             first_sequence: log.first_seq(),
             last_sequence: log.last_seq(),
-            applied_sequence: meta.applied,
+            applied_sequence: meta.applied.get(),
             size_bytes: log.size(),
             segments: log.segments().len() as u32,
-            epoch: meta.epoch,
+            epoch: meta.epoch.get(),
             lineage: meta.lineage,
-            incarnation: meta.incarnation,
+            incarnation: meta.incarnation.get(),
         })?;
         Ok(Response::new(info))
     }
@@ -185,24 +176,8 @@ impl Cache for CacheService {
         &self,
         request: Request<pb::SendControlRequest>,
     ) -> Result<Response<pb::SendControlResponse>, Status> {
-        let req = request.into_inner();
-        vm_name(&req.vm_name)?;
-        let control = match req.control {
-            Some(pb::send_control_request::Control::Resync(r)) => Control::Resync(r),
-            Some(pb::send_control_request::Control::Bookmark(b)) => {
-                if b.id.is_empty() {
-                    return Err(Status::invalid_argument("a bookmark needs an id"));
-                }
-                Control::Bookmark(b)
-            }
-            Some(pb::send_control_request::Control::Stop(s)) => Control::Stop(s),
-            None => {
-                return Err(Status::invalid_argument(
-                    "control is empty: set resync, bookmark or stop",
-                ))
-            }
-        };
-        let agent_epoch = self.sessions.send(&req.vm_name, control)?;
+        let req = ControlFor::try_from(request.into_inner())?;
+        let agent_epoch = self.sessions.send(req.vm.as_str(), req.control)?;
         Ok(Response::new(pb::SendControlResponse { agent_epoch }))
     }
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use ferry_proto::cache::v1::Record;
+use ferry_proto::ids::{Epoch, Incarnation, Sequence};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
@@ -16,13 +17,13 @@ use crate::log::{SegmentMeta, VmLog};
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct VmMeta {
     /// The highest agent epoch seen; streams from lower epochs are fenced.
-    pub epoch: u64,
+    pub epoch: Epoch,
     /// The highest sequence the processor reported durably applied.
-    pub applied: u64,
+    pub applied: Sequence,
     /// The protected item's incarnation (registry) the log belongs to; 0
     /// for logs from before incarnations.
     #[serde(default)]
-    pub incarnation: u64,
+    pub incarnation: Incarnation,
     /// A random id of this log's numbering, new whenever the log starts
     /// again, so a reader can tell a continuation from a gap.
     #[serde(default)]
@@ -231,7 +232,7 @@ impl Store {
             vm,
             first = log.first_seq(),
             last = log.last_seq(),
-            incarnation = meta.incarnation,
+            incarnation = %meta.incarnation,
             lineage = meta.lineage,
             "log opened"
         );
@@ -326,7 +327,7 @@ impl Store {
         let next = VmMeta {
             lineage: new_lineage(),
             restart_at: None,
-            applied: first_seq - 1,
+            applied: Sequence(first_seq - 1),
             ..meta
         };
         let batch = self.meta_without_segments(&state.vm, &next)?;
@@ -365,7 +366,7 @@ impl Store {
         }
         let next = VmMeta {
             lineage: new_lineage(),
-            restart_at: Some(meta.applied + 1),
+            restart_at: Some(meta.applied.get() + 1),
             ..meta
         };
         let batch = self.meta_without_segments(vm, &next)?;
@@ -377,8 +378,8 @@ impl Store {
 
     /// Every VM with a log (damaged ones too) and the incarnation it
     /// belongs to.
-    pub fn incarnations(&self) -> Vec<(String, u64)> {
-        let mut all: Vec<(String, u64)> = self
+    pub fn incarnations(&self) -> Vec<(String, Incarnation)> {
+        let mut all: Vec<(String, Incarnation)> = self
             .vms
             .lock()
             .map(|vms| {
@@ -405,7 +406,7 @@ impl Store {
     pub async fn get_or_create(
         &self,
         vm: &str,
-        incarnation: u64,
+        incarnation: Incarnation,
     ) -> Result<Arc<VmState>, CacheError> {
         let damaged = self
             .damaged
@@ -415,7 +416,8 @@ impl Store {
             .map(|(_, m)| m.incarnation);
         if damaged.is_some_and(|old| old < incarnation) {
             // The damaged log belongs to a disabled item: it goes.
-            self.remove(vm, incarnation - 1).await?;
+            self.remove(vm, Incarnation(incarnation.get().saturating_sub(1)))
+                .await?;
         }
         if let Some(state) = self.get(vm)? {
             let meta = state.meta()?;
@@ -428,8 +430,8 @@ impl Store {
             if meta.incarnation < incarnation {
                 tracing::warn!(
                     vm,
-                    old = meta.incarnation,
-                    new = incarnation,
+                    old = %meta.incarnation,
+                    new = %incarnation,
                     "replication was enabled again: the old log is deleted"
                 );
                 let fresh = VmMeta {
@@ -493,7 +495,7 @@ impl Store {
         tracing::warn!(
             vm = %state.vm,
             first_seq,
-            incarnation = meta.incarnation,
+            incarnation = %meta.incarnation,
             lineage = meta.lineage,
             "log started again"
         );
@@ -525,7 +527,7 @@ impl Store {
         self.restart(
             state,
             VmMeta {
-                applied: first_seq - 1,
+                applied: Sequence(first_seq - 1),
                 ..meta
             },
             first_seq,
@@ -535,7 +537,7 @@ impl Store {
 
     /// Deletes the VM's log if it belongs to `incarnation` or an older one
     /// (its replication was disabled); open streams of it end.
-    pub async fn remove(&self, vm: &str, incarnation: u64) -> Result<bool, CacheError> {
+    pub async fn remove(&self, vm: &str, incarnation: Incarnation) -> Result<bool, CacheError> {
         let damaged = self
             .damaged
             .lock()
@@ -572,7 +574,7 @@ impl Store {
         .await
         .map_err(|_| CacheError::ShuttingDown)?;
         removed?;
-        tracing::info!(vm, incarnation = of, "log deleted: replication disabled");
+        tracing::info!(vm, incarnation = %of, "log deleted: replication disabled");
         Ok(true)
     }
 
@@ -584,7 +586,7 @@ impl Store {
     }
 
     /// Raises the VM's epoch to `epoch`; refuses a lower one (a fenced agent).
-    pub async fn admit_epoch(&self, state: &VmState, epoch: u64) -> Result<(), CacheError> {
+    pub async fn admit_epoch(&self, state: &VmState, epoch: Epoch) -> Result<(), CacheError> {
         let meta = state.meta()?;
         if epoch < meta.epoch {
             return Err(CacheError::FailedPrecondition(format!(
@@ -678,9 +680,10 @@ impl Store {
     pub async fn applied(
         &self,
         state: &Arc<VmState>,
-        applied: u64,
+        applied: Sequence,
         lineage: u64,
     ) -> Result<u64, CacheError> {
+        let applied = applied.get();
         let ours = state.meta()?.lineage;
         if lineage != 0 && lineage != ours {
             return Err(CacheError::FailedPrecondition(format!(
@@ -697,11 +700,12 @@ impl Store {
             )));
         }
         let meta = state.meta()?;
-        if applied > meta.applied {
+        if applied > meta.applied.get() {
             // Persist the applied point before deleting anything below it.
+            let applied = Sequence(applied);
             self.save_meta(state, VmMeta { applied, ..meta }).await?;
         }
-        let applied = applied.max(meta.applied);
+        let applied = applied.max(meta.applied.get());
         let worker = state.clone();
         let removed = tokio::task::spawn_blocking(move || worker.with_log(|log| log.trim(applied)))
             .await

@@ -62,14 +62,19 @@ impl Embedded {
         cc.registry = Some(registry.clone());
         tasks.push((
             "cache-svc",
-            spawn(cache_svc::serve(cc, cl, shutdown.clone())),
+            spawn(cache_svc::run(cc, Default::default(), cl, shutdown.clone())),
         ));
         let mut pc = config("processor");
         pc.registry = Some(registry.clone());
         pc.cache = Some(cache.clone());
         tasks.push((
             "processor-svc",
-            spawn(processor_svc::serve(pc, pl, shutdown.clone())),
+            spawn(processor_svc::run(
+                pc,
+                Default::default(),
+                pl,
+                shutdown.clone(),
+            )),
         ));
         let mut fc = config("failover");
         fc.registry = Some(registry.clone());
@@ -77,7 +82,12 @@ impl Embedded {
         fc.cache = Some(cache.clone());
         tasks.push((
             "failover-svc",
-            spawn(failover_svc::serve(fc, fl, shutdown.clone())),
+            spawn(failover_svc::run(
+                fc,
+                Default::default(),
+                fl,
+                shutdown.clone(),
+            )),
         ));
 
         let embedded = Embedded {

@@ -19,7 +19,8 @@ use ferry_proto::cache::v1::cache_client::CacheClient;
 use ferry_proto::failover::v1::failover_server::FailoverServer;
 use ferry_proto::processor::v1::processor_client::ProcessorClient;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
-use ferry_runtime::{CancellationToken, HostError, Role, Service, ServiceConfig};
+use ferry_runtime::service::open_storage;
+use ferry_runtime::{CancellationToken, Role, Service, ServiceConfig};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
@@ -40,22 +41,7 @@ pub struct Settings {
 }
 
 /// Why failover-svc stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error(transparent)]
-    Failover(#[from] FailoverError),
-    #[error(transparent)]
-    Host(#[from] HostError),
-}
-
-/// Serves failover-svc with default settings.
-pub async fn serve(
-    config: ServiceConfig,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> Result<(), ServeError> {
-    run(config, Settings::default(), listener, shutdown).await
-}
+pub type ServeError = ferry_runtime::service::ServeError<FailoverError>;
 
 /// Serves failover-svc on `listener` until `shutdown`. Health turns SERVING
 /// once its records are open, unfinished jobs are resumed and registry and
@@ -69,14 +55,14 @@ pub async fn run(
     let needs = [Role::Registry, Role::Processor];
     let mut service = Service::start("failover-svc", SERVICE_NAME, &config, &needs).await?;
     let dir = config.data_dir.clone();
-    let (db, backend) = tokio::task::spawn_blocking(move || {
+    let (backend, jobs) = open_storage(move || {
         let db = sled::Config::new().path(dir.join("index")).open()?;
         let backend = inventory::LocalBackend::new(&db, &dir.join("regions"))?;
-        Ok::<_, FailoverError>((db, backend))
+        let jobs = jobs::Jobs::open(&db)?;
+        Ok::<_, FailoverError>((backend, jobs))
     })
-    .await
-    .map_err(|e| FailoverError::Corrupt(e.to_string()))??;
-    let jobs = Arc::new(jobs::Jobs::open(&db)?);
+    .await?;
+    let jobs = Arc::new(jobs);
     let limits = &config.limits;
     // The source region's cache is optional: only planned failovers use it.
     let cache = match &config.cache {

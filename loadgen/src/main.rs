@@ -158,7 +158,12 @@ async fn rig(dir: &Path, vm: &str) -> Result<Rig> {
     config.registry = Some(registry.url.clone());
     config.limits.max_message_bytes = 64 << 20;
     let shutdown = CancellationToken::new();
-    tokio::spawn(cache_svc::serve(config, listener, shutdown.clone()));
+    tokio::spawn(cache_svc::run(
+        config,
+        Default::default(),
+        listener,
+        shutdown.clone(),
+    ));
     ferry_testkit::wait_serving(&cache_url).await;
 
     let source = dir.join(format!("{vm}-source.raw"));

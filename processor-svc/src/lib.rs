@@ -16,7 +16,8 @@ use std::time::Duration;
 use ferry_proto::cache::v1::cache_client::CacheClient;
 use ferry_proto::processor::v1::processor_server::ProcessorServer;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
-use ferry_runtime::{CancellationToken, HostError, Role, Service, ServiceConfig};
+use ferry_runtime::service::open_storage;
+use ferry_runtime::{CancellationToken, Role, Service, ServiceConfig};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
@@ -67,24 +68,7 @@ impl Default for Settings {
 }
 
 /// Why processor-svc stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error(transparent)]
-    Processor(#[from] ProcessorError),
-    #[error(transparent)]
-    Host(#[from] HostError),
-    #[error("[processor] chunk_bytes {0} must be a non-zero multiple of 512")]
-    ChunkSize(u64),
-}
-
-/// Serves processor-svc with default settings.
-pub async fn serve(
-    config: ServiceConfig,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> Result<(), ServeError> {
-    run(config, Settings::default(), listener, shutdown).await
-}
+pub type ServeError = ferry_runtime::service::ServeError<ProcessorError>;
 
 /// Serves processor-svc on `listener` until `shutdown`. Health turns SERVING
 /// once the replicas are open and registry and cache-svc serve.
@@ -95,16 +79,18 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     if settings.chunk_bytes == 0 || !settings.chunk_bytes.is_multiple_of(512) {
-        return Err(ServeError::ChunkSize(settings.chunk_bytes));
+        return Err(ServeError::Service(ProcessorError::InvalidArgument(
+            format!(
+                "[processor] chunk_bytes {} must be a non-zero multiple of 512",
+                settings.chunk_bytes
+            ),
+        )));
     }
     let needs = [Role::Registry, Role::Cache];
     let mut service = Service::start("processor-svc", SERVICE_NAME, &config, &needs).await?;
     let dir = config.data_dir.clone();
     let (chunk, segment) = (settings.chunk_bytes, settings.segment_bytes.max(1 << 20));
-    let replicas =
-        tokio::task::spawn_blocking(move || replica::Replicas::open(&dir, chunk, segment))
-            .await
-            .map_err(|_| ProcessorError::ShuttingDown)??;
+    let replicas = open_storage(move || replica::Replicas::open(&dir, chunk, segment)).await?;
     let limits = &config.limits;
     let cache_client = CacheClient::new(ferry_runtime::connect(service.url(Role::Cache)?)?)
         .max_decoding_message_size(limits.max_message_bytes);

@@ -33,6 +33,8 @@ pub enum HostError {
         source: std::io::Error,
     },
     /// Shutdown was requested while waiting.
+    #[error("opening storage failed: {0}")]
+    Storage(String),
     #[error("shut down while waiting for {0}")]
     Cancelled(String),
 }

@@ -122,3 +122,26 @@ impl Service {
         self.host.serve(listener, &config.limits, shutdown).await
     }
 }
+
+/// Why a service stopped with an error: its own (`E`) or its host's.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError<E: std::error::Error + 'static> {
+    #[error(transparent)]
+    Service(E),
+    #[error(transparent)]
+    Host(#[from] HostError),
+}
+
+/// Opens a service's storage (`open`, blocking) off the async threads.
+pub async fn open_storage<T, E>(
+    open: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, ServeError<E>>
+where
+    T: Send + 'static,
+    E: std::error::Error + Send + 'static,
+{
+    match tokio::task::spawn_blocking(open).await {
+        Ok(opened) => opened.map_err(ServeError::Service),
+        Err(e) => Err(ServeError::Host(HostError::Storage(e.to_string()))),
+    }
+}

@@ -197,7 +197,7 @@ impl Cluster {
                 cfg.registry = Some(r);
                 cfg.processor = Some(p);
                 cfg.cache = Some(c);
-                failover_svc::serve(cfg, l, s)
+                failover_svc::run(cfg, Default::default(), l, s)
             },
         )
         .await;
