@@ -1,0 +1,292 @@
+//! One connection to cache-svc's Ingest stream: open it, learn where the
+//! cache stands (and whether it lost or gained records behind this agent's
+//! back), send batches, and take acknowledgements and control messages.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_proto::cache::v1 as pb;
+use ferry_proto::cache::v1::cache_client::CacheClient;
+use ferry_proto::cache::v1::record::Op;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use super::{Dirty, Stream};
+
+/// The sequence a new stream for `vm` must start at: one past what the cache
+/// holds durably. Retries with backoff until the cache answers or `shutdown`.
+pub async fn resume_point(
+    cache_url: &str,
+    vm: &str,
+    epoch: u64,
+    credential: &str,
+    shutdown: &CancellationToken,
+) -> Result<u64, tonic::Status> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let attempt = async {
+            let channel = ferry_runtime::connect(cache_url)
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            let mut client = CacheClient::new(channel);
+            let (tx, rx) = mpsc::channel(1);
+            let open = pb::IngestRequest {
+                msg: Some(pb::ingest_request::Msg::Open(pb::IngestOpen {
+                    vm_name: vm.to_string(),
+                    credential: credential.to_string(),
+                    epoch,
+                })),
+            };
+            tx.send(open)
+                .await
+                .map_err(|_| tonic::Status::unavailable("request stream closed"))?;
+            let mut responses = client.ingest(ReceiverStream::new(rx)).await?.into_inner();
+            match responses.message().await? {
+                Some(pb::IngestResponse {
+                    msg: Some(pb::ingest_response::Msg::Opened(o)),
+                }) => Ok(o.durable_sequence + 1),
+                _ => Err(tonic::Status::unavailable(
+                    "the cache did not answer `open`",
+                )),
+            }
+        };
+        match attempt.await {
+            Ok(next) => return Ok(next),
+            Err(s) if fatal(&s) => return Err(s),
+            Err(s) => tracing::warn!(vm, %s, "cache unreachable; retrying"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Err(tonic::Status::cancelled("shutting down")),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Why a session with cache-svc ended.
+#[derive(Debug)]
+pub(super) enum SessionEnd {
+    Shutdown,
+    /// Retry after backoff.
+    Retry(String),
+    /// The cache refused for good (fenced, VM unknown).
+    Fatal(tonic::Status),
+}
+
+fn fatal(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::FailedPrecondition
+            | tonic::Code::NotFound
+            | tonic::Code::InvalidArgument
+            | tonic::Code::PermissionDenied
+            | tonic::Code::Unauthenticated
+    )
+}
+
+pub(super) async fn session(
+    stream: &Arc<Stream>,
+    cache_url: &str,
+    vm: &str,
+    epoch: u64,
+    credential: &str,
+    shutdown: &CancellationToken,
+) -> SessionEnd {
+    let channel = match ferry_runtime::connect(cache_url) {
+        Ok(c) => c,
+        Err(e) => return SessionEnd::Retry(e.to_string()),
+    };
+    let mut client = CacheClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+    let (tx, rx) = mpsc::channel(4);
+    let open = pb::IngestRequest {
+        msg: Some(pb::ingest_request::Msg::Open(pb::IngestOpen {
+            vm_name: vm.to_string(),
+            credential: credential.to_string(),
+            epoch,
+        })),
+    };
+    if tx.send(open).await.is_err() {
+        return SessionEnd::Retry("request stream closed".into());
+    }
+    // Setting up waits on the cache; a stop must not.
+    let opened = tokio::select! {
+        _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+        r = client.ingest(ReceiverStream::new(rx)) => r,
+    };
+    let mut responses = match opened {
+        Ok(r) => r.into_inner(),
+        Err(s) if fatal(&s) => return SessionEnd::Fatal(s),
+        Err(s) => return SessionEnd::Retry(s.to_string()),
+    };
+    let first = tokio::select! {
+        _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+        m = responses.message() => m,
+    };
+    let mut sent = match first {
+        Ok(Some(pb::IngestResponse {
+            msg: Some(pb::ingest_response::Msg::Opened(o)),
+        })) => o.durable_sequence,
+        Ok(_) => return SessionEnd::Retry("the cache did not answer `open`".into()),
+        Err(s) if fatal(&s) => return SessionEnd::Fatal(s),
+        Err(s) => return SessionEnd::Retry(s.to_string()),
+    };
+    let generation = {
+        let mut q = stream.queue.lock().await;
+        if !q.renumber && sent >= q.next_seq {
+            // The cache holds records this stream never produced (another
+            // agent's last batch landed after this one learned where to
+            // start): numbering would collide, and what those records wrote
+            // is unknown. Number on after them, and check every chunk by
+            // checksum; pending records go again as data.
+            tracing::warn!(
+                vm,
+                cache = sent,
+                ours = q.next_seq - 1,
+                "the cache is ahead of this agent: renumbering, checksum resync of every chunk"
+            );
+            Stream::overflow(&mut q);
+            q.verify.merge(&Dirty::full(&stream.disks()));
+            q.tracking_reason = format!(
+                "the cache holds records up to {sent}, beyond this agent's {}: checksum resync",
+                q.next_seq - 1
+            );
+        }
+        if !q.renumber && sent < q.durable {
+            // The cache acknowledged records up to our durable sequence and
+            // no longer has them (its log was lost, damaged or started
+            // again): what they wrote is gone from the stream. Number on
+            // after what it holds and check every chunk by checksum.
+            tracing::error!(
+                vm,
+                cache = sent,
+                acknowledged = q.durable,
+                "the cache lost records it had acknowledged: renumbering, checksum resync of \
+                 every chunk"
+            );
+            Stream::overflow(&mut q);
+            q.verify.merge(&Dirty::full(&stream.disks()));
+            q.tracking_reason = format!(
+                "the cache lost acknowledged records {}..={}: checksum resync",
+                sent + 1,
+                q.durable
+            );
+        }
+        if q.renumber {
+            // Pending records were dropped at an overflow: number on from
+            // what the cache holds.
+            q.next_seq = sent + 1;
+            q.durable = sent;
+            q.renumber = false;
+        }
+        q.detached = None;
+        q.generation
+    };
+    stream.changed.notify_waiters();
+    stream.acknowledge(sent).await;
+    sent = sent.max(stream.durable().await);
+    loop {
+        let notified = stream.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if stream.queue.lock().await.generation != generation {
+            return SessionEnd::Retry("the buffer overflowed; reconnecting to renumber".into());
+        }
+        let batch = stream.next_batch(sent).await;
+        if let Some(last) = batch.last().map(|r| r.sequence) {
+            let request = pb::IngestRequest {
+                msg: Some(pb::ingest_request::Msg::Batch(pb::RecordBatch {
+                    records: batch,
+                })),
+            };
+            // Responses are taken while waiting for room to send: the
+            // acknowledgements keep the buffer draining, and a cache that
+            // waits for its answers to be read cannot stall the stream.
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+                    permit = tx.reserve() => match permit {
+                        Ok(permit) => {
+                            permit.send(request);
+                            break;
+                        }
+                        Err(_) => return SessionEnd::Retry("request stream closed".into()),
+                    },
+                    response = responses.message() => {
+                        if let Some(end) = on_response(stream, vm, response).await {
+                            return end;
+                        }
+                    }
+                }
+            }
+            sent = last;
+            continue;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+            _ = notified => {}
+            response = responses.message() => {
+                if let Some(end) = on_response(stream, vm, response).await {
+                    return end;
+                }
+            }
+        }
+    }
+}
+
+/// Handles one response of the cache; what ends the session, if it does.
+async fn on_response(
+    stream: &Stream,
+    vm: &str,
+    response: Result<Option<pb::IngestResponse>, tonic::Status>,
+) -> Option<SessionEnd> {
+    match response {
+        Ok(Some(pb::IngestResponse { msg: Some(msg) })) => match msg {
+            pb::ingest_response::Msg::Ack(a) => stream.acknowledge(a.durable_sequence).await,
+            pb::ingest_response::Msg::Stop(s) if !s.final_marker_id.is_empty() => {
+                tracing::warn!(vm, reason = %s.reason, "planned failover: draining, then a FINAL marker");
+                stream.request_final(&s.final_marker_id);
+            }
+            pb::ingest_response::Msg::Stop(s) => {
+                return Some(SessionEnd::Fatal(tonic::Status::failed_precondition(
+                    s.reason,
+                )))
+            }
+            pb::ingest_response::Msg::Throttle(t) => {
+                // The cache refuses the next batch; the retry backs off.
+                tracing::warn!(vm, reason = %t.reason, "cache throttles this VM");
+            }
+            pb::ingest_response::Msg::Resync(r) => {
+                tracing::warn!(vm, disks = ?r.disk_ids, ranges = r.ranges.len(), reason = %r.reason, "cache asks for a resync");
+                let reason = format!("resync requested: {}", r.reason);
+                let ranges: Vec<(String, u64, u64)> = r
+                    .ranges
+                    .iter()
+                    .map(|x| (x.disk_id.clone(), x.offset, x.length))
+                    .collect();
+                stream.request_resync(&r.disk_ids, &ranges, &reason).await;
+            }
+            pb::ingest_response::Msg::Bookmark(b) => {
+                let marker = Op::Marker(pb::Marker {
+                    kind: pb::MarkerKind::Bookmark as i32,
+                    id: b.id.clone(),
+                    time_unix_nanos: 0,
+                });
+                // Markers need no ordering lock: every write with a
+                // lower sequence has completed, none after has.
+                match stream.push("", marker).await {
+                    0 => {
+                        tracing::warn!(vm, id = %b.id, "no bookmark while tracking changed chunks")
+                    }
+                    seq => tracing::debug!(vm, id = %b.id, seq, "bookmark"),
+                }
+            }
+            pb::ingest_response::Msg::Opened(_) => {
+                return Some(SessionEnd::Retry("the cache answered `open` twice".into()))
+            }
+        },
+        Ok(_) => return Some(SessionEnd::Retry("the cache ended the stream".into())),
+        Err(s) if fatal(&s) => return Some(SessionEnd::Fatal(s)),
+        Err(s) => return Some(SessionEnd::Retry(s.to_string())),
+    }
+    None
+}

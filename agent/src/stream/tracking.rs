@@ -1,0 +1,387 @@
+//! Changed-chunk tracking: what the stream switches to when records cannot
+//! reach the cache (an overflow, a long outage, a stop, records the cache
+//! lost), marking what was not sent and what resync must cover.
+
+use ferry_proto::cache::v1 as pb;
+use ferry_proto::cache::v1::record::Op;
+
+use super::{Queue, Stream};
+
+pub(super) fn is_sync_completed(op: &Op) -> bool {
+    matches!(op, Op::Marker(m) if m.kind == pb::MarkerKind::SyncCompleted as i32)
+}
+
+/// Bytes per bit of the changed-chunk map.
+pub const DIRTY_CHUNK: u64 = 64 * 1024;
+
+/// Changed chunks per disk, as bit sets of `DIRTY_CHUNK`-sized chunks.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Dirty {
+    pub disks: std::collections::BTreeMap<String, Vec<u64>>,
+}
+
+impl Dirty {
+    /// Marks the chunks of `offset..offset + length` of `disk`.
+    pub fn mark(&mut self, disk: &str, offset: u64, length: u64) {
+        if length == 0 {
+            return;
+        }
+        let bits = self.disks.entry(disk.to_string()).or_default();
+        let (first, last) = (offset / DIRTY_CHUNK, (offset + length - 1) / DIRTY_CHUNK);
+        for chunk in first..=last {
+            let word = (chunk / 64) as usize;
+            if bits.len() <= word {
+                bits.resize(word + 1, 0);
+            }
+            bits[word] |= 1 << (chunk % 64);
+        }
+    }
+
+    /// Marks what a record would have changed. A checksum record changes
+    /// nothing: see [`mark_unsent`] for where its chunks go.
+    pub fn mark_op(&mut self, disk: &str, op: &Op) {
+        match op {
+            Op::Write(w) => self.mark(disk, w.offset, w.data.len() as u64),
+            Op::Trim(z) | Op::WriteZeroes(z) => self.mark(disk, z.offset, z.length),
+            Op::Marker(_) | Op::Digests(_) => {}
+        }
+    }
+
+    /// The dirty chunk indexes of a disk, ascending.
+    pub fn chunks(&self, disk: &str) -> Vec<u64> {
+        let Some(bits) = self.disks.get(disk) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (w, word) in bits.iter().enumerate() {
+            for b in 0..64 {
+                if word & (1 << b) != 0 {
+                    out.push(w as u64 * 64 + b);
+                }
+            }
+        }
+        out
+    }
+
+    /// Every chunk of every disk: what a full resync sends.
+    pub fn full(disks: &[(String, u64)]) -> Dirty {
+        let mut dirty = Dirty::default();
+        for (id, size) in disks {
+            dirty.mark(id, 0, *size);
+        }
+        dirty
+    }
+
+    /// Adds every chunk `other` marks.
+    pub fn merge(&mut self, other: &Dirty) {
+        for (disk, words) in &other.disks {
+            let bits = self.disks.entry(disk.clone()).or_default();
+            if bits.len() < words.len() {
+                bits.resize(words.len(), 0);
+            }
+            for (mine, theirs) in bits.iter_mut().zip(words) {
+                *mine |= theirs;
+            }
+        }
+    }
+
+    /// Clears one chunk (it has been sent again).
+    pub fn clear(&mut self, disk: &str, chunk: u64) {
+        if let Some(word) = self
+            .disks
+            .get_mut(disk)
+            .and_then(|bits| bits.get_mut((chunk / 64) as usize))
+        {
+            *word &= !(1 << (chunk % 64));
+        }
+    }
+
+    /// Whether no chunk is dirty.
+    pub fn is_empty(&self) -> bool {
+        self.disks.values().flatten().all(|w| *w == 0)
+    }
+
+    /// How many chunks are dirty.
+    pub fn count(&self) -> u64 {
+        self.disks
+            .values()
+            .flat_map(|b| b.iter())
+            .map(|w| u64::from(w.count_ones()))
+            .sum()
+    }
+}
+
+/// A record that will never reach the cache (dropped at an overflow,
+/// pushed while tracking, unsent at a stop): what it wrote goes into `data`
+/// to be sent again, and the chunks a checksum record would have had checked
+/// go into `verify`, so that they are still checked. Dropping those silently
+/// would let a replica chunk that differs from the source pass for checked.
+pub fn mark_unsent(data: &mut Dirty, verify: &mut Dirty, disk: &str, op: &Op) {
+    match op {
+        Op::Digests(d) => verify.mark(disk, d.offset, d.length),
+        other => data.mark_op(disk, other),
+    }
+}
+
+/// What a resync sends: chunks whose contents go again as data, and chunks
+/// checked by checksum (the processor asks for those that differ).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ResyncSet {
+    pub data: Dirty,
+    pub verify: Dirty,
+    /// Disks whose SYNC_COMPLETED marker was lost to tracking (dropped at an
+    /// overflow or pushed while tracking): their copy was complete, but the
+    /// processor still holds them syncing, so resync brackets them again
+    /// even when none of their chunks changed.
+    pub close: std::collections::BTreeSet<String>,
+}
+
+impl ResyncSet {
+    /// Nothing to send.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty() && self.verify.is_empty() && self.close.is_empty()
+    }
+
+    /// Chunks to send or check.
+    pub fn count(&self) -> u64 {
+        self.data.count() + self.verify.count()
+    }
+
+    fn merge(&mut self, other: &ResyncSet) {
+        self.data.merge(&other.data);
+        self.verify.merge(&other.verify);
+        self.close.extend(other.close.iter().cloned());
+    }
+}
+impl Stream {
+    /// A resync as cache-svc requests it: with `ranges` (disk, offset,
+    /// length), their contents go again as data; without, every chunk of
+    /// `disk_ids` (all disks when empty) is checked by checksum. Pending
+    /// records still go out; writes from now on are tracked until resync
+    /// takes the map.
+    pub async fn request_resync(
+        &self,
+        disk_ids: &[String],
+        ranges: &[(String, u64, u64)],
+        reason: &str,
+    ) {
+        let sizes = self.disks();
+        let mut data = Dirty::default();
+        for (disk, offset, length) in ranges {
+            if let Some((_, size)) = sizes.iter().find(|(id, _)| id == disk) {
+                let end = offset.saturating_add(*length).min(*size);
+                data.mark(disk, (*offset).min(end), end - (*offset).min(end));
+            }
+        }
+        let verify = if ranges.is_empty() {
+            let disks: Vec<(String, u64)> = sizes
+                .into_iter()
+                .filter(|(id, _)| disk_ids.is_empty() || disk_ids.contains(id))
+                .collect();
+            Dirty::full(&disks)
+        } else {
+            Dirty::default()
+        };
+        let mut q = self.queue.lock().await;
+        match q.tracking.as_mut() {
+            Some(dirty) => dirty.merge(&data),
+            None => {
+                q.tracking = Some(data);
+                q.tracking_reason = reason.to_string();
+            }
+        }
+        q.verify.merge(&verify);
+        drop(q);
+        self.changed.notify_waiters();
+    }
+
+    /// Everything not yet durable in the cache, as changed chunks: the
+    /// tracked map, chunks resync has yet to send, and pending records.
+    /// Saved at a clean shutdown so that the next start resyncs just these.
+    pub async fn unsent(&self) -> ResyncSet {
+        let q = self.queue.lock().await;
+        let mut set = ResyncSet {
+            data: q.tracking.clone().unwrap_or_default(),
+            verify: q.verify.clone(),
+            close: q.close.clone(),
+        };
+        set.merge(&q.outstanding);
+        // The state file keeps chunks only: a lost SYNC_COMPLETED travels
+        // as a check of its disk's first chunk, and the next start's resync
+        // round closes every disk anyway.
+        for disk in std::mem::take(&mut set.close) {
+            set.verify.mark(&disk, 0, 1);
+        }
+        for r in &q.pending {
+            if let Some(op) = &r.op {
+                mark_unsent(&mut set.data, &mut set.verify, &r.disk_id, op);
+            }
+        }
+        set
+    }
+
+    /// A resync round failed part way: the chunks it had yet to send go back
+    /// into the map, to be taken by the next round.
+    pub async fn retry_outstanding(&self) {
+        let mut q = self.queue.lock().await;
+        let outstanding = std::mem::take(&mut q.outstanding);
+        match q.tracking.as_mut() {
+            Some(dirty) => dirty.merge(&outstanding.data),
+            None => q.tracking = Some(outstanding.data),
+        }
+        q.verify.merge(&outstanding.verify);
+        q.close.extend(outstanding.close);
+        drop(q);
+        self.changed.notify_waiters();
+    }
+
+    /// Resync has put a SYNC_COMPLETED of `disk` into the stream again.
+    pub async fn sync_closed(&self, disk: &str) {
+        let mut q = self.queue.lock().await;
+        q.outstanding.close.remove(disk);
+        drop(q);
+        self.changed.notify_waiters();
+    }
+
+    /// Resync has sent (or checked) `chunk` of `disk` again.
+    pub async fn resent(&self, disk: &str, chunk: u64) {
+        let mut q = self.queue.lock().await;
+        q.outstanding.data.clear(disk, chunk);
+        q.outstanding.verify.clear(disk, chunk);
+        drop(q);
+        self.changed.notify_waiters();
+    }
+
+    /// Drops every pending record into the changed-chunk map.
+    pub(super) fn overflow(q: &mut Queue) {
+        let mut dirty = q.tracking.take().unwrap_or_default();
+        let mut lost = Vec::new();
+        for r in q.pending.drain(..) {
+            if let Some(op) = &r.op {
+                mark_unsent(&mut dirty, &mut q.verify, &r.disk_id, op);
+                if is_sync_completed(op) {
+                    lost.push(r.disk_id.clone());
+                }
+            }
+        }
+        q.close.extend(lost);
+        q.pending_bytes = 0;
+        q.tracking = Some(dirty);
+        q.tracking_reason = "replication buffer overflowed".to_string();
+        q.renumber = true;
+        q.generation += 1;
+    }
+
+    /// Replication stopped for good (`reason`): what is pending goes into
+    /// the changed-chunk map, later writes only mark it, and the open
+    /// session ends. The VM's writes go on; a new session (the same agent
+    /// allowed again) renumbers after the cache and resyncs the map.
+    pub async fn detach(&self, reason: &str) {
+        let mut q = self.queue.lock().await;
+        if q.tracking.is_none() {
+            Self::overflow(&mut q);
+        } else {
+            q.renumber = true;
+            q.generation += 1;
+        }
+        q.tracking_reason = reason.to_string();
+        q.detached = Some(reason.to_string());
+        drop(q);
+        self.changed.notify_waiters();
+    }
+
+    /// Why replication stopped for good, if it did.
+    pub async fn detached(&self) -> Option<String> {
+        self.queue.lock().await.detached.clone()
+    }
+
+    /// Switches to tracking changed chunks now (the cache was away too long).
+    pub async fn enter_tracking(&self) {
+        let mut q = self.queue.lock().await;
+        if q.tracking.is_none() {
+            Self::overflow(&mut q);
+            q.tracking_reason = "the cache was unreachable too long".to_string();
+        }
+        drop(q);
+        self.changed.notify_waiters();
+    }
+
+    /// Whether writes are being tracked as changed chunks, and whether the
+    /// numbering has been re-established with the cache since.
+    pub async fn tracking(&self) -> (bool, bool) {
+        let q = self.queue.lock().await;
+        (q.tracking.is_some(), !q.renumber)
+    }
+
+    /// Why changed chunks are being tracked.
+    pub async fn tracking_reason(&self) -> String {
+        self.queue.lock().await.tracking_reason.clone()
+    }
+
+    /// Ends tracking and returns the changed chunks. The caller holds the
+    /// capture's ordering lock, so no write falls between the map and the
+    /// records that follow.
+    pub async fn take_tracking(&self) -> Option<ResyncSet> {
+        let mut q = self.queue.lock().await;
+        if q.renumber {
+            return None;
+        }
+        let set = q.tracking.take().map(|data| ResyncSet {
+            data,
+            verify: std::mem::take(&mut q.verify),
+            close: std::mem::take(&mut q.close),
+        });
+        if let Some(set) = &set {
+            q.outstanding.merge(set);
+        }
+        drop(q);
+        self.changed.notify_waiters();
+        set
+    }
+
+    /// How often the buffer has overflowed into changed-chunk tracking.
+    pub async fn overflows(&self) -> u64 {
+        self.queue.lock().await.generation
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::StreamLimits;
+
+    fn digests(offset: u64, chunks: u64) -> Op {
+        Op::Digests(pb::ChunkDigests {
+            offset,
+            chunk_bytes: DIRTY_CHUNK,
+            length: chunks * DIRTY_CHUNK,
+            crc32c: vec![0; chunks as usize],
+        })
+    }
+
+    fn write(offset: u64, len: usize) -> Op {
+        Op::Write(pb::WriteOp {
+            offset,
+            data: vec![1; len].into(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_checksum_record_that_never_reaches_the_cache_is_checked_by_the_next_round() {
+        let limits = StreamLimits {
+            buffer_bytes: 64 * 1024,
+            ..Default::default()
+        };
+        let stream = Stream::new(1, limits);
+        stream.set_disks(vec![("os".into(), 64 * DIRTY_CHUNK)]);
+        // Pending, then dropped at an overflow.
+        assert_ne!(stream.push("os", digests(0, 4)).await, 0);
+        assert_ne!(stream.push("os", write(40 * DIRTY_CHUNK, 40_000)).await, 0);
+        assert_eq!(stream.push("os", write(50 * DIRTY_CHUNK, 40_000)).await, 0);
+        // Pushed while tracking.
+        assert_eq!(stream.push("os", digests(8 * DIRTY_CHUNK, 2)).await, 0);
+        let set = stream.unsent().await;
+        assert_eq!(set.verify.chunks("os"), vec![0, 1, 2, 3, 8, 9]);
+        assert_eq!(set.data.chunks("os"), vec![40, 50]);
+    }
+}
