@@ -11,18 +11,18 @@ mod queue;
 mod session;
 mod tracking;
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_proto::cache::v1 as pb;
 use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
 pub use session::resume_point;
 pub use tracking::{mark_unsent, Dirty, ResyncSet, DIRTY_CHUNK};
 
+use queue::Queue;
 use session::{session, SessionEnd};
+use tracking::Tracking;
 
 /// Limits of the stream.
 #[derive(Debug, Clone, Copy)]
@@ -49,38 +49,35 @@ impl Default for StreamLimits {
     }
 }
 
-#[derive(Default)]
-struct Queue {
-    /// The sequence the next record gets.
-    next_seq: u64,
-    /// Records not yet acknowledged, in sequence order.
-    pending: VecDeque<pb::Record>,
-    pending_bytes: usize,
-    /// The highest sequence cache-svc acknowledged durable.
-    durable: u64,
-    /// Set when the buffer overflowed: writes only mark chunks dirty.
-    tracking: Option<Dirty>,
-    /// Why tracking started, for registry and people.
-    tracking_reason: String,
-    /// Chunks to check by checksum at the next resync.
-    verify: Dirty,
-    /// Disks whose SYNC_COMPLETED was lost to tracking.
-    close: std::collections::BTreeSet<String>,
-    /// Chunks taken from tracking for resync and not yet sent again.
-    outstanding: ResyncSet,
-    /// Set with `tracking`: numbering restarts after the cache's durable
-    /// sequence at the next session (pending records were dropped).
-    renumber: bool,
-    /// Raised on every overflow, so an open session ends and reconnects.
+/// Everything the stream's users and its sender task change together,
+/// under one lock: the buffer, the tracking that replaces it, and the mode.
+struct State {
+    queue: Queue,
+    tracking: Tracking,
+    /// Raised on every switch to tracking, so an open session ends and
+    /// reconnects (to renumber after what the cache holds).
     generation: u64,
     /// Set when replication stopped for good (fenced, stopped, disabled, a
     /// planned failover's drain done): writes go on locally and are tracked;
     /// why, for health. Cleared when a session opens again.
     detached: Option<String>,
 }
+
+impl State {
+    /// A stream whose first record gets `next_seq`.
+    fn new(next_seq: u64) -> State {
+        State {
+            queue: Queue::new(next_seq),
+            tracking: Tracking::default(),
+            generation: 0,
+            detached: None,
+        }
+    }
+}
+
 /// What the stream's users share with its sender task.
 pub struct Stream {
-    queue: Mutex<Queue>,
+    state: Mutex<State>,
     /// The VM's disks and sizes (set by the capture), for full resyncs.
     disks: std::sync::Mutex<Vec<(String, u64)>>,
     /// A planned failover's FINAL marker id, once the cache asked for it.
@@ -94,11 +91,7 @@ impl Stream {
     /// A stream whose first record gets `next_seq`.
     pub fn new(next_seq: u64, limits: StreamLimits) -> Arc<Stream> {
         Arc::new(Stream {
-            queue: Mutex::new(Queue {
-                next_seq: next_seq.max(1),
-                durable: next_seq.max(1) - 1,
-                ..Queue::default()
-            }),
+            state: Mutex::new(State::new(next_seq)),
             disks: std::sync::Mutex::new(Vec::new()),
             final_request: tokio::sync::watch::channel(None).0,
             changed: Notify::new(),
@@ -117,12 +110,8 @@ impl Stream {
         reason: &str,
     ) -> Arc<Stream> {
         let stream = Stream::new(next_seq, limits);
-        if let Ok(mut q) = stream.queue.try_lock() {
-            q.tracking = Some(set.data);
-            q.verify = set.verify;
-            q.close = set.close;
-            q.tracking_reason = reason.to_string();
-            q.renumber = true;
+        if let Ok(mut state) = stream.state.try_lock() {
+            state.tracking.restore(set, reason);
         }
         stream
     }
@@ -197,7 +186,7 @@ pub async fn run(
             outage_since = None;
             last_durable = durable;
         }
-        let waiting = !stream.queue.lock().await.pending.is_empty();
+        let waiting = !stream.state.lock().await.queue.is_empty();
         match end {
             SessionEnd::Shutdown => return Ok(()),
             SessionEnd::Fatal(status) => {
@@ -238,9 +227,9 @@ async fn stalled(stream: &Stream) {
     let mut since = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(tick).await;
-        let q = stream.queue.lock().await;
-        if q.durable != seen || q.pending.is_empty() {
-            seen = q.durable;
+        let state = stream.state.lock().await;
+        if state.queue.durable() != seen || state.queue.is_empty() {
+            seen = state.queue.durable();
             since = tokio::time::Instant::now();
         } else if since.elapsed() >= max {
             return;

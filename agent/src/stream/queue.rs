@@ -1,13 +1,15 @@
 //! The bounded buffer of records waiting for, or in flight to, the cache:
-//! appending, acknowledgements that release them, batches within the
-//! in-flight window, and the waits for them to be durable.
+//! appending, acknowledgements that release them in order, batches within
+//! the in-flight window, and the waits for them to be durable.
+
+use std::collections::VecDeque;
 
 use ferry_proto::cache::v1 as pb;
 use ferry_proto::cache::v1::record::Op;
 
-use super::tracking::{is_sync_completed, mark_unsent};
-use super::{Queue, Stream};
+use super::{State, Stream, StreamLimits};
 
+/// What a record costs in the buffer: its payload and a fixed overhead.
 fn op_size(op: &Op) -> usize {
     match op {
         Op::Write(w) => w.data.len() + 64,
@@ -16,11 +18,187 @@ fn op_size(op: &Op) -> usize {
 }
 
 fn payload(record: &pb::Record) -> usize {
-    match &record.op {
-        Some(Op::Write(w)) => w.data.len() + 64,
-        _ => 64,
+    record.op.as_ref().map_or(64, op_size)
+}
+
+/// Records numbered and not yet acknowledged, in sequence order.
+#[derive(Debug)]
+pub(super) struct Queue {
+    /// The sequence the next record gets.
+    next: u64,
+    pending: VecDeque<pb::Record>,
+    /// What `pending` costs ([`op_size`]).
+    bytes: usize,
+    /// The highest sequence cache-svc acknowledged durable.
+    durable: u64,
+}
+
+/// Why an acknowledgement was not taken.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub(super) enum AckRefused {
+    /// Below what the cache already acknowledged: a stale answer.
+    #[error("acknowledgement of {ack} is below the durable {durable}")]
+    Stale { ack: u64, durable: u64 },
+    /// Past the last record numbered: the cache cannot hold it.
+    #[error("acknowledgement of {ack} is past the last record {last}")]
+    Ahead { ack: u64, last: u64 },
+}
+
+impl Queue {
+    /// An empty queue whose first record gets `next` (at least 1).
+    pub(super) fn new(next: u64) -> Queue {
+        let next = next.max(1);
+        Queue {
+            next,
+            pending: VecDeque::new(),
+            bytes: 0,
+            durable: next - 1,
+        }
+    }
+
+    /// The sequence the last appended record got (0 if none).
+    pub(super) fn last(&self) -> u64 {
+        self.next - 1
+    }
+
+    pub(super) fn durable(&self) -> u64 {
+        self.durable
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// What the pending records cost.
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub(super) fn pending(&self) -> impl Iterator<Item = &pb::Record> {
+        self.pending.iter()
+    }
+
+    /// Whether `size` more fits in `budget`. An empty queue takes any one
+    /// record, so a record larger than the budget still goes.
+    pub(super) fn fits(&self, size: usize, budget: usize) -> bool {
+        self.bytes == 0 || self.bytes + size <= budget
+    }
+
+    /// Numbers and seals a record and appends it; its sequence.
+    pub(super) fn append(&mut self, disk_id: &str, op: Op) -> u64 {
+        self.bytes += op_size(&op);
+        let mut record = pb::Record {
+            sequence: self.next,
+            disk_id: disk_id.to_string(),
+            op: Some(op),
+            crc32c: 0,
+            captured_at_unix_nanos: ferry_runtime::time::unix_nanos_now(),
+        };
+        ferry_proto::checksum::seal(&mut record);
+        self.pending.push_back(record);
+        self.next += 1;
+        self.next - 1
+    }
+
+    /// The cache holds everything up to `ack` durably: those records leave
+    /// the buffer, oldest first. An acknowledgement below the last one, or
+    /// of records never numbered, changes nothing.
+    pub(super) fn acknowledge(&mut self, ack: u64) -> Result<(), AckRefused> {
+        if ack < self.durable {
+            return Err(AckRefused::Stale {
+                ack,
+                durable: self.durable,
+            });
+        }
+        if ack > self.last() {
+            return Err(AckRefused::Ahead {
+                ack,
+                last: self.last(),
+            });
+        }
+        while self.pending.front().is_some_and(|r| r.sequence <= ack) {
+            if let Some(r) = self.pending.pop_front() {
+                self.bytes -= payload(&r);
+            }
+        }
+        self.durable = ack;
+        Ok(())
+    }
+
+    /// Takes every pending record out (they will not be sent as records).
+    pub(super) fn take_pending(&mut self) -> VecDeque<pb::Record> {
+        self.bytes = 0;
+        std::mem::take(&mut self.pending)
+    }
+
+    /// Numbering goes on after `held`, what the cache holds (nothing is
+    /// pending: it went into the changed-chunk map).
+    pub(super) fn renumber_after(&mut self, held: u64) {
+        self.next = held + 1;
+        self.durable = held;
+    }
+
+    /// Up to a batch of pending records above `after`, without exceeding the
+    /// in-flight window measured from `durable`.
+    pub(super) fn batch(&self, after: u64, limits: &StreamLimits) -> Vec<pb::Record> {
+        let mut in_flight: usize = self
+            .pending
+            .iter()
+            .take_while(|r| r.sequence <= after)
+            .map(payload)
+            .sum();
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        for r in self.pending.iter().filter(|r| r.sequence > after) {
+            let size = payload(r);
+            if !batch.is_empty()
+                && (bytes + size > limits.batch_bytes || in_flight + size > limits.in_flight_bytes)
+            {
+                break;
+            }
+            if batch.is_empty() && in_flight > 0 && in_flight + size > limits.in_flight_bytes {
+                break;
+            }
+            bytes += size;
+            in_flight += size;
+            batch.push(r.clone());
+        }
+        batch
     }
 }
+
+/// What became of a pushed record.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Pushed {
+    /// Buffered with this sequence.
+    Queued(u64),
+    /// Tracking was on: the record's chunks were marked.
+    Tracked,
+    /// It did not fit: the buffer went into the changed-chunk map, and so
+    /// did the record.
+    Overflowed,
+}
+
+impl State {
+    /// Buffers a record within `budget` bytes, or tracks it.
+    pub(super) fn push(&mut self, disk_id: &str, op: Op, budget: usize) -> Pushed {
+        if self.tracking.active() {
+            self.tracking.mark(disk_id, &op);
+            return Pushed::Tracked;
+        }
+        if !self.queue.fits(op_size(&op), budget) {
+            tracing::warn!(
+                buffered = self.queue.bytes(),
+                "replication buffer full: tracking changed chunks until resync"
+            );
+            self.overflow("replication buffer overflowed");
+            self.tracking.mark(disk_id, &op);
+            return Pushed::Overflowed;
+        }
+        Pushed::Queued(self.queue.append(disk_id, op))
+    }
+}
+
 impl Stream {
     /// Appends a record (its sequence and checksum filled in here) and
     /// returns its sequence. Never waits for the cache: when the buffer
@@ -28,8 +206,22 @@ impl Stream {
     /// tracking changed chunks (then this returns 0), and resync sends their
     /// current contents later.
     pub async fn push(&self, disk_id: &str, op: Op) -> u64 {
-        let q = self.queue.lock().await;
-        self.push_locked(q, disk_id, op)
+        let pushed = self
+            .state
+            .lock()
+            .await
+            .push(disk_id, op, self.limits.buffer_bytes);
+        match pushed {
+            Pushed::Queued(seq) => {
+                self.changed.notify_waiters();
+                seq
+            }
+            Pushed::Overflowed => {
+                self.changed.notify_waiters();
+                0
+            }
+            Pushed::Tracked => 0,
+        }
     }
 
     /// Waits until a copy's record of `size` payload bytes (initial
@@ -43,11 +235,8 @@ impl Stream {
             tokio::pin!(notified);
             notified.as_mut().enable();
             {
-                let q = self.queue.lock().await;
-                if q.tracking.is_some()
-                    || q.pending_bytes == 0
-                    || q.pending_bytes + size <= self.limits.buffer_bytes / 2
-                {
+                let state = self.state.lock().await;
+                if state.tracking.active() || state.queue.fits(size, self.limits.buffer_bytes / 2) {
                     return;
                 }
             }
@@ -55,60 +244,14 @@ impl Stream {
         }
     }
 
-    fn push_locked(&self, mut q: tokio::sync::MutexGuard<'_, Queue>, disk_id: &str, op: Op) -> u64 {
-        let size = op_size(&op);
-        if q.tracking.is_some() {
-            let queue = &mut *q;
-            if let Some(dirty) = queue.tracking.as_mut() {
-                mark_unsent(dirty, &mut queue.verify, disk_id, &op);
-            }
-            if is_sync_completed(&op) {
-                queue.close.insert(disk_id.to_string());
-            }
-            return 0;
-        }
-        if q.pending_bytes > 0 && q.pending_bytes + size > self.limits.buffer_bytes {
-            tracing::warn!(
-                buffered = q.pending_bytes,
-                "replication buffer full: tracking changed chunks until resync"
-            );
-            Self::overflow(&mut q);
-            let queue = &mut *q;
-            if let Some(dirty) = queue.tracking.as_mut() {
-                mark_unsent(dirty, &mut queue.verify, disk_id, &op);
-            }
-            if is_sync_completed(&op) {
-                q.close.insert(disk_id.to_string());
-            }
-            drop(q);
-            self.changed.notify_waiters();
-            return 0;
-        }
-        let mut record = pb::Record {
-            sequence: q.next_seq,
-            disk_id: disk_id.to_string(),
-            op: Some(op),
-            crc32c: 0,
-            captured_at_unix_nanos: ferry_runtime::time::unix_nanos_now(),
-        };
-        ferry_proto::checksum::seal(&mut record);
-        q.next_seq += 1;
-        q.pending_bytes += size;
-        q.pending.push_back(record);
-        let seq = q.next_seq - 1;
-        drop(q);
-        self.changed.notify_waiters();
-        seq
-    }
-
     /// The highest sequence cache-svc acknowledged durable.
     pub async fn durable(&self) -> u64 {
-        self.queue.lock().await.durable
+        self.state.lock().await.queue.durable()
     }
 
     /// The sequence the last pushed record got (0 if none).
     pub async fn last(&self) -> u64 {
-        self.queue.lock().await.next_seq - 1
+        self.state.lock().await.queue.last()
     }
 
     /// Waits until every record pushed so far is durable in the cache, or
@@ -116,8 +259,8 @@ impl Stream {
     /// changed chunks, and resync sends it). Returns the durable sequence.
     pub async fn flushed(&self) -> u64 {
         let (target, generation) = {
-            let q = self.queue.lock().await;
-            (q.next_seq - 1, q.generation)
+            let state = self.state.lock().await;
+            (state.queue.last(), state.generation)
         };
         loop {
             let notified = self.changed.notified();
@@ -125,12 +268,9 @@ impl Stream {
             // Registered before the check, so no wake-up falls in between.
             notified.as_mut().enable();
             {
-                let q = self.queue.lock().await;
-                // Renumbering pending: nothing is pending (it went into the
-                // map), and `target` may be of the old numbering, which the
-                // new one would not reach without further records.
-                if q.durable >= target || q.generation != generation || q.renumber {
-                    return q.durable;
+                let state = self.state.lock().await;
+                if state.flushed(target, generation) {
+                    return state.queue.durable();
                 }
             }
             notified.await;
@@ -142,31 +282,15 @@ impl Stream {
     /// left for resync to send, and every record pushed before that durable.
     /// Needs the resync loop running. Returns the durable sequence.
     pub async fn settled(&self) -> u64 {
-        let mut target = None;
-        let mut generation = self.queue.lock().await.generation;
+        let mut settling = Settling::new(self.state.lock().await.generation);
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             {
-                let q = self.queue.lock().await;
-                if q.generation != generation {
-                    generation = q.generation;
-                    target = None;
-                }
-                if q.tracking.is_some()
-                    || q.renumber
-                    || !q.outstanding.is_empty()
-                    || !q.verify.is_empty()
-                {
-                    // Writes from before are tracked: wait until resync has
-                    // pushed them, then for those records.
-                    target = None;
-                } else {
-                    let t = *target.get_or_insert(q.next_seq - 1);
-                    if q.durable >= t {
-                        return q.durable;
-                    }
+                let state = self.state.lock().await;
+                if settling.done(&state) {
+                    return state.queue.durable();
                 }
             }
             notified.await;
@@ -175,48 +299,73 @@ impl Stream {
 
     /// Payload bytes waiting for the cache's acknowledgement.
     pub async fn pending_bytes(&self) -> usize {
-        self.queue.lock().await.pending_bytes
+        self.state.lock().await.queue.bytes()
     }
 
+    /// The cache acknowledged everything up to `durable`.
     pub(super) async fn acknowledge(&self, durable: u64) {
-        let mut q = self.queue.lock().await;
-        while q.pending.front().is_some_and(|r| r.sequence <= durable) {
-            if let Some(r) = q.pending.pop_front() {
-                q.pending_bytes -= payload(&r);
+        let taken = self.state.lock().await.queue.acknowledge(durable);
+        match taken {
+            Ok(()) => {}
+            Err(refused @ AckRefused::Stale { .. }) => {
+                tracing::debug!(%refused, "acknowledgement ignored")
+            }
+            Err(refused @ AckRefused::Ahead { .. }) => {
+                tracing::warn!(%refused, "acknowledgement ignored")
             }
         }
-        q.durable = q.durable.max(durable);
-        drop(q);
         self.changed.notify_waiters();
     }
 
     /// Up to a batch of pending records above `after`, without exceeding the
     /// in-flight window measured from `durable`.
     pub(super) async fn next_batch(&self, after: u64) -> Vec<pb::Record> {
-        let q = self.queue.lock().await;
-        let mut in_flight: usize = q
-            .pending
-            .iter()
-            .take_while(|r| r.sequence <= after)
-            .map(payload)
-            .sum();
-        let mut batch = Vec::new();
-        let mut bytes = 0;
-        for r in q.pending.iter().filter(|r| r.sequence > after) {
-            let size = payload(r);
-            if !batch.is_empty()
-                && (bytes + size > self.limits.batch_bytes
-                    || in_flight + size > self.limits.in_flight_bytes)
-            {
-                break;
-            }
-            if batch.is_empty() && in_flight > 0 && in_flight + size > self.limits.in_flight_bytes {
-                break;
-            }
-            bytes += size;
-            in_flight += size;
-            batch.push(r.clone());
+        self.state.lock().await.queue.batch(after, &self.limits)
+    }
+}
+
+impl State {
+    /// Whether a flush that started at `target` in `generation` is over:
+    /// everything up to `target` durable, or the buffer gone into the
+    /// changed-chunk map since.
+    fn flushed(&self, target: u64, generation: u64) -> bool {
+        // Renumbering pending: nothing is pending (it went into the map),
+        // and `target` may be of the old numbering, which the new one would
+        // not reach without further records.
+        self.queue.durable() >= target
+            || self.generation != generation
+            || self.tracking.renumbering()
+    }
+}
+
+/// The progress of a [`Stream::settled`] wait.
+struct Settling {
+    /// The last record that must be durable, fixed once nothing is tracked.
+    target: Option<u64>,
+    generation: u64,
+}
+
+impl Settling {
+    fn new(generation: u64) -> Settling {
+        Settling {
+            target: None,
+            generation,
         }
-        batch
+    }
+
+    /// Whether every write made before is durable, looking at `state` now.
+    fn done(&mut self, state: &State) -> bool {
+        if state.generation != self.generation {
+            self.generation = state.generation;
+            self.target = None;
+        }
+        if !state.tracking.settled() {
+            // Writes from before are tracked: wait until resync has pushed
+            // them, then for those records.
+            self.target = None;
+            return false;
+        }
+        let target = *self.target.get_or_insert(state.queue.last());
+        state.queue.durable() >= target
     }
 }

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use super::{Dirty, Stream};
+use super::{State, Stream};
 
 /// The sequence a new stream for `vm` must start at: one past what the cache
 /// holds durably. Retries with backoff until the cache answers or `shutdown`.
@@ -122,7 +122,7 @@ pub(super) async fn session(
         _ = shutdown.cancelled() => return SessionEnd::Shutdown,
         m = responses.message() => m,
     };
-    let mut sent = match first {
+    let held = match first {
         Ok(Some(pb::IngestResponse {
             msg: Some(pb::ingest_response::Msg::Opened(o)),
         })) => o.durable_sequence,
@@ -130,65 +130,14 @@ pub(super) async fn session(
         Err(s) if fatal(&s) => return SessionEnd::Fatal(s),
         Err(s) => return SessionEnd::Retry(s.to_string()),
     };
-    let generation = {
-        let mut q = stream.queue.lock().await;
-        if !q.renumber && sent >= q.next_seq {
-            // The cache holds records this stream never produced (another
-            // agent's last batch landed after this one learned where to
-            // start): numbering would collide, and what those records wrote
-            // is unknown. Number on after them, and check every chunk by
-            // checksum; pending records go again as data.
-            tracing::warn!(
-                vm,
-                cache = sent,
-                ours = q.next_seq - 1,
-                "the cache is ahead of this agent: renumbering, checksum resync of every chunk"
-            );
-            Stream::overflow(&mut q);
-            q.verify.merge(&Dirty::full(&stream.disks()));
-            q.tracking_reason = format!(
-                "the cache holds records up to {sent}, beyond this agent's {}: checksum resync",
-                q.next_seq - 1
-            );
-        }
-        if !q.renumber && sent < q.durable {
-            // The cache acknowledged records up to our durable sequence and
-            // no longer has them (its log was lost, damaged or started
-            // again): what they wrote is gone from the stream. Number on
-            // after what it holds and check every chunk by checksum.
-            tracing::error!(
-                vm,
-                cache = sent,
-                acknowledged = q.durable,
-                "the cache lost records it had acknowledged: renumbering, checksum resync of \
-                 every chunk"
-            );
-            Stream::overflow(&mut q);
-            q.verify.merge(&Dirty::full(&stream.disks()));
-            q.tracking_reason = format!(
-                "the cache lost acknowledged records {}..={}: checksum resync",
-                sent + 1,
-                q.durable
-            );
-        }
-        if q.renumber {
-            // Pending records were dropped at an overflow: number on from
-            // what the cache holds.
-            q.next_seq = sent + 1;
-            q.durable = sent;
-            q.renumber = false;
-        }
-        q.detached = None;
-        q.generation
-    };
+    let disks = stream.disks();
+    let (generation, mut sent) = stream.state.lock().await.open(vm, held, &disks);
     stream.changed.notify_waiters();
-    stream.acknowledge(sent).await;
-    sent = sent.max(stream.durable().await);
     loop {
         let notified = stream.changed.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if stream.queue.lock().await.generation != generation {
+        if stream.state.lock().await.generation != generation {
             return SessionEnd::Retry("the buffer overflowed; reconnecting to renumber".into());
         }
         let batch = stream.next_batch(sent).await;
@@ -289,4 +238,65 @@ async fn on_response(
         Err(s) => return Some(SessionEnd::Retry(s.to_string())),
     }
     None
+}
+
+impl State {
+    /// A session opened and the cache holds everything up to `held`: checks
+    /// that against what this stream numbered and was told durable, and
+    /// sets the numbering from it. The cache may be ahead (another agent's
+    /// last batch landed late) or behind what it acknowledged (its log was
+    /// lost): either way what it holds is not what this stream sent, so
+    /// numbering goes on after it and every chunk of `disks` is checked by
+    /// checksum. Returns the generation the session belongs to and the
+    /// sequence to send after.
+    pub(super) fn open(&mut self, vm: &str, held: u64, disks: &[(String, u64)]) -> (u64, u64) {
+        if !self.tracking.renumbering() && held > self.queue.last() {
+            // The cache holds records this stream never produced (another
+            // agent's last batch landed after this one learned where to
+            // start): numbering would collide, and what those records wrote
+            // is unknown. Number on after them, and check every chunk by
+            // checksum; pending records go again as data.
+            let ours = self.queue.last();
+            tracing::warn!(
+                vm,
+                cache = held,
+                ours,
+                "the cache is ahead of this agent: renumbering, checksum resync of every chunk"
+            );
+            self.overflow(&format!(
+                "the cache holds records up to {held}, beyond this agent's {ours}: checksum resync"
+            ));
+            self.tracking.verify_all(disks);
+        }
+        if !self.tracking.renumbering() && held < self.queue.durable() {
+            // The cache acknowledged records up to our durable sequence and
+            // no longer has them (its log was lost, damaged or started
+            // again): what they wrote is gone from the stream. Number on
+            // after what it holds and check every chunk by checksum.
+            let acknowledged = self.queue.durable();
+            tracing::error!(
+                vm,
+                cache = held,
+                acknowledged,
+                "the cache lost records it had acknowledged: renumbering, checksum resync of \
+                 every chunk"
+            );
+            self.overflow(&format!(
+                "the cache lost acknowledged records {}..={acknowledged}: checksum resync",
+                held + 1
+            ));
+            self.tracking.verify_all(disks);
+        }
+        if self.tracking.renumbering() {
+            // Pending records were dropped into the map: number on from
+            // what the cache holds.
+            self.queue.renumber_after(held);
+            self.tracking.renumbered();
+        }
+        self.detached = None;
+        if let Err(refused) = self.queue.acknowledge(held) {
+            tracing::debug!(vm, %refused, "acknowledgement at open ignored");
+        }
+        (self.generation, held.max(self.queue.durable()))
+    }
 }

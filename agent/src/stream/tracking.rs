@@ -5,7 +5,9 @@
 use ferry_proto::cache::v1 as pb;
 use ferry_proto::cache::v1::record::Op;
 
-use super::{Queue, Stream};
+use std::collections::BTreeSet;
+
+use super::{State, Stream};
 
 pub(super) fn is_sync_completed(op: &Op) -> bool {
     matches!(op, Op::Marker(m) if m.kind == pb::MarkerKind::SyncCompleted as i32)
@@ -133,7 +135,7 @@ pub struct ResyncSet {
     /// overflow or pushed while tracking): their copy was complete, but the
     /// processor still holds them syncing, so resync brackets them again
     /// even when none of their chunks changed.
-    pub close: std::collections::BTreeSet<String>,
+    pub close: BTreeSet<String>,
 }
 
 impl ResyncSet {
@@ -153,6 +155,216 @@ impl ResyncSet {
         self.close.extend(other.close.iter().cloned());
     }
 }
+
+/// The changed-chunk side of the stream: while `map` is set, writes only
+/// mark it; resync takes it in rounds and clears what it sends again.
+#[derive(Debug, Default)]
+pub(super) struct Tracking {
+    /// Set while writes are tracked rather than buffered.
+    map: Option<Dirty>,
+    /// Why tracking started, for registry and people.
+    reason: String,
+    /// Chunks to check by checksum at the next resync.
+    verify: Dirty,
+    /// Disks whose SYNC_COMPLETED was lost to tracking.
+    close: BTreeSet<String>,
+    /// Chunks taken from tracking for resync and not yet sent again.
+    outstanding: ResyncSet,
+    /// Set with `map` when records were dropped: numbering restarts after
+    /// the cache's durable sequence at the next session.
+    renumber: bool,
+}
+
+impl Tracking {
+    /// Whether writes are being tracked as changed chunks.
+    pub(super) fn active(&self) -> bool {
+        self.map.is_some()
+    }
+
+    /// Whether the numbering waits to be re-established with the cache.
+    pub(super) fn renumbering(&self) -> bool {
+        self.renumber
+    }
+
+    /// The next session numbers on after what the cache holds.
+    pub(super) fn renumbered(&mut self) {
+        self.renumber = false;
+    }
+
+    /// Why changed chunks are being tracked.
+    pub(super) fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    pub(super) fn set_reason(&mut self, reason: &str) {
+        self.reason = reason.to_string();
+    }
+
+    /// Whether nothing is left for resync: nothing tracked, nothing taken
+    /// and not yet sent again, nothing to check, and the numbering settled.
+    /// Only a completed resync round (or none needed) gets here.
+    pub(super) fn settled(&self) -> bool {
+        self.map.is_none()
+            && !self.renumber
+            && self.outstanding.is_empty()
+            && self.verify.is_empty()
+    }
+
+    /// Starts from a saved set (an agent restart): resync covers it once the
+    /// numbering is established with the cache.
+    pub(super) fn restore(&mut self, set: ResyncSet, reason: &str) {
+        self.map = Some(set.data);
+        self.verify = set.verify;
+        self.close = set.close;
+        self.reason = reason.to_string();
+        self.renumber = true;
+    }
+
+    /// Switches to tracking with `unsent` records dropped (they will never
+    /// reach the cache): what they wrote is marked, and numbering restarts.
+    pub(super) fn start<'a>(
+        &mut self,
+        unsent: impl IntoIterator<Item = &'a pb::Record>,
+        reason: &str,
+    ) {
+        let mut map = self.map.take().unwrap_or_default();
+        for r in unsent {
+            if let Some(op) = &r.op {
+                mark_unsent(&mut map, &mut self.verify, &r.disk_id, op);
+                if is_sync_completed(op) {
+                    self.close.insert(r.disk_id.clone());
+                }
+            }
+        }
+        self.map = Some(map);
+        self.reason = reason.to_string();
+        self.renumber = true;
+    }
+
+    /// A write made while tracking: marks what it changed.
+    pub(super) fn mark(&mut self, disk: &str, op: &Op) {
+        if let Some(map) = self.map.as_mut() {
+            mark_unsent(map, &mut self.verify, disk, op);
+        }
+        if is_sync_completed(op) {
+            self.close.insert(disk.to_string());
+        }
+    }
+
+    /// Records must be renumbered after the cache's (a stop while already
+    /// tracking).
+    pub(super) fn renumber(&mut self) {
+        self.renumber = true;
+    }
+
+    /// Every chunk of `disks` is checked by checksum at the next round.
+    pub(super) fn verify_all(&mut self, disks: &[(String, u64)]) {
+        self.verify.merge(&Dirty::full(disks));
+    }
+
+    /// A resync cache-svc asked for: `data` goes again, `verify` is checked;
+    /// writes from now on are tracked (records already pending still go).
+    pub(super) fn request(&mut self, data: Dirty, verify: &Dirty, reason: &str) {
+        match self.map.as_mut() {
+            Some(map) => map.merge(&data),
+            None => {
+                self.map = Some(data);
+                self.reason = reason.to_string();
+            }
+        }
+        self.verify.merge(verify);
+    }
+
+    /// Ends tracking for a resync round and returns what it must send; the
+    /// set stays outstanding until every chunk of it is sent again. None
+    /// while the numbering is not yet re-established, or nothing is tracked.
+    pub(super) fn take_round(&mut self) -> Option<ResyncSet> {
+        if self.renumber {
+            return None;
+        }
+        let set = self.map.take().map(|data| ResyncSet {
+            data,
+            verify: std::mem::take(&mut self.verify),
+            close: std::mem::take(&mut self.close),
+        });
+        if let Some(set) = &set {
+            self.outstanding.merge(set);
+        }
+        set
+    }
+
+    /// A round failed part way: what it had yet to send is tracked again.
+    pub(super) fn round_failed(&mut self) {
+        let outstanding = std::mem::take(&mut self.outstanding);
+        match self.map.as_mut() {
+            Some(map) => map.merge(&outstanding.data),
+            None => self.map = Some(outstanding.data),
+        }
+        self.verify.merge(&outstanding.verify);
+        self.close.extend(outstanding.close);
+    }
+
+    /// Resync has sent (or checked) `chunk` of `disk` again.
+    pub(super) fn resent(&mut self, disk: &str, chunk: u64) {
+        self.outstanding.data.clear(disk, chunk);
+        self.outstanding.verify.clear(disk, chunk);
+    }
+
+    /// Resync has put a SYNC_COMPLETED of `disk` into the stream again.
+    pub(super) fn sync_closed(&mut self, disk: &str) {
+        self.outstanding.close.remove(disk);
+    }
+
+    /// Everything not yet durable: the map, what resync has yet to send,
+    /// and the `pending` records.
+    pub(super) fn unsent<'a>(
+        &self,
+        pending: impl IntoIterator<Item = &'a pb::Record>,
+    ) -> ResyncSet {
+        let mut set = ResyncSet {
+            data: self.map.clone().unwrap_or_default(),
+            verify: self.verify.clone(),
+            close: self.close.clone(),
+        };
+        set.merge(&self.outstanding);
+        // The state file keeps chunks only: a lost SYNC_COMPLETED travels
+        // as a check of its disk's first chunk, and the next start's resync
+        // round closes every disk anyway.
+        for disk in std::mem::take(&mut set.close) {
+            set.verify.mark(&disk, 0, 1);
+        }
+        for r in pending {
+            if let Some(op) = &r.op {
+                mark_unsent(&mut set.data, &mut set.verify, &r.disk_id, op);
+            }
+        }
+        set
+    }
+}
+
+impl State {
+    /// Drops every pending record into the changed-chunk map: they will
+    /// never reach the cache as records. The open session ends (a new
+    /// generation) so that numbering restarts after what the cache holds.
+    pub(super) fn overflow(&mut self, reason: &str) {
+        let unsent = self.queue.take_pending();
+        self.tracking.start(&unsent, reason);
+        self.generation += 1;
+    }
+
+    /// Replication stopped for good: see [`Stream::detach`].
+    pub(super) fn detach(&mut self, reason: &str) {
+        if self.tracking.active() {
+            self.tracking.renumber();
+            self.generation += 1;
+        } else {
+            self.overflow(reason);
+        }
+        self.tracking.set_reason(reason);
+        self.detached = Some(reason.to_string());
+    }
+}
+
 impl Stream {
     /// A resync as cache-svc requests it: with `ranges` (disk, offset,
     /// length), their contents go again as data; without, every chunk of
@@ -182,16 +394,11 @@ impl Stream {
         } else {
             Dirty::default()
         };
-        let mut q = self.queue.lock().await;
-        match q.tracking.as_mut() {
-            Some(dirty) => dirty.merge(&data),
-            None => {
-                q.tracking = Some(data);
-                q.tracking_reason = reason.to_string();
-            }
-        }
-        q.verify.merge(&verify);
-        drop(q);
+        self.state
+            .lock()
+            .await
+            .tracking
+            .request(data, &verify, reason);
         self.changed.notify_waiters();
     }
 
@@ -199,77 +406,27 @@ impl Stream {
     /// tracked map, chunks resync has yet to send, and pending records.
     /// Saved at a clean shutdown so that the next start resyncs just these.
     pub async fn unsent(&self) -> ResyncSet {
-        let q = self.queue.lock().await;
-        let mut set = ResyncSet {
-            data: q.tracking.clone().unwrap_or_default(),
-            verify: q.verify.clone(),
-            close: q.close.clone(),
-        };
-        set.merge(&q.outstanding);
-        // The state file keeps chunks only: a lost SYNC_COMPLETED travels
-        // as a check of its disk's first chunk, and the next start's resync
-        // round closes every disk anyway.
-        for disk in std::mem::take(&mut set.close) {
-            set.verify.mark(&disk, 0, 1);
-        }
-        for r in &q.pending {
-            if let Some(op) = &r.op {
-                mark_unsent(&mut set.data, &mut set.verify, &r.disk_id, op);
-            }
-        }
-        set
+        let state = self.state.lock().await;
+        state.tracking.unsent(state.queue.pending())
     }
 
     /// A resync round failed part way: the chunks it had yet to send go back
     /// into the map, to be taken by the next round.
     pub async fn retry_outstanding(&self) {
-        let mut q = self.queue.lock().await;
-        let outstanding = std::mem::take(&mut q.outstanding);
-        match q.tracking.as_mut() {
-            Some(dirty) => dirty.merge(&outstanding.data),
-            None => q.tracking = Some(outstanding.data),
-        }
-        q.verify.merge(&outstanding.verify);
-        q.close.extend(outstanding.close);
-        drop(q);
+        self.state.lock().await.tracking.round_failed();
         self.changed.notify_waiters();
     }
 
     /// Resync has put a SYNC_COMPLETED of `disk` into the stream again.
     pub async fn sync_closed(&self, disk: &str) {
-        let mut q = self.queue.lock().await;
-        q.outstanding.close.remove(disk);
-        drop(q);
+        self.state.lock().await.tracking.sync_closed(disk);
         self.changed.notify_waiters();
     }
 
     /// Resync has sent (or checked) `chunk` of `disk` again.
     pub async fn resent(&self, disk: &str, chunk: u64) {
-        let mut q = self.queue.lock().await;
-        q.outstanding.data.clear(disk, chunk);
-        q.outstanding.verify.clear(disk, chunk);
-        drop(q);
+        self.state.lock().await.tracking.resent(disk, chunk);
         self.changed.notify_waiters();
-    }
-
-    /// Drops every pending record into the changed-chunk map.
-    pub(super) fn overflow(q: &mut Queue) {
-        let mut dirty = q.tracking.take().unwrap_or_default();
-        let mut lost = Vec::new();
-        for r in q.pending.drain(..) {
-            if let Some(op) = &r.op {
-                mark_unsent(&mut dirty, &mut q.verify, &r.disk_id, op);
-                if is_sync_completed(op) {
-                    lost.push(r.disk_id.clone());
-                }
-            }
-        }
-        q.close.extend(lost);
-        q.pending_bytes = 0;
-        q.tracking = Some(dirty);
-        q.tracking_reason = "replication buffer overflowed".to_string();
-        q.renumber = true;
-        q.generation += 1;
     }
 
     /// Replication stopped for good (`reason`): what is pending goes into
@@ -277,71 +434,49 @@ impl Stream {
     /// session ends. The VM's writes go on; a new session (the same agent
     /// allowed again) renumbers after the cache and resyncs the map.
     pub async fn detach(&self, reason: &str) {
-        let mut q = self.queue.lock().await;
-        if q.tracking.is_none() {
-            Self::overflow(&mut q);
-        } else {
-            q.renumber = true;
-            q.generation += 1;
-        }
-        q.tracking_reason = reason.to_string();
-        q.detached = Some(reason.to_string());
-        drop(q);
+        self.state.lock().await.detach(reason);
         self.changed.notify_waiters();
     }
 
     /// Why replication stopped for good, if it did.
     pub async fn detached(&self) -> Option<String> {
-        self.queue.lock().await.detached.clone()
+        self.state.lock().await.detached.clone()
     }
 
     /// Switches to tracking changed chunks now (the cache was away too long).
     pub async fn enter_tracking(&self) {
-        let mut q = self.queue.lock().await;
-        if q.tracking.is_none() {
-            Self::overflow(&mut q);
-            q.tracking_reason = "the cache was unreachable too long".to_string();
+        let mut state = self.state.lock().await;
+        if !state.tracking.active() {
+            state.overflow("the cache was unreachable too long");
         }
-        drop(q);
+        drop(state);
         self.changed.notify_waiters();
     }
 
     /// Whether writes are being tracked as changed chunks, and whether the
     /// numbering has been re-established with the cache since.
     pub async fn tracking(&self) -> (bool, bool) {
-        let q = self.queue.lock().await;
-        (q.tracking.is_some(), !q.renumber)
+        let state = self.state.lock().await;
+        (state.tracking.active(), !state.tracking.renumbering())
     }
 
     /// Why changed chunks are being tracked.
     pub async fn tracking_reason(&self) -> String {
-        self.queue.lock().await.tracking_reason.clone()
+        self.state.lock().await.tracking.reason().to_string()
     }
 
     /// Ends tracking and returns the changed chunks. The caller holds the
     /// capture's ordering lock, so no write falls between the map and the
     /// records that follow.
     pub async fn take_tracking(&self) -> Option<ResyncSet> {
-        let mut q = self.queue.lock().await;
-        if q.renumber {
-            return None;
-        }
-        let set = q.tracking.take().map(|data| ResyncSet {
-            data,
-            verify: std::mem::take(&mut q.verify),
-            close: std::mem::take(&mut q.close),
-        });
-        if let Some(set) = &set {
-            q.outstanding.merge(set);
-        }
-        drop(q);
+        let set = self.state.lock().await.tracking.take_round();
         self.changed.notify_waiters();
         set
     }
 
     /// How often the buffer has overflowed into changed-chunk tracking.
     pub async fn overflows(&self) -> u64 {
-        self.queue.lock().await.generation
+        self.state.lock().await.generation
     }
 }
 
