@@ -14,6 +14,7 @@ mod tracking;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_runtime::retry::{Backoff, RetryParams};
 use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -154,7 +155,8 @@ impl Stream {
 }
 
 /// Streams `stream` to the cache at `cache_url` until `shutdown`, reconnecting
-/// with backoff (100 ms doubling to 5 s). Returns the status that ended it for
+/// with backoff ([`RetryParams::RECONNECT`], started over once the cache
+/// makes progress). Returns the status that ended it for
 /// good, if any (e.g. this agent was fenced); the stream is then detached:
 /// writes go on and are tracked, and a later `run` resumes it.
 pub async fn run(
@@ -165,7 +167,7 @@ pub async fn run(
     credential: String,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::Status> {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(RetryParams::RECONNECT);
     let mut outage_since: Option<std::time::Instant> = None;
     let mut last_durable = stream.durable().await;
     loop {
@@ -182,8 +184,10 @@ pub async fn run(
         };
         let durable = stream.durable().await;
         if durable > last_durable {
-            // The cache made progress: any outage starts over.
+            // The cache made progress: any outage, and the backoff, start
+            // over.
             outage_since = None;
+            backoff.reset();
             last_durable = durable;
         }
         let waiting = !stream.state.lock().await.queue.is_empty();
@@ -207,12 +211,15 @@ pub async fn run(
                     stream.enter_tracking().await;
                     outage_since = None;
                 }
-                tracing::warn!(vm, why, ?backoff, "cache stream lost; reconnecting");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(backoff) => {}
+                tracing::warn!(
+                    vm,
+                    why,
+                    attempt = backoff.attempts() + 1,
+                    "cache stream lost; reconnecting"
+                );
+                if !backoff.wait(&shutdown).await {
+                    return Ok(());
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }

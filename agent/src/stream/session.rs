@@ -3,11 +3,11 @@
 //! back), send batches, and take acknowledgements and control messages.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use ferry_proto::cache::v1 as pb;
 use ferry_proto::cache::v1::cache_client::CacheClient;
 use ferry_proto::cache::v1::record::Op;
+use ferry_runtime::retry::{retry, RetryError, RetryParams};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 use super::{State, Stream};
 
 /// The sequence a new stream for `vm` must start at: one past what the cache
-/// holds durably. Retries with backoff until the cache answers or `shutdown`.
+/// holds durably. Retries with backoff until the cache answers, refuses for
+/// good (fenced, VM unknown, credential refused), or `shutdown`.
 pub async fn resume_point(
     cache_url: &str,
     vm: &str,
@@ -23,43 +24,51 @@ pub async fn resume_point(
     credential: &str,
     shutdown: &CancellationToken,
 ) -> Result<u64, tonic::Status> {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let attempt = async {
-            let channel = ferry_runtime::connect(cache_url)
-                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-            let mut client = CacheClient::new(channel);
-            let (tx, rx) = mpsc::channel(1);
-            let open = pb::IngestRequest {
-                msg: Some(pb::ingest_request::Msg::Open(pb::IngestOpen {
-                    vm_name: vm.to_string(),
-                    credential: credential.to_string(),
-                    epoch,
-                })),
-            };
-            tx.send(open)
-                .await
-                .map_err(|_| tonic::Status::unavailable("request stream closed"))?;
-            let mut responses = client.ingest(ReceiverStream::new(rx)).await?.into_inner();
-            match responses.message().await? {
-                Some(pb::IngestResponse {
-                    msg: Some(pb::ingest_response::Msg::Opened(o)),
-                }) => Ok(o.durable_sequence + 1),
-                _ => Err(tonic::Status::unavailable(
-                    "the cache did not answer `open`",
-                )),
-            }
-        };
-        match attempt.await {
-            Ok(next) => return Ok(next),
-            Err(s) if fatal(&s) => return Err(s),
-            Err(s) => tracing::warn!(vm, %s, "cache unreachable; retrying"),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return Err(tonic::Status::cancelled("shutting down")),
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+    let what = format!("asking the cache where VM {vm:?}'s stream resumes");
+    let held = retry(RetryParams::RECONNECT, shutdown, &what, fatal, || {
+        held_by_cache(cache_url, vm, epoch, credential)
+    })
+    .await;
+    match held {
+        Ok(held) => Ok(held + 1),
+        Err(RetryError::Permanent(status) | RetryError::Exhausted(status)) => Err(status),
+        Err(RetryError::Cancelled) => Err(tonic::Status::cancelled("shutting down")),
+    }
+}
+
+/// Opens an Ingest stream only to learn the cache's durable sequence.
+async fn held_by_cache(
+    cache_url: &str,
+    vm: &str,
+    epoch: u64,
+    credential: &str,
+) -> Result<u64, tonic::Status> {
+    let channel =
+        ferry_runtime::connect(cache_url).map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut client = CacheClient::new(channel);
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(open_request(vm, epoch, credential))
+        .await
+        .map_err(|_| tonic::Status::unavailable("request stream closed"))?;
+    let mut responses = client.ingest(ReceiverStream::new(rx)).await?.into_inner();
+    match responses.message().await? {
+        Some(pb::IngestResponse {
+            msg: Some(pb::ingest_response::Msg::Opened(o)),
+        }) => Ok(o.durable_sequence),
+        _ => Err(tonic::Status::unavailable(
+            "the cache did not answer `open`",
+        )),
+    }
+}
+
+/// The first message of every Ingest stream.
+fn open_request(vm: &str, epoch: u64, credential: &str) -> pb::IngestRequest {
+    pb::IngestRequest {
+        msg: Some(pb::ingest_request::Msg::Open(pb::IngestOpen {
+            vm_name: vm.to_string(),
+            credential: credential.to_string(),
+            epoch,
+        })),
     }
 }
 
@@ -67,7 +76,7 @@ pub async fn resume_point(
 #[derive(Debug)]
 pub(super) enum SessionEnd {
     Shutdown,
-    /// Retry after backoff.
+    /// Reconnect after a backoff.
     Retry(String),
     /// The cache refused for good (fenced, VM unknown).
     Fatal(tonic::Status),
@@ -98,14 +107,7 @@ pub(super) async fn session(
     };
     let mut client = CacheClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
     let (tx, rx) = mpsc::channel(4);
-    let open = pb::IngestRequest {
-        msg: Some(pb::ingest_request::Msg::Open(pb::IngestOpen {
-            vm_name: vm.to_string(),
-            credential: credential.to_string(),
-            epoch,
-        })),
-    };
-    if tx.send(open).await.is_err() {
+    if tx.send(open_request(vm, epoch, credential)).await.is_err() {
         return SessionEnd::Retry("request stream closed".into());
     }
     // Setting up waits on the cache; a stop must not.
