@@ -14,6 +14,7 @@ mod tracking;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_proto::ids::{Epoch, Sequence};
 use ferry_runtime::retry::{Backoff, RetryParams};
 use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
@@ -68,7 +69,7 @@ impl State {
     /// A stream whose first record gets `next_seq`.
     fn new(next_seq: u64) -> State {
         State {
-            queue: Queue::new(next_seq),
+            queue: Queue::new(Sequence(next_seq)),
             tracking: Tracking::default(),
             generation: 0,
             detached: None,
@@ -163,7 +164,7 @@ pub async fn run(
     stream: Arc<Stream>,
     cache_url: String,
     vm: String,
-    epoch: u64,
+    epoch: Epoch,
     credential: String,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::Status> {
@@ -230,7 +231,7 @@ pub async fn run(
 async fn stalled(stream: &Stream) {
     let max = stream.limits.max_outage;
     let tick = (max / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-    let mut seen = stream.durable().await;
+    let mut seen = stream.state.lock().await.queue.durable();
     let mut since = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(tick).await;

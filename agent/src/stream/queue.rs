@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 
 use ferry_proto::cache::v1 as pb;
 use ferry_proto::cache::v1::record::Op;
+use ferry_proto::ids::Sequence;
 
 use super::{State, Stream, StreamLimits};
 
@@ -25,12 +26,12 @@ fn payload(record: &pb::Record) -> usize {
 #[derive(Debug)]
 pub(super) struct Queue {
     /// The sequence the next record gets.
-    next: u64,
+    next: Sequence,
     pending: VecDeque<pb::Record>,
     /// What `pending` costs ([`op_size`]).
     bytes: usize,
     /// The highest sequence cache-svc acknowledged durable.
-    durable: u64,
+    durable: Sequence,
 }
 
 /// Why an acknowledgement was not taken.
@@ -38,30 +39,30 @@ pub(super) struct Queue {
 pub(super) enum AckRefused {
     /// Below what the cache already acknowledged: a stale answer.
     #[error("acknowledgement of {ack} is below the durable {durable}")]
-    Stale { ack: u64, durable: u64 },
+    Stale { ack: Sequence, durable: Sequence },
     /// Past the last record numbered: the cache cannot hold it.
     #[error("acknowledgement of {ack} is past the last record {last}")]
-    Ahead { ack: u64, last: u64 },
+    Ahead { ack: Sequence, last: Sequence },
 }
 
 impl Queue {
     /// An empty queue whose first record gets `next` (at least 1).
-    pub(super) fn new(next: u64) -> Queue {
-        let next = next.max(1);
+    pub(super) fn new(next: Sequence) -> Queue {
+        let next = next.max(Sequence(1));
         Queue {
             next,
             pending: VecDeque::new(),
             bytes: 0,
-            durable: next - 1,
+            durable: Sequence(next.get() - 1),
         }
     }
 
     /// The sequence the last appended record got (0 if none).
-    pub(super) fn last(&self) -> u64 {
-        self.next - 1
+    pub(super) fn last(&self) -> Sequence {
+        Sequence(self.next.get() - 1)
     }
 
-    pub(super) fn durable(&self) -> u64 {
+    pub(super) fn durable(&self) -> Sequence {
         self.durable
     }
 
@@ -85,10 +86,10 @@ impl Queue {
     }
 
     /// Numbers and seals a record and appends it; its sequence.
-    pub(super) fn append(&mut self, disk_id: &str, op: Op) -> u64 {
+    pub(super) fn append(&mut self, disk_id: &str, op: Op) -> Sequence {
         self.bytes += op_size(&op);
         let mut record = pb::Record {
-            sequence: self.next,
+            sequence: self.next.get(),
             disk_id: disk_id.to_string(),
             op: Some(op),
             crc32c: 0,
@@ -96,14 +97,15 @@ impl Queue {
         };
         ferry_proto::checksum::seal(&mut record);
         self.pending.push_back(record);
-        self.next += 1;
-        self.next - 1
+        let appended = self.next;
+        self.next = appended.next();
+        appended
     }
 
     /// The cache holds everything up to `ack` durably: those records leave
     /// the buffer, oldest first. An acknowledgement below the last one, or
     /// of records never numbered, changes nothing.
-    pub(super) fn acknowledge(&mut self, ack: u64) -> Result<(), AckRefused> {
+    pub(super) fn acknowledge(&mut self, ack: Sequence) -> Result<(), AckRefused> {
         if ack < self.durable {
             return Err(AckRefused::Stale {
                 ack,
@@ -116,7 +118,11 @@ impl Queue {
                 last: self.last(),
             });
         }
-        while self.pending.front().is_some_and(|r| r.sequence <= ack) {
+        while self
+            .pending
+            .front()
+            .is_some_and(|r| r.sequence <= ack.get())
+        {
             if let Some(r) = self.pending.pop_front() {
                 self.bytes -= payload(&r);
             }
@@ -133,14 +139,15 @@ impl Queue {
 
     /// Numbering goes on after `held`, what the cache holds (nothing is
     /// pending: it went into the changed-chunk map).
-    pub(super) fn renumber_after(&mut self, held: u64) {
-        self.next = held + 1;
+    pub(super) fn renumber_after(&mut self, held: Sequence) {
+        self.next = held.next();
         self.durable = held;
     }
 
     /// Up to a batch of pending records above `after`, without exceeding the
     /// in-flight window measured from `durable`.
-    pub(super) fn batch(&self, after: u64, limits: &StreamLimits) -> Vec<pb::Record> {
+    pub(super) fn batch(&self, after: Sequence, limits: &StreamLimits) -> Vec<pb::Record> {
+        let after = after.get();
         let mut in_flight: usize = self
             .pending
             .iter()
@@ -171,7 +178,7 @@ impl Queue {
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Pushed {
     /// Buffered with this sequence.
-    Queued(u64),
+    Queued(Sequence),
     /// Tracking was on: the record's chunks were marked.
     Tracked,
     /// It did not fit: the buffer went into the changed-chunk map, and so
@@ -214,7 +221,7 @@ impl Stream {
         match pushed {
             Pushed::Queued(seq) => {
                 self.changed.notify_waiters();
-                seq
+                seq.get()
             }
             Pushed::Overflowed => {
                 self.changed.notify_waiters();
@@ -246,12 +253,12 @@ impl Stream {
 
     /// The highest sequence cache-svc acknowledged durable.
     pub async fn durable(&self) -> u64 {
-        self.state.lock().await.queue.durable()
+        self.state.lock().await.queue.durable().get()
     }
 
     /// The sequence the last pushed record got (0 if none).
     pub async fn last(&self) -> u64 {
-        self.state.lock().await.queue.last()
+        self.state.lock().await.queue.last().get()
     }
 
     /// Waits until every record pushed so far is durable in the cache, or
@@ -270,7 +277,7 @@ impl Stream {
             {
                 let state = self.state.lock().await;
                 if state.flushed(target, generation) {
-                    return state.queue.durable();
+                    return state.queue.durable().get();
                 }
             }
             notified.await;
@@ -290,7 +297,7 @@ impl Stream {
             {
                 let state = self.state.lock().await;
                 if settling.done(&state) {
-                    return state.queue.durable();
+                    return state.queue.durable().get();
                 }
             }
             notified.await;
@@ -303,7 +310,7 @@ impl Stream {
     }
 
     /// The cache acknowledged everything up to `durable`.
-    pub(super) async fn acknowledge(&self, durable: u64) {
+    pub(super) async fn acknowledge(&self, durable: Sequence) {
         let taken = self.state.lock().await.queue.acknowledge(durable);
         match taken {
             Ok(()) => {}
@@ -319,7 +326,7 @@ impl Stream {
 
     /// Up to a batch of pending records above `after`, without exceeding the
     /// in-flight window measured from `durable`.
-    pub(super) async fn next_batch(&self, after: u64) -> Vec<pb::Record> {
+    pub(super) async fn next_batch(&self, after: Sequence) -> Vec<pb::Record> {
         self.state.lock().await.queue.batch(after, &self.limits)
     }
 }
@@ -328,7 +335,7 @@ impl State {
     /// Whether a flush that started at `target` in `generation` is over:
     /// everything up to `target` durable, or the buffer gone into the
     /// changed-chunk map since.
-    fn flushed(&self, target: u64, generation: u64) -> bool {
+    fn flushed(&self, target: Sequence, generation: u64) -> bool {
         // Renumbering pending: nothing is pending (it went into the map),
         // and `target` may be of the old numbering, which the new one would
         // not reach without further records.
@@ -341,7 +348,7 @@ impl State {
 /// The progress of a [`Stream::settled`] wait.
 struct Settling {
     /// The last record that must be durable, fixed once nothing is tracked.
-    target: Option<u64>,
+    target: Option<Sequence>,
     generation: u64,
 }
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use ferry_proto::cache::v1 as pb;
 use ferry_proto::cache::v1::cache_client::CacheClient;
 use ferry_proto::cache::v1::record::Op;
+use ferry_proto::ids::{Epoch, Sequence};
 use ferry_runtime::retry::{retry, RetryError, RetryParams};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -20,7 +21,7 @@ use super::{State, Stream};
 pub async fn resume_point(
     cache_url: &str,
     vm: &str,
-    epoch: u64,
+    epoch: Epoch,
     credential: &str,
     shutdown: &CancellationToken,
 ) -> Result<u64, tonic::Status> {
@@ -30,7 +31,7 @@ pub async fn resume_point(
     })
     .await;
     match held {
-        Ok(held) => Ok(held + 1),
+        Ok(held) => Ok(held.next().get()),
         Err(RetryError::Permanent(status) | RetryError::Exhausted(status)) => Err(status),
         Err(RetryError::Cancelled) => Err(tonic::Status::cancelled("shutting down")),
     }
@@ -40,9 +41,9 @@ pub async fn resume_point(
 async fn held_by_cache(
     cache_url: &str,
     vm: &str,
-    epoch: u64,
+    epoch: Epoch,
     credential: &str,
-) -> Result<u64, tonic::Status> {
+) -> Result<Sequence, tonic::Status> {
     let channel =
         ferry_runtime::connect(cache_url).map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let mut client = CacheClient::new(channel);
@@ -54,7 +55,7 @@ async fn held_by_cache(
     match responses.message().await? {
         Some(pb::IngestResponse {
             msg: Some(pb::ingest_response::Msg::Opened(o)),
-        }) => Ok(o.durable_sequence),
+        }) => Ok(Sequence(o.durable_sequence)),
         _ => Err(tonic::Status::unavailable(
             "the cache did not answer `open`",
         )),
@@ -62,12 +63,12 @@ async fn held_by_cache(
 }
 
 /// The first message of every Ingest stream.
-fn open_request(vm: &str, epoch: u64, credential: &str) -> pb::IngestRequest {
+fn open_request(vm: &str, epoch: Epoch, credential: &str) -> pb::IngestRequest {
     pb::IngestRequest {
         msg: Some(pb::ingest_request::Msg::Open(pb::IngestOpen {
             vm_name: vm.to_string(),
             credential: credential.to_string(),
-            epoch,
+            epoch: epoch.get(),
         })),
     }
 }
@@ -97,7 +98,7 @@ pub(super) async fn session(
     stream: &Arc<Stream>,
     cache_url: &str,
     vm: &str,
-    epoch: u64,
+    epoch: Epoch,
     credential: &str,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
@@ -127,7 +128,7 @@ pub(super) async fn session(
     let held = match first {
         Ok(Some(pb::IngestResponse {
             msg: Some(pb::ingest_response::Msg::Opened(o)),
-        })) => o.durable_sequence,
+        })) => Sequence(o.durable_sequence),
         Ok(_) => return SessionEnd::Retry("the cache did not answer `open`".into()),
         Err(s) if fatal(&s) => return SessionEnd::Fatal(s),
         Err(s) => return SessionEnd::Retry(s.to_string()),
@@ -169,7 +170,7 @@ pub(super) async fn session(
                     }
                 }
             }
-            sent = last;
+            sent = Sequence(last);
             continue;
         }
         tokio::select! {
@@ -192,7 +193,9 @@ async fn on_response(
 ) -> Option<SessionEnd> {
     match response {
         Ok(Some(pb::IngestResponse { msg: Some(msg) })) => match msg {
-            pb::ingest_response::Msg::Ack(a) => stream.acknowledge(a.durable_sequence).await,
+            pb::ingest_response::Msg::Ack(a) => {
+                stream.acknowledge(Sequence(a.durable_sequence)).await
+            }
             pb::ingest_response::Msg::Stop(s) if !s.final_marker_id.is_empty() => {
                 tracing::warn!(vm, reason = %s.reason, "planned failover: draining, then a FINAL marker");
                 stream.request_final(&s.final_marker_id);
@@ -251,7 +254,12 @@ impl State {
     /// numbering goes on after it and every chunk of `disks` is checked by
     /// checksum. Returns the generation the session belongs to and the
     /// sequence to send after.
-    pub(super) fn open(&mut self, vm: &str, held: u64, disks: &[(String, u64)]) -> (u64, u64) {
+    pub(super) fn open(
+        &mut self,
+        vm: &str,
+        held: Sequence,
+        disks: &[(String, u64)],
+    ) -> (u64, Sequence) {
         if !self.tracking.renumbering() && held > self.queue.last() {
             // The cache holds records this stream never produced (another
             // agent's last batch landed after this one learned where to
@@ -261,8 +269,8 @@ impl State {
             let ours = self.queue.last();
             tracing::warn!(
                 vm,
-                cache = held,
-                ours,
+                cache = held.get(),
+                ours = ours.get(),
                 "the cache is ahead of this agent: renumbering, checksum resync of every chunk"
             );
             self.overflow(&format!(
@@ -278,14 +286,14 @@ impl State {
             let acknowledged = self.queue.durable();
             tracing::error!(
                 vm,
-                cache = held,
-                acknowledged,
+                cache = held.get(),
+                acknowledged = acknowledged.get(),
                 "the cache lost records it had acknowledged: renumbering, checksum resync of \
                  every chunk"
             );
             self.overflow(&format!(
                 "the cache lost acknowledged records {}..={acknowledged}: checksum resync",
-                held + 1
+                held.next()
             ));
             self.tracking.verify_all(disks);
         }
