@@ -376,3 +376,206 @@ impl Settling {
         state.queue.durable() >= target
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::DIRTY_CHUNK;
+    use std::sync::Arc;
+
+    /// What one 1000-byte write costs in the buffer.
+    const COST: usize = 1000 + 64;
+
+    fn write(chunk: u64) -> Op {
+        Op::Write(pb::WriteOp {
+            offset: chunk * DIRTY_CHUNK,
+            data: vec![7; 1000].into(),
+        })
+    }
+
+    fn stream(buffer_records: usize) -> Arc<Stream> {
+        let limits = StreamLimits {
+            buffer_bytes: buffer_records * COST,
+            ..StreamLimits::default()
+        };
+        let s = Stream::new(1, limits);
+        s.set_disks(vec![("os".into(), 64 * DIRTY_CHUNK)]);
+        s
+    }
+
+    #[test]
+    fn the_buffer_never_exceeds_its_budget_and_overflows_into_tracking_once() {
+        let budget = 5 * COST;
+        let mut state = State::new(1);
+        let mut outcomes = Vec::new();
+        for chunk in 0..12 {
+            outcomes.push(state.push("os", write(chunk), budget));
+            assert!(
+                state.queue.bytes() <= budget,
+                "{} bytes",
+                state.queue.bytes()
+            );
+            if chunk == 2 {
+                // The cache took the first two: they are not unsent.
+                state.queue.acknowledge(Sequence(2)).unwrap();
+            }
+        }
+        let overflowed: Vec<usize> = (0..outcomes.len())
+            .filter(|i| outcomes[*i] == Pushed::Overflowed)
+            .collect();
+        assert_eq!(overflowed, vec![7], "{outcomes:?}");
+        assert!(outcomes[..7].iter().all(|o| matches!(o, Pushed::Queued(_))));
+        assert!(outcomes[8..].iter().all(|o| *o == Pushed::Tracked));
+        assert_eq!(state.generation, 1, "one switch, one session ended");
+        assert!(state.queue.is_empty());
+        assert_eq!(state.queue.bytes(), 0);
+        // Everything but the two acknowledged writes is marked, the
+        // overflowing write and the ones after it included.
+        let unsent = state.tracking.unsent(state.queue.pending());
+        assert_eq!(unsent.data.chunks("os"), (2..12).collect::<Vec<u64>>());
+        assert!(unsent.verify.is_empty());
+    }
+
+    #[test]
+    fn acknowledgements_release_records_oldest_first_and_a_stale_or_unknown_one_is_refused() {
+        let mut q = Queue::new(Sequence(1));
+        for chunk in 0..5 {
+            q.append("os", write(chunk));
+        }
+        assert_eq!((q.last(), q.bytes()), (Sequence(5), 5 * COST));
+        q.acknowledge(Sequence(2)).unwrap();
+        assert_eq!(q.durable(), Sequence(2));
+        assert_eq!(q.bytes(), 3 * COST);
+        let left: Vec<u64> = q.pending().map(|r| r.sequence).collect();
+        assert_eq!(left, vec![3, 4, 5]);
+        assert_eq!(
+            q.acknowledge(Sequence(1)),
+            Err(AckRefused::Stale {
+                ack: Sequence(1),
+                durable: Sequence(2)
+            })
+        );
+        assert_eq!(
+            q.acknowledge(Sequence(9)),
+            Err(AckRefused::Ahead {
+                ack: Sequence(9),
+                last: Sequence(5)
+            })
+        );
+        assert_eq!((q.durable(), q.bytes()), (Sequence(2), 3 * COST));
+        q.acknowledge(Sequence(2)).unwrap();
+        q.acknowledge(Sequence(5)).unwrap();
+        assert!(q.is_empty());
+        assert_eq!((q.durable(), q.bytes()), (Sequence(5), 0));
+    }
+
+    #[tokio::test]
+    async fn flushed_returns_at_an_overflow_and_while_renumbering() {
+        let s = stream(3);
+        for chunk in 0..3 {
+            assert_ne!(s.push("os", write(chunk)).await, 0);
+        }
+        let mut flushed = Box::pin(s.flushed());
+        assert!(futures::poll!(flushed.as_mut()).is_pending());
+        // Not looked at again until a new session has renumbered.
+        let mut late = Box::pin(s.flushed());
+        assert!(futures::poll!(late.as_mut()).is_pending());
+        s.acknowledge(Sequence(1)).await;
+        assert!(futures::poll!(flushed.as_mut()).is_pending());
+        assert_eq!(s.push("os", write(3)).await, 4, "room again after the ack");
+        assert!(futures::poll!(flushed.as_mut()).is_pending());
+        assert_eq!(s.push("os", write(4)).await, 0, "the buffer overflows");
+        assert_eq!(
+            futures::poll!(flushed.as_mut()),
+            std::task::Poll::Ready(1),
+            "records dropped at an overflow will never be acknowledged"
+        );
+        // Called after the overflow, before the next session renumbers:
+        // nothing is pending, and sequence 3 may never come again.
+        assert_eq!(
+            futures::poll!(Box::pin(s.flushed())),
+            std::task::Poll::Ready(1)
+        );
+        let disks = s.disks();
+        s.state.lock().await.open("vm", Sequence(1), &disks);
+        assert_eq!(futures::poll!(late.as_mut()), std::task::Poll::Ready(1));
+    }
+
+    #[tokio::test]
+    async fn settled_started_before_an_overflow_waits_for_the_records_of_the_new_numbering() {
+        let s = stream(3);
+        for chunk in 0..3 {
+            s.push("os", write(chunk)).await;
+        }
+        let mut settled = Box::pin(s.settled());
+        assert!(futures::poll!(settled.as_mut()).is_pending(), "waits for 3");
+        // Not looked at again until a whole round has gone by.
+        assert_eq!(s.push("os", write(3)).await, 0);
+        let disks = s.disks();
+        s.state.lock().await.open("vm", Sequence(0), &disks);
+        let round = s.take_tracking().await.unwrap();
+        for chunk in round.data.chunks("os") {
+            assert_ne!(s.push("os", write(chunk)).await, 0);
+            s.resent("os", chunk).await;
+            if chunk == 2 {
+                s.acknowledge(Sequence(3)).await;
+            }
+        }
+        assert!(
+            futures::poll!(settled.as_mut()).is_pending(),
+            "3 of the old numbering is not the round's last record"
+        );
+        s.acknowledge(Sequence(4)).await;
+        assert_eq!(futures::poll!(settled.as_mut()), std::task::Poll::Ready(4));
+    }
+
+    #[tokio::test]
+    async fn settled_waits_through_a_resync_round_and_its_records() {
+        let s = stream(3);
+        for chunk in 0..3 {
+            s.push("os", write(chunk)).await;
+        }
+        let mut settled = Box::pin(s.settled());
+        assert!(futures::poll!(settled.as_mut()).is_pending());
+        assert_eq!(s.push("os", write(3)).await, 0, "the buffer overflows");
+        assert!(futures::poll!(settled.as_mut()).is_pending());
+        // A session opens: the cache holds nothing of these.
+        let disks = s.disks();
+        s.state.lock().await.open("vm", Sequence(0), &disks);
+        assert!(futures::poll!(settled.as_mut()).is_pending());
+        let round = s.take_tracking().await.unwrap();
+        assert!(futures::poll!(settled.as_mut()).is_pending());
+        assert_eq!(round.data.chunks("os"), vec![0, 1, 2, 3]);
+        for chunk in round.data.chunks("os") {
+            assert_ne!(s.push("os", write(chunk)).await, 0);
+            s.resent("os", chunk).await;
+            if chunk == 2 {
+                // The cache keeps up with the round.
+                s.acknowledge(Sequence(3)).await;
+            }
+            assert!(futures::poll!(settled.as_mut()).is_pending());
+        }
+        // Every chunk went again, as records 1..=4; the last is not durable.
+        s.acknowledge(Sequence(4)).await;
+        assert_eq!(futures::poll!(settled.as_mut()), std::task::Poll::Ready(4));
+    }
+
+    #[test]
+    fn a_batch_stays_within_the_in_flight_window() {
+        let limits = StreamLimits {
+            in_flight_bytes: 3 * COST,
+            batch_bytes: 2 * COST,
+            ..StreamLimits::default()
+        };
+        let mut q = Queue::new(Sequence(1));
+        for chunk in 0..6 {
+            q.append("os", write(chunk));
+        }
+        let seqs = |b: Vec<pb::Record>| b.iter().map(|r| r.sequence).collect::<Vec<_>>();
+        assert_eq!(seqs(q.batch(Sequence(0), &limits)), vec![1, 2]);
+        assert_eq!(seqs(q.batch(Sequence(2), &limits)), vec![3]);
+        assert!(q.batch(Sequence(3), &limits).is_empty(), "3 in flight");
+        q.acknowledge(Sequence(2)).unwrap();
+        assert_eq!(seqs(q.batch(Sequence(3), &limits)), vec![4, 5]);
+    }
+}

@@ -310,3 +310,94 @@ impl State {
         (self.generation, held.max(self.queue.durable()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::DIRTY_CHUNK;
+
+    fn disks() -> Vec<(String, u64)> {
+        vec![
+            ("os".into(), 4 * DIRTY_CHUNK),
+            ("data".into(), 2 * DIRTY_CHUNK),
+        ]
+    }
+
+    /// A state with records 1..=`n` pending, of which `acked` are durable.
+    fn state(n: u64, acked: u64) -> State {
+        let mut state = State::new(1);
+        for i in 0..n {
+            let op = Op::Write(pb::WriteOp {
+                offset: i * DIRTY_CHUNK,
+                data: vec![1; 512].into(),
+            });
+            state.push("os", op, usize::MAX);
+        }
+        state.queue.acknowledge(Sequence(acked)).unwrap();
+        state
+    }
+
+    fn checks_every_chunk(state: &State) -> bool {
+        let set = state.tracking.unsent(state.queue.pending());
+        set.verify.chunks("os") == vec![0, 1, 2, 3] && set.verify.chunks("data") == vec![0, 1]
+    }
+
+    #[test]
+    fn a_cache_in_step_resumes_above_what_it_holds() {
+        let mut state = state(5, 1);
+        let (generation, sent) = state.open("vm", Sequence(3), &disks());
+        assert_eq!((generation, sent), (0, Sequence(3)));
+        assert!(!state.tracking.active());
+        assert_eq!(state.queue.durable(), Sequence(3));
+        let left: Vec<u64> = state.queue.pending().map(|r| r.sequence).collect();
+        assert_eq!(left, vec![4, 5]);
+    }
+
+    #[test]
+    fn a_cache_ahead_of_the_agent_is_numbered_after_and_every_chunk_checked() {
+        let mut state = state(2, 0);
+        let (generation, sent) = state.open("vm", Sequence(10), &disks());
+        assert_eq!((generation, sent), (1, Sequence(10)));
+        assert_eq!(state.queue.last(), Sequence(10), "the next record is 11");
+        assert!(state.tracking.active());
+        assert!(checks_every_chunk(&state));
+        // Its own pending records go again as data.
+        let set = state.tracking.unsent(state.queue.pending());
+        assert_eq!(set.data.chunks("os"), vec![0, 1]);
+    }
+
+    #[test]
+    fn a_cache_that_lost_acknowledged_records_is_numbered_after_and_every_chunk_checked() {
+        let mut state = state(5, 5);
+        let (generation, sent) = state.open("vm", Sequence(2), &disks());
+        assert_eq!((generation, sent), (1, Sequence(2)));
+        assert_eq!(
+            (state.queue.last(), state.queue.durable()),
+            (Sequence(2), Sequence(2))
+        );
+        assert!(state.tracking.active());
+        assert!(state
+            .tracking
+            .reason()
+            .contains("lost acknowledged records 3..=5"));
+        assert!(checks_every_chunk(&state));
+    }
+
+    #[test]
+    fn a_stream_that_overflowed_is_numbered_after_the_cache_and_no_longer_detached() {
+        let mut state = state(3, 0);
+        state.detach("fenced");
+        let (generation, sent) = state.open("vm", Sequence(7), &disks());
+        assert_eq!((generation, sent), (1, Sequence(7)));
+        assert_eq!(state.queue.last(), Sequence(7));
+        assert!(!state.tracking.renumbering());
+        assert_eq!(state.detached, None);
+        // The map is resynced, not checked whole: the cache was not ahead of
+        // numbering this stream had given up.
+        assert!(state
+            .tracking
+            .unsent(state.queue.pending())
+            .verify
+            .is_empty());
+    }
+}

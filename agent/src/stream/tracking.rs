@@ -483,7 +483,7 @@ impl Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stream::StreamLimits;
+    use crate::stream::{State, StreamLimits};
 
     fn digests(offset: u64, chunks: u64) -> Op {
         Op::Digests(pb::ChunkDigests {
@@ -518,5 +518,46 @@ mod tests {
         let set = stream.unsent().await;
         assert_eq!(set.verify.chunks("os"), vec![0, 1, 2, 3, 8, 9]);
         assert_eq!(set.data.chunks("os"), vec![40, 50]);
+    }
+
+    fn marker(kind: pb::MarkerKind) -> Op {
+        Op::Marker(pb::Marker {
+            kind: kind as i32,
+            id: String::new(),
+            time_unix_nanos: 0,
+        })
+    }
+
+    #[test]
+    fn tracking_is_cleared_only_by_a_resync_round_that_sent_everything_again() {
+        let mut state = State::new(1);
+        let budget = 2 * (40_000 + 64);
+        state.push("os", write(0, 40_000), budget);
+        state.push("os", marker(pb::MarkerKind::SyncCompleted), budget);
+        state.push("os", write(3 * DIRTY_CHUNK, 40_000), budget);
+        state.push("os", write(5 * DIRTY_CHUNK, 40_000), budget);
+        assert!(state.tracking.active());
+        assert!(!state.tracking.settled());
+        assert_eq!(state.tracking.take_round(), None, "not before renumbering");
+        state.tracking.renumbered();
+        let round = state.tracking.take_round().unwrap();
+        assert_eq!(round.data.chunks("os"), vec![0, 3, 5]);
+        assert!(round.close.contains("os"), "the lost SYNC_COMPLETED");
+        // Writes are buffered again, but the round is not done.
+        assert!(!state.tracking.active());
+        assert!(!state.tracking.settled());
+        state.tracking.resent("os", 0);
+        state.tracking.resent("os", 3);
+        // The round fails: what it had yet to send is tracked again.
+        state.tracking.round_failed();
+        assert!(state.tracking.active());
+        let again = state.tracking.take_round().unwrap();
+        assert_eq!(again.data.chunks("os"), vec![5]);
+        assert!(again.close.contains("os"));
+        state.tracking.resent("os", 5);
+        assert!(!state.tracking.settled(), "the disk's sync is still open");
+        state.tracking.sync_closed("os");
+        assert!(state.tracking.settled());
+        assert_eq!(state.tracking.take_round(), None);
     }
 }
