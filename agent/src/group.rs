@@ -22,6 +22,7 @@ use ferry_proto::agent::v1::agent_group_client::AgentGroupClient;
 use ferry_proto::agent::v1::agent_group_server::{AgentGroup, AgentGroupServer};
 use ferry_proto::cache::v1::record::Op;
 use ferry_proto::cache::v1::{Marker, MarkerKind};
+use ferry_proto::ids::Epoch;
 use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::time::from_duration;
@@ -395,7 +396,7 @@ pub async fn round(
 pub struct GroupOptions {
     pub registry: String,
     pub vm: String,
-    pub epoch: u64,
+    pub epoch: Epoch,
     pub credential: String,
     /// This agent's group port address, as the other members reach it.
     pub address: String,
@@ -422,7 +423,7 @@ pub async fn run(opts: GroupOptions, stop: CancellationToken) {
             .group_heartbeat(reg::GroupHeartbeatRequest {
                 vm_name: opts.vm.clone(),
                 credential: opts.credential.clone(),
-                epoch: opts.epoch,
+                epoch: opts.epoch.get(),
                 group_address: opts.address.clone(),
             })
             .await;

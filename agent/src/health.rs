@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_proto::ids::Epoch;
 use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::PeerChannel;
@@ -89,7 +90,7 @@ pub async fn run(
     conditions: Arc<Conditions>,
     mut registry: RegistryClient<PeerChannel>,
     vm: String,
-    epoch: u64,
+    epoch: Epoch,
     interval: Duration,
     stop: CancellationToken,
 ) {
@@ -119,7 +120,11 @@ pub async fn run(
 }
 
 /// Whether a newer agent replicates the VM now.
-pub async fn superseded(registry: &mut RegistryClient<PeerChannel>, vm: &str, epoch: u64) -> bool {
+pub async fn superseded(
+    registry: &mut RegistryClient<PeerChannel>,
+    vm: &str,
+    epoch: Epoch,
+) -> bool {
     let item = registry
         .get_protected_item(reg::GetProtectedItemRequest {
             vm_name: vm.to_string(),
@@ -128,7 +133,7 @@ pub async fn superseded(registry: &mut RegistryClient<PeerChannel>, vm: &str, ep
     match item {
         Ok(item) => {
             let item = item.into_inner();
-            item.epoch > epoch && source_active(item.state())
+            Epoch(item.epoch) > epoch && source_active(item.state())
         }
         Err(_) => false,
     }

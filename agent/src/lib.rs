@@ -15,6 +15,7 @@ pub mod run;
 pub mod state;
 pub mod stream;
 
+use ferry_proto::ids::Epoch;
 use ferry_proto::registry::v1 as pb;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 
@@ -37,7 +38,8 @@ pub enum AgentError {
 pub struct Assignment {
     pub cache_endpoint: String,
     pub disks: Vec<pb::Disk>,
-    pub epoch: u64,
+    /// The fencing epoch this registration got.
+    pub epoch: Epoch,
     /// The protected item's state at registration.
     pub state: pb::ReplicationState,
     /// The VM's replication group; empty if none.
@@ -88,7 +90,7 @@ pub async fn register(
     Ok(Assignment {
         cache_endpoint: grant.cache_endpoint,
         disks: grant.disks,
-        epoch: grant.epoch,
+        epoch: Epoch(grant.epoch),
         state: grant
             .item
             .as_ref()

@@ -3,9 +3,12 @@
 //! chunks go through the stream again. Registry sees RESYNC_REQUIRED, then
 //! RESYNCING, then PROTECTED once everything is durable.
 
+use std::time::Duration;
+
 use ferry_proto::cache::v1::MarkerKind;
 use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_runtime::retry::{Backoff, RetryParams};
 use ferry_runtime::PeerChannel;
 use tokio_util::sync::CancellationToken;
 
@@ -20,6 +23,15 @@ pub enum ResyncError {
     #[error("registry: {0}")]
     Registry(#[from] tonic::Status),
 }
+
+/// How a failed round (registry away, a source read failing) is tried
+/// again: within a second, as it always was; the jitter spreads the agents
+/// of a registry that comes back.
+const ROUND_RETRY: RetryParams = RetryParams {
+    base: Duration::from_secs(1),
+    max: Duration::from_secs(1),
+    max_attempts: None,
+};
 
 /// Moves the VM to `to`; already being there (an agent restarted mid-resync)
 /// is fine.
@@ -68,6 +80,7 @@ pub async fn run(
     shutdown: &CancellationToken,
 ) -> Result<(), ResyncError> {
     let mut reported = false;
+    let mut backoff = Backoff::new(ROUND_RETRY);
     loop {
         let changed = capture.stream().notify().notified();
         tokio::pin!(changed);
@@ -90,6 +103,7 @@ pub async fn run(
                 match resync(capture, registry, vm, set).await {
                     Ok(_) => {
                         reported = false;
+                        backoff.reset();
                         continue;
                     }
                     Err(ResyncError::Capture(CaptureError::Closed)) => return Ok(()),
@@ -102,12 +116,12 @@ pub async fn run(
             }
         }
         if failed {
-            tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            if !backoff.wait(shutdown).await {
+                return Ok(());
             }
             continue;
         }
+        backoff.reset();
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = changed => {}

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_proto::ids::Epoch;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_proto::registry::v1::ReplicationState;
 use tokio::net::TcpListener;
@@ -86,7 +87,7 @@ pub struct Agent {
     pub capture: Arc<Capture>,
     pub stream: Arc<Stream>,
     /// The fencing epoch registry gave this agent.
-    pub epoch: u64,
+    pub epoch: Epoch,
     streaming: JoinHandle<Result<(), tonic::Status>>,
     /// Stops the stream (after the drain).
     stream_stop: CancellationToken,
@@ -138,7 +139,7 @@ impl Agent {
         tracing::info!(
             vm = %opts.vm,
             cache = %assignment.cache_endpoint,
-            epoch = assignment.epoch,
+            epoch = assignment.epoch.get(),
             disks = assignment.disks.len(),
             "replicating; NBD exports are the disk ids"
         );
@@ -381,7 +382,7 @@ struct Session {
     cache: String,
     registry: String,
     vm: String,
-    epoch: u64,
+    epoch: Epoch,
     credential: String,
 }
 
@@ -446,7 +447,7 @@ async fn may_stream(s: &Session) -> Result<(), String> {
             item.state()
         ));
     }
-    if item.epoch != s.epoch {
+    if item.epoch != s.epoch.get() {
         return Err(format!(
             "a newer agent holds the VM (epoch {} > this agent's {}); restart this agent to take it back",
             item.epoch, s.epoch

@@ -67,7 +67,7 @@ async fn a_vm_write_never_waits_for_a_dead_cache_behind_initial_replication() {
         capture.stream().clone(),
         dead_url,
         "vm".into(),
-        1,
+        ferry_proto::ids::Epoch(1),
         "credential".into(),
         stop.clone(),
     ));

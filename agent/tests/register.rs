@@ -56,7 +56,7 @@ async fn registers_and_redacts_its_credential() {
         .await
         .unwrap();
     assert_eq!(a.cache_endpoint, "http://127.0.0.1:7102");
-    assert_eq!(a.epoch, 1);
+    assert_eq!(a.epoch, ferry_proto::ids::Epoch(1));
     assert_eq!(a.disks[0].id, "os");
     assert_eq!(a.credential().len(), 64);
     let shown = format!("{a:?}");
