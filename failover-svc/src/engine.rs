@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use ferry_proto::cache::v1 as cache;
 use ferry_proto::cache::v1::cache_client::CacheClient;
-use ferry_proto::failover::v1 as pb;
 use ferry_proto::processor::v1 as proc;
 use ferry_proto::processor::v1::processor_client::ProcessorClient;
 use ferry_proto::registry::v1 as reg;
@@ -28,8 +27,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::FailoverError;
 use crate::inventory::{self, Backend, TargetVm};
-use crate::jobs::{Choice, JobRecord, Jobs, Step, Used, Verified};
+use crate::jobs::{Choice, FailoverKind, JobKind, JobRecord, JobState, Jobs, Step, Used, Verified};
+use crate::requests::{FailoverRequest, Target};
 use crate::verify;
+use ferry_proto::ids::{JobId, UnixNanos, VmName};
 
 type Result<T> = std::result::Result<T, FailoverError>;
 
@@ -60,7 +61,7 @@ pub struct Engine {
 /// The key a job holds in `busy`: its VM, or its group.
 fn busy_key(job: &JobRecord) -> String {
     if job.group.is_empty() {
-        job.vm_name.clone()
+        job.target().to_string()
     } else {
         format!("group:{}", job.group)
     }
@@ -71,7 +72,7 @@ pub(crate) fn steps(names: &[&str]) -> Vec<Step> {
         .iter()
         .map(|n| Step {
             name: n.to_string(),
-            state: pb::JobState::Queued as i32,
+            state: JobState::Queued,
             message: String::new(),
         })
         .collect()
@@ -117,10 +118,7 @@ impl Engine {
         &self.backend
     }
 
-    pub(crate) async fn item(&self, vm: &str) -> Result<reg::ProtectedItem> {
-        if vm.is_empty() {
-            return Err(FailoverError::InvalidArgument("vm_name is empty".into()));
-        }
+    pub(crate) async fn item(&self, vm: &VmName) -> Result<reg::ProtectedItem> {
         let mut registry = self.registry.clone();
         registry
             .get_protected_item(reg::GetProtectedItemRequest {
@@ -130,61 +128,43 @@ impl Engine {
             .map(|r| r.into_inner())
             .map_err(|s| match s.code() {
                 tonic::Code::NotFound => FailoverError::NotFound(format!(
-                    "VM {vm:?} is not protected (unknown, or its replication is not enabled)"
+                    "VM \"{vm}\" is not protected (unknown, or its replication is not enabled)"
                 )),
                 _ => FailoverError::peer("registry", s),
             })
     }
 
-    pub(crate) fn test_vms(&self, vm: &str) -> Result<Vec<TargetVm>> {
+    pub(crate) fn test_vms(&self, vm: &VmName) -> Result<Vec<TargetVm>> {
         Ok(self
             .backend
             .vms()?
             .into_iter()
-            .filter(|t| t.source_vm == vm && t.test)
+            .filter(|t| t.source_vm == vm.as_str() && t.test)
             .collect())
     }
 
-    /// Validates a failover request and starts its job.
-    pub async fn start_failover(
-        self: &Arc<Self>,
-        req: pb::StartFailoverRequest,
-    ) -> Result<JobRecord> {
+    /// Starts a failover job (of a VM, or of a group).
+    pub async fn start_failover(self: &Arc<Self>, req: FailoverRequest) -> Result<JobRecord> {
         if let Some(job) = self.jobs.by_request(&req.request_id)? {
             return Ok(job);
         }
-        let kind = pb::FailoverKind::try_from(req.kind).unwrap_or(pb::FailoverKind::Unspecified);
-        if kind == pb::FailoverKind::Unspecified {
-            return Err(FailoverError::InvalidArgument(
-                "kind is unset: TEST, PLANNED or UNPLANNED".into(),
-            ));
-        }
-        let choice = match req.point.and_then(|p| p.choice) {
-            None => None,
-            Some(pb::point_choice::Choice::Latest(_)) => Some(Choice::Latest),
-            Some(pb::point_choice::Choice::LatestProcessed(_)) => Some(Choice::LatestProcessed),
-            Some(pb::point_choice::Choice::LatestAppConsistent(_)) => {
-                Some(Choice::LatestAppConsistent)
-            }
-            Some(pb::point_choice::Choice::LatestMultiVm(_)) => Some(Choice::LatestMultiVm),
-            Some(pb::point_choice::Choice::PointId(id)) if id.is_empty() => {
-                return Err(FailoverError::InvalidArgument("point_id is empty".into()))
-            }
-            Some(pb::point_choice::Choice::PointId(id)) => Some(Choice::Point(id)),
-        };
         match req.target {
-            Some(pb::start_failover_request::Target::VmName(vm)) => {
-                let choice = choice.unwrap_or(Choice::LatestProcessed);
-                self.start_vm_failover(vm, kind, choice, req.test_network, req.request_id, false)
+            Target::Vm(vm) => {
+                let choice = req.choice.unwrap_or(Choice::LatestProcessed);
+                self.start_vm_failover(
+                    vm,
+                    req.kind,
+                    choice,
+                    req.test_network,
+                    req.request_id,
+                    false,
+                )
+                .await
+            }
+            Target::Group(g) => {
+                self.start_group_failover(g, req.kind, req.choice, req.test_network, req.request_id)
                     .await
             }
-            Some(pb::start_failover_request::Target::ReplicationGroup(g)) => {
-                self.start_group_failover(g, kind, choice, req.test_network, req.request_id)
-                    .await
-            }
-            None => Err(FailoverError::InvalidArgument(
-                "set vm_name or replication_group".into(),
-            )),
         }
     }
 
@@ -192,8 +172,8 @@ impl Engine {
     /// group job starts it for a member.
     pub(crate) async fn start_vm_failover(
         self: &Arc<Self>,
-        vm: String,
-        kind: pb::FailoverKind,
+        vm: VmName,
+        kind: FailoverKind,
         choice: Choice,
         test_network: String,
         request_id: String,
@@ -202,7 +182,7 @@ impl Engine {
         if let Some(job) = self.jobs.by_request(&request_id)? {
             return Ok(job);
         }
-        if kind == pb::FailoverKind::Planned && self.cache.is_none() {
+        if kind == FailoverKind::Planned && self.cache.is_none() {
             return Err(FailoverError::FailedPrecondition(
                 "failover-svc was started without --cache: a planned failover needs the source \
                  region's cache; use an unplanned failover"
@@ -212,14 +192,14 @@ impl Engine {
         let item = self.item(&vm).await?;
         if !item.replication_group.is_empty() && !in_group {
             return Err(FailoverError::FailedPrecondition(format!(
-                "VM {vm:?} belongs to replication group {:?}: fail the group over as a whole",
+                "VM \"{vm}\" belongs to replication group {:?}: fail the group over as a whole",
                 item.replication_group
             )));
         }
         self.check_failover(&vm, &item, kind, &test_network)?;
         let state = item.state();
-        let test = kind == pb::FailoverKind::Test;
-        let planned = kind == pb::FailoverKind::Planned;
+        let test = kind == FailoverKind::Test;
+        let planned = kind == FailoverKind::Planned;
         if let Choice::Point(id) = &choice {
             self.point(&vm, id).await?;
         }
@@ -253,40 +233,32 @@ impl Engine {
                 "update-registry",
             ]
         };
-        let job = JobRecord {
-            id: self.jobs.new_id()?,
-            kind: pb::JobKind::Failover as i32,
-            failover_kind: kind as i32,
-            vm_name: vm,
-            choice,
-            test_network,
-            state: pb::JobState::Queued as i32,
-            steps: steps(names),
-            bytes_done: 0,
-            bytes_total: 0,
-            points: Vec::new(),
-            error: String::new(),
+        let mut job = JobRecord::new(
+            self.jobs.new_id()?,
+            JobKind::Failover,
+            Some(kind),
+            steps(names),
             request_id,
-            created_nanos: unix_nanos_now(),
-            finished_nanos: 0,
-            from_state: state as i32,
-            ..JobRecord::default()
-        };
+        );
+        job.vm_name = Some(vm);
+        job.choice = choice;
+        job.test_network = test_network;
+        job.from_state = state as i32;
         self.admit(job).await
     }
 
     /// Whether `vm` (its protected item) may be failed over so.
     pub(crate) fn check_failover(
         &self,
-        vm: &str,
+        vm: &VmName,
         item: &reg::ProtectedItem,
-        kind: pb::FailoverKind,
+        kind: FailoverKind,
         test_network: &str,
     ) -> Result<()> {
         use reg::ReplicationState as S;
         let state = item.state();
-        let test = kind == pb::FailoverKind::Test;
-        let planned = kind == pb::FailoverKind::Planned;
+        let test = kind == FailoverKind::Test;
+        let planned = kind == FailoverKind::Planned;
         let allowed = if test {
             matches!(state, S::Protected | S::ResyncRequired | S::Resyncing)
         } else if planned {
@@ -304,7 +276,7 @@ impl Engine {
         };
         if !allowed {
             return Err(FailoverError::FailedPrecondition(format!(
-                "VM {vm:?} is {}: {} needs it protected{}",
+                "VM \"{vm}\" is {}: {} needs it protected{}",
                 state_name(state as i32),
                 if test {
                     "a test failover"
@@ -337,7 +309,7 @@ impl Engine {
             }
             if !self.test_vms(vm)?.is_empty() {
                 return Err(FailoverError::FailedPrecondition(format!(
-                    "VM {vm:?} has a test failover already; clean it up first"
+                    "VM \"{vm}\" has a test failover already; clean it up first"
                 )));
             }
         }
@@ -345,19 +317,19 @@ impl Engine {
     }
 
     /// Validates a commit and starts its job.
-    pub async fn commit(self: &Arc<Self>, vm: String, request_id: String) -> Result<JobRecord> {
+    pub async fn commit(self: &Arc<Self>, vm: VmName, request_id: String) -> Result<JobRecord> {
         if let Some(job) = self.jobs.by_request(&request_id)? {
             return Ok(job);
         }
         let item = self.item(&vm).await?;
         if item.state() != reg::ReplicationState::FailedOver {
             return Err(FailoverError::FailedPrecondition(format!(
-                "VM {vm:?} is {}: only a failed-over VM can be committed",
+                "VM \"{vm}\" is {}: only a failed-over VM can be committed",
                 state_name(item.state)
             )));
         }
         let job = self.simple(
-            pb::JobKind::Commit,
+            JobKind::Commit,
             vm,
             request_id,
             &["validate", "commit-registry", "release-points"],
@@ -369,7 +341,7 @@ impl Engine {
     /// Validates a test cleanup and starts its job.
     pub async fn cleanup_test(
         self: &Arc<Self>,
-        vm: String,
+        vm: VmName,
         request_id: String,
     ) -> Result<JobRecord> {
         if let Some(job) = self.jobs.by_request(&request_id)? {
@@ -378,11 +350,11 @@ impl Engine {
         let item = self.item(&vm).await?;
         if self.test_vms(&vm)?.is_empty() {
             return Err(FailoverError::FailedPrecondition(format!(
-                "VM {vm:?} has no test failover to clean up"
+                "VM \"{vm}\" has no test failover to clean up"
             )));
         }
         let job = self.simple(
-            pb::JobKind::CleanupTest,
+            JobKind::CleanupTest,
             vm,
             request_id,
             &["validate", "delete-vm", "release-points"],
@@ -393,31 +365,16 @@ impl Engine {
 
     fn simple(
         &self,
-        kind: pb::JobKind,
-        vm: String,
+        kind: JobKind,
+        vm: VmName,
         request_id: String,
         names: &[&str],
         state: i32,
     ) -> Result<JobRecord> {
-        Ok(JobRecord {
-            id: self.jobs.new_id()?,
-            kind: kind as i32,
-            failover_kind: pb::FailoverKind::Unspecified as i32,
-            vm_name: vm,
-            choice: Choice::LatestProcessed,
-            test_network: String::new(),
-            state: pb::JobState::Queued as i32,
-            steps: steps(names),
-            bytes_done: 0,
-            bytes_total: 0,
-            points: Vec::new(),
-            error: String::new(),
-            request_id,
-            created_nanos: unix_nanos_now(),
-            finished_nanos: 0,
-            from_state: state,
-            ..JobRecord::default()
-        })
+        let mut job = JobRecord::new(self.jobs.new_id()?, kind, None, steps(names), request_id);
+        job.vm_name = Some(vm);
+        job.from_state = state;
+        Ok(job)
     }
 
     /// One job per VM (and per group) at a time; the job is stored before
@@ -432,7 +389,7 @@ impl Engine {
                 return Err(FailoverError::FailedPrecondition(if job.group.is_empty() {
                     format!(
                         "a job is running for VM {:?}; wait for it (ferry jobs --watch)",
-                        job.vm_name
+                        job.target()
                     )
                 } else {
                     format!(
@@ -446,7 +403,7 @@ impl Engine {
             self.release(&busy_key(&job));
             return Err(e);
         }
-        tracing::info!(job = %job.id, vm = %job.vm_name, kind = job.kind, "job accepted");
+        tracing::info!(job = %job.id, target = %job.target(), kind = job.kind.tag(), "job accepted");
         let accepted = job.clone();
         self.spawn_run(job);
         Ok(accepted)
@@ -474,7 +431,7 @@ impl Engine {
             if let Ok(mut busy) = self.busy.lock() {
                 busy.insert(busy_key(&job));
             }
-            tracing::info!(job = %job.id, vm = %job.vm_name, "resuming job");
+            tracing::info!(job = %job.id, target = %job.target(), "resuming job");
             self.spawn_run(job);
         }
         Ok(n)
@@ -483,10 +440,10 @@ impl Engine {
     async fn run(self: Arc<Self>, mut job: JobRecord) {
         // What `busy` holds for this job.
         let vm = busy_key(&job);
-        job.state = pb::JobState::Running as i32;
+        job.state = JobState::Running;
         let _ = self.jobs.save(&job);
         for i in 0..job.steps.len() {
-            if job.steps[i].state == pb::JobState::Succeeded as i32 {
+            if job.steps[i].state == JobState::Succeeded {
                 continue;
             }
             if self.shutdown.is_cancelled() {
@@ -494,7 +451,7 @@ impl Engine {
                 self.release(&vm);
                 return;
             }
-            job.steps[i].state = pb::JobState::Running as i32;
+            job.steps[i].state = JobState::Running;
             let _ = self.jobs.save(&job);
             let name = job.steps[i].name.clone();
             let outcome = tokio::select! {
@@ -506,7 +463,7 @@ impl Engine {
             };
             match outcome {
                 Ok(message) => {
-                    job.steps[i].state = pb::JobState::Succeeded as i32;
+                    job.steps[i].state = JobState::Succeeded;
                     job.steps[i].message = message;
                     if let Err(e) = self.jobs.save(&job) {
                         tracing::error!(job = %job.id, error = %e, "cannot save the job");
@@ -516,19 +473,19 @@ impl Engine {
                 }
                 Err(e) => {
                     tracing::warn!(job = %job.id, step = %name, error = %e, "job failed");
-                    job.steps[i].state = pb::JobState::Failed as i32;
+                    job.steps[i].state = JobState::Failed;
                     job.steps[i].message = e.to_string();
-                    job.state = pb::JobState::Failed as i32;
+                    job.state = JobState::Failed;
                     job.error = format!("{name}: {e}");
-                    job.finished_nanos = unix_nanos_now();
+                    job.finished_nanos = UnixNanos::now();
                     let _ = self.jobs.save(&job);
                     self.release(&vm);
                     return;
                 }
             }
         }
-        job.state = pb::JobState::Succeeded as i32;
-        job.finished_nanos = unix_nanos_now();
+        job.state = JobState::Succeeded;
+        job.finished_nanos = UnixNanos::now();
         let _ = self.jobs.save(&job);
         tracing::info!(job = %job.id, vm = %vm, "job succeeded");
         self.release(&vm);
@@ -543,13 +500,13 @@ impl Engine {
             "member-jobs" => self.member_jobs(job).await,
             "members-done" => self.members_done(job).await,
             "validate" => {
-                let item = self.item(&job.vm_name).await?;
-                Ok(format!("VM {} is {}", job.vm_name, state_name(item.state)))
+                let item = self.item(job.vm()?).await?;
+                Ok(format!("VM {} is {}", job.target(), state_name(item.state)))
             }
             "drain" => self.drain(job).await,
             "fence" => {
                 self.transition(
-                    &job.vm_name,
+                    job.vm()?,
                     reg::ReplicationState::FailoverInProgress,
                     true,
                     "failover",
@@ -566,19 +523,18 @@ impl Engine {
             "create-vm" => self.create_vm(job).await,
             "update-registry" => {
                 self.transition(
-                    &job.vm_name,
+                    job.vm()?,
                     reg::ReplicationState::FailedOver,
                     false,
                     "failed over",
                 )
                 .await?;
-                self.release_points(&job.vm_name, false, Some(&job.id))
-                    .await?;
+                self.release_points(job.vm()?, false, Some(&job.id)).await?;
                 Ok("FAILED_OVER".into())
             }
             "commit-registry" => {
                 self.transition(
-                    &job.vm_name,
+                    job.vm()?,
                     reg::ReplicationState::Committed,
                     false,
                     "committed",
@@ -587,13 +543,13 @@ impl Engine {
                 Ok("COMMITTED".into())
             }
             "release-points" => {
-                let test = job.kind == pb::JobKind::CleanupTest as i32;
-                let n = self.release_points(&job.vm_name, test, None).await?;
+                let test = job.kind == JobKind::CleanupTest;
+                let n = self.release_points(job.vm()?, test, None).await?;
                 Ok(format!("{n} point(s) released"))
             }
             "delete-vm" => {
                 let mut deleted = Vec::new();
-                for t in self.test_vms(&job.vm_name)? {
+                for t in self.test_vms(job.vm()?)? {
                     self.backend
                         .delete_vm(&t.region, &t.resource_group, &t.name)?;
                     deleted.push(t.name);
@@ -606,7 +562,7 @@ impl Engine {
 
     async fn transition(
         &self,
-        vm: &str,
+        vm: &VmName,
         to: reg::ReplicationState,
         bump: bool,
         reason: &str,
@@ -625,7 +581,7 @@ impl Engine {
             .map_err(|s| FailoverError::peer("registry", s))
     }
 
-    async fn point(&self, vm: &str, id: &str) -> Result<proc::RecoveryPoint> {
+    async fn point(&self, vm: &VmName, id: &str) -> Result<proc::RecoveryPoint> {
         let mut p = self.processor.clone();
         p.get_recovery_point(proc::GetRecoveryPointRequest {
             vm_name: vm.to_string(),
@@ -635,13 +591,13 @@ impl Engine {
         .map(|r| r.into_inner())
         .map_err(|s| match s.code() {
             tonic::Code::NotFound => FailoverError::NotFound(format!(
-                "VM {vm:?} has no recovery point {id:?} (unknown or expired); see ferry points {vm}"
+                "VM \"{vm}\" has no recovery point {id:?} (unknown or expired); see ferry points {vm}"
             )),
             _ => FailoverError::peer("processor", s),
         })
     }
 
-    async fn newest(&self, vm: &str, kind: proc::PointKind) -> Result<proc::RecoveryPoint> {
+    async fn newest(&self, vm: &VmName, kind: proc::PointKind) -> Result<proc::RecoveryPoint> {
         let mut p = self.processor.clone();
         p.list_recovery_points(proc::ListRecoveryPointsRequest {
             vm_name: vm.to_string(),
@@ -657,7 +613,7 @@ impl Engine {
         .next()
         .ok_or_else(|| {
             FailoverError::NotFound(format!(
-                "VM {vm:?} has no {} recovery point",
+                "VM \"{vm}\" has no {} recovery point",
                 match kind {
                     proc::PointKind::AppConsistent => "app-consistent",
                     proc::PointKind::MultiVm => "multi-VM",
@@ -672,14 +628,16 @@ impl Engine {
         let mut p = self.processor.clone();
         let points = p
             .list_recovery_points(proc::ListRecoveryPointsRequest {
-                vm_name: job.vm_name.clone(),
+                vm_name: job.vm()?.to_string(),
                 ..Default::default()
             })
             .await
             .map_err(|s| FailoverError::peer("processor", s))?
             .into_inner()
             .points;
-        Ok(points.into_iter().find(|p| p.bookmark_id == job.id))
+        Ok(points
+            .into_iter()
+            .find(|p| p.bookmark_id == job.id.as_str()))
     }
 
     /// A planned failover: the agent stops taking writes, sends everything
@@ -699,10 +657,10 @@ impl Engine {
         })?;
         cache
             .send_control(cache::SendControlRequest {
-                vm_name: job.vm_name.clone(),
+                vm_name: job.vm()?.to_string(),
                 control: Some(cache::send_control_request::Control::Stop(cache::Stop {
                     reason: format!("planned failover (job {})", job.id),
-                    final_marker_id: job.id.clone(),
+                    final_marker_id: job.id.to_string(),
                 })),
             })
             .await
@@ -710,7 +668,7 @@ impl Engine {
                 tonic::Code::FailedPrecondition => FailoverError::FailedPrecondition(format!(
                     "the source agent of {:?} is not streaming, so it cannot drain ({}); use an \
                      unplanned failover",
-                    job.vm_name,
+                    job.target(),
                     s.message()
                 )),
                 _ => FailoverError::peer("cache (drain)", s),
@@ -730,9 +688,9 @@ impl Engine {
     }
 
     async fn pin_point(&self, job: &mut JobRecord) -> Result<String> {
-        let vm = job.vm_name.clone();
+        let vm = job.vm()?.clone();
         let mut note = String::new();
-        let planned = job.failover_kind == pb::FailoverKind::Planned as i32;
+        let planned = job.failover_kind == Some(FailoverKind::Planned);
         let point = match job.points.first() {
             // Resumed: the same point again.
             Some(used) => self.point(&vm, &used.point_id).await?,
@@ -751,13 +709,13 @@ impl Engine {
                     let cut = tokio::time::timeout(
                         LATEST_BOUND,
                         p.cut_recovery_point(proc::CutRecoveryPointRequest {
-                            vm_name: vm.clone(),
+                            vm_name: vm.to_string(),
                         }),
                     )
                     .await;
                     match cut {
                         Ok(Ok(point)) => point.into_inner(),
-                        Ok(Err(s)) if job.failover_kind == pb::FailoverKind::Test as i32 => {
+                        Ok(Err(s)) if job.is_test() => {
                             return Err(FailoverError::peer("processor (latest)", s))
                         }
                         outcome => {
@@ -776,16 +734,17 @@ impl Engine {
         };
         let mut p = self.processor.clone();
         p.pin_recovery_point(proc::PinRecoveryPointRequest {
-            vm_name: vm.clone(),
+            vm_name: vm.to_string(),
             point_id: point.id.clone(),
-            holder: job.id.clone(),
+            holder: job.id.to_string(),
         })
         .await
         .map_err(|s| FailoverError::peer("processor (pin)", s))?;
         let time_nanos = point
             .time
-            .map(|t| t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64)
-            .unwrap_or(0);
+            .as_ref()
+            .and_then(UnixNanos::from_timestamp)
+            .unwrap_or_default();
         if job.points.is_empty() {
             job.points.push(Used {
                 vm_name: vm.clone(),
@@ -795,7 +754,7 @@ impl Engine {
                 data_loss_nanos: if planned {
                     0
                 } else {
-                    unix_nanos_now().saturating_sub(time_nanos)
+                    UnixNanos::now().get().saturating_sub(time_nanos.get())
                 },
             });
             job.bytes_total = point.disks.iter().map(|d| d.size_bytes).sum();
@@ -810,9 +769,9 @@ impl Engine {
     /// item's target network (created with a /24 around the source's first
     /// NIC if missing).
     async fn network(&self, job: &JobRecord) -> Result<(inventory::Network, inventory::Subnet)> {
-        let item = self.item(&job.vm_name).await?;
+        let item = self.item(job.vm()?).await?;
         let target = item.target.clone().unwrap_or_default();
-        let net = if job.failover_kind == pb::FailoverKind::Test as i32 {
+        let net = if job.is_test() {
             self.backend
                 .network(&target.region, &job.test_network)?
                 .ok_or_else(|| {
@@ -846,7 +805,7 @@ impl Engine {
                 }
             }
         };
-        let subnet = if job.failover_kind == pb::FailoverKind::Test as i32 {
+        let subnet = if job.is_test() {
             net.subnets.first().cloned()
         } else {
             net.subnets
@@ -868,7 +827,7 @@ impl Engine {
         job: &JobRecord,
         item: &reg::ProtectedItem,
     ) -> (String, Vec<(String, String)>) {
-        let test = job.failover_kind == pb::FailoverKind::Test as i32;
+        let test = job.is_test();
         let suffix = if test { "-test" } else { "" };
         let target = item.target.clone().unwrap_or_default();
         let disks = item
@@ -891,14 +850,14 @@ impl Engine {
     }
 
     async fn materialize(&self, job: &mut JobRecord) -> Result<String> {
-        let item = self.item(&job.vm_name).await?;
+        let item = self.item(job.vm()?).await?;
         let target = item.target.clone().unwrap_or_default();
         let used = job
             .points
             .first()
             .cloned()
             .ok_or_else(|| FailoverError::Corrupt("no point pinned".into()))?;
-        let point = self.point(&job.vm_name, &used.point_id).await?;
+        let point = self.point(job.vm()?, &used.point_id).await?;
         let (_, names) = self.target_names(job, &item);
         job.bytes_done = 0;
         job.bytes_total = point.disks.iter().map(|d| d.size_bytes).sum();
@@ -912,21 +871,24 @@ impl Engine {
                 .iter()
                 .find(|(id, _)| *id == disk.disk_id)
                 .map(|(_, n)| n.clone())
-                .unwrap_or_else(|| format!("{}-{}", job.vm_name, disk.disk_id));
+                .unwrap_or_else(|| format!("{}-{}", job.target(), disk.disk_id));
             // Never replace a disk another VM's failover made.
             let place = self
                 .backend
                 .disk_path(&target.region, &target.resource_group, &name);
-            if let Some(owner) = self
-                .backend
-                .vms()?
-                .into_iter()
-                .find(|v| v.source_vm != job.vm_name && v.disks.iter().any(|d| d.path == place))
+            if let Some(owner) =
+                self.backend.vms()?.into_iter().find(|v| {
+                    v.source_vm != job.target() && v.disks.iter().any(|d| d.path == place)
+                })
             {
                 return Err(FailoverError::AlreadyExists(format!(
                     "target disk {name:?} in {}/{} belongs to VM {:?} (failed over from {:?}); \
                      VM {:?} cannot use it",
-                    target.region, target.resource_group, owner.name, owner.source_vm, job.vm_name
+                    target.region,
+                    target.resource_group,
+                    owner.name,
+                    owner.source_vm,
+                    job.target()
                 )));
             }
             let path = self.backend.prepare_disk(
@@ -939,7 +901,7 @@ impl Engine {
             let mut p = self.processor.clone();
             let mut extents = p
                 .read_disk(proc::ReadDiskRequest {
-                    vm_name: job.vm_name.clone(),
+                    vm_name: job.vm()?.to_string(),
                     point_id: point.id.clone(),
                     disk_id: disk.disk_id.clone(),
                     offset: 0,
@@ -1030,7 +992,7 @@ impl Engine {
         let mut p = self.processor.clone();
         let want = p
             .get_disk_digest(proc::GetDiskDigestRequest {
-                vm_name: job.vm_name.clone(),
+                vm_name: job.vm()?.to_string(),
                 point_id: point_id.to_string(),
                 disk_id: disk.disk_id.clone(),
             })
@@ -1064,9 +1026,9 @@ impl Engine {
                 path.display()
             )));
         }
-        tracing::info!(vm = %job.vm_name, disk = %disk.disk_id, point = point_id, sha256 = %got_hex, "disk verified end to end");
+        tracing::info!(vm = %job.target(), disk = %disk.disk_id, point = point_id, sha256 = %got_hex, "disk verified end to end");
         Ok(Verified {
-            vm_name: job.vm_name.clone(),
+            vm_name: job.vm()?.clone(),
             disk_id: disk.disk_id.clone(),
             point_id: point_id.to_string(),
             path: path.display().to_string(),
@@ -1077,17 +1039,17 @@ impl Engine {
     }
 
     async fn create_vm(&self, job: &mut JobRecord) -> Result<String> {
-        let item = self.item(&job.vm_name).await?;
+        let item = self.item(job.vm()?).await?;
         let target = item.target.clone().unwrap_or_default();
         let (net, subnet) = self.network(job).await?;
         let (name, disk_names) = self.target_names(job, &item);
         let used = job.points.first().cloned().unwrap_or(Used {
-            vm_name: job.vm_name.clone(),
+            vm_name: job.vm()?.clone(),
             point_id: String::new(),
-            time_nanos: 0,
+            time_nanos: UnixNanos(0),
             data_loss_nanos: 0,
         });
-        let point = self.point(&job.vm_name, &used.point_id).await?;
+        let point = self.point(job.vm()?, &used.point_id).await?;
         // Addresses other VMs hold in this subnet.
         let mut taken: Vec<String> = self
             .backend
@@ -1162,14 +1124,14 @@ impl Engine {
             region: target.region.clone(),
             resource_group: target.resource_group.clone(),
             name: name.clone(),
-            source_vm: job.vm_name.clone(),
+            source_vm: job.target().to_string(),
             virtual_network: net.name.clone(),
             availability_set: target.availability_set.clone(),
             nics,
             disks,
             point_id: point.id.clone(),
-            test: job.failover_kind == pb::FailoverKind::Test as i32,
-            job_id: job.id.clone(),
+            test: job.is_test(),
+            job_id: job.id.to_string(),
             created_nanos: unix_nanos_now(),
         };
         let ips: Vec<String> = vm.nics.iter().map(|n| n.private_ip.clone()).collect();
@@ -1184,24 +1146,21 @@ impl Engine {
 
     /// Unpins the points this VM's earlier failover jobs pinned (test ones,
     /// or the others), except `keep`'s; how many.
-    async fn release_points(&self, vm: &str, test: bool, keep: Option<&str>) -> Result<usize> {
+    async fn release_points(&self, vm: &VmName, test: bool, keep: Option<&JobId>) -> Result<usize> {
         let mut n = 0;
-        for job in self.jobs.list(Some(vm), usize::MAX)? {
-            let is_test = job.failover_kind == pb::FailoverKind::Test as i32;
-            if job.kind != pb::JobKind::Failover as i32
-                || is_test != test
-                || Some(job.id.as_str()) == keep
-            {
+        for job in self.jobs.list(Some(vm.as_str()), usize::MAX)? {
+            let is_test = job.is_test();
+            if job.kind != JobKind::Failover || is_test != test || Some(&job.id) == keep {
                 continue;
             }
             // A group job's points are its members'; only this VM's here.
-            for used in job.points.iter().filter(|u| u.vm_name == vm) {
+            for used in job.points.iter().filter(|u| u.vm_name == *vm) {
                 let mut p = self.processor.clone();
                 match p
                     .unpin_recovery_point(proc::UnpinRecoveryPointRequest {
                         vm_name: vm.to_string(),
                         point_id: used.point_id.clone(),
-                        holder: job.id.clone(),
+                        holder: job.id.to_string(),
                     })
                     .await
                 {

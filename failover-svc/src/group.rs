@@ -11,14 +11,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_proto::failover::v1 as pb;
+use ferry_proto::ids::{UnixNanos, VmName};
 use ferry_proto::processor::v1 as proc;
 use ferry_proto::registry::v1 as reg;
-use ferry_runtime::time::unix_nanos_now;
 
 use crate::engine::{steps, Engine};
 use crate::error::FailoverError;
-use crate::jobs::{Choice, JobRecord, MemberJob, Used};
+use crate::jobs::{Choice, FailoverKind, JobKind, JobRecord, JobState, MemberJob, Used};
 
 type Result<T> = std::result::Result<T, FailoverError>;
 
@@ -82,26 +81,33 @@ impl Engine {
     }
 
     /// A group's members, or FAILED_PRECONDITION if it has none.
-    async fn members(&self, group: &str) -> Result<Vec<String>> {
+    async fn members(&self, group: &str) -> Result<Vec<VmName>> {
         let g = self.group(group).await?;
         if g.members.is_empty() {
             return Err(FailoverError::FailedPrecondition(format!(
                 "replication group {group:?} has no members"
             )));
         }
-        Ok(g.members)
+        g.members
+            .into_iter()
+            .map(|m| {
+                VmName::parse(m).map_err(|e| {
+                    FailoverError::Unavailable(format!("registry's group {group:?}: {e}"))
+                })
+            })
+            .collect()
     }
 
     /// Validates a group failover and starts its job.
     pub(crate) async fn start_group_failover(
         self: &Arc<Self>,
         group: String,
-        kind: pb::FailoverKind,
+        kind: FailoverKind,
         choice: Option<Choice>,
         test_network: String,
         request_id: String,
     ) -> Result<JobRecord> {
-        let planned = kind == pb::FailoverKind::Planned;
+        let planned = kind == FailoverKind::Planned;
         if planned && self.cache.is_none() {
             return Err(FailoverError::FailedPrecondition(
                 "failover-svc was started without --cache: a planned failover needs the source \
@@ -136,10 +142,7 @@ impl Engine {
         if planned {
             jobs = members
                 .iter()
-                .map(|vm| MemberJob {
-                    vm_name: vm.clone(),
-                    ..MemberJob::default()
-                })
+                .map(|vm| MemberJob::new(vm.clone(), String::new()))
                 .collect();
         } else {
             let point = self.group_point(&group, &choice).await?;
@@ -147,53 +150,45 @@ impl Engine {
                 let p = point
                     .points
                     .iter()
-                    .find(|p| &p.vm_name == vm)
+                    .find(|p| p.vm_name == vm.as_str())
                     .ok_or_else(|| {
                         FailoverError::NotFound(format!(
-                            "VM {vm:?} has no point at bookmark {:?}",
+                            "VM \"{vm}\" has no point at bookmark {:?}",
                             point.bookmark_id
                         ))
                     })?;
-                jobs.push(MemberJob {
-                    vm_name: vm.clone(),
-                    point_id: p.id.clone(),
-                    job_id: String::new(),
-                });
+                jobs.push(MemberJob::new(vm.clone(), p.id.clone()));
                 let time_nanos = p
                     .time
                     .as_ref()
-                    .map(|t| t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64)
-                    .unwrap_or(0);
+                    .and_then(UnixNanos::from_timestamp)
+                    .unwrap_or_default();
                 used.push(Used {
                     vm_name: vm.clone(),
                     point_id: p.id.clone(),
                     time_nanos,
-                    data_loss_nanos: unix_nanos_now().saturating_sub(time_nanos),
+                    data_loss_nanos: UnixNanos::now().get().saturating_sub(time_nanos.get()),
                 });
             }
             bookmark = Choice::Point(point.bookmark_id.clone());
         }
-        let job = JobRecord {
-            id: self.jobs.new_id()?,
-            kind: pb::JobKind::Failover as i32,
-            failover_kind: kind as i32,
-            choice: bookmark,
-            test_network,
-            state: pb::JobState::Queued as i32,
-            steps: steps(GROUP_STEPS),
+        let mut job = JobRecord::new(
+            self.jobs.new_id()?,
+            JobKind::Failover,
+            Some(kind),
+            steps(GROUP_STEPS),
             request_id,
-            created_nanos: unix_nanos_now(),
-            group,
-            members: jobs,
-            ..JobRecord::default()
-        };
+        );
+        job.choice = bookmark;
+        job.test_network = test_network;
+        job.group = group;
+        job.members = jobs;
         // The group job pins every member's point before any member job
         // starts, so retention cannot take one away half way through; the
         // pins go when the group is committed or failed over again (as the
         // member jobs' own).
-        let mut job = job;
         for u in used {
-            if let Err(e) = self.pin(&u.vm_name, &u.point_id, &job.id).await {
+            if let Err(e) = self.pin(&u.vm_name, &u.point_id, job.id.as_str()).await {
                 self.unpin_all(&job).await;
                 return Err(e);
             }
@@ -208,7 +203,7 @@ impl Engine {
         }
     }
 
-    async fn pin(&self, vm: &str, point: &str, holder: &str) -> Result<()> {
+    async fn pin(&self, vm: &VmName, point: &str, holder: &str) -> Result<()> {
         let mut p = self.processor.clone();
         p.pin_recovery_point(proc::PinRecoveryPointRequest {
             vm_name: vm.to_string(),
@@ -219,7 +214,7 @@ impl Engine {
         .map(|_| ())
         .map_err(|s| match s.code() {
             tonic::Code::NotFound => FailoverError::NotFound(format!(
-                "VM {vm:?} no longer has point {point:?} (expired); try again"
+                "VM \"{vm}\" no longer has point {point:?} (expired); try again"
             )),
             _ => FailoverError::peer("processor (pin)", s),
         })
@@ -231,9 +226,9 @@ impl Engine {
             let mut p = self.processor.clone();
             let _ = p
                 .unpin_recovery_point(proc::UnpinRecoveryPointRequest {
-                    vm_name: used.vm_name.clone(),
+                    vm_name: used.vm_name.to_string(),
                     point_id: used.point_id.clone(),
-                    holder: job.id.clone(),
+                    holder: job.id.to_string(),
                 })
                 .await;
         }
@@ -253,12 +248,12 @@ impl Engine {
             let item = self.item(vm).await?;
             if item.state() != reg::ReplicationState::FailedOver {
                 return Err(FailoverError::FailedPrecondition(format!(
-                    "VM {vm:?} of replication group {group:?} is not failed over: only a \
+                    "VM \"{vm}\" of replication group {group:?} is not failed over: only a \
                      failed-over group can be committed"
                 )));
             }
         }
-        self.group_job(pb::JobKind::Commit, group, members, request_id)
+        self.group_job(JobKind::Commit, group, members, request_id)
             .await
     }
 
@@ -283,34 +278,29 @@ impl Engine {
                 "replication group {group:?} has no test failover to clean up"
             )));
         }
-        self.group_job(pb::JobKind::CleanupTest, group, with_tests, request_id)
+        self.group_job(JobKind::CleanupTest, group, with_tests, request_id)
             .await
     }
 
     async fn group_job(
         self: &Arc<Self>,
-        kind: pb::JobKind,
+        kind: JobKind,
         group: String,
-        members: Vec<String>,
+        members: Vec<VmName>,
         request_id: String,
     ) -> Result<JobRecord> {
-        let job = JobRecord {
-            id: self.jobs.new_id()?,
-            kind: kind as i32,
-            state: pb::JobState::Queued as i32,
-            steps: steps(GROUP_STEPS),
+        let mut job = JobRecord::new(
+            self.jobs.new_id()?,
+            kind,
+            None,
+            steps(GROUP_STEPS),
             request_id,
-            created_nanos: unix_nanos_now(),
-            group,
-            members: members
-                .into_iter()
-                .map(|vm_name| MemberJob {
-                    vm_name,
-                    ..MemberJob::default()
-                })
-                .collect(),
-            ..JobRecord::default()
-        };
+        );
+        job.group = group;
+        job.members = members
+            .into_iter()
+            .map(|vm| MemberJob::new(vm, String::new()))
+            .collect();
         self.admit(job).await
     }
 
@@ -322,34 +312,38 @@ impl Engine {
             }
             let m = job.members[i].clone();
             let key = format!("{}/{}", job.id, m.vm_name);
-            let started = if job.kind == pb::JobKind::Commit as i32 {
-                self.commit(m.vm_name.clone(), key).await
-            } else if job.kind == pb::JobKind::CleanupTest as i32 {
-                self.cleanup_test(m.vm_name.clone(), key).await
-            } else {
-                let kind = pb::FailoverKind::try_from(job.failover_kind)
-                    .unwrap_or(pb::FailoverKind::Unplanned);
-                // A planned member job drains its VM and takes its final
-                // point; the others go to their point at the bookmark.
-                let choice = if m.point_id.is_empty() {
-                    Choice::Latest
-                } else {
-                    Choice::Point(m.point_id.clone())
-                };
-                self.start_vm_failover(
-                    m.vm_name.clone(),
-                    kind,
-                    choice,
-                    job.test_network.clone(),
-                    key,
-                    true,
-                )
-                .await
+            let started = match (job.kind, job.failover_kind) {
+                (JobKind::Commit, _) => self.commit(m.vm_name.clone(), key).await,
+                (JobKind::CleanupTest, _) => self.cleanup_test(m.vm_name.clone(), key).await,
+                (JobKind::Failover, None) => {
+                    return Err(FailoverError::Corrupt(format!(
+                        "group job {} has no failover kind",
+                        job.id
+                    )))
+                }
+                (JobKind::Failover, Some(kind)) => {
+                    // A planned member job drains its VM and takes its final
+                    // point; the others go to their point at the bookmark.
+                    let choice = if m.point_id.is_empty() {
+                        Choice::Latest
+                    } else {
+                        Choice::Point(m.point_id.clone())
+                    };
+                    self.start_vm_failover(
+                        m.vm_name.clone(),
+                        kind,
+                        choice,
+                        job.test_network.clone(),
+                        key,
+                        true,
+                    )
+                    .await
+                }
             };
             let member = started.map_err(|e| {
-                FailoverError::FailedPrecondition(format!("VM {:?}: {e}", m.vm_name))
+                FailoverError::FailedPrecondition(format!("VM {:?}: {e}", m.vm_name.as_str()))
             })?;
-            job.members[i].job_id = member.id;
+            job.members[i].job_id = member.id.to_string();
             self.jobs.save(job)?;
         }
         Ok(format!("{} member job(s)", job.members.len()))
@@ -364,11 +358,13 @@ impl Engine {
                 let member = self.jobs.get(&m.job_id)?.ok_or_else(|| {
                     FailoverError::Corrupt(format!("member job {} is missing", m.job_id))
                 })?;
-                if member.state == pb::JobState::Failed as i32 {
+                if member.state == JobState::Failed {
                     self.unpin_all(job).await;
                     return Err(FailoverError::FailedPrecondition(format!(
                         "VM {:?} (job {}): {}",
-                        m.vm_name, member.id, member.error
+                        m.vm_name.as_str(),
+                        member.id,
+                        member.error
                     )));
                 }
                 let live = self.jobs.live(&member);

@@ -10,6 +10,7 @@ pub mod error;
 pub mod group;
 pub mod inventory;
 pub mod jobs;
+pub mod requests;
 pub mod service;
 pub mod verify;
 
