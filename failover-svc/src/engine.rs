@@ -9,6 +9,15 @@
 //!   Failing over again before commit changes the recovery point.
 //! - Commit: validate, commit-registry (COMMITTED), release-points.
 //! - Cleanup of a test failover: validate, delete-vm, release-points.
+//!
+//! Persistence: a step runs only after the job's record says it is running,
+//! and the next one only after this one's outcome is on disk. A save that
+//! fails stops the job at once, before any further step: it is then stored
+//! as failed (its error says what could not be persisted) if storage takes
+//! that write, else it stays as last stored and resumes at its first
+//! unfinished step after a restart (steps are idempotent). Either way the
+//! error is logged and watchers see the job stopped with it. A failed
+//! progress save inside a step fails that step.
 
 use std::collections::HashSet;
 use std::os::unix::fs::FileExt;
@@ -439,36 +448,42 @@ impl Engine {
 
     async fn run(self: Arc<Self>, mut job: JobRecord) {
         // What `busy` holds for this job.
-        let vm = busy_key(&job);
+        let key = busy_key(&job);
+        self.run_steps(&mut job).await;
+        self.release(&key);
+    }
+
+    /// Runs the job's unfinished steps in order; returns when it has ended,
+    /// failed, is stopping, or cannot be persisted.
+    async fn run_steps(self: &Arc<Self>, job: &mut JobRecord) {
         job.state = JobState::Running;
-        let _ = self.jobs.save(&job);
+        if let Err(e) = self.jobs.save(job) {
+            return self.unpersisted(job, None, "start", e);
+        }
         for i in 0..job.steps.len() {
             if job.steps[i].state == JobState::Succeeded {
                 continue;
             }
             if self.shutdown.is_cancelled() {
                 // Resumed at this step after the restart.
-                self.release(&vm);
                 return;
             }
             job.steps[i].state = JobState::Running;
-            let _ = self.jobs.save(&job);
             let name = job.steps[i].name.clone();
+            if let Err(e) = self.jobs.save(job) {
+                return self.unpersisted(job, Some(i), &format!("start of {name}"), e);
+            }
             let outcome = tokio::select! {
-                _ = self.shutdown.cancelled() => {
-                    self.release(&vm);
-                    return;
-                }
-                outcome = self.step(&name, &mut job) => outcome,
+                _ = self.shutdown.cancelled() => return,
+                outcome = self.step(&name, job) => outcome,
             };
             match outcome {
                 Ok(message) => {
                     job.steps[i].state = JobState::Succeeded;
                     job.steps[i].message = message;
-                    if let Err(e) = self.jobs.save(&job) {
-                        tracing::error!(job = %job.id, error = %e, "cannot save the job");
-                        self.release(&vm);
-                        return;
+                    // The next step runs only once this one's outcome is on disk.
+                    if let Err(e) = self.jobs.save(job) {
+                        return self.unpersisted(job, Some(i), &format!("outcome of {name}"), e);
                     }
                 }
                 Err(e) => {
@@ -478,17 +493,45 @@ impl Engine {
                     job.state = JobState::Failed;
                     job.error = format!("{name}: {e}");
                     job.finished_nanos = UnixNanos::now();
-                    let _ = self.jobs.save(&job);
-                    self.release(&vm);
+                    if let Err(e) = self.jobs.save(job) {
+                        // Stored as it was: a restart runs the step again.
+                        tracing::error!(job = %job.id, step = %name, error = %e,
+                            "cannot persist the job's failure; it resumes at this step after a restart");
+                        self.jobs.publish(job);
+                    }
                     return;
                 }
             }
         }
         job.state = JobState::Succeeded;
         job.finished_nanos = UnixNanos::now();
-        let _ = self.jobs.save(&job);
-        tracing::info!(job = %job.id, vm = %vm, "job succeeded");
-        self.release(&vm);
+        if let Err(e) = self.jobs.save(job) {
+            // Every step's outcome is stored: a restart only marks it ended.
+            tracing::error!(job = %job.id, error = %e,
+                "cannot persist the job's success; a restart ends it");
+            self.jobs.publish(job);
+        }
+        tracing::info!(job = %job.id, target = %job.target(), "job succeeded");
+    }
+
+    /// A save failed (`what` it was to persist): the job stops here, before
+    /// any further step. It is recorded as failed if storage lets us; else
+    /// it stays as last stored, to resume at its first unfinished step after
+    /// a restart. Either way watchers see it stopped, with the error.
+    fn unpersisted(&self, job: &mut JobRecord, step: Option<usize>, what: &str, e: FailoverError) {
+        tracing::error!(job = %job.id, error = %e, "cannot persist the {what}; the job stops");
+        if let Some(step) = step.and_then(|i| job.steps.get_mut(i)) {
+            step.state = JobState::Failed;
+            step.message = format!("not persisted: {e}");
+        }
+        job.state = JobState::Failed;
+        job.error = format!("cannot persist the {what}: {e}");
+        job.finished_nanos = UnixNanos::now();
+        if let Err(again) = self.jobs.save(job) {
+            tracing::error!(job = %job.id, error = %again,
+                "cannot persist the job as failed either; it resumes after a restart");
+            self.jobs.publish(job);
+        }
     }
 
     async fn step(self: &Arc<Self>, name: &str, job: &mut JobRecord) -> Result<String> {
