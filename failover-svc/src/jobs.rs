@@ -18,6 +18,7 @@ use ferry_proto::ids::{JobId, UnixNanos, VmName};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::sync::watch;
 
+use crate::engine::steps::Step;
 use crate::error::FailoverError;
 
 type Result<T> = std::result::Result<T, FailoverError>;
@@ -188,12 +189,27 @@ pub enum Choice {
     Point(String),
 }
 
-/// One step.
+/// One step of a job and where it is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Step {
-    pub name: String,
+pub struct StepRecord {
+    #[serde(rename = "name")]
+    pub step: Step,
     pub state: JobState,
     pub message: String,
+}
+
+impl StepRecord {
+    /// Steps not started yet.
+    pub fn queued(steps: &[Step]) -> Vec<StepRecord> {
+        steps
+            .iter()
+            .map(|&step| StepRecord {
+                step,
+                state: JobState::Queued,
+                message: String::new(),
+            })
+            .collect()
+    }
 }
 
 /// The point a failover used. Point ids are kept as the processor wrote
@@ -253,7 +269,7 @@ pub struct JobRecord {
     pub choice: Choice,
     pub test_network: String,
     pub state: JobState,
-    pub steps: Vec<Step>,
+    pub steps: Vec<StepRecord>,
     pub bytes_done: u64,
     pub bytes_total: u64,
     pub points: Vec<Used>,
@@ -282,7 +298,7 @@ impl JobRecord {
         id: JobId,
         kind: JobKind,
         failover_kind: Option<FailoverKind>,
-        steps: Vec<Step>,
+        steps: &[Step],
         request_id: String,
     ) -> JobRecord {
         JobRecord {
@@ -293,7 +309,7 @@ impl JobRecord {
             choice: Choice::LatestProcessed,
             test_network: String::new(),
             state: JobState::Queued,
-            steps,
+            steps: StepRecord::queued(steps),
             bytes_done: 0,
             bytes_total: 0,
             points: Vec::new(),
@@ -546,6 +562,7 @@ mod tests {
         assert_eq!(job.state, JobState::Running);
         assert_eq!(job.steps[0].state, JobState::Succeeded);
         assert_eq!(job.steps[1].state, JobState::Queued);
+        assert_eq!(job.steps[1].step, Step::Fence);
         assert_eq!(job.points[0].time_nanos, UnixNanos(5));
         assert_eq!(jobs.unfinished().unwrap(), vec![job.clone()]);
         // A commit stored its unset failover kind as 0.
@@ -590,6 +607,8 @@ mod tests {
             legacy("1", "3", "2").replace(r#""state":3"#, r#""state":5"#),
             // A commit that claims a failover kind is damaged too.
             legacy("2", "3", "2"),
+            // A step no version of failover-svc had.
+            legacy("1", "3", "2").replace(r#""fence""#, r#""reboot""#),
         ];
         for (i, record) in cases.iter().enumerate() {
             store(&jobs, "job-x", record);
@@ -608,14 +627,11 @@ mod tests {
             jobs.new_id().unwrap(),
             JobKind::Failover,
             Some(FailoverKind::Unplanned),
-            vec![Step {
-                name: "fence".into(),
-                state: JobState::Running,
-                message: String::new(),
-            }],
+            &[Step::Fence],
             "key".into(),
         );
         job.vm_name = Some(VmName::parse("vm").unwrap());
+        job.steps[0].state = JobState::Running;
         jobs.insert(&job).unwrap();
         let stored = jobs.jobs.get(job.id.as_str()).unwrap().unwrap();
         let text = String::from_utf8_lossy(&stored).to_string();

@@ -175,7 +175,7 @@ impl From<&JobRecord> for pb::Job {
                 .steps
                 .iter()
                 .map(|s| pb::JobStep {
-                    name: s.name.clone(),
+                    name: s.step.name().to_string(),
                     state: state(s.state),
                     message: s.message.clone(),
                 })
