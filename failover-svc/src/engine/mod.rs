@@ -32,6 +32,9 @@
 pub mod peers;
 pub mod steps;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
