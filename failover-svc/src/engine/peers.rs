@@ -18,6 +18,8 @@ use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::PeerChannel;
 use tokio_stream::{Stream, StreamExt};
 
+/// Registry's lifecycle states: the generated enum itself (a Rust enum,
+/// checked on receipt; an unknown number is refused), not a raw i32.
 pub use reg::ReplicationState;
 
 use crate::error::FailoverError;
@@ -26,7 +28,7 @@ type Result<T> = std::result::Result<T, FailoverError>;
 
 /// Where a protected VM fails over to.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Target {
+pub struct TargetResources {
     pub region: String,
     pub resource_group: String,
     pub virtual_network: String,
@@ -50,7 +52,7 @@ pub struct Item {
     pub state: ReplicationState,
     /// Empty when the VM is in no group.
     pub replication_group: String,
-    pub target: Target,
+    pub target: TargetResources,
     /// The source VM's disk ids, in its order.
     pub source_disks: Vec<String>,
     pub source_nics: Vec<SourceNic>,
@@ -200,7 +202,7 @@ fn item(i: reg::ProtectedItem) -> Result<Item> {
         vm_name,
         state,
         replication_group: i.replication_group,
-        target: Target {
+        target: TargetResources {
             region: t.region,
             resource_group: t.resource_group,
             virtual_network: t.virtual_network,

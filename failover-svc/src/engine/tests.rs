@@ -15,14 +15,14 @@ use tonic::Status;
 
 use super::peers::{
     Digest, Extent, Extents, Group, GroupPoint, Item, Peers, Point, PointDisk, PointKind,
-    ReplicationState, SourceNic, Target,
+    ReplicationState, SourceNic, TargetResources,
 };
 use super::steps::Step;
 use super::Engine;
 use crate::error::FailoverError;
 use crate::inventory::{LocalBackend, Network, Subnet};
 use crate::jobs::{Choice, FailoverKind, JobRecord, JobState, Jobs};
-use crate::requests::{FailoverRequest, Target as RequestTarget};
+use crate::requests::{FailoverRequest, Target};
 
 type Result<T> = std::result::Result<T, FailoverError>;
 
@@ -93,7 +93,7 @@ impl Fake {
                     vm_name: vm(),
                     state: ReplicationState::Protected,
                     replication_group: String::new(),
-                    target: Target {
+                    target: TargetResources {
                         region: "westus".into(),
                         resource_group: "rg".into(),
                         virtual_network: "vnet".into(),
@@ -332,7 +332,7 @@ async fn ended(engine: &Engine, job: &JobRecord) -> JobRecord {
 
 fn failover(kind: FailoverKind, choice: Choice, network: &str) -> FailoverRequest {
     FailoverRequest {
-        target: RequestTarget::Vm(vm()),
+        target: Target::Vm(vm()),
         kind,
         choice: Some(choice),
         test_network: network.into(),
