@@ -55,6 +55,22 @@ impl FailoverError {
             status,
         }
     }
+
+    /// The status code a peer refused with, if this is a peer's refusal.
+    pub(crate) fn peer_code(&self) -> Option<tonic::Code> {
+        match self {
+            FailoverError::Peer { status, .. } => Some(status.code()),
+            _ => None,
+        }
+    }
+
+    /// The peer's own message, or this error's.
+    pub(crate) fn peer_message(&self) -> String {
+        match self {
+            FailoverError::Peer { status, .. } => status.message().to_string(),
+            other => other.to_string(),
+        }
+    }
 }
 
 impl From<FailoverError> for Status {

@@ -9,59 +9,45 @@
 //! group job never starts a member twice.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use ferry_proto::failover::v1 as pb;
-use ferry_proto::processor::v1 as proc;
-use ferry_proto::registry::v1 as reg;
-use ferry_runtime::time::unix_nanos_now;
+use ferry_proto::ids::{JobId, UnixNanos, VmName};
 
+use crate::engine::peers::{Group, GroupPoint, ReplicationState};
 use crate::engine::{steps, Engine};
 use crate::error::FailoverError;
-use crate::jobs::{Choice, JobRecord, MemberJob, Used};
+use crate::jobs::{Choice, FailoverKind, JobKind, JobRecord, MemberJob, Used};
 
 type Result<T> = std::result::Result<T, FailoverError>;
 
-const GROUP_STEPS: &[&str] = &["validate", "member-jobs", "members-done"];
-
 impl Engine {
     /// A replication group as registry has it.
-    pub(crate) async fn group(&self, name: &str) -> Result<reg::ReplicationGroup> {
+    pub(crate) async fn group(&self, name: &str) -> Result<Group> {
         if name.is_empty() {
             return Err(FailoverError::InvalidArgument(
                 "replication_group is empty".into(),
             ));
         }
-        let mut registry = self.registry.clone();
-        registry
-            .get_replication_group(reg::GetReplicationGroupRequest {
-                name: name.to_string(),
-            })
+        self.peers
+            .group(name)
             .await
-            .map(|r| r.into_inner())
-            .map_err(|s| match s.code() {
-                tonic::Code::NotFound => {
+            .map_err(|e| match e.peer_code() {
+                Some(tonic::Code::NotFound) => {
                     FailoverError::NotFound(format!("replication group {name:?} does not exist"))
                 }
-                _ => FailoverError::peer("registry", s),
+                _ => e,
             })
     }
 
     /// The group point `choice` names: the newest, or the one of a bookmark.
-    async fn group_point(&self, group: &str, choice: &Choice) -> Result<proc::GroupPoint> {
-        let mut p = self.processor.clone();
-        let points = p
-            .list_group_points(proc::ListGroupPointsRequest {
-                replication_group: group.to_string(),
-                limit: 0,
-            })
+    async fn group_point(&self, group: &str, choice: &Choice) -> Result<GroupPoint> {
+        let points = self
+            .peers
+            .group_points(group)
             .await
-            .map_err(|s| match s.code() {
-                tonic::Code::NotFound => FailoverError::NotFound(s.message().to_string()),
-                _ => FailoverError::peer("processor", s),
-            })?
-            .into_inner()
-            .points;
+            .map_err(|e| match e.peer_code() {
+                Some(tonic::Code::NotFound) => FailoverError::NotFound(e.peer_message()),
+                _ => e,
+            })?;
         match choice {
             Choice::Point(id) => points
                 .into_iter()
@@ -82,27 +68,34 @@ impl Engine {
     }
 
     /// A group's members, or FAILED_PRECONDITION if it has none.
-    async fn members(&self, group: &str) -> Result<Vec<String>> {
+    async fn members(&self, group: &str) -> Result<Vec<VmName>> {
         let g = self.group(group).await?;
         if g.members.is_empty() {
             return Err(FailoverError::FailedPrecondition(format!(
                 "replication group {group:?} has no members"
             )));
         }
-        Ok(g.members)
+        g.members
+            .into_iter()
+            .map(|m| {
+                VmName::parse(m).map_err(|e| {
+                    FailoverError::Unavailable(format!("registry's group {group:?}: {e}"))
+                })
+            })
+            .collect()
     }
 
     /// Validates a group failover and starts its job.
     pub(crate) async fn start_group_failover(
         self: &Arc<Self>,
         group: String,
-        kind: pb::FailoverKind,
+        kind: FailoverKind,
         choice: Option<Choice>,
         test_network: String,
         request_id: String,
     ) -> Result<JobRecord> {
-        let planned = kind == pb::FailoverKind::Planned;
-        if planned && self.cache.is_none() {
+        let planned = kind == FailoverKind::Planned;
+        if planned && !self.peers.has_cache() {
             return Err(FailoverError::FailedPrecondition(
                 "failover-svc was started without --cache: a planned failover needs the source \
                  region's cache; use an unplanned failover"
@@ -136,10 +129,7 @@ impl Engine {
         if planned {
             jobs = members
                 .iter()
-                .map(|vm| MemberJob {
-                    vm_name: vm.clone(),
-                    ..MemberJob::default()
-                })
+                .map(|vm| MemberJob::new(vm.clone(), String::new()))
                 .collect();
         } else {
             let point = self.group_point(&group, &choice).await?;
@@ -147,51 +137,38 @@ impl Engine {
                 let p = point
                     .points
                     .iter()
-                    .find(|p| &p.vm_name == vm)
+                    .find(|p| p.vm_name == vm.as_str())
                     .ok_or_else(|| {
                         FailoverError::NotFound(format!(
-                            "VM {vm:?} has no point at bookmark {:?}",
+                            "VM \"{vm}\" has no point at bookmark {:?}",
                             point.bookmark_id
                         ))
                     })?;
-                jobs.push(MemberJob {
-                    vm_name: vm.clone(),
-                    point_id: p.id.clone(),
-                    job_id: String::new(),
-                });
-                let time_nanos = p
-                    .time
-                    .as_ref()
-                    .map(|t| t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64)
-                    .unwrap_or(0);
+                jobs.push(MemberJob::new(vm.clone(), p.id.clone()));
                 used.push(Used {
                     vm_name: vm.clone(),
                     point_id: p.id.clone(),
-                    time_nanos,
-                    data_loss_nanos: unix_nanos_now().saturating_sub(time_nanos),
+                    time_nanos: p.time,
+                    data_loss_nanos: UnixNanos::now().get().saturating_sub(p.time.get()),
                 });
             }
             bookmark = Choice::Point(point.bookmark_id.clone());
         }
-        let job = JobRecord {
-            id: self.jobs.new_id()?,
-            kind: pb::JobKind::Failover as i32,
-            failover_kind: kind as i32,
-            choice: bookmark,
-            test_network,
-            state: pb::JobState::Queued as i32,
-            steps: steps(GROUP_STEPS),
+        let mut job = JobRecord::new(
+            self.jobs.new_id()?,
+            JobKind::Failover,
+            Some(kind),
+            steps::GROUP,
             request_id,
-            created_nanos: unix_nanos_now(),
-            group,
-            members: jobs,
-            ..JobRecord::default()
-        };
+        );
+        job.choice = bookmark;
+        job.test_network = test_network;
+        job.group = group;
+        job.members = jobs;
         // The group job pins every member's point before any member job
         // starts, so retention cannot take one away half way through; the
         // pins go when the group is committed or failed over again (as the
         // member jobs' own).
-        let mut job = job;
         for u in used {
             if let Err(e) = self.pin(&u.vm_name, &u.point_id, &job.id).await {
                 self.unpin_all(&job).await;
@@ -208,34 +185,30 @@ impl Engine {
         }
     }
 
-    async fn pin(&self, vm: &str, point: &str, holder: &str) -> Result<()> {
-        let mut p = self.processor.clone();
-        p.pin_recovery_point(proc::PinRecoveryPointRequest {
-            vm_name: vm.to_string(),
-            point_id: point.to_string(),
-            holder: holder.to_string(),
-        })
-        .await
-        .map(|_| ())
-        .map_err(|s| match s.code() {
-            tonic::Code::NotFound => FailoverError::NotFound(format!(
-                "VM {vm:?} no longer has point {point:?} (expired); try again"
-            )),
-            _ => FailoverError::peer("processor (pin)", s),
-        })
+    async fn pin(&self, vm: &VmName, point: &str, holder: &JobId) -> Result<()> {
+        self.peers
+            .pin(vm, point, holder)
+            .await
+            .map_err(|e| match e.peer_code() {
+                Some(tonic::Code::NotFound) => FailoverError::NotFound(format!(
+                    "VM \"{vm}\" no longer has point {point:?} (expired); try again"
+                )),
+                _ => e,
+            })
     }
 
-    /// Best effort: the group job's own pins.
-    async fn unpin_all(&self, job: &JobRecord) {
+    /// Best effort: the group job's own pins (retention takes a point
+    /// left pinned only when a later commit or failover releases it).
+    pub(crate) async fn unpin_all(&self, job: &JobRecord) {
         for used in &job.points {
-            let mut p = self.processor.clone();
-            let _ = p
-                .unpin_recovery_point(proc::UnpinRecoveryPointRequest {
-                    vm_name: used.vm_name.clone(),
-                    point_id: used.point_id.clone(),
-                    holder: job.id.clone(),
-                })
-                .await;
+            if let Err(e) = self
+                .peers
+                .unpin(&used.vm_name, &used.point_id, &job.id)
+                .await
+            {
+                tracing::warn!(job = %job.id, vm = %used.vm_name, point = %used.point_id,
+                    error = %e, "cannot unpin the group job's point");
+            }
         }
     }
 
@@ -251,14 +224,14 @@ impl Engine {
         let members = self.members(&group).await?;
         for vm in &members {
             let item = self.item(vm).await?;
-            if item.state() != reg::ReplicationState::FailedOver {
+            if item.state != ReplicationState::FailedOver {
                 return Err(FailoverError::FailedPrecondition(format!(
-                    "VM {vm:?} of replication group {group:?} is not failed over: only a \
+                    "VM \"{vm}\" of replication group {group:?} is not failed over: only a \
                      failed-over group can be committed"
                 )));
             }
         }
-        self.group_job(pb::JobKind::Commit, group, members, request_id)
+        self.group_job(JobKind::Commit, group, members, request_id)
             .await
     }
 
@@ -283,119 +256,23 @@ impl Engine {
                 "replication group {group:?} has no test failover to clean up"
             )));
         }
-        self.group_job(pb::JobKind::CleanupTest, group, with_tests, request_id)
+        self.group_job(JobKind::CleanupTest, group, with_tests, request_id)
             .await
     }
 
     async fn group_job(
         self: &Arc<Self>,
-        kind: pb::JobKind,
+        kind: JobKind,
         group: String,
-        members: Vec<String>,
+        members: Vec<VmName>,
         request_id: String,
     ) -> Result<JobRecord> {
-        let job = JobRecord {
-            id: self.jobs.new_id()?,
-            kind: kind as i32,
-            state: pb::JobState::Queued as i32,
-            steps: steps(GROUP_STEPS),
-            request_id,
-            created_nanos: unix_nanos_now(),
-            group,
-            members: members
-                .into_iter()
-                .map(|vm_name| MemberJob {
-                    vm_name,
-                    ..MemberJob::default()
-                })
-                .collect(),
-            ..JobRecord::default()
-        };
+        let mut job = JobRecord::new(self.jobs.new_id()?, kind, None, steps::GROUP, request_id);
+        job.group = group;
+        job.members = members
+            .into_iter()
+            .map(|vm| MemberJob::new(vm, String::new()))
+            .collect();
         self.admit(job).await
-    }
-
-    /// Starts each member's job (again after a restart: the same job).
-    pub(crate) async fn member_jobs(self: &Arc<Self>, job: &mut JobRecord) -> Result<String> {
-        for i in 0..job.members.len() {
-            if !job.members[i].job_id.is_empty() {
-                continue;
-            }
-            let m = job.members[i].clone();
-            let key = format!("{}/{}", job.id, m.vm_name);
-            let started = if job.kind == pb::JobKind::Commit as i32 {
-                self.commit(m.vm_name.clone(), key).await
-            } else if job.kind == pb::JobKind::CleanupTest as i32 {
-                self.cleanup_test(m.vm_name.clone(), key).await
-            } else {
-                let kind = pb::FailoverKind::try_from(job.failover_kind)
-                    .unwrap_or(pb::FailoverKind::Unplanned);
-                // A planned member job drains its VM and takes its final
-                // point; the others go to their point at the bookmark.
-                let choice = if m.point_id.is_empty() {
-                    Choice::Latest
-                } else {
-                    Choice::Point(m.point_id.clone())
-                };
-                self.start_vm_failover(
-                    m.vm_name.clone(),
-                    kind,
-                    choice,
-                    job.test_network.clone(),
-                    key,
-                    true,
-                )
-                .await
-            };
-            let member = started.map_err(|e| {
-                FailoverError::FailedPrecondition(format!("VM {:?}: {e}", m.vm_name))
-            })?;
-            job.members[i].job_id = member.id;
-            self.jobs.save(job)?;
-        }
-        Ok(format!("{} member job(s)", job.members.len()))
-    }
-
-    /// Follows the member jobs until all have ended; progress is their sum.
-    pub(crate) async fn members_done(&self, job: &mut JobRecord) -> Result<String> {
-        loop {
-            let (mut done, mut total, mut ended) = (0u64, 0u64, 0usize);
-            let mut points = Vec::new();
-            for m in &job.members {
-                let member = self.jobs.get(&m.job_id)?.ok_or_else(|| {
-                    FailoverError::Corrupt(format!("member job {} is missing", m.job_id))
-                })?;
-                if member.state == pb::JobState::Failed as i32 {
-                    self.unpin_all(job).await;
-                    return Err(FailoverError::FailedPrecondition(format!(
-                        "VM {:?} (job {}): {}",
-                        m.vm_name, member.id, member.error
-                    )));
-                }
-                let live = self.jobs.live(&member);
-                done += live.bytes_done;
-                total += live.bytes_total;
-                if member.ended() {
-                    ended += 1;
-                    points.extend(member.points.clone());
-                }
-            }
-            if ended == job.members.len() {
-                job.points = points;
-                job.bytes_done = done;
-                job.bytes_total = total;
-                return Ok(format!("{ended} VM(s) done"));
-            }
-            if (done, total) != (job.bytes_done, job.bytes_total) {
-                job.bytes_done = done;
-                job.bytes_total = total;
-                self.jobs.publish(job);
-            }
-            tokio::select! {
-                _ = self.shutdown.cancelled() => {
-                    return Err(FailoverError::Unavailable("failover-svc is stopping".into()))
-                }
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            }
-        }
     }
 }

@@ -10,6 +10,7 @@ pub mod error;
 pub mod group;
 pub mod inventory;
 pub mod jobs;
+pub mod requests;
 pub mod service;
 pub mod verify;
 
@@ -69,11 +70,14 @@ pub async fn run(
         Some(url) => Some(CacheClient::new(ferry_runtime::connect(url)?)),
         None => None,
     };
-    let engine = engine::Engine::new(
-        RegistryClient::new(ferry_runtime::connect(service.url(Role::Registry)?)?),
-        cache,
-        ProcessorClient::new(ferry_runtime::connect(service.url(Role::Processor)?)?)
+    let peers = engine::peers::Tonic {
+        registry: RegistryClient::new(ferry_runtime::connect(service.url(Role::Registry)?)?),
+        processor: ProcessorClient::new(ferry_runtime::connect(service.url(Role::Processor)?)?)
             .max_decoding_message_size(limits.max_message_bytes),
+        cache,
+    };
+    let engine = engine::Engine::new(
+        Arc::new(peers),
         Arc::new(backend),
         jobs,
         (settings.materialize_mib_per_sec > 0).then_some(settings.materialize_mib_per_sec << 20),

@@ -9,9 +9,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use ferry_proto::ids::{UnixNanos, VmName};
+
 use crate::engine::Engine;
 use crate::error::FailoverError;
 use crate::inventory;
+use crate::jobs::{Choice, FailoverKind, JobKind, JobRecord, JobState};
+use crate::requests::{FailoverRequest, JobRequest, Target};
 
 /// The tonic service.
 #[derive(Clone)]
@@ -28,6 +32,188 @@ impl FailoverService {
 
 fn no_target() -> FailoverError {
     FailoverError::InvalidArgument("set vm_name or replication_group".into())
+}
+
+fn vm_target(vm: String) -> Result<Target, FailoverError> {
+    VmName::parse(vm)
+        .map(Target::Vm)
+        .map_err(|e| FailoverError::InvalidArgument(e.to_string()))
+}
+
+fn group_target(group: String) -> Result<Target, FailoverError> {
+    if group.is_empty() {
+        return Err(FailoverError::InvalidArgument(
+            "replication_group is empty".into(),
+        ));
+    }
+    Ok(Target::Group(group))
+}
+
+impl TryFrom<pb::StartFailoverRequest> for FailoverRequest {
+    type Error = FailoverError;
+
+    fn try_from(req: pb::StartFailoverRequest) -> Result<Self, FailoverError> {
+        let kind = match pb::FailoverKind::try_from(req.kind) {
+            Ok(pb::FailoverKind::Test) => FailoverKind::Test,
+            Ok(pb::FailoverKind::Planned) => FailoverKind::Planned,
+            Ok(pb::FailoverKind::Unplanned) => FailoverKind::Unplanned,
+            Ok(pb::FailoverKind::Unspecified) | Err(_) => {
+                return Err(FailoverError::InvalidArgument(
+                    "kind is unset: TEST, PLANNED or UNPLANNED".into(),
+                ))
+            }
+        };
+        use pb::point_choice::Choice as C;
+        let choice = match req.point.and_then(|p| p.choice) {
+            None => None,
+            Some(C::Latest(_)) => Some(Choice::Latest),
+            Some(C::LatestProcessed(_)) => Some(Choice::LatestProcessed),
+            Some(C::LatestAppConsistent(_)) => Some(Choice::LatestAppConsistent),
+            Some(C::LatestMultiVm(_)) => Some(Choice::LatestMultiVm),
+            Some(C::PointId(id)) if id.is_empty() => {
+                return Err(FailoverError::InvalidArgument("point_id is empty".into()))
+            }
+            Some(C::PointId(id)) => Some(Choice::Point(id)),
+        };
+        let target = match req.target {
+            Some(pb::start_failover_request::Target::VmName(vm)) => vm_target(vm)?,
+            Some(pb::start_failover_request::Target::ReplicationGroup(g)) => group_target(g)?,
+            None => return Err(no_target()),
+        };
+        Ok(FailoverRequest {
+            target,
+            kind,
+            choice,
+            test_network: req.test_network,
+            request_id: req.request_id,
+        })
+    }
+}
+
+impl TryFrom<pb::CommitFailoverRequest> for JobRequest {
+    type Error = FailoverError;
+
+    fn try_from(req: pb::CommitFailoverRequest) -> Result<Self, FailoverError> {
+        use pb::commit_failover_request::Target as T;
+        let target = match req.target {
+            Some(T::VmName(vm)) => vm_target(vm)?,
+            Some(T::ReplicationGroup(g)) => group_target(g)?,
+            None => return Err(no_target()),
+        };
+        Ok(JobRequest {
+            target,
+            request_id: req.request_id,
+        })
+    }
+}
+
+impl TryFrom<pb::CleanupTestFailoverRequest> for JobRequest {
+    type Error = FailoverError;
+
+    fn try_from(req: pb::CleanupTestFailoverRequest) -> Result<Self, FailoverError> {
+        use pb::cleanup_test_failover_request::Target as T;
+        let target = match req.target {
+            Some(T::VmName(vm)) => vm_target(vm)?,
+            Some(T::ReplicationGroup(g)) => group_target(g)?,
+            None => return Err(no_target()),
+        };
+        Ok(JobRequest {
+            target,
+            request_id: req.request_id,
+        })
+    }
+}
+
+impl From<JobKind> for pb::JobKind {
+    fn from(k: JobKind) -> pb::JobKind {
+        match k {
+            JobKind::Failover => pb::JobKind::Failover,
+            JobKind::Commit => pb::JobKind::Commit,
+            JobKind::CleanupTest => pb::JobKind::CleanupTest,
+        }
+    }
+}
+
+impl From<FailoverKind> for pb::FailoverKind {
+    fn from(k: FailoverKind) -> pb::FailoverKind {
+        match k {
+            FailoverKind::Test => pb::FailoverKind::Test,
+            FailoverKind::Planned => pb::FailoverKind::Planned,
+            FailoverKind::Unplanned => pb::FailoverKind::Unplanned,
+        }
+    }
+}
+
+impl From<JobState> for pb::JobState {
+    fn from(s: JobState) -> pb::JobState {
+        match s {
+            JobState::Queued => pb::JobState::Queued,
+            JobState::Running => pb::JobState::Running,
+            JobState::Succeeded => pb::JobState::Succeeded,
+            JobState::Failed => pb::JobState::Failed,
+        }
+    }
+}
+
+impl From<&JobRecord> for pb::Job {
+    fn from(job: &JobRecord) -> pb::Job {
+        let state = |s: JobState| pb::JobState::from(s) as i32;
+        pb::Job {
+            id: job.id.to_string(),
+            kind: pb::JobKind::from(job.kind) as i32,
+            failover_kind: job
+                .failover_kind
+                .map_or(pb::FailoverKind::Unspecified, pb::FailoverKind::from)
+                as i32,
+            vm_names: match &job.vm_name {
+                Some(vm) => vec![vm.to_string()],
+                None => job.members.iter().map(|m| m.vm_name.to_string()).collect(),
+            },
+            replication_group: job.group.clone(),
+            state: state(job.state),
+            steps: job
+                .steps
+                .iter()
+                .map(|s| pb::JobStep {
+                    name: s.step.name().to_string(),
+                    state: state(s.state),
+                    message: s.message.clone(),
+                })
+                .collect(),
+            bytes_done: job.bytes_done,
+            bytes_total: job.bytes_total,
+            points: job
+                .points
+                .iter()
+                .map(|u| pb::UsedPoint {
+                    vm_name: u.vm_name.to_string(),
+                    point_id: u.point_id.clone(),
+                    time: Some(u.time_nanos.to_timestamp()),
+                    data_loss_window: Some(ferry_runtime::time::to_duration(
+                        std::time::Duration::from_nanos(u.data_loss_nanos),
+                    )),
+                })
+                .collect(),
+            error: job.error.clone(),
+            request_id: job.request_id.clone(),
+            created_at: Some(job.created_nanos.to_timestamp()),
+            finished_at: (job.finished_nanos > UnixNanos(0))
+                .then(|| job.finished_nanos.to_timestamp()),
+            verified_disks: job
+                .verified
+                .iter()
+                .map(|v| pb::VerifiedDisk {
+                    vm_name: v.vm_name.to_string(),
+                    disk_id: v.disk_id.clone(),
+                    point_id: v.point_id.clone(),
+                    path: v.path.clone(),
+                    size_bytes: v.size_bytes,
+                    algorithm: v.algorithm.clone(),
+                    sha256: v.sha256.clone(),
+                })
+                .collect(),
+        }
+    }
 }
 
 fn network_proto(n: &inventory::Network) -> pb::Network {
@@ -88,42 +274,33 @@ impl Failover for FailoverService {
         &self,
         request: Request<pb::StartFailoverRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let job = self.engine.start_failover(request.into_inner()).await?;
-        Ok(Response::new(job.to_proto()))
+        let req = FailoverRequest::try_from(request.into_inner())?;
+        let job = self.engine.start_failover(req).await?;
+        Ok(Response::new(pb::Job::from(&job)))
     }
 
     async fn commit_failover(
         &self,
         request: Request<pb::CommitFailoverRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let req = request.into_inner();
+        let req = JobRequest::try_from(request.into_inner())?;
         let job = match req.target {
-            Some(pb::commit_failover_request::Target::VmName(vm)) => {
-                self.engine.commit(vm, req.request_id).await?
-            }
-            Some(pb::commit_failover_request::Target::ReplicationGroup(g)) => {
-                self.engine.commit_group(g, req.request_id).await?
-            }
-            None => return Err(no_target().into()),
+            Target::Vm(vm) => self.engine.commit(vm, req.request_id).await?,
+            Target::Group(g) => self.engine.commit_group(g, req.request_id).await?,
         };
-        Ok(Response::new(job.to_proto()))
+        Ok(Response::new(pb::Job::from(&job)))
     }
 
     async fn cleanup_test_failover(
         &self,
         request: Request<pb::CleanupTestFailoverRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let req = request.into_inner();
+        let req = JobRequest::try_from(request.into_inner())?;
         let job = match req.target {
-            Some(pb::cleanup_test_failover_request::Target::VmName(vm)) => {
-                self.engine.cleanup_test(vm, req.request_id).await?
-            }
-            Some(pb::cleanup_test_failover_request::Target::ReplicationGroup(g)) => {
-                self.engine.cleanup_group(g, req.request_id).await?
-            }
-            None => return Err(no_target().into()),
+            Target::Vm(vm) => self.engine.cleanup_test(vm, req.request_id).await?,
+            Target::Group(g) => self.engine.cleanup_group(g, req.request_id).await?,
         };
-        Ok(Response::new(job.to_proto()))
+        Ok(Response::new(pb::Job::from(&job)))
     }
 
     async fn get_job(
@@ -136,7 +313,7 @@ impl Failover for FailoverService {
             .jobs()
             .get(&id)?
             .ok_or_else(|| FailoverError::NotFound(format!("no job {id:?}")))?;
-        Ok(Response::new(self.engine.jobs().live(&job)))
+        Ok(Response::new(pb::Job::from(&self.engine.jobs().live(&job))))
     }
 
     async fn list_jobs(
@@ -152,7 +329,10 @@ impl Failover for FailoverService {
         };
         let jobs = self.engine.jobs().list(vm, limit)?;
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: jobs.iter().map(|j| self.engine.jobs().live(j)).collect(),
+            jobs: jobs
+                .iter()
+                .map(|j| pb::Job::from(&self.engine.jobs().live(j)))
+                .collect(),
         }))
     }
 
@@ -177,9 +357,7 @@ impl Failover for FailoverService {
             // The job as it is now, then each change until it ends.
             let mut current = changes.borrow_and_update().clone();
             loop {
-                let ended = current.state == pb::JobState::Succeeded as i32
-                    || current.state == pb::JobState::Failed as i32;
-                if tx.send(Ok(current.clone())).await.is_err() || ended {
+                if tx.send(Ok(pb::Job::from(&current))).await.is_err() || current.ended() {
                     return;
                 }
                 tokio::select! {

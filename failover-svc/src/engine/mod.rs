@@ -1,0 +1,485 @@
+//! Failover, commit and test cleanup as jobs of idempotent steps, after
+//! ASR's flow (each job's step list is in [`steps`], as data):
+//!
+//! - Test failover: validate, pin-point, network, materialize-disks,
+//!   create-vm. Replication goes on; the VM is created as `<vm>-test` in the
+//!   network the user names.
+//! - Unplanned failover: validate, fence (FAILOVER_IN_PROGRESS, epoch
+//!   raised, so cache-svc stops and refuses the old agent), pin-point,
+//!   network, materialize-disks, create-vm, update-registry (FAILED_OVER).
+//!   Failing over again before commit changes the recovery point.
+//! - Planned failover: validate, drain (the source agent sends every write
+//!   and a FINAL marker; the point cut there loses nothing), then as
+//!   unplanned from fence on.
+//! - Commit: validate, commit-registry (COMMITTED), release-points.
+//! - Cleanup of a test failover: validate, delete-vm, release-points.
+//! - A replication group's job: validate, member-jobs, members-done
+//!   (see `group.rs`).
+//!
+//! This module admits jobs (one per VM or group at a time: the busy set),
+//! runs their steps in order and resumes unfinished ones after a restart.
+//! What it asks of other services goes through [`peers::Peers`].
+//!
+//! Persistence: a step runs only after the job's record says it is running,
+//! and the next one only after this one's outcome is on disk. A save that
+//! fails stops the job at once, before any further step: it is then stored
+//! as failed (its error says what could not be persisted) if storage takes
+//! that write, else it stays as last stored and resumes at its first
+//! unfinished step after a restart (steps are idempotent). Either way the
+//! error is logged and watchers see the job stopped with it. A failed
+//! progress save inside a step fails that step.
+
+pub mod peers;
+pub mod steps;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use ferry_proto::ids::{UnixNanos, VmName};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::FailoverError;
+use crate::inventory::{Backend, TargetVm};
+use crate::jobs::{Choice, FailoverKind, JobKind, JobRecord, JobState, Jobs};
+use crate::requests::{FailoverRequest, Target};
+use peers::{Item, Peers, Point, PointKind, ReplicationState};
+use steps::Step;
+
+type Result<T> = std::result::Result<T, FailoverError>;
+
+/// Runs jobs.
+pub struct Engine {
+    pub(crate) peers: Arc<dyn Peers>,
+    backend: Arc<dyn Backend>,
+    pub(crate) jobs: Arc<Jobs>,
+    /// VMs (and groups) with a job running.
+    busy: Mutex<HashSet<String>>,
+    /// Bytes per second materialization may write, if capped.
+    pub(crate) write_rate: Option<u64>,
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// The key a job holds in `busy`: its VM, or its group.
+fn busy_key(job: &JobRecord) -> String {
+    match &job.vm_name {
+        Some(vm) => vm.to_string(),
+        None => format!("group:{}", job.group),
+    }
+}
+
+/// A registry state as messages show it (`PROTECTED`).
+pub(crate) fn state_name(s: ReplicationState) -> &'static str {
+    s.as_str_name().trim_start_matches("REPLICATION_STATE_")
+}
+
+impl Engine {
+    pub fn new(
+        peers: Arc<dyn Peers>,
+        backend: Arc<dyn Backend>,
+        jobs: Arc<Jobs>,
+        write_rate: Option<u64>,
+        shutdown: CancellationToken,
+    ) -> Arc<Engine> {
+        Arc::new(Engine {
+            peers,
+            backend,
+            jobs,
+            busy: Mutex::new(HashSet::new()),
+            write_rate,
+            shutdown,
+        })
+    }
+
+    pub fn jobs(&self) -> &Arc<Jobs> {
+        &self.jobs
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// A protected VM; NOT_FOUND names what to do.
+    pub(crate) async fn item(&self, vm: &VmName) -> Result<Item> {
+        self.peers.item(vm).await.map_err(|e| match e.peer_code() {
+            Some(tonic::Code::NotFound) => FailoverError::NotFound(format!(
+                "VM \"{vm}\" is not protected (unknown, or its replication is not enabled)"
+            )),
+            _ => e,
+        })
+    }
+
+    /// A VM's point; NOT_FOUND names what to do.
+    pub(crate) async fn point(&self, vm: &VmName, id: &str) -> Result<Point> {
+        self.peers.point(vm, id).await.map_err(|e| match e.peer_code() {
+            Some(tonic::Code::NotFound) => FailoverError::NotFound(format!(
+                "VM \"{vm}\" has no recovery point {id:?} (unknown or expired); see ferry points {vm}"
+            )),
+            _ => e,
+        })
+    }
+
+    /// A VM's newest point of a kind.
+    pub(crate) async fn newest(&self, vm: &VmName, kind: PointKind) -> Result<Point> {
+        self.peers
+            .points(vm, kind, 1)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                FailoverError::NotFound(format!(
+                    "VM \"{vm}\" has no {} recovery point",
+                    match kind {
+                        PointKind::AppConsistent => "app-consistent",
+                        PointKind::MultiVm => "multi-VM",
+                        PointKind::Any => "processed",
+                    }
+                ))
+            })
+    }
+
+    /// The test VMs a test failover of `vm` made.
+    pub(crate) fn test_vms(&self, vm: &VmName) -> Result<Vec<TargetVm>> {
+        Ok(self
+            .backend
+            .vms()?
+            .into_iter()
+            .filter(|t| t.source_vm == vm.as_str() && t.test)
+            .collect())
+    }
+
+    /// Starts a failover job (of a VM, or of a group).
+    pub async fn start_failover(self: &Arc<Self>, req: FailoverRequest) -> Result<JobRecord> {
+        if let Some(job) = self.jobs.by_request(&req.request_id)? {
+            return Ok(job);
+        }
+        match req.target {
+            Target::Vm(vm) => {
+                let choice = req.choice.unwrap_or(Choice::LatestProcessed);
+                self.start_vm_failover(
+                    vm,
+                    req.kind,
+                    choice,
+                    req.test_network,
+                    req.request_id,
+                    false,
+                )
+                .await
+            }
+            Target::Group(g) => {
+                self.start_group_failover(g, req.kind, req.choice, req.test_network, req.request_id)
+                    .await
+            }
+        }
+    }
+
+    /// Validates one VM's failover and starts its job; `in_group` when a
+    /// group job starts it for a member.
+    pub(crate) async fn start_vm_failover(
+        self: &Arc<Self>,
+        vm: VmName,
+        kind: FailoverKind,
+        choice: Choice,
+        test_network: String,
+        request_id: String,
+        in_group: bool,
+    ) -> Result<JobRecord> {
+        if let Some(job) = self.jobs.by_request(&request_id)? {
+            return Ok(job);
+        }
+        if kind == FailoverKind::Planned && !self.peers.has_cache() {
+            return Err(FailoverError::FailedPrecondition(
+                "failover-svc was started without --cache: a planned failover needs the source \
+                 region's cache; use an unplanned failover"
+                    .into(),
+            ));
+        }
+        let item = self.item(&vm).await?;
+        if !item.replication_group.is_empty() && !in_group {
+            return Err(FailoverError::FailedPrecondition(format!(
+                "VM \"{vm}\" belongs to replication group {:?}: fail the group over as a whole",
+                item.replication_group
+            )));
+        }
+        self.check_failover(&vm, &item, kind, &test_network)?;
+        if let Choice::Point(id) = &choice {
+            self.point(&vm, id).await?;
+        }
+        let mut job = JobRecord::new(
+            self.jobs.new_id()?,
+            JobKind::Failover,
+            Some(kind),
+            steps::failover(kind),
+            request_id,
+        );
+        job.vm_name = Some(vm);
+        job.choice = choice;
+        job.test_network = test_network;
+        job.from_state = item.state as i32;
+        self.admit(job).await
+    }
+
+    /// Whether `vm` (its protected item) may be failed over so.
+    pub(crate) fn check_failover(
+        &self,
+        vm: &VmName,
+        item: &Item,
+        kind: FailoverKind,
+        test_network: &str,
+    ) -> Result<()> {
+        use ReplicationState as S;
+        let state = item.state;
+        let test = kind == FailoverKind::Test;
+        let allowed = match kind {
+            FailoverKind::Test => matches!(state, S::Protected | S::ResyncRequired | S::Resyncing),
+            // Every write must reach the replica: nothing may await a resync.
+            FailoverKind::Planned => state == S::Protected,
+            FailoverKind::Unplanned => matches!(
+                state,
+                S::Protected
+                    | S::ResyncRequired
+                    | S::Resyncing
+                    | S::FailoverInProgress
+                    | S::FailedOver
+            ),
+        };
+        if !allowed {
+            return Err(FailoverError::FailedPrecondition(format!(
+                "VM \"{vm}\" is {}: {} needs it protected{}",
+                state_name(state),
+                if test {
+                    "a test failover"
+                } else {
+                    "a failover"
+                },
+                if test {
+                    ""
+                } else {
+                    " (or failed over, to change the point)"
+                }
+            )));
+        }
+        if test {
+            if test_network.is_empty() {
+                return Err(FailoverError::InvalidArgument(
+                    "a test failover needs test_network: an isolated network of the target region"
+                        .into(),
+                ));
+            }
+            let region = &item.target.region;
+            if self.backend.network(region, test_network)?.is_none() {
+                return Err(FailoverError::NotFound(format!(
+                    "test network {test_network:?} does not exist in {region}; create it first"
+                )));
+            }
+            if !self.test_vms(vm)?.is_empty() {
+                return Err(FailoverError::FailedPrecondition(format!(
+                    "VM \"{vm}\" has a test failover already; clean it up first"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates a commit and starts its job.
+    pub async fn commit(self: &Arc<Self>, vm: VmName, request_id: String) -> Result<JobRecord> {
+        if let Some(job) = self.jobs.by_request(&request_id)? {
+            return Ok(job);
+        }
+        let item = self.item(&vm).await?;
+        if item.state != ReplicationState::FailedOver {
+            return Err(FailoverError::FailedPrecondition(format!(
+                "VM \"{vm}\" is {}: only a failed-over VM can be committed",
+                state_name(item.state)
+            )));
+        }
+        let job = self.vm_job(JobKind::Commit, vm, request_id, steps::COMMIT, &item)?;
+        self.admit(job).await
+    }
+
+    /// Validates a test cleanup and starts its job.
+    pub async fn cleanup_test(
+        self: &Arc<Self>,
+        vm: VmName,
+        request_id: String,
+    ) -> Result<JobRecord> {
+        if let Some(job) = self.jobs.by_request(&request_id)? {
+            return Ok(job);
+        }
+        let item = self.item(&vm).await?;
+        if self.test_vms(&vm)?.is_empty() {
+            return Err(FailoverError::FailedPrecondition(format!(
+                "VM \"{vm}\" has no test failover to clean up"
+            )));
+        }
+        let job = self.vm_job(
+            JobKind::CleanupTest,
+            vm,
+            request_id,
+            steps::CLEANUP_TEST,
+            &item,
+        )?;
+        self.admit(job).await
+    }
+
+    fn vm_job(
+        &self,
+        kind: JobKind,
+        vm: VmName,
+        request_id: String,
+        steps: &[Step],
+        item: &Item,
+    ) -> Result<JobRecord> {
+        let mut job = JobRecord::new(self.jobs.new_id()?, kind, None, steps, request_id);
+        job.vm_name = Some(vm);
+        job.from_state = item.state as i32;
+        Ok(job)
+    }
+
+    /// One job per VM (and per group) at a time; the job is stored before
+    /// it runs.
+    pub(crate) async fn admit(self: &Arc<Self>, job: JobRecord) -> Result<JobRecord> {
+        {
+            let mut busy = self
+                .busy
+                .lock()
+                .map_err(|_| FailoverError::Corrupt("busy lock".into()))?;
+            if !busy.insert(busy_key(&job)) {
+                return Err(FailoverError::FailedPrecondition(match &job.vm_name {
+                    Some(vm) => format!(
+                        "a job is running for VM \"{vm}\"; wait for it (ferry jobs --watch)"
+                    ),
+                    None => format!(
+                        "a job is running for replication group {:?}; wait for it (ferry jobs --watch)",
+                        job.group
+                    ),
+                }));
+            }
+        }
+        if let Err(e) = self.jobs.insert(&job) {
+            self.release(&busy_key(&job));
+            return Err(e);
+        }
+        tracing::info!(job = %job.id, target = %job.target(), kind = job.kind.tag(), "job accepted");
+        let accepted = job.clone();
+        self.spawn_run(job);
+        Ok(accepted)
+    }
+
+    /// Runs a job in its own task. Not async: a group job's member jobs are
+    /// admitted from inside a running job, and spawning here keeps that
+    /// recursion out of the futures' types.
+    fn spawn_run(self: &Arc<Self>, job: JobRecord) {
+        let engine = self.clone();
+        tokio::spawn(async move { engine.run(job).await });
+    }
+
+    fn release(&self, key: &str) {
+        if let Ok(mut busy) = self.busy.lock() {
+            busy.remove(key);
+        }
+    }
+
+    /// Resumes every unfinished job (after a restart).
+    pub fn resume(self: &Arc<Self>) -> Result<usize> {
+        let unfinished = self.jobs.unfinished()?;
+        let n = unfinished.len();
+        for job in unfinished {
+            if let Ok(mut busy) = self.busy.lock() {
+                busy.insert(busy_key(&job));
+            }
+            tracing::info!(job = %job.id, target = %job.target(), "resuming job");
+            self.spawn_run(job);
+        }
+        Ok(n)
+    }
+
+    async fn run(self: Arc<Self>, mut job: JobRecord) {
+        let key = busy_key(&job);
+        self.run_steps(&mut job).await;
+        self.release(&key);
+    }
+
+    /// Runs the job's unfinished steps in order; returns when it has ended,
+    /// failed, is stopping, or cannot be persisted.
+    async fn run_steps(self: &Arc<Self>, job: &mut JobRecord) {
+        job.state = JobState::Running;
+        if let Err(e) = self.jobs.save(job) {
+            return self.unpersisted(job, None, "start", e);
+        }
+        for i in 0..job.steps.len() {
+            if job.steps[i].state == JobState::Succeeded {
+                continue;
+            }
+            if self.shutdown.is_cancelled() {
+                // Resumed at this step after the restart.
+                return;
+            }
+            job.steps[i].state = JobState::Running;
+            let step = job.steps[i].step;
+            if let Err(e) = self.jobs.save(job) {
+                return self.unpersisted(job, Some(i), &format!("start of {step}"), e);
+            }
+            let outcome = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                outcome = step.run(self, job) => outcome,
+            };
+            match outcome {
+                Ok(message) => {
+                    job.steps[i].state = JobState::Succeeded;
+                    job.steps[i].message = message;
+                    // The next step runs only once this one's outcome is on disk.
+                    if let Err(e) = self.jobs.save(job) {
+                        return self.unpersisted(job, Some(i), &format!("outcome of {step}"), e);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(job = %job.id, %step, error = %e, "job failed");
+                    job.steps[i].state = JobState::Failed;
+                    job.steps[i].message = e.to_string();
+                    job.state = JobState::Failed;
+                    job.error = format!("{step}: {e}");
+                    job.finished_nanos = UnixNanos::now();
+                    if let Err(e) = self.jobs.save(job) {
+                        // Stored as it was: a restart runs the step again.
+                        tracing::error!(job = %job.id, %step, error = %e,
+                            "cannot persist the job's failure; it resumes at this step after a restart");
+                        self.jobs.publish(job);
+                    }
+                    return;
+                }
+            }
+        }
+        job.state = JobState::Succeeded;
+        job.finished_nanos = UnixNanos::now();
+        if let Err(e) = self.jobs.save(job) {
+            // Every step's outcome is stored: a restart only marks it ended.
+            tracing::error!(job = %job.id, error = %e,
+                "cannot persist the job's success; a restart ends it");
+            self.jobs.publish(job);
+        }
+        tracing::info!(job = %job.id, target = %job.target(), "job succeeded");
+    }
+
+    /// A save failed (`what` it was to persist): the job stops here, before
+    /// any further step. It is recorded as failed if storage lets us; else
+    /// it stays as last stored, to resume at its first unfinished step after
+    /// a restart. Either way watchers see it stopped, with the error.
+    fn unpersisted(&self, job: &mut JobRecord, step: Option<usize>, what: &str, e: FailoverError) {
+        tracing::error!(job = %job.id, error = %e, "cannot persist the {what}; the job stops");
+        if let Some(step) = step.and_then(|i| job.steps.get_mut(i)) {
+            step.state = JobState::Failed;
+            step.message = format!("not persisted: {e}");
+        }
+        job.state = JobState::Failed;
+        job.error = format!("cannot persist the {what}: {e}");
+        job.finished_nanos = UnixNanos::now();
+        if let Err(again) = self.jobs.save(job) {
+            tracing::error!(job = %job.id, error = %again,
+                "cannot persist the job as failed either; it resumes after a restart");
+            self.jobs.publish(job);
+        }
+    }
+}

@@ -1,0 +1,445 @@
+//! What the engine asks of its peers — registry, processor-svc and the
+//! source region's cache (optional) — as one trait over domain types, so
+//! the engine never builds a proto request and can be tested with a fake.
+//! [`Tonic`] is the real one, over the gRPC clients. A peer's refusal comes
+//! back as [`FailoverError::Peer`] with the peer's status, so the engine
+//! can tell NOT_FOUND from the rest.
+
+use std::pin::Pin;
+
+use bytes::Bytes;
+use ferry_proto::cache::v1 as cache;
+use ferry_proto::cache::v1::cache_client::CacheClient;
+use ferry_proto::ids::{JobId, UnixNanos, VmName};
+use ferry_proto::processor::v1 as proc;
+use ferry_proto::processor::v1::processor_client::ProcessorClient;
+use ferry_proto::registry::v1 as reg;
+use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_runtime::PeerChannel;
+use tokio_stream::{Stream, StreamExt};
+
+/// Registry's lifecycle states: the generated enum itself (a Rust enum,
+/// checked on receipt; an unknown number is refused), not a raw i32.
+pub use reg::ReplicationState;
+
+use crate::error::FailoverError;
+
+type Result<T> = std::result::Result<T, FailoverError>;
+
+/// Where a protected VM fails over to.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TargetResources {
+    pub region: String,
+    pub resource_group: String,
+    pub virtual_network: String,
+    pub subnet: String,
+    pub availability_set: String,
+    /// Each replica disk's name, by source disk id.
+    pub replica_disks: Vec<(String, String)>,
+}
+
+/// A NIC of the source VM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceNic {
+    pub name: String,
+    pub private_ip: String,
+}
+
+/// A protected VM as registry has it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item {
+    pub vm_name: VmName,
+    pub state: ReplicationState,
+    /// Empty when the VM is in no group.
+    pub replication_group: String,
+    pub target: TargetResources,
+    /// The source VM's disk ids, in its order.
+    pub source_disks: Vec<String>,
+    pub source_nics: Vec<SourceNic>,
+}
+
+/// A replication group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Group {
+    pub name: String,
+    pub members: Vec<String>,
+}
+
+/// A disk of a point.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PointDisk {
+    pub disk_id: String,
+    pub size_bytes: u64,
+}
+
+/// A recovery point.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    pub id: String,
+    pub vm_name: String,
+    pub time: UnixNanos,
+    pub sequence_cut: u64,
+    pub disks: Vec<PointDisk>,
+    /// The bookmark (or planned job's final marker) it was cut at, if any.
+    pub bookmark_id: String,
+}
+
+/// Which points to list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PointKind {
+    Any,
+    AppConsistent,
+    MultiVm,
+}
+
+/// A multi-VM point: one point per member at a bookmark.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupPoint {
+    pub bookmark_id: String,
+    pub points: Vec<Point>,
+}
+
+/// A piece of a disk as read from a point: its data, or a hole (None).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Extent {
+    pub offset: u64,
+    pub length: u64,
+    pub data: Option<Bytes>,
+    pub crc32c: u32,
+}
+
+/// A disk's extents, in order.
+pub type Extents = Pin<Box<dyn Stream<Item = Result<Extent>> + Send>>;
+
+/// A disk's digest at a point, as the processor computes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Digest {
+    pub algorithm: String,
+    pub size_bytes: u64,
+    pub chunk_bytes: u64,
+    pub sha256: Vec<u8>,
+}
+
+/// Everything the engine asks of other services.
+#[tonic::async_trait]
+pub trait Peers: Send + Sync {
+    /// A protected VM.
+    async fn item(&self, vm: &VmName) -> Result<Item>;
+    /// Moves a VM to `to`, raising its epoch if `bump_epoch` (fencing).
+    async fn transition(
+        &self,
+        vm: &VmName,
+        to: ReplicationState,
+        bump_epoch: bool,
+        reason: &str,
+    ) -> Result<()>;
+    /// A replication group.
+    async fn group(&self, name: &str) -> Result<Group>;
+    /// A point of a VM.
+    async fn point(&self, vm: &VmName, id: &str) -> Result<Point>;
+    /// A VM's points, newest first; `limit` 0 for all.
+    async fn points(&self, vm: &VmName, kind: PointKind, limit: u32) -> Result<Vec<Point>>;
+    /// Cuts a point now (the cache's latest).
+    async fn cut_point(&self, vm: &VmName) -> Result<Point>;
+    /// A group's multi-VM points, newest first.
+    async fn group_points(&self, group: &str) -> Result<Vec<GroupPoint>>;
+    /// Pins a point for `holder` (retention keeps it).
+    async fn pin(&self, vm: &VmName, point: &str, holder: &JobId) -> Result<()>;
+    /// Unpins it.
+    async fn unpin(&self, vm: &VmName, point: &str, holder: &JobId) -> Result<()>;
+    /// A disk of a point, whole.
+    async fn read_disk(&self, vm: &VmName, point: &str, disk: &str) -> Result<Extents>;
+    /// A disk's digest at a point.
+    async fn disk_digest(&self, vm: &VmName, point: &str, disk: &str) -> Result<Digest>;
+    /// Whether the source region's cache is known (planned failovers need it).
+    fn has_cache(&self) -> bool;
+    /// Asks the source agent (through the cache) to stop taking writes and
+    /// send everything up to a FINAL marker named `marker`.
+    async fn drain(&self, vm: &VmName, reason: &str, marker: &JobId) -> Result<()>;
+}
+
+/// The peers over gRPC.
+pub struct Tonic {
+    pub registry: RegistryClient<PeerChannel>,
+    pub processor: ProcessorClient<PeerChannel>,
+    pub cache: Option<CacheClient<PeerChannel>>,
+}
+
+fn point(p: proc::RecoveryPoint) -> Point {
+    Point {
+        time: p
+            .time
+            .as_ref()
+            .and_then(UnixNanos::from_timestamp)
+            .unwrap_or_default(),
+        id: p.id,
+        vm_name: p.vm_name,
+        sequence_cut: p.sequence_cut,
+        disks: p
+            .disks
+            .into_iter()
+            .map(|d| PointDisk {
+                disk_id: d.disk_id,
+                size_bytes: d.size_bytes,
+            })
+            .collect(),
+        bookmark_id: p.bookmark_id,
+    }
+}
+
+fn item(i: reg::ProtectedItem) -> Result<Item> {
+    let state = reg::ReplicationState::try_from(i.state).map_err(|_| {
+        FailoverError::Unavailable(format!(
+            "registry has VM {:?} in unknown state {}",
+            i.vm_name, i.state
+        ))
+    })?;
+    let vm_name = VmName::parse(i.vm_name)
+        .map_err(|e| FailoverError::Unavailable(format!("registry's item: {e}")))?;
+    let t = i.target.unwrap_or_default();
+    let source = i.source.unwrap_or_default();
+    Ok(Item {
+        vm_name,
+        state,
+        replication_group: i.replication_group,
+        target: TargetResources {
+            region: t.region,
+            resource_group: t.resource_group,
+            virtual_network: t.virtual_network,
+            subnet: t.subnet,
+            availability_set: t.availability_set,
+            replica_disks: t
+                .replica_disks
+                .into_iter()
+                .map(|d| (d.disk_id, d.name))
+                .collect(),
+        },
+        source_disks: source.disks.into_iter().map(|d| d.id).collect(),
+        source_nics: source
+            .nics
+            .into_iter()
+            .map(|n| SourceNic {
+                name: n.name,
+                private_ip: n.private_ip,
+            })
+            .collect(),
+    })
+}
+
+fn extent(e: proc::DiskExtent) -> Extent {
+    Extent {
+        offset: e.offset,
+        length: e.length,
+        data: match e.content {
+            Some(proc::disk_extent::Content::Data(d)) => Some(d),
+            _ => None,
+        },
+        crc32c: e.crc32c,
+    }
+}
+
+#[tonic::async_trait]
+impl Peers for Tonic {
+    async fn item(&self, vm: &VmName) -> Result<Item> {
+        let answer = self
+            .registry
+            .clone()
+            .get_protected_item(reg::GetProtectedItemRequest {
+                vm_name: vm.to_string(),
+            })
+            .await
+            .map_err(|s| FailoverError::peer("registry", s))?;
+        item(answer.into_inner())
+    }
+
+    async fn transition(
+        &self,
+        vm: &VmName,
+        to: ReplicationState,
+        bump_epoch: bool,
+        reason: &str,
+    ) -> Result<()> {
+        self.registry
+            .clone()
+            .transition_state(reg::TransitionStateRequest {
+                vm_name: vm.to_string(),
+                to: to as i32,
+                bump_epoch,
+                reason: reason.to_string(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| FailoverError::peer("registry", s))
+    }
+
+    async fn group(&self, name: &str) -> Result<Group> {
+        let g = self
+            .registry
+            .clone()
+            .get_replication_group(reg::GetReplicationGroupRequest {
+                name: name.to_string(),
+            })
+            .await
+            .map_err(|s| FailoverError::peer("registry", s))?
+            .into_inner();
+        Ok(Group {
+            name: g.name,
+            members: g.members,
+        })
+    }
+
+    async fn point(&self, vm: &VmName, id: &str) -> Result<Point> {
+        self.processor
+            .clone()
+            .get_recovery_point(proc::GetRecoveryPointRequest {
+                vm_name: vm.to_string(),
+                point_id: id.to_string(),
+            })
+            .await
+            .map(|r| point(r.into_inner()))
+            .map_err(|s| FailoverError::peer("processor", s))
+    }
+
+    async fn points(&self, vm: &VmName, kind: PointKind, limit: u32) -> Result<Vec<Point>> {
+        let kind = match kind {
+            PointKind::Any => proc::PointKind::Unspecified,
+            PointKind::AppConsistent => proc::PointKind::AppConsistent,
+            PointKind::MultiVm => proc::PointKind::MultiVm,
+        };
+        Ok(self
+            .processor
+            .clone()
+            .list_recovery_points(proc::ListRecoveryPointsRequest {
+                vm_name: vm.to_string(),
+                kind: kind as i32,
+                limit,
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| FailoverError::peer("processor", s))?
+            .into_inner()
+            .points
+            .into_iter()
+            .map(point)
+            .collect())
+    }
+
+    async fn cut_point(&self, vm: &VmName) -> Result<Point> {
+        self.processor
+            .clone()
+            .cut_recovery_point(proc::CutRecoveryPointRequest {
+                vm_name: vm.to_string(),
+            })
+            .await
+            .map(|r| point(r.into_inner()))
+            .map_err(|s| FailoverError::peer("processor (latest)", s))
+    }
+
+    async fn group_points(&self, group: &str) -> Result<Vec<GroupPoint>> {
+        Ok(self
+            .processor
+            .clone()
+            .list_group_points(proc::ListGroupPointsRequest {
+                replication_group: group.to_string(),
+                limit: 0,
+            })
+            .await
+            .map_err(|s| FailoverError::peer("processor", s))?
+            .into_inner()
+            .points
+            .into_iter()
+            .map(|g| GroupPoint {
+                bookmark_id: g.bookmark_id,
+                points: g.points.into_iter().map(point).collect(),
+            })
+            .collect())
+    }
+
+    async fn pin(&self, vm: &VmName, point: &str, holder: &JobId) -> Result<()> {
+        self.processor
+            .clone()
+            .pin_recovery_point(proc::PinRecoveryPointRequest {
+                vm_name: vm.to_string(),
+                point_id: point.to_string(),
+                holder: holder.to_string(),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| FailoverError::peer("processor (pin)", s))
+    }
+
+    async fn unpin(&self, vm: &VmName, point: &str, holder: &JobId) -> Result<()> {
+        self.processor
+            .clone()
+            .unpin_recovery_point(proc::UnpinRecoveryPointRequest {
+                vm_name: vm.to_string(),
+                point_id: point.to_string(),
+                holder: holder.to_string(),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| FailoverError::peer("processor (unpin)", s))
+    }
+
+    async fn read_disk(&self, vm: &VmName, point: &str, disk: &str) -> Result<Extents> {
+        let stream = self
+            .processor
+            .clone()
+            .read_disk(proc::ReadDiskRequest {
+                vm_name: vm.to_string(),
+                point_id: point.to_string(),
+                disk_id: disk.to_string(),
+                offset: 0,
+                length: 0,
+            })
+            .await
+            .map_err(|s| FailoverError::peer("processor (read disk)", s))?
+            .into_inner();
+        Ok(Box::pin(stream.map(|m| {
+            m.map(extent)
+                .map_err(|s| FailoverError::peer("processor (read disk)", s))
+        })))
+    }
+
+    async fn disk_digest(&self, vm: &VmName, point: &str, disk: &str) -> Result<Digest> {
+        let d = self
+            .processor
+            .clone()
+            .get_disk_digest(proc::GetDiskDigestRequest {
+                vm_name: vm.to_string(),
+                point_id: point.to_string(),
+                disk_id: disk.to_string(),
+            })
+            .await
+            .map_err(|s| FailoverError::peer("processor (disk digest)", s))?
+            .into_inner();
+        Ok(Digest {
+            algorithm: d.algorithm,
+            size_bytes: d.size_bytes,
+            chunk_bytes: d.chunk_bytes,
+            sha256: d.sha256.to_vec(),
+        })
+    }
+
+    fn has_cache(&self) -> bool {
+        self.cache.is_some()
+    }
+
+    async fn drain(&self, vm: &VmName, reason: &str, marker: &JobId) -> Result<()> {
+        let mut cache = self.cache.clone().ok_or_else(|| {
+            FailoverError::FailedPrecondition("failover-svc has no --cache".into())
+        })?;
+        cache
+            .send_control(cache::SendControlRequest {
+                vm_name: vm.to_string(),
+                control: Some(cache::send_control_request::Control::Stop(cache::Stop {
+                    reason: reason.to_string(),
+                    final_marker_id: marker.to_string(),
+                })),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| FailoverError::peer("cache (drain)", s))
+    }
+}

@@ -1,0 +1,216 @@
+//! A job's steps: [`Step`] names each (persisted by a stable tag, the name
+//! records have always stored, so an old record resumes), [`plan`] lists
+//! each kind of job's steps in order, as data (the flow the engine's
+//! module doc describes), and each step's work is in
+//! the file named for it. Every step is idempotent: a job resumed after a
+//! crash runs its first unfinished step again.
+
+mod commit_registry;
+mod create_vm;
+mod delete_vm;
+mod drain;
+mod fence;
+mod materialize;
+mod member_jobs;
+mod members_done;
+mod network;
+mod pin_point;
+mod release_points;
+mod update_registry;
+mod validate;
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::peers::Item;
+use super::Engine;
+use crate::error::FailoverError;
+use crate::jobs::{FailoverKind, JobRecord};
+
+type Result<T> = std::result::Result<T, FailoverError>;
+
+pub(crate) use network::network;
+
+/// One step of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Step {
+    /// The VM (or group) is still there to act on.
+    #[serde(rename = "validate")]
+    Validate,
+    /// Planned: the source stops taking writes and sends them all.
+    #[serde(rename = "drain")]
+    Drain,
+    /// FAILOVER_IN_PROGRESS, epoch raised: the old agent is refused.
+    #[serde(rename = "fence")]
+    Fence,
+    /// The point is chosen and pinned so retention keeps it.
+    #[serde(rename = "pin-point")]
+    PinPoint,
+    /// The target network and subnet exist.
+    #[serde(rename = "network")]
+    Network,
+    /// The point's disks written to the target and checked end to end.
+    #[serde(rename = "materialize-disks")]
+    MaterializeDisks,
+    /// The VM recorded in the target region.
+    #[serde(rename = "create-vm")]
+    CreateVm,
+    /// FAILED_OVER; earlier failovers' points released.
+    #[serde(rename = "update-registry")]
+    UpdateRegistry,
+    /// COMMITTED.
+    #[serde(rename = "commit-registry")]
+    CommitRegistry,
+    /// The points earlier failover jobs pinned are released.
+    #[serde(rename = "release-points")]
+    ReleasePoints,
+    /// The test VMs deleted.
+    #[serde(rename = "delete-vm")]
+    DeleteVm,
+    /// Group: one job started per member.
+    #[serde(rename = "member-jobs")]
+    MemberJobs,
+    /// Group: every member job has ended.
+    #[serde(rename = "members-done")]
+    MembersDone,
+}
+
+use Step::*;
+
+/// Test failover: replication goes on; the VM comes up as `<vm>-test` in
+/// the network the user names.
+pub const TEST_FAILOVER: &[Step] = &[Validate, PinPoint, Network, MaterializeDisks, CreateVm];
+/// Planned failover: drained first, so nothing is lost; then as unplanned.
+pub const PLANNED_FAILOVER: &[Step] = &[
+    Validate,
+    Drain,
+    Fence,
+    PinPoint,
+    Network,
+    MaterializeDisks,
+    CreateVm,
+    UpdateRegistry,
+];
+/// Unplanned failover (or a change of point before commit).
+pub const UNPLANNED_FAILOVER: &[Step] = &[
+    Validate,
+    Fence,
+    PinPoint,
+    Network,
+    MaterializeDisks,
+    CreateVm,
+    UpdateRegistry,
+];
+/// Commit of a failover.
+pub const COMMIT: &[Step] = &[Validate, CommitRegistry, ReleasePoints];
+/// Cleanup of a test failover.
+pub const CLEANUP_TEST: &[Step] = &[Validate, DeleteVm, ReleasePoints];
+/// Any job of a replication group: its members' jobs do the work.
+pub const GROUP: &[Step] = &[Validate, MemberJobs, MembersDone];
+
+/// The steps of one VM's failover of this kind, in order.
+pub fn failover(kind: FailoverKind) -> &'static [Step] {
+    match kind {
+        FailoverKind::Test => TEST_FAILOVER,
+        FailoverKind::Planned => PLANNED_FAILOVER,
+        FailoverKind::Unplanned => UNPLANNED_FAILOVER,
+    }
+}
+
+impl Step {
+    /// The stable name: what records store and the API shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            Validate => "validate",
+            Drain => "drain",
+            Fence => "fence",
+            PinPoint => "pin-point",
+            Network => "network",
+            MaterializeDisks => "materialize-disks",
+            CreateVm => "create-vm",
+            UpdateRegistry => "update-registry",
+            CommitRegistry => "commit-registry",
+            ReleasePoints => "release-points",
+            DeleteVm => "delete-vm",
+            MemberJobs => "member-jobs",
+            MembersDone => "members-done",
+        }
+    }
+
+    /// Does this step's work for `job`; what it did, for the record.
+    pub(crate) async fn run(self, engine: &Arc<Engine>, job: &mut JobRecord) -> Result<String> {
+        match self {
+            Validate => validate::run(engine, job).await,
+            Drain => drain::run(engine, job).await,
+            Fence => fence::run(engine, job).await,
+            PinPoint => pin_point::run(engine, job).await,
+            Network => network::run(engine, job).await,
+            MaterializeDisks => materialize::run(engine, job).await,
+            CreateVm => create_vm::run(engine, job).await,
+            UpdateRegistry => update_registry::run(engine, job).await,
+            CommitRegistry => commit_registry::run(engine, job).await,
+            ReleasePoints => release_points::run(engine, job).await,
+            DeleteVm => delete_vm::run(engine, job).await,
+            MemberJobs => member_jobs::run(engine, job).await,
+            MembersDone => members_done::run(engine, job).await,
+        }
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The target VM's name and each source disk's target disk name (by disk
+/// id): the replica disks' names, `-test` added for a test failover.
+fn target_names(job: &JobRecord, item: &Item) -> (String, Vec<(String, String)>) {
+    let suffix = if job.is_test() { "-test" } else { "" };
+    let disks = item
+        .source_disks
+        .iter()
+        .map(|id| {
+            let name = item
+                .target
+                .replica_disks
+                .iter()
+                .find(|(disk, _)| disk == id)
+                .map(|(_, name)| name.clone())
+                .unwrap_or_else(|| format!("{}-{id}", item.vm_name));
+            (id.clone(), format!("{name}{suffix}"))
+        })
+        .collect();
+    (format!("{}{suffix}", item.vm_name), disks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_step_is_stored_by_the_name_records_have_always_held() {
+        let all = [
+            Validate,
+            Drain,
+            Fence,
+            PinPoint,
+            Network,
+            MaterializeDisks,
+            CreateVm,
+            UpdateRegistry,
+            CommitRegistry,
+            ReleasePoints,
+            DeleteVm,
+            MemberJobs,
+            MembersDone,
+        ];
+        for step in all {
+            let stored = serde_json::to_string(&step).unwrap();
+            assert_eq!(stored, format!("\"{}\"", step.name()));
+            assert_eq!(serde_json::from_str::<Step>(&stored).unwrap(), step);
+        }
+        assert!(serde_json::from_str::<Step>("\"reboot\"").is_err());
+    }
+}
