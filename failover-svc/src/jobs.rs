@@ -494,15 +494,17 @@ impl Jobs {
     }
 
     /// Jobs that have not ended (to resume after a restart).
-    pub fn unfinished(&self) -> Result<Vec<JobRecord>> {
-        let mut out = Vec::new();
+    pub fn unfinished(&self) -> Result<(Vec<JobRecord>, Vec<(String, FailoverError)>)> {
+        let (mut out, mut damaged) = (Vec::new(), Vec::new());
         for kv in self.jobs.iter() {
-            let job = decode(&kv?.1)?;
-            if !job.ended() {
-                out.push(job);
+            let (key, value) = kv?;
+            match decode(&value) {
+                Ok(job) if !job.ended() => out.push(job),
+                Ok(_) => {}
+                Err(e) => damaged.push((String::from_utf8_lossy(&key).into_owned(), e)),
             }
         }
-        Ok(out)
+        Ok((out, damaged))
     }
 
     /// The job with progress not yet persisted.
@@ -564,7 +566,9 @@ mod tests {
         assert_eq!(job.steps[1].state, JobState::Queued);
         assert_eq!(job.steps[1].step, Step::Fence);
         assert_eq!(job.points[0].time_nanos, UnixNanos(5));
-        assert_eq!(jobs.unfinished().unwrap(), vec![job.clone()]);
+        let (resumable, damaged) = jobs.unfinished().unwrap();
+        assert_eq!(resumable, vec![job.clone()]);
+        assert!(damaged.is_empty(), "{damaged:?}");
         // A commit stored its unset failover kind as 0.
         store(
             &jobs,
@@ -590,8 +594,14 @@ mod tests {
                 "failover_kind {damaged}: {got:?}"
             );
         }
-        // Nothing is resumed from damaged records, least of all a fence.
-        assert!(matches!(jobs.unfinished(), Err(FailoverError::Corrupt(_))));
+        // Nothing is resumed from damaged records, least of all a fence:
+        // each is set apart, named, with why.
+        let (resumable, damaged) = jobs.unfinished().unwrap();
+        assert!(resumable.is_empty(), "{resumable:?}");
+        assert_eq!(damaged.len(), 6, "{damaged:?}");
+        assert!(damaged
+            .iter()
+            .all(|(_, e)| matches!(e, FailoverError::Corrupt(_))));
     }
 
     #[test]

@@ -384,7 +384,13 @@ impl Engine {
 
     /// Resumes every unfinished job (after a restart).
     pub fn resume(self: &Arc<Self>) -> Result<usize> {
-        let unfinished = self.jobs.unfinished()?;
+        let (unfinished, damaged) = self.jobs.unfinished()?;
+        // A damaged record is never guessed at (its kind could fence a
+        // source); it is kept for inspection, said loudly, and the other
+        // jobs resume.
+        for (key, e) in damaged {
+            tracing::error!(job = %key, error = %e, "stored job is damaged: not resumed, kept as it is");
+        }
         let n = unfinished.len();
         for job in unfinished {
             if let Ok(mut busy) = self.busy.lock() {
