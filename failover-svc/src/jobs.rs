@@ -255,6 +255,9 @@ impl MemberJob {
     }
 }
 
+/// A stored job record that cannot be read: its key and why.
+pub type Damaged = (String, FailoverError);
+
 /// A job as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
@@ -493,8 +496,9 @@ impl Jobs {
         Ok(out)
     }
 
-    /// Jobs that have not ended (to resume after a restart).
-    pub fn unfinished(&self) -> Result<(Vec<JobRecord>, Vec<(String, FailoverError)>)> {
+    /// Jobs that have not ended (to resume after a restart), and the
+    /// stored records that cannot be read, by key, with why.
+    pub fn unfinished(&self) -> Result<(Vec<JobRecord>, Vec<Damaged>)> {
         let (mut out, mut damaged) = (Vec::new(), Vec::new());
         for kv in self.jobs.iter() {
             let (key, value) = kv?;
