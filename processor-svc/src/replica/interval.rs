@@ -1,0 +1,253 @@
+//! The open interval and its cut: the VM's meta, the chunks changed in the
+//! interval (in memory until written), and the recovery point that closes
+//! it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::keys::{json, pkey, unjson};
+use super::{Result, VmReplica};
+use crate::error::ProcessorError;
+
+/// A recovery point as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Point {
+    /// The interval it closed; its versions are those `<= interval`.
+    pub interval: u64,
+    /// It holds exactly the records with sequence `<=` this.
+    pub sequence_cut: u64,
+    /// `ferry.processor.v1.PointKind`.
+    pub kind: i32,
+    /// When the newest write it holds completed at the agent (Unix ns).
+    pub time_nanos: u64,
+    /// When it was cut (Unix ns).
+    pub created_nanos: u64,
+    /// The disks and their sizes.
+    pub disks: Vec<(String, u64)>,
+    /// Who pinned it; never pruned while non-empty.
+    pub pinned_by: Vec<String>,
+    /// The bookmark id of a multi-VM point.
+    pub bookmark_id: String,
+    /// The replication group of a multi-VM point.
+    #[serde(default)]
+    pub group: String,
+    /// Why its data is known damaged (a blob it reads failed its checksum
+    /// on a read or in the scrub); such a point is never served. Not
+    /// stored: worked out from the replica's damage record when read.
+    #[serde(skip)]
+    pub damaged: Option<String>,
+}
+
+impl Point {
+    /// Its id, unique per VM.
+    pub fn id(&self) -> String {
+        format!("rp-{}", self.interval)
+    }
+}
+
+/// The interval of a point id, if it is one.
+pub fn parse_point_id(id: &str) -> Option<u64> {
+    id.strip_prefix("rp-")?.parse().ok()
+}
+
+/// What the index keeps of a VM.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Meta {
+    /// Every record up to this sequence is in the replica (durably once
+    /// saved).
+    pub applied: u64,
+    /// The open interval; the next point closes it.
+    pub interval: u64,
+    /// Disks whose initial replication completed.
+    pub synced: BTreeSet<String>,
+    /// Disks in initial replication or resync now.
+    pub syncing: BTreeSet<String>,
+    /// Disk sizes.
+    pub disks: BTreeMap<String, u64>,
+    /// When the newest applied write completed at the agent (Unix ns).
+    pub last_time_nanos: u64,
+    /// The id the next segment file gets.
+    pub next_segment: u64,
+    /// The sequence cut of the newest point (0 if none).
+    pub last_point_sequence: u64,
+    /// Ranges (offset, length) per disk whose checksum differed from the
+    /// source's in a checksum-based resync; no point until data for each
+    /// has arrived.
+    pub mismatched: BTreeMap<String, BTreeSet<(u64, u64)>>,
+    /// The protected item's incarnation (registry) this replica belongs
+    /// to; 0 for replicas from before incarnations.
+    pub incarnation: u64,
+    /// The lineage of the cache log that `applied` counts in (0: none
+    /// yet). Records of another lineage do not follow those applied.
+    pub lineage: u64,
+    /// Disks that must be checked whole against the source before any
+    /// point: records between what was applied and what comes next were
+    /// lost (the cache's log was trimmed past this replica, or lost and
+    /// started again). Cleared per disk by a "resync:full" round.
+    pub gap: BTreeSet<String>,
+    /// Why the gap is there, for people.
+    pub gap_reason: String,
+}
+
+/// The SYNC_STARTED id of a resync round that covers every chunk of its
+/// disk (cache.proto): only such a round closes a gap.
+pub const FULL_RESYNC: &str = "resync:full";
+
+/// A chunk changed in the open interval, not yet written.
+#[derive(Debug, Clone)]
+pub(super) enum Dirty {
+    Zero,
+    Data(Vec<u8>),
+}
+
+pub(super) fn dirty_len(d: &Dirty) -> usize {
+    match d {
+        Dirty::Zero => 0,
+        Dirty::Data(v) => v.len(),
+    }
+}
+
+pub(super) fn not_cuttable(meta: &Meta) -> Option<String> {
+    if !meta.gap.is_empty() {
+        let disks: Vec<&str> = meta.gap.iter().map(String::as_str).collect();
+        return Some(format!(
+            "disk(s) {} must be checked whole against the source ({}); no recovery point \
+             until that resync",
+            disks.join(", "),
+            meta.gap_reason
+        ));
+    }
+    if let Some((disk, ranges)) = meta.mismatched.iter().next() {
+        return Some(format!(
+            "disk {disk} has {} range(s) that differ from the source after a checksum \
+             resync; no recovery point until they arrive",
+            ranges.len()
+        ));
+    }
+    if !meta.syncing.is_empty() {
+        let disks: Vec<&str> = meta.syncing.iter().map(String::as_str).collect();
+        return Some(format!(
+            "disk(s) {} are in initial replication or resync; no recovery point until they finish",
+            disks.join(", ")
+        ));
+    }
+    let missing: Vec<&str> = meta
+        .disks
+        .keys()
+        .filter(|d| !meta.synced.contains(*d))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        return Some(format!(
+            "disk(s) {} have not completed initial replication; no recovery point yet",
+            missing.join(", ")
+        ));
+    }
+    None
+}
+
+impl VmReplica {
+    /// Why no point may be cut now, if that is so.
+    pub fn not_cuttable(&self) -> Result<Option<String>> {
+        let w = self.writer()?;
+        Ok(not_cuttable(&w.meta))
+    }
+
+    /// Cuts a point of `kind` at the applied sequence: writes the interval's
+    /// changed chunks and the point, and opens the next interval.
+    pub fn cut(&self, kind: i32, bookmark_id: &str, now_nanos: u64) -> Result<Point> {
+        self.cut_inner(kind, bookmark_id, "", None, now_nanos)
+    }
+
+    /// Cuts a multi-VM point at a group bookmark: its time is the round's,
+    /// the same on every member.
+    pub fn cut_bookmark(
+        &self,
+        id: &str,
+        group: &str,
+        round_nanos: u64,
+        now_nanos: u64,
+    ) -> Result<Point> {
+        let kind = ferry_proto::processor::v1::PointKind::MultiVm as i32;
+        self.cut_inner(kind, id, group, Some(round_nanos), now_nanos)
+    }
+
+    pub(super) fn cut_inner(
+        &self,
+        kind: i32,
+        bookmark_id: &str,
+        group: &str,
+        time: Option<u64>,
+        now_nanos: u64,
+    ) -> Result<Point> {
+        let mut w = self.writer()?;
+        if let Some(why) = not_cuttable(&w.meta) {
+            return Err(ProcessorError::FailedPrecondition(why));
+        }
+        let point = Point {
+            interval: w.meta.interval,
+            sequence_cut: w.meta.applied,
+            kind,
+            time_nanos: time.unwrap_or(w.meta.last_time_nanos),
+            created_nanos: now_nanos,
+            disks: w.meta.disks.iter().map(|(d, s)| (d.clone(), *s)).collect(),
+            pinned_by: Vec::new(),
+            bookmark_id: bookmark_id.to_string(),
+            group: group.to_string(),
+            damaged: None,
+        };
+        w.meta.interval += 1;
+        w.meta.last_point_sequence = point.sequence_cut;
+        self.checkpoint_locked(&mut w, Some(&point))?;
+        Ok(point)
+    }
+
+    /// Every point, oldest first.
+    pub fn points(&self) -> Result<Vec<Point>> {
+        self.tree
+            .scan_prefix(b"p")
+            .map(|kv| self.with_damage(unjson(&kv?.1)?))
+            .collect()
+    }
+
+    /// One point by id.
+    pub fn point(&self, id: &str) -> Result<Point> {
+        let missing = || {
+            ProcessorError::NotFound(format!(
+                "VM {:?} has no recovery point {id:?} (unknown or expired); list its points",
+                self.vm
+            ))
+        };
+        let interval = parse_point_id(id).ok_or_else(missing)?;
+        match self.tree.get(pkey(interval))? {
+            Some(b) => self.with_damage(unjson(&b)?),
+            None => Err(missing()),
+        }
+    }
+
+    /// Pins a point for `holder` (idempotent).
+    pub fn pin(&self, id: &str, holder: &str) -> Result<Point> {
+        let _w = self.writer()?;
+        let mut p = self.point(id)?;
+        if !p.pinned_by.iter().any(|h| h == holder) {
+            p.pinned_by.push(holder.to_string());
+            self.tree.insert(pkey(p.interval), json(&p)?)?;
+            self.db.flush()?;
+        }
+        Ok(p)
+    }
+
+    /// Releases `holder`'s pin (idempotent).
+    pub fn unpin(&self, id: &str, holder: &str) -> Result<Point> {
+        let _w = self.writer()?;
+        let mut p = self.point(id)?;
+        if p.pinned_by.iter().any(|h| h == holder) {
+            p.pinned_by.retain(|h| h != holder);
+            self.tree.insert(pkey(p.interval), json(&p)?)?;
+            self.db.flush()?;
+        }
+        Ok(p)
+    }
+}

@@ -1,0 +1,270 @@
+//! Replica disks as versioned chunks, and recovery points over them.
+//!
+//! A disk is cut into fixed-size chunks. Time is cut into intervals: the
+//! open interval collects writes, and cutting a point closes it. A chunk gets
+//! at most one version per interval (writes to it inside the interval are
+//! coalesced in memory, partial writes merged onto its previous version), so
+//! the point closing interval `g` reads, for each chunk, its newest version
+//! `<= g`. Bulk bytes go to append-only segment files of framed, checksummed
+//! blobs (`crc32c u32 | len u32 | bytes`), fsynced before the index names
+//! them; sled holds the index of each VM in a tree of its own:
+//!
+//! - `v disk chunk version` → where the version is (or "zero")
+//! - `g version disk chunk` → () (the versions an interval made, for pruning)
+//! - `r segment offset` → the `v` key (what a segment holds, for compaction)
+//! - `s segment` → its size and live bytes
+//! - `p interval` → a recovery point
+//! - `m` → the VM's meta: applied sequence, open interval, disk states
+//!
+//! Cutting a point writes the chunks changed in the interval and one point
+//! entry: O(changed chunks), whatever the disk size.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+mod apply;
+mod blobs;
+mod compact;
+mod damage;
+mod interval;
+mod keys;
+mod prune;
+mod read;
+
+pub use apply::Applied;
+pub use damage::{Damaged, Scrubbed};
+pub use interval::{parse_point_id, Meta, Point, FULL_RESYNC};
+pub use read::{Extent, ReadLease};
+
+use blobs::Writer;
+use keys::{json, unjson, META};
+
+use crate::error::ProcessorError;
+
+type Result<T> = std::result::Result<T, ProcessorError>;
+
+/// Every VM's replica.
+pub struct Replicas {
+    dir: PathBuf,
+    db: sled::Db,
+    chunk: u64,
+    segment_bytes: u64,
+    vms: Mutex<HashMap<String, Arc<VmReplica>>>,
+}
+
+fn poisoned() -> ProcessorError {
+    ProcessorError::Corrupt("a replica lock was poisoned by a panic".into())
+}
+
+fn tree_name(vm: &str) -> String {
+    format!("vm/{vm}")
+}
+
+impl Replicas {
+    /// Opens (or creates) the replicas under `dir`.
+    pub fn open(dir: &Path, chunk: u64, segment_bytes: u64) -> Result<Replicas> {
+        fs::create_dir_all(dir.join("segments")).map_err(|e| ProcessorError::io(dir, e))?;
+        let db = sled::Config::new().path(dir.join("index")).open()?;
+        Ok(Replicas {
+            dir: dir.to_path_buf(),
+            db,
+            chunk,
+            segment_bytes,
+            vms: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The names of every VM with a replica.
+    pub fn names(&self) -> Vec<String> {
+        self.db
+            .tree_names()
+            .into_iter()
+            .filter_map(|n| String::from_utf8(n.to_vec()).ok())
+            .filter_map(|n| n.strip_prefix("vm/").map(str::to_string))
+            .collect()
+    }
+
+    /// A VM's replica if it has one.
+    pub fn get(&self, vm: &str) -> Result<Option<Arc<VmReplica>>> {
+        if let Some(r) = self.vms.lock().map_err(|_| poisoned())?.get(vm) {
+            return Ok(Some(r.clone()));
+        }
+        if !self.names().iter().any(|n| n == vm) {
+            return Ok(None);
+        }
+        self.open_vm(vm).map(Some)
+    }
+
+    /// The replica of `vm`'s protected item at `incarnation`, created
+    /// empty with `disks` if missing; disk sizes are updated from `disks`.
+    /// A replica of an older incarnation (replication was disabled and
+    /// enabled again while this processor did not see it) is deleted first;
+    /// one of a newer incarnation than registry's is refused and kept.
+    pub fn open_vm_with(
+        &self,
+        vm: &str,
+        disks: &BTreeMap<String, u64>,
+        incarnation: u64,
+    ) -> Result<Arc<VmReplica>> {
+        let mut replica = match self.get(vm)? {
+            Some(r) => r,
+            None => self.open_vm(vm)?,
+        };
+        let meta = replica.meta()?;
+        let held = meta.incarnation;
+        // Nothing applied, no point: a new replica, not an old item's.
+        let fresh = held == 0 && meta.applied == 0 && meta.last_point_sequence == 0;
+        if fresh && incarnation > 0 {
+            replica.set_incarnation(incarnation)?;
+        } else if held > incarnation {
+            return Err(ProcessorError::FailedPrecondition(format!(
+                "the replica of VM {vm:?} is of incarnation {held}, newer than registry's \
+                 {incarnation}: is registry restored from an older backup? The replica is kept"
+            )));
+        } else if held < incarnation {
+            tracing::warn!(
+                vm,
+                old = held,
+                new = incarnation,
+                "replication was enabled again: the old replica is deleted"
+            );
+            self.remove(vm)?;
+            replica = self.open_vm(vm)?;
+            replica.set_incarnation(incarnation)?;
+        }
+        replica.set_disks(disks)?;
+        Ok(replica)
+    }
+
+    fn open_vm(&self, vm: &str) -> Result<Arc<VmReplica>> {
+        let mut vms = self.vms.lock().map_err(|_| poisoned())?;
+        if let Some(r) = vms.get(vm) {
+            return Ok(r.clone());
+        }
+        let tree = self.db.open_tree(tree_name(vm))?;
+        let meta: Meta = match tree.get(META)? {
+            Some(b) => unjson(&b)?,
+            None => Meta {
+                interval: 1,
+                next_segment: 1,
+                ..Meta::default()
+            },
+        };
+        let dir = self.dir.join("segments").join(ferry_runtime::path_name(vm));
+        ferry_runtime::durable::create_dir_all(&dir).map_err(|e| ProcessorError::io(&dir, e))?;
+        let damage = damage::Damage::load(&tree)?;
+        let replica = Arc::new(VmReplica {
+            vm: vm.to_string(),
+            tree,
+            db: self.db.clone(),
+            dir,
+            chunk: self.chunk,
+            segment_bytes: self.segment_bytes,
+            files: Mutex::new(HashMap::new()),
+            reading: Mutex::new(HashMap::new()),
+            writer: Mutex::new(Writer {
+                flushed: meta.clone(),
+                meta,
+                dirty: BTreeMap::new(),
+                dirty_bytes: 0,
+                current: None,
+            }),
+            damage: Mutex::new(damage),
+            scrub_at: Mutex::new(Vec::new()),
+        });
+        vms.insert(vm.to_string(), replica.clone());
+        Ok(replica)
+    }
+
+    /// Deletes a VM's replica (its replication was disabled).
+    pub fn remove(&self, vm: &str) -> Result<()> {
+        let removed = self.vms.lock().map_err(|_| poisoned())?.remove(vm);
+        let dir = removed
+            .map(|r| r.dir.clone())
+            .unwrap_or_else(|| self.dir.join("segments").join(ferry_runtime::path_name(vm)));
+        self.db.drop_tree(tree_name(vm))?;
+        self.db.flush()?;
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ProcessorError::io(&dir, e)),
+        }
+    }
+}
+
+/// One VM's replica disks and points.
+pub struct VmReplica {
+    pub vm: String,
+    tree: sled::Tree,
+    db: sled::Db,
+    dir: PathBuf,
+    chunk: u64,
+    segment_bytes: u64,
+    /// Open segment files for reading.
+    files: Mutex<HashMap<u64, Arc<File>>>,
+    /// Points being read now (interval → readers): never pruned meanwhile.
+    reading: Mutex<HashMap<u64, usize>>,
+    writer: Mutex<Writer>,
+    /// Chunk versions whose blobs failed their checksum (see `damage`).
+    damage: Mutex<damage::Damage>,
+    /// Where the scrub goes on: the next blob key.
+    scrub_at: Mutex<Vec<u8>>,
+}
+
+impl VmReplica {
+    fn writer(&self) -> Result<MutexGuard<'_, Writer>> {
+        self.writer.lock().map_err(|_| poisoned())
+    }
+
+    /// The chunk size in bytes.
+    pub fn chunk_bytes(&self) -> u64 {
+        self.chunk
+    }
+
+    /// The VM's meta as it is in memory now.
+    pub fn meta(&self) -> Result<Meta> {
+        Ok(self.writer()?.meta.clone())
+    }
+
+    /// The applied sequence (in memory).
+    pub fn applied(&self) -> Result<u64> {
+        Ok(self.writer()?.meta.applied)
+    }
+
+    /// The applied sequence the index holds (what survives a crash).
+    pub fn durable_applied(&self) -> Result<u64> {
+        Ok(self.writer()?.flushed.applied)
+    }
+
+    /// The durable applied sequence and the log lineage it counts in.
+    pub fn durable_position(&self) -> Result<(u64, u64)> {
+        let w = self.writer()?;
+        Ok((w.flushed.applied, w.flushed.lineage))
+    }
+
+    /// Bytes of changed chunks held in memory for the open interval.
+    pub fn dirty_bytes(&self) -> Result<usize> {
+        Ok(self.writer()?.dirty_bytes)
+    }
+
+    fn set_disks(&self, disks: &BTreeMap<String, u64>) -> Result<()> {
+        let mut w = self.writer()?;
+        if w.meta.disks != *disks {
+            w.meta.disks = disks.clone();
+            self.tree.insert(META, json(&w.stored_meta())?)?;
+            self.db.flush()?;
+        }
+        Ok(())
+    }
+
+    fn set_incarnation(&self, incarnation: u64) -> Result<()> {
+        let mut w = self.writer()?;
+        w.meta.incarnation = incarnation;
+        w.flushed.incarnation = incarnation;
+        self.tree.insert(META, json(&w.stored_meta())?)?;
+        self.db.flush()?;
+        Ok(())
+    }
+}
