@@ -81,3 +81,71 @@ impl VmReplica {
         Ok(moved)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::super::blobs::{Stored, BLOB_HEADER};
+    use super::super::keys::vkey;
+    use super::super::testing::{Fixture, CHUNK, SIZE};
+
+    /// Four blobs a segment. Segment 1 holds chunks 0-3 of the first point,
+    /// pruned; the second point rewrote chunks 0-2 (segment 2) and still
+    /// reads chunk 3 from segment 1: a quarter of it is live.
+    fn mostly_dead_first_segment() -> (Fixture, super::super::Point, Vec<u8>) {
+        let mut f = Fixture::new(4 * (BLOB_HEADER + CHUNK));
+        let mut image = vec![0u8; SIZE as usize];
+        f.write_chunks(&mut image, &[0, 1, 2, 3], 1);
+        let first = f.cut();
+        f.write_chunks(&mut image, &[0, 1, 2], 2);
+        let second = f.cut();
+        f.replica.prune(&BTreeSet::from([first.interval])).unwrap();
+        (f, second, image)
+    }
+
+    fn chunk_3(f: &Fixture, point: &super::super::Point) -> Stored {
+        let v = f.replica.version_at("os", 3, point.interval).unwrap();
+        v.unwrap()
+    }
+
+    #[test]
+    fn compaction_moves_live_blobs_without_changing_what_a_point_reads() {
+        let (f, point, image) = mostly_dead_first_segment();
+        assert!(matches!(chunk_3(&f, &point), Stored::Data { seg: 1, .. }));
+        let moved = f.replica.compact_step(u64::MAX).unwrap();
+        assert_eq!(moved, BLOB_HEADER + CHUNK, "one live blob moved");
+        assert!(matches!(chunk_3(&f, &point), Stored::Data { seg: 2, .. }));
+        assert!(f.read_all(&point) == image);
+        assert!(
+            !f.replica.segment_path(1).exists(),
+            "the emptied segment goes"
+        );
+        assert_eq!(f.replica.compact_step(u64::MAX).unwrap(), 0, "nothing left");
+        assert!(f.read_all(&point) == image);
+    }
+
+    #[test]
+    fn compaction_leaves_a_damaged_blob_in_place_and_records_it() {
+        let (f, point, _) = mostly_dead_first_segment();
+        let before = chunk_3(&f, &point);
+        let Stored::Data { off, .. } = before else {
+            panic!("chunk 3 is data");
+        };
+        let path = f.replica.segment_path(1);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[(off + BLOB_HEADER) as usize + 100] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+
+        assert_eq!(f.replica.compact_step(u64::MAX).unwrap(), 0);
+        assert_eq!(chunk_3(&f, &point), before, "still where it was");
+        assert!(path.exists());
+        let key = vkey("os", 3, point.interval - 1);
+        assert!(f.replica.tree.contains_key(key).unwrap());
+        let damage = f.replica.damage().unwrap();
+        assert_eq!(damage.len(), 1);
+        assert_eq!((damage[0].chunk, damage[0].segment), (3, 1));
+        let point = f.replica.point(&point.id()).unwrap();
+        assert!(point.damaged.is_some(), "the point reading it is refused");
+    }
+}

@@ -251,3 +251,39 @@ impl VmReplica {
         Ok(p)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ferry_proto::cache::v1::record::Op;
+    use ferry_proto::cache::v1::ZeroOp;
+
+    use super::super::testing::{Fixture, CHUNK, SIZE};
+
+    #[test]
+    fn a_cut_point_reads_exactly_what_was_applied_up_to_it() {
+        let mut f = Fixture::new(1 << 20);
+        let mut image = vec![0u8; SIZE as usize];
+        f.write_chunks(&mut image, &[0, 1, 2], 1);
+        // Written before the cut by memory pressure: still this interval's.
+        f.replica.checkpoint().unwrap();
+        f.write_chunks(&mut image, &[1], 2);
+        f.apply(Op::WriteZeroes(ZeroOp {
+            offset: 2 * CHUNK,
+            length: CHUNK,
+        }));
+        image[(2 * CHUNK) as usize..(3 * CHUNK) as usize].fill(0);
+        let first = f.cut();
+        assert_eq!(first.sequence_cut, f.replica.applied().unwrap());
+        let at_first = image.clone();
+
+        // What comes after the cut, written or not, is not the point's.
+        f.write_chunks(&mut image, &[0, 3], 3);
+        f.replica.checkpoint().unwrap();
+        f.write_chunks(&mut image, &[4], 4);
+        assert!(f.read_all(&first) == at_first, "the point reads its cut");
+        let second = f.cut();
+        assert!(f.read_all(&first) == at_first);
+        assert!(f.read_all(&second) == image);
+        assert_eq!(second.interval, first.interval + 1);
+    }
+}

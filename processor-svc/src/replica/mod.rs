@@ -6,7 +6,7 @@
 //! coalesced in memory, partial writes merged onto its previous version), so
 //! the point closing interval `g` reads, for each chunk, its newest version
 //! `<= g`. Bulk bytes go to append-only segment files of framed, checksummed
-//! blobs (`crc32c u32 | len u32 | bytes`), fsynced before the index names
+//! blobs (`crc32c u32 BE | len u32 BE | bytes`), fsynced before the index names
 //! them; sled holds the index of each VM in a tree of its own:
 //!
 //! - `v disk chunk version` → where the version is (or "zero")
@@ -18,6 +18,28 @@
 //!
 //! Cutting a point writes the chunks changed in the interval and one point
 //! entry: O(changed chunks), whatever the disk size.
+//!
+//! One idea per module; this one holds [`Replicas`] and [`VmReplica`]'s
+//! shape (its fields, locks and meta accessors) and what ties them together:
+//!
+//! - `keys`: the index key encodings above and their parsers.
+//! - `interval`: what an interval is: the VM's [`Meta`], the chunks changed
+//!   in the open interval (in memory), its cut into a [`Point`], the points'
+//!   catalogue (list, get, pin). Point and Meta live here because they are
+//!   the interval's records: a point is a closed interval, the meta names
+//!   the open one.
+//! - `apply`: records applied, in sequence, to the open interval (writes,
+//!   zeroes, markers, digests compared, damaged records refused). Not in
+//!   `interval`: it is the stream's side (sequence, lineage, gaps), which
+//!   the cut does not need.
+//! - `blobs`: segment files, the writer appending blobs to them, reading a
+//!   blob, and the checkpoint that makes blobs and index entries durable
+//!   together (with segment accounting, reload after a failure, deleting
+//!   dead segments).
+//! - `read`: reading a point's disks, its digest, the lease held meanwhile.
+//! - `prune`: retention, deleting points and the versions only they read.
+//! - `compact`: moving live blobs out of mostly dead segments.
+//! - `damage`: blobs that failed their checksum, and the scrub.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
@@ -32,6 +54,8 @@ mod interval;
 mod keys;
 mod prune;
 mod read;
+#[cfg(test)]
+mod testing;
 
 pub use apply::Applied;
 pub use damage::{Damaged, Scrubbed};

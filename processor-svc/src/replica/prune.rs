@@ -74,3 +74,54 @@ impl VmReplica {
         Ok(deleted)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::super::testing::{Fixture, CHUNK, SIZE};
+
+    #[test]
+    fn a_pruned_interval_keeps_the_versions_retained_points_read_and_frees_the_rest() {
+        let mut f = Fixture::new(1 << 20);
+        let mut image = vec![0u8; SIZE as usize];
+        let mut points = Vec::new();
+        // Chunk 0 in every interval, chunk 1 only in the second, chunk 2 in
+        // the first and the third.
+        for (chunks, byte) in [(&[0, 2][..], 1), (&[0, 1], 2), (&[0, 2], 3), (&[0], 4)] {
+            f.write_chunks(&mut image, chunks, byte);
+            points.push((f.cut(), image.clone()));
+        }
+        // Chunk 1 again in the open interval, written before its point: the
+        // last point still reads the version of the second interval.
+        f.write_chunks(&mut image, &[1], 5);
+        f.replica.checkpoint().unwrap();
+        let interval = |i: usize| points[i].0.interval;
+        let pruned = f
+            .replica
+            .prune(&BTreeSet::from([interval(1), interval(2)]))
+            .unwrap();
+        assert_eq!(pruned, vec![interval(1), interval(2)]);
+        for i in [0, 3] {
+            assert!(f.read_all(&points[i].0) == points[i].1, "point {i}");
+        }
+        // Kept: what points 0 and 3 (and the head) read; chunk 0's versions
+        // of the pruned intervals are read by no one now.
+        let (a, b, c, d) = (interval(0), interval(1), interval(2), interval(3));
+        let mut expected = vec![(0, a), (0, d), (1, b), (1, d + 1), (2, a), (2, c)];
+        expected.sort();
+        assert_eq!(f.versions(), expected);
+        // Freed in the segment accounting too: only the kept blobs are live.
+        let live: u64 = f
+            .replica
+            .tree
+            .scan_prefix(b"s")
+            .map(|kv| {
+                let m: super::super::blobs::SegMeta =
+                    super::super::keys::unjson(&kv.unwrap().1).unwrap();
+                m.live
+            })
+            .sum();
+        assert_eq!(live, 6 * (super::super::blobs::BLOB_HEADER + CHUNK));
+    }
+}
