@@ -4,16 +4,12 @@
 //! segment's live bytes, and deleting segments nothing reads).
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use super::interval::{Dirty, Meta, Point};
 use super::keys::{be32, be64, gkey, json, pkey, rkey, skey, unjson, vkey, META};
+use super::store::OpenSegment;
 use super::{poisoned, Result, VmReplica};
 use crate::error::ProcessorError;
 
@@ -77,18 +73,6 @@ pub(super) struct SegMeta {
     pub(super) live: u64,
 }
 
-/// The segment appends go to, with blobs not yet written to it.
-pub(super) struct Segment {
-    pub(super) id: u64,
-    pub(super) file: File,
-    /// Its length including `buf`.
-    pub(super) len: u64,
-    pub(super) buf: Vec<u8>,
-}
-
-/// Blob bytes gathered before one write(2).
-pub(super) const WRITE_BUFFER: usize = 4 << 20;
-
 pub(super) struct Writer {
     pub(super) meta: Meta,
     /// The meta as last flushed with the chunk data it covers: its applied
@@ -98,8 +82,8 @@ pub(super) struct Writer {
     pub(super) flushed: Meta,
     pub(super) dirty: BTreeMap<(String, u64), Dirty>,
     pub(super) dirty_bytes: usize,
-    /// The segment appends go to: id, file, length.
-    pub(super) current: Option<Segment>,
+    /// The open segment appends go to.
+    pub(super) current: Option<Box<dyn OpenSegment>>,
 }
 
 impl Writer {
@@ -116,29 +100,13 @@ impl Writer {
 }
 
 impl VmReplica {
-    pub(super) fn file(&self, seg: u64) -> Result<Arc<File>> {
-        let mut files = self.files.lock().map_err(|_| poisoned())?;
-        if let Some(f) = files.get(&seg) {
-            return Ok(f.clone());
-        }
-        let path = self.segment_path(seg);
-        let f = Arc::new(File::open(&path).map_err(|e| ProcessorError::io(&path, e))?);
-        files.insert(seg, f.clone());
-        Ok(f)
-    }
-
-    pub(super) fn segment_path(&self, seg: u64) -> PathBuf {
-        self.dir.join(format!("{seg:016}.seg"))
-    }
-
     pub(super) fn read_blob(&self, stored: &Stored) -> Result<Vec<u8>> {
         let Stored::Data { seg, off, len, crc } = *stored else {
             return Ok(Vec::new());
         };
-        let f = self.file(seg)?;
-        let mut buf = vec![0u8; (BLOB_HEADER + u64::from(len)) as usize];
-        f.read_exact_at(&mut buf, off)
-            .map_err(|e| ProcessorError::io(&self.segment_path(seg), e))?;
+        let mut buf = self
+            .store
+            .get_range(seg, off, BLOB_HEADER + u64::from(len))?;
         let data = buf.split_off(BLOB_HEADER as usize);
         if be32(&buf[0..4]) != crc || be32(&buf[4..8]) != len || crc32c::crc32c(&data) != crc {
             return Err(ProcessorError::DataLoss(format!(
@@ -149,75 +117,39 @@ impl VmReplica {
         Ok(data)
     }
 
-    /// Writes the current segment's buffered blobs and fdatasyncs it.
+    /// Makes the current segment's blobs durable.
     pub(super) fn sync_current(&self, w: &mut Writer) -> Result<()> {
-        if let Some(cur) = w.current.as_mut() {
-            let path = self.dir.join(format!("{:016}.seg", cur.id));
-            if !cur.buf.is_empty() {
-                cur.file
-                    .write_all(&cur.buf)
-                    .map_err(|e| ProcessorError::io(&path, e))?;
-                cur.buf.clear();
-            }
-            cur.file
-                .sync_data()
-                .map_err(|e| ProcessorError::io(&path, e))?;
+        match w.current.as_mut() {
+            Some(cur) => cur.sync(),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     pub(super) fn append_blob(&self, w: &mut Writer, data: &[u8]) -> Result<Stored> {
         let roll = w
             .current
             .as_ref()
-            .is_none_or(|cur| cur.len >= self.segment_bytes);
+            .is_none_or(|cur| cur.bytes() >= self.segment_bytes);
         if roll {
-            // The full segment is durable before the next one starts.
+            // The full segment is durable (sealed) before the next starts.
             self.sync_current(w)?;
             let seg = w.meta.next_segment;
             w.meta.next_segment += 1;
-            let path = self.segment_path(seg);
-            // Truncating is right: a segment the index does not know yet
-            // holds nothing anyone needs (a crash before its checkpoint).
-            let f = OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(true)
-                .open(&path)
-                .map_err(|e| ProcessorError::io(&path, e))?;
-            if let Some(dir) = path.parent() {
-                File::open(dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(|e| ProcessorError::io(dir, e))?;
-            }
-            w.current = Some(Segment {
-                id: seg,
-                file: f,
-                len: 0,
-                buf: Vec::with_capacity(WRITE_BUFFER),
-            });
+            w.current = Some(self.store.create(seg)?);
         }
         let cur = w.current.as_mut().ok_or_else(poisoned)?;
         let crc = crc32c::crc32c(data);
-        let stored = Stored::Data {
-            seg: cur.id,
-            off: cur.len,
+        let mut header = Vec::with_capacity(BLOB_HEADER as usize);
+        header.extend_from_slice(&crc.to_be_bytes());
+        header.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let off = cur.append(&header)?;
+        cur.append(data)?;
+        Ok(Stored::Data {
+            seg: cur.id(),
+            off,
             len: data.len() as u32,
             crc,
-        };
-        cur.buf.extend_from_slice(&crc.to_be_bytes());
-        cur.buf
-            .extend_from_slice(&(data.len() as u32).to_be_bytes());
-        cur.buf.extend_from_slice(data);
-        cur.len += BLOB_HEADER + data.len() as u64;
-        if cur.buf.len() >= WRITE_BUFFER {
-            let path = self.segment_path(cur.id);
-            cur.file
-                .write_all(&cur.buf)
-                .map_err(|e| ProcessorError::io(&path, e))?;
-            cur.buf.clear();
-        }
-        Ok(stored)
+        })
     }
 
     /// Writes the open interval's changed chunks and the meta durably
@@ -258,18 +190,18 @@ impl VmReplica {
     /// (a disk that filled mid-write): nothing names those bytes, and on a
     /// full disk they are the space needed to go on. A segment the index
     /// does not know holds nothing named at all.
-    pub(super) fn discard_unindexed(&self, cur: Segment) {
-        let path = self.segment_path(cur.id);
+    pub(super) fn discard_unindexed(&self, mut cur: Box<dyn OpenSegment>) {
+        let id = cur.id();
         let known = self
             .tree
-            .get(skey(cur.id))
+            .get(skey(id))
             .map_err(ProcessorError::from)
             .and_then(|b| b.map(|b| unjson::<SegMeta>(&b)).transpose());
         let cut = match known {
-            Ok(Some(m)) => cur.file.set_len(m.bytes),
+            Ok(Some(m)) => cur.truncate(m.bytes),
             Ok(None) => {
                 drop(cur);
-                fs::remove_file(&path)
+                self.store.delete(id)
             }
             Err(e) => {
                 tracing::warn!(vm = %self.vm, error = %e, "cannot tell what of a segment is named");
@@ -277,9 +209,7 @@ impl VmReplica {
             }
         };
         if let Err(e) = cut {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(path = %path.display(), error = %e, "cannot cut what a failed write left");
-            }
+            tracing::warn!(vm = %self.vm, segment = id, error = %e, "cannot cut what a failed write left");
         }
     }
 
@@ -383,7 +313,7 @@ impl VmReplica {
         segs: &BTreeMap<u64, SegMeta>,
         w: &Writer,
     ) -> Vec<u64> {
-        let current = w.current.as_ref().map(|cur| cur.id);
+        let current = w.current.as_ref().map(|cur| cur.id());
         let mut dead = Vec::new();
         for (seg, m) in segs {
             if m.live == 0 && Some(*seg) != current {
@@ -398,25 +328,14 @@ impl VmReplica {
 
     pub(super) fn delete_segments(&self, dead: &[u64]) {
         for seg in dead {
-            if let Ok(mut files) = self.files.lock() {
-                files.remove(seg);
-            }
-            let path = self.segment_path(*seg);
-            if let Err(e) = fs::remove_file(&path) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot delete a dead segment");
-                }
+            if let Err(e) = self.store.delete(*seg) {
+                tracing::warn!(vm = %self.vm, segment = seg, error = %e, "cannot delete a dead segment");
             }
         }
     }
 
     /// Bytes of segment files on disk.
     pub fn disk_bytes(&self) -> Result<u64> {
-        let mut total = 0;
-        let entries = fs::read_dir(&self.dir).map_err(|e| ProcessorError::io(&self.dir, e))?;
-        for e in entries.flatten() {
-            total += e.metadata().map(|m| m.len()).unwrap_or(0);
-        }
-        Ok(total)
+        Ok(self.store.list()?.iter().map(|s| s.bytes).sum())
     }
 }

@@ -14,7 +14,7 @@ impl VmReplica {
     /// once nothing in it is live. Returns the bytes moved.
     pub fn compact_step(&self, max_bytes: u64) -> Result<u64> {
         let mut w = self.writer()?;
-        let current = w.current.as_ref().map(|cur| cur.id);
+        let current = w.current.as_ref().map(|cur| cur.id());
         let mut victim: Option<(u64, SegMeta)> = None;
         for kv in self.tree.scan_prefix(b"s") {
             let (k, v) = kv?;
@@ -117,10 +117,7 @@ mod tests {
         assert_eq!(moved, BLOB_HEADER + CHUNK, "one live blob moved");
         assert!(matches!(chunk_3(&f, &point), Stored::Data { seg: 2, .. }));
         assert!(f.read_all(&point) == image);
-        assert!(
-            !f.replica.segment_path(1).exists(),
-            "the emptied segment goes"
-        );
+        assert!(!f.segment_path(1).exists(), "the emptied segment goes");
         assert_eq!(f.replica.compact_step(u64::MAX).unwrap(), 0, "nothing left");
         assert!(f.read_all(&point) == image);
     }
@@ -132,7 +129,7 @@ mod tests {
         let Stored::Data { off, .. } = before else {
             panic!("chunk 3 is data");
         };
-        let path = f.replica.segment_path(1);
+        let path = f.segment_path(1);
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[(off + BLOB_HEADER) as usize + 100] ^= 0x40;
         std::fs::write(&path, &bytes).unwrap();

@@ -32,7 +32,11 @@
 //!   zeroes, markers, digests compared, damaged records refused). Not in
 //!   `interval`: it is the stream's side (sequence, lineage, gaps), which
 //!   the cut does not need.
-//! - `blobs`: segment files, the writer appending blobs to them, reading a
+//! - `store`: the one storage seam, [`BlobStore`] (segments put by
+//!   append-then-seal, read by range, deleted, listed), and
+//!   [`LocalBlobStore`], fsynced local files; every blob byte goes through
+//!   it.
+//! - `blobs`: the blob frame in segments, the writer appending blobs, reading a
 //!   blob, and the checkpoint that makes blobs and index entries durable
 //!   together (with segment accounting, reload after a failure, deleting
 //!   dead segments).
@@ -42,7 +46,7 @@
 //! - `damage`: blobs that failed their checksum, and the scrub.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File};
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -54,6 +58,7 @@ mod interval;
 mod keys;
 mod prune;
 mod read;
+mod store;
 #[cfg(test)]
 mod testing;
 
@@ -61,6 +66,7 @@ pub use apply::Applied;
 pub use damage::{Damaged, Scrubbed};
 pub use interval::{parse_point_id, Meta, Point, FULL_RESYNC};
 pub use read::{Extent, ReadLease};
+pub use store::{BlobStore, LocalBlobStore, OpenSegment, SegmentInfo};
 
 use blobs::Writer;
 use keys::{json, unjson, META};
@@ -176,17 +182,15 @@ impl Replicas {
                 ..Meta::default()
             },
         };
-        let dir = self.dir.join("segments").join(ferry_runtime::path_name(vm));
-        ferry_runtime::durable::create_dir_all(&dir).map_err(|e| ProcessorError::io(&dir, e))?;
+        let store = Arc::new(LocalBlobStore::open(self.segments_of(vm))?);
         let damage = damage::Damage::load(&tree)?;
         let replica = Arc::new(VmReplica {
             vm: vm.to_string(),
             tree,
             db: self.db.clone(),
-            dir,
+            store,
             chunk: self.chunk,
             segment_bytes: self.segment_bytes,
-            files: Mutex::new(HashMap::new()),
             reading: Mutex::new(HashMap::new()),
             writer: Mutex::new(Writer {
                 flushed: meta.clone(),
@@ -205,16 +209,18 @@ impl Replicas {
     /// Deletes a VM's replica (its replication was disabled).
     pub fn remove(&self, vm: &str) -> Result<()> {
         let removed = self.vms.lock().map_err(|_| poisoned())?.remove(vm);
-        let dir = removed
-            .map(|r| r.dir.clone())
-            .unwrap_or_else(|| self.dir.join("segments").join(ferry_runtime::path_name(vm)));
+        let store: Arc<dyn BlobStore> = match removed {
+            Some(r) => r.store.clone(),
+            None => Arc::new(LocalBlobStore::new(self.segments_of(vm))),
+        };
         self.db.drop_tree(tree_name(vm))?;
         self.db.flush()?;
-        match fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(ProcessorError::io(&dir, e)),
-        }
+        store.delete_all()
+    }
+
+    /// Where a VM's segments are.
+    fn segments_of(&self, vm: &str) -> PathBuf {
+        self.dir.join("segments").join(ferry_runtime::path_name(vm))
     }
 }
 
@@ -223,11 +229,10 @@ pub struct VmReplica {
     pub vm: String,
     tree: sled::Tree,
     db: sled::Db,
-    dir: PathBuf,
+    /// Its segments: every blob byte is written and read through it.
+    store: Arc<dyn BlobStore>,
     chunk: u64,
     segment_bytes: u64,
-    /// Open segment files for reading.
-    files: Mutex<HashMap<u64, Arc<File>>>,
     /// Points being read now (interval → readers): never pruned meanwhile.
     reading: Mutex<HashMap<u64, usize>>,
     writer: Mutex<Writer>,

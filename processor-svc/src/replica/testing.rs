@@ -17,7 +17,7 @@ pub const SIZE: u64 = 16 * CHUNK;
 /// A replica of one synced disk `os` of [`SIZE`], segments rolling past
 /// `segment_bytes`; the directory goes when the first value is dropped.
 pub struct Fixture {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     _replicas: Replicas,
     pub replica: Arc<VmReplica>,
     seq: u64,
@@ -30,7 +30,7 @@ impl Fixture {
         let disks = BTreeMap::from([("os".to_string(), SIZE)]);
         let replica = replicas.open_vm_with("vm", &disks, 1).unwrap();
         let mut f = Fixture {
-            _dir: dir,
+            dir,
             _replicas: replicas,
             replica,
             seq: 0,
@@ -87,6 +87,16 @@ impl Fixture {
             }
         }
         out
+    }
+
+    /// The file of segment `id`.
+    pub fn segment_path(&self, id: u64) -> std::path::PathBuf {
+        let vm = self
+            .dir
+            .path()
+            .join("segments")
+            .join(ferry_runtime::path_name("vm"));
+        super::LocalBlobStore::new(vm).path(id)
     }
 
     /// Every (chunk, version) the index holds of disk `os`.
