@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use ferry_segment::{Header, Layout};
 use serde::{Deserialize, Serialize};
 
 use super::interval::{Dirty, Meta, Point};
@@ -13,7 +14,9 @@ use super::store::OpenSegment;
 use super::{poisoned, Result, VmReplica};
 use crate::error::ProcessorError;
 
-pub(super) const BLOB_HEADER: u64 = 8;
+/// Bytes of a blob's header: `crc32c u32 BE | len u32 BE` before its bytes
+/// (`ferry_segment`'s [`Layout::BLOB`]).
+pub(super) const BLOB_HEADER: u64 = ferry_segment::HEADER as u64;
 
 /// Where a chunk version lives.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -108,7 +111,9 @@ impl VmReplica {
             .store
             .get_range(seg, off, BLOB_HEADER + u64::from(len))?;
         let data = buf.split_off(BLOB_HEADER as usize);
-        if be32(&buf[0..4]) != crc || be32(&buf[4..8]) != len || crc32c::crc32c(&data) != crc {
+        // The header and the body must both be what the index names.
+        let named = Header { len, crc };
+        if Header::read(Layout::BLOB, &buf) != Some(named) || !named.matches(&data) {
             return Err(ProcessorError::DataLoss(format!(
                 "VM {:?}: segment {seg} offset {off} does not match its checksum",
                 self.vm
@@ -138,17 +143,14 @@ impl VmReplica {
             w.current = Some(self.store.create(seg)?);
         }
         let cur = w.current.as_mut().ok_or_else(poisoned)?;
-        let crc = crc32c::crc32c(data);
-        let mut header = Vec::with_capacity(BLOB_HEADER as usize);
-        header.extend_from_slice(&crc.to_be_bytes());
-        header.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        let off = cur.append(&header)?;
+        let header = Header::of(data);
+        let off = cur.append(&header.encode(Layout::BLOB))?;
         cur.append(data)?;
         Ok(Stored::Data {
             seg: cur.id(),
             off,
-            len: data.len() as u32,
-            crc,
+            len: header.len,
+            crc: header.crc,
         })
     }
 
