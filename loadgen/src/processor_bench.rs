@@ -16,7 +16,7 @@ use ferry_proto::cache::v1::{Marker, MarkerKind, Record, WriteOp};
 use ferry_proto::processor::v1 as pb;
 use ferry_proto::processor::v1::processor_client::ProcessorClient;
 use ferry_proto::registry::v1 as reg;
-use processor_svc::replica::{Replicas, VmReplica};
+use processor_svc::replica::{PointKind, Replicas, VmReplica};
 
 use crate::{fsync_baseline, Rng};
 
@@ -77,10 +77,10 @@ fn apply_rate(
     for i in 0..records {
         replica.apply(&feed.next("os", write(offset(i), len, (i % 251) as u8 + 1)))?;
         if (i + 1).is_multiple_of(per_point) {
-            replica.cut(1, "", 0)?;
+            replica.cut(PointKind::CrashConsistent, "", 0)?;
         }
     }
-    replica.cut(1, "", 0)?;
+    replica.cut(PointKind::CrashConsistent, "", 0)?;
     let secs = t.elapsed().as_secs_f64();
     Ok((
         (records * len as u64) as f64 / (1 << 20) as f64 / secs,
@@ -103,7 +103,7 @@ fn cut_cost(dir: &Path, name: &str, size: u64, rounds: usize) -> Result<(f64, f6
             replica.apply(&feed.next("os", write(offset, CHUNK as usize, 7)))?;
         }
         let t = Instant::now();
-        replica.cut(1, "", 0)?;
+        replica.cut(PointKind::CrashConsistent, "", 0)?;
         times.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     Ok((percentile(&mut times, 50.0), percentile(&mut times, 99.0)))

@@ -13,7 +13,6 @@ use std::time::Duration;
 use ferry_proto::cache::v1 as cache;
 use ferry_proto::cache::v1::cache_client::CacheClient;
 use ferry_proto::cache::v1::MarkerKind;
-use ferry_proto::processor::v1::PointKind;
 use ferry_proto::registry::v1 as registry;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::follow::{follow_registry, Follower};
@@ -24,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::error::ProcessorError;
-use crate::replica::{Applied, Point, Replicas, VmReplica};
+use crate::replica::{Applied, Point, PointKind, Replicas, VmReplica};
 use crate::retention::{self, Retention};
 
 /// Asks a pipeline for something.
@@ -673,7 +672,7 @@ impl Pipeline {
                     }
                     Applied::Marker(MarkerKind::Final, id, _) => {
                         let _claim = room_for(&replica)?;
-                        Some(replica.cut(PointKind::CrashConsistent as i32, &id, unix_nanos_now()))
+                        Some(replica.cut(PointKind::CrashConsistent, &id, unix_nanos_now()))
                     }
                     Applied::Mismatched(disk, ranges) if !ranges.is_empty() => {
                         tracing::info!(
@@ -707,7 +706,7 @@ impl Pipeline {
         for cut in cuts {
             match cut {
                 Ok(p) => {
-                    tracing::info!(point = %p.id(), seq = p.sequence_cut, kind = p.kind, "point at marker")
+                    tracing::info!(point = %p.id(), seq = p.sequence_cut, kind = ?p.kind, "point at marker")
                 }
                 Err(e) => tracing::warn!(error = %e, "no point at the marker"),
             }
@@ -745,7 +744,7 @@ impl Pipeline {
                 }
             }
             let _claim = room.claim(replica.dirty_bytes()? as u64)?;
-            replica.cut(PointKind::CrashConsistent as i32, "", unix_nanos_now())
+            replica.cut(PointKind::CrashConsistent, "", unix_nanos_now())
         })
         .await;
         let (ready, waiting): (Vec<_>, Vec<_>) =
@@ -785,11 +784,7 @@ impl Pipeline {
             let fits = room.claim(replica.dirty_bytes()? as u64);
             if fits.is_ok() && meta.applied > meta.last_point_sequence {
                 if replica.not_cuttable()?.is_none() {
-                    cut = Some(replica.cut(
-                        PointKind::CrashConsistent as i32,
-                        "",
-                        unix_nanos_now(),
-                    )?);
+                    cut = Some(replica.cut(PointKind::CrashConsistent, "", unix_nanos_now())?);
                 } else {
                     replica.checkpoint()?;
                 }
@@ -991,7 +986,7 @@ impl Pipeline {
 
 /// A point at an app-consistent or final marker, if the disks allow one.
 fn cut_at_marker(replica: &VmReplica, kind: PointKind) -> Result<Point, ProcessorError> {
-    replica.cut(kind as i32, "", unix_nanos_now())
+    replica.cut(kind, "", unix_nanos_now())
 }
 
 /// Pipelines following registry ([`follow_registry`]).

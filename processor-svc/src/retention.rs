@@ -66,7 +66,7 @@ pub fn expired(points: &[Point], now: u64, policy: &Retention) -> BTreeSet<u64> 
     };
     let nanos = |d: Duration| d.as_nanos().min(u128::from(u64::MAX)) as u64;
     let spacing = nanos(policy.thinned_spacing).max(1);
-    let mut slots: BTreeMap<(i32, u64), u64> = BTreeMap::new();
+    let mut slots: BTreeMap<(crate::replica::PointKind, u64), u64> = BTreeMap::new();
     for p in points {
         if p.interval == newest {
             continue;
@@ -89,8 +89,13 @@ pub fn expired(points: &[Point], now: u64, policy: &Retention) -> BTreeSet<u64> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replica::PointKind;
 
-    fn point(interval: u64, secs: u64, kind: i32) -> Point {
+    fn point(interval: u64, secs: u64, kind: u8) -> Point {
+        let kind = match kind {
+            1 => PointKind::CrashConsistent,
+            _ => PointKind::AppConsistent,
+        };
         Point {
             interval,
             sequence_cut: interval,

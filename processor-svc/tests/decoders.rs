@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use ferry_proto::cache::v1::record::Op;
 use ferry_proto::cache::v1::{ChunkDigests, Marker, MarkerKind, Record, WriteOp, ZeroOp};
 use ferry_testkit::props;
-use processor_svc::replica::{Point, Replicas, VmReplica};
+use processor_svc::replica::{Point, PointKind, Replicas, VmReplica};
 use processor_svc::ProcessorError;
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -111,7 +111,10 @@ fn build(dir: &Path, rounds: &[Vec<Write>]) -> Vec<(Point, Vec<u8>)> {
             replica.apply(&seal(seq, "os", op)).unwrap();
             seq += 1;
         }
-        points.push((replica.cut(1, "", seq).unwrap(), shadow.clone()));
+        points.push((
+            replica.cut(PointKind::CrashConsistent, "", seq).unwrap(),
+            shadow.clone(),
+        ));
     }
     points
 }
@@ -255,7 +258,7 @@ proptest! {
         let _ = replica.points();
         let mut failed = 0;
         for (point, shadow) in &points {
-            let _ = replica.point(&point.id());
+            let _ = replica.point(point.id());
             match read_all(&replica, point, SIZE) {
                 Ok(disk) => {
                     if let (IndexDamage::FlipValue(..), Some(kind)) = (&damage, damaged_kind) {
@@ -276,7 +279,7 @@ proptest! {
         if let Ok(meta) = replica.meta() {
             let op = Op::WriteZeroes(ZeroOp { offset: 0, length: 512 });
             let _ = replica.apply(&seal(meta.applied + 1, "os", op));
-            let _ = replica.cut(1, "", 0);
+            let _ = replica.cut(PointKind::CrashConsistent, "", 0);
         }
         let _ = replica.points();
         let _ = replica.checkpoint();
@@ -417,7 +420,7 @@ proptest! {
                 Err(_) => seq = replica.reset().unwrap() + 1,
             }
         }
-        let Ok(point) = replica.cut(1, "", 0) else {
+        let Ok(point) = replica.cut(PointKind::CrashConsistent, "", 0) else {
             return Ok(());
         };
         for (sector, len) in reads {

@@ -142,7 +142,7 @@ mod tests {
         let damage = f.replica.damage().unwrap();
         assert_eq!(damage.len(), 1);
         assert_eq!((damage[0].chunk, damage[0].segment), (3, 1));
-        let point = f.replica.point(&point.id()).unwrap();
+        let point = f.replica.point(point.id()).unwrap();
         assert!(point.damaged.is_some(), "the point reading it is refused");
     }
 }

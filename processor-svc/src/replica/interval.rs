@@ -4,9 +4,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use ferry_proto::ids::PointId;
 use serde::{Deserialize, Serialize};
 
 use super::keys::{json, pkey, unjson};
+use super::point_kind::PointKind;
 use super::{Result, VmReplica};
 use crate::error::ProcessorError;
 
@@ -17,8 +19,8 @@ pub struct Point {
     pub interval: u64,
     /// It holds exactly the records with sequence `<=` this.
     pub sequence_cut: u64,
-    /// `ferry.processor.v1.PointKind`.
-    pub kind: i32,
+    /// What it is consistent to.
+    pub kind: PointKind,
     /// When the newest write it holds completed at the agent (Unix ns).
     pub time_nanos: u64,
     /// When it was cut (Unix ns).
@@ -40,15 +42,17 @@ pub struct Point {
 }
 
 impl Point {
-    /// Its id, unique per VM.
-    pub fn id(&self) -> String {
-        format!("rp-{}", self.interval)
+    /// Its id, unique per VM: the interval it closed.
+    pub fn id(&self) -> PointId {
+        PointId(self.interval)
     }
 }
 
-/// The interval of a point id, if it is one.
-pub fn parse_point_id(id: &str) -> Option<u64> {
-    id.strip_prefix("rp-")?.parse().ok()
+/// The error of a point `id` (as received) that `vm` does not have.
+pub fn missing_point(vm: &str, id: &str) -> ProcessorError {
+    ProcessorError::NotFound(format!(
+        "VM {vm:?} has no recovery point {id:?} (unknown or expired); list its points"
+    ))
 }
 
 /// What the index keeps of a VM.
@@ -157,7 +161,7 @@ impl VmReplica {
 
     /// Cuts a point of `kind` at the applied sequence: writes the interval's
     /// changed chunks and the point, and opens the next interval.
-    pub fn cut(&self, kind: i32, bookmark_id: &str, now_nanos: u64) -> Result<Point> {
+    pub fn cut(&self, kind: PointKind, bookmark_id: &str, now_nanos: u64) -> Result<Point> {
         self.cut_inner(kind, bookmark_id, "", None, now_nanos)
     }
 
@@ -170,13 +174,12 @@ impl VmReplica {
         round_nanos: u64,
         now_nanos: u64,
     ) -> Result<Point> {
-        let kind = ferry_proto::processor::v1::PointKind::MultiVm as i32;
-        self.cut_inner(kind, id, group, Some(round_nanos), now_nanos)
+        self.cut_inner(PointKind::MultiVm, id, group, Some(round_nanos), now_nanos)
     }
 
     pub(super) fn cut_inner(
         &self,
-        kind: i32,
+        kind: PointKind,
         bookmark_id: &str,
         group: &str,
         time: Option<u64>,
@@ -213,22 +216,15 @@ impl VmReplica {
     }
 
     /// One point by id.
-    pub fn point(&self, id: &str) -> Result<Point> {
-        let missing = || {
-            ProcessorError::NotFound(format!(
-                "VM {:?} has no recovery point {id:?} (unknown or expired); list its points",
-                self.vm
-            ))
-        };
-        let interval = parse_point_id(id).ok_or_else(missing)?;
-        match self.tree.get(pkey(interval))? {
+    pub fn point(&self, id: PointId) -> Result<Point> {
+        match self.tree.get(pkey(id.0))? {
             Some(b) => self.with_damage(unjson(&b)?),
-            None => Err(missing()),
+            None => Err(missing_point(&self.vm, &id.to_string())),
         }
     }
 
     /// Pins a point for `holder` (idempotent).
-    pub fn pin(&self, id: &str, holder: &str) -> Result<Point> {
+    pub fn pin(&self, id: PointId, holder: &str) -> Result<Point> {
         let _w = self.writer()?;
         let mut p = self.point(id)?;
         if !p.pinned_by.iter().any(|h| h == holder) {
@@ -240,7 +236,7 @@ impl VmReplica {
     }
 
     /// Releases `holder`'s pin (idempotent).
-    pub fn unpin(&self, id: &str, holder: &str) -> Result<Point> {
+    pub fn unpin(&self, id: PointId, holder: &str) -> Result<Point> {
         let _w = self.writer()?;
         let mut p = self.point(id)?;
         if p.pinned_by.iter().any(|h| h == holder) {
@@ -258,6 +254,22 @@ mod tests {
     use ferry_proto::cache::v1::ZeroOp;
 
     use super::super::testing::{Fixture, CHUNK, SIZE};
+    use super::*;
+
+    #[test]
+    fn a_point_stored_before_typed_kinds_reads_and_one_of_no_kind_is_corrupt() {
+        let stored = r#"{"interval":7,"sequence_cut":42,"kind":2,"time_nanos":5,
+            "created_nanos":6,"disks":[["os",4096]],"pinned_by":["job-1"],
+            "bookmark_id":"","group":""}"#;
+        let p: Point = unjson(stored.as_bytes()).unwrap();
+        assert_eq!(
+            (p.id().to_string(), p.kind),
+            ("rp-7".into(), PointKind::AppConsistent)
+        );
+        let unknown = stored.replace(r#""kind":2"#, r#""kind":9"#);
+        let err = unjson::<Point>(unknown.as_bytes()).unwrap_err();
+        assert!(matches!(err, ProcessorError::Corrupt(_)), "{err}");
+    }
 
     #[test]
     fn a_cut_point_reads_exactly_what_was_applied_up_to_it() {

@@ -28,6 +28,8 @@
 //!   catalogue (list, get, pin). Point and Meta live here because they are
 //!   the interval's records: a point is a closed interval, the meta names
 //!   the open one.
+//! - `point_kind`: [`PointKind`], the stored kind of a point (not the
+//!   wire's enum), legacy numbers read, unknown values refused.
 //! - `apply`: records applied, in sequence, to the open interval (writes,
 //!   zeroes, markers, digests compared, damaged records refused). Not in
 //!   `interval`: it is the stream's side (sequence, lineage, gaps), which
@@ -56,6 +58,7 @@ mod compact;
 mod damage;
 mod interval;
 mod keys;
+mod point_kind;
 mod prune;
 mod read;
 mod store;
@@ -64,7 +67,8 @@ mod testing;
 
 pub use apply::Applied;
 pub use damage::{Damaged, Scrubbed};
-pub use interval::{parse_point_id, Meta, Point, FULL_RESYNC};
+pub use interval::{missing_point, Meta, Point, FULL_RESYNC};
+pub use point_kind::PointKind;
 pub use read::{Extent, ReadLease};
 pub use store::{BlobStore, LocalBlobStore, OpenSegment, SegmentInfo};
 

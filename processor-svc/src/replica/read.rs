@@ -59,7 +59,7 @@ impl VmReplica {
     pub fn lease(self: &Arc<Self>, point: &Point) -> Result<ReadLease> {
         let _w = self.writer()?;
         // Still there under the writer lock, so pruning cannot have begun.
-        self.point(&point.id())?;
+        self.point(point.id())?;
         *self
             .reading
             .lock()

@@ -71,7 +71,9 @@ impl Fixture {
     }
 
     pub fn cut(&self) -> Point {
-        self.replica.cut(1, "", 0).unwrap()
+        self.replica
+            .cut(super::PointKind::CrashConsistent, "", 0)
+            .unwrap()
     }
 
     /// Disk `os` at `point`, holes as zeros.
