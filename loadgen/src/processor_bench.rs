@@ -13,6 +13,7 @@ use ferry_agent::run::{Agent, AgentOptions};
 use ferry_agent::stream::StreamLimits;
 use ferry_proto::cache::v1::record::Op;
 use ferry_proto::cache::v1::{Marker, MarkerKind, Record, WriteOp};
+use ferry_proto::ids::Incarnation;
 use ferry_proto::processor::v1 as pb;
 use ferry_proto::processor::v1::processor_client::ProcessorClient;
 use ferry_proto::registry::v1 as reg;
@@ -70,7 +71,11 @@ fn apply_rate(
     offset: impl Fn(u64) -> u64,
 ) -> Result<(f64, f64)> {
     let replicas = Replicas::open(&dir.join(name), CHUNK, 64 << 20)?;
-    let replica = replicas.open_vm_with("vm", &BTreeMap::from([("os".into(), disk_size)]), 0)?;
+    let replica = replicas.open_vm_with(
+        "vm",
+        &BTreeMap::from([("os".into(), disk_size)]),
+        Incarnation(0),
+    )?;
     let mut feed = Feed(0);
     feed.synced(&replica, "os")?;
     let t = Instant::now();
@@ -92,7 +97,8 @@ fn apply_rate(
 /// disk of `size`, over `rounds` rounds: (median, p99).
 fn cut_cost(dir: &Path, name: &str, size: u64, rounds: usize) -> Result<(f64, f64)> {
     let replicas = Replicas::open(&dir.join(name), CHUNK, 64 << 20)?;
-    let replica = replicas.open_vm_with("vm", &BTreeMap::from([("os".into(), size)]), 0)?;
+    let replica =
+        replicas.open_vm_with("vm", &BTreeMap::from([("os".into(), size)]), Incarnation(0))?;
     let mut feed = Feed(0);
     feed.synced(&replica, "os")?;
     let mut rng = Rng(0x51ed270b27a3cd91);

@@ -13,6 +13,7 @@ use std::time::Duration;
 use ferry_proto::cache::v1 as cache;
 use ferry_proto::cache::v1::cache_client::CacheClient;
 use ferry_proto::cache::v1::MarkerKind;
+use ferry_proto::ids::Incarnation;
 use ferry_proto::registry::v1 as registry;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::follow::{follow_registry, Follower};
@@ -171,22 +172,23 @@ impl Pipelines {
                     .collect()
             })
             .unwrap_or_default();
-        let replica = match self
-            .replicas
-            .open_vm_with(&item.vm_name, &disks, item.incarnation)
-        {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(vm = %item.vm_name, error = %e, "cannot open the replica");
-                return;
-            }
-        };
+        let replica =
+            match self
+                .replicas
+                .open_vm_with(&item.vm_name, &disks, Incarnation(item.incarnation))
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(vm = %item.vm_name, error = %e, "cannot open the replica");
+                    return;
+                }
+            };
         let (commands, rx) = mpsc::channel(16);
         let (status_tx, status) = watch::channel(Status::default());
         let stop = self.shutdown.child_token();
         let pipeline = Pipeline {
             vm: item.vm_name.clone(),
-            incarnation: item.incarnation,
+            incarnation: Incarnation(item.incarnation),
             group: item.replication_group.clone(),
             replica,
             cache: self.cache.clone(),
@@ -252,7 +254,7 @@ impl Pipelines {
                 continue;
             }
             let incarnation = match self.replicas.get(&vm) {
-                Ok(Some(r)) => r.meta().map(|m| m.incarnation).unwrap_or(0),
+                Ok(Some(r)) => r.meta().map(|m| m.incarnation.get()).unwrap_or(0),
                 _ => continue,
             };
             if incarnation == 0 || incarnation > last_incarnation {
@@ -340,7 +342,7 @@ impl Pipelines {
 struct Pipeline {
     vm: String,
     /// The protected item's incarnation (registry).
-    incarnation: u64,
+    incarnation: Incarnation,
     /// The VM's replication group; empty if none.
     group: String,
     replica: Arc<VmReplica>,
@@ -497,7 +499,7 @@ impl Pipeline {
             from_sequence: meta.applied + 1,
             follow: true,
             max_batch_bytes: 0,
-            incarnation: self.incarnation,
+            incarnation: self.incarnation.get(),
             lineage: meta.lineage,
         };
         let mut client = self.cache.clone();
@@ -547,7 +549,7 @@ impl Pipeline {
             .await
             .map_err(|s| ProcessorError::Unavailable(format!("cache log info: {s}")))?
             .into_inner();
-        if info.incarnation != self.incarnation || info.first_sequence <= applied + 1 {
+        if Incarnation(info.incarnation) != self.incarnation || info.first_sequence <= applied + 1 {
             return Err(ProcessorError::Unavailable(format!("cache tail: {why}")));
         }
         let reason = format!(

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use ferry_proto::cache::v1::record::Op;
 use ferry_proto::cache::v1::{ChunkDigests, Marker, MarkerKind, Record, WriteOp, ZeroOp};
+use ferry_proto::ids::Incarnation;
 use ferry_testkit::props;
 use processor_svc::replica::{Point, PointKind, Replicas, VmReplica};
 use processor_svc::ProcessorError;
@@ -57,7 +58,9 @@ fn seal(sequence: u64, disk: &str, op: Op) -> Record {
 
 /// A replica of one disk that completed its initial sync; the next sequence.
 fn synced(replicas: &Replicas, size: u64) -> (std::sync::Arc<VmReplica>, u64) {
-    let replica = replicas.open_vm_with("vm", &disks(size), 0).unwrap();
+    let replica = replicas
+        .open_vm_with("vm", &disks(size), Incarnation(0))
+        .unwrap();
     for (seq, kind) in [(1, MarkerKind::SyncStarted), (2, MarkerKind::SyncCompleted)] {
         let marker = Op::Marker(Marker {
             kind: kind as i32,

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ferry_proto::cache::v1::record::Op;
 use ferry_proto::cache::v1::{Marker, MarkerKind, Record, WriteOp, ZeroOp};
+use ferry_proto::ids::Incarnation;
 use processor_svc::replica::{Point, PointKind, Replicas, VmReplica};
 use processor_svc::ProcessorError;
 
@@ -87,7 +88,9 @@ fn every_point_reads_as_the_source_was_at_its_cut() {
     let mut shadows: Vec<(Point, BTreeMap<String, Vec<u8>>)> = Vec::new();
     {
         let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
-        let replica = replicas.open_vm_with("vm", &disks(), 0).unwrap();
+        let replica = replicas
+            .open_vm_with("vm", &disks(), Incarnation(0))
+            .unwrap();
         let mut feed = Feed { seq: 0 };
         let mut shadow: BTreeMap<String, Vec<u8>> = disks()
             .iter()
@@ -207,7 +210,7 @@ fn unwritten_ranges_are_holes_and_a_point_costs_what_changed() {
     let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
     // A 1 TiB disk: nothing may scale with its size.
     let big = BTreeMap::from([("os".to_string(), 1u64 << 40)]);
-    let replica = replicas.open_vm_with("vm", &big, 0).unwrap();
+    let replica = replicas.open_vm_with("vm", &big, Incarnation(0)).unwrap();
     let mut feed = Feed { seq: 0 };
     replica
         .apply(&feed.marker("os", MarkerKind::SyncStarted))
@@ -234,7 +237,7 @@ fn pruned_versions_give_their_space_back_and_what_remains_reads_right() {
     let dir = tempfile::tempdir().unwrap();
     let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
     let one = BTreeMap::from([("os".to_string(), SIZE)]);
-    let replica = replicas.open_vm_with("vm", &one, 0).unwrap();
+    let replica = replicas.open_vm_with("vm", &one, Incarnation(0)).unwrap();
     let mut feed = Feed { seq: 0 };
     replica
         .apply(&feed.marker("os", MarkerKind::SyncStarted))
@@ -295,7 +298,9 @@ fn pruned_versions_give_their_space_back_and_what_remains_reads_right() {
 fn a_record_that_fails_its_checksum_is_never_applied_and_blocks_points_until_resent() {
     let dir = tempfile::tempdir().unwrap();
     let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
-    let replica = replicas.open_vm_with("vm", &disks(), 0).unwrap();
+    let replica = replicas
+        .open_vm_with("vm", &disks(), Incarnation(0))
+        .unwrap();
     let mut feed = Feed { seq: 0 };
     synced(&replica, &mut feed);
     let good = feed.record(
@@ -370,7 +375,7 @@ fn vms_whose_names_differ_only_in_punctuation_keep_their_own_data() {
     let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
     let mut points = Vec::new();
     for (vm, byte) in [("web.1", 0x11u8), ("web_1", 0x22u8)] {
-        let replica = replicas.open_vm_with(vm, &disks(), 0).unwrap();
+        let replica = replicas.open_vm_with(vm, &disks(), Incarnation(0)).unwrap();
         let mut feed = Feed { seq: 0 };
         synced(&replica, &mut feed);
         replica
@@ -401,7 +406,9 @@ fn vms_whose_names_differ_only_in_punctuation_keep_their_own_data() {
 fn a_capture_time_from_the_future_never_dates_a_point_in_the_future() {
     let dir = tempfile::tempdir().unwrap();
     let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
-    let replica = replicas.open_vm_with("vm", &disks(), 0).unwrap();
+    let replica = replicas
+        .open_vm_with("vm", &disks(), Incarnation(0))
+        .unwrap();
     let mut feed = Feed { seq: 0 };
     synced(&replica, &mut feed);
     let day = 86_400 * 1_000_000_000u64;
@@ -435,7 +442,9 @@ fn pruning_never_makes_the_open_intervals_records_look_durable() {
     let cut_at;
     {
         let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
-        let replica = replicas.open_vm_with("vm", &disks(), 0).unwrap();
+        let replica = replicas
+            .open_vm_with("vm", &disks(), Incarnation(0))
+            .unwrap();
         let mut feed = Feed { seq: 0 };
         synced(&replica, &mut feed);
         let write = |feed: &mut Feed, byte: u8| {
@@ -466,7 +475,9 @@ fn pruning_never_makes_the_open_intervals_records_look_durable() {
     }
     // A crash now: the write that was in memory is applied again, not lost.
     let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
-    let replica = replicas.open_vm_with("vm", &disks(), 0).unwrap();
+    let replica = replicas
+        .open_vm_with("vm", &disks(), Incarnation(0))
+        .unwrap();
     assert_eq!(replica.meta().unwrap().applied, cut_at);
 }
 
@@ -496,7 +507,9 @@ fn flip_first_blob(dir: &std::path::Path) -> std::path::PathBuf {
 fn a_damaged_blob_found_by_the_scrub_is_never_served_and_the_head_is_asked_for_again() {
     let dir = tempfile::tempdir().unwrap();
     let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
-    let replica = replicas.open_vm_with("vm", &disks(), 0).unwrap();
+    let replica = replicas
+        .open_vm_with("vm", &disks(), Incarnation(0))
+        .unwrap();
     let mut feed = Feed { seq: 0 };
     synced(&replica, &mut feed);
     // Chunk 0 of "os" written once: every later point reads that blob.
@@ -563,7 +576,9 @@ fn a_damaged_blob_found_by_the_scrub_is_never_served_and_the_head_is_asked_for_a
 fn a_disk_digest_is_the_digest_of_the_disk_as_read() {
     let dir = tempfile::tempdir().unwrap();
     let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
-    let replica = replicas.open_vm_with("vm", &disks(), 0).unwrap();
+    let replica = replicas
+        .open_vm_with("vm", &disks(), Incarnation(0))
+        .unwrap();
     let mut feed = Feed { seq: 0 };
     synced(&replica, &mut feed);
     let mut rng = Rng(0xd1_9e57);
@@ -617,7 +632,9 @@ fn a_point_the_full_disk_took_in_part_is_not_cut_and_leaves_nothing_behind() {
     // No reserve at this level: the filesystem itself runs out mid-write.
     let fs = SmallFs::mount(16 << 20);
     let replicas = Replicas::open(fs.path(), CHUNK, 1 << 20).unwrap();
-    let replica = replicas.open_vm_with("vm", &disks(), 1).unwrap();
+    let replica = replicas
+        .open_vm_with("vm", &disks(), Incarnation(1))
+        .unwrap();
     let mut feed = Feed { seq: 0 };
     synced(&replica, &mut feed);
     let mut shadow = vec![0u8; SIZE as usize];
@@ -686,7 +703,9 @@ fn a_point_the_full_disk_took_in_part_is_not_cut_and_leaves_nothing_behind() {
     drop(replica);
     drop(replicas);
     let replicas = Replicas::open(fs.path(), CHUNK, 1 << 20).unwrap();
-    let replica = replicas.open_vm_with("vm", &disks(), 1).unwrap();
+    let replica = replicas
+        .open_vm_with("vm", &disks(), Incarnation(1))
+        .unwrap();
     let points = replica.points().unwrap();
     assert_eq!(points.len(), 2);
     assert_eq!(read_all(&replica, &points[0], "os", SIZE), first_shadow);

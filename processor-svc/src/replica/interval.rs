@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ferry_proto::ids::PointId;
+use ferry_proto::ids::{Incarnation, PointId};
 use serde::{Deserialize, Serialize};
 
 use super::keys::{json, pkey, unjson};
@@ -82,7 +82,7 @@ pub struct Meta {
     pub mismatched: BTreeMap<String, BTreeSet<(u64, u64)>>,
     /// The protected item's incarnation (registry) this replica belongs
     /// to; 0 for replicas from before incarnations.
-    pub incarnation: u64,
+    pub incarnation: Incarnation,
     /// The lineage of the cache log that `applied` counts in (0: none
     /// yet). Records of another lineage do not follow those applied.
     pub lineage: u64,

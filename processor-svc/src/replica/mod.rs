@@ -75,6 +75,8 @@ pub use store::{BlobStore, LocalBlobStore, OpenSegment, SegmentInfo};
 use blobs::Writer;
 use keys::{json, unjson, META};
 
+use ferry_proto::ids::Incarnation;
+
 use crate::error::ProcessorError;
 
 type Result<T> = std::result::Result<T, ProcessorError>;
@@ -140,7 +142,7 @@ impl Replicas {
         &self,
         vm: &str,
         disks: &BTreeMap<String, u64>,
-        incarnation: u64,
+        incarnation: Incarnation,
     ) -> Result<Arc<VmReplica>> {
         let mut replica = match self.get(vm)? {
             Some(r) => r,
@@ -149,8 +151,8 @@ impl Replicas {
         let meta = replica.meta()?;
         let held = meta.incarnation;
         // Nothing applied, no point: a new replica, not an old item's.
-        let fresh = held == 0 && meta.applied == 0 && meta.last_point_sequence == 0;
-        if fresh && incarnation > 0 {
+        let fresh = held.get() == 0 && meta.applied == 0 && meta.last_point_sequence == 0;
+        if fresh && incarnation.get() > 0 {
             replica.set_incarnation(incarnation)?;
         } else if held > incarnation {
             return Err(ProcessorError::FailedPrecondition(format!(
@@ -160,8 +162,8 @@ impl Replicas {
         } else if held < incarnation {
             tracing::warn!(
                 vm,
-                old = held,
-                new = incarnation,
+                old = held.get(),
+                new = incarnation.get(),
                 "replication was enabled again: the old replica is deleted"
             );
             self.remove(vm)?;
@@ -292,7 +294,7 @@ impl VmReplica {
         Ok(())
     }
 
-    fn set_incarnation(&self, incarnation: u64) -> Result<()> {
+    fn set_incarnation(&self, incarnation: Incarnation) -> Result<()> {
         let mut w = self.writer()?;
         w.meta.incarnation = incarnation;
         w.flushed.incarnation = incarnation;

@@ -28,7 +28,9 @@ impl Fixture {
         let dir = tempfile::tempdir().unwrap();
         let replicas = Replicas::open(dir.path(), CHUNK, segment_bytes).unwrap();
         let disks = BTreeMap::from([("os".to_string(), SIZE)]);
-        let replica = replicas.open_vm_with("vm", &disks, 1).unwrap();
+        let replica = replicas
+            .open_vm_with("vm", &disks, ferry_proto::ids::Incarnation(1))
+            .unwrap();
         let mut f = Fixture {
             dir,
             _replicas: replicas,
