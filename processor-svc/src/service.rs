@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use ferry_proto::cache::v1 as cache;
-use ferry_proto::ids::PointId;
+use ferry_proto::ids::{PointId, VmName};
 use ferry_proto::processor::v1 as pb;
 use ferry_proto::processor::v1::processor_server::Processor;
 use ferry_runtime::time::{from_timestamp, to_timestamp};
@@ -47,9 +47,10 @@ impl ProcessorService {
     }
 
     fn replica(&self, vm: &str) -> Result<Arc<VmReplica>, ProcessorError> {
-        if vm.is_empty() {
-            return Err(ProcessorError::InvalidArgument("vm_name is empty".into()));
-        }
+        // Checked as registry names VMs: a name it cannot hold is a bad
+        // request, not an unknown VM.
+        let vm = VmName::parse(vm).map_err(|e| ProcessorError::InvalidArgument(e.to_string()))?;
+        let vm = vm.as_str();
         ferry_runtime::trace_context::record_vm(vm);
         self.pipelines.replicas().get(vm)?.ok_or_else(|| {
             ProcessorError::NotFound(format!(

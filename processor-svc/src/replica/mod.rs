@@ -38,8 +38,8 @@
 //!   append-then-seal, read by range, deleted, listed), and
 //!   [`LocalBlobStore`], fsynced local files; every blob byte goes through
 //!   it.
-//! - `blobs`: the blob frame in segments, the writer appending blobs, reading a
-//!   blob, and the checkpoint that makes blobs and index entries durable
+//! - `blobs`: the blob frame in segments, the writer appending blobs,
+//!   reading a blob, and the checkpoint that makes blobs and index entries durable
 //!   together (with segment accounting, reload after a failure, deleting
 //!   dead segments).
 //! - `read`: reading a point's disks, its digest, the lease held meanwhile.
