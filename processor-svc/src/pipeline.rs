@@ -708,7 +708,7 @@ impl Pipeline {
         for cut in cuts {
             match cut {
                 Ok(p) => {
-                    tracing::info!(point = %p.id(), seq = p.sequence_cut, kind = ?p.kind, "point at marker")
+                    tracing::info!(point = %p.id(), seq = p.sequence_cut.get(), kind = ?p.kind, "point at marker")
                 }
                 Err(e) => tracing::warn!(error = %e, "no point at the marker"),
             }
@@ -817,7 +817,7 @@ impl Pipeline {
         })
         .await?;
         if let Some(p) = cut {
-            tracing::debug!(point = %p.id(), seq = p.sequence_cut, "crash-consistent point");
+            tracing::debug!(point = %p.id(), seq = p.sequence_cut.get(), "crash-consistent point");
         }
         if self
             .last_request
@@ -922,7 +922,7 @@ impl Pipeline {
         let now = unix_nanos_now();
         let rpo = latest
             .as_ref()
-            .map(|p| Duration::from_nanos(now.saturating_sub(p.time_nanos)));
+            .map(|p| Duration::from_nanos(now.saturating_sub(p.time_nanos.get())));
         let damage = self.replica.damage().unwrap_or_default();
         let (health, message) = match (&status.error, meta.syncing.is_empty()) {
             // Nothing more is applied until space returns: no points.
@@ -973,9 +973,9 @@ impl Pipeline {
             health: health as i32,
             message,
             rpo: rpo.map(to_duration),
-            last_recovery_point_time: latest
-                .as_ref()
-                .map(|p| to_timestamp(std::time::UNIX_EPOCH + Duration::from_nanos(p.time_nanos))),
+            last_recovery_point_time: latest.as_ref().map(|p| {
+                to_timestamp(std::time::UNIX_EPOCH + Duration::from_nanos(p.time_nanos.get()))
+            }),
             backlog_bytes: Some(size),
             backlog_records: Some(durable.saturating_sub(meta.applied)),
         };

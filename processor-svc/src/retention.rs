@@ -71,11 +71,11 @@ pub fn expired(points: &[Point], now: u64, policy: &Retention) -> BTreeSet<u64> 
         if p.interval == newest {
             continue;
         }
-        let age = now.saturating_sub(p.time_nanos);
+        let age = now.saturating_sub(p.time_nanos.get());
         if age > nanos(policy.retention) {
             out.insert(p.interval);
         } else if age > nanos(policy.keep_all_for) {
-            let slot = (p.kind, p.time_nanos / spacing);
+            let slot = (p.kind, p.time_nanos.get() / spacing);
             if let std::collections::btree_map::Entry::Vacant(e) = slots.entry(slot) {
                 e.insert(p.interval);
             } else {
@@ -98,10 +98,10 @@ mod tests {
         };
         Point {
             interval,
-            sequence_cut: interval,
+            sequence_cut: ferry_proto::ids::Sequence(interval),
             kind,
-            time_nanos: secs * 1_000_000_000,
-            created_nanos: secs * 1_000_000_000,
+            time_nanos: ferry_proto::ids::UnixNanos(secs * 1_000_000_000),
+            created_nanos: ferry_proto::ids::UnixNanos(secs * 1_000_000_000),
             disks: vec![],
             pinned_by: vec![],
             bookmark_id: String::new(),

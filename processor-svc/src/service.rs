@@ -90,8 +90,8 @@ pub fn to_proto(vm: &str, p: &Point) -> pb::RecoveryPoint {
         id: p.id().to_string(),
         vm_name: vm.to_string(),
         kind: pb::PointKind::from(p.kind) as i32,
-        time: Some(time(p.time_nanos)),
-        sequence_cut: p.sequence_cut,
+        time: Some(time(p.time_nanos.get())),
+        sequence_cut: p.sequence_cut.get(),
         disks: p
             .disks
             .iter()
@@ -103,7 +103,7 @@ pub fn to_proto(vm: &str, p: &Point) -> pb::RecoveryPoint {
         replication_group: p.group.clone(),
         bookmark_id: p.bookmark_id.clone(),
         pinned_by: p.pinned_by.clone(),
-        created_at: Some(time(p.created_nanos)),
+        created_at: Some(time(p.created_nanos.get())),
         damaged: p.damaged.clone().unwrap_or_default(),
     }
 }
@@ -166,7 +166,7 @@ impl Processor for ProcessorService {
             .filter(|(id, _)| rest.iter().all(|m| m.contains_key(*id)))
             .map(|(id, p)| pb::GroupPoint {
                 bookmark_id: id.clone(),
-                time: Some(time(p.time_nanos)),
+                time: Some(time(p.time_nanos.get())),
                 points: members
                     .iter()
                     .zip(&by_member)
@@ -201,8 +201,8 @@ impl Processor for ProcessorService {
         let points = points
             .iter()
             .filter(|p| kind.is_none_or(|k| p.kind == k))
-            .filter(|p| not_before.is_none_or(|t| p.time_nanos >= t))
-            .filter(|p| not_after.is_none_or(|t| p.time_nanos <= t))
+            .filter(|p| not_before.is_none_or(|t| p.time_nanos.get() >= t))
+            .filter(|p| not_after.is_none_or(|t| p.time_nanos.get() <= t))
             .take(if req.limit == 0 {
                 usize::MAX
             } else {

@@ -165,7 +165,7 @@ fn every_point_reads_as_the_source_was_at_its_cut() {
                     .unwrap();
             }
             let point = replica.cut(PointKind::CrashConsistent, "", round).unwrap();
-            assert_eq!(point.sequence_cut, feed.seq);
+            assert_eq!(point.sequence_cut.get(), feed.seq);
             shadows.push((point, shadow.clone()));
         }
         for (point, shadow) in &shadows {
@@ -182,9 +182,9 @@ fn every_point_reads_as_the_source_was_at_its_cut() {
             .points()
             .unwrap()
             .iter()
-            .map(|p| p.sequence_cut)
+            .map(|p| p.sequence_cut.get())
             .collect();
-        let cuts: Vec<u64> = shadows.iter().map(|(p, _)| p.sequence_cut).collect();
+        let cuts: Vec<u64> = shadows.iter().map(|(p, _)| p.sequence_cut.get()).collect();
         assert_eq!(listed, cuts);
     }
     // Reopened (as after a restart): the same points, the same contents.
@@ -195,7 +195,7 @@ fn every_point_reads_as_the_source_was_at_its_cut() {
         .expect("the replica is still there");
     assert_eq!(
         replica.meta().unwrap().applied,
-        shadows.last().unwrap().0.sequence_cut
+        shadows.last().unwrap().0.sequence_cut.get()
     );
     for (point, shadow) in &shadows {
         for (disk, image) in shadow {
@@ -430,9 +430,9 @@ fn a_capture_time_from_the_future_never_dates_a_point_in_the_future() {
         )
         .unwrap();
     assert!(
-        point.time_nanos <= ferry_runtime::time::unix_nanos_now(),
+        point.time_nanos.get() <= ferry_runtime::time::unix_nanos_now(),
         "the point is dated {} ns ahead",
-        point.time_nanos - ferry_runtime::time::unix_nanos_now()
+        point.time_nanos.get() - ferry_runtime::time::unix_nanos_now()
     );
 }
 
@@ -460,7 +460,7 @@ fn pruning_never_makes_the_open_intervals_records_look_durable() {
         let first = replica.cut(PointKind::CrashConsistent, "", 1).unwrap();
         replica.apply(&write(&mut feed, 2)).unwrap();
         let second = replica.cut(PointKind::CrashConsistent, "", 2).unwrap();
-        cut_at = second.sequence_cut;
+        cut_at = second.sequence_cut.get();
         // A write in memory only, then a point pruned: the index is written.
         replica.apply(&write(&mut feed, 3)).unwrap();
         assert_eq!(

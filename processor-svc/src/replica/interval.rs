@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ferry_proto::ids::{Incarnation, PointId};
+use ferry_proto::ids::{Incarnation, PointId, Sequence, UnixNanos};
 use serde::{Deserialize, Serialize};
 
 use super::keys::{json, pkey, unjson};
@@ -18,13 +18,13 @@ pub struct Point {
     /// The interval it closed; its versions are those `<= interval`.
     pub interval: u64,
     /// It holds exactly the records with sequence `<=` this.
-    pub sequence_cut: u64,
+    pub sequence_cut: Sequence,
     /// What it is consistent to.
     pub kind: PointKind,
-    /// When the newest write it holds completed at the agent (Unix ns).
-    pub time_nanos: u64,
-    /// When it was cut (Unix ns).
-    pub created_nanos: u64,
+    /// When the newest write it holds completed at the agent.
+    pub time_nanos: UnixNanos,
+    /// When it was cut.
+    pub created_nanos: UnixNanos,
     /// The disks and their sizes.
     pub disks: Vec<(String, u64)>,
     /// Who pinned it; never pruned while non-empty.
@@ -191,10 +191,10 @@ impl VmReplica {
         }
         let point = Point {
             interval: w.meta.interval,
-            sequence_cut: w.meta.applied,
+            sequence_cut: Sequence(w.meta.applied),
             kind,
-            time_nanos: time.unwrap_or(w.meta.last_time_nanos),
-            created_nanos: now_nanos,
+            time_nanos: UnixNanos(time.unwrap_or(w.meta.last_time_nanos)),
+            created_nanos: UnixNanos(now_nanos),
             disks: w.meta.disks.iter().map(|(d, s)| (d.clone(), *s)).collect(),
             pinned_by: Vec::new(),
             bookmark_id: bookmark_id.to_string(),
@@ -202,7 +202,7 @@ impl VmReplica {
             damaged: None,
         };
         w.meta.interval += 1;
-        w.meta.last_point_sequence = point.sequence_cut;
+        w.meta.last_point_sequence = point.sequence_cut.get();
         self.checkpoint_locked(&mut w, Some(&point))?;
         Ok(point)
     }
@@ -285,7 +285,7 @@ mod tests {
         }));
         image[(2 * CHUNK) as usize..(3 * CHUNK) as usize].fill(0);
         let first = f.cut();
-        assert_eq!(first.sequence_cut, f.replica.applied().unwrap());
+        assert_eq!(first.sequence_cut.get(), f.replica.applied().unwrap());
         let at_first = image.clone();
 
         // What comes after the cut, written or not, is not the point's.
