@@ -13,10 +13,11 @@ use ferry_agent::run::{Agent, AgentOptions};
 use ferry_agent::stream::StreamLimits;
 use ferry_proto::cache::v1::record::Op;
 use ferry_proto::cache::v1::{Marker, MarkerKind, Record, WriteOp};
+use ferry_proto::ids::Incarnation;
 use ferry_proto::processor::v1 as pb;
 use ferry_proto::processor::v1::processor_client::ProcessorClient;
 use ferry_proto::registry::v1 as reg;
-use processor_svc::replica::{Replicas, VmReplica};
+use processor_svc::replica::{PointKind, Replicas, VmReplica};
 
 use crate::{fsync_baseline, Rng};
 
@@ -70,17 +71,21 @@ fn apply_rate(
     offset: impl Fn(u64) -> u64,
 ) -> Result<(f64, f64)> {
     let replicas = Replicas::open(&dir.join(name), CHUNK, 64 << 20)?;
-    let replica = replicas.open_vm_with("vm", &BTreeMap::from([("os".into(), disk_size)]), 0)?;
+    let replica = replicas.open_vm_with(
+        "vm",
+        &BTreeMap::from([("os".into(), disk_size)]),
+        Incarnation(0),
+    )?;
     let mut feed = Feed(0);
     feed.synced(&replica, "os")?;
     let t = Instant::now();
     for i in 0..records {
         replica.apply(&feed.next("os", write(offset(i), len, (i % 251) as u8 + 1)))?;
         if (i + 1).is_multiple_of(per_point) {
-            replica.cut(1, "", 0)?;
+            replica.cut(PointKind::CrashConsistent, "", 0)?;
         }
     }
-    replica.cut(1, "", 0)?;
+    replica.cut(PointKind::CrashConsistent, "", 0)?;
     let secs = t.elapsed().as_secs_f64();
     Ok((
         (records * len as u64) as f64 / (1 << 20) as f64 / secs,
@@ -92,7 +97,8 @@ fn apply_rate(
 /// disk of `size`, over `rounds` rounds: (median, p99).
 fn cut_cost(dir: &Path, name: &str, size: u64, rounds: usize) -> Result<(f64, f64)> {
     let replicas = Replicas::open(&dir.join(name), CHUNK, 64 << 20)?;
-    let replica = replicas.open_vm_with("vm", &BTreeMap::from([("os".into(), size)]), 0)?;
+    let replica =
+        replicas.open_vm_with("vm", &BTreeMap::from([("os".into(), size)]), Incarnation(0))?;
     let mut feed = Feed(0);
     feed.synced(&replica, "os")?;
     let mut rng = Rng(0x51ed270b27a3cd91);
@@ -103,7 +109,7 @@ fn cut_cost(dir: &Path, name: &str, size: u64, rounds: usize) -> Result<(f64, f6
             replica.apply(&feed.next("os", write(offset, CHUNK as usize, 7)))?;
         }
         let t = Instant::now();
-        replica.cut(1, "", 0)?;
+        replica.cut(PointKind::CrashConsistent, "", 0)?;
         times.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     Ok((percentile(&mut times, 50.0), percentile(&mut times, 99.0)))

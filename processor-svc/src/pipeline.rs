@@ -13,7 +13,7 @@ use std::time::Duration;
 use ferry_proto::cache::v1 as cache;
 use ferry_proto::cache::v1::cache_client::CacheClient;
 use ferry_proto::cache::v1::MarkerKind;
-use ferry_proto::processor::v1::PointKind;
+use ferry_proto::ids::Incarnation;
 use ferry_proto::registry::v1 as registry;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::follow::{follow_registry, Follower};
@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::error::ProcessorError;
-use crate::replica::{Applied, Point, Replicas, VmReplica};
+use crate::replica::{Applied, Point, PointKind, Replicas, VmReplica};
 use crate::retention::{self, Retention};
 
 /// Asks a pipeline for something.
@@ -172,22 +172,23 @@ impl Pipelines {
                     .collect()
             })
             .unwrap_or_default();
-        let replica = match self
-            .replicas
-            .open_vm_with(&item.vm_name, &disks, item.incarnation)
-        {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(vm = %item.vm_name, error = %e, "cannot open the replica");
-                return;
-            }
-        };
+        let replica =
+            match self
+                .replicas
+                .open_vm_with(&item.vm_name, &disks, Incarnation(item.incarnation))
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(vm = %item.vm_name, error = %e, "cannot open the replica");
+                    return;
+                }
+            };
         let (commands, rx) = mpsc::channel(16);
         let (status_tx, status) = watch::channel(Status::default());
         let stop = self.shutdown.child_token();
         let pipeline = Pipeline {
             vm: item.vm_name.clone(),
-            incarnation: item.incarnation,
+            incarnation: Incarnation(item.incarnation),
             group: item.replication_group.clone(),
             replica,
             cache: self.cache.clone(),
@@ -253,7 +254,7 @@ impl Pipelines {
                 continue;
             }
             let incarnation = match self.replicas.get(&vm) {
-                Ok(Some(r)) => r.meta().map(|m| m.incarnation).unwrap_or(0),
+                Ok(Some(r)) => r.meta().map(|m| m.incarnation.get()).unwrap_or(0),
                 _ => continue,
             };
             if incarnation == 0 || incarnation > last_incarnation {
@@ -341,7 +342,7 @@ impl Pipelines {
 struct Pipeline {
     vm: String,
     /// The protected item's incarnation (registry).
-    incarnation: u64,
+    incarnation: Incarnation,
     /// The VM's replication group; empty if none.
     group: String,
     replica: Arc<VmReplica>,
@@ -498,7 +499,7 @@ impl Pipeline {
             from_sequence: meta.applied + 1,
             follow: true,
             max_batch_bytes: 0,
-            incarnation: self.incarnation,
+            incarnation: self.incarnation.get(),
             lineage: meta.lineage,
         };
         let mut client = self.cache.clone();
@@ -548,7 +549,7 @@ impl Pipeline {
             .await
             .map_err(|s| ProcessorError::Unavailable(format!("cache log info: {s}")))?
             .into_inner();
-        if info.incarnation != self.incarnation || info.first_sequence <= applied + 1 {
+        if Incarnation(info.incarnation) != self.incarnation || info.first_sequence <= applied + 1 {
             return Err(ProcessorError::Unavailable(format!("cache tail: {why}")));
         }
         let reason = format!(
@@ -673,7 +674,7 @@ impl Pipeline {
                     }
                     Applied::Marker(MarkerKind::Final, id, _) => {
                         let _claim = room_for(&replica)?;
-                        Some(replica.cut(PointKind::CrashConsistent as i32, &id, unix_nanos_now()))
+                        Some(replica.cut(PointKind::CrashConsistent, &id, unix_nanos_now()))
                     }
                     Applied::Mismatched(disk, ranges) if !ranges.is_empty() => {
                         tracing::info!(
@@ -707,7 +708,7 @@ impl Pipeline {
         for cut in cuts {
             match cut {
                 Ok(p) => {
-                    tracing::info!(point = %p.id(), seq = p.sequence_cut, kind = p.kind, "point at marker")
+                    tracing::info!(point = %p.id(), seq = p.sequence_cut.get(), kind = ?p.kind, "point at marker")
                 }
                 Err(e) => tracing::warn!(error = %e, "no point at the marker"),
             }
@@ -745,7 +746,7 @@ impl Pipeline {
                 }
             }
             let _claim = room.claim(replica.dirty_bytes()? as u64)?;
-            replica.cut(PointKind::CrashConsistent as i32, "", unix_nanos_now())
+            replica.cut(PointKind::CrashConsistent, "", unix_nanos_now())
         })
         .await;
         let (ready, waiting): (Vec<_>, Vec<_>) =
@@ -785,11 +786,7 @@ impl Pipeline {
             let fits = room.claim(replica.dirty_bytes()? as u64);
             if fits.is_ok() && meta.applied > meta.last_point_sequence {
                 if replica.not_cuttable()?.is_none() {
-                    cut = Some(replica.cut(
-                        PointKind::CrashConsistent as i32,
-                        "",
-                        unix_nanos_now(),
-                    )?);
+                    cut = Some(replica.cut(PointKind::CrashConsistent, "", unix_nanos_now())?);
                 } else {
                     replica.checkpoint()?;
                 }
@@ -820,7 +817,7 @@ impl Pipeline {
         })
         .await?;
         if let Some(p) = cut {
-            tracing::debug!(point = %p.id(), seq = p.sequence_cut, "crash-consistent point");
+            tracing::debug!(point = %p.id(), seq = p.sequence_cut.get(), "crash-consistent point");
         }
         if self
             .last_request
@@ -925,7 +922,7 @@ impl Pipeline {
         let now = unix_nanos_now();
         let rpo = latest
             .as_ref()
-            .map(|p| Duration::from_nanos(now.saturating_sub(p.time_nanos)));
+            .map(|p| Duration::from_nanos(now.saturating_sub(p.time_nanos.get())));
         let damage = self.replica.damage().unwrap_or_default();
         let (health, message) = match (&status.error, meta.syncing.is_empty()) {
             // Nothing more is applied until space returns: no points.
@@ -976,9 +973,9 @@ impl Pipeline {
             health: health as i32,
             message,
             rpo: rpo.map(to_duration),
-            last_recovery_point_time: latest
-                .as_ref()
-                .map(|p| to_timestamp(std::time::UNIX_EPOCH + Duration::from_nanos(p.time_nanos))),
+            last_recovery_point_time: latest.as_ref().map(|p| {
+                to_timestamp(std::time::UNIX_EPOCH + Duration::from_nanos(p.time_nanos.get()))
+            }),
             backlog_bytes: Some(size),
             backlog_records: Some(durable.saturating_sub(meta.applied)),
         };
@@ -991,7 +988,7 @@ impl Pipeline {
 
 /// A point at an app-consistent or final marker, if the disks allow one.
 fn cut_at_marker(replica: &VmReplica, kind: PointKind) -> Result<Point, ProcessorError> {
-    replica.cut(kind as i32, "", unix_nanos_now())
+    replica.cut(kind, "", unix_nanos_now())
 }
 
 /// Pipelines following registry ([`follow_registry`]).

@@ -66,16 +66,16 @@ pub fn expired(points: &[Point], now: u64, policy: &Retention) -> BTreeSet<u64> 
     };
     let nanos = |d: Duration| d.as_nanos().min(u128::from(u64::MAX)) as u64;
     let spacing = nanos(policy.thinned_spacing).max(1);
-    let mut slots: BTreeMap<(i32, u64), u64> = BTreeMap::new();
+    let mut slots: BTreeMap<(crate::replica::PointKind, u64), u64> = BTreeMap::new();
     for p in points {
         if p.interval == newest {
             continue;
         }
-        let age = now.saturating_sub(p.time_nanos);
+        let age = now.saturating_sub(p.time_nanos.get());
         if age > nanos(policy.retention) {
             out.insert(p.interval);
         } else if age > nanos(policy.keep_all_for) {
-            let slot = (p.kind, p.time_nanos / spacing);
+            let slot = (p.kind, p.time_nanos.get() / spacing);
             if let std::collections::btree_map::Entry::Vacant(e) = slots.entry(slot) {
                 e.insert(p.interval);
             } else {
@@ -89,14 +89,19 @@ pub fn expired(points: &[Point], now: u64, policy: &Retention) -> BTreeSet<u64> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replica::PointKind;
 
-    fn point(interval: u64, secs: u64, kind: i32) -> Point {
+    fn point(interval: u64, secs: u64, kind: u8) -> Point {
+        let kind = match kind {
+            1 => PointKind::CrashConsistent,
+            _ => PointKind::AppConsistent,
+        };
         Point {
             interval,
-            sequence_cut: interval,
+            sequence_cut: ferry_proto::ids::Sequence(interval),
             kind,
-            time_nanos: secs * 1_000_000_000,
-            created_nanos: secs * 1_000_000_000,
+            time_nanos: ferry_proto::ids::UnixNanos(secs * 1_000_000_000),
+            created_nanos: ferry_proto::ids::UnixNanos(secs * 1_000_000_000),
             disks: vec![],
             pinned_by: vec![],
             bookmark_id: String::new(),

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use ferry_proto::cache::v1 as cache;
+use ferry_proto::ids::{PointId, VmName};
 use ferry_proto::processor::v1 as pb;
 use ferry_proto::processor::v1::processor_server::Processor;
 use ferry_runtime::time::{from_timestamp, to_timestamp};
@@ -14,7 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::ProcessorError;
 use crate::pipeline::{Command, Pipelines};
-use crate::replica::{Point, VmReplica};
+use crate::replica::{missing_point, Point, PointKind, VmReplica};
 
 /// Extents buffered per ReadDisk stream before the reader waits.
 const STREAM_BUFFER: usize = 8;
@@ -46,9 +47,10 @@ impl ProcessorService {
     }
 
     fn replica(&self, vm: &str) -> Result<Arc<VmReplica>, ProcessorError> {
-        if vm.is_empty() {
-            return Err(ProcessorError::InvalidArgument("vm_name is empty".into()));
-        }
+        // Checked as registry names VMs: a name it cannot hold is a bad
+        // request, not an unknown VM.
+        let vm = VmName::parse(vm).map_err(|e| ProcessorError::InvalidArgument(e.to_string()))?;
+        let vm = vm.as_str();
         ferry_runtime::trace_context::record_vm(vm);
         self.pipelines.replicas().get(vm)?.ok_or_else(|| {
             ProcessorError::NotFound(format!(
@@ -56,6 +58,20 @@ impl ProcessorService {
             ))
         })
     }
+}
+
+/// A point id as received. One that is not an id at all is a point `vm`
+/// does not have (NOT_FOUND, as for an expired one): ids are only ever
+/// taken from a listing.
+fn point_id(vm: &str, id: &str) -> Result<PointId, ProcessorError> {
+    id.parse().map_err(|_| missing_point(vm, id))
+}
+
+/// A point-kind filter as received: None for any kind.
+fn kind_filter(kind: i32) -> Result<Option<PointKind>, Status> {
+    let kind = pb::PointKind::try_from(kind)
+        .map_err(|_| Status::invalid_argument(format!("kind {kind} is not a point kind")))?;
+    Ok(PointKind::try_from(kind).ok())
 }
 
 fn time(nanos: u64) -> prost_types::Timestamp {
@@ -71,11 +87,11 @@ fn nanos(t: &prost_types::Timestamp) -> Option<u64> {
 /// A stored point as the API shows it.
 pub fn to_proto(vm: &str, p: &Point) -> pb::RecoveryPoint {
     pb::RecoveryPoint {
-        id: p.id(),
+        id: p.id().to_string(),
         vm_name: vm.to_string(),
-        kind: p.kind,
-        time: Some(time(p.time_nanos)),
-        sequence_cut: p.sequence_cut,
+        kind: pb::PointKind::from(p.kind) as i32,
+        time: Some(time(p.time_nanos.get())),
+        sequence_cut: p.sequence_cut.get(),
         disks: p
             .disks
             .iter()
@@ -87,7 +103,7 @@ pub fn to_proto(vm: &str, p: &Point) -> pb::RecoveryPoint {
         replication_group: p.group.clone(),
         bookmark_id: p.bookmark_id.clone(),
         pinned_by: p.pinned_by.clone(),
-        created_at: Some(time(p.created_nanos)),
+        created_at: Some(time(p.created_nanos.get())),
         damaged: p.damaged.clone().unwrap_or_default(),
     }
 }
@@ -137,9 +153,7 @@ impl Processor for ProcessorService {
             };
             let points: std::collections::HashMap<String, Point> = points
                 .into_iter()
-                .filter(|p| {
-                    p.kind == pb::PointKind::MultiVm as i32 && p.group == req.replication_group
-                })
+                .filter(|p| p.kind == PointKind::MultiVm && p.group == req.replication_group)
                 .map(|p| (p.bookmark_id.clone(), p))
                 .collect();
             by_member.push(points);
@@ -152,7 +166,7 @@ impl Processor for ProcessorService {
             .filter(|(id, _)| rest.iter().all(|m| m.contains_key(*id)))
             .map(|(id, p)| pb::GroupPoint {
                 bookmark_id: id.clone(),
-                time: Some(time(p.time_nanos)),
+                time: Some(time(p.time_nanos.get())),
                 points: members
                     .iter()
                     .zip(&by_member)
@@ -178,9 +192,7 @@ impl Processor for ProcessorService {
     ) -> Result<Response<pb::ListRecoveryPointsResponse>, Status> {
         let req = request.into_inner();
         let replica = self.replica(&req.vm_name)?;
-        let kind = pb::PointKind::try_from(req.kind).map_err(|_| {
-            Status::invalid_argument(format!("kind {} is not a point kind", req.kind))
-        })?;
+        let kind = kind_filter(req.kind)?;
         let not_before = req.not_before.as_ref().and_then(nanos);
         let not_after = req.not_after.as_ref().and_then(nanos);
         let r = replica.clone();
@@ -188,9 +200,9 @@ impl Processor for ProcessorService {
         points.reverse();
         let points = points
             .iter()
-            .filter(|p| kind == pb::PointKind::Unspecified || p.kind == kind as i32)
-            .filter(|p| not_before.is_none_or(|t| p.time_nanos >= t))
-            .filter(|p| not_after.is_none_or(|t| p.time_nanos <= t))
+            .filter(|p| kind.is_none_or(|k| p.kind == k))
+            .filter(|p| not_before.is_none_or(|t| p.time_nanos.get() >= t))
+            .filter(|p| not_after.is_none_or(|t| p.time_nanos.get() <= t))
             .take(if req.limit == 0 {
                 usize::MAX
             } else {
@@ -207,7 +219,7 @@ impl Processor for ProcessorService {
     ) -> Result<Response<pb::RecoveryPoint>, Status> {
         let req = request.into_inner();
         let replica = self.replica(&req.vm_name)?;
-        let point = replica.point(&req.point_id)?;
+        let point = replica.point(point_id(&req.vm_name, &req.point_id)?)?;
         Ok(Response::new(to_proto(&req.vm_name, &point)))
     }
 
@@ -264,7 +276,7 @@ impl Processor for ProcessorService {
     ) -> Result<Response<pb::DiskDigest>, Status> {
         let req = request.into_inner();
         let replica = self.replica(&req.vm_name)?;
-        let point = replica.point(&req.point_id)?;
+        let point = replica.point(point_id(&req.vm_name, &req.point_id)?)?;
         servable(&req.vm_name, &point)?;
         // Leased like a read: the point cannot be pruned meanwhile.
         let lease = replica.lease(&point)?;
@@ -299,7 +311,7 @@ impl Processor for ProcessorService {
     ) -> Result<Response<Self::ReadDiskStream>, Status> {
         let req = request.into_inner();
         let replica = self.replica(&req.vm_name)?;
-        let point = replica.point(&req.point_id)?;
+        let point = replica.point(point_id(&req.vm_name, &req.point_id)?)?;
         servable(&req.vm_name, &point)?;
         let size = point
             .disks
@@ -401,9 +413,10 @@ impl Processor for ProcessorService {
         }
         let replica = self.replica(&req.vm_name)?;
         // A failover pins the point it uses: never a damaged one.
-        servable(&req.vm_name, &replica.point(&req.point_id)?)?;
-        let (id, holder) = (req.point_id.clone(), req.holder.clone());
-        let point = blocking(move || replica.pin(&id, &holder)).await?;
+        let id = point_id(&req.vm_name, &req.point_id)?;
+        servable(&req.vm_name, &replica.point(id)?)?;
+        let holder = req.holder.clone();
+        let point = blocking(move || replica.pin(id, &holder)).await?;
         Ok(Response::new(pb::PinRecoveryPointResponse {
             point: Some(to_proto(&req.vm_name, &point)),
         }))
@@ -418,8 +431,9 @@ impl Processor for ProcessorService {
             return Err(Status::invalid_argument("holder is empty"));
         }
         let replica = self.replica(&req.vm_name)?;
-        let (id, holder) = (req.point_id.clone(), req.holder.clone());
-        blocking(move || replica.unpin(&id, &holder)).await?;
+        let id = point_id(&req.vm_name, &req.point_id)?;
+        let holder = req.holder.clone();
+        blocking(move || replica.unpin(id, &holder)).await?;
         Ok(Response::new(pb::UnpinRecoveryPointResponse {}))
     }
 

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use ferry_proto::cache::v1::record::Op;
 use ferry_proto::cache::v1::{ChunkDigests, Marker, MarkerKind, Record, WriteOp, ZeroOp};
+use ferry_proto::ids::Incarnation;
 use ferry_testkit::props;
-use processor_svc::replica::{Point, Replicas, VmReplica};
+use processor_svc::replica::{Point, PointKind, Replicas, VmReplica};
 use processor_svc::ProcessorError;
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -57,7 +58,9 @@ fn seal(sequence: u64, disk: &str, op: Op) -> Record {
 
 /// A replica of one disk that completed its initial sync; the next sequence.
 fn synced(replicas: &Replicas, size: u64) -> (std::sync::Arc<VmReplica>, u64) {
-    let replica = replicas.open_vm_with("vm", &disks(size), 0).unwrap();
+    let replica = replicas
+        .open_vm_with("vm", &disks(size), Incarnation(0))
+        .unwrap();
     for (seq, kind) in [(1, MarkerKind::SyncStarted), (2, MarkerKind::SyncCompleted)] {
         let marker = Op::Marker(Marker {
             kind: kind as i32,
@@ -111,7 +114,10 @@ fn build(dir: &Path, rounds: &[Vec<Write>]) -> Vec<(Point, Vec<u8>)> {
             replica.apply(&seal(seq, "os", op)).unwrap();
             seq += 1;
         }
-        points.push((replica.cut(1, "", seq).unwrap(), shadow.clone()));
+        points.push((
+            replica.cut(PointKind::CrashConsistent, "", seq).unwrap(),
+            shadow.clone(),
+        ));
     }
     points
 }
@@ -255,7 +261,7 @@ proptest! {
         let _ = replica.points();
         let mut failed = 0;
         for (point, shadow) in &points {
-            let _ = replica.point(&point.id());
+            let _ = replica.point(point.id());
             match read_all(&replica, point, SIZE) {
                 Ok(disk) => {
                     if let (IndexDamage::FlipValue(..), Some(kind)) = (&damage, damaged_kind) {
@@ -276,7 +282,7 @@ proptest! {
         if let Ok(meta) = replica.meta() {
             let op = Op::WriteZeroes(ZeroOp { offset: 0, length: 512 });
             let _ = replica.apply(&seal(meta.applied + 1, "os", op));
-            let _ = replica.cut(1, "", 0);
+            let _ = replica.cut(PointKind::CrashConsistent, "", 0);
         }
         let _ = replica.points();
         let _ = replica.checkpoint();
@@ -417,7 +423,7 @@ proptest! {
                 Err(_) => seq = replica.reset().unwrap() + 1,
             }
         }
-        let Ok(point) = replica.cut(1, "", 0) else {
+        let Ok(point) = replica.cut(PointKind::CrashConsistent, "", 0) else {
             return Ok(());
         };
         for (sector, len) in reads {

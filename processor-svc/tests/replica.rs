@@ -10,7 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ferry_proto::cache::v1::record::Op;
 use ferry_proto::cache::v1::{Marker, MarkerKind, Record, WriteOp, ZeroOp};
-use processor_svc::replica::{Point, Replicas, VmReplica};
+use ferry_proto::ids::Incarnation;
+use processor_svc::replica::{Point, PointKind, Replicas, VmReplica};
 use processor_svc::ProcessorError;
 
 const SIZE: u64 = 4 << 20;
@@ -87,14 +88,16 @@ fn every_point_reads_as_the_source_was_at_its_cut() {
     let mut shadows: Vec<(Point, BTreeMap<String, Vec<u8>>)> = Vec::new();
     {
         let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
-        let replica = replicas.open_vm_with("vm", &disks(), 0).unwrap();
+        let replica = replicas
+            .open_vm_with("vm", &disks(), Incarnation(0))
+            .unwrap();
         let mut feed = Feed { seq: 0 };
         let mut shadow: BTreeMap<String, Vec<u8>> = disks()
             .iter()
             .map(|(d, s)| (d.clone(), vec![0u8; *s as usize]))
             .collect();
         // No point before every disk completed its initial sync.
-        let err = replica.cut(1, "", 0).unwrap_err();
+        let err = replica.cut(PointKind::CrashConsistent, "", 0).unwrap_err();
         assert!(
             matches!(err, ProcessorError::FailedPrecondition(_)),
             "{err}"
@@ -150,7 +153,9 @@ fn every_point_reads_as_the_source_was_at_its_cut() {
                 replica
                     .apply(&feed.marker("data", MarkerKind::SyncStarted))
                     .unwrap();
-                let err = replica.cut(1, "", round).unwrap_err();
+                let err = replica
+                    .cut(PointKind::CrashConsistent, "", round)
+                    .unwrap_err();
                 assert!(
                     matches!(err, ProcessorError::FailedPrecondition(_)),
                     "{err}"
@@ -159,8 +164,8 @@ fn every_point_reads_as_the_source_was_at_its_cut() {
                     .apply(&feed.marker("data", MarkerKind::SyncCompleted))
                     .unwrap();
             }
-            let point = replica.cut(1, "", round).unwrap();
-            assert_eq!(point.sequence_cut, feed.seq);
+            let point = replica.cut(PointKind::CrashConsistent, "", round).unwrap();
+            assert_eq!(point.sequence_cut.get(), feed.seq);
             shadows.push((point, shadow.clone()));
         }
         for (point, shadow) in &shadows {
@@ -177,9 +182,9 @@ fn every_point_reads_as_the_source_was_at_its_cut() {
             .points()
             .unwrap()
             .iter()
-            .map(|p| p.sequence_cut)
+            .map(|p| p.sequence_cut.get())
             .collect();
-        let cuts: Vec<u64> = shadows.iter().map(|(p, _)| p.sequence_cut).collect();
+        let cuts: Vec<u64> = shadows.iter().map(|(p, _)| p.sequence_cut.get()).collect();
         assert_eq!(listed, cuts);
     }
     // Reopened (as after a restart): the same points, the same contents.
@@ -190,7 +195,7 @@ fn every_point_reads_as_the_source_was_at_its_cut() {
         .expect("the replica is still there");
     assert_eq!(
         replica.meta().unwrap().applied,
-        shadows.last().unwrap().0.sequence_cut
+        shadows.last().unwrap().0.sequence_cut.get()
     );
     for (point, shadow) in &shadows {
         for (disk, image) in shadow {
@@ -205,7 +210,7 @@ fn unwritten_ranges_are_holes_and_a_point_costs_what_changed() {
     let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
     // A 1 TiB disk: nothing may scale with its size.
     let big = BTreeMap::from([("os".to_string(), 1u64 << 40)]);
-    let replica = replicas.open_vm_with("vm", &big, 0).unwrap();
+    let replica = replicas.open_vm_with("vm", &big, Incarnation(0)).unwrap();
     let mut feed = Feed { seq: 0 };
     replica
         .apply(&feed.marker("os", MarkerKind::SyncStarted))
@@ -218,7 +223,7 @@ fn unwritten_ranges_are_holes_and_a_point_costs_what_changed() {
         data: vec![7u8; 1 << 20].into(),
     });
     replica.apply(&feed.record("os", write)).unwrap();
-    let point = replica.cut(1, "", 0).unwrap();
+    let point = replica.cut(PointKind::CrashConsistent, "", 0).unwrap();
     let extents = replica.read(&point, "os", 0, 1 << 40, 4 << 20).unwrap();
     assert_eq!(extents.len(), 3, "hole, 1 MiB of data, hole");
     assert!(extents[0].data.is_none() && extents[2].data.is_none());
@@ -232,7 +237,7 @@ fn pruned_versions_give_their_space_back_and_what_remains_reads_right() {
     let dir = tempfile::tempdir().unwrap();
     let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
     let one = BTreeMap::from([("os".to_string(), SIZE)]);
-    let replica = replicas.open_vm_with("vm", &one, 0).unwrap();
+    let replica = replicas.open_vm_with("vm", &one, Incarnation(0)).unwrap();
     let mut feed = Feed { seq: 0 };
     replica
         .apply(&feed.marker("os", MarkerKind::SyncStarted))
@@ -258,17 +263,22 @@ fn pruned_versions_give_their_space_back_and_what_remains_reads_right() {
             data: data.clone().into(),
         });
         replica.apply(&feed.record("os", op)).unwrap();
-        points.push((replica.cut(1, "", u64::from(round)).unwrap(), data));
+        points.push((
+            replica
+                .cut(PointKind::CrashConsistent, "", u64::from(round))
+                .unwrap(),
+            data,
+        ));
     }
     let before = replica.disk_bytes().unwrap();
     assert!(before >= 10 * SIZE, "ten versions of the disk: {before}");
 
     // A pinned point survives pruning; the others but the newest go.
-    replica.pin(&points[3].0.id(), "job-1").unwrap();
+    replica.pin(points[3].0.id(), "job-1").unwrap();
     let all: BTreeSet<u64> = points[..9].iter().map(|(p, _)| p.interval).collect();
     let pruned = replica.prune(&all).unwrap();
     assert_eq!(pruned.len(), 8);
-    assert!(replica.point(&points[0].0.id()).is_err());
+    assert!(replica.point(points[0].0.id()).is_err());
     while replica.compact_step(8 << 20).unwrap() > 0 {}
     let after = replica.disk_bytes().unwrap();
     assert!(
@@ -280,7 +290,7 @@ fn pruned_versions_give_their_space_back_and_what_remains_reads_right() {
         assert!(read_all(&replica, point, "os", SIZE) == *data, "point {i}");
     }
     // Unpinned, it goes too.
-    replica.unpin(&points[3].0.id(), "job-1").unwrap();
+    replica.unpin(points[3].0.id(), "job-1").unwrap();
     assert_eq!(replica.prune(&all).unwrap(), vec![points[3].0.interval]);
 }
 
@@ -288,7 +298,9 @@ fn pruned_versions_give_their_space_back_and_what_remains_reads_right() {
 fn a_record_that_fails_its_checksum_is_never_applied_and_blocks_points_until_resent() {
     let dir = tempfile::tempdir().unwrap();
     let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
-    let replica = replicas.open_vm_with("vm", &disks(), 0).unwrap();
+    let replica = replicas
+        .open_vm_with("vm", &disks(), Incarnation(0))
+        .unwrap();
     let mut feed = Feed { seq: 0 };
     synced(&replica, &mut feed);
     let good = feed.record(
@@ -299,7 +311,7 @@ fn a_record_that_fails_its_checksum_is_never_applied_and_blocks_points_until_res
         }),
     );
     replica.apply(&good).unwrap();
-    let before = replica.cut(1, "", 1).unwrap();
+    let before = replica.cut(PointKind::CrashConsistent, "", 1).unwrap();
 
     // One flipped byte in transit.
     let mut damaged = feed.record(
@@ -325,7 +337,7 @@ fn a_record_that_fails_its_checksum_is_never_applied_and_blocks_points_until_res
         .unwrap()
         .expect("no point while it is missing");
     assert!(why.contains("differ from the source"), "{why}");
-    assert!(replica.cut(1, "", 2).is_err());
+    assert!(replica.cut(PointKind::CrashConsistent, "", 2).is_err());
     // Nothing of it reached the replica.
     assert_eq!(
         read_all(&replica, &before, "os", SIZE)[..CHUNK as usize],
@@ -344,7 +356,7 @@ fn a_record_that_fails_its_checksum_is_never_applied_and_blocks_points_until_res
     );
     replica.apply(&resent).unwrap();
     assert_eq!(replica.not_cuttable().unwrap(), None);
-    let after = replica.cut(1, "", 3).unwrap();
+    let after = replica.cut(PointKind::CrashConsistent, "", 3).unwrap();
     assert_eq!(
         read_all(&replica, &after, "os", SIZE)[..CHUNK as usize],
         chunk[..]
@@ -363,7 +375,7 @@ fn vms_whose_names_differ_only_in_punctuation_keep_their_own_data() {
     let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
     let mut points = Vec::new();
     for (vm, byte) in [("web.1", 0x11u8), ("web_1", 0x22u8)] {
-        let replica = replicas.open_vm_with(vm, &disks(), 0).unwrap();
+        let replica = replicas.open_vm_with(vm, &disks(), Incarnation(0)).unwrap();
         let mut feed = Feed { seq: 0 };
         synced(&replica, &mut feed);
         replica
@@ -375,7 +387,11 @@ fn vms_whose_names_differ_only_in_punctuation_keep_their_own_data() {
                 }),
             ))
             .unwrap();
-        points.push((replica.clone(), replica.cut(1, "", 1).unwrap(), byte));
+        points.push((
+            replica.clone(),
+            replica.cut(PointKind::CrashConsistent, "", 1).unwrap(),
+            byte,
+        ));
     }
     for (replica, point, byte) in points {
         assert_eq!(
@@ -390,7 +406,9 @@ fn vms_whose_names_differ_only_in_punctuation_keep_their_own_data() {
 fn a_capture_time_from_the_future_never_dates_a_point_in_the_future() {
     let dir = tempfile::tempdir().unwrap();
     let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
-    let replica = replicas.open_vm_with("vm", &disks(), 0).unwrap();
+    let replica = replicas
+        .open_vm_with("vm", &disks(), Incarnation(0))
+        .unwrap();
     let mut feed = Feed { seq: 0 };
     synced(&replica, &mut feed);
     let day = 86_400 * 1_000_000_000u64;
@@ -405,12 +423,16 @@ fn a_capture_time_from_the_future_never_dates_a_point_in_the_future() {
     ferry_proto::checksum::seal(&mut ahead);
     replica.apply(&ahead).unwrap();
     let point = replica
-        .cut(1, "", ferry_runtime::time::unix_nanos_now())
+        .cut(
+            PointKind::CrashConsistent,
+            "",
+            ferry_runtime::time::unix_nanos_now(),
+        )
         .unwrap();
     assert!(
-        point.time_nanos <= ferry_runtime::time::unix_nanos_now(),
+        point.time_nanos.get() <= ferry_runtime::time::unix_nanos_now(),
         "the point is dated {} ns ahead",
-        point.time_nanos - ferry_runtime::time::unix_nanos_now()
+        point.time_nanos.get() - ferry_runtime::time::unix_nanos_now()
     );
 }
 
@@ -420,7 +442,9 @@ fn pruning_never_makes_the_open_intervals_records_look_durable() {
     let cut_at;
     {
         let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
-        let replica = replicas.open_vm_with("vm", &disks(), 0).unwrap();
+        let replica = replicas
+            .open_vm_with("vm", &disks(), Incarnation(0))
+            .unwrap();
         let mut feed = Feed { seq: 0 };
         synced(&replica, &mut feed);
         let write = |feed: &mut Feed, byte: u8| {
@@ -433,10 +457,10 @@ fn pruning_never_makes_the_open_intervals_records_look_durable() {
             )
         };
         replica.apply(&write(&mut feed, 1)).unwrap();
-        let first = replica.cut(1, "", 1).unwrap();
+        let first = replica.cut(PointKind::CrashConsistent, "", 1).unwrap();
         replica.apply(&write(&mut feed, 2)).unwrap();
-        let second = replica.cut(1, "", 2).unwrap();
-        cut_at = second.sequence_cut;
+        let second = replica.cut(PointKind::CrashConsistent, "", 2).unwrap();
+        cut_at = second.sequence_cut.get();
         // A write in memory only, then a point pruned: the index is written.
         replica.apply(&write(&mut feed, 3)).unwrap();
         assert_eq!(
@@ -451,7 +475,9 @@ fn pruning_never_makes_the_open_intervals_records_look_durable() {
     }
     // A crash now: the write that was in memory is applied again, not lost.
     let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
-    let replica = replicas.open_vm_with("vm", &disks(), 0).unwrap();
+    let replica = replicas
+        .open_vm_with("vm", &disks(), Incarnation(0))
+        .unwrap();
     assert_eq!(replica.meta().unwrap().applied, cut_at);
 }
 
@@ -481,7 +507,9 @@ fn flip_first_blob(dir: &std::path::Path) -> std::path::PathBuf {
 fn a_damaged_blob_found_by_the_scrub_is_never_served_and_the_head_is_asked_for_again() {
     let dir = tempfile::tempdir().unwrap();
     let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
-    let replica = replicas.open_vm_with("vm", &disks(), 0).unwrap();
+    let replica = replicas
+        .open_vm_with("vm", &disks(), Incarnation(0))
+        .unwrap();
     let mut feed = Feed { seq: 0 };
     synced(&replica, &mut feed);
     // Chunk 0 of "os" written once: every later point reads that blob.
@@ -495,9 +523,9 @@ fn a_damaged_blob_found_by_the_scrub_is_never_served_and_the_head_is_asked_for_a
         )
     };
     replica.apply(&write(&mut feed, 0, 7)).unwrap();
-    let first = replica.cut(1, "", 1).unwrap();
+    let first = replica.cut(PointKind::CrashConsistent, "", 1).unwrap();
     replica.apply(&write(&mut feed, 4 * CHUNK, 8)).unwrap();
-    let second = replica.cut(1, "", 2).unwrap();
+    let second = replica.cut(PointKind::CrashConsistent, "", 2).unwrap();
     assert!(replica.not_cuttable().unwrap().is_none());
 
     flip_first_blob(dir.path());
@@ -516,7 +544,7 @@ fn a_damaged_blob_found_by_the_scrub_is_never_served_and_the_head_is_asked_for_a
 
     // Both points read chunk 0's only version: both refused, with a reason.
     for p in [&first, &second] {
-        let p = replica.point(&p.id()).unwrap();
+        let p = replica.point(p.id()).unwrap();
         let why = p.damaged.clone().expect("the point is marked damaged");
         assert!(why.contains("chunk 0 of disk \"os\""), "{why}");
         let err = replica.read(&p, "os", 0, SIZE, 1 << 20).unwrap_err();
@@ -528,8 +556,8 @@ fn a_damaged_blob_found_by_the_scrub_is_never_served_and_the_head_is_asked_for_a
     assert!(why.contains("differ from the source"), "{why}");
     replica.apply(&write(&mut feed, 0, 9)).unwrap();
     assert!(replica.not_cuttable().unwrap().is_none());
-    let repaired = replica.cut(1, "", 3).unwrap();
-    let repaired = replica.point(&repaired.id()).unwrap();
+    let repaired = replica.cut(PointKind::CrashConsistent, "", 3).unwrap();
+    let repaired = replica.point(repaired.id()).unwrap();
     assert!(repaired.damaged.is_none(), "{repaired:?}");
     let bytes = read_all(&replica, &repaired, "os", SIZE);
     assert!(bytes[..CHUNK as usize].iter().all(|b| *b == 9));
@@ -540,15 +568,17 @@ fn a_damaged_blob_found_by_the_scrub_is_never_served_and_the_head_is_asked_for_a
     drop(replicas);
     let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
     let replica = replicas.get("vm").unwrap().unwrap();
-    assert!(replica.point(&first.id()).unwrap().damaged.is_some());
-    assert!(replica.point(&repaired.id()).unwrap().damaged.is_none());
+    assert!(replica.point(first.id()).unwrap().damaged.is_some());
+    assert!(replica.point(repaired.id()).unwrap().damaged.is_none());
 }
 
 #[test]
 fn a_disk_digest_is_the_digest_of_the_disk_as_read() {
     let dir = tempfile::tempdir().unwrap();
     let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
-    let replica = replicas.open_vm_with("vm", &disks(), 0).unwrap();
+    let replica = replicas
+        .open_vm_with("vm", &disks(), Incarnation(0))
+        .unwrap();
     let mut feed = Feed { seq: 0 };
     synced(&replica, &mut feed);
     let mut rng = Rng(0xd1_9e57);
@@ -576,7 +606,11 @@ fn a_disk_digest_is_the_digest_of_the_disk_as_read() {
             };
             replica.apply(&feed.record(disk, op)).unwrap();
         }
-        points.push(replica.cut(1, "", round + 1).unwrap());
+        points.push(
+            replica
+                .cut(PointKind::CrashConsistent, "", round + 1)
+                .unwrap(),
+        );
     }
     for p in &points {
         for (disk, size) in disks() {
@@ -598,7 +632,9 @@ fn a_point_the_full_disk_took_in_part_is_not_cut_and_leaves_nothing_behind() {
     // No reserve at this level: the filesystem itself runs out mid-write.
     let fs = SmallFs::mount(16 << 20);
     let replicas = Replicas::open(fs.path(), CHUNK, 1 << 20).unwrap();
-    let replica = replicas.open_vm_with("vm", &disks(), 1).unwrap();
+    let replica = replicas
+        .open_vm_with("vm", &disks(), Incarnation(1))
+        .unwrap();
     let mut feed = Feed { seq: 0 };
     synced(&replica, &mut feed);
     let mut shadow = vec![0u8; SIZE as usize];
@@ -620,7 +656,7 @@ fn a_point_the_full_disk_took_in_part_is_not_cut_and_leaves_nothing_behind() {
     for r in interval(&mut feed, &mut shadow, 16, 0xa0) {
         replica.apply(&r).unwrap();
     }
-    let first = replica.cut(1, "", 1).unwrap();
+    let first = replica.cut(PointKind::CrashConsistent, "", 1).unwrap();
     let first_shadow = shadow.clone();
     let durable = replica.durable_applied().unwrap();
 
@@ -631,7 +667,7 @@ fn a_point_the_full_disk_took_in_part_is_not_cut_and_leaves_nothing_behind() {
     for r in &second {
         replica.apply(r).unwrap();
     }
-    let err = replica.cut(1, "", 2).unwrap_err();
+    let err = replica.cut(PointKind::CrashConsistent, "", 2).unwrap_err();
     assert!(matches!(err, ProcessorError::DiskFull(_)), "{err}");
     assert_eq!(
         replica.points().unwrap().len(),
@@ -662,12 +698,14 @@ fn a_point_the_full_disk_took_in_part_is_not_cut_and_leaves_nothing_behind() {
     for r in &second {
         replica.apply(r).unwrap();
     }
-    let point = replica.cut(1, "", 3).unwrap();
+    let point = replica.cut(PointKind::CrashConsistent, "", 3).unwrap();
     assert_eq!(read_all(&replica, &point, "os", SIZE), shadow);
     drop(replica);
     drop(replicas);
     let replicas = Replicas::open(fs.path(), CHUNK, 1 << 20).unwrap();
-    let replica = replicas.open_vm_with("vm", &disks(), 1).unwrap();
+    let replica = replicas
+        .open_vm_with("vm", &disks(), Incarnation(1))
+        .unwrap();
     let points = replica.points().unwrap();
     assert_eq!(points.len(), 2);
     assert_eq!(read_all(&replica, &points[0], "os", SIZE), first_shadow);

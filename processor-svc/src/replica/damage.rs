@@ -10,7 +10,11 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{json, rkey, unjson, vkey, vkey_parts, Point, Result, Stored, VmReplica, Writer};
+use super::apply::mark_mismatched;
+use super::blobs::{Stored, Writer};
+use super::interval::Point;
+use super::keys::{json, rkey, unjson, vkey, vkey_parts, META};
+use super::{Result, VmReplica};
 use crate::error::ProcessorError;
 
 /// The index entry of the damage record.
@@ -203,9 +207,9 @@ impl VmReplica {
                 let start = chunk.saturating_mul(self.chunk);
                 let end = start.saturating_add(self.chunk).min(size);
                 for meta in [&mut w.meta, &mut w.flushed] {
-                    super::mark_mismatched(meta, &disk, start, end, size);
+                    mark_mismatched(meta, &disk, start, end, size);
                 }
-                self.tree.insert(super::META, json(&w.stored_meta())?)?;
+                self.tree.insert(META, json(&w.stored_meta())?)?;
             }
         }
         self.db.flush()?;
