@@ -11,7 +11,7 @@ use ferry_proto::ids::{Epoch, Incarnation};
 use ferry_proto::registry::v1 as registry;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::follow::{follow_registry, Follower};
-use ferry_runtime::PeerChannel;
+use ferry_runtime::{PeerChannel, Refused};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -70,9 +70,10 @@ impl SessionGuard {
             let open = sessions.open.lock().map_err(|_| poisoned())?;
             match open.get(&vm) {
                 Some(s) if s.id == id => Ok(()),
-                _ => Err(CacheError::FailedPrecondition(format!(
+                _ => Err(Refused::failed_precondition(format!(
                     "a newer stream of VM {vm:?} has taken over from this one"
-                ))),
+                ))
+                .into()),
             }
         }
     }
@@ -115,16 +116,16 @@ impl Sessions {
     pub fn send(&self, vm: &str, control: Control) -> Result<u64, CacheError> {
         let open = self.open.lock().map_err(|_| poisoned())?;
         let session = open.get(vm).ok_or_else(|| {
-            CacheError::FailedPrecondition(format!(
+            Refused::failed_precondition(format!(
                 "no agent is streaming VM {vm:?} now; start its agent and try again"
             ))
         })?;
         session.tx.try_send(control).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => CacheError::ResourceExhausted(format!(
+            mpsc::error::TrySendError::Full(_) => Refused::resource_exhausted(format!(
                 "the agent of VM {vm:?} has not yet taken the control messages sent before; \
                  try again shortly"
             )),
-            mpsc::error::TrySendError::Closed(_) => CacheError::FailedPrecondition(format!(
+            mpsc::error::TrySendError::Closed(_) => Refused::failed_precondition(format!(
                 "the stream of VM {vm:?} just ended; try again once its agent reconnects"
             )),
         })?;

@@ -1,36 +1,15 @@
 //! cache-svc's one error type and its mapping onto gRPC status codes.
 
+use ferry_runtime::Refused;
 use tonic::Status;
 
 /// Everything a cache operation can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
-    /// A malformed request or record; nothing of it was stored.
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// A VM the registry does not protect, or a log the cache does not have.
-    #[error("{0}")]
-    NotFound(String),
-    /// The request does not fit the current state (fenced epoch, gap).
-    #[error("{0}")]
-    FailedPrecondition(String),
-    /// A credential registry does not recognise.
-    #[error("{0}")]
-    PermissionDenied(String),
-    /// The stream no longer follows the log (its numbering moved, or a
-    /// batch leaves a gap): reconnect and start from the durable sequence.
-    #[error("{0}")]
-    Aborted(String),
-    /// A sequence outside what the log retains.
-    #[error("{0}")]
-    OutOfRange(String),
-    /// A record whose checksum does not match its contents.
-    #[error("{0}")]
-    DataLoss(String),
-    /// A quota is reached; the agent must back off until the processor has
-    /// applied (and the cache trimmed) enough. Nothing of the batch was stored.
-    #[error("{0}")]
-    ResourceExhausted(String),
+    /// A refusal the caller can act on (bad request, state, quota...);
+    /// its message reaches the client as it is.
+    #[error(transparent)]
+    Refused(#[from] Refused),
     /// The data directory's filesystem is full, or would keep less than the
     /// index's reserve: like a quota, the agent backs off and resends (then
     /// tracks changed chunks). Nothing of the batch was stored.
@@ -85,16 +64,8 @@ impl From<CacheError> for Status {
     fn from(err: CacheError) -> Status {
         let message = err.to_string();
         match err {
-            CacheError::InvalidArgument(_) => Status::invalid_argument(message),
-            CacheError::NotFound(_) => Status::not_found(message),
-            CacheError::FailedPrecondition(_) => Status::failed_precondition(message),
-            CacheError::PermissionDenied(_) => Status::permission_denied(message),
-            CacheError::OutOfRange(_) => Status::out_of_range(message),
-            CacheError::Aborted(_) => Status::aborted(message),
-            CacheError::DataLoss(_) => Status::data_loss(message),
-            CacheError::ResourceExhausted(_) | CacheError::DiskFull(_) => {
-                Status::resource_exhausted(message)
-            }
+            CacheError::Refused(refused) => refused.into(),
+            CacheError::DiskFull(_) => Status::resource_exhausted(message),
             CacheError::Registry(_) => Status::unavailable(message),
             CacheError::Io { .. } | CacheError::Index(_) => Status::internal(message),
             CacheError::Corrupt(_) => Status::data_loss(message),

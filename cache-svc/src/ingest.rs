@@ -9,6 +9,7 @@ use ferry_proto::cache::v1 as pb;
 use ferry_proto::cache::v1::record::Op;
 use ferry_proto::ids::{Epoch, Incarnation};
 use ferry_proto::registry::v1 as registry;
+use ferry_runtime::{Refusal, Refused};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
@@ -25,10 +26,10 @@ pub type Disks = HashMap<String, u64>;
 /// Checks one record against the VM's disks and its own checksum.
 pub fn validate(record: &pb::Record, disks: &Disks) -> Result<(), CacheError> {
     let seq = record.sequence;
-    let bad = |why: String| CacheError::InvalidArgument(format!("record {seq}: {why}"));
+    let bad = |why: String| Refused::invalid_argument(format!("record {seq}: {why}")).into();
     let range = |offset: u64, length: u64| -> Result<(), CacheError> {
         let size = *disks.get(&record.disk_id).ok_or_else(|| {
-            CacheError::InvalidArgument(format!(
+            Refused::invalid_argument(format!(
                 "record {seq}: unknown disk {:?}; the VM has {}",
                 record.disk_id,
                 {
@@ -95,11 +96,12 @@ pub fn validate(record: &pb::Record, disks: &Disks) -> Result<(), CacheError> {
     }
     let crc = ferry_proto::checksum::record_crc32c(record);
     if crc != record.crc32c {
-        return Err(CacheError::DataLoss(format!(
+        return Err(Refused::data_loss(format!(
             "record {seq}: checksum {:#010x} does not match its contents ({crc:#010x}); \
              nothing of this batch was stored",
             record.crc32c
-        )));
+        ))
+        .into());
     }
     Ok(())
 }
@@ -174,14 +176,13 @@ impl CacheService {
             })
             .await
             .map_err(|s| match s.code() {
-                tonic::Code::NotFound => CacheError::NotFound(format!(
+                tonic::Code::NotFound => Refused::not_found(format!(
                     "VM {vm:?} is not protected: enable its replication first"
-                )),
-                tonic::Code::InvalidArgument => CacheError::InvalidArgument(s.message().into()),
-                tonic::Code::PermissionDenied => CacheError::PermissionDenied(s.message().into()),
-                tonic::Code::FailedPrecondition => {
-                    CacheError::FailedPrecondition(s.message().into())
-                }
+                ))
+                .into(),
+                tonic::Code::InvalidArgument => Refused::invalid_argument(s.message()).into(),
+                tonic::Code::PermissionDenied => Refused::permission_denied(s.message()).into(),
+                tonic::Code::FailedPrecondition => Refused::failed_precondition(s.message()).into(),
                 _ => CacheError::Registry(s.message().into()),
             })?
             .into_inner();
@@ -219,7 +220,10 @@ impl CacheService {
             // A quota or a full disk: the agent backs off and resends.
             if matches!(
                 err,
-                CacheError::ResourceExhausted(_) | CacheError::DiskFull(_)
+                CacheError::Refused(Refused {
+                    kind: Refusal::ResourceExhausted,
+                    ..
+                }) | CacheError::DiskFull(_)
             ) {
                 let throttle = pb::Throttle {
                     max_bytes_per_second: 0,
@@ -248,12 +252,13 @@ impl CacheService {
                 msg: Some(pb::ingest_request::Msg::Open(open)),
             })) => Open::try_from(open)?,
             Ok(Some(_)) => {
-                return Err(CacheError::InvalidArgument(
-                    "the first message of an ingest stream must be `open`".into(),
-                ))
+                return Err(Refused::invalid_argument(
+                    "the first message of an ingest stream must be `open`",
+                )
+                .into())
             }
             Ok(None) => return Ok(()),
-            Err(status) => return Err(CacheError::InvalidArgument(status.message().into())),
+            Err(status) => return Err(Refused::invalid_argument(status.message()).into()),
         };
         let (state, disks) = self.open_session(&open).await?;
         let (vm, epoch) = (open.vm.to_string(), open.epoch.get());
@@ -297,15 +302,15 @@ impl CacheService {
                         return Ok(());
                     }
                     match stop {
-                        Some(reason) => return Err(CacheError::FailedPrecondition(reason)),
+                        Some(reason) => return Err(Refused::failed_precondition(reason).into()),
                         None => continue,
                     }
                 }
                 _ = restarts.changed() => {
-                    return Err(CacheError::Aborted(format!(
+                    return Err(Refused::aborted(format!(
                         "VM {vm:?}'s log started again; reconnect and number on from its \
                          durable sequence"
-                    )))
+                    )).into())
                 }
                 m = inbound.message() => m,
             };
@@ -314,9 +319,9 @@ impl CacheService {
                     msg: Some(pb::ingest_request::Msg::Batch(batch)),
                 })) => batch,
                 Ok(Some(_)) => {
-                    return Err(CacheError::InvalidArgument(
-                        "only record batches may follow `open`".into(),
-                    ))
+                    return Err(
+                        Refused::invalid_argument("only record batches may follow `open`").into(),
+                    )
                 }
                 Ok(None) => return Ok(()),
                 // tonic reports a message over the size limit as OUT_OF_RANGE;
@@ -409,11 +414,12 @@ impl CacheService {
     ) -> Result<(), CacheError> {
         for (expected, record) in (*durable + 1..).zip(&records) {
             if record.sequence != expected {
-                return Err(CacheError::Aborted(format!(
+                return Err(Refused::aborted(format!(
                     "sequence gap: got record {} where {expected} comes next; resend from \
                      {expected}",
                     record.sequence
-                )));
+                ))
+                .into());
             }
             validate(record, disks)?;
         }
@@ -425,10 +431,11 @@ impl CacheService {
         let _claim = self.room.claim(bytes + crate::frame::HEADER as u64)?;
         // The fencing check again: a newer agent may have registered.
         if state.meta()?.epoch > Epoch(epoch) {
-            return Err(CacheError::FailedPrecondition(format!(
+            return Err(Refused::failed_precondition(format!(
                 "agent epoch {epoch} of VM {:?} was fenced by a newer agent",
                 state.vm
-            )));
+            ))
+            .into());
         }
         *durable = self.store.append_while(state, records, writer).await?;
         Ok(())
@@ -473,7 +480,13 @@ mod tests {
             ("zero length", write(0, 0)),
         ] {
             assert!(
-                matches!(validate(&r, &disks()), Err(CacheError::InvalidArgument(_))),
+                matches!(
+                    validate(&r, &disks()),
+                    Err(CacheError::Refused(Refused {
+                        kind: Refusal::InvalidArgument,
+                        ..
+                    }))
+                ),
                 "{what}"
             );
         }
@@ -482,13 +495,19 @@ mod tests {
         let unknown = sealed(unknown);
         assert!(matches!(
             validate(&unknown, &disks()),
-            Err(CacheError::InvalidArgument(_))
+            Err(CacheError::Refused(Refused {
+                kind: Refusal::InvalidArgument,
+                ..
+            }))
         ));
         let mut corrupt = write(0, 512);
         corrupt.crc32c ^= 1;
         assert!(matches!(
             validate(&corrupt, &disks()),
-            Err(CacheError::DataLoss(_))
+            Err(CacheError::Refused(Refused {
+                kind: Refusal::DataLoss,
+                ..
+            }))
         ));
         let huge = sealed(pb::Record {
             sequence: 1,
@@ -519,7 +538,10 @@ mod tests {
         let big: Disks = [("os".to_string(), 64u64 << 20)].into();
         assert!(matches!(
             validate(&digests(8 << 20), &big),
-            Err(CacheError::InvalidArgument(_))
+            Err(CacheError::Refused(Refused {
+                kind: Refusal::InvalidArgument,
+                ..
+            }))
         ));
         let marker = sealed(pb::Record {
             sequence: 1,

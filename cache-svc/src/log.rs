@@ -13,6 +13,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use ferry_proto::cache::v1::Record;
+use ferry_runtime::Refused;
 use serde::{Deserialize, Serialize};
 
 use crate::error::CacheError;
@@ -177,20 +178,22 @@ impl VmLog {
         };
         let mut expected = self.last_seq() + 1;
         if first.sequence != expected {
-            return Err(CacheError::Aborted(format!(
+            return Err(Refused::aborted(format!(
                 "record {} does not follow the log's last sequence {}",
                 first.sequence,
                 self.last_seq()
-            )));
+            ))
+            .into());
         }
         let mut buf = Vec::new();
         for r in records {
             if r.sequence != expected {
-                return Err(CacheError::Aborted(format!(
+                return Err(Refused::aborted(format!(
                     "record {} leaves a gap after {}",
                     r.sequence,
                     expected - 1
-                )));
+                ))
+                .into());
             }
             frame::encode(r, &mut buf);
             expected += 1;
@@ -519,6 +522,7 @@ pub fn read(
 mod tests {
     use super::*;
     use ferry_proto::cache::v1::{record::Op, WriteOp};
+    use ferry_runtime::Refusal;
 
     fn rec(seq: u64, size: usize) -> Record {
         let mut r = Record {
@@ -567,7 +571,10 @@ mod tests {
         // A gap or a replay is refused and changes nothing.
         assert!(matches!(
             log.append(&[rec(42, 512)]),
-            Err(CacheError::Aborted(_))
+            Err(CacheError::Refused(Refused {
+                kind: Refusal::Aborted,
+                ..
+            }))
         ));
         assert!(log.append(&[rec(41, 512), rec(43, 512)]).is_err());
         assert_eq!(log.last_seq(), 40);

@@ -7,6 +7,7 @@
 
 use ferry_proto::cache::v1 as pb;
 use ferry_proto::ids::{Epoch, Incarnation, Sequence, VmName};
+use ferry_runtime::Refused;
 
 use crate::control::Control;
 use crate::error::CacheError;
@@ -15,9 +16,9 @@ use crate::error::CacheError;
 /// the request's span is tagged with it.
 fn vm(name: String) -> Result<VmName, CacheError> {
     if name.is_empty() {
-        return Err(CacheError::InvalidArgument("vm_name is empty".into()));
+        return Err(Refused::invalid_argument("vm_name is empty").into());
     }
-    let vm = VmName::parse(name).map_err(|e| CacheError::InvalidArgument(e.0))?;
+    let vm = VmName::parse(name).map_err(|e| Refused::invalid_argument(e.0))?;
     ferry_runtime::trace_context::record_vm(vm.as_str());
     Ok(vm)
 }
@@ -117,14 +118,15 @@ impl TryFrom<pb::SendControlRequest> for ControlFor {
         let control = match req.control {
             Some(C::Resync(r)) => Control::Resync(r),
             Some(C::Bookmark(b)) if b.id.is_empty() => {
-                return Err(CacheError::InvalidArgument("a bookmark needs an id".into()))
+                return Err(Refused::invalid_argument("a bookmark needs an id").into())
             }
             Some(C::Bookmark(b)) => Control::Bookmark(b),
             Some(C::Stop(s)) => Control::Stop(s),
             None => {
-                return Err(CacheError::InvalidArgument(
-                    "control is empty: set resync, bookmark or stop".into(),
-                ))
+                return Err(Refused::invalid_argument(
+                    "control is empty: set resync, bookmark or stop",
+                )
+                .into())
             }
         };
         Ok(ControlFor { vm, control })
@@ -134,6 +136,7 @@ impl TryFrom<pb::SendControlRequest> for ControlFor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_runtime::Refusal;
 
     #[test]
     fn requests_without_a_valid_vm_are_refused_before_anything_is_looked_up() {
@@ -143,7 +146,7 @@ mod tests {
                 ..Default::default()
             });
             assert!(
-                matches!(tail, Err(CacheError::InvalidArgument(ref m)) if m.contains("vm_name")),
+                matches!(tail, Err(CacheError::Refused(Refused { kind: Refusal::InvalidArgument, ref message })) if message.contains("vm_name")),
                 "{name:?}: {tail:?}"
             );
         }
@@ -169,7 +172,13 @@ mod tests {
                 control,
             });
             assert!(
-                matches!(got, Err(CacheError::InvalidArgument(_))),
+                matches!(
+                    got,
+                    Err(CacheError::Refused(Refused {
+                        kind: Refusal::InvalidArgument,
+                        ..
+                    }))
+                ),
                 "{got:?}"
             );
         }

@@ -6,7 +6,7 @@ use ferry_proto::cache::v1 as pb;
 use ferry_proto::cache::v1::cache_server::Cache;
 use ferry_proto::ids::VmName;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
-use ferry_runtime::PeerChannel;
+use ferry_runtime::{PeerChannel, Refused};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -57,7 +57,7 @@ impl CacheService {
 fn log_of(store: &Store, vm: &VmName) -> Result<Arc<VmState>, CacheError> {
     store
         .get(vm.as_str())?
-        .ok_or_else(|| CacheError::NotFound(format!("the cache has no log for VM {vm:?}")))
+        .ok_or_else(|| Refused::not_found(format!("the cache has no log for VM {vm:?}")).into())
 }
 
 #[tonic::async_trait]
@@ -87,7 +87,7 @@ impl Cache for CacheService {
         let meta = state.meta()?;
         if let Some(incarnation) = req.incarnation {
             if meta.incarnation < incarnation {
-                return Err(CacheError::NotFound(format!(
+                return Err(Refused::not_found(format!(
                     "the cache has no log of VM {vm:?}'s incarnation {incarnation} yet (only of \
                      {}): its agent has not streamed since replication was enabled again",
                     meta.incarnation
@@ -95,7 +95,7 @@ impl Cache for CacheService {
                 .into());
             }
             if meta.incarnation > incarnation {
-                return Err(CacheError::FailedPrecondition(format!(
+                return Err(Refused::failed_precondition(format!(
                     "VM {vm:?}'s log belongs to incarnation {}, newer than the {incarnation} \
                      asked for",
                     meta.incarnation
@@ -118,7 +118,7 @@ impl Cache for CacheService {
         let meta = state.meta()?;
         let first = state.with_log(|log| log.first_seq())?;
         if from < first {
-            return Err(CacheError::OutOfRange(format!(
+            return Err(Refused::out_of_range(format!(
                 "sequence {from} of VM {vm:?} was trimmed; the log starts at {first}"
             ))
             .into());

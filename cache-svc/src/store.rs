@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use ferry_proto::cache::v1::Record;
 use ferry_proto::ids::{Epoch, Incarnation, Sequence};
+use ferry_runtime::Refused;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
@@ -250,7 +251,7 @@ impl Store {
     /// A VM's log, if the cache has one; DATA_LOSS if it is damaged.
     pub fn get(&self, vm: &str) -> Result<Option<Arc<VmState>>, CacheError> {
         if let Some((why, _)) = self.damaged.lock().map_err(|_| poisoned())?.get(vm) {
-            return Err(CacheError::DataLoss(format!("VM {vm:?}'s log: {why}")));
+            return Err(Refused::data_loss(format!("VM {vm:?}'s log: {why}")).into());
         }
         Ok(self.vms.lock().map_err(|_| poisoned())?.get(vm).cloned())
     }
@@ -422,10 +423,10 @@ impl Store {
         if let Some(state) = self.get(vm)? {
             let meta = state.meta()?;
             if meta.incarnation > incarnation {
-                return Err(CacheError::FailedPrecondition(format!(
+                return Err(Refused::failed_precondition(format!(
                     "the cache holds VM {vm:?}'s log of incarnation {}, newer than registry's                      {incarnation}: is registry restored from an older backup? The log is kept",
                     meta.incarnation
-                )));
+                )).into());
             }
             if meta.incarnation < incarnation {
                 tracing::warn!(
@@ -589,11 +590,12 @@ impl Store {
     pub async fn admit_epoch(&self, state: &VmState, epoch: Epoch) -> Result<(), CacheError> {
         let meta = state.meta()?;
         if epoch < meta.epoch {
-            return Err(CacheError::FailedPrecondition(format!(
+            return Err(Refused::failed_precondition(format!(
                 "agent epoch {epoch} of VM {:?} is older than {}: this agent was fenced; \
                  register it again",
                 state.vm, meta.epoch
-            )));
+            ))
+            .into());
         }
         if epoch > meta.epoch {
             self.save_meta(state, VmMeta { epoch, ..meta }).await?;
@@ -606,11 +608,12 @@ impl Store {
     fn check_quota(&self, state: &VmState, bytes: u64) -> Result<(), CacheError> {
         let mine = state.with_log(|log| log.size())?;
         if mine + bytes > self.quotas.per_vm_bytes {
-            return Err(CacheError::ResourceExhausted(format!(
+            return Err(Refused::resource_exhausted(format!(
                 "VM {:?} has {mine} bytes waiting in the cache (quota {}); back off until the \
                  processor catches up",
                 state.vm, self.quotas.per_vm_bytes
-            )));
+            ))
+            .into());
         }
         let vms: Vec<Arc<VmState>> = self
             .vms
@@ -624,11 +627,12 @@ impl Store {
             total += vm.with_log(|log| log.size())?;
         }
         if total > self.quotas.total_bytes {
-            return Err(CacheError::ResourceExhausted(format!(
+            return Err(Refused::resource_exhausted(format!(
                 "the cache holds its total quota of {} bytes; back off until the processor \
                  catches up",
                 self.quotas.total_bytes
-            )));
+            ))
+            .into());
         }
         Ok(())
     }
@@ -686,18 +690,20 @@ impl Store {
         let applied = applied.get();
         let ours = state.meta()?.lineage;
         if lineage != 0 && lineage != ours {
-            return Err(CacheError::FailedPrecondition(format!(
+            return Err(Refused::failed_precondition(format!(
                 "applied sequence {applied} of VM {:?} is about lineage {lineage:#x} of its log; \
                  the log is lineage {ours:#x} now: tail it again",
                 state.vm
-            )));
+            ))
+            .into());
         }
         let last = state.with_log(|log| log.last_seq())?;
         if applied > last {
-            return Err(CacheError::OutOfRange(format!(
+            return Err(Refused::out_of_range(format!(
                 "applied sequence {applied} of VM {:?} is beyond the last durable one, {last}",
                 state.vm
-            )));
+            ))
+            .into());
         }
         let meta = state.meta()?;
         if applied > meta.applied.get() {

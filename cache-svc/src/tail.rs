@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use ferry_proto::cache::v1 as pb;
+use ferry_runtime::Refused;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -40,9 +41,10 @@ pub async fn run(tail: Tail, tx: Tx, shutdown: CancellationToken) {
 }
 
 fn restarted(vm: &str) -> CacheError {
-    CacheError::Aborted(format!(
+    Refused::aborted(format!(
         "VM {vm:?}'s log started again (renumbered or replaced); tail it again"
     ))
+    .into()
 }
 
 async fn feed(tail: Tail, tx: &Tx, shutdown: &CancellationToken) -> Result<(), CacheError> {
@@ -72,10 +74,11 @@ async fn feed(tail: Tail, tx: &Tx, shutdown: &CancellationToken) -> Result<(), C
             )
         })?;
         if cursor.next_seq < first {
-            return Err(CacheError::OutOfRange(format!(
+            return Err(Refused::out_of_range(format!(
                 "sequence {} of VM {:?} was trimmed; the log starts at {first}",
                 cursor.next_seq, state.vm
-            )));
+            ))
+            .into());
         }
         let durable = segments.last().map(|s| s.last_seq).unwrap_or(0);
         if cursor.next_seq <= durable {

@@ -1,25 +1,16 @@
 //! failover-svc's one error type and its mapping onto gRPC status codes.
 
+use ferry_runtime::Refused;
 use tonic::Status;
 
 /// Everything a failover operation can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum FailoverError {
-    /// A malformed request.
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// An unknown VM, point, network or job.
-    #[error("{0}")]
-    NotFound(String),
-    /// The request does not fit the current state.
-    #[error("{0}")]
-    FailedPrecondition(String),
-    /// Exists already, differently.
-    #[error("{0}")]
-    AlreadyExists(String),
-    /// A peer could not be asked.
-    #[error("{0}")]
-    Unavailable(String),
+    /// A refusal the caller can act on (bad request, unknown job, state,
+    /// a peer away, a failed end-to-end check...); its message reaches the
+    /// client as it is.
+    #[error(transparent)]
+    Refused(#[from] Refused),
     /// A peer refused; its status is kept.
     #[error("{what}: {status}")]
     Peer { what: String, status: Status },
@@ -32,10 +23,6 @@ pub enum FailoverError {
     /// The embedded index failed.
     #[error("index: {0}")]
     Index(#[from] sled::Error),
-    /// What was written is not what the point holds (an end-to-end check
-    /// failed); it is not used.
-    #[error("{0}")]
-    DataLoss(String),
     /// A stored record could not be decoded.
     #[error("record damaged: {0}")]
     Corrupt(String),
@@ -77,12 +64,7 @@ impl From<FailoverError> for Status {
     fn from(err: FailoverError) -> Status {
         let message = err.to_string();
         match err {
-            FailoverError::InvalidArgument(_) => Status::invalid_argument(message),
-            FailoverError::NotFound(_) => Status::not_found(message),
-            FailoverError::FailedPrecondition(_) => Status::failed_precondition(message),
-            FailoverError::AlreadyExists(_) => Status::already_exists(message),
-            FailoverError::Unavailable(_) => Status::unavailable(message),
-            FailoverError::DataLoss(_) => Status::data_loss(message),
+            FailoverError::Refused(refused) => refused.into(),
             FailoverError::Peer { status, .. } => Status::new(status.code(), message),
             FailoverError::Io { .. } | FailoverError::Index(_) | FailoverError::Corrupt(_) => {
                 Status::internal(message)

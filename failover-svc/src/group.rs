@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use ferry_proto::ids::{JobId, UnixNanos, VmName};
+use ferry_runtime::Refused;
 
 use crate::engine::peers::{Group, GroupPoint, ReplicationState};
 use crate::engine::{steps, Engine};
@@ -23,16 +24,14 @@ impl Engine {
     /// A replication group as registry has it.
     pub(crate) async fn group(&self, name: &str) -> Result<Group> {
         if name.is_empty() {
-            return Err(FailoverError::InvalidArgument(
-                "replication_group is empty".into(),
-            ));
+            return Err(Refused::invalid_argument("replication_group is empty").into());
         }
         self.peers
             .group(name)
             .await
             .map_err(|e| match e.peer_code() {
                 Some(tonic::Code::NotFound) => {
-                    FailoverError::NotFound(format!("replication group {name:?} does not exist"))
+                    Refused::not_found(format!("replication group {name:?} does not exist")).into()
                 }
                 _ => e,
             })
@@ -45,7 +44,7 @@ impl Engine {
             .group_points(group)
             .await
             .map_err(|e| match e.peer_code() {
-                Some(tonic::Code::NotFound) => FailoverError::NotFound(e.peer_message()),
+                Some(tonic::Code::NotFound) => Refused::not_found(e.peer_message()).into(),
                 _ => e,
             })?;
         match choice {
@@ -53,16 +52,18 @@ impl Engine {
                 .into_iter()
                 .find(|p| &p.bookmark_id == id)
                 .ok_or_else(|| {
-                    FailoverError::NotFound(format!(
+                    Refused::not_found(format!(
                     "replication group {group:?} has no multi-VM point {id:?} (unknown, expired, \
                      or not every member has it); see ferry points --group {group}"
                 ))
+                    .into()
                 }),
             _ => points.into_iter().next().ok_or_else(|| {
-                FailoverError::NotFound(format!(
+                Refused::not_found(format!(
                     "replication group {group:?} has no multi-VM point yet (one needs a bookmark \
                      round with every member's agent up)"
                 ))
+                .into()
             }),
         }
     }
@@ -71,15 +72,16 @@ impl Engine {
     async fn members(&self, group: &str) -> Result<Vec<VmName>> {
         let g = self.group(group).await?;
         if g.members.is_empty() {
-            return Err(FailoverError::FailedPrecondition(format!(
+            return Err(Refused::failed_precondition(format!(
                 "replication group {group:?} has no members"
-            )));
+            ))
+            .into());
         }
         g.members
             .into_iter()
             .map(|m| {
                 VmName::parse(m).map_err(|e| {
-                    FailoverError::Unavailable(format!("registry's group {group:?}: {e}"))
+                    Refused::unavailable(format!("registry's group {group:?}: {e}")).into()
                 })
             })
             .collect()
@@ -96,11 +98,11 @@ impl Engine {
     ) -> Result<JobRecord> {
         let planned = kind == FailoverKind::Planned;
         if planned && !self.peers.has_cache() {
-            return Err(FailoverError::FailedPrecondition(
+            return Err(Refused::failed_precondition(
                 "failover-svc was started without --cache: a planned failover needs the source \
-                 region's cache; use an unplanned failover"
-                    .into(),
-            ));
+                 region's cache; use an unplanned failover",
+            )
+            .into());
         }
         let choice = match choice {
             // Planned: every member drains and ends with its own final
@@ -111,11 +113,11 @@ impl Engine {
             None | Some(Choice::LatestMultiVm) => Choice::LatestMultiVm,
             Some(Choice::Point(id)) => Choice::Point(id),
             Some(_) => {
-                return Err(FailoverError::InvalidArgument(
+                return Err(Refused::invalid_argument(
                     "a replication group fails over to a multi-VM point: latest_multi_vm or a \
-                     group point id (a bookmark id)"
-                        .into(),
-                ))
+                     group point id (a bookmark id)",
+                )
+                .into())
             }
         };
         let members = self.members(&group).await?;
@@ -139,7 +141,7 @@ impl Engine {
                     .iter()
                     .find(|p| p.vm_name == vm.as_str())
                     .ok_or_else(|| {
-                        FailoverError::NotFound(format!(
+                        Refused::not_found(format!(
                             "VM \"{vm}\" has no point at bookmark {:?}",
                             point.bookmark_id
                         ))
@@ -190,9 +192,10 @@ impl Engine {
             .pin(vm, point, holder)
             .await
             .map_err(|e| match e.peer_code() {
-                Some(tonic::Code::NotFound) => FailoverError::NotFound(format!(
+                Some(tonic::Code::NotFound) => Refused::not_found(format!(
                     "VM \"{vm}\" no longer has point {point:?} (expired); try again"
-                )),
+                ))
+                .into(),
                 _ => e,
             })
     }
@@ -225,10 +228,11 @@ impl Engine {
         for vm in &members {
             let item = self.item(vm).await?;
             if item.state != ReplicationState::FailedOver {
-                return Err(FailoverError::FailedPrecondition(format!(
+                return Err(Refused::failed_precondition(format!(
                     "VM \"{vm}\" of replication group {group:?} is not failed over: only a \
                      failed-over group can be committed"
-                )));
+                ))
+                .into());
             }
         }
         self.group_job(JobKind::Commit, group, members, request_id)
@@ -252,9 +256,10 @@ impl Engine {
             }
         }
         if with_tests.is_empty() {
-            return Err(FailoverError::FailedPrecondition(format!(
+            return Err(Refused::failed_precondition(format!(
                 "replication group {group:?} has no test failover to clean up"
-            )));
+            ))
+            .into());
         }
         self.group_job(JobKind::CleanupTest, group, with_tests, request_id)
             .await

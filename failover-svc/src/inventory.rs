@@ -8,6 +8,7 @@ use std::fs::{self, File, OpenOptions};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
+use ferry_runtime::Refused;
 use serde::{Deserialize, Serialize};
 
 use crate::error::FailoverError;
@@ -140,10 +141,11 @@ impl Backend for LocalBackend {
             if old == network {
                 return Ok(old);
             }
-            return Err(FailoverError::AlreadyExists(format!(
+            return Err(Refused::already_exists(format!(
                 "network {:?} exists in {} with other settings",
                 network.name, network.region
-            )));
+            ))
+            .into());
         }
         self.tree.insert(k, json(&network)?)?;
         self.db.flush()?;

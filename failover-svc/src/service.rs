@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use ferry_proto::failover::v1 as pb;
 use ferry_proto::failover::v1::failover_server::Failover;
+use ferry_runtime::Refused;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -31,20 +32,18 @@ impl FailoverService {
 }
 
 fn no_target() -> FailoverError {
-    FailoverError::InvalidArgument("set vm_name or replication_group".into())
+    Refused::invalid_argument("set vm_name or replication_group").into()
 }
 
 fn vm_target(vm: String) -> Result<Target, FailoverError> {
     VmName::parse(vm)
         .map(Target::Vm)
-        .map_err(|e| FailoverError::InvalidArgument(e.to_string()))
+        .map_err(|e| Refused::invalid_argument(e.to_string()).into())
 }
 
 fn group_target(group: String) -> Result<Target, FailoverError> {
     if group.is_empty() {
-        return Err(FailoverError::InvalidArgument(
-            "replication_group is empty".into(),
-        ));
+        return Err(Refused::invalid_argument("replication_group is empty").into());
     }
     Ok(Target::Group(group))
 }
@@ -58,9 +57,9 @@ impl TryFrom<pb::StartFailoverRequest> for FailoverRequest {
             Ok(pb::FailoverKind::Planned) => FailoverKind::Planned,
             Ok(pb::FailoverKind::Unplanned) => FailoverKind::Unplanned,
             Ok(pb::FailoverKind::Unspecified) | Err(_) => {
-                return Err(FailoverError::InvalidArgument(
-                    "kind is unset: TEST, PLANNED or UNPLANNED".into(),
-                ))
+                return Err(
+                    Refused::invalid_argument("kind is unset: TEST, PLANNED or UNPLANNED").into(),
+                )
             }
         };
         use pb::point_choice::Choice as C;
@@ -71,7 +70,7 @@ impl TryFrom<pb::StartFailoverRequest> for FailoverRequest {
             Some(C::LatestAppConsistent(_)) => Some(Choice::LatestAppConsistent),
             Some(C::LatestMultiVm(_)) => Some(Choice::LatestMultiVm),
             Some(C::PointId(id)) if id.is_empty() => {
-                return Err(FailoverError::InvalidArgument("point_id is empty".into()))
+                return Err(Refused::invalid_argument("point_id is empty").into())
             }
             Some(C::PointId(id)) => Some(Choice::Point(id)),
         };
@@ -312,7 +311,7 @@ impl Failover for FailoverService {
             .engine
             .jobs()
             .get(&id)?
-            .ok_or_else(|| FailoverError::NotFound(format!("no job {id:?}")))?;
+            .ok_or_else(|| Refused::not_found(format!("no job {id:?}")))?;
         Ok(Response::new(pb::Job::from(&self.engine.jobs().live(&job))))
     }
 
@@ -347,7 +346,7 @@ impl Failover for FailoverService {
             .engine
             .jobs()
             .get(&id)?
-            .ok_or_else(|| FailoverError::NotFound(format!("no job {id:?}")))?;
+            .ok_or_else(|| Refused::not_found(format!("no job {id:?}")))?;
         let (tx, rx) = mpsc::channel(16);
         let shutdown = self.shutdown.clone();
         let Some(mut changes) = self.engine.jobs().watch(&job) else {

@@ -8,6 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use ferry_proto::digest::DiskDigester;
+use ferry_runtime::Refused;
 
 use crate::error::FailoverError;
 
@@ -39,7 +40,7 @@ impl Coverage {
         let end = offset.checked_add(length).filter(|e| *e <= self.size);
         let fits = offset == self.covered && length > 0 && end.is_some();
         if !fits || data_len.is_some_and(|n| n != length) {
-            return Err(FailoverError::Unavailable(format!(
+            return Err(Refused::unavailable(format!(
                 "disk {}: the processor sent {offset}+{length} ({} bytes of data) where byte \
                  {} of {} comes next; nothing is failed over from a stream that skips or \
                  repeats; retry the job",
@@ -47,7 +48,8 @@ impl Coverage {
                 data_len.map_or("no".to_string(), |n| n.to_string()),
                 self.covered,
                 self.size
-            )));
+            ))
+            .into());
         }
         self.covered = offset + length;
         Ok(())
@@ -56,11 +58,12 @@ impl Coverage {
     /// The stream ended: it must have covered the whole disk.
     pub fn finish(&self) -> Result<(), FailoverError> {
         if self.covered != self.size {
-            return Err(FailoverError::Unavailable(format!(
+            return Err(Refused::unavailable(format!(
                 "disk {}: the processor's stream ended after {} of {} bytes (was it \
                  stopped?); a partial disk is never failed over; retry the job",
                 self.disk, self.covered, self.size
-            )));
+            ))
+            .into());
         }
         Ok(())
     }

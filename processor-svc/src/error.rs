@@ -1,32 +1,19 @@
 //! processor-svc's one error type and its mapping onto gRPC status codes.
 
+use ferry_runtime::Refused;
 use tonic::Status;
 
 /// Everything a processor operation can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessorError {
-    /// A malformed request.
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// An unknown VM, point or disk, or an expired point.
-    #[error("{0}")]
-    NotFound(String),
-    /// The request does not fit the current state (a disk is syncing).
-    #[error("{0}")]
-    FailedPrecondition(String),
-    /// A range outside the disk.
-    #[error("{0}")]
-    OutOfRange(String),
-    /// A peer (cache, registry) could not be asked.
-    #[error("{0}")]
-    Unavailable(String),
+    /// A refusal the caller can act on (bad request, unknown point, a
+    /// disk syncing, a peer away...); its message reaches the client as it is.
+    #[error(transparent)]
+    Refused(#[from] Refused),
     /// The data directory's filesystem is full, or would keep less than the
     /// index's reserve: the pipeline pauses until space returns.
     #[error("disk full: {0}")]
     DiskFull(String),
-    /// The request took longer than it may.
-    #[error("{0}")]
-    DeadlineExceeded(String),
     /// Stored replica data does not match its checksum.
     #[error("replica data damaged: {0}")]
     DataLoss(String),
@@ -64,14 +51,8 @@ impl From<ProcessorError> for Status {
     fn from(err: ProcessorError) -> Status {
         let message = err.to_string();
         match err {
-            ProcessorError::InvalidArgument(_) => Status::invalid_argument(message),
-            ProcessorError::NotFound(_) => Status::not_found(message),
-            ProcessorError::FailedPrecondition(_) => Status::failed_precondition(message),
-            ProcessorError::OutOfRange(_) => Status::out_of_range(message),
-            ProcessorError::Unavailable(_) | ProcessorError::ShuttingDown => {
-                Status::unavailable(message)
-            }
-            ProcessorError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
+            ProcessorError::Refused(refused) => refused.into(),
+            ProcessorError::ShuttingDown => Status::unavailable(message),
             ProcessorError::DiskFull(_) => Status::resource_exhausted(message),
             ProcessorError::DataLoss(_) => Status::data_loss(message),
             ProcessorError::Io { .. } | ProcessorError::Index(_) | ProcessorError::Corrupt(_) => {

@@ -17,7 +17,7 @@ use ferry_proto::cache::v1::cache_client::CacheClient;
 use ferry_proto::processor::v1::processor_server::ProcessorServer;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::service::open_storage;
-use ferry_runtime::{CancellationToken, Role, Service, ServiceConfig};
+use ferry_runtime::{CancellationToken, Refused, Role, Service, ServiceConfig};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
@@ -79,12 +79,13 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     if settings.chunk_bytes == 0 || !settings.chunk_bytes.is_multiple_of(512) {
-        return Err(ServeError::Service(ProcessorError::InvalidArgument(
-            format!(
+        return Err(ServeError::Service(
+            Refused::invalid_argument(format!(
                 "[processor] chunk_bytes {} must be a non-zero multiple of 512",
                 settings.chunk_bytes
-            ),
-        )));
+            ))
+            .into(),
+        ));
     }
     let needs = [Role::Registry, Role::Cache];
     let mut service = Service::start("processor-svc", SERVICE_NAME, &config, &needs).await?;

@@ -18,7 +18,7 @@ use ferry_proto::registry::v1 as registry;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::follow::{follow_registry, Follower};
 use ferry_runtime::time::{to_duration, to_timestamp, unix_nanos_now};
-use ferry_runtime::{Backoff, PeerChannel, RetryParams};
+use ferry_runtime::{Backoff, PeerChannel, Refusal, Refused, RetryParams};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -513,7 +513,7 @@ impl Pipeline {
                 self.trimmed_past(meta.applied, s.message()).await?;
                 return Ok(false);
             }
-            Err(s) => return Err(ProcessorError::Unavailable(format!("cache tail: {s}"))),
+            Err(s) => return Err(Refused::unavailable(format!("cache tail: {s}")).into()),
         };
         self.status.send_modify(|s| s.error = None);
         loop {
@@ -528,8 +528,8 @@ impl Pipeline {
                         self.status.send_modify(|s| s.cache_durable = response.durable_sequence);
                         self.apply(records).await?;
                     }
-                    Ok(None) => return Err(ProcessorError::Unavailable("the cache ended the tail".into())),
-                    Err(s) => return Err(ProcessorError::Unavailable(format!("cache tail: {s}"))),
+                    Ok(None) => return Err(Refused::unavailable("the cache ended the tail").into()),
+                    Err(s) => return Err(Refused::unavailable(format!("cache tail: {s}")).into()),
                 },
             }
         }
@@ -547,10 +547,10 @@ impl Pipeline {
                 vm_name: self.vm.clone(),
             })
             .await
-            .map_err(|s| ProcessorError::Unavailable(format!("cache log info: {s}")))?
+            .map_err(|s| Refused::unavailable(format!("cache log info: {s}")))?
             .into_inner();
         if Incarnation(info.incarnation) != self.incarnation || info.first_sequence <= applied + 1 {
-            return Err(ProcessorError::Unavailable(format!("cache tail: {why}")));
+            return Err(Refused::unavailable(format!("cache tail: {why}")).into());
         }
         let reason = format!(
             "the cache's log starts at {} but this replica has applied only up to {applied}",
@@ -756,11 +756,14 @@ impl Pipeline {
             let _ = reply.send(match &cut {
                 Ok(p) => Ok(p.clone()),
                 Err(e) => Err(match e {
-                    ProcessorError::FailedPrecondition(m) => {
-                        ProcessorError::FailedPrecondition(m.clone())
-                    }
+                    ProcessorError::Refused(
+                        refused @ Refused {
+                            kind: Refusal::FailedPrecondition,
+                            ..
+                        },
+                    ) => ProcessorError::Refused(refused.clone()),
                     ProcessorError::DiskFull(m) => ProcessorError::DiskFull(m.clone()),
-                    other => ProcessorError::Unavailable(other.to_string()),
+                    other => Refused::unavailable(other.to_string()).into(),
                 }),
             });
         }

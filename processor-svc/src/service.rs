@@ -8,6 +8,7 @@ use ferry_proto::ids::{PointId, VmName};
 use ferry_proto::processor::v1 as pb;
 use ferry_proto::processor::v1::processor_server::Processor;
 use ferry_runtime::time::{from_timestamp, to_timestamp};
+use ferry_runtime::Refused;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -49,13 +50,14 @@ impl ProcessorService {
     fn replica(&self, vm: &str) -> Result<Arc<VmReplica>, ProcessorError> {
         // Checked as registry names VMs: a name it cannot hold is a bad
         // request, not an unknown VM.
-        let vm = VmName::parse(vm).map_err(|e| ProcessorError::InvalidArgument(e.to_string()))?;
+        let vm = VmName::parse(vm).map_err(|e| Refused::invalid_argument(e.to_string()))?;
         let vm = vm.as_str();
         ferry_runtime::trace_context::record_vm(vm);
         self.pipelines.replicas().get(vm)?.ok_or_else(|| {
-            ProcessorError::NotFound(format!(
+            Refused::not_found(format!(
                 "processor-svc has no replica of VM {vm:?}: is its replication enabled?"
             ))
+            .into()
         })
     }
 }
@@ -230,7 +232,7 @@ impl Processor for ProcessorService {
         let req = request.into_inner();
         self.replica(&req.vm_name)?;
         let (commands, _) = self.pipelines.get(&req.vm_name).ok_or_else(|| {
-            ProcessorError::FailedPrecondition(format!(
+            Refused::failed_precondition(format!(
                 "VM {:?} is not replicating now (failed over or disabled); no new points",
                 req.vm_name
             ))
@@ -245,7 +247,7 @@ impl Processor for ProcessorService {
             .map(|i| i.into_inner().last_sequence)
             .or_else(|s| match s.code() {
                 tonic::Code::NotFound => Ok(0),
-                _ => Err(ProcessorError::Unavailable(format!(
+                _ => Err(Refused::unavailable(format!(
                     "cannot ask cache-svc what is pending ({}); use the latest processed point",
                     s.message()
                 ))),
@@ -257,16 +259,16 @@ impl Processor for ProcessorService {
                 reply,
             })
             .await
-            .map_err(|_| ProcessorError::Unavailable("the VM's pipeline stopped".into()))?;
+            .map_err(|_| Refused::unavailable("the VM's pipeline stopped"))?;
         let point = tokio::time::timeout(self.cut_timeout, answer)
             .await
             .map_err(|_| {
-                ProcessorError::DeadlineExceeded(format!(
+                Refused::deadline_exceeded(format!(
                     "VM {:?}: sequence {durable} not processed within {:?}",
                     req.vm_name, self.cut_timeout
                 ))
             })?
-            .map_err(|_| ProcessorError::Unavailable("the VM's pipeline stopped".into()))??;
+            .map_err(|_| Refused::unavailable("the VM's pipeline stopped"))??;
         Ok(Response::new(to_proto(&req.vm_name, &point)))
     }
 
@@ -320,7 +322,7 @@ impl Processor for ProcessorService {
             .map(|(_, s)| *s)
             .ok_or_else(|| {
                 let ids: Vec<&str> = point.disks.iter().map(|(d, _)| d.as_str()).collect();
-                ProcessorError::NotFound(format!(
+                Refused::not_found(format!(
                     "point {} of VM {:?} has no disk {:?}; it has {}",
                     req.point_id,
                     req.vm_name,
@@ -339,7 +341,7 @@ impl Processor for ProcessorService {
             n => req.offset.saturating_add(n),
         };
         if req.offset > size || end > size {
-            return Err(ProcessorError::OutOfRange(format!(
+            return Err(Refused::out_of_range(format!(
                 "range {}+{} is past the end of disk {:?} ({size} bytes)",
                 req.offset, req.length, req.disk_id
             ))

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use ferry_proto::cache::v1::record::Op;
 use ferry_proto::cache::v1::{Marker, MarkerKind, Record, WriteOp, ZeroOp};
 use ferry_proto::ids::Incarnation;
+use ferry_runtime::{Refusal, Refused};
 use processor_svc::replica::{Point, PointKind, Replicas, VmReplica};
 use processor_svc::ProcessorError;
 
@@ -99,7 +100,13 @@ fn every_point_reads_as_the_source_was_at_its_cut() {
         // No point before every disk completed its initial sync.
         let err = replica.cut(PointKind::CrashConsistent, "", 0).unwrap_err();
         assert!(
-            matches!(err, ProcessorError::FailedPrecondition(_)),
+            matches!(
+                err,
+                ProcessorError::Refused(Refused {
+                    kind: Refusal::FailedPrecondition,
+                    ..
+                })
+            ),
             "{err}"
         );
         synced(&replica, &mut feed);
@@ -157,7 +164,13 @@ fn every_point_reads_as_the_source_was_at_its_cut() {
                     .cut(PointKind::CrashConsistent, "", round)
                     .unwrap_err();
                 assert!(
-                    matches!(err, ProcessorError::FailedPrecondition(_)),
+                    matches!(
+                        err,
+                        ProcessorError::Refused(Refused {
+                            kind: Refusal::FailedPrecondition,
+                            ..
+                        })
+                    ),
                     "{err}"
                 );
                 replica

@@ -39,6 +39,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use ferry_proto::ids::{UnixNanos, VmName};
+use ferry_runtime::Refused;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::FailoverError;
@@ -104,9 +105,10 @@ impl Engine {
     /// A protected VM; NOT_FOUND names what to do.
     pub(crate) async fn item(&self, vm: &VmName) -> Result<Item> {
         self.peers.item(vm).await.map_err(|e| match e.peer_code() {
-            Some(tonic::Code::NotFound) => FailoverError::NotFound(format!(
+            Some(tonic::Code::NotFound) => Refused::not_found(format!(
                 "VM \"{vm}\" is not protected (unknown, or its replication is not enabled)"
-            )),
+            ))
+            .into(),
             _ => e,
         })
     }
@@ -114,9 +116,9 @@ impl Engine {
     /// A VM's point; NOT_FOUND names what to do.
     pub(crate) async fn point(&self, vm: &VmName, id: &str) -> Result<Point> {
         self.peers.point(vm, id).await.map_err(|e| match e.peer_code() {
-            Some(tonic::Code::NotFound) => FailoverError::NotFound(format!(
+            Some(tonic::Code::NotFound) => Refused::not_found(format!(
                 "VM \"{vm}\" has no recovery point {id:?} (unknown or expired); see ferry points {vm}"
-            )),
+            )).into(),
             _ => e,
         })
     }
@@ -129,7 +131,7 @@ impl Engine {
             .into_iter()
             .next()
             .ok_or_else(|| {
-                FailoverError::NotFound(format!(
+                Refused::not_found(format!(
                     "VM \"{vm}\" has no {} recovery point",
                     match kind {
                         PointKind::AppConsistent => "app-consistent",
@@ -137,6 +139,7 @@ impl Engine {
                         PointKind::Any => "processed",
                     }
                 ))
+                .into()
             })
     }
 
@@ -190,18 +193,19 @@ impl Engine {
             return Ok(job);
         }
         if kind == FailoverKind::Planned && !self.peers.has_cache() {
-            return Err(FailoverError::FailedPrecondition(
+            return Err(Refused::failed_precondition(
                 "failover-svc was started without --cache: a planned failover needs the source \
-                 region's cache; use an unplanned failover"
-                    .into(),
-            ));
+                 region's cache; use an unplanned failover",
+            )
+            .into());
         }
         let item = self.item(&vm).await?;
         if !item.replication_group.is_empty() && !in_group {
-            return Err(FailoverError::FailedPrecondition(format!(
+            return Err(Refused::failed_precondition(format!(
                 "VM \"{vm}\" belongs to replication group {:?}: fail the group over as a whole",
                 item.replication_group
-            )));
+            ))
+            .into());
         }
         self.check_failover(&vm, &item, kind, &test_network)?;
         if let Choice::Point(id) = &choice {
@@ -246,7 +250,7 @@ impl Engine {
             ),
         };
         if !allowed {
-            return Err(FailoverError::FailedPrecondition(format!(
+            return Err(Refused::failed_precondition(format!(
                 "VM \"{vm}\" is {}: {} needs it protected{}",
                 state_name(state),
                 if test {
@@ -259,25 +263,28 @@ impl Engine {
                 } else {
                     " (or failed over, to change the point)"
                 }
-            )));
+            ))
+            .into());
         }
         if test {
             if test_network.is_empty() {
-                return Err(FailoverError::InvalidArgument(
-                    "a test failover needs test_network: an isolated network of the target region"
-                        .into(),
-                ));
+                return Err(Refused::invalid_argument(
+                    "a test failover needs test_network: an isolated network of the target region",
+                )
+                .into());
             }
             let region = &item.target.region;
             if self.backend.network(region, test_network)?.is_none() {
-                return Err(FailoverError::NotFound(format!(
+                return Err(Refused::not_found(format!(
                     "test network {test_network:?} does not exist in {region}; create it first"
-                )));
+                ))
+                .into());
             }
             if !self.test_vms(vm)?.is_empty() {
-                return Err(FailoverError::FailedPrecondition(format!(
+                return Err(Refused::failed_precondition(format!(
                     "VM \"{vm}\" has a test failover already; clean it up first"
-                )));
+                ))
+                .into());
             }
         }
         Ok(())
@@ -290,10 +297,11 @@ impl Engine {
         }
         let item = self.item(&vm).await?;
         if item.state != ReplicationState::FailedOver {
-            return Err(FailoverError::FailedPrecondition(format!(
+            return Err(Refused::failed_precondition(format!(
                 "VM \"{vm}\" is {}: only a failed-over VM can be committed",
                 state_name(item.state)
-            )));
+            ))
+            .into());
         }
         let job = self.vm_job(JobKind::Commit, vm, request_id, steps::COMMIT, &item)?;
         self.admit(job).await
@@ -310,9 +318,10 @@ impl Engine {
         }
         let item = self.item(&vm).await?;
         if self.test_vms(&vm)?.is_empty() {
-            return Err(FailoverError::FailedPrecondition(format!(
+            return Err(Refused::failed_precondition(format!(
                 "VM \"{vm}\" has no test failover to clean up"
-            )));
+            ))
+            .into());
         }
         let job = self.vm_job(
             JobKind::CleanupTest,
@@ -347,7 +356,7 @@ impl Engine {
                 .lock()
                 .map_err(|_| FailoverError::Corrupt("busy lock".into()))?;
             if !busy.insert(busy_key(&job)) {
-                return Err(FailoverError::FailedPrecondition(match &job.vm_name {
+                return Err(Refused::failed_precondition(match &job.vm_name {
                     Some(vm) => format!(
                         "a job is running for VM \"{vm}\"; wait for it (ferry jobs --watch)"
                     ),
@@ -355,7 +364,7 @@ impl Engine {
                         "a job is running for replication group {:?}; wait for it (ferry jobs --watch)",
                         job.group
                     ),
-                }));
+                }).into());
             }
         }
         if let Err(e) = self.jobs.insert(&job) {

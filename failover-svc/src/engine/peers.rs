@@ -15,7 +15,7 @@ use ferry_proto::processor::v1 as proc;
 use ferry_proto::processor::v1::processor_client::ProcessorClient;
 use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
-use ferry_runtime::PeerChannel;
+use ferry_runtime::{PeerChannel, Refused};
 use tokio_stream::{Stream, StreamExt};
 
 /// Registry's lifecycle states: the generated enum itself (a Rust enum,
@@ -189,13 +189,13 @@ fn point(p: proc::RecoveryPoint) -> Point {
 
 fn item(i: reg::ProtectedItem) -> Result<Item> {
     let state = reg::ReplicationState::try_from(i.state).map_err(|_| {
-        FailoverError::Unavailable(format!(
+        Refused::unavailable(format!(
             "registry has VM {:?} in unknown state {}",
             i.vm_name, i.state
         ))
     })?;
     let vm_name = VmName::parse(i.vm_name)
-        .map_err(|e| FailoverError::Unavailable(format!("registry's item: {e}")))?;
+        .map_err(|e| Refused::unavailable(format!("registry's item: {e}")))?;
     let t = i.target.unwrap_or_default();
     let source = i.source.unwrap_or_default();
     Ok(Item {
@@ -427,9 +427,10 @@ impl Peers for Tonic {
     }
 
     async fn drain(&self, vm: &VmName, reason: &str, marker: &JobId) -> Result<()> {
-        let mut cache = self.cache.clone().ok_or_else(|| {
-            FailoverError::FailedPrecondition("failover-svc has no --cache".into())
-        })?;
+        let mut cache = self
+            .cache
+            .clone()
+            .ok_or_else(|| Refused::failed_precondition("failover-svc has no --cache"))?;
         cache
             .send_control(cache::SendControlRequest {
                 vm_name: vm.to_string(),

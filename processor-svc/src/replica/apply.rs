@@ -3,6 +3,7 @@
 
 use ferry_proto::cache::v1::record::Op;
 use ferry_proto::cache::v1::{MarkerKind, Record};
+use ferry_runtime::Refused;
 
 use super::blobs::{Stored, Writer};
 use super::interval::{dirty_len, Dirty, Meta, FULL_RESYNC};
@@ -113,10 +114,11 @@ impl VmReplica {
         let mut w = self.writer()?;
         let expected = w.meta.applied + 1;
         if record.sequence != expected {
-            return Err(ProcessorError::FailedPrecondition(format!(
+            return Err(Refused::failed_precondition(format!(
                 "VM {:?}: record {} arrived where {expected} comes next",
                 self.vm, record.sequence
-            )));
+            ))
+            .into());
         }
         if ferry_proto::checksum::record_crc32c(record) != record.crc32c {
             return self.refuse_damaged(&mut w, record);

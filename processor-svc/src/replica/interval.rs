@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ferry_proto::ids::{Incarnation, PointId, Sequence, UnixNanos};
+use ferry_runtime::Refused;
 use serde::{Deserialize, Serialize};
 
 use super::keys::{json, pkey, unjson};
@@ -50,9 +51,10 @@ impl Point {
 
 /// The error of a point `id` (as received) that `vm` does not have.
 pub fn missing_point(vm: &str, id: &str) -> ProcessorError {
-    ProcessorError::NotFound(format!(
+    Refused::not_found(format!(
         "VM {vm:?} has no recovery point {id:?} (unknown or expired); list its points"
     ))
+    .into()
 }
 
 /// What the index keeps of a VM.
@@ -187,7 +189,7 @@ impl VmReplica {
     ) -> Result<Point> {
         let mut w = self.writer()?;
         if let Some(why) = not_cuttable(&w.meta) {
-            return Err(ProcessorError::FailedPrecondition(why));
+            return Err(Refused::failed_precondition(why).into());
         }
         let point = Point {
             interval: w.meta.interval,

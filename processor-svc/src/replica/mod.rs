@@ -73,6 +73,7 @@ pub use read::{Extent, ReadLease};
 pub use store::{BlobStore, LocalBlobStore, OpenSegment, SegmentInfo};
 
 use blobs::Writer;
+use ferry_runtime::Refused;
 use keys::{json, unjson, META};
 
 use ferry_proto::ids::Incarnation;
@@ -155,10 +156,11 @@ impl Replicas {
         if fresh && incarnation.get() > 0 {
             replica.set_incarnation(incarnation)?;
         } else if held > incarnation {
-            return Err(ProcessorError::FailedPrecondition(format!(
+            return Err(Refused::failed_precondition(format!(
                 "the replica of VM {vm:?} is of incarnation {held}, newer than registry's \
                  {incarnation}: is registry restored from an older backup? The replica is kept"
-            )));
+            ))
+            .into());
         } else if held < incarnation {
             tracing::warn!(
                 vm,

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use ferry_proto::digest::DiskDigester;
+use ferry_runtime::Refused;
 
 use super::blobs::Stored;
 use super::interval::Point;
@@ -173,7 +174,7 @@ impl VmReplica {
             .find(|(d, _)| d == disk)
             .map(|(_, s)| *s)
             .ok_or_else(|| {
-                ProcessorError::NotFound(format!(
+                Refused::not_found(format!(
                     "point {} of VM {:?} has no disk {disk:?}",
                     point.id(),
                     self.vm

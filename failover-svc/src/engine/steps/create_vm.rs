@@ -6,10 +6,10 @@
 use std::sync::Arc;
 
 use ferry_proto::ids::UnixNanos;
+use ferry_runtime::Refused;
 
 use super::{network, target_names, Result};
 use crate::engine::Engine;
-use crate::error::FailoverError;
 use crate::inventory::{self, TargetVm};
 use crate::jobs::JobRecord;
 
@@ -45,12 +45,7 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
     let mut nics = Vec::new();
     for nic in &item.source_nics {
         let ip = inventory::assign_ip(&subnet.address_prefix, &nic.private_ip, &taken).ok_or_else(
-            || {
-                FailoverError::FailedPrecondition(format!(
-                    "subnet {} has no free address",
-                    subnet.name
-                ))
-            },
+            || Refused::failed_precondition(format!("subnet {} has no free address", subnet.name)),
         )?;
         taken.push(ip.clone());
         nics.push(inventory::Nic {

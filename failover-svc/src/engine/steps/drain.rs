@@ -6,10 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_runtime::Refused;
+
 use super::Result;
 use crate::engine::peers::{Point, PointKind};
 use crate::engine::Engine;
-use crate::error::FailoverError;
 use crate::jobs::JobRecord;
 
 /// How long a planned failover waits for the source to drain.
@@ -34,11 +35,12 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
         .drain(vm, &reason, &job.id)
         .await
         .map_err(|e| match e.peer_code() {
-            Some(tonic::Code::FailedPrecondition) => FailoverError::FailedPrecondition(format!(
+            Some(tonic::Code::FailedPrecondition) => Refused::failed_precondition(format!(
                 "the source agent of \"{vm}\" is not streaming, so it cannot drain ({}); use an \
                  unplanned failover",
                 e.peer_message()
-            )),
+            ))
+            .into(),
             _ => e,
         })?;
     let deadline = tokio::time::Instant::now() + DRAIN_BOUND;
@@ -47,9 +49,10 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
             return Ok(drained(p));
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(FailoverError::Unavailable(format!(
+            return Err(Refused::unavailable(format!(
                 "the source did not drain within {DRAIN_BOUND:?}; use an unplanned failover"
-            )));
+            ))
+            .into());
         }
         tokio::time::sleep(POLL).await;
     }

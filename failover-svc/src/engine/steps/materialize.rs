@@ -9,6 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_runtime::Refused;
 use tokio_stream::StreamExt;
 
 use super::{target_names, Result};
@@ -54,11 +55,12 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
             .into_iter()
             .find(|v| v.source_vm != vm.as_str() && v.disks.iter().any(|d| d.path == place))
         {
-            return Err(FailoverError::AlreadyExists(format!(
+            return Err(Refused::already_exists(format!(
                 "target disk {name:?} in {}/{} belongs to VM {:?} (failed over from {:?}); \
                  VM \"{vm}\" cannot use it",
                 target.region, target.resource_group, owner.name, owner.source_vm
-            )));
+            ))
+            .into());
         }
         let path = backend.prepare_disk(
             &target.region,
@@ -90,10 +92,11 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
             coverage.extent(extent.offset, extent.length, data_len)?;
             if let Some(data) = extent.data {
                 if crc32c::crc32c(&data) != extent.crc32c {
-                    return Err(FailoverError::Unavailable(format!(
+                    return Err(Refused::unavailable(format!(
                         "extent at {} of disk {} arrived damaged; retry the job",
                         extent.offset, disk.disk_id
-                    )));
+                    ))
+                    .into());
                 }
                 let n = data.len() as u64;
                 if queue.send((extent.offset, data)).await.is_err() {
@@ -148,7 +151,7 @@ async fn check_digest(
         .disk_digest(vm, point_id, &disk.disk_id)
         .await?;
     if want.algorithm != ferry_proto::digest::ALGORITHM || want.size_bytes != disk.size_bytes {
-        return Err(FailoverError::FailedPrecondition(format!(
+        return Err(Refused::failed_precondition(format!(
             "disk {}: the processor's digest is {} of {} bytes; this failover-svc checks {} \
              of {} bytes",
             disk.disk_id,
@@ -156,7 +159,8 @@ async fn check_digest(
             want.size_bytes,
             ferry_proto::digest::ALGORITHM,
             disk.size_bytes
-        )));
+        ))
+        .into());
     }
     let (file, size, chunk) = (path.to_path_buf(), disk.size_bytes, want.chunk_bytes);
     let got = tokio::task::spawn_blocking(move || verify::image_digest(&file, size, chunk))
@@ -167,12 +171,13 @@ async fn check_digest(
         ferry_proto::digest::hex(&got),
     );
     if want.sha256.as_slice() != got.as_slice() {
-        return Err(FailoverError::DataLoss(format!(
+        return Err(Refused::data_loss(format!(
             "disk {} as written at {} has digest {got_hex}, but point {point_id} has \
              {want_hex}: the image is not the point's disk; it is not used",
             disk.disk_id,
             path.display()
-        )));
+        ))
+        .into());
     }
     tracing::info!(%vm, disk = %disk.disk_id, point = point_id, sha256 = %got_hex, "disk verified end to end");
     Ok(Verified {

@@ -5,6 +5,8 @@
 
 use std::sync::Arc;
 
+use ferry_runtime::Refused;
+
 use super::Result;
 use crate::engine::Engine;
 use crate::error::FailoverError;
@@ -47,7 +49,7 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
             }
         };
         let member = started.map_err(|e| {
-            FailoverError::FailedPrecondition(format!("VM {:?}: {e}", m.vm_name.as_str()))
+            Refused::failed_precondition(format!("VM {:?}: {e}", m.vm_name.as_str()))
         })?;
         job.members[i].job_id = member.id.to_string();
         engine.jobs.save(job)?;

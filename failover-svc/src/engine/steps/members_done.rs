@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_runtime::Refused;
+
 use super::Result;
 use crate::engine::Engine;
 use crate::error::FailoverError;
@@ -21,12 +23,13 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
             })?;
             if member.state == JobState::Failed {
                 engine.unpin_all(job).await;
-                return Err(FailoverError::FailedPrecondition(format!(
+                return Err(Refused::failed_precondition(format!(
                     "VM {:?} (job {}): {}",
                     m.vm_name.as_str(),
                     member.id,
                     member.error
-                )));
+                ))
+                .into());
             }
             let live = engine.jobs.live(&member);
             done += live.bytes_done;
@@ -49,7 +52,7 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
         }
         tokio::select! {
             _ = engine.shutdown.cancelled() => {
-                return Err(FailoverError::Unavailable("failover-svc is stopping".into()))
+                return Err(Refused::unavailable("failover-svc is stopping").into())
             }
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }

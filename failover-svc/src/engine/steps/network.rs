@@ -4,9 +4,10 @@
 
 use std::sync::Arc;
 
+use ferry_runtime::Refused;
+
 use super::Result;
 use crate::engine::Engine;
-use crate::error::FailoverError;
 use crate::inventory::{self, Network, Subnet};
 use crate::jobs::JobRecord;
 
@@ -24,7 +25,7 @@ pub(crate) async fn network(engine: &Engine, job: &JobRecord) -> Result<(Network
         backend
             .network(&target.region, &job.test_network)?
             .ok_or_else(|| {
-                FailoverError::NotFound(format!(
+                Refused::not_found(format!(
                     "test network {:?} does not exist in {}",
                     job.test_network, target.region
                 ))
@@ -59,7 +60,7 @@ pub(crate) async fn network(engine: &Engine, job: &JobRecord) -> Result<(Network
             .cloned()
     }
     .ok_or_else(|| {
-        FailoverError::FailedPrecondition(format!(
+        Refused::failed_precondition(format!(
             "network {} has no subnet {:?}",
             net.name, target.subnet
         ))

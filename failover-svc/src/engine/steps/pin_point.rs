@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_proto::ids::UnixNanos;
+use ferry_runtime::Refused;
 
 use super::{drain, Result};
 use crate::engine::peers::PointKind;
 use crate::engine::Engine;
-use crate::error::FailoverError;
 use crate::jobs::{Choice, FailoverKind, JobRecord, Used};
 
 /// How long "latest" may wait for the source region's cache before an
@@ -25,7 +25,7 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
         // Resumed: the same point again.
         Some(used) => engine.point(&vm, &used.point_id).await?,
         None if planned => drain::final_point(engine, job).await?.ok_or_else(|| {
-            FailoverError::FailedPrecondition("the final point of the drain is missing".into())
+            Refused::failed_precondition("the final point of the drain is missing")
         })?,
         None => match &job.choice {
             Choice::Point(id) => engine.point(&vm, id).await?,
