@@ -369,7 +369,7 @@ const RANGES_PER_REQUEST: usize = 4096;
 const REQUEST_AGAIN: Duration = Duration::from_secs(10);
 
 /// Runs blocking replica work off the async threads.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ProcessorError> + Send + 'static,
 ) -> Result<T, ProcessorError> {
     tokio::task::spawn_blocking(f)

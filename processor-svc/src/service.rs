@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::error::ProcessorError;
-use crate::pipeline::{Command, Pipelines};
+use crate::pipeline::{blocking, Command, Pipelines};
 use crate::replica::{missing_point, Point, PointKind, VmReplica};
 
 /// Extents buffered per ReadDisk stream before the reader waits.
@@ -119,14 +119,6 @@ fn servable(vm: &str, p: &Point) -> Result<(), ProcessorError> {
         ))),
         None => Ok(()),
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ProcessorError> + Send + 'static,
-) -> Result<T, ProcessorError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ProcessorError::Corrupt(format!("replica task failed: {e}")))?
 }
 
 #[tonic::async_trait]
