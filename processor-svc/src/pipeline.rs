@@ -13,7 +13,7 @@ use std::time::Duration;
 use ferry_proto::cache::v1 as cache;
 use ferry_proto::cache::v1::cache_client::CacheClient;
 use ferry_proto::cache::v1::MarkerKind;
-use ferry_proto::ids::Incarnation;
+use ferry_proto::ids::{Incarnation, Sequence};
 use ferry_proto::registry::v1 as registry;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::follow::{follow_registry, Follower};
@@ -496,7 +496,7 @@ impl Pipeline {
         let meta = self.replica.meta()?;
         let request = cache::TailRequest {
             vm_name: self.vm.clone(),
-            from_sequence: meta.applied + 1,
+            from_sequence: meta.applied.next().get(),
             follow: true,
             max_batch_bytes: 0,
             incarnation: self.incarnation.get(),
@@ -510,7 +510,7 @@ impl Pipeline {
                 return self.idle(commands, tick, stop).await;
             }
             Err(s) if s.code() == tonic::Code::OutOfRange => {
-                self.trimmed_past(meta.applied, s.message()).await?;
+                self.trimmed_past(meta.applied.get(), s.message()).await?;
                 return Ok(false);
             }
             Err(s) => return Err(Refused::unavailable(format!("cache tail: {s}")).into()),
@@ -559,7 +559,7 @@ impl Pipeline {
         let replica = self.replica.clone();
         let (lineage, first) = (info.lineage, info.first_sequence);
         let gap_reason = reason.clone();
-        blocking(move || replica.gap(first - 1, lineage, &gap_reason)).await?;
+        blocking(move || replica.gap(Sequence(first - 1), lineage, &gap_reason)).await?;
         self.last_gap_request = None;
         self.request_full_check().await;
         Ok(())
@@ -653,7 +653,7 @@ impl Pipeline {
             let room_for = |replica: &VmReplica| room.claim(replica.dirty_bytes()? as u64);
             let mut cuts = Vec::new();
             let mut mismatched = false;
-            let mut applied = replica.applied()?;
+            let mut applied = replica.applied()?.get();
             for record in &records {
                 if record.sequence <= applied {
                     continue;
@@ -725,7 +725,7 @@ impl Pipeline {
                 reply,
             } => {
                 self.pending.push((min_sequence, reply));
-                let applied = self.replica.meta().map(|m| m.applied).unwrap_or(0);
+                let applied = self.replica.meta().map(|m| m.applied.get()).unwrap_or(0);
                 self.serve_cuts(applied).await;
             }
         }
@@ -740,7 +740,7 @@ impl Pipeline {
         let room = self.tuning.room.clone();
         let cut = blocking(move || {
             let meta = replica.meta()?;
-            if meta.applied == meta.last_point_sequence && meta.applied > 0 {
+            if meta.applied == meta.last_point_sequence && meta.applied.get() > 0 {
                 if let Some(p) = replica.points()?.pop() {
                     return Ok(p);
                 }
@@ -883,6 +883,7 @@ impl Pipeline {
         let Ok((durable, lineage)) = self.replica.durable_position() else {
             return;
         };
+        let durable = durable.get();
         if durable <= self.reported {
             return;
         }
@@ -980,7 +981,7 @@ impl Pipeline {
                 to_timestamp(std::time::UNIX_EPOCH + Duration::from_nanos(p.time_nanos.get()))
             }),
             backlog_bytes: Some(size),
-            backlog_records: Some(durable.saturating_sub(meta.applied)),
+            backlog_records: Some(durable.saturating_sub(meta.applied.get())),
         };
         let mut registry = self.registry.clone();
         if let Err(s) = registry.report_health(request).await {

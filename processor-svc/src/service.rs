@@ -444,13 +444,14 @@ impl Processor for ProcessorService {
             .map(|(_, s)| s)
             .unwrap_or_default();
         let latest = replica.points()?.pop();
-        let durable = status.cache_durable.max(meta.applied);
+        let applied = meta.applied.get();
+        let durable = status.cache_durable.max(applied);
         Ok(Response::new(pb::PipelineStatus {
             vm_name: req.vm_name.clone(),
-            applied_sequence: meta.applied,
+            applied_sequence: applied,
             cache_durable_sequence: durable,
             backlog_bytes: status.backlog_bytes,
-            backlog_records: durable - meta.applied,
+            backlog_records: durable - applied,
             syncing_disks: meta.syncing.iter().cloned().collect(),
             latest_point: latest.map(|p| to_proto(&req.vm_name, &p)),
         }))

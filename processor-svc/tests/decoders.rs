@@ -281,7 +281,7 @@ proptest! {
         let _ = replica.compact_step(1 << 20);
         if let Ok(meta) = replica.meta() {
             let op = Op::WriteZeroes(ZeroOp { offset: 0, length: 512 });
-            let _ = replica.apply(&seal(meta.applied + 1, "os", op));
+            let _ = replica.apply(&seal(meta.applied.get() + 1, "os", op));
             let _ = replica.cut(PointKind::CrashConsistent, "", 0);
         }
         let _ = replica.points();
@@ -420,7 +420,7 @@ proptest! {
             match replica.apply(&r) {
                 Ok(_) => seq += 1,
                 // What the pipeline does after an error.
-                Err(_) => seq = replica.reset().unwrap() + 1,
+                Err(_) => seq = replica.reset().unwrap().get() + 1,
             }
         }
         let Ok(point) = replica.cut(PointKind::CrashConsistent, "", 0) else {

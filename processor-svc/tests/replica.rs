@@ -208,7 +208,7 @@ fn every_point_reads_as_the_source_was_at_its_cut() {
         .expect("the replica is still there");
     assert_eq!(
         replica.meta().unwrap().applied,
-        shadows.last().unwrap().0.sequence_cut.get()
+        shadows.last().unwrap().0.sequence_cut
     );
     for (point, shadow) in &shadows {
         for (disk, image) in shadow {
@@ -341,7 +341,7 @@ fn a_record_that_fails_its_checksum_is_never_applied_and_blocks_points_until_res
     }
     replica.apply(&damaged).unwrap();
     assert_eq!(
-        replica.meta().unwrap().applied,
+        replica.meta().unwrap().applied.get(),
         damaged.sequence,
         "consumed"
     );
@@ -481,7 +481,7 @@ fn pruning_never_makes_the_open_intervals_records_look_durable() {
             vec![first.interval]
         );
         assert_eq!(
-            replica.durable_applied().unwrap(),
+            replica.durable_applied().unwrap().get(),
             cut_at,
             "only what was flushed with its data may be reported"
         );
@@ -491,7 +491,7 @@ fn pruning_never_makes_the_open_intervals_records_look_durable() {
     let replica = replicas
         .open_vm_with("vm", &disks(), Incarnation(0))
         .unwrap();
-    assert_eq!(replica.meta().unwrap().applied, cut_at);
+    assert_eq!(replica.meta().unwrap().applied.get(), cut_at);
 }
 
 /// Flips one byte inside the first data blob of the VM's first segment

@@ -3,6 +3,7 @@
 
 use ferry_proto::cache::v1::record::Op;
 use ferry_proto::cache::v1::{MarkerKind, Record};
+use ferry_proto::ids::{Sequence, UnixNanos};
 use ferry_runtime::Refused;
 
 use super::blobs::{Stored, Writer};
@@ -92,12 +93,12 @@ impl VmReplica {
     /// the cache), the log's lineage becomes `lineage`, and every disk must
     /// be checked whole against the source before the next point. Durable
     /// before it returns.
-    pub fn gap(&self, applied: u64, lineage: u64, reason: &str) -> Result<()> {
+    pub fn gap(&self, applied: Sequence, lineage: u64, reason: &str) -> Result<()> {
         let mut w = self.writer()?;
         tracing::error!(
             vm = %self.vm,
-            from = w.meta.applied,
-            to = applied.max(w.meta.applied),
+            from = %w.meta.applied,
+            to = %applied.max(w.meta.applied),
             lineage,
             reason,
             "a gap in the stream: no point until every disk is checked against the source"
@@ -112,7 +113,7 @@ impl VmReplica {
     /// Applies one record (the next in sequence) to the open interval.
     pub fn apply(&self, record: &Record) -> Result<Applied> {
         let mut w = self.writer()?;
-        let expected = w.meta.applied + 1;
+        let expected = w.meta.applied.next().get();
         if record.sequence != expected {
             return Err(Refused::failed_precondition(format!(
                 "VM {:?}: record {} arrived where {expected} comes next",
@@ -165,7 +166,7 @@ impl VmReplica {
                 )))
             }
         };
-        w.meta.applied = record.sequence;
+        w.meta.applied = Sequence(record.sequence);
         if matches!(applied, Applied::Data) {
             // A capture time ahead of this clock (the agent's clock stepped,
             // or is wrong) counts as now: a point's time never lies in the
@@ -173,7 +174,7 @@ impl VmReplica {
             let captured = record
                 .captured_at_unix_nanos
                 .min(ferry_runtime::time::unix_nanos_now());
-            w.meta.last_time_nanos = w.meta.last_time_nanos.max(captured);
+            w.meta.last_time_nanos = w.meta.last_time_nanos.max(UnixNanos(captured));
         }
         Ok(applied)
     }
@@ -214,7 +215,7 @@ impl VmReplica {
             "a record fails its checksum: not applied; its range is asked for again"
         );
         let ranges = mark_mismatched(&mut w.meta, &record.disk_id, offset, end, size);
-        w.meta.applied = record.sequence;
+        w.meta.applied = Sequence(record.sequence);
         Ok(Applied::Mismatched(record.disk_id.clone(), ranges))
     }
 

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use ferry_proto::ids::Sequence;
 use ferry_segment::{Header, Layout};
 use serde::{Deserialize, Serialize};
 
@@ -157,7 +158,7 @@ impl VmReplica {
     /// Writes the open interval's changed chunks and the meta durably
     /// (segment fdatasync, then the index, then its flush); returns the
     /// applied sequence that is now durable.
-    pub fn checkpoint(&self) -> Result<u64> {
+    pub fn checkpoint(&self) -> Result<Sequence> {
         let mut w = self.writer()?;
         self.checkpoint_locked(&mut w, None)?;
         Ok(w.meta.applied)
@@ -217,7 +218,7 @@ impl VmReplica {
 
     /// Forgets what is not durable (after a failed apply): the pipeline
     /// resumes from the durable applied sequence.
-    pub fn reset(&self) -> Result<u64> {
+    pub fn reset(&self) -> Result<Sequence> {
         let mut w = self.writer()?;
         self.reload(&mut w)?;
         Ok(w.meta.applied)

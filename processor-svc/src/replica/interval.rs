@@ -63,7 +63,7 @@ pub fn missing_point(vm: &str, id: &str) -> ProcessorError {
 pub struct Meta {
     /// Every record up to this sequence is in the replica (durably once
     /// saved).
-    pub applied: u64,
+    pub applied: Sequence,
     /// The open interval; the next point closes it.
     pub interval: u64,
     /// Disks whose initial replication completed.
@@ -73,11 +73,11 @@ pub struct Meta {
     /// Disk sizes.
     pub disks: BTreeMap<String, u64>,
     /// When the newest applied write completed at the agent (Unix ns).
-    pub last_time_nanos: u64,
+    pub last_time_nanos: UnixNanos,
     /// The id the next segment file gets.
     pub next_segment: u64,
     /// The sequence cut of the newest point (0 if none).
-    pub last_point_sequence: u64,
+    pub last_point_sequence: Sequence,
     /// Ranges (offset, length) per disk whose checksum differed from the
     /// source's in a checksum-based resync; no point until data for each
     /// has arrived.
@@ -193,9 +193,9 @@ impl VmReplica {
         }
         let point = Point {
             interval: w.meta.interval,
-            sequence_cut: Sequence(w.meta.applied),
+            sequence_cut: w.meta.applied,
             kind,
-            time_nanos: UnixNanos(time.unwrap_or(w.meta.last_time_nanos)),
+            time_nanos: time.map(UnixNanos).unwrap_or(w.meta.last_time_nanos),
             created_nanos: UnixNanos(now_nanos),
             disks: w.meta.disks.iter().map(|(d, s)| (d.clone(), *s)).collect(),
             pinned_by: Vec::new(),
@@ -204,7 +204,7 @@ impl VmReplica {
             damaged: None,
         };
         w.meta.interval += 1;
-        w.meta.last_point_sequence = point.sequence_cut.get();
+        w.meta.last_point_sequence = point.sequence_cut;
         self.checkpoint_locked(&mut w, Some(&point))?;
         Ok(point)
     }
@@ -287,7 +287,7 @@ mod tests {
         }));
         image[(2 * CHUNK) as usize..(3 * CHUNK) as usize].fill(0);
         let first = f.cut();
-        assert_eq!(first.sequence_cut.get(), f.replica.applied().unwrap());
+        assert_eq!(first.sequence_cut, f.replica.applied().unwrap());
         let at_first = image.clone();
 
         // What comes after the cut, written or not, is not the point's.

@@ -76,7 +76,7 @@ use blobs::Writer;
 use ferry_runtime::Refused;
 use keys::{json, unjson, META};
 
-use ferry_proto::ids::Incarnation;
+use ferry_proto::ids::{Incarnation, Sequence};
 
 use crate::error::ProcessorError;
 
@@ -152,7 +152,8 @@ impl Replicas {
         let meta = replica.meta()?;
         let held = meta.incarnation;
         // Nothing applied, no point: a new replica, not an old item's.
-        let fresh = held.get() == 0 && meta.applied == 0 && meta.last_point_sequence == 0;
+        let fresh =
+            held.get() == 0 && meta.applied.get() == 0 && meta.last_point_sequence.get() == 0;
         if fresh && incarnation.get() > 0 {
             replica.set_incarnation(incarnation)?;
         } else if held > incarnation {
@@ -266,17 +267,17 @@ impl VmReplica {
     }
 
     /// The applied sequence (in memory).
-    pub fn applied(&self) -> Result<u64> {
+    pub fn applied(&self) -> Result<Sequence> {
         Ok(self.writer()?.meta.applied)
     }
 
     /// The applied sequence the index holds (what survives a crash).
-    pub fn durable_applied(&self) -> Result<u64> {
+    pub fn durable_applied(&self) -> Result<Sequence> {
         Ok(self.writer()?.flushed.applied)
     }
 
     /// The durable applied sequence and the log lineage it counts in.
-    pub fn durable_position(&self) -> Result<(u64, u64)> {
+    pub fn durable_position(&self) -> Result<(Sequence, u64)> {
         let w = self.writer()?;
         Ok((w.flushed.applied, w.flushed.lineage))
     }
