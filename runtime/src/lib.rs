@@ -12,6 +12,7 @@ pub mod peers;
 pub mod readiness;
 pub mod refusal;
 pub mod retry;
+pub mod security;
 pub mod service;
 pub mod shutdown;
 pub mod space;
