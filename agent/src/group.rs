@@ -251,8 +251,8 @@ impl Peers {
         } else {
             format!("http://{address}")
         };
-        let channel =
-            ferry_runtime::connect(&url).map_err(|e| Status::unavailable(e.to_string()))?;
+        let channel = ferry_runtime::connect(&url, &ferry_runtime::peers::Credentials::none())
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         let client = AgentGroupClient::new(channel);
         self.clients.insert(address.to_string(), client.clone());
         Ok(client)
@@ -405,13 +405,14 @@ pub struct GroupOptions {
 /// Says this member is alive to registry every [`HEARTBEAT`]; while registry
 /// names it coordinator, runs a round every multi-VM interval. Until `stop`.
 pub async fn run(opts: GroupOptions, stop: CancellationToken) {
-    let mut registry = match ferry_runtime::connect(&opts.registry) {
-        Ok(c) => RegistryClient::new(c),
-        Err(e) => {
-            tracing::error!(vm = %opts.vm, error = %e, "group: bad registry URL");
-            return;
-        }
-    };
+    let mut registry =
+        match ferry_runtime::connect(&opts.registry, &ferry_runtime::peers::Credentials::none()) {
+            Ok(c) => RegistryClient::new(c),
+            Err(e) => {
+                tracing::error!(vm = %opts.vm, error = %e, "group: bad registry URL");
+                return;
+            }
+        };
     let mut peers = Peers::default();
     let mut next_round: Option<Instant> = None;
     // Whether the members' health last said multi-VM points are made, and

@@ -74,7 +74,10 @@ pub async fn register(
     hostname: &str,
     group_address: &str,
 ) -> Result<Assignment, AgentError> {
-    let mut client = RegistryClient::new(ferry_runtime::connect(registry_url)?);
+    let mut client = RegistryClient::new(ferry_runtime::connect(
+        registry_url,
+        &ferry_runtime::peers::Credentials::none(),
+    )?);
     let grant = client
         .register_agent(pb::RegisterAgentRequest {
             vm_name: vm.to_string(),

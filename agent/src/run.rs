@@ -153,7 +153,10 @@ impl Agent {
         tokio::spawn(crate::health::run(
             stream.clone(),
             conditions.clone(),
-            RegistryClient::new(ferry_runtime::connect(&opts.registry).map_err(AgentError::from)?),
+            RegistryClient::new(
+                ferry_runtime::connect(&opts.registry, &ferry_runtime::peers::Credentials::none())
+                    .map_err(AgentError::from)?,
+            ),
             opts.vm.clone(),
             assignment.epoch,
             opts.heartbeat,
@@ -180,7 +183,8 @@ impl Agent {
         if let Some(scripts) = opts.scripts.clone() {
             let capture = capture.clone();
             let mut registry = RegistryClient::new(
-                ferry_runtime::connect(&opts.registry).map_err(AgentError::from)?,
+                ferry_runtime::connect(&opts.registry, &ferry_runtime::peers::Credentials::none())
+                    .map_err(AgentError::from)?,
             );
             let (vm, stop, conditions) = (opts.vm.clone(), stop.clone(), conditions.clone());
             tokio::spawn(async move {
@@ -225,7 +229,8 @@ impl Agent {
         {
             let capture = capture.clone();
             let mut registry = RegistryClient::new(
-                ferry_runtime::connect(&opts.registry).map_err(AgentError::from)?,
+                ferry_runtime::connect(&opts.registry, &ferry_runtime::peers::Credentials::none())
+                    .map_err(AgentError::from)?,
             );
             let (vm, stop) = (opts.vm.clone(), stop.clone());
             tokio::spawn(async move {
@@ -237,7 +242,8 @@ impl Agent {
         if fresh {
             let capture = capture.clone();
             let mut registry = RegistryClient::new(
-                ferry_runtime::connect(&opts.registry).map_err(AgentError::from)?,
+                ferry_runtime::connect(&opts.registry, &ferry_runtime::peers::Credentials::none())
+                    .map_err(AgentError::from)?,
             );
             let (vm, stop) = (opts.vm.clone(), stop.clone());
             tokio::spawn(async move {
@@ -433,7 +439,8 @@ async fn supervise(
 /// Whether registry still lets this agent replicate its VM; why not.
 async fn may_stream(s: &Session) -> Result<(), String> {
     use ferry_proto::registry::v1 as reg;
-    let channel = ferry_runtime::connect(&s.registry).map_err(|e| e.to_string())?;
+    let channel = ferry_runtime::connect(&s.registry, &ferry_runtime::peers::Credentials::none())
+        .map_err(|e| e.to_string())?;
     let item = RegistryClient::new(channel)
         .get_protected_item(reg::GetProtectedItemRequest {
             vm_name: s.vm.clone(),
@@ -529,7 +536,16 @@ async fn serve_group(
     tokio::spawn(async move {
         health.serving().await;
         let limits = ferry_runtime::config::Limits::default();
-        if let Err(e) = host.serve(listener, &limits, stop).await {
+        if let Err(e) = host
+            .serve(
+                listener,
+                &limits,
+                None,
+                ferry_runtime::security::Access::Unchecked,
+                stop,
+            )
+            .await
+        {
             tracing::error!(error = %e, "replication group port stopped");
         }
     });

@@ -290,7 +290,13 @@ async fn initial_replication_racing_live_writes_replays_from_zero() {
         ],
     );
     let url = agent.url();
-    let mut registry = RegistryClient::new(ferry_runtime::connect(&agent.registry.url).unwrap());
+    let mut registry = RegistryClient::new(
+        ferry_runtime::connect(
+            &agent.registry.url,
+            &ferry_runtime::peers::Credentials::none(),
+        )
+        .unwrap(),
+    );
     let capture = agent.capture.clone();
     let mut r2 = registry.clone();
     let copy = tokio::spawn(async move {

@@ -293,7 +293,10 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
     ));
     let resyncer = {
         let capture = capture.clone();
-        let mut registry = RegistryClient::new(ferry_runtime::connect(&registry.url).unwrap());
+        let mut registry = RegistryClient::new(
+            ferry_runtime::connect(&registry.url, &ferry_runtime::peers::Credentials::none())
+                .unwrap(),
+        );
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             ferry_agent::resync::run(&capture, &mut registry, "vm", &shutdown)
@@ -573,7 +576,10 @@ async fn a_sync_completed_marker_lost_at_an_overflow_is_sent_again_by_resync() {
     ));
     {
         let capture = capture.clone();
-        let mut registry = RegistryClient::new(ferry_runtime::connect(&registry.url).unwrap());
+        let mut registry = RegistryClient::new(
+            ferry_runtime::connect(&registry.url, &ferry_runtime::peers::Credentials::none())
+                .unwrap(),
+        );
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             ferry_agent::resync::run(&capture, &mut registry, "vm", &shutdown)

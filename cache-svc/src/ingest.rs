@@ -9,6 +9,7 @@ use ferry_proto::cache::v1 as pb;
 use ferry_proto::cache::v1::record::Op;
 use ferry_proto::ids::{Epoch, Incarnation};
 use ferry_proto::registry::v1 as registry;
+use ferry_runtime::security::Caller;
 use ferry_runtime::{Refusal, Refused};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -210,11 +211,14 @@ impl CacheService {
     /// Runs one agent stream until it ends, fails or shutdown comes.
     pub(crate) async fn ingest(
         self,
+        caller: Caller,
         mut inbound: Streaming<pb::IngestRequest>,
         tx: Tx,
         shutdown: CancellationToken,
     ) {
-        let result = self.ingest_inner(&mut inbound, &tx, &shutdown).await;
+        let result = self
+            .ingest_inner(&caller, &mut inbound, &tx, &shutdown)
+            .await;
         if let Err(err) = result {
             tracing::warn!(%err, "ingest stream ended with an error");
             // A quota or a full disk: the agent backs off and resends.
@@ -239,6 +243,7 @@ impl CacheService {
 
     async fn ingest_inner(
         &self,
+        caller: &Caller,
         inbound: &mut Streaming<pb::IngestRequest>,
         tx: &Tx,
         shutdown: &CancellationToken,
@@ -260,6 +265,9 @@ impl CacheService {
             Ok(None) => return Ok(()),
             Err(status) => return Err(Refused::invalid_argument(status.message()).into()),
         };
+        // An agent streams its own VM's writes only; nothing is opened for
+        // another's.
+        caller.check_vm(open.vm.as_str())?;
         let (state, disks) = self.open_session(&open).await?;
         let (vm, epoch) = (open.vm.to_string(), open.epoch.get());
         // Registered before `opened`, so a control message sent once the

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use ferry_proto::cache::v1::cache_server::CacheServer;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::retry::{retry, RetryError, RetryParams};
+use ferry_runtime::security::ServiceKind;
 use ferry_runtime::service::open_storage;
 use ferry_runtime::{CancellationToken, Role, Service, ServiceConfig};
 use serde::Deserialize;
@@ -68,7 +69,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let mut service = Service::start("cache-svc", SERVICE_NAME, &config, &[Role::Registry]).await?;
+    let mut service =
+        Service::start(ServiceKind::Cache, SERVICE_NAME, &config, &[Role::Registry]).await?;
     let data_dir = config.data_dir.clone();
     let room = ingest::Room::new(config.data_dir.clone(), settings.reserve_bytes);
     let segment_bytes = settings.segment_bytes.max(4096);
@@ -79,7 +81,7 @@ pub async fn run(
         total_bytes: settings.total_quota_bytes.max(floor),
     };
     let store = open_storage(move || store::Store::open(&data_dir, segment_bytes, quotas)).await?;
-    let client = RegistryClient::new(ferry_runtime::connect(service.url(Role::Registry)?)?);
+    let client = RegistryClient::new(service.channel(Role::Registry)?);
     let limits = &config.limits;
     let store = Arc::new(store);
     let sessions = Arc::new(control::Sessions::default());
@@ -110,7 +112,14 @@ pub async fn run(
     // Nothing to prepare once registry serves, nothing to run after.
     let nothing = || std::future::ready(());
     service
-        .serve(listener, &config, shutdown, nothing(), nothing())
+        .serve(
+            listener,
+            &config,
+            shutdown,
+            std::sync::Arc::new(ferry_runtime::security::NoOperatorTokens),
+            nothing(),
+            nothing(),
+        )
         .await?;
     Ok(())
 }

@@ -6,6 +6,7 @@ use ferry_proto::cache::v1 as pb;
 use ferry_proto::cache::v1::cache_server::Cache;
 use ferry_proto::ids::VmName;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_runtime::security::Caller;
 use ferry_runtime::{PeerChannel, Refused};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -71,7 +72,8 @@ impl Cache for CacheService {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let service = self.clone();
         let shutdown = self.shutdown.clone();
-        tokio::spawn(service.ingest(request.into_inner(), tx, shutdown));
+        let caller = Caller::of(&request);
+        tokio::spawn(service.ingest(caller, request.into_inner(), tx, shutdown));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

@@ -36,6 +36,22 @@ pub struct Cli {
     /// Tables for people or JSON for scripts.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    /// Bearer token to call the services with (an operator token from
+    /// `ferry token create`). Prefer the environment variable: a flag shows
+    /// in the process list.
+    #[arg(long, global = true, env = "FERRY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) to verify the services with; needed for https://
+    /// URLs.
+    #[arg(long, global = true, env = "FERRY_TLS_CA", value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) to present, e.g. an operator certificate
+    /// from `ferry certs`; instead of or beside --token.
+    #[arg(long, global = true, env = "FERRY_TLS_CERT", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, global = true, env = "FERRY_TLS_KEY", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }

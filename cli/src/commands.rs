@@ -19,7 +19,8 @@ pub type Client = RegistryClient<PeerChannel>;
 
 /// A client for the registry at `url`.
 pub fn client(url: &str) -> Result<Client> {
-    let channel = ferry_runtime::connect(url).with_context(|| format!("registry URL {url:?}"))?;
+    let channel = ferry_runtime::connect(url, &crate::credentials::get())
+        .with_context(|| format!("registry URL {url:?}"))?;
     Ok(RegistryClient::new(channel))
 }
 

@@ -154,7 +154,7 @@ impl Embedded {
 pub async fn serving(url: &str) -> bool {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
-    let Ok(channel) = ferry_runtime::connect(url) else {
+    let Ok(channel) = ferry_runtime::connect(url, &crate::credentials::get()) else {
         return false;
     };
     let request = tonic_health::pb::HealthCheckRequest {

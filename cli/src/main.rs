@@ -4,6 +4,7 @@
 
 mod args;
 mod commands;
+mod credentials;
 mod demo;
 mod embedded;
 mod nbd_client;
@@ -26,6 +27,7 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    credentials::init(&cli)?;
     match cli.command {
         Command::Serve(a) => {
             let _telemetry = ferry_runtime::telemetry::init("ferry", "info", None)?;

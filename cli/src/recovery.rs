@@ -31,12 +31,14 @@ fn status<'a>(service: &'static str, url: &'a str) -> impl Fn(tonic::Status) -> 
 }
 
 pub fn failover_client(url: &str) -> Result<FailoverClient<PeerChannel>> {
-    let channel = ferry_runtime::connect(url).with_context(|| format!("failover URL {url:?}"))?;
+    let channel = ferry_runtime::connect(url, &crate::credentials::get())
+        .with_context(|| format!("failover URL {url:?}"))?;
     Ok(FailoverClient::new(channel))
 }
 
 pub fn processor_client(url: &str) -> Result<ProcessorClient<PeerChannel>> {
-    let channel = ferry_runtime::connect(url).with_context(|| format!("processor URL {url:?}"))?;
+    let channel = ferry_runtime::connect(url, &crate::credentials::get())
+        .with_context(|| format!("processor URL {url:?}"))?;
     Ok(ProcessorClient::new(channel))
 }
 

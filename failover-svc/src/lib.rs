@@ -20,6 +20,7 @@ use ferry_proto::cache::v1::cache_client::CacheClient;
 use ferry_proto::failover::v1::failover_server::FailoverServer;
 use ferry_proto::processor::v1::processor_client::ProcessorClient;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_runtime::security::ServiceKind;
 use ferry_runtime::service::open_storage;
 use ferry_runtime::{CancellationToken, Role, Service, ServiceConfig};
 use serde::Deserialize;
@@ -54,7 +55,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let needs = [Role::Registry, Role::Processor];
-    let mut service = Service::start("failover-svc", SERVICE_NAME, &config, &needs).await?;
+    let mut service = Service::start(ServiceKind::Failover, SERVICE_NAME, &config, &needs).await?;
     let dir = config.data_dir.clone();
     let (backend, jobs) = open_storage(move || {
         let db = sled::Config::new().path(dir.join("index")).open()?;
@@ -67,12 +68,12 @@ pub async fn run(
     let limits = &config.limits;
     // The source region's cache is optional: only planned failovers use it.
     let cache = match &config.cache {
-        Some(url) => Some(CacheClient::new(ferry_runtime::connect(url)?)),
+        Some(url) => Some(CacheClient::new(service.connect(url)?)),
         None => None,
     };
     let peers = engine::peers::Tonic {
-        registry: RegistryClient::new(ferry_runtime::connect(service.url(Role::Registry)?)?),
-        processor: ProcessorClient::new(ferry_runtime::connect(service.url(Role::Processor)?)?)
+        registry: RegistryClient::new(service.channel(Role::Registry)?),
+        processor: ProcessorClient::new(service.channel(Role::Processor)?)
             .max_decoding_message_size(limits.max_message_bytes),
         cache,
     };
@@ -100,7 +101,14 @@ pub async fn run(
         }
     };
     service
-        .serve(listener, &config, shutdown, resume, std::future::ready(()))
+        .serve(
+            listener,
+            &config,
+            shutdown,
+            std::sync::Arc::new(ferry_runtime::security::NoOperatorTokens),
+            resume,
+            std::future::ready(()),
+        )
         .await?;
     Ok(())
 }

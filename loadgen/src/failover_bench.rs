@@ -123,10 +123,12 @@ pub async fn run(dir: &Path) -> Result<()> {
     );
     println!("  materialize-disks: {materialize}");
     // Where the time goes: reading the point alone, extents discarded.
-    let mut p = ferry_proto::processor::v1::processor_client::ProcessorClient::new(
-        ferry_runtime::connect(&cluster.processor.url)?,
-    )
-    .max_decoding_message_size(64 << 20);
+    let mut p =
+        ferry_proto::processor::v1::processor_client::ProcessorClient::new(ferry_runtime::connect(
+            &cluster.processor.url,
+            &ferry_runtime::peers::Credentials::none(),
+        )?)
+        .max_decoding_message_size(64 << 20);
     let t = Instant::now();
     let mut extents = p
         .read_disk(ferry_proto::processor::v1::ReadDiskRequest {

@@ -16,6 +16,7 @@ use std::time::Duration;
 use ferry_proto::cache::v1::cache_client::CacheClient;
 use ferry_proto::processor::v1::processor_server::ProcessorServer;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_runtime::security::ServiceKind;
 use ferry_runtime::service::open_storage;
 use ferry_runtime::{CancellationToken, Refused, Role, Service, ServiceConfig};
 use serde::Deserialize;
@@ -88,15 +89,14 @@ pub async fn run(
         ));
     }
     let needs = [Role::Registry, Role::Cache];
-    let mut service = Service::start("processor-svc", SERVICE_NAME, &config, &needs).await?;
+    let mut service = Service::start(ServiceKind::Processor, SERVICE_NAME, &config, &needs).await?;
     let dir = config.data_dir.clone();
     let (chunk, segment) = (settings.chunk_bytes, settings.segment_bytes.max(1 << 20));
     let replicas = open_storage(move || replica::Replicas::open(&dir, chunk, segment)).await?;
     let limits = &config.limits;
-    let cache_client = CacheClient::new(ferry_runtime::connect(service.url(Role::Cache)?)?)
+    let cache_client = CacheClient::new(service.channel(Role::Cache)?)
         .max_decoding_message_size(limits.max_message_bytes);
-    let registry_client =
-        RegistryClient::new(ferry_runtime::connect(service.url(Role::Registry)?)?);
+    let registry_client = RegistryClient::new(service.channel(Role::Registry)?);
     let pipelines = pipeline::Pipelines::new(
         Arc::new(replicas),
         cache_client,
@@ -129,6 +129,7 @@ pub async fn run(
             listener,
             &config,
             shutdown,
+            std::sync::Arc::new(ferry_runtime::security::NoOperatorTokens),
             std::future::ready(()),
             following,
         )

@@ -163,7 +163,19 @@ pub async fn serve(
     // Storage is open and registry has no peers to wait for.
     health.serving().await;
     tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "registry-svc serving");
-    host.serve(listener, limits, shutdown).await?;
+    // Operator tokens are checked against registry's own store.
+    let access = ferry_runtime::service::access(
+        &config.service,
+        Arc::new(ferry_runtime::security::NoOperatorTokens),
+    );
+    host.serve(
+        listener,
+        limits,
+        config.service.security.tls.as_ref(),
+        access,
+        shutdown,
+    )
+    .await?;
     tracing::info!("registry-svc stopped");
     Ok(())
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use ferry_proto::registry::v1 as pb;
 use ferry_proto::registry::v1::registry_server::Registry as RegistryApi;
+use ferry_runtime::security::Caller;
 use ferry_runtime::time::{from_duration, from_timestamp};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -105,8 +106,10 @@ impl RegistryApi for RegistryService {
         &self,
         request: Request<pb::GetProtectedItemRequest>,
     ) -> Result<pb::ProtectedItem> {
+        let caller = Caller::of(&request);
         let req = request.into_inner();
         name("VM name", &req.vm_name)?;
+        caller.check_vm(&req.vm_name)?;
         Ok(Response::new(item(&self.registry.get_item(&req.vm_name)?)))
     }
 
@@ -159,8 +162,10 @@ impl RegistryApi for RegistryService {
         &self,
         request: Request<pb::TransitionStateRequest>,
     ) -> Result<pb::ProtectedItem> {
+        let caller = Caller::of(&request);
         let req = request.into_inner();
         name("VM name", &req.vm_name)?;
+        caller.check_vm(&req.vm_name)?;
         let to = State::from_pb(req.to).ok_or_else(|| {
             Status::invalid_argument(format!("`to` must be a replication state, got {}", req.to))
         })?;
@@ -186,8 +191,10 @@ impl RegistryApi for RegistryService {
         &self,
         request: Request<pb::ReportReplicationProgressRequest>,
     ) -> Result<pb::ProtectedItem> {
+        let caller = Caller::of(&request);
         let req = request.into_inner();
         name("VM name", &req.vm_name)?;
+        caller.check_vm(&req.vm_name)?;
         Ok(Response::new(item(
             &self
                 .registry
@@ -200,8 +207,10 @@ impl RegistryApi for RegistryService {
         &self,
         request: Request<pb::ReportHealthRequest>,
     ) -> Result<pb::ProtectedItem> {
+        let caller = Caller::of(&request);
         let req = request.into_inner();
         name("VM name", &req.vm_name)?;
+        caller.check_vm(&req.vm_name)?;
         let health = Health::from_pb(req.health).ok_or_else(|| {
             Status::invalid_argument("health must be NORMAL, WARNING or CRITICAL")
         })?;
@@ -238,8 +247,10 @@ impl RegistryApi for RegistryService {
         &self,
         request: Request<pb::RegisterAgentRequest>,
     ) -> Result<pb::RegisterAgentResponse> {
+        let caller = Caller::of(&request);
         let req = request.into_inner();
         name("VM name", &req.vm_name)?;
+        caller.check_vm(&req.vm_name)?;
         let cache_endpoint = self.registry.cache_endpoint()?;
         let grant = self
             .registry
@@ -258,8 +269,10 @@ impl RegistryApi for RegistryService {
         &self,
         request: Request<pb::GroupHeartbeatRequest>,
     ) -> Result<pb::GroupHeartbeatResponse> {
+        let caller = Caller::of(&request);
         let req = request.into_inner();
         name("VM name", &req.vm_name)?;
+        caller.check_vm(&req.vm_name)?;
         let view = self
             .registry
             .group_heartbeat(&req.vm_name, &req.credential, req.epoch, req.group_address)

@@ -12,6 +12,9 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+use crate::peers::Credentials;
+use crate::security::{ClientTls, ClusterSecret, Principal, ServiceKind, Tls, TlsFiles};
+
 /// Flags shared by every service binary; each has an environment variable.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct CommonArgs {
@@ -39,6 +42,25 @@ pub struct CommonArgs {
     /// Log filter in tracing's env-filter syntax (default "info").
     #[arg(long, env = "FERRY_LOG", value_name = "FILTER")]
     pub log: Option<String>,
+    /// This service's certificate (PEM), served to clients and presented to
+    /// peers; `ferry certs init` makes one per service.
+    #[arg(long, env = "FERRY_TLS_CERT", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "FERRY_TLS_KEY", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA that every peer's and client's certificate must chain to (PEM).
+    #[arg(long, env = "FERRY_TLS_CA", value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+    /// Serve and call peers in plaintext, without TLS. Needs
+    /// --cluster-secret-file so that services still prove who they are.
+    #[arg(long, env = "FERRY_INSECURE")]
+    pub insecure: bool,
+    /// A file of at least 32 secret bytes shared by every service of the
+    /// deployment: services without TLS authenticate to each other with
+    /// tokens derived from it.
+    #[arg(long, env = "FERRY_CLUSTER_SECRET_FILE", value_name = "FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
 }
 
 /// Why a configuration could not be resolved.
@@ -107,6 +129,18 @@ struct FileCommon {
     otlp_endpoint: Option<String>,
     log: Option<String>,
     limits: Option<Limits>,
+    tls: FileTls,
+    insecure: Option<bool>,
+    cluster_secret_file: Option<PathBuf>,
+}
+
+/// The `[tls]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FileTls {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
 }
 
 /// The `[peers]` table: peer URLs (a top-level `registry = ...` would clash
@@ -138,6 +172,57 @@ pub struct ServiceConfig {
     pub log: String,
     /// Request limits.
     pub limits: Limits,
+    /// TLS and caller checks.
+    pub security: Security,
+}
+
+/// How a service secures its server and its calls to peers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Security {
+    /// TLS material; `None`: plaintext.
+    pub tls: Option<Tls>,
+    /// The deployment's shared secret for service tokens, if any.
+    pub cluster_secret: Option<ClusterSecret>,
+    /// Whether callers are authenticated and authorized: always with TLS
+    /// or a cluster secret. Without either, nothing is checked (an
+    /// in-process embedding, or the open mode of earlier releases, which a
+    /// service warns about at start-up).
+    pub enforce: bool,
+}
+
+impl Security {
+    /// No TLS, nothing checked: a service embedded in a test or a program
+    /// that is its only caller.
+    pub fn in_process() -> Security {
+        Security {
+            tls: None,
+            cluster_secret: None,
+            enforce: false,
+        }
+    }
+
+    /// Plaintext, every call checked, services proving who they are with
+    /// tokens from `secret` (`ferry serve` on loopback).
+    pub fn plaintext_enforced(secret: ClusterSecret) -> Security {
+        Security {
+            tls: None,
+            cluster_secret: Some(secret),
+            enforce: true,
+        }
+    }
+
+    /// The credentials `service` presents to its peers: its certificate,
+    /// else a service token.
+    pub fn credentials(&self, service: ServiceKind) -> Credentials {
+        let principal = Principal::Service { service };
+        Credentials {
+            tls: self.tls.as_ref().map(ClientTls::from),
+            bearer: match (&self.tls, &self.cluster_secret) {
+                (None, Some(secret)) => secret.token_for(&principal),
+                _ => None,
+            },
+        }
+    }
 }
 
 impl ServiceConfig {
@@ -152,6 +237,7 @@ impl ServiceConfig {
             otlp_endpoint: None,
             log: "info".into(),
             limits: Limits::default(),
+            security: Security::in_process(),
         }
     }
 }
@@ -191,6 +277,7 @@ impl CommonArgs {
             Some(path) => read_file::<S>(path, service)?,
             None => (FileCommon::default(), S::default()),
         };
+        let security = self.security(&file)?;
         let listen_text = self
             .listen
             .clone()
@@ -206,10 +293,29 @@ impl CommonArgs {
             .clone()
             .or(file.data_dir)
             .unwrap_or_else(|| PathBuf::from("ferry-data").join(service));
+        let scheme = if security.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let peer = |setting: &'static str, flag: &Option<String>, file: Option<String>| {
             flag.clone()
                 .or(file)
-                .map(|url| validate_url(setting, &url))
+                .map(|url| {
+                    let url = validate_url(setting, &url)?;
+                    if !url.starts_with(&format!("{scheme}://")) {
+                        return Err(ConfigError::Invalid {
+                            setting,
+                            value: url,
+                            reason: if scheme == "https" {
+                                "TLS is configured: peers are reached at https:// URLs".into()
+                            } else {
+                                "without TLS (--insecure) peers are reached at http:// URLs".into()
+                            },
+                        });
+                    }
+                    Ok(url)
+                })
                 .transpose()
         };
         Ok((
@@ -219,16 +325,83 @@ impl CommonArgs {
                 registry: peer("registry", &self.registry, file.peers.registry)?,
                 cache: peer("cache", &self.cache, file.peers.cache)?,
                 processor: peer("processor", &self.processor, file.peers.processor)?,
-                otlp_endpoint: peer("otlp_endpoint", &self.otlp_endpoint, file.otlp_endpoint)?,
+                otlp_endpoint: self
+                    .otlp_endpoint
+                    .clone()
+                    .or(file.otlp_endpoint)
+                    .map(|url| validate_url("otlp_endpoint", &url))
+                    .transpose()?,
                 log: self
                     .log
                     .clone()
                     .or(file.log)
                     .unwrap_or_else(|| "info".into()),
                 limits: file.limits.unwrap_or_default(),
+                security,
             },
             own,
         ))
+    }
+
+    /// TLS from flags or the `[tls]` table, all three files or none; without
+    /// them, plaintext only when asked for (`--insecure`), and then with a
+    /// cluster secret so services can still prove who they are.
+    fn security(&self, file: &FileCommon) -> Result<Security, ConfigError> {
+        let cert = self.tls_cert.clone().or(file.tls.cert.clone());
+        let key = self.tls_key.clone().or(file.tls.key.clone());
+        let ca = self.tls_ca.clone().or(file.tls.ca.clone());
+        let insecure = self.insecure || file.insecure.unwrap_or(false);
+        let cluster_secret = self
+            .cluster_secret_file
+            .clone()
+            .or(file.cluster_secret_file.clone())
+            .map(|path| ClusterSecret::load(&path))
+            .transpose()?;
+        let invalid = |setting, reason: &str| ConfigError::Invalid {
+            setting,
+            value: String::new(),
+            reason: reason.to_string(),
+        };
+        let tls = match (cert, key, ca) {
+            (Some(cert), Some(key), Some(ca)) => {
+                if insecure {
+                    return Err(invalid(
+                        "insecure",
+                        "TLS files are given and --insecure asks for plaintext; choose one",
+                    ));
+                }
+                Some(Tls::load(TlsFiles { cert, key, ca })?)
+            }
+            (None, None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "tls",
+                    "--tls-cert, --tls-key and --tls-ca go together; give all three",
+                ))
+            }
+        };
+        if tls.is_none() && cluster_secret.is_none() {
+            if insecure {
+                return Err(invalid(
+                    "cluster_secret_file",
+                    "--insecure needs --cluster-secret-file: without TLS, services prove who \
+                     they are to each other with tokens derived from that shared secret",
+                ));
+            }
+            // Neither TLS nor a secret: the open mode of earlier releases,
+            // kept for one more release so deployments can move; the
+            // service warns at start-up (docs/security.md).
+            return Ok(Security {
+                tls: None,
+                cluster_secret: None,
+                enforce: false,
+            });
+        }
+        Ok(Security {
+            tls,
+            cluster_secret,
+            enforce: true,
+        })
     }
 }
 
@@ -267,6 +440,55 @@ mod tests {
         regions: Vec<String>,
     }
 
+    /// Plaintext with a cluster secret, as the tests of other settings need.
+    fn plain(dir: &Path, args: CommonArgs) -> CommonArgs {
+        let secret = dir.join("cluster-secret");
+        std::fs::write(&secret, "ab".repeat(32)).unwrap();
+        CommonArgs {
+            insecure: true,
+            cluster_secret_file: Some(secret),
+            ..args
+        }
+    }
+
+    #[test]
+    fn plaintext_with_checks_needs_a_secret_and_tls_needs_all_three_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cfg, _) = CommonArgs::default().resolve::<Own>("registry", 1).unwrap();
+        assert!(
+            !cfg.security.enforce,
+            "no TLS and no secret: the open mode, with a warning"
+        );
+        let args = CommonArgs {
+            insecure: true,
+            ..Default::default()
+        };
+        let err = args.resolve::<Own>("registry", 1).unwrap_err().to_string();
+        assert!(err.contains("--cluster-secret-file"), "{err}");
+        let args = CommonArgs {
+            tls_cert: Some(dir.path().join("c.pem")),
+            ..Default::default()
+        };
+        let err = args.resolve::<Own>("registry", 1).unwrap_err().to_string();
+        assert!(err.contains("go together"), "{err}");
+        let (cfg, _) = plain(dir.path(), CommonArgs::default())
+            .resolve::<Own>("registry", 1)
+            .unwrap();
+        assert!(cfg.security.enforce, "a secret means callers are checked");
+        assert!(cfg.security.tls.is_none() && cfg.security.cluster_secret.is_some());
+        // A token must never travel in the clear by mistake, nor TLS be
+        // skipped: the peer URL's scheme follows the transport.
+        let args = plain(
+            dir.path(),
+            CommonArgs {
+                registry: Some("https://r:1".into()),
+                ..Default::default()
+            },
+        );
+        let err = args.resolve::<Own>("cache", 1).unwrap_err().to_string();
+        assert!(err.contains("http://"), "{err}");
+    }
+
     #[test]
     fn flags_win_over_file_and_file_over_defaults() {
         let dir = tempfile::tempdir().unwrap();
@@ -278,11 +500,14 @@ mod tests {
              [cache]\nanything = 1\n",
         )
         .unwrap();
-        let args = CommonArgs {
-            listen: Some("127.0.0.1:9001".into()),
-            config: Some(path),
-            ..Default::default()
-        };
+        let args = plain(
+            dir.path(),
+            CommonArgs {
+                listen: Some("127.0.0.1:9001".into()),
+                config: Some(path),
+                ..Default::default()
+            },
+        );
         let (cfg, own): (ServiceConfig, Own) = args.resolve("registry", 7101).unwrap();
         assert_eq!(cfg.listen, "127.0.0.1:9001".parse().unwrap());
         assert_eq!(cfg.data_dir, PathBuf::from("/var/x"));
@@ -291,8 +516,9 @@ mod tests {
         assert_eq!(cfg.limits.request_timeout_secs, 30);
         assert_eq!(own.regions, vec!["a", "b"]);
 
-        let (cfg, own): (ServiceConfig, Own) =
-            CommonArgs::default().resolve("registry", 7101).unwrap();
+        let (cfg, own): (ServiceConfig, Own) = plain(dir.path(), CommonArgs::default())
+            .resolve("registry", 7101)
+            .unwrap();
         assert_eq!(cfg.listen, "127.0.0.1:7101".parse().unwrap());
         assert_eq!(cfg.data_dir, PathBuf::from("ferry-data/registry"));
         assert!(own.regions.is_empty());
@@ -300,26 +526,35 @@ mod tests {
 
     #[test]
     fn bad_values_are_named() {
-        let args = CommonArgs {
-            listen: Some("nowhere".into()),
-            ..Default::default()
-        };
+        let dir = tempfile::tempdir().unwrap();
+        let args = plain(
+            dir.path(),
+            CommonArgs {
+                listen: Some("nowhere".into()),
+                ..Default::default()
+            },
+        );
         let err = args.resolve::<Own>("registry", 1).unwrap_err().to_string();
         assert!(err.contains("listen"), "{err}");
-        let args = CommonArgs {
-            cache: Some("ftp://x".into()),
-            ..Default::default()
-        };
+        let args = plain(
+            dir.path(),
+            CommonArgs {
+                cache: Some("ftp://x".into()),
+                ..Default::default()
+            },
+        );
         let err = args.resolve::<Own>("registry", 1).unwrap_err().to_string();
         assert!(err.contains("cache") && err.contains("scheme"), "{err}");
 
-        let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ferry.toml");
         std::fs::write(&path, "[registry]\nregionz = []\n").unwrap();
-        let args = CommonArgs {
-            config: Some(path),
-            ..Default::default()
-        };
+        let args = plain(
+            dir.path(),
+            CommonArgs {
+                config: Some(path),
+                ..Default::default()
+            },
+        );
         let err = args.resolve::<Own>("registry", 1).unwrap_err().to_string();
         assert!(err.contains("regionz"), "{err}");
     }

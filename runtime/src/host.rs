@@ -12,6 +12,7 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::config::Limits;
+use crate::security::{Access, AuthLayer, Tls};
 use crate::trace_context::TraceContextLayer;
 
 /// Why a service could not be hosted.
@@ -125,10 +126,14 @@ impl Host {
     /// Serves on `listener` until `shutdown` is cancelled, then reports
     /// NOT_SERVING, stops accepting and waits for calls in flight (streaming
     /// handlers end themselves on the same token).
+    /// Every request passes the authorization layer (`access`); with `tls`
+    /// the server speaks only TLS.
     pub async fn serve(
         self,
         listener: TcpListener,
         limits: &Limits,
+        tls: Option<&Tls>,
+        access: Access,
         shutdown: CancellationToken,
     ) -> Result<(), HostError> {
         let health = self.health.clone();
@@ -141,13 +146,18 @@ impl Host {
         });
         let grace = Duration::from_secs(limits.shutdown_grace_secs);
         let stopping = shutdown.clone();
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls.server())?;
+        }
+        let server = builder
             .timeout(limits.request_timeout())
             .initial_stream_window_size(Some(crate::peers::STREAM_WINDOW))
             .initial_connection_window_size(Some(crate::peers::CONNECTION_WINDOW))
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .layer(TraceContextLayer)
+            .layer(AuthLayer::new(access))
             .layer(tower::load_shed::LoadShedLayer::new())
             .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
                 limits.concurrency_limit.max(1),

@@ -11,23 +11,101 @@ use tonic_health::pb::HealthCheckRequest;
 
 use crate::host::HostError;
 use crate::retry::{Backoff, RetryParams};
+use crate::security::ClientTls;
 use crate::trace_context::TraceInterceptor;
 
-/// A channel to a peer that carries the caller's trace context.
-pub type PeerChannel = InterceptedService<Channel, TraceInterceptor>;
+/// A channel to a peer that carries the caller's trace context and
+/// credentials.
+pub type PeerChannel = InterceptedService<Channel, PeerInterceptor>;
+
+/// What a client presents to the servers it calls.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    /// TLS: the CA to trust and, if it has one, our certificate. `None`:
+    /// plaintext (http:// URLs).
+    pub tls: Option<ClientTls>,
+    /// A bearer token sent with every call (operator, service or agent
+    /// token). Never logged.
+    pub bearer: Option<String>,
+}
+
+impl Credentials {
+    /// Plaintext, no credentials (a service embedded in-process with
+    /// nothing checked, or health probes).
+    pub fn none() -> Credentials {
+        Credentials::default()
+    }
+}
+
+/// Adds trace context and the bearer token to each call.
+#[derive(Clone)]
+pub struct PeerInterceptor {
+    bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl std::fmt::Debug for PeerInterceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerInterceptor")
+            .field("bearer", &self.bearer.as_ref().map(|_| ".."))
+            .finish()
+    }
+}
+
+impl tonic::service::Interceptor for PeerInterceptor {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let mut request = TraceInterceptor.call(request)?;
+        if let Some(bearer) = &self.bearer {
+            request
+                .metadata_mut()
+                .insert("authorization", bearer.clone());
+        }
+        Ok(request)
+    }
+}
 
 /// HTTP/2 flow-control window per stream, for clients and servers.
 pub const STREAM_WINDOW: u32 = 4 << 20;
 /// HTTP/2 flow-control window per connection.
 pub const CONNECTION_WINDOW: u32 = 16 << 20;
 
-/// A lazily connecting channel to `url` that injects trace context. Calls made
-/// while the peer is down fail with UNAVAILABLE and reconnect on the next call.
-pub fn connect(url: &str) -> Result<PeerChannel, HostError> {
-    let endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| HostError::Peer {
+/// A lazily connecting channel to `url` that injects trace context and
+/// `credentials`. Calls made while the peer is down fail with UNAVAILABLE
+/// and reconnect on the next call. An https:// URL needs TLS credentials
+/// and an http:// one plaintext, so a caller never sends a token in the
+/// clear by mistake.
+pub fn connect(url: &str, credentials: &Credentials) -> Result<PeerChannel, HostError> {
+    let peer_error = |message: String| HostError::Peer {
         url: url.to_string(),
-        message: e.to_string(),
-    })?;
+        message,
+    };
+    let mut endpoint =
+        Endpoint::from_shared(url.to_string()).map_err(|e| peer_error(e.to_string()))?;
+    match (&credentials.tls, endpoint.uri().scheme_str()) {
+        (Some(tls), Some("https")) => {
+            endpoint = endpoint
+                .tls_config(tls.config())
+                .map_err(|e| peer_error(format!("TLS: {e}")))?;
+        }
+        (None, Some("http")) => {}
+        (Some(_), _) => {
+            return Err(peer_error(
+                "TLS is configured: use an https:// URL for this peer".into(),
+            ))
+        }
+        (None, _) => {
+            return Err(peer_error(
+                "an https:// URL needs TLS: give --tls-ca (and a certificate or token)".into(),
+            ))
+        }
+    }
+    let bearer = match &credentials.bearer {
+        Some(token) => Some(
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| peer_error("the token holds characters a header cannot".into()))?,
+        ),
+        None => None,
+    };
     let channel = endpoint
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
@@ -38,7 +116,7 @@ pub fn connect(url: &str) -> Result<PeerChannel, HostError> {
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_while_idle(true)
         .connect_lazy();
-    Ok(InterceptedService::new(channel, TraceInterceptor))
+    Ok(InterceptedService::new(channel, PeerInterceptor { bearer }))
 }
 
 /// Waits until the peer at `url` reports `service` SERVING over grpc.health.v1,
@@ -47,9 +125,10 @@ pub fn connect(url: &str) -> Result<PeerChannel, HostError> {
 pub async fn wait_serving(
     url: &str,
     service: &str,
+    credentials: &Credentials,
     shutdown: &CancellationToken,
 ) -> Result<(), HostError> {
-    let mut client = HealthClient::new(connect(url)?);
+    let mut client = HealthClient::new(connect(url, credentials)?);
     let mut backoff = Backoff::new(RetryParams {
         max: Duration::from_secs(2),
         ..RetryParams::RECONNECT

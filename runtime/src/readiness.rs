@@ -5,7 +5,7 @@ use std::path::Path;
 use tokio_util::sync::CancellationToken;
 
 use crate::host::HostError;
-use crate::peers::wait_serving;
+use crate::peers::{wait_serving, Credentials};
 
 /// A peer a service needs before it can serve: its URL and gRPC service name.
 #[derive(Debug, Clone)]
@@ -38,9 +38,13 @@ impl Peer {
 }
 
 /// Waits until every peer reports SERVING (or shutdown).
-pub async fn wait_for_peers(peers: &[Peer], shutdown: &CancellationToken) -> Result<(), HostError> {
+pub async fn wait_for_peers(
+    peers: &[Peer],
+    credentials: &Credentials,
+    shutdown: &CancellationToken,
+) -> Result<(), HostError> {
     for peer in peers {
-        wait_serving(&peer.url, peer.service, shutdown).await?;
+        wait_serving(&peer.url, peer.service, credentials, shutdown).await?;
         tracing::info!(role = peer.role, url = %peer.url, "peer serving");
     }
     Ok(())

@@ -10,9 +10,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::RoutesBuilder;
 
+use std::sync::Arc;
+
 use crate::config::ServiceConfig;
 use crate::host::{Host, HostError};
+use crate::peers::{connect, Credentials, PeerChannel};
 use crate::readiness::{prepare_data_dir, wait_for_peers, Peer};
+use crate::security::{Access, Checks, ServiceKind, TokenVerifier};
 
 /// A peer service, by what it does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,21 +48,24 @@ impl Role {
 
 /// A service being started.
 pub struct Service {
-    label: &'static str,
+    label: String,
     host: Host,
     peers: Vec<(Role, Peer)>,
+    credentials: Credentials,
 }
 
 impl Service {
-    /// Starts `label` (e.g. "cache-svc") serving the gRPC service
-    /// `grpc_name`: checks every peer in `needs` is configured and the data
-    /// directory is writable (a fsynced probe) before anything opens.
+    /// Starts service `kind` serving the gRPC service `grpc_name`: checks
+    /// every peer in `needs` is configured and the data directory is
+    /// writable (a fsynced probe) before anything opens.
     pub async fn start(
-        label: &'static str,
+        kind: ServiceKind,
         grpc_name: &'static str,
         config: &ServiceConfig,
         needs: &[Role],
     ) -> Result<Service, HostError> {
+        let label = format!("{kind}-svc");
+        let credentials = config.security.credentials(kind);
         let peers = needs
             .iter()
             .map(|role| Ok((*role, role.peer(config)?)))
@@ -68,7 +75,22 @@ impl Service {
             path: config.data_dir.clone(),
             source,
         })?;
-        Ok(Service { label, host, peers })
+        Ok(Service {
+            label,
+            host,
+            peers,
+            credentials,
+        })
+    }
+
+    /// A channel to the peer in `role`, carrying this service's credentials.
+    pub fn channel(&self, role: Role) -> Result<PeerChannel, HostError> {
+        connect(self.url(role)?, &self.credentials)
+    }
+
+    /// A channel to `url`, carrying this service's credentials.
+    pub fn connect(&self, url: &str) -> Result<PeerChannel, HostError> {
+        connect(url, &self.credentials)
     }
 
     /// The URL of a peer named in `start`'s `needs`.
@@ -88,14 +110,17 @@ impl Service {
         self.host.routes()
     }
 
-    /// Serves on `listener` until `shutdown`. Once every peer serves,
-    /// `prepare` runs (resuming work, say), health turns SERVING, and then
-    /// `serving` runs for as long as it likes (following registry, say).
+    /// Serves on `listener` until `shutdown`, checking callers as the
+    /// configuration says (operator tokens with `tokens`). Once every peer
+    /// serves, `prepare` runs (resuming work, say), health turns SERVING,
+    /// and then `serving` runs for as long as it likes (following registry,
+    /// say).
     pub async fn serve<P, S>(
         self,
         listener: TcpListener,
         config: &ServiceConfig,
         shutdown: CancellationToken,
+        tokens: Arc<dyn TokenVerifier>,
         prepare: P,
         serving: S,
     ) -> Result<(), HostError>
@@ -103,12 +128,14 @@ impl Service {
         P: Future<Output = ()> + Send + 'static,
         S: Future<Output = ()> + Send + 'static,
     {
+        let access = access(config, tokens);
         let health = self.host.health();
+        let credentials = self.credentials.clone();
         let ready = shutdown.clone();
         let peers: Vec<Peer> = self.peers.into_iter().map(|(_, p)| p).collect();
         let label = self.label;
         tokio::spawn(async move {
-            if wait_for_peers(&peers, &ready).await.is_err() || ready.is_cancelled() {
+            if wait_for_peers(&peers, &credentials, &ready).await.is_err() || ready.is_cancelled() {
                 return;
             }
             prepare.await;
@@ -119,7 +146,31 @@ impl Service {
             tracing::info!("{label} serving");
             serving.await;
         });
-        self.host.serve(listener, &config.limits, shutdown).await
+        self.host
+            .serve(
+                listener,
+                &config.limits,
+                config.security.tls.as_ref(),
+                access,
+                shutdown,
+            )
+            .await
+    }
+}
+
+/// The checks a server with `config` makes, operator tokens by `tokens`.
+pub fn access(config: &ServiceConfig, tokens: Arc<dyn TokenVerifier>) -> Access {
+    if config.security.enforce {
+        Access::Enforced(Arc::new(Checks {
+            tokens,
+            secret: config.security.cluster_secret.clone(),
+        }))
+    } else {
+        tracing::warn!(
+            "callers are NOT authenticated and calls are NOT encrypted: give --tls-cert, \
+             --tls-key and --tls-ca (or --insecure with --cluster-secret-file); see docs/security.md"
+        );
+        Access::Unchecked
     }
 }
 

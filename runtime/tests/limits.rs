@@ -85,7 +85,16 @@ async fn start_host(
     let health = host.health();
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
-    let served = tokio::spawn(async move { host.serve(listener, &limits, token).await });
+    let served = tokio::spawn(async move {
+        host.serve(
+            listener,
+            &limits,
+            None,
+            ferry_runtime::security::Access::Unchecked,
+            token,
+        )
+        .await
+    });
     (url, shutdown, health, served)
 }
 

@@ -44,8 +44,8 @@ async fn held_by_cache(
     epoch: Epoch,
     credential: &str,
 ) -> Result<Sequence, tonic::Status> {
-    let channel =
-        ferry_runtime::connect(cache_url).map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let channel = ferry_runtime::connect(cache_url, &ferry_runtime::peers::Credentials::none())
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let mut client = CacheClient::new(channel);
     let (tx, rx) = mpsc::channel(1);
     tx.send(open_request(vm, epoch, credential))
@@ -102,10 +102,11 @@ pub(super) async fn session(
     credential: &str,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
-    let channel = match ferry_runtime::connect(cache_url) {
-        Ok(c) => c,
-        Err(e) => return SessionEnd::Retry(e.to_string()),
-    };
+    let channel =
+        match ferry_runtime::connect(cache_url, &ferry_runtime::peers::Credentials::none()) {
+            Ok(c) => c,
+            Err(e) => return SessionEnd::Retry(e.to_string()),
+        };
     let mut client = CacheClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
     let (tx, rx) = mpsc::channel(4);
     if tx.send(open_request(vm, epoch, credential)).await.is_err() {

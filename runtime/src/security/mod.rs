@@ -1,6 +1,15 @@
-//! Security every service shares: who a caller is ([`principal`]), and how a
-//! certificate names one. See docs/security.md for the threat model.
+//! Security every service shares: who a caller is ([`principal`]), TLS
+//! material ([`tls`]), service tokens for deployments without TLS
+//! ([`cluster_secret`]), who may call what ([`policy`]) and the layer that
+//! enforces it on every server ([`layer`]). See docs/security.md.
 
+pub mod cluster_secret;
+pub mod layer;
+pub mod policy;
 pub mod principal;
+pub mod tls;
 
+pub use cluster_secret::ClusterSecret;
+pub use layer::{Access, AuthLayer, Caller, Checks, NoOperatorTokens, TokenVerifier};
 pub use principal::{OperatorRole, Principal, ServiceKind, TRUST_DOMAIN};
+pub use tls::{ClientTls, Tls, TlsFiles};

@@ -1,0 +1,151 @@
+//! Service tokens for deployments without TLS. Every service of a
+//! deployment shares one secret (`--cluster-secret-file`); a service proves
+//! who it is with `fysvc.<service>.<mac>`, and an agent (until it enrolls
+//! with its own credential) with `fyagent.<vm>.<mac>`, where mac is
+//! HMAC-SHA256(secret, the principal's identity URI). Any service can check
+//! them without asking another. With TLS, certificates do this instead.
+
+use std::path::Path;
+
+use ferry_proto::ids::VmName;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::config::ConfigError;
+use crate::security::principal::{Principal, ServiceKind};
+
+/// The fewest secret bytes accepted.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// The deployment's shared secret.
+#[derive(Clone)]
+pub struct ClusterSecret(Vec<u8>);
+
+impl std::fmt::Debug for ClusterSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterSecret(..)")
+    }
+}
+
+/// Equal secrets (for comparing configurations).
+impl PartialEq for ClusterSecret {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl ClusterSecret {
+    /// Reads the secret file: at least [`MIN_SECRET_BYTES`] bytes once
+    /// surrounding whitespace is trimmed (e.g. `head -c 32 /dev/urandom | xxd -p`).
+    pub fn load(path: &Path) -> Result<ClusterSecret, ConfigError> {
+        let invalid = |reason: String| ConfigError::Invalid {
+            setting: "cluster_secret_file",
+            value: path.display().to_string(),
+            reason,
+        };
+        let bytes = std::fs::read(path).map_err(|e| invalid(format!("cannot read it: {e}")))?;
+        let trimmed = bytes.trim_ascii();
+        if trimmed.len() < MIN_SECRET_BYTES {
+            return Err(invalid(format!(
+                "it holds {} bytes; a cluster secret needs at least {MIN_SECRET_BYTES}",
+                trimmed.len()
+            )));
+        }
+        Ok(ClusterSecret(trimmed.to_vec()))
+    }
+
+    /// A fresh random secret (for `ferry serve`, which runs every service
+    /// in one process).
+    pub fn generate() -> Result<ClusterSecret, getrandom::Error> {
+        let mut bytes = vec![0u8; MIN_SECRET_BYTES];
+        getrandom::fill(&mut bytes)?;
+        Ok(ClusterSecret(bytes))
+    }
+
+    fn mac(&self, principal: &Principal) -> Option<String> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).ok()?;
+        mac.update(principal.uri().as_bytes());
+        Some(hex::encode(mac.finalize().into_bytes()))
+    }
+
+    /// The token `principal` presents; `None` for operators (their tokens
+    /// come from registry).
+    pub fn token_for(&self, principal: &Principal) -> Option<String> {
+        let (prefix, name) = match principal {
+            Principal::Service { service } => ("fysvc", service.as_str()),
+            Principal::Agent { vm } => ("fyagent", vm.as_str()),
+            Principal::Operator { .. } => return None,
+        };
+        Some(format!("{prefix}.{name}.{}", self.mac(principal)?))
+    }
+
+    /// Whether `token` looks like a service or agent token (so it is checked
+    /// here and never sent to registry's operator tokens).
+    pub fn is_cluster_token(token: &str) -> bool {
+        token.starts_with("fysvc.") || token.starts_with("fyagent.")
+    }
+
+    /// The principal a service or agent token proves, if its mac is right.
+    pub fn verify(&self, token: &str) -> Option<Principal> {
+        let (head, mac) = token.rsplit_once('.')?;
+        let principal = if let Some(name) = head.strip_prefix("fysvc.") {
+            Principal::Service {
+                service: name.parse::<ServiceKind>().ok()?,
+            }
+        } else if let Some(vm) = head.strip_prefix("fyagent.") {
+            Principal::Agent {
+                vm: VmName::parse(vm).ok()?,
+            }
+        } else {
+            return None;
+        };
+        let expected = Hmac::<Sha256>::new_from_slice(&self.0).ok().map(|mut m| {
+            m.update(principal.uri().as_bytes());
+            m
+        })?;
+        let given = hex::decode(mac).ok()?;
+        // Constant time: verify_slice compares without early exit.
+        expected.verify_slice(&given).ok()?;
+        Some(principal)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_verify_only_under_their_own_secret_and_name() {
+        let a = ClusterSecret::generate().unwrap();
+        let b = ClusterSecret::generate().unwrap();
+        let cache = Principal::Service {
+            service: ServiceKind::Cache,
+        };
+        let agent = Principal::Agent {
+            vm: VmName::parse("web.1").unwrap(),
+        };
+        for p in [&cache, &agent] {
+            let token = a.token_for(p).unwrap();
+            assert!(ClusterSecret::is_cluster_token(&token));
+            assert_eq!(a.verify(&token).as_ref(), Some(p));
+            assert_eq!(b.verify(&token), None, "another deployment's secret");
+        }
+        // The mac of one name does not prove another.
+        let token = a.token_for(&cache).unwrap();
+        let forged = token.replacen("fysvc.cache.", "fysvc.failover.", 1);
+        assert_eq!(a.verify(&forged), None);
+        assert_eq!(a.verify("fysvc.cache.zz"), None);
+        assert_eq!(a.verify("fysvc.cache"), None);
+    }
+
+    #[test]
+    fn short_secret_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "short\n").unwrap();
+        let err = ClusterSecret::load(&path).unwrap_err().to_string();
+        assert!(err.contains("at least 32"), "{err}");
+        std::fs::write(&path, format!("{}\n", "ab".repeat(16))).unwrap();
+        assert!(ClusterSecret::load(&path).is_ok());
+    }
+}
