@@ -300,9 +300,7 @@ mod issue {
                 )));
             }
             let uri = principal.uri();
-            let mut sans = vec![SanType::URI(
-                Ia5String::try_from(uri.as_str())?,
-            )];
+            let mut sans = vec![SanType::URI(Ia5String::try_from(uri.as_str())?)];
             for host in hosts {
                 sans.push(host_san(host)?);
             }
