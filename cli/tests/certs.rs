@@ -223,6 +223,13 @@ fn issue_needs_a_ca_and_exactly_one_principal() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path().to_str().unwrap();
 
+    // Beyond what X.509 can say: an error, not a panic, and nothing written.
+    let out = ferry(&["certs", "init", d, "--days", "4000000000"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("9999"), "{err}");
+    assert!(!tmp.path().join("ca.pem").exists());
+
     let out = ferry(&["certs", "issue", d, "--service", "cache"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -236,13 +243,23 @@ fn issue_needs_a_ca_and_exactly_one_principal() {
         vec!["--operator", "bob:root"],
         vec!["--service", "nope"],
         vec!["--agent", "web-1", "--days", "0"],
+        vec!["--agent", "web-1", "--days", "4000000000"],
         vec!["--agent", "web-1", "--host", "not a host"],
     ] {
         let mut args = vec!["certs", "issue", d];
         args.extend(&bad);
         let out = ferry(&args);
-        assert!(!out.status.success(), "{bad:?} succeeded");
-        assert!(!out.stderr.is_empty(), "{bad:?}: no message");
+        let err = String::from_utf8_lossy(&out.stderr);
+        // 1: ferry's error, 2: clap's usage error; never a panic (101).
+        assert!(
+            matches!(out.status.code(), Some(1 | 2)),
+            "{bad:?}: {:?} {err}",
+            out.status
+        );
+        assert!(
+            err.contains("error") || err.contains("ferry:"),
+            "{bad:?}: {err}"
+        );
     }
     // Nothing but the init's files.
     assert!(!tmp.path().join("agent-web-1.pem").exists());

@@ -173,6 +173,12 @@ mod issue {
                     "not_before is before 1970".into(),
                 ));
             }
+            // X.509 times end with the year 9999.
+            if self.not_after > UNIX_EPOCH + Duration::from_secs(253_402_300_799) {
+                return Err(PkiError::InvalidValidity(
+                    "not_after is past the year 9999; give fewer days".into(),
+                ));
+            }
             Ok(())
         }
     }
@@ -767,6 +773,10 @@ mod tests {
             );
         }
         assert!(Validity::days(0).is_err());
+        assert!(matches!(
+            Authority::generate("far", Validity::days(u32::MAX).unwrap()),
+            Err(PkiError::InvalidValidity(m)) if m.contains("9999")
+        ));
         let now = SystemTime::now();
         let backwards = Validity {
             not_before: now,
@@ -902,6 +912,31 @@ mod tests {
             std::fs::read(tmp.path().join("cache-key.pem")).unwrap(),
             b"mine"
         );
+    }
+
+    #[test]
+    fn init_refuses_two_certificates_for_one_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        for options in [
+            InitOptions {
+                agents: vec![VmName::parse("web-1").unwrap(); 2],
+                ..InitOptions::default()
+            },
+            InitOptions {
+                operators: vec![
+                    ("alice".into(), OperatorRole::Admin),
+                    ("alice".into(), OperatorRole::Reader),
+                ],
+                ..InitOptions::default()
+            },
+        ] {
+            let err = init(tmp.path(), &options).unwrap_err();
+            assert!(
+                matches!(&err, PkiError::InvalidPrincipal(m) if m.contains("two certificates")),
+                "{err}"
+            );
+            assert!(!tmp.path().join("ca.pem").exists());
+        }
     }
 
     #[test]
