@@ -6,11 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests drive as real NBD clients: qemu-io and qemu-img
-# (qemu-utils), nbdinfo and nbdcopy (libnbd-bin), fio's nbd engine (fio).
+# (qemu-utils), nbdinfo and nbdcopy (libnbd-bin), fio's nbd engine (fio);
+# openssl checks the certificates `ferry certs` writes.
 need=()
 command -v qemu-io >/dev/null || need+=(qemu-utils)
 command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 command -v fio >/dev/null || need+=(fio)
+command -v openssl >/dev/null || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing ${need[*]}"
   sudo_=""

@@ -110,6 +110,10 @@ pub enum Command {
         /// Only those of this source VM.
         vm: Option<String>,
     },
+    /// Certificates for TLS: a CA and certificates naming services, agents
+    /// and operators.
+    #[command(subcommand)]
+    Certs(crate::certs::CertsCommand),
     /// Run all four services in this process (the embedded default).
     Serve(ServeArgs),
     /// Run the services in-process and walk through protecting a sample VM.

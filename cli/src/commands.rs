@@ -311,6 +311,7 @@ pub async fn run(url: &str, out: Output, command: Command) -> Result<()> {
         Command::Mapping(m) => mapping(&mut c, &err, out, m).await?,
         Command::Group(g) => group(&mut c, &err, out, g).await?,
         Command::Serve(_)
+        | Command::Certs(_)
         | Command::Demo { .. }
         | Command::Points(_)
         | Command::Failover(_)

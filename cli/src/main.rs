@@ -3,6 +3,7 @@
 //! process.
 
 mod args;
+mod certs;
 mod commands;
 mod credentials;
 mod demo;
@@ -53,6 +54,7 @@ async fn run(cli: Cli) -> Result<()> {
             let _telemetry = ferry_runtime::telemetry::init("ferry", &filter, None)?;
             demo::run(data_dir).await
         }
+        Command::Certs(c) => certs::run(c),
         Command::Points(a) => recovery::points(&cli.processor, cli.output, a).await,
         Command::Failover(a) => recovery::failover(&cli.failover, cli.output, a).await,
         Command::Jobs(a) => recovery::jobs(&cli.failover, cli.output, a).await,

@@ -13,6 +13,7 @@ pub mod chaos;
 pub mod cluster;
 pub mod group;
 pub mod nbd;
+pub mod pki;
 pub mod points;
 pub mod process;
 pub mod props;
@@ -27,6 +28,7 @@ use std::time::{Duration, Instant};
 pub use cluster::{
     start_registry, start_registry_with, Cluster, Options as ClusterOptions, Running,
 };
+pub use pki::TestPki;
 pub use process::{bin_path, free_addr, ServiceProcess};
 pub use proxy::FaultProxy;
 pub use tools::{

@@ -168,21 +168,8 @@ fn certificate_principal<B>(request: &http::Request<B>) -> Result<Option<Princip
     let Some(leaf) = certs.first() else {
         return Ok(None);
     };
-    principal_of_leaf(leaf.as_ref())
+    crate::security::pki::principal_of_cert(leaf.as_ref())
         .map_err(|e| Status::unauthenticated(format!("the client certificate cannot be read: {e}")))
-}
-
-/// The Ferry principal a certificate's URI SAN names.
-fn principal_of_leaf(der: &[u8]) -> Result<Option<Principal>, String> {
-    use x509_parser::extensions::GeneralName;
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
-    let Some(san) = cert.subject_alternative_name().map_err(|e| e.to_string())? else {
-        return Ok(None);
-    };
-    Ok(san.value.general_names.iter().find_map(|name| match name {
-        GeneralName::URI(uri) => Principal::from_uri(uri),
-        _ => None,
-    }))
 }
 
 /// What a request presents, read before any await (the body need not be Sync).

@@ -1,10 +1,11 @@
 //! Security every service shares: who a caller is ([`principal`]), TLS
 //! material ([`tls`]), service tokens for deployments without TLS
-//! ([`cluster_secret`]), who may call what ([`policy`]) and the layer that
+//! ([`cluster_secret`]), the identities certificates carry ([`pki`]), who may call what ([`policy`]) and the layer that
 //! enforces it on every server ([`layer`]). See docs/security.md.
 
 pub mod cluster_secret;
 pub mod layer;
+pub mod pki;
 pub mod policy;
 pub mod principal;
 pub mod tls;
