@@ -156,7 +156,7 @@ impl Tokens {
             });
         }
         let record = self.install(&token, role).await?;
-        tracing::info!(token = name, %role, "operator token created");
+        tracing::info!(name, %role, "operator token created");
         Ok((token, record))
     }
 
@@ -205,7 +205,7 @@ impl Tokens {
         let mut writes = Writes::new();
         writes.remove(Kind::Token, name);
         self.store.commit(writes).await?;
-        tracing::info!(token = name, "operator token revoked");
+        tracing::info!(name, "operator token revoked");
         Ok(())
     }
 
@@ -271,7 +271,27 @@ impl Tokens {
             .is_some()
         {
             return Ok(match self.get(BOOTSTRAP_NAME)? {
-                Some(_) => Bootstrap::Kept,
+                Some(record) => {
+                    let differs =
+                        file_token
+                            .as_deref()
+                            .and_then(parse)
+                            .is_some_and(|(_, secret)| {
+                                !constant_time_eq(
+                                    record.secret_sha256.as_bytes(),
+                                    secret_sha256(secret).as_bytes(),
+                                )
+                            });
+                    if differs {
+                        tracing::warn!(
+                            file,
+                            "the bootstrap token file holds another token than the one installed; the \
+                             file is ignored, and the installed bootstrap token stays valid until \
+                             `ferry token revoke bootstrap`"
+                        );
+                    }
+                    Bootstrap::Kept
+                }
                 None => {
                     tracing::warn!(
                         file,

@@ -514,3 +514,55 @@ async fn the_binary_writes_the_bootstrap_file_and_never_logs_the_token() {
         assert!(!logged.contains(secret), "a secret was logged:\n{logged}");
     }
 }
+
+/// Starts the binary on `data` with `args` and `env`, waits until it serves,
+/// then stops it with SIGTERM.
+async fn run_binary(data: &Path, args: &[&str], env: &[(&str, &Path)]) {
+    let addr = ferry_testkit::free_addr();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_registry-svc"));
+    cmd.arg("--listen")
+        .arg(addr.to_string())
+        .arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .env_remove("FERRY_BOOTSTRAP_TOKEN_FILE");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    ferry_testkit::wait_serving(&format!("http://{addr}")).await;
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_setting_comes_from_the_config_file_and_the_environment_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let from_config = dir.path().join("from-config");
+    let from_env = dir.path().join("from-env");
+    let config = dir.path().join("ferry.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[registry]\nbootstrap_token_file = {:?}\n",
+            from_config.display().to_string()
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+
+    run_binary(&dir.path().join("one"), &["--config", &config], &[]).await;
+    assert!(from_config.exists() && !from_env.exists());
+    std::fs::remove_file(&from_config).unwrap();
+
+    run_binary(
+        &dir.path().join("two"),
+        &["--config", &config],
+        &[("FERRY_BOOTSTRAP_TOKEN_FILE", &from_env)],
+    )
+    .await;
+    assert!(from_env.exists() && !from_config.exists());
+}
