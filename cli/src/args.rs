@@ -114,6 +114,9 @@ pub enum Command {
     /// and operators.
     #[command(subcommand)]
     Certs(crate::certs::CertsCommand),
+    /// Operator bearer tokens: create (shown once), list, revoke.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Run all four services in this process (the embedded default).
     Serve(ServeArgs),
     /// Run the services in-process and walk through protecting a sample VM.
@@ -351,4 +354,36 @@ pub enum NetworkCommand {
         #[arg(long)]
         region: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Create an operator token and print it; it is shown only this once.
+    Create {
+        /// The token's name: who or what holds it (letters, digits, '-', '_',
+        /// '.'; unique among tokens).
+        name: String,
+        /// What the token may do; each role includes the ones before it.
+        #[arg(long, value_enum)]
+        role: TokenRole,
+    },
+    /// The operator tokens: name, role, creation time (never a secret).
+    List,
+    /// Revoke an operator token: it no longer authenticates.
+    Revoke {
+        /// The token's name.
+        name: String,
+    },
+}
+
+/// An operator token's role.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TokenRole {
+    /// Reads: list, show, points, jobs, watch.
+    Reader,
+    /// Also runs recovery: failover, test failover, cleanup, commit, enable,
+    /// disable, resync.
+    Operator,
+    /// Also administers: policies, mappings, groups, tokens, unregister.
+    Admin,
 }

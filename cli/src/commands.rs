@@ -65,7 +65,7 @@ fn print_one<T>(
     print(out, json(item), table(headers, &[row(item)]));
 }
 
-fn print(output: Output, json: Value, text: String) {
+pub(crate) fn print(output: Output, json: Value, text: String) {
     match output {
         Output::Json => println!("{json:#}"),
         Output::Table => println!("{text}"),
@@ -317,7 +317,8 @@ pub async fn run(url: &str, out: Output, command: Command) -> Result<()> {
         | Command::Failover(_)
         | Command::Jobs(_)
         | Command::Network(_)
-        | Command::TargetVms { .. } => bail!("not a registry command"),
+        | Command::TargetVms { .. }
+        | Command::Token(_) => bail!("not a registry command"),
     }
     Ok(())
 }

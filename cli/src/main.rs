@@ -11,6 +11,7 @@ mod embedded;
 mod nbd_client;
 mod output;
 mod recovery;
+mod tokens;
 mod watch;
 
 use anyhow::Result;
@@ -60,6 +61,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Jobs(a) => recovery::jobs(&cli.failover, cli.output, a).await,
         Command::Network(c) => recovery::network(&cli.failover, cli.output, c).await,
         Command::TargetVms { vm } => recovery::target_vms(&cli.failover, cli.output, vm).await,
+        Command::Token(c) => tokens::run(&cli.registry, cli.output, c).await,
         command => commands::run(&cli.registry, cli.output, command).await,
     }
 }

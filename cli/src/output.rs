@@ -234,6 +234,20 @@ pub fn group_json(g: &pb::ReplicationGroup) -> Value {
     })
 }
 
+/// An operator token's role: "READER", "OPERATOR", "ADMIN".
+pub fn token_role(v: i32) -> String {
+    short(pb::Role::try_from(v).ok().map(|s| s.as_str_name()), "ROLE_")
+}
+
+/// An operator token as listed (never its secret).
+pub fn token_json(t: &pb::TokenInfo) -> Value {
+    json!({
+        "name": t.name,
+        "role": token_role(t.role),
+        "created_at": time_json(&t.created_at),
+    })
+}
+
 /// "-" for an empty string.
 pub fn or_dash(s: &str) -> String {
     if s.is_empty() {

@@ -339,3 +339,69 @@ async fn points_test_failover_cleanup_failover_commit_and_jobs_from_the_command_
     let _ = agent.stop(Duration::from_secs(1)).await;
     cluster.stop().await;
 }
+
+#[tokio::test]
+async fn tokens_are_created_once_listed_and_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = start_registry(dir.path().join("registry"), None).await;
+    wait_serving(&registry.url).await;
+    let url = registry.url.clone();
+
+    // The token alone on stdout (scripts capture it), the warning on stderr.
+    let out = ferry(&url, &["token", "create", "alice", "--role", "operator"]).await;
+    let token = ok(&out).trim().to_string();
+    assert!(
+        token.starts_with("fy1.alice.") && !token.contains('\n'),
+        "{token}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not shown again"), "{stderr}");
+
+    let created: serde_json::Value = serde_json::from_str(&ok(&ferry(
+        &url,
+        &[
+            "token", "create", "bob", "--role", "admin", "--output", "json",
+        ],
+    )
+    .await))
+    .unwrap();
+    assert_eq!(created["name"], "bob");
+    assert_eq!(created["role"], "ADMIN");
+    let bob = created["token"].as_str().unwrap().to_string();
+    assert!(bob.starts_with("fy1.bob."), "{created}");
+    assert!(created["note"]
+        .as_str()
+        .unwrap()
+        .contains("not shown again"));
+
+    let dup = ferry(&url, &["token", "create", "bob", "--role", "reader"]).await;
+    assert!(!dup.status.success());
+    assert!(String::from_utf8_lossy(&dup.stderr).contains("AlreadyExists"));
+    let bad_role = ferry(&url, &["token", "create", "carol", "--role", "root"]).await;
+    assert!(!bad_role.status.success());
+
+    let listed = ok(&ferry(&url, &["token", "list"]).await);
+    assert!(
+        listed.contains("alice") && listed.contains("operator"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("bob") && listed.contains("admin"),
+        "{listed}"
+    );
+    let json_list = ok(&ferry(&url, &["token", "list", "--output", "json"]).await);
+    let list: serde_json::Value = serde_json::from_str(&json_list).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    for secret in [&token, &bob] {
+        let secret = secret.rsplit('.').next().unwrap();
+        assert!(!listed.contains(secret) && !json_list.contains(secret));
+    }
+
+    ok(&ferry(&url, &["token", "revoke", "alice"]).await);
+    let listed = ok(&ferry(&url, &["token", "list"]).await);
+    assert!(!listed.contains("alice"), "{listed}");
+    let missing = ferry(&url, &["token", "revoke", "alice"]).await;
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("NotFound"));
+    registry.stop().await;
+}

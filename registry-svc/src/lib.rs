@@ -10,6 +10,7 @@ pub mod model;
 pub mod registry;
 pub mod service;
 pub mod store;
+pub mod tokens;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use tokio::net::TcpListener;
 
 pub use error::RegistryError;
 pub use registry::Registry;
+pub use tokens::{generate_token, Bootstrap, BootstrapError, TokenError, Tokens};
 
 /// The gRPC service name, for health and reflection.
 pub const SERVICE_NAME: &str = "ferry.registry.v1.Registry";
@@ -63,6 +65,9 @@ pub struct Settings {
     /// registration) before its VM's health turns CRITICAL; 0 for the
     /// default (15: three of the agent's default 5 s heartbeats).
     pub agent_timeout_secs: u64,
+    /// File holding the bootstrap admin token (`fy1.bootstrap.<secret>`);
+    /// written (mode 0600) if missing. None: no bootstrap token.
+    pub bootstrap_token_file: Option<std::path::PathBuf>,
 }
 
 /// registry-svc's configuration.
@@ -76,6 +81,8 @@ pub struct Config {
     pub coordinator_lease: std::time::Duration,
     /// How long an agent may stay silent before its VM is CRITICAL.
     pub agent_timeout: std::time::Duration,
+    /// Where the bootstrap admin token is read from (or written to).
+    pub bootstrap_token_file: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -102,6 +109,7 @@ impl Config {
             regions,
             coordinator_lease,
             agent_timeout,
+            bootstrap_token_file: settings.bootstrap_token_file,
         })
     }
 }
@@ -113,6 +121,8 @@ pub enum ServeError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Host(#[from] ferry_runtime::HostError),
+    #[error(transparent)]
+    Bootstrap(#[from] BootstrapError),
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
         path: std::path::PathBuf,
@@ -153,6 +163,12 @@ pub async fn serve(
         .with_coordinator_lease(config.coordinator_lease)
         .with_agent_timeout(config.agent_timeout),
     );
+    // The operator token store; `tokens.authenticate(bearer)` checks a token
+    // in-process.
+    let tokens = registry.tokens();
+    if let Some(path) = &config.bootstrap_token_file {
+        tokens.bootstrap(path).await?;
+    }
     tokio::spawn(registry.clone().watch_agents(shutdown.clone()));
     let limits = &config.service.limits;
     host.routes().add_service(

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use ferry_proto::registry::v1 as pb;
+use ferry_runtime::security::OperatorRole;
 use ferry_runtime::time::{from_duration, to_duration, to_timestamp};
 use serde::{Deserialize, Serialize};
 
@@ -735,6 +736,52 @@ pub struct AgentRecord {
     pub epoch: u64,
     pub credential_sha256: String,
     pub registered_at: SystemTime,
+}
+
+/// What registry keeps of an operator token. The secret itself is never
+/// stored, only its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub name: String,
+    pub role: OperatorRole,
+    pub secret_sha256: String,
+    pub created_at: SystemTime,
+}
+
+/// Kept once a token named "bootstrap" was ever installed, so that a revoked
+/// bootstrap token is not installed again from its file at the next start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootstrapMarker {
+    pub installed_at: SystemTime,
+}
+
+/// A role from the wire; `None` for UNSPECIFIED or an unknown number.
+pub fn role_from_proto(value: i32) -> Option<OperatorRole> {
+    match pb::Role::try_from(value).ok()? {
+        pb::Role::Unspecified => None,
+        pb::Role::Reader => Some(OperatorRole::Reader),
+        pb::Role::Operator => Some(OperatorRole::Operator),
+        pb::Role::Admin => Some(OperatorRole::Admin),
+    }
+}
+
+/// A role for the wire.
+pub fn role_to_proto(role: OperatorRole) -> pb::Role {
+    match role {
+        OperatorRole::Reader => pb::Role::Reader,
+        OperatorRole::Operator => pb::Role::Operator,
+        OperatorRole::Admin => pb::Role::Admin,
+    }
+}
+
+impl From<&TokenRecord> for pb::TokenInfo {
+    fn from(t: &TokenRecord) -> Self {
+        pb::TokenInfo {
+            name: t.name.clone(),
+            role: role_to_proto(t.role) as i32,
+            created_at: Some(to_timestamp(t.created_at)),
+        }
+    }
 }
 
 #[cfg(test)]

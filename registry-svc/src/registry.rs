@@ -20,6 +20,7 @@ use crate::model::{
     Vm, COMPONENTS,
 };
 use crate::store::{Kind, Store, Writes};
+use crate::tokens::Tokens;
 
 /// A change of a protected item, as watchers see it.
 #[derive(Debug, Clone)]
@@ -94,6 +95,8 @@ pub const COORDINATOR_LEASE: Duration = Duration::from_secs(3);
 /// The registry.
 pub struct Registry {
     store: Store,
+    /// Operator tokens, in the same database.
+    tokens: Tokens,
     write: Mutex<()>,
     changes: broadcast::Sender<Change>,
     regions: BTreeSet<String>,
@@ -132,6 +135,7 @@ impl Registry {
         let store = Store::open(dir)?;
         let (changes, _) = broadcast::channel(CHANGE_BUFFER);
         let registry = Registry {
+            tokens: Tokens::new(store.clone()),
             store,
             write: Mutex::new(()),
             changes,
@@ -166,6 +170,11 @@ impl Registry {
         registry.store.commit(writes).await?;
         drop(_guard);
         Ok(registry)
+    }
+
+    /// The operator token store (a handle; clones share it).
+    pub fn tokens(&self) -> Tokens {
+        self.tokens.clone()
     }
 
     /// Sets how long a silent coordinator keeps its role.

@@ -13,7 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::lifecycle::State;
-use crate::model::{check_name, EnableRequest, Health, NetworkMapping, Policy, Vm};
+use crate::model::{
+    check_name, role_from_proto, role_to_proto, EnableRequest, Health, NetworkMapping, Policy, Vm,
+};
 use crate::registry::{Change, HealthUpdate, Registry, Transition};
 
 /// Events buffered per watcher before the registry waits for it.
@@ -430,6 +432,54 @@ impl RegistryApi for RegistryService {
         name("replication group name", &req.name)?;
         self.registry.delete_group(&req.name).await?;
         Ok(Response::new(pb::DeleteReplicationGroupResponse {}))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<pb::CreateTokenResponse> {
+        let req = request.into_inner();
+        name("token name", &req.name)?;
+        let role = role_from_proto(req.role).ok_or_else(|| {
+            Status::invalid_argument("role is missing or unknown: give reader, operator or admin")
+        })?;
+        let (token, record) = self.registry.tokens().create(&req.name, role).await?;
+        Ok(Response::new(pb::CreateTokenResponse {
+            token,
+            info: Some(pb::TokenInfo::from(&record)),
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        _: Request<pb::ListTokensRequest>,
+    ) -> Result<pb::ListTokensResponse> {
+        let tokens = self.registry.tokens().list()?;
+        Ok(Response::new(pb::ListTokensResponse {
+            tokens: tokens.iter().map(pb::TokenInfo::from).collect(),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<pb::RevokeTokenResponse> {
+        let req = request.into_inner();
+        name("token name", &req.name)?;
+        self.registry.tokens().revoke(&req.name).await?;
+        Ok(Response::new(pb::RevokeTokenResponse {}))
+    }
+
+    async fn authenticate_token(
+        &self,
+        request: Request<pb::AuthenticateTokenRequest>,
+    ) -> Result<pb::AuthenticateTokenResponse> {
+        let req = request.into_inner();
+        let (name, role) = self.registry.tokens().authenticate(&req.token)?;
+        Ok(Response::new(pb::AuthenticateTokenResponse {
+            name,
+            role: role_to_proto(role) as i32,
+        }))
     }
 }
 

@@ -19,6 +19,10 @@ pub enum Kind {
     Agent,
     /// Counters that only grow (the last incarnation issued).
     Counter,
+    /// Operator tokens, by name.
+    Token,
+    /// Facts kept once and never undone (a bootstrap token was installed).
+    Marker,
 }
 
 impl Kind {
@@ -31,6 +35,8 @@ impl Kind {
             Kind::Item => "item/",
             Kind::Agent => "agent/",
             Kind::Counter => "counter/",
+            Kind::Token => "token/",
+            Kind::Marker => "marker/",
         }
     }
 
@@ -39,7 +45,8 @@ impl Kind {
     }
 }
 
-/// The registry's database.
+/// The registry's database; clones share it.
+#[derive(Clone)]
 pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
