@@ -111,15 +111,12 @@ pub async fn run(
     );
     // Nothing to prepare once registry serves, nothing to run after.
     let nothing = || std::future::ready(());
+    // Operator tokens are checked with registry.
+    let tokens = std::sync::Arc::new(ferry_runtime::security::RemoteTokens::new(
+        RegistryClient::new(service.channel(Role::Registry)?),
+    ));
     service
-        .serve(
-            listener,
-            &config,
-            shutdown,
-            std::sync::Arc::new(ferry_runtime::security::NoOperatorTokens),
-            nothing(),
-            nothing(),
-        )
+        .serve(listener, &config, shutdown, tokens, nothing(), nothing())
         .await?;
     Ok(())
 }

@@ -100,12 +100,16 @@ pub async fn run(
             Err(e) => tracing::error!(error = %e, "cannot resume jobs"),
         }
     };
+    // Operator tokens are checked with registry.
+    let tokens = std::sync::Arc::new(ferry_runtime::security::RemoteTokens::new(
+        RegistryClient::new(service.channel(Role::Registry)?),
+    ));
     service
         .serve(
             listener,
             &config,
             shutdown,
-            std::sync::Arc::new(ferry_runtime::security::NoOperatorTokens),
+            tokens,
             resume,
             std::future::ready(()),
         )

@@ -124,12 +124,16 @@ pub async fn run(
     );
     // Replication follows registry once the peers serve.
     let following = pipelines.follow_registry();
+    // Operator tokens are checked with registry.
+    let tokens = std::sync::Arc::new(ferry_runtime::security::RemoteTokens::new(
+        RegistryClient::new(service.channel(Role::Registry)?),
+    ));
     service
         .serve(
             listener,
             &config,
             shutdown,
-            std::sync::Arc::new(ferry_runtime::security::NoOperatorTokens),
+            tokens,
             std::future::ready(()),
             following,
         )

@@ -180,10 +180,7 @@ pub async fn serve(
     health.serving().await;
     tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "registry-svc serving");
     // Operator tokens are checked against registry's own store.
-    let access = ferry_runtime::service::access(
-        &config.service,
-        Arc::new(ferry_runtime::security::NoOperatorTokens),
-    );
+    let access = ferry_runtime::service::access(&config.service, Arc::new(tokens));
     host.serve(
         listener,
         limits,

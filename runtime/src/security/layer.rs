@@ -17,7 +17,8 @@ use crate::security::cluster_secret::ClusterSecret;
 use crate::security::policy::rule_for;
 use crate::security::principal::Principal;
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+/// A boxed future, as [`TokenVerifier`] returns.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// Checks an operator's bearer token (registry's token store, directly or
 /// through registry's AuthenticateToken).

@@ -8,9 +8,11 @@ pub mod layer;
 pub mod pki;
 pub mod policy;
 pub mod principal;
+pub mod remote_tokens;
 pub mod tls;
 
 pub use cluster_secret::ClusterSecret;
 pub use layer::{Access, AuthLayer, Caller, Checks, NoOperatorTokens, TokenVerifier};
 pub use principal::{OperatorRole, Principal, ServiceKind, TRUST_DOMAIN};
+pub use remote_tokens::RemoteTokens;
 pub use tls::{ClientTls, Tls, TlsFiles};

@@ -194,6 +194,14 @@ pub const TABLE: &[(&str, Allow)] = &[
         "ferry.registry.v1.Registry/DeleteReplicationGroup",
         role(Admin),
     ),
+    // registry: tokens.
+    ("ferry.registry.v1.Registry/CreateToken", role(Admin)),
+    ("ferry.registry.v1.Registry/ListTokens", role(Admin)),
+    ("ferry.registry.v1.Registry/RevokeToken", role(Admin)),
+    (
+        "ferry.registry.v1.Registry/AuthenticateToken",
+        services(&[Cache, Processor, Failover]),
+    ),
     // cache.
     ("ferry.cache.v1.Cache/Ingest", services(&[]).and_agent()),
     ("ferry.cache.v1.Cache/Tail", services(&[Processor])),
