@@ -40,6 +40,17 @@ struct Args {
     /// default: the listen address (the host name if it is 0.0.0.0).
     #[arg(long, env = "FERRY_GROUP_ADVERTISE", value_name = "HOST:PORT")]
     group_advertise: Option<String>,
+    /// A directory under which the VM's source images lie (repeatable; in
+    /// FERRY_DISK_ROOT, ':'-separated). The agent opens a disk's image only
+    /// if its real path (symlinks and `..` resolved) is inside one; a disk
+    /// elsewhere is not exported and the agent reports CRITICAL. Required.
+    #[arg(
+        long = "disk-root",
+        env = "FERRY_DISK_ROOT",
+        value_name = "DIR",
+        value_delimiter = ':'
+    )]
+    disk_root: Vec<PathBuf>,
     /// Where the changed-chunk map is kept across restarts (one file per VM).
     #[arg(
         long,
@@ -106,6 +117,14 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
     let args = Args::parse();
     let _telemetry = ferry_runtime::telemetry::init("ferry-agent", &args.log, None)?;
     let shutdown = ferry_runtime::shutdown_token();
+    let disk_roots: Vec<PathBuf> = args
+        .disk_root
+        .iter()
+        .filter(|p| !p.as_os_str().is_empty())
+        .cloned()
+        .collect();
+    // Checked before anything listens: a mistyped root is an error now.
+    ferry_agent::roots::DiskRoots::new(&disk_roots).map_err(|e| e.to_string())?;
     let nbd = tokio::net::TcpListener::bind(&args.nbd_listen)
         .await
         .map_err(|e| format!("cannot listen for NBD on {}: {e}", args.nbd_listen))?;
@@ -121,6 +140,7 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
         group,
         group_address: args.group_advertise.clone().unwrap_or_default(),
         state_dir: args.state_dir.clone(),
+        disk_roots,
         limits: StreamLimits::default(),
         nbd_limits: NbdLimits {
             connections_per_export: args.nbd_max_connections.max(1),

@@ -36,6 +36,10 @@ pub struct AgentOptions {
     pub group_address: String,
     /// Where the changed-chunk map is kept.
     pub state_dir: PathBuf,
+    /// The directories under which the agent opens its disks' source images
+    /// (at least one). A disk whose image lies elsewhere is not opened nor
+    /// exported, and the agent's health is CRITICAL saying so.
+    pub disk_roots: Vec<PathBuf>,
     /// The stream's buffer limits.
     pub limits: StreamLimits,
     /// What one NBD client may hold of the agent.
@@ -65,6 +69,8 @@ pub enum RunError {
     Capture(#[from] CaptureError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    DiskRoots(#[from] crate::roots::RootsError),
     #[error("cache-svc: {0}")]
     Cache(tonic::Status),
     #[error("cannot listen for the replication group on {address}: {source} (--group-listen HOST:PORT, or off)")]
@@ -99,6 +105,7 @@ pub struct Agent {
 impl Agent {
     /// Registers for the VM and starts replicating it.
     pub async fn start(opts: AgentOptions) -> Result<Agent, RunError> {
+        let roots = crate::roots::DiskRoots::new(&opts.disk_roots)?;
         let hostname = std::env::var("HOSTNAME").unwrap_or_default();
         let mut group_address = match (&opts.group, opts.group_address.is_empty()) {
             (GroupPort::Bound(listener), true) => advertised(listener, &hostname),
@@ -107,13 +114,16 @@ impl Agent {
         };
         let assignment =
             crate::register(&opts.registry, &opts.vm, &hostname, &group_address).await?;
-        let mut disks = Vec::new();
-        for d in &assignment.disks {
-            disks.push(SourceDisk::open(
-                &d.id,
-                Path::new(&d.source_path),
-                d.size_bytes,
-            )?);
+        let (disks, refused) = open_disks(&roots, &assignment.disks)?;
+        let conditions = crate::health::Conditions::new();
+        if !refused.is_empty() {
+            conditions.set(
+                "disk-roots",
+                Some((
+                    ferry_proto::registry::v1::ReplicationHealth::Critical,
+                    refused.join("; "),
+                )),
+            );
         }
         let stop = CancellationToken::new();
         // Sequences continue after what the cache holds. Writes a previous
@@ -149,7 +159,6 @@ impl Agent {
             opts.nbd_limits,
             stop.clone(),
         ));
-        let conditions = crate::health::Conditions::new();
         tokio::spawn(crate::health::run(
             stream.clone(),
             conditions.clone(),
@@ -234,7 +243,9 @@ impl Agent {
                 }
             });
         }
-        if fresh {
+        if fresh && !refused.is_empty() {
+            tracing::error!(vm = %opts.vm, "initial replication waits: not every disk is open (see the agent's health)");
+        } else if fresh {
             let capture = capture.clone();
             let mut registry = RegistryClient::new(
                 ferry_runtime::connect(&opts.registry).map_err(AgentError::from)?,
@@ -454,6 +465,28 @@ async fn may_stream(s: &Session) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Opens the disks whose images lie inside the roots; the others are
+/// refused (why, one line each) and neither opened nor exported.
+fn open_disks(
+    roots: &crate::roots::DiskRoots,
+    disks: &[ferry_proto::registry::v1::Disk],
+) -> Result<(Vec<SourceDisk>, Vec<String>), RunError> {
+    use crate::roots::Refused;
+    let mut opened = Vec::new();
+    let mut refused = Vec::new();
+    for d in disks {
+        match roots.open(&d.id, Path::new(&d.source_path), d.size_bytes) {
+            Ok(disk) => opened.push(disk),
+            Err(Refused::Open { source, .. }) => return Err(RunError::Capture(source)),
+            Err(why) => {
+                tracing::error!(disk = %d.id, "{why}; the disk is not exported");
+                refused.push(why.to_string());
+            }
+        }
+    }
+    Ok((opened, refused))
 }
 
 /// Initial replication copies everything anyway; otherwise a clean map is

@@ -48,6 +48,9 @@ impl Agent {
             .args(["--group-listen", "127.0.0.1:0", "--drain-secs", "1"])
             .arg("--state-dir")
             .arg(state_dir)
+            // The images lie beside the state directory.
+            .arg("--disk-root")
+            .arg(state_dir.parent().unwrap())
             .env("FERRY_LOG", "warn")
             .stdin(Stdio::null())
             .spawn()
@@ -444,4 +447,35 @@ async fn replication_stopped_or_fenced_never_takes_the_vm_disk_offline() {
         "the fenced write is tracked"
     );
     setup.registry.stop().await;
+}
+
+/// Runs the binary with `args` (no FERRY_* from the environment) until it
+/// exits; its status and stderr.
+fn run_refused(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry-agent"))
+        .args(args)
+        .env_remove("FERRY_DISK_ROOT")
+        .env_remove("FERRY_NBD_LISTEN")
+        .env("FERRY_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_agent_binary_requires_a_disk_root() {
+    let (status, stderr) = run_refused(&[
+        "--registry",
+        "http://127.0.0.1:1",
+        "--vm",
+        "vm",
+        "--nbd-listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(!status.success());
+    assert!(stderr.contains("--disk-root DIR"), "{stderr}");
 }
