@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use ferry_agent::nbd::NbdLimits;
+use ferry_agent::nbd::{NbdLimits, NbdListeners, UnixSocket};
 use ferry_agent::quiesce::Scripts;
 use ferry_agent::run::{Agent, AgentOptions, GroupPort};
 use ferry_agent::stream::StreamLimits;
@@ -19,7 +19,8 @@ struct Args {
     /// The VM this agent replicates.
     #[arg(long, env = "FERRY_VM", value_name = "NAME")]
     vm: String,
-    /// Where the NBD export of the VM's disks listens.
+    /// Where the NBD export of the VM's disks listens over TCP; `off` for
+    /// no TCP (then --nbd-socket is needed).
     #[arg(
         long,
         env = "FERRY_NBD_LISTEN",
@@ -27,6 +28,11 @@ struct Args {
         default_value = "127.0.0.1:10809"
     )]
     nbd_listen: String,
+    /// Also serve the NBD export on this Unix socket (mode 0600, created
+    /// fresh, a stale one replaced, removed at exit); qemu reaches it as
+    /// nbd+unix:///DISK?socket=PATH.
+    #[arg(long, env = "FERRY_NBD_SOCKET", value_name = "PATH")]
+    nbd_socket: Option<PathBuf>,
     /// Where the replication group port (ASR's 20004) listens when the VM is
     /// in a replication group; `off` turns it off.
     #[arg(
@@ -125,10 +131,27 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
         .collect();
     // Checked before anything listens: a mistyped root is an error now.
     ferry_agent::roots::DiskRoots::new(&disk_roots).map_err(|e| e.to_string())?;
-    let nbd = tokio::net::TcpListener::bind(&args.nbd_listen)
-        .await
-        .map_err(|e| format!("cannot listen for NBD on {}: {e}", args.nbd_listen))?;
-    tracing::info!(nbd = %args.nbd_listen, "NBD export listening");
+    let tcp = match args.nbd_listen.as_str() {
+        "off" if args.nbd_socket.is_none() => {
+            return Err("--nbd-listen off leaves no NBD export: give --nbd-socket PATH".into())
+        }
+        "off" => None,
+        address => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|e| format!("cannot listen for NBD on {address}: {e}"))?;
+            tracing::info!(nbd = %address, "NBD export listening");
+            Some(listener)
+        }
+    };
+    let unix = match &args.nbd_socket {
+        Some(path) => {
+            let socket = UnixSocket::bind(path).map_err(|e| e.to_string())?;
+            tracing::info!(socket = %path.display(), "NBD export listening on a Unix socket");
+            Some(socket)
+        }
+        None => None,
+    };
     let group = match args.group_listen.as_str() {
         "off" => GroupPort::Off,
         address => GroupPort::Listen(address.to_string()),
@@ -136,7 +159,7 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
     let agent = Agent::start(AgentOptions {
         registry: args.registry.clone(),
         vm: args.vm.clone(),
-        nbd,
+        nbd: NbdListeners { tcp, unix },
         group,
         group_address: args.group_advertise.clone().unwrap_or_default(),
         state_dir: args.state_dir.clone(),

@@ -7,10 +7,12 @@
 //! not support (structured replies, meta contexts, TLS, extended headers) are
 //! answered NBD_REP_ERR_UNSUP; the client then uses simple replies.
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -95,6 +97,173 @@ impl Default for NbdLimits {
     }
 }
 
+/// A client's byte stream: TCP, a Unix socket, or either under TLS.
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
+type BoxConn = Box<dyn Conn>;
+
+/// Where NBD clients connect.
+pub enum NbdListener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// A Unix socket (see [`UnixSocket`]).
+    Unix(UnixListener),
+}
+
+impl NbdListener {
+    async fn accept(&self) -> std::io::Result<(BoxConn, String)> {
+        match self {
+            NbdListener::Tcp(l) => {
+                let (socket, peer) = l.accept().await?;
+                let _ = socket.set_nodelay(true);
+                Ok((Box::new(socket), peer.to_string()))
+            }
+            NbdListener::Unix(l) => {
+                let (socket, _) = l.accept().await?;
+                Ok((Box::new(socket), "unix".to_string()))
+            }
+        }
+    }
+}
+
+/// Where the agent serves NBD: over TCP, a Unix socket, or both.
+pub struct NbdListeners {
+    /// TCP (bound by the caller); None for none.
+    pub tcp: Option<TcpListener>,
+    /// A Unix socket (see [`UnixSocket::bind`]); None for none.
+    pub unix: Option<UnixSocket>,
+}
+
+impl From<TcpListener> for NbdListeners {
+    fn from(tcp: TcpListener) -> Self {
+        NbdListeners {
+            tcp: Some(tcp),
+            unix: None,
+        }
+    }
+}
+
+/// Why the NBD Unix socket cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("--nbd-socket {path}: another process serves on it (a running agent?); stop it or choose another path")]
+    InUse { path: String },
+    #[error("--nbd-socket {path}: exists and is not a socket; it is not replaced")]
+    NotASocket { path: String },
+    #[error("--nbd-socket {path}: {what}: {source}")]
+    Io {
+        path: String,
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// The NBD export's Unix socket: created fresh with mode 0600 (only the
+/// agent's user connects), replacing a stale socket a previous run left;
+/// its file is removed when the [`SocketFile`] is dropped.
+pub struct UnixSocket {
+    pub listener: UnixListener,
+    pub file: SocketFile,
+}
+
+/// A socket file the agent made; removed on drop, unless another agent has
+/// replaced it since.
+pub struct SocketFile {
+    path: PathBuf,
+    id: Option<(u64, u64)>,
+}
+
+impl SocketFile {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if file_id(&self.path).is_some() && file_id(&self.path) == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+impl UnixSocket {
+    /// Binds the socket at `path`. It is made with mode 0600 inside a
+    /// private directory (0700) beside `path`, then renamed into place, so
+    /// no one connects before its mode is set, and a stale socket is
+    /// replaced in one step. A socket someone still serves on is not
+    /// replaced, nor is a file that is not a socket. Needs a Tokio runtime.
+    pub fn bind(path: &Path) -> Result<UnixSocket, SocketError> {
+        use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+        let shown = path.display().to_string();
+        let io = |what: &'static str| {
+            let path = shown.clone();
+            move |source| SocketError::Io { path, what, source }
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(SocketError::InUse { path: shown });
+                }
+                // Stale: nobody listens. Replaced by the rename below.
+            }
+            Ok(_) => return Err(SocketError::NotASocket { path: shown }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("cannot inspect it")(e)),
+        }
+        let Some(name) = path.file_name() else {
+            return Err(io("no file name")(std::io::ErrorKind::InvalidInput.into()));
+        };
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let private = parent.join(format!(
+            ".{}.{}.tmp",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&private);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&private)
+            .map_err(io("cannot create a private directory beside it"))?;
+        let made = (|| {
+            let inner = private.join("s");
+            let listener = UnixListener::bind(&inner).map_err(io("cannot bind"))?;
+            std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))
+                .map_err(io("cannot set its mode to 0600"))?;
+            std::fs::rename(&inner, path).map_err(io("cannot move it into place"))?;
+            Ok(listener)
+        })();
+        let _ = std::fs::remove_dir_all(&private);
+        let listener = made?;
+        Ok(UnixSocket {
+            listener,
+            file: SocketFile {
+                path: path.to_path_buf(),
+                id: file_id(path),
+            },
+        })
+    }
+}
+
+/// What every listener of one export shares: the places on each export and
+/// in the handshake, so that limits hold across listeners.
+struct Server {
+    capture: Arc<Capture>,
+    exports: HashMap<String, Arc<Semaphore>>,
+    handshakes: Arc<Semaphore>,
+    limits: NbdLimits,
+}
+
 /// Serves NBD on `listener` until `shutdown`, with the default limits.
 pub async fn serve(listener: TcpListener, capture: Arc<Capture>, shutdown: CancellationToken) {
     serve_with(listener, capture, NbdLimits::default(), shutdown).await
@@ -107,20 +276,41 @@ pub async fn serve_with(
     limits: NbdLimits,
     shutdown: CancellationToken,
 ) {
-    let exports: Arc<std::collections::HashMap<String, Arc<Semaphore>>> = Arc::new(
-        capture
-            .disk_ids()
-            .into_iter()
-            .map(|id| (id, Arc::new(Semaphore::new(limits.connections_per_export))))
-            .collect(),
-    );
-    // Connections still in their handshake, so that a flood of them is
-    // bounded too.
-    let handshakes = Arc::new(Semaphore::new(limits.connections_per_export.max(1) * 2));
-    let limits = NbdLimits {
-        in_flight_bytes: limits.in_flight_bytes.max(MAX_REQUEST as usize),
-        ..limits
-    };
+    serve_all(vec![NbdListener::Tcp(listener)], capture, limits, shutdown).await
+}
+
+/// Serves NBD on every listener until `shutdown`; the limits hold across
+/// them all.
+pub async fn serve_all(
+    listeners: Vec<NbdListener>,
+    capture: Arc<Capture>,
+    limits: NbdLimits,
+    shutdown: CancellationToken,
+) {
+    let exports = capture
+        .disk_ids()
+        .into_iter()
+        .map(|id| (id, Arc::new(Semaphore::new(limits.connections_per_export))))
+        .collect();
+    let server = Arc::new(Server {
+        capture,
+        exports,
+        // Connections still in their handshake, so that a flood of them is
+        // bounded too.
+        handshakes: Arc::new(Semaphore::new(limits.connections_per_export.max(1) * 2)),
+        limits: NbdLimits {
+            in_flight_bytes: limits.in_flight_bytes.max(MAX_REQUEST as usize),
+            ..limits
+        },
+    });
+    let loops: Vec<_> = listeners
+        .into_iter()
+        .map(|listener| accept_loop(server.clone(), listener, shutdown.clone()))
+        .collect();
+    futures::future::join_all(loops).await;
+}
+
+async fn accept_loop(server: Arc<Server>, listener: NbdListener, shutdown: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -128,18 +318,14 @@ pub async fn serve_with(
         };
         match accepted {
             Ok((socket, peer)) => {
-                let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+                let Ok(handshake) = server.handshakes.clone().try_acquire_owned() else {
                     tracing::warn!(%peer, "too many NBD connections in their handshake; refused");
                     continue;
                 };
-                let _ = socket.set_nodelay(true);
-                let capture = capture.clone();
+                let server = server.clone();
                 let shutdown = shutdown.clone();
-                let exports = exports.clone();
                 tokio::spawn(async move {
-                    if let Err(e) =
-                        connection(socket, capture, &exports, handshake, limits, shutdown).await
-                    {
+                    if let Err(e) = connection(socket, &server, handshake, shutdown).await {
                         tracing::debug!(%peer, error = %e, "NBD connection ended");
                     }
                 });
@@ -152,10 +338,7 @@ pub async fn serve_with(
 /// A place on an export, held while a client is attached.
 type Attached = tokio::sync::OwnedSemaphorePermit;
 
-fn attach(
-    exports: &std::collections::HashMap<String, Arc<Semaphore>>,
-    name: &str,
-) -> Option<Attached> {
+fn attach(exports: &HashMap<String, Arc<Semaphore>>, name: &str) -> Option<Attached> {
     exports.get(name)?.clone().try_acquire_owned().ok()
 }
 
@@ -181,11 +364,10 @@ fn transmission_flags() -> u16 {
 /// The handshake; returns the chosen export (with its place), or None when
 /// the client left.
 async fn handshake(
-    socket: &mut BufReader<TcpStream>,
-    capture: &Capture,
-    exports: &std::collections::HashMap<String, Arc<Semaphore>>,
-    limits: NbdLimits,
+    socket: &mut BufReader<BoxConn>,
+    server: &Server,
 ) -> std::io::Result<Option<(String, Attached)>> {
+    let (capture, exports, limits) = (&server.capture, &server.exports, server.limits);
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -290,17 +472,16 @@ async fn handshake(
 }
 
 async fn connection(
-    socket: TcpStream,
-    capture: Arc<Capture>,
-    exports: &std::collections::HashMap<String, Arc<Semaphore>>,
+    socket: BoxConn,
+    server: &Server,
     handshaking: tokio::sync::OwnedSemaphorePermit,
-    limits: NbdLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let (capture, limits) = (server.capture.clone(), server.limits);
     let mut socket = BufReader::new(socket);
     let shaken = tokio::select! {
         _ = shutdown.cancelled() => return Ok(()),
-        h = tokio::time::timeout(limits.handshake_timeout, handshake(&mut socket, &capture, exports, limits)) => match h {
+        h = tokio::time::timeout(limits.handshake_timeout, handshake(&mut socket, server)) => match h {
             Ok(h) => h?,
             Err(_) => return Err(std::io::Error::other("the client did not finish its handshake in time")),
         },
@@ -313,7 +494,7 @@ async fn connection(
     // Requests a client sent right behind its last option may already sit
     // in the handshake's buffer: they are read first, not dropped.
     let early = std::io::Cursor::new(socket.buffer().to_vec());
-    let (read_half, write_half) = socket.into_inner().into_split();
+    let (read_half, write_half) = tokio::io::split(socket.into_inner());
     let mut reader = BufReader::with_capacity(256 * 1024, early.chain(read_half));
     let writer = Arc::new(Mutex::new(write_half));
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));

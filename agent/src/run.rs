@@ -25,8 +25,9 @@ pub struct AgentOptions {
     pub registry: String,
     /// The VM.
     pub vm: String,
-    /// Where the NBD export listens (bound by the caller).
-    pub nbd: TcpListener,
+    /// Where the NBD export listens (bound by the caller): TCP, a Unix
+    /// socket, or both (a `TcpListener` converts with `.into()`).
+    pub nbd: crate::nbd::NbdListeners,
     /// The replication group port (`ferry.agent.v1.AgentGroup`), used only
     /// when the VM is in a group.
     pub group: GroupPort,
@@ -100,6 +101,8 @@ pub struct Agent {
     /// Stops NBD, initial replication and resync.
     stop: CancellationToken,
     state: StateFile,
+    /// The NBD Unix socket's file, removed at the stop.
+    socket_file: Option<crate::nbd::SocketFile>,
 }
 
 impl Agent {
@@ -153,8 +156,19 @@ impl Agent {
             disks = assignment.disks.len(),
             "replicating; NBD exports are the disk ids"
         );
-        tokio::spawn(crate::nbd::serve_with(
-            opts.nbd,
+        let mut listeners = Vec::new();
+        if let Some(tcp) = opts.nbd.tcp {
+            listeners.push(crate::nbd::NbdListener::Tcp(tcp));
+        }
+        let socket_file = match opts.nbd.unix {
+            Some(unix) => {
+                listeners.push(crate::nbd::NbdListener::Unix(unix.listener));
+                Some(unix.file)
+            }
+            None => None,
+        };
+        tokio::spawn(crate::nbd::serve_all(
+            listeners,
             capture.clone(),
             opts.nbd_limits,
             stop.clone(),
@@ -295,6 +309,7 @@ impl Agent {
             stream_stop,
             stop,
             state,
+            socket_file,
         })
     }
 
@@ -315,8 +330,10 @@ impl Agent {
 
     /// Stops cleanly: refuses writes, gives the cache `drain` to take what is
     /// buffered, saves the rest as changed chunks for the next start.
-    pub async fn stop(self, drain: Duration) -> Result<(), RunError> {
+    pub async fn stop(mut self, drain: Duration) -> Result<(), RunError> {
         self.stop.cancel();
+        // No new NBD client finds the socket.
+        drop(self.socket_file.take());
         // No write reaches a disk from here on; what the stream holds is all.
         self.capture.close().await;
         if self.stream.detached().await.is_none()

@@ -71,7 +71,13 @@ impl Agent {
 
     /// qemu-io against the agent's export of `disk`, off the async runtime.
     async fn qemu_io(&self, disk: &str, commands: &[&str]) {
-        let url = format!("nbd://{}/{disk}", self.nbd);
+        qemu_io(format!("nbd://{}/{disk}", self.nbd), commands).await;
+    }
+}
+
+/// qemu-io against the NBD `url`, off the async runtime; its output.
+async fn qemu_io(url: String, commands: &[&str]) -> String {
+    {
         let mut args: Vec<String> = vec!["-f".into(), "raw".into()];
         for c in commands {
             args.extend(["-c".to_string(), c.to_string()]);
@@ -82,7 +88,7 @@ impl Agent {
             run_tool("qemu-io", &args)
         })
         .await
-        .unwrap();
+        .unwrap()
     }
 }
 
@@ -478,4 +484,61 @@ fn the_agent_binary_requires_a_disk_root() {
     ]);
     assert!(!status.success());
     assert!(stderr.contains("--disk-root DIR"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_export_serves_on_a_unix_socket_of_mode_0600_that_replaces_a_stale_one() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let setup = Setup::new().await;
+    let socket = setup.dir.path().join("nbd.sock");
+    let s = socket.to_str().unwrap();
+    // A stale socket a killed agent left: bound, its listener gone.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let mut agent = Agent::start_with(
+        &setup.registry.url,
+        &setup.state_dir(),
+        &["--nbd-socket", s],
+    );
+    setup.wait_state(reg::ReplicationState::Protected).await;
+    let meta = std::fs::symlink_metadata(&socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(
+        meta.permissions().mode() & 0o7777,
+        0o600,
+        "only the agent's user connects"
+    );
+
+    let url = format!("nbd+unix:///os?socket={s}");
+    let read = qemu_io(
+        url.clone(),
+        &[
+            "write -P 0x99 2M 256k",
+            "write -z 3M 64k",
+            "read -P 0x99 2M 256k",
+        ],
+    )
+    .await;
+    assert!(read.contains("read 262144/262144 bytes"), "{read}");
+    setup.wait_replay_equals_source().await;
+
+    // A second agent does not take a socket someone serves on.
+    let (status, stderr) = run_refused(&[
+        "--registry",
+        &setup.registry.url,
+        "--vm",
+        "vm",
+        "--disk-root",
+        setup.dir.path().to_str().unwrap(),
+        "--nbd-listen",
+        "127.0.0.1:0",
+        "--nbd-socket",
+        s,
+    ]);
+    assert!(!status.success());
+    assert!(stderr.contains("another process serves on it"), "{stderr}");
+    qemu_io(url, &["read -P 0x99 2M 4k"]).await;
+
+    assert!(agent.stop("TERM"), "the agent stops cleanly");
+    assert!(!socket.exists(), "the socket is removed at exit");
+    setup.registry.stop().await;
 }

@@ -53,7 +53,7 @@ async fn start(registry: &str, dir: &Path, roots: Vec<PathBuf>) -> (Agent, Strin
     let agent = Agent::start(AgentOptions {
         registry: registry.to_string(),
         vm: "vm".into(),
-        nbd,
+        nbd: nbd.into(),
         group: GroupPort::Off,
         group_address: String::new(),
         state_dir: dir.join("agent"),
@@ -247,7 +247,7 @@ async fn an_agent_without_a_root_or_with_a_missing_root_does_not_start() {
         let started = Agent::start(AgentOptions {
             registry: "http://127.0.0.1:1".into(),
             vm: "vm".into(),
-            nbd,
+            nbd: nbd.into(),
             group: GroupPort::Off,
             group_address: String::new(),
             state_dir: dir.path().join("agent"),

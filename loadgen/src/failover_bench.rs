@@ -53,7 +53,7 @@ pub async fn run(dir: &Path) -> Result<()> {
     let agent = Agent::start(AgentOptions {
         registry: registry.clone(),
         vm: "vm".into(),
-        nbd,
+        nbd: nbd.into(),
         group: ferry_agent::run::GroupPort::Off,
         group_address: String::new(),
         state_dir: dir.join("agent"),

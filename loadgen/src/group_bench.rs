@@ -82,7 +82,7 @@ pub async fn run(dir: &Path, vms: usize, secs: u64) -> Result<()> {
             Agent::start(AgentOptions {
                 registry: registry.clone(),
                 vm: vm.clone(),
-                nbd,
+                nbd: nbd.into(),
                 group: GroupPort::Bound(group),
                 group_address: String::new(),
                 state_dir: dir.join(format!("{vm}-agent")),

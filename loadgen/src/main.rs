@@ -202,7 +202,7 @@ async fn rig(dir: &Path, vm: &str) -> Result<Rig> {
     let agent = Agent::start(AgentOptions {
         registry: registry.url.clone(),
         vm: vm.into(),
-        nbd,
+        nbd: nbd.into(),
         group: ferry_agent::run::GroupPort::Off,
         group_address: String::new(),
         state_dir: dir.join(format!("{vm}-agent")),

@@ -140,7 +140,7 @@ async fn rpo_lag(dir: &Path, mb_per_sec: f64, secs: u64) -> Result<(f64, f64, f6
     let agent = Agent::start(AgentOptions {
         registry: registry.clone(),
         vm: "vm".into(),
-        nbd,
+        nbd: nbd.into(),
         group: ferry_agent::run::GroupPort::Off,
         group_address: String::new(),
         state_dir: dir.join("rpo-agent"),

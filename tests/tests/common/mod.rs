@@ -51,7 +51,7 @@ pub async fn protected_agent_limited(
     let agent = Agent::start(AgentOptions {
         registry: registry.to_string(),
         vm: vm.to_string(),
-        nbd,
+        nbd: nbd.into(),
         group: ferry_agent::run::GroupPort::Bound(group),
         group_address: String::new(),
         state_dir: state_dir.to_path_buf(),
