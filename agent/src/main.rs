@@ -28,6 +28,11 @@ struct Args {
         default_value = "127.0.0.1:10809"
     )]
     nbd_listen: String,
+    /// Serve plaintext NBD on a --nbd-listen address that is not loopback:
+    /// anyone who reaches it reads and writes the VM's disks. Without it
+    /// such an address needs TLS (--nbd-tls-cert and --nbd-tls-key).
+    #[arg(long, env = "FERRY_NBD_INSECURE")]
+    nbd_insecure: bool,
     /// Also serve the NBD export on this Unix socket (mode 0600, created
     /// fresh, a stale one replaced, removed at exit); qemu reaches it as
     /// nbd+unix:///DISK?socket=PATH.
@@ -118,6 +123,27 @@ struct Args {
     log: String,
 }
 
+/// Refuses a plaintext NBD listen address that is not loopback (any of
+/// the addresses it resolves to).
+async fn refuse_plaintext_beyond_loopback(
+    address: &str,
+) -> Result<(), ferry_runtime::binary::BinaryError> {
+    let resolved: Vec<std::net::SocketAddr> = tokio::net::lookup_host(address)
+        .await
+        .map_err(|e| format!("--nbd-listen {address}: {e}"))?
+        .collect();
+    if resolved.is_empty() || resolved.iter().any(|a| !a.ip().is_loopback()) {
+        return Err(format!(
+            "--nbd-listen {address} is not a loopback address: plaintext NBD there lets anyone \
+             who reaches it read and write the VM's disks. Give --nbd-tls-cert and \
+             --nbd-tls-key (and --nbd-tls-ca to require client certificates) for TLS, or \
+             --nbd-insecure to serve plaintext anyway (or --nbd-socket PATH for local clients)"
+        )
+        .into());
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
     let args = Args::parse();
@@ -137,6 +163,9 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
         }
         "off" => None,
         address => {
+            if !args.nbd_insecure {
+                refuse_plaintext_beyond_loopback(address).await?;
+            }
             let listener = tokio::net::TcpListener::bind(address)
                 .await
                 .map_err(|e| format!("cannot listen for NBD on {address}: {e}"))?;

@@ -41,10 +41,21 @@ impl Agent {
 
     fn start_with(registry: &str, state_dir: &Path, extra: &[&str]) -> Agent {
         let nbd = free_addr();
+        Self::start_listening(registry, state_dir, &nbd.to_string(), nbd, extra)
+    }
+
+    /// With `--nbd-listen listen`, which clients reach at `nbd`.
+    fn start_listening(
+        registry: &str,
+        state_dir: &Path,
+        listen: &str,
+        nbd: SocketAddr,
+        extra: &[&str],
+    ) -> Agent {
         let child = Command::new(env!("CARGO_BIN_EXE_ferry-agent"))
             .args(["--registry", registry, "--vm", "vm"])
             .args(extra)
-            .args(["--nbd-listen", &nbd.to_string()])
+            .args(["--nbd-listen", listen])
             .args(["--group-listen", "127.0.0.1:0", "--drain-secs", "1"])
             .arg("--state-dir")
             .arg(state_dir)
@@ -456,16 +467,30 @@ async fn replication_stopped_or_fenced_never_takes_the_vm_disk_offline() {
 }
 
 /// Runs the binary with `args` (no FERRY_* from the environment) until it
-/// exits; its status and stderr.
+/// exits, or kills it after 20 s (an agent that started although it should
+/// have refused); its status and stderr.
 fn run_refused(args: &[&str]) -> (std::process::ExitStatus, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry-agent"))
+    let child = Command::new(env!("CARGO_BIN_EXE_ferry-agent"))
         .args(args)
         .env_remove("FERRY_DISK_ROOT")
         .env_remove("FERRY_NBD_LISTEN")
         .env("FERRY_LOG", "warn")
         .stdin(Stdio::null())
-        .output()
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            rx.recv().unwrap().unwrap()
+        }
+    };
     (
         out.status,
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -540,5 +565,43 @@ async fn the_export_serves_on_a_unix_socket_of_mode_0600_that_replaces_a_stale_o
 
     assert!(agent.stop("TERM"), "the agent stops cleanly");
     assert!(!socket.exists(), "the socket is removed at exit");
+    setup.registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_nbd_beyond_loopback_needs_nbd_insecure() {
+    let setup = Setup::new().await;
+    let root = setup.dir.path().to_str().unwrap().to_string();
+    let registry = setup.registry.url.clone();
+    let base = ["--registry", &registry, "--vm", "vm", "--disk-root", &root];
+    for listen in ["0.0.0.0:0", "[::]:0"] {
+        let mut args = base.to_vec();
+        args.extend(["--nbd-listen", listen]);
+        let (status, stderr) = run_refused(&args);
+        assert!(!status.success(), "{listen}");
+        for flag in ["--nbd-insecure", "--nbd-tls-cert", "--nbd-tls-key"] {
+            assert!(stderr.contains(flag), "{listen}: {flag} in {stderr}");
+        }
+        assert!(
+            stderr.contains(&format!("--nbd-listen {listen} is not a loopback address")),
+            "{stderr}"
+        );
+    }
+
+    // With --nbd-insecure it serves, on every interface.
+    let port = free_addr().port();
+    let listen = format!("0.0.0.0:{port}");
+    let nbd: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut agent = Agent::start_listening(
+        &registry,
+        &setup.state_dir(),
+        &listen,
+        nbd,
+        &["--nbd-insecure"],
+    );
+    setup.wait_state(reg::ReplicationState::Protected).await;
+    agent.qemu_io("os", &["write -P 0x99 2M 64k"]).await;
+    setup.wait_replay_equals_source().await;
+    assert!(agent.stop("TERM"));
     setup.registry.stop().await;
 }
