@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use ferry_agent::nbd::{NbdLimits, NbdListeners, UnixSocket};
+use ferry_agent::nbd::{NbdLimits, NbdListeners, NbdTls, UnixSocket};
 use ferry_agent::quiesce::Scripts;
 use ferry_agent::run::{Agent, AgentOptions, GroupPort};
 use ferry_agent::stream::StreamLimits;
@@ -28,6 +28,33 @@ struct Args {
         default_value = "127.0.0.1:10809"
     )]
     nbd_listen: String,
+    /// Require TLS on the TCP NBD export, with this server certificate
+    /// (PEM, leaf first; with --nbd-tls-key). Clients must send
+    /// NBD_OPT_STARTTLS first, as with `qemu-nbd --tls-creds`.
+    #[arg(
+        long,
+        env = "FERRY_NBD_TLS_CERT",
+        value_name = "PEM",
+        requires = "nbd_tls_key"
+    )]
+    nbd_tls_cert: Option<PathBuf>,
+    /// The private key of --nbd-tls-cert (PEM).
+    #[arg(
+        long,
+        env = "FERRY_NBD_TLS_KEY",
+        value_name = "PEM",
+        requires = "nbd_tls_cert"
+    )]
+    nbd_tls_key: Option<PathBuf>,
+    /// Require NBD clients to present a certificate signed by this CA (PEM);
+    /// without it any client that speaks TLS is served.
+    #[arg(
+        long,
+        env = "FERRY_NBD_TLS_CA",
+        value_name = "PEM",
+        requires = "nbd_tls_cert"
+    )]
+    nbd_tls_ca: Option<PathBuf>,
     /// Serve plaintext NBD on a --nbd-listen address that is not loopback:
     /// anyone who reaches it reads and writes the VM's disks. Without it
     /// such an address needs TLS (--nbd-tls-cert and --nbd-tls-key).
@@ -157,19 +184,31 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
         .collect();
     // Checked before anything listens: a mistyped root is an error now.
     ferry_agent::roots::DiskRoots::new(&disk_roots).map_err(|e| e.to_string())?;
+    let tls = match (&args.nbd_tls_cert, &args.nbd_tls_key) {
+        (Some(cert), Some(key)) => Some(
+            NbdTls::from_pem_files(cert, key, args.nbd_tls_ca.as_deref())
+                .map_err(|e| e.to_string())?,
+        ),
+        _ => None,
+    };
     let tcp = match args.nbd_listen.as_str() {
         "off" if args.nbd_socket.is_none() => {
             return Err("--nbd-listen off leaves no NBD export: give --nbd-socket PATH".into())
         }
         "off" => None,
         address => {
-            if !args.nbd_insecure {
+            if !args.nbd_insecure && tls.is_none() {
                 refuse_plaintext_beyond_loopback(address).await?;
             }
             let listener = tokio::net::TcpListener::bind(address)
                 .await
                 .map_err(|e| format!("cannot listen for NBD on {address}: {e}"))?;
-            tracing::info!(nbd = %address, "NBD export listening");
+            tracing::info!(
+                nbd = %address,
+                tls = tls.is_some(),
+                client_certificates = tls.as_ref().is_some_and(|t| t.client_certificates),
+                "NBD export listening"
+            );
             Some(listener)
         }
     };
@@ -188,7 +227,7 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
     let agent = Agent::start(AgentOptions {
         registry: args.registry.clone(),
         vm: args.vm.clone(),
-        nbd: NbdListeners { tcp, unix },
+        nbd: NbdListeners { tcp, tls, unix },
         group,
         group_address: args.group_advertise.clone().unwrap_or_default(),
         state_dir: args.state_dir.clone(),

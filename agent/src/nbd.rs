@@ -4,8 +4,13 @@
 //! write, TRIM and WRITE_ZEROES goes through [`Capture`] into the VM's stream.
 //!
 //! The protocol is NetworkBlockDevice/nbd `doc/proto.md`. Options Ferry does
-//! not support (structured replies, meta contexts, TLS, extended headers) are
+//! not support (structured replies, meta contexts, extended headers) are
 //! answered NBD_REP_ERR_UNSUP; the client then uses simple replies.
+//!
+//! A listener may require TLS ([`NbdTls`], as `qemu-nbd --tls-creds`): the
+//! client must send NBD_OPT_STARTTLS before any other option (others get
+//! NBD_REP_ERR_TLS_REQD, NBD_OPT_EXPORT_NAME a hang-up), the connection is
+//! upgraded, and the option haggling goes on inside TLS.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -32,6 +37,7 @@ const OPT_EXPORT_NAME: u32 = 1;
 const OPT_ABORT: u32 = 2;
 const OPT_LIST: u32 = 3;
 const OPT_INFO: u32 = 6;
+const OPT_STARTTLS: u32 = 5;
 const OPT_GO: u32 = 7;
 
 const REP_ACK: u32 = 1;
@@ -40,6 +46,7 @@ const REP_INFO: u32 = 3;
 const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 
 const INFO_EXPORT: u16 = 0;
@@ -130,7 +137,10 @@ impl NbdListener {
 pub struct NbdListeners {
     /// TCP (bound by the caller); None for none.
     pub tcp: Option<TcpListener>,
-    /// A Unix socket (see [`UnixSocket::bind`]); None for none.
+    /// TLS required on the TCP listener; None for plaintext.
+    pub tls: Option<NbdTls>,
+    /// A Unix socket (see [`UnixSocket::bind`]); None for none. Always
+    /// plaintext: its file mode guards it.
     pub unix: Option<UnixSocket>,
 }
 
@@ -138,8 +148,101 @@ impl From<TcpListener> for NbdListeners {
     fn from(tcp: TcpListener) -> Self {
         NbdListeners {
             tcp: Some(tcp),
+            tls: None,
             unix: None,
         }
+    }
+}
+
+/// Why the NBD TLS settings are unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{flag} {path}: {why}")]
+    Pem {
+        flag: &'static str,
+        path: String,
+        why: String,
+    },
+    #[error("{flag} {path}: no certificate in it")]
+    Empty { flag: &'static str, path: String },
+    #[error("NBD TLS: {0} (--nbd-tls-cert, --nbd-tls-key, --nbd-tls-ca)")]
+    Config(String),
+}
+
+/// TLS for an NBD listener: the server's certificate and key, and, if
+/// given, the CA whose certificates clients must present.
+#[derive(Clone)]
+pub struct NbdTls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    /// Whether clients must present a certificate.
+    pub client_certificates: bool,
+}
+
+/// The certificates in the PEM file `path` (at least one).
+fn pem_certificates(
+    flag: &'static str,
+    path: &Path,
+) -> Result<Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>, TlsError> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    let pem = |why: String| TlsError::Pem {
+        flag,
+        path: path.display().to_string(),
+        why,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(TlsError::Empty {
+            flag,
+            path: path.display().to_string(),
+        });
+    }
+    Ok(certs)
+}
+
+impl NbdTls {
+    /// From PEM files: `cert` (the server's chain, leaf first), `key` (its
+    /// private key), `ca` (clients' CA; None to accept any client that
+    /// speaks TLS).
+    pub fn from_pem_files(cert: &Path, key: &Path, ca: Option<&Path>) -> Result<NbdTls, TlsError> {
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::PrivateKeyDer;
+        let chain = pem_certificates("--nbd-tls-cert", cert)?;
+        let private = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Pem {
+            flag: "--nbd-tls-key",
+            path: key.display().to_string(),
+            why: e.to_string(),
+        })?;
+        let config = |e: rustls::Error| TlsError::Config(e.to_string());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(config)?;
+        let builder = match ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in pem_certificates("--nbd-tls-ca", ca)? {
+                    roots.add(c).map_err(config)?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let server = builder.with_single_cert(chain, private).map_err(config)?;
+        Ok(NbdTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            client_certificates: ca.is_some(),
+        })
     }
 }
 
@@ -276,13 +379,19 @@ pub async fn serve_with(
     limits: NbdLimits,
     shutdown: CancellationToken,
 ) {
-    serve_all(vec![NbdListener::Tcp(listener)], capture, limits, shutdown).await
+    serve_all(
+        vec![(NbdListener::Tcp(listener), None)],
+        capture,
+        limits,
+        shutdown,
+    )
+    .await
 }
 
-/// Serves NBD on every listener until `shutdown`; the limits hold across
-/// them all.
+/// Serves NBD on every listener (each with its TLS, if any) until
+/// `shutdown`; the limits hold across them all.
 pub async fn serve_all(
-    listeners: Vec<NbdListener>,
+    listeners: Vec<(NbdListener, Option<NbdTls>)>,
     capture: Arc<Capture>,
     limits: NbdLimits,
     shutdown: CancellationToken,
@@ -305,12 +414,17 @@ pub async fn serve_all(
     });
     let loops: Vec<_> = listeners
         .into_iter()
-        .map(|listener| accept_loop(server.clone(), listener, shutdown.clone()))
+        .map(|(listener, tls)| accept_loop(server.clone(), listener, tls, shutdown.clone()))
         .collect();
     futures::future::join_all(loops).await;
 }
 
-async fn accept_loop(server: Arc<Server>, listener: NbdListener, shutdown: CancellationToken) {
+async fn accept_loop(
+    server: Arc<Server>,
+    listener: NbdListener,
+    tls: Option<NbdTls>,
+    shutdown: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -324,8 +438,11 @@ async fn accept_loop(server: Arc<Server>, listener: NbdListener, shutdown: Cance
                 };
                 let server = server.clone();
                 let shutdown = shutdown.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection(socket, &server, handshake, shutdown).await {
+                    if let Err(e) =
+                        connection(socket, &server, tls.as_ref(), handshake, shutdown).await
+                    {
                         tracing::debug!(%peer, error = %e, "NBD connection ended");
                     }
                 });
@@ -364,10 +481,13 @@ fn transmission_flags() -> u16 {
 /// The handshake; returns the chosen export (with its place), or None when
 /// the client left.
 async fn handshake(
-    socket: &mut BufReader<BoxConn>,
+    mut socket: BufReader<BoxConn>,
     server: &Server,
-) -> std::io::Result<Option<(String, Attached)>> {
+    tls: Option<&NbdTls>,
+) -> std::io::Result<(BufReader<BoxConn>, Option<(String, Attached)>)> {
     let (capture, exports, limits) = (&server.capture, &server.exports, server.limits);
+    // With TLS required, nothing but STARTTLS (or ABORT) until it is on.
+    let mut plaintext = tls.is_some();
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -387,17 +507,58 @@ async fn handshake(
         }
         let mut data = vec![0u8; len as usize];
         socket.read_exact(&mut data).await?;
+        if plaintext {
+            match option {
+                OPT_STARTTLS if !data.is_empty() => {
+                    let w = socket.get_mut();
+                    reply_option(w, option, REP_ERR_INVALID, b"STARTTLS takes no data").await?;
+                    continue;
+                }
+                OPT_STARTTLS => {
+                    reply_option(socket.get_mut(), option, REP_ACK, &[]).await?;
+                    // The client waits for the ACK before its TLS hello:
+                    // anything already buffered breaks the protocol.
+                    if !socket.buffer().is_empty() {
+                        return Err(std::io::Error::other("data sent before the TLS handshake"));
+                    }
+                    let Some(tls) = tls else {
+                        return Err(std::io::Error::other("TLS is not configured"));
+                    };
+                    let secured = tls.acceptor.accept(socket.into_inner()).await?;
+                    socket = BufReader::new(Box::new(secured));
+                    plaintext = false;
+                    continue;
+                }
+                OPT_EXPORT_NAME => {
+                    // No way to report an error for this option: hang up.
+                    tracing::warn!("an NBD client chose an export without TLS; refused");
+                    return Ok((socket, None));
+                }
+                OPT_ABORT => {}
+                _ => {
+                    let w = socket.get_mut();
+                    reply_option(
+                        w,
+                        option,
+                        REP_ERR_TLS_REQD,
+                        b"this export requires TLS: send NBD_OPT_STARTTLS first",
+                    )
+                    .await?;
+                    continue;
+                }
+            }
+        }
         let w = socket.get_mut();
         match option {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
                 let Ok(disk) = capture.disk(&name) else {
                     // No way to report an error for this option: hang up.
-                    return Ok(None);
+                    return Ok((socket, None));
                 };
                 let Some(place) = attach(exports, &name) else {
                     tracing::warn!(export = %name, limit = limits.connections_per_export, "too many NBD connections to the export; refused");
-                    return Ok(None);
+                    return Ok((socket, None));
                 };
                 let mut reply = Vec::with_capacity(134);
                 reply.extend_from_slice(&disk.size.to_be_bytes());
@@ -406,11 +567,11 @@ async fn handshake(
                     reply.extend_from_slice(&[0u8; 124]);
                 }
                 w.write_all(&reply).await?;
-                return Ok(Some((name, place)));
+                return Ok((socket, Some((name, place))));
             }
             OPT_ABORT => {
                 reply_option(w, option, REP_ACK, &[]).await?;
-                return Ok(None);
+                return Ok((socket, None));
             }
             OPT_LIST => {
                 for id in capture.disk_ids() {
@@ -463,8 +624,11 @@ async fn handshake(
                 reply_option(w, option, REP_INFO, &block).await?;
                 reply_option(w, option, REP_ACK, &[]).await?;
                 if let Some(place) = place {
-                    return Ok(Some((name, place)));
+                    return Ok((socket, Some((name, place))));
                 }
+            }
+            OPT_STARTTLS if tls.is_some() => {
+                reply_option(w, option, REP_ERR_INVALID, b"TLS is already on").await?
             }
             _ => reply_option(w, option, REP_ERR_UNSUP, b"not supported by ferry-agent").await?,
         }
@@ -474,14 +638,15 @@ async fn handshake(
 async fn connection(
     socket: BoxConn,
     server: &Server,
+    tls: Option<&NbdTls>,
     handshaking: tokio::sync::OwnedSemaphorePermit,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let (capture, limits) = (server.capture.clone(), server.limits);
-    let mut socket = BufReader::new(socket);
-    let shaken = tokio::select! {
+    let socket = BufReader::new(socket);
+    let (socket, shaken) = tokio::select! {
         _ = shutdown.cancelled() => return Ok(()),
-        h = tokio::time::timeout(limits.handshake_timeout, handshake(&mut socket, server)) => match h {
+        h = tokio::time::timeout(limits.handshake_timeout, handshake(socket, server, tls)) => match h {
             Ok(h) => h?,
             Err(_) => return Err(std::io::Error::other("the client did not finish its handshake in time")),
         },

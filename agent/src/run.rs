@@ -158,11 +158,11 @@ impl Agent {
         );
         let mut listeners = Vec::new();
         if let Some(tcp) = opts.nbd.tcp {
-            listeners.push(crate::nbd::NbdListener::Tcp(tcp));
+            listeners.push((crate::nbd::NbdListener::Tcp(tcp), opts.nbd.tls.clone()));
         }
         let socket_file = match opts.nbd.unix {
             Some(unix) => {
-                listeners.push(crate::nbd::NbdListener::Unix(unix.listener));
+                listeners.push((crate::nbd::NbdListener::Unix(unix.listener), None));
                 Some(unix.file)
             }
             None => None,
