@@ -195,7 +195,12 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
         "off" if args.nbd_socket.is_none() => {
             return Err("--nbd-listen off leaves no NBD export: give --nbd-socket PATH".into())
         }
-        "off" => None,
+        "off" => {
+            if tls.is_some() {
+                tracing::warn!("--nbd-tls-cert applies to the TCP export, and --nbd-listen is off: TLS is unused");
+            }
+            None
+        }
         address => {
             if !args.nbd_insecure && tls.is_none() {
                 refuse_plaintext_beyond_loopback(address).await?;

@@ -106,6 +106,14 @@ impl DiskRoots {
         }
         let real = match path.canonicalize() {
             Ok(real) => real,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && std::fs::symlink_metadata(path).is_ok() =>
+            {
+                return Err(unresolvable(
+                    "a symlink to a file that does not exist".into(),
+                ));
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 // Missing: its parent must resolve; the name itself must be
                 // a plain name (not `..`), and is opened without following
@@ -146,11 +154,19 @@ impl DiskRoots {
             .truncate(false)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&real)
-            .map_err(|source| Refused::Open {
-                disk: disk.to_string(),
-                source: CaptureError::Io {
-                    path: real.display().to_string(),
-                    source,
+            .map_err(|source| match source.raw_os_error() {
+                // A symlink put where the checked path was: not followed.
+                Some(libc::ELOOP) => Refused::Outside {
+                    disk: disk.to_string(),
+                    path: path.display().to_string(),
+                    roots: self.listed(),
+                },
+                _ => Refused::Open {
+                    disk: disk.to_string(),
+                    source: CaptureError::Io {
+                        path: real.display().to_string(),
+                        source,
+                    },
                 },
             })?;
         if let Some(actual) = opened_path(&opened) {
@@ -183,6 +199,7 @@ mod tests {
     #[test]
     fn dot_dot_out_of_a_root_is_outside() {
         let dir = std::env::temp_dir().join(format!("ferry-roots-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
         let root = dir.join("root");
         std::fs::create_dir_all(&root).unwrap();
         let roots = DiskRoots::new(std::slice::from_ref(&root)).unwrap();
@@ -197,6 +214,14 @@ mod tests {
             Err(Refused::Unresolvable { .. })
         ));
         assert!(matches!(DiskRoots::new(&[]), Err(RootsError::None)));
+        // A dangling symlink inside the root: refused, never followed.
+        let dangling = root.join("dangling.raw");
+        std::os::unix::fs::symlink(dir.join("nowhere.raw"), &dangling).unwrap();
+        assert!(matches!(
+            roots.open("d", &dangling, 4096),
+            Err(Refused::Unresolvable { .. })
+        ));
+        assert!(!dir.join("nowhere.raw").exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
