@@ -74,6 +74,20 @@ impl SourceDisk {
             .truncate(false)
             .open(path)
             .map_err(io)?;
+        Self::from_file(id, path, file, size)
+    }
+
+    /// The image `file`, opened at `path`, sized to at least `size`.
+    pub fn from_file(
+        id: &str,
+        path: &Path,
+        file: File,
+        size: u64,
+    ) -> Result<SourceDisk, CaptureError> {
+        let io = |source| CaptureError::Io {
+            path: path.display().to_string(),
+            source,
+        };
         if file.metadata().map_err(io)?.len() < size {
             file.set_len(size).map_err(io)?;
         }

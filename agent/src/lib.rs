@@ -11,6 +11,7 @@ pub mod initial;
 pub mod nbd;
 pub mod quiesce;
 pub mod resync;
+pub mod roots;
 pub mod run;
 pub mod state;
 pub mod stream;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use ferry_agent::nbd::NbdLimits;
+use ferry_agent::nbd::{NbdLimits, NbdListeners, NbdTls, UnixSocket};
 use ferry_agent::quiesce::Scripts;
 use ferry_agent::run::{Agent, AgentOptions, GroupPort};
 use ferry_agent::stream::StreamLimits;
@@ -19,7 +19,8 @@ struct Args {
     /// The VM this agent replicates.
     #[arg(long, env = "FERRY_VM", value_name = "NAME")]
     vm: String,
-    /// Where the NBD export of the VM's disks listens.
+    /// Where the NBD export of the VM's disks listens over TCP; `off` for
+    /// no TCP (then --nbd-socket is needed).
     #[arg(
         long,
         env = "FERRY_NBD_LISTEN",
@@ -27,6 +28,43 @@ struct Args {
         default_value = "127.0.0.1:10809"
     )]
     nbd_listen: String,
+    /// Require TLS on the TCP NBD export, with this server certificate
+    /// (PEM, leaf first; with --nbd-tls-key). Clients must send
+    /// NBD_OPT_STARTTLS first, as with `qemu-nbd --tls-creds`.
+    #[arg(
+        long,
+        env = "FERRY_NBD_TLS_CERT",
+        value_name = "PEM",
+        requires = "nbd_tls_key"
+    )]
+    nbd_tls_cert: Option<PathBuf>,
+    /// The private key of --nbd-tls-cert (PEM).
+    #[arg(
+        long,
+        env = "FERRY_NBD_TLS_KEY",
+        value_name = "PEM",
+        requires = "nbd_tls_cert"
+    )]
+    nbd_tls_key: Option<PathBuf>,
+    /// Require NBD clients to present a certificate signed by this CA (PEM);
+    /// without it any client that speaks TLS is served.
+    #[arg(
+        long,
+        env = "FERRY_NBD_TLS_CA",
+        value_name = "PEM",
+        requires = "nbd_tls_cert"
+    )]
+    nbd_tls_ca: Option<PathBuf>,
+    /// Serve plaintext NBD on a --nbd-listen address that is not loopback:
+    /// anyone who reaches it reads and writes the VM's disks. Without it
+    /// such an address needs TLS (--nbd-tls-cert and --nbd-tls-key).
+    #[arg(long, env = "FERRY_NBD_INSECURE")]
+    nbd_insecure: bool,
+    /// Also serve the NBD export on this Unix socket (mode 0600, created
+    /// fresh, a stale one replaced, removed at exit); qemu reaches it as
+    /// nbd+unix:///DISK?socket=PATH.
+    #[arg(long, env = "FERRY_NBD_SOCKET", value_name = "PATH")]
+    nbd_socket: Option<PathBuf>,
     /// Where the replication group port (ASR's 20004) listens when the VM is
     /// in a replication group; `off` turns it off.
     #[arg(
@@ -40,6 +78,17 @@ struct Args {
     /// default: the listen address (the host name if it is 0.0.0.0).
     #[arg(long, env = "FERRY_GROUP_ADVERTISE", value_name = "HOST:PORT")]
     group_advertise: Option<String>,
+    /// A directory under which the VM's source images lie (repeatable; in
+    /// FERRY_DISK_ROOT, ':'-separated). The agent opens a disk's image only
+    /// if its real path (symlinks and `..` resolved) is inside one; a disk
+    /// elsewhere is not exported and the agent reports CRITICAL. Required.
+    #[arg(
+        long = "disk-root",
+        env = "FERRY_DISK_ROOT",
+        value_name = "DIR",
+        value_delimiter = ':'
+    )]
+    disk_root: Vec<PathBuf>,
     /// Where the changed-chunk map is kept across restarts (one file per VM).
     #[arg(
         long,
@@ -101,15 +150,81 @@ struct Args {
     log: String,
 }
 
+/// Refuses a plaintext NBD listen address that is not loopback (any of
+/// the addresses it resolves to).
+async fn refuse_plaintext_beyond_loopback(
+    address: &str,
+) -> Result<(), ferry_runtime::binary::BinaryError> {
+    let resolved: Vec<std::net::SocketAddr> = tokio::net::lookup_host(address)
+        .await
+        .map_err(|e| format!("--nbd-listen {address}: {e}"))?
+        .collect();
+    if resolved.is_empty() || resolved.iter().any(|a| !a.ip().is_loopback()) {
+        return Err(format!(
+            "--nbd-listen {address} is not a loopback address: plaintext NBD there lets anyone \
+             who reaches it read and write the VM's disks. Give --nbd-tls-cert and \
+             --nbd-tls-key (and --nbd-tls-ca to require client certificates) for TLS, or \
+             --nbd-insecure to serve plaintext anyway (or --nbd-socket PATH for local clients)"
+        )
+        .into());
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
     let args = Args::parse();
     let _telemetry = ferry_runtime::telemetry::init("ferry-agent", &args.log, None)?;
     let shutdown = ferry_runtime::shutdown_token();
-    let nbd = tokio::net::TcpListener::bind(&args.nbd_listen)
-        .await
-        .map_err(|e| format!("cannot listen for NBD on {}: {e}", args.nbd_listen))?;
-    tracing::info!(nbd = %args.nbd_listen, "NBD export listening");
+    let disk_roots: Vec<PathBuf> = args
+        .disk_root
+        .iter()
+        .filter(|p| !p.as_os_str().is_empty())
+        .cloned()
+        .collect();
+    // Checked before anything listens: a mistyped root is an error now.
+    ferry_agent::roots::DiskRoots::new(&disk_roots).map_err(|e| e.to_string())?;
+    let tls = match (&args.nbd_tls_cert, &args.nbd_tls_key) {
+        (Some(cert), Some(key)) => Some(
+            NbdTls::from_pem_files(cert, key, args.nbd_tls_ca.as_deref())
+                .map_err(|e| e.to_string())?,
+        ),
+        _ => None,
+    };
+    let tcp = match args.nbd_listen.as_str() {
+        "off" if args.nbd_socket.is_none() => {
+            return Err("--nbd-listen off leaves no NBD export: give --nbd-socket PATH".into())
+        }
+        "off" => {
+            if tls.is_some() {
+                tracing::warn!("--nbd-tls-cert applies to the TCP export, and --nbd-listen is off: TLS is unused");
+            }
+            None
+        }
+        address => {
+            if !args.nbd_insecure && tls.is_none() {
+                refuse_plaintext_beyond_loopback(address).await?;
+            }
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|e| format!("cannot listen for NBD on {address}: {e}"))?;
+            tracing::info!(
+                nbd = %address,
+                tls = tls.is_some(),
+                client_certificates = tls.as_ref().is_some_and(|t| t.client_certificates),
+                "NBD export listening"
+            );
+            Some(listener)
+        }
+    };
+    let unix = match &args.nbd_socket {
+        Some(path) => {
+            let socket = UnixSocket::bind(path).map_err(|e| e.to_string())?;
+            tracing::info!(socket = %path.display(), "NBD export listening on a Unix socket");
+            Some(socket)
+        }
+        None => None,
+    };
     let group = match args.group_listen.as_str() {
         "off" => GroupPort::Off,
         address => GroupPort::Listen(address.to_string()),
@@ -117,10 +232,11 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
     let agent = Agent::start(AgentOptions {
         registry: args.registry.clone(),
         vm: args.vm.clone(),
-        nbd,
+        nbd: NbdListeners { tcp, tls, unix },
         group,
         group_address: args.group_advertise.clone().unwrap_or_default(),
         state_dir: args.state_dir.clone(),
+        disk_roots,
         limits: StreamLimits::default(),
         nbd_limits: NbdLimits {
             connections_per_export: args.nbd_max_connections.max(1),

@@ -4,13 +4,20 @@
 //! write, TRIM and WRITE_ZEROES goes through [`Capture`] into the VM's stream.
 //!
 //! The protocol is NetworkBlockDevice/nbd `doc/proto.md`. Options Ferry does
-//! not support (structured replies, meta contexts, TLS, extended headers) are
+//! not support (structured replies, meta contexts, extended headers) are
 //! answered NBD_REP_ERR_UNSUP; the client then uses simple replies.
+//!
+//! A listener may require TLS ([`NbdTls`], as `qemu-nbd --tls-creds`): the
+//! client must send NBD_OPT_STARTTLS before any other option (others get
+//! NBD_REP_ERR_TLS_REQD, NBD_OPT_EXPORT_NAME a hang-up), the connection is
+//! upgraded, and the option haggling goes on inside TLS.
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +37,7 @@ const OPT_EXPORT_NAME: u32 = 1;
 const OPT_ABORT: u32 = 2;
 const OPT_LIST: u32 = 3;
 const OPT_INFO: u32 = 6;
+const OPT_STARTTLS: u32 = 5;
 const OPT_GO: u32 = 7;
 
 const REP_ACK: u32 = 1;
@@ -38,6 +46,7 @@ const REP_INFO: u32 = 3;
 const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 
 const INFO_EXPORT: u16 = 0;
@@ -95,6 +104,269 @@ impl Default for NbdLimits {
     }
 }
 
+/// A client's byte stream: TCP, a Unix socket, or either under TLS.
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
+type BoxConn = Box<dyn Conn>;
+
+/// Where NBD clients connect.
+pub enum NbdListener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// A Unix socket (see [`UnixSocket`]).
+    Unix(UnixListener),
+}
+
+impl NbdListener {
+    async fn accept(&self) -> std::io::Result<(BoxConn, String)> {
+        match self {
+            NbdListener::Tcp(l) => {
+                let (socket, peer) = l.accept().await?;
+                let _ = socket.set_nodelay(true);
+                Ok((Box::new(socket), peer.to_string()))
+            }
+            NbdListener::Unix(l) => {
+                let (socket, _) = l.accept().await?;
+                Ok((Box::new(socket), "unix".to_string()))
+            }
+        }
+    }
+}
+
+/// Where the agent serves NBD: over TCP, a Unix socket, or both.
+pub struct NbdListeners {
+    /// TCP (bound by the caller); None for none.
+    pub tcp: Option<TcpListener>,
+    /// TLS required on the TCP listener; None for plaintext.
+    pub tls: Option<NbdTls>,
+    /// A Unix socket (see [`UnixSocket::bind`]); None for none. Always
+    /// plaintext: its file mode guards it.
+    pub unix: Option<UnixSocket>,
+}
+
+impl From<TcpListener> for NbdListeners {
+    fn from(tcp: TcpListener) -> Self {
+        NbdListeners {
+            tcp: Some(tcp),
+            tls: None,
+            unix: None,
+        }
+    }
+}
+
+/// Why the NBD TLS settings are unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{flag} {path}: {why}")]
+    Pem {
+        flag: &'static str,
+        path: String,
+        why: String,
+    },
+    #[error("{flag} {path}: no certificate in it")]
+    Empty { flag: &'static str, path: String },
+    #[error("NBD TLS: {0} (--nbd-tls-cert, --nbd-tls-key, --nbd-tls-ca)")]
+    Config(String),
+}
+
+/// TLS for an NBD listener: the server's certificate and key, and, if
+/// given, the CA whose certificates clients must present.
+#[derive(Clone)]
+pub struct NbdTls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    /// Whether clients must present a certificate.
+    pub client_certificates: bool,
+}
+
+/// The certificates in the PEM file `path` (at least one).
+fn pem_certificates(
+    flag: &'static str,
+    path: &Path,
+) -> Result<Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>, TlsError> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    let pem = |why: String| TlsError::Pem {
+        flag,
+        path: path.display().to_string(),
+        why,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(TlsError::Empty {
+            flag,
+            path: path.display().to_string(),
+        });
+    }
+    Ok(certs)
+}
+
+impl NbdTls {
+    /// From PEM files: `cert` (the server's chain, leaf first), `key` (its
+    /// private key), `ca` (clients' CA; None to accept any client that
+    /// speaks TLS).
+    pub fn from_pem_files(cert: &Path, key: &Path, ca: Option<&Path>) -> Result<NbdTls, TlsError> {
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::PrivateKeyDer;
+        let chain = pem_certificates("--nbd-tls-cert", cert)?;
+        let private = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Pem {
+            flag: "--nbd-tls-key",
+            path: key.display().to_string(),
+            why: e.to_string(),
+        })?;
+        let config = |e: rustls::Error| TlsError::Config(e.to_string());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(config)?;
+        let builder = match ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in pem_certificates("--nbd-tls-ca", ca)? {
+                    roots.add(c).map_err(config)?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let server = builder.with_single_cert(chain, private).map_err(config)?;
+        Ok(NbdTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            client_certificates: ca.is_some(),
+        })
+    }
+}
+
+/// Why the NBD Unix socket cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("--nbd-socket {path}: another process serves on it (a running agent?); stop it or choose another path")]
+    InUse { path: String },
+    #[error("--nbd-socket {path}: exists and is not a socket; it is not replaced")]
+    NotASocket { path: String },
+    #[error("--nbd-socket {path}: {what}: {source}")]
+    Io {
+        path: String,
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// The NBD export's Unix socket: created fresh with mode 0600 (only the
+/// agent's user connects), replacing a stale socket a previous run left;
+/// its file is removed when the [`SocketFile`] is dropped.
+pub struct UnixSocket {
+    pub listener: UnixListener,
+    pub file: SocketFile,
+}
+
+/// A socket file the agent made; removed on drop, unless another agent has
+/// replaced it since.
+pub struct SocketFile {
+    path: PathBuf,
+    id: Option<(u64, u64)>,
+}
+
+impl SocketFile {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if file_id(&self.path).is_some() && file_id(&self.path) == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+impl UnixSocket {
+    /// Binds the socket at `path`. It is made with mode 0600 inside a
+    /// private directory (0700) beside `path`, then renamed into place, so
+    /// no one connects before its mode is set, and a stale socket is
+    /// replaced in one step. A socket someone still serves on is not
+    /// replaced, nor is a file that is not a socket. Needs a Tokio runtime.
+    pub fn bind(path: &Path) -> Result<UnixSocket, SocketError> {
+        use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+        let shown = path.display().to_string();
+        let io = |what: &'static str| {
+            let path = shown.clone();
+            move |source| SocketError::Io { path, what, source }
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(SocketError::InUse { path: shown });
+                }
+                // Stale: nobody listens. Replaced by the rename below.
+            }
+            Ok(_) => return Err(SocketError::NotASocket { path: shown }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("cannot inspect it")(e)),
+        }
+        let Some(name) = path.file_name() else {
+            return Err(io("no file name")(std::io::ErrorKind::InvalidInput.into()));
+        };
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let private = parent.join(format!(
+            ".{}.{}.tmp",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&private);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&private)
+            .map_err(io("cannot create a private directory beside it"))?;
+        let made = (|| {
+            let inner = private.join("s");
+            let listener = UnixListener::bind(&inner).map_err(io("cannot bind"))?;
+            std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))
+                .map_err(io("cannot set its mode to 0600"))?;
+            std::fs::rename(&inner, path).map_err(io("cannot move it into place"))?;
+            Ok(listener)
+        })();
+        let _ = std::fs::remove_dir_all(&private);
+        let listener = made?;
+        Ok(UnixSocket {
+            listener,
+            file: SocketFile {
+                path: path.to_path_buf(),
+                id: file_id(path),
+            },
+        })
+    }
+}
+
+/// What every listener of one export shares: the places on each export and
+/// in the handshake, so that limits hold across listeners.
+struct Server {
+    capture: Arc<Capture>,
+    exports: HashMap<String, Arc<Semaphore>>,
+    handshakes: Arc<Semaphore>,
+    limits: NbdLimits,
+}
+
 /// Serves NBD on `listener` until `shutdown`, with the default limits.
 pub async fn serve(listener: TcpListener, capture: Arc<Capture>, shutdown: CancellationToken) {
     serve_with(listener, capture, NbdLimits::default(), shutdown).await
@@ -107,20 +379,52 @@ pub async fn serve_with(
     limits: NbdLimits,
     shutdown: CancellationToken,
 ) {
-    let exports: Arc<std::collections::HashMap<String, Arc<Semaphore>>> = Arc::new(
-        capture
-            .disk_ids()
-            .into_iter()
-            .map(|id| (id, Arc::new(Semaphore::new(limits.connections_per_export))))
-            .collect(),
-    );
-    // Connections still in their handshake, so that a flood of them is
-    // bounded too.
-    let handshakes = Arc::new(Semaphore::new(limits.connections_per_export.max(1) * 2));
-    let limits = NbdLimits {
-        in_flight_bytes: limits.in_flight_bytes.max(MAX_REQUEST as usize),
-        ..limits
-    };
+    serve_all(
+        vec![(NbdListener::Tcp(listener), None)],
+        capture,
+        limits,
+        shutdown,
+    )
+    .await
+}
+
+/// Serves NBD on every listener (each with its TLS, if any) until
+/// `shutdown`; the limits hold across them all.
+pub async fn serve_all(
+    listeners: Vec<(NbdListener, Option<NbdTls>)>,
+    capture: Arc<Capture>,
+    limits: NbdLimits,
+    shutdown: CancellationToken,
+) {
+    let exports = capture
+        .disk_ids()
+        .into_iter()
+        .map(|id| (id, Arc::new(Semaphore::new(limits.connections_per_export))))
+        .collect();
+    let server = Arc::new(Server {
+        capture,
+        exports,
+        // Connections still in their handshake, so that a flood of them is
+        // bounded too.
+        handshakes: Arc::new(Semaphore::new(limits.connections_per_export.max(1) * 2)),
+        limits: NbdLimits {
+            in_flight_bytes: limits.in_flight_bytes.max(MAX_REQUEST as usize),
+            ..limits
+        },
+    });
+    let loops: Vec<_> = listeners
+        .into_iter()
+        .map(|(listener, tls)| accept_loop(server.clone(), listener, tls, shutdown.clone()))
+        .collect();
+    futures::future::join_all(loops).await;
+}
+
+async fn accept_loop(
+    server: Arc<Server>,
+    listener: NbdListener,
+    tls: Option<NbdTls>,
+    shutdown: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -128,17 +432,16 @@ pub async fn serve_with(
         };
         match accepted {
             Ok((socket, peer)) => {
-                let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+                let Ok(handshake) = server.handshakes.clone().try_acquire_owned() else {
                     tracing::warn!(%peer, "too many NBD connections in their handshake; refused");
                     continue;
                 };
-                let _ = socket.set_nodelay(true);
-                let capture = capture.clone();
+                let server = server.clone();
                 let shutdown = shutdown.clone();
-                let exports = exports.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     if let Err(e) =
-                        connection(socket, capture, &exports, handshake, limits, shutdown).await
+                        connection(socket, &server, tls.as_ref(), handshake, shutdown).await
                     {
                         tracing::debug!(%peer, error = %e, "NBD connection ended");
                     }
@@ -152,10 +455,7 @@ pub async fn serve_with(
 /// A place on an export, held while a client is attached.
 type Attached = tokio::sync::OwnedSemaphorePermit;
 
-fn attach(
-    exports: &std::collections::HashMap<String, Arc<Semaphore>>,
-    name: &str,
-) -> Option<Attached> {
+fn attach(exports: &HashMap<String, Arc<Semaphore>>, name: &str) -> Option<Attached> {
     exports.get(name)?.clone().try_acquire_owned().ok()
 }
 
@@ -181,11 +481,13 @@ fn transmission_flags() -> u16 {
 /// The handshake; returns the chosen export (with its place), or None when
 /// the client left.
 async fn handshake(
-    socket: &mut BufReader<TcpStream>,
-    capture: &Capture,
-    exports: &std::collections::HashMap<String, Arc<Semaphore>>,
-    limits: NbdLimits,
-) -> std::io::Result<Option<(String, Attached)>> {
+    mut socket: BufReader<BoxConn>,
+    server: &Server,
+    tls: Option<&NbdTls>,
+) -> std::io::Result<(BufReader<BoxConn>, Option<(String, Attached)>)> {
+    let (capture, exports, limits) = (&server.capture, &server.exports, server.limits);
+    // With TLS required, nothing but STARTTLS (or ABORT) until it is on.
+    let mut plaintext = tls.is_some();
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -205,17 +507,58 @@ async fn handshake(
         }
         let mut data = vec![0u8; len as usize];
         socket.read_exact(&mut data).await?;
+        if plaintext {
+            match option {
+                OPT_STARTTLS if !data.is_empty() => {
+                    let w = socket.get_mut();
+                    reply_option(w, option, REP_ERR_INVALID, b"STARTTLS takes no data").await?;
+                    continue;
+                }
+                OPT_STARTTLS => {
+                    reply_option(socket.get_mut(), option, REP_ACK, &[]).await?;
+                    // The client waits for the ACK before its TLS hello:
+                    // anything already buffered breaks the protocol.
+                    if !socket.buffer().is_empty() {
+                        return Err(std::io::Error::other("data sent before the TLS handshake"));
+                    }
+                    let Some(tls) = tls else {
+                        return Err(std::io::Error::other("TLS is not configured"));
+                    };
+                    let secured = tls.acceptor.accept(socket.into_inner()).await?;
+                    socket = BufReader::new(Box::new(secured));
+                    plaintext = false;
+                    continue;
+                }
+                OPT_EXPORT_NAME => {
+                    // No way to report an error for this option: hang up.
+                    tracing::warn!("an NBD client chose an export without TLS; refused");
+                    return Ok((socket, None));
+                }
+                OPT_ABORT => {}
+                _ => {
+                    let w = socket.get_mut();
+                    reply_option(
+                        w,
+                        option,
+                        REP_ERR_TLS_REQD,
+                        b"this export requires TLS: send NBD_OPT_STARTTLS first",
+                    )
+                    .await?;
+                    continue;
+                }
+            }
+        }
         let w = socket.get_mut();
         match option {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
                 let Ok(disk) = capture.disk(&name) else {
                     // No way to report an error for this option: hang up.
-                    return Ok(None);
+                    return Ok((socket, None));
                 };
                 let Some(place) = attach(exports, &name) else {
                     tracing::warn!(export = %name, limit = limits.connections_per_export, "too many NBD connections to the export; refused");
-                    return Ok(None);
+                    return Ok((socket, None));
                 };
                 let mut reply = Vec::with_capacity(134);
                 reply.extend_from_slice(&disk.size.to_be_bytes());
@@ -224,11 +567,11 @@ async fn handshake(
                     reply.extend_from_slice(&[0u8; 124]);
                 }
                 w.write_all(&reply).await?;
-                return Ok(Some((name, place)));
+                return Ok((socket, Some((name, place))));
             }
             OPT_ABORT => {
                 reply_option(w, option, REP_ACK, &[]).await?;
-                return Ok(None);
+                return Ok((socket, None));
             }
             OPT_LIST => {
                 for id in capture.disk_ids() {
@@ -281,8 +624,11 @@ async fn handshake(
                 reply_option(w, option, REP_INFO, &block).await?;
                 reply_option(w, option, REP_ACK, &[]).await?;
                 if let Some(place) = place {
-                    return Ok(Some((name, place)));
+                    return Ok((socket, Some((name, place))));
                 }
+            }
+            OPT_STARTTLS if tls.is_some() => {
+                reply_option(w, option, REP_ERR_INVALID, b"TLS is already on").await?
             }
             _ => reply_option(w, option, REP_ERR_UNSUP, b"not supported by ferry-agent").await?,
         }
@@ -290,17 +636,17 @@ async fn handshake(
 }
 
 async fn connection(
-    socket: TcpStream,
-    capture: Arc<Capture>,
-    exports: &std::collections::HashMap<String, Arc<Semaphore>>,
+    socket: BoxConn,
+    server: &Server,
+    tls: Option<&NbdTls>,
     handshaking: tokio::sync::OwnedSemaphorePermit,
-    limits: NbdLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let mut socket = BufReader::new(socket);
-    let shaken = tokio::select! {
+    let (capture, limits) = (server.capture.clone(), server.limits);
+    let socket = BufReader::new(socket);
+    let (socket, shaken) = tokio::select! {
         _ = shutdown.cancelled() => return Ok(()),
-        h = tokio::time::timeout(limits.handshake_timeout, handshake(&mut socket, &capture, exports, limits)) => match h {
+        h = tokio::time::timeout(limits.handshake_timeout, handshake(socket, server, tls)) => match h {
             Ok(h) => h?,
             Err(_) => return Err(std::io::Error::other("the client did not finish its handshake in time")),
         },
@@ -313,7 +659,7 @@ async fn connection(
     // Requests a client sent right behind its last option may already sit
     // in the handshake's buffer: they are read first, not dropped.
     let early = std::io::Cursor::new(socket.buffer().to_vec());
-    let (read_half, write_half) = socket.into_inner().into_split();
+    let (read_half, write_half) = tokio::io::split(socket.into_inner());
     let mut reader = BufReader::with_capacity(256 * 1024, early.chain(read_half));
     let writer = Arc::new(Mutex::new(write_half));
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));

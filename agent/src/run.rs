@@ -25,8 +25,9 @@ pub struct AgentOptions {
     pub registry: String,
     /// The VM.
     pub vm: String,
-    /// Where the NBD export listens (bound by the caller).
-    pub nbd: TcpListener,
+    /// Where the NBD export listens (bound by the caller): TCP, a Unix
+    /// socket, or both (a `TcpListener` converts with `.into()`).
+    pub nbd: crate::nbd::NbdListeners,
     /// The replication group port (`ferry.agent.v1.AgentGroup`), used only
     /// when the VM is in a group.
     pub group: GroupPort,
@@ -36,6 +37,10 @@ pub struct AgentOptions {
     pub group_address: String,
     /// Where the changed-chunk map is kept.
     pub state_dir: PathBuf,
+    /// The directories under which the agent opens its disks' source images
+    /// (at least one). A disk whose image lies elsewhere is not opened nor
+    /// exported, and the agent's health is CRITICAL saying so.
+    pub disk_roots: Vec<PathBuf>,
     /// The stream's buffer limits.
     pub limits: StreamLimits,
     /// What one NBD client may hold of the agent.
@@ -65,6 +70,8 @@ pub enum RunError {
     Capture(#[from] CaptureError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    DiskRoots(#[from] crate::roots::RootsError),
     #[error("cache-svc: {0}")]
     Cache(tonic::Status),
     #[error("cannot listen for the replication group on {address}: {source} (--group-listen HOST:PORT, or off)")]
@@ -94,11 +101,14 @@ pub struct Agent {
     /// Stops NBD, initial replication and resync.
     stop: CancellationToken,
     state: StateFile,
+    /// The NBD Unix socket's file, removed at the stop.
+    socket_file: Option<crate::nbd::SocketFile>,
 }
 
 impl Agent {
     /// Registers for the VM and starts replicating it.
     pub async fn start(opts: AgentOptions) -> Result<Agent, RunError> {
+        let roots = crate::roots::DiskRoots::new(&opts.disk_roots)?;
         let hostname = std::env::var("HOSTNAME").unwrap_or_default();
         let mut group_address = match (&opts.group, opts.group_address.is_empty()) {
             (GroupPort::Bound(listener), true) => advertised(listener, &hostname),
@@ -107,13 +117,16 @@ impl Agent {
         };
         let assignment =
             crate::register(&opts.registry, &opts.vm, &hostname, &group_address).await?;
-        let mut disks = Vec::new();
-        for d in &assignment.disks {
-            disks.push(SourceDisk::open(
-                &d.id,
-                Path::new(&d.source_path),
-                d.size_bytes,
-            )?);
+        let (disks, refused) = open_disks(&roots, &assignment.disks)?;
+        let conditions = crate::health::Conditions::new();
+        if !refused.is_empty() {
+            conditions.set(
+                "disk-roots",
+                Some((
+                    ferry_proto::registry::v1::ReplicationHealth::Critical,
+                    refused.join("; "),
+                )),
+            );
         }
         let stop = CancellationToken::new();
         // Sequences continue after what the cache holds. Writes a previous
@@ -143,13 +156,23 @@ impl Agent {
             disks = assignment.disks.len(),
             "replicating; NBD exports are the disk ids"
         );
-        tokio::spawn(crate::nbd::serve_with(
-            opts.nbd,
+        let mut listeners = Vec::new();
+        if let Some(tcp) = opts.nbd.tcp {
+            listeners.push((crate::nbd::NbdListener::Tcp(tcp), opts.nbd.tls.clone()));
+        }
+        let socket_file = match opts.nbd.unix {
+            Some(unix) => {
+                listeners.push((crate::nbd::NbdListener::Unix(unix.listener), None));
+                Some(unix.file)
+            }
+            None => None,
+        };
+        tokio::spawn(crate::nbd::serve_all(
+            listeners,
             capture.clone(),
             opts.nbd_limits,
             stop.clone(),
         ));
-        let conditions = crate::health::Conditions::new();
         tokio::spawn(crate::health::run(
             stream.clone(),
             conditions.clone(),
@@ -239,7 +262,9 @@ impl Agent {
                 }
             });
         }
-        if fresh {
+        if fresh && !refused.is_empty() {
+            tracing::error!(vm = %opts.vm, "initial replication waits: not every disk is open (see the agent's health)");
+        } else if fresh {
             let capture = capture.clone();
             let mut registry = RegistryClient::new(
                 ferry_runtime::connect(&opts.registry, &ferry_runtime::peers::Credentials::none())
@@ -290,6 +315,7 @@ impl Agent {
             stream_stop,
             stop,
             state,
+            socket_file,
         })
     }
 
@@ -310,8 +336,10 @@ impl Agent {
 
     /// Stops cleanly: refuses writes, gives the cache `drain` to take what is
     /// buffered, saves the rest as changed chunks for the next start.
-    pub async fn stop(self, drain: Duration) -> Result<(), RunError> {
+    pub async fn stop(mut self, drain: Duration) -> Result<(), RunError> {
         self.stop.cancel();
+        // No new NBD client finds the socket.
+        drop(self.socket_file.take());
         // No write reaches a disk from here on; what the stream holds is all.
         self.capture.close().await;
         if self.stream.detached().await.is_none()
@@ -461,6 +489,28 @@ async fn may_stream(s: &Session) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Opens the disks whose images lie inside the roots; the others are
+/// refused (why, one line each) and neither opened nor exported.
+fn open_disks(
+    roots: &crate::roots::DiskRoots,
+    disks: &[ferry_proto::registry::v1::Disk],
+) -> Result<(Vec<SourceDisk>, Vec<String>), RunError> {
+    use crate::roots::Refused;
+    let mut opened = Vec::new();
+    let mut refused = Vec::new();
+    for d in disks {
+        match roots.open(&d.id, Path::new(&d.source_path), d.size_bytes) {
+            Ok(disk) => opened.push(disk),
+            Err(Refused::Open { source, .. }) => return Err(RunError::Capture(source)),
+            Err(why) => {
+                tracing::error!(disk = %d.id, "{why}; the disk is not exported");
+                refused.push(why.to_string());
+            }
+        }
+    }
+    Ok((opened, refused))
 }
 
 /// Initial replication copies everything anyway; otherwise a clean map is

@@ -41,13 +41,27 @@ impl Agent {
 
     fn start_with(registry: &str, state_dir: &Path, extra: &[&str]) -> Agent {
         let nbd = free_addr();
+        Self::start_listening(registry, state_dir, &nbd.to_string(), nbd, extra)
+    }
+
+    /// With `--nbd-listen listen`, which clients reach at `nbd`.
+    fn start_listening(
+        registry: &str,
+        state_dir: &Path,
+        listen: &str,
+        nbd: SocketAddr,
+        extra: &[&str],
+    ) -> Agent {
         let child = Command::new(env!("CARGO_BIN_EXE_ferry-agent"))
             .args(["--registry", registry, "--vm", "vm"])
             .args(extra)
-            .args(["--nbd-listen", &nbd.to_string()])
+            .args(["--nbd-listen", listen])
             .args(["--group-listen", "127.0.0.1:0", "--drain-secs", "1"])
             .arg("--state-dir")
             .arg(state_dir)
+            // The images lie beside the state directory.
+            .arg("--disk-root")
+            .arg(state_dir.parent().unwrap())
             .env("FERRY_LOG", "warn")
             .stdin(Stdio::null())
             .spawn()
@@ -68,7 +82,13 @@ impl Agent {
 
     /// qemu-io against the agent's export of `disk`, off the async runtime.
     async fn qemu_io(&self, disk: &str, commands: &[&str]) {
-        let url = format!("nbd://{}/{disk}", self.nbd);
+        qemu_io(format!("nbd://{}/{disk}", self.nbd), commands).await;
+    }
+}
+
+/// qemu-io against the NBD `url`, off the async runtime; its output.
+async fn qemu_io(url: String, commands: &[&str]) -> String {
+    {
         let mut args: Vec<String> = vec!["-f".into(), "raw".into()];
         for c in commands {
             args.extend(["-c".to_string(), c.to_string()]);
@@ -79,7 +99,7 @@ impl Agent {
             run_tool("qemu-io", &args)
         })
         .await
-        .unwrap();
+        .unwrap()
     }
 }
 
@@ -443,5 +463,367 @@ async fn replication_stopped_or_fenced_never_takes_the_vm_disk_offline() {
         vec![112],
         "the fenced write is tracked"
     );
+    setup.registry.stop().await;
+}
+
+/// Runs the binary with `args` (no FERRY_* from the environment) until it
+/// exits, or kills it after 20 s (an agent that started although it should
+/// have refused); its status and stderr.
+fn run_refused(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_ferry-agent"))
+        .args(args)
+        .env_remove("FERRY_DISK_ROOT")
+        .env_remove("FERRY_NBD_LISTEN")
+        .env("FERRY_LOG", "warn")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            rx.recv().unwrap().unwrap()
+        }
+    };
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_agent_binary_requires_a_disk_root() {
+    let (status, stderr) = run_refused(&[
+        "--registry",
+        "http://127.0.0.1:1",
+        "--vm",
+        "vm",
+        "--nbd-listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(!status.success());
+    assert!(stderr.contains("--disk-root DIR"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_export_serves_on_a_unix_socket_of_mode_0600_that_replaces_a_stale_one() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let setup = Setup::new().await;
+    let socket = setup.dir.path().join("nbd.sock");
+    let s = socket.to_str().unwrap();
+    // A stale socket a killed agent left: bound, its listener gone.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let mut agent = Agent::start_with(
+        &setup.registry.url,
+        &setup.state_dir(),
+        &["--nbd-socket", s],
+    );
+    setup.wait_state(reg::ReplicationState::Protected).await;
+    let meta = std::fs::symlink_metadata(&socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(
+        meta.permissions().mode() & 0o7777,
+        0o600,
+        "only the agent's user connects"
+    );
+
+    let url = format!("nbd+unix:///os?socket={s}");
+    let read = qemu_io(
+        url.clone(),
+        &[
+            "write -P 0x99 2M 256k",
+            "write -z 3M 64k",
+            "read -P 0x99 2M 256k",
+        ],
+    )
+    .await;
+    assert!(read.contains("read 262144/262144 bytes"), "{read}");
+    setup.wait_replay_equals_source().await;
+
+    // A second agent does not take a socket someone serves on.
+    let (status, stderr) = run_refused(&[
+        "--registry",
+        &setup.registry.url,
+        "--vm",
+        "vm",
+        "--disk-root",
+        setup.dir.path().to_str().unwrap(),
+        "--nbd-listen",
+        "127.0.0.1:0",
+        "--nbd-socket",
+        s,
+    ]);
+    assert!(!status.success());
+    assert!(stderr.contains("another process serves on it"), "{stderr}");
+    qemu_io(url, &["read -P 0x99 2M 4k"]).await;
+
+    assert!(agent.stop("TERM"), "the agent stops cleanly");
+    assert!(!socket.exists(), "the socket is removed at exit");
+    setup.registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_nbd_beyond_loopback_needs_nbd_insecure() {
+    let setup = Setup::new().await;
+    let root = setup.dir.path().to_str().unwrap().to_string();
+    let registry = setup.registry.url.clone();
+    let base = ["--registry", &registry, "--vm", "vm", "--disk-root", &root];
+    for listen in ["0.0.0.0:0", "[::]:0"] {
+        let mut args = base.to_vec();
+        args.extend(["--nbd-listen", listen]);
+        let (status, stderr) = run_refused(&args);
+        assert!(!status.success(), "{listen}");
+        for flag in ["--nbd-insecure", "--nbd-tls-cert", "--nbd-tls-key"] {
+            assert!(stderr.contains(flag), "{listen}: {flag} in {stderr}");
+        }
+        assert!(
+            stderr.contains(&format!("--nbd-listen {listen} is not a loopback address")),
+            "{stderr}"
+        );
+    }
+
+    // With --nbd-insecure it serves, on every interface.
+    let port = free_addr().port();
+    let listen = format!("0.0.0.0:{port}");
+    let nbd: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut agent = Agent::start_listening(
+        &registry,
+        &setup.state_dir(),
+        &listen,
+        nbd,
+        &["--nbd-insecure"],
+    );
+    setup.wait_state(reg::ReplicationState::Protected).await;
+    agent.qemu_io("os", &["write -P 0x99 2M 64k"]).await;
+    setup.wait_replay_equals_source().await;
+    assert!(agent.stop("TERM"));
+    setup.registry.stop().await;
+}
+
+/// A test PKI in `dir`: a CA; the agent's server certificate for 127.0.0.1
+/// (`server/`); qemu client directories `client/` (CA and a client
+/// certificate), `anonymous/` (the CA only) and `rogue/` (a client
+/// certificate from another CA).
+fn test_pki(dir: &Path) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    fn ca(name: &str) -> (rcgen::Certificate, Issuer<'static, KeyPair>) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).unwrap();
+        (cert, Issuer::new(params, key))
+    }
+    fn leaf(
+        issuer: &Issuer<'static, KeyPair>,
+        names: &[&str],
+        purpose: ExtendedKeyUsagePurpose,
+    ) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "ferry test");
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![purpose];
+        let cert = params.signed_by(&key, issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+    let write = |sub: &str, name: &str, pem: &str| {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+        std::fs::write(dir.join(sub).join(name), pem).unwrap();
+    };
+    let (ca_cert, issuer) = ca("ferry test CA");
+    let (rogue_ca, rogue) = ca("someone else's CA");
+    let (cert, key) = leaf(
+        &issuer,
+        &["127.0.0.1", "localhost"],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    write("server", "server-cert.pem", &cert);
+    write("server", "server-key.pem", &key);
+    write("server", "ca-cert.pem", &ca_cert.pem());
+    let (cert, key) = leaf(&issuer, &["client"], ExtendedKeyUsagePurpose::ClientAuth);
+    write("client", "ca-cert.pem", &ca_cert.pem());
+    write("client", "client-cert.pem", &cert);
+    write("client", "client-key.pem", &key);
+    write("anonymous", "ca-cert.pem", &ca_cert.pem());
+    let (cert, key) = leaf(&rogue, &["client"], ExtendedKeyUsagePurpose::ClientAuth);
+    // qemu checks its own certificate against its CA file too: the rogue
+    // client trusts both, so that only the agent can refuse it.
+    write(
+        "rogue",
+        "ca-cert.pem",
+        &format!("{}{}", ca_cert.pem(), rogue_ca.pem()),
+    );
+    write("rogue", "client-cert.pem", &cert);
+    write("rogue", "client-key.pem", &key);
+}
+
+/// qemu-io with `commands` against export `disk` at `nbd`, over TLS with
+/// the credentials in `creds` (None: plaintext); its output, or Err with
+/// what it said.
+async fn qemu_io_tls(
+    nbd: SocketAddr,
+    disk: &str,
+    creds: Option<&Path>,
+    commands: &[&str],
+) -> Result<String, String> {
+    let mut args: Vec<String> = Vec::new();
+    let mut opts = format!(
+        "driver=nbd,host={},port={},export={disk}",
+        nbd.ip(),
+        nbd.port()
+    );
+    if let Some(dir) = creds {
+        args.push("--object".into());
+        args.push(format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=client",
+            dir.display()
+        ));
+        opts.push_str(",tls-creds=tls0");
+    }
+    args.push("--image-opts".into());
+    args.push(opts);
+    for c in commands {
+        args.extend(["-c".to_string(), c.to_string()]);
+    }
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new("qemu-io").args(&args).output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // qemu-io exits 0 even when a command fails: look at what it did.
+        if out.status.success() && !text.contains("failed") && !text.contains("Could not") {
+            Ok(text)
+        } else {
+            Err(text)
+        }
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbd_over_tls_takes_only_clients_with_a_certificate_of_its_ca() {
+    let setup = Setup::new().await;
+    let pki = setup.dir.path().join("pki");
+    test_pki(&pki);
+    let server = pki.join("server");
+    let (cert, key, ca) = (
+        server.join("server-cert.pem"),
+        server.join("server-key.pem"),
+        server.join("ca-cert.pem"),
+    );
+    // TLS makes a non-loopback address acceptable without --nbd-insecure.
+    let port = free_addr().port();
+    let nbd: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut agent = Agent::start_listening(
+        &setup.registry.url,
+        &setup.state_dir(),
+        &format!("0.0.0.0:{port}"),
+        nbd,
+        &[
+            "--nbd-tls-cert",
+            cert.to_str().unwrap(),
+            "--nbd-tls-key",
+            key.to_str().unwrap(),
+            "--nbd-tls-ca",
+            ca.to_str().unwrap(),
+        ],
+    );
+    setup.wait_state(reg::ReplicationState::Protected).await;
+
+    let out = qemu_io_tls(
+        nbd,
+        "os",
+        Some(&pki.join("client")),
+        &["write -P 0x5a 0 64k", "read -P 0x5a 0 64k"],
+    )
+    .await
+    .unwrap();
+    assert!(out.contains("read 65536/65536 bytes"), "{out}");
+    setup.wait_replay_equals_source().await;
+
+    // Plaintext: every option but STARTTLS is refused (TLS_REQD).
+    let plain = qemu_io_tls(nbd, "os", None, &["read 0 4k"])
+        .await
+        .unwrap_err();
+    assert!(plain.contains("TLS negotiation required"), "{plain}");
+    // TLS without a client certificate, or with one of another CA.
+    for dir in ["anonymous", "rogue"] {
+        let refused = qemu_io_tls(nbd, "os", Some(&pki.join(dir)), &["write -P 0x66 0 4k"])
+            .await
+            .unwrap_err();
+        // The agent ends the TLS handshake (qemu sees its alert, or the
+        // connection gone under its next write): the image never opens.
+        assert!(
+            refused.contains("can't open") && !refused.contains("wrote"),
+            "{dir}: {refused}"
+        );
+    }
+    let _ = setup.wait_replay_equals_source().await;
+    assert_eq!(
+        &std::fs::read(&setup.source).unwrap()[..65536],
+        &[0x5a; 65536][..],
+        "no refused client wrote"
+    );
+    assert!(agent.stop("TERM"));
+    setup.registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbd_over_tls_without_a_client_ca_serves_any_tls_client() {
+    let setup = Setup::new().await;
+    let pki = setup.dir.path().join("pki");
+    test_pki(&pki);
+    let server = pki.join("server");
+    let mut agent = Agent::start_with(
+        &setup.registry.url,
+        &setup.state_dir(),
+        &[
+            "--nbd-tls-cert",
+            server.join("server-cert.pem").to_str().unwrap(),
+            "--nbd-tls-key",
+            server.join("server-key.pem").to_str().unwrap(),
+        ],
+    );
+    setup.wait_state(reg::ReplicationState::Protected).await;
+    let out = qemu_io_tls(
+        agent.nbd,
+        "os",
+        Some(&pki.join("anonymous")),
+        &["write -P 0x5a 1M 64k", "read -P 0x5a 1M 64k"],
+    )
+    .await
+    .unwrap();
+    assert!(out.contains("read 65536/65536 bytes"), "{out}");
+    setup.wait_replay_equals_source().await;
+    let plain = qemu_io_tls(agent.nbd, "os", None, &["read 0 4k"])
+        .await
+        .unwrap_err();
+    assert!(plain.contains("TLS negotiation required"), "{plain}");
+    assert!(agent.stop("TERM"));
     setup.registry.stop().await;
 }

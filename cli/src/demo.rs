@@ -310,10 +310,11 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<Figu
     let agent = Agent::start(AgentOptions {
         registry: url.to_string(),
         vm: "demo-web".into(),
-        nbd,
+        nbd: nbd.into(),
         group: ferry_agent::run::GroupPort::Off,
         group_address: String::new(),
         state_dir: dir.join("agent"),
+        disk_roots: vec![images.clone()],
         limits: StreamLimits::default(),
         nbd_limits: Default::default(),
         heartbeat: ferry_agent::health::HEARTBEAT,

@@ -221,10 +221,11 @@ async fn points_test_failover_cleanup_failover_commit_and_jobs_from_the_command_
     let agent = ferry_agent::run::Agent::start(ferry_agent::run::AgentOptions {
         registry: cluster.registry.url.clone(),
         vm: "vm".into(),
-        nbd,
+        nbd: nbd.into(),
         group: ferry_agent::run::GroupPort::Off,
         group_address: String::new(),
         state_dir: dir.path().join("agent"),
+        disk_roots: vec![dir.path().to_path_buf()],
         limits: ferry_agent::stream::StreamLimits::default(),
         nbd_limits: Default::default(),
         heartbeat: ferry_agent::health::HEARTBEAT,

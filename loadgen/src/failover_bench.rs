@@ -53,10 +53,11 @@ pub async fn run(dir: &Path) -> Result<()> {
     let agent = Agent::start(AgentOptions {
         registry: registry.clone(),
         vm: "vm".into(),
-        nbd,
+        nbd: nbd.into(),
         group: ferry_agent::run::GroupPort::Off,
         group_address: String::new(),
         state_dir: dir.join("agent"),
+        disk_roots: vec![dir.to_path_buf()],
         limits: StreamLimits::default(),
         nbd_limits: Default::default(),
         heartbeat: ferry_agent::health::HEARTBEAT,

@@ -82,10 +82,11 @@ pub async fn run(dir: &Path, vms: usize, secs: u64) -> Result<()> {
             Agent::start(AgentOptions {
                 registry: registry.clone(),
                 vm: vm.clone(),
-                nbd,
+                nbd: nbd.into(),
                 group: GroupPort::Bound(group),
                 group_address: String::new(),
                 state_dir: dir.join(format!("{vm}-agent")),
+                disk_roots: vec![dir.to_path_buf()],
                 limits: StreamLimits::default(),
                 nbd_limits: Default::default(),
                 heartbeat: ferry_agent::health::HEARTBEAT,

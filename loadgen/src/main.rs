@@ -202,10 +202,11 @@ async fn rig(dir: &Path, vm: &str) -> Result<Rig> {
     let agent = Agent::start(AgentOptions {
         registry: registry.url.clone(),
         vm: vm.into(),
-        nbd,
+        nbd: nbd.into(),
         group: ferry_agent::run::GroupPort::Off,
         group_address: String::new(),
         state_dir: dir.join(format!("{vm}-agent")),
+        disk_roots: vec![dir.to_path_buf()],
         limits: StreamLimits::default(),
         nbd_limits: Default::default(),
         heartbeat: ferry_agent::health::HEARTBEAT,

@@ -140,10 +140,11 @@ async fn rpo_lag(dir: &Path, mb_per_sec: f64, secs: u64) -> Result<(f64, f64, f6
     let agent = Agent::start(AgentOptions {
         registry: registry.clone(),
         vm: "vm".into(),
-        nbd,
+        nbd: nbd.into(),
         group: ferry_agent::run::GroupPort::Off,
         group_address: String::new(),
         state_dir: dir.join("rpo-agent"),
+        disk_roots: vec![dir.to_path_buf()],
         limits: StreamLimits::default(),
         nbd_limits: Default::default(),
         heartbeat: ferry_agent::health::HEARTBEAT,

@@ -421,6 +421,9 @@ impl Stack {
             "1",
             "--state-dir",
             &dir.join("agent").display().to_string(),
+            // The source images (`prepare`) lie in `dir`.
+            "--disk-root",
+            &dir.display().to_string(),
         ]
         .map(String::from)
         .to_vec();

@@ -320,6 +320,9 @@ impl AgentProcess {
             .args(["--group-listen", "127.0.0.1:0", "--drain-secs", "1"])
             .arg("--state-dir")
             .arg(state)
+            // The tests put the images beside the state directory.
+            .arg("--disk-root")
+            .arg(state.parent().unwrap())
             .env("FERRY_LOG", "warn")
             .stdin(Stdio::null())
             .spawn()

@@ -51,10 +51,16 @@ pub async fn protected_agent_limited(
     let agent = Agent::start(AgentOptions {
         registry: registry.to_string(),
         vm: vm.to_string(),
-        nbd,
+        nbd: nbd.into(),
         group: ferry_agent::run::GroupPort::Bound(group),
         group_address: String::new(),
         state_dir: state_dir.to_path_buf(),
+        // The tests put the images beside the agent's state directory.
+        disk_roots: state_dir
+            .parent()
+            .into_iter()
+            .map(Path::to_path_buf)
+            .collect(),
         limits,
         nbd_limits: Default::default(),
         heartbeat: ferry_agent::health::HEARTBEAT,
