@@ -249,13 +249,21 @@ pub enum GroupCommand {
 
 #[derive(Args)]
 pub struct ServeArgs {
+    /// Where the services keep their state, one directory each, beside the
+    /// cluster secret and the admin token file.
     #[arg(long, default_value = "ferry-data")]
     pub data_dir: PathBuf,
+    /// The address the four services listen on. Loopback unless --insecure:
+    /// `ferry serve` speaks plaintext (every call is still checked).
     #[arg(long, default_value = "127.0.0.1")]
     pub listen_host: String,
     /// registry on this port, cache +1, processor +2, failover +3.
     #[arg(long, default_value_t = 7101)]
     pub base_port: u16,
+    /// Listen beyond loopback in plaintext anyway (tokens then cross the
+    /// network unencrypted; run the service binaries with TLS instead).
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 #[derive(Args)]

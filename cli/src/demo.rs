@@ -20,7 +20,7 @@ use ferry_proto::processor::v1 as proc_pb;
 use ferry_runtime::PeerChannel;
 
 use crate::commands::{client, status};
-use crate::embedded::Embedded;
+use crate::embedded::{Embedded, Guard};
 use crate::nbd_client::NbdClient;
 use crate::output;
 use crate::recovery::{failover_client, follow_job, processor_client};
@@ -75,7 +75,7 @@ pub async fn run(data_dir: Option<PathBuf>) -> Result<()> {
         "starting registry-svc, cache-svc, processor-svc, failover-svc",
     );
     let shutdown = CancellationToken::new();
-    let services = Embedded::start(&dir, "127.0.0.1", 0, shutdown).await?;
+    let services = Embedded::start(&dir, "127.0.0.1", 0, shutdown, Guard::Open).await?;
     for (name, url) in services.urls() {
         println!("    {name:<10} {url}  SERVING");
     }

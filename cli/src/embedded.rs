@@ -5,9 +5,24 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use ferry_runtime::config::Security;
+use ferry_runtime::security::ClusterSecret;
 use ferry_runtime::{CancellationToken, ServiceConfig};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+
+/// Whether the embedded services check their callers.
+pub enum Guard {
+    /// Nothing checked: the program embedding them is their only caller.
+    Open,
+    /// Every call checked: services prove who they are with tokens from
+    /// `secret`; registry makes (or reads) the first admin token in
+    /// `bootstrap_token_file`.
+    Checked {
+        secret: ClusterSecret,
+        bootstrap_token_file: std::path::PathBuf,
+    },
+}
 
 /// The four running services.
 pub struct Embedded {
@@ -42,18 +57,37 @@ impl Embedded {
         host: &str,
         base_port: u16,
         shutdown: CancellationToken,
+        guard: Guard,
     ) -> Result<Embedded> {
         let port = |i: u16| if base_port == 0 { 0 } else { base_port + i };
         let (rl, registry) = bind(host, port(0)).await?;
         let (cl, cache) = bind(host, port(1)).await?;
         let (pl, processor) = bind(host, port(2)).await?;
         let (fl, failover) = bind(host, port(3)).await?;
-        let config = |name: &str| ServiceConfig::in_process(data_dir.join(name));
+        let (security, bootstrap) = match guard {
+            Guard::Open => (Security::in_process(), None),
+            Guard::Checked {
+                secret,
+                bootstrap_token_file,
+            } => (
+                Security::plaintext_enforced(secret),
+                Some(bootstrap_token_file),
+            ),
+        };
+        let config = |name: &str| {
+            let mut config = ServiceConfig::in_process(data_dir.join(name));
+            config.security = security.clone();
+            config
+        };
 
         let mut tasks = Vec::new();
         let mut rc = config("registry");
         rc.cache = Some(cache.clone());
-        let rc = registry_svc::Config::new(rc, registry_svc::Settings::default())?;
+        let settings = registry_svc::Settings {
+            bootstrap_token_file: bootstrap,
+            ..Default::default()
+        };
+        let rc = registry_svc::Config::new(rc, settings)?;
         tasks.push((
             "registry-svc",
             spawn(registry_svc::serve(rc, rl, shutdown.clone())),

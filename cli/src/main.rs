@@ -11,6 +11,7 @@ mod embedded;
 mod nbd_client;
 mod output;
 mod recovery;
+mod serve;
 mod tokens;
 mod watch;
 
@@ -33,21 +34,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(a) => {
             let _telemetry = ferry_runtime::telemetry::init("ferry", "info", None)?;
-            let shutdown = ferry_runtime::shutdown_token();
-            let services = embedded::Embedded::start(
-                &a.data_dir,
-                &a.listen_host,
-                a.base_port,
-                shutdown.clone(),
-            )
-            .await?;
-            println!("Ferry is running (data in {}):", a.data_dir.display());
-            for (name, url) in services.urls() {
-                println!("  {name:<10} {url}");
-            }
-            println!("Stop with Ctrl-C or SIGTERM.");
-            shutdown.cancelled().await;
-            services.stop().await
+            serve::run(a).await
         }
         Command::Demo { data_dir } => {
             // The demo prints what happens; service logs only on request.

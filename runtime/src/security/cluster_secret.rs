@@ -54,6 +54,34 @@ impl ClusterSecret {
         Ok(ClusterSecret(trimmed.to_vec()))
     }
 
+    /// The secret in `path`, or a new one written there (hex, mode 0600,
+    /// fsynced) if the file does not exist; `true` when it was made now.
+    pub fn load_or_create(path: &Path) -> Result<(ClusterSecret, bool), ConfigError> {
+        if path.exists() {
+            return Ok((ClusterSecret::load(path)?, false));
+        }
+        let invalid = |reason: String| ConfigError::Invalid {
+            setting: "cluster_secret_file",
+            value: path.display().to_string(),
+            reason,
+        };
+        let secret = ClusterSecret::generate()
+            .map_err(|e| invalid(format!("no randomness to make one: {e}")))?;
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)?;
+            file.write_all(hex::encode(&secret.0).as_bytes())?;
+            file.sync_all()
+        };
+        write().map_err(|e| invalid(format!("cannot write a new one: {e}")))?;
+        Ok((secret, true))
+    }
+
     /// A fresh random secret (for `ferry serve`, which runs every service
     /// in one process).
     pub fn generate() -> Result<ClusterSecret, getrandom::Error> {
