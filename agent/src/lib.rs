@@ -68,17 +68,16 @@ impl std::fmt::Debug for Assignment {
     }
 }
 
-/// Registers the agent for `vm` with the registry at `registry_url`.
+/// Registers the agent for `vm` with the registry at `registry_url`,
+/// presenting `credentials`.
 pub async fn register(
     registry_url: &str,
+    credentials: &ferry_runtime::peers::Credentials,
     vm: &str,
     hostname: &str,
     group_address: &str,
 ) -> Result<Assignment, AgentError> {
-    let mut client = RegistryClient::new(ferry_runtime::connect(
-        registry_url,
-        &ferry_runtime::peers::Credentials::none(),
-    )?);
+    let mut client = RegistryClient::new(ferry_runtime::connect(registry_url, credentials)?);
     let grant = client
         .register_agent(pb::RegisterAgentRequest {
             vm_name: vm.to_string(),
