@@ -1,0 +1,331 @@
+//! An agent in a secured deployment: registry-svc and cache-svc serve TLS
+//! and check every caller. The agent of web-1, with web-1's certificate,
+//! registers, reports its health and replicates; an agent presenting
+//! web-2's certificate for web-1 is refused (PERMISSION_DENIED) without
+//! fencing the real one, whose disk keeps taking writes; an agent with no
+//! certificate is UNAUTHENTICATED.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use ferry_agent::run::{Agent, AgentOptions, GroupPort, RunError};
+use ferry_agent::stream::StreamLimits;
+use ferry_agent::AgentError;
+use ferry_proto::cache::v1 as cache;
+use ferry_proto::cache::v1::cache_client::CacheClient;
+use ferry_proto::registry::v1 as reg;
+use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_runtime::config::Security;
+use ferry_runtime::peers::Credentials;
+use ferry_runtime::security::{ClientTls, OperatorRole, ServiceKind, Tls, TlsFiles};
+use ferry_runtime::{CancellationToken, ServiceConfig};
+use ferry_testkit::pki::CertFiles;
+use ferry_testkit::{wait_for, TestPki};
+use tokio::net::TcpListener;
+
+const SIZE: u64 = 4 << 20;
+
+/// registry-svc and cache-svc in-process, TLS on, every caller checked.
+struct Secured {
+    pki: TestPki,
+    registry: String,
+    cache: String,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Secured {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn security(pki: &TestPki, service: ServiceKind) -> Security {
+    let files = pki.service(service);
+    Security {
+        tls: Some(
+            Tls::load(TlsFiles {
+                cert: files.cert,
+                key: files.key,
+                ca: pki.ca(),
+            })
+            .unwrap(),
+        ),
+        cluster_secret: None,
+        enforce: true,
+    }
+}
+
+/// A client presenting `files` (or no certificate), trusting the test CA.
+fn presenting(pki: &TestPki, files: Option<&CertFiles>) -> Credentials {
+    Credentials {
+        tls: Some(
+            ClientTls::load(
+                &pki.ca(),
+                files.map(|f| f.cert.as_path()),
+                files.map(|f| f.key.as_path()),
+            )
+            .unwrap(),
+        ),
+        bearer: None,
+    }
+}
+
+async fn secured(dir: &Path) -> Secured {
+    let pki = TestPki::new();
+    let registry_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cache_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let registry = format!("https://{}", registry_listener.local_addr().unwrap());
+    let cache = format!("https://{}", cache_listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+
+    let mut config = ServiceConfig::in_process(dir.join("registry"));
+    config.cache = Some(cache.clone());
+    config.security = security(&pki, ServiceKind::Registry);
+    let config = registry_svc::Config::new(config, registry_svc::Settings::default()).unwrap();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        if let Err(e) = registry_svc::serve(config, registry_listener, stop).await {
+            panic!("registry-svc failed: {e}");
+        }
+    });
+
+    let mut config = ServiceConfig::in_process(dir.join("cache"));
+    config.registry = Some(registry.clone());
+    config.security = security(&pki, ServiceKind::Cache);
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        if let Err(e) = cache_svc::run(config, Default::default(), cache_listener, stop).await {
+            panic!("cache-svc failed: {e}");
+        }
+    });
+
+    // Health is public; TLS is still needed to reach it.
+    let anyone = presenting(&pki, None);
+    for url in [&registry, &cache] {
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            ferry_runtime::peers::wait_serving(url, "", &anyone, &shutdown),
+        )
+        .await
+        .expect("the service serves within 30 s")
+        .unwrap();
+    }
+    Secured {
+        pki,
+        registry,
+        cache,
+        shutdown,
+    }
+}
+
+impl Secured {
+    fn admin(&self) -> Credentials {
+        presenting(&self.pki, Some(&self.pki.operator(OperatorRole::Admin)))
+    }
+
+    fn agent(&self, vm: &str) -> Credentials {
+        presenting(&self.pki, Some(&self.pki.agent(vm)))
+    }
+
+    fn registry_client(&self) -> RegistryClient<ferry_runtime::PeerChannel> {
+        RegistryClient::new(ferry_runtime::connect(&self.registry, &self.admin()).unwrap())
+    }
+
+    /// The VM's log in the cache, read as an admin; None before it has one.
+    async fn log(&self, vm: &str) -> Option<cache::LogInfo> {
+        let channel = ferry_runtime::connect(&self.cache, &self.admin()).unwrap();
+        CacheClient::new(channel)
+            .get_log_info(cache::GetLogInfoRequest {
+                vm_name: vm.to_string(),
+            })
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    }
+
+    async fn item(&self, vm: &str) -> reg::ProtectedItem {
+        self.registry_client()
+            .get_protected_item(reg::GetProtectedItemRequest {
+                vm_name: vm.to_string(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Registers `vm` with one disk "os" at `image` and enables its
+    /// replication, as an admin.
+    async fn protect(&self, vm: &str, image: &Path) {
+        let mut r = self.registry_client();
+        r.register_vm(reg::RegisterVmRequest {
+            vm: Some(ferry_testkit::vm::vm_spec(vm, &[("os", SIZE, image)])),
+        })
+        .await
+        .unwrap();
+        r.enable_replication(reg::EnableReplicationRequest {
+            vm_name: vm.to_string(),
+            target_region: "westus".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+}
+
+/// Starts the agent of `vm`, presenting `credentials`; its NBD address.
+async fn start(
+    s: &Secured,
+    vm: &str,
+    credentials: Credentials,
+    dir: &Path,
+) -> (Result<Agent, RunError>, String) {
+    let nbd = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = nbd.local_addr().unwrap().to_string();
+    let started = Agent::start(AgentOptions {
+        registry: s.registry.clone(),
+        vm: vm.into(),
+        nbd: nbd.into(),
+        group: GroupPort::Off,
+        group_address: String::new(),
+        state_dir: dir.join("agent"),
+        disk_roots: vec![dir.join("images")],
+        limits: StreamLimits::default(),
+        nbd_limits: Default::default(),
+        heartbeat: Duration::from_millis(200),
+        scripts: None,
+        credentials,
+    })
+    .await;
+    (started, addr)
+}
+
+fn image(dir: &Path) -> PathBuf {
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let path = images.join("os.raw");
+    std::fs::File::create(&path).unwrap().set_len(SIZE).unwrap();
+    path
+}
+
+/// qemu-io writes 64 KiB at `offset` through the export and reads it back.
+async fn write_through(addr: &str, offset: u64) {
+    let url = format!("nbd://{addr}/os");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("qemu-io")
+            .args(["-f", "raw"])
+            .args(["-c", &format!("write -P 0x5a {offset} 64k")])
+            .args(["-c", &format!("read -P 0x5a {offset} 64k"), &url])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "qemu-io: {text}"
+    );
+}
+
+/// Waits until the cache holds the VM's records up to `sequence`.
+async fn reaches_cache(s: &Secured, vm: &str, sequence: u64) -> cache::LogInfo {
+    wait_for(
+        &format!("{vm}'s records up to {sequence} in the cache"),
+        Duration::from_secs(30),
+        || async { s.log(vm).await.filter(|l| l.last_sequence >= sequence) },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vms_own_agent_replicates_over_tls_and_an_impostor_is_refused_without_harm() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = secured(dir.path()).await;
+    let os = image(dir.path());
+    s.protect("web-1", &os).await;
+
+    // The agent of web-1 with web-1's certificate: registered, its health
+    // reaches registry, its writes reach the cache.
+    let (agent, addr) = start(&s, "web-1", s.agent("web-1"), dir.path()).await;
+    let agent = agent.expect("web-1's agent starts");
+    let epoch = agent.epoch;
+    assert_eq!(s.item("web-1").await.epoch, epoch.get());
+    let seq = agent.capture.write("os", 0, vec![7u8; 4096]).await.unwrap();
+    assert!(seq > 0);
+    let log = reaches_cache(&s, "web-1", seq).await;
+    assert_eq!(log.epoch, epoch.get(), "{log:?}");
+    wait_for(
+        "web-1's agent heartbeat in registry",
+        Duration::from_secs(30),
+        || async {
+            s.item("web-1")
+                .await
+                .health_reports
+                .into_iter()
+                .find(|r| r.component == "agent")
+        },
+    )
+    .await;
+
+    // An agent for web-1 presenting web-2's certificate: refused by
+    // registry, so it never registers, never streams, and does not fence
+    // web-1's own agent.
+    let impostor_dir = dir.path().join("impostor");
+    std::fs::create_dir_all(&impostor_dir).unwrap();
+    image(&impostor_dir);
+    let (refused, _) = start(&s, "web-1", s.agent("web-2"), &impostor_dir).await;
+    match refused {
+        Err(RunError::Agent(AgentError::Registry { vm, status })) => {
+            assert_eq!(vm, "web-1");
+            assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
+            assert!(status.message().contains("web-2"), "{status}");
+        }
+        Err(e) => panic!("refused for the wrong reason: {e}"),
+        Ok(_) => panic!("an agent with web-2's certificate started for web-1"),
+    }
+    assert_eq!(
+        s.item("web-1").await.epoch,
+        epoch.get(),
+        "the impostor fenced the VM's own agent"
+    );
+
+    // The VM's disk stays online: a write through the NBD export (qemu-io)
+    // completes, and it still reaches the cache from the real agent.
+    let before = agent.stream.last().await;
+    write_through(&addr, 1 << 20).await;
+    let after = agent.stream.last().await;
+    assert!(after > before, "the NBD write went into the stream");
+    let log = reaches_cache(&s, "web-1", after).await;
+    assert_eq!(log.epoch, epoch.get(), "{log:?}");
+    agent.stop(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_without_a_certificate_is_unauthenticated_and_a_plain_url_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = secured(dir.path()).await;
+    let os = image(dir.path());
+    s.protect("web-1", &os).await;
+
+    // TLS with no client certificate nor token: nobody.
+    let (refused, _) = start(&s, "web-1", presenting(&s.pki, None), dir.path()).await;
+    match refused {
+        Err(RunError::Agent(AgentError::Registry { status, .. })) => {
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status}");
+        }
+        Err(e) => panic!("refused for the wrong reason: {e}"),
+        Ok(_) => panic!("an agent without credentials started"),
+    }
+    // No credentials at all against an https:// registry: said at once.
+    let (refused, _) = start(&s, "web-1", Credentials::none(), dir.path()).await;
+    let err = refused.err().expect("refused");
+    assert!(matches!(err, RunError::Agent(AgentError::Peer(_))), "{err}");
+    assert!(err.to_string().contains("https:// URL needs TLS"), "{err}");
+    assert!(s.log("web-1").await.is_none_or(|l| l.last_sequence == 0));
+}
