@@ -308,10 +308,14 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
         }),
         credentials,
     })
-    .await?;
+    .await
+    .map_err(|e| e.to_string())?;
     // The agent runs until it is told to stop: whatever happens to
     // replication, the VM's disks stay exported.
     shutdown.cancelled().await;
-    agent.stop(Duration::from_secs(args.drain_secs)).await?;
+    agent
+        .stop(Duration::from_secs(args.drain_secs))
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(())
 }

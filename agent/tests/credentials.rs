@@ -329,3 +329,159 @@ async fn an_agent_without_a_certificate_is_unauthenticated_and_a_plain_url_is_re
     assert!(err.to_string().contains("https:// URL needs TLS"), "{err}");
     assert!(s.log("web-1").await.is_none_or(|l| l.last_sequence == 0));
 }
+
+/// The ferry-agent binary for web-1 against `s`, with `args` (and the
+/// environment `env`; no other FERRY_* variable), its stderr piped.
+fn agent_binary(
+    s: &Secured,
+    dir: &Path,
+    args: &[&str],
+    env: &[(&str, &Path)],
+) -> std::process::Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ferry-agent"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("FERRY_") {
+            command.env_remove(key);
+        }
+    }
+    command
+        .args(["--registry", &s.registry, "--vm", "web-1"])
+        .args(["--nbd-listen", "127.0.0.1:0", "--group-listen", "off"])
+        .arg("--state-dir")
+        .arg(dir.join("agent"))
+        .arg("--disk-root")
+        .arg(dir.join("images"))
+        .args(["--heartbeat-secs", "1"])
+        .args(args)
+        .env("FERRY_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.spawn().unwrap()
+}
+
+/// Waits (20 s at most) for `child` to exit; its status and stderr.
+fn exited(child: std::process::Child) -> (std::process::ExitStatus, String) {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            rx.recv().unwrap().unwrap()
+        }
+    };
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_binary_takes_its_certificate_from_flags_and_says_why_it_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = secured(dir.path()).await;
+    let os = image(dir.path());
+    s.protect("web-1", &os).await;
+    let own = s.pki.agent("web-1");
+    let other = s.pki.agent("web-2");
+    let ca = s.pki.ca();
+    let (ca_s, cert, key) = (
+        ca.to_str().unwrap(),
+        own.cert.to_str().unwrap(),
+        own.key.to_str().unwrap(),
+    );
+
+    // Another VM's certificate (through the environment): refused, said.
+    let child = agent_binary(
+        &s,
+        dir.path(),
+        &[],
+        &[
+            ("FERRY_TLS_CERT", &other.cert),
+            ("FERRY_TLS_KEY", &other.key),
+            ("FERRY_TLS_CA", &ca),
+        ],
+    );
+    let (status, stderr) = exited(child);
+    assert!(!status.success());
+    assert!(stderr.contains("PermissionDenied"), "{stderr}");
+    assert!(
+        stderr.contains("web-2") && stderr.contains("may not act for VM"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("ferry certs init --agent"), "{stderr}");
+
+    // TLS with a plain http:// registry URL: refused at once.
+    let mut plain = Command::new(env!("CARGO_BIN_EXE_ferry-agent"));
+    let plain_url = s.registry.replace("https://", "http://");
+    let child = plain
+        .args(["--registry", &plain_url, "--vm", "web-1"])
+        .args(["--nbd-listen", "127.0.0.1:0", "--group-listen", "off"])
+        .arg("--disk-root")
+        .arg(dir.path().join("images"))
+        .args(["--tls-ca", ca_s, "--tls-cert", cert, "--tls-key", key])
+        .env("FERRY_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (status, stderr) = exited(child);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("--registry") && stderr.contains("use an https:// URL"),
+        "{stderr}"
+    );
+
+    // An empty token file: refused at once.
+    let empty = dir.path().join("empty-token");
+    std::fs::write(&empty, " \n").unwrap();
+    let child = agent_binary(
+        &s,
+        dir.path(),
+        &["--tls-ca", ca_s, "--token-file", empty.to_str().unwrap()],
+        &[],
+    );
+    let (status, stderr) = exited(child);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("--token-file") && stderr.contains("empty"),
+        "{stderr}"
+    );
+
+    // Its own certificate through the flags: registered and heard.
+    let before = s.item("web-1").await.epoch;
+    let mut child = agent_binary(
+        &s,
+        dir.path(),
+        &["--tls-ca", ca_s, "--tls-cert", cert, "--tls-key", key],
+        &[],
+    );
+    let report = wait_for(
+        "the agent binary's heartbeat in registry",
+        Duration::from_secs(30),
+        || async {
+            let item = s.item("web-1").await;
+            (item.epoch > before)
+                .then(|| {
+                    item.health_reports
+                        .into_iter()
+                        .find(|r| r.component == "agent")
+                })
+                .flatten()
+        },
+    )
+    .await;
+    assert!(!report.message.contains("silent"), "{report:?}");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the agent binary exited"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
