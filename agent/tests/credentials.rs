@@ -19,7 +19,9 @@ use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::config::Security;
 use ferry_runtime::peers::Credentials;
-use ferry_runtime::security::{ClientTls, OperatorRole, ServiceKind, Tls, TlsFiles};
+use ferry_runtime::security::{
+    ClientTls, ClusterSecret, OperatorRole, Principal, ServiceKind, Tls, TlsFiles,
+};
 use ferry_runtime::{CancellationToken, ServiceConfig};
 use ferry_testkit::pki::CertFiles;
 use ferry_testkit::{wait_for, TestPki};
@@ -41,7 +43,7 @@ impl Drop for Secured {
     }
 }
 
-fn security(pki: &TestPki, service: ServiceKind) -> Security {
+fn security(pki: &TestPki, service: ServiceKind, secret: Option<&ClusterSecret>) -> Security {
     let files = pki.service(service);
     Security {
         tls: Some(
@@ -52,7 +54,7 @@ fn security(pki: &TestPki, service: ServiceKind) -> Security {
             })
             .unwrap(),
         ),
-        cluster_secret: None,
+        cluster_secret: secret.cloned(),
         enforce: true,
     }
 }
@@ -73,6 +75,12 @@ fn presenting(pki: &TestPki, files: Option<&CertFiles>) -> Credentials {
 }
 
 async fn secured(dir: &Path) -> Secured {
+    secured_with(dir, None).await
+}
+
+/// As [`secured`]; with a cluster secret, agents may also present agent
+/// tokens minted from it (over TLS, without a certificate).
+async fn secured_with(dir: &Path, secret: Option<&ClusterSecret>) -> Secured {
     let pki = TestPki::new();
     let registry_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let cache_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -82,7 +90,7 @@ async fn secured(dir: &Path) -> Secured {
 
     let mut config = ServiceConfig::in_process(dir.join("registry"));
     config.cache = Some(cache.clone());
-    config.security = security(&pki, ServiceKind::Registry);
+    config.security = security(&pki, ServiceKind::Registry, secret);
     let config = registry_svc::Config::new(config, registry_svc::Settings::default()).unwrap();
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -93,7 +101,7 @@ async fn secured(dir: &Path) -> Secured {
 
     let mut config = ServiceConfig::in_process(dir.join("cache"));
     config.registry = Some(registry.clone());
-    config.security = security(&pki, ServiceKind::Cache);
+    config.security = security(&pki, ServiceKind::Cache, secret);
     let stop = shutdown.clone();
     tokio::spawn(async move {
         if let Err(e) = cache_svc::run(config, Default::default(), cache_listener, stop).await {
@@ -478,6 +486,76 @@ async fn the_agent_binary_takes_its_certificate_from_flags_and_says_why_it_is_re
     )
     .await;
     assert!(!report.message.contains("silent"), "{report:?}");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the agent binary exited"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_binary_proves_who_it_is_with_an_agent_token_from_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = ClusterSecret::generate().unwrap();
+    let s = secured_with(dir.path(), Some(&secret)).await;
+    let os = image(dir.path());
+    s.protect("web-1", &os).await;
+    let token = |vm: &str| {
+        secret
+            .token_for(&Principal::Agent {
+                vm: ferry_proto::ids::VmName::parse(vm).unwrap(),
+            })
+            .unwrap()
+    };
+    let ca = s.pki.ca();
+
+    // web-2's token for web-1: refused, said.
+    let file = dir.path().join("web-2.token");
+    std::fs::write(&file, token("web-2")).unwrap();
+    let child = agent_binary(
+        &s,
+        dir.path(),
+        &[],
+        &[("FERRY_TLS_CA", &ca), ("FERRY_AGENT_TOKEN_FILE", &file)],
+    );
+    let (status, stderr) = exited(child);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("PermissionDenied") && stderr.contains("may not act for VM"),
+        "{stderr}"
+    );
+
+    // Its own token, with a trailing newline as `echo` writes it: heard.
+    let file = dir.path().join("web-1.token");
+    std::fs::write(&file, format!("{}\n", token("web-1"))).unwrap();
+    let before = s.item("web-1").await.epoch;
+    let mut child = agent_binary(
+        &s,
+        dir.path(),
+        &[
+            "--tls-ca",
+            ca.to_str().unwrap(),
+            "--token-file",
+            file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    wait_for(
+        "the agent binary's heartbeat in registry",
+        Duration::from_secs(30),
+        || async {
+            let item = s.item("web-1").await;
+            (item.epoch > before)
+                .then(|| {
+                    item.health_reports
+                        .into_iter()
+                        .find(|r| r.component == "agent")
+                })
+                .flatten()
+        },
+    )
+    .await;
     assert!(
         child.try_wait().unwrap().is_none(),
         "the agent binary exited"
