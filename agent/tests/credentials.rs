@@ -497,7 +497,18 @@ async fn the_agent_binary_takes_its_certificate_from_flags_and_says_why_it_is_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_binary_proves_who_it_is_with_an_agent_token_from_its_file() {
     let dir = tempfile::tempdir().unwrap();
-    let secret = ClusterSecret::generate().unwrap();
+    // The secret file as docs/security.md makes it (two lines of hex).
+    let secret_file = dir.path().join("cluster-secret");
+    let made = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c 32 /dev/urandom | xxd -p > '{}'",
+            secret_file.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let secret = ClusterSecret::load(&secret_file).unwrap();
     let s = secured_with(dir.path(), Some(&secret)).await;
     let os = image(dir.path());
     s.protect("web-1", &os).await;
@@ -526,9 +537,22 @@ async fn the_agent_binary_proves_who_it_is_with_an_agent_token_from_its_file() {
         "{stderr}"
     );
 
-    // Its own token, with a trailing newline as `echo` writes it: heard.
+    // Its own token, minted with the openssl CLI as docs/agent.md says
+    // (the file ends with a newline): the same token, and heard.
     let file = dir.path().join("web-1.token");
-    std::fs::write(&file, format!("{}\n", token("web-1"))).unwrap();
+    let recipe = format!(
+        "printf 'fyagent.web-1.%s\\n' \"$(printf %s spiffe://ferry/agent/web-1 \
+         | openssl dgst -sha256 -hmac \"$(cat '{}')\" -r | cut -d' ' -f1)\" > '{}'",
+        secret_file.display(),
+        file.display()
+    );
+    let minted = Command::new("sh").arg("-c").arg(&recipe).status().unwrap();
+    assert!(minted.success(), "{recipe}");
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        format!("{}\n", token("web-1")),
+        "the openssl recipe mints the agent token"
+    );
     let before = s.item("web-1").await.epoch;
     let mut child = agent_binary(
         &s,
