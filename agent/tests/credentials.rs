@@ -1,9 +1,10 @@
 //! An agent in a secured deployment: registry-svc and cache-svc serve TLS
 //! and check every caller. The agent of web-1, with web-1's certificate,
-//! registers, reports its health and replicates; an agent presenting
-//! web-2's certificate for web-1 is refused (PERMISSION_DENIED) without
-//! fencing the real one, whose disk keeps taking writes; an agent with no
-//! certificate is UNAUTHENTICATED.
+//! registers, reports its health, replicates and takes the VM to PROTECTED;
+//! an agent presenting web-2's certificate for web-1 is refused
+//! (PERMISSION_DENIED) without fencing the real one, whose disk keeps taking
+//! writes; an agent with no certificate is UNAUTHENTICATED. The binary takes
+//! its certificate or an agent token from its flags.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may
 
 use std::path::{Path, PathBuf};
@@ -279,6 +280,12 @@ async fn the_vms_own_agent_replicates_over_tls_and_an_impostor_is_refused_withou
                 .find(|r| r.component == "agent")
         },
     )
+    .await;
+
+    // Initial replication, reported by the agent: the VM is PROTECTED.
+    wait_for("web-1 PROTECTED", Duration::from_secs(30), || async {
+        (s.item("web-1").await.state() == reg::ReplicationState::Protected).then_some(())
+    })
     .await;
 
     // An agent for web-1 presenting web-2's certificate: refused by
