@@ -594,3 +594,57 @@ async fn the_agent_binary_proves_who_it_is_with_an_agent_token_from_its_file() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// The group port serves plaintext and checks no caller: a member's
+/// agent token must not travel to it in the clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_token_never_goes_to_a_plain_group_port() {
+    use ferry_agent::capture::{Capture, SourceDisk};
+    use ferry_agent::group::{round, Member, Peers, ROUND_DEADLINE};
+    use ferry_agent::stream::Stream;
+    use std::sync::{Arc, Mutex};
+
+    let dir = tempfile::tempdir().unwrap();
+    let capture = Arc::new(Capture::new(
+        vec![SourceDisk::open("os", &dir.path().join("os.raw"), 1 << 20).unwrap()],
+        Stream::new(1, StreamLimits::default()),
+    ));
+    let member = Member::new("web-1", "g", capture);
+    // Whether each call carried an authorization header.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let service = tonic::service::interceptor::InterceptedService::new(
+        member.service(),
+        move |request: tonic::Request<()>| {
+            let carried = request.metadata().get("authorization").is_some();
+            record.lock().unwrap().push(carried);
+            Ok(request)
+        },
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let stop = CancellationToken::new();
+    let serving = stop.clone();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async move { serving.cancelled().await },
+            ),
+    );
+
+    let mut peers = Peers::new(Credentials {
+        tls: None,
+        bearer: Some("fyagent.web-1.0123".into()),
+    });
+    let members = [("web-1".to_string(), address)];
+    let done = round(&mut peers, "g", "web-1", &members, ROUND_DEADLINE)
+        .await
+        .unwrap();
+    assert_eq!(done.sequences.len(), 1);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "Prepare and Commit: {seen:?}");
+    assert!(seen.iter().all(|carried| !carried), "{seen:?}");
+    stop.cancel();
+}
