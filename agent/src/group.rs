@@ -25,6 +25,7 @@ use ferry_proto::cache::v1::{Marker, MarkerKind};
 use ferry_proto::ids::Epoch;
 use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_runtime::peers::Credentials;
 use ferry_runtime::time::from_duration;
 use ferry_runtime::PeerChannel;
 use tokio::sync::{Mutex, OwnedMutexGuard};
@@ -239,9 +240,21 @@ impl AgentGroup for MemberService {
 #[derive(Default)]
 pub struct Peers {
     clients: HashMap<String, AgentGroupClient<PeerChannel>>,
+    credentials: Credentials,
 }
 
 impl Peers {
+    /// Peers reached with the agent's `credentials`. They are presented to
+    /// an https:// group address only: the group port serves plaintext
+    /// (and checks no caller), so a plain address gets no credentials —
+    /// the agent's token never crosses the network in the clear.
+    pub fn new(credentials: Credentials) -> Peers {
+        Peers {
+            clients: HashMap::new(),
+            credentials,
+        }
+    }
+
     fn client(&mut self, address: &str) -> Result<AgentGroupClient<PeerChannel>, Status> {
         if let Some(c) = self.clients.get(address) {
             return Ok(c.clone());
@@ -251,7 +264,12 @@ impl Peers {
         } else {
             format!("http://{address}")
         };
-        let channel = ferry_runtime::connect(&url, &ferry_runtime::peers::Credentials::none())
+        let credentials = if url.starts_with("https://") {
+            self.credentials.clone()
+        } else {
+            Credentials::none()
+        };
+        let channel = ferry_runtime::connect(&url, &credentials)
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let client = AgentGroupClient::new(channel);
         self.clients.insert(address.to_string(), client.clone());
@@ -395,6 +413,8 @@ pub async fn round(
 /// What the group loop needs.
 pub struct GroupOptions {
     pub registry: String,
+    /// What the agent presents to registry (and to https:// group ports).
+    pub credentials: Credentials,
     pub vm: String,
     pub epoch: Epoch,
     pub credential: String,
@@ -405,15 +425,14 @@ pub struct GroupOptions {
 /// Says this member is alive to registry every [`HEARTBEAT`]; while registry
 /// names it coordinator, runs a round every multi-VM interval. Until `stop`.
 pub async fn run(opts: GroupOptions, stop: CancellationToken) {
-    let mut registry =
-        match ferry_runtime::connect(&opts.registry, &ferry_runtime::peers::Credentials::none()) {
-            Ok(c) => RegistryClient::new(c),
-            Err(e) => {
-                tracing::error!(vm = %opts.vm, error = %e, "group: bad registry URL");
-                return;
-            }
-        };
-    let mut peers = Peers::default();
+    let mut registry = match ferry_runtime::connect(&opts.registry, &opts.credentials) {
+        Ok(c) => RegistryClient::new(c),
+        Err(e) => {
+            tracing::error!(vm = %opts.vm, error = %e, "group: bad registry URL");
+            return;
+        }
+    };
+    let mut peers = Peers::new(opts.credentials.clone());
     let mut next_round: Option<Instant> = None;
     // Whether the members' health last said multi-VM points are made, and
     // how many rounds in a row failed (one failure alone is no warning).

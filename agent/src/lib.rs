@@ -30,8 +30,27 @@ pub enum AgentError {
     #[error(transparent)]
     Peer(#[from] ferry_runtime::HostError),
     /// registry-svc refused or could not be reached.
-    #[error("registry refused the agent for VM {vm:?}: {status}")]
+    #[error(
+        "registry refused the agent for VM {vm:?}: {:?}: {}{}",
+        status.code(),
+        status.message(),
+        credentials_hint(status.code())
+    )]
     Registry { vm: String, status: tonic::Status },
+}
+
+/// What to do about a refusal of the agent's credentials.
+fn credentials_hint(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::Unauthenticated => {
+            " (give the agent its certificate, --tls-cert and --tls-key, or --token-file)"
+        }
+        tonic::Code::PermissionDenied => {
+            " (the agent's certificate or token must be the one made for this VM: \
+             `ferry certs init --agent VM` names it spiffe://ferry/agent/VM)"
+        }
+        _ => "",
+    }
 }
 
 /// What registry assigned to this agent. The credential is deliberately not
@@ -68,17 +87,16 @@ impl std::fmt::Debug for Assignment {
     }
 }
 
-/// Registers the agent for `vm` with the registry at `registry_url`.
+/// Registers the agent for `vm` with the registry at `registry_url`,
+/// presenting `credentials`.
 pub async fn register(
     registry_url: &str,
+    credentials: &ferry_runtime::peers::Credentials,
     vm: &str,
     hostname: &str,
     group_address: &str,
 ) -> Result<Assignment, AgentError> {
-    let mut client = RegistryClient::new(ferry_runtime::connect(
-        registry_url,
-        &ferry_runtime::peers::Credentials::none(),
-    )?);
+    let mut client = RegistryClient::new(ferry_runtime::connect(registry_url, credentials)?);
     let grant = client
         .register_agent(pb::RegisterAgentRequest {
             vm_name: vm.to_string(),

@@ -8,6 +8,8 @@ use ferry_agent::nbd::{NbdLimits, NbdListeners, NbdTls, UnixSocket};
 use ferry_agent::quiesce::Scripts;
 use ferry_agent::run::{Agent, AgentOptions, GroupPort};
 use ferry_agent::stream::StreamLimits;
+use ferry_runtime::peers::Credentials;
+use ferry_runtime::security::ClientTls;
 
 /// Ferry's agent: captures a VM's disk writes and streams them to the cache.
 #[derive(Parser)]
@@ -145,9 +147,58 @@ struct Args {
         default_value_t = 16
     )]
     nbd_max_connections: usize,
+    /// The agent's certificate (PEM), presented to registry and cache:
+    /// it names the agent `spiffe://ferry/agent/<VM>` (`ferry certs init
+    /// --agent VM` makes it), and the agent may act only for that VM. With
+    /// --tls-key and --tls-ca; --registry must then be https://.
+    #[arg(
+        long,
+        env = "FERRY_TLS_CERT",
+        value_name = "PEM",
+        requires_all = ["tls_key", "tls_ca"]
+    )]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "FERRY_TLS_KEY", value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The CA that registry's and cache's certificates must chain to (PEM).
+    /// Turns TLS on: registry and cache URLs must be https://. Alone (no
+    /// --tls-cert) the agent proves who it is with --token-file.
+    #[arg(long, env = "FERRY_TLS_CA", value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+    /// A file holding the agent's bearer token (`fyagent.<VM>.<MAC>`, minted
+    /// from the cluster secret), sent to registry and cache with every
+    /// call; surrounding whitespace is ignored. For a deployment without
+    /// client certificates.
+    #[arg(long, env = "FERRY_AGENT_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
     /// Log filter.
     #[arg(long, env = "FERRY_LOG", default_value = "info")]
     log: String,
+}
+
+/// What the agent presents to registry and cache, from its flags.
+fn credentials(args: &Args) -> Result<Credentials, ferry_runtime::binary::BinaryError> {
+    let tls = match &args.tls_ca {
+        Some(ca) => Some(
+            ClientTls::load(ca, args.tls_cert.as_deref(), args.tls_key.as_deref())
+                .map_err(|e| e.to_string())?,
+        ),
+        None => None,
+    };
+    let bearer = match &args.token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--token-file {}: cannot read it: {e}", path.display()))?;
+            let token = text.trim();
+            if token.is_empty() {
+                return Err(format!("--token-file {}: the file is empty", path.display()).into());
+            }
+            Some(token.to_string())
+        }
+        None => None,
+    };
+    Ok(Credentials { tls, bearer })
 }
 
 /// Refuses a plaintext NBD listen address that is not loopback (any of
@@ -184,6 +235,13 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
         .collect();
     // Checked before anything listens: a mistyped root is an error now.
     ferry_agent::roots::DiskRoots::new(&disk_roots).map_err(|e| e.to_string())?;
+    let credentials = credentials(&args)?;
+    // A registry URL that does not fit the credentials (http:// with TLS,
+    // https:// without) is an error now, not a retry later.
+    ferry_runtime::connect(&args.registry, &credentials).map_err(|e| format!("--registry: {e}"))?;
+    if credentials.tls.is_none() && credentials.bearer.is_none() {
+        tracing::warn!("no --tls-ca, --tls-cert or --token-file: the agent presents no credentials; a secured deployment refuses it");
+    }
     let tls = match (&args.nbd_tls_cert, &args.nbd_tls_key) {
         (Some(cert), Some(key)) => Some(
             NbdTls::from_pem_files(cert, key, args.nbd_tls_ca.as_deref())
@@ -248,11 +306,16 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
             post: args.post_script.clone(),
             timeout: Duration::from_secs(args.script_timeout_secs.max(1)),
         }),
+        credentials,
     })
-    .await?;
+    .await
+    .map_err(|e| e.to_string())?;
     // The agent runs until it is told to stop: whatever happens to
     // replication, the VM's disks stay exported.
     shutdown.cancelled().await;
-    agent.stop(Duration::from_secs(args.drain_secs)).await?;
+    agent
+        .stop(Duration::from_secs(args.drain_secs))
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(())
 }

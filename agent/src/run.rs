@@ -49,6 +49,11 @@ pub struct AgentOptions {
     pub heartbeat: Duration,
     /// Pre and post scripts for app-consistent points; None for none.
     pub scripts: Option<crate::quiesce::Scripts>,
+    /// What the agent presents to registry and cache (its certificate
+    /// `spiffe://ferry/agent/<vm>`, or an agent token), and the CA it
+    /// trusts; [`Credentials::none`](ferry_runtime::peers::Credentials::none)
+    /// for a deployment that checks nothing (http:// URLs).
+    pub credentials: ferry_runtime::peers::Credentials,
 }
 
 /// Where the replication group port listens.
@@ -115,8 +120,14 @@ impl Agent {
             (GroupPort::Listen(address), true) => address.clone(),
             _ => opts.group_address.clone(),
         };
-        let assignment =
-            crate::register(&opts.registry, &opts.vm, &hostname, &group_address).await?;
+        let assignment = crate::register(
+            &opts.registry,
+            &opts.credentials,
+            &opts.vm,
+            &hostname,
+            &group_address,
+        )
+        .await?;
         let (disks, refused) = open_disks(&roots, &assignment.disks)?;
         let conditions = crate::health::Conditions::new();
         if !refused.is_empty() {
@@ -133,6 +144,7 @@ impl Agent {
         // agent had not streamed are covered by the resync below.
         let next = crate::stream::resume_point(
             &assignment.cache_endpoint,
+            &opts.credentials,
             &opts.vm,
             assignment.epoch,
             assignment.credential(),
@@ -177,7 +189,7 @@ impl Agent {
             stream.clone(),
             conditions.clone(),
             RegistryClient::new(
-                ferry_runtime::connect(&opts.registry, &ferry_runtime::peers::Credentials::none())
+                ferry_runtime::connect(&opts.registry, &opts.credentials)
                     .map_err(AgentError::from)?,
             ),
             opts.vm.clone(),
@@ -206,7 +218,7 @@ impl Agent {
         if let Some(scripts) = opts.scripts.clone() {
             let capture = capture.clone();
             let mut registry = RegistryClient::new(
-                ferry_runtime::connect(&opts.registry, &ferry_runtime::peers::Credentials::none())
+                ferry_runtime::connect(&opts.registry, &opts.credentials)
                     .map_err(AgentError::from)?,
             );
             let (vm, stop, conditions) = (opts.vm.clone(), stop.clone(), conditions.clone());
@@ -238,6 +250,7 @@ impl Agent {
                 tokio::spawn(crate::group::run(
                     crate::group::GroupOptions {
                         registry: opts.registry.clone(),
+                        credentials: opts.credentials.clone(),
                         vm: opts.vm.clone(),
                         epoch: assignment.epoch,
                         credential: assignment.credential().to_string(),
@@ -252,7 +265,7 @@ impl Agent {
         {
             let capture = capture.clone();
             let mut registry = RegistryClient::new(
-                ferry_runtime::connect(&opts.registry, &ferry_runtime::peers::Credentials::none())
+                ferry_runtime::connect(&opts.registry, &opts.credentials)
                     .map_err(AgentError::from)?,
             );
             let (vm, stop) = (opts.vm.clone(), stop.clone());
@@ -267,7 +280,7 @@ impl Agent {
         } else if fresh {
             let capture = capture.clone();
             let mut registry = RegistryClient::new(
-                ferry_runtime::connect(&opts.registry, &ferry_runtime::peers::Credentials::none())
+                ferry_runtime::connect(&opts.registry, &opts.credentials)
                     .map_err(AgentError::from)?,
             );
             let (vm, stop) = (opts.vm.clone(), stop.clone());
@@ -294,6 +307,7 @@ impl Agent {
             Session {
                 cache: assignment.cache_endpoint.clone(),
                 registry: opts.registry.clone(),
+                credentials: opts.credentials.clone(),
                 vm: opts.vm.clone(),
                 epoch: assignment.epoch,
                 credential: assignment.credential().to_string(),
@@ -415,6 +429,8 @@ async fn drain_on_request(
 struct Session {
     cache: String,
     registry: String,
+    /// What the agent presents to both.
+    credentials: ferry_runtime::peers::Credentials,
     vm: String,
     epoch: Epoch,
     credential: String,
@@ -434,6 +450,7 @@ async fn supervise(
         let ended = crate::stream::run(
             stream.clone(),
             s.cache.clone(),
+            s.credentials.clone(),
             s.vm.clone(),
             s.epoch,
             s.credential.clone(),
@@ -467,8 +484,7 @@ async fn supervise(
 /// Whether registry still lets this agent replicate its VM; why not.
 async fn may_stream(s: &Session) -> Result<(), String> {
     use ferry_proto::registry::v1 as reg;
-    let channel = ferry_runtime::connect(&s.registry, &ferry_runtime::peers::Credentials::none())
-        .map_err(|e| e.to_string())?;
+    let channel = ferry_runtime::connect(&s.registry, &s.credentials).map_err(|e| e.to_string())?;
     let item = RegistryClient::new(channel)
         .get_protected_item(reg::GetProtectedItemRequest {
             vm_name: s.vm.clone(),

@@ -430,9 +430,15 @@ async fn replication_stopped_or_fenced_never_takes_the_vm_disk_offline() {
     // A newer agent registers (fencing this one): the export still serves
     // and the VM's writes complete, tracked, never reaching the cache.
     let registry = setup.registry.url.clone();
-    ferry_agent::register(&registry, "vm", "newer", "")
-        .await
-        .unwrap();
+    ferry_agent::register(
+        &registry,
+        &ferry_runtime::peers::Credentials::none(),
+        "vm",
+        "newer",
+        "",
+    )
+    .await
+    .unwrap();
     let cache_url = setup.cache.url();
     wait_for("the fenced stream to end", Duration::from_secs(30), || {
         let cache_url = cache_url.clone();

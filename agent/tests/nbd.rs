@@ -102,9 +102,15 @@ impl Agent {
         })
         .await
         .unwrap();
-        let a = ferry_agent::register(&registry.url, "vm", "test", "")
-            .await
-            .unwrap();
+        let a = ferry_agent::register(
+            &registry.url,
+            &ferry_runtime::peers::Credentials::none(),
+            "vm",
+            "test",
+            "",
+        )
+        .await
+        .unwrap();
         let cache = ServiceProcess::start_at(
             cache_addr,
             bin_path("cache-svc"),
@@ -122,6 +128,7 @@ impl Agent {
         let sender = tokio::spawn(stream::run(
             stream.clone(),
             a.cache_endpoint.clone(),
+            ferry_runtime::peers::Credentials::none(),
             "vm".into(),
             a.epoch,
             a.credential().to_string(),

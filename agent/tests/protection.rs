@@ -66,6 +66,7 @@ async fn a_vm_write_never_waits_for_a_dead_cache_behind_initial_replication() {
     tokio::spawn(stream::run(
         capture.stream().clone(),
         dead_url,
+        ferry_runtime::peers::Credentials::none(),
         "vm".into(),
         ferry_proto::ids::Epoch(1),
         "credential".into(),

@@ -15,9 +15,15 @@ async fn registers_and_redacts_its_credential() {
     ferry_testkit::wait_serving(&registry.url).await;
 
     // Not protected yet: refused with the registry's status.
-    let err = ferry_agent::register(&registry.url, "vm1", "h", "127.0.0.1:20004")
-        .await
-        .unwrap_err();
+    let err = ferry_agent::register(
+        &registry.url,
+        &ferry_runtime::peers::Credentials::none(),
+        "vm1",
+        "h",
+        "127.0.0.1:20004",
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("not found"), "{err}");
 
     let mut c = RegistryClient::connect(registry.url.clone()).await.unwrap();
@@ -52,9 +58,15 @@ async fn registers_and_redacts_its_credential() {
     .await
     .unwrap();
 
-    let a = ferry_agent::register(&registry.url, "vm1", "h", "127.0.0.1:20004")
-        .await
-        .unwrap();
+    let a = ferry_agent::register(
+        &registry.url,
+        &ferry_runtime::peers::Credentials::none(),
+        "vm1",
+        "h",
+        "127.0.0.1:20004",
+    )
+    .await
+    .unwrap();
     assert_eq!(a.cache_endpoint, "http://127.0.0.1:7102");
     assert_eq!(a.epoch, ferry_proto::ids::Epoch(1));
     assert_eq!(a.disks[0].id, "os");

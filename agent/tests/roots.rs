@@ -62,6 +62,7 @@ async fn start(registry: &str, dir: &Path, roots: Vec<PathBuf>) -> (Agent, Strin
         nbd_limits: Default::default(),
         heartbeat: Duration::from_secs(1),
         scripts: None,
+        credentials: Default::default(),
     })
     .await
     .unwrap();
@@ -256,6 +257,7 @@ async fn an_agent_without_a_root_or_with_a_missing_root_does_not_start() {
             nbd_limits: Default::default(),
             heartbeat: Duration::from_secs(1),
             scripts: None,
+            credentials: Default::default(),
         })
         .await;
         let Err(e) = started else {

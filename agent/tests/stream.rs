@@ -71,9 +71,15 @@ async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
     })
     .await
     .unwrap();
-    let assignment = ferry_agent::register(&registry.url, "vm", "test", "")
-        .await
-        .unwrap();
+    let assignment = ferry_agent::register(
+        &registry.url,
+        &ferry_runtime::peers::Credentials::none(),
+        "vm",
+        "test",
+        "",
+    )
+    .await
+    .unwrap();
     assert_eq!(assignment.cache_endpoint, cache_url);
 
     let mut cache = ServiceProcess::start_at(
@@ -102,6 +108,7 @@ async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
     let sender = tokio::spawn(stream::run(
         s.clone(),
         assignment.cache_endpoint.clone(),
+        ferry_runtime::peers::Credentials::none(),
         "vm".into(),
         assignment.epoch,
         assignment.credential().to_string(),
@@ -184,6 +191,7 @@ async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
     // checksum, its own pending write going again as data.
     let next = stream::resume_point(
         &cache_url,
+        &ferry_runtime::peers::Credentials::none(),
         "vm",
         assignment.epoch,
         assignment.credential(),
@@ -207,6 +215,7 @@ async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
     let stale_run = tokio::spawn(stream::run(
         stale.clone(),
         cache_url.clone(),
+        ferry_runtime::peers::Credentials::none(),
         "vm".into(),
         assignment.epoch,
         assignment.credential().to_string(),
@@ -268,9 +277,15 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
         .await
         .unwrap();
     }
-    let a = ferry_agent::register(&registry.url, "vm", "test", "")
-        .await
-        .unwrap();
+    let a = ferry_agent::register(
+        &registry.url,
+        &ferry_runtime::peers::Credentials::none(),
+        "vm",
+        "test",
+        "",
+    )
+    .await
+    .unwrap();
 
     // A small buffer, and no cache yet: the buffer overflows.
     let limits = StreamLimits {
@@ -286,6 +301,7 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
     tokio::spawn(stream::run(
         s.clone(),
         a.cache_endpoint.clone(),
+        ferry_runtime::peers::Credentials::none(),
         "vm".into(),
         a.epoch,
         a.credential().to_string(),
@@ -542,9 +558,15 @@ async fn a_sync_completed_marker_lost_at_an_overflow_is_sent_again_by_resync() {
     })
     .await
     .unwrap();
-    let assignment = ferry_agent::register(&registry.url, "vm", "test", "")
-        .await
-        .unwrap();
+    let assignment = ferry_agent::register(
+        &registry.url,
+        &ferry_runtime::peers::Credentials::none(),
+        "vm",
+        "test",
+        "",
+    )
+    .await
+    .unwrap();
     let mut cache = ServiceProcess::start_at(
         cache_addr,
         bin_path("cache-svc"),
@@ -569,6 +591,7 @@ async fn a_sync_completed_marker_lost_at_an_overflow_is_sent_again_by_resync() {
     tokio::spawn(stream::run(
         s.clone(),
         assignment.cache_endpoint.clone(),
+        ferry_runtime::peers::Credentials::none(),
         "vm".into(),
         assignment.epoch,
         assignment.credential().to_string(),

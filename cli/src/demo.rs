@@ -319,6 +319,7 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<Figu
         nbd_limits: Default::default(),
         heartbeat: ferry_agent::health::HEARTBEAT,
         scripts: None,
+        credentials: Default::default(),
     })
     .await?;
     println!("    NBD exports nbd://{nbd_addr}/os and nbd://{nbd_addr}/data");

@@ -230,6 +230,7 @@ async fn points_test_failover_cleanup_failover_commit_and_jobs_from_the_command_
         nbd_limits: Default::default(),
         heartbeat: ferry_agent::health::HEARTBEAT,
         scripts: None,
+        credentials: Default::default(),
     })
     .await
     .unwrap();

@@ -62,6 +62,7 @@ pub async fn run(dir: &Path) -> Result<()> {
         nbd_limits: Default::default(),
         heartbeat: ferry_agent::health::HEARTBEAT,
         scripts: None,
+        credentials: Default::default(),
     })
     .await?;
     let t = Instant::now();

@@ -91,6 +91,7 @@ pub async fn run(dir: &Path, vms: usize, secs: u64) -> Result<()> {
                 nbd_limits: Default::default(),
                 heartbeat: ferry_agent::health::HEARTBEAT,
                 scripts: None,
+                credentials: Default::default(),
             })
             .await?,
         );

@@ -211,6 +211,7 @@ async fn rig(dir: &Path, vm: &str) -> Result<Rig> {
         nbd_limits: Default::default(),
         heartbeat: ferry_agent::health::HEARTBEAT,
         scripts: None,
+        credentials: Default::default(),
     })
     .await?;
     let url = registry.url.clone();

@@ -149,6 +149,7 @@ async fn rpo_lag(dir: &Path, mb_per_sec: f64, secs: u64) -> Result<(f64, f64, f6
         nbd_limits: Default::default(),
         heartbeat: ferry_agent::health::HEARTBEAT,
         scripts: None,
+        credentials: Default::default(),
     })
     .await?;
     ferry_testkit::wait_for("PROTECTED", Duration::from_secs(60), || async {

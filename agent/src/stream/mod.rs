@@ -155,7 +155,8 @@ impl Stream {
     }
 }
 
-/// Streams `stream` to the cache at `cache_url` until `shutdown`, reconnecting
+/// Streams `stream` to the cache at `cache_url` (presenting `credentials`)
+/// until `shutdown`, reconnecting
 /// with backoff ([`RetryParams::RECONNECT`], started over once the cache
 /// makes progress). Returns the status that ended it for
 /// good, if any (e.g. this agent was fenced); the stream is then detached:
@@ -163,6 +164,7 @@ impl Stream {
 pub async fn run(
     stream: Arc<Stream>,
     cache_url: String,
+    credentials: ferry_runtime::peers::Credentials,
     vm: String,
     epoch: Epoch,
     credential: String,
@@ -173,7 +175,7 @@ pub async fn run(
     let mut last_durable = stream.durable().await;
     loop {
         let end = tokio::select! {
-            end = session(&stream, &cache_url, &vm, epoch, &credential, &shutdown) => end,
+            end = session(&stream, &cache_url, &credentials, &vm, epoch, &credential, &shutdown) => end,
             () = stalled(&stream) => {
                 // A link that stalls rather than fails (packets dropped, a
                 // hung peer) ends no call: without this the outage would

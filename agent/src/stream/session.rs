@@ -8,6 +8,7 @@ use ferry_proto::cache::v1 as pb;
 use ferry_proto::cache::v1::cache_client::CacheClient;
 use ferry_proto::cache::v1::record::Op;
 use ferry_proto::ids::{Epoch, Sequence};
+use ferry_runtime::peers::Credentials;
 use ferry_runtime::retry::{retry, RetryError, RetryParams};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -20,6 +21,7 @@ use super::{State, Stream};
 /// good (fenced, VM unknown, credential refused), or `shutdown`.
 pub async fn resume_point(
     cache_url: &str,
+    credentials: &Credentials,
     vm: &str,
     epoch: Epoch,
     credential: &str,
@@ -27,7 +29,7 @@ pub async fn resume_point(
 ) -> Result<u64, tonic::Status> {
     let what = format!("asking the cache where VM {vm:?}'s stream resumes");
     let held = retry(RetryParams::RECONNECT, shutdown, &what, fatal, || {
-        held_by_cache(cache_url, vm, epoch, credential)
+        held_by_cache(cache_url, credentials, vm, epoch, credential)
     })
     .await;
     match held {
@@ -40,12 +42,15 @@ pub async fn resume_point(
 /// Opens an Ingest stream only to learn the cache's durable sequence.
 async fn held_by_cache(
     cache_url: &str,
+    credentials: &Credentials,
     vm: &str,
     epoch: Epoch,
     credential: &str,
 ) -> Result<Sequence, tonic::Status> {
-    let channel = ferry_runtime::connect(cache_url, &ferry_runtime::peers::Credentials::none())
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    // A URL that does not fit the credentials (http:// with TLS) will not
+    // fit on a retry either.
+    let channel = ferry_runtime::connect(cache_url, credentials)
+        .map_err(|e| tonic::Status::failed_precondition(format!("cache endpoint: {e}")))?;
     let mut client = CacheClient::new(channel);
     let (tx, rx) = mpsc::channel(1);
     tx.send(open_request(vm, epoch, credential))
@@ -97,16 +102,16 @@ fn fatal(status: &tonic::Status) -> bool {
 pub(super) async fn session(
     stream: &Arc<Stream>,
     cache_url: &str,
+    credentials: &Credentials,
     vm: &str,
     epoch: Epoch,
     credential: &str,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
-    let channel =
-        match ferry_runtime::connect(cache_url, &ferry_runtime::peers::Credentials::none()) {
-            Ok(c) => c,
-            Err(e) => return SessionEnd::Retry(e.to_string()),
-        };
+    let channel = match ferry_runtime::connect(cache_url, credentials) {
+        Ok(c) => c,
+        Err(e) => return SessionEnd::Retry(e.to_string()),
+    };
     let mut client = CacheClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
     let (tx, rx) = mpsc::channel(4);
     if tx.send(open_request(vm, epoch, credential)).await.is_err() {

@@ -65,6 +65,7 @@ pub async fn protected_agent_limited(
         nbd_limits: Default::default(),
         heartbeat: ferry_agent::health::HEARTBEAT,
         scripts,
+        credentials: Default::default(),
     })
     .await
     .unwrap();
