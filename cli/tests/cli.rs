@@ -407,3 +407,100 @@ async fn tokens_are_created_once_listed_and_revoked() {
     assert!(String::from_utf8_lossy(&missing.stderr).contains("NotFound"));
     registry.stop().await;
 }
+
+/// Reads `ferry serve`'s start-up lines until "Stop with".
+async fn serve_banner(child: &mut tokio::process::Child) -> Vec<String> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut banner = Vec::new();
+    let read = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let done = line.starts_with("Stop with");
+            banner.push(line);
+            if done {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), read)
+        .await
+        .expect("ferry serve's banner within 60 s");
+    banner
+}
+
+async fn serve(dir: &std::path::Path) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["serve", "--base-port", "0", "--data-dir"])
+        .arg(dir)
+        .env("FERRY_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn ferry_serve_checks_every_call_and_prints_the_admin_token_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut child = serve(&data).await;
+    let banner = serve_banner(&mut child).await;
+    let url = |banner: &[String]| {
+        banner
+            .iter()
+            .find_map(|l| l.trim().strip_prefix("registry"))
+            .map(|u| u.trim().to_string())
+            .expect("the registry URL")
+    };
+    let registry = url(&banner);
+    let token_line = banner
+        .iter()
+        .position(|l| l.starts_with("Admin token (shown this once"))
+        .expect("the token on first start");
+    let token = banner[token_line + 1].trim().to_string();
+    let file = std::fs::read_to_string(data.join("admin-token")).unwrap();
+    assert_eq!(file.trim(), token);
+    use std::os::unix::fs::PermissionsExt;
+    for name in ["admin-token", "cluster-secret"] {
+        let mode = std::fs::metadata(data.join(name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{name}");
+    }
+
+    // Without the token: refused, and the message says what is needed.
+    let out = ferry(&registry, &["vms"]).await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("Unauthenticated") && stderr.contains("FERRY_TOKEN"),
+        "{stderr}"
+    );
+    // With it: allowed.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["--registry", &registry, "vms"])
+        .env("FERRY_TOKEN", &token)
+        .output()
+        .await
+        .unwrap();
+    ok(&out);
+
+    // A restart keeps the token and does not print it again.
+    child.kill().await.unwrap();
+    let mut child = serve(&data).await;
+    let banner = serve_banner(&mut child).await;
+    assert!(
+        banner.iter().all(|l| !l.contains(&token)),
+        "printed again: {banner:?}"
+    );
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["--registry", &url(&banner), "vms"])
+        .env("FERRY_TOKEN", &token)
+        .output()
+        .await
+        .unwrap();
+    ok(&out);
+    child.kill().await.unwrap();
+}

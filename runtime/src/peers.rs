@@ -19,7 +19,7 @@ use crate::trace_context::TraceInterceptor;
 pub type PeerChannel = InterceptedService<Channel, PeerInterceptor>;
 
 /// What a client presents to the servers it calls.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Credentials {
     /// TLS: the CA to trust and, if it has one, our certificate. `None`:
     /// plaintext (http:// URLs).
@@ -27,6 +27,16 @@ pub struct Credentials {
     /// A bearer token sent with every call (operator, service or agent
     /// token). Never logged.
     pub bearer: Option<String>,
+}
+
+/// Never the token itself.
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("tls", &self.tls.is_some())
+            .field("bearer", &self.bearer.as_ref().map(|_| ".."))
+            .finish()
+    }
 }
 
 impl Credentials {

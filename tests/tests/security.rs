@@ -655,3 +655,74 @@ async fn the_cli_and_grpcurl_reach_a_registry_binary_over_mutual_tls() {
         .unwrap();
     assert!(!out.status.success(), "plaintext to a TLS port must fail");
 }
+
+#[tokio::test]
+async fn a_group_coordinator_reports_group_health_only_on_its_own_group() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let url = registry(&pki, &dir, &shutdown).await;
+    let admin = with_cert(&pki, &pki.operator(OperatorRole::Admin));
+    serving(&url, &admin).await;
+    let mut c = registry_client(&url, &admin);
+    c.create_policy(reg::CreatePolicyRequest {
+        policy: Some(reg::ReplicationPolicy {
+            multi_vm_consistency: true,
+            ..policy("multi")
+        }),
+    })
+    .await
+    .unwrap();
+    c.create_replication_group(reg::CreateReplicationGroupRequest {
+        name: "erp".into(),
+        policy_name: "multi".into(),
+    })
+    .await
+    .unwrap();
+    for (i, (name, group)) in [("web-1", "erp"), ("web-2", "erp"), ("web-3", "")]
+        .into_iter()
+        .enumerate()
+    {
+        let mut spec = vm(name);
+        spec.nics[0].private_ip = format!("10.1.0.{}", 20 + i);
+        c.register_vm(reg::RegisterVmRequest { vm: Some(spec) })
+            .await
+            .unwrap();
+        c.enable_replication(reg::EnableReplicationRequest {
+            vm_name: name.into(),
+            target_region: "westus".into(),
+            replication_group: group.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let coordinator = with_cert(&pki, &pki.agent("web-1"));
+    let report = |vm: &str, component: &str| {
+        let mut client = registry_client(&url, &coordinator);
+        let request = reg::ReportHealthRequest {
+            vm_name: vm.into(),
+            component: component.into(),
+            health: reg::ReplicationHealth::Warning as i32,
+            message: "no multi-VM points".into(),
+            ..Default::default()
+        };
+        async move { code(client.report_health(request).await) }
+    };
+    assert_eq!(
+        report("web-2", "group").await,
+        Code::Ok,
+        "a member of its group"
+    );
+    assert_eq!(
+        report("web-2", "agent").await,
+        Code::PermissionDenied,
+        "only the group's health"
+    );
+    assert_eq!(
+        report("web-3", "group").await,
+        Code::PermissionDenied,
+        "not in its group"
+    );
+    shutdown.cancel();
+}
