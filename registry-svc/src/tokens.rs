@@ -373,6 +373,21 @@ fn write_secret_file(path: &Path, token: &str) -> std::io::Result<()> {
     ferry_runtime::durable::sync_dir(&dir)
 }
 
+/// Registry checks operator tokens against its own store, in-process.
+impl ferry_runtime::security::TokenVerifier for Tokens {
+    fn verify(
+        &self,
+        token: String,
+    ) -> ferry_runtime::security::layer::BoxFuture<Result<ferry_runtime::security::Principal, Status>>
+    {
+        let answer = self
+            .authenticate(&token)
+            .map(|(name, role)| ferry_runtime::security::Principal::Operator { name, role })
+            .map_err(Status::from);
+        Box::pin(std::future::ready(answer))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -406,20 +421,5 @@ mod tests {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
-    }
-}
-
-/// Registry checks operator tokens against its own store, in-process.
-impl ferry_runtime::security::TokenVerifier for Tokens {
-    fn verify(
-        &self,
-        token: String,
-    ) -> ferry_runtime::security::layer::BoxFuture<Result<ferry_runtime::security::Principal, Status>>
-    {
-        let answer = self
-            .authenticate(&token)
-            .map(|(name, role)| ferry_runtime::security::Principal::Operator { name, role })
-            .map_err(Status::from);
-        Box::pin(std::future::ready(answer))
     }
 }
