@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Runs Ferry's four services as separate processes on loopback, each with its
-# own data directory, pid file and log under $FERRY_LOCAL_DIR.
+# own data directory, pid file and log under $FERRY_LOCAL_DIR, with mutual TLS
+# between them: `start` makes a CA and a certificate per service (and an admin
+# operator certificate) under $FERRY_LOCAL_DIR/pki with `ferry certs init`,
+# and registry writes the bootstrap admin token to $FERRY_LOCAL_DIR/admin-token.
 #
 #   deploy/local/ferry-local.sh start    build if needed, start, wait, print addresses
 #   deploy/local/ferry-local.sh stop     SIGTERM, wait up to 10 s each, then SIGKILL
@@ -16,6 +19,7 @@ run_dir=${FERRY_LOCAL_DIR:-$root/deploy/local/run}
 base=${FERRY_LOCAL_BASE_PORT:-7101}
 bin_dir=${FERRY_BIN_DIR:-${CARGO_TARGET_DIR:-$root/target}/debug}
 services=(registry cache processor failover)
+pki=$run_dir/pki
 
 port_of() {
   case $1 in
@@ -25,11 +29,15 @@ port_of() {
     failover) echo $((base + 3)) ;;
   esac
 }
-url_of() { echo "http://127.0.0.1:$(port_of "$1")"; }
+url_of() { echo "https://127.0.0.1:$(port_of "$1")"; }
+
+tls_of() {
+  echo "--tls-cert $pki/$1.pem --tls-key $pki/$1-key.pem --tls-ca $pki/ca.pem"
+}
 
 peers_of() {
   case $1 in
-    registry) echo "--cache $(url_of cache)" ;;
+    registry) echo "--cache $(url_of cache) --bootstrap-token-file $run_dir/admin-token" ;;
     cache) echo "--registry $(url_of registry)" ;;
     processor) echo "--registry $(url_of registry) --cache $(url_of cache)" ;;
     failover) echo "--registry $(url_of registry) --processor $(url_of processor)" ;;
@@ -61,7 +69,7 @@ alive() {
 healthy() {
   local grpcurl="$root/.venv/bin/grpcurl"
   if [ -x "$grpcurl" ]; then
-    "$grpcurl" -plaintext "127.0.0.1:$(port_of "$1")" grpc.health.v1.Health/Check 2>/dev/null \
+    "$grpcurl" -cacert "$pki/ca.pem" "127.0.0.1:$(port_of "$1")" grpc.health.v1.Health/Check 2>/dev/null \
       | grep -q '"SERVING"'
   else
     (exec 3<>"/dev/tcp/127.0.0.1/$(port_of "$1")") 2>/dev/null
@@ -70,13 +78,18 @@ healthy() {
 
 start() {
   mkdir -p "$run_dir"
-  for s in "${services[@]}"; do
-    if [ ! -x "$bin_dir/$s-svc" ]; then
-      echo "building the service binaries (cargo build --bins)"
-      (cd "$root" && cargo build --bins -p registry-svc -p cache-svc -p processor-svc -p failover-svc)
+  for s in "${services[@]}" ferry; do
+    if [ ! -x "$bin_dir/$s-svc" ] && [ ! -x "$bin_dir/$s" ]; then
+      echo "building the binaries (cargo build --bins)"
+      (cd "$root" && cargo build --bins -p registry-svc -p cache-svc -p processor-svc \
+        -p failover-svc -p ferry-cli)
       break
     fi
   done
+  if [ ! -f "$pki/ca.pem" ]; then
+    "$bin_dir/ferry" certs init "$pki" --operator admin:admin >/dev/null
+    echo "made a CA and certificates in $pki"
+  fi
   for s in "${services[@]}"; do
     if [ ! -x "$bin_dir/$s-svc" ]; then
       echo "no $bin_dir/$s-svc (FERRY_BIN_DIR names where the binaries are)" >&2
@@ -90,7 +103,7 @@ start() {
     fi
     # shellcheck disable=SC2046
     "$bin_dir/$s-svc" --listen "127.0.0.1:$(port_of "$s")" --data-dir "$run_dir/$s" \
-      $(peers_of "$s") >>"$run_dir/$s.log" 2>&1 &
+      $(tls_of "$s") $(peers_of "$s") >>"$run_dir/$s.log" 2>&1 &
     echo $! >"$run_dir/$s.pid"
   done
   local deadline=$((SECONDS + 60))
@@ -111,6 +124,8 @@ start() {
   for s in "${services[@]}"; do
     echo "$s $(url_of "$s")"
   done
+  echo "# the CLI: export FERRY_TLS_CA=$pki/ca.pem FERRY_TOKEN=\$(cat $run_dir/admin-token)"
+  echo "#          ferry --registry $(url_of registry) --failover $(url_of failover) --processor $(url_of processor) list"
 }
 
 stop() {

@@ -1,12 +1,46 @@
 //! deploy/local/ferry-local.sh starts the four services as separate processes
-//! that serve, and stops them all.
+//! that serve over mutual TLS, with every call checked, and stops them all.
 
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use ferry_testkit::{bin_path, is_serving, wait_for};
+use ferry_runtime::peers::{connect, Credentials};
+use ferry_runtime::security::ClientTls;
+use ferry_testkit::{bin_path, wait_for};
+
+/// Whether `url` reports SERVING over TLS verified with `ca`.
+async fn serving_tls(url: &str, ca: &Path) -> bool {
+    let credentials = Credentials {
+        tls: Some(ClientTls::load(ca, None, None).unwrap()),
+        bearer: None,
+    };
+    let Ok(channel) = connect(url, &credentials) else {
+        return false;
+    };
+    let request = tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    };
+    matches!(
+        tonic_health::pb::health_client::HealthClient::new(channel).check(request).await,
+        Ok(r) if r.get_ref().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    )
+}
+
+/// `ferry` against the deployment's registry with `token`, verifying with `ca`.
+fn ferry(url: &str, ca: &Path, token: Option<&str>, args: &[&str]) -> std::process::Output {
+    let mut command = Command::new(bin_path("ferry"));
+    command
+        .args(["--registry", url, "--tls-ca"])
+        .arg(ca)
+        .env_remove("FERRY_TOKEN")
+        .args(args);
+    if let Some(token) = token {
+        command.env("FERRY_TOKEN", token);
+    }
+    command.output().unwrap()
+}
 
 /// A base port with the three after it free too.
 fn free_base_port() -> u16 {
@@ -80,16 +114,44 @@ async fn starts_four_serving_processes_and_stops_them() {
     let urls: Vec<String> = stdout
         .lines()
         .filter_map(|l| l.split_whitespace().nth(1))
-        .filter(|u| u.starts_with("http://"))
+        .filter(|u| u.starts_with("https://"))
         .map(String::from)
         .collect();
     assert_eq!(urls.len(), 4, "{stdout}");
+    let ca = dir.path().join("pki").join("ca.pem");
     for url in &urls {
-        assert!(is_serving(url, "").await, "{url} is not SERVING");
+        assert!(serving_tls(url, &ca).await, "{url} is not SERVING over TLS");
     }
     for (i, url) in urls.iter().enumerate() {
-        assert_eq!(*url, format!("http://127.0.0.1:{}", base + i as u16));
+        assert_eq!(*url, format!("https://127.0.0.1:{}", base + i as u16));
     }
+    // Every call is checked: the bootstrap admin token (0600) lets the CLI
+    // in; no token, or plaintext, does not.
+    use std::os::unix::fs::PermissionsExt;
+    let token_file = dir.path().join("admin-token");
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let key = dir.path().join("pki").join("registry-key.pem");
+    assert_eq!(
+        std::fs::metadata(key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let out = ferry(&urls[0], &ca, Some(&token), &["vms"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ferry(&urls[0], &ca, None, &["vms"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Unauthenticated"));
+    let plain = urls[0].replacen("https://", "http://", 1);
+    let out = ferry(&plain, &ca, Some(&token), &["vms"]);
+    assert!(!out.status.success(), "plaintext to a TLS port must fail");
     let mut pids = Vec::new();
     for service in SERVICES {
         assert!(
@@ -137,7 +199,7 @@ async fn starts_four_serving_processes_and_stops_them() {
         .await;
     }
     for url in &urls {
-        let addr = url.trim_start_matches("http://").to_string();
+        let addr = url.trim_start_matches("https://").to_string();
         wait_for(&format!("{addr} to close"), Duration::from_secs(15), || {
             let addr = addr.clone();
             async move { std::net::TcpStream::connect(&addr).is_err().then_some(()) }
