@@ -176,6 +176,9 @@ pub async fn serve(
             .max_decoding_message_size(limits.max_message_bytes)
             .max_encoding_message_size(limits.max_message_bytes),
     );
+    if let Some(addr) = config.service.health_listen {
+        ferry_runtime::health_port::serve(addr, &health, shutdown.clone()).await?;
+    }
     // Storage is open and registry has no peers to wait for.
     health.serving().await;
     tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "registry-svc serving");

@@ -56,6 +56,11 @@ pub struct CommonArgs {
     /// --cluster-secret-file so that services still prove who they are.
     #[arg(long, env = "FERRY_INSECURE")]
     pub insecure: bool,
+    /// Also answer grpc.health.v1, and nothing else, in plaintext on this
+    /// address (HOST:PORT): for probes that cannot speak TLS, such as
+    /// Kubernetes' gRPC probes.
+    #[arg(long, env = "FERRY_HEALTH_LISTEN", value_name = "HOST:PORT")]
+    pub health_listen: Option<String>,
     /// A file of at least 32 secret bytes shared by every service of the
     /// deployment: services without TLS authenticate to each other with
     /// tokens derived from it.
@@ -130,6 +135,7 @@ struct FileCommon {
     log: Option<String>,
     limits: Option<Limits>,
     tls: FileTls,
+    health_listen: Option<String>,
     insecure: Option<bool>,
     cluster_secret_file: Option<PathBuf>,
 }
@@ -174,6 +180,8 @@ pub struct ServiceConfig {
     pub limits: Limits,
     /// TLS and caller checks.
     pub security: Security,
+    /// A plaintext port for health checks only, if any.
+    pub health_listen: Option<SocketAddr>,
 }
 
 /// How a service secures its server and its calls to peers.
@@ -238,6 +246,7 @@ impl ServiceConfig {
             log: "info".into(),
             limits: Limits::default(),
             security: Security::in_process(),
+            health_listen: None,
         }
     }
 }
@@ -278,6 +287,19 @@ impl CommonArgs {
             None => (FileCommon::default(), S::default()),
         };
         let security = self.security(&file)?;
+        let health_listen = self
+            .health_listen
+            .clone()
+            .or(file.health_listen.clone())
+            .map(|text| {
+                text.parse::<SocketAddr>()
+                    .map_err(|_| ConfigError::Invalid {
+                        setting: "health_listen",
+                        value: text.clone(),
+                        reason: "expected HOST:PORT with an IP address, e.g. 0.0.0.0:7201".into(),
+                    })
+            })
+            .transpose()?;
         let listen_text = self
             .listen
             .clone()
@@ -338,6 +360,7 @@ impl CommonArgs {
                     .unwrap_or_else(|| "info".into()),
                 limits: file.limits.unwrap_or_default(),
                 security,
+                health_listen,
             },
             own,
         ))

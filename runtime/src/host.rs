@@ -38,6 +38,12 @@ pub enum HostError {
     Storage(String),
     #[error("shut down while waiting for {0}")]
     Cancelled(String),
+    /// The health port's address cannot be listened on.
+    #[error("cannot listen for health checks on {addr}: {source}")]
+    HealthPort {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// The health of one hosted service. Starts NOT_SERVING; the service turns it
@@ -66,6 +72,11 @@ impl Health {
     /// Reports NOT_SERVING for the server and each of its services.
     pub async fn not_serving(&self) {
         self.set(ServingStatus::NotServing).await;
+    }
+
+    /// The reporter, for a second port answering the same statuses.
+    pub fn reporter(&self) -> HealthReporter {
+        self.reporter.clone()
     }
 }
 

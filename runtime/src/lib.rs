@@ -6,6 +6,7 @@ pub mod binary;
 pub mod config;
 pub mod durable;
 pub mod follow;
+pub mod health_port;
 pub mod host;
 pub mod names;
 pub mod peers;

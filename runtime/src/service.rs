@@ -130,6 +130,9 @@ impl Service {
     {
         let access = access(config, tokens);
         let health = self.host.health();
+        if let Some(addr) = config.health_listen {
+            crate::health_port::serve(addr, &health, shutdown.clone()).await?;
+        }
         let credentials = self.credentials.clone();
         let ready = shutdown.clone();
         let peers: Vec<Peer> = self.peers.into_iter().map(|(_, p)| p).collect();

@@ -726,3 +726,38 @@ async fn a_group_coordinator_reports_group_health_only_on_its_own_group() {
     );
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn a_health_port_answers_plaintext_probes_and_nothing_else() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let (listener, url) = listener().await;
+    let health_addr = ferry_testkit::free_addr();
+    let mut config = secured(&pki, &dir.path().join("registry"), ServiceKind::Registry);
+    config.health_listen = Some(health_addr);
+    let config = registry_svc::Config::new(config, registry_svc::Settings::default()).unwrap();
+    tokio::spawn(registry_svc::serve(config, listener, shutdown.clone()));
+    serving(&url, &anonymous(&pki)).await;
+    // The probe a Kubernetes gRPC probe makes: plaintext, no credentials.
+    let plain = format!("http://{health_addr}");
+    assert!(ferry_testkit::is_serving(&plain, "").await);
+    assert!(ferry_testkit::is_serving(&plain, "ferry.registry.v1.Registry").await);
+    // Nothing else is served there.
+    let err = registry_client(&plain, &Credentials::none())
+        .list_vms(reg::ListVmsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+    // It follows the main port: NOT_SERVING once shutdown begins.
+    shutdown.cancel();
+    wait_for(
+        "the health port to stop reporting SERVING",
+        Duration::from_secs(15),
+        || {
+            let plain = plain.clone();
+            async move { (!ferry_testkit::is_serving(&plain, "").await).then_some(()) }
+        },
+    )
+    .await;
+}
