@@ -1,5 +1,6 @@
 //! The contract works from another language: a Python client generated from
-//! proto/ with grpcio-tools registers and protects a VM.
+//! proto/ with grpcio-tools registers and protects a VM, and over mutual TLS
+//! gets what its certificate's or token's role allows.
 
 use std::path::Path;
 
@@ -10,10 +11,10 @@ fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_generated_python_client_registers_and_enables() {
-    let dir = tempfile::tempdir().unwrap();
-    let generated = dir.path().join("generated");
+/// The Python client generated from every .proto into `dir/generated`,
+/// with grpc_tools' well-known types.
+fn generate(dir: &Path) -> std::path::PathBuf {
+    let generated = dir.join("generated");
     std::fs::create_dir_all(&generated).unwrap();
 
     // Generate the client from every .proto, with grpc_tools' well-known types.
@@ -47,6 +48,13 @@ async fn a_generated_python_client_registers_and_enables() {
         .join("ferry/registry/v1/registry_pb2_grpc.py")
         .exists());
 
+    generated
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generated_python_client_registers_and_enables() {
+    let dir = tempfile::tempdir().unwrap();
+    let generated = generate(dir.path());
     let registry = ferry_testkit::start_registry(dir.path().join("registry"), None).await;
     ferry_testkit::wait_serving(&registry.url).await;
     let addr = registry.url.trim_start_matches("http://").to_string();
@@ -100,4 +108,101 @@ async fn a_generated_python_client_registers_and_enables() {
         .items;
     assert_eq!(items.len(), 1);
     registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generated_python_client_speaks_tls_with_certificates_and_tokens() {
+    use ferry_runtime::config::Security;
+    use ferry_runtime::security::{OperatorRole, ServiceKind, Tls, TlsFiles};
+    let dir = tempfile::tempdir().unwrap();
+    let generated = generate(dir.path());
+    let pki = ferry_testkit::pki::TestPki::new();
+    let mut config = ferry_runtime::ServiceConfig::in_process(dir.path().join("registry"));
+    let files = pki.service(ServiceKind::Registry);
+    config.security = Security {
+        tls: Some(
+            Tls::load(TlsFiles {
+                cert: files.cert,
+                key: files.key,
+                ca: pki.ca(),
+            })
+            .unwrap(),
+        ),
+        cluster_secret: None,
+        enforce: true,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = ferry_runtime::CancellationToken::new();
+    let config = registry_svc::Config::new(config, registry_svc::Settings::default()).unwrap();
+    tokio::spawn(registry_svc::serve(config, listener, shutdown.clone()));
+    // An operator token, made by the admin's certificate.
+    let admin = pki.operator(OperatorRole::Admin);
+    let credentials = ferry_runtime::peers::Credentials {
+        tls: Some(
+            ferry_runtime::security::ClientTls::load(
+                &pki.ca(),
+                Some(&admin.cert),
+                Some(&admin.key),
+            )
+            .unwrap(),
+        ),
+        bearer: None,
+    };
+    let mut client = RegistryClient::new(
+        ferry_runtime::peers::connect(&format!("https://{addr}"), &credentials).unwrap(),
+    );
+    let token = ferry_testkit::wait_for(
+        "registry over TLS",
+        std::time::Duration::from_secs(30),
+        || {
+            let mut client = client.clone();
+            async move {
+                client
+                    .create_token(pb::CreateTokenRequest {
+                        name: "py".into(),
+                        role: pb::Role::Operator as i32,
+                    })
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await
+    .into_inner()
+    .token;
+
+    let reader = pki.operator(OperatorRole::Reader);
+    let script = repo().join("tests/python/tls_and_roles.py");
+    let mut python = ferry_testkit::python();
+    python
+        .arg(&script)
+        .arg(&generated)
+        .arg(format!("localhost:{}", addr.port()))
+        .arg(pki.ca())
+        .arg(&reader.cert)
+        .arg(&reader.key)
+        .arg(&token);
+    let out = tokio::task::spawn_blocking(move || python.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["anonymous_list"], "UNAUTHENTICATED", "{answer}");
+    assert_eq!(answer["reader_list"], "OK", "{answer}");
+    assert_eq!(answer["reader_register"], "PERMISSION_DENIED", "{answer}");
+    assert_eq!(answer["operator_register"], "OK", "{answer}");
+    assert_eq!(answer["plaintext_list"], "UNAVAILABLE", "{answer}");
+    let vms = client
+        .list_vms(pb::ListVmsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .vms;
+    assert_eq!(vms.len(), 1, "only the operator's registration is stored");
+    shutdown.cancel();
 }
