@@ -20,9 +20,7 @@ use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::config::Security;
 use ferry_runtime::peers::Credentials;
-use ferry_runtime::security::{
-    ClientTls, ClusterSecret, OperatorRole, Principal, ServiceKind, Tls, TlsFiles,
-};
+use ferry_runtime::security::{ClusterSecret, OperatorRole, Principal, ServiceKind};
 use ferry_runtime::{CancellationToken, ServiceConfig};
 use ferry_testkit::pki::CertFiles;
 use ferry_testkit::{wait_for, TestPki};
@@ -45,34 +43,12 @@ impl Drop for Secured {
 }
 
 fn security(pki: &TestPki, service: ServiceKind, secret: Option<&ClusterSecret>) -> Security {
-    let files = pki.service(service);
-    Security {
-        tls: Some(
-            Tls::load(TlsFiles {
-                cert: files.cert,
-                key: files.key,
-                ca: pki.ca(),
-            })
-            .unwrap(),
-        ),
-        cluster_secret: secret.cloned(),
-        enforce: true,
-    }
+    pki.security(service, secret)
 }
 
 /// A client presenting `files` (or no certificate), trusting the test CA.
 fn presenting(pki: &TestPki, files: Option<&CertFiles>) -> Credentials {
-    Credentials {
-        tls: Some(
-            ClientTls::load(
-                &pki.ca(),
-                files.map(|f| f.cert.as_path()),
-                files.map(|f| f.key.as_path()),
-            )
-            .unwrap(),
-        ),
-        bearer: None,
-    }
+    pki.presenting(files)
 }
 
 async fn secured(dir: &Path) -> Secured {

@@ -180,6 +180,44 @@ impl TestPki {
         )
     }
 
+    /// A service's security with this PKI: mutual TLS, every call checked,
+    /// and `secret` for agent tokens if given.
+    pub fn security(
+        &self,
+        service: ServiceKind,
+        secret: Option<&ferry_runtime::security::ClusterSecret>,
+    ) -> ferry_runtime::config::Security {
+        let files = self.service(service);
+        ferry_runtime::config::Security {
+            tls: Some(
+                ferry_runtime::security::Tls::load(ferry_runtime::security::TlsFiles {
+                    cert: files.cert,
+                    key: files.key,
+                    ca: self.ca(),
+                })
+                .unwrap(),
+            ),
+            cluster_secret: secret.cloned(),
+            enforce: true,
+        }
+    }
+
+    /// A client trusting this CA and presenting `files` (none: no
+    /// certificate).
+    pub fn presenting(&self, files: Option<&CertFiles>) -> ferry_runtime::peers::Credentials {
+        ferry_runtime::peers::Credentials {
+            tls: Some(
+                ferry_runtime::security::ClientTls::load(
+                    &self.ca(),
+                    files.map(|f| f.cert.as_path()),
+                    files.map(|f| f.key.as_path()),
+                )
+                .unwrap(),
+            ),
+            bearer: None,
+        }
+    }
+
     /// The second, unrelated CA and its registry certificate.
     pub fn other_ca(&self) -> &OtherCa {
         &self.other

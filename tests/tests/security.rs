@@ -15,9 +15,8 @@ use ferry_proto::cache::v1 as cache;
 use ferry_proto::cache::v1::cache_client::CacheClient;
 use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
-use ferry_runtime::config::Security;
 use ferry_runtime::peers::{connect, Credentials, PeerChannel};
-use ferry_runtime::security::{ClientTls, OperatorRole, ServiceKind, Tls, TlsFiles};
+use ferry_runtime::security::{ClientTls, OperatorRole, ServiceKind};
 use ferry_runtime::{CancellationToken, ServiceConfig};
 use ferry_testkit::pki::{CertFiles, TestPki};
 use ferry_testkit::{bin_path, wait_for, ServiceProcess};
@@ -28,19 +27,7 @@ use tonic::Code;
 /// A service's config with mutual TLS from `pki` and every call checked.
 fn secured(pki: &TestPki, dir: &Path, service: ServiceKind) -> ServiceConfig {
     let mut config = ServiceConfig::in_process(dir);
-    let files = pki.service(service);
-    config.security = Security {
-        tls: Some(
-            Tls::load(TlsFiles {
-                cert: files.cert,
-                key: files.key,
-                ca: pki.ca(),
-            })
-            .unwrap(),
-        ),
-        cluster_secret: None,
-        enforce: true,
-    };
+    config.security = pki.security(service, None);
     config
 }
 
@@ -79,17 +66,11 @@ async fn cache_svc(
 }
 
 fn with_cert(pki: &TestPki, files: &CertFiles) -> Credentials {
-    Credentials {
-        tls: Some(ClientTls::load(&pki.ca(), Some(&files.cert), Some(&files.key)).unwrap()),
-        bearer: None,
-    }
+    pki.presenting(Some(files))
 }
 
 fn anonymous(pki: &TestPki) -> Credentials {
-    Credentials {
-        tls: Some(ClientTls::load(&pki.ca(), None, None).unwrap()),
-        bearer: None,
-    }
+    pki.presenting(None)
 }
 
 fn with_token(pki: &TestPki, token: &str) -> Credentials {
