@@ -75,6 +75,10 @@ impl Target {
     pub fn job(id: impl Into<String>) -> Target {
         Target::one("job", id)
     }
+    /// A recovery point.
+    pub fn point(id: impl Into<String>) -> Target {
+        Target::one("point", id)
+    }
     /// A target-region network.
     pub fn network(name: impl Into<String>) -> Target {
         Target::one("network", name)
