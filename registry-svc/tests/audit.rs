@@ -1,6 +1,7 @@
 //! The audit trail over mutual TLS: registry records an allowed RegisterVm
-//! (with its target), a refused one and an unauthenticated one, lists them
-//! to an admin only, and does not record reads.
+//! (with its target), a refused one, an unauthenticated one and one with a
+//! wrong token (which the trail never holds), lists them to an admin only,
+//! and does not record reads.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may
 
 use std::path::Path;
@@ -120,6 +121,16 @@ async fn mutating_calls_allowed_or_refused_are_listed_to_admins_only() {
         register(&url, &nobody, "web-3").await,
         Code::Unauthenticated
     );
+    // A wrong bearer token: anonymous, and the record never holds it.
+    let secret = "5e".repeat(32);
+    let forged = Credentials {
+        bearer: Some(format!("fy1.mallory.{secret}")),
+        ..anonymous(&pki)
+    };
+    assert_eq!(
+        register(&url, &forged, "web-4").await,
+        Code::Unauthenticated
+    );
     // A handler's refusal is recorded with its code and target.
     assert_eq!(register(&url, &admin, "web-1").await, Code::AlreadyExists);
     registry_client(&url, &reader)
@@ -155,6 +166,7 @@ async fn mutating_calls_allowed_or_refused_are_listed_to_admins_only() {
             (admin_uri.as_str(), register_vm, "vm/web-1", "OK"),
             (reader_uri.as_str(), register_vm, "-", "PERMISSION_DENIED"),
             ("anonymous", register_vm, "-", "UNAUTHENTICATED"),
+            ("anonymous", register_vm, "-", "UNAUTHENTICATED"),
             (
                 admin_uri.as_str(),
                 register_vm,
@@ -170,7 +182,8 @@ async fn mutating_calls_allowed_or_refused_are_listed_to_admins_only() {
         "{:?}",
         listed[1]
     );
-    assert!(!listed[3].message.is_empty());
+    assert!(listed[3].message.contains("mallory"), "{:?}", listed[3]);
+    assert!(!listed[4].message.is_empty());
     let first = ferry_runtime::time::from_timestamp(listed[0].time.as_ref().unwrap()).unwrap();
     assert!(first + Duration::from_secs(1) >= started, "{first:?}");
 
@@ -209,7 +222,7 @@ async fn mutating_calls_allowed_or_refused_are_listed_to_admins_only() {
     )
     .await
     .unwrap();
-    assert_eq!(last, vec![listed[3].clone()]);
+    assert_eq!(last, vec![listed[4].clone()]);
 
     // The trail is JSON lines in the data directory.
     let files: Vec<_> = std::fs::read_dir(dir.path().join("registry/audit"))
@@ -221,5 +234,8 @@ async fn mutating_calls_allowed_or_refused_are_listed_to_admins_only() {
         files[0].starts_with("audit-") && files[0].ends_with(".jsonl"),
         "{files:?}"
     );
+    let text = std::fs::read_to_string(dir.path().join("registry/audit").join(&files[0])).unwrap();
+    assert_eq!(text.lines().count(), 5, "{text}");
+    assert!(!text.contains(&secret), "a token reached the trail: {text}");
     shutdown.cancel();
 }
