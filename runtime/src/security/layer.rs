@@ -195,7 +195,17 @@ where
     };
     let slot = Slot::default();
     request.extensions_mut().insert(slot.clone());
+    // Recorded CANCELLED if the call is dropped before it answers (the
+    // client went away): the handler may have changed something by then.
+    let mut pending = Pending {
+        log,
+        caller,
+        method,
+        slot,
+        answered: false,
+    };
     let response = inner.call(request).await;
+    pending.answered = true;
     let (code, message) = match &response {
         Ok(response) => match Status::from_header_map(response.headers()) {
             Some(status) => (status.code(), status.message().to_string()),
@@ -206,14 +216,40 @@ where
             "the server failed the call before answering (overloaded or timed out)".to_string(),
         ),
     };
-    log.record(AuditRecord::now(
-        &caller,
-        method,
-        &slot.text(),
-        code,
-        &message,
-    ));
+    pending.record(code, &message);
     response
+}
+
+/// A recorded call under way.
+struct Pending<'a> {
+    log: &'a AuditLog,
+    caller: String,
+    method: &'a str,
+    slot: Slot,
+    answered: bool,
+}
+
+impl Pending<'_> {
+    fn record(&self, code: tonic::Code, message: &str) {
+        self.log.record(AuditRecord::now(
+            &self.caller,
+            self.method,
+            &self.slot.text(),
+            code,
+            message,
+        ));
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.record(
+                tonic::Code::Cancelled,
+                "the call was abandoned (the client went away or the server stopped) before it answered",
+            );
+        }
+    }
 }
 
 fn bearer<B>(request: &http::Request<B>) -> Result<Option<String>, Status> {
@@ -377,5 +413,47 @@ where
             )
             .await
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::security::audit::Filter;
+    use std::time::Duration;
+    use tower::Service;
+
+    /// A call dropped before its handler answers is recorded CANCELLED,
+    /// with the target the handler named.
+    #[tokio::test]
+    async fn an_abandoned_call_is_recorded_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), 30).unwrap();
+        let handler = tower::service_fn(|request: http::Request<()>| async move {
+            if let Some(slot) = request.extensions().get::<Slot>() {
+                slot.set(crate::security::audit::Target::vm("web-1"));
+            }
+            std::future::pending::<Result<http::Response<String>, std::convert::Infallible>>().await
+        });
+        let mut service = tower::Layer::layer(
+            &AuthLayer::with_audit(Access::Unchecked, Some(log.clone())),
+            handler,
+        );
+        let request = http::Request::builder()
+            .uri("/ferry.registry.v1.Registry/RegisterVm")
+            .body(())
+            .unwrap();
+        let call = service.call(request);
+        // The handler starts, then the client goes away.
+        assert!(tokio::time::timeout(Duration::from_millis(50), call)
+            .await
+            .is_err());
+        assert!(log.flush(Duration::from_secs(5)).await);
+        let records = log.list(&Filter::default()).unwrap();
+        assert_eq!(records.len(), 1, "{records:?}");
+        assert_eq!(records[0].code, "CANCELLED");
+        assert_eq!(records[0].target, "vm/web-1");
+        assert_eq!(records[0].caller, "unchecked");
+        assert_eq!(records[0].method, "ferry.registry.v1.Registry/RegisterVm");
     }
 }
