@@ -6,6 +6,7 @@ use ferry_proto::cache::v1 as pb;
 use ferry_proto::cache::v1::cache_server::Cache;
 use ferry_proto::ids::VmName;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_runtime::security::audit;
 use ferry_runtime::security::Caller;
 use ferry_runtime::{PeerChannel, Refused};
 use tokio::sync::mpsc;
@@ -178,6 +179,7 @@ impl Cache for CacheService {
         &self,
         request: Request<pb::SendControlRequest>,
     ) -> Result<Response<pb::SendControlResponse>, Status> {
+        audit::target(&request, audit::Target::vm(&request.get_ref().vm_name));
         let req = ControlFor::try_from(request.into_inner())?;
         let agent_epoch = self.sessions.send(req.vm.as_str(), req.control)?;
         Ok(Response::new(pb::SendControlResponse { agent_epoch }))

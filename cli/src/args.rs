@@ -117,6 +117,9 @@ pub enum Command {
     /// Operator bearer tokens: create (shown once), list, revoke.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The audit trail: mutating calls, allowed or refused, as registry,
+    /// processor and failover recorded them (admins only).
+    Audit(AuditArgs),
     /// Run all four services in this process (the embedded default).
     Serve(ServeArgs),
     /// Run the services in-process and walk through protecting a sample VM.
@@ -342,6 +345,20 @@ pub struct JobsArgs {
     /// Follow the unfinished ones until they end.
     #[arg(long)]
     pub watch: bool,
+}
+
+#[derive(Args)]
+pub struct AuditArgs {
+    /// Only calls acting on this VM.
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// Only calls since then: a duration back ("1h", "30m", "2d") or an
+    /// RFC 3339 time.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// At most this many, the newest.
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
 }
 
 #[derive(Subcommand)]

@@ -318,7 +318,8 @@ pub async fn run(url: &str, out: Output, command: Command) -> Result<()> {
         | Command::Jobs(_)
         | Command::Network(_)
         | Command::TargetVms { .. }
-        | Command::Token(_) => bail!("not a registry command"),
+        | Command::Token(_)
+        | Command::Audit(_) => bail!("not a registry command"),
     }
     Ok(())
 }

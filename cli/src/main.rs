@@ -3,6 +3,7 @@
 //! process.
 
 mod args;
+mod audit;
 mod certs;
 mod commands;
 mod credentials;
@@ -49,6 +50,14 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Network(c) => recovery::network(&cli.failover, cli.output, c).await,
         Command::TargetVms { vm } => recovery::target_vms(&cli.failover, cli.output, vm).await,
         Command::Token(c) => tokens::run(&cli.registry, cli.output, c).await,
+        Command::Audit(a) => {
+            let servers = [
+                ("registry", cli.registry.as_str()),
+                ("processor", cli.processor.as_str()),
+                ("failover", cli.failover.as_str()),
+            ];
+            audit::run(&servers, cli.output, a).await
+        }
         command => commands::run(&cli.registry, cli.output, command).await,
     }
 }

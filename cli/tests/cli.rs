@@ -129,6 +129,51 @@ async fn register_enable_list_show_disable() {
     let out = ferry(&url, &["show", "app1"]).await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"));
+
+    // `ferry audit`: app1's changes, oldest first, reads left out;
+    // processor and failover do not run here and are skipped with a word.
+    let nowhere = format!("http://{}", ferry_testkit::free_addr());
+    let out = ferry(
+        &url,
+        &[
+            "audit",
+            "--vm",
+            "app1",
+            "--output",
+            "json",
+            "--processor",
+            &nowhere,
+            "--failover",
+            &nowhere,
+        ],
+    )
+    .await;
+    let trail: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    let trail = trail.as_array().unwrap();
+    let methods: Vec<&str> = trail
+        .iter()
+        .map(|r| r["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        methods,
+        [
+            "ferry.registry.v1.Registry/RegisterVm",
+            "ferry.registry.v1.Registry/EnableReplication",
+            "ferry.registry.v1.Registry/DisableReplication"
+        ],
+        "{trail:#?}"
+    );
+    assert!(
+        trail
+            .iter()
+            .all(|r| r["service"] == "registry" && r["target"] == "vm/app1" && r["code"] == "OK"),
+        "{trail:#?}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("skipped processor") && stderr.contains("skipped failover"),
+        "{stderr}"
+    );
     registry.stop().await;
 }
 

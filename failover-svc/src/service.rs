@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use ferry_proto::failover::v1 as pb;
 use ferry_proto::failover::v1::failover_server::Failover;
+use ferry_runtime::security::audit;
 use ferry_runtime::Refused;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -267,14 +268,25 @@ fn vm_proto(v: &inventory::TargetVm) -> pb::TargetVm {
     }
 }
 
+/// What a job request acts on, for the audit trail.
+fn audited(target: &Target) -> audit::Target {
+    match target {
+        Target::Vm(vm) => audit::Target::vm(vm.as_str()),
+        Target::Group(group) => audit::Target::group(group),
+    }
+}
+
 #[tonic::async_trait]
 impl Failover for FailoverService {
     async fn start_failover(
         &self,
         request: Request<pb::StartFailoverRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        let audit = audit::slot(&request);
         let req = FailoverRequest::try_from(request.into_inner())?;
+        audit.set(audited(&req.target));
         let job = self.engine.start_failover(req).await?;
+        audit.add(audit::Target::job(job.id.as_str()));
         Ok(Response::new(pb::Job::from(&job)))
     }
 
@@ -282,11 +294,14 @@ impl Failover for FailoverService {
         &self,
         request: Request<pb::CommitFailoverRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        let audit = audit::slot(&request);
         let req = JobRequest::try_from(request.into_inner())?;
+        audit.set(audited(&req.target));
         let job = match req.target {
             Target::Vm(vm) => self.engine.commit(vm, req.request_id).await?,
             Target::Group(g) => self.engine.commit_group(g, req.request_id).await?,
         };
+        audit.add(audit::Target::job(job.id.as_str()));
         Ok(Response::new(pb::Job::from(&job)))
     }
 
@@ -294,11 +309,14 @@ impl Failover for FailoverService {
         &self,
         request: Request<pb::CleanupTestFailoverRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        let audit = audit::slot(&request);
         let req = JobRequest::try_from(request.into_inner())?;
+        audit.set(audited(&req.target));
         let job = match req.target {
             Target::Vm(vm) => self.engine.cleanup_test(vm, req.request_id).await?,
             Target::Group(g) => self.engine.cleanup_group(g, req.request_id).await?,
         };
+        audit.add(audit::Target::job(job.id.as_str()));
         Ok(Response::new(pb::Job::from(&job)))
     }
 
@@ -380,6 +398,17 @@ impl Failover for FailoverService {
         &self,
         request: Request<pb::CreateNetworkRequest>,
     ) -> Result<Response<pb::Network>, Status> {
+        audit::target(
+            &request,
+            audit::Target::network(
+                request
+                    .get_ref()
+                    .network
+                    .as_ref()
+                    .map(|n| format!("{}/{}", n.region, n.name))
+                    .unwrap_or_default(),
+            ),
+        );
         let n = request
             .into_inner()
             .network

@@ -7,6 +7,7 @@ use ferry_proto::cache::v1 as cache;
 use ferry_proto::ids::{PointId, VmName};
 use ferry_proto::processor::v1 as pb;
 use ferry_proto::processor::v1::processor_server::Processor;
+use ferry_runtime::security::audit::{self, Target};
 use ferry_runtime::time::{from_timestamp, to_timestamp};
 use ferry_runtime::Refused;
 use tokio::sync::{mpsc, oneshot};
@@ -221,6 +222,7 @@ impl Processor for ProcessorService {
         &self,
         request: Request<pb::CutRecoveryPointRequest>,
     ) -> Result<Response<pb::RecoveryPoint>, Status> {
+        audit::target(&request, Target::vm(&request.get_ref().vm_name));
         let req = request.into_inner();
         self.replica(&req.vm_name)?;
         let (commands, _) = self.pipelines.get(&req.vm_name).ok_or_else(|| {
@@ -399,6 +401,10 @@ impl Processor for ProcessorService {
         &self,
         request: Request<pb::PinRecoveryPointRequest>,
     ) -> Result<Response<pb::PinRecoveryPointResponse>, Status> {
+        audit::target(
+            &request,
+            Target::vm(&request.get_ref().vm_name).and(Target::point(&request.get_ref().point_id)),
+        );
         let req = request.into_inner();
         if req.holder.is_empty() {
             return Err(Status::invalid_argument(
@@ -420,6 +426,10 @@ impl Processor for ProcessorService {
         &self,
         request: Request<pb::UnpinRecoveryPointRequest>,
     ) -> Result<Response<pb::UnpinRecoveryPointResponse>, Status> {
+        audit::target(
+            &request,
+            Target::vm(&request.get_ref().vm_name).and(Target::point(&request.get_ref().point_id)),
+        );
         let req = request.into_inner();
         if req.holder.is_empty() {
             return Err(Status::invalid_argument("holder is empty"));

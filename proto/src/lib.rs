@@ -46,3 +46,9 @@ pub mod failover {
         tonic::include_proto!("ferry.failover.v1");
     }
 }
+
+pub mod audit {
+    pub mod v1 {
+        tonic::include_proto!("ferry.audit.v1");
+    }
+}

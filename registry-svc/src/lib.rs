@@ -153,6 +153,7 @@ pub async fn serve(
         path: data_dir.clone(),
         source,
     })?;
+    host.keep_audit(data_dir, &config.service.limits)?;
     let registry = Arc::new(
         Registry::open(
             data_dir,

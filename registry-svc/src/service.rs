@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use ferry_proto::registry::v1 as pb;
 use ferry_proto::registry::v1::registry_server::Registry as RegistryApi;
+use ferry_runtime::security::audit::{self, Target};
 use ferry_runtime::security::Caller;
 use ferry_runtime::time::{from_duration, from_timestamp};
 use tokio::sync::{broadcast, mpsc};
@@ -70,6 +71,17 @@ impl RegistryApi for RegistryService {
     }
 
     async fn register_vm(&self, request: Request<pb::RegisterVmRequest>) -> Result<pb::Vm> {
+        audit::target(
+            &request,
+            Target::vm(
+                request
+                    .get_ref()
+                    .vm
+                    .as_ref()
+                    .map(|v| v.name.clone())
+                    .unwrap_or_default(),
+            ),
+        );
         let vm = request
             .into_inner()
             .vm
@@ -99,6 +111,7 @@ impl RegistryApi for RegistryService {
         &self,
         request: Request<pb::UnregisterVmRequest>,
     ) -> Result<pb::UnregisterVmResponse> {
+        audit::target(&request, Target::vm(&request.get_ref().name));
         let req = request.into_inner();
         name("VM name", &req.name)?;
         self.registry.unregister_vm(&req.name).await?;
@@ -109,6 +122,7 @@ impl RegistryApi for RegistryService {
         &self,
         request: Request<pb::EnableReplicationRequest>,
     ) -> Result<pb::ProtectedItem> {
+        audit::target(&request, Target::vm(&request.get_ref().vm_name));
         let req = EnableRequest::try_from(request.into_inner())?;
         ferry_runtime::trace_context::record_vm(&req.vm_name);
         Ok(Response::new(item(&self.registry.enable(req).await?)))
@@ -139,6 +153,7 @@ impl RegistryApi for RegistryService {
         &self,
         request: Request<pb::DisableReplicationRequest>,
     ) -> Result<pb::ProtectedItem> {
+        audit::target(&request, Target::vm(&request.get_ref().vm_name));
         let req = request.into_inner();
         name("VM name", &req.vm_name)?;
         Ok(Response::new(item(
@@ -174,6 +189,7 @@ impl RegistryApi for RegistryService {
         &self,
         request: Request<pb::TransitionStateRequest>,
     ) -> Result<pb::ProtectedItem> {
+        audit::target(&request, Target::vm(&request.get_ref().vm_name));
         let caller = Caller::of(&request);
         let req = request.into_inner();
         name("VM name", &req.vm_name)?;
@@ -265,6 +281,7 @@ impl RegistryApi for RegistryService {
         &self,
         request: Request<pb::RegisterAgentRequest>,
     ) -> Result<pb::RegisterAgentResponse> {
+        audit::target(&request, Target::vm(&request.get_ref().vm_name));
         let caller = Caller::of(&request);
         let req = request.into_inner();
         name("VM name", &req.vm_name)?;
@@ -328,6 +345,17 @@ impl RegistryApi for RegistryService {
         &self,
         request: Request<pb::CreatePolicyRequest>,
     ) -> Result<pb::ReplicationPolicy> {
+        audit::target(
+            &request,
+            Target::policy(
+                request
+                    .get_ref()
+                    .policy
+                    .as_ref()
+                    .map(|p| p.name.clone())
+                    .unwrap_or_default(),
+            ),
+        );
         let policy = request
             .into_inner()
             .policy
@@ -365,6 +393,7 @@ impl RegistryApi for RegistryService {
         &self,
         request: Request<pb::DeletePolicyRequest>,
     ) -> Result<pb::DeletePolicyResponse> {
+        audit::target(&request, Target::policy(&request.get_ref().name));
         let req = request.into_inner();
         name("policy name", &req.name)?;
         self.registry.delete_policy(&req.name).await?;
@@ -375,6 +404,14 @@ impl RegistryApi for RegistryService {
         &self,
         request: Request<pb::CreateNetworkMappingRequest>,
     ) -> Result<pb::CreateNetworkMappingResponse> {
+        audit::target(
+            &request,
+            Target::mapping(format!(
+                "{}/{}",
+                request.get_ref().source_region,
+                request.get_ref().source_network
+            )),
+        );
         let mapping = NetworkMapping::try_from(request.into_inner())?;
         let (mapping, reverse) = self.registry.create_mapping(mapping).await?;
         Ok(Response::new(pb::CreateNetworkMappingResponse {
@@ -397,6 +434,7 @@ impl RegistryApi for RegistryService {
         &self,
         request: Request<pb::DeleteNetworkMappingRequest>,
     ) -> Result<pb::DeleteNetworkMappingResponse> {
+        audit::target(&request, Target::mapping(&request.get_ref().id));
         let req = request.into_inner();
         if req.id.is_empty() {
             return Err(Status::invalid_argument("id is empty"));
@@ -409,6 +447,11 @@ impl RegistryApi for RegistryService {
         &self,
         request: Request<pb::CreateReplicationGroupRequest>,
     ) -> Result<pb::ReplicationGroup> {
+        audit::target(
+            &request,
+            Target::group(&request.get_ref().name)
+                .and(Target::policy(&request.get_ref().policy_name)),
+        );
         let req = request.into_inner();
         name("replication group name", &req.name)?;
         name("policy name", &req.policy_name)?;
@@ -444,6 +487,7 @@ impl RegistryApi for RegistryService {
         &self,
         request: Request<pb::DeleteReplicationGroupRequest>,
     ) -> Result<pb::DeleteReplicationGroupResponse> {
+        audit::target(&request, Target::group(&request.get_ref().name));
         let req = request.into_inner();
         name("replication group name", &req.name)?;
         self.registry.delete_group(&req.name).await?;
@@ -454,6 +498,7 @@ impl RegistryApi for RegistryService {
         &self,
         request: Request<pb::CreateTokenRequest>,
     ) -> Result<pb::CreateTokenResponse> {
+        audit::target(&request, Target::token(&request.get_ref().name));
         let req = request.into_inner();
         name("token name", &req.name)?;
         let role = role_from_proto(req.role).ok_or_else(|| {
@@ -480,6 +525,7 @@ impl RegistryApi for RegistryService {
         &self,
         request: Request<pb::RevokeTokenRequest>,
     ) -> Result<pb::RevokeTokenResponse> {
+        audit::target(&request, Target::token(&request.get_ref().name));
         let req = request.into_inner();
         name("token name", &req.name)?;
         self.registry.tokens().revoke(&req.name).await?;

@@ -104,6 +104,9 @@ pub struct Limits {
     /// before the server stops regardless (a client's open stream, such as a
     /// health Watch, must not hold shutdown forever).
     pub shutdown_grace_secs: u64,
+    /// Days of audit trail kept (today counts as one); older day files are
+    /// deleted (docs/security.md, "Audit trail").
+    pub audit_retention_days: u64,
 }
 
 impl Default for Limits {
@@ -113,6 +116,7 @@ impl Default for Limits {
             concurrency_limit: 1024,
             max_message_bytes: 16 * 1024 * 1024,
             shutdown_grace_secs: 10,
+            audit_retention_days: 30,
         }
     }
 }

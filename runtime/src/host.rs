@@ -1,5 +1,6 @@
 //! Hosting a service's gRPC endpoints: health (grpc.health.v1), reflection (v1
-//! and v1alpha), request limits, trace context and graceful shutdown.
+//! and v1alpha), the audit trail (ferry.audit.v1), request limits, trace
+//! context and graceful shutdown.
 
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::config::Limits;
+use crate::security::audit::{AuditLog, AuditService};
 use crate::security::{Access, AuthLayer, Tls};
 use crate::trace_context::TraceContextLayer;
 
@@ -44,7 +46,13 @@ pub enum HostError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    /// The audit trail cannot be opened.
+    #[error(transparent)]
+    Audit(#[from] crate::security::audit::AuditError),
 }
+
+/// The gRPC name of the audit service every server hosts.
+pub const AUDIT_SERVICE: &str = "ferry.audit.v1.Audit";
 
 /// The health of one hosted service. Starts NOT_SERVING; the service turns it
 /// SERVING once its storage and peers are ready; the host turns it back to
@@ -85,6 +93,7 @@ impl Health {
 pub struct Host {
     routes: RoutesBuilder,
     health: Health,
+    audit: Option<AuditLog>,
 }
 
 impl Host {
@@ -110,7 +119,8 @@ impl Host {
                 .include_reflection_service(false)
                 .with_service_name("grpc.health.v1.Health")
                 .with_service_name("grpc.reflection.v1.ServerReflection")
-                .with_service_name("grpc.reflection.v1alpha.ServerReflection");
+                .with_service_name("grpc.reflection.v1alpha.ServerReflection")
+                .with_service_name(AUDIT_SERVICE);
             for name in services {
                 builder = builder.with_service_name(*name);
             }
@@ -121,7 +131,32 @@ impl Host {
             .add_service(health_service)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?);
-        Ok(Host { routes, health })
+        Ok(Host {
+            routes,
+            health,
+            audit: None,
+        })
+    }
+
+    /// Keeps the audit trail in `<data_dir>/audit` for
+    /// `limits.audit_retention_days` days: mutating calls are recorded and
+    /// ListAuditRecords answers from it. Without it ListAuditRecords is
+    /// FAILED_PRECONDITION and nothing is recorded.
+    pub fn keep_audit(
+        &mut self,
+        data_dir: &std::path::Path,
+        limits: &Limits,
+    ) -> Result<(), HostError> {
+        self.audit = Some(AuditLog::open(
+            &data_dir.join("audit"),
+            limits.audit_retention_days,
+        )?);
+        Ok(())
+    }
+
+    /// The audit trail, if kept.
+    pub fn audit(&self) -> Option<&AuditLog> {
+        self.audit.as_ref()
     }
 
     /// The health handle to turn SERVING once ready.
@@ -161,6 +196,10 @@ impl Host {
         if let Some(tls) = tls {
             builder = builder.tls_config(tls.server())?;
         }
+        let mut routes = self.routes;
+        routes.add_service(ferry_proto::audit::v1::audit_server::AuditServer::new(
+            AuditService::new(self.audit.clone()),
+        ));
         let server = builder
             .timeout(limits.request_timeout())
             .initial_stream_window_size(Some(crate::peers::STREAM_WINDOW))
@@ -168,12 +207,12 @@ impl Host {
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .layer(TraceContextLayer)
-            .layer(AuthLayer::new(access))
+            .layer(AuthLayer::with_audit(access, self.audit))
             .layer(tower::load_shed::LoadShedLayer::new())
             .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
                 limits.concurrency_limit.max(1),
             ))
-            .add_routes(self.routes.routes())
+            .add_routes(routes.routes())
             .serve_with_incoming_shutdown(incoming, async move {
                 shutdown.cancelled().await;
                 health.not_serving().await;

@@ -70,11 +70,12 @@ impl Service {
             .iter()
             .map(|role| Ok((*role, role.peer(config)?)))
             .collect::<Result<Vec<_>, HostError>>()?;
-        let host = Host::new(&[grpc_name]).await?;
+        let mut host = Host::new(&[grpc_name]).await?;
         prepare_data_dir(&config.data_dir).map_err(|source| HostError::DataDir {
             path: config.data_dir.clone(),
             source,
         })?;
+        host.keep_audit(&config.data_dir, &config.limits)?;
         Ok(Service {
             label,
             host,

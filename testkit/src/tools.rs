@@ -49,14 +49,15 @@ pub fn grpcurl_run(args: &[&str]) -> String {
 }
 
 /// Checks with grpcurl (reflection v1alpha) that the server at `addr` lists
-/// exactly `service`, health and both reflection versions, and that health
-/// answers SERVING.
+/// exactly `service`, the audit trail, health and both reflection versions,
+/// and that health answers SERVING.
 pub fn assert_reflection_and_health(addr: &str, service: &str) {
     let listed = grpcurl_run(&[addr, "list"]);
     let mut names: Vec<&str> = listed.lines().map(str::trim).collect();
     names.sort();
     let mut want = vec![
         service,
+        "ferry.audit.v1.Audit",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",

@@ -133,6 +133,21 @@ async fn wait_mid_way(url: &str, job: &fo::Job, bytes: u64) {
     .await;
 }
 
+/// The audit records of the server at `url` naming VM `vm`.
+async fn audit_records(url: &str, vm: &str) -> Vec<ferry_proto::audit::v1::AuditRecord> {
+    ferry_proto::audit::v1::audit_client::AuditClient::connect(url.to_string())
+        .await
+        .unwrap()
+        .list_audit_records(ferry_proto::audit::v1::ListAuditRecordsRequest {
+            vm: vm.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_failover_cleanup_unplanned_failover_to_an_older_point_and_commit() {
     let cluster = Cluster::start().await;
@@ -247,6 +262,32 @@ async fn test_failover_cleanup_unplanned_failover_to_an_older_point_and_commit()
         protected_item(&registry, "vm").await.unwrap().state(),
         reg::ReplicationState::Protected,
         "replication goes on during a test failover"
+    );
+    // The audit trails: failover recorded the drill with its job; processor
+    // the points cut and failover's pin of the one used.
+    let drills = audit_records(&url, "vm").await;
+    let drill_target = format!("vm/vm,job/{}", job.id);
+    assert!(
+        drills
+            .iter()
+            .any(|r| r.method == "ferry.failover.v1.Failover/StartFailover"
+                && r.target == drill_target
+                && r.code == "OK"),
+        "{drills:#?}"
+    );
+    let points = audit_records(&cluster.processor.url, "vm").await;
+    assert!(
+        points
+            .iter()
+            .any(|r| r.method.ends_with("/CutRecoveryPoint") && r.target == "vm/vm"),
+        "{points:#?}"
+    );
+    let pinned = format!("vm/vm,point/{}", job.points[0].point_id);
+    assert!(
+        points
+            .iter()
+            .any(|r| r.method.ends_with("/PinRecoveryPoint") && r.target == pinned),
+        "{points:#?}"
     );
     // Cleanup leaves nothing behind and releases the point.
     let job = failover(&url)

@@ -3,7 +3,8 @@
 //! [`super::policy::TABLE`], refuses with UNAUTHENTICATED (no credentials)
 //! or PERMISSION_DENIED (not allowed), and hands the handler a [`Caller`]
 //! in the request's extensions, for the checks only the handler can make
-//! (an agent's own VM).
+//! (an agent's own VM). It also writes the audit trail ([`super::audit`]):
+//! every mutating call, allowed or refused, with the code it ended with.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,6 +14,7 @@ use std::task::{Context, Poll};
 use tonic::Status;
 
 use crate::refusal::Refused;
+use crate::security::audit::{AuditLog, AuditRecord, Slot};
 use crate::security::cluster_secret::ClusterSecret;
 use crate::security::policy::rule_for;
 use crate::security::principal::Principal;
@@ -116,12 +118,21 @@ impl Caller {
 #[derive(Clone, Debug)]
 pub struct AuthLayer {
     access: Access,
+    audit: Option<AuditLog>,
 }
 
 impl AuthLayer {
     /// A layer checking callers as `access` says.
     pub fn new(access: Access) -> Self {
-        AuthLayer { access }
+        AuthLayer {
+            access,
+            audit: None,
+        }
+    }
+
+    /// The same, recording mutating calls in `audit`.
+    pub fn with_audit(access: Access, audit: Option<AuditLog>) -> Self {
+        AuthLayer { access, audit }
     }
 }
 
@@ -131,6 +142,7 @@ impl<S> tower::Layer<S> for AuthLayer {
         AuthService {
             inner,
             access: self.access.clone(),
+            audit: self.audit.clone(),
         }
     }
 }
@@ -140,6 +152,104 @@ impl<S> tower::Layer<S> for AuthLayer {
 pub struct AuthService<S> {
     inner: S,
     access: Access,
+    audit: Option<AuditLog>,
+}
+
+/// The caller of a refused call, for the audit trail.
+const ANONYMOUS: &str = "anonymous";
+
+/// Records a refusal (when `audit` is set) and answers it.
+fn refuse<RB: Default>(
+    audit: Option<&AuditLog>,
+    caller: &str,
+    method: &str,
+    status: Status,
+) -> http::Response<RB> {
+    if let Some(log) = audit {
+        log.record(AuditRecord::now(
+            caller,
+            method,
+            "-",
+            status.code(),
+            status.message(),
+        ));
+    }
+    status.into_http()
+}
+
+/// Calls `inner`; with `audit`, hands the handler a target slot and records
+/// how the call ended: the grpc-status of the response headers (a handler's
+/// error is a trailers-only response), OK when there is none (a stream
+/// failing later is recorded as opened).
+async fn pass<S, B, RB>(
+    inner: &mut S,
+    mut request: http::Request<B>,
+    audit: Option<(&AuditLog, String)>,
+    method: &str,
+) -> Result<http::Response<RB>, S::Error>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+{
+    let Some((log, caller)) = audit else {
+        return inner.call(request).await;
+    };
+    let slot = Slot::default();
+    request.extensions_mut().insert(slot.clone());
+    // Recorded CANCELLED if the call is dropped before it answers (the
+    // client went away): the handler may have changed something by then.
+    let mut pending = Pending {
+        log,
+        caller,
+        method,
+        slot,
+        answered: false,
+    };
+    let response = inner.call(request).await;
+    pending.answered = true;
+    let (code, message) = match &response {
+        Ok(response) => match Status::from_header_map(response.headers()) {
+            Some(status) => (status.code(), status.message().to_string()),
+            None => (tonic::Code::Ok, String::new()),
+        },
+        Err(_) => (
+            tonic::Code::Unavailable,
+            "the server failed the call before answering (overloaded or timed out)".to_string(),
+        ),
+    };
+    pending.record(code, &message);
+    response
+}
+
+/// A recorded call under way.
+struct Pending<'a> {
+    log: &'a AuditLog,
+    caller: String,
+    method: &'a str,
+    slot: Slot,
+    answered: bool,
+}
+
+impl Pending<'_> {
+    fn record(&self, code: tonic::Code, message: &str) {
+        self.log.record(AuditRecord::now(
+            &self.caller,
+            self.method,
+            &self.slot.text(),
+            code,
+            message,
+        ));
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.record(
+                tonic::Code::Cancelled,
+                "the call was abandoned (the client went away or the server stopped) before it answered",
+            );
+        }
+    }
 }
 
 fn bearer<B>(request: &http::Request<B>) -> Result<Option<String>, Status> {
@@ -229,23 +339,37 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let access = self.access.clone();
+        let audit = self.audit.clone();
         let presented = presented(&request);
         Box::pin(async move {
+            let path = request.uri().path().to_string();
+            let method = path.trim_start_matches('/').to_string();
+            let rule = rule_for(&path);
+            // Refusals are recorded for every mutating method (and any
+            // method not in the table); allowed calls unless frequent.
+            let refusals = audit.as_ref().filter(|_| rule.is_none_or(|r| r.mutates));
+            let allowed = audit
+                .as_ref()
+                .filter(|_| rule.is_some_and(|r| r.audited_when_allowed()));
             let checks = match access {
                 Access::Unchecked => {
                     request.extensions_mut().insert(Caller::Unchecked);
-                    return inner.call(request).await;
+                    let caller = Caller::Unchecked.describe();
+                    let audit = allowed.map(|log| (log, caller));
+                    return pass(&mut inner, request, audit, &method).await;
                 }
                 Access::Enforced(checks) => checks,
             };
-            let path = request.uri().path().to_string();
-            let method = path.trim_start_matches('/').to_string();
-            let Some(rule) = rule_for(&path) else {
+            let Some(rule) = rule else {
                 tracing::warn!(%method, "refused: method not in the authorization table");
-                return Ok(Status::permission_denied(format!(
-                    "{method} is not in Ferry's authorization table; no one may call it"
-                ))
-                .into_http());
+                return Ok(refuse(
+                    refusals,
+                    ANONYMOUS,
+                    &method,
+                    Status::permission_denied(format!(
+                        "{method} is not in Ferry's authorization table; no one may call it"
+                    )),
+                ));
             };
             if rule.public {
                 request.extensions_mut().insert(Caller::Unchecked);
@@ -255,28 +379,81 @@ where
                 Ok(Some(p)) => p,
                 Ok(None) => {
                     tracing::info!(%method, "refused: no credentials");
-                    return Ok(Status::unauthenticated(format!(
-                        "{method} needs credentials: a bearer token (--token or FERRY_TOKEN) \
-                         or a client certificate; it is for {}",
-                        rule.describe()
-                    ))
-                    .into_http());
+                    return Ok(refuse(
+                        refusals,
+                        ANONYMOUS,
+                        &method,
+                        Status::unauthenticated(format!(
+                            "{method} needs credentials: a bearer token (--token or FERRY_TOKEN) \
+                             or a client certificate; it is for {}",
+                            rule.describe()
+                        )),
+                    ));
                 }
                 Err(status) => {
                     tracing::info!(%method, message = status.message(), "refused: bad credentials");
-                    return Ok(status.into_http());
+                    return Ok(refuse(refusals, ANONYMOUS, &method, status));
                 }
             };
             if !rule.admits(&principal) {
                 tracing::info!(%method, caller = %principal.uri(), "refused: not allowed");
-                return Ok(Status::permission_denied(format!(
+                let status = Status::permission_denied(format!(
                     "{principal} may not call {method}: it is for {}",
                     rule.describe()
-                ))
-                .into_http());
+                ));
+                return Ok(refuse(refusals, &principal.uri(), &method, status));
             }
+            let caller = principal.uri();
             request.extensions_mut().insert(Caller::Known(principal));
-            inner.call(request).await
+            pass(
+                &mut inner,
+                request,
+                allowed.map(|log| (log, caller)),
+                &method,
+            )
+            .await
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::security::audit::Filter;
+    use std::time::Duration;
+    use tower::Service;
+
+    /// A call dropped before its handler answers is recorded CANCELLED,
+    /// with the target the handler named.
+    #[tokio::test]
+    async fn an_abandoned_call_is_recorded_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), 30).unwrap();
+        let handler = tower::service_fn(|request: http::Request<()>| async move {
+            if let Some(slot) = request.extensions().get::<Slot>() {
+                slot.set(crate::security::audit::Target::vm("web-1"));
+            }
+            std::future::pending::<Result<http::Response<String>, std::convert::Infallible>>().await
+        });
+        let mut service = tower::Layer::layer(
+            &AuthLayer::with_audit(Access::Unchecked, Some(log.clone())),
+            handler,
+        );
+        let request = http::Request::builder()
+            .uri("/ferry.registry.v1.Registry/RegisterVm")
+            .body(())
+            .unwrap();
+        let call = service.call(request);
+        // The handler starts, then the client goes away.
+        assert!(tokio::time::timeout(Duration::from_millis(50), call)
+            .await
+            .is_err());
+        assert!(log.flush(Duration::from_secs(5)).await);
+        let records = log.list(&Filter::default()).unwrap();
+        assert_eq!(records.len(), 1, "{records:?}");
+        assert_eq!(records[0].code, "CANCELLED");
+        assert_eq!(records[0].target, "vm/web-1");
+        assert_eq!(records[0].caller, "unchecked");
+        assert_eq!(records[0].method, "ferry.registry.v1.Registry/RegisterVm");
     }
 }

@@ -23,6 +23,13 @@ pub struct Allow {
     pub agent: bool,
     /// Anyone, authenticated or not (health, reflection).
     pub public: bool,
+    /// The method changes state: the audit trail records it (see
+    /// [`super::audit`]).
+    pub mutates: bool,
+    /// Called many times a second by services and agents (reports,
+    /// streams, heartbeats): recorded only when refused, so that the trail
+    /// is not flooded.
+    pub frequent: bool,
 }
 
 const fn role(role: OperatorRole) -> Allow {
@@ -31,6 +38,8 @@ const fn role(role: OperatorRole) -> Allow {
         services: &[],
         agent: false,
         public: false,
+        mutates: false,
+        frequent: false,
     }
 }
 
@@ -40,6 +49,8 @@ const fn services(services: &'static [ServiceKind]) -> Allow {
         services,
         agent: false,
         public: false,
+        mutates: false,
+        frequent: false,
     }
 }
 
@@ -53,6 +64,29 @@ impl Allow {
             agent: true,
             ..self
         }
+    }
+
+    /// The method changes state (recorded in the audit trail).
+    const fn mutating(self) -> Allow {
+        Allow {
+            mutates: true,
+            ..self
+        }
+    }
+
+    /// A mutating method services or agents call at a high rate: recorded
+    /// only when refused.
+    const fn frequent(self) -> Allow {
+        Allow {
+            mutates: true,
+            frequent: true,
+            ..self
+        }
+    }
+
+    /// Whether the audit trail records an allowed call.
+    pub fn audited_when_allowed(&self) -> bool {
+        self.mutates && !self.frequent
     }
 
     /// Whether `principal` may call the method.
@@ -95,15 +129,22 @@ pub const PUBLIC: Allow = Allow {
     services: &[],
     agent: false,
     public: true,
+    mutates: false,
+    frequent: false,
 };
 
 const ALL_SERVICES: &[ServiceKind] = &[Registry, Cache, Processor, Failover];
 
 /// Every Ferry RPC, by its gRPC path without the leading '/'.
 pub const TABLE: &[(&str, Allow)] = &[
+    // The audit trail every server keeps (admins only).
+    ("ferry.audit.v1.Audit/ListAuditRecords", role(Admin)),
     // registry: inventory and protection.
     ("ferry.registry.v1.Registry/ListRegions", role(Reader)),
-    ("ferry.registry.v1.Registry/RegisterVm", role(Operator)),
+    (
+        "ferry.registry.v1.Registry/RegisterVm",
+        role(Operator).mutating(),
+    ),
     (
         "ferry.registry.v1.Registry/GetVm",
         role(Reader).and(ALL_SERVICES),
@@ -112,10 +153,13 @@ pub const TABLE: &[(&str, Allow)] = &[
         "ferry.registry.v1.Registry/ListVms",
         role(Reader).and(ALL_SERVICES),
     ),
-    ("ferry.registry.v1.Registry/UnregisterVm", role(Admin)),
+    (
+        "ferry.registry.v1.Registry/UnregisterVm",
+        role(Admin).mutating(),
+    ),
     (
         "ferry.registry.v1.Registry/EnableReplication",
-        role(Operator),
+        role(Operator).mutating(),
     ),
     (
         "ferry.registry.v1.Registry/GetProtectedItem",
@@ -127,7 +171,7 @@ pub const TABLE: &[(&str, Allow)] = &[
     ),
     (
         "ferry.registry.v1.Registry/DisableReplication",
-        role(Operator),
+        role(Operator).mutating(),
     ),
     (
         "ferry.registry.v1.Registry/WatchProtectedItems",
@@ -136,27 +180,34 @@ pub const TABLE: &[(&str, Allow)] = &[
     // registry: what services and agents report.
     (
         "ferry.registry.v1.Registry/TransitionState",
-        services(&[Cache, Processor, Failover]).and_agent(),
+        services(&[Cache, Processor, Failover])
+            .and_agent()
+            .mutating(),
     ),
     (
         "ferry.registry.v1.Registry/ReportReplicationProgress",
-        services(&[Processor]).and_agent(),
+        services(&[Processor]).and_agent().frequent(),
     ),
     (
         "ferry.registry.v1.Registry/ReportHealth",
-        services(&[Cache, Processor, Failover]).and_agent(),
+        services(&[Cache, Processor, Failover])
+            .and_agent()
+            .frequent(),
     ),
     (
         "ferry.registry.v1.Registry/RegisterAgent",
-        services(&[]).and_agent(),
+        services(&[]).and_agent().mutating(),
     ),
     ("ferry.registry.v1.Registry/VerifyAgent", services(&[Cache])),
     (
         "ferry.registry.v1.Registry/GroupHeartbeat",
-        services(&[]).and_agent(),
+        services(&[]).and_agent().frequent(),
     ),
     // registry: configuration.
-    ("ferry.registry.v1.Registry/CreatePolicy", role(Admin)),
+    (
+        "ferry.registry.v1.Registry/CreatePolicy",
+        role(Admin).mutating(),
+    ),
     (
         "ferry.registry.v1.Registry/GetPolicy",
         role(Reader).and(ALL_SERVICES).and_agent(),
@@ -165,10 +216,13 @@ pub const TABLE: &[(&str, Allow)] = &[
         "ferry.registry.v1.Registry/ListPolicies",
         role(Reader).and(ALL_SERVICES),
     ),
-    ("ferry.registry.v1.Registry/DeletePolicy", role(Admin)),
+    (
+        "ferry.registry.v1.Registry/DeletePolicy",
+        role(Admin).mutating(),
+    ),
     (
         "ferry.registry.v1.Registry/CreateNetworkMapping",
-        role(Admin),
+        role(Admin).mutating(),
     ),
     (
         "ferry.registry.v1.Registry/ListNetworkMappings",
@@ -176,11 +230,11 @@ pub const TABLE: &[(&str, Allow)] = &[
     ),
     (
         "ferry.registry.v1.Registry/DeleteNetworkMapping",
-        role(Admin),
+        role(Admin).mutating(),
     ),
     (
         "ferry.registry.v1.Registry/CreateReplicationGroup",
-        role(Admin),
+        role(Admin).mutating(),
     ),
     (
         "ferry.registry.v1.Registry/GetReplicationGroup",
@@ -192,27 +246,39 @@ pub const TABLE: &[(&str, Allow)] = &[
     ),
     (
         "ferry.registry.v1.Registry/DeleteReplicationGroup",
-        role(Admin),
+        role(Admin).mutating(),
     ),
     // registry: tokens.
-    ("ferry.registry.v1.Registry/CreateToken", role(Admin)),
+    (
+        "ferry.registry.v1.Registry/CreateToken",
+        role(Admin).mutating(),
+    ),
     ("ferry.registry.v1.Registry/ListTokens", role(Admin)),
-    ("ferry.registry.v1.Registry/RevokeToken", role(Admin)),
+    (
+        "ferry.registry.v1.Registry/RevokeToken",
+        role(Admin).mutating(),
+    ),
     (
         "ferry.registry.v1.Registry/AuthenticateToken",
         services(&[Cache, Processor, Failover]),
     ),
     // cache.
-    ("ferry.cache.v1.Cache/Ingest", services(&[]).and_agent()),
+    (
+        "ferry.cache.v1.Cache/Ingest",
+        services(&[]).and_agent().frequent(),
+    ),
     ("ferry.cache.v1.Cache/Tail", services(&[Processor])),
-    ("ferry.cache.v1.Cache/ReportApplied", services(&[Processor])),
+    (
+        "ferry.cache.v1.Cache/ReportApplied",
+        services(&[Processor]).frequent(),
+    ),
     (
         "ferry.cache.v1.Cache/GetLogInfo",
         role(Reader).and(&[Processor, Failover]),
     ),
     (
         "ferry.cache.v1.Cache/SendControl",
-        services(&[Processor, Failover]),
+        services(&[Processor, Failover]).mutating(),
     ),
     // processor.
     (
@@ -225,7 +291,7 @@ pub const TABLE: &[(&str, Allow)] = &[
     ),
     (
         "ferry.processor.v1.Processor/CutRecoveryPoint",
-        role(Operator).and(&[Failover]),
+        role(Operator).and(&[Failover]).mutating(),
     ),
     // A disk's contents leave only for a failover.
     (
@@ -238,11 +304,11 @@ pub const TABLE: &[(&str, Allow)] = &[
     ),
     (
         "ferry.processor.v1.Processor/PinRecoveryPoint",
-        services(&[Failover]),
+        services(&[Failover]).mutating(),
     ),
     (
         "ferry.processor.v1.Processor/UnpinRecoveryPoint",
-        services(&[Failover]),
+        services(&[Failover]).mutating(),
     ),
     (
         "ferry.processor.v1.Processor/GetPipelineStatus",
@@ -253,29 +319,41 @@ pub const TABLE: &[(&str, Allow)] = &[
         role(Reader).and(&[Failover]),
     ),
     // failover.
-    ("ferry.failover.v1.Failover/StartFailover", role(Operator)),
-    ("ferry.failover.v1.Failover/CommitFailover", role(Operator)),
+    (
+        "ferry.failover.v1.Failover/StartFailover",
+        role(Operator).mutating(),
+    ),
+    (
+        "ferry.failover.v1.Failover/CommitFailover",
+        role(Operator).mutating(),
+    ),
     (
         "ferry.failover.v1.Failover/CleanupTestFailover",
-        role(Operator),
+        role(Operator).mutating(),
     ),
     ("ferry.failover.v1.Failover/GetJob", role(Reader)),
     ("ferry.failover.v1.Failover/ListJobs", role(Reader)),
     ("ferry.failover.v1.Failover/WatchJob", role(Reader)),
-    ("ferry.failover.v1.Failover/CreateNetwork", role(Operator)),
+    (
+        "ferry.failover.v1.Failover/CreateNetwork",
+        role(Operator).mutating(),
+    ),
     ("ferry.failover.v1.Failover/ListNetworks", role(Reader)),
     ("ferry.failover.v1.Failover/ListTargetVms", role(Reader)),
     // The agent's group port: members of the group (the handler checks
     // membership).
     (
         "ferry.agent.v1.AgentGroup/Prepare",
-        services(&[]).and_agent(),
+        services(&[]).and_agent().mutating(),
     ),
     (
         "ferry.agent.v1.AgentGroup/Commit",
-        services(&[]).and_agent(),
+        services(&[]).and_agent().mutating(),
     ),
-    ("ferry.agent.v1.AgentGroup/Abort", services(&[]).and_agent()),
+    (
+        "ferry.agent.v1.AgentGroup/Abort",
+        services(&[]).and_agent().mutating(),
+    ),
 ];
 
 /// Services every server answers for anyone.
@@ -343,6 +421,63 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), TABLE.len(), "a method is listed twice");
+    }
+
+    /// Reads never count as mutating; the calls that create, delete, start,
+    /// commit, register, enable, disable or revoke always do.
+    #[test]
+    fn reads_do_not_mutate_and_changes_do() {
+        for (name, allow) in TABLE {
+            let method = name.rsplit('/').next().unwrap();
+            if [
+                "Get",
+                "List",
+                "Watch",
+                "Tail",
+                "Read",
+                "Verify",
+                "Authenticate",
+            ]
+            .iter()
+            .any(|p| method.starts_with(p))
+            {
+                assert!(!allow.mutates, "{name} reads: it must not be mutating");
+            }
+            if [
+                "Create",
+                "Delete",
+                "Start",
+                "Commit",
+                "Register",
+                "Unregister",
+                "Enable",
+                "Disable",
+                "Revoke",
+                "Cut",
+                "Pin",
+                "Unpin",
+                "Transition",
+                "Report",
+            ]
+            .iter()
+            .any(|p| method.starts_with(p))
+            {
+                assert!(allow.mutates, "{name} changes state: it must be mutating");
+            }
+            assert!(
+                !allow.frequent || allow.mutates,
+                "{name}: frequent implies mutating"
+            );
+        }
+        let mutating = TABLE.iter().filter(|(_, a)| a.mutates).count();
+        assert!(mutating >= 28, "{mutating}");
+        // Operators' calls are all recorded when allowed.
+        for (name, allow) in TABLE {
+            if allow.mutates && allow.role.is_some() {
+                assert!(allow.audited_when_allowed(), "{name}");
+            }
+        }
+        assert!(!rule_for("/grpc.health.v1.Health/Check").unwrap().mutates);
     }
 
     #[test]
