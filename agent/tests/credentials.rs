@@ -197,6 +197,8 @@ async fn start(
         vm: vm.into(),
         nbd: nbd.into(),
         group: GroupPort::Off,
+        group_tls: None,
+        group_insecure: false,
         group_address: String::new(),
         state_dir: dir.join("agent"),
         disk_roots: vec![dir.join("images")],
