@@ -672,3 +672,33 @@ async fn app_consistent_frequency(
         .and_then(ferry_runtime::time::from_duration)
         .filter(|d| !d.is_zero()))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests may
+    use super::*;
+
+    #[tokio::test]
+    async fn a_plaintext_group_port_beyond_loopback_is_refused() {
+        let loopback = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        assert!(refuse_plaintext_beyond_loopback(&loopback).is_ok());
+        let everywhere = TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let refused = refuse_plaintext_beyond_loopback(&everywhere).unwrap_err();
+        assert!(
+            matches!(refused, RunError::GroupPlaintext { .. }),
+            "{refused}"
+        );
+        assert!(
+            refused.to_string().contains("--group-insecure"),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn a_tls_group_address_is_https() {
+        assert_eq!(with_scheme("https://", "db:20004"), "https://db:20004");
+        assert_eq!(with_scheme("", "db:20004"), "db:20004");
+        assert_eq!(with_scheme("https://", "https://db:1"), "https://db:1");
+        assert_eq!(with_scheme("https://", ""), "");
+    }
+}

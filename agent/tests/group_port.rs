@@ -38,6 +38,11 @@ impl Drop for Port {
 }
 
 async fn port() -> Port {
+    port_knowing(Some(&["web-1", "web-2"])).await
+}
+
+/// With `members` known (None: before registry's first heartbeat answer).
+async fn port_knowing(members: Option<&[&str]>) -> Port {
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
     let capture = Arc::new(Capture::new(
@@ -45,7 +50,9 @@ async fn port() -> Port {
         Stream::new(1, StreamLimits::default()),
     ));
     let member = Member::new("web-1", "g", capture.clone());
-    member.set_members(["web-1", "web-2"]);
+    if let Some(members) = members {
+        member.set_members(members.iter().copied());
+    }
     let own = pki.agent("web-1");
     let tls = Tls::load(TlsFiles {
         cert: own.cert,
@@ -132,16 +139,14 @@ async fn an_outsiders_prepare_is_refused_and_the_members_writes_are_not_held() {
 
     // Another VM's agent, with a valid certificate from the same CA.
     let outsider = p.pki.agent("db-9");
-    let refused = client(&p, Some(&outsider))
-        .prepare(prepare("g-1"))
-        .await
-        .unwrap_err();
+    let answer = client(&p, Some(&outsider)).prepare(prepare("g-1")).await;
+    writes_flow(&p.capture, 1).await;
+    let refused = answer.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     assert!(
         refused.message().contains("db-9") && refused.message().contains("\"g\""),
         "{refused:?}"
     );
-    writes_flow(&p.capture, 1).await;
     // Nor can it commit or abort a round.
     let refused = client(&p, Some(&outsider))
         .commit(commit("g-1", now()))
@@ -261,4 +266,16 @@ async fn a_commit_far_from_the_members_clock_or_before_its_last_bookmark_is_refu
     assert!(refused.message().contains("backdated"), "{refused:?}");
     assert_eq!(p.capture.stream().last().await, last);
     writes_flow(&p.capture, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_registry_names_the_members_every_caller_is_refused() {
+    let p = port_knowing(None).await;
+    let answer = client(&p, Some(&p.pki.agent("web-2")))
+        .prepare(prepare("g-1"))
+        .await;
+    writes_flow(&p.capture, 1).await;
+    let refused = answer.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("members yet"), "{refused:?}");
 }
