@@ -127,7 +127,7 @@ pub struct Agent {
 
 impl Agent {
     /// Registers for the VM and starts replicating it.
-    pub async fn start(opts: AgentOptions) -> Result<Agent, RunError> {
+    pub async fn start(mut opts: AgentOptions) -> Result<Agent, RunError> {
         let roots = crate::roots::DiskRoots::new(&opts.disk_roots)?;
         let hostname = std::env::var("HOSTNAME").unwrap_or_default();
         let scheme = if opts.group_tls.is_some() {
@@ -151,6 +151,36 @@ impl Agent {
         )
         .await?;
         let (disks, refused) = open_disks(&roots, &assignment.disks)?;
+        // Before anything serves: a refused group port stops the start here.
+        let port = match (
+            &assignment.group,
+            std::mem::replace(&mut opts.group, GroupPort::Off),
+        ) {
+            (g, _) if g.is_empty() => None,
+            (_, GroupPort::Off) => None,
+            (_, GroupPort::Bound(listener)) => {
+                if opts.group_tls.is_none() && !opts.group_insecure {
+                    refuse_plaintext_beyond_loopback(&listener)?;
+                }
+                Some(listener)
+            }
+            (_, GroupPort::Listen(address)) => {
+                let listener =
+                    TcpListener::bind(&address)
+                        .await
+                        .map_err(|source| RunError::GroupPort {
+                            address: address.clone(),
+                            source,
+                        })?;
+                if opts.group_tls.is_none() && !opts.group_insecure {
+                    refuse_plaintext_beyond_loopback(&listener)?;
+                }
+                if opts.group_address.is_empty() {
+                    group_address = with_scheme(scheme, &advertised(&listener, &hostname));
+                }
+                Some(listener)
+            }
+        };
         let conditions = crate::health::Conditions::new();
         if !refused.is_empty() {
             conditions.set(
@@ -219,32 +249,6 @@ impl Agent {
             opts.heartbeat,
             stop.clone(),
         ));
-        let port = match (&assignment.group, opts.group) {
-            (g, _) if g.is_empty() => None,
-            (_, GroupPort::Off) => None,
-            (_, GroupPort::Bound(listener)) => {
-                if opts.group_tls.is_none() && !opts.group_insecure {
-                    refuse_plaintext_beyond_loopback(&listener)?;
-                }
-                Some(listener)
-            }
-            (_, GroupPort::Listen(address)) => {
-                let listener =
-                    TcpListener::bind(&address)
-                        .await
-                        .map_err(|source| RunError::GroupPort {
-                            address: address.clone(),
-                            source,
-                        })?;
-                if opts.group_tls.is_none() && !opts.group_insecure {
-                    refuse_plaintext_beyond_loopback(&listener)?;
-                }
-                if opts.group_address.is_empty() {
-                    group_address = with_scheme(scheme, &advertised(&listener, &hostname));
-                }
-                Some(listener)
-            }
-        };
         if let Some(scripts) = opts.scripts.clone() {
             let capture = capture.clone();
             let mut registry = RegistryClient::new(
