@@ -12,6 +12,16 @@
 //! itself when the hold it was asked for (at most [`MAX_HOLD`]) ends, and then
 //! refuses that round's Commit, so a coordinator dying mid-round stalls
 //! writes for that long at most.
+//!
+//! Who may call: with TLS (the agent's certificate, `--tls-cert`/`--tls-key`/
+//! `--tls-ca`) the port speaks only TLS, the authorization layer admits only
+//! agents (by certificate), and each handler admits only the agent of a VM
+//! that is a current member of this agent's group (the member list registry's
+//! GroupHeartbeat answers); anyone else is PERMISSION_DENIED and nothing is
+//! held. A Commit's time must lie within [`MAX_SKEW`] of the member's clock
+//! and not before the last bookmark it committed. Without TLS the port checks
+//! no caller: the agent binary then serves it only on a loopback address
+//! unless `--group-insecure` (see docs/security.md).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,6 +36,7 @@ use ferry_proto::ids::Epoch;
 use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::peers::Credentials;
+use ferry_runtime::security::{Caller, Principal};
 use ferry_runtime::time::from_duration;
 use ferry_runtime::PeerChannel;
 use tokio::sync::{Mutex, OwnedMutexGuard};
@@ -44,6 +55,11 @@ pub const ROUND_DEADLINE: Duration = Duration::from_millis(500);
 const FAILURES_TO_WARN: u32 = 3;
 /// How often a member's agent says it is alive to registry.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How far a Commit's time (the multi-VM point's time, set by the
+/// coordinator) may lie from the receiving member's clock: a caller can
+/// neither backdate nor postdate a point by more, and members' clocks must
+/// agree within it (NTP) for rounds to commit.
+pub const MAX_SKEW: Duration = Duration::from_secs(5);
 
 struct Hold {
     round: String,
@@ -61,6 +77,12 @@ pub struct Member {
     hold: Arc<Mutex<Option<Hold>>>,
     /// Holds that ended by themselves (their round did not finish in time).
     expired: Arc<std::sync::atomic::AtomicU64>,
+    /// The group's members as registry last said (None until the first
+    /// heartbeat answered): the only agents admitted on a checked port.
+    members: std::sync::Mutex<Option<std::collections::HashSet<String>>>,
+    /// The time of the last bookmark this member committed (Unix ns): no
+    /// later Commit may carry an earlier one.
+    last_bookmark: std::sync::atomic::AtomicU64,
 }
 
 impl Member {
@@ -71,7 +93,83 @@ impl Member {
             capture,
             hold: Arc::new(Mutex::new(None)),
             expired: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            members: std::sync::Mutex::new(None),
+            last_bookmark: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// The group's current members (VM names), as registry's GroupHeartbeat
+    /// answers them.
+    pub fn set_members<I, S>(&self, members: I)
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let set = members.into_iter().map(Into::into).collect();
+        if let Ok(mut slot) = self.members.lock() {
+            *slot = Some(set);
+        }
+    }
+
+    /// Admits the agent of a current member of this group (or anyone on a
+    /// port that checks no caller).
+    fn check_caller(&self, caller: &Caller) -> Result<(), Status> {
+        let vm = match caller {
+            Caller::Unchecked => return Ok(()),
+            Caller::Known(Principal::Agent { vm }) => vm.as_str().to_string(),
+            Caller::Known(other) => {
+                return Err(Status::permission_denied(format!(
+                    "{} may not take part in replication group {:?}: only its members' agents may",
+                    other.uri(),
+                    self.group
+                )))
+            }
+        };
+        let known = self.members.lock().ok().and_then(|m| m.clone());
+        match known {
+            Some(members) if members.contains(&vm) => Ok(()),
+            Some(_) => Err(Status::permission_denied(format!(
+                "the agent of VM {vm:?} is not a member of replication group {:?} \
+                 (as registry last said): it may not Prepare, Commit or Abort its rounds",
+                self.group
+            ))),
+            None => Err(Status::permission_denied(format!(
+                "the agent of VM {vm:?} is refused: VM {:?}'s agent does not know replication \
+                 group {:?}'s members yet (registry's heartbeat has not answered)",
+                self.vm, self.group
+            ))),
+        }
+    }
+
+    /// A Commit's time must be near this member's clock and not before
+    /// its last bookmark.
+    fn check_time(&self, time_unix_nanos: u64) -> Result<(), Status> {
+        let now = ferry_runtime::time::unix_nanos_now();
+        let skew = u64::try_from(MAX_SKEW.as_nanos()).unwrap_or(u64::MAX);
+        if time_unix_nanos.abs_diff(now) > skew {
+            let off = Duration::from_nanos(time_unix_nanos.abs_diff(now));
+            let way = if time_unix_nanos < now {
+                "before"
+            } else {
+                "after"
+            };
+            return Err(Status::invalid_argument(format!(
+                "the round's time {time_unix_nanos} is {off:?} {way} VM {:?}'s clock \
+                 (at most {MAX_SKEW:?} either way): no bookmark; check the members' clocks (NTP)",
+                self.vm
+            )));
+        }
+        let last = self
+            .last_bookmark
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if time_unix_nanos < last {
+            return Err(Status::invalid_argument(format!(
+                "the round's time {time_unix_nanos} is before VM {:?}'s last bookmark \
+                 ({last}): a point cannot be backdated",
+                self.vm
+            )));
+        }
+        Ok(())
     }
 
     /// How many holds ended by themselves because their round did not finish.
@@ -89,7 +187,12 @@ impl Member {
         Ok(())
     }
 
-    async fn prepare(&self, req: pb::PrepareRequest) -> Result<pb::PrepareResponse, Status> {
+    async fn prepare(
+        &self,
+        caller: &Caller,
+        req: pb::PrepareRequest,
+    ) -> Result<pb::PrepareResponse, Status> {
+        self.check_caller(caller)?;
         self.check_group(&req.replication_group)?;
         if req.round_id.is_empty() {
             return Err(Status::invalid_argument("round_id is empty"));
@@ -162,7 +265,12 @@ impl Member {
         })
     }
 
-    async fn commit(&self, req: pb::CommitRequest) -> Result<pb::CommitResponse, Status> {
+    async fn commit(
+        &self,
+        caller: &Caller,
+        req: pb::CommitRequest,
+    ) -> Result<pb::CommitResponse, Status> {
+        self.check_caller(caller)?;
         self.check_group(&req.replication_group)?;
         let mut slot = self.hold.lock().await;
         if slot.as_ref().is_none_or(|h| h.round != req.round_id) {
@@ -171,6 +279,11 @@ impl Member {
                  reached it): abort the round",
                 self.vm, req.round_id
             )));
+        }
+        if let Err(status) = self.check_time(req.time_unix_nanos) {
+            // The round cannot make a point: its writes go on.
+            *slot = None;
+            return Err(status);
         }
         // Writes are held, so the marker needs no ordering lock: every write
         // before it has completed, none after it has.
@@ -181,6 +294,10 @@ impl Member {
         });
         let sequence = self.capture.stream().push("", marker).await;
         *slot = None;
+        if sequence != 0 {
+            self.last_bookmark
+                .fetch_max(req.time_unix_nanos, std::sync::atomic::Ordering::Relaxed);
+        }
         if sequence == 0 {
             return Err(Status::failed_precondition(format!(
                 "VM {:?} started tracking changed chunks: no bookmark",
@@ -191,7 +308,12 @@ impl Member {
         Ok(pb::CommitResponse { sequence })
     }
 
-    async fn abort(&self, req: pb::AbortRequest) -> Result<pb::AbortResponse, Status> {
+    async fn abort(
+        &self,
+        caller: &Caller,
+        req: pb::AbortRequest,
+    ) -> Result<pb::AbortResponse, Status> {
+        self.check_caller(caller)?;
         self.check_group(&req.replication_group)?;
         let mut slot = self.hold.lock().await;
         if slot.as_ref().is_some_and(|h| h.round == req.round_id) {
@@ -215,8 +337,9 @@ impl AgentGroup for MemberService {
         &self,
         request: Request<pb::PrepareRequest>,
     ) -> Result<Response<pb::PrepareResponse>, Status> {
+        let caller = Caller::of(&request);
         self.0
-            .prepare(request.into_inner())
+            .prepare(&caller, request.into_inner())
             .await
             .map(Response::new)
     }
@@ -225,15 +348,57 @@ impl AgentGroup for MemberService {
         &self,
         request: Request<pb::CommitRequest>,
     ) -> Result<Response<pb::CommitResponse>, Status> {
-        self.0.commit(request.into_inner()).await.map(Response::new)
+        let caller = Caller::of(&request);
+        self.0
+            .commit(&caller, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn abort(
         &self,
         request: Request<pb::AbortRequest>,
     ) -> Result<Response<pb::AbortResponse>, Status> {
-        self.0.abort(request.into_inner()).await.map(Response::new)
+        let caller = Caller::of(&request);
+        self.0
+            .abort(&caller, request.into_inner())
+            .await
+            .map(Response::new)
     }
+}
+
+/// Serves `ferry.agent.v1.AgentGroup` (with health and reflection) on
+/// `listener` until `stop`: with `tls`, TLS only and every caller checked
+/// (agents only, by certificate; members only, by the handlers); without,
+/// plaintext and no caller checked.
+pub async fn serve(
+    member: Arc<Member>,
+    listener: tokio::net::TcpListener,
+    tls: Option<ferry_runtime::security::Tls>,
+    stop: CancellationToken,
+) -> Result<(), ferry_runtime::HostError> {
+    use ferry_runtime::security::{Access, Checks, NoOperatorTokens};
+    let mut host = ferry_runtime::Host::new(&[SERVICE_NAME]).await?;
+    host.routes().add_service(member.service());
+    let health = host.health();
+    let access = match &tls {
+        Some(_) => Access::Enforced(Arc::new(Checks {
+            tokens: Arc::new(NoOperatorTokens),
+            secret: None,
+        })),
+        None => Access::Unchecked,
+    };
+    tokio::spawn(async move {
+        health.serving().await;
+        let limits = ferry_runtime::config::Limits::default();
+        if let Err(e) = host
+            .serve(listener, &limits, tls.as_ref(), access, stop)
+            .await
+        {
+            tracing::error!(error = %e, "replication group port stopped");
+        }
+    });
+    Ok(())
 }
 
 /// Channels to the members' group ports, by address.
@@ -245,9 +410,10 @@ pub struct Peers {
 
 impl Peers {
     /// Peers reached with the agent's `credentials`. They are presented to
-    /// an https:// group address only: the group port serves plaintext
-    /// (and checks no caller), so a plain address gets no credentials —
-    /// the agent's token never crosses the network in the clear.
+    /// an https:// group address only (a member serving TLS, which admits
+    /// members' agents by certificate); a plain address (a member without
+    /// TLS, which checks no caller) gets no credentials — the agent's token
+    /// never crosses the network in the clear.
     pub fn new(credentials: Credentials) -> Peers {
         Peers {
             clients: HashMap::new(),
@@ -420,6 +586,9 @@ pub struct GroupOptions {
     pub credential: String,
     /// This agent's group port address, as the other members reach it.
     pub address: String,
+    /// This agent's side of the protocol: it learns the members from each
+    /// heartbeat's answer.
+    pub member: Arc<Member>,
 }
 
 /// Says this member is alive to registry every [`HEARTBEAT`]; while registry
@@ -452,6 +621,8 @@ pub async fn run(opts: GroupOptions, stop: CancellationToken) {
             Ok(view) => {
                 let view = view.into_inner();
                 let group = view.group.unwrap_or_default();
+                opts.member
+                    .set_members(view.members.iter().map(|m| m.vm_name.clone()));
                 let interval = view
                     .multi_vm_interval
                     .as_ref()

@@ -80,6 +80,12 @@ struct Args {
     /// default: the listen address (the host name if it is 0.0.0.0).
     #[arg(long, env = "FERRY_GROUP_ADVERTISE", value_name = "HOST:PORT")]
     group_advertise: Option<String>,
+    /// Serve the group port in plaintext on a --group-listen address that is
+    /// not loopback: anyone who reaches it can hold the group's writes and
+    /// place its points. Without it such a port needs the agent's
+    /// certificate (--tls-cert, --tls-key, --tls-ca): TLS, members only.
+    #[arg(long, env = "FERRY_GROUP_INSECURE")]
+    group_insecure: bool,
     /// A directory under which the VM's source images lie (repeatable; in
     /// FERRY_DISK_ROOT, ':'-separated). The agent opens a disk's image only
     /// if its real path (symlinks and `..` resolved) is inside one; a disk
@@ -283,6 +289,18 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
         }
         None => None,
     };
+    // The agent's certificate also serves its group port.
+    let group_tls = match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
+        (Some(cert), Some(key), Some(ca)) => Some(
+            ferry_runtime::security::Tls::load(ferry_runtime::security::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            })
+            .map_err(|e| e.to_string())?,
+        ),
+        _ => None,
+    };
     let group = match args.group_listen.as_str() {
         "off" => GroupPort::Off,
         address => GroupPort::Listen(address.to_string()),
@@ -293,6 +311,8 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
         nbd: NbdListeners { tcp, tls, unix },
         group,
         group_address: args.group_advertise.clone().unwrap_or_default(),
+        group_tls,
+        group_insecure: args.group_insecure,
         state_dir: args.state_dir.clone(),
         disk_roots,
         limits: StreamLimits::default(),

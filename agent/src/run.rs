@@ -54,6 +54,14 @@ pub struct AgentOptions {
     /// trusts; [`Credentials::none`](ferry_runtime::peers::Credentials::none)
     /// for a deployment that checks nothing (http:// URLs).
     pub credentials: ferry_runtime::peers::Credentials,
+    /// The group port's TLS (the agent's certificate, key and CA): with it
+    /// the port speaks only TLS, admits only the agents of the group's
+    /// members, and its address is advertised as https://. None: plaintext,
+    /// no caller checked — refused on a non-loopback address unless
+    /// `group_insecure`.
+    pub group_tls: Option<ferry_runtime::security::Tls>,
+    /// Serve a plaintext group port beyond loopback anyway.
+    pub group_insecure: bool,
 }
 
 /// Where the replication group port listens.
@@ -84,6 +92,13 @@ pub enum RunError {
         address: String,
         source: std::io::Error,
     },
+    #[error(
+        "the replication group port {address} is not on a loopback address: plaintext there \
+         lets anyone who reaches it hold the group's writes and place its points. Give the \
+         agent its certificate (--tls-cert, --tls-key and --tls-ca) for TLS, or \
+         --group-insecure to serve plaintext anyway (or --group-listen off)"
+    )]
+    GroupPlaintext { address: String },
     #[error("the stream task failed: {0}")]
     Task(String),
 }
@@ -112,13 +127,20 @@ pub struct Agent {
 
 impl Agent {
     /// Registers for the VM and starts replicating it.
-    pub async fn start(opts: AgentOptions) -> Result<Agent, RunError> {
+    pub async fn start(mut opts: AgentOptions) -> Result<Agent, RunError> {
         let roots = crate::roots::DiskRoots::new(&opts.disk_roots)?;
         let hostname = std::env::var("HOSTNAME").unwrap_or_default();
+        let scheme = if opts.group_tls.is_some() {
+            "https://"
+        } else {
+            ""
+        };
         let mut group_address = match (&opts.group, opts.group_address.is_empty()) {
-            (GroupPort::Bound(listener), true) => advertised(listener, &hostname),
-            (GroupPort::Listen(address), true) => address.clone(),
-            _ => opts.group_address.clone(),
+            (GroupPort::Bound(listener), true) => {
+                with_scheme(scheme, &advertised(listener, &hostname))
+            }
+            (GroupPort::Listen(address), true) => with_scheme(scheme, address),
+            _ => with_scheme(scheme, &opts.group_address),
         };
         let assignment = crate::register(
             &opts.registry,
@@ -129,6 +151,36 @@ impl Agent {
         )
         .await?;
         let (disks, refused) = open_disks(&roots, &assignment.disks)?;
+        // Before anything serves: a refused group port stops the start here.
+        let port = match (
+            &assignment.group,
+            std::mem::replace(&mut opts.group, GroupPort::Off),
+        ) {
+            (g, _) if g.is_empty() => None,
+            (_, GroupPort::Off) => None,
+            (_, GroupPort::Bound(listener)) => {
+                if opts.group_tls.is_none() && !opts.group_insecure {
+                    refuse_plaintext_beyond_loopback(&listener)?;
+                }
+                Some(listener)
+            }
+            (_, GroupPort::Listen(address)) => {
+                let listener =
+                    TcpListener::bind(&address)
+                        .await
+                        .map_err(|source| RunError::GroupPort {
+                            address: address.clone(),
+                            source,
+                        })?;
+                if opts.group_tls.is_none() && !opts.group_insecure {
+                    refuse_plaintext_beyond_loopback(&listener)?;
+                }
+                if opts.group_address.is_empty() {
+                    group_address = with_scheme(scheme, &advertised(&listener, &hostname));
+                }
+                Some(listener)
+            }
+        };
         let conditions = crate::health::Conditions::new();
         if !refused.is_empty() {
             conditions.set(
@@ -197,24 +249,6 @@ impl Agent {
             opts.heartbeat,
             stop.clone(),
         ));
-        let port = match (&assignment.group, opts.group) {
-            (g, _) if g.is_empty() => None,
-            (_, GroupPort::Off) => None,
-            (_, GroupPort::Bound(listener)) => Some(listener),
-            (_, GroupPort::Listen(address)) => {
-                let listener =
-                    TcpListener::bind(&address)
-                        .await
-                        .map_err(|source| RunError::GroupPort {
-                            address: address.clone(),
-                            source,
-                        })?;
-                if opts.group_address.is_empty() {
-                    group_address = advertised(&listener, &hostname);
-                }
-                Some(listener)
-            }
-        };
         if let Some(scripts) = opts.scripts.clone() {
             let capture = capture.clone();
             let mut registry = RegistryClient::new(
@@ -246,7 +280,14 @@ impl Agent {
             }
             (g, Some(listener)) => {
                 let member = crate::group::Member::new(&opts.vm, g, capture.clone());
-                serve_group(member.clone(), listener, stop.clone()).await?;
+                crate::group::serve(
+                    member.clone(),
+                    listener,
+                    opts.group_tls.clone(),
+                    stop.clone(),
+                )
+                .await
+                .map_err(AgentError::from)?;
                 tokio::spawn(crate::group::run(
                     crate::group::GroupOptions {
                         registry: opts.registry.clone(),
@@ -255,6 +296,7 @@ impl Agent {
                         epoch: assignment.epoch,
                         credential: assignment.credential().to_string(),
                         address: group_address.clone(),
+                        member: member.clone(),
                     },
                     stop.clone(),
                 ));
@@ -587,35 +629,27 @@ fn advertised(listener: &TcpListener, hostname: &str) -> String {
     }
 }
 
-/// Serves `ferry.agent.v1.AgentGroup` (with health and reflection) on
-/// `listener` until `stop`.
-async fn serve_group(
-    member: Arc<crate::group::Member>,
-    listener: TcpListener,
-    stop: CancellationToken,
-) -> Result<(), RunError> {
-    let mut host = ferry_runtime::Host::new(&[crate::group::SERVICE_NAME])
-        .await
-        .map_err(AgentError::from)?;
-    host.routes().add_service(member.service());
-    let health = host.health();
-    tokio::spawn(async move {
-        health.serving().await;
-        let limits = ferry_runtime::config::Limits::default();
-        if let Err(e) = host
-            .serve(
-                listener,
-                &limits,
-                None,
-                ferry_runtime::security::Access::Unchecked,
-                stop,
-            )
-            .await
-        {
-            tracing::error!(error = %e, "replication group port stopped");
-        }
-    });
-    Ok(())
+/// `address` with `scheme` in front, unless empty or it has one.
+fn with_scheme(scheme: &str, address: &str) -> String {
+    if address.is_empty() || address.contains("://") {
+        address.to_string()
+    } else {
+        format!("{scheme}{address}")
+    }
+}
+
+/// Refuses a plaintext group port whose listener is not on loopback.
+fn refuse_plaintext_beyond_loopback(listener: &TcpListener) -> Result<(), RunError> {
+    match listener.local_addr() {
+        Ok(a) if a.ip().is_loopback() => Ok(()),
+        Ok(a) => Err(RunError::GroupPlaintext {
+            address: a.to_string(),
+        }),
+        Err(e) => Err(RunError::GroupPort {
+            address: "?".into(),
+            source: e,
+        }),
+    }
 }
 
 /// The app-consistent frequency of the VM's policy; None when it is off.
@@ -641,4 +675,34 @@ async fn app_consistent_frequency(
         .as_ref()
         .and_then(ferry_runtime::time::from_duration)
         .filter(|d| !d.is_zero()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests may
+    use super::*;
+
+    #[tokio::test]
+    async fn a_plaintext_group_port_beyond_loopback_is_refused() {
+        let loopback = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        assert!(refuse_plaintext_beyond_loopback(&loopback).is_ok());
+        let everywhere = TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let refused = refuse_plaintext_beyond_loopback(&everywhere).unwrap_err();
+        assert!(
+            matches!(refused, RunError::GroupPlaintext { .. }),
+            "{refused}"
+        );
+        assert!(
+            refused.to_string().contains("--group-insecure"),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn a_tls_group_address_is_https() {
+        assert_eq!(with_scheme("https://", "db:20004"), "https://db:20004");
+        assert_eq!(with_scheme("", "db:20004"), "db:20004");
+        assert_eq!(with_scheme("https://", "https://db:1"), "https://db:1");
+        assert_eq!(with_scheme("https://", ""), "");
+    }
 }

@@ -4,7 +4,8 @@
 //! an agent presenting web-2's certificate for web-1 is refused
 //! (PERMISSION_DENIED) without fencing the real one, whose disk keeps taking
 //! writes; an agent with no certificate is UNAUTHENTICATED. The binary takes
-//! its certificate or an agent token from its flags.
+//! its certificate or an agent token from its flags. A group's members
+//! serve their group ports with TLS and admit only each other.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may
 
 use std::path::{Path, PathBuf};
@@ -173,6 +174,8 @@ async fn start(
         vm: vm.into(),
         nbd: nbd.into(),
         group: GroupPort::Off,
+        group_tls: None,
+        group_insecure: false,
         group_address: String::new(),
         state_dir: dir.join("agent"),
         disk_roots: vec![dir.join("images")],
@@ -571,8 +574,8 @@ async fn the_agent_binary_proves_who_it_is_with_an_agent_token_from_its_file() {
     child.wait().unwrap();
 }
 
-/// The group port serves plaintext and checks no caller: a member's
-/// agent token must not travel to it in the clear.
+/// A group port without TLS checks no caller: a member's agent token must
+/// not travel to it in the clear.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_token_never_goes_to_a_plain_group_port() {
     use ferry_agent::capture::{Capture, SourceDisk};
@@ -623,4 +626,142 @@ async fn the_agent_token_never_goes_to_a_plain_group_port() {
     assert_eq!(seen.len(), 2, "Prepare and Commit: {seen:?}");
     assert!(seen.iter().all(|carried| !carried), "{seen:?}");
     stop.cancel();
+}
+
+/// A replication group in a deployment with TLS: each member's agent serves
+/// its group port with its own certificate and advertises it as https://;
+/// the coordinator's rounds reach the members with its certificate and
+/// commit (the group's health turns NORMAL on both); another VM's agent is
+/// refused a Prepare and the member's writes are not held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_groups_rounds_run_over_tls_between_its_members_only() {
+    use ferry_agent::group::ROUND_DEADLINE;
+    use ferry_proto::agent::v1 as pb;
+    use ferry_proto::agent::v1::agent_group_client::AgentGroupClient;
+    use ferry_runtime::time::to_duration;
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = secured(dir.path()).await;
+    let mut r = s.registry_client();
+    let day = to_duration(Duration::from_secs(86400));
+    r.create_policy(reg::CreatePolicyRequest {
+        policy: Some(reg::ReplicationPolicy {
+            name: "shop-policy".into(),
+            crash_consistent_interval: Some(to_duration(Duration::from_secs(1))),
+            multi_vm_consistency: true,
+            multi_vm_interval: Some(to_duration(Duration::from_secs(1))),
+            keep_all_points_for: Some(day),
+            thinned_point_spacing: Some(day),
+            recovery_point_retention: Some(day),
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    r.create_replication_group(reg::CreateReplicationGroupRequest {
+        name: "shop".into(),
+        policy_name: "shop-policy".into(),
+    })
+    .await
+    .unwrap();
+    let mut agents = Vec::new();
+    for vm in ["web-1", "web-2"] {
+        let vm_dir = dir.path().join(vm);
+        std::fs::create_dir_all(&vm_dir).unwrap();
+        let os = image(&vm_dir);
+        r.register_vm(reg::RegisterVmRequest {
+            vm: Some(ferry_testkit::vm::vm_spec(vm, &[("os", SIZE, &os)])),
+        })
+        .await
+        .unwrap();
+        r.enable_replication(reg::EnableReplicationRequest {
+            vm_name: vm.to_string(),
+            target_region: "westus".into(),
+            replication_group: "shop".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    // Both are members before either agent starts: the first round's
+    // report reaches both.
+    for vm in ["web-1", "web-2"] {
+        let vm_dir = dir.path().join(vm);
+        let own = s.pki.agent(vm);
+        let agent = Agent::start(AgentOptions {
+            registry: s.registry.clone(),
+            vm: vm.into(),
+            nbd: TcpListener::bind("127.0.0.1:0").await.unwrap().into(),
+            group: GroupPort::Bound(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            group_tls: Some(
+                ferry_runtime::security::Tls::load(ferry_runtime::security::TlsFiles {
+                    cert: own.cert,
+                    key: own.key,
+                    ca: s.pki.ca(),
+                })
+                .unwrap(),
+            ),
+            group_insecure: false,
+            group_address: String::new(),
+            state_dir: vm_dir.join("agent"),
+            disk_roots: vec![vm_dir.join("images")],
+            limits: StreamLimits::default(),
+            nbd_limits: Default::default(),
+            heartbeat: Duration::from_millis(200),
+            scripts: None,
+            credentials: s.agent(vm),
+        })
+        .await
+        .unwrap();
+        assert!(
+            agent.group_address.starts_with("https://127.0.0.1:"),
+            "{}",
+            agent.group_address
+        );
+        agents.push(agent);
+    }
+
+    // The coordinator's rounds commit on both members.
+    for vm in ["web-1", "web-2"] {
+        wait_for(
+            &format!("a committed round's NORMAL group health on {vm}"),
+            Duration::from_secs(30),
+            || async {
+                s.item(vm).await.health_reports.into_iter().find(|h| {
+                    h.component == "group" && h.health == reg::ReplicationHealth::Normal as i32
+                })
+            },
+        )
+        .await;
+    }
+
+    // Another VM's agent, with a certificate from the same CA: refused,
+    // and web-1's writes go on.
+    let outsider = presenting(&s.pki, Some(&s.pki.agent("db-9")));
+    let mut port =
+        AgentGroupClient::new(ferry_runtime::connect(&agents[0].group_address, &outsider).unwrap());
+    let answer = port
+        .prepare(pb::PrepareRequest {
+            replication_group: "shop".into(),
+            round_id: "shop-forged".into(),
+            coordinator: "db-9".into(),
+            hold: Some(to_duration(Duration::from_secs(2))),
+        })
+        .await;
+    for k in 0..3u64 {
+        tokio::time::timeout(
+            ROUND_DEADLINE * 3,
+            agents[0].capture.write("os", k * 4096, vec![9; 4096]),
+        )
+        .await
+        .expect("web-1's writes are held by an outsider's Prepare")
+        .unwrap();
+    }
+    let refused = answer.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("db-9"), "{refused:?}");
+
+    for agent in agents {
+        agent.stop(Duration::from_secs(5)).await.unwrap();
+    }
 }

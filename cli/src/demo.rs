@@ -312,6 +312,8 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<Figu
         vm: "demo-web".into(),
         nbd: nbd.into(),
         group: ferry_agent::run::GroupPort::Off,
+        group_tls: None,
+        group_insecure: false,
         group_address: String::new(),
         state_dir: dir.join("agent"),
         disk_roots: vec![images.clone()],

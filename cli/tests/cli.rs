@@ -268,6 +268,8 @@ async fn points_test_failover_cleanup_failover_commit_and_jobs_from_the_command_
         vm: "vm".into(),
         nbd: nbd.into(),
         group: ferry_agent::run::GroupPort::Off,
+        group_tls: None,
+        group_insecure: false,
         group_address: String::new(),
         state_dir: dir.path().join("agent"),
         disk_roots: vec![dir.path().to_path_buf()],

@@ -55,6 +55,8 @@ pub async fn run(dir: &Path) -> Result<()> {
         vm: "vm".into(),
         nbd: nbd.into(),
         group: ferry_agent::run::GroupPort::Off,
+        group_tls: None,
+        group_insecure: false,
         group_address: String::new(),
         state_dir: dir.join("agent"),
         disk_roots: vec![dir.to_path_buf()],

@@ -84,6 +84,8 @@ pub async fn run(dir: &Path, vms: usize, secs: u64) -> Result<()> {
                 vm: vm.clone(),
                 nbd: nbd.into(),
                 group: GroupPort::Bound(group),
+                group_tls: None,
+                group_insecure: false,
                 group_address: String::new(),
                 state_dir: dir.join(format!("{vm}-agent")),
                 disk_roots: vec![dir.to_path_buf()],

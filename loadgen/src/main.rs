@@ -204,6 +204,8 @@ async fn rig(dir: &Path, vm: &str) -> Result<Rig> {
         vm: vm.into(),
         nbd: nbd.into(),
         group: ferry_agent::run::GroupPort::Off,
+        group_tls: None,
+        group_insecure: false,
         group_address: String::new(),
         state_dir: dir.join(format!("{vm}-agent")),
         disk_roots: vec![dir.to_path_buf()],

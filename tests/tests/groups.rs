@@ -601,3 +601,61 @@ async fn a_planned_group_failover_loses_no_write_of_any_member() {
         let _ = a.stop(Duration::from_secs(1)).await;
     }
 }
+
+/// A group port without TLS checks no caller: the agent serves it beyond
+/// loopback only when told to (`--group-insecure`), and a refused start
+/// serves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_group_port_beyond_loopback_needs_insecure() {
+    use ferry_agent::run::{AgentOptions, GroupPort, RunError};
+    let cluster = Cluster::start().await;
+    let registry = cluster.registry.url.clone();
+    let dir = tempfile::tempdir().unwrap();
+    create_group(&registry, "lan", Duration::from_secs(30)).await;
+    let image = image(dir.path(), "lan-a");
+    join_group(&registry, "lan-a", &[("os", DISK, &image)], "lan").await;
+    let options = |insecure: bool, nbd: tokio::net::TcpListener, group| AgentOptions {
+        registry: registry.clone(),
+        vm: "lan-a".into(),
+        nbd: nbd.into(),
+        group: GroupPort::Bound(group),
+        group_tls: None,
+        group_insecure: insecure,
+        group_address: String::new(),
+        state_dir: dir.path().join("lan-a-state"),
+        disk_roots: vec![dir.path().to_path_buf()],
+        limits: Default::default(),
+        nbd_limits: Default::default(),
+        heartbeat: ferry_agent::health::HEARTBEAT,
+        scripts: None,
+        credentials: Default::default(),
+    };
+    let bind = |a: &'static str| async move { tokio::net::TcpListener::bind(a).await.unwrap() };
+
+    let nbd = bind("127.0.0.1:0").await;
+    let nbd_addr = nbd.local_addr().unwrap();
+    match Agent::start(options(false, nbd, bind("0.0.0.0:0").await)).await {
+        Err(e @ RunError::GroupPlaintext { .. }) => {
+            assert!(e.to_string().contains("--group-insecure"), "{e}")
+        }
+        Err(e) => panic!("refused for the wrong reason: {e}"),
+        Ok(_) => panic!("a plaintext group port on 0.0.0.0 was served"),
+    }
+    // Its NBD export is not served either.
+    assert!(tokio::net::TcpStream::connect(nbd_addr).await.is_err());
+
+    let agent = Agent::start(options(
+        true,
+        bind("127.0.0.1:0").await,
+        bind("0.0.0.0:0").await,
+    ))
+    .await
+    .unwrap();
+    assert!(!agent.group_address.is_empty());
+    assert!(
+        !agent.group_address.contains("://"),
+        "{}",
+        agent.group_address
+    );
+    agent.stop(Duration::from_secs(5)).await.unwrap();
+}

@@ -53,6 +53,8 @@ pub async fn protected_agent_limited(
         vm: vm.to_string(),
         nbd: nbd.into(),
         group: ferry_agent::run::GroupPort::Bound(group),
+        group_tls: None,
+        group_insecure: false,
         group_address: String::new(),
         state_dir: state_dir.to_path_buf(),
         // The tests put the images beside the agent's state directory.
