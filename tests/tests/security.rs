@@ -742,3 +742,170 @@ async fn a_health_port_answers_plaintext_probes_and_nothing_else() {
     )
     .await;
 }
+
+/// The code and message of a call's outcome (Ok once the server answers
+/// with headers, whatever a stream then holds).
+fn outcome<T>(result: Result<tonic::Response<T>, tonic::Status>) -> (Code, String) {
+    match result {
+        Ok(_) => (Code::Ok, String::new()),
+        Err(status) => (status.code(), status.message().to_string()),
+    }
+}
+
+/// Calls `method` (`package.Service/Method`) at `url` with an empty request,
+/// unary or streaming as the proto says.
+async fn call_empty(
+    url: &str,
+    credentials: &Credentials,
+    method: &str,
+    client_streaming: bool,
+    server_streaming: bool,
+) -> (Code, String) {
+    let channel = connect(url, credentials).unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path: http::uri::PathAndQuery = format!("/{method}").parse().unwrap();
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    let empty = || tonic::Request::new(tokio_stream::empty::<()>());
+    let call = async {
+        match (client_streaming, server_streaming) {
+            (false, false) => outcome(grpc.unary(tonic::Request::new(()), path, codec).await),
+            (false, true) => outcome(
+                grpc.server_streaming(tonic::Request::new(()), path, codec)
+                    .await,
+            ),
+            (true, false) => outcome(grpc.client_streaming(empty(), path, codec).await),
+            (true, true) => outcome(grpc.streaming(empty(), path, codec).await),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .unwrap_or_else(|_| panic!("{method} did not answer within 20 s"))
+}
+
+/// Whether the authorization layer (not the handler) refused the call: its
+/// messages say so.
+fn refused_by_layer((code, message): &(Code, String)) -> bool {
+    (*code == Code::Unauthenticated && message.contains("needs credentials"))
+        || (*code == Code::PermissionDenied && message.contains("may not call"))
+}
+
+/// Every RPC of the four services, straight from the table and the protos:
+/// no credentials → UNAUTHENTICATED; a principal the table does not admit
+/// (the role just below, an admin for a service-only method) →
+/// PERMISSION_DENIED; one it admits → past the layer (whatever the handler
+/// then says of an empty request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_refuses_the_callers_the_table_does_not_admit() {
+    use ferry_runtime::security::policy::TABLE;
+    use ferry_runtime::security::Principal;
+    use prost::Message;
+
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let registry_url = registry(&pki, &dir, &shutdown).await;
+    let cache_url = cache_svc(&pki, &dir, &registry_url, &shutdown).await;
+    let (processor_listener, processor_url) = listener().await;
+    let mut config = secured(&pki, &dir.path().join("processor"), ServiceKind::Processor);
+    config.registry = Some(registry_url.clone());
+    config.cache = Some(cache_url.clone());
+    tokio::spawn(processor_svc::run(
+        config,
+        Default::default(),
+        processor_listener,
+        shutdown.clone(),
+    ));
+    let (failover_listener, failover_url) = listener().await;
+    let mut config = secured(&pki, &dir.path().join("failover"), ServiceKind::Failover);
+    config.registry = Some(registry_url.clone());
+    config.processor = Some(processor_url.clone());
+    tokio::spawn(failover_svc::run(
+        config,
+        Default::default(),
+        failover_listener,
+        shutdown.clone(),
+    ));
+    let anyone = anonymous(&pki);
+    for url in [&registry_url, &cache_url, &processor_url, &failover_url] {
+        serving(url, &anyone).await;
+    }
+
+    let set = prost_types::FileDescriptorSet::decode(ferry_proto::FILE_DESCRIPTOR_SET).unwrap();
+    let mut checked = 0;
+    for file in &set.file {
+        for service in &file.service {
+            let url = match file.package() {
+                "ferry.registry.v1" | "ferry.audit.v1" => &registry_url,
+                "ferry.cache.v1" => &cache_url,
+                "ferry.processor.v1" => &processor_url,
+                "ferry.failover.v1" => &failover_url,
+                // The agent's group port: tests in agent/tests/group_port.rs.
+                _ => continue,
+            };
+            for method in &service.method {
+                let name = format!("{}.{}/{}", file.package(), service.name(), method.name());
+                let (_, allow) = TABLE
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .expect("in the table");
+                let call = |c: Credentials| {
+                    let name = name.clone();
+                    let url = url.clone();
+                    let (cs, ss) = (method.client_streaming(), method.server_streaming());
+                    async move { call_empty(&url, &c, &name, cs, ss).await }
+                };
+                let got = call(anonymous(&pki)).await;
+                assert_eq!(got.0, Code::Unauthenticated, "{name} anonymous: {got:?}");
+                assert!(refused_by_layer(&got), "{name}: {got:?}");
+
+                let operator = |role| with_cert(&pki, &pki.operator(role));
+                let below = match allow.role {
+                    Some(OperatorRole::Admin) => Some(OperatorRole::Operator),
+                    Some(OperatorRole::Operator) => Some(OperatorRole::Reader),
+                    Some(OperatorRole::Reader) => None,
+                    None => Some(OperatorRole::Admin),
+                };
+                if let Some(role) = below {
+                    let got = call(operator(role)).await;
+                    assert_eq!(got.0, Code::PermissionDenied, "{name} as {role}: {got:?}");
+                }
+                if let Some(service) = ServiceKind::ALL
+                    .iter()
+                    .find(|s| !allow.admits(&Principal::Service { service: **s }))
+                {
+                    let got = call(with_cert(&pki, &pki.service(*service))).await;
+                    assert_eq!(
+                        got.0,
+                        Code::PermissionDenied,
+                        "{name} as {service}: {got:?}"
+                    );
+                }
+                let admitted = match (allow.role, allow.services.first()) {
+                    (Some(role), _) => Some(operator(role)),
+                    (None, Some(service)) => Some(with_cert(&pki, &pki.service(*service))),
+                    // Agent-only methods check the VM in the body: covered above.
+                    (None, None) => None,
+                };
+                if let Some(credentials) = admitted {
+                    let got = call(credentials).await;
+                    assert!(
+                        !refused_by_layer(&got),
+                        "{name} by a caller the table admits: {got:?}"
+                    );
+                }
+                checked += 1;
+            }
+        }
+    }
+    let group_port = TABLE
+        .iter()
+        .filter(|(n, _)| n.starts_with("ferry.agent."))
+        .count();
+    assert_eq!(
+        checked,
+        TABLE.len() - group_port,
+        "every RPC but the group port's"
+    );
+    shutdown.cancel();
+}
