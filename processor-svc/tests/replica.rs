@@ -48,6 +48,26 @@ impl Feed {
     }
 }
 
+/// Opens the replicas in `dir` again after a handle was dropped in this
+/// process: sled's flusher thread lets go of the database's file lock a
+/// moment after the last handle, so a lock still held is waited for (up to
+/// 10 s), never mistaken for a failure.
+fn reopen(dir: &std::path::Path) -> Replicas {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Replicas::open(dir, CHUNK, 1 << 20) {
+            Ok(replicas) => return replicas,
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => panic!("reopening the replicas: {e}"),
+        }
+    }
+}
+
 fn disks() -> BTreeMap<String, u64> {
     // The data disk's size is not a multiple of the chunk size.
     BTreeMap::from([("os".to_string(), SIZE), ("data".to_string(), SIZE - 4096)])
@@ -201,7 +221,7 @@ fn every_point_reads_as_the_source_was_at_its_cut() {
         assert_eq!(listed, cuts);
     }
     // Reopened (as after a restart): the same points, the same contents.
-    let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
+    let replicas = reopen(dir.path());
     let replica = replicas
         .get("vm")
         .unwrap()
@@ -487,7 +507,7 @@ fn pruning_never_makes_the_open_intervals_records_look_durable() {
         );
     }
     // A crash now: the write that was in memory is applied again, not lost.
-    let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
+    let replicas = reopen(dir.path());
     let replica = replicas
         .open_vm_with("vm", &disks(), Incarnation(0))
         .unwrap();
@@ -579,7 +599,7 @@ fn a_damaged_blob_found_by_the_scrub_is_never_served_and_the_head_is_asked_for_a
     // The record survives a restart.
     drop(replica);
     drop(replicas);
-    let replicas = Replicas::open(dir.path(), CHUNK, 1 << 20).unwrap();
+    let replicas = reopen(dir.path());
     let replica = replicas.get("vm").unwrap().unwrap();
     assert!(replica.point(first.id()).unwrap().damaged.is_some());
     assert!(replica.point(repaired.id()).unwrap().damaged.is_none());
