@@ -65,6 +65,19 @@ async fn cache_svc(
     url
 }
 
+/// registry-svc and cache-svc with TLS, in-process, both serving.
+async fn registry_and_cache(
+    pki: &TestPki,
+    dir: &TempDir,
+    shutdown: &CancellationToken,
+) -> (String, String) {
+    let registry_url = registry(pki, dir, shutdown).await;
+    serving(&registry_url, &anonymous(pki)).await;
+    let cache_url = cache_svc(pki, dir, &registry_url, shutdown).await;
+    serving(&cache_url, &anonymous(pki)).await;
+    (registry_url, cache_url)
+}
+
 fn with_cert(pki: &TestPki, files: &CertFiles) -> Credentials {
     pki.presenting(Some(files))
 }
@@ -329,11 +342,8 @@ async fn operator_tokens_work_across_services_and_stop_when_revoked() {
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
-    let registry_url = registry(&pki, &dir, &shutdown).await;
+    let (registry_url, cache_url) = registry_and_cache(&pki, &dir, &shutdown).await;
     let admin = with_cert(&pki, &pki.operator(OperatorRole::Admin));
-    serving(&registry_url, &admin).await;
-    let cache_url = cache_svc(&pki, &dir, &registry_url, &shutdown).await;
-    serving(&cache_url, &admin).await;
 
     let token = registry_client(&registry_url, &admin)
         .create_token(reg::CreateTokenRequest {
@@ -417,11 +427,7 @@ async fn an_agent_acts_only_for_its_own_vm() {
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
-    let registry_url = registry(&pki, &dir, &shutdown).await;
-    let admin = with_cert(&pki, &pki.operator(OperatorRole::Admin));
-    serving(&registry_url, &admin).await;
-    let cache_url = cache_svc(&pki, &dir, &registry_url, &shutdown).await;
-    serving(&cache_url, &admin).await;
+    let (registry_url, cache_url) = registry_and_cache(&pki, &dir, &shutdown).await;
     let web1 = with_cert(&pki, &pki.agent("web-1"));
     let web2 = with_cert(&pki, &pki.agent("web-2"));
 
