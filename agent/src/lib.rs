@@ -5,6 +5,7 @@
 //! [`stream`]; [`nbd`] exports the disks to qemu and friends.
 
 pub mod capture;
+pub mod enrollment;
 pub mod group;
 pub mod health;
 pub mod initial;
@@ -47,7 +48,9 @@ fn credentials_hint(code: tonic::Code) -> &'static str {
         }
         tonic::Code::PermissionDenied => {
             " (the agent's certificate or token must be the one made for this VM: \
-             `ferry certs init --agent VM` names it spiffe://ferry/agent/VM)"
+             `ferry certs init --agent VM` names it spiffe://ferry/agent/VM; a first \
+             registration needs a one-time token from `ferry agent enroll VM`, given with \
+             --enrollment-token-file)"
         }
         _ => "",
     }
@@ -87,14 +90,24 @@ impl std::fmt::Debug for Assignment {
     }
 }
 
+/// What the agent shows to be admitted (see [`enrollment`]).
+#[derive(Default)]
+pub struct Admission<'a> {
+    /// The credential of its previous registration, if it kept one.
+    pub credential: Option<&'a str>,
+    /// A one-time enrollment token, if it was given one.
+    pub enrollment_token: Option<&'a str>,
+}
+
 /// Registers the agent for `vm` with the registry at `registry_url`,
-/// presenting `credentials`.
+/// presenting `credentials` and showing `admission`.
 pub async fn register(
     registry_url: &str,
     credentials: &ferry_runtime::peers::Credentials,
     vm: &str,
     hostname: &str,
     group_address: &str,
+    admission: Admission<'_>,
 ) -> Result<Assignment, AgentError> {
     let mut client = RegistryClient::new(ferry_runtime::connect(registry_url, credentials)?);
     let grant = client
@@ -102,6 +115,8 @@ pub async fn register(
             vm_name: vm.to_string(),
             hostname: hostname.to_string(),
             group_address: group_address.to_string(),
+            credential: admission.credential.unwrap_or_default().to_string(),
+            enrollment_token: admission.enrollment_token.unwrap_or_default().to_string(),
         })
         .await
         .map_err(|status| AgentError::Registry {

@@ -178,9 +178,27 @@ struct Args {
     /// client certificates.
     #[arg(long, env = "FERRY_AGENT_TOKEN_FILE", value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// A file holding the one-time enrollment token for the agent's first
+    /// registration (`ferry agent enroll VM`, or the one `ferry enable`
+    /// printed). Once registered the agent keeps its credential in
+    /// --state-dir and restarts without it; a used token left here is
+    /// harmless.
+    #[arg(long, env = "FERRY_ENROLLMENT_TOKEN_FILE", value_name = "FILE")]
+    enrollment_token_file: Option<PathBuf>,
     /// Log filter.
     #[arg(long, env = "FERRY_LOG", default_value = "info")]
     log: String,
+}
+
+/// The secret in `path` (surrounding whitespace ignored), for `flag`.
+fn read_secret(flag: &str, path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{flag} {}: cannot read it: {e}", path.display()))?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(format!("{flag} {}: the file is empty", path.display()));
+    }
+    Ok(secret.to_string())
 }
 
 /// What the agent presents to registry and cache, from its flags.
@@ -192,18 +210,11 @@ fn credentials(args: &Args) -> Result<Credentials, ferry_runtime::binary::Binary
         ),
         None => None,
     };
-    let bearer = match &args.token_file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("--token-file {}: cannot read it: {e}", path.display()))?;
-            let token = text.trim();
-            if token.is_empty() {
-                return Err(format!("--token-file {}: the file is empty", path.display()).into());
-            }
-            Some(token.to_string())
-        }
-        None => None,
-    };
+    let bearer = args
+        .token_file
+        .as_deref()
+        .map(|path| read_secret("--token-file", path))
+        .transpose()?;
     Ok(Credentials { tls, bearer })
 }
 
@@ -313,6 +324,11 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
         group_address: args.group_advertise.clone().unwrap_or_default(),
         group_tls,
         group_insecure: args.group_insecure,
+        enrollment_token: args
+            .enrollment_token_file
+            .as_deref()
+            .map(|path| read_secret("--enrollment-token-file", path))
+            .transpose()?,
         state_dir: args.state_dir.clone(),
         disk_roots,
         limits: StreamLimits::default(),

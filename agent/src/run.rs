@@ -62,6 +62,10 @@ pub struct AgentOptions {
     pub group_tls: Option<ferry_runtime::security::Tls>,
     /// Serve a plaintext group port beyond loopback anyway.
     pub group_insecure: bool,
+    /// A one-time enrollment token (`ferry agent enroll VM`) for the first
+    /// registration; later starts register with the credential kept in
+    /// `state_dir`.
+    pub enrollment_token: Option<String>,
 }
 
 /// Where the replication group port listens.
@@ -85,6 +89,8 @@ pub enum RunError {
     State(#[from] StateError),
     #[error(transparent)]
     DiskRoots(#[from] crate::roots::RootsError),
+    #[error(transparent)]
+    CredentialFile(#[from] crate::enrollment::CredentialFileError),
     #[error("cache-svc: {0}")]
     Cache(tonic::Status),
     #[error("cannot listen for the replication group on {address}: {source} (--group-listen HOST:PORT, or off)")]
@@ -142,14 +148,25 @@ impl Agent {
             (GroupPort::Listen(address), true) => with_scheme(scheme, address),
             _ => with_scheme(scheme, &opts.group_address),
         };
+        let kept = crate::enrollment::CredentialFile::open(&opts.state_dir, &opts.vm)?;
+        let previous = kept.load()?;
         let assignment = crate::register(
             &opts.registry,
             &opts.credentials,
             &opts.vm,
             &hostname,
             &group_address,
+            crate::Admission {
+                credential: previous.as_deref(),
+                enrollment_token: opts.enrollment_token.as_deref(),
+            },
         )
         .await?;
+        if previous.as_deref() != Some(assignment.credential()) {
+            // Before anything streams: a restart must find the credential
+            // the cache now knows.
+            kept.save(assignment.credential())?;
+        }
         let (disks, refused) = open_disks(&roots, &assignment.disks)?;
         // Before anything serves: a refused group port stops the start here.
         let port = match (

@@ -436,6 +436,7 @@ async fn replication_stopped_or_fenced_never_takes_the_vm_disk_offline() {
         "vm",
         "newer",
         "",
+        Default::default(),
     )
     .await
     .unwrap();

@@ -141,9 +141,22 @@ impl Secured {
             .into_inner()
     }
 
+    /// A one-time enrollment token for `vm`'s agent, issued by an admin.
+    async fn enroll(&self, vm: &str) -> String {
+        self.registry_client()
+            .create_enrollment_token(reg::CreateEnrollmentTokenRequest {
+                vm_name: vm.to_string(),
+                ttl_seconds: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .token
+    }
+
     /// Registers `vm` with one disk "os" at `image` and enables its
-    /// replication, as an admin.
-    async fn protect(&self, vm: &str, image: &Path) {
+    /// replication, as an admin; the enrollment token for its agent.
+    async fn protect(&self, vm: &str, image: &Path) -> String {
         let mut r = self.registry_client();
         r.register_vm(reg::RegisterVmRequest {
             vm: Some(ferry_testkit::vm::vm_spec(vm, &[("os", SIZE, image)])),
@@ -157,14 +170,17 @@ impl Secured {
         })
         .await
         .unwrap();
+        self.enroll(vm).await
     }
 }
 
-/// Starts the agent of `vm`, presenting `credentials`; its NBD address.
+/// Starts the agent of `vm`, presenting `credentials` and showing
+/// `enrollment_token`; its NBD address.
 async fn start(
     s: &Secured,
     vm: &str,
     credentials: Credentials,
+    enrollment_token: Option<&str>,
     dir: &Path,
 ) -> (Result<Agent, RunError>, String) {
     let nbd = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -176,6 +192,7 @@ async fn start(
         group: GroupPort::Off,
         group_tls: None,
         group_insecure: false,
+        enrollment_token: enrollment_token.map(str::to_string),
         group_address: String::new(),
         state_dir: dir.join("agent"),
         disk_roots: vec![dir.join("images")],
@@ -236,11 +253,11 @@ async fn the_vms_own_agent_replicates_over_tls_and_an_impostor_is_refused_withou
     let dir = tempfile::tempdir().unwrap();
     let s = secured(dir.path()).await;
     let os = image(dir.path());
-    s.protect("web-1", &os).await;
+    let token = s.protect("web-1", &os).await;
 
-    // The agent of web-1 with web-1's certificate: registered, its health
-    // reaches registry, its writes reach the cache.
-    let (agent, addr) = start(&s, "web-1", s.agent("web-1"), dir.path()).await;
+    // The agent of web-1 with web-1's certificate and its enrollment token:
+    // registered, its health reaches registry, its writes reach the cache.
+    let (agent, addr) = start(&s, "web-1", s.agent("web-1"), Some(&token), dir.path()).await;
     let agent = agent.expect("web-1's agent starts");
     let epoch = agent.epoch;
     assert_eq!(s.item("web-1").await.epoch, epoch.get());
@@ -273,7 +290,7 @@ async fn the_vms_own_agent_replicates_over_tls_and_an_impostor_is_refused_withou
     let impostor_dir = dir.path().join("impostor");
     std::fs::create_dir_all(&impostor_dir).unwrap();
     image(&impostor_dir);
-    let (refused, _) = start(&s, "web-1", s.agent("web-2"), &impostor_dir).await;
+    let (refused, _) = start(&s, "web-1", s.agent("web-2"), None, &impostor_dir).await;
     match refused {
         Err(RunError::Agent(AgentError::Registry { vm, status })) => {
             assert_eq!(vm, "web-1");
@@ -288,6 +305,33 @@ async fn the_vms_own_agent_replicates_over_tls_and_an_impostor_is_refused_withou
         epoch.get(),
         "the impostor fenced the VM's own agent"
     );
+
+    // web-1's own certificate on another host (a fresh state directory, so
+    // no credential of its own), without an enrollment token, then with the
+    // token the real agent already used: refused, and nothing is fenced.
+    for (shown, says) in [
+        (None, "showed neither"),
+        (Some(token.as_str()), "used already"),
+    ] {
+        let (refused, _) = start(&s, "web-1", s.agent("web-1"), shown, &impostor_dir).await;
+        match refused {
+            Err(RunError::Agent(AgentError::Registry { status, .. })) => {
+                assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
+                assert!(status.message().contains(says), "{status}");
+                assert!(
+                    status.message().contains("ferry agent enroll web-1"),
+                    "{status}"
+                );
+            }
+            Err(e) => panic!("refused for the wrong reason: {e}"),
+            Ok(_) => panic!("an agent without a valid enrollment took web-1 over"),
+        }
+        assert_eq!(
+            s.item("web-1").await.epoch,
+            epoch.get(),
+            "a registration without enrollment fenced the VM's own agent"
+        );
+    }
 
     // The VM's disk stays online: a write through the NBD export (qemu-io)
     // completes, and it still reaches the cache from the real agent.
@@ -308,7 +352,7 @@ async fn an_agent_without_a_certificate_is_unauthenticated_and_a_plain_url_is_re
     s.protect("web-1", &os).await;
 
     // TLS with no client certificate nor token: nobody.
-    let (refused, _) = start(&s, "web-1", presenting(&s.pki, None), dir.path()).await;
+    let (refused, _) = start(&s, "web-1", presenting(&s.pki, None), None, dir.path()).await;
     match refused {
         Err(RunError::Agent(AgentError::Registry { status, .. })) => {
             assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status}");
@@ -317,7 +361,7 @@ async fn an_agent_without_a_certificate_is_unauthenticated_and_a_plain_url_is_re
         Ok(_) => panic!("an agent without credentials started"),
     }
     // No credentials at all against an https:// registry: said at once.
-    let (refused, _) = start(&s, "web-1", Credentials::none(), dir.path()).await;
+    let (refused, _) = start(&s, "web-1", Credentials::none(), None, dir.path()).await;
     let err = refused.err().expect("refused");
     assert!(matches!(err, RunError::Agent(AgentError::Peer(_))), "{err}");
     assert!(err.to_string().contains("https:// URL needs TLS"), "{err}");
@@ -381,7 +425,10 @@ async fn the_agent_binary_takes_its_certificate_from_flags_and_says_why_it_is_re
     let dir = tempfile::tempdir().unwrap();
     let s = secured(dir.path()).await;
     let os = image(dir.path());
-    s.protect("web-1", &os).await;
+    let token = s.protect("web-1", &os).await;
+    let token_file = dir.path().join("enrollment-token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let enrollment = token_file.to_str().unwrap();
     let own = s.pki.agent("web-1");
     let other = s.pki.agent("web-2");
     let ca = s.pki.ca();
@@ -448,36 +495,47 @@ async fn the_agent_binary_takes_its_certificate_from_flags_and_says_why_it_is_re
         "{stderr}"
     );
 
-    // Its own certificate through the flags: registered and heard.
-    let before = s.item("web-1").await.epoch;
-    let mut child = agent_binary(
-        &s,
-        dir.path(),
-        &["--tls-ca", ca_s, "--tls-cert", cert, "--tls-key", key],
-        &[],
-    );
-    let report = wait_for(
-        "the agent binary's heartbeat in registry",
-        Duration::from_secs(30),
-        || async {
-            let item = s.item("web-1").await;
-            (item.epoch > before)
-                .then(|| {
-                    item.health_reports
-                        .into_iter()
-                        .find(|r| r.component == "agent")
-                })
-                .flatten()
-        },
-    )
-    .await;
-    assert!(!report.message.contains("silent"), "{report:?}");
+    // Its own certificate but no enrollment token: refused, and told how to
+    // enroll.
+    let own_cert = ["--tls-ca", ca_s, "--tls-cert", cert, "--tls-key", key];
+    let child = agent_binary(&s, dir.path(), &own_cert, &[]);
+    let (status, stderr) = exited(child);
+    assert!(!status.success());
     assert!(
-        child.try_wait().unwrap().is_none(),
-        "the agent binary exited"
+        stderr.contains("PermissionDenied") && stderr.contains("--enrollment-token-file"),
+        "{stderr}"
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
+
+    // Its own certificate and the enrollment token: registered and heard.
+    // Killed and started again with the same (now used) token file, it
+    // registers on the credential it kept in its state directory.
+    let with_token = [&own_cert[..], &["--enrollment-token-file", enrollment]].concat();
+    for start in ["first", "after a SIGKILL"] {
+        let before = s.item("web-1").await.epoch;
+        let mut child = agent_binary(&s, dir.path(), &with_token, &[]);
+        let report = wait_for(
+            &format!("the agent binary's heartbeat in registry ({start} start)"),
+            Duration::from_secs(30),
+            || async {
+                let item = s.item("web-1").await;
+                (item.epoch > before)
+                    .then(|| {
+                        item.health_reports
+                            .into_iter()
+                            .find(|r| r.component == "agent")
+                    })
+                    .flatten()
+            },
+        )
+        .await;
+        assert!(!report.message.contains("silent"), "{report:?}");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the agent binary exited ({start} start)"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -497,7 +555,8 @@ async fn the_agent_binary_proves_who_it_is_with_an_agent_token_from_its_file() {
     let secret = ClusterSecret::load(&secret_file).unwrap();
     let s = secured_with(dir.path(), Some(&secret)).await;
     let os = image(dir.path());
-    s.protect("web-1", &os).await;
+    let enrollment = dir.path().join("enrollment-token");
+    std::fs::write(&enrollment, s.protect("web-1", &os).await).unwrap();
     let token = |vm: &str| {
         secret
             .token_for(&Principal::Agent {
@@ -549,7 +608,7 @@ async fn the_agent_binary_proves_who_it_is_with_an_agent_token_from_its_file() {
             "--token-file",
             file.to_str().unwrap(),
         ],
-        &[],
+        &[("FERRY_ENROLLMENT_TOKEN_FILE", &enrollment)],
     );
     wait_for(
         "the agent binary's heartbeat in registry",
@@ -688,6 +747,7 @@ async fn a_groups_rounds_run_over_tls_between_its_members_only() {
     for vm in ["web-1", "web-2"] {
         let vm_dir = dir.path().join(vm);
         let own = s.pki.agent(vm);
+        let enrollment = s.enroll(vm).await;
         let agent = Agent::start(AgentOptions {
             registry: s.registry.clone(),
             vm: vm.into(),
@@ -702,6 +762,7 @@ async fn a_groups_rounds_run_over_tls_between_its_members_only() {
                 .unwrap(),
             ),
             group_insecure: false,
+            enrollment_token: Some(enrollment),
             group_address: String::new(),
             state_dir: vm_dir.join("agent"),
             disk_roots: vec![vm_dir.join("images")],

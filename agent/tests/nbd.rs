@@ -108,6 +108,7 @@ impl Agent {
             "vm",
             "test",
             "",
+            Default::default(),
         )
         .await
         .unwrap();

@@ -21,6 +21,7 @@ async fn registers_and_redacts_its_credential() {
         "vm1",
         "h",
         "127.0.0.1:20004",
+        Default::default(),
     )
     .await
     .unwrap_err();
@@ -64,6 +65,7 @@ async fn registers_and_redacts_its_credential() {
         "vm1",
         "h",
         "127.0.0.1:20004",
+        Default::default(),
     )
     .await
     .unwrap();

@@ -77,6 +77,7 @@ async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
         "vm",
         "test",
         "",
+        Default::default(),
     )
     .await
     .unwrap();
@@ -283,6 +284,7 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
         "vm",
         "test",
         "",
+        Default::default(),
     )
     .await
     .unwrap();
@@ -564,6 +566,7 @@ async fn a_sync_completed_marker_lost_at_an_overflow_is_sent_again_by_resync() {
         "vm",
         "test",
         "",
+        Default::default(),
     )
     .await
     .unwrap();

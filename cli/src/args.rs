@@ -117,6 +117,9 @@ pub enum Command {
     /// Operator bearer tokens: create (shown once), list, revoke.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Agents: issue the one-time token an agent enrolls with.
+    #[command(subcommand)]
+    Agent(AgentCommand),
     /// The audit trail: mutating calls, allowed or refused, as registry,
     /// processor and failover recorded them (admins only).
     Audit(AuditArgs),
@@ -378,6 +381,31 @@ pub enum NetworkCommand {
     List {
         #[arg(long)]
         region: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AgentCommand {
+    /// Issue a one-time enrollment token for the agent of a protected VM and
+    /// print it (shown only this once). Give it to `ferry-agent
+    /// --enrollment-token-file`; a new one replaces an unused earlier one.
+    Enroll {
+        /// The protected VM.
+        vm: String,
+        /// How long the token is accepted (at most 7 days).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+        valid_for: Duration,
+    },
+    /// Print the agent token of a VM (`fyagent.<VM>.<MAC>`), made here from
+    /// the deployment's cluster secret, for `ferry-agent --token-file` where
+    /// agents have no certificates (e.g. against `ferry serve`, whose secret
+    /// is DATA_DIR/cluster-secret). Calls no service.
+    Token {
+        /// The VM whose agent presents the token.
+        vm: String,
+        /// The cluster secret file the services were given.
+        #[arg(long, env = "FERRY_CLUSTER_SECRET_FILE", value_name = "FILE")]
+        cluster_secret_file: PathBuf,
     },
 }
 

@@ -271,7 +271,27 @@ pub async fn run(url: &str, out: Output, command: Command) -> Result<()> {
                 .await
                 .map_err(&err)?
                 .into_inner();
-            print(out, output::item_json(&item), output::item_text(&item));
+            // The agent's first registration needs a one-time token; an
+            // operator who may enable may issue it. Replication is enabled
+            // whether or not this works.
+            let token =
+                crate::enroll::issue(&mut c, &item.vm_name, crate::enroll::DEFAULT_VALID_FOR).await;
+            let mut json = output::item_json(&item);
+            let mut text = output::item_text(&item);
+            match &token {
+                Ok(t) => {
+                    json["enrollment"] = crate::enroll::token_json(t);
+                    text = format!("{text}\n{}\n{}", crate::enroll::introduce(t), t.token);
+                }
+                Err(e) => eprintln!(
+                    "Replication is enabled, but no enrollment token was issued for its agent \
+                     ({:?}: {}); issue one with `ferry agent enroll {}`.",
+                    e.code(),
+                    e.message(),
+                    item.vm_name
+                ),
+            }
+            print(out, json, text);
         }
         Command::List => {
             let items = c
@@ -319,6 +339,7 @@ pub async fn run(url: &str, out: Output, command: Command) -> Result<()> {
         | Command::Network(_)
         | Command::TargetVms { .. }
         | Command::Token(_)
+        | Command::Agent(_)
         | Command::Audit(_) => bail!("not a registry command"),
     }
     Ok(())

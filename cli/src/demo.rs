@@ -314,6 +314,7 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<Figu
         group: ferry_agent::run::GroupPort::Off,
         group_tls: None,
         group_insecure: false,
+        enrollment_token: None,
         group_address: String::new(),
         state_dir: dir.join("agent"),
         disk_roots: vec![images.clone()],

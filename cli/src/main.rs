@@ -9,6 +9,7 @@ mod commands;
 mod credentials;
 mod demo;
 mod embedded;
+mod enroll;
 mod nbd_client;
 mod output;
 mod recovery;
@@ -50,6 +51,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Network(c) => recovery::network(&cli.failover, cli.output, c).await,
         Command::TargetVms { vm } => recovery::target_vms(&cli.failover, cli.output, vm).await,
         Command::Token(c) => tokens::run(&cli.registry, cli.output, c).await,
+        Command::Agent(c) => enroll::run(&cli.registry, cli.output, c).await,
         Command::Audit(a) => {
             let servers = [
                 ("registry", cli.registry.as_str()),

@@ -78,6 +78,45 @@ async fn register_enable_list_show_disable() {
     )
     .await);
     assert!(shown.contains("shop-rg-ferry"), "{shown}");
+    // The agent's one-time enrollment token, on its own line.
+    let printed = shown
+        .lines()
+        .find(|l| l.starts_with("fye1."))
+        .unwrap_or_else(|| panic!("no enrollment token: {shown}"));
+    assert!(
+        shown.contains("Enrollment token for the agent of VM \"app1\""),
+        "{shown}"
+    );
+    // `ferry agent enroll` issues another (replacing it), once.
+    let enrolled: serde_json::Value = serde_json::from_str(&ok(&ferry(
+        &url,
+        &[
+            "agent",
+            "enroll",
+            "app1",
+            "--valid-for",
+            "1h",
+            "--output",
+            "json",
+        ],
+    )
+    .await))
+    .unwrap();
+    assert_eq!(enrolled["vm"], "app1");
+    let token = enrolled["token"].as_str().unwrap();
+    assert!(token.starts_with("fye1.") && token != printed, "{enrolled}");
+    for (args, says) in [
+        (vec!["agent", "enroll", "nosuch"], "NotFound"),
+        (
+            vec!["agent", "enroll", "app1", "--valid-for", "8days"],
+            "InvalidArgument",
+        ),
+    ] {
+        let out = ferry(&url, &args).await;
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
 
     let list: serde_json::Value =
         serde_json::from_str(&ok(&ferry(&url, &["list", "--output", "json"]).await)).unwrap();
@@ -150,23 +189,28 @@ async fn register_enable_list_show_disable() {
     .await;
     let trail: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
     let trail = trail.as_array().unwrap();
-    let methods: Vec<&str> = trail
+    let calls: Vec<(&str, &str)> = trail
         .iter()
-        .map(|r| r["method"].as_str().unwrap())
+        .map(|r| (r["method"].as_str().unwrap(), r["code"].as_str().unwrap()))
         .collect();
+    let enroll = "ferry.registry.v1.Registry/CreateEnrollmentToken";
     assert_eq!(
-        methods,
+        calls,
         [
-            "ferry.registry.v1.Registry/RegisterVm",
-            "ferry.registry.v1.Registry/EnableReplication",
-            "ferry.registry.v1.Registry/DisableReplication"
+            ("ferry.registry.v1.Registry/RegisterVm", "OK"),
+            ("ferry.registry.v1.Registry/EnableReplication", "OK"),
+            // `ferry enable`'s token, `ferry agent enroll`, the 8 days refused.
+            (enroll, "OK"),
+            (enroll, "OK"),
+            (enroll, "INVALID_ARGUMENT"),
+            ("ferry.registry.v1.Registry/DisableReplication", "OK"),
         ],
         "{trail:#?}"
     );
     assert!(
         trail
             .iter()
-            .all(|r| r["service"] == "registry" && r["target"] == "vm/app1" && r["code"] == "OK"),
+            .all(|r| r["service"] == "registry" && r["target"] == "vm/app1"),
         "{trail:#?}"
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -270,6 +314,7 @@ async fn points_test_failover_cleanup_failover_commit_and_jobs_from_the_command_
         group: ferry_agent::run::GroupPort::Off,
         group_tls: None,
         group_insecure: false,
+        enrollment_token: None,
         group_address: String::new(),
         state_dir: dir.path().join("agent"),
         disk_roots: vec![dir.path().to_path_buf()],
@@ -549,5 +594,127 @@ async fn ferry_serve_checks_every_call_and_prints_the_admin_token_once() {
         .await
         .unwrap();
     ok(&out);
+    child.kill().await.unwrap();
+}
+
+/// The README's way to run an agent against `ferry serve`: `ferry enable`
+/// prints the enrollment token, `ferry agent token` makes the agent's token
+/// from the cluster secret, and the ferry-agent binary registers with both
+/// and replicates; without the enrollment token it is refused.
+#[tokio::test]
+async fn an_agent_binary_enrolls_with_ferry_serve_as_the_readme_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut child = serve(&data).await;
+    let banner = serve_banner(&mut child).await;
+    let registry = banner
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("registry"))
+        .map(|u| u.trim().to_string())
+        .expect("the registry URL");
+    let admin = std::fs::read_to_string(data.join("admin-token")).unwrap();
+    let as_admin = |args: Vec<String>| {
+        let registry = registry.clone();
+        let admin = admin.trim().to_string();
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+                .arg("--registry")
+                .arg(&registry)
+                .args(&args)
+                .env("FERRY_TOKEN", admin)
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let os = images.join("web1-os.raw");
+    std::fs::File::create(&os)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let disk = format!("id=os,size=8M,role=os,path={}", os.display());
+    ok(&as_admin(args(&[
+        "register",
+        "web1",
+        "--region",
+        "eastus",
+        "--resource-group",
+        "rg",
+        "--vnet",
+        "v",
+        "--subnet",
+        "s",
+        "--nic",
+        "nic0=10.0.0.4",
+        "--disk",
+        &disk,
+    ]))
+    .await);
+    let enabled = ok(&as_admin(args(&["enable", "web1", "--target-region", "westus"])).await);
+    let enrollment = enabled
+        .lines()
+        .find(|l| l.starts_with("fye1."))
+        .unwrap_or_else(|| panic!("no enrollment token: {enabled}"));
+    let agent_token = ok(&as_admin(vec![
+        "agent".into(),
+        "token".into(),
+        "web1".into(),
+        "--cluster-secret-file".into(),
+        data.join("cluster-secret").display().to_string(),
+    ])
+    .await);
+    assert!(agent_token.starts_with("fyagent.web1."), "{agent_token}");
+    let token_file = dir.path().join("web1.token");
+    std::fs::write(&token_file, &agent_token).unwrap();
+    let enroll_file = dir.path().join("web1.enroll");
+
+    let agent = |enroll: bool| {
+        let mut command = std::process::Command::new(ferry_testkit::bin_path("ferry-agent"));
+        command
+            .args(["--registry", &registry, "--vm", "web1"])
+            .args(["--nbd-listen", "127.0.0.1:0", "--group-listen", "off"])
+            .arg("--disk-root")
+            .arg(&images)
+            .arg("--state-dir")
+            .arg(dir.path().join("agent"))
+            .arg("--token-file")
+            .arg(&token_file)
+            .env("FERRY_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        if enroll {
+            command.arg("--enrollment-token-file").arg(&enroll_file);
+        }
+        command.spawn().unwrap()
+    };
+    // Without the enrollment token: refused at start, and told how to enroll.
+    let refused = agent(false).wait_with_output().unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("PermissionDenied") && stderr.contains("ferry agent enroll web1"),
+        "{stderr}"
+    );
+    // With it: registered, replicating until PROTECTED.
+    std::fs::write(&enroll_file, enrollment).unwrap();
+    let mut running = agent(true);
+    let show = args(&["show", "web1", "--output", "json"]);
+    ferry_testkit::wait_for(
+        "web1 PROTECTED through the agent binary",
+        std::time::Duration::from_secs(60),
+        || async {
+            let out = as_admin(show.clone()).await;
+            let item: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            (item["state"] == "PROTECTED").then_some(())
+        },
+    )
+    .await;
+    assert!(running.try_wait().unwrap().is_none(), "the agent exited");
+    running.kill().unwrap();
+    running.wait().unwrap();
     child.kill().await.unwrap();
 }

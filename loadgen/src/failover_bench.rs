@@ -57,6 +57,7 @@ pub async fn run(dir: &Path) -> Result<()> {
         group: ferry_agent::run::GroupPort::Off,
         group_tls: None,
         group_insecure: false,
+        enrollment_token: None,
         group_address: String::new(),
         state_dir: dir.join("agent"),
         disk_roots: vec![dir.to_path_buf()],

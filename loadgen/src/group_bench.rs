@@ -86,6 +86,7 @@ pub async fn run(dir: &Path, vms: usize, secs: u64) -> Result<()> {
                 group: GroupPort::Bound(group),
                 group_tls: None,
                 group_insecure: false,
+                enrollment_token: None,
                 group_address: String::new(),
                 state_dir: dir.join(format!("{vm}-agent")),
                 disk_roots: vec![dir.to_path_buf()],

@@ -206,6 +206,7 @@ async fn rig(dir: &Path, vm: &str) -> Result<Rig> {
         group: ferry_agent::run::GroupPort::Off,
         group_tls: None,
         group_insecure: false,
+        enrollment_token: None,
         group_address: String::new(),
         state_dir: dir.join(format!("{vm}-agent")),
         disk_roots: vec![dir.to_path_buf()],

@@ -144,6 +144,7 @@ async fn rpo_lag(dir: &Path, mb_per_sec: f64, secs: u64) -> Result<(f64, f64, f6
         group: ferry_agent::run::GroupPort::Off,
         group_tls: None,
         group_insecure: false,
+        enrollment_token: None,
         group_address: String::new(),
         state_dir: dir.join("rpo-agent"),
         disk_roots: vec![dir.to_path_buf()],

@@ -4,6 +4,7 @@
 //! kept in sled and published on a watch stream.
 
 pub mod derive;
+pub mod enrollment;
 pub mod error;
 pub mod lifecycle;
 pub mod model;
@@ -162,7 +163,10 @@ pub async fn serve(
         )
         .await?
         .with_coordinator_lease(config.coordinator_lease)
-        .with_agent_timeout(config.agent_timeout),
+        .with_agent_timeout(config.agent_timeout)
+        // Where no caller is checked, an enrollment token would protect
+        // nothing: anyone may call anything.
+        .with_enrollment_required(config.service.security.enforce),
     );
     // The operator token store; `tokens.authenticate(bearer)` checks a token
     // in-process.

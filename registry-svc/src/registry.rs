@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, Mutex};
 
 use crate::derive::derive_targets;
+use crate::enrollment::{self, Admission, EnrollmentRecord, Proof};
 use crate::error::RegistryError;
 use crate::lifecycle::State;
 use crate::model::{
@@ -20,7 +21,7 @@ use crate::model::{
     Vm, COMPONENTS,
 };
 use crate::store::{Kind, Store, Writes};
-use crate::tokens::Tokens;
+use crate::tokens::{constant_time_eq, Tokens};
 
 /// A change of a protected item, as watchers see it.
 #[derive(Debug, Clone)]
@@ -111,6 +112,9 @@ pub struct Registry {
     /// gets `agent_timeout` to be heard again.
     agents_heard: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
     agent_timeout: Duration,
+    /// Whether RegisterAgent needs the current credential or an enrollment
+    /// token (wherever callers are checked).
+    enrollment_required: bool,
 }
 
 /// How often an unchanged agent report is written again, so that its time
@@ -146,6 +150,7 @@ impl Registry {
             lease: COORDINATOR_LEASE,
             agents_heard: std::sync::Mutex::new(std::collections::HashMap::new()),
             agent_timeout: AGENT_TIMEOUT,
+            enrollment_required: true,
         };
         let _guard = registry.write.lock().await;
         let mut writes = Writes::new();
@@ -165,6 +170,7 @@ impl Registry {
                 tracing::info!(vm = %item.vm_name, "finishing an interrupted disable");
                 writes.remove(Kind::Item, &item.vm_name);
                 writes.remove(Kind::Agent, &item.vm_name);
+                writes.remove(Kind::Enrollment, &item.vm_name);
             }
         }
         registry.store.commit(writes).await?;
@@ -186,6 +192,14 @@ impl Registry {
     /// Sets how long an agent may stay silent before its VM is CRITICAL.
     pub fn with_agent_timeout(mut self, timeout: Duration) -> Registry {
         self.agent_timeout = timeout;
+        self
+    }
+
+    /// Whether RegisterAgent needs the VM's current credential or a
+    /// one-time enrollment token (the default). Off only where no caller is
+    /// checked at all (a registry embedded in one process).
+    pub fn with_enrollment_required(mut self, required: bool) -> Registry {
+        self.enrollment_required = required;
         self
     }
 
@@ -538,6 +552,7 @@ impl Registry {
         let mut writes = Writes::new();
         writes.remove(Kind::Item, vm);
         writes.remove(Kind::Agent, vm);
+        writes.remove(Kind::Enrollment, vm);
         if let Some(name) = &item.group {
             if let Some(mut group) = self.store.get::<Group>(Kind::Group, name)? {
                 group.members.remove(vm);
@@ -720,11 +735,14 @@ impl Registry {
 
     // ---- Agents ------------------------------------------------------------
 
+    /// Registers the agent of `vm` if `proof` admits it (see
+    /// [`crate::enrollment`]); a refusal changes nothing.
     pub async fn register_agent(
         &self,
         vm: &str,
         hostname: String,
         group_address: String,
+        proof: Proof,
     ) -> Result<AgentGrant, RegistryError> {
         let _guard = self.write.lock().await;
         let mut item = self.get_item(vm)?;
@@ -734,10 +752,31 @@ impl Registry {
                 item.state.name()
             )));
         }
-        let mut secret = [0u8; 32];
-        getrandom::fill(&mut secret)
-            .map_err(|e| RegistryError::Internal(format!("no randomness for a credential: {e}")))?;
-        let credential = hex::encode(secret);
+        let current = self.agent(vm)?;
+        let outstanding = self.store.get::<EnrollmentRecord>(Kind::Enrollment, vm)?;
+        let admission = enrollment::admit(
+            vm,
+            &proof,
+            current.as_ref(),
+            outstanding.as_ref(),
+            self.enrollment_required,
+            SystemTime::now(),
+        )?;
+        let mut writes = Writes::new();
+        let credential = match (admission, proof.credential) {
+            (Admission::Renewed, Some(credential)) => credential,
+            (admission, _) => {
+                if admission == Admission::Enrolled {
+                    // One use only.
+                    writes.remove(Kind::Enrollment, vm);
+                }
+                let mut secret = [0u8; 32];
+                getrandom::fill(&mut secret).map_err(|e| {
+                    RegistryError::Internal(format!("no randomness for a credential: {e}"))
+                })?;
+                hex::encode(secret)
+            }
+        };
         item.epoch += 1;
         item.revision += 1;
         item.updated_at = SystemTime::now();
@@ -749,11 +788,10 @@ impl Registry {
             credential_sha256: hex::encode(Sha256::digest(credential.as_bytes())),
             registered_at: SystemTime::now(),
         };
-        let mut writes = Writes::new();
         writes.put(Kind::Item, vm, &item)?;
         writes.put(Kind::Agent, vm, &record)?;
         self.store.commit(writes).await?;
-        tracing::info!(vm, epoch = item.epoch, host = %record.hostname, "agent registered");
+        tracing::info!(vm, epoch = item.epoch, host = %record.hostname, how = ?admission, "agent registered");
         self.heard_agent(vm);
         self.publish(Change::Upserted(item.clone()));
         Ok(AgentGrant {
@@ -761,6 +799,29 @@ impl Registry {
             item,
             credential,
         })
+    }
+
+    /// Issues a one-time enrollment token for the agent of `vm`, valid for
+    /// `ttl` (zero: the default); it replaces an unused earlier one.
+    pub async fn create_enrollment_token(
+        &self,
+        vm: &str,
+        ttl: Duration,
+    ) -> Result<(String, EnrollmentRecord), RegistryError> {
+        let _guard = self.write.lock().await;
+        let item = self.get_item(vm)?;
+        if !item.state.source_active() {
+            return Err(RegistryError::precondition(format!(
+                "VM {vm:?} is {}; its source side is fenced and no agent may enroll for it",
+                item.state.name()
+            )));
+        }
+        let (token, record) = enrollment::issue(vm, ttl, SystemTime::now())?;
+        let mut writes = Writes::new();
+        writes.put(Kind::Enrollment, vm, &record)?;
+        self.store.commit(writes).await?;
+        tracing::info!(vm, "agent enrollment token issued");
+        Ok((token, record))
     }
 
     /// Checks an agent's credential and epoch; returns the protected item.
@@ -774,7 +835,7 @@ impl Registry {
         let record = self.agent(vm)?;
         let presented = hex::encode(Sha256::digest(credential.as_bytes()));
         match record {
-            Some(r) if r.credential_sha256 == presented => {
+            Some(r) if constant_time_eq(r.credential_sha256.as_bytes(), presented.as_bytes()) => {
                 if epoch < item.epoch || r.epoch != epoch {
                     return Err(RegistryError::precondition(format!(
                         "agent epoch {epoch} of VM {vm:?} is stale (current {}): a newer agent \

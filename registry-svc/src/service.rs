@@ -13,6 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::enrollment::Proof;
 use crate::lifecycle::State;
 use crate::model::{
     check_name, role_from_proto, role_to_proto, EnableRequest, Health, NetworkMapping, Policy, Vm,
@@ -287,9 +288,14 @@ impl RegistryApi for RegistryService {
         name("VM name", &req.vm_name)?;
         caller.check_vm(&req.vm_name)?;
         let cache_endpoint = self.registry.cache_endpoint()?;
+        let non_empty = |s: String| (!s.is_empty()).then_some(s);
+        let proof = Proof {
+            credential: non_empty(req.credential),
+            enrollment_token: non_empty(req.enrollment_token),
+        };
         let grant = self
             .registry
-            .register_agent(&req.vm_name, req.hostname, req.group_address)
+            .register_agent(&req.vm_name, req.hostname, req.group_address, proof)
             .await?;
         Ok(Response::new(pb::RegisterAgentResponse {
             cache_endpoint,
@@ -297,6 +303,25 @@ impl RegistryApi for RegistryService {
             epoch: grant.epoch,
             credential: grant.credential,
             item: Some(item(&grant.item)),
+        }))
+    }
+
+    async fn create_enrollment_token(
+        &self,
+        request: Request<pb::CreateEnrollmentTokenRequest>,
+    ) -> Result<pb::EnrollmentToken> {
+        audit::target(&request, Target::vm(&request.get_ref().vm_name));
+        let req = request.into_inner();
+        name("VM name", &req.vm_name)?;
+        let ttl = std::time::Duration::from_secs(u64::from(req.ttl_seconds));
+        let (token, record) = self
+            .registry
+            .create_enrollment_token(&req.vm_name, ttl)
+            .await?;
+        Ok(Response::new(pb::EnrollmentToken {
+            vm_name: record.vm_name,
+            token,
+            expires_at: Some(ferry_runtime::time::to_timestamp(record.expires_at)),
         }))
     }
 

@@ -23,6 +23,8 @@ pub enum Kind {
     Token,
     /// Facts kept once and never undone (a bootstrap token was installed).
     Marker,
+    /// A VM's outstanding agent enrollment token, by VM.
+    Enrollment,
 }
 
 impl Kind {
@@ -37,6 +39,7 @@ impl Kind {
             Kind::Counter => "counter/",
             Kind::Token => "token/",
             Kind::Marker => "marker/",
+            Kind::Enrollment => "enroll/",
         }
     }
 

@@ -119,7 +119,7 @@ fn secret_sha256(secret: &str) -> String {
 
 /// Equality whose time depends on the lengths only, not on where the bytes
 /// differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

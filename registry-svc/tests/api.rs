@@ -564,6 +564,7 @@ async fn the_lifecycle_end_to_end() {
             vm_name: "app".into(),
             hostname: "host-a".into(),
             group_address: "10.1.0.4:20004".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -744,6 +745,7 @@ async fn groups_track_members_and_coordinator() {
             vm_name: "erp-app".into(),
             hostname: "h".into(),
             group_address: "10.1.0.20:20004".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -621,6 +621,7 @@ async fn a_plaintext_group_port_beyond_loopback_needs_insecure() {
         group: GroupPort::Bound(group),
         group_tls: None,
         group_insecure: insecure,
+        enrollment_token: None,
         group_address: String::new(),
         state_dir: dir.path().join("lan-a-state"),
         disk_roots: vec![dir.path().to_path_buf()],

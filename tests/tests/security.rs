@@ -915,3 +915,163 @@ async fn every_rpc_refuses_the_callers_the_table_does_not_admit() {
     );
     shutdown.cancel();
 }
+
+/// RegisterAgent, where callers are checked, needs more than the VM's agent
+/// certificate: a one-time enrollment token an operator issued, or the
+/// credential of the VM's current registration (the same agent restarting).
+/// Every refusal leaves the epoch, and so the running agent's stream, as it
+/// was; a new enrollment retires the old credential everywhere (VerifyAgent,
+/// which cache-svc asks before taking a stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_registers_only_with_an_enrollment_token_or_its_own_credential() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    // Registry hands agents a cache URL; no cache needs to run here.
+    let (listener, url) = listener().await;
+    let mut config = secured(&pki, &dir.path().join("registry"), ServiceKind::Registry);
+    config.cache = Some("https://127.0.0.1:9".into());
+    let config = registry_svc::Config::new(config, registry_svc::Settings::default()).unwrap();
+    tokio::spawn(registry_svc::serve(config, listener, shutdown.clone()));
+    let reader = with_cert(&pki, &pki.operator(OperatorRole::Reader));
+    let operator = with_cert(&pki, &pki.operator(OperatorRole::Operator));
+    let cache = with_cert(&pki, &pki.service(ServiceKind::Cache));
+    let web1 = with_cert(&pki, &pki.agent("web-1"));
+    let web2 = with_cert(&pki, &pki.agent("web-2"));
+    serving(&url, &operator).await;
+    let mut op = registry_client(&url, &operator);
+    for name in ["web-1", "web-2"] {
+        op.register_vm(reg::RegisterVmRequest { vm: Some(vm(name)) })
+            .await
+            .unwrap();
+        op.enable_replication(reg::EnableReplicationRequest {
+            vm_name: name.into(),
+            target_region: "westus".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let enroll = |c: &Credentials, vm: &str| {
+        let mut client = registry_client(&url, c);
+        let request = reg::CreateEnrollmentTokenRequest {
+            vm_name: vm.into(),
+            ttl_seconds: 0,
+        };
+        async move { client.create_enrollment_token(request).await }
+    };
+    let register = |vm: &str, token: &str, credential: &str| {
+        let mut client = registry_client(&url, &web1);
+        let request = reg::RegisterAgentRequest {
+            vm_name: vm.into(),
+            enrollment_token: token.into(),
+            credential: credential.into(),
+            ..Default::default()
+        };
+        async move { client.register_agent(request).await }
+    };
+    let epoch = || {
+        let mut client = registry_client(&url, &reader);
+        async move {
+            client
+                .get_protected_item(reg::GetProtectedItemRequest {
+                    vm_name: "web-1".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .epoch
+        }
+    };
+    let verify = |credential: &str, epoch: u64| {
+        let mut client = registry_client(&url, &cache);
+        let request = reg::VerifyAgentRequest {
+            vm_name: "web-1".into(),
+            credential: credential.into(),
+            epoch,
+        };
+        async move { code(client.verify_agent(request).await) }
+    };
+
+    // Who may issue one: operators, not readers, not the agent itself.
+    for who in [&reader, &web1] {
+        let err = enroll(who, "web-1").await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    }
+    assert_eq!(
+        enroll(&operator, "nosuch").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    // web-1's certificate alone: refused, nothing changes.
+    let err = register("web-1", "", "").await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("ferry agent enroll web-1"),
+        "{err:?}"
+    );
+    assert_eq!(epoch().await, 0);
+    // A token made for web-2: refused for web-1.
+    let other = enroll(&operator, "web-2").await.unwrap().into_inner();
+    assert_eq!(other.vm_name, "web-2");
+    let err = register("web-1", &other.token, "").await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(epoch().await, 0);
+    // A token replaced by a newer one: refused; the newer one enrolls.
+    let replaced = enroll(&operator, "web-1").await.unwrap().into_inner();
+    let token = enroll(&operator, "web-1").await.unwrap().into_inner();
+    assert!(token.token.starts_with("fye1.") && token.expires_at.is_some());
+    let err = register("web-1", &replaced.token, "").await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let first = register("web-1", &token.token, "")
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.epoch, 1);
+    assert_eq!(verify(&first.credential, 1).await, Code::Ok);
+
+    // The token is spent: a second agent with it (web-1's certificate, no
+    // credential) is refused and the first keeps its epoch and stream.
+    let err = register("web-1", &token.token, "").await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("used already"), "{err:?}");
+    assert_eq!(epoch().await, 1);
+    assert_eq!(verify(&first.credential, 1).await, Code::Ok);
+
+    // The agent restarting shows its credential: admitted, same credential,
+    // a higher epoch (its old stream is fenced by the epoch).
+    let renewed = register("web-1", "", &first.credential)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(renewed.credential, first.credential);
+    assert_eq!(renewed.epoch, 2);
+    assert_eq!(verify(&first.credential, 1).await, Code::FailedPrecondition);
+    assert_eq!(verify(&renewed.credential, 2).await, Code::Ok);
+
+    // An operator re-enrolls the VM (a new host): a new credential; the
+    // old one is refused by VerifyAgent and can no longer re-register.
+    let token = enroll(&operator, "web-1").await.unwrap().into_inner();
+    let moved = register("web-1", &token.token, "")
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(moved.credential, first.credential);
+    assert_eq!(verify(&first.credential, 3).await, Code::PermissionDenied);
+    let err = register("web-1", "", &first.credential).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("another agent enrolled"), "{err:?}");
+    assert_eq!(epoch().await, 3);
+    // And web-2's agent cannot use a web-1 token for web-1.
+    let token = enroll(&operator, "web-1").await.unwrap().into_inner();
+    let err = registry_client(&url, &web2)
+        .register_agent(reg::RegisterAgentRequest {
+            vm_name: "web-1".into(),
+            enrollment_token: token.token,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(epoch().await, 3);
+    shutdown.cancel();
+}

@@ -79,7 +79,9 @@ impl ClusterSecret {
             file.sync_all()
         };
         write().map_err(|e| invalid(format!("cannot write a new one: {e}")))?;
-        Ok((secret, true))
+        // The secret is the file's text, as every later load (and anyone
+        // minting a token from the file) reads it, not the bytes it encodes.
+        Ok((ClusterSecret::load(path)?, true))
     }
 
     /// A fresh random secret (for `ferry serve`, which runs every service
@@ -141,6 +143,29 @@ impl ClusterSecret {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_made_now_is_the_one_its_file_gives_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster-secret");
+        let (made, new) = ClusterSecret::load_or_create(&path).unwrap();
+        assert!(new);
+        let (again, new) = ClusterSecret::load_or_create(&path).unwrap();
+        assert!(!new);
+        let agent = Principal::Agent {
+            vm: VmName::parse("web1").unwrap(),
+        };
+        let token = made.token_for(&agent).unwrap();
+        assert_eq!(again.token_for(&agent).unwrap(), token);
+        assert_eq!(again.verify(&token), Some(agent.clone()));
+        assert_eq!(
+            ClusterSecret::load(&path)
+                .unwrap()
+                .token_for(&agent)
+                .unwrap(),
+            token
+        );
+    }
 
     #[test]
     fn tokens_verify_only_under_their_own_secret_and_name() {

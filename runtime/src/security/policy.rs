@@ -198,6 +198,10 @@ pub const TABLE: &[(&str, Allow)] = &[
         "ferry.registry.v1.Registry/RegisterAgent",
         services(&[]).and_agent().mutating(),
     ),
+    (
+        "ferry.registry.v1.Registry/CreateEnrollmentToken",
+        role(Operator).mutating(),
+    ),
     ("ferry.registry.v1.Registry/VerifyAgent", services(&[Cache])),
     (
         "ferry.registry.v1.Registry/GroupHeartbeat",

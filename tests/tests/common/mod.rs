@@ -55,6 +55,7 @@ pub async fn protected_agent_limited(
         group: ferry_agent::run::GroupPort::Bound(group),
         group_tls: None,
         group_insecure: false,
+        enrollment_token: None,
         group_address: String::new(),
         state_dir: state_dir.to_path_buf(),
         // The tests put the images beside the agent's state directory.
