@@ -19,9 +19,10 @@
 //! that is a current member of this agent's group (the member list registry's
 //! GroupHeartbeat answers); anyone else is PERMISSION_DENIED and nothing is
 //! held. A Commit's time must lie within [`MAX_SKEW`] of the member's clock
-//! and not before the last bookmark it committed. Without TLS the port checks
-//! no caller: the agent binary then serves it only on a loopback address
-//! unless `--group-insecure` (see docs/security.md).
+//! and not before the last bookmark it committed. Without TLS the port admits
+//! only calls signed with the group's secret by a current member
+//! ([`crate::group_signature`]); the agent binary then serves it only on a
+//! loopback address unless `--group-insecure` (see docs/security.md).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -44,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::capture::Capture;
+use crate::group_signature::{GroupSecret, Refusal, Replays, Signed, HEADER as SIGNATURE_HEADER};
 
 /// The gRPC service name, for health and reflection.
 pub const SERVICE_NAME: &str = "ferry.agent.v1.AgentGroup";
@@ -80,6 +82,11 @@ pub struct Member {
     /// The group's members as registry last said (None until the first
     /// heartbeat answered): the only agents admitted on a checked port.
     members: std::sync::Mutex<Option<std::collections::HashSet<String>>>,
+    /// The group's secret as registry last gave it (None until then): a
+    /// port without TLS admits only calls signed with it.
+    secret: std::sync::Mutex<Option<GroupSecret>>,
+    /// Signatures admitted lately, refused if they come again.
+    replays: std::sync::Mutex<Replays>,
     /// The time of the last bookmark this member committed (Unix ns): no
     /// later Commit may carry an earlier one.
     last_bookmark: std::sync::atomic::AtomicU64,
@@ -94,6 +101,8 @@ impl Member {
             hold: Arc::new(Mutex::new(None)),
             expired: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             members: std::sync::Mutex::new(None),
+            secret: std::sync::Mutex::new(None),
+            replays: std::sync::Mutex::new(Replays::default()),
             last_bookmark: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -111,11 +120,51 @@ impl Member {
         }
     }
 
-    /// Admits the agent of a current member of this group (or anyone on a
-    /// port that checks no caller).
-    fn check_caller(&self, caller: &Caller) -> Result<(), Status> {
-        let vm = match caller {
-            Caller::Unchecked => return Ok(()),
+    /// The group's secret, as registry's GroupHeartbeat answers it.
+    pub fn set_secret(&self, secret: Option<GroupSecret>) {
+        if let Ok(mut slot) = self.secret.lock() {
+            *slot = secret;
+        }
+    }
+
+    /// The group's secret as this member last heard it (for a coordinator
+    /// in the same process).
+    pub fn secret(&self) -> Option<GroupSecret> {
+        self.secret.lock().ok().and_then(|s| s.clone())
+    }
+
+    /// The VM of a call signed with the group's secret (a port without TLS).
+    fn signer(&self, signature: Option<&str>, message: &Signed<'_>) -> Result<String, Status> {
+        let secret = self.secret.lock().ok().and_then(|s| s.clone());
+        let Some(secret) = secret else {
+            return Err(Status::unauthenticated(format!(
+                "VM {:?}'s agent does not know replication group {:?}'s secret yet \
+                 (registry's heartbeat has not answered): no call is admitted",
+                self.vm, self.group
+            )));
+        };
+        let refused = |why: Refusal| {
+            Status::unauthenticated(format!(
+                "replication group {:?}, VM {:?}: {why}",
+                self.group, self.vm
+            ))
+        };
+        let signature = signature.ok_or(Refusal::Unsigned).map_err(refused)?;
+        let now = ferry_runtime::time::unix_nanos_now();
+        let vm = secret.verify(signature, message, now).map_err(refused)?;
+        match self.replays.lock() {
+            Ok(mut replays) => replays.admit(signature, now).map_err(refused)?,
+            Err(_) => return Err(Status::internal("the replay list is poisoned")),
+        }
+        Ok(vm)
+    }
+
+    /// Admits the agent of a current member of this group: by certificate
+    /// on a TLS port, by a signature with the group's secret on a plaintext
+    /// one.
+    fn check_caller(&self, call: &Call, message: Signed<'_>) -> Result<(), Status> {
+        let vm = match &call.caller {
+            Caller::Unchecked => self.signer(call.signature.as_deref(), &message)?,
             Caller::Known(Principal::Agent { vm }) => vm.as_str().to_string(),
             Caller::Known(other) => {
                 return Err(Status::permission_denied(format!(
@@ -189,10 +238,10 @@ impl Member {
 
     async fn prepare(
         &self,
-        caller: &Caller,
+        call: &Call,
         req: pb::PrepareRequest,
     ) -> Result<pb::PrepareResponse, Status> {
-        self.check_caller(caller)?;
+        self.check_caller(call, prepare_signed(&req))?;
         self.check_group(&req.replication_group)?;
         if req.round_id.is_empty() {
             return Err(Status::invalid_argument("round_id is empty"));
@@ -267,10 +316,10 @@ impl Member {
 
     async fn commit(
         &self,
-        caller: &Caller,
+        call: &Call,
         req: pb::CommitRequest,
     ) -> Result<pb::CommitResponse, Status> {
-        self.check_caller(caller)?;
+        self.check_caller(call, commit_signed(&req))?;
         self.check_group(&req.replication_group)?;
         let mut slot = self.hold.lock().await;
         if slot.as_ref().is_none_or(|h| h.round != req.round_id) {
@@ -308,12 +357,8 @@ impl Member {
         Ok(pb::CommitResponse { sequence })
     }
 
-    async fn abort(
-        &self,
-        caller: &Caller,
-        req: pb::AbortRequest,
-    ) -> Result<pb::AbortResponse, Status> {
-        self.check_caller(caller)?;
+    async fn abort(&self, call: &Call, req: pb::AbortRequest) -> Result<pb::AbortResponse, Status> {
+        self.check_caller(call, abort_signed(&req))?;
         self.check_group(&req.replication_group)?;
         let mut slot = self.hold.lock().await;
         if slot.as_ref().is_some_and(|h| h.round == req.round_id) {
@@ -328,6 +373,57 @@ impl Member {
     }
 }
 
+/// Who sent a group call: the caller the port's layer saw, and the
+/// signature the call carried, if any.
+struct Call {
+    caller: Caller,
+    signature: Option<String>,
+}
+
+impl Call {
+    fn of<T>(request: &Request<T>) -> Call {
+        Call {
+            caller: Caller::of(request),
+            signature: request
+                .metadata()
+                .get(SIGNATURE_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+        }
+    }
+}
+
+/// What a Prepare's signature covers.
+fn prepare_signed(req: &pb::PrepareRequest) -> Signed<'_> {
+    Signed::Prepare {
+        group: &req.replication_group,
+        round_id: &req.round_id,
+        coordinator: &req.coordinator,
+        hold_nanos: req
+            .hold
+            .as_ref()
+            .and_then(from_duration)
+            .map_or(0, |d| d.as_nanos()),
+    }
+}
+
+/// What a Commit's signature covers.
+fn commit_signed(req: &pb::CommitRequest) -> Signed<'_> {
+    Signed::Commit {
+        group: &req.replication_group,
+        round_id: &req.round_id,
+        time_unix_nanos: req.time_unix_nanos,
+    }
+}
+
+/// What an Abort's signature covers.
+fn abort_signed(req: &pb::AbortRequest) -> Signed<'_> {
+    Signed::Abort {
+        group: &req.replication_group,
+        round_id: &req.round_id,
+    }
+}
+
 /// The tonic face of a [`Member`].
 pub struct MemberService(Arc<Member>);
 
@@ -337,9 +433,9 @@ impl AgentGroup for MemberService {
         &self,
         request: Request<pb::PrepareRequest>,
     ) -> Result<Response<pb::PrepareResponse>, Status> {
-        let caller = Caller::of(&request);
+        let call = Call::of(&request);
         self.0
-            .prepare(&caller, request.into_inner())
+            .prepare(&call, request.into_inner())
             .await
             .map(Response::new)
     }
@@ -348,9 +444,9 @@ impl AgentGroup for MemberService {
         &self,
         request: Request<pb::CommitRequest>,
     ) -> Result<Response<pb::CommitResponse>, Status> {
-        let caller = Caller::of(&request);
+        let call = Call::of(&request);
         self.0
-            .commit(&caller, request.into_inner())
+            .commit(&call, request.into_inner())
             .await
             .map(Response::new)
     }
@@ -359,9 +455,9 @@ impl AgentGroup for MemberService {
         &self,
         request: Request<pb::AbortRequest>,
     ) -> Result<Response<pb::AbortResponse>, Status> {
-        let caller = Caller::of(&request);
+        let call = Call::of(&request);
         self.0
-            .abort(&caller, request.into_inner())
+            .abort(&call, request.into_inner())
             .await
             .map(Response::new)
     }
@@ -370,7 +466,8 @@ impl AgentGroup for MemberService {
 /// Serves `ferry.agent.v1.AgentGroup` (with health and reflection) on
 /// `listener` until `stop`: with `tls`, TLS only and every caller checked
 /// (agents only, by certificate; members only, by the handlers); without,
-/// plaintext and no caller checked.
+/// plaintext, the handlers admitting only calls signed with the group's
+/// secret.
 pub async fn serve(
     member: Arc<Member>,
     listener: tokio::net::TcpListener,
@@ -404,8 +501,11 @@ pub async fn serve(
 /// Channels to the members' group ports, by address.
 #[derive(Default)]
 pub struct Peers {
-    clients: HashMap<String, AgentGroupClient<PeerChannel>>,
+    /// Each address's client, and whether it is plaintext (its calls are
+    /// signed with the group's secret).
+    clients: HashMap<String, (AgentGroupClient<PeerChannel>, bool)>,
     credentials: Credentials,
+    secret: Option<GroupSecret>,
 }
 
 impl Peers {
@@ -418,10 +518,32 @@ impl Peers {
         Peers {
             clients: HashMap::new(),
             credentials,
+            secret: None,
         }
     }
 
-    fn client(&mut self, address: &str) -> Result<AgentGroupClient<PeerChannel>, Status> {
+    /// The group's secret, to sign calls to plain group ports with (as
+    /// registry's GroupHeartbeat answers it).
+    pub fn set_secret(&mut self, secret: Option<GroupSecret>) {
+        self.secret = secret;
+    }
+
+    /// `request` to a member; signed if the member's port is plaintext.
+    fn request<T>(&self, plain: bool, signer: &str, message: Signed<'_>, request: T) -> Request<T> {
+        let mut request = Request::new(request);
+        let signature = match (&self.secret, plain) {
+            (Some(secret), true) => {
+                secret.sign(&message, signer, ferry_runtime::time::unix_nanos_now())
+            }
+            _ => None,
+        };
+        if let Some(value) = signature.and_then(|s| s.parse().ok()) {
+            request.metadata_mut().insert(SIGNATURE_HEADER, value);
+        }
+        request
+    }
+
+    fn client(&mut self, address: &str) -> Result<(AgentGroupClient<PeerChannel>, bool), Status> {
         if let Some(c) = self.clients.get(address) {
             return Ok(c.clone());
         }
@@ -430,16 +552,18 @@ impl Peers {
         } else {
             format!("http://{address}")
         };
-        let credentials = if url.starts_with("https://") {
-            self.credentials.clone()
-        } else {
+        let plain = !url.starts_with("https://");
+        let credentials = if plain {
             Credentials::none()
+        } else {
+            self.credentials.clone()
         };
         let channel = ferry_runtime::connect(&url, &credentials)
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let client = AgentGroupClient::new(channel);
-        self.clients.insert(address.to_string(), client.clone());
-        Ok(client)
+        self.clients
+            .insert(address.to_string(), (client.clone(), plain));
+        Ok((client, plain))
     }
 }
 
@@ -498,7 +622,8 @@ pub async fn round(
             })?;
         clients.push((vm.clone(), client));
     }
-    let prepares = clients.iter().map(|(vm, client)| {
+    let peers = &*peers;
+    let prepares = clients.iter().map(|(vm, (client, plain))| {
         let mut client = client.clone();
         let request = pb::PrepareRequest {
             replication_group: group.to_string(),
@@ -506,6 +631,12 @@ pub async fn round(
             coordinator: coordinator.to_string(),
             hold: Some(ferry_runtime::time::to_duration(deadline)),
         };
+        let request = peers.request(
+            *plain,
+            coordinator,
+            prepare_signed(&request),
+            request.clone(),
+        );
         async move { (vm.clone(), client.prepare(request).await) }
     });
     let prepared = tokio::time::timeout(deadline, futures::future::join_all(prepares)).await;
@@ -524,12 +655,14 @@ pub async fn round(
             }),
     };
     if let Some(e) = failure {
-        let aborts = clients.iter().map(|(_, client)| {
+        let aborts = clients.iter().map(|(_, (client, plain))| {
             let mut client = client.clone();
             let request = pb::AbortRequest {
                 replication_group: group.to_string(),
                 round_id: id.clone(),
             };
+            let request =
+                peers.request(*plain, coordinator, abort_signed(&request), request.clone());
             async move { client.abort(request).await }
         });
         // Best effort: members release by themselves anyway.
@@ -537,13 +670,19 @@ pub async fn round(
         return Err(e);
     }
     let left = deadline.saturating_sub(started.elapsed());
-    let commits = clients.iter().map(|(vm, client)| {
+    let commits = clients.iter().map(|(vm, (client, plain))| {
         let mut client = client.clone();
         let request = pb::CommitRequest {
             replication_group: group.to_string(),
             round_id: id.clone(),
             time_unix_nanos,
         };
+        let request = peers.request(
+            *plain,
+            coordinator,
+            commit_signed(&request),
+            request.clone(),
+        );
         async move { (vm.clone(), client.commit(request).await) }
     });
     let committed = tokio::time::timeout(
@@ -623,6 +762,9 @@ pub async fn run(opts: GroupOptions, stop: CancellationToken) {
                 let group = view.group.unwrap_or_default();
                 opts.member
                     .set_members(view.members.iter().map(|m| m.vm_name.clone()));
+                let secret = GroupSecret::new(view.group_secret);
+                opts.member.set_secret(secret.clone());
+                peers.set_secret(secret);
                 let interval = view
                     .multi_vm_interval
                     .as_ref()

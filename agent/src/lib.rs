@@ -7,6 +7,7 @@
 pub mod capture;
 pub mod enrollment;
 pub mod group;
+pub mod group_signature;
 pub mod health;
 pub mod initial;
 pub mod nbd;

@@ -57,8 +57,8 @@ pub struct AgentOptions {
     /// The group port's TLS (the agent's certificate, key and CA): with it
     /// the port speaks only TLS, admits only the agents of the group's
     /// members, and its address is advertised as https://. None: plaintext,
-    /// no caller checked — refused on a non-loopback address unless
-    /// `group_insecure`.
+    /// admitting only rounds signed with the group's secret — refused on a
+    /// non-loopback address unless `group_insecure`.
     pub group_tls: Option<ferry_runtime::security::Tls>,
     /// Serve a plaintext group port beyond loopback anyway.
     pub group_insecure: bool,

@@ -648,6 +648,9 @@ async fn the_agent_token_never_goes_to_a_plain_group_port() {
         Stream::new(1, StreamLimits::default()),
     ));
     let member = Member::new("web-1", "g", capture);
+    member.set_members(["web-1"]);
+    let secret = ferry_agent::group_signature::GroupSecret::new(vec![1; 32]);
+    member.set_secret(secret.clone());
     // Whether each call carried an authorization header.
     let seen = Arc::new(Mutex::new(Vec::new()));
     let record = seen.clone();
@@ -676,6 +679,7 @@ async fn the_agent_token_never_goes_to_a_plain_group_port() {
         tls: None,
         bearer: Some("fyagent.web-1.0123".into()),
     });
+    peers.set_secret(secret);
     let members = [("web-1".to_string(), address)];
     let done = round(&mut peers, "g", "web-1", &members, ROUND_DEADLINE)
         .await

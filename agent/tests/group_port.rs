@@ -1,5 +1,6 @@
 //! The replication group port with TLS: it admits only the agents of the
-//! group's current members (by certificate). An outsider's Prepare — another
+//! group's current members (by certificate); without TLS, only calls signed
+//! with the group's secret by a current member. An outsider's Prepare — another
 //! VM's agent, an operator, a client without a certificate — is refused and
 //! the member's writes are not held; a member's round commits; a Commit whose
 //! time lies far from the member's clock, or before its last bookmark, is
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use ferry_agent::capture::{Capture, SourceDisk};
 use ferry_agent::group::{round, serve, Member, Peers, MAX_SKEW, ROUND_DEADLINE};
+use ferry_agent::group_signature::{GroupSecret, Signed, HEADER as SIGNATURE_HEADER};
 use ferry_agent::stream::{Stream, StreamLimits};
 use ferry_proto::agent::v1 as pb;
 use ferry_proto::agent::v1::agent_group_client::AgentGroupClient;
@@ -278,4 +280,164 @@ async fn before_registry_names_the_members_every_caller_is_refused() {
     let refused = answer.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     assert!(refused.message().contains("members yet"), "{refused:?}");
+}
+
+/// web-1's agent serving its group port ("g": web-1 and web-2) without TLS,
+/// knowing the group's secret `secret`; its address.
+async fn plain_port(secret: &[u8]) -> (Port, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let capture = Arc::new(Capture::new(
+        vec![SourceDisk::open("os", &dir.path().join("os.raw"), 1 << 20).unwrap()],
+        Stream::new(1, StreamLimits::default()),
+    ));
+    let member = Member::new("web-1", "g", capture.clone());
+    member.set_members(["web-1", "web-2"]);
+    member.set_secret(GroupSecret::new(secret.to_vec()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let stop = CancellationToken::new();
+    serve(member.clone(), listener, None, stop.clone())
+        .await
+        .unwrap();
+    let port = Port {
+        pki: TestPki::new(),
+        member,
+        capture,
+        url: format!("http://{address}"),
+        stop,
+        _dir: dir,
+    };
+    (port, address)
+}
+
+/// `request` carrying `signature`.
+fn signed<T>(request: T, signature: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(request);
+    request
+        .metadata_mut()
+        .insert(SIGNATURE_HEADER, signature.parse().unwrap());
+    request
+}
+
+fn prepare_signature(secret: &GroupSecret, round_id: &str, signer: &str, at: u64) -> String {
+    let hold = Duration::from_secs(2).as_nanos();
+    let message = Signed::Prepare {
+        group: "g",
+        round_id,
+        coordinator: "web-2",
+        hold_nanos: hold,
+    };
+    secret.sign(&message, signer, at).unwrap()
+}
+
+/// Without TLS the port admits only calls signed with the group's secret by
+/// a member: unsigned, signed with another secret, signed by a VM outside the
+/// group, signed long ago, or replayed, a Prepare is refused and the member's
+/// writes are not held; the group's own coordinator's rounds commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_port_admits_only_rounds_signed_with_the_groups_secret() {
+    let secret = [0x5au8; 32];
+    let (p, address) = plain_port(&secret).await;
+    let group_secret = GroupSecret::new(secret.to_vec()).unwrap();
+    let other_secret = GroupSecret::new(vec![0xa5; 32]).unwrap();
+    let mut plain =
+        AgentGroupClient::new(ferry_runtime::connect(&p.url, &Credentials::none()).unwrap());
+    let last = p.capture.stream().last().await;
+    let mut k = 0;
+    let refused = |answer: Result<tonic::Response<pb::PrepareResponse>, tonic::Status>,
+                   code: tonic::Code,
+                   says: &str| {
+        let status = answer.unwrap_err();
+        assert_eq!(status.code(), code, "{status:?}");
+        assert!(status.message().contains(says), "{says}: {status:?}");
+    };
+
+    // Unsigned.
+    refused(
+        plain.prepare(prepare("g-1")).await,
+        tonic::Code::Unauthenticated,
+        "signed",
+    );
+    k += 1;
+    writes_flow(&p.capture, k).await;
+    // Signed with another secret, by a member.
+    let forged = prepare_signature(&other_secret, "g-2", "web-2", now());
+    refused(
+        plain.prepare(signed(prepare("g-2"), &forged)).await,
+        tonic::Code::Unauthenticated,
+        "does not match",
+    );
+    k += 1;
+    writes_flow(&p.capture, k).await;
+    // Signed with the secret by a VM registry does not list in the group
+    // (it left, and kept the old secret).
+    let outsider = prepare_signature(&group_secret, "g-3", "db-9", now());
+    refused(
+        plain.prepare(signed(prepare("g-3"), &outsider)).await,
+        tonic::Code::PermissionDenied,
+        "not a member",
+    );
+    k += 1;
+    writes_flow(&p.capture, k).await;
+    // Signed 10 s ago.
+    let stale = prepare_signature(&group_secret, "g-4", "web-2", now() - 10_000_000_000);
+    refused(
+        plain.prepare(signed(prepare("g-4"), &stale)).await,
+        tonic::Code::Unauthenticated,
+        "away from this member's clock",
+    );
+    k += 1;
+    writes_flow(&p.capture, k).await;
+
+    // A member's signed Prepare holds; its signed Abort releases; the same
+    // Prepare sent again (a replay) is refused.
+    let good = prepare_signature(&group_secret, "g-5", "web-2", now());
+    plain
+        .prepare(signed(prepare("g-5"), &good))
+        .await
+        .expect("a member's signed Prepare is admitted");
+    let abort = pb::AbortRequest {
+        replication_group: "g".into(),
+        round_id: "g-5".into(),
+    };
+    let abort_signature = group_secret
+        .sign(
+            &Signed::Abort {
+                group: "g",
+                round_id: "g-5",
+            },
+            "web-2",
+            now(),
+        )
+        .unwrap();
+    plain.abort(signed(abort, &abort_signature)).await.unwrap();
+    refused(
+        plain.prepare(signed(prepare("g-5"), &good)).await,
+        tonic::Code::Unauthenticated,
+        "replay",
+    );
+    k += 1;
+    writes_flow(&p.capture, k).await;
+    assert_eq!(p.capture.stream().last().await, last + k);
+
+    // The coordinator's rounds, signed by round(): committed, a bookmark.
+    let mut peers = Peers::new(Credentials::none());
+    let members = [("web-1".to_string(), address)];
+    let err = round(&mut peers, "g", "web-2", &members, ROUND_DEADLINE)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("signed"),
+        "without the secret: {err}"
+    );
+    peers.set_secret(Some(group_secret));
+    let done = round(&mut peers, "g", "web-2", &members, ROUND_DEADLINE)
+        .await
+        .unwrap();
+    assert_eq!(done.sequences.len(), 1);
+    assert_eq!(
+        done.sequences[0].1,
+        last + k + 1,
+        "the bookmark follows the writes"
+    );
 }

@@ -115,14 +115,26 @@ pub async fn run(dir: &Path, vms: usize, secs: u64) -> Result<()> {
     let capture = agents[0].capture.clone();
     let span = Duration::from_secs(secs);
 
+    // Rounds are signed with the group's secret, as its coordinator's are.
+    let member = agents[0]
+        .member
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("the first agent is not a group member"))?;
+    let secret = ferry_testkit::wait_for("the group's secret", Duration::from_secs(30), || {
+        let member = member.clone();
+        async move { member.secret() }
+    })
+    .await;
     let mut peers = Peers::default();
+    peers.set_secret(Some(secret));
+    let coordinator = members[0].0.clone();
 
     // Capacity: rounds back to back, nothing else running.
     let (mut committed, mut failed) = (0u64, 0u64);
     let mut round_ms = Vec::new();
     let started = Instant::now();
     while started.elapsed() < span {
-        match ferry_agent::group::round(&mut peers, "bench", "bench", &members, ROUND_DEADLINE)
+        match ferry_agent::group::round(&mut peers, "bench", &coordinator, &members, ROUND_DEADLINE)
             .await
         {
             Ok(r) => {
@@ -160,7 +172,8 @@ pub async fn run(dir: &Path, vms: usize, secs: u64) -> Result<()> {
         next += ROUND_EVERY;
         let t = Instant::now();
         if let Ok(r) =
-            ferry_agent::group::round(&mut peers, "bench", "bench", &members, ROUND_DEADLINE).await
+            ferry_agent::group::round(&mut peers, "bench", &coordinator, &members, ROUND_DEADLINE)
+                .await
         {
             windows.push((t, t + r.elapsed));
             loaded_ms.push(r.elapsed.as_secs_f64() * 1000.0);

@@ -476,6 +476,48 @@ pub struct Group {
     pub members: BTreeSet<String>,
     pub coordinator: Option<String>,
     pub created_at: SystemTime,
+    /// What the members sign rounds with over plaintext group ports; empty
+    /// for a group stored before groups had one (made at its next
+    /// heartbeat).
+    #[serde(default)]
+    pub secret: GroupSecret,
+}
+
+/// A replication group's secret: 32 random bytes, hex in the store, handed
+/// only to the group's members' agents, never printed.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct GroupSecret(String);
+
+impl GroupSecret {
+    /// A fresh random secret.
+    pub fn generate() -> Result<GroupSecret, RegistryError> {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes).map_err(|e| {
+            RegistryError::Internal(format!("no randomness for a group secret: {e}"))
+        })?;
+        Ok(GroupSecret(hex::encode(bytes)))
+    }
+
+    /// Whether there is none yet.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The secret's bytes, as members receive them.
+    pub fn bytes(&self) -> Vec<u8> {
+        hex::decode(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for GroupSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_empty() {
+            "GroupSecret(none)"
+        } else {
+            "GroupSecret(<redacted>)"
+        })
+    }
 }
 
 impl From<&Group> for pb::ReplicationGroup {

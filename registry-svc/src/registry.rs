@@ -17,8 +17,8 @@ use crate::enrollment::{self, Admission, EnrollmentRecord, Proof};
 use crate::error::RegistryError;
 use crate::lifecycle::State;
 use crate::model::{
-    AgentRecord, EnableRequest, Group, Health, HealthReport, NetworkMapping, Policy, ProtectedItem,
-    Vm, COMPONENTS,
+    AgentRecord, EnableRequest, Group, GroupSecret, Health, HealthReport, NetworkMapping, Policy,
+    ProtectedItem, Vm, COMPONENTS,
 };
 use crate::store::{Kind, Store, Writes};
 use crate::tokens::{constant_time_eq, Tokens};
@@ -556,6 +556,8 @@ impl Registry {
         if let Some(name) = &item.group {
             if let Some(mut group) = self.store.get::<Group>(Kind::Group, name)? {
                 group.members.remove(vm);
+                // The VM's agent knew the secret; the rest get a new one.
+                group.secret = GroupSecret::generate()?;
                 if group.coordinator.as_deref() == Some(vm) {
                     group.coordinator = group.members.iter().next().cloned();
                 }
@@ -1019,6 +1021,7 @@ impl Registry {
             members: BTreeSet::new(),
             coordinator: None,
             created_at: SystemTime::now(),
+            secret: GroupSecret::generate()?,
         };
         let mut writes = Writes::new();
         writes.put(Kind::Group, &group.name, &group)?;
@@ -1084,6 +1087,17 @@ impl Registry {
                 .unwrap_or(now.duration_since(self.started) < self.lease)
         };
         let mut group = self.get_group(&name)?;
+        if group.secret.is_empty() {
+            // A group stored before groups had secrets.
+            let _guard = self.write.lock().await;
+            group = self.get_group(&name)?;
+            if group.secret.is_empty() {
+                group.secret = GroupSecret::generate()?;
+                let mut writes = Writes::new();
+                writes.put(Kind::Group, &name, &group)?;
+                self.store.commit(writes).await?;
+            }
+        }
         let silent = group.coordinator.as_deref().is_none_or(|c| !alive(c));
         if silent {
             let _guard = self.write.lock().await;

@@ -350,6 +350,7 @@ impl RegistryApi for RegistryService {
                 .collect(),
             multi_vm_interval: Some(ferry_runtime::time::to_duration(view.multi_vm_interval)),
             coordinator_lease: Some(ferry_runtime::time::to_duration(view.lease)),
+            group_secret: view.group.secret.bytes(),
         }))
     }
 

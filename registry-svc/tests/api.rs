@@ -770,6 +770,22 @@ async fn groups_track_members_and_coordinator() {
     assert_eq!(app.group_address, "127.0.0.1:20004");
     assert!(app.alive);
     assert!(view.multi_vm_interval.is_some() && view.coordinator_lease.is_some());
+    // The group's secret goes to its members' agents, the same to each
+    // heartbeat, and nowhere else.
+    assert_eq!(view.group_secret.len(), 32);
+    let again = c
+        .group_heartbeat(beat(&grant.credential, grant.epoch, "erp-app"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.group_secret, view.group_secret);
+    let debug = format!(
+        "{:?}",
+        c.list_replication_groups(pb::ListReplicationGroupsRequest {})
+            .await
+            .unwrap()
+    );
+    assert!(!debug.contains(&hex::encode(&view.group_secret)), "{debug}");
     let err = c
         .group_heartbeat(beat("not-the-credential", grant.epoch, "erp-app"))
         .await
@@ -825,6 +841,14 @@ async fn groups_track_members_and_coordinator() {
         .into_inner();
     assert_eq!(group.members, ["erp-app"]);
     assert_eq!(group.coordinator, "erp-app");
+    // A member left with the secret: the rest get a new one.
+    let after = c
+        .group_heartbeat(beat(&grant.credential, grant.epoch, "erp-app"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.group_secret.len(), 32);
+    assert_ne!(after.group_secret, view.group_secret);
     let err = c
         .delete_replication_group(pb::DeleteReplicationGroupRequest { name: "erp".into() })
         .await

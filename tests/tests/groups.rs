@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferry_agent::group::{Peers, ROUND_DEADLINE};
+use ferry_agent::group_signature::{Signed, HEADER as SIGNATURE_HEADER};
 use ferry_agent::run::Agent;
 use ferry_proto::agent::v1 as agent_pb;
 use ferry_proto::agent::v1::agent_group_client::AgentGroupClient;
@@ -66,11 +67,20 @@ async fn multi_vm_points_never_show_an_effect_without_its_cause() {
         .map(|a| (a.vm.clone(), a.group_address.clone()))
         .collect();
     assert!(members.iter().all(|(_, a)| !a.is_empty()));
+    // The test coordinates as a member would: with the group's secret.
+    let member = agents[0].member.clone().expect("a group member");
+    let secret = wait_for("the group's secret", Duration::from_secs(30), || {
+        let member = member.clone();
+        async move { member.secret() }
+    })
+    .await;
     let mut peers = Peers::default();
+    peers.set_secret(Some(secret));
     let mut committed = Vec::new();
     let mut failed = 0;
     while committed.len() < 20 {
-        match ferry_agent::group::round(&mut peers, "shop", "test", &members, ROUND_DEADLINE).await
+        match ferry_agent::group::round(&mut peers, "shop", &members[0].0, &members, ROUND_DEADLINE)
+            .await
         {
             Ok(r) => committed.push(r.id),
             // Colliding with the coordinator's round: ABORTED, retried.
@@ -373,6 +383,19 @@ async fn a_coordinator_dying_mid_round_holds_writes_no_longer_than_the_bound() {
     .await;
 
     // A coordinator prepares a round on b and c, then dies before Commit.
+    // Its calls are signed with the group's secret, as erp-a's would be.
+    let member = b.member.clone().expect("group member");
+    let secret = wait_for("the group's secret", Duration::from_secs(30), || {
+        let member = member.clone();
+        async move { member.secret() }
+    })
+    .await;
+    let sign = |message: Signed<'_>| {
+        let signature = secret
+            .sign(&message, "erp-a", now_nanos())
+            .expect("a signature");
+        tonic::metadata::MetadataValue::try_from(signature).expect("ASCII")
+    };
     let hold = Duration::from_secs(1);
     for agent in [&b, &c] {
         let client = AgentGroupClient::connect(format!("http://{}", agent.group_address))
@@ -381,17 +404,23 @@ async fn a_coordinator_dying_mid_round_holds_writes_no_longer_than_the_bound() {
         // The real coordinator's round may be holding for a moment.
         wait_for("the lost round's Prepare", Duration::from_secs(10), || {
             let mut client = client.clone();
-            async move {
-                client
-                    .prepare(agent_pb::PrepareRequest {
-                        replication_group: "erp".into(),
-                        round_id: "lost-round".into(),
-                        coordinator: "erp-a".into(),
-                        hold: Some(ferry_runtime::time::to_duration(hold)),
-                    })
-                    .await
-                    .ok()
-            }
+            let prepare = agent_pb::PrepareRequest {
+                replication_group: "erp".into(),
+                round_id: "lost-round".into(),
+                coordinator: "erp-a".into(),
+                hold: Some(ferry_runtime::time::to_duration(hold)),
+            };
+            let mut request = tonic::Request::new(prepare.clone());
+            request.metadata_mut().insert(
+                SIGNATURE_HEADER,
+                sign(Signed::Prepare {
+                    group: "erp",
+                    round_id: "lost-round",
+                    coordinator: "erp-a",
+                    hold_nanos: hold.as_nanos(),
+                }),
+            );
+            async move { client.prepare(request).await.ok() }
         })
         .await;
     }
@@ -416,14 +445,20 @@ async fn a_coordinator_dying_mid_round_holds_writes_no_longer_than_the_bound() {
         let mut client = AgentGroupClient::connect(format!("http://{}", agent.group_address))
             .await
             .unwrap();
-        let late = client
-            .commit(agent_pb::CommitRequest {
-                replication_group: "erp".into(),
-                round_id: "lost-round".into(),
+        let mut request = tonic::Request::new(agent_pb::CommitRequest {
+            replication_group: "erp".into(),
+            round_id: "lost-round".into(),
+            time_unix_nanos: killed_at,
+        });
+        request.metadata_mut().insert(
+            SIGNATURE_HEADER,
+            sign(Signed::Commit {
+                group: "erp",
+                round_id: "lost-round",
                 time_unix_nanos: killed_at,
-            })
-            .await
-            .unwrap_err();
+            }),
+        );
+        let late = client.commit(request).await.unwrap_err();
         assert_eq!(late.code(), tonic::Code::FailedPrecondition, "{late}");
     }
 
