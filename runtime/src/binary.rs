@@ -32,6 +32,13 @@ where
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("{name}: cannot listen on {}: {e}", config.listen))?;
+    if config.security.tls.is_none() {
+        tracing::info!(
+            listen = %config.listen,
+            "{name}: plaintext, as --insecure asks: every call is authenticated (service \
+             and agent tokens from the cluster secret, operator tokens), nothing is encrypted"
+        );
+    }
     let shutdown = crate::shutdown::shutdown_token();
     serve(config, settings, listener, shutdown).await?;
     Ok(())
