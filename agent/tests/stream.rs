@@ -19,13 +19,15 @@ use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::CancellationToken;
 use ferry_testkit::replay::{apply, tail_all};
-use ferry_testkit::{bin_path, free_addr, start_registry, wait_serving, ServiceProcess};
+use ferry_testkit::{bin_path, free_addr, start_registry, wait_serving, Insecure, ServiceProcess};
 
 const SIZE: u64 = 8 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
     let dir = tempfile::tempdir().unwrap();
+    // The cache checks its callers: the agent presents its token.
+    let insecure = Insecure::new();
     let cache_addr = free_addr();
     let cache_url = format!("http://{cache_addr}");
     let registry = start_registry(dir.path().join("registry"), Some(cache_url.clone())).await;
@@ -71,18 +73,13 @@ async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
     })
     .await
     .unwrap();
-    let assignment = ferry_agent::register(
-        &registry.url,
-        &ferry_runtime::peers::Credentials::none(),
-        "vm",
-        "test",
-        "",
-    )
-    .await
-    .unwrap();
+    let assignment = ferry_agent::register(&registry.url, &insecure.agent("vm"), "vm", "test", "")
+        .await
+        .unwrap();
     assert_eq!(assignment.cache_endpoint, cache_url);
 
     let mut cache = ServiceProcess::start_at(
+        &insecure,
         cache_addr,
         bin_path("cache-svc"),
         dir.path().join("cache"),
@@ -108,7 +105,7 @@ async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
     let sender = tokio::spawn(stream::run(
         s.clone(),
         assignment.cache_endpoint.clone(),
-        ferry_runtime::peers::Credentials::none(),
+        insecure.agent("vm"),
         "vm".into(),
         assignment.epoch,
         assignment.credential().to_string(),
@@ -158,7 +155,7 @@ async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
         .expect("the agent reconnects and resends");
     assert_eq!(last, 600);
 
-    let records = tail_all(&cache_url, "vm", 1).await;
+    let records = tail_all(insecure.at(&cache_url), "vm", 1).await;
     let seqs: Vec<u64> = records.iter().map(|r| r.sequence).collect();
     assert_eq!(
         seqs,
@@ -191,7 +188,7 @@ async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
     // checksum, its own pending write going again as data.
     let next = stream::resume_point(
         &cache_url,
-        &ferry_runtime::peers::Credentials::none(),
+        &insecure.agent("vm"),
         "vm",
         assignment.epoch,
         assignment.credential(),
@@ -215,7 +212,7 @@ async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
     let stale_run = tokio::spawn(stream::run(
         stale.clone(),
         cache_url.clone(),
-        ferry_runtime::peers::Credentials::none(),
+        insecure.agent("vm"),
         "vm".into(),
         assignment.epoch,
         assignment.credential().to_string(),
@@ -242,7 +239,7 @@ async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
         2 * SIZE / stream::DIRTY_CHUNK,
         "every chunk is checked by checksum"
     );
-    assert_eq!(tail_all(&cache_url, "vm", 1).await.len(), 600);
+    assert_eq!(tail_all(insecure.at(&cache_url), "vm", 1).await.len(), 600);
     stale_stop.cancel();
     stale_run.await.unwrap().unwrap();
 
@@ -258,6 +255,8 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
     use std::collections::HashMap as Map;
 
     let dir = tempfile::tempdir().unwrap();
+    // The cache checks its callers: the agent presents its token.
+    let insecure = Insecure::new();
     let cache_addr = free_addr();
     let cache_url = format!("http://{cache_addr}");
     let registry = start_registry(dir.path().join("registry"), Some(cache_url.clone())).await;
@@ -277,15 +276,9 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
         .await
         .unwrap();
     }
-    let a = ferry_agent::register(
-        &registry.url,
-        &ferry_runtime::peers::Credentials::none(),
-        "vm",
-        "test",
-        "",
-    )
-    .await
-    .unwrap();
+    let a = ferry_agent::register(&registry.url, &insecure.agent("vm"), "vm", "test", "")
+        .await
+        .unwrap();
 
     // A small buffer, and no cache yet: the buffer overflows.
     let limits = StreamLimits {
@@ -301,7 +294,7 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
     tokio::spawn(stream::run(
         s.clone(),
         a.cache_endpoint.clone(),
-        ferry_runtime::peers::Credentials::none(),
+        insecure.agent("vm"),
         "vm".into(),
         a.epoch,
         a.credential().to_string(),
@@ -310,8 +303,7 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
     let resyncer = {
         let capture = capture.clone();
         let mut registry = RegistryClient::new(
-            ferry_runtime::connect(&registry.url, &ferry_runtime::peers::Credentials::none())
-                .unwrap(),
+            ferry_runtime::connect(&registry.url, &insecure.agent("vm")).unwrap(),
         );
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -361,6 +353,7 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
     capture.zero("os", 0, 1 << 20, false).await.unwrap();
 
     let _cache = ServiceProcess::start_at(
+        &insecure,
         cache_addr,
         bin_path("cache-svc"),
         dir.path().join("cache"),
@@ -377,7 +370,7 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
         .await
         .unwrap();
 
-    let records = tail_all(&cache_url, "vm", 1).await;
+    let records = tail_all(insecure.at(&cache_url), "vm", 1).await;
     let markers: Vec<i32> = records
         .iter()
         .filter_map(|r| match &r.op {
@@ -407,8 +400,13 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
     use pb::send_control_request::Control;
     let control = |c: Control| {
         let cache_url = cache_url.clone();
+        let insecure = insecure.clone();
         async move {
-            let mut client = CacheClient::connect(cache_url).await.ok()?;
+            let mut client = CacheClient::new(
+                insecure
+                    .at(&cache_url)
+                    .as_service(ferry_runtime::security::ServiceKind::Processor),
+            );
             let request = pb::SendControlRequest {
                 vm_name: "vm".into(),
                 control: Some(c),
@@ -425,8 +423,9 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
     .await;
     let last = ferry_testkit::wait_for("the bookmark in the log", Duration::from_secs(30), || {
         let cache_url = cache_url.clone();
+        let insecure = insecure.clone();
         async move {
-            let records = tail_all(&cache_url, "vm", 1).await;
+            let records = tail_all(insecure.at(&cache_url), "vm", 1).await;
             records
                 .iter()
                 .find(|r| {
@@ -466,8 +465,9 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
     };
     let records = ferry_testkit::wait_for("every chunk checked", Duration::from_secs(60), || {
         let cache_url = cache_url.clone();
+        let insecure = insecure.clone();
         async move {
-            let records = tail_all(&cache_url, "vm", 1).await;
+            let records = tail_all(insecure.at(&cache_url), "vm", 1).await;
             (after(&records, last).0 >= chunks).then_some(records)
         }
     })
@@ -515,8 +515,9 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
     control(resync).await.expect("ranges request delivered");
     let records = ferry_testkit::wait_for("the ranges sent again", Duration::from_secs(60), || {
         let cache_url = cache_url.clone();
+        let insecure = insecure.clone();
         async move {
-            let records = tail_all(&cache_url, "vm", 1).await;
+            let records = tail_all(insecure.at(&cache_url), "vm", 1).await;
             (after(&records, last).1 >= 2).then_some(records)
         }
     })
@@ -538,6 +539,8 @@ async fn a_sync_completed_marker_lost_at_an_overflow_is_sent_again_by_resync() {
     use ferry_proto::cache::v1::MarkerKind;
 
     let dir = tempfile::tempdir().unwrap();
+    // The cache checks its callers: the agent presents its token.
+    let insecure = Insecure::new();
     let cache_addr = free_addr();
     let cache_url = format!("http://{cache_addr}");
     let registry = start_registry(dir.path().join("registry"), Some(cache_url.clone())).await;
@@ -558,16 +561,11 @@ async fn a_sync_completed_marker_lost_at_an_overflow_is_sent_again_by_resync() {
     })
     .await
     .unwrap();
-    let assignment = ferry_agent::register(
-        &registry.url,
-        &ferry_runtime::peers::Credentials::none(),
-        "vm",
-        "test",
-        "",
-    )
-    .await
-    .unwrap();
+    let assignment = ferry_agent::register(&registry.url, &insecure.agent("vm"), "vm", "test", "")
+        .await
+        .unwrap();
     let mut cache = ServiceProcess::start_at(
+        &insecure,
         cache_addr,
         bin_path("cache-svc"),
         dir.path().join("cache"),
@@ -591,7 +589,7 @@ async fn a_sync_completed_marker_lost_at_an_overflow_is_sent_again_by_resync() {
     tokio::spawn(stream::run(
         s.clone(),
         assignment.cache_endpoint.clone(),
-        ferry_runtime::peers::Credentials::none(),
+        insecure.agent("vm"),
         "vm".into(),
         assignment.epoch,
         assignment.credential().to_string(),
@@ -600,8 +598,7 @@ async fn a_sync_completed_marker_lost_at_an_overflow_is_sent_again_by_resync() {
     {
         let capture = capture.clone();
         let mut registry = RegistryClient::new(
-            ferry_runtime::connect(&registry.url, &ferry_runtime::peers::Credentials::none())
-                .unwrap(),
+            ferry_runtime::connect(&registry.url, &insecure.agent("vm")).unwrap(),
         );
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -616,7 +613,7 @@ async fn a_sync_completed_marker_lost_at_an_overflow_is_sent_again_by_resync() {
         .await;
     assert!(capture.copy_chunk("a", 0, 64 * 1024).await.unwrap());
     s.flushed().await;
-    let before = tail_all(&cache_url, "vm", 1).await.len();
+    let before = tail_all(insecure.at(&cache_url), "vm", 1).await.len();
     // ...then, with the cache away, disk b's writes overflow the buffer, and
     // a's SYNC_COMPLETED falls into the map with nothing of a's chunks.
     assert!(cache.signal_and_wait("TERM").success());
@@ -642,8 +639,9 @@ async fn a_sync_completed_marker_lost_at_an_overflow_is_sent_again_by_resync() {
         Duration::from_secs(30),
         || {
             let cache_url = cache_url.clone();
+        let insecure = insecure.clone();
             async move {
-                tail_all(&cache_url, "vm", 1)
+                tail_all(insecure.at(&cache_url), "vm", 1)
                     .await
                     .iter()
                     .skip(before)
