@@ -9,7 +9,8 @@ use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::peers::Credentials;
 use ferry_runtime::security::ServiceKind;
 use ferry_testkit::{
-    assert_reflection_and_health, channel, free_addr, wait_serving, Insecure, ServiceProcess,
+    assert_reflection_and_health, channel, free_addr, grpcurl_run, wait_serving, Insecure,
+    ServiceProcess,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_registry-svc");
@@ -20,7 +21,20 @@ async fn grpcurl_sees_the_api_and_sigterm_exits_cleanly() {
     let insecure = Insecure::new();
     let mut p = ServiceProcess::start(&insecure, BIN, dir.path().join("registry"), &[]);
     wait_serving(&p.url()).await;
-    assert_reflection_and_health(&p.addr.to_string(), "ferry.registry.v1.Registry");
+    let addr = p.addr.to_string();
+    assert_reflection_and_health(&addr, "ferry.registry.v1.Registry");
+    // An RPC needs credentials: grpcurl sends the admin's bearer token.
+    let regions = "ferry.registry.v1.Registry/ListRegions";
+    let out = ferry_testkit::grpcurl()
+        .args(["-plaintext", &addr, regions])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Unauthenticated"), "{stderr}");
+    let header = Insecure::header(&insecure.admin());
+    let listed = grpcurl_run(&["-H", &header, &addr, regions]);
+    assert!(listed.contains("westus"), "{listed}");
     let status = p.signal_and_wait("TERM");
     assert!(status.success(), "SIGTERM exit: {status}");
 }
