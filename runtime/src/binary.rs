@@ -27,7 +27,10 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: std::error::Error + Send + Sync + 'static,
 {
-    let (config, settings) = common.resolve::<S>(key, default_port)?;
+    // Said as a sentence (the error's Display), not as the enum's Debug.
+    let (config, settings) = common
+        .resolve::<S>(key, default_port)
+        .map_err(|e| format!("{name}: {e}"))?;
     let _telemetry = crate::telemetry::init(name, &config.log, config.otlp_endpoint.as_deref())?;
     let listener = TcpListener::bind(config.listen)
         .await
