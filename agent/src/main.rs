@@ -257,7 +257,10 @@ async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
     // https:// without) is an error now, not a retry later.
     ferry_runtime::connect(&args.registry, &credentials).map_err(|e| format!("--registry: {e}"))?;
     if credentials.tls.is_none() && credentials.bearer.is_none() {
-        tracing::warn!("no --tls-ca, --tls-cert or --token-file: the agent presents no credentials; a secured deployment refuses it");
+        tracing::warn!(
+            "no --tls-ca, --tls-cert or --token-file: the agent presents no credentials, and \
+             registry and cache refuse it (UNAUTHENTICATED); see docs/agent.md"
+        );
     }
     let tls = match (&args.nbd_tls_cert, &args.nbd_tls_key) {
         (Some(cert), Some(key)) => Some(

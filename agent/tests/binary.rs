@@ -20,10 +20,11 @@ use ferry_agent::state::{Saved, StateFile};
 use ferry_proto::cache::v1 as pb;
 use ferry_proto::cache::v1::record::Op;
 use ferry_proto::registry::v1 as reg;
+use ferry_runtime::security::ServiceKind;
 use ferry_testkit::replay::{apply, tail_all};
 use ferry_testkit::{
-    bin_path, free_addr, protect_vm, protected_item, start_registry, wait_for, wait_serving,
-    ServiceProcess,
+    agent_command, bin_path, free_addr, protect_vm, protected_item, start_registry, wait_for,
+    wait_serving, AgentAuth, At, Insecure, ServiceProcess,
 };
 
 const SIZE: u64 = 8 << 20;
@@ -35,25 +36,25 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(registry: &str, state_dir: &Path) -> Agent {
-        Self::start_with(registry, state_dir, &[])
+    /// The agent of `vm` for `setup`'s registry, with its agent token.
+    fn start(setup: &Setup, state_dir: &Path) -> Agent {
+        Self::start_with(setup, state_dir, &[])
     }
 
-    fn start_with(registry: &str, state_dir: &Path, extra: &[&str]) -> Agent {
+    fn start_with(setup: &Setup, state_dir: &Path, extra: &[&str]) -> Agent {
         let nbd = free_addr();
-        Self::start_listening(registry, state_dir, &nbd.to_string(), nbd, extra)
+        Self::start_listening(setup, state_dir, &nbd.to_string(), nbd, extra)
     }
 
     /// With `--nbd-listen listen`, which clients reach at `nbd`.
     fn start_listening(
-        registry: &str,
+        setup: &Setup,
         state_dir: &Path,
         listen: &str,
         nbd: SocketAddr,
         extra: &[&str],
     ) -> Agent {
-        let child = Command::new(env!("CARGO_BIN_EXE_ferry-agent"))
-            .args(["--registry", registry, "--vm", "vm"])
+        let child = agent_command(&setup.registry.url, "vm", AgentAuth::Token(&setup.insecure))
             .args(extra)
             .args(["--nbd-listen", listen])
             .args(["--group-listen", "127.0.0.1:0", "--drain-secs", "1"])
@@ -62,8 +63,6 @@ impl Agent {
             // The images lie beside the state directory.
             .arg("--disk-root")
             .arg(state_dir.parent().unwrap())
-            .env("FERRY_LOG", "warn")
-            .stdin(Stdio::null())
             .spawn()
             .unwrap();
         Agent { child, nbd }
@@ -114,6 +113,8 @@ impl Drop for Agent {
 /// one 8 MiB disk holding 3 MiB of data.
 struct Setup {
     dir: tempfile::TempDir,
+    /// The services' cluster secret; the agent's token.
+    insecure: Insecure,
     source: PathBuf,
     registry: ferry_testkit::Running,
     cache: ServiceProcess,
@@ -131,7 +132,9 @@ impl Setup {
         let cache_url = format!("http://{cache_addr}");
         let registry = start_registry(dir.path().join("registry"), Some(cache_url.clone())).await;
         wait_serving(&registry.url).await;
+        let insecure = Insecure::new();
         let cache = ServiceProcess::start_at(
+            &insecure,
             cache_addr,
             bin_path("cache-svc"),
             dir.path().join("cache"),
@@ -139,6 +142,7 @@ impl Setup {
         );
         wait_serving(&cache_url).await;
         let processor = ServiceProcess::start(
+            &insecure,
             bin_path("processor-svc"),
             dir.path().join("processor"),
             &["--registry", &registry.url, "--cache", &cache_url],
@@ -146,6 +150,7 @@ impl Setup {
         protect_vm(&registry.url, "vm", &[("os", SIZE, &source)]).await;
         Setup {
             dir,
+            insecure,
             source,
             registry,
             cache,
@@ -180,7 +185,8 @@ impl Setup {
             || {
                 let cache_url = cache_url.clone();
                 async move {
-                    let records: Vec<pb::Record> = tail_all(&cache_url, "vm", 1).await;
+                    let records: Vec<pb::Record> =
+                        tail_all(self.insecure.at(&cache_url), "vm", 1).await;
                     self.replay_equals_source(&records).then_some(records)
                 }
             },
@@ -201,7 +207,7 @@ impl Setup {
     async fn restart_cache(&mut self) -> u64 {
         self.cache.restart();
         wait_serving(&self.cache.url()).await;
-        let records = tail_all(&self.cache.url(), "vm", 1).await;
+        let records = tail_all(self.insecure.at(&self.cache.url()), "vm", 1).await;
         records.last().map_or(0, |r| r.sequence)
     }
 
@@ -214,7 +220,8 @@ impl Setup {
             || {
                 let cache_url = cache_url.clone();
                 async move {
-                    let records: Vec<pb::Record> = tail_all(&cache_url, "vm", 1).await;
+                    let records: Vec<pb::Record> =
+                        tail_all(self.insecure.at(&cache_url), "vm", 1).await;
                     (digests_after(&records, after) >= n).then_some(())
                 }
             },
@@ -231,7 +238,8 @@ impl Setup {
             || {
                 let cache_url = cache_url.clone();
                 async move {
-                    let records: Vec<pb::Record> = tail_all(&cache_url, "vm", 1).await;
+                    let records: Vec<pb::Record> =
+                        tail_all(self.insecure.at(&cache_url), "vm", 1).await;
                     (data_records_after(&records, after) >= n).then_some(records)
                 }
             },
@@ -264,7 +272,7 @@ fn digests_after(records: &[pb::Record], after: u64) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_binary_replicates_its_vm() {
     let setup = Setup::new().await;
-    let agent = Agent::start(&setup.registry.url, &setup.state_dir());
+    let agent = Agent::start(&setup, &setup.state_dir());
     setup.wait_state(reg::ReplicationState::Protected).await;
     agent
         .qemu_io("os", &["write -P 0x99 2M 256k", "write -z 3M 64k"])
@@ -277,7 +285,7 @@ async fn the_agent_binary_replicates_its_vm() {
 async fn the_changed_chunk_map_survives_a_clean_restart_and_a_crash_means_a_checksum_resync() {
     let mut setup = Setup::new().await;
     let state_dir = setup.state_dir();
-    let mut agent = Agent::start(&setup.registry.url, &state_dir);
+    let mut agent = Agent::start(&setup, &state_dir);
     setup.wait_state(reg::ReplicationState::Protected).await;
     setup.wait_replay_equals_source().await;
 
@@ -298,10 +306,10 @@ async fn the_changed_chunk_map_survives_a_clean_restart_and_a_crash_means_a_chec
     // Back: only the two saved chunks travel again, and the log rebuilds
     // the source.
     let last = setup.restart_cache().await;
-    let mut agent = Agent::start(&setup.registry.url, &state_dir);
+    let mut agent = Agent::start(&setup, &state_dir);
     setup.wait_data_records(last, 2).await;
     setup.wait_state(reg::ReplicationState::Protected).await;
-    let records = tail_all(&setup.cache.url(), "vm", 1).await;
+    let records = tail_all(setup.insecure.at(&setup.cache.url()), "vm", 1).await;
     assert_eq!(
         data_records_after(&records, last),
         2,
@@ -320,12 +328,12 @@ async fn the_changed_chunk_map_survives_a_clean_restart_and_a_crash_means_a_chec
         Some(Saved::Unclean)
     );
     let last = setup.restart_cache().await;
-    let _agent = Agent::start(&setup.registry.url, &state_dir);
+    let _agent = Agent::start(&setup, &state_dir);
     let chunks = SIZE / ferry_agent::stream::DIRTY_CHUNK;
     setup.wait_digests(last, chunks).await;
     setup.wait_data_records(last, 1).await;
     setup.wait_state(reg::ReplicationState::Protected).await;
-    let records = tail_all(&setup.cache.url(), "vm", 1).await;
+    let records = tail_all(setup.insecure.at(&setup.cache.url()), "vm", 1).await;
     assert_eq!(
         digests_after(&records, last),
         chunks,
@@ -341,10 +349,8 @@ async fn the_changed_chunk_map_survives_a_clean_restart_and_a_crash_means_a_chec
 }
 
 /// The cache's newest durable sequence of the VM.
-async fn cache_last(cache_url: &str) -> u64 {
-    pb::cache_client::CacheClient::connect(cache_url.to_string())
-        .await
-        .unwrap()
+async fn cache_last(cache: At<'_>) -> u64 {
+    pb::cache_client::CacheClient::new(cache.as_service(ServiceKind::Processor))
         .get_log_info(pb::GetLogInfoRequest {
             vm_name: "vm".into(),
         })
@@ -355,10 +361,8 @@ async fn cache_last(cache_url: &str) -> u64 {
 }
 
 /// Whether an agent streams the VM into the cache now.
-async fn streaming(cache_url: &str) -> bool {
-    let sent = pb::cache_client::CacheClient::connect(cache_url.to_string())
-        .await
-        .unwrap()
+async fn streaming(cache: At<'_>) -> bool {
+    let sent = pb::cache_client::CacheClient::new(cache.as_service(ServiceKind::Processor))
         .send_control(pb::SendControlRequest {
             vm_name: "vm".into(),
             control: Some(pb::send_control_request::Control::Bookmark(
@@ -394,11 +398,7 @@ async fn write_and_read(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replication_stopped_or_fenced_never_takes_the_vm_disk_offline() {
     let setup = Setup::new().await;
-    let mut agent = Agent::start_with(
-        &setup.registry.url,
-        &setup.state_dir(),
-        &["--heartbeat-secs", "1"],
-    );
+    let mut agent = Agent::start_with(&setup, &setup.state_dir(), &["--heartbeat-secs", "1"]);
     setup.wait_state(reg::ReplicationState::Protected).await;
     setup.wait_replay_equals_source().await;
     // One NBD connection, held across everything below, as a VM holds it.
@@ -411,18 +411,21 @@ async fn replication_stopped_or_fenced_never_takes_the_vm_disk_offline() {
     // The cache stops the stream: the export stays, the write completes,
     // and since registry still lets this agent replicate, it streams again
     // and resyncs what it tracked meanwhile.
-    pb::cache_client::CacheClient::connect(setup.cache.url())
-        .await
-        .unwrap()
-        .send_control(pb::SendControlRequest {
-            vm_name: "vm".into(),
-            control: Some(pb::send_control_request::Control::Stop(pb::Stop {
-                reason: "operator".into(),
-                ..Default::default()
-            })),
-        })
-        .await
-        .unwrap();
+    pb::cache_client::CacheClient::new(
+        setup
+            .insecure
+            .at(&setup.cache.url())
+            .as_service(ServiceKind::Processor),
+    )
+    .send_control(pb::SendControlRequest {
+        vm_name: "vm".into(),
+        control: Some(pb::send_control_request::Control::Stop(pb::Stop {
+            reason: "operator".into(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
     let nbd = write_and_read(nbd, 6 << 20, 0xab).await;
     setup.wait_replay_equals_source().await;
     setup.wait_state(reg::ReplicationState::Protected).await;
@@ -443,10 +446,11 @@ async fn replication_stopped_or_fenced_never_takes_the_vm_disk_offline() {
     let cache_url = setup.cache.url();
     wait_for("the fenced stream to end", Duration::from_secs(30), || {
         let cache_url = cache_url.clone();
-        async move { (!streaming(&cache_url).await).then_some(()) }
+        let insecure = setup.insecure.clone();
+        async move { (!streaming(insecure.at(&cache_url)).await).then_some(()) }
     })
     .await;
-    let before = cache_last(&cache_url).await;
+    let before = cache_last(setup.insecure.at(&cache_url)).await;
     let _nbd = write_and_read(nbd, 7 << 20, 0xcd).await;
     assert!(
         agent.child.try_wait().unwrap().is_none(),
@@ -454,7 +458,7 @@ async fn replication_stopped_or_fenced_never_takes_the_vm_disk_offline() {
     );
     assert!(agent.stop("TERM"), "and stops cleanly when told");
     assert_eq!(
-        cache_last(&cache_url).await,
+        cache_last(setup.insecure.at(&cache_url)).await,
         before,
         "nothing reached the cache"
     );
@@ -473,16 +477,15 @@ async fn replication_stopped_or_fenced_never_takes_the_vm_disk_offline() {
     setup.registry.stop().await;
 }
 
-/// Runs the binary with `args` (no FERRY_* from the environment) until it
-/// exits, or kills it after 20 s (an agent that started although it should
-/// have refused); its status and stderr.
-fn run_refused(args: &[&str]) -> (std::process::ExitStatus, String) {
-    let child = Command::new(env!("CARGO_BIN_EXE_ferry-agent"))
+/// Runs the binary for VM `vm` of `registry` with `args` (no FERRY_DISK_ROOT
+/// nor FERRY_NBD_LISTEN from the environment) until it exits, or kills it
+/// after 20 s (an agent that started although it should have refused); its
+/// status and stderr.
+fn run_refused(registry: &str, args: &[&str]) -> (std::process::ExitStatus, String) {
+    let child = agent_command(registry, "vm", AgentAuth::Given)
         .args(args)
         .env_remove("FERRY_DISK_ROOT")
         .env_remove("FERRY_NBD_LISTEN")
-        .env("FERRY_LOG", "warn")
-        .stdin(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -506,14 +509,7 @@ fn run_refused(args: &[&str]) -> (std::process::ExitStatus, String) {
 
 #[test]
 fn the_agent_binary_requires_a_disk_root() {
-    let (status, stderr) = run_refused(&[
-        "--registry",
-        "http://127.0.0.1:1",
-        "--vm",
-        "vm",
-        "--nbd-listen",
-        "127.0.0.1:0",
-    ]);
+    let (status, stderr) = run_refused("http://127.0.0.1:1", &["--nbd-listen", "127.0.0.1:0"]);
     assert!(!status.success());
     assert!(stderr.contains("--disk-root DIR"), "{stderr}");
 }
@@ -526,11 +522,7 @@ async fn the_export_serves_on_a_unix_socket_of_mode_0600_that_replaces_a_stale_o
     let s = socket.to_str().unwrap();
     // A stale socket a killed agent left: bound, its listener gone.
     drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
-    let mut agent = Agent::start_with(
-        &setup.registry.url,
-        &setup.state_dir(),
-        &["--nbd-socket", s],
-    );
+    let mut agent = Agent::start_with(&setup, &setup.state_dir(), &["--nbd-socket", s]);
     setup.wait_state(reg::ReplicationState::Protected).await;
     let meta = std::fs::symlink_metadata(&socket).unwrap();
     assert!(meta.file_type().is_socket());
@@ -554,18 +546,17 @@ async fn the_export_serves_on_a_unix_socket_of_mode_0600_that_replaces_a_stale_o
     setup.wait_replay_equals_source().await;
 
     // A second agent does not take a socket someone serves on.
-    let (status, stderr) = run_refused(&[
-        "--registry",
+    let (status, stderr) = run_refused(
         &setup.registry.url,
-        "--vm",
-        "vm",
-        "--disk-root",
-        setup.dir.path().to_str().unwrap(),
-        "--nbd-listen",
-        "127.0.0.1:0",
-        "--nbd-socket",
-        s,
-    ]);
+        &[
+            "--disk-root",
+            setup.dir.path().to_str().unwrap(),
+            "--nbd-listen",
+            "127.0.0.1:0",
+            "--nbd-socket",
+            s,
+        ],
+    );
     assert!(!status.success());
     assert!(stderr.contains("another process serves on it"), "{stderr}");
     qemu_io(url, &["read -P 0x99 2M 4k"]).await;
@@ -580,11 +571,11 @@ async fn plaintext_nbd_beyond_loopback_needs_nbd_insecure() {
     let setup = Setup::new().await;
     let root = setup.dir.path().to_str().unwrap().to_string();
     let registry = setup.registry.url.clone();
-    let base = ["--registry", &registry, "--vm", "vm", "--disk-root", &root];
+    let base = ["--disk-root", root.as_str()];
     for listen in ["0.0.0.0:0", "[::]:0"] {
         let mut args = base.to_vec();
         args.extend(["--nbd-listen", listen]);
-        let (status, stderr) = run_refused(&args);
+        let (status, stderr) = run_refused(&registry, &args);
         assert!(!status.success(), "{listen}");
         for flag in ["--nbd-insecure", "--nbd-tls-cert", "--nbd-tls-key"] {
             assert!(stderr.contains(flag), "{listen}: {flag} in {stderr}");
@@ -600,7 +591,7 @@ async fn plaintext_nbd_beyond_loopback_needs_nbd_insecure() {
     let listen = format!("0.0.0.0:{port}");
     let nbd: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut agent = Agent::start_listening(
-        &registry,
+        &setup,
         &setup.state_dir(),
         &listen,
         nbd,
@@ -747,7 +738,7 @@ async fn nbd_over_tls_takes_only_clients_with_a_certificate_of_its_ca() {
     let port = free_addr().port();
     let nbd: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut agent = Agent::start_listening(
-        &setup.registry.url,
+        &setup,
         &setup.state_dir(),
         &format!("0.0.0.0:{port}"),
         nbd,
@@ -807,7 +798,7 @@ async fn nbd_over_tls_without_a_client_ca_serves_any_tls_client() {
     test_pki(&pki);
     let server = pki.join("server");
     let mut agent = Agent::start_with(
-        &setup.registry.url,
+        &setup,
         &setup.state_dir(),
         &[
             "--nbd-tls-cert",

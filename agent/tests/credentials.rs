@@ -24,7 +24,7 @@ use ferry_runtime::peers::Credentials;
 use ferry_runtime::security::{ClusterSecret, OperatorRole, Principal, ServiceKind};
 use ferry_runtime::{CancellationToken, ServiceConfig};
 use ferry_testkit::pki::CertFiles;
-use ferry_testkit::{wait_for, TestPki};
+use ferry_testkit::{agent_command, wait_for, AgentAuth, TestPki};
 use tokio::net::TcpListener;
 
 const SIZE: u64 = 4 << 20;
@@ -376,14 +376,13 @@ fn agent_binary(
     args: &[&str],
     env: &[(&str, &Path)],
 ) -> std::process::Child {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ferry-agent"));
+    let mut command = agent_command(&s.registry, "web-1", AgentAuth::Given);
     for (key, _) in std::env::vars() {
-        if key.starts_with("FERRY_") {
+        if key.starts_with("FERRY_") && key != "FERRY_LOG" {
             command.env_remove(key);
         }
     }
     command
-        .args(["--registry", &s.registry, "--vm", "web-1"])
         .args(["--nbd-listen", "127.0.0.1:0", "--group-listen", "off"])
         .arg("--state-dir")
         .arg(dir.join("agent"))
@@ -391,8 +390,6 @@ fn agent_binary(
         .arg(dir.join("images"))
         .args(["--heartbeat-secs", "1"])
         .args(args)
-        .env("FERRY_LOG", "warn")
-        .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
     for (key, value) in env {
         command.env(key, value);
@@ -459,16 +456,12 @@ async fn the_agent_binary_takes_its_certificate_from_flags_and_says_why_it_is_re
     assert!(stderr.contains("ferry certs init --agent"), "{stderr}");
 
     // TLS with a plain http:// registry URL: refused at once.
-    let mut plain = Command::new(env!("CARGO_BIN_EXE_ferry-agent"));
     let plain_url = s.registry.replace("https://", "http://");
-    let child = plain
-        .args(["--registry", &plain_url, "--vm", "web-1"])
+    let child = agent_command(&plain_url, "web-1", AgentAuth::Given)
         .args(["--nbd-listen", "127.0.0.1:0", "--group-listen", "off"])
         .arg("--disk-root")
         .arg(dir.path().join("images"))
         .args(["--tls-ca", ca_s, "--tls-cert", cert, "--tls-key", key])
-        .env("FERRY_LOG", "warn")
-        .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();

@@ -18,7 +18,9 @@ use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::CancellationToken;
 use ferry_testkit::replay::{apply, tail_all};
-use ferry_testkit::{bin_path, free_addr, start_registry, wait_serving, Running, ServiceProcess};
+use ferry_testkit::{
+    bin_path, free_addr, start_registry, wait_serving, Insecure, Running, ServiceProcess,
+};
 
 const SIZE: u64 = 16 << 20;
 
@@ -42,6 +44,8 @@ struct Agent {
     original: PathBuf,
     source: PathBuf,
     cache_url: String,
+    /// The cache checks its callers: the agent's token, processor-svc's.
+    insecure: Insecure,
     registry: Running,
     _cache: ServiceProcess,
     stream: Arc<Stream>,
@@ -112,7 +116,9 @@ impl Agent {
         )
         .await
         .unwrap();
+        let insecure = Insecure::new();
         let cache = ServiceProcess::start_at(
+            &insecure,
             cache_addr,
             bin_path("cache-svc"),
             dir.path().join("cache"),
@@ -129,7 +135,7 @@ impl Agent {
         let sender = tokio::spawn(stream::run(
             stream.clone(),
             a.cache_endpoint.clone(),
-            ferry_runtime::peers::Credentials::none(),
+            insecure.agent("vm"),
             "vm".into(),
             a.epoch,
             a.credential().to_string(),
@@ -148,6 +154,7 @@ impl Agent {
             original,
             source,
             cache_url,
+            insecure,
             registry,
             _cache: cache,
             stream,
@@ -173,7 +180,7 @@ impl Agent {
         let last = tokio::time::timeout(Duration::from_secs(60), self.stream.flushed())
             .await
             .expect("everything reaches the cache");
-        let records = tail_all(&self.cache_url, "vm", 1).await;
+        let records = tail_all(self.insecure.at(&self.cache_url), "vm", 1).await;
         assert_eq!(records.len() as u64, last);
         let replica = self.dir.path().join("replica.raw");
         std::fs::copy(&base, &replica).unwrap();
@@ -340,7 +347,7 @@ async fn initial_replication_racing_live_writes_replays_from_zero() {
     assert_eq!(item.state(), reg::ReplicationState::Protected);
     assert_eq!(item.initial_replication_percent, 100);
 
-    let records = tail_all(&agent.cache_url, "vm", 1).await;
+    let records = tail_all(agent.insecure.at(&agent.cache_url), "vm", 1).await;
     let markers: Vec<i32> = records
         .iter()
         .filter_map(|r| match &r.op {
@@ -389,7 +396,7 @@ async fn a_write_as_large_as_the_export_takes_is_replicated_in_records_the_cache
         .await
         .expect("the write reaches the cache");
     assert_eq!(agent.stream.overflows().await, 0, "no overflow, no resync");
-    let records = tail_all(&agent.cache_url, "vm", 1).await;
+    let records = tail_all(agent.insecure.at(&agent.cache_url), "vm", 1).await;
     let largest = records
         .iter()
         .filter_map(|r| match &r.op {

@@ -14,7 +14,7 @@ use ferry_agent::stream::StreamLimits;
 use ferry_proto::registry::v1 as reg;
 use ferry_testkit::{
     bin_path, free_addr, protect_vm, protected_item, run_tool, start_registry, wait_for,
-    wait_serving, Running, ServiceProcess,
+    wait_serving, Insecure, Running, ServiceProcess,
 };
 
 const SIZE: u64 = 4 << 20;
@@ -22,6 +22,8 @@ const SIZE: u64 = 4 << 20;
 struct Cluster {
     registry: Running,
     _cache: ServiceProcess,
+    /// The cache checks its callers: the agent presents its token.
+    insecure: Insecure,
 }
 
 async fn cluster(dir: &Path) -> Cluster {
@@ -29,7 +31,9 @@ async fn cluster(dir: &Path) -> Cluster {
     let cache_url = format!("http://{cache_addr}");
     let registry = start_registry(dir.join("registry"), Some(cache_url.clone())).await;
     wait_serving(&registry.url).await;
+    let insecure = Insecure::new();
     let cache = ServiceProcess::start_at(
+        &insecure,
         cache_addr,
         bin_path("cache-svc"),
         dir.join("cache"),
@@ -39,6 +43,7 @@ async fn cluster(dir: &Path) -> Cluster {
     Cluster {
         registry,
         _cache: cache,
+        insecure,
     }
 }
 
@@ -47,11 +52,11 @@ fn image(path: &Path) -> PathBuf {
     path.to_path_buf()
 }
 
-async fn start(registry: &str, dir: &Path, roots: Vec<PathBuf>) -> (Agent, String) {
+async fn start(cluster: &Cluster, dir: &Path, roots: Vec<PathBuf>) -> (Agent, String) {
     let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = nbd.local_addr().unwrap().to_string();
     let agent = Agent::start(AgentOptions {
-        registry: registry.to_string(),
+        registry: cluster.registry.url.clone(),
         vm: "vm".into(),
         nbd: nbd.into(),
         group: GroupPort::Off,
@@ -65,7 +70,7 @@ async fn start(registry: &str, dir: &Path, roots: Vec<PathBuf>) -> (Agent, Strin
         nbd_limits: Default::default(),
         heartbeat: Duration::from_secs(1),
         scripts: None,
-        credentials: Default::default(),
+        credentials: cluster.insecure.agent("vm"),
     })
     .await
     .unwrap();
@@ -145,7 +150,7 @@ async fn disks_outside_the_roots_are_refused_and_reported_critical_while_the_oth
         ],
     )
     .await;
-    let (agent, addr) = start(&registry, dir.path(), vec![root.clone()]).await;
+    let (agent, addr) = start(&cluster, dir.path(), vec![root.clone()]).await;
 
     let report = agent_report(&registry, |r| {
         r.health == reg::ReplicationHealth::Critical as i32
@@ -219,7 +224,7 @@ async fn roots_covering_every_disk_open_and_export_them_all() {
     let cluster = cluster(dir.path()).await;
     let registry = cluster.registry.url.clone();
     protect_vm(&registry, "vm", &[("os", SIZE, &os), ("data", SIZE, &link)]).await;
-    let (agent, addr) = start(&registry, dir.path(), vec![a, b]).await;
+    let (agent, addr) = start(&cluster, dir.path(), vec![a, b]).await;
     wait_for("PROTECTED", Duration::from_secs(60), || async {
         protected_item(&registry, "vm")
             .await

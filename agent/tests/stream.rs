@@ -19,13 +19,15 @@ use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::CancellationToken;
 use ferry_testkit::replay::{apply, tail_all};
-use ferry_testkit::{bin_path, free_addr, start_registry, wait_serving, ServiceProcess};
+use ferry_testkit::{bin_path, free_addr, start_registry, wait_serving, Insecure, ServiceProcess};
 
 const SIZE: u64 = 8 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
     let dir = tempfile::tempdir().unwrap();
+    // The cache checks its callers: the agent presents its token.
+    let insecure = Insecure::new();
     let cache_addr = free_addr();
     let cache_url = format!("http://{cache_addr}");
     let registry = start_registry(dir.path().join("registry"), Some(cache_url.clone())).await;
@@ -71,19 +73,24 @@ async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
     })
     .await
     .unwrap();
+    let enrollment = insecure.enroll(&registry.url, "vm").await;
     let assignment = ferry_agent::register(
         &registry.url,
-        &ferry_runtime::peers::Credentials::none(),
+        &insecure.agent("vm"),
         "vm",
         "test",
         "",
-        Default::default(),
+        ferry_agent::Admission {
+            enrollment_token: Some(&enrollment),
+            ..Default::default()
+        },
     )
     .await
     .unwrap();
     assert_eq!(assignment.cache_endpoint, cache_url);
 
     let mut cache = ServiceProcess::start_at(
+        &insecure,
         cache_addr,
         bin_path("cache-svc"),
         dir.path().join("cache"),
@@ -109,7 +116,7 @@ async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
     let sender = tokio::spawn(stream::run(
         s.clone(),
         assignment.cache_endpoint.clone(),
-        ferry_runtime::peers::Credentials::none(),
+        insecure.agent("vm"),
         "vm".into(),
         assignment.epoch,
         assignment.credential().to_string(),
@@ -159,7 +166,7 @@ async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
         .expect("the agent reconnects and resends");
     assert_eq!(last, 600);
 
-    let records = tail_all(&cache_url, "vm", 1).await;
+    let records = tail_all(insecure.at(&cache_url), "vm", 1).await;
     let seqs: Vec<u64> = records.iter().map(|r| r.sequence).collect();
     assert_eq!(
         seqs,
@@ -192,7 +199,7 @@ async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
     // checksum, its own pending write going again as data.
     let next = stream::resume_point(
         &cache_url,
-        &ferry_runtime::peers::Credentials::none(),
+        &insecure.agent("vm"),
         "vm",
         assignment.epoch,
         assignment.credential(),
@@ -216,7 +223,7 @@ async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
     let stale_run = tokio::spawn(stream::run(
         stale.clone(),
         cache_url.clone(),
-        ferry_runtime::peers::Credentials::none(),
+        insecure.agent("vm"),
         "vm".into(),
         assignment.epoch,
         assignment.credential().to_string(),
@@ -243,7 +250,7 @@ async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
         2 * SIZE / stream::DIRTY_CHUNK,
         "every chunk is checked by checksum"
     );
-    assert_eq!(tail_all(&cache_url, "vm", 1).await.len(), 600);
+    assert_eq!(tail_all(insecure.at(&cache_url), "vm", 1).await.len(), 600);
     stale_stop.cancel();
     stale_run.await.unwrap().unwrap();
 
@@ -259,6 +266,8 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
     use std::collections::HashMap as Map;
 
     let dir = tempfile::tempdir().unwrap();
+    // The cache checks its callers: the agent presents its token.
+    let insecure = Insecure::new();
     let cache_addr = free_addr();
     let cache_url = format!("http://{cache_addr}");
     let registry = start_registry(dir.path().join("registry"), Some(cache_url.clone())).await;
@@ -278,13 +287,17 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
         .await
         .unwrap();
     }
+    let enrollment = insecure.enroll(&registry.url, "vm").await;
     let a = ferry_agent::register(
         &registry.url,
-        &ferry_runtime::peers::Credentials::none(),
+        &insecure.agent("vm"),
         "vm",
         "test",
         "",
-        Default::default(),
+        ferry_agent::Admission {
+            enrollment_token: Some(&enrollment),
+            ..Default::default()
+        },
     )
     .await
     .unwrap();
@@ -303,7 +316,7 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
     tokio::spawn(stream::run(
         s.clone(),
         a.cache_endpoint.clone(),
-        ferry_runtime::peers::Credentials::none(),
+        insecure.agent("vm"),
         "vm".into(),
         a.epoch,
         a.credential().to_string(),
@@ -312,8 +325,7 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
     let resyncer = {
         let capture = capture.clone();
         let mut registry = RegistryClient::new(
-            ferry_runtime::connect(&registry.url, &ferry_runtime::peers::Credentials::none())
-                .unwrap(),
+            ferry_runtime::connect(&registry.url, &insecure.agent("vm")).unwrap(),
         );
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -363,6 +375,7 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
     capture.zero("os", 0, 1 << 20, false).await.unwrap();
 
     let _cache = ServiceProcess::start_at(
+        &insecure,
         cache_addr,
         bin_path("cache-svc"),
         dir.path().join("cache"),
@@ -379,7 +392,7 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
         .await
         .unwrap();
 
-    let records = tail_all(&cache_url, "vm", 1).await;
+    let records = tail_all(insecure.at(&cache_url), "vm", 1).await;
     let markers: Vec<i32> = records
         .iter()
         .filter_map(|r| match &r.op {
@@ -409,8 +422,13 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
     use pb::send_control_request::Control;
     let control = |c: Control| {
         let cache_url = cache_url.clone();
+        let insecure = insecure.clone();
         async move {
-            let mut client = CacheClient::connect(cache_url).await.ok()?;
+            let mut client = CacheClient::new(
+                insecure
+                    .at(&cache_url)
+                    .as_service(ferry_runtime::security::ServiceKind::Processor),
+            );
             let request = pb::SendControlRequest {
                 vm_name: "vm".into(),
                 control: Some(c),
@@ -427,8 +445,9 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
     .await;
     let last = ferry_testkit::wait_for("the bookmark in the log", Duration::from_secs(30), || {
         let cache_url = cache_url.clone();
+        let insecure = insecure.clone();
         async move {
-            let records = tail_all(&cache_url, "vm", 1).await;
+            let records = tail_all(insecure.at(&cache_url), "vm", 1).await;
             records
                 .iter()
                 .find(|r| {
@@ -468,8 +487,9 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
     };
     let records = ferry_testkit::wait_for("every chunk checked", Duration::from_secs(60), || {
         let cache_url = cache_url.clone();
+        let insecure = insecure.clone();
         async move {
-            let records = tail_all(&cache_url, "vm", 1).await;
+            let records = tail_all(insecure.at(&cache_url), "vm", 1).await;
             (after(&records, last).0 >= chunks).then_some(records)
         }
     })
@@ -517,8 +537,9 @@ async fn an_overflowing_buffer_resyncs_and_cache_control_messages_are_obeyed() {
     control(resync).await.expect("ranges request delivered");
     let records = ferry_testkit::wait_for("the ranges sent again", Duration::from_secs(60), || {
         let cache_url = cache_url.clone();
+        let insecure = insecure.clone();
         async move {
-            let records = tail_all(&cache_url, "vm", 1).await;
+            let records = tail_all(insecure.at(&cache_url), "vm", 1).await;
             (after(&records, last).1 >= 2).then_some(records)
         }
     })
@@ -540,6 +561,8 @@ async fn a_sync_completed_marker_lost_at_an_overflow_is_sent_again_by_resync() {
     use ferry_proto::cache::v1::MarkerKind;
 
     let dir = tempfile::tempdir().unwrap();
+    // The cache checks its callers: the agent presents its token.
+    let insecure = Insecure::new();
     let cache_addr = free_addr();
     let cache_url = format!("http://{cache_addr}");
     let registry = start_registry(dir.path().join("registry"), Some(cache_url.clone())).await;
@@ -560,17 +583,22 @@ async fn a_sync_completed_marker_lost_at_an_overflow_is_sent_again_by_resync() {
     })
     .await
     .unwrap();
+    let enrollment = insecure.enroll(&registry.url, "vm").await;
     let assignment = ferry_agent::register(
         &registry.url,
-        &ferry_runtime::peers::Credentials::none(),
+        &insecure.agent("vm"),
         "vm",
         "test",
         "",
-        Default::default(),
+        ferry_agent::Admission {
+            enrollment_token: Some(&enrollment),
+            ..Default::default()
+        },
     )
     .await
     .unwrap();
     let mut cache = ServiceProcess::start_at(
+        &insecure,
         cache_addr,
         bin_path("cache-svc"),
         dir.path().join("cache"),
@@ -594,7 +622,7 @@ async fn a_sync_completed_marker_lost_at_an_overflow_is_sent_again_by_resync() {
     tokio::spawn(stream::run(
         s.clone(),
         assignment.cache_endpoint.clone(),
-        ferry_runtime::peers::Credentials::none(),
+        insecure.agent("vm"),
         "vm".into(),
         assignment.epoch,
         assignment.credential().to_string(),
@@ -603,8 +631,7 @@ async fn a_sync_completed_marker_lost_at_an_overflow_is_sent_again_by_resync() {
     {
         let capture = capture.clone();
         let mut registry = RegistryClient::new(
-            ferry_runtime::connect(&registry.url, &ferry_runtime::peers::Credentials::none())
-                .unwrap(),
+            ferry_runtime::connect(&registry.url, &insecure.agent("vm")).unwrap(),
         );
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -619,7 +646,7 @@ async fn a_sync_completed_marker_lost_at_an_overflow_is_sent_again_by_resync() {
         .await;
     assert!(capture.copy_chunk("a", 0, 64 * 1024).await.unwrap());
     s.flushed().await;
-    let before = tail_all(&cache_url, "vm", 1).await.len();
+    let before = tail_all(insecure.at(&cache_url), "vm", 1).await.len();
     // ...then, with the cache away, disk b's writes overflow the buffer, and
     // a's SYNC_COMPLETED falls into the map with nothing of a's chunks.
     assert!(cache.signal_and_wait("TERM").success());
@@ -645,8 +672,9 @@ async fn a_sync_completed_marker_lost_at_an_overflow_is_sent_again_by_resync() {
         Duration::from_secs(30),
         || {
             let cache_url = cache_url.clone();
+        let insecure = insecure.clone();
             async move {
-                tail_all(&cache_url, "vm", 1)
+                tail_all(insecure.at(&cache_url), "vm", 1)
                     .await
                     .iter()
                     .skip(before)

@@ -4,16 +4,18 @@
 
 use ferry_testkit::{
     assert_reflection_and_health, bin_path, free_addr, grpcurl_run, is_serving, wait_for,
-    wait_serving, ServiceProcess,
+    wait_serving, Insecure, ServiceProcess,
 };
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_once_its_registry_does() {
     let dir = tempfile::tempdir().unwrap();
+    let insecure = Insecure::new();
     let registry_addr = free_addr();
     let registry_url = format!("http://{registry_addr}");
     let mut cache = ServiceProcess::start(
+        &insecure,
         env!("CARGO_BIN_EXE_cache-svc"),
         dir.path().join("cache"),
         &["--registry", &registry_url],
@@ -41,6 +43,7 @@ async fn serves_once_its_registry_does() {
     assert!(!is_serving(&cache.url(), "ferry.cache.v1.Cache").await);
 
     let _registry = ServiceProcess::start_at(
+        &insecure,
         registry_addr,
         bin_path("registry-svc"),
         dir.path().join("registry"),

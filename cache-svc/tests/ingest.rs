@@ -12,9 +12,11 @@ use ferry_proto::cache::v1::cache_client::CacheClient;
 use ferry_proto::cache::v1::record::Op;
 use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_runtime::security::ServiceKind;
 use ferry_runtime::{CancellationToken, ServiceConfig};
 use ferry_testkit::{
-    protected_item, start_registry, wait_for, wait_serving, Running, ServiceProcess, SmallFs,
+    protected_item, start_registry, wait_for, wait_serving, At, Insecure, Running, ServiceProcess,
+    SmallFs,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -140,8 +142,13 @@ struct Stream {
 }
 
 impl Stream {
-    async fn open(cache: &str, vm: &str, cred: &Cred) -> Result<(Stream, u64), tonic::Status> {
-        let mut client = CacheClient::connect(cache.to_string()).await.unwrap();
+    /// As `vm`'s agent (with the cache's credentials, if any).
+    async fn open<'a>(
+        cache: impl Into<At<'a>>,
+        vm: &str,
+        cred: &Cred,
+    ) -> Result<(Stream, u64), tonic::Status> {
+        let mut client = CacheClient::new(cache.into().channel(|i| i.agent(vm)));
         let (tx, rx) = mpsc::channel(16);
         tx.send(open(vm, cred)).await.unwrap();
         let mut rx = client.ingest(ReceiverStream::new(rx)).await?.into_inner();
@@ -188,14 +195,12 @@ impl Stream {
     }
 }
 
-async fn send_control(
-    cache: &str,
+async fn send_control<'a>(
+    cache: impl Into<At<'a>>,
     vm: &str,
     control: Option<pb::send_control_request::Control>,
 ) -> Result<u64, tonic::Status> {
-    CacheClient::connect(cache.to_string())
-        .await
-        .unwrap()
+    CacheClient::new(cache.into().as_service(ServiceKind::Processor))
         .send_control(pb::SendControlRequest {
             vm_name: vm.into(),
             control,
@@ -218,8 +223,12 @@ async fn transition(registry_url: &str, vm: &str, to: reg::ReplicationState, bum
         .unwrap();
 }
 
-async fn tail_all(cache: &str, vm: &str, from: u64) -> Result<Vec<pb::Record>, tonic::Status> {
-    let mut client = CacheClient::connect(cache.to_string()).await.unwrap();
+async fn tail_all<'a>(
+    cache: impl Into<At<'a>>,
+    vm: &str,
+    from: u64,
+) -> Result<Vec<pb::Record>, tonic::Status> {
+    let mut client = CacheClient::new(cache.into().as_service(ServiceKind::Processor));
     let mut stream = client
         .tail(pb::TailRequest {
             vm_name: vm.into(),
@@ -237,10 +246,8 @@ async fn tail_all(cache: &str, vm: &str, from: u64) -> Result<Vec<pb::Record>, t
     Ok(out)
 }
 
-async fn info(cache: &str, vm: &str) -> pb::LogInfo {
-    CacheClient::connect(cache.to_string())
-        .await
-        .unwrap()
+async fn info<'a>(cache: impl Into<At<'a>>, vm: &str) -> pb::LogInfo {
+    CacheClient::new(cache.into().as_service(ServiceKind::Processor))
         .get_log_info(pb::GetLogInfoRequest { vm_name: vm.into() })
         .await
         .unwrap()
@@ -530,7 +537,10 @@ async fn sigkill_mid_stream_loses_nothing_acknowledged() {
     let registry = start_registry(dir.path().join("registry"), Some(cache_url.clone())).await;
     wait_serving(&registry.url).await;
     let cred = protect(&registry.url, "vm4").await;
+    let insecure = Insecure::new();
+    let cache_at = insecure.at(&cache_url);
     let mut cache = ServiceProcess::start_at(
+        &insecure,
         cache_addr,
         env!("CARGO_BIN_EXE_cache-svc"),
         dir.path().join("cache"),
@@ -540,7 +550,7 @@ async fn sigkill_mid_stream_loses_nothing_acknowledged() {
 
     // Stream until well past the point of the kill, which comes while a
     // batch is in flight.
-    let (mut s, _) = Stream::open(&cache_url, "vm4", &cred).await.unwrap();
+    let (mut s, _) = Stream::open(cache_at, "vm4", &cred).await.unwrap();
     let mut acked = 0;
     let mut next = 1;
     while acked < 300 {
@@ -556,7 +566,7 @@ async fn sigkill_mid_stream_loses_nothing_acknowledged() {
     cache.restart();
     wait_serving(&cache_url).await;
     // Reconnect: the cache says what is durable; resend the rest.
-    let (mut s, durable) = Stream::open(&cache_url, "vm4", &cred).await.unwrap();
+    let (mut s, durable) = Stream::open(cache_at, "vm4", &cred).await.unwrap();
     assert!(
         durable >= acked,
         "acknowledged {acked}, durable after restart {durable}"
@@ -565,7 +575,7 @@ async fn sigkill_mid_stream_loses_nothing_acknowledged() {
     let resent: Vec<_> = (durable + 1..upto).map(record).collect();
     assert_eq!(s.send(resent).await.unwrap(), upto - 1);
 
-    let all = tail_all(&cache_url, "vm4", 1).await.unwrap();
+    let all = tail_all(cache_at, "vm4", 1).await.unwrap();
     assert_eq!(all.len() as u64, upto - 1, "every record exactly once");
     for (i, r) in all.iter().enumerate() {
         assert_eq!(*r, record(i as u64 + 1), "record {}", i + 1);
@@ -745,7 +755,10 @@ async fn a_flipped_byte_in_acknowledged_records_is_set_aside_loudly_and_the_log_
     let cache_url = format!("http://{cache_addr}");
     let registry = start_registry(dir.path().join("registry"), Some(cache_url.clone())).await;
     wait_serving(&registry.url).await;
+    let insecure = Insecure::new();
+    let cache_at = insecure.at(&cache_url);
     let mut cache = ServiceProcess::start_at(
+        &insecure,
         cache_addr,
         env!("CARGO_BIN_EXE_cache-svc"),
         dir.path().join("cache"),
@@ -754,14 +767,14 @@ async fn a_flipped_byte_in_acknowledged_records_is_set_aside_loudly_and_the_log_
     wait_serving(&cache_url).await;
     for vm in ["vm5", "vm6"] {
         let cred = protect(&registry.url, vm).await;
-        let (mut s, _) = Stream::open(&cache_url, vm, &cred).await.unwrap();
+        let (mut s, _) = Stream::open(cache_at, vm, &cred).await.unwrap();
         for first in (1..=100).step_by(10) {
             s.send((first..first + 10).map(record).collect())
                 .await
                 .unwrap();
         }
     }
-    let before = info(&cache_url, "vm5").await;
+    let before = info(cache_at, "vm5").await;
     assert!(cache.signal_and_wait("TERM").success());
     // One flipped byte in the middle of vm5's acknowledged records.
     let segment = dir
@@ -794,12 +807,12 @@ async fn a_flipped_byte_in_acknowledged_records_is_set_aside_loudly_and_the_log_
         len,
         "nothing was cut: the log is kept for inspection"
     );
-    assert!(tail_all(&cache_url, "vm5", 1).await.unwrap().is_empty());
-    let after = info(&cache_url, "vm5").await;
+    assert!(tail_all(cache_at, "vm5", 1).await.unwrap().is_empty());
+    let after = info(cache_at, "vm5").await;
     assert_eq!(after.last_sequence, 0, "{after:?}");
     assert_ne!(after.lineage, before.lineage, "a new lineage");
     // The other VM is untouched.
-    assert_eq!(tail_all(&cache_url, "vm6", 1).await.unwrap().len(), 100);
+    assert_eq!(tail_all(cache_at, "vm6", 1).await.unwrap().len(), 100);
     // registry hears it.
     let url = registry.url.clone();
     let item = ferry_testkit::wait_for("vm5 to be CRITICAL", Duration::from_secs(30), || {
@@ -869,7 +882,10 @@ async fn a_full_disk_is_throttled_like_a_quota_and_nothing_acknowledged_is_lost(
     let registry = start_registry(dir.path().join("registry"), Some(cache_url.clone())).await;
     wait_serving(&registry.url).await;
     let cred = protect(&registry.url, "vm7").await;
+    let insecure = Insecure::new();
+    let cache_at = insecure.at(&cache_url);
     let mut cache = ServiceProcess::start_at(
+        &insecure,
         cache_addr,
         env!("CARGO_BIN_EXE_cache-svc"),
         fs.path().join("cache"),
@@ -881,7 +897,7 @@ async fn a_full_disk_is_throttled_like_a_quota_and_nothing_acknowledged_is_lost(
         ],
     );
     wait_serving(&cache_url).await;
-    let (mut s, _) = Stream::open(&cache_url, "vm7", &cred).await.unwrap();
+    let (mut s, _) = Stream::open(cache_at, "vm7", &cred).await.unwrap();
     assert_eq!(s.send((1..=5).map(record).collect()).await.unwrap(), 5);
     let ballast = fs.fill_leaving(reserve + (1 << 20));
 
@@ -921,7 +937,7 @@ async fn a_full_disk_is_throttled_like_a_quota_and_nothing_acknowledged_is_lost(
     // A throttle comes ahead of the status, as for a quota.
     let (tx, rx) = mpsc::channel(4);
     tx.send(open("vm7", &cred)).await.unwrap();
-    let mut client = CacheClient::connect(cache_url.clone()).await.unwrap();
+    let mut client = CacheClient::new(cache_at.channel(|i| i.agent("vm7")));
     let mut responses = client
         .ingest(ReceiverStream::new(rx))
         .await
@@ -942,9 +958,7 @@ async fn a_full_disk_is_throttled_like_a_quota_and_nothing_acknowledged_is_lost(
     );
 
     // What the processor reports still lands: the index has its reserve.
-    CacheClient::connect(cache_url.clone())
-        .await
-        .unwrap()
+    CacheClient::new(cache_at.as_service(ServiceKind::Processor))
         .report_applied(pb::ReportAppliedRequest {
             vm_name: "vm7".into(),
             applied_sequence: 5,
@@ -958,16 +972,16 @@ async fn a_full_disk_is_throttled_like_a_quota_and_nothing_acknowledged_is_lost(
     cache.signal_and_wait("KILL");
     cache.restart();
     wait_serving(&cache_url).await;
-    let all = tail_all(&cache_url, "vm7", 1).await.unwrap();
+    let all = tail_all(cache_at, "vm7", 1).await.unwrap();
     assert_eq!(all.len() as u64, next - 1, "every acknowledged record");
     for (i, r) in all.iter().enumerate() {
         assert_eq!(*r, record(i as u64 + 1), "record {}", i + 1);
     }
-    assert_eq!(info(&cache_url, "vm7").await.applied_sequence, 5);
+    assert_eq!(info(cache_at, "vm7").await.applied_sequence, 5);
 
     // Space returns: the refused batch is taken, and registry hears so.
     std::fs::remove_file(&ballast).unwrap();
-    let (mut s, durable) = Stream::open(&cache_url, "vm7", &cred).await.unwrap();
+    let (mut s, durable) = Stream::open(cache_at, "vm7", &cred).await.unwrap();
     assert_eq!(durable, next - 1);
     assert_eq!(
         s.send((next..next + 5).map(record).collect())
@@ -985,7 +999,7 @@ async fn a_full_disk_is_throttled_like_a_quota_and_nothing_acknowledged_is_lost(
         },
     )
     .await;
-    let all = tail_all(&cache_url, "vm7", 1).await.unwrap();
+    let all = tail_all(cache_at, "vm7", 1).await.unwrap();
     assert_eq!(all.len() as u64, next + 4);
     drop(cache);
     registry.stop().await;

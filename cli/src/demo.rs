@@ -67,7 +67,8 @@ pub async fn run(data_dir: Option<PathBuf>) -> Result<()> {
     };
 
     println!(
-        "Ferry demo: all four services in this process, data under {}",
+        "Ferry demo: all four services in this process, plaintext on loopback (127.0.0.1) \
+         with nothing checked, as this program is their only caller; data under {}",
         dir.display()
     );
     let t = steps.begin(
@@ -75,7 +76,7 @@ pub async fn run(data_dir: Option<PathBuf>) -> Result<()> {
         "starting registry-svc, cache-svc, processor-svc, failover-svc",
     );
     let shutdown = CancellationToken::new();
-    let services = Embedded::start(&dir, "127.0.0.1", 0, shutdown, Guard::Open).await?;
+    let services = Embedded::start(&dir, "127.0.0.1", 0, shutdown, Guard::InProcess).await?;
     for (name, url) in services.urls() {
         println!("    {name:<10} {url}  SERVING");
     }

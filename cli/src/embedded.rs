@@ -13,8 +13,9 @@ use tokio::task::JoinHandle;
 
 /// Whether the embedded services check their callers.
 pub enum Guard {
-    /// Nothing checked: the program embedding them is their only caller.
-    Open,
+    /// Nothing checked: the program embedding them is their only caller
+    /// (`ferry demo`, on loopback).
+    InProcess,
     /// Every call checked: services prove who they are with tokens from
     /// `secret`; registry makes (or reads) the first admin token in
     /// `bootstrap_token_file`.
@@ -65,7 +66,7 @@ impl Embedded {
         let (pl, processor) = bind(host, port(2)).await?;
         let (fl, failover) = bind(host, port(3)).await?;
         let (security, bootstrap) = match guard {
-            Guard::Open => (Security::in_process(), None),
+            Guard::InProcess => (Security::in_process(), None),
             Guard::Checked {
                 secret,
                 bootstrap_token_file,

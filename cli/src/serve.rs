@@ -16,11 +16,15 @@ pub const SECRET_FILE: &str = "cluster-secret";
 /// The bootstrap admin token's file in the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 
+/// Whether `host` is a loopback name or address.
+fn is_loopback(host: &str) -> bool {
+    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Refuses a listen address beyond loopback unless asked for: the services
 /// speak plaintext here.
 fn check_host(host: &str, insecure: bool) -> Result<()> {
-    let loopback = host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
-    if !loopback && !insecure {
+    if !is_loopback(host) && !insecure {
         bail!(
             "`ferry serve` speaks plaintext, so it listens on loopback only; {host} is not. \
              Run the service binaries with --tls-cert/--tls-key/--tls-ca to serve beyond this \
@@ -53,10 +57,18 @@ pub async fn run(a: ServeArgs) -> Result<()> {
     for (name, url) in services.urls() {
         println!("  {name:<10} {url}");
     }
-    println!(
-        "Plaintext on {}: every call is checked, nothing is encrypted.",
-        a.listen_host
-    );
+    if is_loopback(&a.listen_host) {
+        println!(
+            "Plaintext on loopback ({}): every call is checked, nothing is encrypted.",
+            a.listen_host
+        );
+    } else {
+        println!(
+            "Plaintext beyond loopback on {}, as --insecure asks: every call is checked, \
+             nothing is encrypted.",
+            a.listen_host
+        );
+    }
     if first_start {
         let token = std::fs::read_to_string(&token_file)
             .with_context(|| format!("cannot read {}", token_file.display()))?;

@@ -244,6 +244,11 @@ async fn the_demo_runs_end_to_end() {
         .await
         .unwrap();
     let stdout = ok(&out);
+    // It says how its services run: plaintext on loopback, unchecked.
+    assert!(
+        stdout.contains("plaintext on loopback (127.0.0.1) with nothing checked"),
+        "{stdout}"
+    );
     assert!(stdout.contains("demo-rg-ferry"), "{stdout}");
     // Initial replication, points, a test failover verified and cleaned up,
     // a failover to the earlier point verified byte for byte, commit.
@@ -546,6 +551,11 @@ async fn ferry_serve_checks_every_call_and_prints_the_admin_token_once() {
             .expect("the registry URL")
     };
     let registry = url(&banner);
+    assert!(
+        banner.iter().any(|l| l
+            == "Plaintext on loopback (127.0.0.1): every call is checked, nothing is encrypted."),
+        "{banner:?}"
+    );
     let token_line = banner
         .iter()
         .position(|l| l.starts_with("Admin token (shown this once"))

@@ -6,27 +6,46 @@ use std::process::{Child, Command, Stdio};
 
 use ferry_proto::registry::v1 as pb;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
-use ferry_testkit::{assert_reflection_and_health, free_addr, wait_serving, ServiceProcess};
+use ferry_runtime::peers::Credentials;
+use ferry_runtime::security::ServiceKind;
+use ferry_testkit::{
+    assert_reflection_and_health, channel, free_addr, grpcurl_run, wait_serving, Insecure,
+    ServiceProcess,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_registry-svc");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_sees_the_api_and_sigterm_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut p = ServiceProcess::start(BIN, dir.path().join("registry"), &[]);
+    let insecure = Insecure::new();
+    let mut p = ServiceProcess::start(&insecure, BIN, dir.path().join("registry"), &[]);
     wait_serving(&p.url()).await;
-    assert_reflection_and_health(&p.addr.to_string(), "ferry.registry.v1.Registry");
+    let addr = p.addr.to_string();
+    assert_reflection_and_health(&addr, "ferry.registry.v1.Registry");
+    // An RPC needs credentials: grpcurl sends the admin's bearer token.
+    let regions = "ferry.registry.v1.Registry/ListRegions";
+    let out = ferry_testkit::grpcurl()
+        .args(["-plaintext", &addr, regions])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Unauthenticated"), "{stderr}");
+    let header = Insecure::header(&insecure.admin());
+    let listed = grpcurl_run(&["-H", &header, &addr, regions]);
+    assert!(listed.contains("westus"), "{listed}");
     let status = p.signal_and_wait("TERM");
     assert!(status.success(), "SIGTERM exit: {status}");
 }
 
-async fn client(url: &str) -> RegistryClient<tonic::transport::Channel> {
-    RegistryClient::connect(url.to_string()).await.unwrap()
+fn client(url: &str, credentials: &Credentials) -> RegistryClient<ferry_runtime::PeerChannel> {
+    RegistryClient::new(channel(url, credentials))
 }
 
 /// Everything the registry holds, as comparable text.
-async fn state(url: &str) -> Vec<String> {
-    let mut c = client(url).await;
+async fn state(url: &str, insecure: &Insecure) -> Vec<String> {
+    let mut c = client(url, &insecure.admin());
     vec![
         format!(
             "{:?}",
@@ -69,13 +88,15 @@ async fn state(url: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn everything_survives_sigkill() {
     let dir = tempfile::tempdir().unwrap();
+    let insecure = Insecure::new();
     let mut p = ServiceProcess::start(
+        &insecure,
         BIN,
         dir.path().join("registry"),
         &["--cache", "http://127.0.0.1:7102"],
     );
     wait_serving(&p.url()).await;
-    let mut c = client(&p.url()).await;
+    let mut c = client(&p.url(), &insecure.admin());
     c.create_policy(pb::CreatePolicyRequest {
         policy: Some(pb::ReplicationPolicy {
             name: "multi".into(),
@@ -146,20 +167,26 @@ async fn everything_survives_sigkill() {
         .unwrap()
         .into_inner();
     assert_eq!(item.target.as_ref().unwrap().virtual_network, "corp-dr");
-    c.transition_state(pb::TransitionStateRequest {
-        vm_name: "db".into(),
-        to: pb::ReplicationState::InitialReplication as i32,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    c.register_agent(pb::RegisterAgentRequest {
-        vm_name: "db".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let before = state(&p.url()).await;
+    // A state only services and the VM's agent move, and the agent's own
+    // registration.
+    client(&p.url(), &insecure.service(ServiceKind::Cache))
+        .transition_state(pb::TransitionStateRequest {
+            vm_name: "db".into(),
+            to: pb::ReplicationState::InitialReplication as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let enrollment = insecure.enroll(&p.url(), "db").await;
+    client(&p.url(), &insecure.agent("db"))
+        .register_agent(pb::RegisterAgentRequest {
+            vm_name: "db".into(),
+            enrollment_token: enrollment,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let before = state(&p.url(), &insecure).await;
     let vm_before = c
         .get_vm(pb::GetVmRequest { name: "db".into() })
         .await
@@ -195,10 +222,10 @@ async fn everything_survives_sigkill() {
     assert!(!status.success());
     p.restart();
     wait_serving(&p.url()).await;
-    let after = state(&p.url()).await;
+    let after = state(&p.url(), &insecure).await;
     assert_eq!(before, after);
 
-    let mut c = client(&p.url()).await;
+    let mut c = client(&p.url(), &insecure.admin());
     let vm = c
         .get_vm(pb::GetVmRequest { name: "db".into() })
         .await
@@ -274,10 +301,16 @@ impl Drop for KillOnDrop {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_file_sets_regions_and_flags_beat_the_environment() {
     let dir = tempfile::tempdir().unwrap();
+    let insecure = Insecure::new();
     let config = dir.path().join("ferry.toml");
+    // Plaintext from the file too: `insecure` and the cluster secret.
     std::fs::write(
         &config,
-        "log = \"warn\"\n[limits]\nconcurrency_limit = 64\n[registry]\nregions = [\"mars\", \"venus\"]\n",
+        format!(
+            "log = \"warn\"\ninsecure = true\ncluster_secret_file = {:?}\n[limits]\n\
+             concurrency_limit = 64\n[registry]\nregions = [\"mars\", \"venus\"]\n",
+            insecure.secret_file()
+        ),
     )
     .unwrap();
     let addr = free_addr();
@@ -288,6 +321,8 @@ async fn config_file_sets_regions_and_flags_beat_the_environment() {
             .arg(addr.to_string())
             .arg("--config")
             .arg(&config)
+            .arg("--bootstrap-token-file")
+            .arg(insecure.admin_token_file())
             // The environment names a bogus address (the binary would refuse
             // it) and a data dir; the flag wins for the address, the environment
             // gives the data dir.
@@ -298,8 +333,7 @@ async fn config_file_sets_regions_and_flags_beat_the_environment() {
             .unwrap(),
     );
     wait_serving(&url).await;
-    let regions = client(&url)
-        .await
+    let regions = client(&url, &insecure.admin())
         .list_regions(pb::ListRegionsRequest {})
         .await
         .unwrap()
@@ -313,6 +347,9 @@ async fn config_file_sets_regions_and_flags_beat_the_environment() {
     let out = Command::new(BIN)
         .arg("--data-dir")
         .arg(dir.path().join("bogus"))
+        .arg("--insecure")
+        .arg("--cluster-secret-file")
+        .arg(insecure.secret_file())
         .env("FERRY_LISTEN", "bogus-address")
         .stdin(Stdio::null())
         .output()
@@ -335,4 +372,52 @@ async fn config_file_sets_regions_and_flags_beat_the_environment() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("region"), "{stderr}");
+}
+
+#[test]
+fn refuses_plaintext_unless_asked_and_names_the_ways_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let insecure = Insecure::new();
+    let start = |args: &[&std::ffi::OsStr]| {
+        let mut command = Command::new(BIN);
+        for (key, _) in std::env::vars() {
+            if key.starts_with("FERRY_") {
+                command.env_remove(key);
+            }
+        }
+        let out = command
+            .arg("--listen")
+            .arg(free_addr().to_string())
+            .arg("--data-dir")
+            .arg(dir.path().join("registry"))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "started with {args:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let secret = insecure.secret_file();
+    for (args, why) in [
+        (vec![], "without TLS"),
+        (
+            vec!["--cluster-secret-file".as_ref(), secret.as_os_str()],
+            "does not turn plaintext on",
+        ),
+        (
+            vec!["--insecure".as_ref()],
+            "--insecure needs --cluster-secret-file",
+        ),
+    ] {
+        let stderr = start(&args);
+        assert!(stderr.contains(why), "{args:?}: {stderr}");
+        for way in [
+            "--tls-cert",
+            "ferry certs init",
+            "--insecure --cluster-secret-file",
+        ] {
+            assert!(stderr.contains(way), "{args:?}: {way} missing: {stderr}");
+        }
+    }
+    assert!(!dir.path().join("registry").exists(), "nothing written");
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ferry_proto::registry::v1 as pb;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
-use ferry_testkit::{wait_for, wait_serving, ServiceProcess};
+use ferry_testkit::{wait_for, wait_serving, Insecure, ServiceProcess};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -52,14 +52,18 @@ async fn request_spans_are_exported_with_the_callers_trace_id() {
     );
 
     let dir = tempfile::tempdir().unwrap();
+    let insecure = Insecure::new();
     let mut registry = ServiceProcess::start(
+        &insecure,
         env!("CARGO_BIN_EXE_registry-svc"),
         dir.path().join("registry"),
         &["--otlp-endpoint", &endpoint],
     );
     wait_serving(&registry.url()).await;
 
-    let mut client = RegistryClient::connect(registry.url()).await.unwrap();
+    // Bearer only: the trace context is the one set below.
+    let url = registry.url();
+    let mut client = RegistryClient::new(insecure.at(&url).admin());
     let mut request = tonic::Request::new(pb::ListRegionsRequest {});
     request.metadata_mut().insert(
         "traceparent",

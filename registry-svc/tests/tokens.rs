@@ -9,16 +9,18 @@ use std::process::Command;
 
 use ferry_proto::registry::v1 as pb;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_runtime::peers::Credentials;
 use ferry_runtime::security::OperatorRole;
-use ferry_testkit::{start_registry, start_registry_with, Running};
-use tonic::transport::Channel;
+use ferry_runtime::security::ServiceKind;
+use ferry_runtime::PeerChannel;
+use ferry_testkit::{channel, start_registry, start_registry_with, Insecure, Running};
 use tonic::Code;
 
-type Client = RegistryClient<Channel>;
+type Client = RegistryClient<PeerChannel>;
 
 async fn client(r: &Running) -> Client {
     ferry_testkit::wait_serving(&r.url).await;
-    RegistryClient::connect(r.url.clone()).await.unwrap()
+    RegistryClient::new(channel(&r.url, &Credentials::none()))
 }
 
 async fn with_bootstrap(data_dir: PathBuf, file: &Path) -> Running {
@@ -471,6 +473,7 @@ async fn a_malformed_bootstrap_file_stops_the_start_without_showing_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_writes_the_bootstrap_file_and_never_logs_the_token() {
     let dir = tempfile::tempdir().unwrap();
+    let insecure = Insecure::new();
     let file = dir.path().join("bootstrap-token");
     let addr = ferry_testkit::free_addr();
     let log = dir.path().join("log");
@@ -482,6 +485,9 @@ async fn the_binary_writes_the_bootstrap_file_and_never_logs_the_token() {
         .arg(dir.path().join("registry"))
         .arg("--bootstrap-token-file")
         .arg(&file)
+        .arg("--insecure")
+        .arg("--cluster-secret-file")
+        .arg(insecure.secret_file())
         .env("FERRY_LOG", "debug")
         .stdout(out.try_clone().unwrap())
         .stderr(out)
@@ -494,14 +500,23 @@ async fn the_binary_writes_the_bootstrap_file_and_never_logs_the_token() {
         std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    let mut c = RegistryClient::connect(url).await.unwrap();
+    // Tokens are checked for services (cache, processor, failover); the
+    // bootstrap token makes others.
+    let mut service = RegistryClient::new(channel(&url, &insecure.service(ServiceKind::Cache)));
+    let mut admin = RegistryClient::new(channel(
+        &url,
+        &Credentials {
+            tls: None,
+            bearer: Some(token.clone()),
+        },
+    ));
     assert_eq!(
-        authenticate(&mut c, &token).await.unwrap(),
+        authenticate(&mut service, &token).await.unwrap(),
         ("bootstrap".into(), pb::Role::Admin)
     );
-    let made = create(&mut c, "frank", pb::Role::Reader).await.unwrap();
-    authenticate(&mut c, &made.token).await.unwrap();
-    let _ = authenticate(&mut c, &format!("{}0", made.token)).await;
+    let made = create(&mut admin, "frank", pb::Role::Reader).await.unwrap();
+    authenticate(&mut service, &made.token).await.unwrap();
+    let _ = authenticate(&mut service, &format!("{}0", made.token)).await;
 
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -518,12 +533,16 @@ async fn the_binary_writes_the_bootstrap_file_and_never_logs_the_token() {
 /// Starts the binary on `data` with `args` and `env`, waits until it serves,
 /// then stops it with SIGTERM.
 async fn run_binary(data: &Path, args: &[&str], env: &[(&str, &Path)]) {
+    let insecure = Insecure::new();
     let addr = ferry_testkit::free_addr();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_registry-svc"));
     cmd.arg("--listen")
         .arg(addr.to_string())
         .arg("--data-dir")
         .arg(data)
+        .arg("--insecure")
+        .arg("--cluster-secret-file")
+        .arg(insecure.secret_file())
         .args(args)
         .env_remove("FERRY_BOOTSTRAP_TOKEN_FILE");
     for (k, v) in env {

@@ -27,11 +27,21 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: std::error::Error + Send + Sync + 'static,
 {
-    let (config, settings) = common.resolve::<S>(key, default_port)?;
+    // Said as a sentence (the error's Display), not as the enum's Debug.
+    let (config, settings) = common
+        .resolve::<S>(key, default_port)
+        .map_err(|e| format!("{name}: {e}"))?;
     let _telemetry = crate::telemetry::init(name, &config.log, config.otlp_endpoint.as_deref())?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("{name}: cannot listen on {}: {e}", config.listen))?;
+    if config.security.tls.is_none() {
+        tracing::info!(
+            listen = %config.listen,
+            "{name}: plaintext, as --insecure asks: every call is authenticated (service \
+             and agent tokens from the cluster secret, operator tokens), nothing is encrypted"
+        );
+    }
     let shutdown = crate::shutdown::shutdown_token();
     serve(config, settings, listener, shutdown).await?;
     Ok(())

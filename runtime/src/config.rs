@@ -80,6 +80,10 @@ pub enum ConfigError {
     /// The config file is not valid TOML or has unknown or mistyped keys.
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
+    /// The service would run without TLS and was not asked to: plaintext
+    /// needs `--insecure` and a cluster secret (docs/security.md).
+    #[error("{0}")]
+    Plaintext(String),
     /// A setting has a value that cannot be used.
     #[error("invalid {setting} {value:?}: {reason}")]
     Invalid {
@@ -195,10 +199,10 @@ pub struct Security {
     pub tls: Option<Tls>,
     /// The deployment's shared secret for service tokens, if any.
     pub cluster_secret: Option<ClusterSecret>,
-    /// Whether callers are authenticated and authorized: always with TLS
-    /// or a cluster secret. Without either, nothing is checked (an
-    /// in-process embedding, or the open mode of earlier releases, which a
-    /// service warns about at start-up).
+    /// Whether callers are authenticated and authorized: always for a
+    /// service configured by [`CommonArgs`]; nothing is checked only in an
+    /// in-process embedding ([`Security::in_process`]) whose program is the
+    /// services' only caller.
     pub enforce: bool,
 }
 
@@ -372,7 +376,8 @@ impl CommonArgs {
 
     /// TLS from flags or the `[tls]` table, all three files or none; without
     /// them, plaintext only when asked for (`--insecure`), and then with a
-    /// cluster secret so services can still prove who they are.
+    /// cluster secret so services can still prove who they are. Every call
+    /// is checked either way.
     fn security(&self, file: &FileCommon) -> Result<Security, ConfigError> {
         let cert = self.tls_cert.clone().or(file.tls.cert.clone());
         let key = self.tls_key.clone().or(file.tls.key.clone());
@@ -407,22 +412,11 @@ impl CommonArgs {
                 ))
             }
         };
-        if tls.is_none() && cluster_secret.is_none() {
-            if insecure {
-                return Err(invalid(
-                    "cluster_secret_file",
-                    "--insecure needs --cluster-secret-file: without TLS, services prove who \
-                     they are to each other with tokens derived from that shared secret",
-                ));
-            }
-            // Neither TLS nor a secret: the open mode of earlier releases,
-            // kept for one more release so deployments can move; the
-            // service warns at start-up (docs/security.md).
-            return Ok(Security {
-                tls: None,
-                cluster_secret: None,
-                enforce: false,
-            });
+        if tls.is_none() && !(insecure && cluster_secret.is_some()) {
+            return Err(ConfigError::Plaintext(format!(
+                "{} {PLAINTEXT_NEEDS}",
+                plaintext_refusal(insecure, cluster_secret.is_some())
+            )));
         }
         Ok(Security {
             tls,
@@ -431,6 +425,31 @@ impl CommonArgs {
         })
     }
 }
+
+/// Why a service without TLS is refused: `--insecure` without a secret, or
+/// no `--insecure` (with a secret or not).
+fn plaintext_refusal(insecure: bool, secret: bool) -> &'static str {
+    match (insecure, secret) {
+        (true, _) => {
+            "--insecure needs --cluster-secret-file: without TLS, services prove who they \
+             are to each other with tokens derived from that shared secret."
+        }
+        (false, true) => {
+            "refusing to start without TLS: a cluster secret alone does not turn plaintext \
+             on; a service serves plaintext only when asked to with --insecure."
+        }
+        (false, false) => {
+            "refusing to start without TLS: a service serves plaintext only when asked to, \
+             and every caller is authenticated either way."
+        }
+    }
+}
+
+/// The ways out of a refused plaintext start, named in the error.
+const PLAINTEXT_NEEDS: &str = "Give --tls-cert, --tls-key and --tls-ca for TLS (`ferry certs \
+     init DIR` makes them), or, for plaintext on a network you trust, --insecure \
+     --cluster-secret-file FILE (a file of at least 32 secret bytes, mode 0600, shared by every \
+     service); see docs/security.md";
 
 fn read_file<S: DeserializeOwned + Default>(
     path: &Path,
@@ -478,31 +497,95 @@ mod tests {
         }
     }
 
+    /// The refusal names both ways out: TLS (and how to make it) or
+    /// --insecure with a cluster secret.
+    fn names_both_ways_out(err: &str) {
+        for way in [
+            "--tls-cert",
+            "--tls-key",
+            "--tls-ca",
+            "ferry certs init DIR",
+            "--insecure --cluster-secret-file FILE",
+        ] {
+            assert!(err.contains(way), "{way} missing from: {err}");
+        }
+    }
+
     #[test]
-    fn plaintext_with_checks_needs_a_secret_and_tls_needs_all_three_files() {
+    fn no_tls_and_no_insecure_is_refused() {
+        let err = CommonArgs::default()
+            .resolve::<Own>("registry", 1)
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::Plaintext(_)), "{err:?}");
+        let err = err.to_string();
+        assert!(err.contains("without TLS"), "{err}");
+        names_both_ways_out(&err);
+    }
+
+    #[test]
+    fn a_cluster_secret_without_tls_needs_insecure_too() {
         let dir = tempfile::tempdir().unwrap();
-        let (cfg, _) = CommonArgs::default().resolve::<Own>("registry", 1).unwrap();
-        assert!(
-            !cfg.security.enforce,
-            "no TLS and no secret: the open mode, with a warning"
-        );
+        let mut args = plain(dir.path(), CommonArgs::default());
+        args.insecure = false;
+        let err = args.resolve::<Own>("registry", 1).unwrap_err().to_string();
+        assert!(err.contains("does not turn plaintext on"), "{err}");
+        names_both_ways_out(&err);
+        // Nor from the config file alone.
+        let path = dir.path().join("ferry.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "cluster_secret_file = {:?}\n",
+                dir.path().join("cluster-secret")
+            ),
+        )
+        .unwrap();
+        let args = CommonArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        let err = args.resolve::<Own>("registry", 1).unwrap_err().to_string();
+        assert!(err.contains("--insecure"), "{err}");
+    }
+
+    #[test]
+    fn insecure_without_a_cluster_secret_is_refused() {
         let args = CommonArgs {
             insecure: true,
             ..Default::default()
         };
         let err = args.resolve::<Own>("registry", 1).unwrap_err().to_string();
-        assert!(err.contains("--cluster-secret-file"), "{err}");
-        let args = CommonArgs {
-            tls_cert: Some(dir.path().join("c.pem")),
-            ..Default::default()
-        };
-        let err = args.resolve::<Own>("registry", 1).unwrap_err().to_string();
-        assert!(err.contains("go together"), "{err}");
+        assert!(
+            err.contains("--insecure needs --cluster-secret-file"),
+            "{err}"
+        );
+        names_both_ways_out(&err);
+    }
+
+    #[test]
+    fn insecure_with_a_cluster_secret_is_plaintext_and_enforced() {
+        let dir = tempfile::tempdir().unwrap();
         let (cfg, _) = plain(dir.path(), CommonArgs::default())
             .resolve::<Own>("registry", 1)
             .unwrap();
-        assert!(cfg.security.enforce, "a secret means callers are checked");
+        assert!(cfg.security.enforce, "every call is checked");
         assert!(cfg.security.tls.is_none() && cfg.security.cluster_secret.is_some());
+        // The same from the config file: `insecure = true`.
+        let path = dir.path().join("ferry.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "insecure = true\ncluster_secret_file = {:?}\n",
+                dir.path().join("cluster-secret")
+            ),
+        )
+        .unwrap();
+        let args = CommonArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        let (cfg, _) = args.resolve::<Own>("registry", 1).unwrap();
+        assert!(cfg.security.enforce && cfg.security.tls.is_none());
         // A token must never travel in the clear by mistake, nor TLS be
         // skipped: the peer URL's scheme follows the transport.
         let args = plain(
@@ -514,6 +597,49 @@ mod tests {
         );
         let err = args.resolve::<Own>("cache", 1).unwrap_err().to_string();
         assert!(err.contains("http://"), "{err}");
+    }
+
+    #[test]
+    fn tls_needs_all_three_files_and_excludes_insecure() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = CommonArgs {
+            tls_cert: Some(dir.path().join("c.pem")),
+            ..Default::default()
+        };
+        let err = args.resolve::<Own>("registry", 1).unwrap_err().to_string();
+        assert!(err.contains("go together"), "{err}");
+        let args = CommonArgs {
+            tls_cert: Some(dir.path().join("c.pem")),
+            tls_key: Some(dir.path().join("k.pem")),
+            tls_ca: Some(dir.path().join("ca.pem")),
+            insecure: true,
+            ..Default::default()
+        };
+        let err = args.resolve::<Own>("registry", 1).unwrap_err().to_string();
+        assert!(err.contains("choose one"), "{err}");
+    }
+
+    #[cfg(feature = "pki-issue")]
+    #[test]
+    fn tls_is_enforced_with_or_without_a_cluster_secret() {
+        use crate::security::pki::{init, InitOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dir.path().join("pki");
+        init(&pki, &InitOptions::default()).unwrap();
+        let tls = CommonArgs {
+            tls_cert: Some(pki.join("registry.pem")),
+            tls_key: Some(pki.join("registry-key.pem")),
+            tls_ca: Some(pki.join("ca.pem")),
+            ..Default::default()
+        };
+        let (cfg, _) = tls.resolve::<Own>("registry", 1).unwrap();
+        assert!(cfg.security.enforce && cfg.security.tls.is_some());
+        assert!(cfg.security.cluster_secret.is_none());
+        let mut with_secret = plain(dir.path(), tls);
+        with_secret.insecure = false;
+        let (cfg, _) = with_secret.resolve::<Own>("registry", 1).unwrap();
+        assert!(cfg.security.enforce && cfg.security.tls.is_some());
+        assert!(cfg.security.cluster_secret.is_some());
     }
 
     #[test]

@@ -170,10 +170,8 @@ pub fn access(config: &ServiceConfig, tokens: Arc<dyn TokenVerifier>) -> Access 
             secret: config.security.cluster_secret.clone(),
         }))
     } else {
-        tracing::warn!(
-            "callers are NOT authenticated and calls are NOT encrypted: give --tls-cert, \
-             --tls-key and --tls-ca (or --insecure with --cluster-secret-file); see docs/security.md"
-        );
+        // Only an in-process embedding (`Security::in_process`) gets here:
+        // a binary's configuration always enforces.
         Access::Unchecked
     }
 }

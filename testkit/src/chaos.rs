@@ -25,7 +25,10 @@ use ferry_proto::failover::v1::failover_client::FailoverClient;
 use ferry_proto::processor::v1 as pb;
 use ferry_proto::registry::v1 as reg;
 
-use crate::{bin_path, free_addr, identical_images, wait_for, FaultProxy, Rng};
+use crate::{
+    agent_command, bin_path, free_addr, identical_images, wait_for, AgentAuth, At, FaultProxy,
+    Insecure, Rng,
+};
 
 /// The VM's disks: (id, size).
 pub const DISKS: [(&str, u64); 2] = [("os", 8 << 20), ("data", 4 << 20)];
@@ -223,11 +226,11 @@ pub fn seed_from_env(default: u64) -> u64 {
 // Processes.
 
 /// A binary run as a child process, its output appended to a log file,
-/// started again with the same arguments.
+/// started again with the same command.
 struct Proc {
     name: &'static str,
-    binary: PathBuf,
-    args: Vec<String>,
+    /// Makes the command that starts it (each time the same).
+    command: Box<dyn Fn() -> Command + Send>,
     log: PathBuf,
     child: Option<Child>,
     /// Killed on purpose and not started again yet.
@@ -235,11 +238,10 @@ struct Proc {
 }
 
 impl Proc {
-    fn new(name: &'static str, binary: PathBuf, args: Vec<String>, log: PathBuf) -> Proc {
+    fn new(name: &'static str, command: Box<dyn Fn() -> Command + Send>, log: PathBuf) -> Proc {
         let mut p = Proc {
             name,
-            binary,
-            args,
+            command,
             log,
             child: None,
             down: false,
@@ -255,14 +257,13 @@ impl Proc {
             .open(&self.log)
             .expect("open a process log");
         let level = std::env::var("FERRY_CHAOS_LOG").unwrap_or_else(|_| "warn".into());
-        let child = Command::new(&self.binary)
-            .args(&self.args)
+        let child = (self.command)()
             .env("FERRY_LOG", level)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone the log"))
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.binary.display()));
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.name));
         self.child = Some(child);
         self.down = false;
     }
@@ -333,12 +334,15 @@ struct Stack {
     nbd: String,
     agent_args: Vec<String>,
     dir: PathBuf,
+    /// The cluster secret and tokens every process and check uses.
+    insecure: Insecure,
 }
 
 impl Stack {
     /// Starts the four services, each reaching the cache and registry
     /// through its proxy, and waits until they are SERVING.
     async fn start(dir: &Path) -> Stack {
+        let insecure = Insecure::new();
         let addrs = [free_addr(), free_addr(), free_addr(), free_addr()];
         let [registry, cache, processor, failover] = addrs.map(|a| format!("http://{a}"));
         let agent_cache = Arc::new(FaultProxy::start(addrs[CACHE]).await);
@@ -349,12 +353,13 @@ impl Stack {
         let cache_toml = dir.join("cache.toml");
         std::fs::write(&cache_toml, "[cache]\nsegment_bytes = 1048576\n").unwrap();
         let service = |name: &str, addr: std::net::SocketAddr, extra: &[&str]| -> Vec<String> {
-            let mut args = vec![
+            let mut args = insecure.args(Path::new(&format!("{name}-svc")));
+            args.extend([
                 "--listen".to_string(),
                 addr.to_string(),
                 "--data-dir".to_string(),
                 dir.join(name).display().to_string(),
-            ];
+            ]);
             args.extend(extra.iter().map(|s| s.to_string()));
             args
         };
@@ -401,7 +406,13 @@ impl Stack {
             .into_iter()
             .zip(NAMES)
             .map(|(args, name)| {
-                Proc::new(name, bin_path(name), args, dir.join(format!("{name}.log")))
+                let binary = bin_path(name);
+                let command = move || {
+                    let mut command = Command::new(&binary);
+                    command.args(&args);
+                    command
+                };
+                Proc::new(name, Box::new(command), dir.join(format!("{name}.log")))
             })
             .collect();
         for url in [&registry, &cache, &processor, &failover] {
@@ -409,10 +420,6 @@ impl Stack {
         }
         let nbd = free_addr().to_string();
         let agent_args = [
-            "--registry",
-            &via_registry,
-            "--vm",
-            "vm",
             "--nbd-listen",
             &nbd,
             "--group-listen",
@@ -437,7 +444,13 @@ impl Stack {
             nbd,
             agent_args,
             dir: dir.to_path_buf(),
+            insecure,
         }
+    }
+
+    /// `url` with this stack's credentials.
+    fn at<'a>(&'a self, url: &'a str) -> At<'a> {
+        self.insecure.at(url)
     }
 
     fn note(&self, what: &str) {
@@ -446,10 +459,19 @@ impl Stack {
 
     fn start_agent(&self) {
         let name = NAMES[AGENT];
+        let (registry, args, insecure) = (
+            self.proxies[2].url(),
+            self.agent_args.clone(),
+            self.insecure.clone(),
+        );
+        let command = move || {
+            let mut command = agent_command(&registry, "vm", AgentAuth::Token(&insecure));
+            command.args(&args);
+            command
+        };
         let agent = Proc::new(
             name,
-            bin_path(name),
-            self.agent_args.clone(),
+            Box::new(command),
             self.dir.join(format!("{name}.log")),
         );
         self.procs.lock().unwrap().push(agent);
@@ -1149,7 +1171,7 @@ pub async fn run(options: ChaosOptions) -> ChaosReport {
     // Protect the VM: points every second.
     let day = Duration::from_secs(86400);
     crate::create_policy(
-        &stack.registry,
+        stack.at(&stack.registry),
         "chaos",
         Duration::from_secs(1),
         day,
@@ -1162,13 +1184,16 @@ pub async fn run(options: ChaosOptions) -> ChaosReport {
         .zip(&sources)
         .map(|((id, size), path)| (*id, *size, path.as_path()))
         .collect();
-    crate::protect_vm_with(&stack.registry, "vm", &disks, "chaos").await;
+    crate::protect_vm_with(stack.at(&stack.registry), "vm", &disks, "chaos").await;
+    // The agent's first start enrolls; its restarts show the credential it
+    // kept in its state directory.
+    stack.insecure.enroll(&stack.registry, "vm").await;
     stack.start_agent();
     wait_for(
         "PROTECTED after initial replication",
         Duration::from_secs(120),
         || async {
-            crate::protected_item(&stack.registry, "vm")
+            crate::protected_item(stack.at(&stack.registry), "vm")
                 .await
                 .filter(|i| i.state() == reg::ReplicationState::Protected)
         },
@@ -1305,7 +1330,7 @@ pub async fn run(options: ChaosOptions) -> ChaosReport {
     })
     .await;
     if settled.is_err() {
-        let item = crate::protected_item(&stack.registry, "vm").await;
+        let item = crate::protected_item(stack.at(&stack.registry), "vm").await;
         fail(format!(
             "not PROTECTED with the agent streaming 120 s after healing: {item:#?}"
         ));
@@ -1326,7 +1351,7 @@ pub async fn run(options: ChaosOptions) -> ChaosReport {
     // A planned failover: drained, fenced, materialized from the final
     // point; nothing writes any more.
     let t = Instant::now();
-    let job = match planned_failover(&stack.failover).await {
+    let job = match planned_failover(stack.at(&stack.failover)).await {
         Ok(job) => job,
         Err(why) => fail(why),
     };
@@ -1348,7 +1373,7 @@ pub async fn run(options: ChaosOptions) -> ChaosReport {
     if !zero {
         fail(format!("a planned failover loses nothing: {used:?}"));
     }
-    let point = final_point(&stack.processor, &used.point_id).await;
+    let point = final_point(stack.at(&stack.processor), &used.point_id).await;
     match &point {
         Some(p) if p.bookmark_id == job.id => {
             report.final_point = p.id.clone();
@@ -1356,9 +1381,7 @@ pub async fn run(options: ChaosOptions) -> ChaosReport {
         }
         other => fail(format!("the final point is the drain's: {other:?}")),
     }
-    let vms = FailoverClient::connect(stack.failover.clone())
-        .await
-        .expect("connect to failover-svc")
+    let vms = FailoverClient::new(stack.at(&stack.failover).admin())
         .list_target_vms(fo::ListTargetVmsRequest {
             source_vm: "vm".into(),
         })
@@ -1382,7 +1405,7 @@ pub async fn run(options: ChaosOptions) -> ChaosReport {
         }
         report.bytes_compared += size;
     }
-    match crate::protected_item(&stack.registry, "vm").await {
+    match crate::protected_item(stack.at(&stack.registry), "vm").await {
         Some(item) if item.state() == reg::ReplicationState::FailedOver => {}
         other => fail(format!("the item is FAILED_OVER: {other:?}")),
     }
@@ -1390,7 +1413,7 @@ pub async fn run(options: ChaosOptions) -> ChaosReport {
     // Every point is crash-consistent: it holds a prefix of the writes,
     // whatever was killed or cut while it was made. A sample spread over
     // the run, the final point last.
-    let points = crate::points::list_points(&stack.processor, "vm").await;
+    let points = crate::points::list_points(stack.at(&stack.processor), "vm").await;
     let n = points.len();
     let want = options.points.max(2);
     let picks: std::collections::BTreeSet<usize> = if n <= want {
@@ -1402,7 +1425,8 @@ pub async fn run(options: ChaosOptions) -> ChaosReport {
         let point = &points[i];
         let mut images = Vec::new();
         for (id, _) in DISKS {
-            images.push(crate::points::read_disk(&stack.processor, "vm", point, id).await);
+            images
+                .push(crate::points::read_disk(stack.at(&stack.processor), "vm", point, id).await);
         }
         match journal.prefix(&images) {
             Ok(k) => report.points_checked.push((point.id.clone(), k)),
@@ -1424,7 +1448,7 @@ pub async fn run(options: ChaosOptions) -> ChaosReport {
 /// replication group). The stored state and reports may be from before
 /// the last kill; the bookmark is not.
 async fn protected_and_streaming(stack: &Stack) -> bool {
-    let Some(item) = crate::protected_item(&stack.registry, "vm").await else {
+    let Some(item) = crate::protected_item(stack.at(&stack.registry), "vm").await else {
         return false;
     };
     let agent_normal = item
@@ -1434,9 +1458,11 @@ async fn protected_and_streaming(stack: &Stack) -> bool {
     if item.state() != reg::ReplicationState::Protected || !agent_normal {
         return false;
     }
-    let Ok(mut cache) = CacheClient::connect(stack.cache.clone()).await else {
-        return false;
-    };
+    let mut cache = CacheClient::new(
+        stack
+            .at(&stack.cache)
+            .as_service(ferry_runtime::security::ServiceKind::Processor),
+    );
     let info = cache
         .get_log_info(cache::GetLogInfoRequest {
             vm_name: "vm".into(),
@@ -1460,10 +1486,8 @@ async fn protected_and_streaming(stack: &Stack) -> bool {
 
 /// Starts a PLANNED failover to the latest point and follows it to its
 /// end: the job if it succeeded, else why not.
-async fn planned_failover(url: &str) -> Result<fo::Job, String> {
-    let mut client = FailoverClient::connect(url.to_string())
-        .await
-        .map_err(|e| format!("connect to failover-svc: {e}"))?;
+async fn planned_failover(failover: At<'_>) -> Result<fo::Job, String> {
+    let mut client = FailoverClient::new(failover.admin());
     let job = client
         .start_failover(fo::StartFailoverRequest {
             target: Some(fo::start_failover_request::Target::VmName("vm".into())),
@@ -1499,7 +1523,7 @@ async fn planned_failover(url: &str) -> Result<fo::Job, String> {
     }
 }
 
-async fn final_point(processor: &str, id: &str) -> Option<pb::RecoveryPoint> {
+async fn final_point(processor: At<'_>, id: &str) -> Option<pb::RecoveryPoint> {
     crate::points::list_points(processor, "vm")
         .await
         .into_iter()

@@ -54,6 +54,9 @@ where
 /// How a [`Cluster`] is set up beyond the defaults.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
+    /// registry-svc's settings (a bootstrap token for a test whose service
+    /// binaries check operator tokens with it).
+    pub registry: registry_svc::Settings,
     pub processor: processor_svc::Settings,
     pub cache: cache_svc::Settings,
     /// cache-svc's data directory, if the test has its own (a [`crate::SmallFs`]
@@ -146,7 +149,12 @@ impl Cluster {
             None
         };
         let agents_cache = proxy.as_ref().map_or(cache_url.clone(), FaultProxy::url);
-        let registry = start_registry(dir.path().join("registry"), Some(agents_cache)).await;
+        let registry = start_registry_with(
+            dir.path().join("registry"),
+            Some(agents_cache),
+            options.registry,
+        )
+        .await;
 
         let registry_url = registry.url.clone();
         let cache_dir = options

@@ -7,15 +7,16 @@ use std::time::Duration;
 use ferry_proto::processor::v1 as proc;
 use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_runtime::security::ServiceKind;
 use ferry_runtime::time::to_duration;
+
+use crate::At;
 
 /// Creates policy `<group>-policy` (multi-VM consistency on, a bookmark
 /// round and a crash-consistent point every `interval`, everything kept a
 /// day) and replication group `group` under it.
-pub async fn create_group(registry_url: &str, group: &str, interval: Duration) {
-    let mut r = RegistryClient::connect(registry_url.to_string())
-        .await
-        .expect("connect to registry");
+pub async fn create_group<'a>(registry: impl Into<At<'a>>, group: &str, interval: Duration) {
+    let mut r = RegistryClient::new(registry.into().admin());
     let day = Duration::from_secs(86400);
     let policy = format!("{group}-policy");
     r.create_policy(reg::CreatePolicyRequest {
@@ -42,15 +43,13 @@ pub async fn create_group(registry_url: &str, group: &str, interval: Duration) {
 
 /// Registers `vm` (as [`crate::vm::vm_spec`]) and enables its replication to
 /// westus as a member of `group`.
-pub async fn join_group(
-    registry_url: &str,
+pub async fn join_group<'a>(
+    registry: impl Into<At<'a>>,
     vm: &str,
     disks: &[(&str, u64, &Path)],
     group: &str,
 ) -> reg::ProtectedItem {
-    let mut r = RegistryClient::connect(registry_url.to_string())
-        .await
-        .expect("connect to registry");
+    let mut r = RegistryClient::new(registry.into().admin());
     r.register_vm(reg::RegisterVmRequest {
         vm: Some(crate::vm::vm_spec(vm, disks)),
     })
@@ -69,8 +68,8 @@ pub async fn join_group(
 
 /// The group's multi-VM points, newest first (none if the group has no
 /// protected member yet).
-pub async fn group_points(processor_url: &str, group: &str) -> Vec<proc::GroupPoint> {
-    let mut p = crate::points::client(processor_url).await;
+pub async fn group_points<'a>(processor: impl Into<At<'a>>, group: &str) -> Vec<proc::GroupPoint> {
+    let mut p = crate::points::client(processor.into());
     match p
         .list_group_points(proc::ListGroupPointsRequest {
             replication_group: group.to_string(),
@@ -85,10 +84,8 @@ pub async fn group_points(processor_url: &str, group: &str) -> Vec<proc::GroupPo
 }
 
 /// The group as registry has it.
-pub async fn group(registry_url: &str, group: &str) -> reg::ReplicationGroup {
-    let mut r = RegistryClient::connect(registry_url.to_string())
-        .await
-        .expect("connect to registry");
+pub async fn group<'a>(registry: impl Into<At<'a>>, group: &str) -> reg::ReplicationGroup {
+    let mut r = RegistryClient::new(registry.into().as_service(ServiceKind::Failover));
     r.get_replication_group(reg::GetReplicationGroupRequest {
         name: group.to_string(),
     })

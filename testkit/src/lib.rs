@@ -12,6 +12,7 @@
 pub mod chaos;
 pub mod cluster;
 pub mod group;
+pub mod insecure;
 pub mod nbd;
 pub mod pki;
 pub mod points;
@@ -28,6 +29,7 @@ use std::time::{Duration, Instant};
 pub use cluster::{
     start_registry, start_registry_with, Cluster, Options as ClusterOptions, Running,
 };
+pub use insecure::{agent_command, channel, AgentAuth, At, Insecure};
 pub use pki::TestPki;
 pub use process::{bin_path, free_addr, ServiceProcess};
 pub use proxy::FaultProxy;

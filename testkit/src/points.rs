@@ -1,26 +1,26 @@
 //! Recovery points from processor-svc, read back whole for comparison.
+//! The helpers call as failover-svc (with [`crate::Insecure::at`]).
 
 use ferry_proto::processor::v1 as pb;
 use ferry_proto::processor::v1::processor_client::ProcessorClient;
+use ferry_runtime::security::ServiceKind;
+
+use crate::insecure::{At, TestChannel};
 
 /// A call (or a stream's next message) not answered within this fails the
 /// test with the call's name, rather than hanging it.
 pub const CALL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
 
-pub(crate) async fn client(url: &str) -> ProcessorClient<tonic::transport::Channel> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
-        .expect("processor-svc URL")
-        .timeout(CALL_DEADLINE)
-        .connect()
-        .await
-        .expect("connect to processor-svc");
-    ProcessorClient::new(channel).max_decoding_message_size(64 << 20)
+/// A client of processor-svc as failover-svc, which may make every call
+/// here (ReadDisk is for failover-svc only).
+pub(crate) fn client(processor: At<'_>) -> ProcessorClient<TestChannel> {
+    ProcessorClient::new(processor.as_service(ServiceKind::Failover))
+        .max_decoding_message_size(64 << 20)
 }
 
 /// A VM's points, oldest first.
-pub async fn list_points(url: &str, vm: &str) -> Vec<pb::RecoveryPoint> {
-    let mut points = client(url)
-        .await
+pub async fn list_points<'a>(processor: impl Into<At<'a>>, vm: &str) -> Vec<pb::RecoveryPoint> {
+    let mut points = client(processor.into())
         .list_recovery_points(pb::ListRecoveryPointsRequest {
             vm_name: vm.to_string(),
             ..Default::default()
@@ -34,9 +34,11 @@ pub async fn list_points(url: &str, vm: &str) -> Vec<pb::RecoveryPoint> {
 }
 
 /// Cuts a point after everything pending ("latest").
-pub async fn cut_latest(url: &str, vm: &str) -> Result<pb::RecoveryPoint, tonic::Status> {
-    client(url)
-        .await
+pub async fn cut_latest<'a>(
+    processor: impl Into<At<'a>>,
+    vm: &str,
+) -> Result<pb::RecoveryPoint, tonic::Status> {
+    client(processor.into())
         .cut_recovery_point(pb::CutRecoveryPointRequest {
             vm_name: vm.to_string(),
         })
@@ -46,15 +48,19 @@ pub async fn cut_latest(url: &str, vm: &str) -> Result<pb::RecoveryPoint, tonic:
 
 /// A disk at a point, holes as zeros. Panics unless the extents are
 /// contiguous, cover the disk and carry correct checksums.
-pub async fn read_disk(url: &str, vm: &str, point: &pb::RecoveryPoint, disk: &str) -> Vec<u8> {
+pub async fn read_disk<'a>(
+    processor: impl Into<At<'a>>,
+    vm: &str,
+    point: &pb::RecoveryPoint,
+    disk: &str,
+) -> Vec<u8> {
     let size = point
         .disks
         .iter()
         .find(|d| d.disk_id == disk)
         .map(|d| d.size_bytes)
         .expect("the point has the disk");
-    let mut stream = client(url)
-        .await
+    let mut stream = client(processor.into())
         .read_disk(pb::ReadDiskRequest {
             vm_name: vm.to_string(),
             point_id: point.id.clone(),

@@ -4,6 +4,8 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use crate::Insecure;
+
 /// A loopback address with a port free right now, for a service that must
 /// be told its address before it starts. Ports come from 20000..32000, below
 /// Linux's ephemeral range, so that an in-process service binding port 0 in
@@ -45,42 +47,88 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
-/// A service binary running as a child process on a loopback port.
+/// A service binary running as a child process on a loopback port, in
+/// plaintext with `--insecure` and the test's cluster secret (a binary
+/// refuses plaintext otherwise): every call to it needs credentials from
+/// the same [`Insecure`].
 pub struct ServiceProcess {
     pub child: Child,
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
     binary: PathBuf,
     args: Vec<String>,
+    /// Kept so that the secret's files outlive the process (restarts read
+    /// them again); None for TLS ([`ServiceProcess::start_tls`]).
+    _insecure: Option<Insecure>,
 }
 
 impl ServiceProcess {
-    /// Starts `binary --listen <free port> --data-dir <data_dir> <args...>`.
-    pub fn start(binary: impl AsRef<Path>, data_dir: impl AsRef<Path>, args: &[&str]) -> Self {
-        Self::start_at(free_addr(), binary, data_dir, args)
+    /// Starts `binary --listen <free port> --data-dir <data_dir>
+    /// <insecure's args> <args...>`.
+    pub fn start(
+        insecure: &Insecure,
+        binary: impl AsRef<Path>,
+        data_dir: impl AsRef<Path>,
+        args: &[&str],
+    ) -> Self {
+        Self::start_at(insecure, free_addr(), binary, data_dir, args)
     }
 
     /// Starts `binary` listening on `addr`.
     pub fn start_at(
+        insecure: &Insecure,
         addr: SocketAddr,
         binary: impl AsRef<Path>,
         data_dir: impl AsRef<Path>,
         args: &[&str],
     ) -> Self {
-        let mut process = ServiceProcess {
-            child: spawn(binary.as_ref(), addr, data_dir.as_ref(), args),
+        let mut all = insecure.args(binary.as_ref());
+        all.extend(args.iter().map(|a| a.to_string()));
+        Self::spawned(
             addr,
-            data_dir: data_dir.as_ref().to_path_buf(),
-            binary: binary.as_ref().to_path_buf(),
-            args: args.iter().map(|a| a.to_string()).collect(),
+            binary.as_ref(),
+            data_dir.as_ref(),
+            all,
+            Some(insecure.clone()),
+        )
+    }
+
+    /// Starts `binary --listen <free port> --data-dir <data_dir> <args...>`
+    /// where `args` give its TLS flags (`--tls-cert`, `--tls-key`,
+    /// `--tls-ca`): no `--insecure`. Its URL is then `https://`.
+    pub fn start_tls(binary: impl AsRef<Path>, data_dir: impl AsRef<Path>, args: &[&str]) -> Self {
+        let args = args.iter().map(|a| a.to_string()).collect();
+        Self::spawned(free_addr(), binary.as_ref(), data_dir.as_ref(), args, None)
+    }
+
+    fn spawned(
+        addr: SocketAddr,
+        binary: &Path,
+        data_dir: &Path,
+        args: Vec<String>,
+        insecure: Option<Insecure>,
+    ) -> Self {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut process = ServiceProcess {
+            child: spawn(binary, addr, data_dir, &refs),
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            binary: binary.to_path_buf(),
+            args,
+            _insecure: insecure,
         };
         process.check_alive();
         process
     }
 
-    /// `http://<addr>`.
+    /// `http://<addr>`, or `https://<addr>` when started with TLS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self._insecure.is_some() {
+            "http"
+        } else {
+            "https"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Panics if the process has exited already.

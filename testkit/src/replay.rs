@@ -9,6 +9,8 @@ use std::os::unix::fs::FileExt;
 use ferry_proto::cache::v1::record::Op;
 use ferry_proto::cache::v1::Record;
 
+use crate::At;
+
 /// Applies `records` in order to the images, by disk id.
 pub fn apply(records: &[Record], images: &HashMap<String, File>) {
     for r in records {
@@ -29,13 +31,15 @@ pub fn apply(records: &[Record], images: &HashMap<String, File>) {
     }
 }
 
-/// Reads every record of `vm` from the cache at `url` from `from` on.
-pub async fn tail_all(url: &str, vm: &str, from: u64) -> Vec<Record> {
+/// Reads every record of `vm` from the cache from `from` on (as
+/// processor-svc, the one service that may tail).
+pub async fn tail_all<'a>(cache: impl Into<At<'a>>, vm: &str, from: u64) -> Vec<Record> {
     use ferry_proto::cache::v1 as pb;
-    let mut client = pb::cache_client::CacheClient::connect(url.to_string())
-        .await
-        .unwrap()
-        .max_decoding_message_size(64 << 20);
+    let cache = cache.into();
+    let mut client = pb::cache_client::CacheClient::new(
+        cache.as_service(ferry_runtime::security::ServiceKind::Processor),
+    )
+    .max_decoding_message_size(64 << 20);
     let mut stream = client
         .tail(pb::TailRequest {
             vm_name: vm.into(),

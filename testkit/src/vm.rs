@@ -4,29 +4,30 @@ use std::path::Path;
 
 use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_runtime::security::ServiceKind;
 
-/// Registers `vm` in eastus with `disks` (id, size, source image; the first
+use crate::At;
+
+/// Registers `vm` in eastus (as an admin, with `registry`'s credentials) with `disks` (id, size, source image; the first
 /// is the OS disk) and enables its replication to westus. Returns the
 /// protected item.
-pub async fn protect_vm(
-    registry_url: &str,
+pub async fn protect_vm<'a>(
+    registry: impl Into<At<'a>>,
     vm: &str,
     disks: &[(&str, u64, &Path)],
 ) -> reg::ProtectedItem {
-    protect_vm_with(registry_url, vm, disks, "").await
+    protect_vm_with(registry, vm, disks, "").await
 }
 
 /// As [`protect_vm`], under replication policy `policy` ("" for the
 /// default).
-pub async fn protect_vm_with(
-    registry_url: &str,
+pub async fn protect_vm_with<'a>(
+    registry: impl Into<At<'a>>,
     vm: &str,
     disks: &[(&str, u64, &Path)],
     policy: &str,
 ) -> reg::ProtectedItem {
-    let mut r = RegistryClient::connect(registry_url.to_string())
-        .await
-        .expect("connect to registry");
+    let mut r = RegistryClient::new(registry.into().admin());
     r.register_vm(reg::RegisterVmRequest {
         vm: Some(vm_spec(vm, disks)),
     })
@@ -44,10 +45,11 @@ pub async fn protect_vm_with(
 }
 
 /// The VM's protected item now, if it exists.
-pub async fn protected_item(registry_url: &str, vm: &str) -> Option<reg::ProtectedItem> {
-    let mut r = RegistryClient::connect(registry_url.to_string())
-        .await
-        .ok()?;
+pub async fn protected_item<'a>(
+    registry: impl Into<At<'a>>,
+    vm: &str,
+) -> Option<reg::ProtectedItem> {
+    let mut r = RegistryClient::new(registry.into().as_service(ServiceKind::Failover));
     r.get_protected_item(reg::GetProtectedItemRequest {
         vm_name: vm.to_string(),
     })
@@ -58,8 +60,8 @@ pub async fn protected_item(registry_url: &str, vm: &str) -> Option<reg::Protect
 
 /// Creates a policy whose crash-consistent points come every `interval`,
 /// all kept for `keep_all_for`, then one per `spacing`, up to `retention`.
-pub async fn create_policy(
-    registry_url: &str,
+pub async fn create_policy<'a>(
+    registry: impl Into<At<'a>>,
     name: &str,
     interval: std::time::Duration,
     keep_all_for: std::time::Duration,
@@ -67,9 +69,7 @@ pub async fn create_policy(
     retention: std::time::Duration,
 ) {
     use ferry_runtime::time::to_duration;
-    let mut r = RegistryClient::connect(registry_url.to_string())
-        .await
-        .expect("connect to registry");
+    let mut r = RegistryClient::new(registry.into().admin());
     r.create_policy(reg::CreatePolicyRequest {
         policy: Some(reg::ReplicationPolicy {
             name: name.to_string(),

@@ -19,7 +19,8 @@ use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_testkit::points::{cut_latest, list_points};
 use ferry_testkit::{
-    identical_images, protect_vm_with, protected_item, run_tool, wait_for, Cluster,
+    identical_images, protect_vm_with, protected_item, run_tool, wait_for, At, Cluster,
+    ClusterOptions, Insecure,
 };
 use tonic::Code;
 
@@ -92,12 +93,31 @@ async fn protected_with_data(
     (agent, source, point)
 }
 
+/// The services in-process, registry knowing `insecure`'s admin token: a
+/// failover-svc process checks its callers and asks registry about
+/// operator tokens.
+async fn cluster_knowing(insecure: &Insecure) -> Cluster {
+    Cluster::start_options(ClusterOptions {
+        registry: registry_svc::Settings {
+            bootstrap_token_file: Some(insecure.admin_token_file()),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+}
+
 /// failover-svc as a real process writing at most 8 MiB/s, so that a job
 /// is surely mid-way for a while.
-fn slow_failover_svc(cluster: &Cluster, dir: &Path) -> ferry_testkit::ServiceProcess {
+fn slow_failover_svc(
+    insecure: &Insecure,
+    cluster: &Cluster,
+    dir: &Path,
+) -> ferry_testkit::ServiceProcess {
     let config = dir.join("failover.toml");
     std::fs::write(&config, "[failover]\nmaterialize_mib_per_sec = 8\n").unwrap();
     ferry_testkit::ServiceProcess::start(
+        insecure,
         ferry_testkit::bin_path("failover-svc"),
         dir.join("failover"),
         &[
@@ -112,11 +132,11 @@ fn slow_failover_svc(cluster: &Cluster, dir: &Path) -> ferry_testkit::ServicePro
 }
 
 /// Waits until `job` has materialized at least `bytes`.
-async fn wait_mid_way(url: &str, job: &fo::Job, bytes: u64) {
+async fn wait_mid_way(failover_at: At<'_>, job: &fo::Job, bytes: u64) {
     wait_for("the job to be mid-way", Duration::from_secs(60), || {
-        let (url, id) = (url.to_string(), job.id.clone());
+        let id = job.id.clone();
         async move {
-            let j = failover(&url)
+            let j = failover(failover_at)
                 .await
                 .get_job(fo::GetJobRequest { id })
                 .await
@@ -723,14 +743,16 @@ async fn bad_failover_requests_get_precise_codes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_svc_killed_mid_job_completes_the_job_exactly_once() {
-    let cluster = Cluster::start().await;
+    let insecure = Insecure::new();
+    let cluster = cluster_knowing(&insecure).await;
     let registry = cluster.registry.url.clone();
     let dir = tempfile::tempdir().unwrap();
     // 48 MiB of data on a 64 MiB disk, copied by initial replication.
     let (agent, source, point) =
         protected_with_data(&cluster, dir.path(), 64 << 20, 48 << 20).await;
-    let mut process = slow_failover_svc(&cluster, dir.path());
+    let mut process = slow_failover_svc(&insecure, &cluster, dir.path());
     let url = process.url();
+    let at = insecure.at(&url);
     ferry_testkit::wait_serving(&url).await;
     let mut request = start(
         "vm",
@@ -739,32 +761,32 @@ async fn a_failover_svc_killed_mid_job_completes_the_job_exactly_once() {
         "",
     );
     request.request_id = "once".into();
-    let job = failover(&url)
+    let job = failover(at)
         .await
         .start_failover(request.clone())
         .await
         .unwrap()
         .into_inner();
-    wait_mid_way(&url, &job, 2 << 20).await;
+    wait_mid_way(at, &job, 2 << 20).await;
     assert!(!process.signal_and_wait("KILL").success());
     process.restart();
     ferry_testkit::wait_serving(&url).await;
 
     // Resumed: it finishes once; a retry of the request is the same job.
-    let (done, _) = finish(&url, &job).await;
+    let (done, _) = finish(at, &job).await;
     assert_eq!(done.state, fo::JobState::Succeeded as i32, "{done:?}");
     assert!(done
         .steps
         .iter()
         .all(|s| s.state == fo::JobState::Succeeded as i32));
-    let again = failover(&url)
+    let again = failover(at)
         .await
         .start_failover(request)
         .await
         .unwrap()
         .into_inner();
     assert_eq!(again.id, job.id);
-    let jobs = failover(&url)
+    let jobs = failover(at)
         .await
         .list_jobs(fo::ListJobsRequest::default())
         .await
@@ -772,7 +794,7 @@ async fn a_failover_svc_killed_mid_job_completes_the_job_exactly_once() {
         .into_inner()
         .jobs;
     assert_eq!(jobs.len(), 1, "one job");
-    let vms = failover(&url)
+    let vms = failover(at)
         .await
         .list_target_vms(fo::ListTargetVmsRequest::default())
         .await
@@ -805,15 +827,17 @@ async fn a_failover_svc_killed_mid_job_completes_the_job_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_processor_stopped_mid_read_fails_the_failover_never_a_partial_disk() {
-    let cluster = Cluster::start().await;
+    let insecure = Insecure::new();
+    let cluster = cluster_knowing(&insecure).await;
     let dir = tempfile::tempdir().unwrap();
     let (agent, _, point) = protected_with_data(&cluster, dir.path(), 128 << 20, 128 << 20).await;
     // Mid-way when processor-svc stops: the processor sends extents of up
     // to 8 MiB a few ahead, so 128 MiB of data cannot all be on the way.
-    let process = slow_failover_svc(&cluster, dir.path());
+    let process = slow_failover_svc(&insecure, &cluster, dir.path());
     let url = process.url();
+    let at = insecure.at(&url);
     ferry_testkit::wait_serving(&url).await;
-    let job = failover(&url)
+    let job = failover(at)
         .await
         .start_failover(start(
             "vm",
@@ -824,10 +848,10 @@ async fn a_processor_stopped_mid_read_fails_the_failover_never_a_partial_disk() 
         .await
         .unwrap()
         .into_inner();
-    wait_mid_way(&url, &job, 2 << 20).await;
+    wait_mid_way(at, &job, 2 << 20).await;
     // processor-svc shuts down: its ReadDisk streams end.
     cluster.processor.shutdown.cancel();
-    let (done, _) = finish(&url, &job).await;
+    let (done, _) = finish(at, &job).await;
     assert_eq!(done.state, fo::JobState::Failed as i32, "{done:?}");
     assert!(
         done.error.starts_with("materialize-disks:"),
@@ -835,7 +859,7 @@ async fn a_processor_stopped_mid_read_fails_the_failover_never_a_partial_disk() 
         done.error
     );
     assert!(done.verified_disks.is_empty(), "{done:?}");
-    let vms = failover(&url)
+    let vms = failover(at)
         .await
         .list_target_vms(fo::ListTargetVmsRequest::default())
         .await

@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -21,7 +21,7 @@ use ferry_proto::processor::v1 as proc;
 use ferry_proto::registry::v1 as reg;
 use ferry_testkit::group::{create_group, group, group_points, join_group};
 use ferry_testkit::points::read_disk;
-use ferry_testkit::{bin_path, free_addr, wait_for, Cluster};
+use ferry_testkit::{agent_command, free_addr, wait_for, AgentAuth, Cluster, Insecure};
 
 use common::{chain_prefix, image, slot_write, DISK};
 
@@ -320,12 +320,18 @@ async fn multi_vm_points_never_show_an_effect_without_its_cause() {
 }
 
 /// An agent binary in its own process, to be killed.
-struct AgentProcess(Child);
+struct AgentProcess {
+    child: Child,
+    /// Its token's file, kept while it runs.
+    _token: Insecure,
+}
 
 impl AgentProcess {
+    /// With an agent token, as a deployment's agent has (the in-process
+    /// services check nobody).
     fn start(registry: &str, vm: &str, state: &Path) -> AgentProcess {
-        let child = Command::new(bin_path("ferry-agent"))
-            .args(["--registry", registry, "--vm", vm])
+        let insecure = Insecure::new();
+        let child = agent_command(registry, vm, AgentAuth::Token(&insecure))
             .args(["--nbd-listen", &free_addr().to_string()])
             .args(["--group-listen", "127.0.0.1:0", "--drain-secs", "1"])
             .arg("--state-dir")
@@ -333,23 +339,24 @@ impl AgentProcess {
             // The tests put the images beside the state directory.
             .arg("--disk-root")
             .arg(state.parent().unwrap())
-            .env("FERRY_LOG", "warn")
-            .stdin(Stdio::null())
             .spawn()
             .unwrap();
-        AgentProcess(child)
+        AgentProcess {
+            child,
+            _token: insecure,
+        }
     }
 
     fn kill(&mut self) {
-        self.0.kill().unwrap();
-        self.0.wait().unwrap();
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
     }
 }
 
 impl Drop for AgentProcess {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -15,11 +15,12 @@ use ferry_proto::cache::v1::cache_client::CacheClient;
 use ferry_proto::processor::v1 as pb;
 use ferry_proto::processor::v1::processor_client::ProcessorClient;
 use ferry_proto::registry::v1 as reg;
+use ferry_runtime::security::ServiceKind;
 use ferry_runtime::{CancellationToken, ServiceConfig};
 use ferry_testkit::points::{cut_latest, list_points, read_disk};
 use ferry_testkit::{
     bin_path, create_policy, identical_images, protect_vm_with, protected_item, run_tool,
-    start_registry, wait_for, wait_serving, Cluster, Rng, Running, ServiceProcess,
+    start_registry, wait_for, wait_serving, Cluster, Insecure, Rng, Running, ServiceProcess,
 };
 
 const SIZE: u64 = 16 << 20;
@@ -265,7 +266,10 @@ async fn a_sigkilled_processor_resumes_without_loss_or_duplicates() {
         cache_shutdown.clone(),
     ));
     wait_serving(&cache_url).await;
+    // processor-svc checks its callers: the test calls as failover-svc.
+    let insecure = Insecure::new();
     let mut processor = ServiceProcess::start(
+        &insecure,
         bin_path("processor-svc"),
         dir.path().join("processor"),
         &["--registry", &registry.url, "--cache", &cache_url],
@@ -318,14 +322,17 @@ async fn a_sigkilled_processor_resumes_without_loss_or_duplicates() {
             ops
         })
     };
-    let applied = |url: String| async move {
-        let mut p = ProcessorClient::connect(url).await.ok()?;
-        p.get_pipeline_status(pb::GetPipelineStatusRequest {
-            vm_name: "vm".into(),
-        })
-        .await
-        .ok()
-        .map(|s| s.into_inner().applied_sequence)
+    let applied = |url: String| {
+        let insecure = insecure.clone();
+        async move {
+            let mut p = ProcessorClient::new(insecure.at(&url).as_service(ServiceKind::Failover));
+            p.get_pipeline_status(pb::GetPipelineStatusRequest {
+                vm_name: "vm".into(),
+            })
+            .await
+            .ok()
+            .map(|s| s.into_inner().applied_sequence)
+        }
     };
     for kill in 0..2 {
         // Killed once it has applied something new.
@@ -345,24 +352,27 @@ async fn a_sigkilled_processor_resumes_without_loss_or_duplicates() {
     }
     wait_for("a few more points", Duration::from_secs(60), || {
         let url = processor.url();
-        async move { (list_points(&url, "vm").await.len() >= 8).then_some(()) }
+        let insecure = insecure.clone();
+        async move { (list_points(insecure.at(&url), "vm").await.len() >= 8).then_some(()) }
     })
     .await;
     stop.cancel();
     let ops = writer.await.unwrap();
     let last = agent.stream.flushed().await;
-    let latest = cut_latest(&processor.url(), "vm").await.unwrap();
+    let processor_url = processor.url();
+    let at = insecure.at(&processor_url);
+    let latest = cut_latest(at, "vm").await.unwrap();
     assert_eq!(latest.sequence_cut, last);
 
     // Every point equals the source at its cut: nothing lost, nothing
     // applied twice (a duplicate replay of an older write would show).
-    let points = list_points(&processor.url(), "vm").await;
+    let points = list_points(at, "vm").await;
     assert!(points.len() >= 8, "{} points", points.len());
     let mut cuts: Vec<u64> = points.iter().map(|p| p.sequence_cut).collect();
     cuts.dedup();
     assert_eq!(cuts.len(), points.len(), "cuts are distinct and ascending");
     for point in &points {
-        let got = read_disk(&processor.url(), "vm", point, "os").await;
+        let got = read_disk(at, "vm", point, "os").await;
         assert!(
             got == source_at(&ops, point.sequence_cut),
             "point {} (cut {}) differs from the source at its cut",

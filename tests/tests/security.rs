@@ -545,7 +545,7 @@ async fn the_cli_and_grpcurl_reach_a_registry_binary_over_mutual_tls() {
     let key = files.key.to_str().unwrap().to_string();
     let ca = pki.ca().to_str().unwrap().to_string();
     let boot = bootstrap.to_str().unwrap().to_string();
-    let registry = ServiceProcess::start(
+    let registry = ServiceProcess::start_tls(
         bin_path("registry-svc"),
         dir.path().join("registry"),
         &[

@@ -19,10 +19,11 @@ use ferry_proto::processor::v1 as pb;
 use ferry_proto::processor::v1::processor_client::ProcessorClient;
 use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_runtime::security::ServiceKind;
 use ferry_testkit::points::{cut_latest, list_points, read_disk};
 use ferry_testkit::{
     bin_path, free_addr, protect_vm_with, protected_item, start_registry, wait_for, wait_serving,
-    Rng, Running, ServiceProcess,
+    At, Insecure, Rng, Running, ServiceProcess,
 };
 
 const SIZE: u64 = 8 << 20;
@@ -34,6 +35,8 @@ struct Stack {
     cache: ServiceProcess,
     processor: ServiceProcess,
     dir: tempfile::TempDir,
+    /// cache-svc and processor-svc check their callers.
+    insecure: Insecure,
 }
 
 impl Stack {
@@ -44,7 +47,9 @@ impl Stack {
         let registry = start_registry(dir.path().join("registry"), Some(cache_url.clone())).await;
         let config = dir.path().join("cache.toml");
         std::fs::write(&config, "[cache]\nsegment_bytes = 65536\n").unwrap();
+        let insecure = Insecure::new();
         let cache = ServiceProcess::start_at(
+            &insecure,
             cache_addr,
             bin_path("cache-svc"),
             dir.path().join("cache"),
@@ -56,6 +61,7 @@ impl Stack {
             ],
         );
         let processor = ServiceProcess::start(
+            &insecure,
             bin_path("processor-svc"),
             dir.path().join("processor"),
             &["--registry", &registry.url, "--cache", &cache_url],
@@ -68,7 +74,13 @@ impl Stack {
             cache,
             processor,
             dir,
+            insecure,
         }
+    }
+
+    /// `url` with this stack's credentials.
+    fn at<'a>(&'a self, url: &'a str) -> At<'a> {
+        self.insecure.at(url)
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -83,10 +95,19 @@ impl Stack {
             .set_len(SIZE)
             .unwrap();
         protect_vm_with(&self.registry.url, vm, &[("os", SIZE, &source)], "fast").await;
-        let (agent, _) =
-            common::protected_agent(&self.registry.url, vm, &self.path(&format!("{vm}-agent")))
-                .await;
+        let (agent, _) = self.agent(vm, &format!("{vm}-agent")).await;
         (agent, source)
+    }
+
+    /// `vm`'s agent in-process, with its agent token, state in `state`.
+    async fn agent(&self, vm: &str, state: &str) -> (Agent, String) {
+        common::protected_agent_as(
+            &self.registry.url,
+            vm,
+            &self.path(state),
+            self.insecure.agent(vm),
+        )
+        .await
     }
 }
 
@@ -102,18 +123,16 @@ async fn write_some(agent: &Agent, rng: &mut Rng, n: usize) -> u64 {
     last
 }
 
-async fn log_info(cache_url: &str, vm: &str) -> Result<cache::LogInfo, tonic::Status> {
-    let mut c = CacheClient::connect(cache_url.to_string())
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+async fn log_info(at: At<'_>, vm: &str) -> Result<cache::LogInfo, tonic::Status> {
+    let mut c = CacheClient::new(at.as_service(ServiceKind::Processor));
     c.get_log_info(cache::GetLogInfoRequest { vm_name: vm.into() })
         .await
         .map(|i| i.into_inner())
 }
 
 /// The VM's points, oldest first; None while processor-svc cannot say.
-async fn points_now(processor: &str, vm: &str) -> Option<Vec<pb::RecoveryPoint>> {
-    let mut p = ProcessorClient::connect(processor.to_string()).await.ok()?;
+async fn points_now(processor: At<'_>, vm: &str) -> Option<Vec<pb::RecoveryPoint>> {
+    let mut p = ProcessorClient::new(processor.as_service(ServiceKind::Failover));
     let mut points = p
         .list_recovery_points(pb::ListRecoveryPointsRequest {
             vm_name: vm.into(),
@@ -129,7 +148,7 @@ async fn points_now(processor: &str, vm: &str) -> Option<Vec<pb::RecoveryPoint>>
 
 /// Waits for the newest point to hold exactly the source image as it is
 /// now (no writes go on meanwhile).
-async fn wait_for_point_equal_to_source(processor: &str, vm: &str, source: &Path) {
+async fn wait_for_point_equal_to_source(processor: At<'_>, vm: &str, source: &Path) {
     let want = std::fs::read(source).unwrap();
     wait_for(
         "a point equal to the source",
@@ -155,7 +174,7 @@ async fn a_cache_that_lost_its_log_never_reuses_numbers_the_processor_applied() 
     agent.stream.flushed().await;
     let processor = stack.processor.url();
     // A point at `last`: the processor has durably applied everything.
-    let point = cut_latest(&processor, "vm").await.unwrap();
+    let point = cut_latest(stack.at(&processor), "vm").await.unwrap();
     assert!(point.sequence_cut >= last, "{point:?}");
 
     // The cache's disk is lost: killed, its data gone, started again empty.
@@ -168,9 +187,9 @@ async fn a_cache_that_lost_its_log_never_reuses_numbers_the_processor_applied() 
     // would be skipped by the processor as applied, and no point would
     // ever hold them.
     write_some(&agent, &mut rng, 200).await;
-    wait_for_point_equal_to_source(&processor, "vm", &source).await;
+    wait_for_point_equal_to_source(stack.at(&processor), "vm", &source).await;
     // The new log was renumbered past what the processor had applied.
-    let info = log_info(&stack.cache.url(), "vm").await.unwrap();
+    let info = log_info(stack.at(&stack.cache.url()), "vm").await.unwrap();
     assert!(
         info.first_sequence > last,
         "the new log numbers past what the processor applied ({last}): {info:?}"
@@ -194,7 +213,9 @@ async fn a_damaged_cache_log_is_set_aside_and_the_vm_resynced_by_checksum() {
     let mut rng = Rng(seed);
     write_some(&agent, &mut rng, 100).await;
     agent.stream.flushed().await;
-    cut_latest(&stack.processor.url(), "vm").await.unwrap();
+    cut_latest(stack.at(&stack.processor.url()), "vm")
+        .await
+        .unwrap();
     // The processor is away, so the cache keeps what comes next untrimmed.
     assert!(!stack.processor.signal_and_wait("KILL").success());
     write_some(&agent, &mut rng, 300).await;
@@ -249,7 +270,7 @@ async fn a_damaged_cache_log_is_set_aside_and_the_vm_resynced_by_checksum() {
     .await;
     write_some(&agent, &mut rng, 50).await;
     agent.stream.flushed().await;
-    wait_for_point_equal_to_source(&stack.processor.url(), "vm", &source).await;
+    wait_for_point_equal_to_source(stack.at(&stack.processor.url()), "vm", &source).await;
     agent.stop(Duration::from_secs(5)).await.unwrap();
     stack.registry.stop().await;
 }
@@ -269,7 +290,12 @@ async fn a_log_trimmed_past_the_replica_is_a_gap_repaired_by_a_checksum_resync()
     let last = loop {
         let last = write_some(&agent, &mut rng, 100).await;
         agent.stream.flushed().await;
-        if log_info(&cache_url, "vm").await.unwrap().first_sequence > 1 {
+        if log_info(stack.at(&cache_url), "vm")
+            .await
+            .unwrap()
+            .first_sequence
+            > 1
+        {
             break last;
         }
         assert!(
@@ -287,8 +313,8 @@ async fn a_log_trimmed_past_the_replica_is_a_gap_repaired_by_a_checksum_resync()
 
     // Without the gap handling the processor retries OUT_OF_RANGE forever
     // and never cuts a point again.
-    wait_for_point_equal_to_source(&processor, "vm", &source).await;
-    let points = list_points(&processor, "vm").await;
+    wait_for_point_equal_to_source(stack.at(&processor), "vm", &source).await;
+    let points = list_points(stack.at(&processor), "vm").await;
     assert!(
         points.iter().all(|p| p.sequence_cut >= last),
         "no point from before the repair: {points:?}"
@@ -335,16 +361,14 @@ async fn replication_enabled_again_is_a_new_incarnation_even_for_services_that_w
         // A second agent raises the epoch the cache keeps to 2: the new
         // incarnation's first agent (epoch 1) must still be let in.
         agent.stop(Duration::from_secs(5)).await.unwrap();
-        let (agent, _) =
-            common::protected_agent(&stack.registry.url, vm, &stack.path(&format!("{vm}-agent")))
-                .await;
+        let (agent, _) = stack.agent(vm, &format!("{vm}-agent")).await;
         let last = write_some(&agent, &mut rng, 50).await;
         agent.stream.flushed().await;
         let processor = stack.processor.url();
         wait_for("points", Duration::from_secs(60), || {
-            let url = processor.clone();
+            let at = stack.at(&processor);
             async move {
-                let points = points_now(&url, vm).await?;
+                let points = points_now(at, vm).await?;
                 points
                     .last()
                     .filter(|p| p.sequence_cut >= last)
@@ -352,7 +376,7 @@ async fn replication_enabled_again_is_a_new_incarnation_even_for_services_that_w
             }
         })
         .await;
-        old_points.push(list_points(&processor, vm).await);
+        old_points.push(list_points(stack.at(&processor), vm).await);
         agent.stop(Duration::from_secs(5)).await.unwrap();
     }
     let old_a = protected_item(&stack.registry.url, "a").await.unwrap();
@@ -384,10 +408,10 @@ async fn replication_enabled_again_is_a_new_incarnation_even_for_services_that_w
     // "b": its log and replica are deleted once the services reconcile
     // with registry.
     wait_for("b's log and replica to go", Duration::from_secs(30), || {
-        let (processor, cache_url) = (processor.clone(), cache_url.clone());
+        let (processor, cache) = (stack.at(&processor), stack.at(&cache_url));
         async move {
-            let log = log_info(&cache_url, "b").await;
-            let mut p = ProcessorClient::connect(processor).await.ok()?;
+            let log = log_info(cache, "b").await;
+            let mut p = ProcessorClient::new(processor.as_service(ServiceKind::Failover));
             let points = p
                 .list_recovery_points(pb::ListRecoveryPointsRequest {
                     vm_name: "b".into(),
@@ -411,16 +435,15 @@ async fn replication_enabled_again_is_a_new_incarnation_even_for_services_that_w
         .unwrap()
         .set_len(SIZE)
         .unwrap();
-    let (agent, _) =
-        common::protected_agent(&stack.registry.url, "a", &stack.path("a-agent-new")).await;
+    let (agent, _) = stack.agent("a", "a-agent-new").await;
     write_some(&agent, &mut rng, 30).await;
     agent.stream.flushed().await;
-    wait_for_point_equal_to_source(&processor, "a", &source).await;
-    let info = log_info(&cache_url, "a").await.unwrap();
+    wait_for_point_equal_to_source(stack.at(&processor), "a", &source).await;
+    let info = log_info(stack.at(&cache_url), "a").await.unwrap();
     assert_eq!(info.incarnation, new_a.incarnation, "{info:?}");
     // Every point is of the new incarnation: its newest write came after
     // the disable (the old ones' came before).
-    let points = list_points(&processor, "a").await;
+    let points = list_points(stack.at(&processor), "a").await;
     assert!(!old_points[0].is_empty());
     assert!(
         points

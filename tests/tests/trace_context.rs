@@ -3,7 +3,7 @@
 
 use ferry_proto::registry::v1 as pb;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
-use ferry_testkit::{bin_path, wait_serving, ServiceProcess};
+use ferry_testkit::{bin_path, wait_serving, Insecure, ServiceProcess};
 
 const TRACE_ID: &str = "0af7651916cd43dd8448eb211c80319c";
 const CALLER_SPAN: &str = "b7ad6b7169203331";
@@ -29,9 +29,17 @@ fn traceresponse_of(response: &tonic::Response<pb::ListRegionsResponse>) -> (Str
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_joins_the_callers_trace() {
     let dir = tempfile::tempdir().unwrap();
-    let registry = ServiceProcess::start(bin_path("registry-svc"), dir.path().join("r"), &[]);
+    let insecure = Insecure::new();
+    let registry = ServiceProcess::start(
+        &insecure,
+        bin_path("registry-svc"),
+        dir.path().join("r"),
+        &[],
+    );
     wait_serving(&registry.url()).await;
-    let mut client = RegistryClient::connect(registry.url()).await.unwrap();
+    // The bearer token only: the trace context is the test's.
+    let url = registry.url();
+    let mut client = RegistryClient::new(insecure.at(&url).admin());
 
     let mut request = tonic::Request::new(pb::ListRegionsRequest {});
     request.metadata_mut().insert(

@@ -56,6 +56,9 @@ impl ClusterSecret {
 
     /// The secret in `path`, or a new one written there (hex, mode 0600,
     /// fsynced) if the file does not exist; `true` when it was made now.
+    /// Either way the secret is the file's text, as [`ClusterSecret::load`]
+    /// reads it, so tokens minted from the file (and every later start)
+    /// agree with this one.
     pub fn load_or_create(path: &Path) -> Result<(ClusterSecret, bool), ConfigError> {
         if path.exists() {
             return Ok((ClusterSecret::load(path)?, false));
@@ -65,8 +68,9 @@ impl ClusterSecret {
             value: path.display().to_string(),
             reason,
         };
-        let secret = ClusterSecret::generate()
+        let random = ClusterSecret::generate()
             .map_err(|e| invalid(format!("no randomness to make one: {e}")))?;
+        let secret = ClusterSecret(hex::encode(&random.0).into_bytes());
         let write = || -> std::io::Result<()> {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
@@ -75,7 +79,7 @@ impl ClusterSecret {
                 .create_new(true)
                 .mode(0o600)
                 .open(path)?;
-            file.write_all(hex::encode(&secret.0).as_bytes())?;
+            file.write_all(&secret.0)?;
             file.sync_all()
         };
         write().map_err(|e| invalid(format!("cannot write a new one: {e}")))?;
@@ -189,6 +193,18 @@ mod tests {
         assert_eq!(a.verify(&forged), None);
         assert_eq!(a.verify("fysvc.cache.zz"), None);
         assert_eq!(a.verify("fysvc.cache"), None);
+    }
+
+    #[test]
+    fn a_created_secret_is_the_one_its_file_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        let (made, new) = ClusterSecret::load_or_create(&path).unwrap();
+        assert!(new);
+        assert_eq!(ClusterSecret::load(&path).unwrap(), made);
+        let (again, new) = ClusterSecret::load_or_create(&path).unwrap();
+        assert!(!new);
+        assert_eq!(again, made, "a later start derives the same tokens");
     }
 
     #[test]

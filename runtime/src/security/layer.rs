@@ -48,9 +48,10 @@ impl TokenVerifier for NoOperatorTokens {
 pub enum Access {
     /// Every call is authenticated and authorized.
     Enforced(Arc<Checks>),
-    /// Nothing is checked: only for a library embedding in-process, where
-    /// every caller is the embedding program itself. No flag of any binary
-    /// selects it.
+    /// Nothing is checked: for a library embedding in-process, where every
+    /// caller is the embedding program itself, and the agent's group port
+    /// without TLS (loopback unless `--group-insecure`; docs/security.md).
+    /// No service binary runs with it: their configuration always enforces.
     Unchecked,
 }
 

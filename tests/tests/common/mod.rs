@@ -10,7 +10,8 @@ use std::time::Duration;
 use ferry_agent::run::{Agent, AgentOptions};
 use ferry_agent::stream::StreamLimits;
 use ferry_proto::registry::v1 as reg;
-use ferry_testkit::{create_policy, protected_item, wait_for};
+use ferry_runtime::peers::Credentials;
+use ferry_testkit::{create_policy, protected_item, wait_for, At};
 
 /// A policy `name` with a point every `interval`, everything kept a day.
 pub async fn policy(registry: &str, name: &str, interval: Duration) {
@@ -22,6 +23,25 @@ pub async fn policy(registry: &str, name: &str, interval: Duration) {
 /// until the VM is PROTECTED; the agent and `nbd://host:port`.
 pub async fn protected_agent(registry: &str, vm: &str, state_dir: &Path) -> (Agent, String) {
     protected_agent_with(registry, vm, state_dir, None).await
+}
+
+/// As [`protected_agent`], presenting `credentials` (its agent token, for
+/// services that check their callers).
+pub async fn protected_agent_as(
+    registry: &str,
+    vm: &str,
+    state_dir: &Path,
+    credentials: Credentials,
+) -> (Agent, String) {
+    start_protected(
+        registry,
+        vm,
+        state_dir,
+        None,
+        StreamLimits::default(),
+        credentials,
+    )
+    .await
 }
 
 /// As [`protected_agent`], with pre and post scripts for app-consistent
@@ -43,6 +63,25 @@ pub async fn protected_agent_limited(
     state_dir: &Path,
     scripts: Option<ferry_agent::quiesce::Scripts>,
     limits: StreamLimits,
+) -> (Agent, String) {
+    start_protected(
+        registry,
+        vm,
+        state_dir,
+        scripts,
+        limits,
+        Credentials::none(),
+    )
+    .await
+}
+
+async fn start_protected(
+    registry: &str,
+    vm: &str,
+    state_dir: &Path,
+    scripts: Option<ferry_agent::quiesce::Scripts>,
+    limits: StreamLimits,
+    credentials: Credentials,
 ) -> (Agent, String) {
     let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = nbd.local_addr().unwrap();
@@ -68,7 +107,7 @@ pub async fn protected_agent_limited(
         nbd_limits: Default::default(),
         heartbeat: ferry_agent::health::HEARTBEAT,
         scripts,
-        credentials: Default::default(),
+        credentials,
     })
     .await
     .unwrap();
@@ -135,21 +174,21 @@ pub fn chain_prefix(image: &[u8]) -> u64 {
 
 // Failover jobs.
 
-pub async fn failover(
-    url: &str,
-) -> ferry_proto::failover::v1::failover_client::FailoverClient<tonic::transport::Channel> {
-    ferry_proto::failover::v1::failover_client::FailoverClient::connect(url.to_string())
-        .await
-        .unwrap()
+/// A failover-svc client, as an admin when `at` has credentials.
+pub async fn failover<'a>(
+    at: impl Into<At<'a>>,
+) -> ferry_proto::failover::v1::failover_client::FailoverClient<ferry_testkit::insecure::TestChannel>
+{
+    ferry_proto::failover::v1::failover_client::FailoverClient::new(at.into().admin())
 }
 
 /// Follows a job's stream to its end; the final job and how many distinct
 /// progress values were seen.
-pub async fn finish(
-    url: &str,
+pub async fn finish<'a>(
+    at: impl Into<At<'a>>,
     job: &ferry_proto::failover::v1::Job,
 ) -> (ferry_proto::failover::v1::Job, usize) {
-    let mut stream = failover(url)
+    let mut stream = failover(at)
         .await
         .watch_job(ferry_proto::failover::v1::WatchJobRequest { id: job.id.clone() })
         .await
