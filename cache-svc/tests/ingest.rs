@@ -663,7 +663,7 @@ async fn past_its_quota_a_vm_is_throttled_and_nothing_is_lost() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn control_messages_reach_the_agent_and_a_fenced_or_disabled_stream_is_stopped() {
+async fn control_messages_reach_the_agent_and_a_fenced_disabled_or_superseded_stream_is_stopped() {
     use pb::send_control_request::Control;
     let env = in_process(256 * 1024, 16 << 20).await;
     let cache = env.cache_url.as_str();
@@ -744,6 +744,23 @@ async fn control_messages_reach_the_agent_and_a_fenced_or_disabled_stream_is_sto
         }
         other => panic!("expected stop, got {other:?}"),
     }
+
+    // A newer agent's registration stops the open stream of the one it
+    // superseded at once, not at its next open.
+    let cred3 = protect(&env.registry.url, "vm3").await;
+    let (mut s3, _) = Stream::open(cache, "vm3", &cred3).await.unwrap();
+    assert_eq!(s3.send(vec![record(1)]).await.unwrap(), 1);
+    let newer = register_agent(&env.registry.url, "vm3").await;
+    assert!(newer.epoch > cred3.epoch);
+    match s3.next_control().await.unwrap() {
+        pb::ingest_response::Msg::Stop(stop) => assert!(stop.reason.contains("fenced"), "{stop:?}"),
+        other => panic!("expected stop, got {other:?}"),
+    }
+    let err = s3.next_control().await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    assert_eq!(tail_all(cache, "vm3", 1).await.unwrap().len(), 1);
+    let (_, durable) = Stream::open(cache, "vm3", &newer).await.unwrap();
+    assert_eq!(durable, 1);
     env.cache_shutdown.cancel();
     env.registry.stop().await;
 }

@@ -48,10 +48,11 @@ impl TokenVerifier for NoOperatorTokens {
 pub enum Access {
     /// Every call is authenticated and authorized.
     Enforced(Arc<Checks>),
-    /// Nothing is checked: for a library embedding in-process, where every
-    /// caller is the embedding program itself, and the agent's group port
-    /// without TLS (loopback unless `--group-insecure`; docs/security.md).
-    /// No service binary runs with it: their configuration always enforces.
+    /// Nothing is checked here: for a library embedding in-process, where
+    /// every caller is the embedding program itself, and the agent's group
+    /// port without TLS, whose handlers admit only calls signed with the
+    /// group's secret (docs/security.md). No service binary runs with it:
+    /// their configuration always enforces.
     Unchecked,
 }
 
