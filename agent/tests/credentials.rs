@@ -397,6 +397,22 @@ fn agent_binary(
     command.spawn().unwrap()
 }
 
+/// The agent's health report in registry once web-1's epoch has risen past
+/// `before` (the agent binary registered); 30 s at most.
+async fn heard_after(s: &Secured, before: u64, what: &str) -> reg::HealthReport {
+    wait_for(what, Duration::from_secs(30), || async {
+        let item = s.item("web-1").await;
+        (item.epoch > before)
+            .then(|| {
+                item.health_reports
+                    .into_iter()
+                    .find(|r| r.component == "agent")
+            })
+            .flatten()
+    })
+    .await
+}
+
 /// Waits (20 s at most) for `child` to exit; its status and stderr.
 fn exited(child: std::process::Child) -> (std::process::ExitStatus, String) {
     let pid = child.id();
@@ -506,19 +522,10 @@ async fn the_agent_binary_takes_its_certificate_from_flags_and_says_why_it_is_re
     for start in ["first", "after a SIGKILL"] {
         let before = s.item("web-1").await.epoch;
         let mut child = agent_binary(&s, dir.path(), &with_token, &[]);
-        let report = wait_for(
+        let report = heard_after(
+            &s,
+            before,
             &format!("the agent binary's heartbeat in registry ({start} start)"),
-            Duration::from_secs(30),
-            || async {
-                let item = s.item("web-1").await;
-                (item.epoch > before)
-                    .then(|| {
-                        item.health_reports
-                            .into_iter()
-                            .find(|r| r.component == "agent")
-                    })
-                    .flatten()
-            },
         )
         .await;
         assert!(!report.message.contains("silent"), "{report:?}");
@@ -603,21 +610,7 @@ async fn the_agent_binary_proves_who_it_is_with_an_agent_token_from_its_file() {
         ],
         &[("FERRY_ENROLLMENT_TOKEN_FILE", &enrollment)],
     );
-    wait_for(
-        "the agent binary's heartbeat in registry",
-        Duration::from_secs(30),
-        || async {
-            let item = s.item("web-1").await;
-            (item.epoch > before)
-                .then(|| {
-                    item.health_reports
-                        .into_iter()
-                        .find(|r| r.component == "agent")
-                })
-                .flatten()
-        },
-    )
-    .await;
+    heard_after(&s, before, "the agent binary's heartbeat in registry").await;
     assert!(
         child.try_wait().unwrap().is_none(),
         "the agent binary exited"
