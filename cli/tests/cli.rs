@@ -526,6 +526,15 @@ async fn serve_banner(child: &mut tokio::process::Child) -> Vec<String> {
     banner
 }
 
+/// The registry URL `ferry serve`'s banner lists.
+fn registry_url(banner: &[String]) -> String {
+    banner
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("registry"))
+        .map(|u| u.trim().to_string())
+        .expect("the registry URL")
+}
+
 async fn serve(dir: &std::path::Path) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(["serve", "--base-port", "0", "--data-dir"])
@@ -543,14 +552,7 @@ async fn ferry_serve_checks_every_call_and_prints_the_admin_token_once() {
     let data = dir.path().join("data");
     let mut child = serve(&data).await;
     let banner = serve_banner(&mut child).await;
-    let url = |banner: &[String]| {
-        banner
-            .iter()
-            .find_map(|l| l.trim().strip_prefix("registry"))
-            .map(|u| u.trim().to_string())
-            .expect("the registry URL")
-    };
-    let registry = url(&banner);
+    let registry = registry_url(&banner);
     assert!(
         banner.iter().any(|l| l
             == "Plaintext on loopback (127.0.0.1): every call is checked, nothing is encrypted."),
@@ -598,7 +600,7 @@ async fn ferry_serve_checks_every_call_and_prints_the_admin_token_once() {
         "printed again: {banner:?}"
     );
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["--registry", &url(&banner), "vms"])
+        .args(["--registry", &registry_url(&banner), "vms"])
         .env("FERRY_TOKEN", &token)
         .output()
         .await
@@ -617,11 +619,7 @@ async fn an_agent_binary_enrolls_with_ferry_serve_as_the_readme_says() {
     let data = dir.path().join("data");
     let mut child = serve(&data).await;
     let banner = serve_banner(&mut child).await;
-    let registry = banner
-        .iter()
-        .find_map(|l| l.trim().strip_prefix("registry"))
-        .map(|u| u.trim().to_string())
-        .expect("the registry URL");
+    let registry = registry_url(&banner);
     let admin = std::fs::read_to_string(data.join("admin-token")).unwrap();
     let as_admin = |args: Vec<String>| {
         let registry = registry.clone();
