@@ -11,9 +11,8 @@ use ferry_proto::audit::v1 as audit;
 use ferry_proto::audit::v1::audit_client::AuditClient;
 use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
-use ferry_runtime::config::Security;
 use ferry_runtime::peers::{connect, Credentials, PeerChannel};
-use ferry_runtime::security::{ClientTls, OperatorRole, ServiceKind, Tls, TlsFiles};
+use ferry_runtime::security::{ClientTls, OperatorRole, ServiceKind};
 use ferry_runtime::{CancellationToken, ServiceConfig};
 use ferry_testkit::pki::{CertFiles, TestPki};
 use ferry_testkit::wait_for;
@@ -24,19 +23,7 @@ use tonic::Code;
 /// in-process; its URL.
 async fn registry(pki: &TestPki, dir: &Path, shutdown: &CancellationToken) -> String {
     let mut config = ServiceConfig::in_process(dir);
-    let files = pki.service(ServiceKind::Registry);
-    config.security = Security {
-        tls: Some(
-            Tls::load(TlsFiles {
-                cert: files.cert,
-                key: files.key,
-                ca: pki.ca(),
-            })
-            .unwrap(),
-        ),
-        cluster_secret: None,
-        enforce: true,
-    };
+    config.security = pki.security(ServiceKind::Registry, None);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}", listener.local_addr().unwrap());
     let config = registry_svc::Config::new(config, registry_svc::Settings::default()).unwrap();

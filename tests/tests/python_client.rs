@@ -51,6 +51,19 @@ fn generate(dir: &Path) -> std::path::PathBuf {
     generated
 }
 
+/// Runs the Python client `python`; the JSON it prints, once it succeeded.
+async fn answer_of(mut python: std::process::Command) -> serde_json::Value {
+    let out = tokio::task::spawn_blocking(move || python.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_generated_python_client_registers_and_enables() {
     let dir = tempfile::tempdir().unwrap();
@@ -61,15 +74,7 @@ async fn a_generated_python_client_registers_and_enables() {
     let script = repo().join("tests/python/register_and_enable.py");
     let mut python = ferry_testkit::python();
     python.arg(&script).arg(&generated).arg(&addr);
-    let out = tokio::task::spawn_blocking(move || python.output().unwrap())
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "python client: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let answer = answer_of(python).await;
     assert_eq!(answer["state"], "REPLICATION_STATE_ENABLING");
     assert_eq!(answer["target_region"], "westeurope");
     assert_eq!(answer["target_resource_group"], "py-rg-ferry");
@@ -112,25 +117,12 @@ async fn a_generated_python_client_registers_and_enables() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_generated_python_client_speaks_tls_with_certificates_and_tokens() {
-    use ferry_runtime::config::Security;
-    use ferry_runtime::security::{OperatorRole, ServiceKind, Tls, TlsFiles};
+    use ferry_runtime::security::{OperatorRole, ServiceKind};
     let dir = tempfile::tempdir().unwrap();
     let generated = generate(dir.path());
     let pki = ferry_testkit::pki::TestPki::new();
     let mut config = ferry_runtime::ServiceConfig::in_process(dir.path().join("registry"));
-    let files = pki.service(ServiceKind::Registry);
-    config.security = Security {
-        tls: Some(
-            Tls::load(TlsFiles {
-                cert: files.cert,
-                key: files.key,
-                ca: pki.ca(),
-            })
-            .unwrap(),
-        ),
-        cluster_secret: None,
-        enforce: true,
-    };
+    config.security = pki.security(ServiceKind::Registry, None);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = ferry_runtime::CancellationToken::new();
@@ -183,15 +175,7 @@ async fn a_generated_python_client_speaks_tls_with_certificates_and_tokens() {
         .arg(&reader.cert)
         .arg(&reader.key)
         .arg(&token);
-    let out = tokio::task::spawn_blocking(move || python.output().unwrap())
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "python client: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let answer = answer_of(python).await;
     assert_eq!(answer["anonymous_list"], "UNAUTHENTICATED", "{answer}");
     assert_eq!(answer["reader_list"], "OK", "{answer}");
     assert_eq!(answer["reader_register"], "PERMISSION_DENIED", "{answer}");
