@@ -374,9 +374,23 @@ impl Capture {
     /// Ends changed-chunk tracking under the ordering lock and returns the
     /// changed chunks; None while not tracking or before the stream has
     /// re-established its numbering with the cache.
+    ///
+    /// Every disk the round covers is opened (SYNC_STARTED) here, before
+    /// the first write that follows tracking: until its SYNC_COMPLETED the
+    /// processor cuts no point, which would otherwise show newer writes of
+    /// a disk beside older chunks the round has yet to send again.
     pub async fn end_tracking(&self) -> Option<crate::stream::ResyncSet> {
         let _order = self.order.lock().await;
-        self.stream.take_tracking().await
+        let set = self.stream.take_tracking().await?;
+        for (disk, id) in set.opening(&self.stream.disks()) {
+            let op = Op::Marker(Marker {
+                kind: MarkerKind::SyncStarted as i32,
+                id: id.to_string(),
+                time_unix_nanos: 0,
+            });
+            self.stream.push(&disk, op).await;
+        }
+        Some(set)
     }
 
     /// The disk ids, sorted.
@@ -573,4 +587,46 @@ fn widen(d: &SourceDisk, offset: u64, data: Vec<u8>) -> Result<(u64, Vec<u8>), C
     let at = (offset - start) as usize;
     block[at..at + data.len()].copy_from_slice(&data);
     Ok((start, block))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::{StreamLimits, DIRTY_CHUNK};
+
+    fn is_sync_started(r: &ferry_proto::cache::v1::Record) -> bool {
+        matches!(&r.op, Some(Op::Marker(m)) if m.kind == MarkerKind::SyncStarted as i32)
+    }
+
+    /// A point is cut wherever the stream allows it: a write to a disk
+    /// whose round has yet to send its chunks again must never come before
+    /// that disk's SYNC_STARTED, or a point would show the new write beside
+    /// the old chunks (the chaos run with seed 0xc4a05eed0011 caught one).
+    #[tokio::test]
+    async fn ending_tracking_opens_every_disk_of_the_round_before_any_write_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 8 * DIRTY_CHUNK;
+        let disks = ["a", "b"]
+            .map(|id| SourceDisk::open(id, &dir.path().join(id), size).unwrap())
+            .into();
+        let stream = Stream::new(1, StreamLimits::default());
+        let capture = Capture::new(disks, stream.clone());
+        // The cache asks for every chunk of both disks to be checked.
+        stream.request_resync(&[], &[], "test").await;
+        let set = capture.end_tracking().await.unwrap();
+        assert_eq!(set.verify.count(), 16);
+        // A write to disk b, whose chunks the round checks last.
+        capture.write("b", 0, vec![7; 4096]).await.unwrap();
+        let pending = stream.pending_records().await;
+        let opened: Vec<(&str, &str)> = pending
+            .iter()
+            .take_while(|r| is_sync_started(r))
+            .map(|r| match &r.op {
+                Some(Op::Marker(m)) => (r.disk_id.as_str(), m.id.as_str()),
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(opened, [("a", "resync:full"), ("b", "resync:full")]);
+        assert_eq!(pending.len(), 3, "the write follows: {pending:?}");
+    }
 }

@@ -149,7 +149,9 @@ pub async fn resync(
     .await?;
     let total = set.count().max(1);
     let mut done = 0u64;
-    for disk in capture.disk_ids() {
+    // Every disk of the round was opened (SYNC_STARTED) as tracking ended.
+    let opened = set.opening(&capture.stream().disks());
+    for (disk, _) in opened {
         let chunks = set.data.chunks(&disk);
         let sent: std::collections::BTreeSet<u64> = chunks.iter().copied().collect();
         let check: Vec<u64> = set
@@ -158,17 +160,7 @@ pub async fn resync(
             .into_iter()
             .filter(|c| !sent.contains(c))
             .collect();
-        if chunks.is_empty() && check.is_empty() && !set.close.contains(&disk) {
-            continue;
-        }
         let size = capture.disk(&disk)?.size;
-        // A round that covers every chunk of the disk says so: it closes a
-        // gap the processor found in the stream (cache.proto).
-        let all = size.div_ceil(DIRTY_CHUNK);
-        let covered = chunks.iter().chain(&check).filter(|c| **c < all).count();
-        let full = covered as u64 >= all;
-        let id = if full { "resync:full" } else { "resync" };
-        capture.marker(&disk, MarkerKind::SyncStarted, id).await;
         for chunk in chunks {
             let offset = chunk * DIRTY_CHUNK;
             if offset >= size {

@@ -304,6 +304,12 @@ impl Stream {
         }
     }
 
+    /// The records waiting for the cache, in order (tests).
+    #[cfg(test)]
+    pub(crate) async fn pending_records(&self) -> Vec<pb::Record> {
+        self.state.lock().await.queue.pending().cloned().collect()
+    }
+
     /// Payload bytes waiting for the cache's acknowledgement.
     pub async fn pending_bytes(&self) -> usize {
         self.state.lock().await.queue.bytes()
@@ -521,6 +527,8 @@ mod tests {
                 s.acknowledge(Sequence(3)).await;
             }
         }
+        // The round opened the disk: it closes it too.
+        s.sync_closed("os").await;
         assert!(
             futures::poll!(settled.as_mut()).is_pending(),
             "3 of the old numbering is not the round's last record"
@@ -556,6 +564,8 @@ mod tests {
             assert!(futures::poll!(settled.as_mut()).is_pending());
         }
         // Every chunk went again, as records 1..=4; the last is not durable.
+        s.sync_closed("os").await;
+        assert!(futures::poll!(settled.as_mut()).is_pending());
         s.acknowledge(Sequence(4)).await;
         assert_eq!(futures::poll!(settled.as_mut()), std::task::Poll::Ready(4));
     }

@@ -13,6 +13,11 @@ pub(super) fn is_sync_completed(op: &Op) -> bool {
     matches!(op, Op::Marker(m) if m.kind == pb::MarkerKind::SyncCompleted as i32)
 }
 
+/// The SYNC_STARTED id of a resync round that covers every chunk of a
+/// disk, and of one that covers some.
+pub const RESYNC_FULL: &str = "resync:full";
+pub const RESYNC_PARTIAL: &str = "resync";
+
 /// Bytes per bit of the changed-chunk map.
 pub const DIRTY_CHUNK: u64 = 64 * 1024;
 
@@ -149,6 +154,32 @@ impl ResyncSet {
         self.data.count() + self.verify.count()
     }
 
+    /// The disks a round of this set covers, sorted, each with the id its
+    /// SYNC_STARTED carries: `resync:full` when the round covers every
+    /// chunk of the disk, which closes a gap the processor found in the
+    /// stream (cache.proto).
+    pub fn opening(&self, sizes: &[(String, u64)]) -> Vec<(String, &'static str)> {
+        let mut out = Vec::new();
+        for (disk, size) in sizes {
+            let data = self.data.chunks(disk);
+            let sent: BTreeSet<u64> = data.iter().copied().collect();
+            let check = self.verify.chunks(disk);
+            let check = check.iter().filter(|c| !sent.contains(c));
+            if data.is_empty() && check.clone().next().is_none() && !self.close.contains(disk) {
+                continue;
+            }
+            let all = size.div_ceil(DIRTY_CHUNK);
+            let covered = data.iter().chain(check).filter(|c| **c < all).count();
+            let id = if covered as u64 >= all {
+                RESYNC_FULL
+            } else {
+                RESYNC_PARTIAL
+            };
+            out.push((disk.clone(), id));
+        }
+        out
+    }
+
     fn merge(&mut self, other: &ResyncSet) {
         self.data.merge(&other.data);
         self.verify.merge(&other.verify);
@@ -278,19 +309,24 @@ impl Tracking {
     /// Ends tracking for a resync round and returns what it must send; the
     /// set stays outstanding until every chunk of it is sent again. None
     /// while the numbering is not yet re-established, or nothing is tracked.
-    pub(super) fn take_round(&mut self) -> Option<ResyncSet> {
+    ///
+    /// Every disk the round covers (`sizes` are the VM's disks) is opened by
+    /// it, so each is in `close`: a round that fails after opening a disk
+    /// leaves it outstanding until a later round closes it.
+    pub(super) fn take_round(&mut self, sizes: &[(String, u64)]) -> Option<ResyncSet> {
         if self.renumber {
             return None;
         }
-        let set = self.map.take().map(|data| ResyncSet {
+        let mut set = self.map.take().map(|data| ResyncSet {
             data,
             verify: std::mem::take(&mut self.verify),
             close: std::mem::take(&mut self.close),
-        });
-        if let Some(set) = &set {
-            self.outstanding.merge(set);
+        })?;
+        for (disk, _) in set.opening(sizes) {
+            set.close.insert(disk);
         }
-        set
+        self.outstanding.merge(&set);
+        Some(set)
     }
 
     /// A round failed part way: what it had yet to send is tracked again.
@@ -469,7 +505,8 @@ impl Stream {
     /// capture's ordering lock, so no write falls between the map and the
     /// records that follow.
     pub async fn take_tracking(&self) -> Option<ResyncSet> {
-        let set = self.state.lock().await.tracking.take_round();
+        let sizes = self.disks();
+        let set = self.state.lock().await.tracking.take_round(&sizes);
         self.changed.notify_waiters();
         set
     }
@@ -531,6 +568,7 @@ mod tests {
     #[test]
     fn tracking_is_cleared_only_by_a_resync_round_that_sent_everything_again() {
         let mut state = State::new(1);
+        let os = [("os".to_string(), 64 * DIRTY_CHUNK)];
         let budget = 2 * (40_000 + 64);
         state.push("os", write(0, 40_000), budget);
         state.push("os", marker(pb::MarkerKind::SyncCompleted), budget);
@@ -538,9 +576,13 @@ mod tests {
         state.push("os", write(5 * DIRTY_CHUNK, 40_000), budget);
         assert!(state.tracking.active());
         assert!(!state.tracking.settled());
-        assert_eq!(state.tracking.take_round(), None, "not before renumbering");
+        assert_eq!(
+            state.tracking.take_round(&os),
+            None,
+            "not before renumbering"
+        );
         state.tracking.renumbered();
-        let round = state.tracking.take_round().unwrap();
+        let round = state.tracking.take_round(&os).unwrap();
         assert_eq!(round.data.chunks("os"), vec![0, 3, 5]);
         assert!(round.close.contains("os"), "the lost SYNC_COMPLETED");
         // Writes are buffered again, but the round is not done.
@@ -551,13 +593,13 @@ mod tests {
         // The round fails: what it had yet to send is tracked again.
         state.tracking.round_failed();
         assert!(state.tracking.active());
-        let again = state.tracking.take_round().unwrap();
+        let again = state.tracking.take_round(&os).unwrap();
         assert_eq!(again.data.chunks("os"), vec![5]);
         assert!(again.close.contains("os"));
         state.tracking.resent("os", 5);
         assert!(!state.tracking.settled(), "the disk's sync is still open");
         state.tracking.sync_closed("os");
         assert!(state.tracking.settled());
-        assert_eq!(state.tracking.take_round(), None);
+        assert_eq!(state.tracking.take_round(&os), None);
     }
 }
