@@ -6,9 +6,10 @@ use ferry_proto::cache::v1::{MarkerKind, Record};
 use ferry_proto::ids::{Sequence, UnixNanos};
 use ferry_runtime::Refused;
 
-use super::blobs::{Stored, Writer};
+use super::blobs::Writer;
 use super::interval::{dirty_len, Dirty, Meta, FULL_RESYNC};
-use super::{poisoned, Result, VmReplica};
+use super::patch::{Patch, Piece};
+use super::{Result, VmReplica};
 use crate::error::ProcessorError;
 
 /// What a record did, for the pipeline.
@@ -278,9 +279,12 @@ impl VmReplica {
             match w.dirty.get(&(disk.to_string(), chunk)) {
                 Some(Dirty::Data(d)) => out.extend_from_slice(&d[from..from + n as usize]),
                 Some(Dirty::Zero) => out.resize(out.len() + n as usize, 0),
-                None => {
-                    let head = self.head(disk, chunk, chunk_len, w.meta.interval)?;
-                    out.extend_from_slice(head.get(from..from + n as usize).ok_or_else(|| {
+                patched => {
+                    let mut bytes = self.head(disk, chunk, chunk_len, w.meta.interval)?;
+                    if let Some(Dirty::Patch(p)) = patched {
+                        p.apply_to(&mut bytes)?;
+                    }
+                    out.extend_from_slice(bytes.get(from..from + n as usize).ok_or_else(|| {
                         ProcessorError::DataLoss(format!("chunk {chunk} of disk {disk:?} is short"))
                     })?);
                 }
@@ -324,30 +328,50 @@ impl VmReplica {
                 let old = w.dirty.insert(key, new.clone());
                 w.dirty_bytes = w.dirty_bytes + dirty_len(&new) - old.as_ref().map_or(0, dirty_len);
             } else {
-                if !w.dirty.contains_key(&key) {
-                    let base = self.head(disk, chunk, chunk_len, w.meta.interval)?;
-                    w.dirty_bytes += base.len();
-                    w.dirty.insert(key.clone(), Dirty::Data(base));
-                }
-                let entry = w.dirty.get_mut(&key).ok_or_else(poisoned)?;
+                // A partial write: onto the chunk when the interval holds it
+                // whole, else as a patch over its previous version (nothing
+                // read now; the checkpoint decides how it is stored).
+                let within = within as u32;
+                let piece = match piece {
+                    Some(p) => Piece::Data(p.to_vec()),
+                    None => Piece::Zero(n as u32),
+                };
+                let entry = w
+                    .dirty
+                    .entry(key)
+                    .or_insert_with(|| Dirty::Patch(Patch::default()));
+                let before = dirty_len(entry);
                 if let Dirty::Zero = entry {
                     *entry = Dirty::Data(vec![0; chunk_len as usize]);
-                    w.dirty_bytes += chunk_len as usize;
                 }
-                if let Dirty::Data(buf) = entry {
-                    let range = within as usize..(within + n) as usize;
-                    match piece {
-                        Some(p) => buf[range].copy_from_slice(p),
-                        None => buf[range].fill(0),
+                match entry {
+                    Dirty::Data(buf) => {
+                        let range = within as usize..within as usize + n as usize;
+                        match piece {
+                            Piece::Data(p) => buf[range].copy_from_slice(&p),
+                            Piece::Zero(_) => buf[range].fill(0),
+                        }
                     }
+                    Dirty::Patch(patch) => {
+                        patch.put(within, piece);
+                        if patch.covered() == chunk_len {
+                            // Written whole, a piece at a time.
+                            let mut whole = vec![0; chunk_len as usize];
+                            patch.apply_to(&mut whole)?;
+                            *entry = Dirty::Data(whole);
+                        }
+                    }
+                    Dirty::Zero => {}
                 }
+                w.dirty_bytes = w.dirty_bytes + dirty_len(entry) - before;
             }
             at += n;
         }
         Ok(())
     }
 
-    /// The newest contents of a chunk up to `interval`, as bytes.
+    /// The newest contents of a chunk up to `interval`, as bytes (with the
+    /// writer held).
     pub(super) fn head(
         &self,
         disk: &str,
@@ -355,9 +379,7 @@ impl VmReplica {
         chunk_len: u64,
         interval: u64,
     ) -> Result<Vec<u8>> {
-        match self.version_at(disk, chunk, interval)? {
-            None | Some(Stored::Zero) => Ok(vec![0; chunk_len as usize]),
-            Some(stored) => self.read_blob(&stored),
-        }
+        let chain = self.chain_at(disk, chunk, interval)?;
+        self.compose(chunk_len, &chain, |_, stored| self.read_blob(&stored))
     }
 }

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::interval::{Dirty, Meta, Point};
 use super::keys::{be32, be64, gkey, json, pkey, rkey, skey, unjson, vkey, META};
+use super::patch::Patch;
 use super::store::OpenSegment;
 use super::{poisoned, Result, VmReplica};
 use crate::error::ProcessorError;
@@ -24,49 +25,135 @@ pub(super) const BLOB_HEADER: u64 = ferry_segment::HEADER as u64;
 pub(super) enum Stored {
     /// All zeros (written as zeros, zeroed or trimmed).
     Zero,
+    /// The whole chunk.
     Data {
         seg: u64,
         off: u64,
         len: u32,
         crc: u32,
     },
+    /// Extents over the chunk's previous version (a [`Patch`] blob):
+    /// `depth` patches down to a whole version (1: on one), `chain` their
+    /// blob bytes together, this one's included.
+    Patch {
+        seg: u64,
+        off: u64,
+        len: u32,
+        crc: u32,
+        depth: u16,
+        chain: u32,
+    },
+}
+
+/// Patches at most between a chunk's whole versions: reading a chunk reads
+/// at most this many blobs and one whole version.
+pub(super) const MAX_PATCH_DEPTH: u16 = 32;
+
+/// A chunk's patches over its last whole version hold at most this many
+/// chunks' worth of bytes before the next version is stored whole: reading
+/// a chunk reads at most that much again, and a chunk written over and over
+/// in small pieces takes at most 1.5 times the bytes written.
+pub(super) const MAX_PATCH_CHAIN: u64 = 2;
+
+/// Where a blob is: segment, offset, length, checksum.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct BlobAt {
+    pub(super) seg: u64,
+    pub(super) off: u64,
+    pub(super) len: u32,
+    pub(super) crc: u32,
 }
 
 impl Stored {
     pub(super) fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(31);
         match self {
-            Stored::Zero => vec![0],
-            Stored::Data { seg, off, len, crc } => {
-                let mut v = Vec::with_capacity(25);
-                v.push(1);
-                v.extend_from_slice(&seg.to_be_bytes());
-                v.extend_from_slice(&off.to_be_bytes());
-                v.extend_from_slice(&len.to_be_bytes());
-                v.extend_from_slice(&crc.to_be_bytes());
-                v
-            }
+            Stored::Zero => v.push(0),
+            Stored::Data { .. } => v.push(1),
+            Stored::Patch { .. } => v.push(2),
         }
+        if let Some(b) = self.blob() {
+            v.extend_from_slice(&b.seg.to_be_bytes());
+            v.extend_from_slice(&b.off.to_be_bytes());
+            v.extend_from_slice(&b.len.to_be_bytes());
+            v.extend_from_slice(&b.crc.to_be_bytes());
+        }
+        if let Stored::Patch { depth, chain, .. } = self {
+            v.extend_from_slice(&depth.to_be_bytes());
+            v.extend_from_slice(&chain.to_be_bytes());
+        }
+        v
     }
 
     pub(super) fn decode(b: &[u8]) -> Result<Stored> {
+        let blob = |rest: &[u8]| BlobAt {
+            seg: be64(&rest[0..8]),
+            off: be64(&rest[8..16]),
+            len: be32(&rest[16..20]),
+            crc: be32(&rest[20..24]),
+        };
         match b {
             [0] => Ok(Stored::Zero),
-            [1, rest @ ..] if rest.len() == 24 => Ok(Stored::Data {
-                seg: be64(&rest[0..8]),
-                off: be64(&rest[8..16]),
-                len: be32(&rest[16..20]),
-                crc: be32(&rest[20..24]),
-            }),
+            [1, rest @ ..] if rest.len() == 24 => Ok(Stored::whole(blob(rest))),
+            [2, rest @ ..] if rest.len() == 30 => {
+                let BlobAt { seg, off, len, crc } = blob(rest);
+                Ok(Stored::Patch {
+                    seg,
+                    off,
+                    len,
+                    crc,
+                    depth: u16::from_be_bytes([rest[24], rest[25]]),
+                    chain: be32(&rest[26..30]),
+                })
+            }
             _ => Err(ProcessorError::Corrupt("chunk version entry".into())),
         }
     }
 
+    /// A whole chunk in the blob `b`.
+    pub(super) fn whole(b: BlobAt) -> Stored {
+        Stored::Data {
+            seg: b.seg,
+            off: b.off,
+            len: b.len,
+            crc: b.crc,
+        }
+    }
+
+    /// Its blob, if it has one.
+    pub(super) fn blob(&self) -> Option<BlobAt> {
+        match *self {
+            Stored::Zero => None,
+            Stored::Data { seg, off, len, crc }
+            | Stored::Patch {
+                seg, off, len, crc, ..
+            } => Some(BlobAt { seg, off, len, crc }),
+        }
+    }
+
+    /// The same version with its blob at `to` (compaction moved it).
+    pub(super) fn moved(&self, to: BlobAt) -> Stored {
+        match *self {
+            Stored::Patch { depth, chain, .. } => Stored::Patch {
+                seg: to.seg,
+                off: to.off,
+                len: to.len,
+                crc: to.crc,
+                depth,
+                chain,
+            },
+            _ => Stored::whole(to),
+        }
+    }
+
+    /// Whether it holds the whole chunk (reading it needs no older version).
+    pub(super) fn is_whole(&self) -> bool {
+        !matches!(self, Stored::Patch { .. })
+    }
+
     /// Bytes it takes in its segment.
     pub(super) fn footprint(&self) -> u64 {
-        match self {
-            Stored::Zero => 0,
-            Stored::Data { len, .. } => BLOB_HEADER + u64::from(*len),
-        }
+        self.blob().map_or(0, |b| BLOB_HEADER + u64::from(b.len))
     }
 }
 
@@ -105,7 +192,7 @@ impl Writer {
 
 impl VmReplica {
     pub(super) fn read_blob(&self, stored: &Stored) -> Result<Vec<u8>> {
-        let Stored::Data { seg, off, len, crc } = *stored else {
+        let Some(BlobAt { seg, off, len, crc }) = stored.blob() else {
             return Ok(Vec::new());
         };
         let mut buf = self
@@ -131,7 +218,7 @@ impl VmReplica {
         }
     }
 
-    pub(super) fn append_blob(&self, w: &mut Writer, data: &[u8]) -> Result<Stored> {
+    pub(super) fn append_blob(&self, w: &mut Writer, data: &[u8]) -> Result<BlobAt> {
         let roll = w
             .current
             .as_ref()
@@ -147,7 +234,7 @@ impl VmReplica {
         let header = Header::of(data);
         let off = cur.append(&header.encode(Layout::BLOB))?;
         cur.append(data)?;
-        Ok(Stored::Data {
+        Ok(BlobAt {
             seg: cur.id(),
             off,
             len: header.len,
@@ -233,12 +320,29 @@ impl VmReplica {
         let mut entries = Vec::with_capacity(dirty.len());
         let mut wrote = false;
         for ((disk, chunk), d) in dirty {
+            let d = match d {
+                Dirty::Patch(patch) => self.settle(w, &disk, chunk, version, patch)?,
+                whole => whole,
+            };
             let stored = match d {
                 Dirty::Zero => Stored::Zero,
                 Dirty::Data(data) if data.iter().all(|b| *b == 0) => Stored::Zero,
                 Dirty::Data(data) => {
                     wrote = true;
-                    self.append_blob(w, &data)?
+                    Stored::whole(self.append_blob(w, &data)?)
+                }
+                Dirty::Patch(patch) => {
+                    wrote = true;
+                    let (depth, chain) = self.patch_depth(&disk, chunk, version)?;
+                    let at = self.append_blob(w, &patch.encode())?;
+                    Stored::Patch {
+                        seg: at.seg,
+                        off: at.off,
+                        len: at.len,
+                        crc: at.crc,
+                        depth: depth + 1,
+                        chain: chain.saturating_add(at.len),
+                    }
                 }
             };
             entries.push((disk, chunk, stored));
@@ -256,7 +360,7 @@ impl VmReplica {
                 let old = Stored::decode(&old)?;
                 self.release(&mut segs, &mut batch, &old)?;
             }
-            if let Stored::Data { seg, off, len, .. } = stored {
+            if let Some(BlobAt { seg, off, len, .. }) = stored.blob() {
                 let m = self.seg_meta(&mut segs, seg)?;
                 m.bytes = m.bytes.max(off + BLOB_HEADER + u64::from(len));
                 m.live += BLOB_HEADER + u64::from(len);
@@ -276,6 +380,70 @@ impl VmReplica {
         w.flushed = w.meta.clone();
         self.delete_segments(&dead);
         Ok(())
+    }
+
+    /// How a chunk's patch of interval `version` is stored: as a patch
+    /// over the chunk's previous version, or (returned as `Dirty::Data`)
+    /// put together whole when the patches under it are too many
+    /// ([`MAX_PATCH_DEPTH`]) or too large ([`MAX_PATCH_CHAIN`] chunks)
+    /// to read through, or when an earlier checkpoint of the same interval
+    /// stored it whole. A patch an earlier checkpoint of the interval
+    /// stored goes under this one: the version is replaced, never lost.
+    fn settle(
+        &self,
+        w: &Writer,
+        disk: &str,
+        chunk: u64,
+        version: u64,
+        mut patch: Patch,
+    ) -> Result<Dirty> {
+        let size = *w.meta.disks.get(disk).ok_or_else(|| {
+            ProcessorError::DataLoss(format!("VM {:?} has no disk {disk:?}", self.vm))
+        })?;
+        let chunk_len = self.chunk.min(size.saturating_sub(chunk * self.chunk));
+        let mut chain = self.chain_at(disk, chunk, version)?;
+        if chain.last().is_some_and(|(v, _)| *v == version) {
+            if let Some((_, same @ Stored::Patch { .. })) = chain.pop() {
+                let mut older = Patch::decode(&self.read_blob(&same)?)?;
+                older.overlay(patch);
+                patch = older;
+            } else {
+                // Stored whole already: the chain ends there.
+                chain = self.chain_at(disk, chunk, version)?;
+                let mut whole = self.compose(chunk_len, &chain, |_, s| self.read_blob(&s))?;
+                patch.apply_to(&mut whole)?;
+                return Ok(Dirty::Data(whole));
+            }
+        }
+        let (depth, bytes) = match chain.last() {
+            Some((_, Stored::Patch { depth, chain, .. })) => (*depth, u64::from(*chain)),
+            _ => (0, 0),
+        };
+        let too_deep = depth >= MAX_PATCH_DEPTH
+            || bytes + patch.data_bytes() as u64 > MAX_PATCH_CHAIN * chunk_len;
+        if too_deep || patch.covered() == chunk_len {
+            let mut whole = if patch.covered() == chunk_len {
+                vec![0; chunk_len as usize]
+            } else {
+                self.compose(chunk_len, &chain, |_, s| self.read_blob(&s))?
+            };
+            patch.apply_to(&mut whole)?;
+            return Ok(Dirty::Data(whole));
+        }
+        Ok(Dirty::Patch(patch))
+    }
+
+    /// The depth and chain bytes of the patches a new patch of interval
+    /// `version` goes over (0, 0: over a whole version).
+    fn patch_depth(&self, disk: &str, chunk: u64, version: u64) -> Result<(u16, u32)> {
+        let below = vkey(disk, chunk, 0)..vkey(disk, chunk, version);
+        match self.tree.range(below).next_back() {
+            Some(kv) => match Stored::decode(&kv?.1)? {
+                Stored::Patch { depth, chain, .. } => Ok((depth, chain)),
+                _ => Ok((0, 0)),
+            },
+            None => Ok((0, 0)),
+        }
     }
 
     pub(super) fn seg_meta<'a>(
@@ -300,7 +468,7 @@ impl VmReplica {
         batch: &mut sled::Batch,
         old: &Stored,
     ) -> Result<()> {
-        if let Stored::Data { seg, off, .. } = *old {
+        if let Some(BlobAt { seg, off, .. }) = old.blob() {
             let m = self.seg_meta(segs, seg)?;
             m.live = m.live.saturating_sub(old.footprint());
             batch.remove(rkey(seg, off));

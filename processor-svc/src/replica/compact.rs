@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use super::blobs::{SegMeta, Stored, BLOB_HEADER};
+use super::blobs::{BlobAt, SegMeta, Stored, BLOB_HEADER};
 use super::keys::{be64, json, rkey, unjson, META};
 use super::{Result, VmReplica};
 use crate::error::ProcessorError;
@@ -57,7 +57,7 @@ impl VmReplica {
                 }
                 Err(e) => return Err(e),
             };
-            let new = self.append_blob(&mut w, &data)?;
+            let new = old.moved(self.append_blob(&mut w, &data)?);
             moved += old.footprint();
             moves.push((rk, vk, old, new));
         }
@@ -65,7 +65,7 @@ impl VmReplica {
         for (rk, vk, old, new) in moves {
             self.release(&mut segs, &mut batch, &old)?;
             batch.remove(rk);
-            if let Stored::Data { seg, off, len, .. } = new {
+            if let Some(BlobAt { seg, off, len, .. }) = new.blob() {
                 let m = self.seg_meta(&mut segs, seg)?;
                 m.bytes = m.bytes.max(off + BLOB_HEADER + u64::from(len));
                 m.live += BLOB_HEADER + u64::from(len);
@@ -105,8 +105,7 @@ mod tests {
     }
 
     fn chunk_3(f: &Fixture, point: &super::super::Point) -> Stored {
-        let v = f.replica.version_at("os", 3, point.interval).unwrap();
-        v.unwrap()
+        f.replica.chain_at("os", 3, point.interval).unwrap()[0].1
     }
 
     #[test]

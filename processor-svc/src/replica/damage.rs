@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::apply::mark_mismatched;
-use super::blobs::{Stored, Writer};
+use super::blobs::{BlobAt, Stored, Writer};
+use super::interval::Dirty;
 use super::interval::Point;
 use super::keys::{json, rkey, unjson, vkey, vkey_parts, META};
 use super::{Result, VmReplica};
@@ -99,7 +100,7 @@ impl VmReplica {
         let mut out: Vec<Damaged> = d.all().cloned().collect();
         drop(d);
         for v in &mut out {
-            v.head = self.version_number_at(&v.disk, v.chunk, u64::MAX)? == Some(v.version);
+            v.head = self.reads(&v.disk, v.chunk, u64::MAX, v.version)?;
         }
         Ok(out)
     }
@@ -115,7 +116,7 @@ impl VmReplica {
         };
         for v in damaged {
             if v.version <= point.interval
-                && self.version_number_at(&v.disk, v.chunk, point.interval)? == Some(v.version)
+                && self.reads(&v.disk, v.chunk, point.interval, v.version)?
             {
                 point.damaged = Some(format!(
                     "chunk {} of disk {:?} (segment {} offset {}) failed its checksum ({}, \
@@ -128,18 +129,18 @@ impl VmReplica {
         Ok(point)
     }
 
-    /// The version number a point closing `interval` reads of a chunk.
-    fn version_number_at(&self, disk: &str, chunk: u64, interval: u64) -> Result<Option<u64>> {
-        let range = vkey(disk, chunk, 0)..=vkey(disk, chunk, interval);
-        match self.tree.range(range).next_back() {
-            Some(kv) => Ok(Some(vkey_parts(&kv?.0)?.2)),
-            None => Ok(None),
-        }
+    /// Whether a point closing `interval` reads `version` of a chunk (the
+    /// version it reads, or one under its patches).
+    fn reads(&self, disk: &str, chunk: u64, interval: u64, version: u64) -> Result<bool> {
+        Ok(self
+            .chain_at(disk, chunk, interval)?
+            .iter()
+            .any(|(v, _)| *v == version))
     }
 
     /// Records that the blob of `stored` failed its checksum.
     pub(super) fn note_damage(&self, stored: &Stored, found_by: &str, why: &str) -> Result<()> {
-        let Stored::Data { seg, off, .. } = *stored else {
+        let Some(BlobAt { seg, off, .. }) = stored.blob() else {
             return Ok(());
         };
         let Some(vk) = self.tree.get(rkey(seg, off))? else {
@@ -163,7 +164,7 @@ impl VmReplica {
         let Some(value) = self.tree.get(vk)? else {
             return Ok(());
         };
-        let Stored::Data { seg, off, .. } = Stored::decode(&value)? else {
+        let Some(BlobAt { seg, off, .. }) = Stored::decode(&value)?.blob() else {
             return Ok(());
         };
         {
@@ -200,8 +201,12 @@ impl VmReplica {
         }
         // The head reads it (no newer version, none in memory): the source
         // sends the chunk again; no point until it has.
-        let head = self.version_number_at(&disk, chunk, u64::MAX)? == Some(version)
-            && !w.dirty.contains_key(&(disk.clone(), chunk));
+        // A patch in memory is still put down on what the head reads.
+        let replaced = matches!(
+            w.dirty.get(&(disk.clone(), chunk)),
+            Some(Dirty::Data(_) | Dirty::Zero)
+        );
+        let head = self.reads(&disk, chunk, u64::MAX, version)? && !replaced;
         if head {
             if let Some(size) = w.meta.disks.get(&disk).copied() {
                 let start = chunk.saturating_mul(self.chunk);

@@ -9,6 +9,7 @@ use ferry_runtime::Refused;
 use serde::{Deserialize, Serialize};
 
 use super::keys::{json, pkey, unjson};
+use super::patch::Patch;
 use super::point_kind::PointKind;
 use super::{Result, VmReplica};
 use crate::error::ProcessorError;
@@ -105,13 +106,17 @@ pub const FULL_RESYNC: &str = "resync:full";
 #[derive(Debug, Clone)]
 pub(super) enum Dirty {
     Zero,
+    /// The whole chunk.
     Data(Vec<u8>),
+    /// Extents over the chunk's previous version (partial writes).
+    Patch(Patch),
 }
 
 pub(super) fn dirty_len(d: &Dirty) -> usize {
     match d {
         Dirty::Zero => 0,
         Dirty::Data(v) => v.len(),
+        Dirty::Patch(p) => p.data_bytes(),
     }
 }
 

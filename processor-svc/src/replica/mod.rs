@@ -3,13 +3,18 @@
 //! A disk is cut into fixed-size chunks. Time is cut into intervals: the
 //! open interval collects writes, and cutting a point closes it. A chunk gets
 //! at most one version per interval (writes to it inside the interval are
-//! coalesced in memory, partial writes merged onto its previous version), so
-//! the point closing interval `g` reads, for each chunk, its newest version
-//! `<= g`. Bulk bytes go to append-only segment files of framed, checksummed
+//! coalesced in memory), so the point closing interval `g` reads, for each
+//! chunk, its newest version `<= g`. A version is whole (the chunk's bytes,
+//! or zeros) or a patch: the extents written in the interval, over the
+//! version before it. A point reads a patched chunk as its newest whole
+//! version `<= g` with the patches over it put down in order; the chain is
+//! bounded (`MAX_PATCH_DEPTH` patches, `MAX_PATCH_CHAIN` chunks of bytes),
+//! past which the checkpoint stores the chunk whole again. Bulk bytes go to append-only segment files of framed, checksummed
 //! blobs (`crc32c u32 BE | len u32 BE | bytes`), fsynced before the index names
 //! them; sled holds the index of each VM in a tree of its own:
 //!
-//! - `v disk chunk version` → where the version is (or "zero")
+//! - `v disk chunk version` → where the version is (or "zero"), whole or
+//!   a patch (with its depth and chain bytes over the whole version)
 //! - `g version disk chunk` → () (the versions an interval made, for pruning)
 //! - `r segment offset` → the `v` key (what a segment holds, for compaction)
 //! - `s segment` → its size and live bytes
@@ -30,6 +35,8 @@
 //!   the open one.
 //! - `point_kind`: [`PointKind`], the stored kind of a point (not the
 //!   wire's enum), legacy numbers read, unknown values refused.
+//! - `patch`: a chunk's partial changes ([`patch::Patch`]): extents put
+//!   over each other in memory, the blob they are stored as.
 //! - `apply`: records applied, in sequence, to the open interval (writes,
 //!   zeroes, markers, digests compared, damaged records refused). Not in
 //!   `interval`: it is the stream's side (sequence, lineage, gaps), which
@@ -58,6 +65,7 @@ mod compact;
 mod damage;
 mod interval;
 mod keys;
+mod patch;
 mod point_kind;
 mod prune;
 mod read;

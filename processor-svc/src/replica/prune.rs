@@ -44,18 +44,7 @@ impl VmReplica {
                     continue;
                 }
                 let (version, disk, chunk) = gkey_parts(&k)?;
-                // The next version of the chunk, if any.
-                let next = self
-                    .tree
-                    .range(vkey(&disk, chunk, version + 1)..=vkey(&disk, chunk, u64::MAX))
-                    .next()
-                    .transpose()?
-                    .map(|(k, _)| vkey_parts(&k).map(|(_, _, v)| v))
-                    .transpose()?;
-                let needed = match next {
-                    None => true,
-                    Some(next) => retained.range(version..next).next().is_some(),
-                };
+                let needed = self.needed(&disk, chunk, version, &retained)?;
                 if !needed {
                     let key = vkey(&disk, chunk, version);
                     if let Some(old) = self.tree.get(&key)? {
@@ -72,6 +61,41 @@ impl VmReplica {
         self.db.flush()?;
         self.delete_segments(&dead);
         Ok(deleted)
+    }
+}
+
+impl VmReplica {
+    /// Whether a retained point (or the head) reads `version` of a chunk:
+    /// it is the newest at or below the point's interval, or a patch that
+    /// such a point reads lies over it (a patch is read with every version
+    /// under it down to a whole one).
+    fn needed(
+        &self,
+        disk: &str,
+        chunk: u64,
+        version: u64,
+        retained: &BTreeSet<u64>,
+    ) -> Result<bool> {
+        let mut at = version;
+        loop {
+            // The next version of the chunk, if any.
+            let next = self
+                .tree
+                .range(vkey(disk, chunk, at + 1)..=vkey(disk, chunk, u64::MAX))
+                .next()
+                .transpose()?;
+            let Some((k, v)) = next else {
+                return Ok(true);
+            };
+            let next = vkey_parts(&k)?.2;
+            if retained.range(at..next).next().is_some() {
+                return Ok(true);
+            }
+            if Stored::decode(&v)?.is_whole() {
+                return Ok(false);
+            }
+            at = next;
+        }
     }
 }
 

@@ -10,6 +10,7 @@ use super::blobs::Stored;
 use super::interval::Point;
 use super::keys::vkey;
 use super::keys::vkey_parts;
+use super::patch::Patch;
 use super::{poisoned, Result, VmReplica};
 use crate::error::ProcessorError;
 
@@ -42,18 +43,81 @@ impl Drop for ReadLease {
 }
 
 impl VmReplica {
-    /// The version of a chunk a point closing `interval` reads.
-    pub(super) fn version_at(
+    /// The versions of a chunk a point closing `interval` reads, oldest
+    /// first: the newest whole version at or below it (if any) and the
+    /// patches over it.
+    pub(super) fn chain_at(
         &self,
         disk: &str,
         chunk: u64,
         interval: u64,
-    ) -> Result<Option<Stored>> {
+    ) -> Result<Vec<(u64, Stored)>> {
+        let mut chain = Vec::new();
         let range = vkey(disk, chunk, 0)..=vkey(disk, chunk, interval);
-        match self.tree.range(range).next_back() {
-            Some(kv) => Ok(Some(Stored::decode(&kv?.1)?)),
-            None => Ok(None),
+        for kv in self.tree.range(range).rev() {
+            let (k, v) = kv?;
+            let stored = Stored::decode(&v)?;
+            chain.push((vkey_parts(&k)?.2, stored));
+            if stored.is_whole() {
+                break;
+            }
         }
+        chain.reverse();
+        Ok(chain)
+    }
+
+    /// A chunk of `chunk_len` bytes from its `chain` (as [`chain_at`]
+    /// returns it; empty: never written), each blob read by `read`.
+    ///
+    /// [`chain_at`]: VmReplica::chain_at
+    pub(super) fn compose(
+        &self,
+        chunk_len: u64,
+        chain: &[(u64, Stored)],
+        mut read: impl FnMut(u64, Stored) -> Result<Vec<u8>>,
+    ) -> Result<Vec<u8>> {
+        let mut bytes = vec![0u8; chunk_len as usize];
+        // Each patch names its place over the whole version: an entry
+        // damaged there is refused here, never read past.
+        let (mut depth, mut bytes_below) = (0u16, 0u32);
+        for (version, stored) in chain {
+            if let Stored::Patch {
+                len,
+                depth: d,
+                chain: c,
+                ..
+            } = stored
+            {
+                depth = depth.saturating_add(1);
+                bytes_below = bytes_below.saturating_add(*len);
+                if (*d, *c) != (depth, bytes_below) {
+                    return Err(ProcessorError::DataLoss(format!(
+                        "VM {:?}: the patch of interval {version} says it is {d} deep over \
+                         {c} bytes, but lies {depth} deep over {bytes_below}",
+                        self.vm
+                    )));
+                }
+            }
+            match stored {
+                Stored::Zero => bytes.fill(0),
+                Stored::Data { .. } => {
+                    let blob = read(*version, *stored)?;
+                    if blob.len() != bytes.len() {
+                        return Err(ProcessorError::DataLoss(format!(
+                            "VM {:?}: a chunk version holds {} bytes, not {}",
+                            self.vm,
+                            blob.len(),
+                            bytes.len()
+                        )));
+                    }
+                    bytes.copy_from_slice(&blob);
+                }
+                Stored::Patch { .. } => {
+                    Patch::decode(&read(*version, *stored)?)?.apply_to(&mut bytes)?
+                }
+            }
+        }
+        Ok(bytes)
     }
 
     /// Holds `point` against pruning while it is read.
@@ -98,7 +162,7 @@ impl VmReplica {
             let chunk_end = ((chunk + 1) * self.chunk).min(end);
             // The newest version <= the point's interval among this chunk's,
             // and the next chunk that has versions at all.
-            let mut found: Option<Stored> = None;
+            let mut found: Vec<(u64, Stored)> = Vec::new();
             let mut next_chunk = None;
             loop {
                 let head = match versions.peek() {
@@ -113,13 +177,29 @@ impl VmReplica {
                 }
                 if let Some(Ok((_, val))) = versions.next() {
                     if c == chunk && v <= point.interval {
-                        found = Some(Stored::decode(&val)?);
+                        let stored = Stored::decode(&val)?;
+                        if stored.is_whole() {
+                            found.clear();
+                        }
+                        found.push((v, stored));
                     }
                 }
             }
-            let (piece, piece_end) = match found {
-                Some(stored @ Stored::Data { .. }) => {
-                    let blob = self.read_blob_retrying(disk, chunk, point.interval, stored)?;
+            let readable = match found.as_slice() {
+                [] | [(_, Stored::Zero)] => None,
+                [(version, stored @ Stored::Data { .. })] => {
+                    Some(self.read_blob_retrying(disk, chunk, *version, *stored)?)
+                }
+                chain => {
+                    let chunk_len =
+                        (point_disk_size(point, disk)? - chunk * self.chunk).min(self.chunk);
+                    Some(self.compose(chunk_len, chain, |version, stored| {
+                        self.read_blob_retrying(disk, chunk, version, stored)
+                    })?)
+                }
+            };
+            let (piece, piece_end) = match readable {
+                Some(blob) => {
                     let from = (at - chunk * self.chunk) as usize;
                     let to = (chunk_end - chunk * self.chunk) as usize;
                     let bytes = blob.get(from..to).ok_or_else(|| {
@@ -130,7 +210,7 @@ impl VmReplica {
                 }
                 // A hole through every following chunk without versions:
                 // one step, however large the disk.
-                _ => (
+                None => (
                     None,
                     next_chunk
                         .map_or(end, |c| c.saturating_mul(self.chunk))
@@ -182,24 +262,32 @@ impl VmReplica {
             })?;
         let mut digest = DiskDigester::new(self.chunk, size);
         let chunks = digest.chunks();
-        // The version a point reads of one chunk: the newest at or below
-        // its interval.
-        let mut current: Option<(u64, Option<Stored>)> = None;
-        let emit = |digest: &mut DiskDigester, chunk: u64, stored: Option<Stored>| {
+        // The versions a point reads of one chunk: the newest whole one at
+        // or below its interval and the patches over it.
+        let mut current: Option<(u64, Vec<(u64, Stored)>)> = None;
+        let emit = |digest: &mut DiskDigester, chunk: u64, chain: Vec<(u64, Stored)>| {
             digest.push_zeros(chunk - digest.next_chunk());
-            match stored {
-                Some(Stored::Data { len, crc, .. }) => {
-                    let want = digest.chunk_len(chunk);
-                    if u64::from(len) != want {
+            let want = digest.chunk_len(chunk);
+            match chain.as_slice() {
+                [] | [(_, Stored::Zero)] => digest.push_zeros(1),
+                [(_, Stored::Data { len, crc, .. })] => {
+                    if u64::from(*len) != want {
                         return Err(ProcessorError::DataLoss(format!(
                             "VM {:?}: chunk {chunk} of disk {disk:?} is stored with {len} \
                              bytes, not {want}",
                             self.vm
                         )));
                     }
-                    digest.push(crc);
+                    digest.push(*crc);
                 }
-                _ => digest.push_zeros(1),
+                // Patched: the chunk's checksum is that of its bytes put
+                // together from the blobs (each checked against its own).
+                chain => {
+                    let bytes = self.compose(want, chain, |version, stored| {
+                        self.read_blob_retrying(disk, chunk, version, stored)
+                    })?;
+                    digest.push(crc32c::crc32c(&bytes));
+                }
             }
             Ok(())
         };
@@ -207,17 +295,21 @@ impl VmReplica {
             let (key, value) = kv?;
             let (_, chunk, version) = vkey_parts(&key)?;
             if current.as_ref().is_some_and(|(c, _)| *c != chunk) {
-                if let Some((c, stored)) = current.take() {
-                    emit(&mut digest, c, stored)?;
+                if let Some((c, chain)) = current.take() {
+                    emit(&mut digest, c, chain)?;
                 }
             }
-            let entry = current.get_or_insert((chunk, None));
+            let entry = current.get_or_insert((chunk, Vec::new()));
             if version <= point.interval {
-                entry.1 = Some(Stored::decode(&value)?);
+                let stored = Stored::decode(&value)?;
+                if stored.is_whole() {
+                    entry.1.clear();
+                }
+                entry.1.push((version, stored));
             }
         }
-        if let Some((c, stored)) = current.take() {
-            emit(&mut digest, c, stored)?;
+        if let Some((c, chain)) = current.take() {
+            emit(&mut digest, c, chain)?;
         }
         digest.push_zeros(u64::MAX);
         let sha = digest
@@ -226,19 +318,23 @@ impl VmReplica {
         Ok((self.chunk, sha))
     }
 
-    /// Reads a blob; if compaction moved it meanwhile, looks it up again. A
-    /// blob that fails its checksum is recorded as damage before the error
-    /// goes back.
+    /// Reads the blob of version `version` of a chunk; if compaction moved
+    /// it meanwhile, looks it up again. A blob that fails its checksum is
+    /// recorded as damage before the error goes back. Not with the writer
+    /// held (recording damage takes it).
     pub(super) fn read_blob_retrying(
         &self,
         disk: &str,
         chunk: u64,
-        interval: u64,
+        version: u64,
         stored: Stored,
     ) -> Result<Vec<u8>> {
         let read = match self.read_blob(&stored) {
-            Err(ProcessorError::Io { .. }) => match self.version_at(disk, chunk, interval)? {
-                Some(again) => self.read_blob(&again).map_err(|e| (e, again)),
+            Err(ProcessorError::Io { .. }) => match self.tree.get(vkey(disk, chunk, version))? {
+                Some(again) => {
+                    let again = Stored::decode(&again)?;
+                    self.read_blob(&again).map_err(|e| (e, again))
+                }
                 None => Ok(Vec::new()),
             },
             other => other.map_err(|e| (e, stored)),
@@ -252,4 +348,16 @@ impl VmReplica {
             Err((e, _)) => Err(e),
         }
     }
+}
+
+/// The size of `disk` at `point`.
+fn point_disk_size(point: &Point, disk: &str) -> Result<u64> {
+    point
+        .disks
+        .iter()
+        .find(|(d, _)| d == disk)
+        .map(|(_, s)| *s)
+        .ok_or_else(|| {
+            Refused::not_found(format!("point {} has no disk {disk:?}", point.id())).into()
+        })
 }

@@ -93,6 +93,31 @@ impl Fixture {
         out
     }
 
+    /// Closes the replica and opens it again from its directory (a
+    /// restart: what was not checkpointed is gone).
+    pub fn reopen(self, segment_bytes: u64) -> Fixture {
+        let Fixture {
+            dir,
+            _replicas,
+            replica,
+            ..
+        } = self;
+        drop(replica);
+        drop(_replicas);
+        let replicas = Replicas::open(dir.path(), CHUNK, segment_bytes).unwrap();
+        let disks = BTreeMap::from([("os".to_string(), SIZE)]);
+        let replica = replicas
+            .open_vm_with("vm", &disks, ferry_proto::ids::Incarnation(1))
+            .unwrap();
+        let seq = replica.applied().unwrap().get();
+        Fixture {
+            dir,
+            _replicas: replicas,
+            replica,
+            seq,
+        }
+    }
+
     /// The file of segment `id`.
     pub fn segment_path(&self, id: u64) -> std::path::PathBuf {
         let vm = self
