@@ -7,10 +7,14 @@
 //! `failover_bench`). `ferry-loadgen group-bench`: bookmark rounds of a
 //! 20-VM group and the write latency they add (see `group_bench`). All print
 //! figures and ratios and assert nothing (machines are noisy).
+//! `ferry-loadgen compare`: fio against qemu-nbd, QEMU's own replication
+//! (qemu-storage-daemon with a write-blocking mirror) and Ferry's full stack
+//! as processes, with ratios (see `compare_bench`).
 //! `ferry-loadgen chaos --minutes N`: the chaos test of `tests/tests/chaos.rs`
 //! for N minutes (`ferry_testkit::chaos`); it fails loudly when a check
 //! fails and prints kills and cuts survived, writes and the failover.
 
+mod compare_bench;
 mod failover_bench;
 mod group_bench;
 mod processor_bench;
@@ -46,6 +50,26 @@ enum Cli {
         /// 4 KiB writes in each random run.
         #[arg(long, default_value_t = 40_000)]
         random_writes: u64,
+    },
+    /// The same fio jobs against qemu-nbd (no replication), QEMU's own
+    /// replication (qemu-storage-daemon with a write-blocking mirror) and
+    /// Ferry's full stack as processes: MiB/s, IOPS, p99, ratios, and
+    /// whether Ferry's replication kept up.
+    #[command(name = "compare")]
+    Compare {
+        /// Where the images and the services' data go (the filesystem
+        /// measured).
+        #[arg(long, default_value = "target/bench")]
+        dir: PathBuf,
+        /// MiB written by the sequential job.
+        #[arg(long, default_value_t = 1024)]
+        seq_mib: u64,
+        /// Seconds of the 4 KiB random job.
+        #[arg(long, default_value_t = 20)]
+        random_secs: u64,
+        /// Runs of every job against every export (min/median/max).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
     },
     /// failover-svc: a failover of a 1 GiB disk half written, beside cp.
     #[command(name = "failover-bench")]
@@ -369,6 +393,16 @@ async fn main() -> Result<()> {
             return group_bench::run(work.path(), vms, secs).await;
         }
         Cli::Chaos { minutes, seed, dir } => return chaos(minutes, seed, dir).await,
+        Cli::Compare {
+            dir,
+            seq_mib,
+            random_secs,
+            runs,
+        } => {
+            std::fs::create_dir_all(&dir)?;
+            let work = tempfile::tempdir_in(&dir)?;
+            return compare_bench::run(work.path(), seq_mib, random_secs, runs).await;
+        }
         Cli::Failover { dir } => {
             std::fs::create_dir_all(&dir)?;
             let work = tempfile::tempdir_in(&dir)?;
