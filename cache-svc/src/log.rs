@@ -513,8 +513,17 @@ pub fn read(
                 return Ok(out);
             }
         }
-        // This segment is exhausted; go on with the next one.
-        cursor.at = None;
+        // Read as far as it is durable. The cursor keeps its place: a tail
+        // that caught up goes on from here when more is durable, rather
+        // than reading the segment again from its start to skip what it
+        // sent (which made a following tail read O(segment) per batch).
+        if cursor.next_seq <= seg.last_seq {
+            return Err(CacheError::Corrupt(format!(
+                "{}: ends before record {}",
+                path.display(),
+                cursor.next_seq
+            )));
+        }
     }
 }
 
@@ -637,6 +646,26 @@ mod tests {
             }
             assert_eq!(std::fs::metadata(&path).unwrap().len(), len, "{name}: kept");
         }
+    }
+
+    #[test]
+    fn a_tail_that_caught_up_goes_on_from_its_place_not_from_the_segment_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = VmLog::open(dir.path(), vec![], 1, 1 << 20).unwrap();
+        log.append(&[rec(1, 1024), rec(2, 1024)]).unwrap();
+        let mut cursor = Cursor {
+            next_seq: 1,
+            at: None,
+        };
+        let first = read(log.dir(), log.segments(), &mut cursor, 1 << 20).unwrap();
+        assert_eq!(first.len(), 2);
+        // What was sent is not read again: a byte flipped there now would
+        // fail any read from the segment's start.
+        flip(&segment_path(dir.path(), 1), 600);
+        log.append(&[rec(3, 1024)]).unwrap();
+        let next = read(log.dir(), log.segments(), &mut cursor, 1 << 20).unwrap();
+        assert_eq!(next.iter().map(|r| r.sequence).collect::<Vec<_>>(), vec![3]);
+        assert_eq!(cursor.next_seq, 4);
     }
 
     #[test]

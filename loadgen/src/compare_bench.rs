@@ -223,9 +223,13 @@ pub async fn mirror_run(dir: &Path, job: &Job) -> Result<Fio> {
         .context("run qemu-storage-daemon (Debian package qemu-system-common or qemu-utils)")?;
     let daemon = Killed(daemon);
     listening(&export_addr).await;
-    let qmp_path2 = qmp_path.clone();
+    let monitor = qmp_path.clone();
+    let mut stream = wait_for("the QMP socket", Duration::from_secs(30), || {
+        let monitor = monitor.clone();
+        async move { UnixStream::connect(&monitor).ok() }
+    })
+    .await;
     tokio::task::spawn_blocking(move || -> Result<()> {
-        let mut stream = UnixStream::connect(&qmp_path2)?;
         let mut reader = BufReader::new(stream.try_clone()?);
         let mut greeting = String::new();
         reader.read_line(&mut greeting)?;
