@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use ferry_proto::cache::v1::record::Op;
 use ferry_proto::cache::v1::{Marker, MarkerKind, WriteOp, ZeroOp};
-use tokio::sync::Mutex;
+use tokio::sync::RwLock;
 
+use crate::ranges::InFlight;
 use crate::stream::Stream;
 
 /// Why a write was refused.
@@ -180,9 +181,14 @@ impl SourceDisk {
 pub struct Capture {
     disks: HashMap<String, Arc<SourceDisk>>,
     stream: Arc<Stream>,
-    /// Held from a write's completion to its sequence number, so the stream's
-    /// order is the order in which writes reached the images.
-    order: Arc<Mutex<()>>,
+    /// Shared by writes from their start to their sequence number;
+    /// exclusive for what must sit at one place in the stream with every
+    /// write before it complete and none after it begun (markers, copies
+    /// and checksums read from the source, the end of tracking, close).
+    order: Arc<RwLock<()>>,
+    /// The ranges of the writes in flight: overlapping writes go one after
+    /// another, so the stream's order of them is the images' order.
+    in_flight: InFlight,
     /// Set under `order` by [`Capture::close`]: no write reaches a disk after.
     closed: std::sync::atomic::AtomicBool,
     /// Set under `order` while a planned failover drains the stream: writes
@@ -201,7 +207,8 @@ impl Capture {
                 .map(|d| (d.id.clone(), Arc::new(d)))
                 .collect(),
             stream,
-            order: Arc::new(Mutex::new(())),
+            order: Arc::new(RwLock::new(())),
+            in_flight: InFlight::default(),
             closed: std::sync::atomic::AtomicBool::new(false),
             draining: std::sync::atomic::AtomicBool::new(false),
         }
@@ -211,21 +218,21 @@ impl Capture {
     /// no write is between the disk and the stream, so that what the stream
     /// holds is everything the disks received.
     pub async fn close(&self) {
-        let _order = self.order.lock().await;
+        let _order = self.order.write().await;
         self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Refuses writes while a planned failover drains the stream; returns
     /// once no write is between the disk and the stream.
     pub async fn begin_drain(&self) {
-        let _order = self.order.lock().await;
+        let _order = self.order.write().await;
         self.draining
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The drain is over (done, or given up): writes complete again.
     pub async fn end_drain(&self) {
-        let _order = self.order.lock().await;
+        let _order = self.order.write().await;
         self.draining
             .store(false, std::sync::atomic::Ordering::SeqCst);
     }
@@ -243,8 +250,8 @@ impl Capture {
     /// Holds the completion of new writes until the guard is dropped (a
     /// group bookmark round): writes in flight finish first, later ones wait
     /// before reaching the disks, and the stream's last sequence is stable.
-    pub async fn hold_writes(&self) -> tokio::sync::OwnedMutexGuard<()> {
-        self.order.clone().lock_owned().await
+    pub async fn hold_writes(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+        self.order.clone().write_owned().await
     }
 
     /// The stream records go to.
@@ -297,7 +304,7 @@ impl Capture {
         // Room first, without the ordering lock: a VM's writes never wait
         // for the cache behind a copy.
         self.stream.copy_room(length as usize).await;
-        let _order = self.order.lock().await;
+        let _order = self.order.write().await;
         self.check_open()?;
         let d2 = d.clone();
         let data = tokio::task::spawn_blocking(move || {
@@ -336,7 +343,7 @@ impl Capture {
         self.stream
             .copy_room(length.div_ceil(chunk_bytes.max(1)) as usize * 4)
             .await;
-        let _order = self.order.lock().await;
+        let _order = self.order.write().await;
         self.check_open()?;
         let d2 = d.clone();
         let crcs = tokio::task::spawn_blocking(move || {
@@ -362,7 +369,7 @@ impl Capture {
 
     /// Puts a marker into the stream, in order with the writes around it.
     pub async fn marker(&self, disk: &str, kind: MarkerKind, id: &str) -> u64 {
-        let _order = self.order.lock().await;
+        let _order = self.order.write().await;
         let op = Op::Marker(Marker {
             kind: kind as i32,
             id: id.to_string(),
@@ -380,7 +387,7 @@ impl Capture {
     /// processor cuts no point, which would otherwise show newer writes of
     /// a disk beside older chunks the round has yet to send again.
     pub async fn end_tracking(&self) -> Option<crate::stream::ResyncSet> {
-        let _order = self.order.lock().await;
+        let _order = self.order.write().await;
         let set = self.stream.take_tracking().await?;
         for (disk, id) in set.opening(&self.stream.disks()) {
             let op = Op::Marker(Marker {
@@ -436,7 +443,7 @@ impl Capture {
         if data.is_empty() {
             return Ok(self.stream.last().await);
         }
-        let _order = self.order.lock().await;
+        let _order = self.order.read().await;
         self.check_open()?;
         let d2 = d.clone();
         // The sectors the write may touch, should it fail part way.
@@ -444,6 +451,12 @@ impl Capture {
             offset / 512 * 512,
             (offset + data.len() as u64).div_ceil(512) * 512 - offset / 512 * 512,
         );
+        // Held to the sequence number: overlapping writes (and the sectors
+        // an unaligned one reads to widen itself) go one after another.
+        let _range = self
+            .in_flight
+            .hold(disk, touched.0, touched.0 + touched.1)
+            .await;
         let (start, block) = match tokio::task::spawn_blocking(move || {
             let (start, block) = widen(&d2, offset, data).map_err(|e| (None, e))?;
             match d2.write_at(&block, start) {
@@ -552,8 +565,9 @@ impl Capture {
         length: u64,
         trim: bool,
     ) -> Result<u64, CaptureError> {
-        let _order = self.order.lock().await;
+        let _order = self.order.read().await;
         self.check_open()?;
+        let _range = self.in_flight.hold(disk, offset, offset + length).await;
         let d2 = d.clone();
         match tokio::task::spawn_blocking(move || d2.zero(offset, length)).await {
             Ok(Ok(())) => {}
@@ -596,6 +610,98 @@ mod tests {
 
     fn is_sync_started(r: &ferry_proto::cache::v1::Record) -> bool {
         matches!(&r.op, Some(Op::Marker(m)) if m.kind == MarkerKind::SyncStarted as i32)
+    }
+
+    /// Writes from many clients at once, overlapping each other and not,
+    /// aligned and not: replaying the stream in sequence order gives the
+    /// image the source holds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writes_replay_to_the_image_the_source_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 64 * 1024;
+        let path = dir.path().join("os");
+        let disk = SourceDisk::open("os", &path, size).unwrap();
+        let stream = Stream::new(
+            1,
+            StreamLimits {
+                buffer_bytes: 64 << 20,
+                ..StreamLimits::default()
+            },
+        );
+        let capture = Arc::new(Capture::new(vec![disk], stream.clone()));
+        let writers: Vec<_> = (0..16u64)
+            .map(|w| {
+                let capture = capture.clone();
+                tokio::spawn(async move {
+                    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (w + 1);
+                    for i in 0..800u64 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        // A few hot sectors, so that writes overlap often.
+                        let offset = (x % 32) * 512 + (x >> 40) % 3 * 100;
+                        let len = 512 + (x >> 20) % 3000;
+                        let byte = (w * 800 + i) as u8 | 1;
+                        if (x >> 50).is_multiple_of(7) {
+                            capture.zero("os", offset, len, false).await.unwrap();
+                        } else {
+                            capture
+                                .write("os", offset, vec![byte; len as usize])
+                                .await
+                                .unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap();
+        }
+        let mut replica = vec![0u8; size as usize];
+        let mut records = stream.pending_records().await;
+        records.sort_by_key(|r| r.sequence);
+        for r in &records {
+            match &r.op {
+                Some(Op::Write(w)) => {
+                    let at = w.offset as usize;
+                    replica[at..at + w.data.len()].copy_from_slice(&w.data);
+                }
+                Some(Op::WriteZeroes(z)) | Some(Op::Trim(z)) => {
+                    replica[z.offset as usize..(z.offset + z.length) as usize].fill(0);
+                }
+                _ => {}
+            }
+        }
+        assert!(std::fs::read(&path).unwrap() == replica);
+    }
+
+    /// A write waits for a write in flight that it overlaps (even only in
+    /// the sectors it widens itself to), and for no other.
+    #[tokio::test]
+    async fn a_write_waits_only_for_the_writes_in_flight_it_overlaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = SourceDisk::open("os", &dir.path().join("os"), 64 * 1024).unwrap();
+        let capture = Capture::new(vec![disk], Stream::new(1, StreamLimits::default()));
+        let held = capture.in_flight.hold("os", 4096, 8192).await;
+        // Elsewhere: completes while the range is held.
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            capture.write("os", 0, vec![1; 4096]),
+        )
+        .await
+        .expect("a write elsewhere does not wait")
+        .unwrap();
+        // Its unaligned end widens into sector 8 (4096..4608): it waits.
+        let mut overlapping = Box::pin(capture.write("os", 3000, vec![2; 1100]));
+        for _ in 0..10 {
+            assert!(futures::poll!(overlapping.as_mut()).is_pending());
+            tokio::task::yield_now().await;
+        }
+        let mut zeroing = Box::pin(capture.zero("os", 8192 - 512, 1024, false));
+        assert!(futures::poll!(zeroing.as_mut()).is_pending());
+        drop(held);
+        overlapping.await.unwrap();
+        zeroing.await.unwrap();
     }
 
     /// A point is cut wherever the stream allows it: a write to a disk

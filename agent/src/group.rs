@@ -40,7 +40,7 @@ use ferry_runtime::peers::Credentials;
 use ferry_runtime::security::{Caller, Principal};
 use ferry_runtime::time::from_duration;
 use ferry_runtime::PeerChannel;
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::{Mutex, OwnedRwLockWriteGuard};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -66,7 +66,7 @@ pub const MAX_SKEW: Duration = Duration::from_secs(5);
 struct Hold {
     round: String,
     /// Dropping it releases writes.
-    _writes: OwnedMutexGuard<()>,
+    _writes: OwnedRwLockWriteGuard<()>,
 }
 
 /// This agent's side of the group protocol.

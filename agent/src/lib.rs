@@ -12,6 +12,7 @@ pub mod health;
 pub mod initial;
 pub mod nbd;
 pub mod quiesce;
+pub mod ranges;
 pub mod resync;
 pub mod roots;
 pub mod run;
