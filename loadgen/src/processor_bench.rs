@@ -60,7 +60,8 @@ fn write(offset: u64, len: usize, byte: u8) -> Op {
 }
 
 /// MiB/s and records/s of applying `records` writes of `len` bytes, a point
-/// cut every `per_point` records (each cut fsyncs).
+/// cut every `per_point` records (each cut fsyncs), and the replica's bytes
+/// on disk after.
 fn apply_rate(
     dir: &Path,
     name: &str,
@@ -69,7 +70,7 @@ fn apply_rate(
     len: usize,
     per_point: u64,
     offset: impl Fn(u64) -> u64,
-) -> Result<(f64, f64)> {
+) -> Result<(f64, f64, u64)> {
     let replicas = Replicas::open(&dir.join(name), CHUNK, 64 << 20)?;
     let replica = replicas.open_vm_with(
         "vm",
@@ -90,6 +91,7 @@ fn apply_rate(
     Ok((
         (records * len as u64) as f64 / (1 << 20) as f64 / secs,
         records as f64 / secs,
+        replica.disk_bytes()?,
     ))
 }
 
@@ -246,7 +248,7 @@ pub async fn run(dir: &Path, apply_mib: u64, churn_mb: f64, churn_secs: u64) -> 
         "filesystem of {}: fsynced 1 MiB sequential writes {baseline:.1} MiB/s (baseline)",
         dir.display()
     );
-    let (seq, _) = apply_rate(dir, "apply-seq", 8 << 30, apply_mib, 1 << 20, 64, |i| {
+    let (seq, _, _) = apply_rate(dir, "apply-seq", 8 << 30, apply_mib, 1 << 20, 64, |i| {
         (i << 20) % (8 << 30)
     })
     .context("sequential apply")?;
@@ -254,10 +256,11 @@ pub async fn run(dir: &Path, apply_mib: u64, churn_mb: f64, churn_secs: u64) -> 
     let offsets: Vec<u64> = (0..40_000)
         .map(|_| (rng.next() % ((4u64 << 30) / 4096)) * 4096)
         .collect();
-    let (rand_mib, rand_ops) = apply_rate(dir, "apply-rand", 4 << 30, 40_000, 4096, 5_000, |i| {
-        offsets[i as usize]
-    })
-    .context("random apply")?;
+    let (rand_mib, rand_ops, rand_disk) =
+        apply_rate(dir, "apply-rand", 4 << 30, 40_000, 4096, 5_000, |i| {
+            offsets[i as usize]
+        })
+        .context("random apply")?;
     println!(
         "{:<44} {:>10} {:>10} {:>12}",
         "apply (record -> durable in replica)", "MiB/s", "IOPS", "vs baseline"
@@ -275,6 +278,14 @@ pub async fn run(dir: &Path, apply_mib: u64, churn_mb: f64, churn_secs: u64) -> 
         rand_mib,
         rand_ops,
         rand_mib / baseline
+    );
+
+    let written = 40_000u64 * 4096;
+    println!(
+        "  replica data on disk after the random run: {:.1} MiB for {:.1} MiB written ({:.2}x)",
+        rand_disk as f64 / f64::from(1 << 20),
+        written as f64 / f64::from(1 << 20),
+        rand_disk as f64 / written as f64
     );
 
     let (tib50, tib99) = cut_cost(dir, "cut-1tib", 1 << 40, 50)?;

@@ -52,6 +52,9 @@ pub struct Settings {
     /// replica data that would leave less is not written, and the pipeline
     /// pauses (health CRITICAL) until space returns.
     pub reserve_bytes: u64,
+    /// Bytes of the replica index (sled) kept in memory; the index of
+    /// small random writes grows past any fixed memory otherwise.
+    pub index_cache_bytes: u64,
 }
 
 impl Default for Settings {
@@ -64,6 +67,7 @@ impl Default for Settings {
             cut_timeout_secs: 120,
             scrub_bytes: 4 << 20,
             reserve_bytes: 64 << 20,
+            index_cache_bytes: replica::INDEX_CACHE_BYTES,
         }
     }
 }
@@ -92,7 +96,9 @@ pub async fn run(
     let mut service = Service::start(ServiceKind::Processor, SERVICE_NAME, &config, &needs).await?;
     let dir = config.data_dir.clone();
     let (chunk, segment) = (settings.chunk_bytes, settings.segment_bytes.max(1 << 20));
-    let replicas = open_storage(move || replica::Replicas::open(&dir, chunk, segment)).await?;
+    let cache = settings.index_cache_bytes.max(1 << 20);
+    let replicas =
+        open_storage(move || replica::Replicas::open_with(&dir, chunk, segment, cache)).await?;
     let limits = &config.limits;
     let cache_client = CacheClient::new(service.channel(Role::Cache)?)
         .max_decoding_message_size(limits.max_message_bytes);

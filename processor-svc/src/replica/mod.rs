@@ -90,6 +90,9 @@ use crate::error::ProcessorError;
 
 type Result<T> = std::result::Result<T, ProcessorError>;
 
+/// The replica index's memory by default (sled's own is 1 GiB).
+pub const INDEX_CACHE_BYTES: u64 = 64 << 20;
+
 /// Every VM's replica.
 pub struct Replicas {
     dir: PathBuf,
@@ -108,10 +111,25 @@ fn tree_name(vm: &str) -> String {
 }
 
 impl Replicas {
-    /// Opens (or creates) the replicas under `dir`.
+    /// Opens (or creates) the replicas under `dir`, the index's memory the
+    /// default [`INDEX_CACHE_BYTES`].
     pub fn open(dir: &Path, chunk: u64, segment_bytes: u64) -> Result<Replicas> {
+        Self::open_with(dir, chunk, segment_bytes, INDEX_CACHE_BYTES)
+    }
+
+    /// Opens (or creates) the replicas under `dir`, keeping at most about
+    /// `cache_bytes` of the index in memory.
+    pub fn open_with(
+        dir: &Path,
+        chunk: u64,
+        segment_bytes: u64,
+        cache_bytes: u64,
+    ) -> Result<Replicas> {
         fs::create_dir_all(dir.join("segments")).map_err(|e| ProcessorError::io(dir, e))?;
-        let db = sled::Config::new().path(dir.join("index")).open()?;
+        let db = sled::Config::new()
+            .path(dir.join("index"))
+            .cache_capacity(cache_bytes)
+            .open()?;
         Ok(Replicas {
             dir: dir.to_path_buf(),
             db,
