@@ -10,6 +10,8 @@
 //! `ferry-loadgen compare`: fio against qemu-nbd, QEMU's own replication
 //! (qemu-storage-daemon with a write-blocking mirror) and Ferry's full stack
 //! as processes, with ratios (see `compare_bench`).
+//! `ferry-loadgen report`: runs compare, processor-bench and failover-bench
+//! and writes `docs/performance.md` (see `report`).
 //! `ferry-loadgen chaos --minutes N`: the chaos test of `tests/tests/chaos.rs`
 //! for N minutes (`ferry_testkit::chaos`); it fails loudly when a check
 //! fails and prints kills and cuts survived, writes and the failover.
@@ -18,6 +20,7 @@ mod compare_bench;
 mod failover_bench;
 mod group_bench;
 mod processor_bench;
+mod report;
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -70,6 +73,23 @@ enum Cli {
         /// Runs of every job against every export (min/median/max).
         #[arg(long, default_value_t = 3)]
         runs: usize,
+    },
+    /// Runs compare, processor-bench and failover-bench and writes their
+    /// figures into one Markdown page.
+    #[command(name = "report")]
+    Report {
+        /// Where the benches' data goes (the filesystem measured).
+        #[arg(long, default_value = "target/bench")]
+        dir: PathBuf,
+        /// The page written.
+        #[arg(long, default_value = "docs/performance.md")]
+        out: PathBuf,
+        /// Runs of each compare job (min/median/max).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Seconds of compare's 4 KiB random job.
+        #[arg(long, default_value_t = 20)]
+        random_secs: u64,
     },
     /// failover-svc: a failover of a 1 GiB disk half written, beside cp.
     #[command(name = "failover-bench")]
@@ -393,6 +413,15 @@ async fn main() -> Result<()> {
             return group_bench::run(work.path(), vms, secs).await;
         }
         Cli::Chaos { minutes, seed, dir } => return chaos(minutes, seed, dir).await,
+        Cli::Report {
+            dir,
+            out,
+            runs,
+            random_secs,
+        } => {
+            std::fs::create_dir_all(&dir)?;
+            return report::run(&dir, &out, runs, random_secs);
+        }
         Cli::Compare {
             dir,
             seq_mib,

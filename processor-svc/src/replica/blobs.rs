@@ -55,6 +55,17 @@ pub(super) const MAX_PATCH_DEPTH: u16 = 32;
 /// in small pieces takes at most 1.5 times the bytes written.
 pub(super) const MAX_PATCH_CHAIN: u64 = 2;
 
+/// How a chunk changed in the interval is stored, and what the index held.
+struct Settled {
+    /// Whole, or a patch over the version below.
+    dirty: Dirty,
+    /// The version an earlier checkpoint of the same interval stored: its
+    /// blob is dead once this one is indexed.
+    replaced: Option<Stored>,
+    /// Depth and chain bytes of the patches a patch goes over.
+    below: (u16, u32),
+}
+
 /// Where a blob is: segment, offset, length, checksum.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct BlobAt {
@@ -320,11 +331,19 @@ impl VmReplica {
         let mut entries = Vec::with_capacity(dirty.len());
         let mut wrote = false;
         for ((disk, chunk), d) in dirty {
-            let d = match d {
+            let settled = match d {
                 Dirty::Patch(patch) => self.settle(w, &disk, chunk, version, patch)?,
-                whole => whole,
+                whole => Settled {
+                    replaced: self
+                        .tree
+                        .get(vkey(&disk, chunk, version))?
+                        .map(|v| Stored::decode(&v))
+                        .transpose()?,
+                    dirty: whole,
+                    below: (0, 0),
+                },
             };
-            let stored = match d {
+            let stored = match settled.dirty {
                 Dirty::Zero => Stored::Zero,
                 Dirty::Data(data) if data.iter().all(|b| *b == 0) => Stored::Zero,
                 Dirty::Data(data) => {
@@ -333,7 +352,7 @@ impl VmReplica {
                 }
                 Dirty::Patch(patch) => {
                     wrote = true;
-                    let (depth, chain) = self.patch_depth(&disk, chunk, version)?;
+                    let (depth, chain) = settled.below;
                     let at = self.append_blob(w, &patch.encode())?;
                     Stored::Patch {
                         seg: at.seg,
@@ -345,19 +364,18 @@ impl VmReplica {
                     }
                 }
             };
-            entries.push((disk, chunk, stored));
+            entries.push((disk, chunk, stored, settled.replaced));
         }
         if wrote {
             self.sync_current(w)?;
         }
         let mut segs: BTreeMap<u64, SegMeta> = BTreeMap::new();
         let mut batch = sled::Batch::default();
-        for (disk, chunk, stored) in entries {
+        for (disk, chunk, stored, replaced) in entries {
             let key = vkey(&disk, chunk, version);
             // The same chunk written again in this interval: the older blob
             // of this version is dead.
-            if let Some(old) = self.tree.get(&key)? {
-                let old = Stored::decode(&old)?;
+            if let Some(old) = replaced {
                 self.release(&mut segs, &mut batch, &old)?;
             }
             if let Some(BlobAt { seg, off, len, .. }) = stored.blob() {
@@ -396,54 +414,58 @@ impl VmReplica {
         chunk: u64,
         version: u64,
         mut patch: Patch,
-    ) -> Result<Dirty> {
+    ) -> Result<Settled> {
         let size = *w.meta.disks.get(disk).ok_or_else(|| {
             ProcessorError::DataLoss(format!("VM {:?} has no disk {disk:?}", self.vm))
         })?;
         let chunk_len = self.chunk.min(size.saturating_sub(chunk * self.chunk));
+        // One look at the index: the chain under this version, and the
+        // version an earlier checkpoint of this interval stored.
         let mut chain = self.chain_at(disk, chunk, version)?;
+        let whole = |dirty: Dirty, replaced: Option<Stored>| Settled {
+            dirty,
+            replaced,
+            below: (0, 0),
+        };
+        let mut replaced = None;
         if chain.last().is_some_and(|(v, _)| *v == version) {
-            if let Some((_, same @ Stored::Patch { .. })) = chain.pop() {
-                let mut older = Patch::decode(&self.read_blob(&same)?)?;
-                older.overlay(patch);
-                patch = older;
-            } else {
-                // Stored whole already: the chain ends there.
-                chain = self.chain_at(disk, chunk, version)?;
-                let mut whole = self.compose(chunk_len, &chain, |_, s| self.read_blob(&s))?;
-                patch.apply_to(&mut whole)?;
-                return Ok(Dirty::Data(whole));
+            match chain.last().map(|(_, s)| *s) {
+                Some(same @ Stored::Patch { .. }) => {
+                    chain.pop();
+                    let mut older = Patch::decode(&self.read_blob(&same)?)?;
+                    older.overlay(patch);
+                    patch = older;
+                    replaced = Some(same);
+                }
+                same => {
+                    // Stored whole already: the chain ends there.
+                    let mut bytes = self.compose(chunk_len, &chain, |_, s| self.read_blob(&s))?;
+                    patch.apply_to(&mut bytes)?;
+                    return Ok(whole(Dirty::Data(bytes), same));
+                }
             }
         }
-        let (depth, bytes) = match chain.last() {
-            Some((_, Stored::Patch { depth, chain, .. })) => (*depth, u64::from(*chain)),
+        let below = match chain.last() {
+            Some((_, Stored::Patch { depth, chain, .. })) => (*depth, *chain),
             _ => (0, 0),
         };
-        let too_deep = depth >= MAX_PATCH_DEPTH
-            || bytes + patch.data_bytes() as u64 > MAX_PATCH_CHAIN * chunk_len;
-        if too_deep || patch.covered() == chunk_len {
-            let mut whole = if patch.covered() == chunk_len {
-                vec![0; chunk_len as usize]
-            } else {
-                self.compose(chunk_len, &chain, |_, s| self.read_blob(&s))?
-            };
-            patch.apply_to(&mut whole)?;
-            return Ok(Dirty::Data(whole));
+        let too_deep = below.0 >= MAX_PATCH_DEPTH
+            || u64::from(below.1) + patch.data_bytes() as u64 > MAX_PATCH_CHAIN * chunk_len;
+        if patch.covered() == chunk_len {
+            let mut bytes = vec![0; chunk_len as usize];
+            patch.apply_to(&mut bytes)?;
+            return Ok(whole(Dirty::Data(bytes), replaced));
         }
-        Ok(Dirty::Patch(patch))
-    }
-
-    /// The depth and chain bytes of the patches a new patch of interval
-    /// `version` goes over (0, 0: over a whole version).
-    fn patch_depth(&self, disk: &str, chunk: u64, version: u64) -> Result<(u16, u32)> {
-        let below = vkey(disk, chunk, 0)..vkey(disk, chunk, version);
-        match self.tree.range(below).next_back() {
-            Some(kv) => match Stored::decode(&kv?.1)? {
-                Stored::Patch { depth, chain, .. } => Ok((depth, chain)),
-                _ => Ok((0, 0)),
-            },
-            None => Ok((0, 0)),
+        if too_deep {
+            let mut bytes = self.compose(chunk_len, &chain, |_, s| self.read_blob(&s))?;
+            patch.apply_to(&mut bytes)?;
+            return Ok(whole(Dirty::Data(bytes), replaced));
         }
+        Ok(Settled {
+            dirty: Dirty::Patch(patch),
+            replaced,
+            below,
+        })
     }
 
     pub(super) fn seg_meta<'a>(

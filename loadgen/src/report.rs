@@ -1,0 +1,129 @@
+//! `ferry-loadgen report`: runs the benchmarks issue 14's targets are
+//! measured by, each as a child process of this binary (so one cannot warm
+//! or starve the next), and writes their figures into one Markdown page
+//! (`docs/performance.md` by default) with the machine and the date.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// One bench: its title, what it measures, and its subcommand.
+struct Bench {
+    title: &'static str,
+    about: &'static str,
+    args: Vec<String>,
+    /// Its output is a Markdown table already.
+    markdown: bool,
+}
+
+fn benches(dir: &Path, runs: usize, random_secs: u64) -> Vec<Bench> {
+    let dir = dir.display().to_string();
+    vec![
+        Bench {
+            title: "The NBD path against its peers",
+            about: "fio (nbd engine) against qemu-nbd --cache=writeback on a raw image \
+                    (no replication: the ceiling of the capture path), against \
+                    qemu-storage-daemon exporting the image with an active blockdev-mirror \
+                    (copy-mode=write-blocking) to a second qemu-nbd (QEMU's own replication), \
+                    and against ferry-agent's export with registry-svc, cache-svc and \
+                    processor-svc as processes and a point every second. Ratios are of \
+                    medians against qemu-nbd. \"Writer stopped → in a point\": from fio's \
+                    exit to the newest recovery point holding a write made right after its \
+                    last one (read back through ReadDisk).",
+            args: vec![
+                "compare".into(),
+                format!("--dir={dir}"),
+                format!("--runs={runs}"),
+                format!("--random-secs={random_secs}"),
+            ],
+            markdown: true,
+        },
+        Bench {
+            title: "processor-svc: apply rate, replica space, point cost, RPO lag",
+            about: "The library path: records applied to a replica and made durable, beside \
+                    the same run's fsynced 1 MiB sequential writes; the replica's bytes on \
+                    disk after 40,000 random 4 KiB writes; the cost of cutting a point; the \
+                    RPO lag through the whole stack at a steady churn.",
+            args: vec!["processor-bench".into(), format!("--dir={dir}")],
+            markdown: false,
+        },
+        Bench {
+            title: "Failover against cp",
+            about: "An unplanned failover of a 1 GiB disk half written, beside \
+                    `cp --sparse=always` of the same source image in the same run.",
+            args: vec!["failover-bench".into(), format!("--dir={dir}")],
+            markdown: false,
+        },
+    ]
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib >> 20);
+    let qemu = Command::new("qemu-nbd")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .unwrap_or_default();
+    format!("{cpus} CPUs ({model}), {memory} GiB memory; {qemu}")
+}
+
+pub fn run(dir: &Path, out: &Path, runs: usize, random_secs: u64) -> Result<()> {
+    let me = std::env::current_exe().context("this binary's path")?;
+    let mut page = String::new();
+    let when = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+    writeln!(page, "# Performance\n")?;
+    writeln!(
+        page,
+        "Written by `ferry-loadgen report` (release build) on {when}: {}. \
+         Every figure comes from this one run; ratios are against a baseline or a \
+         peer measured in the same run, since these machines are noisy. No figure \
+         here is asserted by a test.\n",
+        machine()
+    )?;
+    for bench in benches(dir, runs, random_secs) {
+        eprintln!("==> ferry-loadgen {}", bench.args.join(" "));
+        let output = Command::new(&me)
+            .args(&bench.args)
+            .output()
+            .with_context(|| format!("run ferry-loadgen {}", bench.args[0]))?;
+        if !output.status.success() {
+            bail!(
+                "ferry-loadgen {} failed: {}",
+                bench.args[0],
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let text = String::from_utf8_lossy(&output.stdout);
+        writeln!(page, "## {}\n\n{}\n", bench.title, bench.about)?;
+        writeln!(page, "`ferry-loadgen {}`\n", bench.args.join(" "))?;
+        if bench.markdown {
+            writeln!(page, "{}", text.trim_end())?;
+        } else {
+            writeln!(page, "```\n{}\n```", text.trim_end())?;
+        }
+        writeln!(page)?;
+    }
+    std::fs::write(out, page).with_context(|| format!("write {}", out.display()))?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
