@@ -97,7 +97,8 @@ pub fn run(dir: &Path, out: &Path, runs: usize, random_secs: u64) -> Result<()> 
         "Written by `ferry-loadgen report` (release build) on {when}: {}. \
          Every figure comes from this one run; ratios are against a baseline or a \
          peer measured in the same run, since these machines are noisy. No figure \
-         here is asserted by a test.\n",
+         here is asserted by a test. How they were found, and what they mean \
+         for each target: [performance-analysis.md](performance-analysis.md).\n",
         machine()
     )?;
     for bench in benches(dir, runs, random_secs) {
@@ -113,7 +114,11 @@ pub fn run(dir: &Path, out: &Path, runs: usize, random_secs: u64) -> Result<()> 
                 String::from_utf8_lossy(&output.stderr)
             );
         }
-        let text = String::from_utf8_lossy(&output.stdout);
+        // Paths relative to where it ran: the page is checked in.
+        let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+        if let Ok(cwd) = std::env::current_dir() {
+            text = text.replace(&format!("{}/", cwd.display()), "");
+        }
         writeln!(page, "## {}\n\n{}\n", bench.title, bench.about)?;
         writeln!(page, "`ferry-loadgen {}`\n", bench.args.join(" "))?;
         if bench.markdown {
