@@ -10,6 +10,8 @@
 //! `ferry-loadgen compare`: fio against qemu-nbd, QEMU's own replication
 //! (qemu-storage-daemon with a write-blocking mirror) and Ferry's full stack
 //! as processes, with ratios (see `compare_bench`).
+//! `ferry-loadgen control-bench`: registry GetVm against health Check at a
+//! concurrency of 16 (see `control_bench`).
 //! `ferry-loadgen report`: runs compare, processor-bench and failover-bench
 //! and writes `docs/performance.md` (see `report`).
 //! `ferry-loadgen chaos --minutes N`: the chaos test of `tests/tests/chaos.rs`
@@ -17,6 +19,7 @@
 //! fails and prints kills and cuts survived, writes and the failover.
 
 mod compare_bench;
+mod control_bench;
 mod failover_bench;
 mod group_bench;
 mod processor_bench;
@@ -90,6 +93,17 @@ enum Cli {
         /// Seconds of compare's 4 KiB random job.
         #[arg(long, default_value_t = 20)]
         random_secs: u64,
+    },
+    /// registry-svc: GetVm calls per second against the same server's
+    /// health Check, 16 concurrent callers.
+    #[command(name = "control-bench")]
+    Control {
+        /// Where registry-svc keeps its data.
+        #[arg(long, default_value = "target/bench")]
+        dir: PathBuf,
+        /// Seconds per round.
+        #[arg(long, default_value_t = 5.0)]
+        secs: f64,
     },
     /// failover-svc: a failover of a 1 GiB disk half written, beside cp.
     #[command(name = "failover-bench")]
@@ -413,6 +427,11 @@ async fn main() -> Result<()> {
             return group_bench::run(work.path(), vms, secs).await;
         }
         Cli::Chaos { minutes, seed, dir } => return chaos(minutes, seed, dir).await,
+        Cli::Control { dir, secs } => {
+            std::fs::create_dir_all(&dir)?;
+            let work = tempfile::tempdir_in(&dir)?;
+            return control_bench::run(work.path(), secs).await;
+        }
         Cli::Report {
             dir,
             out,

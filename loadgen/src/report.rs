@@ -1,4 +1,4 @@
-//! `ferry-loadgen report`: runs the benchmarks issue 14's targets are
+//! `ferry-loadgen report`: runs the benchmarks the performance targets are
 //! measured by, each as a child process of this binary (so one cannot warm
 //! or starve the next), and writes their figures into one Markdown page
 //! (`docs/performance.md` by default) with the machine and the date.
@@ -48,6 +48,13 @@ fn benches(dir: &Path, runs: usize, random_secs: u64) -> Vec<Bench> {
                     RPO lag through the whole stack at a steady churn.",
             args: vec!["processor-bench".into(), format!("--dir={dir}")],
             markdown: false,
+        },
+        Bench {
+            title: "The control plane",
+            about: "registry-svc's unary GetVm against the same server's grpc.health Check, \
+                    16 concurrent callers on one channel, authenticated as an operator.",
+            args: vec!["control-bench".into(), format!("--dir={dir}")],
+            markdown: true,
         },
         Bench {
             title: "Failover against cp",
