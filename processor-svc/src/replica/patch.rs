@@ -290,14 +290,13 @@ mod replica_tests {
     use super::super::testing::{Fixture, CHUNK, SIZE};
     use super::super::Point;
 
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
+    use ferry_testkit::Rng;
+
+    trait Below {
+        fn below(&mut self, n: u64) -> u64;
+    }
+
+    impl Below for Rng {
         fn below(&mut self, n: u64) -> u64 {
             self.next() % n
         }
