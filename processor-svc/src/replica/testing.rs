@@ -26,15 +26,7 @@ pub struct Fixture {
 impl Fixture {
     pub fn new(segment_bytes: u64) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        // sled lets go of its files a moment after the last handle drops.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let replicas = loop {
-            match Replicas::open(dir.path(), CHUNK, segment_bytes) {
-                Ok(r) => break r,
-                Err(e) if std::time::Instant::now() >= deadline => panic!("cannot reopen: {e}"),
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
-            }
-        };
+        let replicas = Replicas::open(dir.path(), CHUNK, segment_bytes).unwrap();
         let disks = BTreeMap::from([("os".to_string(), SIZE)]);
         let replica = replicas
             .open_vm_with("vm", &disks, ferry_proto::ids::Incarnation(1))
@@ -112,7 +104,15 @@ impl Fixture {
         } = self;
         drop(replica);
         drop(_replicas);
-        let replicas = Replicas::open(dir.path(), CHUNK, segment_bytes).unwrap();
+        // sled lets go of its files a moment after the last handle drops.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let replicas = loop {
+            match Replicas::open(dir.path(), CHUNK, segment_bytes) {
+                Ok(r) => break r,
+                Err(e) if std::time::Instant::now() >= deadline => panic!("cannot reopen: {e}"),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            }
+        };
         let disks = BTreeMap::from([("os".to_string(), SIZE)]);
         let replica = replicas
             .open_vm_with("vm", &disks, ferry_proto::ids::Incarnation(1))
