@@ -474,21 +474,20 @@ impl Capture {
                 return Err(self.failed(disk, Some(touched), e).await);
             }
         };
-        // One record per MAX_RECORD_DATA, pushed under the same lock: dense,
-        // in order, nothing between them.
+        // One record per MAX_RECORD_DATA, pushed together: dense, in order,
+        // nothing of another write between them.
         let block = bytes::Bytes::from(block);
-        let mut seq = 0;
-        let mut at = 0;
-        while at < block.len() {
-            let n = (block.len() - at).min(MAX_RECORD_DATA);
-            let op = Op::Write(WriteOp {
-                offset: start + at as u64,
-                data: block.slice(at..at + n),
-            });
-            seq = self.stream.push(disk, op).await;
-            at += n;
-        }
-        Ok(seq)
+        let ops = (0..block.len())
+            .step_by(MAX_RECORD_DATA)
+            .map(|at| {
+                let n = (block.len() - at).min(MAX_RECORD_DATA);
+                Op::Write(WriteOp {
+                    offset: start + at as u64,
+                    data: block.slice(at..at + n),
+                })
+            })
+            .collect();
+        Ok(self.stream.push_all(disk, ops).await)
     }
 
     /// A write or zeroing failed part way (ENOSPC, EIO): the source may hold
@@ -673,6 +672,49 @@ mod tests {
             }
         }
         assert!(std::fs::read(&path).unwrap() == replica);
+    }
+
+    /// A write larger than a record goes as several, and nothing of a
+    /// write running beside it comes between them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn the_records_of_one_large_write_are_consecutive() {
+        let dir = tempfile::tempdir().unwrap();
+        let piece = MAX_RECORD_DATA as u64;
+        let size = 16 * 3 * piece;
+        let disk = SourceDisk::open("os", &dir.path().join("os"), size).unwrap();
+        let stream = Stream::new(
+            1,
+            StreamLimits {
+                buffer_bytes: 256 << 20,
+                ..StreamLimits::default()
+            },
+        );
+        let capture = Arc::new(Capture::new(vec![disk], stream.clone()));
+        let writers: Vec<_> = (0..16u64)
+            .map(|w| {
+                let capture = capture.clone();
+                tokio::spawn(async move {
+                    let data = vec![w as u8 + 1; 3 * MAX_RECORD_DATA];
+                    capture.write("os", w * 3 * piece, data).await.unwrap()
+                })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap();
+        }
+        let records = stream.pending_records().await;
+        assert_eq!(records.len(), 48);
+        for three in records.chunks(3) {
+            let offsets: Vec<u64> = three
+                .iter()
+                .map(|r| match &r.op {
+                    Some(Op::Write(w)) => w.offset,
+                    _ => u64::MAX,
+                })
+                .collect();
+            let first = offsets[0];
+            assert_eq!(offsets, [first, first + piece, first + 2 * piece]);
+        }
     }
 
     /// A write waits for a write in flight that it overlaps (even only in

@@ -231,6 +231,34 @@ impl Stream {
         }
     }
 
+    /// Appends the records of one write, one after another with nothing
+    /// between them; returns the last one's sequence (0 as [`Stream::push`]
+    /// when they went to tracking).
+    pub async fn push_all(&self, disk_id: &str, ops: Vec<Op>) -> u64 {
+        let mut last = 0;
+        let mut changed = false;
+        {
+            let mut state = self.state.lock().await;
+            for op in ops {
+                last = match state.push(disk_id, op, self.limits.buffer_bytes) {
+                    Pushed::Queued(seq) => {
+                        changed = true;
+                        seq.get()
+                    }
+                    Pushed::Overflowed => {
+                        changed = true;
+                        0
+                    }
+                    Pushed::Tracked => 0,
+                };
+            }
+        }
+        if changed {
+            self.changed.notify_waiters();
+        }
+        last
+    }
+
     /// Waits until a copy's record of `size` payload bytes (initial
     /// replication, resync) fits in half the buffer, so that copying never
     /// overflows the stream by itself. Called before the capture's ordering
