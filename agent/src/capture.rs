@@ -611,6 +611,20 @@ mod tests {
         matches!(&r.op, Some(Op::Marker(m)) if m.kind == MarkerKind::SyncStarted as i32)
     }
 
+    /// A capture of one disk `os` at `path`, its stream's buffer large
+    /// enough for everything a test writes (nothing reaches a cache).
+    fn one_disk(path: &std::path::Path, size: u64) -> (Arc<Capture>, Arc<Stream>) {
+        let disk = SourceDisk::open("os", path, size).unwrap();
+        let stream = Stream::new(
+            1,
+            StreamLimits {
+                buffer_bytes: 256 << 20,
+                ..StreamLimits::default()
+            },
+        );
+        (Arc::new(Capture::new(vec![disk], stream.clone())), stream)
+    }
+
     /// Writes from many clients at once, overlapping each other and not,
     /// aligned and not: replaying the stream in sequence order gives the
     /// image the source holds.
@@ -619,15 +633,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let size = 64 * 1024;
         let path = dir.path().join("os");
-        let disk = SourceDisk::open("os", &path, size).unwrap();
-        let stream = Stream::new(
-            1,
-            StreamLimits {
-                buffer_bytes: 64 << 20,
-                ..StreamLimits::default()
-            },
-        );
-        let capture = Arc::new(Capture::new(vec![disk], stream.clone()));
+        let (capture, stream) = one_disk(&path, size);
         let writers: Vec<_> = (0..16u64)
             .map(|w| {
                 let capture = capture.clone();
@@ -680,16 +686,7 @@ mod tests {
     async fn the_records_of_one_large_write_are_consecutive() {
         let dir = tempfile::tempdir().unwrap();
         let piece = MAX_RECORD_DATA as u64;
-        let size = 16 * 3 * piece;
-        let disk = SourceDisk::open("os", &dir.path().join("os"), size).unwrap();
-        let stream = Stream::new(
-            1,
-            StreamLimits {
-                buffer_bytes: 256 << 20,
-                ..StreamLimits::default()
-            },
-        );
-        let capture = Arc::new(Capture::new(vec![disk], stream.clone()));
+        let (capture, stream) = one_disk(&dir.path().join("os"), 16 * 3 * piece);
         let writers: Vec<_> = (0..16u64)
             .map(|w| {
                 let capture = capture.clone();
