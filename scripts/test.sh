@@ -21,6 +21,26 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq "${need[@]}"
 fi
 
+# promtool (Debian's prometheus package) checks and unit-tests the alert
+# rules in deploy/prometheus. Installed without its recommends, and with
+# invoke-rc.d told not to start the packaged server: the tests start the
+# servers they need themselves.
+if ! command -v promtool >/dev/null; then
+  echo "==> installing prometheus (for promtool)"
+  sudo_=""
+  [ "$(id -u)" -eq 0 ] || sudo_=sudo
+  policy=/usr/sbin/policy-rc.d
+  made_policy=""
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | $sudo_ tee "$policy" >/dev/null
+    $sudo_ chmod +x "$policy"
+    made_policy=1
+  fi
+  $sudo_ apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq --no-install-recommends prometheus
+  [ -z "$made_policy" ] || $sudo_ rm -f "$policy"
+fi
+
 # The Python tools the tests drive, pinned to versions known to work together:
 # grpcurl 1.8.6 (reflection v1alpha) for the reflection and health checks,
 # grpcio and grpcio-tools for the generated Python client.

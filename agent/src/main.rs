@@ -239,8 +239,12 @@ async fn refuse_plaintext_beyond_loopback(
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
+fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
+    ferry_runtime::memory::limit_malloc_arenas();
+    ferry_runtime::memory::runtime()?.block_on(agent_main())
+}
+
+async fn agent_main() -> Result<(), ferry_runtime::binary::BinaryError> {
     let args = Args::parse();
     let _telemetry = ferry_runtime::telemetry::init("ferry-agent", &args.log, None)?;
     let shutdown = ferry_runtime::shutdown_token();

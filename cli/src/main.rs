@@ -22,10 +22,14 @@ use clap::Parser;
 
 use args::{Cli, Command};
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // `ferry serve` runs every service in this process.
+    ferry_runtime::memory::limit_malloc_arenas();
     let cli = Cli::parse();
-    if let Err(err) = run(cli).await {
+    let outcome = ferry_runtime::memory::runtime()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(run(cli)));
+    if let Err(err) = outcome {
         eprintln!("ferry: {err:#}");
         std::process::exit(1);
     }

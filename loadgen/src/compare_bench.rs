@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::plots::{Bar, CompareFigures, Spread};
 use anyhow::{bail, Context, Result};
 use ferry_proto::processor::v1 as proc;
 use ferry_proto::processor::v1::processor_client::ProcessorClient;
@@ -31,6 +32,10 @@ use ferry_testkit::{
 };
 
 const DISK: u64 = 4 << 30;
+
+const QEMU_NBD: &str = "qemu-nbd writeback (no replication)";
+const MIRROR: &str = "qemu-storage-daemon + blockdev-mirror write-blocking";
+const FERRY: &str = "Ferry (agent → cache → processor)";
 
 /// One fio job.
 #[derive(Clone)]
@@ -264,7 +269,7 @@ pub async fn mirror_run(dir: &Path, job: &Job) -> Result<Fio> {
 }
 
 /// What a Ferry run measured beside fio's figures.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Ferry {
     pub fio: Fio,
     /// Times the agent's buffer overflowed into tracking during the job.
@@ -275,6 +280,9 @@ pub struct Ferry {
     /// Peak resident set of the agent and processor-svc, MiB.
     pub agent_rss_mib: f64,
     pub processor_rss_mib: f64,
+    /// The RPO sampled while the writer ran: (seconds since it started,
+    /// now minus the time of the newest write in the newest point).
+    pub rpo: Vec<(f64, f64)>,
 }
 
 /// The full stack as processes, one VM with a 4 GiB disk, 1 s points.
@@ -462,11 +470,24 @@ impl Stack {
         Ok(got == want)
     }
 
-    /// Runs `job` against the agent's export, then measures the catch-up.
+    /// Runs `job` against the agent's export while sampling the RPO, then
+    /// measures the catch-up.
     pub async fn run(&self, job: &Job, stamp: u64) -> Result<Ferry> {
         let before = self.overflows();
         let (nbd, j) = (self.nbd.clone(), job.clone());
-        let fio = tokio::task::spawn_blocking(move || fio(&nbd, "os", &j)).await??;
+        let writer_done = ferry_runtime::CancellationToken::new();
+        let sampler = tokio::spawn(sample_rpo(
+            ProcessorClient::new(
+                self.insecure
+                    .at(&self.processor_url)
+                    .as_service(ferry_runtime::security::ServiceKind::Failover),
+            ),
+            writer_done.clone(),
+        ));
+        let fio = tokio::task::spawn_blocking(move || fio(&nbd, "os", &j)).await;
+        writer_done.cancel();
+        let rpo = sampler.await?;
+        let fio = fio??;
         let catch_up_secs = self.until_point_holds_stamp(stamp).await?;
         Ok(Ferry {
             fio,
@@ -474,6 +495,7 @@ impl Stack {
             catch_up_secs,
             agent_rss_mib: peak_rss_mib(self.agent.0.id()),
             processor_rss_mib: peak_rss_mib(self.processor.child.id()),
+            rpo,
         })
     }
 
@@ -482,6 +504,42 @@ impl Stack {
         drop(self);
         std::fs::remove_file(source)?;
         Ok(())
+    }
+}
+
+/// Every 250 ms until `done`: the RPO a failover at that moment would
+/// have, now minus the time of the newest write held by the newest point
+/// (no sample while there is no point yet).
+async fn sample_rpo(
+    mut processor: ProcessorClient<ferry_testkit::insecure::TestChannel>,
+    done: ferry_runtime::CancellationToken,
+) -> Vec<(f64, f64)> {
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = done.cancelled() => return samples,
+            _ = tick.tick() => {}
+        }
+        let newest = processor
+            .list_recovery_points(proc::ListRecoveryPointsRequest {
+                vm_name: "vm".into(),
+                limit: 1,
+                ..Default::default()
+            })
+            .await
+            .ok()
+            .and_then(|r| r.into_inner().points.into_iter().next())
+            .and_then(|p| p.time);
+        if let Some(t) = newest {
+            let written = t.seconds as f64 + f64::from(t.nanos) / 1e9;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64();
+            samples.push((started.elapsed().as_secs_f64(), (now - written).max(0.0)));
+        }
     }
 }
 
@@ -560,14 +618,7 @@ pub fn table(jobs: &[Job], r: &Results) -> String {
         let base_mibs = spread(&base.iter().map(|f| f.mibs).collect::<Vec<_>>()).1;
         let base_p99 = spread(&base.iter().map(|f| f.p99_ms).collect::<Vec<_>>()).1;
         let ferry: Vec<Fio> = r.ferry[j].iter().map(|f| f.fio).collect();
-        for (name, figures) in [
-            ("qemu-nbd writeback (no replication)", base),
-            (
-                "qemu-storage-daemon + blockdev-mirror write-blocking",
-                &r.mirror[j],
-            ),
-            ("Ferry (agent → cache → processor)", &ferry),
-        ] {
+        for (name, figures) in [(QEMU_NBD, base), (MIRROR, &r.mirror[j]), (FERRY, &ferry)] {
             let mibs: Vec<f64> = figures.iter().map(|f| f.mibs).collect();
             let iops: Vec<f64> = figures.iter().map(|f| f.iops).collect();
             let p99: Vec<f64> = figures.iter().map(|f| f.p99_ms).collect();
@@ -599,9 +650,46 @@ pub fn table(jobs: &[Job], r: &Results) -> String {
     out
 }
 
-pub async fn run(dir: &Path, seq_mib: u64, random_secs: u64, runs: usize) -> Result<()> {
+/// The figures the report plots: every export's spread per job, and the
+/// RPO series of the 4 KiB random job's Ferry runs.
+pub fn figures(jobs: &[Job], r: &Results) -> CompareFigures {
+    let bars = |name: &str, figures: &[Fio]| Bar {
+        export: name.to_string(),
+        mibs: Spread::of(&figures.iter().map(|f| f.mibs).collect::<Vec<_>>()),
+        iops: Spread::of(&figures.iter().map(|f| f.iops).collect::<Vec<_>>()),
+        p99_ms: Spread::of(&figures.iter().map(|f| f.p99_ms).collect::<Vec<_>>()),
+    };
+    let mut out = CompareFigures::default();
+    for (j, job) in jobs.iter().enumerate() {
+        let ferry: Vec<Fio> = r.ferry[j].iter().map(|f| f.fio).collect();
+        out.jobs.push((
+            job.name.to_string(),
+            vec![
+                bars(QEMU_NBD, &r.qemu_nbd[j]),
+                bars(MIRROR, &r.mirror[j]),
+                bars(FERRY, &ferry),
+            ],
+        ));
+        if job.name.starts_with("4 KiB") {
+            out.rpo_job = job.name.to_string();
+            out.rpo = r.ferry[j].iter().map(|f| f.rpo.clone()).collect();
+        }
+    }
+    out
+}
+
+pub async fn run(
+    dir: &Path,
+    seq_mib: u64,
+    random_secs: u64,
+    runs: usize,
+    figures_to: Option<&Path>,
+) -> Result<()> {
     let jobs = jobs(seq_mib, random_secs);
     let results = measure(dir, &jobs, runs).await?;
+    if let Some(path) = figures_to {
+        crate::plots::save(path, &figures(&jobs, &results))?;
+    }
     println!(
         "fio (nbd engine) against exports of a raw 4 GiB image in {}; median (min–max) of {runs} runs",
         dir.display()

@@ -12,8 +12,9 @@
 //! as processes, with ratios (see `compare_bench`).
 //! `ferry-loadgen control-bench`: registry GetVm against health Check at a
 //! concurrency of 16 (see `control_bench`).
-//! `ferry-loadgen report`: runs compare, processor-bench and failover-bench
-//! and writes `docs/performance.md` (see `report`).
+//! `ferry-loadgen report`: runs compare, processor-bench, control-bench and
+//! failover-bench and writes `docs/performance.md` with its plots (see
+//! `report`, `plots`).
 //! `ferry-loadgen chaos --minutes N`: the chaos test of `tests/tests/chaos.rs`
 //! for N minutes (`ferry_testkit::chaos`); it fails loudly when a check
 //! fails and prints kills and cuts survived, writes and the failover.
@@ -22,6 +23,7 @@ mod compare_bench;
 mod control_bench;
 mod failover_bench;
 mod group_bench;
+mod plots;
 mod processor_bench;
 mod report;
 
@@ -76,6 +78,9 @@ enum Cli {
         /// Runs of every job against every export (min/median/max).
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Also write the figures as JSON here (what `report` plots).
+        #[arg(long)]
+        figures: Option<PathBuf>,
     },
     /// Runs compare, processor-bench and failover-bench and writes their
     /// figures into one Markdown page.
@@ -158,6 +163,9 @@ enum Cli {
         /// Length of the RPO lag run, in seconds.
         #[arg(long, default_value_t = 20)]
         churn_secs: u64,
+        /// Also write the figures as JSON here (what `report` plots).
+        #[arg(long)]
+        figures: Option<PathBuf>,
     },
 }
 
@@ -446,10 +454,12 @@ async fn main() -> Result<()> {
             seq_mib,
             random_secs,
             runs,
+            figures,
         } => {
             std::fs::create_dir_all(&dir)?;
             let work = tempfile::tempdir_in(&dir)?;
-            return compare_bench::run(work.path(), seq_mib, random_secs, runs).await;
+            return compare_bench::run(work.path(), seq_mib, random_secs, runs, figures.as_deref())
+                .await;
         }
         Cli::Failover { dir } => {
             std::fs::create_dir_all(&dir)?;
@@ -461,10 +471,18 @@ async fn main() -> Result<()> {
             apply_mib,
             churn_mb,
             churn_secs,
+            figures,
         } => {
             std::fs::create_dir_all(&dir)?;
             let work = tempfile::tempdir_in(&dir)?;
-            return processor_bench::run(work.path(), apply_mib, churn_mb, churn_secs).await;
+            return processor_bench::run(
+                work.path(),
+                apply_mib,
+                churn_mb,
+                churn_secs,
+                figures.as_deref(),
+            )
+            .await;
         }
     };
     std::fs::create_dir_all(&dir)?;

@@ -59,9 +59,19 @@ fn write(offset: u64, len: usize, byte: u8) -> Op {
     })
 }
 
+/// What one apply run measured.
+struct Applied {
+    mibs: f64,
+    records_per_sec: f64,
+    /// The replica's bytes on disk after the run.
+    disk_bytes: u64,
+    /// After each point: (bytes written, replica bytes on disk).
+    space: Vec<(u64, u64)>,
+}
+
 /// MiB/s and records/s of applying `records` writes of `len` bytes, a point
 /// cut every `per_point` records (each cut fsyncs), and the replica's bytes
-/// on disk after.
+/// on disk after each point (not timed).
 fn apply_rate(
     dir: &Path,
     name: &str,
@@ -70,7 +80,7 @@ fn apply_rate(
     len: usize,
     per_point: u64,
     offset: impl Fn(u64) -> u64,
-) -> Result<(f64, f64, u64)> {
+) -> Result<Applied> {
     let replicas = Replicas::open(&dir.join(name), CHUNK, 64 << 20)?;
     let replica = replicas.open_vm_with(
         "vm",
@@ -79,20 +89,30 @@ fn apply_rate(
     )?;
     let mut feed = Feed(0);
     feed.synced(&replica, "os")?;
+    let mut space = Vec::new();
+    let mut untimed = Duration::ZERO;
     let t = Instant::now();
     for i in 0..records {
         replica.apply(&feed.next("os", write(offset(i), len, (i % 251) as u8 + 1)))?;
         if (i + 1).is_multiple_of(per_point) {
             replica.cut(PointKind::CrashConsistent, "", 0)?;
+            let measuring = Instant::now();
+            space.push(((i + 1) * len as u64, replica.disk_bytes()?));
+            untimed += measuring.elapsed();
         }
     }
     replica.cut(PointKind::CrashConsistent, "", 0)?;
-    let secs = t.elapsed().as_secs_f64();
-    Ok((
-        (records * len as u64) as f64 / (1 << 20) as f64 / secs,
-        records as f64 / secs,
-        replica.disk_bytes()?,
-    ))
+    let secs = (t.elapsed() - untimed).as_secs_f64();
+    let disk_bytes = replica.disk_bytes()?;
+    if !records.is_multiple_of(per_point) {
+        space.push((records * len as u64, disk_bytes));
+    }
+    Ok(Applied {
+        mibs: (records * len as u64) as f64 / (1 << 20) as f64 / secs,
+        records_per_sec: records as f64 / secs,
+        disk_bytes,
+        space,
+    })
 }
 
 /// Milliseconds to cut a point after 1 MiB of scattered 64 KiB writes, on a
@@ -242,25 +262,41 @@ async fn rpo_lag(dir: &Path, mb_per_sec: f64, secs: u64) -> Result<(f64, f64, f6
 }
 
 /// Runs the processor benchmarks and prints the figures.
-pub async fn run(dir: &Path, apply_mib: u64, churn_mb: f64, churn_secs: u64) -> Result<()> {
+pub async fn run(
+    dir: &Path,
+    apply_mib: u64,
+    churn_mb: f64,
+    churn_secs: u64,
+    figures_to: Option<&Path>,
+) -> Result<()> {
     let baseline = fsync_baseline(dir, 256)?;
     println!(
         "filesystem of {}: fsynced 1 MiB sequential writes {baseline:.1} MiB/s (baseline)",
         dir.display()
     );
-    let (seq, _, _) = apply_rate(dir, "apply-seq", 8 << 30, apply_mib, 1 << 20, 64, |i| {
+    let seq = apply_rate(dir, "apply-seq", 8 << 30, apply_mib, 1 << 20, 64, |i| {
         (i << 20) % (8 << 30)
     })
-    .context("sequential apply")?;
+    .context("sequential apply")?
+    .mibs;
     let mut rng = Rng(0x2545f4914f6cdd1d);
     let offsets: Vec<u64> = (0..40_000)
         .map(|_| (rng.next() % ((4u64 << 30) / 4096)) * 4096)
         .collect();
-    let (rand_mib, rand_ops, rand_disk) =
-        apply_rate(dir, "apply-rand", 4 << 30, 40_000, 4096, 5_000, |i| {
-            offsets[i as usize]
-        })
-        .context("random apply")?;
+    let random = apply_rate(dir, "apply-rand", 4 << 30, 40_000, 4096, 5_000, |i| {
+        offsets[i as usize]
+    })
+    .context("random apply")?;
+    let (rand_mib, rand_ops, rand_disk) = (random.mibs, random.records_per_sec, random.disk_bytes);
+    if let Some(path) = figures_to {
+        let mib = |b: u64| b as f64 / f64::from(1 << 20);
+        let space = random
+            .space
+            .iter()
+            .map(|(w, d)| (mib(*w), mib(*d)))
+            .collect();
+        crate::plots::save(path, &crate::plots::SpaceFigures { space })?;
+    }
     println!(
         "{:<44} {:>10} {:>10} {:>12}",
         "apply (record -> durable in replica)", "MiB/s", "IOPS", "vs baseline"

@@ -1,13 +1,18 @@
 //! `ferry-loadgen report`: runs the benchmarks the performance targets are
 //! measured by, each as a child process of this binary (so one cannot warm
 //! or starve the next), and writes their figures into one Markdown page
-//! (`docs/performance.md` by default) with the machine and the date.
+//! (`docs/performance.md` by default) with the machine and the date, and
+//! its plots as SVG beside it (`docs/performance/`): throughput and p99
+//! against the peers, RPO over time under 4 KiB random writes, replica
+//! bytes on disk against bytes written.
 
 use std::fmt::Write as _;
 use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+
+use crate::plots;
 
 /// One bench: its title, what it measures, and its subcommand.
 struct Bench {
@@ -16,6 +21,17 @@ struct Bench {
     args: Vec<String>,
     /// Its output is a Markdown table already.
     markdown: bool,
+    /// The plots drawn from the figures it wrote (`--figures`).
+    plots: Plots,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Plots {
+    None,
+    /// `throughput.svg` and `rpo.svg`.
+    Compare,
+    /// `space.svg`.
+    Space,
 }
 
 fn benches(dir: &Path, runs: usize, random_secs: u64) -> Vec<Bench> {
@@ -39,6 +55,7 @@ fn benches(dir: &Path, runs: usize, random_secs: u64) -> Vec<Bench> {
                 format!("--random-secs={random_secs}"),
             ],
             markdown: true,
+            plots: Plots::Compare,
         },
         Bench {
             title: "processor-svc: apply rate, replica space, point cost, RPO lag",
@@ -48,6 +65,7 @@ fn benches(dir: &Path, runs: usize, random_secs: u64) -> Vec<Bench> {
                     RPO lag through the whole stack at a steady churn.",
             args: vec!["processor-bench".into(), format!("--dir={dir}")],
             markdown: false,
+            plots: Plots::Space,
         },
         Bench {
             title: "The control plane",
@@ -55,6 +73,7 @@ fn benches(dir: &Path, runs: usize, random_secs: u64) -> Vec<Bench> {
                     16 concurrent callers on one channel, authenticated as an operator.",
             args: vec!["control-bench".into(), format!("--dir={dir}")],
             markdown: true,
+            plots: Plots::None,
         },
         Bench {
             title: "Failover against cp",
@@ -62,6 +81,7 @@ fn benches(dir: &Path, runs: usize, random_secs: u64) -> Vec<Bench> {
                     `cp --sparse=always` of the same source image in the same run.",
             args: vec!["failover-bench".into(), format!("--dir={dir}")],
             markdown: false,
+            plots: Plots::None,
         },
     ]
 }
@@ -108,10 +128,29 @@ pub fn run(dir: &Path, out: &Path, runs: usize, random_secs: u64) -> Result<()> 
          for each target: [performance-analysis.md](performance-analysis.md).\n",
         machine()
     )?;
+    // The plots go beside the page, in a directory named after it.
+    let plot_dir = out.with_extension("");
+    std::fs::create_dir_all(&plot_dir).with_context(|| format!("create {}", plot_dir.display()))?;
+    let plot_link = plot_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let figures = dir.join("figures.json");
     for bench in benches(dir, runs, random_secs) {
+        // What the bench before wrote is on disk first: its write-back
+        // would otherwise slow this one's fsyncs (failover-bench's took
+        // twice as long right after compare).
+        let synced = Command::new("sync").status().context("run sync")?;
+        if !synced.success() {
+            bail!("sync failed: {synced}");
+        }
         eprintln!("==> ferry-loadgen {}", bench.args.join(" "));
-        let output = Command::new(&me)
-            .args(&bench.args)
+        let mut command = Command::new(&me);
+        command.args(&bench.args);
+        if bench.plots != Plots::None {
+            command.arg(format!("--figures={}", figures.display()));
+        }
+        let output = command
             .output()
             .with_context(|| format!("run ferry-loadgen {}", bench.args[0]))?;
         if !output.status.success() {
@@ -134,6 +173,29 @@ pub fn run(dir: &Path, out: &Path, runs: usize, random_secs: u64) -> Result<()> 
             writeln!(page, "```\n{}\n```", text.trim_end())?;
         }
         writeln!(page)?;
+        let drawn: Vec<(&str, &str)> = match bench.plots {
+            Plots::None => vec![],
+            Plots::Compare => {
+                let f: plots::CompareFigures = plots::load(&figures)?;
+                plots::throughput(&plot_dir.join("throughput.svg"), &f)?;
+                plots::rpo(&plot_dir.join("rpo.svg"), &f)?;
+                vec![
+                    (
+                        "throughput.svg",
+                        "Throughput and p99 latency against the peers",
+                    ),
+                    ("rpo.svg", "RPO over time under steady 4 KiB random writes"),
+                ]
+            }
+            Plots::Space => {
+                let f: plots::SpaceFigures = plots::load(&figures)?;
+                plots::space(&plot_dir.join("space.svg"), &f)?;
+                vec![("space.svg", "Replica bytes on disk against bytes written")]
+            }
+        };
+        for (file, alt) in drawn {
+            writeln!(page, "![{alt}]({plot_link}/{file})\n")?;
+        }
     }
     std::fs::write(out, page).with_context(|| format!("write {}", out.display()))?;
     println!("wrote {}", out.display());

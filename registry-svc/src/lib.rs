@@ -7,6 +7,7 @@ pub mod derive;
 pub mod enrollment;
 pub mod error;
 pub mod lifecycle;
+pub mod metrics;
 pub mod model;
 pub mod registry;
 pub mod service;
@@ -177,12 +178,21 @@ pub async fn serve(
     tokio::spawn(registry.clone().watch_agents(shutdown.clone()));
     let limits = &config.service.limits;
     host.routes().add_service(
-        RegistryServer::new(service::RegistryService::new(registry, shutdown.clone()))
-            .max_decoding_message_size(limits.max_message_bytes)
-            .max_encoding_message_size(limits.max_message_bytes),
+        RegistryServer::new(service::RegistryService::new(
+            registry.clone(),
+            shutdown.clone(),
+        ))
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(limits.max_message_bytes),
     );
     if let Some(addr) = config.service.health_listen {
         ferry_runtime::health_port::serve(addr, &health, shutdown.clone()).await?;
+    }
+    if let Some(addr) = config.service.metrics_listen {
+        ferry_runtime::metrics::register_collector(Box::new(metrics::ItemMetrics::new(&registry)));
+        ferry_runtime::metrics::serve(addr, shutdown.clone())
+            .await
+            .map_err(ferry_runtime::HostError::from)?;
     }
     // Storage is open and registry has no peers to wait for.
     health.serving().await;

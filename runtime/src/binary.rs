@@ -43,8 +43,22 @@ where
         );
     }
     let shutdown = crate::shutdown::shutdown_token();
-    serve(config, settings, listener, shutdown).await?;
+    serve(config, settings, listener, shutdown)
+        .await
+        .map_err(|e| format!("{name}: {e}"))?;
     Ok(())
+}
+
+/// A binary's exit: an error is printed as the sentence it is (its
+/// Display), not as a debug dump, and the status is 1.
+pub fn exit(outcome: Result<(), BinaryError>) -> std::process::ExitCode {
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// The whole `main.rs` of a service binary. The library `$lib` provides
@@ -60,10 +74,20 @@ macro_rules! service_main {
             common: $crate::CommonArgs,
         }
 
-        #[tokio::main]
-        async fn main() -> Result<(), $crate::binary::BinaryError> {
+        fn main() -> std::process::ExitCode {
+            $crate::memory::limit_malloc_arenas();
             let args = <Args as clap::Parser>::parse();
-            $crate::binary::run($name, $key, $lib::DEFAULT_PORT, &args.common, $lib::run).await
+            $crate::binary::exit($crate::memory::runtime().map_err(Into::into).and_then(
+                |runtime| {
+                    runtime.block_on($crate::binary::run(
+                        $name,
+                        $key,
+                        $lib::DEFAULT_PORT,
+                        &args.common,
+                        $lib::run,
+                    ))
+                },
+            ))
         }
     };
 }

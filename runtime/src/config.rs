@@ -61,6 +61,10 @@ pub struct CommonArgs {
     /// Kubernetes' gRPC probes.
     #[arg(long, env = "FERRY_HEALTH_LISTEN", value_name = "HOST:PORT")]
     pub health_listen: Option<String>,
+    /// Serve Prometheus metrics over plain HTTP at http://HOST:PORT/metrics;
+    /// off unless set (docs/operations.md lists every metric).
+    #[arg(long, env = "FERRY_METRICS_LISTEN", value_name = "HOST:PORT")]
+    pub metrics_listen: Option<String>,
     /// A file of at least 32 secret bytes shared by every service of the
     /// deployment: services without TLS authenticate to each other with
     /// tokens derived from it.
@@ -144,6 +148,7 @@ struct FileCommon {
     limits: Option<Limits>,
     tls: FileTls,
     health_listen: Option<String>,
+    metrics_listen: Option<String>,
     insecure: Option<bool>,
     cluster_secret_file: Option<PathBuf>,
 }
@@ -190,6 +195,8 @@ pub struct ServiceConfig {
     pub security: Security,
     /// A plaintext port for health checks only, if any.
     pub health_listen: Option<SocketAddr>,
+    /// Where Prometheus metrics are served over HTTP, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// How a service secures its server and its calls to peers.
@@ -255,6 +262,7 @@ impl ServiceConfig {
             limits: Limits::default(),
             security: Security::in_process(),
             health_listen: None,
+            metrics_listen: None,
         }
     }
 }
@@ -295,19 +303,27 @@ impl CommonArgs {
             None => (FileCommon::default(), S::default()),
         };
         let security = self.security(&file)?;
-        let health_listen = self
-            .health_listen
-            .clone()
-            .or(file.health_listen.clone())
-            .map(|text| {
+        let address = |setting: &'static str, text: Option<String>, example: &str| {
+            text.map(|text| {
                 text.parse::<SocketAddr>()
                     .map_err(|_| ConfigError::Invalid {
-                        setting: "health_listen",
+                        setting,
                         value: text.clone(),
-                        reason: "expected HOST:PORT with an IP address, e.g. 0.0.0.0:7201".into(),
+                        reason: format!("expected HOST:PORT with an IP address, e.g. {example}"),
                     })
             })
-            .transpose()?;
+            .transpose()
+        };
+        let health_listen = address(
+            "health_listen",
+            self.health_listen.clone().or(file.health_listen.clone()),
+            "0.0.0.0:7201",
+        )?;
+        let metrics_listen = address(
+            "metrics_listen",
+            self.metrics_listen.clone().or(file.metrics_listen.clone()),
+            "0.0.0.0:9101",
+        )?;
         let listen_text = self
             .listen
             .clone()
@@ -369,6 +385,7 @@ impl CommonArgs {
                 limits: file.limits.unwrap_or_default(),
                 security,
                 health_listen,
+                metrics_listen,
             },
             own,
         ))

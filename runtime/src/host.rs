@@ -49,6 +49,9 @@ pub enum HostError {
     /// The audit trail cannot be opened.
     #[error(transparent)]
     Audit(#[from] crate::security::audit::AuditError),
+    /// The metrics port's address cannot be listened on.
+    #[error(transparent)]
+    MetricsPort(#[from] crate::metrics::MetricsPortError),
 }
 
 /// The gRPC name of the audit service every server hosts.
@@ -207,6 +210,7 @@ impl Host {
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .layer(TraceContextLayer)
+            .layer(crate::metrics::GrpcMetricsLayer)
             .layer(AuthLayer::with_audit(access, self.audit))
             .layer(tower::load_shed::LoadShedLayer::new())
             .layer(tower::limit::GlobalConcurrencyLimitLayer::new(

@@ -8,6 +8,8 @@ pub mod durable;
 pub mod follow;
 pub mod health_port;
 pub mod host;
+pub mod memory;
+pub mod metrics;
 pub mod names;
 pub mod peers;
 pub mod readiness;

@@ -134,6 +134,9 @@ impl Service {
         if let Some(addr) = config.health_listen {
             crate::health_port::serve(addr, &health, shutdown.clone()).await?;
         }
+        if let Some(addr) = config.metrics_listen {
+            crate::metrics::serve(addr, shutdown.clone()).await?;
+        }
         let credentials = self.credentials.clone();
         let ready = shutdown.clone();
         let peers: Vec<Peer> = self.peers.into_iter().map(|(_, p)| p).collect();

@@ -1,0 +1,215 @@
+//! Prometheus metrics of the real registry-svc binary, scraped over HTTP as
+//! Prometheus does: per-VM series from what registry knows, gRPC calls by
+//! method and code, process figures; and nothing else on that port.
+
+use std::time::Duration;
+
+use ferry_proto::registry::v1 as reg;
+use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_runtime::security::ServiceKind;
+use ferry_testkit::{bin_path, free_addr, wait_serving, Insecure, ServiceProcess};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// GET `path` on `addr` over HTTP/1.1: (status line, headers and body).
+async fn get(addr: &str, method: &str, path: &str) -> (String, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    let (status, rest) = text.split_once("\r\n").unwrap();
+    (status.to_string(), rest.to_string())
+}
+
+/// The value of the sample whose name and labels are `series`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_serves_per_vm_grpc_and_process_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let insecure = Insecure::new();
+    let metrics = free_addr().to_string();
+    let registry = ServiceProcess::start(
+        &insecure,
+        bin_path("registry-svc"),
+        dir.path().join("r"),
+        &["--metrics-listen", &metrics],
+    );
+    let url = registry.url();
+    wait_serving(&url).await;
+    let day = Duration::from_secs(86400);
+    ferry_testkit::create_policy(
+        insecure.at(&url),
+        "p7",
+        Duration::from_secs(7),
+        day,
+        day,
+        day,
+    )
+    .await;
+    let image = dir.path().join("os.raw");
+    ferry_testkit::protect_vm_with(insecure.at(&url), "web-1", &[("os", 1 << 30, &image)], "p7")
+        .await;
+    let mut admin = RegistryClient::new(insecure.at(&url).admin());
+    let missing = admin
+        .get_vm(reg::GetVmRequest {
+            name: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    // The processor reports an RPO of 2.5 s and a backlog.
+    let mut processor = RegistryClient::new(insecure.at(&url).as_service(ServiceKind::Processor));
+    processor
+        .report_health(reg::ReportHealthRequest {
+            vm_name: "web-1".into(),
+            component: "processor".into(),
+            health: reg::ReplicationHealth::Warning as i32,
+            message: "behind".into(),
+            rpo: Some(prost_types::Duration {
+                seconds: 2,
+                nanos: 500_000_000,
+            }),
+            backlog_bytes: Some(4096),
+            backlog_records: Some(3),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let (status, body) = get(&metrics, "GET", "/metrics").await;
+    assert!(status.ends_with("200 OK"), "{status}");
+    assert!(
+        body.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{body}"
+    );
+    let vm = r#"{vm="web-1"}"#;
+    assert_eq!(
+        sample(&body, &format!("ferry_vm_rpo_seconds{vm}")),
+        Some(2.5),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, &format!("ferry_vm_point_interval_seconds{vm}")),
+        Some(7.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, &format!("ferry_vm_cache_backlog_bytes{vm}")),
+        Some(4096.0)
+    );
+    assert_eq!(
+        sample(&body, &format!("ferry_vm_cache_backlog_records{vm}")),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(&body, r#"ferry_vm_health{vm="web-1",health="WARNING"}"#),
+        Some(1.0),
+        "{body}"
+    );
+    let item = ferry_testkit::protected_item(insecure.at(&url), "web-1")
+        .await
+        .unwrap();
+    let state = item
+        .state()
+        .as_str_name()
+        .trim_start_matches("REPLICATION_STATE_");
+    assert_eq!(
+        sample(
+            &body,
+            &format!(r#"ferry_vm_replication_state{{vm="web-1",state="{state}"}}"#)
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    // Calls by method and code; latency by method.
+    assert_eq!(
+        sample(
+            &body,
+            r#"ferry_grpc_server_handled_total{method="ferry.registry.v1.Registry/GetVm",code="NotFound"}"#
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    assert!(
+        sample(
+            &body,
+            r#"ferry_grpc_server_handling_seconds_count{method="ferry.registry.v1.Registry/ReportHealth"}"#
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{body}"
+    );
+    for name in [
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+    ] {
+        assert!(
+            sample(&body, name).is_some_and(|v| v > 0.0),
+            "{name}: {body}"
+        );
+    }
+    assert!(body.trim_end().ends_with("# EOF"), "{body}");
+
+    // Disabling the VM takes its series away.
+    admin
+        .disable_replication(reg::DisableReplicationRequest {
+            vm_name: "web-1".into(),
+        })
+        .await
+        .unwrap();
+    let gone = ferry_testkit::wait_for("web-1's series to go", Duration::from_secs(30), || {
+        let metrics = metrics.clone();
+        async move {
+            let (_, body) = get(&metrics, "GET", "/metrics").await;
+            (!body.contains(r#"vm="web-1""#)).then_some(body)
+        }
+    })
+    .await;
+    assert!(gone.contains("ferry_grpc_server_handled_total"), "{gone}");
+
+    // Only GET /metrics is served.
+    let (status, _) = get(&metrics, "GET", "/").await;
+    assert!(status.contains(" 404 "), "{status}");
+    let (status, _) = get(&metrics, "POST", "/metrics").await;
+    assert!(status.contains(" 405 "), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_metrics_address_stops_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let insecure = Insecure::new();
+    let mut args = insecure.args(&bin_path("registry-svc"));
+    args.extend(
+        [
+            "--listen",
+            &free_addr().to_string(),
+            "--data-dir",
+            &dir.path().display().to_string(),
+            "--metrics-listen",
+            &addr,
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    let out = tokio::process::Command::new(bin_path("registry-svc"))
+        .args(&args)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("registry-svc exits")
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("cannot serve metrics on {addr}")),
+        "{stderr}"
+    );
+}
