@@ -9,6 +9,7 @@ pub mod error;
 pub mod frame;
 pub mod ingest;
 pub mod log;
+pub mod metrics;
 pub mod model;
 pub mod service;
 pub mod store;
@@ -84,6 +85,9 @@ pub async fn run(
     let client = RegistryClient::new(service.channel(Role::Registry)?);
     let limits = &config.limits;
     let store = Arc::new(store);
+    if config.metrics_listen.is_some() {
+        ferry_runtime::metrics::register_collector(Box::new(metrics::LogMetrics::new(&store)));
+    }
     let sessions = Arc::new(control::Sessions::default());
     tokio::spawn(report_damaged(
         client.clone(),

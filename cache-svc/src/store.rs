@@ -377,6 +377,31 @@ impl Store {
         Ok((state, aside))
     }
 
+    /// The quotas it enforces.
+    pub fn quotas(&self) -> Quotas {
+        self.quotas
+    }
+
+    /// Every open VM log's bytes (what counts toward the quotas) and
+    /// records not yet applied, by VM.
+    pub fn backlogs(&self) -> Vec<(String, u64, u64)> {
+        let vms: Vec<Arc<VmState>> = self
+            .vms
+            .lock()
+            .map(|vms| vms.values().cloned().collect())
+            .unwrap_or_default();
+        let mut all: Vec<(String, u64, u64)> = vms
+            .iter()
+            .filter_map(|s| {
+                let applied = s.meta().ok()?.applied.get();
+                let (bytes, last) = s.with_log(|log| (log.size(), log.last_seq())).ok()?;
+                Some((s.vm.clone(), bytes, last.saturating_sub(applied)))
+            })
+            .collect();
+        all.sort();
+        all
+    }
+
     /// Every VM with a log (damaged ones too) and the incarnation it
     /// belongs to.
     pub fn incarnations(&self) -> Vec<(String, Incarnation)> {

@@ -5,6 +5,7 @@
 //! and serves any retained point's disks.
 
 pub mod error;
+pub mod metrics;
 pub mod pipeline;
 pub mod replica;
 pub mod retention;
@@ -128,6 +129,11 @@ pub async fn run(
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes),
     );
+    if config.metrics_listen.is_some() {
+        ferry_runtime::metrics::register_collector(Box::new(metrics::PipelineMetrics::new(
+            &pipelines,
+        )));
+    }
     // Replication follows registry once the peers serve.
     let following = pipelines.follow_registry();
     // Operator tokens are checked with registry.

@@ -138,6 +138,22 @@ impl Pipelines {
             .map(|h| (h.commands.clone(), h.status.borrow().clone()))
     }
 
+    /// Every running pipeline's VM and status, by VM.
+    pub fn statuses(&self) -> Vec<(String, Status)> {
+        let mut all: Vec<(String, Status)> = self
+            .running
+            .lock()
+            .map(|running| {
+                running
+                    .iter()
+                    .map(|(vm, h)| (vm.clone(), h.status.borrow().clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     /// The members of a replication group, sorted.
     pub fn members(&self, group: &str) -> Vec<String> {
         self.groups

@@ -327,8 +327,8 @@ fn process_figures() -> Option<(f64, f64, f64, f64, f64)> {
     Some((cpu, threads, start, field(23)?, field(24)? * page))
 }
 
-/// One gauge without labels.
-fn encode_gauge(
+/// One gauge without labels, as a collector encodes it.
+pub fn encode_gauge(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,

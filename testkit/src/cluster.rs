@@ -64,6 +64,10 @@ pub struct Options {
     pub cache_dir: Option<PathBuf>,
     /// processor-svc's, likewise.
     pub processor_dir: Option<PathBuf>,
+    /// Where processor-svc serves its Prometheus metrics, if anywhere.
+    pub processor_metrics: Option<std::net::SocketAddr>,
+    /// Where cache-svc serves its Prometheus metrics, if anywhere.
+    pub cache_metrics: Option<std::net::SocketAddr>,
 }
 
 /// Every service, in-process.
@@ -138,6 +142,7 @@ impl Cluster {
 
     async fn start_inner(options: Options, proxied: bool) -> (Cluster, Option<FaultProxy>) {
         let processor_settings = options.processor;
+        let processor_metrics = options.processor_metrics;
         let dir = tempfile::tempdir().expect("tempdir");
         // The cache's address is needed by registry before cache starts.
         let cache_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -163,6 +168,7 @@ impl Cluster {
         let cache_shutdown = CancellationToken::new();
         let mut cache_config = ServiceConfig::in_process(&cache_dir);
         cache_config.registry = Some(registry_url.clone());
+        cache_config.metrics_listen = options.cache_metrics;
         let future = cache_svc::run(
             cache_config,
             options.cache,
@@ -189,6 +195,7 @@ impl Cluster {
             move |mut cfg, l, s| {
                 cfg.registry = Some(r);
                 cfg.cache = Some(c);
+                cfg.metrics_listen = processor_metrics;
                 processor_svc::run(cfg, processor_settings, l, s)
             },
         )

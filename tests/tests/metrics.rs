@@ -1,13 +1,19 @@
-//! Prometheus metrics of the real registry-svc binary, scraped over HTTP as
-//! Prometheus does: per-VM series from what registry knows, gRPC calls by
-//! method and code, process figures; and nothing else on that port.
+//! Prometheus metrics, scraped over HTTP as Prometheus does: the real
+//! registry-svc binary's per-VM series from what registry knows, gRPC calls
+//! by method and code, process figures, and nothing else on that port;
+//! processor-svc's view of a replicating VM.
+
+mod common;
 
 use std::time::Duration;
 
 use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::security::ServiceKind;
-use ferry_testkit::{bin_path, free_addr, wait_serving, Insecure, ServiceProcess};
+use ferry_testkit::cluster::{Cluster, Options};
+use ferry_testkit::{
+    bin_path, free_addr, protect_vm_with, wait_for, wait_serving, Insecure, ServiceProcess,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// GET `path` on `addr` over HTTP/1.1: (status line, headers and body).
@@ -212,4 +218,97 @@ async fn an_unusable_metrics_address_stops_start_up() {
         stderr.contains(&format!("cannot serve metrics on {addr}")),
         "{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processor_and_cache_serve_their_view_of_each_replicating_vm() {
+    let (metrics, cache_metrics) = (free_addr(), free_addr());
+    let cluster = Cluster::start_options(Options {
+        processor_metrics: Some(metrics),
+        cache_metrics: Some(cache_metrics),
+        ..Options::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let source = common::image(dir.path(), "vm");
+    common::policy(&cluster.registry.url, "fast", Duration::from_secs(1)).await;
+    protect_vm_with(
+        &cluster.registry.url,
+        "vm",
+        &[("os", common::DISK, &source)],
+        "fast",
+    )
+    .await;
+    let (agent, _) =
+        common::protected_agent(&cluster.registry.url, "vm", &dir.path().join("agent")).await;
+    let seq = agent
+        .capture
+        .write("os", 0, vec![7u8; 65536])
+        .await
+        .unwrap();
+    let metrics = metrics.to_string();
+    // A point holding the write, then its figures.
+    let body = wait_for("a point in the metrics", Duration::from_secs(60), || {
+        let metrics = metrics.clone();
+        async move {
+            let (_, body) = get(&metrics, "GET", "/metrics").await;
+            sample(
+                &body,
+                r#"ferry_processor_points{vm="vm",kind="CRASH_CONSISTENT"}"#,
+            )
+            .is_some_and(|n| n >= 1.0)
+            .then_some(body)
+        }
+    })
+    .await;
+    assert!(seq >= 1);
+    let vm = r#"{vm="vm"}"#;
+    assert!(
+        sample(&body, &format!("ferry_processor_retained_bytes{vm}")).is_some_and(|b| b >= 65536.0),
+        "{body}"
+    );
+    assert!(
+        sample(
+            &body,
+            &format!("ferry_processor_newest_point_age_seconds{vm}")
+        )
+        .is_some_and(|s| (0.0..600.0).contains(&s)),
+        "{body}"
+    );
+    assert!(
+        sample(&body, &format!("ferry_processor_apply_lag_records{vm}")).is_some(),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, &format!("ferry_processor_pipeline_failing{vm}")),
+        Some(0.0),
+        "{body}"
+    );
+
+    let (_, cache) = get(&cache_metrics.to_string(), "GET", "/metrics").await;
+    assert!(
+        sample(&cache, &format!("ferry_cache_log_bytes{vm}")).is_some(),
+        "{cache}"
+    );
+    assert!(
+        sample(&cache, &format!("ferry_cache_unapplied_records{vm}")).is_some(),
+        "{cache}"
+    );
+    let quota = cache_svc::Settings::default().vm_quota_bytes as f64;
+    assert_eq!(
+        sample(&cache, "ferry_cache_vm_quota_bytes"),
+        Some(quota),
+        "{cache}"
+    );
+    assert!(sample(&cache, "ferry_cache_total_quota_bytes").is_some_and(|q| q >= quota));
+    assert!(
+        sample(
+            &cache,
+            r#"ferry_grpc_server_handled_total{method="ferry.cache.v1.Cache/Ingest",code="Ok"}"#
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{cache}"
+    );
+    agent.stop(Duration::from_secs(10)).await.unwrap();
+    cluster.stop().await;
 }
