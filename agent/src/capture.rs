@@ -194,6 +194,9 @@ pub struct Capture {
     /// Set under `order` while a planned failover drains the stream: writes
     /// are refused until the drain ends (and only until then).
     draining: std::sync::atomic::AtomicBool,
+    /// Writes taken and their bytes, since the start (for metrics).
+    writes: std::sync::atomic::AtomicU64,
+    written_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl Capture {
@@ -211,7 +214,16 @@ impl Capture {
             in_flight: InFlight::default(),
             closed: std::sync::atomic::AtomicBool::new(false),
             draining: std::sync::atomic::AtomicBool::new(false),
+            writes: std::sync::atomic::AtomicU64::new(0),
+            written_bytes: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Writes taken (written to the source and recorded) and their bytes,
+    /// since the agent started.
+    pub fn written(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.writes.load(Relaxed), self.written_bytes.load(Relaxed))
     }
 
     /// Refuses every write from now on (the agent is stopping); returns once
@@ -445,6 +457,7 @@ impl Capture {
         }
         let _order = self.order.read().await;
         self.check_open()?;
+        let written = data.len() as u64;
         let d2 = d.clone();
         // The sectors the write may touch, should it fail part way.
         let touched = (
@@ -487,7 +500,11 @@ impl Capture {
                 })
             })
             .collect();
-        Ok(self.stream.push_all(disk, ops).await)
+        let sequence = self.stream.push_all(disk, ops).await;
+        use std::sync::atomic::Ordering::Relaxed;
+        self.writes.fetch_add(1, Relaxed);
+        self.written_bytes.fetch_add(written, Relaxed);
+        Ok(sequence)
     }
 
     /// A write or zeroing failed part way (ENOSPC, EIO): the source may hold

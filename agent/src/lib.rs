@@ -10,6 +10,7 @@ pub mod group;
 pub mod group_signature;
 pub mod health;
 pub mod initial;
+pub mod metrics;
 pub mod nbd;
 pub mod quiesce;
 pub mod ranges;

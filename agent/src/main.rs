@@ -67,6 +67,10 @@ struct Args {
     /// nbd+unix:///DISK?socket=PATH.
     #[arg(long, env = "FERRY_NBD_SOCKET", value_name = "PATH")]
     nbd_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics over plain HTTP at http://HOST:PORT/metrics
+    /// (writes captured, buffer fill, tracking); off unless set.
+    #[arg(long, env = "FERRY_METRICS_LISTEN", value_name = "HOST:PORT")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Where the replication group port (ASR's 20004) listens when the VM is
     /// in a replication group; `off` turns it off.
     #[arg(
@@ -323,6 +327,10 @@ async fn agent_main() -> Result<(), ferry_runtime::binary::BinaryError> {
         "off" => GroupPort::Off,
         address => GroupPort::Listen(address.to_string()),
     };
+    // Bound before the agent starts: an unusable address stops start-up.
+    if let Some(addr) = args.metrics_listen {
+        ferry_runtime::metrics::serve(addr, shutdown.clone()).await?;
+    }
     let agent = Agent::start(AgentOptions {
         registry: args.registry.clone(),
         vm: args.vm.clone(),
@@ -353,6 +361,16 @@ async fn agent_main() -> Result<(), ferry_runtime::binary::BinaryError> {
     })
     .await
     .map_err(|e| e.to_string())?;
+    if args.metrics_listen.is_some() {
+        ferry_runtime::metrics::register_collector(Box::new(
+            ferry_agent::metrics::AgentMetrics::start(
+                &agent.vm,
+                &agent.capture,
+                agent.stream.clone(),
+                shutdown.clone(),
+            ),
+        ));
+    }
     // The agent runs until it is told to stop: whatever happens to
     // replication, the VM's disks stay exported.
     shutdown.cancelled().await;

@@ -281,6 +281,75 @@ async fn the_agent_binary_replicates_its_vm() {
     setup.registry.stop().await;
 }
 
+/// `GET /metrics` on `addr`: the body, or None while nothing answers.
+async fn scrape(addr: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.ok()?;
+    text.starts_with("HTTP/1.1 200").then_some(text)
+}
+
+/// The value of the sample named with its labels `series`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_serves_its_metrics_when_asked() {
+    let setup = Setup::new().await;
+    let metrics = free_addr().to_string();
+    let agent = Agent::start_with(&setup, &setup.state_dir(), &["--metrics-listen", &metrics]);
+    setup.wait_state(reg::ReplicationState::Protected).await;
+    agent.qemu_io("os", &["write -P 0x17 0 1M"]).await;
+    let body = wait_for(
+        "the write in the agent's metrics",
+        Duration::from_secs(30),
+        || {
+            let metrics = metrics.clone();
+            async move {
+                let body = scrape(&metrics).await?;
+                sample(&body, r#"ferry_agent_written_bytes_total{vm="vm"}"#)
+                    .is_some_and(|b| b >= f64::from(1 << 20))
+                    .then_some(body)
+            }
+        },
+    )
+    .await;
+    assert!(
+        sample(&body, r#"ferry_agent_writes_total{vm="vm"}"#).is_some_and(|n| n >= 1.0),
+        "{body}"
+    );
+    let capacity = ferry_agent::stream::StreamLimits::default().buffer_bytes as f64;
+    assert_eq!(
+        sample(&body, r#"ferry_agent_buffer_capacity_bytes{vm="vm"}"#),
+        Some(capacity),
+        "{body}"
+    );
+    assert!(
+        sample(&body, r#"ferry_agent_buffered_bytes{vm="vm"}"#).is_some(),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, r#"ferry_agent_tracking{vm="vm"}"#),
+        Some(0.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, r#"ferry_agent_detached{vm="vm"}"#),
+        Some(0.0),
+        "{body}"
+    );
+    assert!(
+        sample(&body, "process_resident_memory_bytes").is_some(),
+        "{body}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_changed_chunk_map_survives_a_clean_restart_and_a_crash_means_a_checksum_resync() {
     let mut setup = Setup::new().await;

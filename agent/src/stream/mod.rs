@@ -118,6 +118,11 @@ impl Stream {
         stream
     }
 
+    /// The limits it was made with.
+    pub fn limits(&self) -> StreamLimits {
+        self.limits
+    }
+
     /// The cache asked to end with a FINAL marker of this id (a planned
     /// failover).
     pub fn request_final(&self, id: &str) {
