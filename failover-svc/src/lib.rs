@@ -10,6 +10,7 @@ pub mod error;
 pub mod group;
 pub mod inventory;
 pub mod jobs;
+pub mod metrics;
 pub mod requests;
 pub mod service;
 pub mod verify;
@@ -65,6 +66,9 @@ pub async fn run(
     })
     .await?;
     let jobs = Arc::new(jobs);
+    if config.metrics_listen.is_some() {
+        ferry_runtime::metrics::register_collector(Box::new(metrics::JobMetrics::new(&jobs)));
+    }
     let limits = &config.limits;
     // The source region's cache is optional: only planned failovers use it.
     let cache = match &config.cache {

@@ -68,6 +68,8 @@ pub struct Options {
     pub processor_metrics: Option<std::net::SocketAddr>,
     /// Where cache-svc serves its Prometheus metrics, if anywhere.
     pub cache_metrics: Option<std::net::SocketAddr>,
+    /// Where failover-svc serves its Prometheus metrics, if anywhere.
+    pub failover_metrics: Option<std::net::SocketAddr>,
 }
 
 /// Every service, in-process.
@@ -143,6 +145,7 @@ impl Cluster {
     async fn start_inner(options: Options, proxied: bool) -> (Cluster, Option<FaultProxy>) {
         let processor_settings = options.processor;
         let processor_metrics = options.processor_metrics;
+        let failover_metrics = options.failover_metrics;
         let dir = tempfile::tempdir().expect("tempdir");
         // The cache's address is needed by registry before cache starts.
         let cache_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -212,6 +215,7 @@ impl Cluster {
                 cfg.registry = Some(r);
                 cfg.processor = Some(p);
                 cfg.cache = Some(c);
+                cfg.metrics_listen = failover_metrics;
                 failover_svc::run(cfg, Default::default(), l, s)
             },
         )

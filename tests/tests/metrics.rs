@@ -221,11 +221,12 @@ async fn an_unusable_metrics_address_stops_start_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn processor_and_cache_serve_their_view_of_each_replicating_vm() {
-    let (metrics, cache_metrics) = (free_addr(), free_addr());
+async fn processor_cache_and_failover_serve_their_view_of_each_vm() {
+    let (metrics, cache_metrics, failover_metrics) = (free_addr(), free_addr(), free_addr());
     let cluster = Cluster::start_options(Options {
         processor_metrics: Some(metrics),
         cache_metrics: Some(cache_metrics),
+        failover_metrics: Some(failover_metrics),
         ..Options::default()
     })
     .await;
@@ -308,6 +309,37 @@ async fn processor_and_cache_serve_their_view_of_each_replicating_vm() {
         )
         .is_some_and(|n| n >= 1.0),
         "{cache}"
+    );
+
+    // An unplanned failover: one ended job of its kind, with its duration.
+    use ferry_proto::failover::v1 as fo;
+    common::succeed(
+        &cluster.failover.url,
+        fo::StartFailoverRequest {
+            target: Some(fo::start_failover_request::Target::VmName("vm".into())),
+            kind: fo::FailoverKind::Unplanned as i32,
+            point: Some(fo::PointChoice {
+                choice: Some(fo::point_choice::Choice::LatestProcessed(true)),
+            }),
+            test_network: String::new(),
+            request_id: String::new(),
+        },
+    )
+    .await;
+    let (_, jobs) = get(&failover_metrics.to_string(), "GET", "/metrics").await;
+    let test = r#"{kind="failover-unplanned",outcome="succeeded"}"#;
+    assert_eq!(
+        sample(&jobs, &format!("ferry_failover_jobs_ended_total{test}")),
+        Some(1.0),
+        "{jobs}"
+    );
+    assert_eq!(
+        sample(
+            &jobs,
+            r#"ferry_failover_job_duration_seconds_count{kind="failover-unplanned"}"#
+        ),
+        Some(1.0),
+        "{jobs}"
     );
     agent.stop(Duration::from_secs(10)).await.unwrap();
     cluster.stop().await;
