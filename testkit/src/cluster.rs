@@ -70,6 +70,8 @@ pub struct Options {
     pub cache_metrics: Option<std::net::SocketAddr>,
     /// Where failover-svc serves its Prometheus metrics, if anywhere.
     pub failover_metrics: Option<std::net::SocketAddr>,
+    /// Where registry-svc serves its Prometheus metrics, if anywhere.
+    pub registry_metrics: Option<std::net::SocketAddr>,
 }
 
 /// Every service, in-process.
@@ -93,11 +95,22 @@ pub async fn start_registry_with(
     cache_url: Option<String>,
     settings: registry_svc::Settings,
 ) -> Running {
+    start_registry_metered(data_dir, cache_url, settings, None).await
+}
+
+/// As [`start_registry_with`], serving Prometheus metrics at `metrics`.
+pub async fn start_registry_metered(
+    data_dir: PathBuf,
+    cache_url: Option<String>,
+    settings: registry_svc::Settings,
+    metrics: Option<std::net::SocketAddr>,
+) -> Running {
     start(
         "registry-svc",
         data_dir,
         move |mut service, listener, shutdown| {
             service.cache = cache_url;
+            service.metrics_listen = metrics;
             async move {
                 let config = registry_svc::Config::new(service, settings)?;
                 registry_svc::serve(config, listener, shutdown).await
@@ -138,6 +151,11 @@ impl Cluster {
             processor: processor_settings,
             ..Options::default()
         };
+        Self::start_behind_proxy_options(options).await
+    }
+
+    /// As [`Cluster::start_behind_proxy`], set up by `options`.
+    pub async fn start_behind_proxy_options(options: Options) -> (Cluster, FaultProxy) {
         let (cluster, proxy) = Self::start_inner(options, true).await;
         (cluster, proxy.expect("a proxy was asked for"))
     }
@@ -157,10 +175,11 @@ impl Cluster {
             None
         };
         let agents_cache = proxy.as_ref().map_or(cache_url.clone(), FaultProxy::url);
-        let registry = start_registry_with(
+        let registry = start_registry_metered(
             dir.path().join("registry"),
             Some(agents_cache),
             options.registry,
+            options.registry_metrics,
         )
         .await;
 
