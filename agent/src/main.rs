@@ -192,6 +192,15 @@ struct Args {
     /// Log filter.
     #[arg(long, env = "FERRY_LOG", default_value = "info")]
     log: String,
+    /// Log lines as text (coloured only on a terminal) or one JSON object
+    /// per line, for log shippers.
+    #[arg(
+        long,
+        env = "FERRY_LOG_FORMAT",
+        value_name = "FORMAT",
+        default_value = "text"
+    )]
+    log_format: ferry_runtime::telemetry::LogFormat,
 }
 
 /// The secret in `path` (surrounding whitespace ignored), for `flag`.
@@ -250,7 +259,8 @@ fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
 
 async fn agent_main() -> Result<(), ferry_runtime::binary::BinaryError> {
     let args = Args::parse();
-    let _telemetry = ferry_runtime::telemetry::init("ferry-agent", &args.log, None)?;
+    let _telemetry =
+        ferry_runtime::telemetry::init_with("ferry-agent", &args.log, None, args.log_format)?;
     let shutdown = ferry_runtime::shutdown_token();
     let disk_roots: Vec<PathBuf> = args
         .disk_root

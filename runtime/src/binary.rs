@@ -31,7 +31,12 @@ where
     let (config, settings) = common
         .resolve::<S>(key, default_port)
         .map_err(|e| format!("{name}: {e}"))?;
-    let _telemetry = crate::telemetry::init(name, &config.log, config.otlp_endpoint.as_deref())?;
+    let _telemetry = crate::telemetry::init_with(
+        name,
+        &config.log,
+        config.otlp_endpoint.as_deref(),
+        config.log_format,
+    )?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("{name}: cannot listen on {}: {e}", config.listen))?;

@@ -42,6 +42,10 @@ pub struct CommonArgs {
     /// Log filter in tracing's env-filter syntax (default "info").
     #[arg(long, env = "FERRY_LOG", value_name = "FILTER")]
     pub log: Option<String>,
+    /// Log lines as text (coloured only on a terminal) or one JSON object
+    /// per line for log shippers (default text).
+    #[arg(long, env = "FERRY_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<crate::telemetry::LogFormat>,
     /// This service's certificate (PEM), served to clients and presented to
     /// peers; `ferry certs init` makes one per service.
     #[arg(long, env = "FERRY_TLS_CERT", value_name = "PEM")]
@@ -145,6 +149,7 @@ struct FileCommon {
     peers: FilePeers,
     otlp_endpoint: Option<String>,
     log: Option<String>,
+    log_format: Option<crate::telemetry::LogFormat>,
     limits: Option<Limits>,
     tls: FileTls,
     health_listen: Option<String>,
@@ -189,6 +194,8 @@ pub struct ServiceConfig {
     pub otlp_endpoint: Option<String>,
     /// Log filter.
     pub log: String,
+    /// How log lines are written.
+    pub log_format: crate::telemetry::LogFormat,
     /// Request limits.
     pub limits: Limits,
     /// TLS and caller checks.
@@ -259,6 +266,7 @@ impl ServiceConfig {
             processor: None,
             otlp_endpoint: None,
             log: "info".into(),
+            log_format: crate::telemetry::LogFormat::Text,
             limits: Limits::default(),
             security: Security::in_process(),
             health_listen: None,
@@ -382,6 +390,7 @@ impl CommonArgs {
                     .clone()
                     .or(file.log)
                     .unwrap_or_else(|| "info".into()),
+                log_format: self.log_format.or(file.log_format).unwrap_or_default(),
                 limits: file.limits.unwrap_or_default(),
                 security,
                 health_listen,

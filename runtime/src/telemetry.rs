@@ -13,6 +13,17 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Lines for people; coloured only when stderr is a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
 /// Why telemetry could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
@@ -40,13 +51,24 @@ impl Drop for TelemetryGuard {
     }
 }
 
-/// Installs the global subscriber and the W3C trace-context propagator.
+/// Installs the global subscriber and the W3C trace-context propagator,
+/// logging text lines.
 ///
 /// `filter` uses tracing's env-filter syntax; `RUST_LOG`, when set, wins.
 pub fn init(
     service: &'static str,
     filter: &str,
     otlp_endpoint: Option<&str>,
+) -> Result<TelemetryGuard, TelemetryError> {
+    init_with(service, filter, otlp_endpoint, LogFormat::Text)
+}
+
+/// As [`init`], logging in `format`.
+pub fn init_with(
+    service: &'static str,
+    filter: &str,
+    otlp_endpoint: Option<&str>,
+    format: LogFormat,
 ) -> Result<TelemetryGuard, TelemetryError> {
     let filter_text = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
     let env_filter = EnvFilter::try_new(&filter_text).map_err(|e| TelemetryError::Filter {
@@ -74,12 +96,32 @@ pub fn init(
 
     // The log filter governs what is printed only: request spans always reach
     // the OpenTelemetry layer, so trace context flows at any log level.
+    // Colour only for a person at a terminal: escape codes in a file or a
+    // log shipper are noise.
+    use std::io::IsTerminal as _;
+    let (text, json) = match format {
+        LogFormat::Text => (
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_filter(env_filter),
+            ),
+            None,
+        ),
+        LogFormat::Json => (
+            None,
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr)
+                    .with_filter(env_filter),
+            ),
+        ),
+    };
     tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_filter(env_filter),
-        )
+        .with(text)
+        .with(json)
         .with(
             tracing_opentelemetry::layer()
                 .with_tracer(tracer)
