@@ -9,16 +9,35 @@
 #   deploy/local/ferry-local.sh stop     SIGTERM, wait up to 10 s each, then SIGKILL
 #   deploy/local/ferry-local.sh status   pid, address and up/down of each
 #
+# Each service also serves Prometheus metrics on its gRPC port + 2000 (9101 to
+# 9104 by default), as deploy/prometheus/prometheus.yml expects.
+#
 # Environment: FERRY_LOCAL_DIR (default deploy/local/run), FERRY_LOCAL_BASE_PORT
 # (default 7101: registry, then cache, processor, failover), FERRY_BIN_DIR
-# (default $CARGO_TARGET_DIR/debug, else target/debug).
+# (default: $CARGO_TARGET_DIR, else target, /debug if it holds every binary,
+# else /release if that does, else debug after `cargo build`).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
 run_dir=${FERRY_LOCAL_DIR:-$root/deploy/local/run}
 base=${FERRY_LOCAL_BASE_PORT:-7101}
-bin_dir=${FERRY_BIN_DIR:-${CARGO_TARGET_DIR:-$root/target}/debug}
 services=(registry cache processor failover)
+
+# Whether $1 holds every binary this script starts.
+complete() {
+  local s
+  for s in "${services[@]}"; do [ -x "$1/$s-svc" ] || return 1; done
+  [ -x "$1/ferry" ]
+}
+if [ -n "${FERRY_BIN_DIR:-}" ]; then
+  bin_dir=$FERRY_BIN_DIR
+else
+  target=${CARGO_TARGET_DIR:-$root/target}
+  bin_dir=$target/debug
+  if ! complete "$bin_dir" && complete "$target/release"; then
+    bin_dir=$target/release
+  fi
+fi
 pki=$run_dir/pki
 
 port_of() {
@@ -30,6 +49,7 @@ port_of() {
   esac
 }
 url_of() { echo "https://127.0.0.1:$(port_of "$1")"; }
+metrics_of() { echo "127.0.0.1:$(($(port_of "$1") + 2000))"; }
 
 tls_of() {
   echo "--tls-cert $pki/$1.pem --tls-key $pki/$1-key.pem --tls-ca $pki/ca.pem"
@@ -40,7 +60,7 @@ peers_of() {
     registry) echo "--cache $(url_of cache) --bootstrap-token-file $run_dir/admin-token" ;;
     cache) echo "--registry $(url_of registry)" ;;
     processor) echo "--registry $(url_of registry) --cache $(url_of cache)" ;;
-    failover) echo "--registry $(url_of registry) --processor $(url_of processor)" ;;
+    failover) echo "--registry $(url_of registry) --processor $(url_of processor) --cache $(url_of cache)" ;;
   esac
 }
 
@@ -78,14 +98,11 @@ healthy() {
 
 start() {
   mkdir -p "$run_dir"
-  for s in "${services[@]}" ferry; do
-    if [ ! -x "$bin_dir/$s-svc" ] && [ ! -x "$bin_dir/$s" ]; then
-      echo "building the binaries (cargo build --bins)"
-      (cd "$root" && cargo build --bins -p registry-svc -p cache-svc -p processor-svc \
-        -p failover-svc -p ferry-cli)
-      break
-    fi
-  done
+  if ! complete "$bin_dir"; then
+    echo "building the binaries (cargo build --bins)"
+    (cd "$root" && cargo build --bins -p registry-svc -p cache-svc -p processor-svc \
+      -p failover-svc -p ferry-cli)
+  fi
   if [ ! -f "$pki/ca.pem" ]; then
     "$bin_dir/ferry" certs init "$pki" --operator admin:admin >/dev/null
     echo "made a CA and certificates in $pki"
@@ -103,6 +120,7 @@ start() {
     fi
     # shellcheck disable=SC2046
     "$bin_dir/$s-svc" --listen "127.0.0.1:$(port_of "$s")" --data-dir "$run_dir/$s" \
+      --metrics-listen "$(metrics_of "$s")" \
       $(tls_of "$s") $(peers_of "$s") >>"$run_dir/$s.log" 2>&1 &
     echo $! >"$run_dir/$s.pid"
   done
@@ -122,7 +140,7 @@ start() {
     done
   done
   for s in "${services[@]}"; do
-    echo "$s $(url_of "$s")"
+    echo "$s $(url_of "$s") metrics http://$(metrics_of "$s")/metrics"
   done
   echo "# the CLI: export FERRY_TLS_CA=$pki/ca.pem FERRY_TOKEN=\$(cat $run_dir/admin-token)"
   echo "#          ferry --registry $(url_of registry) --failover $(url_of failover) --processor $(url_of processor) list"

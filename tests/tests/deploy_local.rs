@@ -42,14 +42,16 @@ fn ferry(url: &str, ca: &Path, token: Option<&str>, args: &[&str]) -> std::proce
     command.output().unwrap()
 }
 
-/// A base port with the three after it free too.
+/// A base port with the three after it free too, and the four metrics
+/// ports 2000 above them.
 fn free_base_port() -> u16 {
     for _ in 0..100 {
         let first = ferry_testkit::free_addr().port();
-        if first > u16::MAX - 4 {
+        if first > u16::MAX - 2004 {
             continue;
         }
-        if (first..first + 4).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+        let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if (first..first + 4).all(|p| free(p) && free(p + 2000)) {
             return first;
         }
     }
@@ -166,6 +168,31 @@ async fn starts_four_serving_processes_and_stops_them() {
         assert!(running(pid), "{service} (pid {pid}) is running");
         pids.push(pid);
     }
+    // Each serves its metrics on its port + 2000; failover-svc knows the
+    // cache (a planned failover drains the source through it).
+    for (i, service) in SERVICES.iter().enumerate() {
+        let addr = format!("127.0.0.1:{}", base + 2000 + i as u16);
+        let mut stream = std::net::TcpStream::connect(&addr)
+            .unwrap_or_else(|e| panic!("{service}'s metrics at {addr}: {e}"));
+        use std::io::{Read, Write};
+        write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        assert!(
+            text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+            "{text}"
+        );
+        assert!(
+            text.contains("process_resident_memory_bytes"),
+            "{service}: {text}"
+        );
+    }
+    let failover = std::fs::read(format!("/proc/{}/cmdline", pids[3])).unwrap();
+    let cmdline = String::from_utf8_lossy(&failover).replace('\0', " ");
+    assert!(
+        cmdline.contains(&format!("--cache https://127.0.0.1:{}", base + 1)),
+        "{cmdline}"
+    );
     let status = String::from_utf8_lossy(&script("status", dir.path(), base).stdout).into_owned();
     assert_eq!(status.matches(" up").count(), 4, "{status}");
 
