@@ -252,9 +252,14 @@ async fn refuse_plaintext_beyond_loopback(
     Ok(())
 }
 
-fn main() -> Result<(), ferry_runtime::binary::BinaryError> {
+fn main() -> std::process::ExitCode {
     ferry_runtime::memory::limit_malloc_arenas();
-    ferry_runtime::memory::runtime()?.block_on(agent_main())
+    // A refusal is printed as the sentence it is, not as a debug dump.
+    ferry_runtime::binary::exit(
+        ferry_runtime::memory::runtime()
+            .map_err(Into::into)
+            .and_then(|runtime| runtime.block_on(agent_main())),
+    )
 }
 
 async fn agent_main() -> Result<(), ferry_runtime::binary::BinaryError> {

@@ -91,7 +91,7 @@ pub enum RunError {
     DiskRoots(#[from] crate::roots::RootsError),
     #[error(transparent)]
     CredentialFile(#[from] crate::enrollment::CredentialFileError),
-    #[error("cache-svc: {0}")]
+    #[error("cache-svc ended the stream: {:?}: {}", .0.code(), .0.message())]
     Cache(tonic::Status),
     #[error("cannot listen for the replication group on {address}: {source} (--group-listen HOST:PORT, or off)")]
     GroupPort {

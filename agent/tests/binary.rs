@@ -581,6 +581,9 @@ fn the_agent_binary_requires_a_disk_root() {
     let (status, stderr) = run_refused("http://127.0.0.1:1", &["--nbd-listen", "127.0.0.1:0"]);
     assert!(!status.success());
     assert!(stderr.contains("--disk-root DIR"), "{stderr}");
+    // A sentence, not Rust's debug print of an error.
+    assert!(!stderr.contains("Error: \""), "{stderr}");
+    assert!(stderr.trim_end().lines().count() == 1, "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

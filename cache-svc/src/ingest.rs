@@ -337,7 +337,11 @@ impl CacheService {
                 Err(status) if status.code() == tonic::Code::OutOfRange => {
                     let _ = tx
                         .send(Err(Status::resource_exhausted(format!(
-                            "{}; send fewer records per batch",
+                            "{}: the message is over this cache's max_message_bytes. A batch \
+                             of several records over it must be sent as smaller batches; a \
+                             single record over it can never be taken, so the cache's \
+                             max_message_bytes must be raised above the agent's largest \
+                             record (1 MiB of data and its header)",
                             status.message()
                         ))))
                         .await;

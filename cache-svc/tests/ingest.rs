@@ -433,6 +433,15 @@ async fn bad_input_gets_its_status_and_the_log_is_unchanged() {
         let err = s.send(records).await.unwrap_err();
         assert_eq!(err.code(), code, "{what}: {err:?}");
         assert!(!err.message().is_empty());
+        if what == "oversized message" {
+            // One record: splitting the batch would not help, and the
+            // message says what would.
+            assert!(
+                err.message().contains("a single record over it can never be taken"),
+                "{}",
+                err.message()
+            );
+        }
         assert_eq!(
             tail_all(&env.cache_url, "vm2", 1).await.unwrap(),
             before,
