@@ -437,7 +437,8 @@ async fn bad_input_gets_its_status_and_the_log_is_unchanged() {
             // One record: splitting the batch would not help, and the
             // message says what would.
             assert!(
-                err.message().contains("a single record over it can never be taken"),
+                err.message()
+                    .contains("a single record over it can never be taken"),
                 "{}",
                 err.message()
             );

@@ -5,6 +5,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// Where the options every command that calls the services takes are shown
+/// in each command's help, apart from the command's own.
+const CLIENT: &str = "Options for calling the services (every command that calls them)";
+
 /// Ferry: disaster recovery for your virtual machines.
 #[derive(Parser)]
 #[command(name = "ferry", version)]
@@ -13,6 +17,7 @@ pub struct Cli {
     #[arg(
         long,
         global = true,
+        help_heading = CLIENT,
         env = "FERRY_REGISTRY",
         default_value = "http://127.0.0.1:7101"
     )]
@@ -21,6 +26,7 @@ pub struct Cli {
     #[arg(
         long,
         global = true,
+        help_heading = CLIENT,
         env = "FERRY_PROCESSOR",
         default_value = "http://127.0.0.1:7103"
     )]
@@ -29,28 +35,34 @@ pub struct Cli {
     #[arg(
         long,
         global = true,
+        help_heading = CLIENT,
         env = "FERRY_FAILOVER",
         default_value = "http://127.0.0.1:7104"
     )]
     pub failover: String,
     /// Tables for people or JSON for scripts.
-    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
+    #[arg(long, global = true,
+        help_heading = CLIENT, value_enum, default_value_t = Output::Table)]
     pub output: Output,
     /// Bearer token to call the services with (an operator token from
     /// `ferry token create`). Prefer the environment variable: a flag shows
     /// in the process list.
-    #[arg(long, global = true, env = "FERRY_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true,
+        help_heading = CLIENT, env = "FERRY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// CA certificate (PEM) to verify the services with; needed for https://
     /// URLs.
-    #[arg(long, global = true, env = "FERRY_TLS_CA", value_name = "PEM")]
+    #[arg(long, global = true,
+        help_heading = CLIENT, env = "FERRY_TLS_CA", value_name = "PEM")]
     pub tls_ca: Option<PathBuf>,
     /// Client certificate (PEM) to present, e.g. an operator certificate
     /// from `ferry certs`; instead of or beside --token.
-    #[arg(long, global = true, env = "FERRY_TLS_CERT", value_name = "PEM")]
+    #[arg(long, global = true,
+        help_heading = CLIENT, env = "FERRY_TLS_CERT", value_name = "PEM")]
     pub tls_cert: Option<PathBuf>,
     /// The private key of --tls-cert (PEM).
-    #[arg(long, global = true, env = "FERRY_TLS_KEY", value_name = "PEM")]
+    #[arg(long, global = true,
+        help_heading = CLIENT, env = "FERRY_TLS_KEY", value_name = "PEM")]
     pub tls_key: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
@@ -72,15 +84,24 @@ pub enum Command {
     /// The registered VMs.
     Vms,
     /// Forget a registered VM (its replication must be disabled).
-    Unregister { name: String },
+    Unregister {
+        /// The registered VM.
+        name: String,
+    },
     /// Enable replication of a VM into a target region.
     Enable(EnableArgs),
     /// The protected items: state, progress, health, RPO.
     List,
     /// Everything about one protected item.
-    Show { vm: String },
+    Show {
+        /// The protected VM.
+        vm: String,
+    },
     /// Disable replication of a VM.
-    Disable { vm: String },
+    Disable {
+        /// The protected VM.
+        vm: String,
+    },
     /// Follow protected-item changes as they happen.
     Watch {
         /// Only this VM.
@@ -140,13 +161,16 @@ pub struct RegisterArgs {
     /// Its source region.
     #[arg(long)]
     pub region: String,
+    /// Its resource group.
     #[arg(long)]
     pub resource_group: String,
     /// Its virtual network.
     #[arg(long)]
     pub vnet: String,
+    /// Its subnet in that network.
     #[arg(long)]
     pub subnet: String,
+    /// Its availability set; none by default.
     #[arg(long, default_value = "")]
     pub availability_set: String,
     /// NAME=IP, repeatable.
@@ -159,23 +183,37 @@ pub struct RegisterArgs {
 
 #[derive(Args)]
 pub struct EnableArgs {
+    /// The registered VM to protect.
     pub vm: String,
+    /// The region it fails over to (not its own).
     #[arg(long)]
     pub target_region: String,
+    /// The replication policy; the registry's "default" policy when unset.
     #[arg(long, default_value = "")]
     pub policy: String,
+    /// A replication group to join (multi-VM consistent points); none by
+    /// default.
     #[arg(long, default_value = "")]
     pub group: String,
+    /// Default: the source's resource group with "-ferry" (docs/naming.md).
     #[arg(long, default_value = "")]
     pub target_resource_group: String,
+    /// Default: the network a mapping of the source's names (`ferry
+    /// mapping`), else the source's network with "-ferry".
     #[arg(long, default_value = "")]
     pub target_vnet: String,
+    /// Default: the subnet of the source's name in the target network.
     #[arg(long, default_value = "")]
     pub target_subnet: String,
+    /// Default: the source's with "-ferry", if the source has one.
     #[arg(long, default_value = "")]
     pub target_availability_set: String,
+    /// The cache storage in the source region; default
+    /// "<source region>-cache-ferry".
     #[arg(long, default_value = "")]
     pub cache_storage: String,
+    /// For unmanaged disks: the target storage account; default
+    /// "<resource group>-storage-ferry".
     #[arg(long, default_value = "")]
     pub target_storage_account: String,
     /// DISK=NAME, repeatable.
@@ -187,33 +225,43 @@ pub struct EnableArgs {
 pub enum PolicyCommand {
     /// Create a policy; unset durations take the registry's defaults.
     Create(PolicyArgs),
+    /// Every policy.
     List,
+    /// One policy.
     Show {
+        /// The policy.
         name: String,
     },
+    /// Delete a policy no protected item uses.
     Delete {
+        /// The policy.
         name: String,
     },
 }
 
 #[derive(Args)]
 pub struct PolicyArgs {
+    /// The policy's name.
     pub name: String,
-    /// e.g. 24h
+    /// How long points are kept, e.g. 24h (at most 15 days).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub retention: Option<Duration>,
-    /// e.g. 5s
+    /// Time between crash-consistent points, e.g. 5s.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub crash_interval: Option<Duration>,
-    /// e.g. 4h; 0s turns app-consistent points off.
+    /// Time between app-consistent points, e.g. 4h; 0s turns them off.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub app_frequency: Option<Duration>,
+    /// Multi-VM consistency for the replication groups that use it.
     #[arg(long)]
     pub multi_vm: bool,
+    /// Time between multi-VM points of a group, e.g. 5m.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub multi_vm_interval: Option<Duration>,
+    /// Every point is kept this long, e.g. 2h; older ones are thinned.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub keep_all_for: Option<Duration>,
+    /// Past --keep-all-for, one point is kept per this much time, e.g. 1h.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub thinned_spacing: Option<Duration>,
 }
@@ -222,33 +270,48 @@ pub struct PolicyArgs {
 pub enum MappingCommand {
     /// Map a network into another region (the reverse is created too).
     Create {
+        /// The region of the network mapped.
         #[arg(long)]
         source_region: String,
+        /// The network mapped.
         #[arg(long)]
         source_network: String,
+        /// The region it maps into.
         #[arg(long)]
         target_region: String,
+        /// The network failed-over VMs join there.
         #[arg(long)]
         target_network: String,
     },
+    /// Every mapping.
     List,
+    /// Delete a mapping (and its reverse).
     Delete {
+        /// The mapping's id, as `ferry mapping list` shows it.
         id: String,
     },
 }
 
 #[derive(Subcommand)]
 pub enum GroupCommand {
+    /// Create a replication group; VMs join with `ferry enable --group`.
     Create {
+        /// The group's name.
         name: String,
+        /// Its policy (with multi-VM consistency for multi-VM points).
         #[arg(long)]
         policy: String,
     },
+    /// Every group.
     List,
+    /// One group and its members.
     Show {
+        /// The group.
         name: String,
     },
+    /// Delete a group without members.
     Delete {
+        /// The group.
         name: String,
     },
 }
@@ -321,6 +384,7 @@ pub struct FailoverArgs {
 pub enum FailoverAction {
     /// Commit a failed-over VM (or group): its points are released.
     Commit {
+        /// The failed-over VM.
         #[arg(required_unless_present = "group")]
         vm: Option<String>,
         /// A whole replication group.
@@ -329,6 +393,7 @@ pub enum FailoverAction {
     },
     /// Remove everything a test failover of a VM (or group) created.
     CleanupTest {
+        /// The VM whose test failover to clean up.
         #[arg(required_unless_present = "group")]
         vm: Option<String>,
         /// A whole replication group.
@@ -368,9 +433,12 @@ pub struct AuditArgs {
 pub enum NetworkCommand {
     /// Create a network in a target region.
     Create {
+        /// The network's name.
         name: String,
+        /// Its target region.
         #[arg(long)]
         region: String,
+        /// Its resource group there.
         #[arg(long)]
         resource_group: String,
         /// NAME=CIDR, repeatable.
@@ -379,6 +447,7 @@ pub enum NetworkCommand {
     },
     /// List networks.
     List {
+        /// Only this region's.
         #[arg(long)]
         region: Option<String>,
     },
@@ -439,4 +508,53 @@ pub enum TokenRole {
     Operator,
     /// Also administers: policies, mappings, groups, tokens, unregister.
     Admin,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every argument of `command` and its subcommands without help text,
+    /// as "ferry sub --flag".
+    fn undocumented(command: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            if matches!(id, "help" | "version") || arg.is_hide_set() {
+                continue;
+            }
+            if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                out.push(format!("{path} {id}"));
+            }
+        }
+        for sub in command.get_subcommands() {
+            if sub.get_name() == "help" {
+                continue;
+            }
+            if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                out.push(format!("{path} {} (the command)", sub.get_name()));
+            }
+            undocumented(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn the_client_options_are_shown_apart_from_a_commands_own() {
+        let command = Cli::command();
+        for arg in command.get_arguments().filter(|a| a.is_global_set()) {
+            assert_eq!(arg.get_help_heading(), Some(CLIENT), "{}", arg.get_id());
+        }
+        let serve = command.find_subcommand("serve").unwrap();
+        for own in ["data_dir", "listen_host", "base_port", "insecure"] {
+            let arg = serve.get_arguments().find(|a| a.get_id() == own).unwrap();
+            assert_eq!(arg.get_help_heading(), None, "{own}");
+        }
+    }
+
+    #[test]
+    fn every_command_and_flag_has_help_text() {
+        let mut missing = Vec::new();
+        undocumented(&Cli::command(), "ferry", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
 }
