@@ -44,7 +44,7 @@ pub fn token_json(t: &pb::EnrollmentToken) -> Value {
     json!({
         "vm": t.vm_name,
         "token": t.token,
-        "expires_at": output::time(&t.expires_at),
+        "expires_at": output::time_json(&t.expires_at),
     })
 }
 

@@ -89,7 +89,8 @@ pub fn time(t: &Option<prost_types::Timestamp>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
-fn time_json(t: &Option<prost_types::Timestamp>) -> Value {
+/// RFC 3339 with milliseconds (points a second apart stay apart), or null.
+pub fn time_json(t: &Option<prost_types::Timestamp>) -> Value {
     t.as_ref()
         .and_then(ferry_runtime::time::from_timestamp)
         .map(|t| Value::String(humantime::format_rfc3339_millis(t).to_string()))
@@ -106,7 +107,8 @@ pub fn duration(d: &Option<prost_types::Duration>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
-fn duration_json(d: &Option<prost_types::Duration>) -> Value {
+/// Seconds as a number, or null.
+pub fn duration_json(d: &Option<prost_types::Duration>) -> Value {
     d.as_ref()
         .and_then(ferry_runtime::time::from_duration)
         .map(|d| json!(d.as_secs_f64()))

@@ -56,7 +56,9 @@ fn point_json(p: &pb::RecoveryPoint) -> Value {
         "id": p.id,
         "vm": p.vm_name,
         "kind": kind_name(p.kind),
-        "time": output::time(&p.time),
+        // The newest write it holds, beside when it was cut.
+        "time": output::time_json(&p.time),
+        "created_at": output::time_json(&p.created_at),
         "sequence_cut": p.sequence_cut,
         "disks": p.disks.iter().map(|d| json!({"disk": d.disk_id, "size_bytes": d.size_bytes})).collect::<Vec<_>>(),
         "pinned_by": p.pinned_by,
@@ -96,12 +98,12 @@ pub fn job_json(j: &fo::Job) -> Value {
         "bytes_done": j.bytes_done,
         "bytes_total": j.bytes_total,
         "points": j.points.iter().map(|p| json!({
-            "vm": p.vm_name, "point": p.point_id, "time": output::time(&p.time),
-            "data_loss_window": output::duration(&p.data_loss_window),
+            "vm": p.vm_name, "point": p.point_id, "time": output::time_json(&p.time),
+            "data_loss_window": output::duration_json(&p.data_loss_window),
         })).collect::<Vec<_>>(),
         "error": j.error,
-        "created_at": output::time(&j.created_at),
-        "finished_at": output::time(&j.finished_at),
+        "created_at": output::time_json(&j.created_at),
+        "finished_at": output::time_json(&j.finished_at),
     })
 }
 
@@ -236,7 +238,7 @@ async fn group_points(url: &str, out: Output, group: String, limit: u32) -> Resu
                     .iter()
                     .map(|g| serde_json::json!({
                         "bookmark_id": g.bookmark_id,
-                        "time": output::time(&g.time),
+                        "time": output::time_json(&g.time),
                         "points": g.points.iter().map(point_json).collect::<Vec<_>>(),
                     }))
                     .collect()

@@ -387,6 +387,15 @@ async fn points_test_failover_cleanup_failover_commit_and_jobs_from_the_command_
     );
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(job["kind"], "test failover");
+    // For scripts: times in RFC 3339 with milliseconds, durations in
+    // seconds as numbers.
+    let rfc3339_millis = |v: &serde_json::Value| {
+        let t = v.as_str().unwrap_or_default();
+        t.len() == "2026-01-01T00:00:00.000Z".len() && t.ends_with('Z') && t.as_bytes()[19] == b'.'
+    };
+    assert!(rfc3339_millis(&job["created_at"]), "{job}");
+    assert!(rfc3339_millis(&job["points"][0]["time"]), "{job}");
+    assert!(job["points"][0]["data_loss_window"].is_number(), "{job}");
     let vms = json(&run(vec!["--output", "json", "target-vms"]).await);
     assert_eq!(vms.as_array().unwrap().len(), 1);
     assert_eq!(vms[0]["test"], true);
@@ -399,6 +408,14 @@ async fn points_test_failover_cleanup_failover_commit_and_jobs_from_the_command_
         .filter(|p| !p["pinned_by"].as_array().unwrap().is_empty())
         .count();
     assert_eq!(pinned, 1, "{points}");
+    // Each point: the newest write it holds, beside when it was cut.
+    for p in points.as_array().unwrap() {
+        assert!(
+            rfc3339_millis(&p["time"]) && rfc3339_millis(&p["created_at"]),
+            "{p}"
+        );
+        assert!(p["created_at"].as_str() >= p["time"].as_str(), "{p}");
+    }
     let text = ok(&run(vec!["failover", "cleanup-test", "vm"]).await);
     assert!(text.contains("succeeded"), "{text}");
     let text = ok(&run(vec!["failover", "vm", "--point", "latest-processed"]).await);
