@@ -13,6 +13,8 @@ command -v qemu-io >/dev/null || need+=(qemu-utils)
 command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 command -v fio >/dev/null || need+=(fio)
 command -v openssl >/dev/null || need+=(openssl)
+# tmux: `ferry status --watch` is tested in a real terminal.
+command -v tmux >/dev/null || need+=(tmux)
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing ${need[*]}"
   sudo_=""

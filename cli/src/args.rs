@@ -90,6 +90,9 @@ pub enum Command {
     },
     /// Enable replication of a VM into a target region.
     Enable(EnableArgs),
+    /// At a glance: the services (reachable, health, version) and every
+    /// protected item (state, health, RPO, backlog, newest point, jobs).
+    Status(StatusArgs),
     /// The protected items: state, progress, health, RPO.
     List,
     /// Everything about one protected item.
@@ -314,6 +317,21 @@ pub enum GroupCommand {
         /// The group.
         name: String,
     },
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// Redraw in place every --interval until Ctrl-C (with --output json:
+    /// one object per line per refresh).
+    #[arg(long)]
+    pub watch: bool,
+    /// How often --watch refreshes, e.g. 2s.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    pub interval: Duration,
+    /// Also probe cache-svc at this URL (it serves the source region, so the
+    /// CLI does not know it otherwise).
+    #[arg(long, env = "FERRY_CACHE")]
+    pub cache: Option<String>,
 }
 
 #[derive(Args)]

@@ -334,6 +334,7 @@ pub async fn run(url: &str, out: Output, command: Command) -> Result<()> {
         | Command::Certs(_)
         | Command::Demo { .. }
         | Command::Points(_)
+        | Command::Status(_)
         | Command::Failover(_)
         | Command::Jobs(_)
         | Command::Network(_)

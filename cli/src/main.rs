@@ -14,6 +14,7 @@ mod nbd_client;
 mod output;
 mod recovery;
 mod serve;
+mod status;
 mod tokens;
 mod watch;
 
@@ -49,6 +50,9 @@ async fn run(cli: Cli) -> Result<()> {
             demo::run(data_dir).await
         }
         Command::Certs(c) => certs::run(c),
+        Command::Status(a) => {
+            status::run(&cli.registry, &cli.processor, &cli.failover, cli.output, a).await
+        }
         Command::Points(a) => recovery::points(&cli.processor, cli.output, a).await,
         Command::Failover(a) => recovery::failover(&cli.failover, cli.output, a).await,
         Command::Jobs(a) => recovery::jobs(&cli.failover, cli.output, a).await,

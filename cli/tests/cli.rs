@@ -743,3 +743,227 @@ async fn an_agent_binary_enrolls_with_ferry_serve_as_the_readme_says() {
     running.wait().unwrap();
     child.kill().await.unwrap();
 }
+
+/// The cluster's services, a protected VM "vm" whose agent wrote once.
+async fn protected_cluster(
+    dir: &std::path::Path,
+) -> (ferry_testkit::Cluster, ferry_agent::run::Agent) {
+    use ferry_proto::registry::v1 as reg;
+    use std::time::Duration;
+    let cluster = ferry_testkit::Cluster::start().await;
+    let source = dir.join("os.raw");
+    std::fs::File::create(&source)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let day = Duration::from_secs(86400);
+    ferry_testkit::create_policy(
+        &cluster.registry.url,
+        "fast",
+        Duration::from_secs(1),
+        day,
+        day,
+        day,
+    )
+    .await;
+    ferry_testkit::protect_vm_with(
+        &cluster.registry.url,
+        "vm",
+        &[("os", 8 << 20, &source)],
+        "fast",
+    )
+    .await;
+    let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agent = ferry_agent::run::Agent::start(ferry_agent::run::AgentOptions {
+        registry: cluster.registry.url.clone(),
+        vm: "vm".into(),
+        nbd: nbd.into(),
+        group: ferry_agent::run::GroupPort::Off,
+        group_tls: None,
+        group_insecure: false,
+        enrollment_token: None,
+        group_address: String::new(),
+        state_dir: dir.join("agent"),
+        disk_roots: vec![dir.to_path_buf()],
+        limits: ferry_agent::stream::StreamLimits::default(),
+        nbd_limits: Default::default(),
+        heartbeat: ferry_agent::health::HEARTBEAT,
+        scripts: None,
+        credentials: Default::default(),
+    })
+    .await
+    .unwrap();
+    let registry = cluster.registry.url.clone();
+    ferry_testkit::wait_for("PROTECTED", Duration::from_secs(60), || async {
+        ferry_testkit::protected_item(&registry, "vm")
+            .await
+            .filter(|i| i.state() == reg::ReplicationState::Protected)
+    })
+    .await;
+    agent.capture.write("os", 0, vec![7; 65536]).await.unwrap();
+    (cluster, agent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_services_and_each_item_as_json() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, agent) = protected_cluster(dir.path()).await;
+    let args = |cluster: &ferry_testkit::Cluster| {
+        vec![
+            "--processor".to_string(),
+            cluster.processor.url.clone(),
+            "--failover".into(),
+            cluster.failover.url.clone(),
+            "--output".into(),
+            "json".into(),
+            "status".into(),
+            "--cache".into(),
+            cluster.cache.url.clone(),
+        ]
+    };
+    let full = args(&cluster);
+    let registry = cluster.registry.url.clone();
+    let status = ferry_testkit::wait_for("a point in the status", Duration::from_secs(60), || {
+        let (full, registry) = (full.clone(), registry.clone());
+        async move {
+            let args: Vec<&str> = full.iter().map(String::as_str).collect();
+            let status: serde_json::Value =
+                serde_json::from_str(&ok(&ferry(&registry, &args).await)).unwrap();
+            status["items"][0]["last_point_time"]
+                .is_string()
+                .then_some(status)
+        }
+    })
+    .await;
+    let services = status["services"].as_array().unwrap();
+    let names: Vec<&str> = services
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["registry", "cache", "processor", "failover"],
+        "{status}"
+    );
+    for s in services {
+        assert_eq!(s["reachable"], true, "{s}");
+        assert_eq!(s["health"], "SERVING", "{s}");
+        assert_eq!(s["version"], env!("CARGO_PKG_VERSION"), "{s}");
+    }
+    let item = &status["items"][0];
+    assert_eq!(item["vm"], "vm");
+    assert_eq!(item["state"], "PROTECTED");
+    assert_eq!(item["point_interval_seconds"], 1.0);
+    assert!(
+        item["last_point_age_seconds"].as_f64().unwrap() < 600.0,
+        "{item}"
+    );
+    assert_eq!(item["jobs"], serde_json::json!([]), "{item}");
+
+    // An unreachable service is said so, the rest still shown.
+    let mut unreachable = args(&cluster);
+    unreachable[3] = "http://127.0.0.1:1".into();
+    let args: Vec<&str> = unreachable.iter().map(String::as_str).collect();
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&ferry(&registry, &args).await)).unwrap();
+    let failover = &status["services"][3];
+    assert_eq!(failover["reachable"], false, "{status}");
+    assert!(
+        failover["error"].as_str().unwrap().contains("Unavailable"),
+        "{status}"
+    );
+    assert!(status["items"][0]["jobs"].is_null(), "{status}");
+    agent.stop(Duration::from_secs(5)).await.unwrap();
+    cluster.stop().await;
+}
+
+/// The visible text of tmux pane `session`.
+fn capture(session: &str) -> String {
+    let out = std::process::Command::new("tmux")
+        .args(["capture-pane", "-p", "-t", session])
+        .output()
+        .expect("tmux (Debian package tmux; scripts/test.sh installs it)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Kills the tmux session however the test ends.
+struct Tmux(String);
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("tmux")
+            .args(["kill-session", "-t", &self.0])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_watch_redraws_in_place_in_a_terminal() {
+    use ferry_proto::registry::v1 as reg;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, agent) = protected_cluster(dir.path()).await;
+    let session = format!("ferry-status-{}", std::process::id());
+    let command = format!(
+        "{} --registry {} --processor {} --failover {} status --watch --interval 300ms",
+        env!("CARGO_BIN_EXE_ferry"),
+        cluster.registry.url,
+        cluster.processor.url,
+        cluster.failover.url
+    );
+    let started = std::process::Command::new("tmux")
+        .args([
+            "new-session",
+            "-d",
+            "-s",
+            &session,
+            "-x",
+            "200",
+            "-y",
+            "40",
+            &command,
+        ])
+        .status()
+        .expect("tmux (Debian package tmux; scripts/test.sh installs it)");
+    assert!(started.success());
+    let _tmux = Tmux(session.clone());
+    let protected = ferry_testkit::wait_for("the item on screen", Duration::from_secs(60), || {
+        let screen = capture(&session);
+        async move {
+            screen
+                .lines()
+                .any(|l| l.starts_with("vm ") && l.contains("PROTECTED"))
+                .then_some(screen)
+        }
+    })
+    .await;
+    assert!(
+        protected.contains("SERVICE") && protected.contains("SERVING"),
+        "{protected}"
+    );
+
+    // A change shows on the next refresh, drawn over the last one.
+    let mut registry = reg::registry_client::RegistryClient::connect(cluster.registry.url.clone())
+        .await
+        .unwrap();
+    registry
+        .disable_replication(reg::DisableReplicationRequest {
+            vm_name: "vm".into(),
+        })
+        .await
+        .unwrap();
+    let redrawn = ferry_testkit::wait_for("the change on screen", Duration::from_secs(60), || {
+        let screen = capture(&session);
+        async move { (!screen.lines().any(|l| l.contains("PROTECTED"))).then_some(screen) }
+    })
+    .await;
+    assert_eq!(
+        redrawn.matches("SERVICE").count(),
+        1,
+        "drawn in place:\n{redrawn}"
+    );
+    assert!(redrawn.contains("Ctrl-C"), "{redrawn}");
+    agent.stop(Duration::from_secs(5)).await.unwrap();
+    cluster.stop().await;
+}

@@ -15,6 +15,9 @@ use opentelemetry::propagation::{Extractor, Injector};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+/// The response header every Ferry server answers with its version.
+pub const VERSION_HEADER: &str = "ferry-version";
+
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
 
 impl Extractor for HeaderExtractor<'_> {
@@ -128,6 +131,11 @@ where
                 if let Some(value) = traceresponse {
                     response.headers_mut().insert("traceresponse", value);
                 }
+                // Which release answers (`ferry status` shows it).
+                response.headers_mut().insert(
+                    VERSION_HEADER,
+                    http::HeaderValue::from_static(env!("CARGO_PKG_VERSION")),
+                );
                 Ok(response)
             }
             .instrument(span),
