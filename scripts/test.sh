@@ -23,12 +23,15 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq "${need[@]}"
 fi
 
-# promtool (Debian's prometheus package) checks and unit-tests the alert
-# rules in deploy/prometheus. Installed without its recommends, and with
-# invoke-rc.d told not to start the packaged server: the tests start the
-# servers they need themselves.
-if ! command -v promtool >/dev/null; then
-  echo "==> installing prometheus (for promtool)"
+# Servers the tests start themselves: prometheus (and promtool, which checks
+# and unit-tests the alert rules in deploy/prometheus) and nginx (a gRPC
+# proxy hop). Installed without their recommends, and with invoke-rc.d told
+# not to start the packaged services: each test starts its own.
+servers=()
+command -v promtool >/dev/null || servers+=(prometheus)
+command -v nginx >/dev/null || servers+=(nginx)
+if [ ${#servers[@]} -gt 0 ]; then
+  echo "==> installing ${servers[*]}"
   sudo_=""
   [ "$(id -u)" -eq 0 ] || sudo_=sudo
   policy=/usr/sbin/policy-rc.d
@@ -39,7 +42,7 @@ if ! command -v promtool >/dev/null; then
     made_policy=1
   fi
   $sudo_ apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq --no-install-recommends prometheus
+  DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq --no-install-recommends "${servers[@]}"
   [ -z "$made_policy" ] || $sudo_ rm -f "$policy"
 fi
 
