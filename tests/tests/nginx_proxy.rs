@@ -234,7 +234,7 @@ async fn ingest_tail_and_read_disk_stream_through_nginx() {
 
     // Everything written is in the point cut now, read back through nginx.
     let processor = insecure.at(&processor_via);
-    let point = cut_latest(processor.clone(), "vm").await.unwrap();
+    let point = cut_latest(processor, "vm").await.unwrap();
     let replica = read_disk(processor, "vm", &point, "os").await;
     let original = std::fs::read(&source).unwrap();
     assert!(
