@@ -285,60 +285,9 @@ async fn the_demo_runs_end_to_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn points_test_failover_cleanup_failover_commit_and_jobs_from_the_command_line() {
-    use ferry_proto::registry::v1 as reg;
-    use std::time::Duration;
-    let cluster = ferry_testkit::Cluster::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("os.raw");
-    std::fs::File::create(&source)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
-    let day = Duration::from_secs(86400);
-    ferry_testkit::create_policy(
-        &cluster.registry.url,
-        "fast",
-        Duration::from_secs(1),
-        day,
-        day,
-        day,
-    )
-    .await;
-    ferry_testkit::protect_vm_with(
-        &cluster.registry.url,
-        "vm",
-        &[("os", 8 << 20, &source)],
-        "fast",
-    )
-    .await;
-    let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let agent = ferry_agent::run::Agent::start(ferry_agent::run::AgentOptions {
-        registry: cluster.registry.url.clone(),
-        vm: "vm".into(),
-        nbd: nbd.into(),
-        group: ferry_agent::run::GroupPort::Off,
-        group_tls: None,
-        group_insecure: false,
-        enrollment_token: None,
-        group_address: String::new(),
-        state_dir: dir.path().join("agent"),
-        disk_roots: vec![dir.path().to_path_buf()],
-        limits: ferry_agent::stream::StreamLimits::default(),
-        nbd_limits: Default::default(),
-        heartbeat: ferry_agent::health::HEARTBEAT,
-        scripts: None,
-        credentials: Default::default(),
-    })
-    .await
-    .unwrap();
+    let (cluster, agent) = protected_cluster(dir.path()).await;
     let registry = cluster.registry.url.clone();
-    ferry_testkit::wait_for("PROTECTED", Duration::from_secs(60), || async {
-        ferry_testkit::protected_item(&registry, "vm")
-            .await
-            .filter(|i| i.state() == reg::ReplicationState::Protected)
-    })
-    .await;
-    agent.capture.write("os", 0, vec![7; 65536]).await.unwrap();
     agent.stream.flushed().await;
     let run = |args: Vec<&str>| {
         let mut full = vec![
@@ -452,7 +401,7 @@ async fn points_test_failover_cleanup_failover_commit_and_jobs_from_the_command_
         stderr.contains("NotFound") && stderr.contains("nope"),
         "{stderr}"
     );
-    let _ = agent.stop(Duration::from_secs(1)).await;
+    let _ = agent.stop(std::time::Duration::from_secs(1)).await;
     cluster.stop().await;
 }
 

@@ -11,9 +11,7 @@ use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::security::ServiceKind;
 use ferry_testkit::cluster::{Cluster, Options};
-use ferry_testkit::{
-    bin_path, free_addr, protect_vm_with, wait_for, wait_serving, Insecure, ServiceProcess,
-};
+use ferry_testkit::{bin_path, free_addr, wait_for, wait_serving, Insecure, ServiceProcess};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// GET `path` on `addr` over HTTP/1.1: (status line, headers and body).
@@ -231,17 +229,8 @@ async fn processor_cache_and_failover_serve_their_view_of_each_vm() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let source = common::image(dir.path(), "vm");
-    common::policy(&cluster.registry.url, "fast", Duration::from_secs(1)).await;
-    protect_vm_with(
-        &cluster.registry.url,
-        "vm",
-        &[("os", common::DISK, &source)],
-        "fast",
-    )
-    .await;
-    let (agent, _) =
-        common::protected_agent(&cluster.registry.url, "vm", &dir.path().join("agent")).await;
+    let agent =
+        common::fast_protected_vm(&cluster.registry.url, dir.path(), Default::default()).await;
     let seq = agent
         .capture
         .write("os", 0, vec![7u8; 65536])

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use ferry_agent::stream::StreamLimits;
 use ferry_testkit::cluster::{Cluster, Options};
-use ferry_testkit::{free_addr, protect_vm_with, wait_for};
+use ferry_testkit::{free_addr, wait_for};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod common;
@@ -97,28 +97,12 @@ async fn prometheus_sees_the_rpo_and_the_alert_fires_on_a_cut_and_resolves() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let source = common::image(dir.path(), "vm");
-    common::policy(&cluster.registry.url, "fast", Duration::from_secs(1)).await;
-    protect_vm_with(
-        &cluster.registry.url,
-        "vm",
-        &[("os", common::DISK, &source)],
-        "fast",
-    )
-    .await;
     // The cache given up on after 2 s: the agent then tracks and says so.
     let limits = StreamLimits {
         max_outage: Duration::from_secs(2),
         ..StreamLimits::default()
     };
-    let (agent, _) = common::protected_agent_limited(
-        &cluster.registry.url,
-        "vm",
-        &dir.path().join("agent"),
-        None,
-        limits,
-    )
-    .await;
+    let agent = common::fast_protected_vm(&cluster.registry.url, dir.path(), limits).await;
     // The VM writes 4 KiB every 200 ms throughout.
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {

@@ -19,6 +19,17 @@ pub async fn policy(registry: &str, name: &str, interval: Duration) {
     create_policy(registry, name, interval, day, day, day).await;
 }
 
+/// Protects "vm" (one `DISK` image under `dir`, a point every second) and
+/// starts its agent in-process with `limits`; the agent once PROTECTED.
+pub async fn fast_protected_vm(registry: &str, dir: &Path, limits: StreamLimits) -> Agent {
+    let source = image(dir, "vm");
+    policy(registry, "fast", Duration::from_secs(1)).await;
+    ferry_testkit::protect_vm_with(registry, "vm", &[("os", DISK, &source)], "fast").await;
+    protected_agent_limited(registry, "vm", &dir.join("agent"), None, limits)
+        .await
+        .0
+}
+
 /// Starts `vm`'s agent in-process with its NBD export on loopback and waits
 /// until the VM is PROTECTED; the agent and `nbd://host:port`.
 pub async fn protected_agent(registry: &str, vm: &str, state_dir: &Path) -> (Agent, String) {
