@@ -22,6 +22,7 @@ use ferry_proto::cache::v1::record::Op;
 use ferry_proto::registry::v1 as reg;
 use ferry_runtime::security::ServiceKind;
 use ferry_testkit::replay::{apply, tail_all};
+use ferry_testkit::scrape::sample;
 use ferry_testkit::{
     agent_command, bin_path, free_addr, protect_vm, protected_item, start_registry, wait_for,
     wait_serving, AgentAuth, At, Insecure, ServiceProcess,
@@ -281,24 +282,6 @@ async fn the_agent_binary_replicates_its_vm() {
     setup.registry.stop().await;
 }
 
-/// `GET /metrics` on `addr`: the body, or None while nothing answers.
-async fn scrape(addr: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.ok()?;
-    text.starts_with("HTTP/1.1 200").then_some(text)
-}
-
-/// The value of the sample named with its labels `series`.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_serves_its_metrics_when_asked() {
     let setup = Setup::new().await;
@@ -312,7 +295,7 @@ async fn the_agent_serves_its_metrics_when_asked() {
         || {
             let metrics = metrics.clone();
             async move {
-                let body = scrape(&metrics).await?;
+                let body = ferry_testkit::scrape::metrics(&metrics).await?;
                 sample(&body, r#"ferry_agent_written_bytes_total{vm="vm"}"#)
                     .is_some_and(|b| b >= f64::from(1 << 20))
                     .then_some(body)

@@ -20,6 +20,7 @@ pub mod process;
 pub mod props;
 pub mod proxy;
 pub mod replay;
+pub mod scrape;
 pub mod tools;
 pub mod vm;
 

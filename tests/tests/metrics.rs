@@ -11,25 +11,14 @@ use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_runtime::security::ServiceKind;
 use ferry_testkit::cluster::{Cluster, Options};
+use ferry_testkit::scrape::sample;
 use ferry_testkit::{bin_path, free_addr, wait_for, wait_serving, Insecure, ServiceProcess};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// GET `path` on `addr` over HTTP/1.1: (status line, headers and body).
+/// `method path` on `addr`: (status line, headers and body).
 async fn get(addr: &str, method: &str, path: &str) -> (String, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    let (status, rest) = text.split_once("\r\n").unwrap();
-    (status.to_string(), rest.to_string())
-}
-
-/// The value of the sample whose name and labels are `series`.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
+    ferry_testkit::scrape::http(addr, method, path)
+        .await
+        .expect("the metrics port answers")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
