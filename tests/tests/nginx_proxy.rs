@@ -34,22 +34,24 @@ impl Drop for Killed {
 
 /// nginx, stopped however the test ends: SIGTERM to the master, which
 /// stops its workers (a SIGKILL would leave them running).
-struct Nginx(Child);
+struct Nginx(Option<Child>);
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let Some(mut child) = self.0.take() else {
+            return;
+        };
+        let pid = child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        // Its exit, waited for on a thread so the wait has a deadline.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        if rx.recv_timeout(Duration::from_secs(10)).is_err() {
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            let _ = rx.recv_timeout(Duration::from_secs(10));
         }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -110,7 +112,7 @@ fn nginx(
         .stderr(Stdio::null())
         .spawn()
         .expect("nginx (Debian package nginx; scripts/test.sh installs it)");
-    Nginx(child)
+    Nginx(Some(child))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,19 +206,15 @@ async fn ingest_tail_and_read_disk_stream_through_nginx() {
     })
     .await;
 
-    // The VM writes 64 KiB at scattered offsets, 20 a second, for a while.
+    // The VM writes 64 KiB at scattered offsets, 20 a second, for a while:
+    // a ticker paces the writes a blocking NBD client makes.
     let seed = 0x5eed_2026_u64;
     eprintln!("seed {seed:#x}");
-    let writes = tokio::task::spawn_blocking(move || {
+    let (offsets, pending) = std::sync::mpsc::sync_channel::<u64>(1);
+    let writer = tokio::task::spawn_blocking(move || {
         let mut client = ferry_testkit::nbd::Nbd::go(&nbd, "os").unwrap();
-        let mut x = seed;
-        let started = Instant::now();
         let mut n = 0u64;
-        while started.elapsed() < WRITING {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let offset = (x % (DISK / 65536)) * 65536;
+        for offset in pending {
             let data = vec![(n % 251) as u8 + 1; 65536];
             assert_eq!(
                 client.write(offset, &data).unwrap(),
@@ -224,12 +222,25 @@ async fn ingest_tail_and_read_disk_stream_through_nginx() {
                 "a VM write completes"
             );
             n += 1;
-            std::thread::sleep(Duration::from_millis(50));
         }
         n
-    })
-    .await
-    .unwrap();
+    });
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let (started, mut x) = (Instant::now(), seed);
+    while started.elapsed() < WRITING {
+        tick.tick().await;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let offsets = offsets.clone();
+        let offset = (x % (DISK / 65536)) * 65536;
+        tokio::task::spawn_blocking(move || offsets.send(offset))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    drop(offsets);
+    let writes = writer.await.unwrap();
     assert!(writes > 100, "{writes} writes");
 
     // Everything written is in the point cut now, read back through nginx.
