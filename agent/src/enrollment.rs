@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 
 /// Why the credential file could not be read or written.
 #[derive(Debug, thiserror::Error)]
-#[error("agent credential file {path}: {source}")]
+#[error(
+    "agent credential file {path}: {source} (--state-dir must be a directory the agent can write)"
+)]
 pub struct CredentialFileError {
     pub path: PathBuf,
     pub source: std::io::Error,
@@ -27,16 +29,36 @@ pub struct CredentialFile {
 }
 
 impl CredentialFile {
-    /// The credential file of `vm` under `dir` (created if missing).
+    /// The credential file of `vm` under `dir` (created if missing), once
+    /// a file can be created there: an enrollment token is good for one
+    /// registration, so the agent must know it can keep the credential it
+    /// gets for it before it presents the token.
     pub fn open(dir: &Path, vm: &str) -> Result<CredentialFile, CredentialFileError> {
         fs::create_dir_all(dir).map_err(|source| CredentialFileError {
             path: dir.to_path_buf(),
             source,
         })?;
         let name = ferry_runtime::path_name(vm);
-        Ok(CredentialFile {
+        let file = CredentialFile {
             path: dir.join(format!("{name}.credential")),
-        })
+        };
+        let probe = file.tmp_path();
+        let _ = fs::remove_file(&probe);
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&probe)
+            .and_then(|_| fs::remove_file(&probe))
+            .map_err(|source| CredentialFileError {
+                path: probe.clone(),
+                source,
+            })?;
+        Ok(file)
+    }
+
+    fn tmp_path(&self) -> PathBuf {
+        self.path.with_extension("credential.tmp")
     }
 
     /// Where it lives.
@@ -58,7 +80,7 @@ impl CredentialFile {
 
     /// Keeps `credential` (replacing the one before).
     pub fn save(&self, credential: &str) -> Result<(), CredentialFileError> {
-        let tmp = self.path.with_extension("credential.tmp");
+        let tmp = self.tmp_path();
         let write = || -> std::io::Result<()> {
             let _ = fs::remove_file(&tmp);
             let mut file = OpenOptions::new()
@@ -105,5 +127,13 @@ mod tests {
         // Another VM's credential is another file.
         let other = CredentialFile::open(dir.path(), "vm.1").unwrap();
         assert_eq!(other.load().unwrap(), None);
+    }
+
+    #[test]
+    fn a_directory_nothing_can_be_created_in_is_refused_at_open() {
+        // Not even root creates files in /proc/self (tests may run as root,
+        // whom a read-only mode would not stop).
+        let err = CredentialFile::open(Path::new("/proc/self"), "vm-1").unwrap_err();
+        assert_eq!(err.path, Path::new("/proc/self/vm-1.credential.tmp"));
     }
 }

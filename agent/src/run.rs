@@ -355,6 +355,7 @@ impl Agent {
             });
         }
         let stream_stop = CancellationToken::new();
+        tokio::spawn(tick_while_idle(stream.clone(), stop.clone()));
         tokio::spawn(drain_on_request(
             capture.clone(),
             stream.clone(),
@@ -431,6 +432,26 @@ impl Agent {
             Ok(Ok(())) => Ok(()),
             Ok(Err(status)) => Err(RunError::Cache(status)),
             Err(e) => Err(RunError::Task(e.to_string())),
+        }
+    }
+}
+
+/// How long the stream may stay silent before an idle tick goes in.
+pub const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// While the VM writes nothing, a TICK marker each [`IDLE_TICK`] (see
+/// [`Stream::tick_if_idle`]): the processor's points then hold the source up
+/// to a second ago, and the RPO of an idle VM stays that small instead of
+/// growing with the age of its last write.
+async fn tick_while_idle(stream: Arc<Stream>, stop: CancellationToken) {
+    let mut every = tokio::time::interval(IDLE_TICK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {
+                stream.tick_if_idle(IDLE_TICK).await;
+            }
         }
     }
 }

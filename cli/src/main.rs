@@ -27,6 +27,10 @@ fn main() {
     // `ferry serve` runs every service in this process.
     ferry_runtime::memory::limit_malloc_arenas();
     let cli = Cli::parse();
+    // `ferry serve` and the demo run the services in this process.
+    if !matches!(cli.command, Command::Serve(_) | Command::Demo { .. }) {
+        ferry_runtime::binary::exit_quietly_on_closed_pipe();
+    }
     let outcome = ferry_runtime::memory::runtime()
         .map_err(anyhow::Error::from)
         .and_then(|runtime| runtime.block_on(run(cli)));

@@ -56,7 +56,7 @@ fn point_json(p: &pb::RecoveryPoint) -> Value {
         "id": p.id,
         "vm": p.vm_name,
         "kind": kind_name(p.kind),
-        // The newest write it holds, beside when it was cut.
+        // Up to when it holds the source, beside when it was cut.
         "time": output::time_json(&p.time),
         "created_at": output::time_json(&p.created_at),
         "sequence_cut": p.sequence_cut,

@@ -264,3 +264,25 @@ fn issue_needs_a_ca_and_exactly_one_principal() {
     // Nothing but the init's files.
     assert!(!tmp.path().join("agent-web-1.pem").exists());
 }
+
+/// A reader that goes away before the output comes (`ferry ... | head`)
+/// ends the command quietly, by SIGPIPE as it ends `ls`, not with a panic
+/// about failing to print.
+#[test]
+fn a_closed_pipe_ends_the_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["certs", "init"])
+        .arg(dir.path().join("pki"))
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // SIGPIPE is 13 on Linux.
+    assert_eq!(out.status.signal(), Some(13), "{:?} {stderr}", out.status);
+}

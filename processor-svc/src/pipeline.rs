@@ -27,6 +27,10 @@ use crate::error::ProcessorError;
 use crate::replica::{Applied, Point, PointKind, Replicas, VmReplica};
 use crate::retention::{self, Retention};
 
+/// How long a health report waits for the cache's log figures before it
+/// goes without them.
+const CACHE_INFO_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Asks a pipeline for something.
 pub enum Command {
     /// Cut a point once everything up to `min_sequence` is applied (or
@@ -919,13 +923,18 @@ impl Pipeline {
 
     async fn report_health(&mut self) {
         let mut client = self.cache.clone();
-        let info = client
-            .get_log_info(cache::GetLogInfoRequest {
+        // Bounded: an unreachable cache (a cut WAN drops packets, nothing
+        // answers) must not hold back the report, whose RPO shows the cut.
+        let info = tokio::time::timeout(
+            CACHE_INFO_TIMEOUT,
+            client.get_log_info(cache::GetLogInfoRequest {
                 vm_name: self.vm.clone(),
-            })
-            .await
-            .ok()
-            .map(|i| i.into_inner());
+            }),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .map(|i| i.into_inner());
         let meta = match self.replica.meta() {
             Ok(m) => m,
             Err(_) => return,

@@ -33,3 +33,43 @@ async fn serves_with_its_peers_and_stops_on_sigterm() {
     let status = me.signal_and_wait("TERM");
     assert!(status.success(), "SIGTERM exit: {status}");
 }
+
+/// Liveness apart from readiness: with its peers away the processor is not
+/// ready ("" NOT_SERVING) yet alive ("liveness" SERVING), so a Kubernetes
+/// liveness probe does not restart it for what a restart cannot fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alive_but_not_ready_while_its_peers_are_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let insecure = Insecure::new();
+    let nobody = format!("http://{}", ferry_testkit::free_addr());
+    let health = ferry_testkit::free_addr();
+    let _me = ServiceProcess::start(
+        &insecure,
+        env!("CARGO_BIN_EXE_processor-svc"),
+        dir.path().join("processor"),
+        &[
+            "--registry",
+            &nobody,
+            "--cache",
+            &nobody,
+            "--health-listen",
+            &health.to_string(),
+        ],
+    );
+    let plain = format!("http://{health}");
+    ferry_testkit::wait_for(
+        "the liveness service to report SERVING",
+        std::time::Duration::from_secs(30),
+        || {
+            let plain = plain.clone();
+            async move {
+                ferry_testkit::is_serving(&plain, ferry_runtime::LIVENESS_SERVICE)
+                    .await
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    assert!(!ferry_testkit::is_serving(&plain, "").await);
+    assert!(!ferry_testkit::is_serving(&plain, "ferry.processor.v1.Processor").await);
+}

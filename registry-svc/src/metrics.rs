@@ -72,6 +72,7 @@ impl prometheus_client::collector::Collector for ItemMetrics {
                 return Ok(());
             }
         };
+        let now = SystemTime::now();
         let vm = |i: &crate::model::ProtectedItem| Vm {
             vm: i.vm_name.clone(),
         };
@@ -112,13 +113,14 @@ impl prometheus_client::collector::Collector for ItemMetrics {
         )?;
         let rpo: Vec<_> = items
             .iter()
-            .filter_map(|i| i.rpo.map(|r| (vm(i), r.as_secs_f64())))
+            .filter_map(|i| i.rpo_at(now).map(|r| (vm(i), r.as_secs_f64())))
             .collect();
         encode_gauges(
             &mut encoder,
             "ferry_vm_rpo",
-            "Recovery point objective: age of the newest write in the newest recovery point, \
-             as the processor last reported it",
+            "Recovery point objective: age of the newest recovery point's time (the source \
+             is in it up to then), as the processor last reported it plus the time since that \
+             report",
             Some(&Unit::Seconds),
             &rpo,
         )?;

@@ -702,7 +702,11 @@ pub struct ProtectedItem {
     pub state_reason: String,
     pub percent: u32,
     pub health_reports: BTreeMap<String, HealthReport>,
+    /// The RPO as the processor last reported it, at `rpo_reported_at`.
     pub rpo: Option<Duration>,
+    /// When that report arrived (this host's clock); see [`Self::rpo_at`].
+    #[serde(default)]
+    pub rpo_reported_at: Option<SystemTime>,
     pub last_recovery_point: Option<SystemTime>,
     pub epoch: u64,
     pub backlog_bytes: u64,
@@ -723,6 +727,24 @@ pub struct ProtectedItem {
 }
 
 impl ProtectedItem {
+    /// The RPO at `now`: while the item replicates, the reported RPO plus
+    /// the time since it was reported, so it grows while no report comes
+    /// (the processor down or cut off from registry) instead of showing the
+    /// last good figure. Measured on this host's clock only: the
+    /// processor's clock may differ from registry's.
+    pub fn rpo_at(&self, now: SystemTime) -> Option<Duration> {
+        use crate::lifecycle::State;
+        let rpo = self.rpo?;
+        let replicating = matches!(
+            self.state,
+            State::Protected | State::ResyncRequired | State::Resyncing
+        );
+        match self.rpo_reported_at {
+            Some(at) if replicating => Some(rpo + now.duration_since(at).unwrap_or(Duration::ZERO)),
+            _ => Some(rpo),
+        }
+    }
+
     /// The worst reported health.
     pub fn health(&self) -> Health {
         self.health_reports
@@ -755,7 +777,7 @@ impl From<&ProtectedItem> for pb::ProtectedItem {
                     reported_at: Some(to_timestamp(r.reported_at)),
                 })
                 .collect(),
-            rpo: i.rpo.map(to_duration),
+            rpo: i.rpo_at(SystemTime::now()).map(to_duration),
             last_recovery_point_time: i.last_recovery_point.map(to_timestamp),
             epoch: i.epoch,
             backlog_bytes: i.backlog_bytes,

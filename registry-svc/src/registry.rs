@@ -489,6 +489,7 @@ impl Registry {
             percent: 0,
             health_reports: Default::default(),
             rpo: None,
+            rpo_reported_at: None,
             last_recovery_point: None,
             epoch: 0,
             backlog_bytes: 0,
@@ -720,6 +721,7 @@ impl Registry {
             );
             if let Some(rpo) = update.rpo {
                 item.rpo = Some(rpo);
+                item.rpo_reported_at = Some(SystemTime::now());
             }
             if let Some(t) = update.last_recovery_point {
                 item.last_recovery_point = Some(t);

@@ -1181,3 +1181,66 @@ async fn two_vms_whose_target_disks_would_share_a_name_are_refused() {
     assert_eq!(item.target.unwrap().replica_disks[0].name, "a-bc-ferry");
     f.registry.stop().await;
 }
+
+/// The RPO grows between the processor's reports: while none comes (the
+/// processor down, or cut off), it is the last reported figure plus the time
+/// since, never a frozen good one; once the VM has failed over it stops.
+#[tokio::test]
+async fn the_rpo_grows_while_no_report_comes() {
+    let Fixture {
+        registry,
+        mut client,
+        _dir,
+    } = fixture().await;
+    let c = &mut client;
+    register(c, vm("web1")).await.unwrap();
+    enable(c, enable_req("web1", "westus")).await.unwrap();
+    transition(c, "web1", pb::ReplicationState::InitialReplication)
+        .await
+        .unwrap();
+    transition(c, "web1", pb::ReplicationState::Protected)
+        .await
+        .unwrap();
+    let reported = c
+        .report_health(pb::ReportHealthRequest {
+            vm_name: "web1".into(),
+            component: "processor".into(),
+            health: pb::ReplicationHealth::Normal as i32,
+            rpo: Some(prost_types::Duration {
+                seconds: 2,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let seconds = |i: &pb::ProtectedItem| {
+        let d = i.rpo.unwrap();
+        d.seconds as f64 + d.nanos as f64 / 1e9
+    };
+    assert!((2.0..2.5).contains(&seconds(&reported)), "{reported:?}");
+    let url = registry.url.clone();
+    ferry_testkit::wait_for(
+        "the RPO to grow past 3 s without a report",
+        Duration::from_secs(20),
+        || {
+            let url = url.clone();
+            async move {
+                ferry_testkit::protected_item(&url, "web1")
+                    .await
+                    .filter(|i| seconds(i) >= 3.0)
+            }
+        },
+    )
+    .await;
+    // Failed over: replication has ended, the figure stays as it was.
+    transition(c, "web1", pb::ReplicationState::FailoverInProgress)
+        .await
+        .unwrap();
+    let moved = transition(c, "web1", pb::ReplicationState::FailedOver)
+        .await
+        .unwrap();
+    assert!((2.0..2.5).contains(&seconds(&moved)), "{moved:?}");
+    registry.stop().await;
+}

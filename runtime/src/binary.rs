@@ -96,3 +96,16 @@ macro_rules! service_main {
         }
     };
 }
+
+/// For a command-line tool whose output goes into a pipe: a reader that
+/// stops early (`ferry points | head`) ends it quietly, as it ends `ls`,
+/// instead of a panic in `println!` (Rust ignores SIGPIPE by default). Not
+/// for servers: a client going away must not kill them.
+pub fn exit_quietly_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal; no handler
+    // of ours is involved and no memory is read or written.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}

@@ -66,6 +66,11 @@ pub struct Health {
     services: Vec<String>,
 }
 
+/// The health service name that reports the process alive (SERVING while it
+/// answers at all), for liveness probes; "" and the API's own names report
+/// readiness.
+pub const LIVENESS_SERVICE: &str = "liveness";
+
 impl Health {
     async fn set(&self, status: ServingStatus) {
         // "" is the server as a whole, as grpc-health-probe asks by default.
@@ -110,6 +115,14 @@ impl Host {
             services: services.iter().map(|s| s.to_string()).collect(),
         };
         health.not_serving().await;
+        // Liveness, apart from readiness: SERVING whenever the server
+        // answers at all, peers or no peers, so a liveness probe restarts
+        // only a process that no longer answers (a TCP probe would pass a
+        // wedged one: the kernel accepts for it).
+        health
+            .reporter
+            .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
+            .await;
 
         let reflection = || {
             let mut builder = tonic_reflection::server::Builder::configure()

@@ -25,7 +25,7 @@ pub mod time;
 pub mod trace_context;
 
 pub use config::{CommonArgs, ConfigError, Limits, ServiceConfig};
-pub use host::{Health, Host, HostError};
+pub use host::{Health, Host, HostError, LIVENESS_SERVICE};
 pub use names::path_name;
 pub use peers::{connect, wait_serving, PeerChannel};
 pub use readiness::Peer;

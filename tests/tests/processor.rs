@@ -403,6 +403,57 @@ async fn a_sigkilled_processor_resumes_without_loss_or_duplicates() {
     registry.stop().await;
 }
 
+/// An idle VM's points keep up with the clock: its agent ticks each second
+/// while nothing is written, so the newest point holds the source up to a
+/// moment ago and registry's RPO stays small instead of aging with the last
+/// write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_vms_points_and_rpo_stay_current() {
+    let cluster = Cluster::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent =
+        common::fast_protected_vm(&cluster.registry.url, dir.path(), Default::default()).await;
+    agent.capture.write("os", 0, vec![7u8; 4096]).await.unwrap();
+    let written = std::time::SystemTime::now();
+    let processor = cluster.processor.url.clone();
+    let point = wait_for(
+        "a point 3 s newer than the VM's last write",
+        Duration::from_secs(60),
+        || {
+            let processor = processor.clone();
+            async move {
+                list_points(processor.as_str(), "vm")
+                    .await
+                    .into_iter()
+                    .find(|p| {
+                        p.time.is_some_and(|t| {
+                            std::time::SystemTime::try_from(t).unwrap()
+                                > written + Duration::from_secs(3)
+                        })
+                    })
+            }
+        },
+    )
+    .await;
+    assert!(point.sequence_cut >= 2, "{point:?}");
+    let registry = cluster.registry.url.clone();
+    wait_for(
+        "registry's RPO under 3 s, 5 s after the last write",
+        Duration::from_secs(60),
+        || {
+            let registry = registry.clone();
+            async move {
+                let item = protected_item(&registry, "vm").await?;
+                let rpo = item.rpo?;
+                (written.elapsed().ok()? > Duration::from_secs(5) && rpo.seconds < 3).then_some(())
+            }
+        },
+    )
+    .await;
+    agent.stop(Duration::from_secs(5)).await.unwrap();
+    cluster.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_policy_thins_and_expires_points_and_reclaims_their_space() {
     // Small replica segments, so that expired versions free whole files.

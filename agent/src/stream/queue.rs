@@ -32,6 +32,8 @@ pub(super) struct Queue {
     bytes: usize,
     /// The highest sequence cache-svc acknowledged durable.
     durable: Sequence,
+    /// When the last record was appended (None: none yet).
+    last_append: Option<std::time::Instant>,
 }
 
 /// Why an acknowledgement was not taken.
@@ -54,6 +56,7 @@ impl Queue {
             pending: VecDeque::new(),
             bytes: 0,
             durable: Sequence(next.get() - 1),
+            last_append: None,
         }
     }
 
@@ -97,6 +100,7 @@ impl Queue {
         };
         ferry_proto::checksum::seal(&mut record);
         self.pending.push_back(record);
+        self.last_append = Some(std::time::Instant::now());
         let appended = self.next;
         self.next = appended.next();
         appended
@@ -277,6 +281,38 @@ impl Stream {
             }
             notified.await;
         }
+    }
+
+    /// An idle stream's tick: when nothing was appended for `idle` (and
+    /// something was before), appends a TICK marker, which says the stream
+    /// holds every write completed before its capture time, so points, and
+    /// the RPO, stay current while the VM writes nothing. Not while changes
+    /// are tracked (the stream is not whole then), nor once a planned
+    /// failover asked for the FINAL marker (nothing may follow it). Needs no
+    /// ordering lock: every write with a lower sequence has completed.
+    /// Whether it appended one.
+    pub async fn tick_if_idle(&self, idle: std::time::Duration) -> bool {
+        let mut state = self.state.lock().await;
+        let quiet = state
+            .queue
+            .last_append
+            .is_some_and(|at| at.elapsed() >= idle);
+        if !quiet
+            || state.tracking.active()
+            || state.detached.is_some()
+            || self.final_request.borrow().is_some()
+        {
+            return false;
+        }
+        let tick = Op::Marker(pb::Marker {
+            kind: pb::MarkerKind::Tick as i32,
+            id: String::new(),
+            time_unix_nanos: 0,
+        });
+        state.queue.append("", tick);
+        drop(state);
+        self.changed.notify_waiters();
+        true
     }
 
     /// The highest sequence cache-svc acknowledged durable.
@@ -501,6 +537,33 @@ mod tests {
         q.acknowledge(Sequence(5)).unwrap();
         assert!(q.is_empty());
         assert_eq!((q.durable(), q.bytes()), (Sequence(5), 0));
+    }
+
+    #[tokio::test]
+    async fn an_idle_stream_ticks_but_not_before_its_first_record_while_tracking_or_after_final() {
+        let idle = std::time::Duration::ZERO;
+        let s = stream(3);
+        assert!(!s.tick_if_idle(idle).await, "nothing appended yet");
+        s.push("os", write(0)).await;
+        // Quiet for less than an hour: no tick.
+        assert!(!s.tick_if_idle(std::time::Duration::from_secs(3600)).await);
+        assert!(s.tick_if_idle(idle).await);
+        let tick = s.pending_records().await.pop().unwrap();
+        assert_eq!(tick.sequence, 2);
+        assert_eq!(tick.disk_id, "");
+        assert!(matches!(
+            tick.op,
+            Some(Op::Marker(pb::Marker { kind, .. })) if kind == pb::MarkerKind::Tick as i32
+        ));
+        assert_eq!(ferry_proto::checksum::record_crc32c(&tick), tick.crc32c);
+        // A planned failover asked for FINAL: nothing may follow it.
+        s.request_final("rp");
+        assert!(!s.tick_if_idle(idle).await);
+        // Tracking changed chunks: the stream is not whole, no tick.
+        let t = stream(3);
+        t.push("os", write(0)).await;
+        t.enter_tracking().await;
+        assert!(!t.tick_if_idle(idle).await);
     }
 
     #[tokio::test]

@@ -168,15 +168,17 @@ impl VmReplica {
             }
         };
         w.meta.applied = Sequence(record.sequence);
-        if matches!(applied, Applied::Data) {
-            // A capture time ahead of this clock (the agent's clock stepped,
-            // or is wrong) counts as now: a point's time never lies in the
-            // future, where it would freeze retention and hide the RPO.
-            let captured = record
-                .captured_at_unix_nanos
-                .min(ferry_runtime::time::unix_nanos_now());
-            w.meta.last_time_nanos = w.meta.last_time_nanos.max(UnixNanos(captured));
-        }
+        // The stream is in completion order: a record captured at T says
+        // every write completed before T is in it, a marker as much as a
+        // write (the one that ends an initial replication, an idle agent's
+        // tick). So a point holds the source up to its newest record's time.
+        // A capture time ahead of this clock (the agent's clock stepped, or
+        // is wrong) counts as now: a point's time never lies in the future,
+        // where it would freeze retention and hide the RPO.
+        let captured = record
+            .captured_at_unix_nanos
+            .min(ferry_runtime::time::unix_nanos_now());
+        w.meta.last_time_nanos = w.meta.last_time_nanos.max(UnixNanos(captured));
         Ok(applied)
     }
 

@@ -73,7 +73,8 @@ pub struct Meta {
     pub syncing: BTreeSet<String>,
     /// Disk sizes.
     pub disks: BTreeMap<String, u64>,
-    /// When the newest applied write completed at the agent (Unix ns).
+    /// When the newest applied record (a write or a marker) was captured
+    /// at the agent (Unix ns): the replica holds the source up to then.
     pub last_time_nanos: UnixNanos,
     /// The id the next segment file gets.
     pub next_segment: u64,
@@ -276,6 +277,24 @@ mod tests {
         let unknown = stored.replace(r#""kind":2"#, r#""kind":9"#);
         let err = unjson::<Point>(unknown.as_bytes()).unwrap_err();
         assert!(matches!(err, ProcessorError::Corrupt(_)), "{err}");
+    }
+
+    #[test]
+    fn a_points_time_is_its_newest_records_capture_time_marker_or_write() {
+        // Captured at 1 and 2: the markers of the initial replication. The
+        // first point holds the source as of the second, not "never".
+        let mut f = Fixture::new(1 << 20);
+        assert_eq!(f.cut().time_nanos, UnixNanos(2));
+        let mut image = vec![0u8; SIZE as usize];
+        f.write_chunks(&mut image, &[0], 1);
+        assert_eq!(f.cut().time_nanos, UnixNanos(3));
+        // Nothing written since: a marker still moves the point's time.
+        f.apply(Op::Marker(ferry_proto::cache::v1::Marker {
+            kind: ferry_proto::cache::v1::MarkerKind::AppConsistent as i32,
+            id: String::new(),
+            time_unix_nanos: 0,
+        }));
+        assert_eq!(f.cut().time_nanos, UnixNanos(4));
     }
 
     #[test]
