@@ -201,6 +201,11 @@ struct Args {
         default_value = "text"
     )]
     log_format: ferry_runtime::telemetry::LogFormat,
+    /// Export traces over OTLP/gRPC to this collector (e.g.
+    /// http://127.0.0.1:4317): then one batch of writes a second is traced
+    /// through cache-svc and processor-svc to the point that holds it.
+    #[arg(long, env = "FERRY_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 /// The secret in `path` (surrounding whitespace ignored), for `flag`.
@@ -264,8 +269,12 @@ fn main() -> std::process::ExitCode {
 
 async fn agent_main() -> Result<(), ferry_runtime::binary::BinaryError> {
     let args = Args::parse();
-    let _telemetry =
-        ferry_runtime::telemetry::init_with("ferry-agent", &args.log, None, args.log_format)?;
+    let _telemetry = ferry_runtime::telemetry::init_with(
+        "ferry-agent",
+        &args.log,
+        args.otlp_endpoint.as_deref(),
+        args.log_format,
+    )?;
     let shutdown = ferry_runtime::shutdown_token();
     let disk_roots: Vec<PathBuf> = args
         .disk_root

@@ -361,9 +361,34 @@ impl CacheService {
                 .collect();
             if !records.is_empty() {
                 let writer = session.still_current();
+                // A traced batch: its trace goes on in a span of its ingest
+                // (checks, append, fsync), handed on to the tails once durable.
+                let spans: Vec<_> = batch
+                    .traces
+                    .iter()
+                    .map(|t| {
+                        let span = tracing::info_span!(
+                            "ferry.cache.ingest",
+                            vm = %vm,
+                            first = t.first_sequence,
+                            last = t.last_sequence
+                        );
+                        ferry_runtime::batch_trace::continue_trace(&span, &t.traceparent);
+                        (span, t.first_sequence, t.last_sequence)
+                    })
+                    .collect();
                 let appended = self
                     .check_and_append(&state, &disks, epoch, &mut durable, records, writer)
                     .await;
+                for (span, first, last) in spans {
+                    if appended.is_ok() {
+                        if let Some(trace) =
+                            ferry_runtime::batch_trace::trace_of(&span, first, last)
+                        {
+                            state.traced(trace);
+                        }
+                    }
+                }
                 match &appended {
                     Err(CacheError::DiskFull(why)) if self.room.refused(&vm) => {
                         let message = format!(

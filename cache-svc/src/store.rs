@@ -46,7 +46,14 @@ pub struct VmState {
     /// (a new incarnation, numbering moved past a loss, the log deleted):
     /// open ingest and tail streams end, and their peers start over.
     restarts: watch::Sender<u64>,
+    /// Traced batches ingested lately, with the context of their ingest
+    /// span, for the tails that send their records on (memory only: a
+    /// restart ends those traces here).
+    traces: Mutex<ferry_runtime::batch_trace::Recent>,
 }
+
+/// How many traced batches a VM's log remembers for its tails.
+const RECENT_TRACES: usize = 64;
 
 fn poisoned() -> CacheError {
     CacheError::Corrupt("a log lock was poisoned by a panic".into())
@@ -65,6 +72,21 @@ impl VmState {
     /// A receiver that sees the log start again (or go).
     pub fn restarts(&self) -> watch::Receiver<u64> {
         self.restarts.subscribe()
+    }
+
+    /// Remembers a traced batch for the tails.
+    pub fn traced(&self, trace: ferry_proto::cache::v1::BatchTrace) {
+        if let Ok(mut traces) = self.traces.lock() {
+            traces.push(trace);
+        }
+    }
+
+    /// The traced batches among records `first..=last`.
+    pub fn traces(&self, first: u64, last: u64) -> Vec<ferry_proto::cache::v1::BatchTrace> {
+        self.traces
+            .lock()
+            .map(|t| t.overlapping(first, last))
+            .unwrap_or_default()
     }
 
     /// Runs `f` on the log under its lock.
@@ -245,6 +267,7 @@ impl Store {
             meta: Mutex::new(meta),
             durable,
             restarts,
+            traces: Mutex::new(ferry_runtime::batch_trace::Recent::new(RECENT_TRACES)),
         }))
     }
 

@@ -104,8 +104,12 @@ async fn feed(tail: Tail, tx: &Tx, shutdown: &CancellationToken) -> Result<(), C
                 Err(e) => return Err(e),
             };
             cursor = next;
+            let traces = match (records.first(), records.last()) {
+                (Some(first), Some(last)) => state.traces(first.sequence, last.sequence),
+                _ => Vec::new(),
+            };
             let response = pb::TailResponse {
-                batch: Some(pb::RecordBatch { records }),
+                batch: Some(pb::RecordBatch { records, traces }),
                 durable_sequence: durable,
                 lineage,
             };

@@ -53,7 +53,10 @@ fn record(seq: u64) -> pb::Record {
 
 fn batch(records: Vec<pb::Record>) -> pb::IngestRequest {
     pb::IngestRequest {
-        msg: Some(pb::ingest_request::Msg::Batch(pb::RecordBatch { records })),
+        msg: Some(pb::ingest_request::Msg::Batch(pb::RecordBatch {
+            records,
+            traces: Vec::new(),
+        })),
     }
 }
 

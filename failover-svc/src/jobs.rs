@@ -293,6 +293,11 @@ pub struct JobRecord {
     /// The disks materialize-disks wrote, each checked against its point.
     #[serde(default)]
     pub verified: Vec<Verified>,
+    /// The W3C trace context of the job's first run: the job is one trace,
+    /// a run resumed after a restart a span of it too, each step a span
+    /// under its run. Empty until it first runs.
+    #[serde(default)]
+    pub traceparent: String,
 }
 
 impl JobRecord {
@@ -324,6 +329,7 @@ impl JobRecord {
             group: String::new(),
             members: Vec::new(),
             verified: Vec::new(),
+            traceparent: String::new(),
         }
     }
 

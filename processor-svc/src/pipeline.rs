@@ -221,6 +221,7 @@ impl Pipelines {
             reported: 0,
             last_request: None,
             last_gap_request: None,
+            traces: ferry_runtime::batch_trace::Recent::new(PENDING_TRACES),
         };
         let span = tracing::info_span!("pipeline", vm = %item.vm_name);
         let done = tokio::spawn(pipeline.run(rx, stop.clone()).instrument(span));
@@ -381,7 +382,13 @@ struct Pipeline {
     last_request: Option<std::time::Instant>,
     /// When the agent was last asked to check whole disks after a gap.
     last_gap_request: Option<std::time::Instant>,
+    /// Traced batches applied and not yet in a point, with the context of
+    /// their apply span: the point that holds them links to each.
+    traces: ferry_runtime::batch_trace::Recent,
 }
+
+/// How many applied traced batches wait for their point, at most.
+const PENDING_TRACES: usize = 256;
 
 /// Ranges per resync request (each is a few dozen bytes).
 const RANGES_PER_REQUEST: usize = 4096;
@@ -544,9 +551,9 @@ impl Pipeline {
                 message = tail.message() => match message {
                     Ok(Some(response)) => {
                         self.check_lineage(response.lineage).await?;
-                        let records = response.batch.map(|b| b.records).unwrap_or_default();
+                        let batch = response.batch.unwrap_or_default();
                         self.status.send_modify(|s| s.cache_durable = response.durable_sequence);
-                        self.apply(records).await?;
+                        self.apply(batch.records, batch.traces).await?;
                     }
                     Ok(None) => return Err(Refused::unavailable("the cache ended the tail").into()),
                     Err(s) => return Err(Refused::unavailable(format!("cache tail: {s}")).into()),
@@ -663,7 +670,25 @@ impl Pipeline {
         }
     }
 
-    async fn apply(&mut self, records: Vec<cache::Record>) -> Result<(), ProcessorError> {
+    async fn apply(
+        &mut self,
+        records: Vec<cache::Record>,
+        traces: Vec<cache::BatchTrace>,
+    ) -> Result<(), ProcessorError> {
+        // A traced batch's trace goes on in a span of its apply.
+        let spans: Vec<_> = traces
+            .iter()
+            .map(|t| {
+                let span = tracing::info_span!(
+                    "ferry.processor.apply",
+                    vm = %self.vm,
+                    first = t.first_sequence,
+                    last = t.last_sequence
+                );
+                ferry_runtime::batch_trace::continue_trace(&span, &t.traceparent);
+                (span, t.first_sequence, t.last_sequence)
+            })
+            .collect();
         let replica = self.replica.clone();
         let flush_bytes = self.tuning.flush_bytes;
         let room = self.tuning.room.clone();
@@ -722,12 +747,18 @@ impl Pipeline {
             Ok((applied, cuts, mismatched))
         })
         .await?;
+        for (span, first, last) in spans {
+            if let Some(trace) = ferry_runtime::batch_trace::trace_of(&span, first, last) {
+                self.traces.push(trace);
+            }
+        }
         if mismatched {
             self.request_mismatched().await;
         }
         for cut in cuts {
             match cut {
                 Ok(p) => {
+                    self.trace_point(&p);
                     tracing::info!(point = %p.id(), seq = p.sequence_cut.get(), kind = ?p.kind, "point at marker")
                 }
                 Err(e) => tracing::warn!(error = %e, "no point at the marker"),
@@ -736,6 +767,25 @@ impl Pipeline {
         self.status.send_modify(|s| s.applied = applied);
         self.serve_cuts(applied).await;
         Ok(())
+    }
+
+    /// The span of a point that holds traced batches: a trace of its own,
+    /// linked to each batch it holds (many batches fan into one point).
+    fn trace_point(&mut self, point: &Point) {
+        let held = self.traces.take_through(point.sequence_cut.get());
+        if held.is_empty() {
+            return;
+        }
+        let span = tracing::info_span!(
+            parent: None,
+            "ferry.processor.point",
+            vm = %self.vm,
+            point = %point.id(),
+            sequence_cut = point.sequence_cut.get(),
+            kind = ?point.kind,
+            batches = held.len()
+        );
+        ferry_runtime::batch_trace::link_all(&span, &held);
     }
 
     async fn command(&mut self, command: Command) {
@@ -787,7 +837,8 @@ impl Pipeline {
                 }),
             });
         }
-        if cut.is_ok() {
+        if let Ok(p) = &cut {
+            self.trace_point(p);
             self.report_applied().await;
         }
     }
@@ -840,6 +891,7 @@ impl Pipeline {
         })
         .await?;
         if let Some(p) = cut {
+            self.trace_point(&p);
             tracing::debug!(point = %p.id(), seq = p.sequence_cut.get(), "crash-consistent point");
         }
         if self

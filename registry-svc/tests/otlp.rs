@@ -3,38 +3,12 @@
 //! W3C trace context, with its service name, even at log level `warn`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_proto::registry::v1 as pb;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_testkit::otlp::Collector;
 use ferry_testkit::{wait_for, wait_serving, Insecure, ServiceProcess};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::any_value::Value;
-
-/// A collector that keeps what it receives.
-#[derive(Clone, Default)]
-struct Collector {
-    received: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        self.received.lock().unwrap().push(request.into_inner());
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
@@ -42,22 +16,14 @@ const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 // the child's exit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_spans_are_exported_with_the_callers_trace_id() {
-    let collector = Collector::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(collector.clone()))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-
+    let collector = Collector::start().await;
     let dir = tempfile::tempdir().unwrap();
     let insecure = Insecure::new();
     let mut registry = ServiceProcess::start(
         &insecure,
         env!("CARGO_BIN_EXE_registry-svc"),
         dir.path().join("registry"),
-        &["--otlp-endpoint", &endpoint],
+        &["--otlp-endpoint", &collector.endpoint],
     );
     wait_serving(&registry.url()).await;
 
@@ -77,43 +43,15 @@ async fn request_spans_are_exported_with_the_callers_trace_id() {
     let status = registry.signal_and_wait("TERM");
     assert!(status.success(), "{status}");
 
-    let spans = wait_for(
-        "the collector to receive spans",
+    let span = wait_for(
+        "the collector to receive the request's span",
         Duration::from_secs(20),
         || {
-            let received = collector.received.lock().unwrap().clone();
-            async move { (!received.is_empty()).then_some(received) }
+            let spans = collector.spans();
+            async move { spans.into_iter().find(|s| s.trace_id() == TRACE_ID) }
         },
     )
     .await;
-    let mut found = false;
-    for export in &spans {
-        for resource_spans in &export.resource_spans {
-            let service = resource_spans
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|kv| kv.key == "service.name")
-                .and_then(|kv| kv.value.as_ref())
-                .and_then(|v| v.value.clone());
-            for scope in &resource_spans.scope_spans {
-                for span in &scope.spans {
-                    if hex(&span.trace_id) == TRACE_ID {
-                        assert_eq!(service, Some(Value::StringValue("registry-svc".into())));
-                        assert_eq!(hex(&span.parent_span_id), "00f067aa0ba902b7");
-                        found = true;
-                    }
-                }
-            }
-        }
-    }
-    assert!(
-        found,
-        "no exported span carries the caller's trace id: {spans:?}"
-    );
-    server.abort();
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    assert_eq!(span.service, "registry-svc");
+    assert_eq!(span.parent_span_id(), "00f067aa0ba902b7");
 }

@@ -2,6 +2,7 @@
 //! (health, reflection, limits, graceful shutdown), telemetry, W3C trace-context
 //! propagation and connections to peers.
 
+pub mod batch_trace;
 pub mod binary;
 pub mod config;
 pub mod durable;

@@ -63,6 +63,15 @@ pub fn init(
     init_with(service, filter, otlp_endpoint, LogFormat::Text)
 }
 
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process exports traces (it was given an OTLP endpoint):
+/// what is only worth doing for a trace (the agent tracing a sample of its
+/// batches) is skipped otherwise.
+pub fn exporting() -> bool {
+    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// As [`init`], logging in `format`.
 pub fn init_with(
     service: &'static str,
@@ -78,6 +87,10 @@ pub fn init_with(
 
     let resource = Resource::builder().with_service_name(service).build();
     let mut builder = SdkTracerProvider::builder().with_resource(resource);
+    EXPORTING.store(
+        otlp_endpoint.is_some(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     if let Some(endpoint) = otlp_endpoint {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()

@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod group;
 pub mod insecure;
 pub mod nbd;
+pub mod otlp;
 pub mod pki;
 pub mod points;
 pub mod process;

@@ -223,21 +223,7 @@ async fn test_failover_cleanup_unplanned_failover_to_an_older_point_and_commit()
     let url = cluster.failover.url.clone();
 
     // Test failover into an isolated network, while replication goes on.
-    failover(&url)
-        .await
-        .create_network(fo::CreateNetworkRequest {
-            network: Some(fo::Network {
-                region: "westus".into(),
-                resource_group: "drill".into(),
-                name: "isolated".into(),
-                subnets: vec![fo::Subnet {
-                    name: "default".into(),
-                    address_prefix: "10.9.0.0/24".into(),
-                }],
-            }),
-        })
-        .await
-        .unwrap();
+    common::isolated_network(&url).await;
     let (job, progress) = succeed(
         &url,
         start(

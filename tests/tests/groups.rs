@@ -171,21 +171,7 @@ async fn multi_vm_points_never_show_an_effect_without_its_cause() {
         .unwrap_err();
     assert_eq!(alone.code(), tonic::Code::FailedPrecondition, "{alone}");
     // A drill first: the whole group into an isolated network, then gone.
-    common::failover(&failover_url)
-        .await
-        .create_network(fo::CreateNetworkRequest {
-            network: Some(fo::Network {
-                region: "westus".into(),
-                resource_group: "drill".into(),
-                name: "isolated".into(),
-                subnets: vec![fo::Subnet {
-                    name: "default".into(),
-                    address_prefix: "10.9.0.0/24".into(),
-                }],
-            }),
-        })
-        .await
-        .unwrap();
+    common::isolated_network(&failover_url).await;
     let (drill, _) = common::succeed(
         &failover_url,
         fo::StartFailoverRequest {

@@ -142,6 +142,7 @@ pub(super) async fn session(
     let disks = stream.disks();
     let (generation, mut sent) = stream.state.lock().await.open(vm, held, &disks);
     stream.changed.notify_waiters();
+    let mut sampler = ferry_runtime::batch_trace::Sampler::default();
     loop {
         let notified = stream.changed.notified();
         tokio::pin!(notified);
@@ -151,9 +152,28 @@ pub(super) async fn session(
         }
         let batch = stream.next_batch(sent).await;
         if let Some(last) = batch.last().map(|r| r.sequence) {
+            let first = batch.first().map_or(last, |r| r.sequence);
+            // A sampled batch is traced from here to its point; the span
+            // lasts until the batch is handed to the stream.
+            let span = sampler.sample().then(|| {
+                tracing::info_span!(
+                    parent: None,
+                    "ferry.agent.send_batch",
+                    vm,
+                    first,
+                    last,
+                    records = batch.len()
+                )
+            });
+            let traces = span
+                .as_ref()
+                .and_then(|s| ferry_runtime::batch_trace::trace_of(s, first, last))
+                .into_iter()
+                .collect();
             let request = pb::IngestRequest {
                 msg: Some(pb::ingest_request::Msg::Batch(pb::RecordBatch {
                     records: batch,
+                    traces,
                 })),
             };
             // Responses are taken while waiting for room to send: the
@@ -176,6 +196,7 @@ pub(super) async fn session(
                     }
                 }
             }
+            drop(span);
             sent = Sequence(last);
             continue;
         }

@@ -41,6 +41,7 @@ use std::sync::{Arc, Mutex};
 use ferry_proto::ids::{UnixNanos, VmName};
 use ferry_runtime::Refused;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::error::FailoverError;
 use crate::inventory::{Backend, TargetVm};
@@ -420,6 +421,30 @@ impl Engine {
     /// Runs the job's unfinished steps in order; returns when it has ended,
     /// failed, is stopping, or cannot be persisted.
     async fn run_steps(self: &Arc<Self>, job: &mut JobRecord) {
+        // One trace per job: the first run's span starts it, a resumed run
+        // continues it.
+        let run = tracing::info_span!(
+            parent: None,
+            "ferry.failover.job",
+            job = %job.id,
+            kind = job.kind.tag(),
+            failover = job.failover_kind.map_or("", |k| k.tag()),
+            target = %job.target(),
+            resumed = !job.traceparent.is_empty(),
+            outcome = tracing::field::Empty,
+        );
+        if job.traceparent.is_empty() {
+            job.traceparent =
+                ferry_runtime::trace_context::traceparent_of(&run).unwrap_or_default();
+        } else {
+            ferry_runtime::batch_trace::continue_trace(&run, &job.traceparent);
+        }
+        self.run_traced(job, &run).await;
+        // "running" when it stopped for a shutdown, to resume after it.
+        run.record("outcome", job.state.tag());
+    }
+
+    async fn run_traced(self: &Arc<Self>, job: &mut JobRecord, run: &tracing::Span) {
         job.state = JobState::Running;
         if let Err(e) = self.jobs.save(job) {
             return self.unpersisted(job, None, "start", e);
@@ -437,10 +462,25 @@ impl Engine {
             if let Err(e) = self.jobs.save(job) {
                 return self.unpersisted(job, Some(i), &format!("start of {step}"), e);
             }
+            let span = tracing::info_span!(
+                parent: run,
+                "ferry.failover.step",
+                job = %job.id,
+                step = %step,
+                outcome = tracing::field::Empty,
+            );
             let outcome = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                outcome = step.run(self, job) => outcome,
+                outcome = step.run(self, job).instrument(span.clone()) => outcome,
             };
+            span.record(
+                "outcome",
+                if outcome.is_ok() {
+                    "succeeded"
+                } else {
+                    "failed"
+                },
+            );
             match outcome {
                 Ok(message) => {
                     job.steps[i].state = JobState::Succeeded;

@@ -193,6 +193,27 @@ pub async fn failover<'a>(
     ferry_proto::failover::v1::failover_client::FailoverClient::new(at.into().admin())
 }
 
+/// Creates the network "isolated" (westus, resource group "drill", subnet
+/// "default" 10.9.0.0/24) that the tests' test failovers go into.
+pub async fn isolated_network<'a>(at: impl Into<At<'a>>) {
+    use ferry_proto::failover::v1 as fo;
+    failover(at)
+        .await
+        .create_network(fo::CreateNetworkRequest {
+            network: Some(fo::Network {
+                region: "westus".into(),
+                resource_group: "drill".into(),
+                name: "isolated".into(),
+                subnets: vec![fo::Subnet {
+                    name: "default".into(),
+                    address_prefix: "10.9.0.0/24".into(),
+                }],
+            }),
+        })
+        .await
+        .unwrap();
+}
+
 /// Follows a job's stream to its end; the final job and how many distinct
 /// progress values were seen.
 pub async fn finish<'a>(
