@@ -15,6 +15,8 @@ command -v fio >/dev/null || need+=(fio)
 command -v openssl >/dev/null || need+=(openssl)
 # tmux: `ferry status --watch` is tested in a real terminal.
 command -v tmux >/dev/null || need+=(tmux)
+# mkfs.ext4 and e2fsck (e2fsprogs) for the guest's data disk.
+command -v e2fsck >/dev/null || need+=(e2fsprogs)
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing ${need[*]}"
   sudo_=""
@@ -24,12 +26,17 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # Servers the tests start themselves: prometheus (and promtool, which checks
-# and unit-tests the alert rules in deploy/prometheus) and nginx (a gRPC
-# proxy hop). Installed without their recommends, and with invoke-rc.d told
-# not to start the packaged services: each test starts its own.
+# and unit-tests the alert rules in deploy/prometheus), nginx (a gRPC proxy
+# hop) and qemu-system-x86 (the guest of tests/tests/guest.rs, under software
+# emulation; on Debian 12 it brings qemu-utils 7.2 with it, and the tests
+# pass with that or a newer one). Installed without their recommends, and
+# with invoke-rc.d told not to start the packaged services: each test starts
+# its own.
 servers=()
 command -v promtool >/dev/null || servers+=(prometheus)
 command -v nginx >/dev/null || servers+=(nginx)
+# Installing it removes a newer qemu-utils: qemu-utils comes again with it.
+command -v qemu-system-x86_64 >/dev/null || servers+=(qemu-system-x86 qemu-utils)
 if [ ${#servers[@]} -gt 0 ]; then
   echo "==> installing ${servers[*]}"
   sudo_=""

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{failover, finish, succeed};
+use common::{failover, failover_request as start, finish, succeed};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -39,23 +39,6 @@ async fn qemu_io(nbd: &str, disk: &str, commands: Vec<String>) {
     })
     .await
     .unwrap();
-}
-
-fn start(
-    vm: &str,
-    kind: fo::FailoverKind,
-    point: fo::point_choice::Choice,
-    network: &str,
-) -> fo::StartFailoverRequest {
-    fo::StartFailoverRequest {
-        target: Some(fo::start_failover_request::Target::VmName(vm.into())),
-        kind: kind as i32,
-        point: Some(fo::PointChoice {
-            choice: Some(point),
-        }),
-        test_network: network.into(),
-        request_id: String::new(),
-    }
 }
 
 fn copy_sources(sources: &[(&str, PathBuf)], dir: &Path, tag: &str) -> Vec<(String, PathBuf)> {

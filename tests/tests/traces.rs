@@ -88,15 +88,12 @@ async fn a_batch_is_traced_to_its_point_and_a_failover_job_is_one_trace() {
     common::isolated_network(&url).await;
     let (job, _) = succeed(
         &url,
-        fo::StartFailoverRequest {
-            target: Some(fo::start_failover_request::Target::VmName("vm".into())),
-            kind: fo::FailoverKind::Test as i32,
-            point: Some(fo::PointChoice {
-                choice: Some(fo::point_choice::Choice::LatestProcessed(true)),
-            }),
-            test_network: "isolated".into(),
-            request_id: String::new(),
-        },
+        common::failover_request(
+            "vm",
+            fo::FailoverKind::Test,
+            fo::point_choice::Choice::LatestProcessed(true),
+            "isolated",
+        ),
     )
     .await;
     let steps: Vec<String> = job.steps.iter().map(|s| s.name.clone()).collect();

@@ -193,6 +193,25 @@ pub async fn failover<'a>(
     ferry_proto::failover::v1::failover_client::FailoverClient::new(at.into().admin())
 }
 
+/// A failover of `vm` of `kind` to `point` (`network`: a test failover's).
+pub fn failover_request(
+    vm: &str,
+    kind: ferry_proto::failover::v1::FailoverKind,
+    point: ferry_proto::failover::v1::point_choice::Choice,
+    network: &str,
+) -> ferry_proto::failover::v1::StartFailoverRequest {
+    use ferry_proto::failover::v1 as fo;
+    fo::StartFailoverRequest {
+        target: Some(fo::start_failover_request::Target::VmName(vm.into())),
+        kind: kind as i32,
+        point: Some(fo::PointChoice {
+            choice: Some(point),
+        }),
+        test_network: network.into(),
+        request_id: String::new(),
+    }
+}
+
 /// Creates the network "isolated" (westus, resource group "drill", subnet
 /// "default" 10.9.0.0/24) that the tests' test failovers go into.
 pub async fn isolated_network<'a>(at: impl Into<At<'a>>) {
