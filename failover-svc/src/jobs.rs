@@ -293,9 +293,10 @@ pub struct JobRecord {
     /// The disks materialize-disks wrote, each checked against its point.
     #[serde(default)]
     pub verified: Vec<Verified>,
-    /// The W3C trace context of the job's first run: the job is one trace,
-    /// a run resumed after a restart a span of it too, each step a span
-    /// under its run. Empty until it first runs.
+    /// The W3C trace context the job's runs continue: the request that
+    /// asked for it (a group job's step, for a member job), else its first
+    /// run. Each run, a resumed one too, is a span of that trace, each step
+    /// a span under its run.
     #[serde(default)]
     pub traceparent: String,
 }

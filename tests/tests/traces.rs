@@ -1,7 +1,8 @@
 //! Traces over OTLP, as a collector receives them: a write batch is one
 //! trace from the agent's send through cache-svc's ingest to processor-svc's
 //! apply, and the point that holds it links to it (many batches fan into one
-//! point); a failover job is one trace with a span per step.
+//! point); a failover job is one trace with a span per step, within the
+//! trace of the request that started it.
 
 mod common;
 
@@ -128,6 +129,18 @@ async fn a_batch_is_traced_to_its_point_and_a_failover_job_is_one_trace() {
     assert_eq!(sorted, expected, "{traced:?}");
     assert_eq!(run.attribute("outcome").as_deref(), Some("succeeded"));
     assert_eq!(run.attribute("failover").as_deref(), Some("test"));
+    assert_eq!(run.attribute("resumed").as_deref(), Some("false"));
+    // The job is part of the trace of the request that started it.
+    let spans = collector.spans();
+    let request = spans
+        .iter()
+        .find(|s| s.span_id() == run.parent_span_id())
+        .expect("the job's parent span was exported");
+    assert_eq!(request.trace_id(), run.trace_id());
+    assert_eq!(
+        request.attribute("rpc").as_deref(),
+        Some("/ferry.failover.v1.Failover/StartFailover")
+    );
     agent.stop(Duration::from_secs(5)).await.unwrap();
     cluster.stop().await;
 }

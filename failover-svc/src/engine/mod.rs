@@ -350,7 +350,15 @@ impl Engine {
 
     /// One job per VM (and per group) at a time; the job is stored before
     /// it runs.
-    pub(crate) async fn admit(self: &Arc<Self>, job: JobRecord) -> Result<JobRecord> {
+    pub(crate) async fn admit(self: &Arc<Self>, mut job: JobRecord) -> Result<JobRecord> {
+        // The job continues the trace it was asked for in: the request's
+        // (an operator's `ferry failover`), or the group job's step for a
+        // member job.
+        if job.traceparent.is_empty() {
+            job.traceparent =
+                ferry_runtime::trace_context::traceparent_of(&tracing::Span::current())
+                    .unwrap_or_default();
+        }
         {
             let mut busy = self
                 .busy
@@ -421,8 +429,9 @@ impl Engine {
     /// Runs the job's unfinished steps in order; returns when it has ended,
     /// failed, is stopping, or cannot be persisted.
     async fn run_steps(self: &Arc<Self>, job: &mut JobRecord) {
-        // One trace per job: the first run's span starts it, a resumed run
-        // continues it.
+        // One trace per job: each run (the first, a resumed one) is a span
+        // of the trace the job was asked for in, or of its own.
+        let resumed = job.steps.iter().any(|s| s.state != JobState::Queued);
         let run = tracing::info_span!(
             parent: None,
             "ferry.failover.job",
@@ -430,7 +439,7 @@ impl Engine {
             kind = job.kind.tag(),
             failover = job.failover_kind.map_or("", |k| k.tag()),
             target = %job.target(),
-            resumed = !job.traceparent.is_empty(),
+            resumed,
             outcome = tracing::field::Empty,
         );
         if job.traceparent.is_empty() {
