@@ -35,8 +35,7 @@ fi
 servers=()
 command -v promtool >/dev/null || servers+=(prometheus)
 command -v nginx >/dev/null || servers+=(nginx)
-# Installing it removes a newer qemu-utils: qemu-utils comes again with it.
-command -v qemu-system-x86_64 >/dev/null || servers+=(qemu-system-x86 qemu-utils)
+command -v qemu-system-x86_64 >/dev/null || servers+=(qemu-system-x86)
 if [ ${#servers[@]} -gt 0 ]; then
   echo "==> installing ${servers[*]}"
   sudo_=""
@@ -50,6 +49,11 @@ if [ ${#servers[@]} -gt 0 ]; then
   fi
   $sudo_ apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq --no-install-recommends "${servers[@]}"
+  # qemu-system-x86 removes a newer qemu-utils than its own and brings none:
+  # Debian's, of its version, again.
+  if ! command -v qemu-io >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq --no-install-recommends qemu-utils
+  fi
   [ -z "$made_policy" ] || $sudo_ rm -f "$policy"
 fi
 

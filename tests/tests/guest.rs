@@ -16,7 +16,7 @@ use std::time::Duration;
 use common::succeed;
 use ferry_proto::failover::v1 as fo;
 use ferry_testkit::points::{cut_latest, list_points, read_disk};
-use ferry_testkit::{bin_path, protect_vm_with, run_tool, Cluster};
+use ferry_testkit::{bin_path, protect_vm_with, run_tool, wait_for, Cluster};
 
 const SIZE: u64 = 64 << 20;
 const FILES: usize = 60;
@@ -44,11 +44,9 @@ fn guest() -> PathBuf {
     target
 }
 
-/// Boots the guest on `drive` (a file or an nbd:// URL) with `args` on its
-/// command line and returns its console once it has powered off: each file
-/// it printed with its checksum. Panics on a FERRY-ERROR line or when it
-/// does not finish within 5 minutes.
-async fn boot(guest: &Path, drive: &str, args: &str) -> BTreeMap<String, String> {
+/// QEMU booting the guest with `disk` (`-drive` or `-blockdev` arguments)
+/// and `args` on its command line, its console on stdout.
+fn qemu(guest: &Path, disk: &[String], args: &str) -> tokio::process::Command {
     let mut qemu = tokio::process::Command::new("qemu-system-x86_64");
     qemu.args([
         "-machine", "pc", "-accel", "tcg", "-cpu", "max", "-m", "256",
@@ -66,20 +64,27 @@ async fn boot(guest: &Path, drive: &str, args: &str) -> BTreeMap<String, String>
     .arg(guest.join("initrd.gz"))
     .arg("-append")
     .arg(format!("console=ttyS0 panic=-1 quiet {args}"))
-    .arg("-drive")
-    .arg(format!("file={drive},format=raw,if=virtio,cache=none"))
+    .args(disk)
     .stdin(Stdio::null())
+    .stdout(Stdio::piped())
     .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(300), qemu.output())
-        .await
-        .expect("the guest powers off within 5 minutes")
-        .expect("qemu-system-x86_64 runs (scripts/test.sh installs qemu-system-x86)");
-    let console = String::from_utf8_lossy(&out.stdout).into_owned();
+    qemu
+}
+
+/// `-drive` arguments for `drive` (a file or an nbd:// URL).
+fn drive(drive: &str) -> Vec<String> {
+    vec![
+        "-drive".into(),
+        format!("file={drive},format=raw,if=virtio,cache=none"),
+    ]
+}
+
+/// Each file the console shows with its checksum. Panics unless the guest
+/// finished (FERRY-DONE) without a FERRY-ERROR.
+fn files(console: &str) -> BTreeMap<String, String> {
     assert!(
-        out.status.success() && console.contains("FERRY-DONE") && !console.contains("FERRY-ERROR"),
-        "{}: {console}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+        console.contains("FERRY-DONE") && !console.contains("FERRY-ERROR"),
+        "{console}"
     );
     console
         .lines()
@@ -90,6 +95,17 @@ async fn boot(guest: &Path, drive: &str, args: &str) -> BTreeMap<String, String>
             Some((words.next()?.to_string(), words.next()?.to_string()))
         })
         .collect()
+}
+
+/// Boots the guest on `disk` with `args` and returns the files its console
+/// showed once it powered off; within 5 minutes.
+async fn boot(guest: &Path, disk: &[String], args: &str) -> BTreeMap<String, String> {
+    let out = tokio::time::timeout(Duration::from_secs(300), qemu(guest, disk, args).output())
+        .await
+        .expect("the guest powers off within 5 minutes")
+        .expect("qemu-system-x86_64 runs (scripts/test.sh installs qemu-system-x86)");
+    assert!(out.status.success(), "qemu: {}", out.status);
+    files(&String::from_utf8_lossy(&out.stdout))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,7 +128,7 @@ async fn a_guests_files_survive_protection_and_failover_byte_for_byte() {
     let booted = std::time::SystemTime::now();
     let written = boot(
         &guest,
-        &format!("{nbd}/os"),
+        &drive(&format!("{nbd}/os")),
         &format!("ferry.mode=write ferry.files={FILES}"),
     )
     .await;
@@ -174,8 +190,142 @@ async fn a_guests_files_survive_protection_and_failover_byte_for_byte() {
     let vms = common::target_vms(&url).await;
     let disk = &vms.iter().find(|v| v.test).unwrap().disks[0].path;
     run_tool("e2fsck", &["-fn", disk]);
-    let read = boot(&guest, disk, "ferry.mode=verify").await;
+    let read = boot(&guest, &drive(disk), "ferry.mode=verify").await;
     assert_eq!(read, written);
     agent.stop(Duration::from_secs(5)).await.unwrap();
+    cluster.stop().await;
+}
+
+/// The agent as a process (SIGKILL is the fault) for `registry`'s "vm",
+/// its NBD export at `nbd`.
+fn agent_process(
+    registry: &str,
+    insecure: &ferry_testkit::Insecure,
+    nbd: std::net::SocketAddr,
+    dir: &Path,
+) -> std::process::Child {
+    ferry_testkit::agent_command(registry, "vm", ferry_testkit::AgentAuth::Token(insecure))
+        .args([
+            "--nbd-listen",
+            &nbd.to_string(),
+            "--group-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--state-dir")
+        .arg(dir.join("agent"))
+        .arg("--disk-root")
+        .arg(dir)
+        .spawn()
+        .unwrap()
+}
+
+/// The agent SIGKILLed while the guest writes, and started again: the
+/// guest never notices beyond a pause (QEMU's NBD client reconnects), every
+/// write it made completes, and after the agent's checksum resync a point
+/// equals the source disk byte for byte, is clean ext4, and boots into a
+/// guest that shows every file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_runs_on_through_a_sigkill_of_its_agent() {
+    let guest = guest();
+    let cluster = Cluster::start().await;
+    let registry = cluster.registry.url.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("vm-os.raw");
+    let path = source.to_str().unwrap();
+    run_tool(
+        "qemu-img",
+        &["create", "-f", "raw", path, &SIZE.to_string()],
+    );
+    run_tool("mkfs.ext4", &["-q", "-F", path]);
+    common::policy(&registry, "fast", Duration::from_secs(1)).await;
+    protect_vm_with(&registry, "vm", &[("os", SIZE, &source)], "fast").await;
+    let insecure = ferry_testkit::Insecure::new();
+    let nbd = ferry_testkit::free_addr();
+    let mut agent = agent_process(&registry, &insecure, nbd, dir.path());
+    common::wait_protected(&registry, "vm").await;
+
+    // The guest's disk on the export, reconnecting for up to a minute.
+    let disk = vec![
+        "-blockdev".to_string(),
+        format!(
+            "driver=nbd,node-name=os,server.type=inet,server.host={},server.port={},export=os,reconnect-delay=60",
+            nbd.ip(),
+            nbd.port()
+        ),
+        "-device".to_string(),
+        "virtio-blk-pci,drive=os".to_string(),
+    ];
+    let mut vm = qemu(
+        &guest,
+        &disk,
+        &format!("ferry.mode=write ferry.files={FILES}"),
+    )
+    .spawn()
+    .unwrap();
+    let console = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let console = console.clone();
+        let mut stdout = vm.stdout.take().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                console
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let written_so_far = |n: usize| {
+        let console = console.clone();
+        move || {
+            let done = console.lock().unwrap().matches("FERRY-FILE ").count() >= n;
+            async move { done.then_some(()) }
+        }
+    };
+    wait_for(
+        "the guest to write 10 files",
+        Duration::from_secs(120),
+        written_so_far(10),
+    )
+    .await;
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let mut agent = agent_process(&registry, &insecure, nbd, dir.path());
+    let status = tokio::time::timeout(Duration::from_secs(300), vm.wait())
+        .await
+        .expect("the guest finishes within 5 minutes")
+        .unwrap();
+    reader.await.unwrap();
+    assert!(status.success(), "qemu: {status}");
+    let written = files(&console.lock().unwrap());
+    assert_eq!(written.len(), FILES, "{written:?}");
+
+    // The source is the truth now: a point must come to equal it.
+    let want = std::fs::read(&source).unwrap();
+    let processor = cluster.processor.url.clone();
+    let point = wait_for(
+        "a point equal to the source after the resync",
+        Duration::from_secs(120),
+        || {
+            let (processor, want) = (processor.clone(), want.clone());
+            async move {
+                let point = cut_latest(&processor, "vm").await.ok()?;
+                (read_disk(&processor, "vm", &point, "os").await == want).then_some(point)
+            }
+        },
+    )
+    .await;
+    let image = dir.path().join("point.raw");
+    std::fs::write(&image, read_disk(&processor, "vm", &point, "os").await).unwrap();
+    run_tool("e2fsck", &["-fn", image.to_str().unwrap()]);
+    let read = boot(&guest, &drive(image.to_str().unwrap()), "ferry.mode=verify").await;
+    assert_eq!(read, written);
+    agent.kill().unwrap();
+    agent.wait().unwrap();
     cluster.stop().await;
 }

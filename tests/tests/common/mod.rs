@@ -86,6 +86,16 @@ pub async fn protected_agent_limited(
     .await
 }
 
+/// Waits (a minute at most) until `vm` is PROTECTED.
+pub async fn wait_protected(registry: &str, vm: &str) {
+    wait_for("PROTECTED", Duration::from_secs(60), || async {
+        protected_item(registry, vm)
+            .await
+            .filter(|i| i.state() == reg::ReplicationState::Protected)
+    })
+    .await;
+}
+
 async fn start_protected(
     registry: &str,
     vm: &str,
@@ -122,12 +132,7 @@ async fn start_protected(
     })
     .await
     .unwrap();
-    wait_for("PROTECTED", Duration::from_secs(60), || async {
-        protected_item(registry, vm)
-            .await
-            .filter(|i| i.state() == reg::ReplicationState::Protected)
-    })
-    .await;
+    wait_protected(registry, vm).await;
     (agent, format!("nbd://{addr}"))
 }
 
