@@ -541,7 +541,14 @@ async fn supervise(
             Ok(()) => return Ok(()),
             Err(status) => status,
         };
-        tracing::warn!(vm = %s.vm, %status, "replication stopped; the VM's disks stay online, writes are tracked");
+        tracing::warn!(
+            vm = %s.vm,
+            code = ?status.code(),
+            reason = status.message(),
+            "replication stopped (fenced by a failover or a newer agent, stopped by the cache, or \
+             disabled); the VM's disks stay online and its writes are tracked until replication \
+             may resume"
+        );
         let mut told = false;
         loop {
             tokio::select! {
