@@ -108,9 +108,10 @@ async fn boot(guest: &Path, disk: &[String], args: &str) -> BTreeMap<String, Str
     files(&String::from_utf8_lossy(&out.stdout))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_guests_files_survive_protection_and_failover_byte_for_byte() {
-    let guest = guest();
+/// A cluster protecting "vm", whose one disk (in the tempdir, which the
+/// agent's state directory goes beside) is an empty ext4 filesystem;
+/// points every second.
+async fn protected_ext4_vm() -> (Cluster, tempfile::TempDir, PathBuf) {
     let cluster = Cluster::start().await;
     let registry = cluster.registry.url.clone();
     let dir = tempfile::tempdir().unwrap();
@@ -123,6 +124,14 @@ async fn a_guests_files_survive_protection_and_failover_byte_for_byte() {
     run_tool("mkfs.ext4", &["-q", "-F", path]);
     common::policy(&registry, "fast", Duration::from_secs(1)).await;
     protect_vm_with(&registry, "vm", &[("os", SIZE, &source)], "fast").await;
+    (cluster, dir, source)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guests_files_survive_protection_and_failover_byte_for_byte() {
+    let guest = guest();
+    let (cluster, dir, _) = protected_ext4_vm().await;
+    let registry = cluster.registry.url.clone();
     let (agent, nbd) = common::protected_agent(&registry, "vm", &dir.path().join("agent")).await;
 
     let booted = std::time::SystemTime::now();
@@ -227,18 +236,8 @@ fn agent_process(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_runs_on_through_a_sigkill_of_its_agent() {
     let guest = guest();
-    let cluster = Cluster::start().await;
+    let (cluster, dir, source) = protected_ext4_vm().await;
     let registry = cluster.registry.url.clone();
-    let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("vm-os.raw");
-    let path = source.to_str().unwrap();
-    run_tool(
-        "qemu-img",
-        &["create", "-f", "raw", path, &SIZE.to_string()],
-    );
-    run_tool("mkfs.ext4", &["-q", "-F", path]);
-    common::policy(&registry, "fast", Duration::from_secs(1)).await;
-    protect_vm_with(&registry, "vm", &[("os", SIZE, &source)], "fast").await;
     let insecure = ferry_testkit::Insecure::new();
     let nbd = ferry_testkit::free_addr();
     let mut agent = agent_process(&registry, &insecure, nbd, dir.path());
