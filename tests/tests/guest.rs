@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::succeed;
 use ferry_proto::failover::v1 as fo;
 use ferry_testkit::points::{cut_latest, list_points, read_disk};
 use ferry_testkit::{bin_path, protect_vm_with, run_tool, wait_for, Cluster};
@@ -185,14 +184,10 @@ async fn a_guests_files_survive_protection_and_failover_byte_for_byte() {
 
     let url = cluster.failover.url.clone();
     common::isolated_network(&url).await;
-    let (job, _) = succeed(
+    let job = common::test_failover(
         &url,
-        common::failover_request(
-            "vm",
-            fo::FailoverKind::Test,
-            fo::point_choice::Choice::PointId(point.id.clone()),
-            "isolated",
-        ),
+        "vm",
+        fo::point_choice::Choice::PointId(point.id.clone()),
     )
     .await;
     assert_eq!(job.points[0].point_id, point.id);

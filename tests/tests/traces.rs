@@ -8,7 +8,6 @@ mod common;
 
 use std::time::Duration;
 
-use common::succeed;
 use ferry_proto::failover::v1 as fo;
 use ferry_testkit::otlp::{Collector, ExportedSpan};
 use ferry_testkit::{wait_for, Cluster};
@@ -87,16 +86,8 @@ async fn a_batch_is_traced_to_its_point_and_a_failover_job_is_one_trace() {
     // A test failover: one trace, the job's span and a child span per step.
     let url = cluster.failover.url.clone();
     common::isolated_network(&url).await;
-    let (job, _) = succeed(
-        &url,
-        common::failover_request(
-            "vm",
-            fo::FailoverKind::Test,
-            fo::point_choice::Choice::LatestProcessed(true),
-            "isolated",
-        ),
-    )
-    .await;
+    let job =
+        common::test_failover(&url, "vm", fo::point_choice::Choice::LatestProcessed(true)).await;
     let steps: Vec<String> = job.steps.iter().map(|s| s.name.clone()).collect();
     let (run, traced) = wait_for(
         "the failover job's trace, a span per step",

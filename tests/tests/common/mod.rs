@@ -217,6 +217,22 @@ pub fn failover_request(
     }
 }
 
+/// A test failover of `vm` to `point` into the network "isolated", followed
+/// to its end; it must succeed.
+pub async fn test_failover(
+    url: &str,
+    vm: &str,
+    point: ferry_proto::failover::v1::point_choice::Choice,
+) -> ferry_proto::failover::v1::Job {
+    let request = failover_request(
+        vm,
+        ferry_proto::failover::v1::FailoverKind::Test,
+        point,
+        "isolated",
+    );
+    succeed(url, request).await.0
+}
+
 /// Creates the network "isolated" (westus, resource group "drill", subnet
 /// "default" 10.9.0.0/24) that the tests' test failovers go into.
 pub async fn isolated_network<'a>(at: impl Into<At<'a>>) {
