@@ -20,7 +20,15 @@ use ferry_testkit::{
 };
 
 const DISK: u64 = 64 << 20;
-const WRITING: Duration = Duration::from_secs(20);
+/// How long the VM writes through the proxy: 20 s in CI, longer with
+/// FERRY_NGINX_WRITE_SECS (minutes, for a soak of the streams).
+fn writing() -> Duration {
+    let secs = std::env::var("FERRY_NGINX_WRITE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    Duration::from_secs(secs)
+}
 
 /// A child killed however the test ends.
 struct Killed(Child);
@@ -227,7 +235,8 @@ async fn ingest_tail_and_read_disk_stream_through_nginx() {
     });
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     let (started, mut x) = (Instant::now(), seed);
-    while started.elapsed() < WRITING {
+    let writing = writing();
+    while started.elapsed() < writing {
         tick.tick().await;
         x ^= x << 13;
         x ^= x >> 7;
