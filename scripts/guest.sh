@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
 # Builds the tiny guest Ferry's tests boot under QEMU: Debian's kernel
 # (linux-image-amd64) and an initramfs of busybox-static, the modules a
-# virtio disk with ext4 needs, and an init that works on the data disk
-# /dev/vda as the kernel command line says, printing to the serial console:
+# virtio disk with ext4 and a virtio NIC need, and an init that prints
+# "FERRY-READY" on the serial console once its modules are loaded, then
+# works on the data disk /dev/vda as the kernel command line says:
 #
 #   ferry.mode=write ferry.files=N   writes files f1..fN (random data, 4 to
 #                                    64 KiB), each synced, then prints
 #                                    "FERRY-FILE fK <sha256>" for it
+#   ferry.delay=SECONDS              (with write) waits that long after each
+#                                    file (a guest that writes for a while)
 #   ferry.mode=verify                prints "FERRY-FILE fK <sha256>" for
 #                                    every file on the disk
+#   ferry.net=dhcp                   first asks DHCP for eth0's address and
+#                                    prints "FERRY-IP <address>"
 #
-# then "FERRY-DONE" and powers off. Anything amiss prints "FERRY-ERROR ...".
-# The disk must hold an ext4 filesystem (mkfs.ext4 on the host).
+# then "FERRY-DONE" and powers off (with ferry.stay=1 it stays up instead).
+# Anything amiss prints "FERRY-ERROR ...". The disk must hold an ext4
+# filesystem (mkfs.ext4 on the host).
 #
 #   scripts/guest.sh [DIR]    writes DIR/vmlinuz and DIR/initrd.gz (default
 #                             target/guest); does nothing if they are there
@@ -44,7 +50,7 @@ rootfs=$work/rootfs
 mkdir -p "$rootfs/bin" "$rootfs/lib/modules" "$rootfs/proc" "$rootfs/sys" "$rootfs/dev" "$rootfs/mnt"
 cp x/bin/busybox "$rootfs/bin/busybox"
 # In load order: each after what it depends on (their .modinfo says).
-load="crc32c_generic crc16 mbcache jbd2 ext4 virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk"
+load="crc32c_generic crc16 mbcache jbd2 ext4 virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk failover net_failover virtio_net"
 for m in $load; do
   ko=$(find "$modules" -name "$m.ko" -o -name "$m.ko.xz" | head -n1)
   [ -n "$ko" ] || { echo "guest: no module $m in $kernel_pkg" >&2; exit 1; }
@@ -68,6 +74,16 @@ done
 arg() { sed -n "s/.*ferry\.$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 mode=$(arg mode)
 files=$(arg files)
+delay=$(arg delay)
+echo FERRY-READY
+if [ "$(arg net)" = dhcp ]; then
+  i=0
+  while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+  ip link set eth0 up
+  if ! udhcpc -i eth0 -n -q -t 20 -T 1 -s /bin/dhcp-event >/dev/null 2>&1; then
+    echo "FERRY-ERROR no DHCP lease on eth0"
+  fi
+fi
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i + 1)); done
 if mount -t ext4 /dev/vda /mnt; then
@@ -78,6 +94,7 @@ if mount -t ext4 /dev/vda /mnt; then
         dd if=/dev/urandom of=/mnt/f$n bs=4096 count=$((n % 16 + 1)) 2>/dev/null
         sync
         echo "FERRY-FILE f$n $(sha256sum /mnt/f$n | cut -d' ' -f1)"
+        [ -z "$delay" ] || sleep "$delay"
         n=$((n + 1))
       done
       ;;
@@ -93,9 +110,22 @@ else
   echo "FERRY-ERROR cannot mount /dev/vda"
 fi
 echo FERRY-DONE
+if [ "$(arg stay)" = 1 ]; then
+  while true; do sleep 3600; done
+fi
 poweroff -f
 INIT
-chmod 0755 "$rootfs/init" "$rootfs/bin/busybox"
+# udhcpc's event script: the lease's address goes on the NIC and the console.
+cat >"$rootfs/bin/dhcp-event" <<'DHCP'
+#!/bin/busybox sh
+case $1 in
+  bound|renew)
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    echo "FERRY-IP $ip" >/dev/console
+    ;;
+esac
+DHCP
+chmod 0755 "$rootfs/init" "$rootfs/bin/busybox" "$rootfs/bin/dhcp-event"
 
 # The initramfs: a newc cpio archive, gzipped (Python's standard library,
 # so that cpio need not be installed).

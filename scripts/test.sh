@@ -29,13 +29,18 @@ fi
 # and unit-tests the alert rules in deploy/prometheus), nginx (a gRPC proxy
 # hop) and qemu-system-x86 (the guest of tests/tests/guest.rs, under software
 # emulation; on Debian 12 it brings qemu-utils 7.2 with it, and the tests
-# pass with that or a newer one). Installed without their recommends, and
-# with invoke-rc.d told not to start the packaged services: each test starts
-# its own.
+# pass with that or a newer one), and libvirt (libvirtd and virtlogd, its
+# QEMU driver, virsh, and dnsmasq for its networks' DHCP: failover-svc's
+# libvirt backend, tests/tests/libvirt.rs). Installed without their
+# recommends, and with invoke-rc.d told not to start the packaged services:
+# each test starts its own (libvirtd as a daemon, once).
 servers=()
 command -v promtool >/dev/null || servers+=(prometheus)
 command -v nginx >/dev/null || servers+=(nginx)
 command -v qemu-system-x86_64 >/dev/null || servers+=(qemu-system-x86)
+command -v libvirtd >/dev/null || servers+=(libvirt-daemon-system libvirt-daemon-driver-qemu)
+command -v virsh >/dev/null || servers+=(libvirt-clients)
+command -v dnsmasq >/dev/null || servers+=(dnsmasq-base)
 if [ ${#servers[@]} -gt 0 ]; then
   echo "==> installing ${servers[*]}"
   sudo_=""

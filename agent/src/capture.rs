@@ -175,6 +175,30 @@ impl SourceDisk {
     pub fn flush(&self) -> Result<(), CaptureError> {
         self.file.sync_data().map_err(|e| self.io(e))
     }
+
+    /// Whether the image holds exactly `data` at `offset`.
+    fn holds(&self, offset: u64, data: &[u8]) -> Result<bool, CaptureError> {
+        let mut current = vec![0u8; data.len()];
+        self.read_at(&mut current, offset)?;
+        Ok(current == data)
+    }
+
+    /// Whether `length` bytes at `offset` are all zero (read a MiB at a
+    /// time).
+    fn is_zero(&self, offset: u64, length: u64) -> Result<bool, CaptureError> {
+        const PIECE: u64 = 1 << 20;
+        let mut buf = vec![0u8; PIECE.min(length) as usize];
+        let mut at = offset;
+        while at < offset + length {
+            let n = PIECE.min(offset + length - at) as usize;
+            self.read_at(&mut buf[..n], at)?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                return Ok(false);
+            }
+            at += n as u64;
+        }
+        Ok(true)
+    }
 }
 
 /// A VM's disks and its stream.
@@ -197,6 +221,16 @@ pub struct Capture {
     /// Writes taken and their bytes, since the start (for metrics).
     writes: std::sync::atomic::AtomicU64,
     written_bytes: std::sync::atomic::AtomicU64,
+    /// Drop writes and zeroings that change nothing in the image (a
+    /// mirror's full sync over a copy that holds most of it already).
+    skip_unchanged: std::sync::atomic::AtomicBool,
+    /// Writes dropped so, and their bytes.
+    unchanged: std::sync::atomic::AtomicU64,
+    unchanged_bytes: std::sync::atomic::AtomicU64,
+    /// Whether a sync round may complete: closed while an active mirror
+    /// is not ready, since until then the agent's copy of the disk is
+    /// partial (no recovery point may show it).
+    sync_gate: tokio::sync::watch::Sender<bool>,
 }
 
 impl Capture {
@@ -216,7 +250,49 @@ impl Capture {
             draining: std::sync::atomic::AtomicBool::new(false),
             writes: std::sync::atomic::AtomicU64::new(0),
             written_bytes: std::sync::atomic::AtomicU64::new(0),
+            skip_unchanged: std::sync::atomic::AtomicBool::new(false),
+            unchanged: std::sync::atomic::AtomicU64::new(0),
+            unchanged_bytes: std::sync::atomic::AtomicU64::new(0),
+            sync_gate: tokio::sync::watch::channel(true).0,
         }
+    }
+
+    /// Opens or closes the sync gate: while closed, initial replication and
+    /// resync rounds wait before their SYNC_COMPLETED (an active mirror
+    /// that is not ready yet closes it).
+    pub fn set_sync_gate(&self, open: bool) {
+        self.sync_gate.send_replace(open);
+    }
+
+    /// Waits until the sync gate is open.
+    pub async fn sync_gate(&self) {
+        let mut rx = self.sync_gate.subscribe();
+        let _ = rx.wait_for(|open| *open).await;
+    }
+
+    /// From now on, writes and zeroings that leave the image as it is are
+    /// neither applied nor recorded: the image already holds them, and
+    /// every change that made it so is in the stream (or tracked). A
+    /// mirror's full sync over an agent's own copy thus sends only what
+    /// differs.
+    pub fn skip_unchanged(&self, on: bool) {
+        self.skip_unchanged
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Writes and zeroings dropped as unchanged, and their bytes.
+    pub fn unchanged(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.unchanged.load(Relaxed),
+            self.unchanged_bytes.load(Relaxed),
+        )
+    }
+
+    fn count_unchanged(&self, bytes: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.unchanged.fetch_add(1, Relaxed);
+        self.unchanged_bytes.fetch_add(bytes, Relaxed);
     }
 
     /// Writes taken (written to the source and recorded) and their bytes,
@@ -470,16 +546,26 @@ impl Capture {
             .in_flight
             .hold(disk, touched.0, touched.0 + touched.1)
             .await;
+        let skip = self
+            .skip_unchanged
+            .load(std::sync::atomic::Ordering::SeqCst);
         let (start, block) = match tokio::task::spawn_blocking(move || {
             let (start, block) = widen(&d2, offset, data).map_err(|e| (None, e))?;
+            if skip && d2.holds(start, &block).map_err(|e| (None, e))? {
+                return Ok(None);
+            }
             match d2.write_at(&block, start) {
-                Ok(()) => Ok((start, block)),
+                Ok(()) => Ok(Some((start, block))),
                 Err(e) => Err((Some((start, block.len() as u64)), e)),
             }
         })
         .await
         {
-            Ok(Ok(done)) => done,
+            Ok(Ok(Some(done))) => done,
+            Ok(Ok(None)) => {
+                self.count_unchanged(written);
+                return Ok(self.stream.last().await);
+            }
             Ok(Err((range, e))) => return Err(self.failed(disk, range, e).await),
             Err(e) => {
                 // The write may have happened: the range must go again.
@@ -585,8 +671,22 @@ impl Capture {
         self.check_open()?;
         let _range = self.in_flight.hold(disk, offset, offset + length).await;
         let d2 = d.clone();
-        match tokio::task::spawn_blocking(move || d2.zero(offset, length)).await {
-            Ok(Ok(())) => {}
+        let skip = self
+            .skip_unchanged
+            .load(std::sync::atomic::Ordering::SeqCst);
+        match tokio::task::spawn_blocking(move || {
+            if skip && d2.is_zero(offset, length)? {
+                return Ok(false);
+            }
+            d2.zero(offset, length).map(|()| true)
+        })
+        .await
+        {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => {
+                self.count_unchanged(length);
+                return Ok(self.stream.last().await);
+            }
             Ok(Err(e)) => return Err(self.failed(disk, Some((offset, length)), e).await),
             Err(e) => {
                 let e = d.io(std::io::Error::other(e));

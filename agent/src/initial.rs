@@ -65,6 +65,8 @@ pub async fn copy_disks(
                 }
             }
         }
+        // An active mirror completes the copy: not before it is ready.
+        capture.sync_gate().await;
         capture
             .marker(&id, MarkerKind::SyncCompleted, "initial")
             .await;

@@ -206,6 +206,40 @@ struct Args {
     /// through cache-svc and processor-svc to the point that holds it.
     #[arg(long, env = "FERRY_OTLP_ENDPOINT", value_name = "URL")]
     otlp_endpoint: Option<String>,
+    /// Protect a VM that runs already: QEMU's QMP socket. The agent
+    /// mirrors each --attach-drive into its NBD export on --nbd-socket
+    /// (an active mirror: every guest write reaches the agent in order);
+    /// the disk's registered path is the agent's own copy. See
+    /// docs/agent.md.
+    #[arg(
+        long,
+        env = "FERRY_ATTACH_QMP",
+        value_name = "PATH",
+        requires = "attach_drive",
+        requires = "nbd_socket"
+    )]
+    attach_qmp: Option<PathBuf>,
+    /// NODE=DISK: QEMU's block node of a protected drive and its disk id;
+    /// repeatable (with --attach-qmp).
+    #[arg(
+        long = "attach-drive",
+        value_name = "NODE=DISK",
+        requires = "attach_qmp"
+    )]
+    attach_drive: Vec<ferry_agent::mirror::Drive>,
+}
+
+/// `ferry-agent detach`: ends the agent's active mirrors of a running VM;
+/// the VM runs on, on its own disks.
+#[derive(Parser)]
+#[command(name = "ferry-agent detach")]
+struct DetachArgs {
+    /// QEMU's QMP socket.
+    #[arg(long, value_name = "PATH")]
+    qmp: PathBuf,
+    /// A disk id whose mirror ends; repeatable.
+    #[arg(long = "disk", value_name = "DISK", required = true)]
+    disks: Vec<String>,
 }
 
 /// The secret in `path` (surrounding whitespace ignored), for `flag`.
@@ -268,6 +302,14 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn agent_main() -> Result<(), ferry_runtime::binary::BinaryError> {
+    if std::env::args().nth(1).as_deref() == Some("detach") {
+        let args = DetachArgs::parse_from(std::env::args().skip(1));
+        let ended = ferry_agent::mirror::detach(&args.qmp, &args.disks)
+            .await
+            .map_err(|e| e.to_string())?;
+        println!("detached: {}", ended.join(", "));
+        return Ok(());
+    }
     let args = Args::parse();
     let _telemetry = ferry_runtime::telemetry::init_with(
         "ferry-agent",
@@ -371,6 +413,7 @@ async fn agent_main() -> Result<(), ferry_runtime::binary::BinaryError> {
         state_dir: args.state_dir.clone(),
         disk_roots,
         limits: StreamLimits::default(),
+        attached: args.attach_qmp.is_some(),
         nbd_limits: NbdLimits {
             connections_per_export: args.nbd_max_connections.max(1),
             ..NbdLimits::default()
@@ -395,9 +438,30 @@ async fn agent_main() -> Result<(), ferry_runtime::binary::BinaryError> {
             ),
         ));
     }
+    if let (Some(qmp), Some(socket)) = (&args.attach_qmp, &args.nbd_socket) {
+        tokio::spawn(ferry_agent::mirror::supervise(
+            agent.capture.clone(),
+            agent.vm.clone(),
+            qmp.clone(),
+            args.attach_drive.clone(),
+            socket.clone(),
+            shutdown.clone(),
+        ));
+    }
     // The agent runs until it is told to stop: whatever happens to
     // replication, the VM's disks stay exported.
     shutdown.cancelled().await;
+    // An attached VM's mirrors end before the export does, cleanly: the
+    // guest goes on on its own disks.
+    if let Some(qmp) = &args.attach_qmp {
+        let disks: Vec<String> = args.attach_drive.iter().map(|d| d.disk.clone()).collect();
+        match ferry_agent::mirror::detach(qmp, &disks).await {
+            Ok(ended) => tracing::info!(jobs = ?ended, "detached from the running VM"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot detach from the running VM; its mirror ends when QEMU next writes to the stopped agent")
+            }
+        }
+    }
     agent
         .stop(Duration::from_secs(args.drain_secs))
         .await

@@ -83,6 +83,7 @@ impl prometheus_client::collector::Collector for AgentMetrics {
         };
         let labels = [("vm", self.vm.as_str())];
         let (writes, bytes) = capture.written();
+        let (unchanged, unchanged_bytes) = capture.unchanged();
         for (name, help, unit, value) in [
             (
                 "ferry_agent_writes",
@@ -96,6 +97,19 @@ impl prometheus_client::collector::Collector for AgentMetrics {
                 "Bytes of those writes",
                 Some(&Unit::Bytes),
                 bytes,
+            ),
+            (
+                "ferry_agent_unchanged_writes",
+                "Writes (and zeroings) dropped because the agent's copy held their data \
+                 already: an active mirror's sync over what the agent has",
+                None,
+                unchanged,
+            ),
+            (
+                "ferry_agent_unchanged",
+                "Bytes of those writes",
+                Some(&Unit::Bytes),
+                unchanged_bytes,
             ),
         ] {
             let counter = ConstCounter::new(value);

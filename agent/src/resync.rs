@@ -210,6 +210,8 @@ pub async fn resync(
                     .await;
             }
         }
+        // An active mirror completes the round: not before it is ready.
+        capture.sync_gate().await;
         capture
             .marker(&disk, MarkerKind::SyncCompleted, "resync")
             .await;

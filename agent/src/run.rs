@@ -45,6 +45,11 @@ pub struct AgentOptions {
     pub limits: StreamLimits,
     /// What one NBD client may hold of the agent.
     pub nbd_limits: crate::nbd::NbdLimits,
+    /// The VM runs already and its drives reach the agent by an active
+    /// mirror (`crate::mirror`): no sync round completes until the mirror
+    /// is ready, and writes that change nothing in the agent's copy are
+    /// dropped.
+    pub attached: bool,
     /// How often the agent's health goes to registry (its heartbeat).
     pub heartbeat: Duration,
     /// Pre and post scripts for app-consistent points; None for none.
@@ -230,6 +235,10 @@ impl Agent {
         let stream = initial_stream(&opts, &state, fresh, next, &sizes);
         state.mark_running()?;
         let capture = Arc::new(Capture::new(disks, stream.clone()));
+        if opts.attached {
+            capture.set_sync_gate(false);
+            capture.skip_unchanged(true);
+        }
         tracing::info!(
             vm = %opts.vm,
             cache = %assignment.cache_endpoint,

@@ -86,6 +86,7 @@ impl Agent {
                 nics: vec![reg::Nic {
                     name: "nic0".into(),
                     private_ip: "10.0.0.4".into(),
+                    mac_address: String::new(),
                 }],
                 disks: vec![reg::Disk {
                     id: "os".into(),

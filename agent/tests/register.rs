@@ -38,6 +38,7 @@ async fn registers_and_redacts_its_credential() {
             nics: vec![pb::Nic {
                 name: "nic0".into(),
                 private_ip: "10.0.0.4".into(),
+                mac_address: String::new(),
             }],
             disks: vec![pb::Disk {
                 id: "os".into(),

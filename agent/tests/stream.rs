@@ -46,6 +46,7 @@ async fn the_replayed_log_equals_the_source_even_across_a_cache_sigkill() {
             nics: vec![reg::Nic {
                 name: "nic0".into(),
                 private_ip: "10.0.0.4".into(),
+                mac_address: String::new(),
             }],
             disks: disks
                 .iter()

@@ -100,6 +100,7 @@ async fn protect(registry_url: &str, vm: &str) -> Cred {
             nics: vec![reg::Nic {
                 name: "nic0".into(),
                 private_ip: "10.0.0.4".into(),
+                mac_address: String::new(),
             }],
             disks: vec![
                 disk("os", reg::DiskRole::Os),

@@ -176,12 +176,36 @@ pub struct RegisterArgs {
     /// Its availability set; none by default.
     #[arg(long, default_value = "")]
     pub availability_set: String,
-    /// NAME=IP, repeatable.
+    /// NAME=IP or NAME=IP,MAC (the MAC the failed-over NIC keeps; derived
+    /// from the names when left out), repeatable.
     #[arg(long = "nic", required = true)]
     pub nics: Vec<String>,
     /// id=ID,size=SIZE,role=os|data,storage=managed|unmanaged,path=PATH; repeatable.
     #[arg(long = "disk", required = true)]
     pub disks: Vec<String>,
+    /// Virtual CPUs the failed-over VM gets (1 by default).
+    #[arg(long, default_value_t = 0, hide_default_value = true)]
+    pub vcpus: u32,
+    /// Its memory in MiB (512 by default).
+    #[arg(long, default_value_t = 0, hide_default_value = true)]
+    pub memory_mib: u64,
+    /// Its firmware: bios or uefi.
+    #[arg(long, default_value = "bios")]
+    pub firmware: String,
+    /// Direct kernel boot: the kernel's path on the target hypervisor host;
+    /// without it the VM boots from its OS disk.
+    #[arg(long, default_value = "")]
+    pub kernel: String,
+    /// The initrd's path on the target host (with --kernel).
+    #[arg(long, default_value = "")]
+    pub initrd: String,
+    /// The kernel command line (with --kernel).
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Text the guest prints on its serial console once ready; failover
+    /// waits for it after starting the VM.
+    #[arg(long, default_value = "")]
+    pub ready_marker: String,
 }
 
 #[derive(Args)]
@@ -468,6 +492,14 @@ pub enum NetworkCommand {
         /// Only this region's.
         #[arg(long)]
         region: Option<String>,
+    },
+    /// Delete a network no VM is in (and its libvirt networks).
+    Delete {
+        /// The network's name.
+        name: String,
+        /// Its target region.
+        #[arg(long)]
+        region: String,
     },
 }
 

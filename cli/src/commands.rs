@@ -363,10 +363,12 @@ fn register_request(a: RegisterArgs) -> Result<pb::Vm> {
         .nics
         .iter()
         .map(|spec| {
-            let (name, ip) = pair("NIC", spec)?;
+            let (name, address) = pair("NIC", spec)?;
+            let (ip, mac) = address.split_once(',').unwrap_or((address, ""));
             Ok(pb::Nic {
                 name: name.to_string(),
                 private_ip: ip.to_string(),
+                mac_address: mac.to_string(),
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -385,6 +387,19 @@ fn register_request(a: RegisterArgs) -> Result<pb::Vm> {
         nics,
         disks,
         registered_at: None,
+        shape: Some(pb::VmShape {
+            vcpus: a.vcpus,
+            memory_mib: a.memory_mib,
+            firmware: match a.firmware.as_str() {
+                "bios" => pb::Firmware::Bios,
+                "uefi" => pb::Firmware::Uefi,
+                other => bail!("--firmware {other:?}: give bios or uefi"),
+            } as i32,
+            kernel: a.kernel,
+            initrd: a.initrd,
+            cmdline: a.cmdline,
+            ready_marker: a.ready_marker,
+        }),
     })
 }
 

@@ -215,12 +215,14 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<Figu
                 nics: vec![pb::Nic {
                     name: "nic0".into(),
                     private_ip: "10.0.0.4".into(),
+                    mac_address: String::new(),
                 }],
                 disks: vec![
                     disk("os", 64 << 20, pb::DiskRole::Os, &os),
                     disk("data", 32 << 20, pb::DiskRole::Data, &data),
                 ],
                 registered_at: None,
+                shape: None,
             }),
         })
         .await
@@ -321,6 +323,7 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<Figu
         disk_roots: vec![images.clone()],
         limits: StreamLimits::default(),
         nbd_limits: Default::default(),
+        attached: false,
         heartbeat: ferry_agent::health::HEARTBEAT,
         scripts: None,
         credentials: Default::default(),

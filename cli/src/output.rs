@@ -145,9 +145,21 @@ pub fn vm_json(v: &pb::Vm) -> Value {
         "virtual_network": v.virtual_network,
         "subnet": v.subnet,
         "availability_set": v.availability_set,
-        "nics": v.nics.iter().map(|n| json!({"name": n.name, "private_ip": n.private_ip})).collect::<Vec<_>>(),
+        "nics": v.nics.iter().map(|n| json!({"name": n.name, "private_ip": n.private_ip, "mac_address": n.mac_address})).collect::<Vec<_>>(),
         "disks": v.disks.iter().map(disk_json).collect::<Vec<_>>(),
         "registered_at": time_json(&v.registered_at),
+        "shape": v.shape.as_ref().map(|s| json!({
+            "vcpus": s.vcpus,
+            "memory_mib": s.memory_mib,
+            "firmware": match pb::Firmware::try_from(s.firmware) {
+                Ok(pb::Firmware::Uefi) => "uefi",
+                _ => "bios",
+            },
+            "kernel": s.kernel,
+            "initrd": s.initrd,
+            "cmdline": s.cmdline,
+            "ready_marker": s.ready_marker,
+        })),
     })
 }
 
@@ -293,7 +305,21 @@ pub fn item_text(i: &pb::ProtectedItem) -> String {
             ),
         );
         for n in &v.nics {
-            kv("  NIC", format!("{} {}", n.name, n.private_ip));
+            kv(
+                "  NIC",
+                format!("{} {} {}", n.name, n.private_ip, or_dash(&n.mac_address)),
+            );
+        }
+        if let Some(s) = &v.shape {
+            let boot = if s.kernel.is_empty() {
+                "from its disk".to_string()
+            } else {
+                format!("kernel {}", s.kernel)
+            };
+            kv(
+                "  shape",
+                format!("{} vCPU, {} MiB, boots {boot}", s.vcpus, s.memory_mib),
+            );
         }
         for d in &v.disks {
             kv(

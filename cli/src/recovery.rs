@@ -482,6 +482,18 @@ pub async fn network(url: &str, out: Output, cmd: NetworkCommand) -> Result<()> 
                 .into_inner()
                 .networks
         }
+        NetworkCommand::Delete { name, region } => {
+            let deleted = client
+                .delete_network(fo::DeleteNetworkRequest { region, name })
+                .await
+                .map_err(&err)?
+                .into_inner();
+            if out == Output::Table {
+                println!("network {} deleted from {}", deleted.name, deleted.region);
+                return Ok(());
+            }
+            vec![deleted]
+        }
     };
     let rows: Vec<Vec<String>> = networks
         .iter()
@@ -542,6 +554,11 @@ pub async fn target_vms(url: &str, out: Output, vm: Option<String>) -> Result<()
                     .join(", "),
                 v.point_id.clone(),
                 v.disks.len().to_string(),
+                if v.domain.is_empty() {
+                    "-".into()
+                } else {
+                    format!("{} on {}", v.domain, v.host)
+                },
             ]
         })
         .collect();
@@ -552,14 +569,18 @@ pub async fn target_vms(url: &str, out: Output, vm: Option<String>) -> Result<()
                 vms.iter()
                     .map(|v| json!({"name": v.name, "region": v.region, "resource_group": v.resource_group,
                         "source_vm": v.source_vm, "test": v.test, "network": v.virtual_network, "point": v.point_id,
-                        "nics": v.nics.iter().map(|n| json!({"name": n.name, "subnet": n.subnet, "private_ip": n.private_ip})).collect::<Vec<_>>(),
+                        "host": v.host, "domain": v.domain, "console": v.console_path,
+                        "nics": v.nics.iter().map(|n| json!({"name": n.name, "subnet": n.subnet, "private_ip": n.private_ip, "mac_address": n.mac_address})).collect::<Vec<_>>(),
                         "disks": v.disks.iter().map(|d| json!({"disk": d.disk_id, "name": d.name, "size_bytes": d.size_bytes, "path": d.path})).collect::<Vec<_>>()}))
                     .collect()
             )
         ),
         Output::Table => println!(
             "{}",
-            table(&["VM", "WHERE", "SOURCE", "KIND", "NICS", "POINT", "DISKS"], &rows)
+            table(
+                &["VM", "WHERE", "SOURCE", "KIND", "NICS", "POINT", "DISKS", "DOMAIN"],
+                &rows
+            )
         ),
     }
     Ok(())

@@ -736,6 +736,7 @@ async fn protected_cluster(
         disk_roots: vec![dir.to_path_buf()],
         limits: ferry_agent::stream::StreamLimits::default(),
         nbd_limits: Default::default(),
+        attached: false,
         heartbeat: ferry_agent::health::HEARTBEAT,
         scripts: None,
         credentials: Default::default(),

@@ -3,6 +3,8 @@
 use ferry_runtime::Refused;
 use tonic::Status;
 
+use crate::libvirt::LibvirtError;
+
 /// Everything a failover operation can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum FailoverError {
@@ -26,6 +28,9 @@ pub enum FailoverError {
     /// A stored record could not be decoded.
     #[error("record damaged: {0}")]
     Corrupt(String),
+    /// A libvirt host refused or did not answer.
+    #[error(transparent)]
+    Libvirt(#[from] crate::libvirt::LibvirtError),
 }
 
 impl FailoverError {
@@ -69,6 +74,15 @@ impl From<FailoverError> for Status {
             FailoverError::Io { .. } | FailoverError::Index(_) | FailoverError::Corrupt(_) => {
                 Status::internal(message)
             }
+            // The host's operator acts on these: virsh missing, a refusal
+            // (permissions, a name in use); a host that does not answer
+            // may answer later.
+            FailoverError::Libvirt(e) => match e {
+                LibvirtError::Spawn { .. } | LibvirtError::Failed { .. } => {
+                    Status::failed_precondition(message)
+                }
+                LibvirtError::Timeout { .. } => Status::unavailable(message),
+            },
         }
     }
 }

@@ -1,13 +1,16 @@
 //! The target regions' inventory: virtual networks with subnets, and the VMs
 //! failovers create with their NICs and disks. Orchestration goes through
 //! [`Backend`]; [`LocalBackend`] keeps records in sled and disks as sparse
-//! raw images under `<data>/regions/<region>/<resource group>/`. A libvirt or
-//! QEMU backend would implement the same trait.
+//! raw images under `<data>/regions/<region>/<resource group>/` and starts
+//! nothing. [`crate::libvirt::LibvirtBackend`] keeps the same records and
+//! images and makes them real on libvirt hosts: networks, domains, DHCP
+//! host entries.
 
 use std::fs::{self, File, OpenOptions};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
+use ferry_proto::ids::MacAddr;
 use ferry_runtime::Refused;
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +40,49 @@ pub struct Nic {
     pub name: String,
     pub subnet: String,
     pub private_ip: String,
+    /// None only in records written before MACs were kept.
+    #[serde(default)]
+    pub mac_address: Option<MacAddr>,
+}
+
+/// How a VM's firmware starts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Firmware {
+    #[default]
+    Bios,
+    Uefi,
+}
+
+/// Direct kernel boot: files on the hypervisor host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelBoot {
+    pub kernel: String,
+    pub initrd: Option<String>,
+    pub cmdline: String,
+}
+
+/// The VM's size and how it boots, as registered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shape {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub firmware: Firmware,
+    pub kernel_boot: Option<KernelBoot>,
+    /// Console text that says the guest is ready; None: running is ready.
+    pub ready_marker: Option<String>,
+}
+
+/// Registry's defaults, for records written before shapes.
+impl Default for Shape {
+    fn default() -> Shape {
+        Shape {
+            vcpus: 1,
+            memory_mib: 512,
+            firmware: Firmware::Bios,
+            kernel_boot: None,
+            ready_marker: None,
+        }
+    }
 }
 
 /// A disk of a created VM.
@@ -46,6 +92,9 @@ pub struct Disk {
     pub name: String,
     pub size_bytes: u64,
     pub path: PathBuf,
+    /// The source VM's OS disk: the one it boots from.
+    #[serde(default)]
+    pub os: bool,
 }
 
 /// A VM a failover created.
@@ -63,6 +112,30 @@ pub struct TargetVm {
     pub test: bool,
     pub job_id: String,
     pub created_nanos: u64,
+    #[serde(default)]
+    pub shape: Shape,
+    /// Where it runs: a libvirt connection URI; empty in the local
+    /// inventory.
+    #[serde(default)]
+    pub host: String,
+    /// Its libvirt domain; empty in the local inventory.
+    #[serde(default)]
+    pub domain: String,
+    /// Its first serial port's file on the host; empty in the local
+    /// inventory.
+    #[serde(default)]
+    pub console_path: String,
+}
+
+/// Where a started VM is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Run {
+    /// The backend starts nothing (the local inventory).
+    Nothing,
+    /// It runs.
+    Running,
+    /// It is not running: the hypervisor's word for its state.
+    Stopped(String),
 }
 
 /// What orchestration needs of a target region.
@@ -85,11 +158,25 @@ pub trait Backend: Send + Sync {
         name: &str,
         size: u64,
     ) -> Result<PathBuf>;
-    /// Records a VM (replacing one of the same region, group and name).
-    fn put_vm(&self, vm: TargetVm) -> Result<()>;
+    /// Deletes a network that no VM is in (FAILED_PRECONDITION while one
+    /// is); what it was, None if there was none.
+    fn delete_network(&self, region: &str, name: &str) -> Result<Option<Network>>;
+    /// Records a VM (replacing one of the same region, group and name) and
+    /// defines it where the backend runs VMs, not started; the VM as
+    /// recorded (with its host, domain and console when it has them).
+    fn put_vm(&self, vm: TargetVm) -> Result<TargetVm>;
+    /// Starts a recorded VM; one that runs already is left as it is.
+    fn start_vm(&self, _vm: &TargetVm) -> Result<Run> {
+        Ok(Run::Nothing)
+    }
+    /// Where a recorded VM is.
+    fn run_state(&self, _vm: &TargetVm) -> Result<Run> {
+        Ok(Run::Nothing)
+    }
     /// Every VM.
     fn vms(&self) -> Result<Vec<TargetVm>>;
-    /// Deletes a VM and its disk images; what it was.
+    /// Stops and deletes a VM and its disk images (and, with a hypervisor,
+    /// its domain and DHCP entries); what it was.
     fn delete_vm(&self, region: &str, resource_group: &str, name: &str)
         -> Result<Option<TargetVm>>;
 }
@@ -202,11 +289,34 @@ impl Backend for LocalBackend {
         Ok(path)
     }
 
-    fn put_vm(&self, vm: TargetVm) -> Result<()> {
+    fn delete_network(&self, region: &str, name: &str) -> Result<Option<Network>> {
+        let Some(net) = self.network(region, name)? else {
+            return Ok(None);
+        };
+        let users: Vec<String> = self
+            .vms()?
+            .into_iter()
+            .filter(|v| v.region == region && v.virtual_network == name)
+            .map(|v| v.name)
+            .collect();
+        if !users.is_empty() {
+            return Err(Refused::failed_precondition(format!(
+                "network {name:?} in {region} still has VM {}; clean up or delete {} first",
+                users.join(", "),
+                if users.len() == 1 { "it" } else { "them" }
+            ))
+            .into());
+        }
+        self.tree.remove(key("net", &[region, name]))?;
+        self.db.flush()?;
+        Ok(Some(net))
+    }
+
+    fn put_vm(&self, vm: TargetVm) -> Result<TargetVm> {
         let k = key("vm", &[&vm.region, &vm.resource_group, &vm.name]);
         self.tree.insert(k, json(&vm)?)?;
         self.db.flush()?;
-        Ok(())
+        Ok(vm)
     }
 
     fn vms(&self) -> Result<Vec<TargetVm>> {
@@ -217,6 +327,26 @@ impl Backend for LocalBackend {
     }
 
     fn delete_vm(
+        &self,
+        region: &str,
+        resource_group: &str,
+        name: &str,
+    ) -> Result<Option<TargetVm>> {
+        self.delete_record(region, resource_group, name)
+    }
+}
+
+impl LocalBackend {
+    /// A VM's record, if any.
+    pub fn vm(&self, region: &str, resource_group: &str, name: &str) -> Result<Option<TargetVm>> {
+        self.tree
+            .get(key("vm", &[region, resource_group, name]))?
+            .map(|b| unjson(&b))
+            .transpose()
+    }
+
+    /// Deletes a VM's disk images and record.
+    fn delete_record(
         &self,
         region: &str,
         resource_group: &str,

@@ -10,6 +10,7 @@ pub mod error;
 pub mod group;
 pub mod inventory;
 pub mod jobs;
+pub mod libvirt;
 pub mod metrics;
 pub mod requests;
 pub mod service;
@@ -41,6 +42,9 @@ pub struct Settings {
     /// Caps how fast disks are written while materializing, in MiB/s, so a
     /// failover does not starve the target storage; 0 for no cap.
     pub materialize_mib_per_sec: u64,
+    /// Target regions whose VMs run on libvirt hosts; absent: every region
+    /// is in the local inventory alone.
+    pub libvirt: Option<libvirt::Settings>,
 }
 
 /// Why failover-svc stopped with an error.
@@ -58,13 +62,28 @@ pub async fn run(
     let needs = [Role::Registry, Role::Processor];
     let mut service = Service::start(ServiceKind::Failover, SERVICE_NAME, &config, &needs).await?;
     let dir = config.data_dir.clone();
+    let libvirt = settings.libvirt.clone();
     let (backend, jobs) = open_storage(move || {
         let db = sled::Config::new().path(dir.join("index")).open()?;
-        let backend = inventory::LocalBackend::new(&db, &dir.join("regions"))?;
+        let local = inventory::LocalBackend::new(&db, &dir.join("regions"))?;
+        let backend: Arc<dyn inventory::Backend> = match libvirt {
+            Some(l) => Arc::new(libvirt::LibvirtBackend::new(
+                local,
+                l,
+                &dir.join("consoles"),
+            )?),
+            None => Arc::new(local),
+        };
         let jobs = jobs::Jobs::open(&db)?;
         Ok::<_, FailoverError>((backend, jobs))
     })
     .await?;
+    let start_timeout = std::time::Duration::from_secs(
+        settings
+            .libvirt
+            .as_ref()
+            .map_or(300, |l| l.start_timeout_secs.max(1)),
+    );
     let jobs = Arc::new(jobs);
     if config.metrics_listen.is_some() {
         ferry_runtime::metrics::register_collector(Box::new(metrics::JobMetrics::new(&jobs)));
@@ -83,9 +102,10 @@ pub async fn run(
     };
     let engine = engine::Engine::new(
         Arc::new(peers),
-        Arc::new(backend),
+        backend,
         jobs,
         (settings.materialize_mib_per_sec > 0).then_some(settings.materialize_mib_per_sec << 20),
+        start_timeout,
         shutdown.clone(),
     );
     service.routes().add_service(

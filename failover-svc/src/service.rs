@@ -247,6 +247,7 @@ fn vm_proto(v: &inventory::TargetVm) -> pb::TargetVm {
                 name: n.name.clone(),
                 subnet: n.subnet.clone(),
                 private_ip: n.private_ip.clone(),
+                mac_address: n.mac_address.map(|m| m.to_string()).unwrap_or_default(),
             })
             .collect(),
         disks: v
@@ -265,6 +266,9 @@ fn vm_proto(v: &inventory::TargetVm) -> pb::TargetVm {
         created_at: Some(ferry_runtime::time::to_timestamp(
             std::time::UNIX_EPOCH + std::time::Duration::from_nanos(v.created_nanos),
         )),
+        host: v.host.clone(),
+        domain: v.domain.clone(),
+        console_path: v.console_path.clone(),
     }
 }
 
@@ -455,6 +459,39 @@ impl Failover for FailoverService {
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(network_proto(&created)))
+    }
+
+    async fn delete_network(
+        &self,
+        request: Request<pb::DeleteNetworkRequest>,
+    ) -> Result<Response<pb::Network>, Status> {
+        audit::target(
+            &request,
+            audit::Target::network(format!(
+                "{}/{}",
+                request.get_ref().region,
+                request.get_ref().name
+            )),
+        );
+        let pb::DeleteNetworkRequest { region, name } = request.into_inner();
+        for (field, value) in [("region", &region), ("name", &name)] {
+            if value.is_empty() {
+                return Err(Status::invalid_argument(format!(
+                    "network {field} is empty"
+                )));
+            }
+        }
+        let deleted = self
+            .engine
+            .on_backend({
+                let (region, name) = (region.clone(), name.clone());
+                move |b| b.delete_network(&region, &name)
+            })
+            .await?
+            .ok_or_else(|| {
+                Status::not_found(format!("network {name:?} does not exist in {region}"))
+            })?;
+        Ok(Response::new(network_proto(&deleted)))
     }
 
     async fn list_networks(

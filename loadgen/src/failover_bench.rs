@@ -63,6 +63,7 @@ pub async fn run(dir: &Path) -> Result<()> {
         disk_roots: vec![dir.to_path_buf()],
         limits: StreamLimits::default(),
         nbd_limits: Default::default(),
+        attached: false,
         heartbeat: ferry_agent::health::HEARTBEAT,
         scripts: None,
         credentials: Default::default(),

@@ -92,6 +92,7 @@ pub async fn run(dir: &Path, vms: usize, secs: u64) -> Result<()> {
                 disk_roots: vec![dir.to_path_buf()],
                 limits: StreamLimits::default(),
                 nbd_limits: Default::default(),
+                attached: false,
                 heartbeat: ferry_agent::health::HEARTBEAT,
                 scripts: None,
                 credentials: Default::default(),

@@ -245,6 +245,7 @@ async fn rig(dir: &Path, vm: &str) -> Result<Rig> {
             nics: vec![reg::Nic {
                 name: "nic0".into(),
                 private_ip: "10.0.0.4".into(),
+                mac_address: String::new(),
             }],
             disks: vec![reg::Disk {
                 id: "os".into(),
@@ -278,6 +279,7 @@ async fn rig(dir: &Path, vm: &str) -> Result<Rig> {
         disk_roots: vec![dir.to_path_buf()],
         limits: StreamLimits::default(),
         nbd_limits: Default::default(),
+        attached: false,
         heartbeat: ferry_agent::health::HEARTBEAT,
         scripts: None,
         credentials: Default::default(),

@@ -272,6 +272,79 @@ impl From<JobId> for String {
     }
 }
 
+/// A NIC's MAC address: six octets, unicast (the low bit of the first octet
+/// clear). Written and read as `aa:bb:cc:dd:ee:ff`, lowercase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// A MAC received as text; `field` names it in the message.
+    pub fn parse(field: &str, value: &str) -> Result<MacAddr, IdError> {
+        let bad = || {
+            IdError(format!(
+                "{field} {value:?} is not a MAC address: six hex pairs joined by ':'"
+            ))
+        };
+        let mut octets = [0u8; 6];
+        let mut parts = value.split(':');
+        for octet in &mut octets {
+            let part = parts.next().ok_or_else(bad)?;
+            if part.len() != 2 {
+                return Err(bad());
+            }
+            *octet = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        if octets[0] & 1 == 1 {
+            return Err(IdError(format!(
+                "{field} {value:?} is a multicast address; a NIC needs a unicast one"
+            )));
+        }
+        Ok(MacAddr(octets))
+    }
+
+    /// A stable locally administered address (QEMU's 52:54:00 prefix) for a
+    /// NIC registered without one, from `seed` (the VM's and NIC's names,
+    /// and a counter to step past one already taken).
+    pub fn derived(seed: &[&str]) -> MacAddr {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for part in seed {
+            h.update(part.as_bytes());
+            h.update([0]);
+        }
+        let d = h.finalize();
+        MacAddr([0x52, 0x54, 0x00, d[0], d[1], d[2]])
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let o = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            o[0], o[1], o[2], o[3], o[4], o[5]
+        )
+    }
+}
+
+impl TryFrom<String> for MacAddr {
+    type Error = IdError;
+    fn try_from(s: String) -> Result<MacAddr, IdError> {
+        MacAddr::parse("MAC address", &s)
+    }
+}
+
+impl From<MacAddr> for String {
+    fn from(m: MacAddr) -> String {
+        m.to_string()
+    }
+}
+
 /// A wall-clock time as Unix nanoseconds: what points, reports and
 /// markers carry. Times before 1970 or after 2554 do not occur.
 #[derive(
@@ -360,6 +433,34 @@ impl fmt::Display for UnixNanos {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn macs_parse_print_and_derive_stably() {
+        let m = super::MacAddr::parse("mac", "52:54:00:AB:cd:0f").unwrap();
+        assert_eq!(m.to_string(), "52:54:00:ab:cd:0f");
+        for bad in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:0f:00",
+            "52-54-00-ab-cd-0f",
+            "5:54:00:ab:cd:0f0",
+            "zz:54:00:ab:cd:0f",
+        ] {
+            assert!(super::MacAddr::parse("mac", bad).is_err(), "{bad}");
+        }
+        assert!(super::MacAddr::parse("mac", "01:00:5e:00:00:01")
+            .unwrap_err()
+            .0
+            .contains("multicast"));
+        let a = super::MacAddr::derived(&["vm1", "nic0"]);
+        assert_eq!(a, super::MacAddr::derived(&["vm1", "nic0"]));
+        assert_ne!(a, super::MacAddr::derived(&["vm1", "nic1"]));
+        // "vm1"+"nic0" and "vm1n"+"ic0" do not alias.
+        assert_ne!(a, super::MacAddr::derived(&["vm1n", "ic0"]));
+        assert_eq!(&a.0[..3], &[0x52, 0x54, 0x00]);
+        let json = serde_json::to_string(&a).unwrap();
+        assert_eq!(serde_json::from_str::<super::MacAddr>(&json).unwrap(), a);
+    }
+
     use super::*;
 
     #[test]

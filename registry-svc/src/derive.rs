@@ -181,6 +181,7 @@ mod tests {
             nics: vec![Nic {
                 name: "nic0".into(),
                 private_ip: "10.0.0.4".parse().unwrap(),
+                mac_address: None,
             }],
             disks: vec![
                 Disk {
@@ -203,6 +204,7 @@ mod tests {
                 },
             ],
             registered_at: SystemTime::now(),
+            shape: Default::default(),
         }
     }
 

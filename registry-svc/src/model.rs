@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
+use ferry_proto::ids::MacAddr;
 use ferry_proto::registry::v1 as pb;
 use ferry_runtime::security::OperatorRole;
 use ferry_runtime::time::{from_duration, to_duration, to_timestamp};
@@ -65,6 +66,58 @@ pub struct Disk {
 pub struct Nic {
     pub name: String,
     pub private_ip: IpAddr,
+    /// None: failover derives one from the VM's and NIC's names.
+    #[serde(default)]
+    pub mac_address: Option<MacAddr>,
+}
+
+/// How a VM's firmware starts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Firmware {
+    #[default]
+    Bios,
+    Uefi,
+}
+
+/// Direct kernel boot: files on the target hypervisor host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelBoot {
+    pub kernel: String,
+    pub initrd: Option<String>,
+    pub cmdline: String,
+}
+
+/// A VM's size and how it boots (see `VmShape` in registry.proto).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shape {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub firmware: Firmware,
+    pub kernel_boot: Option<KernelBoot>,
+    pub ready_marker: Option<String>,
+}
+
+impl Shape {
+    pub const DEFAULT_VCPUS: u32 = 1;
+    pub const MAX_VCPUS: u32 = 256;
+    pub const DEFAULT_MEMORY_MIB: u64 = 512;
+    pub const MIN_MEMORY_MIB: u64 = 16;
+    pub const MAX_MEMORY_MIB: u64 = 4 << 20;
+    /// Longest ready marker, kernel command line and boot file path.
+    pub const MAX_TEXT: usize = 4096;
+}
+
+/// VMs registered before shapes: the defaults.
+impl Default for Shape {
+    fn default() -> Shape {
+        Shape {
+            vcpus: Shape::DEFAULT_VCPUS,
+            memory_mib: Shape::DEFAULT_MEMORY_MIB,
+            firmware: Firmware::Bios,
+            kernel_boot: None,
+            ready_marker: None,
+        }
+    }
 }
 
 /// A registered source VM.
@@ -79,6 +132,8 @@ pub struct Vm {
     pub nics: Vec<Nic>,
     pub disks: Vec<Disk>,
     pub registered_at: SystemTime,
+    #[serde(default)]
+    pub shape: Shape,
 }
 
 impl TryFrom<pb::Disk> for Disk {
@@ -156,6 +211,7 @@ impl TryFrom<pb::Vm> for Vm {
         }
         let mut nic_names = BTreeSet::new();
         let mut ips = BTreeSet::new();
+        let mut macs = BTreeSet::new();
         let mut nics = Vec::with_capacity(v.nics.len());
         for nic in v.nics {
             check_name("NIC name", &nic.name)?;
@@ -176,9 +232,26 @@ impl TryFrom<pb::Vm> for Vm {
                     "private IP {ip} is given to two NICs"
                 )));
             }
+            let mac_address = if nic.mac_address.is_empty() {
+                None
+            } else {
+                let field = format!("NIC {:?} MAC address", nic.name);
+                Some(
+                    MacAddr::parse(&field, &nic.mac_address)
+                        .map_err(|e| RegistryError::invalid(e.0))?,
+                )
+            };
+            if let Some(mac) = mac_address {
+                if !macs.insert(mac) {
+                    return Err(RegistryError::invalid(format!(
+                        "MAC address {mac} is given to two NICs"
+                    )));
+                }
+            }
             nics.push(Nic {
                 name: nic.name,
                 private_ip: ip,
+                mac_address,
             });
         }
         if v.disks.is_empty() {
@@ -215,7 +288,116 @@ impl TryFrom<pb::Vm> for Vm {
             nics,
             disks,
             registered_at: SystemTime::now(),
+            shape: v
+                .shape
+                .map(Shape::try_from)
+                .transpose()?
+                .unwrap_or_default(),
         })
+    }
+}
+
+/// Text of the shape: at most [`Shape::MAX_TEXT`] bytes, no NUL or line
+/// break (each ends up in a domain definition or a console match).
+fn shape_text(field: &str, value: &str) -> Result<(), RegistryError> {
+    if value.len() > Shape::MAX_TEXT || value.contains(['\0', '\n', '\r']) {
+        return Err(RegistryError::invalid(format!(
+            "{field} must be one line of at most {} bytes",
+            Shape::MAX_TEXT
+        )));
+    }
+    Ok(())
+}
+
+fn boot_path(field: &str, value: &str) -> Result<(), RegistryError> {
+    shape_text(field, value)?;
+    if !value.starts_with('/') {
+        return Err(RegistryError::invalid(format!(
+            "{field} {value:?} must be an absolute path on the target host"
+        )));
+    }
+    Ok(())
+}
+
+impl TryFrom<pb::VmShape> for Shape {
+    type Error = RegistryError;
+    fn try_from(s: pb::VmShape) -> Result<Self, Self::Error> {
+        let vcpus = match s.vcpus {
+            0 => Shape::DEFAULT_VCPUS,
+            n if n > Shape::MAX_VCPUS => {
+                return Err(RegistryError::invalid(format!(
+                    "vcpus is {n}; at most {} are allowed",
+                    Shape::MAX_VCPUS
+                )))
+            }
+            n => n,
+        };
+        let memory_mib = match s.memory_mib {
+            0 => Shape::DEFAULT_MEMORY_MIB,
+            n if !(Shape::MIN_MEMORY_MIB..=Shape::MAX_MEMORY_MIB).contains(&n) => {
+                return Err(RegistryError::invalid(format!(
+                    "memory_mib is {n}; it must be between {} and {}",
+                    Shape::MIN_MEMORY_MIB,
+                    Shape::MAX_MEMORY_MIB
+                )))
+            }
+            n => n,
+        };
+        let firmware = match pb::Firmware::try_from(s.firmware) {
+            Ok(pb::Firmware::Unspecified | pb::Firmware::Bios) => Firmware::Bios,
+            Ok(pb::Firmware::Uefi) => Firmware::Uefi,
+            Err(_) => {
+                return Err(RegistryError::invalid(format!(
+                    "firmware {} is unknown: FIRMWARE_BIOS or FIRMWARE_UEFI",
+                    s.firmware
+                )))
+            }
+        };
+        let kernel_boot = if s.kernel.is_empty() {
+            if !s.initrd.is_empty() || !s.cmdline.is_empty() {
+                return Err(RegistryError::invalid(
+                    "initrd and cmdline need a kernel: give the kernel's path too",
+                ));
+            }
+            None
+        } else {
+            boot_path("kernel", &s.kernel)?;
+            if !s.initrd.is_empty() {
+                boot_path("initrd", &s.initrd)?;
+            }
+            shape_text("cmdline", &s.cmdline)?;
+            Some(KernelBoot {
+                kernel: s.kernel,
+                initrd: (!s.initrd.is_empty()).then_some(s.initrd),
+                cmdline: s.cmdline,
+            })
+        };
+        shape_text("ready_marker", &s.ready_marker)?;
+        Ok(Shape {
+            vcpus,
+            memory_mib,
+            firmware,
+            kernel_boot,
+            ready_marker: (!s.ready_marker.is_empty()).then_some(s.ready_marker),
+        })
+    }
+}
+
+impl From<&Shape> for pb::VmShape {
+    fn from(s: &Shape) -> Self {
+        let boot = s.kernel_boot.as_ref();
+        pb::VmShape {
+            vcpus: s.vcpus,
+            memory_mib: s.memory_mib,
+            firmware: match s.firmware {
+                Firmware::Bios => pb::Firmware::Bios,
+                Firmware::Uefi => pb::Firmware::Uefi,
+            } as i32,
+            kernel: boot.map(|b| b.kernel.clone()).unwrap_or_default(),
+            initrd: boot.and_then(|b| b.initrd.clone()).unwrap_or_default(),
+            cmdline: boot.map(|b| b.cmdline.clone()).unwrap_or_default(),
+            ready_marker: s.ready_marker.clone().unwrap_or_default(),
+        }
     }
 }
 
@@ -256,10 +438,12 @@ impl From<&Vm> for pb::Vm {
                 .map(|n| pb::Nic {
                     name: n.name.clone(),
                     private_ip: n.private_ip.to_string(),
+                    mac_address: n.mac_address.map(|m| m.to_string()).unwrap_or_default(),
                 })
                 .collect(),
             disks: v.disks.iter().map(pb::Disk::from).collect(),
             registered_at: Some(to_timestamp(v.registered_at)),
+            shape: Some(pb::VmShape::from(&v.shape)),
         }
     }
 }

@@ -56,6 +56,7 @@ fn vm(name: &str) -> pb::Vm {
         nics: vec![pb::Nic {
             name: "nic0".into(),
             private_ip: "10.1.0.4".into(),
+            mac_address: String::new(),
         }],
         disks: vec![
             disk("os", 1 << 30, pb::DiskRole::Os, pb::DiskStorage::Managed),
@@ -67,6 +68,7 @@ fn vm(name: &str) -> pb::Vm {
             ),
         ],
         registered_at: None,
+        shape: None,
     }
 }
 

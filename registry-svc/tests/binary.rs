@@ -134,6 +134,7 @@ async fn everything_survives_sigkill() {
             nics: vec![pb::Nic {
                 name: "nic0".into(),
                 private_ip: "10.2.0.4".into(),
+                mac_address: String::new(),
             }],
             disks: vec![
                 pb::Disk {

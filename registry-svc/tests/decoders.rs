@@ -127,10 +127,15 @@ fn vm() -> impl Strategy<Value = pb::Vm> {
             availability_set: names[5].clone(),
             nics: nics
                 .into_iter()
-                .map(|(name, private_ip)| pb::Nic { name, private_ip })
+                .map(|(name, private_ip)| pb::Nic {
+                    name,
+                    private_ip,
+                    mac_address: String::new(),
+                })
                 .collect(),
             disks,
             registered_at: None,
+            shape: None,
         })
 }
 

@@ -59,6 +59,12 @@ pub struct Options {
     pub registry: registry_svc::Settings,
     pub processor: processor_svc::Settings,
     pub cache: cache_svc::Settings,
+    /// failover-svc's settings (a libvirt backend).
+    pub failover: failover_svc::Settings,
+    /// failover-svc's data directory, if the test has its own (one a
+    /// hypervisor's QEMU user may enter); else one under the cluster's
+    /// tempdir.
+    pub failover_dir: Option<PathBuf>,
     /// cache-svc's data directory, if the test has its own (a [`crate::SmallFs`]
     /// for a full disk); else one under the cluster's tempdir.
     pub cache_dir: Option<PathBuf>,
@@ -164,6 +170,7 @@ impl Cluster {
         let processor_settings = options.processor;
         let processor_metrics = options.processor_metrics;
         let failover_metrics = options.failover_metrics;
+        let failover_settings = options.failover;
         let dir = tempfile::tempdir().expect("tempdir");
         // The cache's address is needed by registry before cache starts.
         let cache_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -229,13 +236,15 @@ impl Cluster {
         );
         let failover = start(
             "failover-svc",
-            dir.path().join("failover"),
+            options
+                .failover_dir
+                .unwrap_or_else(|| dir.path().join("failover")),
             move |mut cfg, l, s| {
                 cfg.registry = Some(r);
                 cfg.processor = Some(p);
                 cfg.cache = Some(c);
                 cfg.metrics_listen = failover_metrics;
-                failover_svc::run(cfg, Default::default(), l, s)
+                failover_svc::run(cfg, failover_settings, l, s)
             },
         )
         .await;

@@ -39,7 +39,7 @@ pub use tools::{
     assert_reflection_and_health, grpcurl, grpcurl_run, identical_images, python, run_tool, Rng,
     SmallFs,
 };
-pub use vm::{create_policy, protect_vm, protect_vm_with, protected_item};
+pub use vm::{create_policy, protect_spec, protect_vm, protect_vm_with, protected_item, vm_spec};
 
 /// Polls `check` until it returns `Some`, or panics with `what` after
 /// `timeout`. The poll interval starts at 5 ms and grows to 100 ms.

@@ -27,12 +27,21 @@ pub async fn protect_vm_with<'a>(
     disks: &[(&str, u64, &Path)],
     policy: &str,
 ) -> reg::ProtectedItem {
+    protect_spec(registry, vm_spec(vm, disks), policy).await
+}
+
+/// Registers `spec` (as an admin) and enables its replication to westus
+/// under `policy` ("" for the default). Returns the protected item.
+pub async fn protect_spec<'a>(
+    registry: impl Into<At<'a>>,
+    spec: reg::Vm,
+    policy: &str,
+) -> reg::ProtectedItem {
     let mut r = RegistryClient::new(registry.into().admin());
-    r.register_vm(reg::RegisterVmRequest {
-        vm: Some(vm_spec(vm, disks)),
-    })
-    .await
-    .expect("register the VM");
+    let vm = spec.name.clone();
+    r.register_vm(reg::RegisterVmRequest { vm: Some(spec) })
+        .await
+        .expect("register the VM");
     r.enable_replication(reg::EnableReplicationRequest {
         vm_name: vm.to_string(),
         target_region: "westus".into(),
@@ -96,6 +105,7 @@ pub fn vm_spec(vm: &str, disks: &[(&str, u64, &Path)]) -> reg::Vm {
         nics: vec![reg::Nic {
             name: "nic0".into(),
             private_ip: "10.0.0.4".into(),
+            mac_address: String::new(),
         }],
         disks: disks
             .iter()

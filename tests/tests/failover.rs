@@ -279,21 +279,7 @@ async fn test_failover_cleanup_unplanned_failover_to_an_older_point_and_commit()
         "{points:#?}"
     );
     // Cleanup leaves nothing behind and releases the point.
-    let job = failover(&url)
-        .await
-        .cleanup_test_failover(fo::CleanupTestFailoverRequest {
-            target: Some(fo::cleanup_test_failover_request::Target::VmName(
-                "vm".into(),
-            )),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        finish(&url, &job).await.0.state,
-        fo::JobState::Succeeded as i32
-    );
+    common::cleanup_test(&url, "vm").await;
     let left = failover(&url)
         .await
         .list_target_vms(fo::ListTargetVmsRequest::default())

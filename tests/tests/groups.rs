@@ -655,6 +655,7 @@ async fn a_plaintext_group_port_beyond_loopback_needs_insecure() {
         disk_roots: vec![dir.path().to_path_buf()],
         limits: Default::default(),
         nbd_limits: Default::default(),
+        attached: false,
         heartbeat: ferry_agent::health::HEARTBEAT,
         scripts: None,
         credentials: Default::default(),

@@ -8,123 +8,15 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::Path;
 use std::time::Duration;
 
+use common::guest::{boot, drive, files, guest, protected_ext4_vm, qemu};
 use ferry_proto::failover::v1 as fo;
 use ferry_testkit::points::{cut_latest, list_points, read_disk};
-use ferry_testkit::{bin_path, protect_vm_with, run_tool, wait_for, Cluster};
+use ferry_testkit::{run_tool, wait_for};
 
-const SIZE: u64 = 64 << 20;
 const FILES: usize = 60;
-
-/// The guest's kernel and initramfs, built once under the target directory.
-fn guest() -> PathBuf {
-    let target = bin_path("ferry")
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("guest");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/guest.sh");
-    let out = std::process::Command::new("bash")
-        .arg(script)
-        .arg(&target)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "scripts/guest.sh: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    target
-}
-
-/// QEMU booting the guest with `disk` (`-drive` or `-blockdev` arguments)
-/// and `args` on its command line, its console on stdout.
-fn qemu(guest: &Path, disk: &[String], args: &str) -> tokio::process::Command {
-    let mut qemu = tokio::process::Command::new("qemu-system-x86_64");
-    qemu.args([
-        "-machine", "pc", "-accel", "tcg", "-cpu", "max", "-m", "256",
-    ])
-    .args([
-        "-nographic",
-        "-no-reboot",
-        "-nodefaults",
-        "-serial",
-        "stdio",
-    ])
-    .arg("-kernel")
-    .arg(guest.join("vmlinuz"))
-    .arg("-initrd")
-    .arg(guest.join("initrd.gz"))
-    .arg("-append")
-    .arg(format!("console=ttyS0 panic=-1 quiet {args}"))
-    .args(disk)
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .kill_on_drop(true);
-    qemu
-}
-
-/// `-drive` arguments for `drive` (a file or an nbd:// URL).
-fn drive(drive: &str) -> Vec<String> {
-    vec![
-        "-drive".into(),
-        format!("file={drive},format=raw,if=virtio,cache=none"),
-    ]
-}
-
-/// Each file the console shows with its checksum. Panics unless the guest
-/// finished (FERRY-DONE) without a FERRY-ERROR.
-fn files(console: &str) -> BTreeMap<String, String> {
-    assert!(
-        console.contains("FERRY-DONE") && !console.contains("FERRY-ERROR"),
-        "{console}"
-    );
-    console
-        .lines()
-        .filter_map(|l| {
-            // Anywhere in the line: a kernel message may share it.
-            let at = l.find("FERRY-FILE ")?;
-            let mut words = l[at + "FERRY-FILE ".len()..].split_whitespace();
-            Some((words.next()?.to_string(), words.next()?.to_string()))
-        })
-        .collect()
-}
-
-/// Boots the guest on `disk` with `args` and returns the files its console
-/// showed once it powered off; within 5 minutes.
-async fn boot(guest: &Path, disk: &[String], args: &str) -> BTreeMap<String, String> {
-    let out = tokio::time::timeout(Duration::from_secs(300), qemu(guest, disk, args).output())
-        .await
-        .expect("the guest powers off within 5 minutes")
-        .expect("qemu-system-x86_64 runs (scripts/test.sh installs qemu-system-x86)");
-    assert!(out.status.success(), "qemu: {}", out.status);
-    files(&String::from_utf8_lossy(&out.stdout))
-}
-
-/// A cluster protecting "vm", whose one disk (in the tempdir, which the
-/// agent's state directory goes beside) is an empty ext4 filesystem;
-/// points every second.
-async fn protected_ext4_vm() -> (Cluster, tempfile::TempDir, PathBuf) {
-    let cluster = Cluster::start().await;
-    let registry = cluster.registry.url.clone();
-    let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("vm-os.raw");
-    let path = source.to_str().unwrap();
-    run_tool(
-        "qemu-img",
-        &["create", "-f", "raw", path, &SIZE.to_string()],
-    );
-    run_tool("mkfs.ext4", &["-q", "-F", path]);
-    common::policy(&registry, "fast", Duration::from_secs(1)).await;
-    protect_vm_with(&registry, "vm", &[("os", SIZE, &source)], "fast").await;
-    (cluster, dir, source)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guests_files_survive_protection_and_failover_byte_for_byte() {
@@ -256,24 +148,7 @@ async fn a_guest_runs_on_through_a_sigkill_of_its_agent() {
     )
     .spawn()
     .unwrap();
-    let console = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let reader = {
-        let console = console.clone();
-        let mut stdout = vm.stdout.take().unwrap();
-        tokio::spawn(async move {
-            use tokio::io::AsyncReadExt;
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stdout.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-                console
-                    .lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        })
-    };
+    let (console, reader) = common::guest::console(&mut vm);
     let written_so_far = |n: usize| {
         let console = console.clone();
         move || {

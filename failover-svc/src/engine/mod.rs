@@ -2,11 +2,12 @@
 //! ASR's flow (each job's step list is in [`steps`], as data):
 //!
 //! - Test failover: validate, pin-point, network, materialize-disks,
-//!   create-vm. Replication goes on; the VM is created as `<vm>-test` in the
+//!   create-vm, start-vm. Replication goes on; the VM is created as `<vm>-test` in the
 //!   network the user names.
 //! - Unplanned failover: validate, fence (FAILOVER_IN_PROGRESS, epoch
 //!   raised, so cache-svc stops and refuses the old agent), pin-point,
-//!   network, materialize-disks, create-vm, update-registry (FAILED_OVER).
+//!   network, materialize-disks, create-vm, start-vm, update-registry
+//!   (FAILED_OVER).
 //!   Failing over again before commit changes the recovery point.
 //! - Planned failover: validate, drain (the source agent sends every write
 //!   and a FINAL marker; the point cut there loses nothing), then as
@@ -37,6 +38,7 @@ mod tests;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ferry_proto::ids::{UnixNanos, VmName};
 use ferry_runtime::Refused;
@@ -61,6 +63,8 @@ pub struct Engine {
     busy: Mutex<HashSet<String>>,
     /// Bytes per second materialization may write, if capped.
     pub(crate) write_rate: Option<u64>,
+    /// How long start-vm waits for a started VM to be ready.
+    pub(crate) start_timeout: Duration,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -83,6 +87,7 @@ impl Engine {
         backend: Arc<dyn Backend>,
         jobs: Arc<Jobs>,
         write_rate: Option<u64>,
+        start_timeout: Duration,
         shutdown: CancellationToken,
     ) -> Arc<Engine> {
         Arc::new(Engine {
@@ -91,6 +96,7 @@ impl Engine {
             jobs,
             busy: Mutex::new(HashSet::new()),
             write_rate,
+            start_timeout,
             shutdown,
         })
     }
@@ -101,6 +107,18 @@ impl Engine {
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
+    }
+
+    /// Runs `f` on the backend off the async threads: a hypervisor backend
+    /// blocks on its host.
+    pub(crate) async fn on_backend<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Backend) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let backend = self.backend.clone();
+        tokio::task::spawn_blocking(move || f(backend.as_ref()))
+            .await
+            .map_err(|e| Refused::unavailable(format!("backend call ended abnormally: {e}")))?
     }
 
     /// A protected VM; NOT_FOUND names what to do.

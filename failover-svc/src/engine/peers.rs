@@ -10,7 +10,7 @@ use std::pin::Pin;
 use bytes::Bytes;
 use ferry_proto::cache::v1 as cache;
 use ferry_proto::cache::v1::cache_client::CacheClient;
-use ferry_proto::ids::{JobId, UnixNanos, VmName};
+use ferry_proto::ids::{JobId, MacAddr, UnixNanos, VmName};
 use ferry_proto::processor::v1 as proc;
 use ferry_proto::processor::v1::processor_client::ProcessorClient;
 use ferry_proto::registry::v1 as reg;
@@ -23,6 +23,7 @@ use tokio_stream::{Stream, StreamExt};
 pub use reg::ReplicationState;
 
 use crate::error::FailoverError;
+use crate::inventory::{Firmware, KernelBoot, Shape};
 
 type Result<T> = std::result::Result<T, FailoverError>;
 
@@ -43,6 +44,8 @@ pub struct TargetResources {
 pub struct SourceNic {
     pub name: String,
     pub private_ip: String,
+    /// None: derived from the VM's and NIC's names at failover.
+    pub mac_address: Option<MacAddr>,
 }
 
 /// A protected VM as registry has it.
@@ -56,6 +59,10 @@ pub struct Item {
     /// The source VM's disk ids, in its order.
     pub source_disks: Vec<String>,
     pub source_nics: Vec<SourceNic>,
+    /// The source's OS disk, if it names one.
+    pub os_disk: Option<String>,
+    /// Its size and how it boots.
+    pub shape: Shape,
 }
 
 /// A replication group.
@@ -199,7 +206,6 @@ fn item(i: reg::ProtectedItem) -> Result<Item> {
     let t = i.target.unwrap_or_default();
     let source = i.source.unwrap_or_default();
     Ok(Item {
-        vm_name,
         state,
         replication_group: i.replication_group,
         target: TargetResources {
@@ -214,16 +220,56 @@ fn item(i: reg::ProtectedItem) -> Result<Item> {
                 .map(|d| (d.disk_id, d.name))
                 .collect(),
         },
+        os_disk: source
+            .disks
+            .iter()
+            .find(|d| d.role == reg::DiskRole::Os as i32)
+            .map(|d| d.id.clone()),
         source_disks: source.disks.into_iter().map(|d| d.id).collect(),
         source_nics: source
             .nics
             .into_iter()
-            .map(|n| SourceNic {
-                name: n.name,
-                private_ip: n.private_ip,
+            .map(|n| {
+                let mac_address = match n.mac_address.as_str() {
+                    "" => None,
+                    mac => Some(MacAddr::parse("registry's NIC MAC", mac).map_err(|e| {
+                        Refused::unavailable(format!("registry's item {:?}: {}", vm_name, e.0))
+                    })?),
+                };
+                Ok(SourceNic {
+                    name: n.name,
+                    private_ip: n.private_ip,
+                    mac_address,
+                })
             })
-            .collect(),
+            .collect::<Result<_>>()?,
+        shape: shape(source.shape.unwrap_or_default()),
+        vm_name,
     })
+}
+
+/// The registered shape; registry checked it, and unset fields get its
+/// defaults.
+fn shape(s: reg::VmShape) -> Shape {
+    let default = Shape::default();
+    Shape {
+        vcpus: if s.vcpus == 0 { default.vcpus } else { s.vcpus },
+        memory_mib: if s.memory_mib == 0 {
+            default.memory_mib
+        } else {
+            s.memory_mib
+        },
+        firmware: match reg::Firmware::try_from(s.firmware) {
+            Ok(reg::Firmware::Uefi) => Firmware::Uefi,
+            _ => Firmware::Bios,
+        },
+        kernel_boot: (!s.kernel.is_empty()).then(|| KernelBoot {
+            kernel: s.kernel,
+            initrd: (!s.initrd.is_empty()).then_some(s.initrd),
+            cmdline: s.cmdline,
+        }),
+        ready_marker: (!s.ready_marker.is_empty()).then_some(s.ready_marker),
+    }
 }
 
 fn extent(e: proc::DiskExtent) -> Extent {

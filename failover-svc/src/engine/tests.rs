@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use ferry_proto::ids::{JobId, UnixNanos, VmName};
+use ferry_proto::ids::{JobId, MacAddr, UnixNanos, VmName};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -20,7 +20,7 @@ use super::peers::{
 use super::steps::Step;
 use super::Engine;
 use crate::error::FailoverError;
-use crate::inventory::{LocalBackend, Network, Subnet};
+use crate::inventory::{Backend, LocalBackend, Network, Nic, Run, Subnet, TargetVm};
 use crate::jobs::{Choice, FailoverKind, JobRecord, JobState, Jobs};
 use crate::requests::{FailoverRequest, Target};
 
@@ -105,7 +105,10 @@ impl Fake {
                     source_nics: vec![SourceNic {
                         name: "nic0".into(),
                         private_ip: "10.0.0.4".into(),
+                        mac_address: None,
                     }],
+                    os_disk: Some("os".into()),
+                    shape: Default::default(),
                 },
             );
             s.points
@@ -281,7 +284,14 @@ fn engine(db: &sled::Db, dir: &Path, fake: &Arc<Fake>) -> (Arc<Engine>, Cancella
     let jobs = Arc::new(Jobs::open(db).unwrap());
     let shutdown = CancellationToken::new();
     let peers: Arc<dyn Peers> = fake.clone();
-    let engine = Engine::new(peers, Arc::new(backend), jobs, None, shutdown.clone());
+    let engine = Engine::new(
+        peers,
+        Arc::new(backend),
+        jobs,
+        None,
+        Duration::from_secs(5),
+        shutdown.clone(),
+    );
     (engine, shutdown)
 }
 
@@ -372,6 +382,7 @@ async fn an_unplanned_failover_and_its_commit_run_their_steps_in_the_documented_
             "network",
             "materialize-disks",
             "create-vm",
+            "start-vm",
             "update-registry"
         ]
     );
@@ -439,7 +450,8 @@ async fn a_test_failover_and_its_cleanup_run_their_steps_in_the_documented_order
             "pin-point",
             "network",
             "materialize-disks",
-            "create-vm"
+            "create-vm",
+            "start-vm"
         ]
     );
     // Never fenced: replication goes on.
@@ -480,6 +492,7 @@ async fn a_planned_failover_drains_before_it_fences_and_uses_the_final_point() {
             "network",
             "materialize-disks",
             "create-vm",
+            "start-vm",
             "update-registry"
         ]
     );
@@ -532,7 +545,7 @@ async fn a_job_stopped_after_a_step_resumes_at_the_next_and_never_fences_twice()
     use JobState::{Queued, Running, Succeeded};
     assert_eq!(
         states,
-        [Succeeded, Succeeded, Succeeded, Succeeded, Running, Queued, Queued]
+        [Succeeded, Succeeded, Succeeded, Succeeded, Running, Queued, Queued, Queued]
     );
 
     // A new engine over the same records resumes at materialize-disks.
@@ -676,4 +689,248 @@ async fn a_stored_job_with_a_damaged_kind_is_not_resumed_as_an_unplanned_failove
         .contains_key("job-1")
         .unwrap());
     assert_eq!(s.fake.state_of("vm"), ReplicationState::Protected);
+}
+
+/// A VM "other" of the region on `network`, its one NIC holding `mac`.
+fn other_vm(network: &str, mac: MacAddr) -> TargetVm {
+    TargetVm {
+        region: "westus".into(),
+        resource_group: "rg".into(),
+        name: "other".into(),
+        source_vm: "other".into(),
+        virtual_network: network.into(),
+        availability_set: String::new(),
+        nics: vec![Nic {
+            name: "nic0".into(),
+            subnet: "default".into(),
+            private_ip: "10.0.0.9".into(),
+            mac_address: Some(mac),
+        }],
+        disks: Vec::new(),
+        point_id: "rp-1".into(),
+        test: false,
+        job_id: "job-other".into(),
+        created_nanos: 1,
+        shape: Default::default(),
+        host: String::new(),
+        domain: String::new(),
+        console_path: String::new(),
+    }
+}
+
+/// The target VM `name` the engine's backend holds.
+fn target_vm(s: &Setup, name: &str) -> TargetVm {
+    s.engine
+        .backend()
+        .vms()
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == name)
+        .unwrap()
+}
+
+fn registered_mac(s: &Setup, mac: Option<MacAddr>) {
+    s.fake
+        .state
+        .lock()
+        .unwrap()
+        .items
+        .get_mut("vm")
+        .unwrap()
+        .source_nics[0]
+        .mac_address = mac;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mac_is_never_given_to_two_vms_of_a_network() {
+    let unplanned = || failover(FailoverKind::Unplanned, Choice::LatestProcessed, "");
+    // A registered MAC another VM on the target network holds: refused at
+    // create-vm, naming the holder, nothing created.
+    let s = setup();
+    let mac = MacAddr::parse("mac", "52:54:00:aa:bb:cc").unwrap();
+    registered_mac(&s, Some(mac));
+    s.engine.backend().put_vm(other_vm("vnet", mac)).unwrap();
+    let job = s.engine.start_failover(unplanned()).await.unwrap();
+    let done = ended(&s.engine, &job).await;
+    assert_eq!(done.state, JobState::Failed, "{done:#?}");
+    assert!(
+        done.error.starts_with("create-vm: ")
+            && done.error.contains("52:54:00:aa:bb:cc")
+            && done.error.contains("VM other"),
+        "{}",
+        done.error
+    );
+    let names: Vec<String> = s
+        .engine
+        .backend()
+        .vms()
+        .unwrap()
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert_eq!(names, ["other"]);
+
+    // On another network (a drill's isolated one) the same MAC is no
+    // conflict: the failed-over NIC keeps it.
+    let s = setup();
+    registered_mac(&s, Some(mac));
+    s.engine.backend().put_vm(other_vm("drill", mac)).unwrap();
+    let done = ended(
+        &s.engine,
+        &s.engine.start_failover(unplanned()).await.unwrap(),
+    )
+    .await;
+    succeeded(&done);
+    let vm = target_vm(&s, "vm");
+    assert_eq!(vm.nics[0].mac_address, Some(mac));
+
+    // Unregistered: derived from the names, stepping past one another VM
+    // of the region holds.
+    let s = setup();
+    let first = MacAddr::derived(&["vm", "nic0", "vm", "0"]);
+    s.engine.backend().put_vm(other_vm("drill", first)).unwrap();
+    let done = ended(
+        &s.engine,
+        &s.engine.start_failover(unplanned()).await.unwrap(),
+    )
+    .await;
+    succeeded(&done);
+    let vm = target_vm(&s, "vm");
+    assert_eq!(
+        vm.nics[0].mac_address,
+        Some(MacAddr::derived(&["vm", "nic0", "vm", "1"]))
+    );
+}
+
+/// The local inventory as a hypervisor would be: VMs start, and then are
+/// in `state`.
+struct Hypervisor {
+    local: LocalBackend,
+    state: Run,
+}
+
+impl Backend for Hypervisor {
+    fn create_network(&self, network: Network) -> Result<Network> {
+        self.local.create_network(network)
+    }
+    fn network(&self, region: &str, name: &str) -> Result<Option<Network>> {
+        self.local.network(region, name)
+    }
+    fn networks(&self, region: Option<&str>) -> Result<Vec<Network>> {
+        self.local.networks(region)
+    }
+    fn disk_path(&self, region: &str, resource_group: &str, name: &str) -> std::path::PathBuf {
+        self.local.disk_path(region, resource_group, name)
+    }
+    fn prepare_disk(
+        &self,
+        region: &str,
+        resource_group: &str,
+        name: &str,
+        size: u64,
+    ) -> Result<std::path::PathBuf> {
+        self.local.prepare_disk(region, resource_group, name, size)
+    }
+    fn delete_network(&self, region: &str, name: &str) -> Result<Option<Network>> {
+        self.local.delete_network(region, name)
+    }
+    fn put_vm(&self, mut vm: TargetVm) -> Result<TargetVm> {
+        vm.host = "test:///".into();
+        vm.domain = format!("domain-{}", vm.name);
+        vm.console_path = "/nonexistent/console.log".into();
+        self.local.put_vm(vm)
+    }
+    fn start_vm(&self, _vm: &TargetVm) -> Result<Run> {
+        Ok(Run::Running)
+    }
+    fn run_state(&self, _vm: &TargetVm) -> Result<Run> {
+        Ok(self.state.clone())
+    }
+    fn vms(&self) -> Result<Vec<TargetVm>> {
+        self.local.vms()
+    }
+    fn delete_vm(
+        &self,
+        region: &str,
+        resource_group: &str,
+        name: &str,
+    ) -> Result<Option<TargetVm>> {
+        self.local.delete_vm(region, resource_group, name)
+    }
+}
+
+/// A test failover on a hypervisor where started VMs are in `state`,
+/// the VM's shape naming `marker`; the ended job.
+async fn start_on(state: Run, marker: Option<&str>) -> JobRecord {
+    let s = setup();
+    s.fake
+        .state
+        .lock()
+        .unwrap()
+        .items
+        .get_mut("vm")
+        .unwrap()
+        .shape
+        .ready_marker = marker.map(str::to_string);
+    let backend = Hypervisor {
+        local: LocalBackend::new(&s.db, &s.dir.path().join("regions")).unwrap(),
+        state,
+    };
+    let engine = Engine::new(
+        s.fake.clone(),
+        Arc::new(backend),
+        s.engine.jobs.clone(),
+        None,
+        Duration::from_millis(600),
+        s.shutdown.clone(),
+    );
+    engine
+        .backend()
+        .create_network(Network {
+            region: "westus".into(),
+            resource_group: "drill".into(),
+            name: "isolated".into(),
+            subnets: vec![Subnet {
+                name: "default".into(),
+                address_prefix: "10.9.0.0/24".into(),
+            }],
+        })
+        .unwrap();
+    let job = engine
+        .start_failover(failover(
+            FailoverKind::Test,
+            Choice::LatestProcessed,
+            "isolated",
+        ))
+        .await
+        .unwrap();
+    ended(&engine, &job).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_vm_waits_for_the_vm_to_be_ready_and_says_why_it_is_not() {
+    // Running, no marker asked for: ready.
+    let done = start_on(Run::Running, None).await;
+    succeeded(&done);
+    let step = done.steps.last().unwrap();
+    assert_eq!(step.step, Step::StartVm);
+    assert!(step.message.contains("runs on test:///"), "{step:?}");
+    // Stopped before it was ready: FAILED_PRECONDITION with its console.
+    let done = start_on(Run::Stopped("shut off".into()), Some("READY")).await;
+    assert_eq!(done.state, JobState::Failed, "{done:#?}");
+    assert!(
+        done.error.starts_with("start-vm: ")
+            && done.error.contains("is shut off before it was ready")
+            && done.error.contains("/nonexistent/console.log"),
+        "{}",
+        done.error
+    );
+    // Running without the marker on its console: the start timeout.
+    let done = start_on(Run::Running, Some("READY")).await;
+    assert_eq!(done.state, JobState::Failed, "{done:#?}");
+    assert!(
+        done.error.starts_with("start-vm: ") && done.error.contains("did not print \"READY\""),
+        "{}",
+        done.error
+    );
 }

@@ -342,6 +342,10 @@ pub const TABLE: &[(&str, Allow)] = &[
         "ferry.failover.v1.Failover/CreateNetwork",
         role(Operator).mutating(),
     ),
+    (
+        "ferry.failover.v1.Failover/DeleteNetwork",
+        role(Operator).mutating(),
+    ),
     ("ferry.failover.v1.Failover/ListNetworks", role(Reader)),
     ("ferry.failover.v1.Failover/ListTargetVms", role(Reader)),
     // The agent's group port: members of the group (the handler checks

@@ -4,6 +4,9 @@
 // Each test file uses a part of it.
 #![allow(dead_code)]
 
+pub mod guest;
+pub mod libvirt;
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -126,6 +129,7 @@ async fn start_protected(
             .collect(),
         limits,
         nbd_limits: Default::default(),
+        attached: false,
         heartbeat: ferry_agent::health::HEARTBEAT,
         scripts,
         credentials,
@@ -304,6 +308,24 @@ pub async fn succeed(
         "{job:?}"
     );
     (job, progress)
+}
+
+/// Cleans up `vm`'s test failover; the ended job, which must have
+/// succeeded.
+pub async fn cleanup_test(url: &str, vm: &str) -> ferry_proto::failover::v1::Job {
+    use ferry_proto::failover::v1 as fo;
+    let job = failover(url)
+        .await
+        .cleanup_test_failover(fo::CleanupTestFailoverRequest {
+            target: Some(fo::cleanup_test_failover_request::Target::VmName(vm.into())),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (job, _) = finish(url, &job).await;
+    assert_eq!(job.state, fo::JobState::Succeeded as i32, "{job:?}");
+    job
 }
 
 /// Every VM failovers created, in every region.

@@ -1,11 +1,14 @@
-//! create-vm: the VM is recorded in the target region: in the network's
+//! create-vm: the VM is recorded in the target region (and, with a
+//! hypervisor backend, defined on a host, not started): in the network's
 //! subnet, each source NIC at its own address if free (else the next free
-//! one), with the materialized disks in the source VM's disk order. The
-//! same VM again replaces itself, so a resumed step is harmless.
+//! one) and with its own MAC (else one derived from the names, stepped past
+//! any other VM's), with the materialized disks in the source VM's disk
+//! order and the registered shape. The same VM again replaces itself, so a
+//! resumed step is harmless.
 
 use std::sync::Arc;
 
-use ferry_proto::ids::UnixNanos;
+use ferry_proto::ids::{MacAddr, UnixNanos};
 use ferry_runtime::Refused;
 
 use super::{network, target_names, Result};
@@ -26,8 +29,7 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
         .map(|u| u.point_id.clone())
         .unwrap_or_default();
     let point = engine.point(vm, &point_id).await?;
-    // Addresses other VMs hold in this subnet.
-    let mut taken: Vec<String> = backend
+    let others: Vec<TargetVm> = backend
         .vms()?
         .into_iter()
         .filter(|v| {
@@ -35,11 +37,26 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
                 && v.region == target.region
                 && v.resource_group == target.resource_group)
         })
+        .collect();
+    // Addresses other VMs hold in this subnet.
+    let mut taken: Vec<String> = others
+        .iter()
+        .flat_map(|v| v.nics.iter())
+        .filter(|n| n.subnet == subnet.name)
+        .map(|n| n.private_ip.clone())
+        .collect();
+    // MACs other VMs of the region hold, by holder and network. A MAC
+    // must be unique on its network (its L2 segment): a registered one
+    // another VM there holds is refused; a derived one steps past every
+    // MAC of the region.
+    let mut macs: Vec<(MacAddr, String, String)> = others
+        .iter()
+        .filter(|v| v.region == target.region)
         .flat_map(|v| {
-            v.nics
-                .into_iter()
-                .filter(|n| n.subnet == subnet.name)
-                .map(|n| n.private_ip)
+            v.nics.iter().filter_map(|n| {
+                n.mac_address
+                    .map(|m| (m, v.name.clone(), v.virtual_network.clone()))
+            })
         })
         .collect();
     let mut nics = Vec::new();
@@ -48,10 +65,32 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
             || Refused::failed_precondition(format!("subnet {} has no free address", subnet.name)),
         )?;
         taken.push(ip.clone());
+        let mac = match nic.mac_address {
+            Some(mac) => {
+                if let Some((_, holder, _)) = macs
+                    .iter()
+                    .find(|(m, _, network)| *m == mac && *network == net.name)
+                {
+                    return Err(Refused::failed_precondition(format!(
+                        "NIC {} of {vm} has MAC {mac}, which VM {holder} on network {} in {} \
+                         holds; delete that VM (or clean up its test failover) first",
+                        nic.name, net.name, target.region
+                    ))
+                    .into());
+                }
+                mac
+            }
+            None => (0u32..)
+                .map(|n| MacAddr::derived(&[vm.as_str(), &nic.name, &name, &n.to_string()]))
+                .find(|m| !macs.iter().any(|(t, _, _)| t == m))
+                .unwrap_or(MacAddr::derived(&[vm.as_str(), &nic.name])),
+        };
+        macs.push((mac, name.clone(), net.name.clone()));
         nics.push(inventory::Nic {
             name: nic.name.clone(),
             subnet: subnet.name.clone(),
             private_ip: ip,
+            mac_address: Some(mac),
         });
     }
     // In the source VM's disk order.
@@ -76,6 +115,7 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
                 name: disk_name,
                 size_bytes: d.size_bytes,
                 path,
+                os: item.os_disk.as_deref() == Some(d.disk_id.as_str()),
             }
         })
         .collect();
@@ -92,11 +132,20 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
         test: job.is_test(),
         job_id: job.id.to_string(),
         created_nanos: UnixNanos::now().get(),
+        shape: item.shape.clone(),
+        host: String::new(),
+        domain: String::new(),
+        console_path: String::new(),
     };
     let ips: Vec<String> = created.nics.iter().map(|n| n.private_ip.clone()).collect();
-    backend.put_vm(created)?;
+    let created = engine.on_backend(move |b| b.put_vm(created)).await?;
+    let on = if created.host.is_empty() {
+        String::new()
+    } else {
+        format!(", domain {} on {}", created.domain, created.host)
+    };
     Ok(format!(
-        "VM {name} in {}/{} at {}",
+        "VM {name} in {}/{} at {}{on}",
         target.region,
         target.resource_group,
         ips.join(", ")

@@ -16,6 +16,7 @@ mod members_done;
 mod network;
 mod pin_point;
 mod release_points;
+mod start_vm;
 mod update_registry;
 mod validate;
 
@@ -53,9 +54,12 @@ pub enum Step {
     /// The point's disks written to the target and checked end to end.
     #[serde(rename = "materialize-disks")]
     MaterializeDisks,
-    /// The VM recorded in the target region.
+    /// The VM recorded in the target region (and defined on its host).
     #[serde(rename = "create-vm")]
     CreateVm,
+    /// The VM started and ready (the local inventory starts nothing).
+    #[serde(rename = "start-vm")]
+    StartVm,
     /// FAILED_OVER; earlier failovers' points released.
     #[serde(rename = "update-registry")]
     UpdateRegistry,
@@ -80,7 +84,14 @@ use Step::*;
 
 /// Test failover: replication goes on; the VM comes up as `<vm>-test` in
 /// the network the user names.
-pub const TEST_FAILOVER: &[Step] = &[Validate, PinPoint, Network, MaterializeDisks, CreateVm];
+pub const TEST_FAILOVER: &[Step] = &[
+    Validate,
+    PinPoint,
+    Network,
+    MaterializeDisks,
+    CreateVm,
+    StartVm,
+];
 /// Planned failover: drained first, so nothing is lost; then as unplanned.
 pub const PLANNED_FAILOVER: &[Step] = &[
     Validate,
@@ -90,6 +101,7 @@ pub const PLANNED_FAILOVER: &[Step] = &[
     Network,
     MaterializeDisks,
     CreateVm,
+    StartVm,
     UpdateRegistry,
 ];
 /// Unplanned failover (or a change of point before commit).
@@ -100,6 +112,7 @@ pub const UNPLANNED_FAILOVER: &[Step] = &[
     Network,
     MaterializeDisks,
     CreateVm,
+    StartVm,
     UpdateRegistry,
 ];
 /// Commit of a failover.
@@ -129,6 +142,7 @@ impl Step {
             Network => "network",
             MaterializeDisks => "materialize-disks",
             CreateVm => "create-vm",
+            StartVm => "start-vm",
             UpdateRegistry => "update-registry",
             CommitRegistry => "commit-registry",
             ReleasePoints => "release-points",
@@ -148,6 +162,7 @@ impl Step {
             Network => network::run(engine, job).await,
             MaterializeDisks => materialize::run(engine, job).await,
             CreateVm => create_vm::run(engine, job).await,
+            StartVm => start_vm::run(engine, job).await,
             UpdateRegistry => update_registry::run(engine, job).await,
             CommitRegistry => commit_registry::run(engine, job).await,
             ReleasePoints => release_points::run(engine, job).await,
@@ -199,6 +214,7 @@ mod tests {
             Network,
             MaterializeDisks,
             CreateVm,
+            StartVm,
             UpdateRegistry,
             CommitRegistry,
             ReleasePoints,

@@ -1,0 +1,234 @@
+//! Failover onto libvirt: failover-svc's libvirt backend brings a protected
+//! guest up as a real domain on this machine's libvirtd (`qemu:///system`,
+//! software emulation). The guest (scripts/guest.sh) wrote files through
+//! the agent's NBD export; the failed-over domain boots from the replica,
+//! asks DHCP for its address on the target network and prints every file
+//! with its checksum on its serial console. A test failover and its cleanup
+//! (and the deletion of the test network) leave no domain, network, image
+//! or console behind; a real failover keeps the source's private IP, and
+//! its commit keeps the VM running.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use common::guest::{boot, drive, ext4_vm, files, guest, leased_ip};
+use common::libvirt::{daemons, forget, names, virsh, URI};
+use ferry_proto::failover::v1 as fo;
+use ferry_proto::registry::v1 as reg;
+use ferry_testkit::points::cut_latest;
+use ferry_testkit::{wait_for, Cluster, ClusterOptions};
+
+const FILES: usize = 20;
+/// Every libvirt name failover-svc gives in the target region.
+const PREFIX: &str = "ferry.westus.";
+
+/// The console of `vm` once its guest printed FERRY-DONE (or an error).
+async fn console_when_done(vm: &fo::TargetVm) -> String {
+    let path = vm.console_path.clone();
+    wait_for(
+        "the failed-over guest to finish on its console",
+        Duration::from_secs(300),
+        || {
+            let path = path.clone();
+            async move {
+                let text = std::fs::read_to_string(&path).ok()?;
+                (text.contains("FERRY-DONE") || text.contains("FERRY-ERROR")).then_some(text)
+            }
+        },
+    )
+    .await
+}
+
+/// The target VM named `name`.
+async fn target(url: &str, name: &str) -> fo::TargetVm {
+    common::target_vms(url)
+        .await
+        .into_iter()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("no target VM {name}"))
+}
+
+/// Checks the domain of `vm` runs on its network, and that its guest
+/// leased the VM's address and shows exactly `written`.
+async fn booted_with(vm: &fo::TargetVm, network: &str, written: &BTreeMap<String, String>) {
+    assert_eq!(vm.host, URI);
+    assert!(vm.domain.starts_with(PREFIX), "{}", vm.domain);
+    assert_eq!(virsh(&["domstate", &vm.domain]).trim(), "running");
+    let nics = virsh(&["domiflist", &vm.domain]);
+    assert!(
+        nics.contains(network) && nics.contains(&vm.nics[0].mac_address),
+        "{} is not on {network} with MAC {}: {nics}",
+        vm.domain,
+        vm.nics[0].mac_address
+    );
+    let console = console_when_done(vm).await;
+    assert_eq!(&files(&console), written, "{console}");
+    assert_eq!(
+        leased_ip(&console).as_deref(),
+        Some(vm.nics[0].private_ip.as_str()),
+        "{console}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_fails_over_onto_libvirt_and_boots_with_every_file() {
+    let began = std::time::Instant::now();
+    let phase = |what: &str| eprintln!("{:>6.1}s {what}", began.elapsed().as_secs_f64());
+    daemons();
+    forget(PREFIX);
+    let guest = guest();
+    let guest_dir = std::fs::canonicalize(&guest).unwrap();
+    // failover-svc's images and consoles where libvirt's QEMU user (not
+    // root) can reach them.
+    let failover_root = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(failover_root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let libvirt = failover_svc::libvirt::Settings {
+        regions: [("westus".to_string(), vec![URI.to_string()])].into(),
+        domain_type: "qemu".into(),
+        ..Default::default()
+    };
+    let cluster = Cluster::start_options(ClusterOptions {
+        failover: failover_svc::Settings {
+            libvirt: Some(libvirt),
+            ..Default::default()
+        },
+        failover_dir: Some(failover_root.path().join("failover")),
+        ..Default::default()
+    })
+    .await;
+    let registry = cluster.registry.url.clone();
+    let url = cluster.failover.url.clone();
+    // Registered with its shape: the failed-over guest boots the same
+    // kernel, reads back its files, asks DHCP for its address and stays up.
+    let (dir, _) = ext4_vm(&cluster, |mut vm| {
+        vm.nics[0].private_ip = "10.213.7.4".into();
+        vm.shape = Some(reg::VmShape {
+            vcpus: 1,
+            memory_mib: 256,
+            kernel: guest_dir.join("vmlinuz").display().to_string(),
+            initrd: guest_dir.join("initrd.gz").display().to_string(),
+            cmdline: "console=ttyS0 panic=-1 quiet ferry.mode=verify ferry.net=dhcp ferry.stay=1"
+                .into(),
+            ready_marker: "FERRY-READY".into(),
+            ..Default::default()
+        });
+        vm
+    })
+    .await;
+    phase("protected");
+    let (agent, nbd) = common::protected_agent(&registry, "vm", &dir.path().join("agent")).await;
+    let written = boot(
+        &guest,
+        &drive(&format!("{nbd}/os")),
+        &format!("ferry.mode=write ferry.files={FILES}"),
+    )
+    .await;
+    assert_eq!(written.len(), FILES);
+    phase("the source guest wrote its files");
+    agent.stream.flushed().await;
+    let point = cut_latest(&cluster.processor.url, "vm").await.unwrap();
+
+    // A test failover into its own isolated network.
+    common::failover(&url)
+        .await
+        .create_network(fo::CreateNetworkRequest {
+            network: Some(fo::Network {
+                region: "westus".into(),
+                resource_group: "drill".into(),
+                name: "drill".into(),
+                subnets: vec![fo::Subnet {
+                    name: "default".into(),
+                    address_prefix: "10.213.9.0/24".into(),
+                }],
+            }),
+        })
+        .await
+        .unwrap();
+    let drill_net = "ferry.westus.drill.default";
+    assert!(names(&["net-list", "--name"]).contains(&drill_net.to_string()));
+    let (job, _) = common::succeed(
+        &url,
+        common::failover_request(
+            "vm",
+            fo::FailoverKind::Test,
+            fo::point_choice::Choice::PointId(point.id.clone()),
+            "drill",
+        ),
+    )
+    .await;
+    phase("test failover done");
+    let start = job.steps.iter().find(|s| s.name == "start-vm").unwrap();
+    assert!(start.message.contains("FERRY-READY"), "{start:?}");
+    let test_vm = target(&url, "vm-test").await;
+    // Not the source's address: 10.213.7.4 is not in the drill subnet.
+    assert_eq!(test_vm.nics[0].private_ip, "10.213.9.4");
+    booted_with(&test_vm, drill_net, &written).await;
+    phase("the test VM showed every file");
+
+    // Cleanup leaves nothing of the test VM; deleting the network nothing
+    // of it.
+    common::cleanup_test(&url, "vm").await;
+    assert!(!names(&["list", "--all", "--name"]).contains(&test_vm.domain));
+    for gone in test_vm
+        .disks
+        .iter()
+        .map(|d| d.path.as_str())
+        .chain([test_vm.console_path.as_str()])
+    {
+        assert!(!Path::new(gone).exists(), "{gone} is left behind");
+    }
+    common::failover(&url)
+        .await
+        .delete_network(fo::DeleteNetworkRequest {
+            region: "westus".into(),
+            name: "drill".into(),
+        })
+        .await
+        .unwrap();
+    let left: Vec<String> = names(&["list", "--all", "--name"])
+        .into_iter()
+        .chain(names(&["net-list", "--all", "--name"]))
+        .filter(|n| n.starts_with(PREFIX))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    phase("cleaned up");
+
+    // The real thing: the source's address kept on the target network
+    // failover creates, and the VM runs on after commit.
+    let (job, _) = common::succeed(
+        &url,
+        common::failover_request(
+            "vm",
+            fo::FailoverKind::Unplanned,
+            fo::point_choice::Choice::PointId(point.id.clone()),
+            "",
+        ),
+    )
+    .await;
+    assert_eq!(job.points[0].point_id, point.id);
+    phase("failover done");
+    let vm = target(&url, "vm").await;
+    assert_eq!(vm.nics[0].private_ip, "10.213.7.4");
+    booted_with(&vm, "ferry.westus.net-ferry.sub", &written).await;
+    phase("the failed-over VM showed every file");
+    let commit = common::failover(&url)
+        .await
+        .commit_failover(fo::CommitFailoverRequest {
+            target: Some(fo::commit_failover_request::Target::VmName("vm".into())),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (commit, _) = common::finish(&url, &commit).await;
+    assert_eq!(commit.state, fo::JobState::Succeeded as i32, "{commit:?}");
+    assert_eq!(virsh(&["domstate", &vm.domain]).trim(), "running");
+
+    agent.stop(Duration::from_secs(5)).await.unwrap();
+    cluster.stop().await;
+    forget(PREFIX);
+}
