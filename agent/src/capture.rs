@@ -797,6 +797,36 @@ mod tests {
         assert!(std::fs::read(&path).unwrap() == replica);
     }
 
+    /// With `skip_unchanged`, a write or zeroing that leaves the image as it
+    /// is records nothing and is counted; one that changes a byte is
+    /// written and recorded as always. Without it, every write is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_that_change_nothing_are_dropped_only_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (capture, stream) = one_disk(&dir.path().join("os"), 1 << 20);
+        capture.write("os", 4096, vec![7u8; 8192]).await.unwrap();
+        // Off: the same bytes again are a write like any other.
+        capture.write("os", 4096, vec![7u8; 8192]).await.unwrap();
+        assert_eq!(stream.pending_records().await.len(), 2);
+        capture.skip_unchanged(true);
+        capture.write("os", 4096, vec![7u8; 8192]).await.unwrap();
+        // Unaligned, inside what is there: widened, still unchanged.
+        capture.write("os", 5000, vec![7u8; 100]).await.unwrap();
+        // Zeros over zeros.
+        capture.zero("os", 65536, 65536, false).await.unwrap();
+        assert_eq!(stream.pending_records().await.len(), 2);
+        assert_eq!(capture.unchanged(), (3, 8192 + 100 + 65536));
+        // One byte differs: written and recorded.
+        let mut data = vec![7u8; 8192];
+        data[8191] = 8;
+        capture.write("os", 4096, data).await.unwrap();
+        capture.zero("os", 4096, 512, false).await.unwrap();
+        assert_eq!(stream.pending_records().await.len(), 4);
+        let image = std::fs::read(dir.path().join("os")).unwrap();
+        assert_eq!(&image[4096..4608], &[0u8; 512][..]);
+        assert_eq!(image[4096 + 8191], 8);
+    }
+
     /// A write larger than a record goes as several, and nothing of a
     /// write running beside it comes between them.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

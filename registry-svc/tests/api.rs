@@ -199,6 +199,41 @@ async fn enable_derives_every_target_resource() {
 }
 
 #[tokio::test]
+async fn a_vms_shape_and_macs_are_kept_and_unset_fields_get_the_defaults() {
+    let mut f = fixture().await;
+    let c = &mut f.client;
+    // Unset: one vCPU, 512 MiB, BIOS, boot from the disk, no marker.
+    let plain = register(c, vm("plain")).await.unwrap();
+    let shape = plain.shape.unwrap();
+    assert_eq!((shape.vcpus, shape.memory_mib), (1, 512));
+    assert_eq!(shape.firmware(), pb::Firmware::Bios);
+    assert!(shape.kernel.is_empty() && shape.ready_marker.is_empty());
+    assert_eq!(plain.nics[0].mac_address, "");
+    let mut v = vm("shaped");
+    v.nics[0].mac_address = "52:54:00:AB:CD:EF".into();
+    v.shape = Some(pb::VmShape {
+        vcpus: 4,
+        memory_mib: 2048,
+        firmware: pb::Firmware::Uefi as i32,
+        kernel: "/srv/boot/vmlinuz".into(),
+        initrd: "/srv/boot/initrd.gz".into(),
+        cmdline: "console=ttyS0 root=/dev/vda".into(),
+        ready_marker: "login:".into(),
+    });
+    let back = register(c, v.clone()).await.unwrap();
+    assert_eq!(back.nics[0].mac_address, "52:54:00:ab:cd:ef");
+    assert_eq!(back.shape, v.shape);
+    let got = c
+        .get_vm(pb::GetVmRequest {
+            name: "shaped".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.shape, v.shape);
+}
+
+#[tokio::test]
 async fn overrides_win_and_existing_mappings_are_reused() {
     let mut f = fixture().await;
     let c = &mut f.client;
@@ -354,6 +389,88 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() {
         (
             "empty subnet",
             with(&|v| v.subnet.clear()),
+            Code::InvalidArgument,
+        ),
+        (
+            "bad MAC",
+            with(&|v| v.nics[0].mac_address = "52:54:00:zz:00:01".into()),
+            Code::InvalidArgument,
+        ),
+        (
+            "multicast MAC",
+            with(&|v| v.nics[0].mac_address = "01:00:5e:00:00:01".into()),
+            Code::InvalidArgument,
+        ),
+        (
+            "two NICs with one MAC",
+            with(&|v| {
+                v.nics[0].mac_address = "52:54:00:00:00:01".into();
+                v.nics.push(pb::Nic {
+                    name: "nic1".into(),
+                    private_ip: "10.1.0.5".into(),
+                    mac_address: "52:54:00:00:00:01".into(),
+                });
+            }),
+            Code::InvalidArgument,
+        ),
+        (
+            "too many vCPUs",
+            with(&|v| {
+                v.shape = Some(pb::VmShape {
+                    vcpus: 257,
+                    ..Default::default()
+                })
+            }),
+            Code::InvalidArgument,
+        ),
+        (
+            "too little memory",
+            with(&|v| {
+                v.shape = Some(pb::VmShape {
+                    memory_mib: 8,
+                    ..Default::default()
+                })
+            }),
+            Code::InvalidArgument,
+        ),
+        (
+            "unknown firmware",
+            with(&|v| {
+                v.shape = Some(pb::VmShape {
+                    firmware: 9,
+                    ..Default::default()
+                })
+            }),
+            Code::InvalidArgument,
+        ),
+        (
+            "a relative kernel path",
+            with(&|v| {
+                v.shape = Some(pb::VmShape {
+                    kernel: "boot/vmlinuz".into(),
+                    ..Default::default()
+                })
+            }),
+            Code::InvalidArgument,
+        ),
+        (
+            "a cmdline without a kernel",
+            with(&|v| {
+                v.shape = Some(pb::VmShape {
+                    cmdline: "console=ttyS0".into(),
+                    ..Default::default()
+                })
+            }),
+            Code::InvalidArgument,
+        ),
+        (
+            "a ready marker of two lines",
+            with(&|v| {
+                v.shape = Some(pb::VmShape {
+                    ready_marker: "login:\nroot".into(),
+                    ..Default::default()
+                })
+            }),
             Code::InvalidArgument,
         ),
     ];

@@ -278,8 +278,40 @@ async fn test_failover_cleanup_unplanned_failover_to_an_older_point_and_commit()
             .any(|r| r.method.ends_with("/PinRecoveryPoint") && r.target == pinned),
         "{points:#?}"
     );
+    // The drill's network cannot go while its VM is in it.
+    let delete = |name: &str| fo::DeleteNetworkRequest {
+        region: "westus".into(),
+        name: name.into(),
+    };
+    let err = failover(&url)
+        .await
+        .delete_network(delete("isolated"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("vm-test"), "{err}");
     // Cleanup leaves nothing behind and releases the point.
     common::cleanup_test(&url, "vm").await;
+    // Now it can, once; then it is unknown.
+    let deleted = failover(&url)
+        .await
+        .delete_network(delete("isolated"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deleted.name, "isolated");
+    let err = failover(&url)
+        .await
+        .delete_network(delete("isolated"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err}");
+    let err = failover(&url)
+        .await
+        .delete_network(delete(""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
     let left = failover(&url)
         .await
         .list_target_vms(fo::ListTargetVmsRequest::default())
