@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use ferry_agent::mirror::NbdTarget;
 use ferry_agent::nbd::{NbdLimits, NbdListeners, NbdTls, UnixSocket};
+use ferry_agent::qmp::Monitor;
 use ferry_agent::quiesce::Scripts;
 use ferry_agent::run::{Agent, AgentOptions, GroupPort};
 use ferry_agent::stream::StreamLimits;
@@ -207,25 +209,39 @@ struct Args {
     #[arg(long, env = "FERRY_OTLP_ENDPOINT", value_name = "URL")]
     otlp_endpoint: Option<String>,
     /// Protect a VM that runs already: QEMU's QMP socket. The agent
-    /// mirrors each --attach-drive into its NBD export on --nbd-socket
-    /// (an active mirror: every guest write reaches the agent in order);
-    /// the disk's registered path is the agent's own copy. See
-    /// docs/agent.md.
+    /// mirrors each --attach-drive into its NBD export (an active mirror:
+    /// every guest write reaches the agent in order); the disk's
+    /// registered path is the agent's own copy. See docs/agent.md.
     #[arg(
         long,
         env = "FERRY_ATTACH_QMP",
         value_name = "PATH",
         requires = "attach_drive",
-        requires = "nbd_socket"
+        conflicts_with = "attach_domain"
     )]
     attach_qmp: Option<PathBuf>,
-    /// NODE=DISK: QEMU's block node of a protected drive and its disk id;
-    /// repeatable (with --attach-qmp).
+    /// As --attach-qmp, for a libvirt domain (by name): commands go through
+    /// `virsh qemu-monitor-command`, and QEMU reaches the export over
+    /// --nbd-listen (libvirt's QEMU user cannot open --nbd-socket).
     #[arg(
-        long = "attach-drive",
-        value_name = "NODE=DISK",
-        requires = "attach_qmp"
+        long,
+        env = "FERRY_ATTACH_DOMAIN",
+        value_name = "NAME",
+        requires = "attach_drive"
     )]
+    attach_domain: Option<String>,
+    /// The libvirt connection of --attach-domain.
+    #[arg(
+        long,
+        env = "FERRY_ATTACH_LIBVIRT_URI",
+        value_name = "URI",
+        default_value = "qemu:///system"
+    )]
+    attach_libvirt_uri: String,
+    /// NODE=DISK: QEMU's block node (or drive id, or device alias such as
+    /// libvirt's virtio-disk0) of a protected drive and its disk id;
+    /// repeatable.
+    #[arg(long = "attach-drive", value_name = "NODE=DISK")]
     attach_drive: Vec<ferry_agent::mirror::Drive>,
 }
 
@@ -235,8 +251,14 @@ struct Args {
 #[command(name = "ferry-agent detach")]
 struct DetachArgs {
     /// QEMU's QMP socket.
-    #[arg(long, value_name = "PATH")]
-    qmp: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "domain")]
+    qmp: Option<PathBuf>,
+    /// Or a libvirt domain, by name.
+    #[arg(long, value_name = "NAME", conflicts_with = "qmp")]
+    domain: Option<String>,
+    /// The libvirt connection of --domain.
+    #[arg(long, value_name = "URI", default_value = "qemu:///system")]
+    libvirt_uri: String,
     /// A disk id whose mirror ends; repeatable.
     #[arg(long = "disk", value_name = "DISK", required = true)]
     disks: Vec<String>,
@@ -304,7 +326,15 @@ fn main() -> std::process::ExitCode {
 async fn agent_main() -> Result<(), ferry_runtime::binary::BinaryError> {
     if std::env::args().nth(1).as_deref() == Some("detach") {
         let args = DetachArgs::parse_from(std::env::args().skip(1));
-        let ended = ferry_agent::mirror::detach(&args.qmp, &args.disks)
+        let monitor = match (&args.qmp, &args.domain) {
+            (Some(path), _) => Monitor::Socket(path.clone()),
+            (None, Some(domain)) => Monitor::Libvirt {
+                uri: args.libvirt_uri.clone(),
+                domain: domain.clone(),
+            },
+            (None, None) => return Err("give --qmp PATH or --domain NAME".into()),
+        };
+        let ended = ferry_agent::mirror::detach(&monitor, &args.disks)
             .await
             .map_err(|e| e.to_string())?;
         println!("detached: {}", ended.join(", "));
@@ -327,6 +357,33 @@ async fn agent_main() -> Result<(), ferry_runtime::binary::BinaryError> {
     // Checked before anything listens: a mistyped root is an error now.
     ferry_agent::roots::DiskRoots::new(&disk_roots).map_err(|e| e.to_string())?;
     let credentials = credentials(&args)?;
+    // An attached VM: its monitor, and where its QEMU reaches the export
+    // (the Unix socket for a QMP socket of QEMU's own, else TCP).
+    let monitor = match (&args.attach_qmp, &args.attach_domain) {
+        (Some(path), _) => Some(Monitor::Socket(path.clone())),
+        (None, Some(domain)) => Some(Monitor::Libvirt {
+            uri: args.attach_libvirt_uri.clone(),
+            domain: domain.clone(),
+        }),
+        (None, None) => None,
+    };
+    let nbd_target = match (&monitor, &args.nbd_socket, args.nbd_listen.as_str()) {
+        (None, _, _) => None,
+        (Some(Monitor::Socket(_)), Some(socket), _) => Some(NbdTarget::Unix(socket.clone())),
+        (Some(_), _, "off") => {
+            return Err(
+                "--attach-domain needs --nbd-listen (QEMU reaches the export over \
+                 TCP); --attach-qmp needs --nbd-socket or --nbd-listen"
+                    .into(),
+            )
+        }
+        (Some(_), _, address) => Some(NbdTarget::Tcp(address.parse().map_err(|e| {
+            format!("--nbd-listen {address}: an attached VM's QEMU needs an IP:PORT here: {e}")
+        })?)),
+    };
+    if monitor.is_some() && args.attach_drive.is_empty() {
+        return Err("--attach-qmp and --attach-domain need at least one --attach-drive".into());
+    }
     // A registry URL that does not fit the credentials (http:// with TLS,
     // https:// without) is an error now, not a retry later.
     ferry_runtime::connect(&args.registry, &credentials).map_err(|e| format!("--registry: {e}"))?;
@@ -413,7 +470,7 @@ async fn agent_main() -> Result<(), ferry_runtime::binary::BinaryError> {
         state_dir: args.state_dir.clone(),
         disk_roots,
         limits: StreamLimits::default(),
-        attached: args.attach_qmp.is_some(),
+        attached: monitor.is_some(),
         nbd_limits: NbdLimits {
             connections_per_export: args.nbd_max_connections.max(1),
             ..NbdLimits::default()
@@ -438,13 +495,13 @@ async fn agent_main() -> Result<(), ferry_runtime::binary::BinaryError> {
             ),
         ));
     }
-    if let (Some(qmp), Some(socket)) = (&args.attach_qmp, &args.nbd_socket) {
+    if let (Some(monitor), Some(target)) = (&monitor, &nbd_target) {
         tokio::spawn(ferry_agent::mirror::supervise(
             agent.capture.clone(),
             agent.vm.clone(),
-            qmp.clone(),
+            monitor.clone(),
             args.attach_drive.clone(),
-            socket.clone(),
+            target.clone(),
             shutdown.clone(),
         ));
     }
@@ -453,9 +510,9 @@ async fn agent_main() -> Result<(), ferry_runtime::binary::BinaryError> {
     shutdown.cancelled().await;
     // An attached VM's mirrors end before the export does, cleanly: the
     // guest goes on on its own disks.
-    if let Some(qmp) = &args.attach_qmp {
+    if let Some(monitor) = &monitor {
         let disks: Vec<String> = args.attach_drive.iter().map(|d| d.disk.clone()).collect();
-        match ferry_agent::mirror::detach(qmp, &disks).await {
+        match ferry_agent::mirror::detach(monitor, &disks).await {
             Ok(ended) => tracing::info!(jobs = ?ended, "detached from the running VM"),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot detach from the running VM; its mirror ends when QEMU next writes to the stopped agent")

@@ -22,14 +22,13 @@
 //! a dead agent (`on-target-error=report`, no reconnect delay).
 //! `ferry-agent detach` ends the jobs cleanly.
 
-use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use sha2::Digest;
 
 use crate::capture::Capture;
-use crate::qmp::{is_not_found, Qmp, QmpError};
+use crate::qmp::{is_not_found, Monitor, QmpError, Session};
 
 /// How often a job's progress is looked at.
 const POLL: Duration = Duration::from_millis(200);
@@ -65,6 +64,8 @@ pub enum MirrorError {
     Ended { node: String, why: String },
     #[error("disk {0} is not one of the VM's disks")]
     UnknownDisk(String),
+    #[error("QEMU has no block node, drive or device {0:?}: give a node name (query-named-block-nodes) or a device id or alias (libvirt's virtio-disk0)")]
+    UnknownDrive(String),
 }
 
 /// The node and job the agent names for a disk: `ferry-<disk>` when that
@@ -88,11 +89,11 @@ pub fn node_name(disk: &str) -> String {
 /// first.
 pub async fn attach(
     capture: &Capture,
-    qmp_path: &Path,
+    monitor: &Monitor,
     drives: &[Drive],
-    socket: &Path,
+    target: &NbdTarget,
 ) -> Result<(), MirrorError> {
-    let mut qmp = Qmp::connect(qmp_path).await?;
+    let mut qmp = monitor.connect().await?;
     for d in drives {
         capture
             .disk(&d.disk)
@@ -107,16 +108,17 @@ pub async fn attach(
             json!({
                 "driver": "nbd",
                 "node-name": name,
-                "server": { "type": "unix", "path": socket.to_string_lossy() },
+                "server": target.server(),
                 "export": d.disk,
             }),
         )
         .await?;
+        let node = resolve(&mut qmp, &d.node).await?;
         qmp.execute(
             "blockdev-mirror",
             json!({
                 "job-id": name,
-                "device": d.node,
+                "device": node,
                 "target": name,
                 "sync": "full",
                 "copy-mode": "write-blocking",
@@ -135,8 +137,58 @@ pub async fn attach(
     Ok(())
 }
 
+/// Where QEMU reaches the agent's export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NbdTarget {
+    /// Its Unix socket (`--nbd-socket`).
+    Unix(std::path::PathBuf),
+    /// Its TCP address (`--nbd-listen`, plaintext on loopback): for a QEMU
+    /// that runs as another user (libvirt's), which cannot open the
+    /// agent's socket (mode 0600).
+    Tcp(std::net::SocketAddr),
+}
+
+impl NbdTarget {
+    fn server(&self) -> Value {
+        match self {
+            NbdTarget::Unix(path) => json!({ "type": "unix", "path": path.to_string_lossy() }),
+            NbdTarget::Tcp(addr) => json!({
+                "type": "inet",
+                "host": addr.ip().to_string(),
+                "port": addr.port().to_string(),
+            }),
+        }
+    }
+}
+
+/// QEMU's node for a drive named by the user: a node name as it is, else
+/// the device (a `-drive` id, or a device alias such as libvirt's
+/// `virtio-disk0`) whose inserted medium's node it is.
+async fn resolve(qmp: &mut Session, name: &str) -> Result<String, MirrorError> {
+    let nodes = qmp.execute("query-named-block-nodes", json!({})).await?;
+    if nodes
+        .as_array()
+        .is_some_and(|n| n.iter().any(|n| n["node-name"] == name))
+    {
+        return Ok(name.to_string());
+    }
+    let blocks = qmp.execute("query-block", json!({})).await?;
+    blocks
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|b| {
+            b["device"] == name
+                || b["qdev"]
+                    .as_str()
+                    .is_some_and(|q| q == name || q.contains(&format!("/{name}/")))
+        })
+        .and_then(|b| b["inserted"]["node-name"].as_str().map(str::to_string))
+        .ok_or_else(|| MirrorError::UnknownDrive(name.to_string()))
+}
+
 /// Waits until the job is ready; an error if it ends first.
-async fn wait_ready(qmp: &mut Qmp, job: &str, node: &str) -> Result<(), MirrorError> {
+async fn wait_ready(qmp: &mut Session, job: &str, node: &str) -> Result<(), MirrorError> {
     loop {
         let jobs = qmp.execute("query-block-jobs", json!({})).await?;
         let Some(j) = find_job(&jobs, job) else {
@@ -168,7 +220,7 @@ fn find_job<'a>(jobs: &'a Value, job: &str) -> Option<&'a Value> {
 /// Cancels the agent's job for a node (if any) and deletes its target
 /// node (if any): a ready mirror cancelled leaves the guest on its own
 /// disk, as it always was.
-async fn end_job(qmp: &mut Qmp, name: &str) -> Result<(), MirrorError> {
+async fn end_job(qmp: &mut Session, name: &str) -> Result<(), MirrorError> {
     let jobs = qmp.execute("query-block-jobs", json!({})).await?;
     if find_job(&jobs, name).is_some() {
         match qmp
@@ -209,9 +261,9 @@ async fn end_job(qmp: &mut Qmp, name: &str) -> Result<(), MirrorError> {
 pub async fn supervise(
     capture: std::sync::Arc<Capture>,
     vm: String,
-    qmp_path: std::path::PathBuf,
+    monitor: Monitor,
     drives: Vec<Drive>,
-    socket: std::path::PathBuf,
+    target: NbdTarget,
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut backoff = Duration::from_secs(1);
@@ -227,7 +279,7 @@ pub async fn supervise(
         }
         first = false;
         let attempt = async {
-            attach(&capture, &qmp_path, &drives, &socket)
+            attach(&capture, &monitor, &drives, &target)
                 .await
                 .map_err(|e| e.to_string())?;
             capture.set_sync_gate(true);
@@ -237,7 +289,7 @@ pub async fn supervise(
             // `ferry-agent detach`) may need it.
             loop {
                 tokio::time::sleep(POLL * 10).await;
-                let mut qmp = Qmp::connect(&qmp_path).await.map_err(|e| e.to_string())?;
+                let mut qmp = monitor.connect().await.map_err(|e| e.to_string())?;
                 let jobs = qmp
                     .execute("query-block-jobs", json!({}))
                     .await
@@ -255,7 +307,7 @@ pub async fn supervise(
             _ = stop.cancelled() => return,
             ended = attempt => {
                 if let Err(why) = ended {
-                    tracing::warn!(vm = %vm, qmp = %qmp_path.display(), error = %why, retry_in = ?backoff,
+                    tracing::warn!(vm = %vm, monitor = %monitor, error = %why, retry_in = ?backoff,
                         "the active mirror is not running; the guest runs on its own disks, attaching again");
                 }
             }
@@ -270,8 +322,8 @@ pub async fn supervise(
 
 /// Ends the agent's mirrors of `disks` (`ferry-agent detach`): the guest
 /// goes on on its own disks, unaware.
-pub async fn detach(qmp_path: &Path, disks: &[String]) -> Result<Vec<String>, MirrorError> {
-    let mut qmp = Qmp::connect(qmp_path).await?;
+pub async fn detach(monitor: &Monitor, disks: &[String]) -> Result<Vec<String>, MirrorError> {
+    let mut qmp = monitor.connect().await?;
     let mut ended = Vec::new();
     for disk in disks {
         let name = node_name(disk);

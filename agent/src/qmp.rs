@@ -166,6 +166,111 @@ impl Qmp {
     }
 }
 
+/// Where the agent reaches a VM's QEMU monitor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Monitor {
+    /// A QMP socket of QEMU's own (`-qmp unix:PATH,server=on,wait=off`).
+    Socket(PathBuf),
+    /// A libvirt domain, whose monitor libvirt holds: each command goes
+    /// through `virsh qemu-monitor-command` (libvirt marks the domain
+    /// tainted, custom-monitor).
+    Libvirt { uri: String, domain: String },
+}
+
+impl std::fmt::Display for Monitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Monitor::Socket(path) => write!(f, "QMP socket {}", path.display()),
+            Monitor::Libvirt { uri, domain } => write!(f, "libvirt domain {domain} on {uri}"),
+        }
+    }
+}
+
+impl Monitor {
+    /// A session with the monitor: connected (and negotiated) for a
+    /// socket; nothing to open for libvirt.
+    pub async fn connect(&self) -> Result<Session, QmpError> {
+        Ok(match self {
+            Monitor::Socket(path) => Session::Socket(Qmp::connect(path).await?),
+            Monitor::Libvirt { uri, domain } => Session::Libvirt {
+                uri: uri.clone(),
+                domain: domain.clone(),
+            },
+        })
+    }
+}
+
+/// One session with a VM's monitor.
+pub enum Session {
+    Socket(Qmp),
+    Libvirt { uri: String, domain: String },
+}
+
+impl Session {
+    /// Runs `command` with `arguments`; its `return` value.
+    pub async fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+        let (uri, domain) = match self {
+            Session::Socket(qmp) => return qmp.execute(command, arguments).await,
+            Session::Libvirt { uri, domain } => (uri.clone(), domain.clone()),
+        };
+        let mut request = json!({ "execute": command });
+        if arguments.as_object().is_some_and(|a| !a.is_empty()) {
+            request["arguments"] = arguments;
+        }
+        let path = PathBuf::from(format!("virsh -c {uri} qemu-monitor-command {domain}"));
+        let out = tokio::time::timeout(
+            ANSWER,
+            tokio::process::Command::new("virsh")
+                .args(["-q", "-c", &uri, "qemu-monitor-command", &domain])
+                .arg(request.to_string())
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .map_err(|_| QmpError::Timeout {
+            path: path.clone(),
+            what: command.to_string(),
+            after: ANSWER,
+        })?
+        .map_err(|source| QmpError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        if !out.status.success() {
+            return Err(QmpError::Protocol {
+                path,
+                what: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        let reply: Value = serde_json::from_slice(&out.stdout).map_err(|e| QmpError::Protocol {
+            path: path.clone(),
+            what: format!("not JSON: {e}"),
+        })?;
+        if let Some(value) = reply.get("return") {
+            return Ok(value.clone());
+        }
+        match reply.get("error") {
+            Some(error) => Err(QmpError::Refused {
+                command: command.to_string(),
+                class: error["class"].as_str().unwrap_or_default().to_string(),
+                desc: error["desc"].as_str().unwrap_or_default().to_string(),
+            }),
+            None => Err(QmpError::Protocol {
+                path,
+                what: format!("an answer to {command} of neither return nor error: {reply}"),
+            }),
+        }
+    }
+
+    /// Events received so far (none through libvirt, which keeps them).
+    pub fn take_events(&mut self) -> Vec<Value> {
+        match self {
+            Session::Socket(qmp) => qmp.take_events(),
+            Session::Libvirt { .. } => Vec::new(),
+        }
+    }
+}
+
 /// Whether QEMU refused a command because what it names is not there.
 pub fn is_not_found(e: &QmpError) -> bool {
     matches!(e, QmpError::Refused { class, desc, .. }

@@ -11,7 +11,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -24,19 +23,14 @@ use serde_json::json;
 
 const FILES: usize = 150;
 
-/// A child process killed however the test ends.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The agent as a process, attached through `qmp` to drive "os".
-fn agent(registry: &str, insecure: &ferry_testkit::Insecure, dir: &Path, metrics: &str) -> Killed {
-    Killed(
+fn agent(
+    registry: &str,
+    insecure: &ferry_testkit::Insecure,
+    dir: &Path,
+    metrics: &str,
+) -> common::Killed {
+    common::Killed(
         ferry_testkit::agent_command(registry, "vm", ferry_testkit::AgentAuth::Token(insecure))
             .args(["--nbd-listen", "off", "--group-listen", "127.0.0.1:0"])
             .arg("--nbd-socket")

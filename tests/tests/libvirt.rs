@@ -232,3 +232,140 @@ async fn a_guest_fails_over_onto_libvirt_and_boots_with_every_file() {
     cluster.stop().await;
     forget(PREFIX);
 }
+
+/// A libvirt domain that runs already is protected without a restart: the
+/// agent drives its QEMU through `virsh qemu-monitor-command` and QEMU
+/// mirrors the drive into the agent's TCP export. The guest writes on; a
+/// point comes to equal its own disk byte for byte; SIGTERM ends the
+/// mirror with the domain still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_libvirt_domain_is_protected_without_a_restart() {
+    const DOMAIN: &str = "ferry-attach-test";
+    daemons();
+    forget(DOMAIN);
+    let guest = std::fs::canonicalize(guest()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cluster = Cluster::start().await;
+    let registry = cluster.registry.url.clone();
+    let processor = cluster.processor.url.clone();
+    let own = dir.path().join("own.raw");
+    let copy = dir.path().join("vm-os.raw");
+    for image in [&own, &copy] {
+        ferry_testkit::run_tool(
+            "qemu-img",
+            &[
+                "create",
+                "-f",
+                "raw",
+                image.to_str().unwrap(),
+                &common::guest::SIZE.to_string(),
+            ],
+        );
+    }
+    ferry_testkit::run_tool("mkfs.ext4", &["-q", "-F", own.to_str().unwrap()]);
+    common::policy(&registry, "fast", Duration::from_secs(1)).await;
+    ferry_testkit::protect_spec(
+        &registry,
+        ferry_testkit::vm_spec("vm", &[("os", common::guest::SIZE, &copy)]),
+        "fast",
+    )
+    .await;
+    // The domain: the guest on its own disk, writing for a while.
+    let console = dir.path().join("console.log");
+    let xml = format!(
+        "<domain type='qemu'><name>{DOMAIN}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>\
+         <os><type>hvm</type><kernel>{}</kernel><initrd>{}</initrd>\
+         <cmdline>console=ttyS0 panic=-1 quiet ferry.mode=write ferry.files=80 ferry.delay=0.1 ferry.stay=1</cmdline></os>\
+         <devices><disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+         <source file='{}'/><target dev='vda' bus='virtio'/></disk>\
+         <serial type='file'><source path='{}'/><target port='0'/></serial></devices></domain>",
+        guest.join("vmlinuz").display(),
+        guest.join("initrd.gz").display(),
+        own.display(),
+        console.display()
+    );
+    let xml_path = dir.path().join("domain.xml");
+    std::fs::write(&xml_path, xml).unwrap();
+    virsh(&["create", xml_path.to_str().unwrap()]);
+    let lines = |what: &'static str| {
+        let console = console.clone();
+        move || {
+            let text = std::fs::read_to_string(&console).unwrap_or_default();
+            async move { text.contains(what).then_some(text) }
+        }
+    };
+    wait_for(
+        "the guest to write",
+        Duration::from_secs(120),
+        lines("FERRY-FILE f3 "),
+    )
+    .await;
+
+    let insecure = ferry_testkit::Insecure::new();
+    let nbd = ferry_testkit::free_addr().to_string();
+    let mut agent = common::Killed(
+        ferry_testkit::agent_command(&registry, "vm", ferry_testkit::AgentAuth::Token(&insecure))
+            .args(["--nbd-listen", &nbd, "--group-listen", "127.0.0.1:0"])
+            .args([
+                "--attach-domain",
+                DOMAIN,
+                "--attach-drive",
+                "virtio-disk0=os",
+            ])
+            .arg("--state-dir")
+            .arg(dir.path().join("agent"))
+            .arg("--disk-root")
+            .arg(dir.path())
+            .spawn()
+            .unwrap(),
+    );
+    let jobs = || {
+        let out = virsh(&[
+            "qemu-monitor-command",
+            DOMAIN,
+            r#"{"execute":"query-block-jobs"}"#,
+        ]);
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["return"].clone()
+    };
+    wait_for("the mirror to be ready", Duration::from_secs(120), || {
+        let ready = jobs().as_array().is_some_and(|j| {
+            j.iter()
+                .any(|j| j["device"] == "ferry-os" && j["ready"] == true)
+        });
+        async move { ready.then_some(()) }
+    })
+    .await;
+    let text = wait_for(
+        "the guest to finish",
+        Duration::from_secs(300),
+        lines("FERRY-DONE"),
+    )
+    .await;
+    assert_eq!(files(&text).len(), 80, "{text}");
+    let want = std::fs::read(&own).unwrap();
+    wait_for(
+        "a point equal to the domain's own disk",
+        Duration::from_secs(120),
+        || {
+            let (processor, want) = (processor.clone(), want.clone());
+            async move {
+                let point = cut_latest(&processor, "vm").await.ok()?;
+                (ferry_testkit::points::read_disk(&processor, "vm", &point, "os").await == want)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    // SIGTERM: the mirror ends, the domain runs on.
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &agent.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert!(agent.0.wait().unwrap().success());
+    assert_eq!(jobs().as_array().map(Vec::len), Some(0));
+    assert_eq!(virsh(&["domstate", DOMAIN]).trim(), "running");
+    virsh(&["destroy", DOMAIN]);
+    cluster.stop().await;
+}

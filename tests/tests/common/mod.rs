@@ -16,6 +16,16 @@ use ferry_proto::registry::v1 as reg;
 use ferry_runtime::peers::Credentials;
 use ferry_testkit::{create_policy, protected_item, wait_for, At};
 
+/// A child process killed however the test ends.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A policy `name` with a point every `interval`, everything kept a day.
 pub async fn policy(registry: &str, name: &str, interval: Duration) {
     let day = Duration::from_secs(86400);
