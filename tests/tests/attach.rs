@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use common::guest::{boot, drive, files, guest, qemu, SIZE};
 use ferry_agent::qmp::Qmp;
-use ferry_testkit::points::{cut_latest, list_points, read_disk};
+use ferry_testkit::points::{list_points, read_disk};
 use ferry_testkit::scrape::sample;
 use ferry_testkit::{run_tool, wait_for, Cluster};
 use serde_json::json;
@@ -212,19 +212,7 @@ async fn a_running_guest_is_protected_without_a_restart_and_survives_its_agent()
     assert_eq!(written_files.len(), FILES);
 
     // The truth is the guest's own disk: a point comes to equal it.
-    let want = std::fs::read(&own).unwrap();
-    let point = wait_for(
-        "a point equal to the guest's own disk",
-        Duration::from_secs(120),
-        || {
-            let (processor, want) = (processor.clone(), want.clone());
-            async move {
-                let point = cut_latest(&processor, "vm").await.ok()?;
-                (read_disk(&processor, "vm", &point, "os").await == want).then_some(point)
-            }
-        },
-    )
-    .await;
+    let point = common::guest::point_equal_to(&processor, &own).await;
     // SIGTERM: the agent ends its mirror; the guest runs on, and detach
     // finds nothing left.
     let term = std::process::Command::new("kill")

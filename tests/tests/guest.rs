@@ -175,20 +175,8 @@ async fn a_guest_runs_on_through_a_sigkill_of_its_agent() {
     assert_eq!(written.len(), FILES, "{written:?}");
 
     // The source is the truth now: a point must come to equal it.
-    let want = std::fs::read(&source).unwrap();
     let processor = cluster.processor.url.clone();
-    let point = wait_for(
-        "a point equal to the source after the resync",
-        Duration::from_secs(120),
-        || {
-            let (processor, want) = (processor.clone(), want.clone());
-            async move {
-                let point = cut_latest(&processor, "vm").await.ok()?;
-                (read_disk(&processor, "vm", &point, "os").await == want).then_some(point)
-            }
-        },
-    )
-    .await;
+    let point = common::guest::point_equal_to(&processor, &source).await;
     let image = dir.path().join("point.raw");
     std::fs::write(&image, read_disk(&processor, "vm", &point, "os").await).unwrap();
     run_tool("e2fsck", &["-fn", image.to_str().unwrap()]);

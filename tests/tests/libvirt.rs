@@ -343,20 +343,7 @@ async fn a_running_libvirt_domain_is_protected_without_a_restart() {
     )
     .await;
     assert_eq!(files(&text).len(), 80, "{text}");
-    let want = std::fs::read(&own).unwrap();
-    wait_for(
-        "a point equal to the domain's own disk",
-        Duration::from_secs(120),
-        || {
-            let (processor, want) = (processor.clone(), want.clone());
-            async move {
-                let point = cut_latest(&processor, "vm").await.ok()?;
-                (ferry_testkit::points::read_disk(&processor, "vm", &point, "os").await == want)
-                    .then_some(())
-            }
-        },
-    )
-    .await;
+    common::guest::point_equal_to(&processor, &own).await;
     // SIGTERM: the mirror ends, the domain runs on.
     let term = std::process::Command::new("kill")
         .args(["-TERM", &agent.0.id().to_string()])

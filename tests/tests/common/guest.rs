@@ -165,3 +165,26 @@ pub fn console(
     });
     (console, reader)
 }
+
+/// Waits (2 minutes at most) until a point of "vm" cut at `processor`
+/// reads back as `image` (the truth: the source, or a guest's own disk)
+/// byte for byte; that point.
+pub async fn point_equal_to(
+    processor: &str,
+    image: &Path,
+) -> ferry_proto::processor::v1::RecoveryPoint {
+    use ferry_testkit::points::{cut_latest, read_disk};
+    let want = std::fs::read(image).unwrap();
+    ferry_testkit::wait_for(
+        "a point equal to the VM's disk",
+        Duration::from_secs(120),
+        || {
+            let (processor, want) = (processor.to_string(), want.clone());
+            async move {
+                let point = cut_latest(&processor, "vm").await.ok()?;
+                (read_disk(&processor, "vm", &point, "os").await == want).then_some(point)
+            }
+        },
+    )
+    .await
+}
