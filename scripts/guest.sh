@@ -11,7 +11,9 @@
 #   ferry.delay=SECONDS              (with write) waits that long after each
 #                                    file (a guest that writes for a while)
 #   ferry.mode=verify                prints "FERRY-FILE fK <sha256>" for
-#                                    every file on the disk
+#                                    every file on the disk (fK and hK)
+#   ferry.more=N                     (with verify) then writes files
+#                                    h1..hN as write does
 #   ferry.net=dhcp                   first asks DHCP for eth0's address and
 #                                    prints "FERRY-IP <address>"
 #
@@ -74,6 +76,7 @@ done
 arg() { sed -n "s/.*ferry\.$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 mode=$(arg mode)
 files=$(arg files)
+more=$(arg more)
 delay=$(arg delay)
 echo FERRY-READY
 if [ "$(arg net)" = dhcp ]; then
@@ -99,8 +102,15 @@ if mount -t ext4 /dev/vda /mnt; then
       done
       ;;
     verify)
-      for f in /mnt/f*; do
+      for f in /mnt/f* /mnt/h*; do
         [ -f "$f" ] && echo "FERRY-FILE ${f#/mnt/} $(sha256sum "$f" | cut -d' ' -f1)"
+      done
+      n=1
+      while [ "$n" -le "${more:-0}" ]; do
+        dd if=/dev/urandom of=/mnt/h$n bs=4096 count=$((n % 16 + 1)) 2>/dev/null
+        sync
+        echo "FERRY-FILE h$n $(sha256sum /mnt/h$n | cut -d' ' -f1)"
+        n=$((n + 1))
       done
       ;;
     *) echo "FERRY-ERROR unknown ferry.mode=$mode" ;;

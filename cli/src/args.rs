@@ -417,6 +417,12 @@ pub struct FailoverArgs {
     /// A planned failover (the source is reachable).
     #[arg(long, conflicts_with = "test")]
     pub planned: bool,
+    /// Instant failover (one VM, onto a libvirt region): the VM starts at
+    /// once on local overlays of the point, served over NBD, and its disks
+    /// hydrate in the background; the job ends when it runs from local
+    /// images only.
+    #[arg(long, conflicts_with = "group")]
+    pub instant: bool,
     /// Return once the job is accepted instead of following it.
     #[arg(long)]
     pub no_wait: bool,

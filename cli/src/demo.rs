@@ -452,6 +452,7 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<Figu
             }),
             test_network: "demo-drill".into(),
             request_id: String::new(),
+            instant: false,
         })
         .await
         .map_err(|s| anyhow!("test failover: {}", s.message()))?
@@ -538,6 +539,7 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<Figu
             }),
             test_network: String::new(),
             request_id: "demo-failover".into(),
+            instant: false,
         })
         .await
         .map_err(|s| anyhow!("failover: {}", s.message()))?

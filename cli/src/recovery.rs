@@ -376,6 +376,7 @@ pub async fn failover(url: &str, out: Output, a: FailoverArgs) -> Result<()> {
                     }),
                     test_network: a.network.unwrap_or_default(),
                     request_id: String::new(),
+                    instant: a.instant,
                 })
                 .await
                 .map_err(&err)?

@@ -85,6 +85,26 @@ impl Default for Shape {
     }
 }
 
+/// How a disk's image is stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskFormat {
+    /// A sparse raw image (materialized).
+    #[default]
+    Raw,
+    /// A qcow2 overlay (instant failover), on the point while `backing`.
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// QEMU's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
 /// A disk of a created VM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Disk {
@@ -95,6 +115,12 @@ pub struct Disk {
     /// The source VM's OS disk: the one it boots from.
     #[serde(default)]
     pub os: bool,
+    #[serde(default)]
+    pub format: DiskFormat,
+    /// The NBD URL of the point an overlay reads what it does not hold
+    /// yet; None once hydrated (and for raw images).
+    #[serde(default)]
+    pub backing: Option<String>,
 }
 
 /// A VM a failover created.
@@ -172,6 +198,28 @@ pub trait Backend: Send + Sync {
     /// Where a recorded VM is.
     fn run_state(&self, _vm: &TargetVm) -> Result<Run> {
         Ok(Run::Nothing)
+    }
+    /// Whether the VMs of `region` run on a hypervisor (an instant
+    /// failover needs one to hydrate its disks).
+    fn starts_vms(&self, _region: &str) -> bool {
+        false
+    }
+    /// Updates a VM's record alone; where it runs is left as it is.
+    fn record_vm(&self, vm: TargetVm) -> Result<TargetVm>;
+    /// Starts copying what disk `index`'s overlay does not hold from its
+    /// backing into it, at most `bandwidth_mib` MiB/s (0: no cap); the
+    /// overlay then has no backing. The VM runs.
+    fn start_pull(&self, vm: &TargetVm, _index: usize, _bandwidth_mib: u64) -> Result<()> {
+        Err(Refused::failed_precondition(format!(
+            "VM {} does not run on a hypervisor: its disks cannot be pulled live",
+            vm.name
+        ))
+        .into())
+    }
+    /// The pull running on disk `index`: (bytes done, bytes in all); None
+    /// when none runs.
+    fn pull_progress(&self, _vm: &TargetVm, _index: usize) -> Result<Option<(u64, u64)>> {
+        Ok(None)
     }
     /// Every VM.
     fn vms(&self) -> Result<Vec<TargetVm>>;
@@ -317,6 +365,10 @@ impl Backend for LocalBackend {
         self.tree.insert(k, json(&vm)?)?;
         self.db.flush()?;
         Ok(vm)
+    }
+
+    fn record_vm(&self, vm: TargetVm) -> Result<TargetVm> {
+        self.put_vm(vm)
     }
 
     fn vms(&self) -> Result<Vec<TargetVm>> {

@@ -234,6 +234,16 @@ pub struct Verified {
     pub sha256: String,
 }
 
+/// A disk an instant failover serves: the point's disk as an NBD export
+/// (its name holds the job's secret) and the overlay the VM writes to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Served {
+    pub disk_id: String,
+    pub export: String,
+    pub size_bytes: u64,
+    pub overlay: std::path::PathBuf,
+}
+
 /// A member of a group job: the VM, the point it fails over to (its point
 /// at the group's bookmark; empty for commit and cleanup) and its job
 /// (empty until started).
@@ -299,6 +309,12 @@ pub struct JobRecord {
     /// a span under its run.
     #[serde(default)]
     pub traceparent: String,
+    /// An instant failover: the VM starts on overlays of the served point.
+    #[serde(default)]
+    pub instant: bool,
+    /// What an instant failover serves, until hydrate is done with it.
+    #[serde(default)]
+    pub served: Vec<Served>,
 }
 
 impl JobRecord {
@@ -331,6 +347,8 @@ impl JobRecord {
             members: Vec::new(),
             verified: Vec::new(),
             traceparent: String::new(),
+            instant: false,
+            served: Vec::new(),
         }
     }
 

@@ -12,6 +12,8 @@ pub mod inventory;
 pub mod jobs;
 pub mod libvirt;
 pub mod metrics;
+pub mod overlay;
+pub mod point_exports;
 pub mod requests;
 pub mod service;
 pub mod verify;
@@ -45,6 +47,51 @@ pub struct Settings {
     /// Target regions whose VMs run on libvirt hosts; absent: every region
     /// is in the local inventory alone.
     pub libvirt: Option<libvirt::Settings>,
+}
+
+/// Serves recovery points over NBD for instant failover, on the caller's
+/// listener or `nbd_listen`; None when neither is set.
+async fn serve_points(
+    settings: &libvirt::Settings,
+    peers: &Arc<dyn engine::peers::Peers>,
+    shutdown: &CancellationToken,
+) -> Result<Option<point_exports::InstantFailover>, FailoverError> {
+    let bind_error = |what: &str, e: std::io::Error| {
+        FailoverError::from(ferry_runtime::Refused::failed_precondition(format!(
+            "[failover.libvirt] nbd_listen {what}: {e}"
+        )))
+    };
+    let listener = match &settings.nbd_listener {
+        Some(l) => {
+            let l = l.try_clone().map_err(|e| bind_error("(given)", e))?;
+            l.set_nonblocking(true)
+                .map_err(|e| bind_error("(given)", e))?;
+            TcpListener::from_std(l).map_err(|e| bind_error("(given)", e))?
+        }
+        None if settings.nbd_listen.is_empty() => return Ok(None),
+        None => TcpListener::bind(&settings.nbd_listen)
+            .await
+            .map_err(|e| bind_error(&settings.nbd_listen, e))?,
+    };
+    let address = listener
+        .local_addr()
+        .map_err(|e| bind_error(&settings.nbd_listen, e))?;
+    let exports = Arc::new(point_exports::PointExports::new(
+        peers.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(ferry_runtime::nbd::serve(
+        listener,
+        exports.clone(),
+        shutdown.clone(),
+    ));
+    tracing::info!(%address, "serving recovery points over NBD for instant failover");
+    Ok(Some(point_exports::InstantFailover {
+        exports,
+        address,
+        qemu_img: overlay::QemuImg::new(settings.qemu_img.clone()),
+        hydrate_mib_per_sec: settings.hydrate_mib_per_sec,
+    }))
 }
 
 /// Why failover-svc stopped with an error.
@@ -94,18 +141,25 @@ pub async fn run(
         Some(url) => Some(CacheClient::new(service.connect(url)?)),
         None => None,
     };
-    let peers = engine::peers::Tonic {
+    let peers: Arc<dyn engine::peers::Peers> = Arc::new(engine::peers::Tonic {
         registry: RegistryClient::new(service.channel(Role::Registry)?),
         processor: ProcessorClient::new(service.channel(Role::Processor)?)
             .max_decoding_message_size(limits.max_message_bytes),
         cache,
+    });
+    let instant = match &settings.libvirt {
+        Some(l) => serve_points(l, &peers, &shutdown)
+            .await
+            .map_err(ferry_runtime::service::ServeError::Service)?,
+        None => None,
     };
     let engine = engine::Engine::new(
-        Arc::new(peers),
+        peers,
         backend,
         jobs,
         (settings.materialize_mib_per_sec > 0).then_some(settings.materialize_mib_per_sec << 20),
         start_timeout,
+        instant,
         shutdown.clone(),
     );
     service.routes().add_service(

@@ -24,6 +24,8 @@ pub struct FailoverRequest {
     pub test_network: String,
     /// The idempotency key; empty for none.
     pub request_id: String,
+    /// Start the VM on overlays of the served point, then hydrate.
+    pub instant: bool,
 }
 
 /// A commit or a test cleanup asked for.

@@ -86,6 +86,7 @@ impl TryFrom<pb::StartFailoverRequest> for FailoverRequest {
             choice,
             test_network: req.test_network,
             request_id: req.request_id,
+            instant: req.instant,
         })
     }
 }
@@ -212,6 +213,7 @@ impl From<&JobRecord> for pb::Job {
                     sha256: v.sha256.clone(),
                 })
                 .collect(),
+            instant: job.instant,
         }
     }
 }

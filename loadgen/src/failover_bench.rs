@@ -93,6 +93,7 @@ pub async fn run(dir: &Path) -> Result<()> {
             }),
             test_network: String::new(),
             request_id: String::new(),
+            instant: false,
         })
         .await?
         .into_inner();

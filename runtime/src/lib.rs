@@ -12,6 +12,7 @@ pub mod host;
 pub mod memory;
 pub mod metrics;
 pub mod names;
+pub mod nbd;
 pub mod peers;
 pub mod readiness;
 pub mod refusal;

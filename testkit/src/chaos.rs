@@ -1497,6 +1497,7 @@ async fn planned_failover(failover: At<'_>) -> Result<fo::Job, String> {
             }),
             test_network: String::new(),
             request_id: "chaos-planned".into(),
+            instant: false,
         })
         .await
         .map_err(|s| format!("the planned failover was refused: {s}"))?

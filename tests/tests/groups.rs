@@ -166,6 +166,7 @@ async fn multi_vm_points_never_show_an_effect_without_its_cause() {
             point: None,
             test_network: String::new(),
             request_id: String::new(),
+            instant: false,
         })
         .await
         .unwrap_err();
@@ -182,6 +183,7 @@ async fn multi_vm_points_never_show_an_effect_without_its_cause() {
             point: None,
             test_network: "isolated".into(),
             request_id: String::new(),
+            instant: false,
         },
     )
     .await;
@@ -237,6 +239,7 @@ async fn multi_vm_points_never_show_an_effect_without_its_cause() {
             }),
             test_network: String::new(),
             request_id: "shop-failover".into(),
+            instant: false,
         },
     )
     .await;
@@ -609,6 +612,7 @@ async fn a_planned_group_failover_loses_no_write_of_any_member() {
             point: None,
             test_network: String::new(),
             request_id: String::new(),
+            instant: false,
         },
     )
     .await;

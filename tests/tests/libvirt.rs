@@ -16,41 +16,16 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::guest::{boot, drive, ext4_vm, files, guest, leased_ip};
-use common::libvirt::{daemons, forget, names, virsh, URI};
+use common::libvirt::{
+    cluster, console_when_done, daemons, forget, guest_shape, names, target, virsh, URI,
+};
 use ferry_proto::failover::v1 as fo;
-use ferry_proto::registry::v1 as reg;
 use ferry_testkit::points::cut_latest;
-use ferry_testkit::{wait_for, Cluster, ClusterOptions};
+use ferry_testkit::{wait_for, Cluster};
 
 const FILES: usize = 20;
 /// Every libvirt name failover-svc gives in the target region.
 const PREFIX: &str = "ferry.westus.";
-
-/// The console of `vm` once its guest printed FERRY-DONE (or an error).
-async fn console_when_done(vm: &fo::TargetVm) -> String {
-    let path = vm.console_path.clone();
-    wait_for(
-        "the failed-over guest to finish on its console",
-        Duration::from_secs(300),
-        || {
-            let path = path.clone();
-            async move {
-                let text = std::fs::read_to_string(&path).ok()?;
-                (text.contains("FERRY-DONE") || text.contains("FERRY-ERROR")).then_some(text)
-            }
-        },
-    )
-    .await
-}
-
-/// The target VM named `name`.
-async fn target(url: &str, name: &str) -> fo::TargetVm {
-    common::target_vms(url)
-        .await
-        .into_iter()
-        .find(|v| v.name == name)
-        .unwrap_or_else(|| panic!("no target VM {name}"))
-}
 
 /// Checks the domain of `vm` runs on its network, and that its guest
 /// leased the VM's address and shows exactly `written`.
@@ -81,41 +56,17 @@ async fn a_guest_fails_over_onto_libvirt_and_boots_with_every_file() {
     daemons();
     forget(PREFIX);
     let guest = guest();
-    let guest_dir = std::fs::canonicalize(&guest).unwrap();
-    // failover-svc's images and consoles where libvirt's QEMU user (not
-    // root) can reach them.
-    let failover_root = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(failover_root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let libvirt = failover_svc::libvirt::Settings {
-        regions: [("westus".to_string(), vec![URI.to_string()])].into(),
-        domain_type: "qemu".into(),
-        ..Default::default()
-    };
-    let cluster = Cluster::start_options(ClusterOptions {
-        failover: failover_svc::Settings {
-            libvirt: Some(libvirt),
-            ..Default::default()
-        },
-        failover_dir: Some(failover_root.path().join("failover")),
-        ..Default::default()
-    })
-    .await;
+    let (cluster, _root) = cluster(Default::default()).await;
     let registry = cluster.registry.url.clone();
     let url = cluster.failover.url.clone();
     // Registered with its shape: the failed-over guest boots the same
     // kernel, reads back its files, asks DHCP for its address and stays up.
     let (dir, _) = ext4_vm(&cluster, |mut vm| {
         vm.nics[0].private_ip = "10.213.7.4".into();
-        vm.shape = Some(reg::VmShape {
-            vcpus: 1,
-            memory_mib: 256,
-            kernel: guest_dir.join("vmlinuz").display().to_string(),
-            initrd: guest_dir.join("initrd.gz").display().to_string(),
-            cmdline: "console=ttyS0 panic=-1 quiet ferry.mode=verify ferry.net=dhcp ferry.stay=1"
-                .into(),
-            ready_marker: "FERRY-READY".into(),
-            ..Default::default()
-        });
+        vm.shape = Some(guest_shape(
+            &guest,
+            "ferry.mode=verify ferry.net=dhcp ferry.stay=1",
+        ));
         vm
     })
     .await;

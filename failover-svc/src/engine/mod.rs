@@ -65,7 +65,23 @@ pub struct Engine {
     pub(crate) write_rate: Option<u64>,
     /// How long start-vm waits for a started VM to be ready.
     pub(crate) start_timeout: Duration,
+    /// Serving points to instantly failed-over VMs; None: instant failover
+    /// is off.
+    pub(crate) instant: Option<crate::point_exports::InstantFailover>,
     pub(crate) shutdown: CancellationToken,
+}
+
+/// One VM's failover as the engine starts it: asked for, or a group
+/// member's (`in_group`).
+pub(crate) struct VmFailover {
+    pub vm: VmName,
+    pub kind: FailoverKind,
+    pub choice: Choice,
+    pub test_network: String,
+    pub request_id: String,
+    pub in_group: bool,
+    /// On overlays of the served point, then hydrated.
+    pub instant: bool,
 }
 
 /// The key a job holds in `busy`: its VM, or its group.
@@ -88,6 +104,7 @@ impl Engine {
         jobs: Arc<Jobs>,
         write_rate: Option<u64>,
         start_timeout: Duration,
+        instant: Option<crate::point_exports::InstantFailover>,
         shutdown: CancellationToken,
     ) -> Arc<Engine> {
         Arc::new(Engine {
@@ -97,7 +114,19 @@ impl Engine {
             busy: Mutex::new(HashSet::new()),
             write_rate,
             start_timeout,
+            instant,
             shutdown,
+        })
+    }
+
+    /// Instant failover's means; FAILED_PRECONDITION when it is off.
+    pub(crate) fn instant(&self) -> Result<&crate::point_exports::InstantFailover> {
+        self.instant.as_ref().ok_or_else(|| {
+            Refused::failed_precondition(
+                "instant failover is off: it needs the libvirt backend with \
+                 [failover.libvirt] nbd_listen set",
+            )
+            .into()
         })
     }
 
@@ -180,16 +209,21 @@ impl Engine {
         match req.target {
             Target::Vm(vm) => {
                 let choice = req.choice.unwrap_or(Choice::LatestProcessed);
-                self.start_vm_failover(
+                self.start_vm_failover(VmFailover {
                     vm,
-                    req.kind,
+                    kind: req.kind,
                     choice,
-                    req.test_network,
-                    req.request_id,
-                    false,
-                )
+                    test_network: req.test_network,
+                    request_id: req.request_id,
+                    in_group: false,
+                    instant: req.instant,
+                })
                 .await
             }
+            Target::Group(_) if req.instant => Err(Refused::failed_precondition(
+                "instant failover is of one VM: fail a replication group over without instant",
+            )
+            .into()),
             Target::Group(g) => {
                 self.start_group_failover(g, req.kind, req.choice, req.test_network, req.request_id)
                     .await
@@ -197,17 +231,17 @@ impl Engine {
         }
     }
 
-    /// Validates one VM's failover and starts its job; `in_group` when a
-    /// group job starts it for a member.
-    pub(crate) async fn start_vm_failover(
-        self: &Arc<Self>,
-        vm: VmName,
-        kind: FailoverKind,
-        choice: Choice,
-        test_network: String,
-        request_id: String,
-        in_group: bool,
-    ) -> Result<JobRecord> {
+    /// Validates one VM's failover and starts its job.
+    pub(crate) async fn start_vm_failover(self: &Arc<Self>, req: VmFailover) -> Result<JobRecord> {
+        let VmFailover {
+            vm,
+            kind,
+            choice,
+            test_network,
+            request_id,
+            in_group,
+            instant,
+        } = req;
         if let Some(job) = self.jobs.by_request(&request_id)? {
             return Ok(job);
         }
@@ -227,6 +261,17 @@ impl Engine {
             .into());
         }
         self.check_failover(&vm, &item, kind, &test_network)?;
+        if instant {
+            self.instant()?;
+            if !self.backend.starts_vms(&item.target.region) {
+                return Err(Refused::failed_precondition(format!(
+                    "VM \"{vm}\" fails over to {}, which is not a libvirt region: instant \
+                     failover needs a hypervisor to hydrate its disks; fail over without instant",
+                    item.target.region
+                ))
+                .into());
+            }
+        }
         if let Choice::Point(id) = &choice {
             self.point(&vm, id).await?;
         }
@@ -234,9 +279,10 @@ impl Engine {
             self.jobs.new_id()?,
             JobKind::Failover,
             Some(kind),
-            steps::failover(kind),
+            steps::failover(kind, instant),
             request_id,
         );
+        job.instant = instant;
         job.vm_name = Some(vm);
         job.choice = choice;
         job.test_network = test_network;
@@ -472,6 +518,11 @@ impl Engine {
     }
 
     async fn run_traced(self: &Arc<Self>, job: &mut JobRecord, run: &tracing::Span) {
+        // A resumed instant failover serves its point again: its VM may
+        // be running on it.
+        if let (Some(instant), Some(vm)) = (&self.instant, &job.vm_name) {
+            steps::serve_again(instant, vm, job);
+        }
         job.state = JobState::Running;
         if let Err(e) = self.jobs.save(job) {
             return self.unpersisted(job, None, "start", e);

@@ -154,8 +154,16 @@ pub trait Peers: Send + Sync {
     async fn pin(&self, vm: &VmName, point: &str, holder: &JobId) -> Result<()>;
     /// Unpins it.
     async fn unpin(&self, vm: &VmName, point: &str, holder: &JobId) -> Result<()>;
-    /// A disk of a point, whole.
-    async fn read_disk(&self, vm: &VmName, point: &str, disk: &str) -> Result<Extents>;
+    /// `length` bytes of a disk of a point from `offset` (a multiple of
+    /// 512); length 0: to the end.
+    async fn read_disk(
+        &self,
+        vm: &VmName,
+        point: &str,
+        disk: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<Extents>;
     /// A disk's digest at a point.
     async fn disk_digest(&self, vm: &VmName, point: &str, disk: &str) -> Result<Digest>;
     /// Whether the source region's cache is known (planned failovers need it).
@@ -428,7 +436,14 @@ impl Peers for Tonic {
             .map_err(|s| FailoverError::peer("processor (unpin)", s))
     }
 
-    async fn read_disk(&self, vm: &VmName, point: &str, disk: &str) -> Result<Extents> {
+    async fn read_disk(
+        &self,
+        vm: &VmName,
+        point: &str,
+        disk: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<Extents> {
         let stream = self
             .processor
             .clone()
@@ -436,8 +451,8 @@ impl Peers for Tonic {
                 vm_name: vm.to_string(),
                 point_id: point.to_string(),
                 disk_id: disk.to_string(),
-                offset: 0,
-                length: 0,
+                offset,
+                length,
             })
             .await
             .map_err(|s| FailoverError::peer("processor (read disk)", s))?

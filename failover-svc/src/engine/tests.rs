@@ -230,7 +230,14 @@ impl Peers for Fake {
         self.call("unpin", format!("unpin {point}")).await
     }
 
-    async fn read_disk(&self, _vm: &VmName, point: &str, disk: &str) -> Result<Extents> {
+    async fn read_disk(
+        &self,
+        _vm: &VmName,
+        point: &str,
+        disk: &str,
+        _offset: u64,
+        _length: u64,
+    ) -> Result<Extents> {
         self.call("read_disk", format!("read {point}/{disk}"))
             .await?;
         let data = Bytes::from(data());
@@ -290,6 +297,7 @@ fn engine(db: &sled::Db, dir: &Path, fake: &Arc<Fake>) -> (Arc<Engine>, Cancella
         jobs,
         None,
         Duration::from_secs(5),
+        None,
         shutdown.clone(),
     );
     (engine, shutdown)
@@ -342,6 +350,7 @@ async fn ended(engine: &Engine, job: &JobRecord) -> JobRecord {
 
 fn failover(kind: FailoverKind, choice: Choice, network: &str) -> FailoverRequest {
     FailoverRequest {
+        instant: false,
         target: Target::Vm(vm()),
         kind,
         choice: Some(choice),
@@ -840,6 +849,9 @@ impl Backend for Hypervisor {
         vm.console_path = "/nonexistent/console.log".into();
         self.local.put_vm(vm)
     }
+    fn record_vm(&self, vm: TargetVm) -> Result<TargetVm> {
+        self.local.put_vm(vm)
+    }
     fn start_vm(&self, _vm: &TargetVm) -> Result<Run> {
         Ok(Run::Running)
     }
@@ -882,6 +894,7 @@ async fn start_on(state: Run, marker: Option<&str>) -> JobRecord {
         s.engine.jobs.clone(),
         None,
         Duration::from_millis(600),
+        None,
         s.shutdown.clone(),
     );
     engine
@@ -933,4 +946,92 @@ async fn start_vm_waits_for_the_vm_to_be_ready_and_says_why_it_is_not() {
         "{}",
         done.error
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instant_failover_is_refused_where_it_cannot_run_with_nothing_started() {
+    let s = setup();
+    let code = |e: FailoverError| Status::from(e);
+    let instant = |kind| FailoverRequest {
+        instant: true,
+        ..failover(kind, Choice::LatestProcessed, "")
+    };
+    // Off: no NBD listener configured.
+    let off = code(
+        s.engine
+            .start_failover(instant(FailoverKind::Unplanned))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(off.code(), tonic::Code::FailedPrecondition, "{off:?}");
+    assert!(off.message().contains("instant failover is off"), "{off:?}");
+    // A whole group: instant failover is of one VM.
+    let group = code(
+        s.engine
+            .start_failover(FailoverRequest {
+                target: Target::Group("shop".into()),
+                ..instant(FailoverKind::Unplanned)
+            })
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(group.code(), tonic::Code::FailedPrecondition, "{group:?}");
+    assert!(group.message().contains("of one VM"), "{group:?}");
+
+    // On, but the target region is the local inventory's: nothing would
+    // hydrate the disks.
+    let peers: Arc<dyn Peers> = s.fake.clone();
+    let on = Engine::new(
+        peers.clone(),
+        s.engine.backend.clone(),
+        s.engine.jobs.clone(),
+        None,
+        Duration::from_secs(5),
+        Some(crate::point_exports::InstantFailover {
+            exports: Arc::new(crate::point_exports::PointExports::new(
+                peers,
+                s.shutdown.clone(),
+            )),
+            address: "127.0.0.1:10809".parse().unwrap(),
+            qemu_img: crate::overlay::QemuImg::new("qemu-img".into()),
+            hydrate_mib_per_sec: 0,
+        }),
+        s.shutdown.clone(),
+    );
+    let local = code(
+        on.start_failover(instant(FailoverKind::Unplanned))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(local.code(), tonic::Code::FailedPrecondition, "{local:?}");
+    assert!(
+        local.message().contains("not a libvirt region"),
+        "{local:?}"
+    );
+    // Nothing was started: no job, no fencing.
+    assert!(s.engine.jobs.list(None, 0).unwrap().is_empty());
+    assert!(!s.fake.calls().iter().any(|c| c.starts_with("transition")));
+}
+
+#[test]
+fn an_instant_failover_serves_and_hydrates_instead_of_materializing() {
+    use super::steps::failover as plan;
+    for kind in [
+        FailoverKind::Test,
+        FailoverKind::Planned,
+        FailoverKind::Unplanned,
+    ] {
+        let (slow, instant) = (plan(kind, false), plan(kind, true));
+        let swapped: Vec<Step> = slow
+            .iter()
+            .map(|s| match s {
+                Step::MaterializeDisks => Step::ServeDisks,
+                s => *s,
+            })
+            .collect();
+        // The same steps, the disks served instead of copied, and hydrate
+        // last: the job ends when the VM runs from local images only.
+        assert_eq!(&instant[..instant.len() - 1], swapped.as_slice());
+        assert_eq!(instant.last(), Some(&Step::Hydrate));
+    }
 }

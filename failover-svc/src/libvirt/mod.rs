@@ -41,6 +41,20 @@ pub struct Settings {
     pub virsh: PathBuf,
     /// How long one virsh call may take, in seconds.
     pub call_timeout_secs: u64,
+    /// Where failover-svc serves recovery points over NBD to the VMs an
+    /// instant failover starts (on loopback: the hosts are this machine);
+    /// empty: instant failover is off. The port must stay the same across
+    /// restarts: overlays name it.
+    pub nbd_listen: String,
+    /// The qemu-img program (overlays for instant failover).
+    pub qemu_img: PathBuf,
+    /// Caps hydration (the background copy of an instant failover's
+    /// disks), in MiB/s per disk; 0 for no cap.
+    pub hydrate_mib_per_sec: u64,
+    /// A listener bound by the caller (tests bind 127.0.0.1:0), used
+    /// instead of `nbd_listen`.
+    #[serde(skip)]
+    pub nbd_listener: Option<std::sync::Arc<std::net::TcpListener>>,
 }
 
 impl Default for Settings {
@@ -51,6 +65,10 @@ impl Default for Settings {
             start_timeout_secs: 300,
             virsh: "virsh".into(),
             call_timeout_secs: 60,
+            nbd_listen: "127.0.0.1:10809".into(),
+            qemu_img: "qemu-img".into(),
+            hydrate_mib_per_sec: 0,
+            nbd_listener: None,
         }
     }
 }
@@ -120,6 +138,16 @@ pub mod names {
     pub fn network(region: &str, network: &str, subnet: &str) -> String {
         join(&[region, network, subnet])
     }
+}
+
+/// `virsh blockjob --info --raw`'s `cur=` and `end=`; None when it shows
+/// no job.
+fn job_progress(info: &str) -> Option<(u64, u64)> {
+    let field = |name: &str| {
+        info.split_whitespace()
+            .find_map(|w| w.strip_prefix(name)?.parse::<u64>().ok())
+    };
+    Some((field("cur=")?, field("end=")?))
 }
 
 /// The local inventory plus libvirt hosts.
@@ -438,6 +466,43 @@ impl Backend for LibvirtBackend {
         } else {
             Run::Stopped(state.to_string())
         })
+    }
+
+    fn starts_vms(&self, region: &str) -> bool {
+        self.hosts(region).is_some()
+    }
+
+    fn record_vm(&self, vm: TargetVm) -> Result<TargetVm> {
+        self.local.put_vm(vm)
+    }
+
+    fn start_pull(&self, vm: &TargetVm, index: usize, bandwidth_mib: u64) -> Result<()> {
+        if vm.host.is_empty() {
+            return Err(Refused::failed_precondition(format!(
+                "VM {} does not run on a libvirt host",
+                vm.name
+            ))
+            .into());
+        }
+        let disk = xml::disk_target(index);
+        let bandwidth = bandwidth_mib.to_string();
+        let mut args = vec!["blockpull", vm.domain.as_str(), disk.as_str()];
+        if bandwidth_mib > 0 {
+            args.extend(["--bandwidth", bandwidth.as_str()]);
+        }
+        self.virsh(&vm.host, &args).map(|_| ())
+    }
+
+    fn pull_progress(&self, vm: &TargetVm, index: usize) -> Result<Option<(u64, u64)>> {
+        if vm.host.is_empty() {
+            return Ok(None);
+        }
+        let disk = xml::disk_target(index);
+        let info = self.virsh(
+            &vm.host,
+            &["blockjob", &vm.domain, &disk, "--info", "--raw"],
+        )?;
+        Ok(job_progress(&info))
     }
 
     fn vms(&self) -> Result<Vec<TargetVm>> {

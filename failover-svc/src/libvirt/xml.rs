@@ -59,7 +59,8 @@ pub fn dhcp_host(mac: &str, ip: &str) -> String {
     format!("<host mac='{}' ip='{}'/>", escape(mac), escape(ip))
 }
 
-/// A domain for the VM: its shape, its disks (virtio, raw, the OS disk
+/// A domain for the VM: its shape, its disks (virtio, raw images or qcow2
+/// overlays whose backing libvirt reads from their headers, the OS disk
 /// booting first), a virtio NIC per NIC on its subnet's network, and its
 /// first serial port written to its console file. `networks` names each
 /// NIC's libvirt network, in the VM's NIC order.
@@ -123,9 +124,10 @@ pub fn domain(vm: &TargetVm, domain_type: &str, networks: &[String]) -> String {
         };
         let _ = writeln!(
             x,
-            "    <disk type='file' device='disk'>\n      <driver name='qemu' type='raw'/>\n      \
+            "    <disk type='file' device='disk'>\n      <driver name='qemu' type='{}'/>\n      \
              <source file='{}'/>\n      <target dev='{}' bus='virtio'/>\n      \
              <serial>{}</serial>{boot}\n    </disk>",
+            d.format.name(),
             escape(&d.path.to_string_lossy()),
             disk_target(i),
             escape(&serial(&d.disk_id)),
@@ -153,7 +155,7 @@ pub fn domain(vm: &TargetVm, domain_type: &str, networks: &[String]) -> String {
 }
 
 /// vda, vdb, ... vdz, vdaa, ...
-fn disk_target(i: usize) -> String {
+pub fn disk_target(i: usize) -> String {
     let mut n = i;
     let mut letters = Vec::new();
     loop {

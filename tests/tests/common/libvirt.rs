@@ -1,6 +1,7 @@
 //! libvirt on this machine: `qemu:///system`, its daemons started when they
 //! are not running (scripts/test.sh installs them; they run as root).
 
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -41,13 +42,20 @@ pub fn names(args: &[&str]) -> Vec<String> {
 /// root:kvm 0660 as Debian's udev rules make it: a /dev/kvm that QEMU
 /// probed as root but libvirt's QEMU user cannot open makes libvirtd
 /// throw its capabilities away and probe QEMU again (about 30 s) on every
-/// call.
+/// call. Tests of one binary run in parallel and may all call this at
+/// once: a lock makes one of them start the daemons (a second
+/// `virtlogd -d` fails, since the first holds its pidfile).
 pub fn daemons() {
+    static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = STARTING.lock().unwrap_or_else(|e| e.into_inner());
     kvm_device();
     if try_virsh(&["version"]).is_ok() {
         return;
     }
     for daemon in ["virtlogd", "libvirtd"] {
+        if running(daemon) {
+            continue;
+        }
         let status = Command::new(daemon).arg("-d").status().unwrap_or_else(|e| {
             panic!("{daemon}: {e} (scripts/test.sh installs libvirt-daemon-system)")
         });
@@ -60,6 +68,82 @@ pub fn daemons() {
             Err(e) if Instant::now() > deadline => panic!("libvirtd does not answer: {e}"),
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
+    }
+}
+
+/// Whether a process named `name` runs (`pgrep -x`).
+fn running(name: &str) -> bool {
+    Command::new("pgrep")
+        .args(["-x", name])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The console of `vm` once its guest printed FERRY-DONE (or an error).
+pub async fn console_when_done(vm: &ferry_proto::failover::v1::TargetVm) -> String {
+    let path = vm.console_path.clone();
+    ferry_testkit::wait_for(
+        "the failed-over guest to finish on its console",
+        Duration::from_secs(300),
+        || {
+            let path = path.clone();
+            async move {
+                let text = std::fs::read_to_string(&path).ok()?;
+                (text.contains("FERRY-DONE") || text.contains("FERRY-ERROR")).then_some(text)
+            }
+        },
+    )
+    .await
+}
+
+/// The target VM named `name`.
+pub async fn target(url: &str, name: &str) -> ferry_proto::failover::v1::TargetVm {
+    super::target_vms(url)
+        .await
+        .into_iter()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("no target VM {name}"))
+}
+
+/// A cluster whose failover-svc runs `westus` on this machine's libvirtd
+/// (software emulation) with `settings` otherwise; its data directory (in
+/// the tempdir returned) where libvirt's QEMU user, not root, can reach
+/// the images and consoles.
+pub async fn cluster(
+    settings: failover_svc::libvirt::Settings,
+) -> (ferry_testkit::Cluster, tempfile::TempDir) {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let libvirt = failover_svc::libvirt::Settings {
+        regions: [("westus".to_string(), vec![URI.to_string()])].into(),
+        domain_type: "qemu".into(),
+        ..settings
+    };
+    let cluster = ferry_testkit::Cluster::start_options(ferry_testkit::ClusterOptions {
+        failover: failover_svc::Settings {
+            libvirt: Some(libvirt),
+            ..Default::default()
+        },
+        failover_dir: Some(root.path().join("failover")),
+        ..Default::default()
+    })
+    .await;
+    (cluster, root)
+}
+
+/// The shape that boots the guest of scripts/guest.sh (in `guest`) with
+/// `args` on its kernel command line, ready at FERRY-READY.
+pub fn guest_shape(guest: &Path, args: &str) -> ferry_proto::registry::v1::VmShape {
+    let guest = std::fs::canonicalize(guest).unwrap();
+    ferry_proto::registry::v1::VmShape {
+        vcpus: 1,
+        memory_mib: 256,
+        kernel: guest.join("vmlinuz").display().to_string(),
+        initrd: guest.join("initrd.gz").display().to_string(),
+        cmdline: format!("console=ttyS0 panic=-1 quiet {args}"),
+        ready_marker: "FERRY-READY".into(),
+        ..Default::default()
     }
 }
 

@@ -228,6 +228,7 @@ pub fn failover_request(
         }),
         test_network: network.into(),
         request_id: String::new(),
+        instant: false,
     }
 }
 

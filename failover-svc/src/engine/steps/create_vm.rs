@@ -3,7 +3,8 @@
 //! subnet, each source NIC at its own address if free (else the next free
 //! one) and with its own MAC (else one derived from the names, stepped past
 //! any other VM's), with the materialized disks in the source VM's disk
-//! order and the registered shape. The same VM again replaces itself, so a
+//! order and the registered shape. An instant failover's disks are the
+//! overlays serve-disks made, backed by the served point. The same VM again replaces itself, so a
 //! resumed step is harmless.
 
 use std::sync::Arc;
@@ -101,24 +102,43 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
             .position(|id| *id == d.disk_id)
             .unwrap_or(usize::MAX)
     });
-    let disks = point_disks
-        .iter()
-        .map(|d| {
-            let disk_name = disk_names
-                .iter()
-                .find(|(id, _)| *id == d.disk_id)
-                .map(|(_, n)| n.clone())
-                .unwrap_or_default();
-            let path = backend.disk_path(&target.region, &target.resource_group, &disk_name);
-            inventory::Disk {
-                disk_id: d.disk_id.clone(),
-                name: disk_name,
-                size_bytes: d.size_bytes,
-                path,
-                os: item.os_disk.as_deref() == Some(d.disk_id.as_str()),
+    let mut disks = Vec::new();
+    for d in &point_disks {
+        let disk_name = disk_names
+            .iter()
+            .find(|(id, _)| *id == d.disk_id)
+            .map(|(_, n)| n.clone())
+            .unwrap_or_default();
+        let served = job.served.iter().find(|s| s.disk_id == d.disk_id);
+        let (path, format, backing) = match served {
+            Some(s) => (
+                s.overlay.clone(),
+                inventory::DiskFormat::Qcow2,
+                Some(engine.instant()?.url(&s.export)),
+            ),
+            None if job.instant => {
+                return Err(Refused::failed_precondition(format!(
+                    "disk {} of {vm} is not served; serve-disks has not run",
+                    d.disk_id
+                ))
+                .into())
             }
-        })
-        .collect();
+            None => (
+                backend.disk_path(&target.region, &target.resource_group, &disk_name),
+                inventory::DiskFormat::Raw,
+                None,
+            ),
+        };
+        disks.push(inventory::Disk {
+            disk_id: d.disk_id.clone(),
+            name: disk_name,
+            size_bytes: d.size_bytes,
+            path,
+            os: item.os_disk.as_deref() == Some(d.disk_id.as_str()),
+            format,
+            backing,
+        });
+    }
     let created = TargetVm {
         region: target.region.clone(),
         resource_group: target.resource_group.clone(),

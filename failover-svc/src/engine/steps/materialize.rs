@@ -71,7 +71,7 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
         let file = Arc::new(inventory::open_disk(&path)?);
         let mut extents = engine
             .peers
-            .read_disk(&vm, &point.id, &disk.disk_id)
+            .read_disk(&vm, &point.id, &disk.disk_id, 0, 0)
             .await?;
         // Writes go to a blocking writer through a short queue, so that
         // receiving the next extent overlaps writing this one.

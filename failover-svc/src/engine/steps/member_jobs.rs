@@ -8,7 +8,7 @@ use std::sync::Arc;
 use ferry_runtime::Refused;
 
 use super::Result;
-use crate::engine::Engine;
+use crate::engine::{Engine, VmFailover};
 use crate::error::FailoverError;
 use crate::jobs::{Choice, JobKind, JobRecord};
 
@@ -37,14 +37,15 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
                     Choice::Point(m.point_id.clone())
                 };
                 engine
-                    .start_vm_failover(
-                        m.vm_name.clone(),
+                    .start_vm_failover(VmFailover {
+                        vm: m.vm_name.clone(),
                         kind,
                         choice,
-                        job.test_network.clone(),
-                        key,
-                        true,
-                    )
+                        test_network: job.test_network.clone(),
+                        request_id: key,
+                        in_group: true,
+                        instant: false,
+                    })
                     .await
             }
         };

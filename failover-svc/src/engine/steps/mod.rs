@@ -10,12 +10,14 @@ mod create_vm;
 mod delete_vm;
 mod drain;
 mod fence;
+mod hydrate;
 mod materialize;
 mod member_jobs;
 mod members_done;
 mod network;
 mod pin_point;
 mod release_points;
+mod serve_disks;
 mod start_vm;
 mod update_registry;
 mod validate;
@@ -32,6 +34,7 @@ use crate::jobs::{FailoverKind, JobRecord};
 type Result<T> = std::result::Result<T, FailoverError>;
 
 pub(crate) use network::network;
+pub(crate) use serve_disks::serve_again;
 
 /// One step of a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -54,6 +57,9 @@ pub enum Step {
     /// The point's disks written to the target and checked end to end.
     #[serde(rename = "materialize-disks")]
     MaterializeDisks,
+    /// Instant: the point's disks served over NBD, an overlay on each.
+    #[serde(rename = "serve-disks")]
+    ServeDisks,
     /// The VM recorded in the target region (and defined on its host).
     #[serde(rename = "create-vm")]
     CreateVm,
@@ -63,6 +69,10 @@ pub enum Step {
     /// FAILED_OVER; earlier failovers' points released.
     #[serde(rename = "update-registry")]
     UpdateRegistry,
+    /// Instant: every overlay holds all its data; the VM runs from local
+    /// images only and the point is no longer served.
+    #[serde(rename = "hydrate")]
+    Hydrate,
     /// COMMITTED.
     #[serde(rename = "commit-registry")]
     CommitRegistry,
@@ -122,12 +132,46 @@ pub const CLEANUP_TEST: &[Step] = &[Validate, DeleteVm, ReleasePoints];
 /// Any job of a replication group: its members' jobs do the work.
 pub const GROUP: &[Step] = &[Validate, MemberJobs, MembersDone];
 
+/// Instant test failover: the VM starts on overlays of the served point,
+/// then hydrates.
+pub const INSTANT_TEST_FAILOVER: &[Step] = &[
+    Validate, PinPoint, Network, ServeDisks, CreateVm, StartVm, Hydrate,
+];
+/// Instant planned failover.
+pub const INSTANT_PLANNED_FAILOVER: &[Step] = &[
+    Validate,
+    Drain,
+    Fence,
+    PinPoint,
+    Network,
+    ServeDisks,
+    CreateVm,
+    StartVm,
+    UpdateRegistry,
+    Hydrate,
+];
+/// Instant unplanned failover.
+pub const INSTANT_UNPLANNED_FAILOVER: &[Step] = &[
+    Validate,
+    Fence,
+    PinPoint,
+    Network,
+    ServeDisks,
+    CreateVm,
+    StartVm,
+    UpdateRegistry,
+    Hydrate,
+];
+
 /// The steps of one VM's failover of this kind, in order.
-pub fn failover(kind: FailoverKind) -> &'static [Step] {
-    match kind {
-        FailoverKind::Test => TEST_FAILOVER,
-        FailoverKind::Planned => PLANNED_FAILOVER,
-        FailoverKind::Unplanned => UNPLANNED_FAILOVER,
+pub fn failover(kind: FailoverKind, instant: bool) -> &'static [Step] {
+    match (kind, instant) {
+        (FailoverKind::Test, false) => TEST_FAILOVER,
+        (FailoverKind::Planned, false) => PLANNED_FAILOVER,
+        (FailoverKind::Unplanned, false) => UNPLANNED_FAILOVER,
+        (FailoverKind::Test, true) => INSTANT_TEST_FAILOVER,
+        (FailoverKind::Planned, true) => INSTANT_PLANNED_FAILOVER,
+        (FailoverKind::Unplanned, true) => INSTANT_UNPLANNED_FAILOVER,
     }
 }
 
@@ -141,9 +185,11 @@ impl Step {
             PinPoint => "pin-point",
             Network => "network",
             MaterializeDisks => "materialize-disks",
+            ServeDisks => "serve-disks",
             CreateVm => "create-vm",
             StartVm => "start-vm",
             UpdateRegistry => "update-registry",
+            Hydrate => "hydrate",
             CommitRegistry => "commit-registry",
             ReleasePoints => "release-points",
             DeleteVm => "delete-vm",
@@ -161,9 +207,11 @@ impl Step {
             PinPoint => pin_point::run(engine, job).await,
             Network => network::run(engine, job).await,
             MaterializeDisks => materialize::run(engine, job).await,
+            ServeDisks => serve_disks::run(engine, job).await,
             CreateVm => create_vm::run(engine, job).await,
             StartVm => start_vm::run(engine, job).await,
             UpdateRegistry => update_registry::run(engine, job).await,
+            Hydrate => hydrate::run(engine, job).await,
             CommitRegistry => commit_registry::run(engine, job).await,
             ReleasePoints => release_points::run(engine, job).await,
             DeleteVm => delete_vm::run(engine, job).await,
@@ -213,9 +261,11 @@ mod tests {
             PinPoint,
             Network,
             MaterializeDisks,
+            ServeDisks,
             CreateVm,
             StartVm,
             UpdateRegistry,
+            Hydrate,
             CommitRegistry,
             ReleasePoints,
             DeleteVm,
