@@ -17,17 +17,49 @@ use ferry_proto::registry::v1 as reg;
 
 const DISK: u64 = 1 << 30;
 
+/// A sparse image of `size` bytes at `path` with every other MiB written.
+pub(crate) fn half_written(path: &Path, size: u64) -> Result<()> {
+    let f = std::fs::File::create(path)?;
+    f.set_len(size)?;
+    let mut block = vec![0u8; 1 << 20];
+    for mib in (0..size >> 20).step_by(2) {
+        // Each MiB its own bytes: nothing dedups or compresses it away.
+        for (i, b) in block.iter_mut().enumerate() {
+            *b = (mib as usize).wrapping_mul(31).wrapping_add(i / 4096) as u8 | 1;
+        }
+        f.write_all_at(&block, mib << 20)?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+/// The agent of "vm", its disks under `dir`, exporting them on loopback.
+pub(crate) async fn agent(registry: &str, dir: &Path) -> Result<Agent> {
+    let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    Ok(Agent::start(AgentOptions {
+        registry: registry.to_string(),
+        vm: "vm".into(),
+        nbd: nbd.into(),
+        group: ferry_agent::run::GroupPort::Off,
+        group_tls: None,
+        group_insecure: false,
+        enrollment_token: None,
+        group_address: String::new(),
+        state_dir: dir.join("agent"),
+        disk_roots: vec![dir.to_path_buf()],
+        limits: StreamLimits::default(),
+        nbd_limits: Default::default(),
+        attached: false,
+        heartbeat: ferry_agent::health::HEARTBEAT,
+        scripts: None,
+        credentials: Default::default(),
+    })
+    .await?)
+}
+
 pub async fn run(dir: &Path) -> Result<()> {
     let source = dir.join("source.raw");
-    {
-        let f = std::fs::File::create(&source)?;
-        f.set_len(DISK)?;
-        let block = vec![0x5au8; 1 << 20];
-        for mib in (0..DISK >> 20).step_by(2) {
-            f.write_all_at(&block, mib << 20)?;
-        }
-        f.sync_all()?;
-    }
+    half_written(&source, DISK)?;
     // The baseline: copying the same sparse image.
     let copy = dir.join("copy.raw");
     let t = Instant::now();
@@ -49,26 +81,7 @@ pub async fn run(dir: &Path) -> Result<()> {
     let day = Duration::from_secs(86400);
     ferry_testkit::create_policy(&registry, "bench", Duration::from_secs(1), day, day, day).await;
     ferry_testkit::protect_vm_with(&registry, "vm", &[("os", DISK, &source)], "bench").await;
-    let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let agent = Agent::start(AgentOptions {
-        registry: registry.clone(),
-        vm: "vm".into(),
-        nbd: nbd.into(),
-        group: ferry_agent::run::GroupPort::Off,
-        group_tls: None,
-        group_insecure: false,
-        enrollment_token: None,
-        group_address: String::new(),
-        state_dir: dir.join("agent"),
-        disk_roots: vec![dir.to_path_buf()],
-        limits: StreamLimits::default(),
-        nbd_limits: Default::default(),
-        attached: false,
-        heartbeat: ferry_agent::health::HEARTBEAT,
-        scripts: None,
-        credentials: Default::default(),
-    })
-    .await?;
+    let agent = agent(&registry, dir).await?;
     let t = Instant::now();
     ferry_testkit::wait_for("PROTECTED", Duration::from_secs(600), || async {
         ferry_testkit::protected_item(&registry, "vm")

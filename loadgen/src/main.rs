@@ -4,7 +4,9 @@
 //! `ferry-loadgen processor-bench`: apply rate, point cut cost and RPO lag
 //! (see `processor_bench`). `ferry-loadgen failover-bench`: a failover of a
 //! 1 GiB disk half written beside `cp --sparse=always` (see
-//! `failover_bench`). `ferry-loadgen group-bench`: bookmark rounds of a
+//! `failover_bench`). `ferry-loadgen instant-bench`: seconds until a
+//! failed-over VM runs on libvirt, instant against materialize-first (see
+//! `instant_bench`). `ferry-loadgen group-bench`: bookmark rounds of a
 //! 20-VM group and the write latency they add (see `group_bench`). All print
 //! figures and ratios and assert nothing (machines are noisy).
 //! `ferry-loadgen compare`: fio against qemu-nbd, QEMU's own replication
@@ -23,6 +25,7 @@ mod compare_bench;
 mod control_bench;
 mod failover_bench;
 mod group_bench;
+mod instant_bench;
 mod plots;
 mod processor_bench;
 mod report;
@@ -116,6 +119,17 @@ enum Cli {
         /// Where the data goes (the filesystem measured).
         #[arg(long, default_value = "target/bench")]
         dir: PathBuf,
+    },
+    /// Instant failover against materialize-first on libvirt: seconds from
+    /// the request until the VM runs, for disks half written.
+    #[command(name = "instant-bench")]
+    Instant {
+        /// Where the data goes.
+        #[arg(long, default_value = "target/bench")]
+        dir: PathBuf,
+        /// Disk sizes in GiB, a run each.
+        #[arg(long, value_delimiter = ',', default_value = "1,4")]
+        gib: Vec<u64>,
     },
     /// Replication groups: bookmark rounds per second over 20 VMs, and the
     /// write latency they add.
@@ -467,6 +481,11 @@ async fn main() -> Result<()> {
             std::fs::create_dir_all(&dir)?;
             let work = tempfile::tempdir_in(&dir)?;
             return failover_bench::run(work.path()).await;
+        }
+        Cli::Instant { dir, gib } => {
+            std::fs::create_dir_all(&dir)?;
+            let work = tempfile::tempdir_in(&dir)?;
+            return instant_bench::run(work.path(), &gib).await;
         }
         Cli::Processor {
             dir,

@@ -13,6 +13,7 @@ pub mod chaos;
 pub mod cluster;
 pub mod group;
 pub mod insecure;
+pub mod libvirt;
 pub mod nbd;
 pub mod otlp;
 pub mod pki;

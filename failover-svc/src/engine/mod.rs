@@ -12,6 +12,11 @@
 //! - Planned failover: validate, drain (the source agent sends every write
 //!   and a FINAL marker; the point cut there loses nothing), then as
 //!   unplanned from fence on.
+//! - Instant failover (of any kind, one VM onto a libvirt region): as above
+//!   with serve-disks (the point served over NBD, a qcow2 overlay on each
+//!   disk) in place of materialize-disks, and hydrate last (the overlays
+//!   filled while the VM runs; the job ends when it runs from local images
+//!   only).
 //! - Commit: validate, commit-registry (COMMITTED), release-points.
 //! - Cleanup of a test failover: validate, delete-vm, release-points.
 //! - A replication group's job: validate, member-jobs, members-done

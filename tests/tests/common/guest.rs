@@ -20,18 +20,9 @@ pub fn guest() -> PathBuf {
         .parent()
         .unwrap()
         .join("guest");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/guest.sh");
-    let out = std::process::Command::new("bash")
-        .arg(script)
-        .arg(&target)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "scripts/guest.sh: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if let Err(e) = ferry_testkit::libvirt::build_guest(&target) {
+        panic!("{e}");
+    }
     target
 }
 
