@@ -526,11 +526,15 @@ async fn accept_loop<E: Exports>(
 /// A place on an export, held while a client is attached.
 type Attached = tokio::sync::OwnedSemaphorePermit;
 
-impl<E> Server<E> {
+impl<E: Exports> Server<E> {
     /// A place on the export `name` (which exists), if one is free.
     fn attach(&self, name: &str) -> Option<Attached> {
         let mut places = self.places.lock().unwrap_or_else(|e| e.into_inner());
         let limit = self.limits.connections_per_export;
+        // Exports come and go (failover-svc's): the places of those gone
+        // with nobody attached go too, so the map stays as large as what
+        // is served.
+        places.retain(|n, s| s.available_permits() < limit || self.exports.export(n).is_some());
         let place = places
             .entry(name.to_string())
             .or_insert_with(|| Arc::new(Semaphore::new(limit)))

@@ -261,6 +261,30 @@ impl Cluster {
         (cluster, proxy)
     }
 
+    /// Stops failover-svc and starts it again on its data directory with
+    /// `settings` (at a new URL): its unfinished jobs resume.
+    pub async fn restart_failover(&mut self, settings: failover_svc::Settings) {
+        self.failover.shutdown.cancel();
+        let _ = (&mut self.failover.task).await;
+        let (r, p, c) = (
+            self.registry.url.clone(),
+            self.processor.url.clone(),
+            self.cache.url.clone(),
+        );
+        self.failover = start(
+            "failover-svc",
+            self.failover.data_dir.clone(),
+            move |mut cfg, l, s| {
+                cfg.registry = Some(r);
+                cfg.processor = Some(p);
+                cfg.cache = Some(c);
+                failover_svc::run(cfg, settings, l, s)
+            },
+        )
+        .await;
+        crate::wait_serving(&self.failover.url).await;
+    }
+
     /// Stops every service.
     pub async fn stop(self) {
         self.failover.stop().await;

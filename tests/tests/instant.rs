@@ -4,8 +4,11 @@
 //! 2 MiB/s, so that the guest does its work long before its 64 MiB disk is
 //! copied). The guest reads every file of the point and writes new ones
 //! while the job is still hydrating; once the job ends, the overlay has no
-//! backing, the point is no longer served, and the disk holds every file
-//! of the point and every file written during hydration, fsck-clean.
+//! backing, the point is no longer served, and the disk equals, byte for
+//! byte, what the guest saw before hydration ended (the point plus its
+//! writes): fsck-clean, with every file of the point and every file written
+//! during hydration. failover-svc restarts in the middle of hydration: the
+//! job resumes and serves the point again.
 
 mod common;
 
@@ -15,7 +18,9 @@ use std::process::Command;
 use std::sync::Arc;
 
 use common::guest::{boot, drive, ext4_vm, files, guest};
-use common::libvirt::{cluster, console_when_done, daemons, forget, guest_shape, names, virsh};
+use common::libvirt::{
+    cluster, console_when_done, daemons, failover_settings, forget, guest_shape, names, virsh,
+};
 use ferry_proto::failover::v1 as fo;
 use ferry_testkit::points::cut_latest;
 
@@ -44,13 +49,15 @@ async fn an_instant_failover_runs_before_its_disks_are_copied_and_keeps_its_writ
     daemons();
     forget(PREFIX);
     let guest = guest();
-    let nbd = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let (cluster, _root) = cluster(failover_svc::libvirt::Settings {
-        nbd_listener: Some(Arc::new(nbd)),
+    // The same listener across failover-svc's restart, as a fixed
+    // nbd_listen port would be.
+    let nbd = Arc::new(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let settings = failover_svc::libvirt::Settings {
+        nbd_listener: Some(nbd),
         hydrate_mib_per_sec: 2,
         ..Default::default()
-    })
-    .await;
+    };
+    let (mut cluster, _root) = cluster(settings.clone()).await;
     let (registry, url) = (cluster.registry.url.clone(), cluster.failover.url.clone());
     let (dir, _) = ext4_vm(&cluster, |mut vm| {
         vm.shape = Some(guest_shape(
@@ -165,6 +172,26 @@ async fn an_instant_failover_runs_before_its_disks_are_copied_and_keeps_its_writ
     }
     assert_eq!(seen.len(), FILES + MORE, "{console}");
     assert_eq!(seen, want, "the point's files as read through the overlay");
+    // The point plus the guest's writes, as the idle guest (its filesystem
+    // unmounted) sees its disk: the overlay over the served point, read
+    // before hydration ends.
+    let expected = dir.path().join("point-and-writes.raw");
+    let expected = expected.to_str().unwrap();
+    let seen_disk = Command::new("qemu-img")
+        .args(["convert", "-U", "-O", "raw", &overlay, expected])
+        .output()
+        .unwrap();
+    assert!(seen_disk.status.success(), "{seen_disk:?}");
+
+    // failover-svc restarts mid-hydration: the job resumes at hydrate and
+    // serves the point again under the same names.
+    cluster.restart_failover(failover_settings(settings)).await;
+    let url = cluster.failover.url.clone();
+    assert!(
+        backing(&overlay).is_some(),
+        "hydration ended before the restart"
+    );
+    phase("failover-svc restarted while hydrating");
 
     // The job ends once the VM runs from local images only.
     let (job, _) = common::finish(url.as_str(), &job).await;
@@ -191,6 +218,12 @@ async fn an_instant_failover_runs_before_its_disks_are_copied_and_keeps_its_writ
         .status()
         .unwrap();
     assert!(converted.success());
+    // Byte for byte: hydration added nothing and lost nothing.
+    let compare = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw", expected, raw])
+        .output()
+        .unwrap();
+    assert!(compare.status.success(), "{compare:?}");
     let fsck = Command::new("e2fsck").args(["-fn", raw]).output().unwrap();
     assert!(fsck.status.success(), "e2fsck -fn: {fsck:?}");
     let after = boot(&guest, &drive(raw), "ferry.mode=verify").await;

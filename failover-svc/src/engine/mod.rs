@@ -573,6 +573,13 @@ impl Engine {
                         return self.unpersisted(job, Some(i), &format!("outcome of {step}"), e);
                     }
                 }
+                Err(e) if self.shutdown.is_cancelled() => {
+                    // A step that ends because failover-svc is stopping
+                    // (start-vm's and hydrate's waits) has not failed: the
+                    // job resumes at it after the restart.
+                    tracing::info!(job = %job.id, %step, error = %e, "step stopped by shutdown; it resumes");
+                    return;
+                }
                 Err(e) => {
                     tracing::warn!(job = %job.id, %step, error = %e, "job failed");
                     job.steps[i].state = JobState::Failed;

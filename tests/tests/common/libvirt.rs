@@ -43,21 +43,26 @@ pub async fn cluster(
     use std::os::unix::fs::PermissionsExt;
     let root = tempfile::tempdir().unwrap();
     std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let libvirt = failover_svc::libvirt::Settings {
-        regions: [("westus".to_string(), vec![URI.to_string()])].into(),
-        domain_type: "qemu".into(),
-        ..settings
-    };
     let cluster = ferry_testkit::Cluster::start_options(ferry_testkit::ClusterOptions {
-        failover: failover_svc::Settings {
-            libvirt: Some(libvirt),
-            ..Default::default()
-        },
+        failover: failover_settings(settings),
         failover_dir: Some(root.path().join("failover")),
         ..Default::default()
     })
     .await;
     (cluster, root)
+}
+
+/// failover-svc's settings with `westus` on this machine's libvirtd
+/// (software emulation) and `settings` otherwise.
+pub fn failover_settings(settings: failover_svc::libvirt::Settings) -> failover_svc::Settings {
+    failover_svc::Settings {
+        libvirt: Some(failover_svc::libvirt::Settings {
+            regions: [("westus".to_string(), vec![URI.to_string()])].into(),
+            domain_type: "qemu".into(),
+            ..settings
+        }),
+        ..Default::default()
+    }
 }
 
 /// The shape that boots the guest of scripts/guest.sh (in `guest`) with
