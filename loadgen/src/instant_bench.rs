@@ -51,7 +51,7 @@ pub async fn run(dir: &Path, sizes_gib: &[u64]) -> Result<()> {
         println!(
             "  {gib} GiB disk, {} MiB written: materialize-first ready in {:.2} s (job {:.2} s); \
              instant ready in {:.2} s ({:.1}x sooner), hydrated in {:.2} s",
-            (gib << 30) / 2 >> 20,
+            gib << 9,
             f.materialized_ready,
             f.materialized_job,
             f.instant_ready,
