@@ -13,6 +13,11 @@ use ferry_agent::stream::StreamLimits;
 use ferry_runtime::peers::Credentials;
 use ferry_runtime::security::ClientTls;
 
+/// How long an attached agent's NBD requests may take: the guest's writes
+/// wait on the mirror, so a hung disk under the agent ends the mirror
+/// (QEMU fails the write, the guest writes on) instead of stalling them.
+const ATTACHED_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Ferry's agent: captures a VM's disk writes and streams them to the cache.
 #[derive(Parser)]
 #[command(name = "ferry-agent", version)]
@@ -159,6 +164,12 @@ struct Args {
         default_value_t = 16
     )]
     nbd_max_connections: usize,
+    /// Seconds one NBD request may take before its connection is closed
+    /// (the client then fails it instead of waiting on a hung disk); 0 for
+    /// no limit. Default: 10 with --attach-qmp/--attach-domain (a guest's
+    /// writes wait on the mirror), else no limit.
+    #[arg(long, env = "FERRY_NBD_REQUEST_TIMEOUT", value_name = "SECONDS")]
+    nbd_request_timeout: Option<u64>,
     /// The agent's certificate (PEM), presented to registry and cache:
     /// it names the agent `spiffe://ferry/agent/<VM>` (`ferry certs init
     /// --agent VM` makes it), and the agent may act only for that VM. With
@@ -473,6 +484,12 @@ async fn agent_main() -> Result<(), ferry_runtime::binary::BinaryError> {
         attached: monitor.is_some(),
         nbd_limits: NbdLimits {
             connections_per_export: args.nbd_max_connections.max(1),
+            request_timeout: match args.nbd_request_timeout {
+                Some(0) => None,
+                Some(secs) => Some(Duration::from_secs(secs)),
+                None if monitor.is_some() => Some(ATTACHED_REQUEST_TIMEOUT),
+                None => None,
+            },
             ..NbdLimits::default()
         },
         heartbeat: Duration::from_secs(args.heartbeat_secs.max(1)),

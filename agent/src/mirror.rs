@@ -249,6 +249,9 @@ async fn end_job(qmp: &mut Session, name: &str) -> Result<(), MirrorError> {
     }
 }
 
+/// A mirror that ran this long before it ended starts again at once.
+const STEADY: Duration = Duration::from_secs(60);
+
 /// Keeps the drives mirrored into the agent's export while the agent
 /// runs. The agent starts with its sync gate closed (`attached`): its
 /// initial replication or crash resync, the sync round that brackets the
@@ -283,7 +286,7 @@ pub async fn supervise(
                 .await
                 .map_err(|e| e.to_string())?;
             capture.set_sync_gate(true);
-            backoff = Duration::from_secs(1);
+            let mirrored = tokio::time::Instant::now();
             // Watched until a job ends, a connection per look: QEMU serves
             // one QMP client per socket at a time, and others (a person,
             // `ferry-agent detach`) may need it.
@@ -299,6 +302,14 @@ pub async fn supervise(
                     .iter()
                     .find(|d| find_job(&jobs, &node_name(&d.disk)).is_none())
                 {
+                    // A mirror that ran a while ended by chance (QEMU
+                    // restarted it); one that keeps ending soon (a hung disk
+                    // under the export, each stall closing its connection)
+                    // is tried ever less often, so the guest's writes wait
+                    // on it ever more rarely.
+                    if mirrored.elapsed() >= STEADY {
+                        backoff = Duration::from_secs(1);
+                    }
                     return Err::<(), String>(format!("the mirror of drive {} ended", gone.node));
                 }
             }

@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
@@ -163,6 +164,11 @@ pub struct NbdLimits {
     /// How long a client may take over its handshake; one that stalls is
     /// dropped, so stalled clients cannot keep a VM from attaching.
     pub handshake_timeout: std::time::Duration,
+    /// How long one request may take; one that takes longer (a hung disk
+    /// under the export) closes its connection, so that the client fails
+    /// its requests instead of waiting on them: a QEMU mirroring into the
+    /// export ends the mirror and the guest writes on. None: no limit.
+    pub request_timeout: Option<std::time::Duration>,
 }
 
 impl Default for NbdLimits {
@@ -171,6 +177,7 @@ impl Default for NbdLimits {
             connections_per_export: 16,
             in_flight_bytes: 64 * 1024 * 1024,
             handshake_timeout: std::time::Duration::from_secs(30),
+            request_timeout: None,
         }
     }
 }
@@ -755,6 +762,45 @@ async fn connection<E: Exports>(
     let (read_half, write_half) = tokio::io::split(socket.into_inner());
     let mut reader = BufReader::with_capacity(256 * 1024, early.chain(read_half));
     let writer = Arc::new(Mutex::new(write_half));
+    // Cancelled when a request outlives `request_timeout`.
+    let stalled = CancellationToken::new();
+    let serve = serve_requests(
+        &mut reader,
+        &exports,
+        &export,
+        read_only,
+        limits,
+        &writer,
+        &stalled,
+        &shutdown,
+    );
+    tokio::select! {
+        served = serve => served,
+        _ = stalled.cancelled() => {
+            // The client sees the connection end and fails what it sent.
+            // A reply being written to a client that does not read holds
+            // the writer: then the socket goes when that task ends.
+            if let Ok(mut w) = tokio::time::timeout(Duration::from_secs(1), writer.lock()).await {
+                let _ = w.shutdown().await;
+            }
+            Err(std::io::Error::other("a request outlived the request timeout; connection closed"))
+        }
+    }
+}
+
+/// Reads requests and hands each to a task of its own until the client
+/// disconnects or `shutdown`.
+#[allow(clippy::too_many_arguments)]
+async fn serve_requests<E: Exports, R: AsyncRead + Unpin>(
+    reader: &mut R,
+    exports: &Arc<E>,
+    export: &str,
+    read_only: bool,
+    limits: NbdLimits,
+    writer: &Arc<Mutex<tokio::io::WriteHalf<BoxConn>>>,
+    stalled: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> std::io::Result<()> {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let bytes = Arc::new(Semaphore::new(limits.in_flight_bytes));
     loop {
@@ -798,11 +844,12 @@ async fn connection<E: Exports>(
         }
         let exports = exports.clone();
         let writer = writer.clone();
-        let export = export.clone();
+        let export = export.to_string();
+        let stalled = stalled.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let _room = room;
-            let (error, data) =
+            let handled = async {
                 if read_only && matches!(kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES) {
                     (EPERM, Vec::new())
                 } else {
@@ -816,7 +863,23 @@ async fn connection<E: Exports>(
                         payload,
                     )
                     .await
-                };
+                }
+            };
+            let (error, data) = match limits.request_timeout {
+                None => handled.await,
+                Some(limit) => match tokio::time::timeout(limit, handled).await {
+                    Ok(done) => done,
+                    Err(_) => {
+                        tracing::error!(
+                            disk = %export, kind, offset, length, ?limit,
+                            "an NBD request outlived the request timeout (a hung disk?); \
+                             its connection is closed so the client fails it instead of waiting"
+                        );
+                        stalled.cancel();
+                        return;
+                    }
+                },
+            };
             let mut reply = Vec::with_capacity(16 + data.len());
             reply.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
             reply.extend_from_slice(&error.to_be_bytes());
