@@ -12,7 +12,7 @@ use std::time::Duration;
 use ferry_runtime::Refused;
 use tokio_stream::StreamExt;
 
-use super::{target_names, Result};
+use super::{target_names, unowned, Result};
 use crate::engine::peers::PointDisk;
 use crate::engine::Engine;
 use crate::error::FailoverError;
@@ -48,20 +48,8 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
             .find(|(id, _)| *id == disk.disk_id)
             .map(|(_, n)| n.clone())
             .unwrap_or_else(|| format!("{vm}-{}", disk.disk_id));
-        // Never replace a disk another VM's failover made.
         let place = backend.disk_path(&target.region, &target.resource_group, &name);
-        if let Some(owner) = backend
-            .vms()?
-            .into_iter()
-            .find(|v| v.source_vm != vm.as_str() && v.disks.iter().any(|d| d.path == place))
-        {
-            return Err(Refused::already_exists(format!(
-                "target disk {name:?} in {}/{} belongs to VM {:?} (failed over from {:?}); \
-                 VM \"{vm}\" cannot use it",
-                target.region, target.resource_group, owner.name, owner.source_vm
-            ))
-            .into());
-        }
+        unowned(backend.as_ref(), &vm, target, &name, &place)?;
         let path = backend.prepare_disk(
             &target.region,
             &target.resource_group,

@@ -248,6 +248,30 @@ fn target_names(job: &JobRecord, item: &Item) -> (String, Vec<(String, String)>)
     (format!("{}{suffix}", item.vm_name), disks)
 }
 
+/// A target disk at `path` (named `name`) that no other VM's failover
+/// made: never replaced, ALREADY_EXISTS naming its owner.
+fn unowned(
+    backend: &dyn crate::inventory::Backend,
+    vm: &ferry_proto::ids::VmName,
+    target: &super::peers::TargetResources,
+    name: &str,
+    path: &std::path::Path,
+) -> Result<()> {
+    if let Some(owner) = backend
+        .vms()?
+        .into_iter()
+        .find(|v| v.source_vm != vm.as_str() && v.disks.iter().any(|d| d.path == path))
+    {
+        return Err(ferry_runtime::Refused::already_exists(format!(
+            "target disk {name:?} in {}/{} belongs to VM {:?} (failed over from {:?}); \
+             VM \"{vm}\" cannot use it",
+            target.region, target.resource_group, owner.name, owner.source_vm
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

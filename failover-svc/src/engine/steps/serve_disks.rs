@@ -10,7 +10,7 @@ use std::sync::Arc;
 use ferry_proto::ids::VmName;
 use ferry_runtime::Refused;
 
-use super::{target_names, Result};
+use super::{target_names, unowned, Result};
 use crate::engine::Engine;
 use crate::error::FailoverError;
 use crate::jobs::{JobRecord, JobState, Served};
@@ -43,19 +43,7 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
         let overlay = backend
             .disk_path(&target.region, &target.resource_group, &name)
             .with_extension("qcow2");
-        // Never replace a disk another VM's failover made.
-        if let Some(owner) = backend
-            .vms()?
-            .into_iter()
-            .find(|v| v.source_vm != vm.as_str() && v.disks.iter().any(|d| d.path == overlay))
-        {
-            return Err(Refused::already_exists(format!(
-                "target disk {name:?} in {}/{} belongs to VM {:?} (failed over from {:?}); \
-                 VM \"{vm}\" cannot use it",
-                target.region, target.resource_group, owner.name, owner.source_vm
-            ))
-            .into());
-        }
+        unowned(backend.as_ref(), &vm, target, &name, &overlay)?;
         let export = format!("{}.{i}.{secret}", job.id);
         instant.exports.serve(
             &export,
