@@ -77,8 +77,22 @@ pub enum Output {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// The regions the registry knows.
+    /// The regions the registry knows, with the services of those that
+    /// have their own.
     Regions,
+    /// Set the cache-svc and processor-svc serving a region (admin): items
+    /// enabled afterwards are placed on them. Empty URLs: the defaults.
+    RegionServices {
+        /// The region.
+        region: String,
+        /// The cache-svc the agents of VMs in this region stream to.
+        #[arg(long, default_value = "")]
+        cache: String,
+        /// The processor-svc applying the items replicating into it (its
+        /// `[processor] endpoint`).
+        #[arg(long, default_value = "")]
+        processor: String,
+    },
     /// Register a source VM.
     Register(RegisterArgs),
     /// The registered VMs.

@@ -219,6 +219,15 @@ fn d(v: Option<Duration>) -> Option<prost_types::Duration> {
     v.map(ferry_runtime::time::to_duration)
 }
 
+/// A region's service URL, or what stands in for it.
+fn or_default(url: &str) -> &str {
+    if url.is_empty() {
+        "(default)"
+    } else {
+        url
+    }
+}
+
 /// Runs one registry command.
 pub async fn run(url: &str, out: Output, command: Command) -> Result<()> {
     let mut c = client(url)?;
@@ -230,7 +239,52 @@ pub async fn run(url: &str, out: Output, command: Command) -> Result<()> {
                 .await
                 .map_err(&err)?
                 .into_inner();
-            print(out, serde_json::json!(r.regions), r.regions.join("\n"));
+            let text: Vec<String> = r
+                .regions
+                .iter()
+                .map(
+                    |region| match r.services.iter().find(|s| &s.region == region) {
+                        Some(s) => format!(
+                            "{region}  cache={} processor={}",
+                            or_default(&s.cache_endpoint),
+                            or_default(&s.processor_endpoint)
+                        ),
+                        None => region.clone(),
+                    },
+                )
+                .collect();
+            print(out, serde_json::json!(r.regions), text.join("\n"));
+        }
+        Command::RegionServices {
+            region,
+            cache,
+            processor,
+        } => {
+            let s = c
+                .set_region_services(pb::SetRegionServicesRequest {
+                    services: Some(pb::RegionServices {
+                        region,
+                        cache_endpoint: cache,
+                        processor_endpoint: processor,
+                    }),
+                })
+                .await
+                .map_err(&err)?
+                .into_inner();
+            print(
+                out,
+                serde_json::json!({
+                    "region": s.region,
+                    "cache_endpoint": s.cache_endpoint,
+                    "processor_endpoint": s.processor_endpoint,
+                }),
+                format!(
+                    "region {}: cache {}, processor {}",
+                    s.region,
+                    or_default(&s.cache_endpoint),
+                    or_default(&s.processor_endpoint)
+                ),
+            );
         }
         Command::Register(a) => {
             let v = register_request(a)?;

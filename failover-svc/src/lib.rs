@@ -141,11 +141,18 @@ pub async fn run(
         Some(url) => Some(CacheClient::new(service.connect(url)?)),
         None => None,
     };
+    let credentials = config.security.credentials(ServiceKind::Failover);
     let peers: Arc<dyn engine::peers::Peers> = Arc::new(engine::peers::Tonic {
         registry: RegistryClient::new(service.channel(Role::Registry)?),
         processor: ProcessorClient::new(service.channel(Role::Processor)?)
             .max_decoding_message_size(limits.max_message_bytes),
         cache,
+        connect: Box::new(move |url: &str| {
+            ferry_runtime::connect(url, &credentials).map_err(|e| e.to_string())
+        }),
+        max_message_bytes: limits.max_message_bytes,
+        placements: Default::default(),
+        channels: Default::default(),
     });
     let instant = match &settings.libvirt {
         Some(l) => serve_points(l, &peers, &shutdown)

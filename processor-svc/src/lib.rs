@@ -56,6 +56,10 @@ pub struct Settings {
     /// Bytes of the replica index (sled) kept in memory; the index of
     /// small random writes grows past any fixed memory otherwise.
     pub index_cache_bytes: u64,
+    /// The URL registry knows this processor by (`[registry.services]`):
+    /// it applies the items placed on it. Empty: the items placed on no
+    /// processor (the embedded default, one processor for every region).
+    pub endpoint: String,
 }
 
 impl Default for Settings {
@@ -69,6 +73,7 @@ impl Default for Settings {
             scrub_bytes: 4 << 20,
             reserve_bytes: 64 << 20,
             index_cache_bytes: replica::INDEX_CACHE_BYTES,
+            endpoint: String::new(),
         }
     }
 }
@@ -116,6 +121,16 @@ pub async fn run(
                 config.data_dir.clone(),
                 settings.reserve_bytes,
             )),
+        },
+        (!settings.endpoint.is_empty()).then(|| settings.endpoint.clone()),
+        {
+            let credentials = config.security.credentials(ServiceKind::Processor);
+            let max = limits.max_message_bytes;
+            Box::new(move |url: &str| {
+                ferry_runtime::connect(url, &credentials)
+                    .map(|c| CacheClient::new(c).max_decoding_message_size(max))
+                    .map_err(|e| e.to_string())
+            })
         },
         shutdown.clone(),
     );

@@ -103,7 +103,28 @@ pub struct Pipelines {
     /// Each protected VM's replication group (VMs in none are absent), as
     /// registry says.
     groups: Mutex<BTreeMap<String, String>>,
+    /// The URL registry places items on this processor by; None: it takes
+    /// the items placed on no processor.
+    endpoint: Option<String>,
+    /// A client of the cache-svc at a URL (an item's source region's).
+    connect: Connect,
+    /// Each followed VM's cache, where it has its own (else `cache`).
+    caches: Mutex<HashMap<String, CacheClient<PeerChannel>>>,
     shutdown: CancellationToken,
+}
+
+/// Makes a cache client for a URL.
+pub type Connect = Box<dyn Fn(&str) -> Result<CacheClient<PeerChannel>, String> + Send + Sync>;
+
+/// Whether a processor named `endpoint` applies an item placed on
+/// `placed` (empty: on none): the same URL (a trailing '/' aside), or both
+/// none.
+pub fn applies(endpoint: Option<&str>, placed: &str) -> bool {
+    let placed = placed.trim_end_matches('/');
+    match endpoint {
+        Some(e) => !placed.is_empty() && e.trim_end_matches('/') == placed,
+        None => placed.is_empty(),
+    }
 }
 
 impl Pipelines {
@@ -112,6 +133,8 @@ impl Pipelines {
         cache: CacheClient<PeerChannel>,
         registry: RegistryClient<PeerChannel>,
         tuning: Tuning,
+        endpoint: Option<String>,
+        connect: Connect,
         shutdown: CancellationToken,
     ) -> Arc<Pipelines> {
         Arc::new(Pipelines {
@@ -121,6 +144,9 @@ impl Pipelines {
             tuning,
             running: Mutex::new(HashMap::new()),
             groups: Mutex::new(BTreeMap::new()),
+            endpoint,
+            connect,
+            caches: Mutex::new(HashMap::new()),
             shutdown,
         })
     }
@@ -129,9 +155,38 @@ impl Pipelines {
         &self.replicas
     }
 
-    /// The cache client, for RPCs that ask it directly.
-    pub fn cache(&self) -> CacheClient<PeerChannel> {
-        self.cache.clone()
+    /// The client of `vm`'s cache (its source region's, else the
+    /// default), for RPCs that ask it directly.
+    pub fn cache_for(&self, vm: &str) -> CacheClient<PeerChannel> {
+        self.caches
+            .lock()
+            .ok()
+            .and_then(|c| c.get(vm).cloned())
+            .unwrap_or_else(|| self.cache.clone())
+    }
+
+    /// Records where `item`'s log is: its placed cache, else the default.
+    /// A cache that cannot be reached by its URL is said loudly; the item
+    /// is then not followed (never tailed from another cache).
+    fn place(&self, item: &registry::ProtectedItem) -> bool {
+        let Ok(mut caches) = self.caches.lock() else {
+            return false;
+        };
+        if item.cache_endpoint.is_empty() {
+            caches.remove(&item.vm_name);
+            return true;
+        }
+        match (self.connect)(&item.cache_endpoint) {
+            Ok(client) => {
+                caches.insert(item.vm_name.clone(), client);
+                true
+            }
+            Err(e) => {
+                tracing::error!(vm = %item.vm_name, cache = %item.cache_endpoint, error = %e,
+                    "cannot reach the item's cache; not followed");
+                false
+            }
+        }
     }
 
     /// A command channel and status of the VM's pipeline, if it runs.
@@ -211,7 +266,7 @@ impl Pipelines {
             incarnation: Incarnation(item.incarnation),
             group: item.replication_group.clone(),
             replica,
-            cache: self.cache.clone(),
+            cache: self.cache_for(&item.vm_name),
             registry: self.registry.clone(),
             tuning: self.tuning.clone(),
             retention,
@@ -303,6 +358,13 @@ impl Pipelines {
         use registry::ReplicationState as S;
         let removed = event.kind() == registry::EventKind::Removed;
         let Some(item) = event.item else { return };
+        if !applies(self.endpoint.as_deref(), &item.processor_endpoint) {
+            // Another processor's: its replica, if one is here from
+            // before, is kept, never deleted on another's word.
+            tracing::debug!(vm = %item.vm_name, placed = %item.processor_endpoint,
+                "placed on another processor; not followed");
+            return;
+        }
         if let Ok(mut groups) = self.groups.lock() {
             if removed || item.replication_group.is_empty() {
                 groups.remove(&item.vm_name);
@@ -334,6 +396,9 @@ impl Pipelines {
             | S::ResyncRequired
             | S::Resyncing
             | S::FailoverInProgress => {
+                if !self.place(&item) {
+                    return;
+                }
                 let retention = self.retention_of(&item.policy_name).await;
                 self.start(&item, retention);
             }
@@ -1082,5 +1147,20 @@ impl Follower for Following {
 
     async fn synced(&mut self, protected: &BTreeMap<String, u64>, last_incarnation: u64) {
         self.0.reconcile(protected, last_incarnation).await
+    }
+}
+
+#[cfg(test)]
+mod placement_tests {
+    use super::applies;
+
+    #[test]
+    fn a_processor_applies_the_items_placed_on_it_and_no_others() {
+        assert!(applies(None, ""));
+        assert!(!applies(None, "http://p1:7103"));
+        assert!(applies(Some("http://p1:7103"), "http://p1:7103/"));
+        assert!(applies(Some("http://p1:7103/"), "http://p1:7103"));
+        assert!(!applies(Some("http://p1:7103"), "http://p2:7103"));
+        assert!(!applies(Some("http://p1:7103"), ""));
     }
 }

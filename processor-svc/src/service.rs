@@ -232,7 +232,7 @@ impl Processor for ProcessorService {
             ))
         })?;
         // Everything the cache holds now is processed first.
-        let mut cache_client = self.pipelines.cache();
+        let mut cache_client = self.pipelines.cache_for(&req.vm_name);
         let durable = cache_client
             .get_log_info(cache::GetLogInfoRequest {
                 vm_name: req.vm_name.clone(),

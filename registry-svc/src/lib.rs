@@ -70,6 +70,20 @@ pub struct Settings {
     /// File holding the bootstrap admin token (`fy1.bootstrap.<secret>`);
     /// written (mode 0600) if missing. None: no bootstrap token.
     pub bootstrap_token_file: Option<std::path::PathBuf>,
+    /// Regions with services of their own (`[registry.services.westus]`),
+    /// set at every start (SetRegionServices changes them meanwhile).
+    pub services: std::collections::BTreeMap<String, ServicesSettings>,
+}
+
+/// A `[registry.services.<region>]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServicesSettings {
+    /// The cache-svc its VMs' agents stream to; empty for the default.
+    pub cache: String,
+    /// The processor-svc applying the items replicating into it, as it
+    /// names itself (`[processor] endpoint`); empty for any that names none.
+    pub processor: String,
 }
 
 /// registry-svc's configuration.
@@ -85,6 +99,8 @@ pub struct Config {
     pub agent_timeout: std::time::Duration,
     /// Where the bootstrap admin token is read from (or written to).
     pub bootstrap_token_file: Option<std::path::PathBuf>,
+    /// The regions' own services, from the config file.
+    pub services: Vec<model::RegionServices>,
 }
 
 impl Config {
@@ -106,12 +122,27 @@ impl Config {
             0 => registry::AGENT_TIMEOUT,
             secs => std::time::Duration::from_secs(secs),
         };
+        let mut services = Vec::new();
+        for (region, s) in settings.services {
+            if !regions.contains(&region) {
+                return Err(RegistryError::invalid(format!(
+                    "[registry.services.{region}]: {region:?} is not a known region"
+                )));
+            }
+            let field = |name: &str| format!("[registry.services.{region}] {name}");
+            services.push(model::RegionServices {
+                cache: model::endpoint(&field("cache"), &s.cache)?,
+                processor: model::endpoint(&field("processor"), &s.processor)?,
+                region,
+            });
+        }
         Ok(Config {
             service,
             regions,
             coordinator_lease,
             agent_timeout,
             bootstrap_token_file: settings.bootstrap_token_file,
+            services,
         })
     }
 }
@@ -171,6 +202,9 @@ pub async fn serve(
     );
     // The operator token store; `tokens.authenticate(bearer)` checks a token
     // in-process.
+    for services in &config.services {
+        registry.set_region_services(services.clone()).await?;
+    }
     let tokens = registry.tokens();
     if let Some(path) = &config.bootstrap_token_file {
         tokens.bootstrap(path).await?;

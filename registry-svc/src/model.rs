@@ -908,6 +908,14 @@ pub struct ProtectedItem {
     /// cache log or replica of the old item is ever taken for the new one.
     #[serde(default)]
     pub incarnation: u64,
+    /// The cache-svc its agent streams to, placed when enabled (its source
+    /// region's); None: registry's default.
+    #[serde(default)]
+    pub cache_endpoint: Option<String>,
+    /// The processor-svc that applies it (its target region's); None: any
+    /// processor that names none.
+    #[serde(default)]
+    pub processor_endpoint: Option<String>,
 }
 
 impl ProtectedItem {
@@ -970,6 +978,59 @@ impl From<&ProtectedItem> for pb::ProtectedItem {
             created_at: Some(to_timestamp(i.created_at)),
             updated_at: Some(to_timestamp(i.updated_at)),
             incarnation: i.incarnation,
+            cache_endpoint: i.cache_endpoint.clone().unwrap_or_default(),
+            processor_endpoint: i.processor_endpoint.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// The services serving a region: the cache its VMs' agents stream to (as
+/// a source region) and the processor that applies the items replicating
+/// into it (as a target region). None: the default of each.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionServices {
+    pub region: String,
+    pub cache: Option<String>,
+    pub processor: Option<String>,
+}
+
+/// An endpoint of a region's service: empty for none, else an http:// or
+/// https:// URL with a host.
+pub fn endpoint(field: &str, url: &str) -> Result<Option<String>, RegistryError> {
+    if url.is_empty() {
+        return Ok(None);
+    }
+    let bad = |why: &str| RegistryError::invalid(format!("{field} {url:?}: {why}"));
+    let uri: tonic::codegen::http::Uri =
+        url.parse().map_err(|e| bad(&format!("not a URL ({e})")))?;
+    if !matches!(uri.scheme_str(), Some("http") | Some("https")) {
+        return Err(bad("give an http:// or https:// URL"));
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(bad("no host"));
+    }
+    Ok(Some(url.trim_end_matches('/').to_string()))
+}
+
+impl TryFrom<pb::RegionServices> for RegionServices {
+    type Error = RegistryError;
+
+    fn try_from(s: pb::RegionServices) -> Result<Self, RegistryError> {
+        check_name("region", &s.region)?;
+        Ok(RegionServices {
+            cache: endpoint("cache_endpoint", &s.cache_endpoint)?,
+            processor: endpoint("processor_endpoint", &s.processor_endpoint)?,
+            region: s.region,
+        })
+    }
+}
+
+impl From<&RegionServices> for pb::RegionServices {
+    fn from(s: &RegionServices) -> Self {
+        pb::RegionServices {
+            region: s.region.clone(),
+            cache_endpoint: s.cache.clone().unwrap_or_default(),
+            processor_endpoint: s.processor.clone().unwrap_or_default(),
         }
     }
 }

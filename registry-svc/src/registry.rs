@@ -18,7 +18,7 @@ use crate::error::RegistryError;
 use crate::lifecycle::State;
 use crate::model::{
     AgentRecord, EnableRequest, Group, GroupSecret, Health, HealthReport, NetworkMapping, Policy,
-    ProtectedItem, Vm, COMPONENTS,
+    ProtectedItem, RegionServices, Vm, COMPONENTS,
 };
 use crate::store::{Kind, Store, Writes};
 use crate::tokens::{constant_time_eq, Tokens};
@@ -302,6 +302,41 @@ impl Registry {
         &self.regions
     }
 
+    /// Every region's own services, by region.
+    pub fn region_services(&self) -> Result<Vec<RegionServices>, RegistryError> {
+        self.store.list(Kind::Region)
+    }
+
+    /// Sets a region's services (none of either: the region has none of
+    /// its own, and its record goes). Items enabled afterwards are placed
+    /// on them; items placed already keep their services.
+    pub async fn set_region_services(
+        &self,
+        services: RegionServices,
+    ) -> Result<RegionServices, RegistryError> {
+        self.check_region("region", &services.region)?;
+        let _guard = self.write.lock().await;
+        let mut writes = Writes::new();
+        if services.cache.is_none() && services.processor.is_none() {
+            writes.remove(Kind::Region, &services.region);
+        } else {
+            writes.put(Kind::Region, &services.region, &services)?;
+        }
+        self.store.commit(writes).await?;
+        tracing::info!(region = %services.region, cache = ?services.cache,
+            processor = ?services.processor, "region services set");
+        Ok(services)
+    }
+
+    /// The cache an item's agent streams to: where it was placed, else
+    /// registry's default.
+    pub fn item_cache(&self, item: &ProtectedItem) -> Result<String, RegistryError> {
+        match &item.cache_endpoint {
+            Some(url) => Ok(url.clone()),
+            None => self.cache_endpoint(),
+        }
+    }
+
     fn check_region(&self, field: &str, region: &str) -> Result<(), RegistryError> {
         if self.regions.contains(region) {
             return Ok(());
@@ -478,7 +513,17 @@ impl Registry {
 
         let incarnation = self.last_incarnation()? + 1;
         let now = SystemTime::now();
+        // Placed on the source region's cache and the target region's
+        // processor, where they have their own.
+        let source_services = self
+            .store
+            .get::<RegionServices>(Kind::Region, &vm.source_region)?;
+        let target_services = self
+            .store
+            .get::<RegionServices>(Kind::Region, &req.target_region)?;
         let item = ProtectedItem {
+            cache_endpoint: source_services.and_then(|s| s.cache),
+            processor_endpoint: target_services.and_then(|s| s.processor),
             vm_name: vm.name.clone(),
             source: vm,
             policy: policy_name,

@@ -68,7 +68,26 @@ impl RegistryApi for RegistryService {
     ) -> Result<pb::ListRegionsResponse> {
         Ok(Response::new(pb::ListRegionsResponse {
             regions: self.registry.regions().iter().cloned().collect(),
+            services: self
+                .registry
+                .region_services()?
+                .iter()
+                .map(pb::RegionServices::from)
+                .collect(),
         }))
+    }
+
+    async fn set_region_services(
+        &self,
+        request: Request<pb::SetRegionServicesRequest>,
+    ) -> Result<pb::RegionServices> {
+        let services = request
+            .into_inner()
+            .services
+            .ok_or_else(|| Status::invalid_argument("services is missing"))?;
+        let services = crate::model::RegionServices::try_from(services)?;
+        let set = self.registry.set_region_services(services).await?;
+        Ok(Response::new(pb::RegionServices::from(&set)))
     }
 
     async fn register_vm(&self, request: Request<pb::RegisterVmRequest>) -> Result<pb::Vm> {
@@ -287,7 +306,12 @@ impl RegistryApi for RegistryService {
         let req = request.into_inner();
         name("VM name", &req.vm_name)?;
         caller.check_vm(&req.vm_name)?;
-        let cache_endpoint = self.registry.cache_endpoint()?;
+        // Known before anything changes: an agent is never registered
+        // without a cache to stream to.
+        let cache_endpoint = match self.registry.get_item(&req.vm_name) {
+            Ok(item) => self.registry.item_cache(&item)?,
+            Err(_) => self.registry.cache_endpoint()?,
+        };
         let non_empty = |s: String| (!s.is_empty()).then_some(s);
         let proof = Proof {
             credential: non_empty(req.credential),

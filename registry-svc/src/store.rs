@@ -25,6 +25,8 @@ pub enum Kind {
     Marker,
     /// A VM's outstanding agent enrollment token, by VM.
     Enrollment,
+    /// A region's own services, by region.
+    Region,
 }
 
 impl Kind {
@@ -40,6 +42,7 @@ impl Kind {
             Kind::Token => "token/",
             Kind::Marker => "marker/",
             Kind::Enrollment => "enroll/",
+            Kind::Region => "region/",
         }
     }
 

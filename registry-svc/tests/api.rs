@@ -1363,3 +1363,155 @@ async fn the_rpo_grows_while_no_report_comes() {
     assert!((2.0..2.5).contains(&seconds(&moved)), "{moved:?}");
     registry.stop().await;
 }
+
+fn services(region: &str, cache: &str, processor: &str) -> pb::SetRegionServicesRequest {
+    pb::SetRegionServicesRequest {
+        services: Some(pb::RegionServices {
+            region: region.into(),
+            cache_endpoint: cache.into(),
+            processor_endpoint: processor.into(),
+        }),
+    }
+}
+
+async fn agent_cache(c: &mut Client, vm: &str) -> String {
+    c.register_agent(pb::RegisterAgentRequest {
+        vm_name: vm.into(),
+        hostname: "host".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .cache_endpoint
+}
+
+#[tokio::test]
+async fn items_are_placed_on_their_regions_services_and_keep_their_place() {
+    let mut f = fixture().await;
+    let c = &mut f.client;
+    // Enabled before any region has services: the defaults.
+    register(c, vm("early")).await.unwrap();
+    let early = enable(c, enable_req("early", "westus")).await.unwrap();
+    assert_eq!(
+        (
+            early.cache_endpoint.as_str(),
+            early.processor_endpoint.as_str()
+        ),
+        ("", "")
+    );
+
+    // Bad input: a precise status, nothing changed.
+    let before = format!(
+        "{}\n{:?}",
+        everything(c).await,
+        c.list_regions(pb::ListRegionsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    );
+    for (req, code, says) in [
+        (
+            services("atlantis", "http://c:1", ""),
+            Code::InvalidArgument,
+            "unknown region",
+        ),
+        (
+            services("eastus", "ftp://c:1", ""),
+            Code::InvalidArgument,
+            "cache_endpoint",
+        ),
+        (
+            services("eastus", "", "not a url"),
+            Code::InvalidArgument,
+            "processor_endpoint",
+        ),
+        (
+            pb::SetRegionServicesRequest { services: None },
+            Code::InvalidArgument,
+            "services is missing",
+        ),
+    ] {
+        let err = c.set_region_services(req).await.unwrap_err();
+        assert_eq!(err.code(), code, "{err:?}");
+        assert!(err.message().contains(says), "{err:?}");
+    }
+    let after = format!(
+        "{}\n{:?}",
+        everything(c).await,
+        c.list_regions(pb::ListRegionsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    );
+    assert_eq!(before, after);
+
+    // eastus's VMs stream to its cache; westus's processor applies what
+    // replicates into westus.
+    c.set_region_services(services("eastus", "http://cache-east:7102", ""))
+        .await
+        .unwrap();
+    let west = c
+        .set_region_services(services("westus", "", "https://proc-west:7103/"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(west.processor_endpoint, "https://proc-west:7103");
+    register(c, vm("placed")).await.unwrap();
+    let placed = enable(c, enable_req("placed", "westus")).await.unwrap();
+    assert_eq!(placed.cache_endpoint, "http://cache-east:7102");
+    assert_eq!(placed.processor_endpoint, "https://proc-west:7103");
+    assert_eq!(agent_cache(c, "placed").await, "http://cache-east:7102");
+    // An item keeps the place it was enabled with.
+    assert_eq!(agent_cache(c, "early").await, "http://127.0.0.1:7102");
+
+    // Kept across a restart; both empty: the region has none of its own.
+    f.registry.stop().await;
+    let registry = start_registry(
+        f._dir.path().join("registry"),
+        Some("http://127.0.0.1:7102".into()),
+    )
+    .await;
+    ferry_testkit::wait_serving(&registry.url).await;
+    let mut c = RegistryClient::connect(registry.url.clone()).await.unwrap();
+    let regions = c
+        .list_regions(pb::ListRegionsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let listed: Vec<(&str, &str, &str)> = regions
+        .services
+        .iter()
+        .map(|s| {
+            (
+                s.region.as_str(),
+                s.cache_endpoint.as_str(),
+                s.processor_endpoint.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("eastus", "http://cache-east:7102", ""),
+            ("westus", "", "https://proc-west:7103")
+        ]
+    );
+    c.set_region_services(services("eastus", "", ""))
+        .await
+        .unwrap();
+    let regions = c
+        .list_regions(pb::ListRegionsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(regions.services.len(), 1);
+    assert_eq!(
+        ferry_testkit::protected_item(&registry.url, "placed")
+            .await
+            .unwrap()
+            .cache_endpoint,
+        "http://cache-east:7102"
+    );
+    registry.stop().await;
+}

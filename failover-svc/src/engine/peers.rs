@@ -173,11 +173,76 @@ pub trait Peers: Send + Sync {
     async fn drain(&self, vm: &VmName, reason: &str, marker: &JobId) -> Result<()>;
 }
 
-/// The peers over gRPC.
+/// The peers over gRPC. Each VM's processor and cache are those registry
+/// placed its item on (learnt from every `item` call, which each job's
+/// first step makes), else the configured ones.
 pub struct Tonic {
     pub registry: RegistryClient<PeerChannel>,
     pub processor: ProcessorClient<PeerChannel>,
     pub cache: Option<CacheClient<PeerChannel>>,
+    /// A channel to a peer by URL, with failover-svc's credentials.
+    pub connect: Connect,
+    /// The largest message read from a processor.
+    pub max_message_bytes: usize,
+    /// Each VM's (and group's) placed processor and cache, by name.
+    pub placements: std::sync::Mutex<std::collections::HashMap<String, Placement>>,
+    /// Channels to placed peers, by URL: one each, reused.
+    pub channels: std::sync::Mutex<std::collections::HashMap<String, PeerChannel>>,
+}
+
+/// Makes a channel to a peer by URL.
+pub type Connect = Box<dyn Fn(&str) -> std::result::Result<PeerChannel, String> + Send + Sync>;
+
+/// Where registry placed an item: URLs, empty for the configured default.
+#[derive(Debug, Clone, Default)]
+pub struct Placement {
+    pub processor: String,
+    pub cache: String,
+}
+
+impl Tonic {
+    fn channel(&self, url: &str) -> std::result::Result<PeerChannel, String> {
+        let mut channels = self
+            .channels
+            .lock()
+            .map_err(|_| "channel lock".to_string())?;
+        if let Some(c) = channels.get(url) {
+            return Ok(c.clone());
+        }
+        let c = (self.connect)(url)?;
+        channels.insert(url.to_string(), c.clone());
+        Ok(c)
+    }
+
+    fn placement(&self, name: &str) -> Placement {
+        self.placements
+            .lock()
+            .ok()
+            .and_then(|p| p.get(name).cloned())
+            .unwrap_or_default()
+    }
+
+    /// The processor of `name` (a VM, or `group:<name>`).
+    fn processor_of(&self, name: &str) -> Result<ProcessorClient<PeerChannel>> {
+        match self.placement(name).processor.as_str() {
+            "" => Ok(self.processor.clone()),
+            url => self
+                .channel(url)
+                .map(|c| ProcessorClient::new(c).max_decoding_message_size(self.max_message_bytes))
+                .map_err(|e| Refused::unavailable(format!("{name}'s processor {url}: {e}")).into()),
+        }
+    }
+
+    /// The cache of VM `name`, if any.
+    fn cache_of(&self, name: &str) -> Result<Option<CacheClient<PeerChannel>>> {
+        match self.placement(name).cache.as_str() {
+            "" => Ok(self.cache.clone()),
+            url => self
+                .channel(url)
+                .map(|c| Some(CacheClient::new(c)))
+                .map_err(|e| Refused::unavailable(format!("{name}'s cache {url}: {e}")).into()),
+        }
+    }
 }
 
 fn point(p: proc::RecoveryPoint) -> Point {
@@ -302,8 +367,22 @@ impl Peers for Tonic {
                 vm_name: vm.to_string(),
             })
             .await
-            .map_err(|s| FailoverError::peer("registry", s))?;
-        item(answer.into_inner())
+            .map_err(|s| FailoverError::peer("registry", s))?
+            .into_inner();
+        let placement = Placement {
+            processor: answer.processor_endpoint.clone(),
+            cache: answer.cache_endpoint.clone(),
+        };
+        if let Ok(mut p) = self.placements.lock() {
+            if !answer.replication_group.is_empty() {
+                p.insert(
+                    format!("group:{}", answer.replication_group),
+                    placement.clone(),
+                );
+            }
+            p.insert(vm.to_string(), placement);
+        }
+        item(answer)
     }
 
     async fn transition(
@@ -344,8 +423,7 @@ impl Peers for Tonic {
     }
 
     async fn point(&self, vm: &VmName, id: &str) -> Result<Point> {
-        self.processor
-            .clone()
+        self.processor_of(vm.as_str())?
             .get_recovery_point(proc::GetRecoveryPointRequest {
                 vm_name: vm.to_string(),
                 point_id: id.to_string(),
@@ -362,8 +440,7 @@ impl Peers for Tonic {
             PointKind::MultiVm => proc::PointKind::MultiVm,
         };
         Ok(self
-            .processor
-            .clone()
+            .processor_of(vm.as_str())?
             .list_recovery_points(proc::ListRecoveryPointsRequest {
                 vm_name: vm.to_string(),
                 kind: kind as i32,
@@ -380,8 +457,7 @@ impl Peers for Tonic {
     }
 
     async fn cut_point(&self, vm: &VmName) -> Result<Point> {
-        self.processor
-            .clone()
+        self.processor_of(vm.as_str())?
             .cut_recovery_point(proc::CutRecoveryPointRequest {
                 vm_name: vm.to_string(),
             })
@@ -392,8 +468,7 @@ impl Peers for Tonic {
 
     async fn group_points(&self, group: &str) -> Result<Vec<GroupPoint>> {
         Ok(self
-            .processor
-            .clone()
+            .processor_of(&format!("group:{group}"))?
             .list_group_points(proc::ListGroupPointsRequest {
                 replication_group: group.to_string(),
                 limit: 0,
@@ -411,8 +486,7 @@ impl Peers for Tonic {
     }
 
     async fn pin(&self, vm: &VmName, point: &str, holder: &JobId) -> Result<()> {
-        self.processor
-            .clone()
+        self.processor_of(vm.as_str())?
             .pin_recovery_point(proc::PinRecoveryPointRequest {
                 vm_name: vm.to_string(),
                 point_id: point.to_string(),
@@ -424,8 +498,7 @@ impl Peers for Tonic {
     }
 
     async fn unpin(&self, vm: &VmName, point: &str, holder: &JobId) -> Result<()> {
-        self.processor
-            .clone()
+        self.processor_of(vm.as_str())?
             .unpin_recovery_point(proc::UnpinRecoveryPointRequest {
                 vm_name: vm.to_string(),
                 point_id: point.to_string(),
@@ -445,8 +518,7 @@ impl Peers for Tonic {
         length: u64,
     ) -> Result<Extents> {
         let stream = self
-            .processor
-            .clone()
+            .processor_of(vm.as_str())?
             .read_disk(proc::ReadDiskRequest {
                 vm_name: vm.to_string(),
                 point_id: point.to_string(),
@@ -465,8 +537,7 @@ impl Peers for Tonic {
 
     async fn disk_digest(&self, vm: &VmName, point: &str, disk: &str) -> Result<Digest> {
         let d = self
-            .processor
-            .clone()
+            .processor_of(vm.as_str())?
             .get_disk_digest(proc::GetDiskDigestRequest {
                 vm_name: vm.to_string(),
                 point_id: point.to_string(),
@@ -488,10 +559,11 @@ impl Peers for Tonic {
     }
 
     async fn drain(&self, vm: &VmName, reason: &str, marker: &JobId) -> Result<()> {
-        let mut cache = self
-            .cache
-            .clone()
-            .ok_or_else(|| Refused::failed_precondition("failover-svc has no --cache"))?;
+        let mut cache = self.cache_of(vm.as_str())?.ok_or_else(|| {
+            Refused::failed_precondition(
+                "failover-svc has no --cache and the VM has no cache of its region's",
+            )
+        })?;
         cache
             .send_control(cache::SendControlRequest {
                 vm_name: vm.to_string(),

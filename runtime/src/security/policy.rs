@@ -209,6 +209,10 @@ pub const TABLE: &[(&str, Allow)] = &[
     ),
     // registry: configuration.
     (
+        "ferry.registry.v1.Registry/SetRegionServices",
+        role(Admin).mutating(),
+    ),
+    (
         "ferry.registry.v1.Registry/CreatePolicy",
         role(Admin).mutating(),
     ),
