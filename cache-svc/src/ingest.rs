@@ -187,6 +187,21 @@ impl CacheService {
                 _ => CacheError::Registry(s.message().into()),
             })?
             .into_inner();
+        // Only the cache registry placed the item on keeps its log: one
+        // VM's records never split over two caches.
+        if !ferry_runtime::peers::serves(self.endpoint.as_deref(), &item.cache_endpoint) {
+            let placed = if item.cache_endpoint.is_empty() {
+                "registry's default cache".to_string()
+            } else {
+                format!("cache {}", item.cache_endpoint)
+            };
+            return Err(Refused::failed_precondition(format!(
+                "VM {vm:?} streams to {placed} (its source region's), not to this cache \
+                 ({}); restart its agent so that it asks registry again",
+                self.endpoint.as_deref().unwrap_or("the default")
+            ))
+            .into());
+        }
         // Registry still says this VM's records are refused for a full disk
         // (the cache restarted since, say): the next batch that fits clears it.
         if item.health_reports.iter().any(|r| {

@@ -46,6 +46,10 @@ pub struct Settings {
     /// Bytes kept free on the data directory's filesystem for the index:
     /// a batch that would leave less is refused like one past a quota.
     pub reserve_bytes: u64,
+    /// The URL registry knows this cache by (`[registry.services.<region>]
+    /// cache`): it takes the streams of the items placed on it. Empty: of
+    /// the items placed on no cache (the embedded default).
+    pub endpoint: String,
 }
 
 impl Default for Settings {
@@ -55,6 +59,7 @@ impl Default for Settings {
             vm_quota_bytes: 16 << 30,
             total_quota_bytes: 128 << 30,
             reserve_bytes: 64 << 20,
+            endpoint: String::new(),
         }
     }
 }
@@ -109,6 +114,7 @@ pub async fn run(
             room,
             shutdown.clone(),
             limits.max_message_bytes,
+            (!settings.endpoint.is_empty()).then(|| settings.endpoint.clone()),
         ))
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes),

@@ -33,6 +33,9 @@ pub struct CacheService {
     shutdown: CancellationToken,
     /// Tail batches stay well under the largest message the server sends.
     max_batch_bytes: usize,
+    /// The URL registry places items on this cache by; None: it takes the
+    /// items placed on no cache.
+    pub(crate) endpoint: Option<String>,
 }
 
 impl CacheService {
@@ -43,6 +46,7 @@ impl CacheService {
         room: crate::ingest::Room,
         shutdown: CancellationToken,
         max_message_bytes: usize,
+        endpoint: Option<String>,
     ) -> Self {
         CacheService {
             store,
@@ -51,6 +55,7 @@ impl CacheService {
             room: Arc::new(room),
             shutdown,
             max_batch_bytes: (max_message_bytes / 2).max(4096),
+            endpoint,
         }
     }
 }

@@ -1086,3 +1086,58 @@ fn an_append_the_full_disk_took_in_part_is_undone() {
     }
     assert_eq!(all, (1..=35).map(record).collect::<Vec<_>>());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_reaching_a_cache_its_item_is_not_placed_on_is_refused() {
+    // This cache names no endpoint: it takes only items placed on no cache.
+    let env = in_process(1 << 20, 256 * 1024).await;
+    RegistryClient::connect(env.registry.url.clone())
+        .await
+        .unwrap()
+        .set_region_services(reg::SetRegionServicesRequest {
+            services: Some(reg::RegionServices {
+                region: "eastus".into(),
+                cache_endpoint: "http://cache.eastus:7102".into(),
+                processor_endpoint: String::new(),
+            }),
+        })
+        .await
+        .unwrap();
+    let cred = protect(&env.registry.url, "elsewhere").await;
+    let err = match Stream::open(&env.cache_url, "elsewhere", &cred).await {
+        Err(err) => err,
+        Ok(_) => panic!("a stream of an item placed on another cache was opened"),
+    };
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("http://cache.eastus:7102"),
+        "{err:?}"
+    );
+    // Nothing of it is kept here.
+    let info = CacheClient::connect(env.cache_url.clone())
+        .await
+        .unwrap()
+        .get_log_info(pb::GetLogInfoRequest {
+            vm_name: "elsewhere".into(),
+        })
+        .await;
+    assert_eq!(info.unwrap_err().code(), Code::NotFound);
+
+    // A cache that names itself takes no item placed on none.
+    let named = in_process_with(
+        cache_svc::Settings {
+            endpoint: "http://cache.westus:7102".into(),
+            ..Default::default()
+        },
+        256 * 1024,
+    )
+    .await;
+    let cred = protect(&named.registry.url, "default").await;
+    let err = match Stream::open(&named.cache_url, "default", &cred).await {
+        Err(err) => err,
+        Ok(_) => panic!("a stream of an item placed on no cache was opened"),
+    };
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    env.cache_shutdown.cancel();
+    named.cache_shutdown.cancel();
+}

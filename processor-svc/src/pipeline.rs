@@ -116,17 +116,6 @@ pub struct Pipelines {
 /// Makes a cache client for a URL.
 pub type Connect = Box<dyn Fn(&str) -> Result<CacheClient<PeerChannel>, String> + Send + Sync>;
 
-/// Whether a processor named `endpoint` applies an item placed on
-/// `placed` (empty: on none): the same URL (a trailing '/' aside), or both
-/// none.
-pub fn applies(endpoint: Option<&str>, placed: &str) -> bool {
-    let placed = placed.trim_end_matches('/');
-    match endpoint {
-        Some(e) => !placed.is_empty() && e.trim_end_matches('/') == placed,
-        None => placed.is_empty(),
-    }
-}
-
 impl Pipelines {
     pub fn new(
         replicas: Arc<Replicas>,
@@ -358,7 +347,7 @@ impl Pipelines {
         use registry::ReplicationState as S;
         let removed = event.kind() == registry::EventKind::Removed;
         let Some(item) = event.item else { return };
-        if !applies(self.endpoint.as_deref(), &item.processor_endpoint) {
+        if !ferry_runtime::peers::serves(self.endpoint.as_deref(), &item.processor_endpoint) {
             // Another processor's: its replica, if one is here from
             // before, is kept, never deleted on another's word.
             tracing::debug!(vm = %item.vm_name, placed = %item.processor_endpoint,
@@ -1147,20 +1136,5 @@ impl Follower for Following {
 
     async fn synced(&mut self, protected: &BTreeMap<String, u64>, last_incarnation: u64) {
         self.0.reconcile(protected, last_incarnation).await
-    }
-}
-
-#[cfg(test)]
-mod placement_tests {
-    use super::applies;
-
-    #[test]
-    fn a_processor_applies_the_items_placed_on_it_and_no_others() {
-        assert!(applies(None, ""));
-        assert!(!applies(None, "http://p1:7103"));
-        assert!(applies(Some("http://p1:7103"), "http://p1:7103/"));
-        assert!(applies(Some("http://p1:7103/"), "http://p1:7103"));
-        assert!(!applies(Some("http://p1:7103"), "http://p2:7103"));
-        assert!(!applies(Some("http://p1:7103"), ""));
     }
 }

@@ -157,3 +157,29 @@ pub async fn wait_serving(
         }
     }
 }
+
+/// Whether a service that names itself `me` (its `endpoint` setting;
+/// None: it names none) serves what registry placed on `placed` (empty: on
+/// no particular one): the same URL, a trailing '/' aside, or both none.
+pub fn serves(me: Option<&str>, placed: &str) -> bool {
+    let placed = placed.trim_end_matches('/');
+    match me {
+        Some(me) => !placed.is_empty() && me.trim_end_matches('/') == placed,
+        None => placed.is_empty(),
+    }
+}
+
+#[cfg(test)]
+mod placement_tests {
+    use super::serves;
+
+    #[test]
+    fn a_service_serves_what_is_placed_on_it_and_nothing_else() {
+        assert!(serves(None, ""));
+        assert!(!serves(None, "http://p1:7103"));
+        assert!(serves(Some("http://p1:7103"), "http://p1:7103/"));
+        assert!(serves(Some("http://p1:7103/"), "http://p1:7103"));
+        assert!(!serves(Some("http://p1:7103"), "http://p2:7103"));
+        assert!(!serves(Some("http://p1:7103"), ""));
+    }
+}

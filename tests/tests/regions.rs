@@ -45,7 +45,10 @@ async fn each_processor_applies_only_the_items_placed_on_it() {
     let stop_cache = CancellationToken::new();
     let cache = tokio::spawn(cache_svc::run(
         config,
-        cache_svc::Settings::default(),
+        cache_svc::Settings {
+            endpoint: east.clone(),
+            ..Default::default()
+        },
         listener,
         stop_cache.clone(),
     ));
