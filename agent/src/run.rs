@@ -83,6 +83,39 @@ pub enum GroupPort {
     Listen(String),
 }
 
+impl AgentOptions {
+    /// An agent of `vm` exporting on `nbd`, its disks under `disk_roots`,
+    /// with every other setting at the binary's default: no group port,
+    /// no scripts, not attached, default limits and heartbeat, no
+    /// credentials.
+    pub fn new(
+        registry: impl Into<String>,
+        vm: impl Into<String>,
+        nbd: crate::nbd::NbdListeners,
+        state_dir: PathBuf,
+        disk_roots: Vec<PathBuf>,
+    ) -> AgentOptions {
+        AgentOptions {
+            registry: registry.into(),
+            vm: vm.into(),
+            nbd,
+            group: GroupPort::Off,
+            group_tls: None,
+            group_insecure: false,
+            enrollment_token: None,
+            group_address: String::new(),
+            state_dir,
+            disk_roots,
+            limits: StreamLimits::default(),
+            nbd_limits: Default::default(),
+            attached: false,
+            heartbeat: crate::health::HEARTBEAT,
+            scripts: None,
+            credentials: Default::default(),
+        }
+    }
+}
+
 /// Why the agent could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {

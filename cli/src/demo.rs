@@ -13,7 +13,6 @@ use ferry_runtime::CancellationToken;
 use tokio::sync::mpsc;
 
 use ferry_agent::run::{Agent, AgentOptions};
-use ferry_agent::stream::StreamLimits;
 use ferry_proto::failover::v1 as fo;
 use ferry_proto::failover::v1::failover_client::FailoverClient;
 use ferry_proto::processor::v1 as proc_pb;
@@ -310,24 +309,13 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<Figu
     );
     let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let nbd_addr = nbd.local_addr()?.to_string();
-    let agent = Agent::start(AgentOptions {
-        registry: url.to_string(),
-        vm: "demo-web".into(),
-        nbd: nbd.into(),
-        group: ferry_agent::run::GroupPort::Off,
-        group_tls: None,
-        group_insecure: false,
-        enrollment_token: None,
-        group_address: String::new(),
-        state_dir: dir.join("agent"),
-        disk_roots: vec![images.clone()],
-        limits: StreamLimits::default(),
-        nbd_limits: Default::default(),
-        attached: false,
-        heartbeat: ferry_agent::health::HEARTBEAT,
-        scripts: None,
-        credentials: Default::default(),
-    })
+    let agent = Agent::start(AgentOptions::new(
+        url,
+        "demo-web",
+        nbd.into(),
+        dir.join("agent"),
+        vec![images.clone()],
+    ))
     .await?;
     println!("    NBD exports nbd://{nbd_addr}/os and nbd://{nbd_addr}/data");
     wait_event_for(

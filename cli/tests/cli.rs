@@ -723,24 +723,13 @@ async fn protected_cluster(
     )
     .await;
     let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let agent = ferry_agent::run::Agent::start(ferry_agent::run::AgentOptions {
-        registry: cluster.registry.url.clone(),
-        vm: "vm".into(),
-        nbd: nbd.into(),
-        group: ferry_agent::run::GroupPort::Off,
-        group_tls: None,
-        group_insecure: false,
-        enrollment_token: None,
-        group_address: String::new(),
-        state_dir: dir.join("agent"),
-        disk_roots: vec![dir.to_path_buf()],
-        limits: ferry_agent::stream::StreamLimits::default(),
-        nbd_limits: Default::default(),
-        attached: false,
-        heartbeat: ferry_agent::health::HEARTBEAT,
-        scripts: None,
-        credentials: Default::default(),
-    })
+    let agent = ferry_agent::run::Agent::start(ferry_agent::run::AgentOptions::new(
+        cluster.registry.url.clone(),
+        "vm",
+        nbd.into(),
+        dir.join("agent"),
+        vec![dir.to_path_buf()],
+    ))
     .await
     .unwrap();
     let registry = cluster.registry.url.clone();

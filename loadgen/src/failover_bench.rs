@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ferry_agent::run::{Agent, AgentOptions};
-use ferry_agent::stream::StreamLimits;
 use ferry_proto::failover::v1 as fo;
 use ferry_proto::failover::v1::failover_client::FailoverClient;
 use ferry_proto::registry::v1 as reg;
@@ -36,24 +35,13 @@ pub(crate) fn half_written(path: &Path, size: u64) -> Result<()> {
 /// The agent of "vm", its disks under `dir`, exporting them on loopback.
 pub(crate) async fn agent(registry: &str, dir: &Path) -> Result<Agent> {
     let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    Ok(Agent::start(AgentOptions {
-        registry: registry.to_string(),
-        vm: "vm".into(),
-        nbd: nbd.into(),
-        group: ferry_agent::run::GroupPort::Off,
-        group_tls: None,
-        group_insecure: false,
-        enrollment_token: None,
-        group_address: String::new(),
-        state_dir: dir.join("agent"),
-        disk_roots: vec![dir.to_path_buf()],
-        limits: StreamLimits::default(),
-        nbd_limits: Default::default(),
-        attached: false,
-        heartbeat: ferry_agent::health::HEARTBEAT,
-        scripts: None,
-        credentials: Default::default(),
-    })
+    Ok(Agent::start(AgentOptions::new(
+        registry,
+        "vm",
+        nbd.into(),
+        dir.join("agent"),
+        vec![dir.to_path_buf()],
+    ))
     .await?)
 }
 

@@ -14,7 +14,6 @@ use anyhow::{bail, Result};
 use ferry_agent::capture::Capture;
 use ferry_agent::group::{Peers, ROUND_DEADLINE};
 use ferry_agent::run::{Agent, AgentOptions, GroupPort};
-use ferry_agent::stream::StreamLimits;
 use ferry_proto::registry::v1 as reg;
 
 const DISK: u64 = 64 << 20;
@@ -80,22 +79,14 @@ pub async fn run(dir: &Path, vms: usize, secs: u64) -> Result<()> {
         let group = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         agents.push(
             Agent::start(AgentOptions {
-                registry: registry.clone(),
-                vm: vm.clone(),
-                nbd: nbd.into(),
                 group: GroupPort::Bound(group),
-                group_tls: None,
-                group_insecure: false,
-                enrollment_token: None,
-                group_address: String::new(),
-                state_dir: dir.join(format!("{vm}-agent")),
-                disk_roots: vec![dir.to_path_buf()],
-                limits: StreamLimits::default(),
-                nbd_limits: Default::default(),
-                attached: false,
-                heartbeat: ferry_agent::health::HEARTBEAT,
-                scripts: None,
-                credentials: Default::default(),
+                ..AgentOptions::new(
+                    registry.clone(),
+                    vm.clone(),
+                    nbd.into(),
+                    dir.join(format!("{vm}-agent")),
+                    vec![dir.to_path_buf()],
+                )
             })
             .await?,
         );

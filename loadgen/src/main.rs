@@ -280,24 +280,13 @@ async fn rig(dir: &Path, vm: &str) -> Result<Rig> {
     .await?;
     let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let nbd_port = nbd.local_addr()?.port();
-    let agent = Agent::start(AgentOptions {
-        registry: registry.url.clone(),
-        vm: vm.into(),
-        nbd: nbd.into(),
-        group: ferry_agent::run::GroupPort::Off,
-        group_tls: None,
-        group_insecure: false,
-        enrollment_token: None,
-        group_address: String::new(),
-        state_dir: dir.join(format!("{vm}-agent")),
-        disk_roots: vec![dir.to_path_buf()],
-        limits: StreamLimits::default(),
-        nbd_limits: Default::default(),
-        attached: false,
-        heartbeat: ferry_agent::health::HEARTBEAT,
-        scripts: None,
-        credentials: Default::default(),
-    })
+    let agent = Agent::start(AgentOptions::new(
+        registry.url.clone(),
+        vm,
+        nbd.into(),
+        dir.join(format!("{vm}-agent")),
+        vec![dir.to_path_buf()],
+    ))
     .await?;
     let url = registry.url.clone();
     ferry_testkit::wait_for("PROTECTED", Duration::from_secs(120), || async {

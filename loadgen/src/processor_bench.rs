@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use ferry_agent::run::{Agent, AgentOptions};
-use ferry_agent::stream::StreamLimits;
 use ferry_proto::cache::v1::record::Op;
 use ferry_proto::cache::v1::{Marker, MarkerKind, Record, WriteOp};
 use ferry_proto::ids::Incarnation;
@@ -159,24 +158,13 @@ async fn rpo_lag(dir: &Path, mb_per_sec: f64, secs: u64) -> Result<(f64, f64, f6
     ferry_testkit::create_policy(&registry, "rpo", Duration::from_secs(1), day, day, day).await;
     ferry_testkit::protect_vm_with(&registry, "vm", &[("os", size, &source)], "rpo").await;
     let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let agent = Agent::start(AgentOptions {
-        registry: registry.clone(),
-        vm: "vm".into(),
-        nbd: nbd.into(),
-        group: ferry_agent::run::GroupPort::Off,
-        group_tls: None,
-        group_insecure: false,
-        enrollment_token: None,
-        group_address: String::new(),
-        state_dir: dir.join("rpo-agent"),
-        disk_roots: vec![dir.to_path_buf()],
-        limits: StreamLimits::default(),
-        nbd_limits: Default::default(),
-        attached: false,
-        heartbeat: ferry_agent::health::HEARTBEAT,
-        scripts: None,
-        credentials: Default::default(),
-    })
+    let agent = Agent::start(AgentOptions::new(
+        registry.clone(),
+        "vm",
+        nbd.into(),
+        dir.join("rpo-agent"),
+        vec![dir.to_path_buf()],
+    ))
     .await?;
     ferry_testkit::wait_for("PROTECTED", Duration::from_secs(60), || async {
         ferry_testkit::protected_item(&registry, "vm")
