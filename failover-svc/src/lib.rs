@@ -177,6 +177,7 @@ pub async fn run(
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes),
     );
+    let stopping = engine.clone();
     // Unfinished jobs resume before health turns SERVING.
     let resume = async move {
         match engine.resume() {
@@ -199,5 +200,7 @@ pub async fn run(
             std::future::ready(()),
         )
         .await?;
+    // Jobs stop at shutdown; a backend call they made may still run.
+    stopping.stopped(std::time::Duration::from_secs(30)).await;
     Ok(())
 }

@@ -73,6 +73,9 @@ pub struct Engine {
     /// Serving points to instantly failed-over VMs; None: instant failover
     /// is off.
     pub(crate) instant: Option<crate::point_exports::InstantFailover>,
+    /// The jobs' tasks and the backend calls they made: waited for at
+    /// shutdown, so nothing of the engine outlives the service.
+    tasks: tokio_util::task::TaskTracker,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -120,8 +123,21 @@ impl Engine {
             write_rate,
             start_timeout,
             instant,
+            tasks: tokio_util::task::TaskTracker::new(),
             shutdown,
         })
+    }
+
+    /// After shutdown: waits (at most `within`) for the jobs' tasks and
+    /// their backend calls to end, so that the engine's records are closed
+    /// when failover-svc returns (a restart in the same process opens them
+    /// again). A call still running then is logged and left.
+    pub async fn stopped(&self, within: Duration) {
+        self.tasks.close();
+        if tokio::time::timeout(within, self.tasks.wait()).await.is_err() {
+            tracing::warn!(tasks = self.tasks.len(), ?within,
+                "failover-svc stopped with backend calls still running");
+        }
     }
 
     /// Instant failover's means; FAILED_PRECONDITION when it is off.
@@ -150,7 +166,8 @@ impl Engine {
         f: impl FnOnce(&dyn Backend) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let backend = self.backend.clone();
-        tokio::task::spawn_blocking(move || f(backend.as_ref()))
+        self.tasks
+            .spawn_blocking(move || f(backend.as_ref()))
             .await
             .map_err(|e| Refused::unavailable(format!("backend call ended abnormally: {e}")))?
     }
@@ -460,7 +477,7 @@ impl Engine {
     /// recursion out of the futures' types.
     fn spawn_run(self: &Arc<Self>, job: JobRecord) {
         let engine = self.clone();
-        tokio::spawn(async move { engine.run(job).await });
+        self.tasks.spawn(async move { engine.run(job).await });
     }
 
     fn release(&self, key: &str) {
