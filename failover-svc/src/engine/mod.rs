@@ -134,9 +134,15 @@ impl Engine {
     /// again). A call still running then is logged and left.
     pub async fn stopped(&self, within: Duration) {
         self.tasks.close();
-        if tokio::time::timeout(within, self.tasks.wait()).await.is_err() {
-            tracing::warn!(tasks = self.tasks.len(), ?within,
-                "failover-svc stopped with backend calls still running");
+        if tokio::time::timeout(within, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                tasks = self.tasks.len(),
+                ?within,
+                "failover-svc stopped with backend calls still running"
+            );
         }
     }
 
