@@ -40,6 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .bytes(".ferry.cache.v1.WriteOp.data")
         .bytes(".ferry.processor.v1.DiskExtent.data")
+        .bytes(".ferry.processor.v1.SeedData.data")
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;

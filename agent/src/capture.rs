@@ -231,6 +231,9 @@ pub struct Capture {
     /// is not ready, since until then the agent's copy of the disk is
     /// partial (no recovery point may show it).
     sync_gate: tokio::sync::watch::Sender<bool>,
+    /// Set while a re-protected VM's initial replication compares digests:
+    /// the chunks the processor then asks for are part of it, not a resync.
+    comparing: std::sync::atomic::AtomicBool,
 }
 
 impl Capture {
@@ -254,7 +257,20 @@ impl Capture {
             unchanged: std::sync::atomic::AtomicU64::new(0),
             unchanged_bytes: std::sync::atomic::AtomicU64::new(0),
             sync_gate: tokio::sync::watch::channel(true).0,
+            comparing: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Marks the initial replication by digest comparison as running (or
+    /// over).
+    pub fn set_comparing(&self, on: bool) {
+        self.comparing
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether an initial replication by digest comparison runs.
+    pub fn comparing(&self) -> bool {
+        self.comparing.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Opens or closes the sync gate: while closed, initial replication and

@@ -140,3 +140,140 @@ pub async fn replicate(
     tracing::info!(vm, chunks = sent, "initial replication complete");
     Ok(sent)
 }
+
+/// Bytes of disk per digest record while comparing (16 chunks of the
+/// changed-chunk size: 1 MiB).
+const COMPARE_SPAN: u64 = 16 * crate::stream::DIRTY_CHUNK;
+
+/// How often registry is asked whether the reverse replica has its first
+/// point.
+const FIRST_POINT_POLL: Duration = Duration::from_millis(500);
+
+/// The SYNC_STARTED / SYNC_COMPLETED id of a comparison round.
+pub const COMPARE_ID: &str = "reprotect";
+
+/// Initial replication of a re-protected VM, whose reverse replica was
+/// seeded from the original disks: each disk's chunk digests go through
+/// the stream (SYNC_STARTED .. SYNC_COMPLETED); the processor compares
+/// them with the seed and asks for the chunks that differ, which the
+/// resync rounds send as data. Registry sees INITIAL_REPLICATION with a
+/// percentage, then PROTECTED once the reverse replica has its first
+/// point: every disk compared and every differing chunk applied. Returns
+/// the number of chunks compared.
+pub async fn replicate_by_checksum(
+    capture: &Capture,
+    registry: &mut RegistryClient<PeerChannel>,
+    vm: &str,
+) -> Result<u64, InitialError> {
+    capture.set_comparing(true);
+    let started = Instant::now();
+    let moved = registry
+        .transition_state(reg::TransitionStateRequest {
+            vm_name: vm.to_string(),
+            to: reg::ReplicationState::InitialReplication as i32,
+            reason: "agent compares the disks with the reverse replica's seed".into(),
+            ..Default::default()
+        })
+        .await;
+    if let Err(status) = moved {
+        capture.set_comparing(false);
+        return Err(status.into());
+    }
+    let ids = capture.disk_ids();
+    let mut total = 0u64;
+    for id in &ids {
+        total += capture.disk(id)?.size;
+    }
+    let mut done = 0u64;
+    let mut compared = 0u64;
+    let mut last_report = Instant::now();
+    for id in &ids {
+        let size = capture.disk(id)?.size;
+        capture
+            .marker(id, MarkerKind::SyncStarted, COMPARE_ID)
+            .await;
+        let mut at = 0;
+        while at < size {
+            let len = COMPARE_SPAN.min(size - at);
+            capture
+                .digest_chunks(id, at, len, crate::stream::DIRTY_CHUNK)
+                .await?;
+            compared += len.div_ceil(crate::stream::DIRTY_CHUNK);
+            at += len;
+            if last_report.elapsed() >= Duration::from_secs(1) {
+                last_report = Instant::now();
+                let _ = registry
+                    .report_replication_progress(reg::ReportReplicationProgressRequest {
+                        vm_name: vm.to_string(),
+                        percent: ((done + at) * 90 / total.max(1)) as u32,
+                    })
+                    .await;
+            }
+        }
+        capture.sync_gate().await;
+        capture
+            .marker(id, MarkerKind::SyncCompleted, COMPARE_ID)
+            .await;
+        done += size;
+    }
+    capture.stream().flushed().await;
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    tracing::info!(
+        vm,
+        chunks = compared,
+        mib_per_sec = total as f64 / (1 << 20) as f64 / secs,
+        "every chunk's digest sent; waiting for the reverse replica's first point"
+    );
+    let _ = registry
+        .report_replication_progress(reg::ReportReplicationProgressRequest {
+            vm_name: vm.to_string(),
+            percent: 90,
+        })
+        .await;
+    // The differing chunks go through resync rounds meanwhile.
+    loop {
+        tokio::time::sleep(FIRST_POINT_POLL).await;
+        let item = match registry
+            .get_protected_item(reg::GetProtectedItemRequest {
+                vm_name: vm.to_string(),
+            })
+            .await
+        {
+            Ok(item) => item.into_inner(),
+            Err(status) => {
+                tracing::debug!(vm, %status, "registry away; asking again");
+                continue;
+            }
+        };
+        if item.state() != reg::ReplicationState::InitialReplication {
+            // Failed over, disabled, re-protected again: not ours to finish.
+            capture.set_comparing(false);
+            return Ok(compared);
+        }
+        if item.last_recovery_point_time.is_some() && !capture.stream().tracking().await.0 {
+            break;
+        }
+    }
+    capture.set_comparing(false);
+    registry
+        .report_replication_progress(reg::ReportReplicationProgressRequest {
+            vm_name: vm.to_string(),
+            percent: 100,
+        })
+        .await?;
+    registry
+        .transition_state(reg::TransitionStateRequest {
+            vm_name: vm.to_string(),
+            to: reg::ReplicationState::Protected as i32,
+            reason: "initial replication complete: the reverse replica matches".into(),
+            ..Default::default()
+        })
+        .await?;
+    tracing::info!(
+        vm,
+        chunks = compared,
+        secs = started.elapsed().as_secs_f64(),
+        "initial replication by digest comparison complete"
+    );
+    Ok(compared)
+}

@@ -72,6 +72,9 @@ pub struct Assignment {
     pub state: pb::ReplicationState,
     /// The VM's replication group; empty if none.
     pub group: String,
+    /// The item was re-protected: its reverse replica holds the original
+    /// disks, and initial replication compares digests instead of copying.
+    pub reprotected: bool,
     credential: String,
 }
 
@@ -90,6 +93,7 @@ impl std::fmt::Debug for Assignment {
             .field("epoch", &self.epoch)
             .field("state", &self.state)
             .field("group", &self.group)
+            .field("reprotected", &self.reprotected)
             .field("credential", &"<redacted>")
             .finish()
     }
@@ -138,6 +142,10 @@ pub async fn register(
             .as_ref()
             .map(|i| i.state())
             .unwrap_or(pb::ReplicationState::Unspecified),
+        reprotected: grant
+            .item
+            .as_ref()
+            .is_some_and(|i| i.reprotection.is_some()),
         group: grant.item.map(|i| i.replication_group).unwrap_or_default(),
         credential: grant.credential,
     })

@@ -82,6 +82,7 @@ impl prometheus_client::collector::Collector for AgentMetrics {
             return Ok(());
         };
         let labels = [("vm", self.vm.as_str())];
+        let streamed = capture.stream().streamed_bytes();
         let (writes, bytes) = capture.written();
         let (unchanged, unchanged_bytes) = capture.unchanged();
         for (name, help, unit, value) in [
@@ -110,6 +111,13 @@ impl prometheus_client::collector::Collector for AgentMetrics {
                 "Bytes of those writes",
                 Some(&Unit::Bytes),
                 unchanged_bytes,
+            ),
+            (
+                "ferry_agent_streamed",
+                "Bytes of the records put into the replication stream (encoded): writes, \
+                 copies, resent chunks, digests and markers; what crosses to the cache",
+                Some(&Unit::Bytes),
+                streamed,
             ),
         ] {
             let counter = ConstCounter::new(value);

@@ -88,7 +88,10 @@ pub async fn run(
         let (tracking, renumbered) = capture.stream().tracking().await;
         let detached = capture.stream().detached().await.is_some();
         let mut failed = false;
-        if tracking && !reported && !detached {
+        // Chunks a re-protect's digest comparison asks for are part of its
+        // initial replication: no RESYNC_REQUIRED for them.
+        let comparing = capture.comparing();
+        if tracking && !reported && !detached && !comparing {
             let reason = capture.stream().tracking_reason().await;
             match transition(registry, vm, reg::ReplicationState::ResyncRequired, &reason).await {
                 Ok(()) => reported = true,
@@ -100,7 +103,7 @@ pub async fn run(
         }
         if tracking && renumbered && !detached && !failed {
             if let Some(set) = capture.end_tracking().await {
-                match resync(capture, registry, vm, set).await {
+                match resync(capture, registry, vm, set, !comparing).await {
                     Ok(_) => {
                         reported = false;
                         backoff.reset();
@@ -139,14 +142,17 @@ pub async fn resync(
     registry: &mut RegistryClient<PeerChannel>,
     vm: &str,
     set: crate::stream::ResyncSet,
+    report: bool,
 ) -> Result<u64, ResyncError> {
-    transition(
-        registry,
-        vm,
-        reg::ReplicationState::Resyncing,
-        "sending changed chunks",
-    )
-    .await?;
+    if report {
+        transition(
+            registry,
+            vm,
+            reg::ReplicationState::Resyncing,
+            "sending changed chunks",
+        )
+        .await?;
+    }
     let total = set.count().max(1);
     let mut done = 0u64;
     // Every disk of the round was opened (SYNC_STARTED) as tracking ended.
@@ -171,7 +177,7 @@ pub async fn resync(
                 .await?;
             capture.stream().resent(&disk, chunk).await;
             done += 1;
-            if done.is_multiple_of(256) {
+            if report && done.is_multiple_of(256) {
                 let _ = registry
                     .report_replication_progress(reg::ReportReplicationProgressRequest {
                         vm_name: vm.to_string(),
@@ -201,7 +207,7 @@ pub async fn resync(
                 capture.stream().resent(&disk, c).await;
             }
             done += n;
-            if done % 4096 < n {
+            if report && done % 4096 < n {
                 let _ = registry
                     .report_replication_progress(reg::ReportReplicationProgressRequest {
                         vm_name: vm.to_string(),
@@ -222,6 +228,14 @@ pub async fn resync(
         // The stream overflowed or stopped during the round: what it
         // dropped is tracked again, and the next round sends it.
         tracing::warn!(vm, "resync round overtaken by tracking; another follows");
+        return Ok(done);
+    }
+    if !report {
+        tracing::info!(
+            vm,
+            chunks = done,
+            "sent the chunks the digest comparison asked for"
+        );
         return Ok(done);
     }
     transition(

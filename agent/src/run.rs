@@ -385,14 +385,21 @@ impl Agent {
                     .map_err(AgentError::from)?,
             );
             let (vm, stop) = (opts.vm.clone(), stop.clone());
+            let reprotected = assignment.reprotected;
             tokio::spawn(async move {
-                tokio::select! {
-                    _ = stop.cancelled() => {}
-                    done = crate::initial::replicate(&capture, &mut registry, &vm) => {
-                        if let Err(e) = done {
-                            tracing::error!(vm, error = %e, "initial replication failed");
-                        }
+                let work = async {
+                    if reprotected {
+                        crate::initial::replicate_by_checksum(&capture, &mut registry, &vm).await
+                    } else {
+                        crate::initial::replicate(&capture, &mut registry, &vm).await
                     }
+                };
+                let done = tokio::select! {
+                    _ = stop.cancelled() => Ok(0),
+                    done = work => done,
+                };
+                if let Err(e) = done {
+                    tracing::error!(vm, error = %e, "initial replication failed");
                 }
             });
         }
@@ -433,6 +440,11 @@ impl Agent {
             state,
             socket_file,
         })
+    }
+
+    /// Bytes of the records this agent put into the replication stream.
+    pub fn streamed_bytes(&self) -> u64 {
+        self.stream.streamed_bytes()
     }
 
     /// Waits until replication has stopped for good (the cache stopped or

@@ -138,6 +138,16 @@ pub enum Command {
     /// Fail a VM over to a recovery point (unplanned by default, --test for a
     /// drill); `ferry failover commit VM`, `ferry failover cleanup-test VM`.
     Failover(FailoverArgs),
+    /// Re-protect a committed VM: it replicates back from the failed-over VM
+    /// to its original region (only the chunks that differ from the original
+    /// disks cross). Fail back later with `ferry failover VM --planned`.
+    Reprotect {
+        /// The committed VM.
+        vm: String,
+        /// Return once the job is accepted instead of following it.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Failover, commit and cleanup jobs, newest first.
     Jobs(JobsArgs),
     /// Virtual networks of the target regions (test failovers use them).
@@ -437,6 +447,11 @@ pub struct FailoverArgs {
     /// images only.
     #[arg(long, conflicts_with = "group")]
     pub instant: bool,
+    /// Failback of a re-protected VM: create a new VM in the original region
+    /// instead of writing into the original disks (original-location
+    /// recovery, the default while they exist).
+    #[arg(long, conflicts_with_all = ["group", "test", "instant"])]
+    pub alternate_location: bool,
     /// Return once the job is accepted instead of following it.
     #[arg(long)]
     pub no_wait: bool,

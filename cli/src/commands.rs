@@ -390,6 +390,7 @@ pub async fn run(url: &str, out: Output, command: Command) -> Result<()> {
         | Command::Points(_)
         | Command::Status(_)
         | Command::Failover(_)
+        | Command::Reprotect { .. }
         | Command::Jobs(_)
         | Command::Network(_)
         | Command::TargetVms { .. }

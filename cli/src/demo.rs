@@ -441,6 +441,7 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<Figu
             test_network: "demo-drill".into(),
             request_id: String::new(),
             instant: false,
+            alternate_location: false,
         })
         .await
         .map_err(|s| anyhow!("test failover: {}", s.message()))?
@@ -528,6 +529,7 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<Figu
             test_network: String::new(),
             request_id: "demo-failover".into(),
             instant: false,
+            alternate_location: false,
         })
         .await
         .map_err(|s| anyhow!("failover: {}", s.message()))?

@@ -59,6 +59,9 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Points(a) => recovery::points(&cli.processor, cli.output, a).await,
         Command::Failover(a) => recovery::failover(&cli.failover, cli.output, a).await,
+        Command::Reprotect { vm, no_wait } => {
+            recovery::reprotect(&cli.failover, cli.output, vm, no_wait).await
+        }
         Command::Jobs(a) => recovery::jobs(&cli.failover, cli.output, a).await,
         Command::Network(c) => recovery::network(&cli.failover, cli.output, c).await,
         Command::TargetVms { vm } => recovery::target_vms(&cli.failover, cli.output, vm).await,

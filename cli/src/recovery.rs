@@ -84,6 +84,7 @@ fn job_kind(j: &fo::Job) -> String {
         },
         Ok(fo::JobKind::Commit) => "commit".into(),
         Ok(fo::JobKind::CleanupTest) => "cleanup test".into(),
+        Ok(fo::JobKind::Reprotect) => "re-protect".into(),
         _ => "-".into(),
     }
 }
@@ -97,6 +98,8 @@ pub fn job_json(j: &fo::Job) -> Value {
         "steps": j.steps.iter().map(|s| json!({"name": s.name, "state": job_state(s.state), "message": s.message})).collect::<Vec<_>>(),
         "bytes_done": j.bytes_done,
         "bytes_total": j.bytes_total,
+        "bytes_written": j.bytes_written,
+        "original_location": j.original_location,
         "points": j.points.iter().map(|p| json!({
             "vm": p.vm_name, "point": p.point_id, "time": output::time_json(&p.time),
             "data_loss_window": output::duration_json(&p.data_loss_window),
@@ -377,13 +380,40 @@ pub async fn failover(url: &str, out: Output, a: FailoverArgs) -> Result<()> {
                     test_network: a.network.unwrap_or_default(),
                     request_id: String::new(),
                     instant: a.instant,
+                    alternate_location: a.alternate_location,
                 })
                 .await
                 .map_err(&err)?
                 .into_inner()
         }
     };
-    if a.no_wait {
+    finish_job(&mut client, out, job, a.no_wait, started).await
+}
+
+/// Re-protects a committed VM and follows the job.
+pub async fn reprotect(url: &str, out: Output, vm: String, no_wait: bool) -> Result<()> {
+    let mut client = failover_client(url)?;
+    let started = Instant::now();
+    let job = client
+        .reprotect(fo::ReprotectRequest {
+            vm_name: vm,
+            request_id: String::new(),
+        })
+        .await
+        .map_err(status("failover-svc", url))?
+        .into_inner();
+    finish_job(&mut client, out, job, no_wait, started).await
+}
+
+/// Shows an accepted job, or follows it to its end; an error if it failed.
+async fn finish_job(
+    client: &mut FailoverClient<PeerChannel>,
+    out: Output,
+    job: fo::Job,
+    no_wait: bool,
+    started: Instant,
+) -> Result<()> {
+    if no_wait {
         match out {
             Output::Json => println!("{:#}", job_json(&job)),
             Output::Table => println!(
@@ -393,7 +423,7 @@ pub async fn failover(url: &str, out: Output, a: FailoverArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let job = follow_job(&mut client, &job.id, out == Output::Table).await?;
+    let job = follow_job(client, &job.id, out == Output::Table).await?;
     match out {
         Output::Json => println!("{:#}", job_json(&job)),
         Output::Table => {

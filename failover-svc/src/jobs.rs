@@ -91,6 +91,8 @@ stored_enum!(
         Commit = "commit" / 2,
         /// The cleanup of a test failover.
         CleanupTest = "cleanup-test" / 3,
+        /// A re-protect of a committed failover.
+        Reprotect = "reprotect" / 4,
     }
 );
 
@@ -315,6 +317,16 @@ pub struct JobRecord {
     /// What an instant failover serves, until hydrate is done with it.
     #[serde(default)]
     pub served: Vec<Served>,
+    /// Failback into the original disks (original-location recovery).
+    #[serde(default)]
+    pub original_location: bool,
+    /// Bytes written into disks (materialized, or only what differed in
+    /// the original disks); a re-protect's bytes seeded.
+    #[serde(default)]
+    pub bytes_written: u64,
+    /// A re-protect: the committed incarnation it turns around.
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 impl JobRecord {
@@ -349,6 +361,9 @@ impl JobRecord {
             traceparent: String::new(),
             instant: false,
             served: Vec::new(),
+            original_location: false,
+            bytes_written: 0,
+            incarnation: 0,
         }
     }
 
@@ -384,7 +399,7 @@ impl JobRecord {
             |what: String| Err(FailoverError::Corrupt(format!("job {}: {what}", self.id)));
         match (self.kind, self.failover_kind) {
             (JobKind::Failover, None) => return damaged("a failover job without its kind".into()),
-            (JobKind::Commit | JobKind::CleanupTest, Some(k)) => {
+            (JobKind::Commit | JobKind::CleanupTest | JobKind::Reprotect, Some(k)) => {
                 return damaged(format!(
                     "a {} job with failover kind {}",
                     self.kind.tag(),

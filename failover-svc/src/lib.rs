@@ -5,6 +5,7 @@
 //! resumable, idempotent jobs with a progress stream. The target regions'
 //! networks and VMs are kept by an inventory backend.
 
+pub mod differ;
 pub mod engine;
 pub mod error;
 pub mod group;
@@ -14,6 +15,7 @@ pub mod libvirt;
 pub mod metrics;
 pub mod overlay;
 pub mod point_exports;
+pub mod reprotect;
 pub mod requests;
 pub mod service;
 pub mod verify;

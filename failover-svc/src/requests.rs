@@ -26,6 +26,8 @@ pub struct FailoverRequest {
     pub request_id: String,
     /// Start the VM on overlays of the served point, then hydrate.
     pub instant: bool,
+    /// Failback: a new VM, not the original disks.
+    pub alternate_location: bool,
 }
 
 /// A commit or a test cleanup asked for.

@@ -87,6 +87,7 @@ impl TryFrom<pb::StartFailoverRequest> for FailoverRequest {
             test_network: req.test_network,
             request_id: req.request_id,
             instant: req.instant,
+            alternate_location: req.alternate_location,
         })
     }
 }
@@ -131,6 +132,7 @@ impl From<JobKind> for pb::JobKind {
             JobKind::Failover => pb::JobKind::Failover,
             JobKind::Commit => pb::JobKind::Commit,
             JobKind::CleanupTest => pb::JobKind::CleanupTest,
+            JobKind::Reprotect => pb::JobKind::Reprotect,
         }
     }
 }
@@ -214,6 +216,8 @@ impl From<&JobRecord> for pb::Job {
                 })
                 .collect(),
             instant: job.instant,
+            original_location: job.original_location,
+            bytes_written: job.bytes_written,
         }
     }
 }
@@ -322,6 +326,22 @@ impl Failover for FailoverService {
             Target::Vm(vm) => self.engine.cleanup_test(vm, req.request_id).await?,
             Target::Group(g) => self.engine.cleanup_group(g, req.request_id).await?,
         };
+        audit.add(audit::Target::job(job.id.as_str()));
+        Ok(Response::new(pb::Job::from(&job)))
+    }
+
+    async fn reprotect(
+        &self,
+        request: Request<pb::ReprotectRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let audit = audit::slot(&request);
+        let req = request.into_inner();
+        let target = vm_target(req.vm_name)?;
+        audit.set(audited(&target));
+        let Target::Vm(vm) = target else {
+            return Err(no_target().into());
+        };
+        let job = self.engine.reprotect(vm, req.request_id).await?;
         audit.add(audit::Target::job(job.id.as_str()));
         Ok(Response::new(pb::Job::from(&job)))
     }

@@ -95,6 +95,7 @@ pub async fn run(dir: &Path) -> Result<()> {
             test_network: String::new(),
             request_id: String::new(),
             instant: false,
+            alternate_location: false,
         })
         .await?
         .into_inner();

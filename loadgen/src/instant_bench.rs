@@ -150,6 +150,7 @@ async fn drill(
             test_network: "drill".into(),
             request_id: String::new(),
             instant,
+            alternate_location: false,
         })
         .await?
         .into_inner();

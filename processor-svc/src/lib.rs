@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod replica;
 pub mod retention;
+pub mod seeding;
 pub mod service;
 
 use std::sync::Arc;

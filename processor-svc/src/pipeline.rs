@@ -110,7 +110,24 @@ pub struct Pipelines {
     connect: Connect,
     /// Each followed VM's cache, where it has its own (else `cache`).
     caches: Mutex<HashMap<String, CacheClient<PeerChannel>>>,
+    /// VMs whose replica is being seeded (re-protect): no pipeline runs.
+    seeding: Mutex<std::collections::HashSet<String>>,
     shutdown: CancellationToken,
+}
+
+/// A VM's pipeline held stopped while its replica is seeded; the next
+/// registry event starts it again once this is dropped.
+pub struct SeedHold {
+    pipelines: Arc<Pipelines>,
+    vm: String,
+}
+
+impl Drop for SeedHold {
+    fn drop(&mut self) {
+        if let Ok(mut seeding) = self.pipelines.seeding.lock() {
+            seeding.remove(&self.vm);
+        }
+    }
 }
 
 /// Makes a cache client for a URL.
@@ -136,8 +153,47 @@ impl Pipelines {
             endpoint,
             connect,
             caches: Mutex::new(HashMap::new()),
+            seeding: Mutex::new(std::collections::HashSet::new()),
             shutdown,
         })
+    }
+
+    /// How replica work is tuned.
+    pub fn tuning(&self) -> &Tuning {
+        &self.tuning
+    }
+
+    /// Registry, for the checks a seed makes.
+    pub fn registry(&self) -> RegistryClient<PeerChannel> {
+        self.registry.clone()
+    }
+
+    /// Whether an item placed on `endpoint` is this processor's.
+    pub fn serves(&self, endpoint: &str) -> bool {
+        ferry_runtime::peers::serves(self.endpoint.as_deref(), endpoint)
+    }
+
+    /// Stops `vm`'s pipeline and keeps it stopped until the hold is
+    /// dropped. FAILED_PRECONDITION while another seed of it runs.
+    pub async fn hold_for_seed(self: &Arc<Self>, vm: &str) -> Result<SeedHold, ProcessorError> {
+        {
+            let mut seeding = self
+                .seeding
+                .lock()
+                .map_err(|_| ProcessorError::Corrupt("the seeding lock was poisoned".into()))?;
+            if !seeding.insert(vm.to_string()) {
+                return Err(Refused::failed_precondition(format!(
+                    "a seed of VM {vm:?}'s replica is already running"
+                ))
+                .into());
+            }
+        }
+        let hold = SeedHold {
+            pipelines: self.clone(),
+            vm: vm.to_string(),
+        };
+        self.stop(vm).await;
+        Ok(hold)
     }
 
     pub fn replicas(&self) -> &Arc<Replicas> {
@@ -217,6 +273,13 @@ impl Pipelines {
 
     /// Starts the VM's pipeline unless it runs.
     fn start(self: &Arc<Self>, item: &registry::ProtectedItem, retention: Retention) {
+        if self
+            .seeding
+            .lock()
+            .map_or(true, |s| s.contains(&item.vm_name))
+        {
+            return;
+        }
         let Ok(mut running) = self.running.lock() else {
             return;
         };

@@ -441,6 +441,15 @@ impl Processor for ProcessorService {
         Ok(Response::new(pb::UnpinRecoveryPointResponse {}))
     }
 
+    async fn seed_replica(
+        &self,
+        request: Request<tonic::Streaming<pb::SeedReplicaRequest>>,
+    ) -> Result<Response<pb::SeedReplicaResponse>, Status> {
+        let bytes_seeded =
+            crate::seeding::seed(&self.pipelines, request.into_inner(), &self.shutdown).await?;
+        Ok(Response::new(pb::SeedReplicaResponse { bytes_seeded }))
+    }
+
     async fn get_pipeline_status(
         &self,
         request: Request<pb::GetPipelineStatusRequest>,

@@ -916,6 +916,72 @@ pub struct ProtectedItem {
     /// processor that names none.
     #[serde(default)]
     pub processor_endpoint: Option<String>,
+    /// Set on an item made by re-protect: what it replicates back to.
+    #[serde(default)]
+    pub reprotection: Option<Reprotection>,
+}
+
+/// A disk of a VM by id, at a path on its host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskAt {
+    pub disk_id: String,
+    pub path: String,
+}
+
+impl TryFrom<pb::DiskAt> for DiskAt {
+    type Error = RegistryError;
+    fn try_from(d: pb::DiskAt) -> Result<Self, Self::Error> {
+        check_name("disk id", &d.disk_id)?;
+        if !d.path.starts_with('/') || d.path.contains('\0') {
+            return Err(RegistryError::invalid(format!(
+                "disk {:?} needs an absolute path, got {:?}",
+                d.disk_id, d.path
+            )));
+        }
+        Ok(DiskAt {
+            disk_id: d.disk_id,
+            path: d.path,
+        })
+    }
+}
+
+impl From<&DiskAt> for pb::DiskAt {
+    fn from(d: &DiskAt) -> Self {
+        pb::DiskAt {
+            disk_id: d.disk_id.clone(),
+            path: d.path.clone(),
+        }
+    }
+}
+
+/// What a re-protected item replicates back to (see
+/// `Registry::reprotect`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reprotection {
+    /// The incarnation that was failed over and committed.
+    pub from_incarnation: u64,
+    /// The region it was failed over from: the item's target region now.
+    pub original_region: String,
+    /// The disks the VM ran from there: the seed of the reverse replica,
+    /// and where failback writes while they exist.
+    pub original_disks: Vec<DiskAt>,
+    /// The reverse replica holds its seed: the agent may register.
+    pub seed_complete: bool,
+    pub seed_summary: String,
+    pub job_id: String,
+}
+
+impl From<&Reprotection> for pb::Reprotection {
+    fn from(r: &Reprotection) -> Self {
+        pb::Reprotection {
+            from_incarnation: r.from_incarnation,
+            original_region: r.original_region.clone(),
+            original_disks: r.original_disks.iter().map(pb::DiskAt::from).collect(),
+            seed_complete: r.seed_complete,
+            seed_summary: r.seed_summary.clone(),
+            job_id: r.job_id.clone(),
+        }
+    }
 }
 
 impl ProtectedItem {
@@ -980,6 +1046,7 @@ impl From<&ProtectedItem> for pb::ProtectedItem {
             incarnation: i.incarnation,
             cache_endpoint: i.cache_endpoint.clone().unwrap_or_default(),
             processor_endpoint: i.processor_endpoint.clone().unwrap_or_default(),
+            reprotection: i.reprotection.as_ref().map(pb::Reprotection::from),
         }
     }
 }

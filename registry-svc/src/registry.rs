@@ -12,6 +12,10 @@ use std::time::{Duration, Instant, SystemTime};
 use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, Mutex};
 
+mod reprotect;
+
+pub use reprotect::ReprotectRequest;
+
 use crate::derive::derive_targets;
 use crate::enrollment::{self, Admission, EnrollmentRecord, Proof};
 use crate::error::RegistryError;
@@ -544,6 +548,7 @@ impl Registry {
             updated_at: now,
             failed_over: false,
             incarnation,
+            reprotection: None,
         };
         let mut writes = Writes::new();
         writes.put(Kind::Item, &item.vm_name, &item)?;
@@ -799,6 +804,13 @@ impl Registry {
             return Err(RegistryError::precondition(format!(
                 "VM {vm:?} is {}; its source side is fenced and no agent may replicate it",
                 item.state.name()
+            )));
+        }
+        if let Some(r) = item.reprotection.as_ref().filter(|r| !r.seed_complete) {
+            return Err(RegistryError::precondition(format!(
+                "VM {vm:?} is being re-protected (job {}): its reverse replica is still being \
+                 seeded from the original disks; start the agent once that job has ended",
+                r.job_id
             )));
         }
         let current = self.agent(vm)?;

@@ -205,6 +205,44 @@ impl RegistryApi for RegistryService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
+    async fn reprotect_item(
+        &self,
+        request: Request<pb::ReprotectItemRequest>,
+    ) -> Result<pb::ProtectedItem> {
+        audit::target(&request, Target::vm(&request.get_ref().vm_name));
+        let req = request.into_inner();
+        name("VM name", &req.vm_name)?;
+        let disks = req
+            .disks
+            .into_iter()
+            .map(crate::model::DiskAt::try_from)
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let turned = self
+            .registry
+            .reprotect(crate::registry::ReprotectRequest {
+                vm_name: req.vm_name,
+                incarnation: req.incarnation,
+                disks,
+                job_id: req.job_id,
+            })
+            .await?;
+        Ok(Response::new(item(&turned)))
+    }
+
+    async fn complete_reprotect_seed(
+        &self,
+        request: Request<pb::CompleteReprotectSeedRequest>,
+    ) -> Result<pb::ProtectedItem> {
+        audit::target(&request, Target::vm(&request.get_ref().vm_name));
+        let req = request.into_inner();
+        name("VM name", &req.vm_name)?;
+        let done = self
+            .registry
+            .complete_reprotect_seed(&req.vm_name, req.incarnation, req.summary)
+            .await?;
+        Ok(Response::new(item(&done)))
+    }
+
     async fn transition_state(
         &self,
         request: Request<pb::TransitionStateRequest>,

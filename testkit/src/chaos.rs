@@ -1498,6 +1498,7 @@ async fn planned_failover(failover: At<'_>) -> Result<fo::Job, String> {
             test_network: String::new(),
             request_id: "chaos-planned".into(),
             instant: false,
+            alternate_location: false,
         })
         .await
         .map_err(|s| format!("the planned failover was refused: {s}"))?

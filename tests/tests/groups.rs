@@ -167,6 +167,7 @@ async fn multi_vm_points_never_show_an_effect_without_its_cause() {
             test_network: String::new(),
             request_id: String::new(),
             instant: false,
+            alternate_location: false,
         })
         .await
         .unwrap_err();
@@ -184,6 +185,7 @@ async fn multi_vm_points_never_show_an_effect_without_its_cause() {
             test_network: "isolated".into(),
             request_id: String::new(),
             instant: false,
+            alternate_location: false,
         },
     )
     .await;
@@ -240,6 +242,7 @@ async fn multi_vm_points_never_show_an_effect_without_its_cause() {
             test_network: String::new(),
             request_id: "shop-failover".into(),
             instant: false,
+            alternate_location: false,
         },
     )
     .await;
@@ -613,6 +616,7 @@ async fn a_planned_group_failover_loses_no_write_of_any_member() {
             test_network: String::new(),
             request_id: String::new(),
             instant: false,
+            alternate_location: false,
         },
     )
     .await;

@@ -302,6 +302,7 @@ async fn processor_cache_and_failover_serve_their_view_of_each_vm() {
             test_network: String::new(),
             request_id: String::new(),
             instant: false,
+            alternate_location: false,
         },
     )
     .await;

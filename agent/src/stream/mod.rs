@@ -87,6 +87,9 @@ pub struct Stream {
     /// Rung when records are added or acknowledged.
     changed: Notify,
     limits: StreamLimits,
+    /// Bytes of the records put into the stream (their encoded size),
+    /// since the start: what crosses to the cache.
+    streamed: std::sync::atomic::AtomicU64,
 }
 
 impl Stream {
@@ -98,6 +101,7 @@ impl Stream {
             final_request: tokio::sync::watch::channel(None).0,
             changed: Notify::new(),
             limits,
+            streamed: std::sync::atomic::AtomicU64::new(0),
         })
     }
 

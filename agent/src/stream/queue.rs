@@ -217,6 +217,7 @@ impl Stream {
     /// tracking changed chunks (then this returns 0), and resync sends their
     /// current contents later.
     pub async fn push(&self, disk_id: &str, op: Op) -> u64 {
+        let size = op.encoded_len() as u64;
         let pushed = self
             .state
             .lock()
@@ -224,6 +225,7 @@ impl Stream {
             .push(disk_id, op, self.limits.buffer_bytes);
         match pushed {
             Pushed::Queued(seq) => {
+                self.count_streamed(size);
                 self.changed.notify_waiters();
                 seq.get()
             }
@@ -244,8 +246,10 @@ impl Stream {
         {
             let mut state = self.state.lock().await;
             for op in ops {
+                let size = op.encoded_len() as u64;
                 last = match state.push(disk_id, op, self.limits.buffer_bytes) {
                     Pushed::Queued(seq) => {
+                        self.count_streamed(size);
                         changed = true;
                         seq.get()
                     }
@@ -261,6 +265,17 @@ impl Stream {
             self.changed.notify_waiters();
         }
         last
+    }
+
+    fn count_streamed(&self, bytes: u64) {
+        self.streamed
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bytes of the records put into the stream since the start (their
+    /// encoded size): what crossed, or is crossing, to the cache.
+    pub fn streamed_bytes(&self) -> u64 {
+        self.streamed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Waits until a copy's record of `size` payload bytes (initial

@@ -90,6 +90,9 @@ pub(crate) struct VmFailover {
     pub in_group: bool,
     /// On overlays of the served point, then hydrated.
     pub instant: bool,
+    /// Failback of a re-protected VM as a new VM, not into the original
+    /// disks.
+    pub alternate_location: bool,
 }
 
 /// The key a job holds in `busy`: its VM, or its group.
@@ -245,6 +248,7 @@ impl Engine {
                     request_id: req.request_id,
                     in_group: false,
                     instant: req.instant,
+                    alternate_location: req.alternate_location,
                 })
                 .await
             }
@@ -269,6 +273,7 @@ impl Engine {
             request_id,
             in_group,
             instant,
+            alternate_location,
         } = req;
         if let Some(job) = self.jobs.by_request(&request_id)? {
             return Ok(job);
@@ -300,6 +305,21 @@ impl Engine {
                 .into());
             }
         }
+        if alternate_location && item.reprotection.is_none() {
+            return Err(Refused::failed_precondition(format!(
+                "VM \"{vm}\" was not re-protected: alternate location is a choice of failback only"
+            ))
+            .into());
+        }
+        let original_location = kind != FailoverKind::Test
+            && !instant
+            && !alternate_location
+            && crate::reprotect::originals_exist(&item);
+        if kind != FailoverKind::Test {
+            // Nothing is fenced or drained while the target's processor
+            // cannot be asked for the point.
+            self.reachable_processor(&vm, &item).await?;
+        }
         if let Choice::Point(id) = &choice {
             self.point(&vm, id).await?;
         }
@@ -311,6 +331,7 @@ impl Engine {
             request_id,
         );
         job.instant = instant;
+        job.original_location = original_location;
         job.vm_name = Some(vm);
         job.choice = choice;
         job.test_network = test_network;

@@ -63,6 +63,43 @@ pub struct Item {
     pub os_disk: Option<String>,
     /// Its size and how it boots.
     pub shape: Shape,
+    /// Which enabling of replication this is (registry's incarnation).
+    pub incarnation: u64,
+    /// The source disks' sizes and images, in its order.
+    pub disks: Vec<SourceDisk>,
+    /// Set on an item made by re-protect.
+    pub reprotection: Option<Reprotection>,
+}
+
+/// A source disk: its id, size and image (on its host).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceDisk {
+    pub id: String,
+    pub size_bytes: u64,
+    pub path: std::path::PathBuf,
+}
+
+/// What a re-protected item replicates back to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reprotection {
+    /// The committed incarnation it turned around.
+    pub from_incarnation: u64,
+    /// The region the VM ran in before that failover: the target now.
+    pub original_region: String,
+    /// The disks it ran from there, by id.
+    pub original_disks: Vec<(String, std::path::PathBuf)>,
+    /// The reverse replica holds its seed.
+    pub seed_complete: bool,
+    /// The re-protect job.
+    pub job_id: String,
+}
+
+/// Bytes of an original disk, for a reverse replica's seed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeedChunk {
+    pub disk_id: String,
+    pub offset: u64,
+    pub data: Bytes,
 }
 
 /// A replication group.
@@ -171,6 +208,27 @@ pub trait Peers: Send + Sync {
     /// Asks the source agent (through the cache) to stop taking writes and
     /// send everything up to a FINAL marker named `marker`.
     async fn drain(&self, vm: &VmName, reason: &str, marker: &JobId) -> Result<()>;
+    /// Turns the committed item (at `incarnation`) around: the new source
+    /// is the failed-over VM's `disks` (id, image); the new item.
+    async fn reprotect(
+        &self,
+        vm: &VmName,
+        incarnation: u64,
+        disks: &[(String, std::path::PathBuf)],
+        job: &JobId,
+    ) -> Result<Item>;
+    /// The re-protected item's reverse replica holds its seed.
+    async fn complete_seed(&self, vm: &VmName, incarnation: u64, summary: &str) -> Result<()>;
+    /// Seeds the re-protected item's reverse replica (on its processor)
+    /// with `chunks`; `distrusted` (disk, offset, length) are compared as
+    /// differing whatever their digest. The data bytes stored.
+    async fn seed_replica(
+        &self,
+        vm: &VmName,
+        incarnation: u64,
+        distrusted: Vec<(String, u64, u64)>,
+        chunks: tokio::sync::mpsc::Receiver<SeedChunk>,
+    ) -> Result<u64>;
 }
 
 /// The peers over gRPC. Each VM's processor and cache are those registry
@@ -298,7 +356,28 @@ fn item(i: reg::ProtectedItem) -> Result<Item> {
             .iter()
             .find(|d| d.role == reg::DiskRole::Os as i32)
             .map(|d| d.id.clone()),
-        source_disks: source.disks.into_iter().map(|d| d.id).collect(),
+        source_disks: source.disks.iter().map(|d| d.id.clone()).collect(),
+        disks: source
+            .disks
+            .into_iter()
+            .map(|d| SourceDisk {
+                id: d.id,
+                size_bytes: d.size_bytes,
+                path: d.source_path.into(),
+            })
+            .collect(),
+        incarnation: i.incarnation,
+        reprotection: i.reprotection.map(|r| Reprotection {
+            from_incarnation: r.from_incarnation,
+            original_region: r.original_region,
+            original_disks: r
+                .original_disks
+                .into_iter()
+                .map(|d| (d.disk_id, d.path.into()))
+                .collect(),
+            seed_complete: r.seed_complete,
+            job_id: r.job_id,
+        }),
         source_nics: source
             .nics
             .into_iter()
@@ -575,5 +654,95 @@ impl Peers for Tonic {
             .await
             .map(|_| ())
             .map_err(|s| FailoverError::peer("cache (drain)", s))
+    }
+
+    async fn reprotect(
+        &self,
+        vm: &VmName,
+        incarnation: u64,
+        disks: &[(String, std::path::PathBuf)],
+        job: &JobId,
+    ) -> Result<Item> {
+        let answer = self
+            .registry
+            .clone()
+            .reprotect_item(reg::ReprotectItemRequest {
+                vm_name: vm.to_string(),
+                incarnation,
+                disks: disks
+                    .iter()
+                    .map(|(id, path)| reg::DiskAt {
+                        disk_id: id.clone(),
+                        path: path.display().to_string(),
+                    })
+                    .collect(),
+                job_id: job.to_string(),
+            })
+            .await
+            .map_err(|s| FailoverError::peer("registry (re-protect)", s))?
+            .into_inner();
+        // Placed anew: the next call learns where.
+        if let Ok(mut p) = self.placements.lock() {
+            p.insert(
+                vm.to_string(),
+                Placement {
+                    processor: answer.processor_endpoint.clone(),
+                    cache: answer.cache_endpoint.clone(),
+                },
+            );
+        }
+        item(answer)
+    }
+
+    async fn complete_seed(&self, vm: &VmName, incarnation: u64, summary: &str) -> Result<()> {
+        self.registry
+            .clone()
+            .complete_reprotect_seed(reg::CompleteReprotectSeedRequest {
+                vm_name: vm.to_string(),
+                incarnation,
+                summary: summary.to_string(),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| FailoverError::peer("registry (seed complete)", s))
+    }
+
+    async fn seed_replica(
+        &self,
+        vm: &VmName,
+        incarnation: u64,
+        distrusted: Vec<(String, u64, u64)>,
+        chunks: tokio::sync::mpsc::Receiver<SeedChunk>,
+    ) -> Result<u64> {
+        use proc::seed_replica_request::Msg;
+        let open = proc::SeedReplicaRequest {
+            msg: Some(Msg::Open(proc::SeedOpen {
+                vm_name: vm.to_string(),
+                incarnation,
+                distrusted: distrusted
+                    .into_iter()
+                    .map(|(disk_id, offset, length)| proc::SeedRange {
+                        disk_id,
+                        offset,
+                        length,
+                    })
+                    .collect(),
+            })),
+        };
+        let data =
+            tokio_stream::wrappers::ReceiverStream::new(chunks).map(|c| proc::SeedReplicaRequest {
+                msg: Some(Msg::Data(proc::SeedData {
+                    crc32c: crc32c::crc32c(&c.data),
+                    disk_id: c.disk_id,
+                    offset: c.offset,
+                    data: c.data,
+                })),
+            });
+        let messages = tokio_stream::once(open).chain(data);
+        self.processor_of(vm.as_str())?
+            .seed_replica(messages)
+            .await
+            .map(|r| r.into_inner().bytes_seeded)
+            .map_err(|s| FailoverError::peer("processor (seed)", s))
     }
 }

@@ -109,6 +109,13 @@ impl Fake {
                     }],
                     os_disk: Some("os".into()),
                     shape: Default::default(),
+                    incarnation: 1,
+                    disks: vec![crate::engine::peers::SourceDisk {
+                        id: "os".into(),
+                        size_bytes: 1 << 20,
+                        path: "/src/vm-os.img".into(),
+                    }],
+                    reprotection: None,
                 },
             );
             s.points
@@ -283,6 +290,38 @@ impl Peers for Fake {
             .insert(0, point(3, marker.as_str()));
         Ok(())
     }
+
+    async fn reprotect(
+        &self,
+        vm: &VmName,
+        _incarnation: u64,
+        _disks: &[(String, std::path::PathBuf)],
+        _job: &JobId,
+    ) -> Result<Item> {
+        self.call("reprotect", String::new()).await?;
+        Err(Fake::not_found(format!(
+            "the fake does not re-protect {vm}"
+        )))
+    }
+
+    async fn complete_seed(&self, _vm: &VmName, _incarnation: u64, _summary: &str) -> Result<()> {
+        self.call("complete-seed", String::new()).await
+    }
+
+    async fn seed_replica(
+        &self,
+        _vm: &VmName,
+        _incarnation: u64,
+        _distrusted: Vec<(String, u64, u64)>,
+        mut chunks: tokio::sync::mpsc::Receiver<crate::engine::peers::SeedChunk>,
+    ) -> Result<u64> {
+        self.call("seed", String::new()).await?;
+        let mut bytes = 0;
+        while let Some(c) = chunks.recv().await {
+            bytes += c.data.len() as u64;
+        }
+        Ok(bytes)
+    }
 }
 
 /// An engine over `fake`, the sled db and the regions under `dir`.
@@ -351,6 +390,7 @@ async fn ended(engine: &Engine, job: &JobRecord) -> JobRecord {
 fn failover(kind: FailoverKind, choice: Choice, network: &str) -> FailoverRequest {
     FailoverRequest {
         instant: false,
+        alternate_location: false,
         target: Target::Vm(vm()),
         kind,
         choice: Some(choice),

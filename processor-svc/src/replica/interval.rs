@@ -97,6 +97,12 @@ pub struct Meta {
     pub gap: BTreeSet<String>,
     /// Why the gap is there, for people.
     pub gap_reason: String,
+    /// Re-protect: the replica was seeded from the original disks.
+    pub seeded: bool,
+    /// Re-protect: units (of the agent's resync unit) of each disk the
+    /// original side wrote after it was fenced: a digest compared over one
+    /// counts as differing whatever it says, so the agent sends it again.
+    pub distrusted: BTreeMap<String, BTreeSet<u64>>,
 }
 
 /// The SYNC_STARTED id of a resync round that covers every chunk of its

@@ -53,6 +53,8 @@
 //! - `prune`: retention, deleting points and the versions only they read.
 //! - `compact`: moving live blobs out of mostly dead segments.
 //! - `damage`: blobs that failed their checksum, and the scrub.
+//! - `seed`: a re-protected item's replica filled from the original disks
+//!   before its agent streams, and the ranges it must not trust.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -69,6 +71,7 @@ mod patch;
 mod point_kind;
 mod prune;
 mod read;
+mod seed;
 mod store;
 #[cfg(test)]
 mod testing;

@@ -184,6 +184,15 @@ pub const TABLE: &[(&str, Allow)] = &[
             .and_agent()
             .mutating(),
     ),
+    // Re-protect: failover-svc's reprotect job only.
+    (
+        "ferry.registry.v1.Registry/ReprotectItem",
+        services(&[Failover]).mutating(),
+    ),
+    (
+        "ferry.registry.v1.Registry/CompleteReprotectSeed",
+        services(&[Failover]).mutating(),
+    ),
     (
         "ferry.registry.v1.Registry/ReportReplicationProgress",
         services(&[Processor]).and_agent().frequent(),
@@ -326,6 +335,11 @@ pub const TABLE: &[(&str, Allow)] = &[
         "ferry.processor.v1.Processor/ListGroupPoints",
         role(Reader).and(&[Failover]),
     ),
+    // The original disks go in only for a re-protect.
+    (
+        "ferry.processor.v1.Processor/SeedReplica",
+        services(&[Failover]).mutating(),
+    ),
     // failover.
     (
         "ferry.failover.v1.Failover/StartFailover",
@@ -337,6 +351,10 @@ pub const TABLE: &[(&str, Allow)] = &[
     ),
     (
         "ferry.failover.v1.Failover/CleanupTestFailover",
+        role(Operator).mutating(),
+    ),
+    (
+        "ferry.failover.v1.Failover/Reprotect",
         role(Operator).mutating(),
     ),
     ("ferry.failover.v1.Failover/GetJob", role(Reader)),

@@ -229,6 +229,7 @@ pub fn failover_request(
         test_network: network.into(),
         request_id: String::new(),
         instant: false,
+        alternate_location: false,
     }
 }
 

@@ -124,7 +124,10 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
                 .into())
             }
             None => (
-                backend.disk_path(&target.region, &target.resource_group, &disk_name),
+                match super::original_disk(job, &item, &d.disk_id)? {
+                    Some(original) => original,
+                    None => backend.disk_path(&target.region, &target.resource_group, &disk_name),
+                },
                 inventory::DiskFormat::Raw,
                 None,
             ),

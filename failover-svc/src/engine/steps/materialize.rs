@@ -4,6 +4,9 @@
 //! the image as written must have the digest the processor computes for
 //! the point. Run again (resumed), it rewrites every disk whole. Progress
 //! is published as it goes and persisted every [`SAVE_EVERY`] bytes.
+//! Original-location recovery (a failback into the original disks) writes
+//! into those images instead, only the blocks that differ from the point
+//! (`differ`), and checks them end to end the same way.
 
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -42,36 +45,67 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
     let mut written = 0u64;
     // Rewritten whole when the step runs again.
     job.verified.clear();
+    job.bytes_written = 0;
+    let original = job.original_location;
     for disk in &point.disks {
         let name = names
             .iter()
             .find(|(id, _)| *id == disk.disk_id)
             .map(|(_, n)| n.clone())
             .unwrap_or_else(|| format!("{vm}-{}", disk.disk_id));
-        let place = backend.disk_path(&target.region, &target.resource_group, &name);
-        unowned(backend.as_ref(), &vm, target, &name, &place)?;
-        let path = backend.prepare_disk(
-            &target.region,
-            &target.resource_group,
-            &name,
-            disk.size_bytes,
-        )?;
-        let file = Arc::new(inventory::open_disk(&path)?);
+        let (path, file) = match super::original_disk(job, &item, &disk.disk_id)? {
+            Some(path) => {
+                unowned(backend.as_ref(), &vm, target, &name, &path)?;
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| FailoverError::io(&path, e))?;
+                (path, file)
+            }
+            None => {
+                let place = backend.disk_path(&target.region, &target.resource_group, &name);
+                unowned(backend.as_ref(), &vm, target, &name, &place)?;
+                let path = backend.prepare_disk(
+                    &target.region,
+                    &target.resource_group,
+                    &name,
+                    disk.size_bytes,
+                )?;
+                let file = inventory::open_disk(&path)?;
+                (path, file)
+            }
+        };
+        let file = Arc::new(file);
         let mut extents = engine
             .peers
             .read_disk(&vm, &point.id, &disk.disk_id, 0, 0)
             .await?;
         // Writes go to a blocking writer through a short queue, so that
-        // receiving the next extent overlaps writing this one.
-        let (queue, mut pending) = tokio::sync::mpsc::channel::<(u64, bytes::Bytes)>(4);
+        // receiving the next extent overlaps writing this one. A fresh
+        // image takes the data as it is; an original disk only what
+        // differs (holes included: zeros there).
+        let (queue, mut pending) =
+            tokio::sync::mpsc::channel::<(u64, u64, Option<bytes::Bytes>)>(4);
         let writer = {
             let (f, p2) = (file.clone(), path.clone());
-            tokio::task::spawn_blocking(move || -> Result<()> {
-                while let Some((at, data)) = pending.blocking_recv() {
-                    f.write_all_at(&data, at)
-                        .map_err(|e| FailoverError::io(&p2, e))?;
+            tokio::task::spawn_blocking(move || -> Result<u64> {
+                let mut wrote = 0u64;
+                while let Some((at, length, data)) = pending.blocking_recv() {
+                    wrote += match (original, data) {
+                        (false, Some(data)) => {
+                            f.write_all_at(&data, at).map(|()| data.len() as u64)
+                        }
+                        (false, None) => Ok(0),
+                        (true, Some(data)) => {
+                            crate::differ::write_differing(&f, at, length, Some(&data))
+                        }
+                        (true, None) => crate::differ::zero_differing(&f, at, length),
+                    }
+                    .map_err(|e| FailoverError::io(&p2, e))?;
                 }
-                f.sync_all().map_err(|e| FailoverError::io(&p2, e))
+                f.sync_all().map_err(|e| FailoverError::io(&p2, e))?;
+                Ok(wrote)
             })
         };
         let mut coverage = verify::Coverage::new(&disk.disk_id, disk.size_bytes);
@@ -87,7 +121,7 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
                     .into());
                 }
                 let n = data.len() as u64;
-                if queue.send((extent.offset, data)).await.is_err() {
+                if queue.send((extent.offset, n, Some(data))).await.is_err() {
                     // The writer stopped: its error says why.
                     break;
                 }
@@ -99,6 +133,13 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
                         tokio::time::sleep(ahead).await;
                     }
                 }
+            } else if original
+                && queue
+                    .send((extent.offset, extent.length, None))
+                    .await
+                    .is_err()
+            {
+                break;
             }
             job.bytes_done += extent.length;
             engine.jobs.publish(job);
@@ -108,7 +149,7 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
             }
         }
         drop(queue);
-        writer
+        job.bytes_written += writer
             .await
             .map_err(|e| FailoverError::Corrupt(e.to_string()))??;
         coverage.finish()?;
@@ -116,8 +157,16 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
             .push(check_digest(engine, job, &point.id, disk, &path).await?);
     }
     let secs = started.elapsed().as_secs_f64().max(1e-9);
+    let into = if original {
+        format!(
+            " into the original disks, {} KiB of them written (the blocks that differed)",
+            job.bytes_written >> 10
+        )
+    } else {
+        String::new()
+    };
     Ok(format!(
-        "{} disk(s), {} MiB in {secs:.2} s ({:.0} MiB/s)",
+        "{} disk(s), {} MiB in {secs:.2} s ({:.0} MiB/s){into}",
         point.disks.len(),
         job.bytes_total >> 20,
         job.bytes_total as f64 / (1 << 20) as f64 / secs

@@ -22,6 +22,12 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
         let started = match (job.kind, job.failover_kind) {
             (JobKind::Commit, _) => engine.commit(m.vm_name.clone(), key).await,
             (JobKind::CleanupTest, _) => engine.cleanup_test(m.vm_name.clone(), key).await,
+            (JobKind::Reprotect, _) => {
+                return Err(FailoverError::Corrupt(format!(
+                    "group job {} is a re-protect; groups are not re-protected",
+                    job.id
+                )))
+            }
             (JobKind::Failover, None) => {
                 return Err(FailoverError::Corrupt(format!(
                     "group job {} has no failover kind",
@@ -45,6 +51,7 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
                         request_id: key,
                         in_group: true,
                         instant: false,
+                        alternate_location: false,
                     })
                     .await
             }

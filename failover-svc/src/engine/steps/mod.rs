@@ -17,6 +17,8 @@ mod members_done;
 mod network;
 mod pin_point;
 mod release_points;
+mod reverse_registry;
+mod seed_replica;
 mod serve_disks;
 mod start_vm;
 mod update_registry;
@@ -88,6 +90,13 @@ pub enum Step {
     /// Group: every member job has ended.
     #[serde(rename = "members-done")]
     MembersDone,
+    /// Re-protect: registry turned the item around (a new incarnation
+    /// replicating from the failed-over VM back to the original region).
+    #[serde(rename = "reverse-registry")]
+    ReverseRegistry,
+    /// Re-protect: the reverse replica holds the original disks.
+    #[serde(rename = "seed-replica")]
+    SeedReplica,
 }
 
 use Step::*;
@@ -131,6 +140,8 @@ pub const COMMIT: &[Step] = &[Validate, CommitRegistry, ReleasePoints];
 pub const CLEANUP_TEST: &[Step] = &[Validate, DeleteVm, ReleasePoints];
 /// Any job of a replication group: its members' jobs do the work.
 pub const GROUP: &[Step] = &[Validate, MemberJobs, MembersDone];
+/// Re-protect of a committed failover.
+pub const REPROTECT: &[Step] = &[Validate, ReverseRegistry, SeedReplica];
 
 /// Instant test failover: the VM starts on overlays of the served point,
 /// then hydrates.
@@ -195,6 +206,8 @@ impl Step {
             DeleteVm => "delete-vm",
             MemberJobs => "member-jobs",
             MembersDone => "members-done",
+            ReverseRegistry => "reverse-registry",
+            SeedReplica => "seed-replica",
         }
     }
 
@@ -217,6 +230,8 @@ impl Step {
             DeleteVm => delete_vm::run(engine, job).await,
             MemberJobs => member_jobs::run(engine, job).await,
             MembersDone => members_done::run(engine, job).await,
+            ReverseRegistry => reverse_registry::run(engine, job).await,
+            SeedReplica => seed_replica::run(engine, job).await,
         }
     }
 }
@@ -246,6 +261,25 @@ fn target_names(job: &JobRecord, item: &Item) -> (String, Vec<(String, String)>)
         })
         .collect();
     (format!("{}{suffix}", item.vm_name), disks)
+}
+
+/// With original-location recovery (a failback), the original disk of
+/// `disk`: where the point is written and the VM runs from; else None.
+fn original_disk(job: &JobRecord, item: &Item, disk: &str) -> Result<Option<std::path::PathBuf>> {
+    if !job.original_location {
+        return Ok(None);
+    }
+    item.reprotection
+        .as_ref()
+        .and_then(|r| r.original_disks.iter().find(|(id, _)| id == disk))
+        .map(|(_, path)| Some(path.clone()))
+        .ok_or_else(|| {
+            ferry_runtime::Refused::failed_precondition(format!(
+                "failback into the original disks, but registry names no original disk for \
+                 disk {disk:?}"
+            ))
+            .into()
+        })
 }
 
 /// A target disk at `path` (named `name`) that no other VM's failover
@@ -295,6 +329,8 @@ mod tests {
             DeleteVm,
             MemberJobs,
             MembersDone,
+            ReverseRegistry,
+            SeedReplica,
         ];
         for step in all {
             let stored = serde_json::to_string(&step).unwrap();

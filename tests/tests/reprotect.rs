@@ -1,0 +1,277 @@
+//! The whole DR cycle on one VM with two disks, every write going through
+//! the agent's NBD export: protect (eastus -> westus), unplanned failover,
+//! commit, re-protect (westus -> eastus, the reverse replica seeded from
+//! the original disks: only the chunks that differ cross), writes in
+//! westus, failback (a planned failover into the original disks: only the
+//! blocks that differ are written), commit, re-protect again (eastus ->
+//! westus), writes, planned failover again. Every disk is compared with
+//! `qemu-img compare` at every step, and the bytes that crossed regions
+//! and were written are asserted against what changed.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_agent::run::{Agent, AgentOptions};
+use ferry_proto::failover::v1 as fo;
+use ferry_proto::registry::v1 as reg;
+use ferry_testkit::{
+    identical_images, protect_vm_with, protected_item, run_tool, wait_for, Cluster, ClusterOptions,
+};
+
+const OS: u64 = 8 << 20;
+const DATA: u64 = 8 << 20;
+/// The unit digests compare and the stream resends.
+const CHUNK: u64 = 64 << 10;
+/// What a digest record costs per chunk compared (4 bytes of CRC-32C),
+/// with room for record framing and markers.
+const DIGEST_BYTES_PER_CHUNK: u64 = 8;
+/// Records, markers and ticks besides data and digests.
+const OVERHEAD: u64 = 64 << 10;
+
+async fn qemu_io(nbd: &str, disk: &str, command: &str) {
+    let (target, command) = (format!("{nbd}/{disk}"), command.to_string());
+    tokio::task::spawn_blocking(move || {
+        run_tool("qemu-io", &["-f", "raw", "-c", &command, &target]);
+    })
+    .await
+    .unwrap();
+}
+
+/// The VM's agent, its disks under `roots`, its NBD export on loopback.
+async fn agent(registry: &str, state_dir: &Path, roots: Vec<PathBuf>) -> (Agent, String) {
+    let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = nbd.local_addr().unwrap();
+    let agent = Agent::start(AgentOptions::new(
+        registry,
+        "vm",
+        nbd.into(),
+        state_dir.to_path_buf(),
+        roots,
+    ))
+    .await
+    .unwrap();
+    (agent, format!("nbd://{addr}"))
+}
+
+async fn item(registry: &str) -> reg::ProtectedItem {
+    protected_item(registry, "vm").await.unwrap()
+}
+
+async fn wait_state(registry: &str, state: reg::ReplicationState) -> reg::ProtectedItem {
+    wait_for(&format!("{state:?}"), Duration::from_secs(90), || async {
+        protected_item(registry, "vm")
+            .await
+            .filter(|i| i.state() == state)
+    })
+    .await
+}
+
+/// Follows a job to its end; it must have succeeded.
+async fn succeeded(url: &str, job: fo::Job) -> fo::Job {
+    let (job, _) = common::finish(url, &job).await;
+    assert_eq!(job.state, fo::JobState::Succeeded as i32, "{job:#?}");
+    job
+}
+
+async fn failover(url: &str, kind: fo::FailoverKind, point: fo::point_choice::Choice) -> fo::Job {
+    let job = common::failover(url)
+        .await
+        .start_failover(common::failover_request("vm", kind, point, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    succeeded(url, job).await
+}
+
+async fn commit(url: &str) -> fo::Job {
+    let job = common::failover(url)
+        .await
+        .commit_failover(fo::CommitFailoverRequest {
+            target: Some(fo::commit_failover_request::Target::VmName("vm".into())),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    succeeded(url, job).await
+}
+
+async fn reprotect(url: &str) -> Result<fo::Job, tonic::Status> {
+    let job = common::failover(url)
+        .await
+        .reprotect(fo::ReprotectRequest {
+            vm_name: "vm".into(),
+            request_id: String::new(),
+        })
+        .await?
+        .into_inner();
+    Ok(succeeded(url, job).await)
+}
+
+/// The VM failover-svc made in `region`: its disks by id.
+async fn disks_in(url: &str, region: &str) -> Vec<(String, PathBuf)> {
+    let vms = common::target_vms(url).await;
+    let vm = vms
+        .iter()
+        .find(|v| v.source_vm == "vm" && v.region == region && !v.test)
+        .unwrap_or_else(|| panic!("no VM in {region}: {vms:#?}"));
+    let mut disks: Vec<(String, PathBuf)> = vm
+        .disks
+        .iter()
+        .map(|d| (d.disk_id.clone(), PathBuf::from(&d.path)))
+        .collect();
+    disks.sort();
+    disks
+}
+
+fn assert_identical(a: &[(String, PathBuf)], b: &[(String, PathBuf)], when: &str) {
+    assert_eq!(a.len(), b.len());
+    for ((id, x), (_, y)) in a.iter().zip(b) {
+        assert!(
+            identical_images(x, y),
+            "{when}: disk {id}: {} differs from {}",
+            x.display(),
+            y.display()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protect_failover_reprotect_failback_reprotect_and_fail_over_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let failover_dir = dir.path().join("failover");
+    let cluster = Cluster::start_options(ClusterOptions {
+        failover_dir: Some(failover_dir.clone()),
+        ..Default::default()
+    })
+    .await;
+    let (registry, url) = (cluster.registry.url.clone(), cluster.failover.url.clone());
+    let east = dir.path().join("east");
+    std::fs::create_dir_all(&east).unwrap();
+    let mut originals = Vec::new();
+    for (id, size) in [("data", DATA), ("os", OS)] {
+        let path = east.join(format!("{id}.raw"));
+        let p = path.to_str().unwrap();
+        run_tool("qemu-img", &["create", "-f", "raw", p, &size.to_string()]);
+        originals.push((id.to_string(), path));
+    }
+    common::policy(&registry, "fast", Duration::from_secs(1)).await;
+    protect_vm_with(
+        &registry,
+        "vm",
+        &[("os", OS, &originals[1].1), ("data", DATA, &originals[0].1)],
+        "fast",
+    )
+    .await;
+
+    // Protected; written through the agent.
+    let (a, nbd) = agent(&registry, &east.join("agent"), vec![east.clone()]).await;
+    wait_state(&registry, reg::ReplicationState::Protected).await;
+    qemu_io(&nbd, "os", "write -P 0x11 0 2M").await;
+    qemu_io(&nbd, "data", "write -P 0x22 1M 3M").await;
+    a.stream.flushed().await;
+
+    // Unplanned failover to the newest point, then commit.
+    let job = failover(
+        &url,
+        fo::FailoverKind::Unplanned,
+        fo::point_choice::Choice::Latest(true),
+    )
+    .await;
+    assert!(!job.original_location, "{job:#?}");
+    let west = disks_in(&url, "westus").await;
+    assert_identical(&west, &originals, "after the failover");
+    commit(&url).await;
+
+    // The old source is fenced but stays online: a write after the fence
+    // lands on the original disk only (failback undoes it).
+    qemu_io(&nbd, "os", "write -P 0x33 1M 64k").await;
+    a.stop(Duration::from_secs(5)).await.unwrap();
+
+    // Re-protect: westus -> eastus, seeded from the original disks.
+    let job = reprotect(&url).await.unwrap();
+    let seeded = job.bytes_written;
+    assert_eq!(seeded, (2 << 20) + (3 << 20), "{job:#?}");
+    let turned = item(&registry).await;
+    assert_eq!(turned.state(), reg::ReplicationState::Enabling);
+    assert_eq!(turned.target.as_ref().unwrap().region, "eastus");
+    assert_eq!(turned.source.as_ref().unwrap().source_region, "westus");
+    let r = turned.reprotection.clone().unwrap();
+    assert!(r.seed_complete, "{r:?}");
+    let (b, nbd) = agent(
+        &registry,
+        &dir.path().join("west-agent"),
+        vec![failover_dir.clone()],
+    )
+    .await;
+    let protected = wait_state(&registry, reg::ReplicationState::Protected).await;
+    assert!(protected.incarnation > 0 && protected.incarnation == turned.incarnation);
+    // What crossed: the one chunk the fenced source wrote, and digests.
+    let chunks = (OS + DATA) / CHUNK;
+    let crossed = b.streamed_bytes();
+    println!(
+        "re-protect: {crossed} bytes crossed regions for {} bytes of disk ({} MiB seeded in eastus); 1 chunk differed",
+        OS + DATA,
+        seeded >> 20
+    );
+    assert!(
+        crossed <= CHUNK + chunks * DIGEST_BYTES_PER_CHUNK + OVERHEAD,
+        "re-protect sent {crossed} bytes; at most one chunk, digests and markers should cross"
+    );
+    assert!(
+        crossed >= CHUNK,
+        "the chunk written after the fence crossed again"
+    );
+
+    // Writes in westus, then failback into the original disks.
+    qemu_io(&nbd, "data", "write -P 0x44 6M 512k").await;
+    let job = failover(
+        &url,
+        fo::FailoverKind::Planned,
+        fo::point_choice::Choice::Latest(true),
+    )
+    .await;
+    assert!(job.original_location, "{job:#?}");
+    let changed = (64 << 10) + (512 << 10);
+    println!(
+        "failback: {} bytes written into the original disks ({} changed), {} bytes of disk",
+        job.bytes_written,
+        changed,
+        OS + DATA
+    );
+    assert_eq!(job.bytes_written, changed, "{job:#?}");
+    assert_identical(&originals, &west, "after the failback");
+    assert_eq!(disks_in(&url, "eastus").await, originals);
+    commit(&url).await;
+    b.stop(Duration::from_secs(5)).await.unwrap();
+
+    // Re-protect again: eastus -> westus, nothing differs.
+    let job = reprotect(&url).await.unwrap();
+    assert!(job.bytes_written > 0, "{job:#?}");
+    let (c, nbd) = agent(&registry, &east.join("agent-2"), vec![east.clone()]).await;
+    wait_state(&registry, reg::ReplicationState::Protected).await;
+    let crossed = c.streamed_bytes();
+    println!("re-protect again: {crossed} bytes crossed; nothing differed");
+    assert!(
+        crossed <= chunks * DIGEST_BYTES_PER_CHUNK + OVERHEAD,
+        "re-protect again sent {crossed} bytes; only digests and markers should cross"
+    );
+    qemu_io(&nbd, "os", "write -P 0x55 3M 256k").await;
+    let job = failover(
+        &url,
+        fo::FailoverKind::Planned,
+        fo::point_choice::Choice::Latest(true),
+    )
+    .await;
+    assert!(job.original_location, "{job:#?}");
+    assert_eq!(job.bytes_written, 256 << 10, "{job:#?}");
+    assert_identical(&west, &originals, "after the second planned failover");
+    assert_eq!(
+        item(&registry).await.state(),
+        reg::ReplicationState::FailedOver
+    );
+    c.stop(Duration::from_secs(5)).await.unwrap();
+    cluster.stop().await;
+}
