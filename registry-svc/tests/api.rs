@@ -1515,3 +1515,207 @@ async fn items_are_placed_on_their_regions_services_and_keep_their_place() {
     );
     registry.stop().await;
 }
+
+fn reprotect_req(vm: &str, incarnation: u64, disks: &[(&str, &str)]) -> pb::ReprotectItemRequest {
+    pb::ReprotectItemRequest {
+        vm_name: vm.into(),
+        incarnation,
+        disks: disks
+            .iter()
+            .map(|(id, path)| pb::DiskAt {
+                disk_id: id.to_string(),
+                path: path.to_string(),
+            })
+            .collect(),
+        job_id: "job-1".into(),
+    }
+}
+
+#[tokio::test]
+async fn reprotect_turns_a_committed_item_around_once() {
+    use pb::ReplicationState as S;
+    let mut f = fixture().await;
+    let c = &mut f.client;
+    register(c, vm("web")).await.unwrap();
+    let item = enable(c, enable_req("web", "westus")).await.unwrap();
+    let failed_over = [("os", "/west/web-os.img"), ("data", "/west/web-data.img")];
+
+    // Not committed: refused, nothing changed.
+    let before = everything(c).await;
+    let err = c
+        .reprotect_item(reprotect_req("web", item.incarnation, &failed_over))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("ENABLING"), "{err:?}");
+    assert_eq!(before, everything(c).await);
+
+    for to in [
+        S::InitialReplication,
+        S::Protected,
+        S::FailoverInProgress,
+        S::FailedOver,
+        S::Committed,
+    ] {
+        transition(c, "web", to).await.unwrap();
+    }
+    // Bad input: a precise status, nothing changed.
+    let before = everything(c).await;
+    for (req, code, says) in [
+        (
+            reprotect_req("web", item.incarnation, &failed_over[..1]),
+            Code::InvalidArgument,
+            "exactly once",
+        ),
+        (
+            reprotect_req(
+                "web",
+                item.incarnation,
+                &[("os", "/a"), ("data", "/b"), ("swap", "/c")],
+            ),
+            Code::InvalidArgument,
+            "does not have",
+        ),
+        (
+            reprotect_req(
+                "web",
+                item.incarnation,
+                &[("os", "relative"), ("data", "/b")],
+            ),
+            Code::InvalidArgument,
+            "absolute path",
+        ),
+        (
+            reprotect_req("web", item.incarnation + 7, &failed_over),
+            Code::FailedPrecondition,
+            "incarnation",
+        ),
+        (
+            reprotect_req("nobody", 1, &failed_over),
+            Code::NotFound,
+            "nobody",
+        ),
+    ] {
+        let err = c.reprotect_item(req).await.unwrap_err();
+        assert_eq!(err.code(), code, "{err:?}");
+        assert!(err.message().contains(says), "{err:?}");
+    }
+    assert_eq!(before, everything(c).await);
+
+    // Turned around: a new incarnation from westus back to eastus, its
+    // target the original placement, the original disks remembered.
+    let turned = c
+        .reprotect_item(reprotect_req("web", item.incarnation, &failed_over))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(turned.state(), S::Enabling);
+    assert!(turned.incarnation > item.incarnation);
+    assert!(turned.epoch > item.epoch);
+    let source = turned.source.clone().unwrap();
+    let original = item.source.clone().unwrap();
+    let target = turned.target.clone().unwrap();
+    let old_target = item.target.clone().unwrap();
+    assert_eq!(source.source_region, "westus");
+    assert_eq!(source.resource_group, old_target.resource_group);
+    assert_eq!(source.virtual_network, old_target.virtual_network);
+    assert_eq!(
+        source
+            .disks
+            .iter()
+            .map(|d| (d.id.as_str(), d.source_path.as_str()))
+            .collect::<Vec<_>>(),
+        vec![("os", "/west/web-os.img"), ("data", "/west/web-data.img")]
+    );
+    assert_eq!(target.region, "eastus");
+    assert_eq!(target.resource_group, original.resource_group);
+    assert_eq!(target.virtual_network, original.virtual_network);
+    assert_eq!(target.subnet, original.subnet);
+    let r = turned.reprotection.clone().unwrap();
+    assert_eq!(r.from_incarnation, item.incarnation);
+    assert_eq!(r.original_region, "eastus");
+    assert_eq!(
+        r.original_disks
+            .iter()
+            .map(|d| (d.disk_id.as_str(), d.path.as_str()))
+            .collect::<Vec<_>>(),
+        vec![("os", "/images/os.raw"), ("data", "/images/data.raw")]
+    );
+    assert!(!r.seed_complete);
+    // The registered VM moved with it.
+    let moved = c
+        .get_vm(pb::GetVmRequest { name: "web".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(moved.source_region, "westus");
+    // The same request again (a resumed job): the same item.
+    let again = c
+        .reprotect_item(reprotect_req("web", item.incarnation, &failed_over))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.incarnation, turned.incarnation);
+    assert_eq!(again.revision, turned.revision);
+
+    // No agent until the reverse replica is seeded.
+    let err = c
+        .register_agent(pb::RegisterAgentRequest {
+            vm_name: "web".into(),
+            hostname: "west-host".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("seeded"), "{err:?}");
+    let err = c
+        .complete_reprotect_seed(pb::CompleteReprotectSeedRequest {
+            vm_name: "web".into(),
+            incarnation: item.incarnation,
+            summary: "stale".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let seeded = c
+        .complete_reprotect_seed(pb::CompleteReprotectSeedRequest {
+            vm_name: "web".into(),
+            incarnation: turned.incarnation,
+            summary: "seeded 5 MiB".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let r = seeded.reprotection.unwrap();
+    assert!(r.seed_complete);
+    assert_eq!(r.seed_summary, "seeded 5 MiB");
+    let agent = c
+        .register_agent(pb::RegisterAgentRequest {
+            vm_name: "web".into(),
+            hostname: "west-host".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(agent.disks[0].source_path, "/west/web-os.img");
+    assert!(agent.item.unwrap().reprotection.is_some());
+
+    // Persisted: a restarted registry holds the turned item.
+    let dir = f.registry.data_dir.clone();
+    f.registry.stop().await;
+    let registry = start_registry(dir, Some("http://127.0.0.1:7102".into())).await;
+    ferry_testkit::wait_serving(&registry.url).await;
+    let mut c = RegistryClient::connect(registry.url.clone()).await.unwrap();
+    let kept = c
+        .get_protected_item(pb::GetProtectedItemRequest {
+            vm_name: "web".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kept.incarnation, turned.incarnation);
+    assert!(kept.reprotection.unwrap().seed_complete);
+    registry.stop().await;
+}

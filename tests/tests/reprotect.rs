@@ -275,3 +275,293 @@ async fn protect_failover_reprotect_failback_reprotect_and_fail_over_again() {
     c.stop(Duration::from_secs(5)).await.unwrap();
     cluster.stop().await;
 }
+
+/// A processor-svc of its own for eastus (`[processor] endpoint`), set in
+/// registry as that region's; its token and task.
+async fn eastus_processor(
+    cluster: &Cluster,
+    dir: &Path,
+) -> (
+    String,
+    ferry_runtime::CancellationToken,
+    tokio::task::JoinHandle<Result<(), processor_svc::ServeError>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let mut config = ferry_runtime::ServiceConfig::in_process(dir.join("east-processor"));
+    config.registry = Some(cluster.registry.url.clone());
+    config.cache = Some(cluster.cache.url.clone());
+    let stop = ferry_runtime::CancellationToken::new();
+    let task = tokio::spawn(processor_svc::run(
+        config,
+        processor_svc::Settings {
+            endpoint: url.clone(),
+            ..Default::default()
+        },
+        listener,
+        stop.clone(),
+    ));
+    ferry_testkit::wait_serving(&url).await;
+    ferry_proto::registry::v1::registry_client::RegistryClient::connect(
+        cluster.registry.url.clone(),
+    )
+    .await
+    .unwrap()
+    .set_region_services(reg::SetRegionServicesRequest {
+        services: Some(reg::RegionServices {
+            region: "eastus".into(),
+            cache_endpoint: String::new(),
+            processor_endpoint: url.clone(),
+        }),
+    })
+    .await
+    .unwrap();
+    (url, stop, task)
+}
+
+async fn jobs(url: &str) -> Vec<fo::Job> {
+    common::failover(url)
+        .await
+        .list_jobs(fo::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reprotect_and_failback_refuse_what_they_cannot_do_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let failover_dir = dir.path().join("failover");
+    let cluster = Cluster::start_options(ClusterOptions {
+        failover_dir: Some(failover_dir.clone()),
+        ..Default::default()
+    })
+    .await;
+    let (registry, url) = (cluster.registry.url.clone(), cluster.failover.url.clone());
+    // The reverse direction's replica lives on eastus's own processor.
+    let (east_url, stop_east, east_task) = eastus_processor(&cluster, dir.path()).await;
+    let east = dir.path().join("east");
+    std::fs::create_dir_all(&east).unwrap();
+    let source = east.join("os.raw");
+    run_tool(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "raw",
+            source.to_str().unwrap(),
+            &OS.to_string(),
+        ],
+    );
+    common::policy(&registry, "fast", Duration::from_secs(1)).await;
+    protect_vm_with(&registry, "vm", &[("os", OS, &source)], "fast").await;
+    let (a, nbd) = agent(&registry, &east.join("agent"), vec![east.clone()]).await;
+    wait_state(&registry, reg::ReplicationState::Protected).await;
+    qemu_io(&nbd, "os", "write -P 0x61 0 1M").await;
+    a.stream.flushed().await;
+
+    // Re-protect of a VM that is not committed.
+    let before = item(&registry).await;
+    let err = reprotect(&url).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("PROTECTED"), "{err:?}");
+    let after = item(&registry).await;
+    assert_eq!(
+        (after.revision, after.incarnation),
+        (before.revision, before.incarnation)
+    );
+    assert!(jobs(&url).await.is_empty());
+
+    failover(
+        &url,
+        fo::FailoverKind::Unplanned,
+        fo::point_choice::Choice::Latest(true),
+    )
+    .await;
+    commit(&url).await;
+    a.stop(Duration::from_secs(5)).await.unwrap();
+    let job = reprotect(&url).await.unwrap();
+    assert_eq!(job.bytes_written, 1 << 20, "{job:#?}");
+    assert_eq!(item(&registry).await.processor_endpoint, east_url);
+    let (b, _) = agent(
+        &registry,
+        &dir.path().join("west-agent"),
+        vec![failover_dir],
+    )
+    .await;
+    wait_state(&registry, reg::ReplicationState::Protected).await;
+
+    // Failback while the original region's processor is away: UNAVAILABLE
+    // naming it, and nothing fenced, drained or started.
+    stop_east.cancel();
+    let _ = east_task.await;
+    let before = item(&registry).await;
+    let count = jobs(&url).await.len();
+    let err = common::failover(&url)
+        .await
+        .start_failover(common::failover_request(
+            "vm",
+            fo::FailoverKind::Planned,
+            fo::point_choice::Choice::Latest(true),
+            "",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("eastus"), "{err:?}");
+    assert!(err.message().contains("nothing was fenced"), "{err:?}");
+    let after = item(&registry).await;
+    assert_eq!(after.state(), reg::ReplicationState::Protected);
+    assert_eq!(after.epoch, before.epoch);
+    assert_eq!(jobs(&url).await.len(), count);
+    assert!(
+        b.stream.detached().await.is_none(),
+        "the agent still streams"
+    );
+    b.stop(Duration::from_secs(5)).await.unwrap();
+    cluster.stop().await;
+}
+
+/// SeedReplica takes a seed only for an item being re-protected onto it,
+/// and only data that arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_is_taken_only_for_a_reprotected_item_and_only_whole() {
+    use ferry_proto::processor::v1 as proc;
+    use ferry_proto::registry::v1::registry_client::RegistryClient;
+    let cluster = Cluster::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("os.raw");
+    run_tool(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "raw",
+            source.to_str().unwrap(),
+            &OS.to_string(),
+        ],
+    );
+    let registry = cluster.registry.url.clone();
+    let item = protect_vm_with(&registry, "vm", &[("os", OS, &source)], "").await;
+    let seed = |messages: Vec<proc::SeedReplicaRequest>| {
+        let url = cluster.processor.url.clone();
+        async move {
+            proc::processor_client::ProcessorClient::connect(url)
+                .await
+                .unwrap()
+                .seed_replica(tokio_stream::iter(messages))
+                .await
+                .map(|r| r.into_inner().bytes_seeded)
+        }
+    };
+    let open = |incarnation: u64| proc::SeedReplicaRequest {
+        msg: Some(proc::seed_replica_request::Msg::Open(proc::SeedOpen {
+            vm_name: "vm".into(),
+            incarnation,
+            distrusted: Vec::new(),
+        })),
+    };
+    let data = |disk: &str, offset: u64, bytes: Vec<u8>, crc: u32| proc::SeedReplicaRequest {
+        msg: Some(proc::seed_replica_request::Msg::Data(proc::SeedData {
+            disk_id: disk.into(),
+            offset,
+            data: bytes.into(),
+            crc32c: crc,
+        })),
+    };
+    let block = vec![0x7fu8; 64 << 10];
+    let crc = crc32c::crc32c(&block);
+
+    // Not re-protected.
+    let err = seed(vec![open(item.incarnation)]).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("not re-protected"), "{err:?}");
+
+    let mut r = RegistryClient::connect(registry.clone()).await.unwrap();
+    for to in [
+        reg::ReplicationState::InitialReplication,
+        reg::ReplicationState::Protected,
+        reg::ReplicationState::FailoverInProgress,
+        reg::ReplicationState::FailedOver,
+        reg::ReplicationState::Committed,
+    ] {
+        r.transition_state(reg::TransitionStateRequest {
+            vm_name: "vm".into(),
+            to: to as i32,
+            reason: "test".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let turned = r
+        .reprotect_item(reg::ReprotectItemRequest {
+            vm_name: "vm".into(),
+            incarnation: item.incarnation,
+            disks: vec![reg::DiskAt {
+                disk_id: "os".into(),
+                path: "/west/vm-os.img".into(),
+            }],
+            job_id: "job-x".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for (messages, code, says) in [
+        (
+            vec![data("os", 0, block.clone(), crc)],
+            tonic::Code::InvalidArgument,
+            "first message",
+        ),
+        (
+            vec![open(item.incarnation)],
+            tonic::Code::FailedPrecondition,
+            "incarnation",
+        ),
+        (
+            vec![
+                open(turned.incarnation),
+                data("os", 0, block.clone(), crc ^ 1),
+            ],
+            tonic::Code::DataLoss,
+            "CRC-32C",
+        ),
+        (
+            vec![
+                open(turned.incarnation),
+                data("swap", 0, block.clone(), crc),
+            ],
+            tonic::Code::InvalidArgument,
+            "swap",
+        ),
+        (
+            vec![open(turned.incarnation), data("os", OS, block.clone(), crc)],
+            tonic::Code::InvalidArgument,
+            "past the end",
+        ),
+    ] {
+        let err = seed(messages).await.unwrap_err();
+        assert_eq!(err.code(), code, "{err:?}");
+        assert!(err.message().contains(says), "{err:?}");
+    }
+    // Whole: taken (a seed sent again replaces the last, cut-short one).
+    let bytes = seed(vec![
+        open(turned.incarnation),
+        data("os", 0, block.clone(), crc),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(bytes, 64 << 10);
+    r.complete_reprotect_seed(reg::CompleteReprotectSeedRequest {
+        vm_name: "vm".into(),
+        incarnation: turned.incarnation,
+        summary: "test".into(),
+    })
+    .await
+    .unwrap();
+    let err = seed(vec![open(turned.incarnation)]).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("seeded already"), "{err:?}");
+    cluster.stop().await;
+}
