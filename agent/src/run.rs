@@ -604,6 +604,7 @@ async fn supervise(
              may resume"
         );
         let mut told = false;
+        let mut reported = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
@@ -611,19 +612,36 @@ async fn supervise(
             }
             match may_stream(&s).await {
                 Ok(()) => break,
-                Err(why) if !told => {
-                    tracing::warn!(vm = %s.vm, why, "replication stays stopped");
-                    told = true;
+                Err(Stopped { why, fenced }) => {
+                    if !told {
+                        tracing::warn!(vm = %s.vm, why, "replication stays stopped");
+                        told = true;
+                    }
+                    if fenced {
+                        report_fenced_writes(&s, &stream, &mut reported).await;
+                    }
                 }
-                Err(_) => {}
             }
         }
         tracing::info!(vm = %s.vm, "registry lets this agent replicate again: resuming");
     }
 }
 
+/// Why registry does not let this agent replicate; `fenced`: by a
+/// failover (its writes since are reported for re-protect).
+struct Stopped {
+    why: String,
+    fenced: bool,
+}
+
+impl From<String> for Stopped {
+    fn from(why: String) -> Stopped {
+        Stopped { why, fenced: false }
+    }
+}
+
 /// Whether registry still lets this agent replicate its VM; why not.
-async fn may_stream(s: &Session) -> Result<(), String> {
+async fn may_stream(s: &Session) -> Result<(), Stopped> {
     use ferry_proto::registry::v1 as reg;
     let channel = ferry_runtime::connect(&s.registry, &s.credentials).map_err(|e| e.to_string())?;
     let item = RegistryClient::new(channel)
@@ -634,18 +652,65 @@ async fn may_stream(s: &Session) -> Result<(), String> {
         .map_err(|status| format!("registry: {}", status.message()))?
         .into_inner();
     if !crate::health::source_active(item.state()) {
-        return Err(format!(
-            "the VM is {:?}: its source is fenced; its writes are tracked for failback",
-            item.state()
-        ));
+        return Err(Stopped {
+            why: format!(
+                "the VM is {:?}: its source is fenced; its writes are tracked for failback",
+                item.state()
+            ),
+            fenced: true,
+        });
     }
     if item.epoch != s.epoch.get() {
         return Err(format!(
             "a newer agent holds the VM (epoch {} > this agent's {}); restart this agent to take it back",
             item.epoch, s.epoch
-        ));
+        )
+        .into());
     }
     Ok(())
+}
+
+/// The most ranges a fenced-writes report holds (registry's bound).
+const FENCED_RANGES: usize = 4096;
+
+/// Tells registry every range the VM wrote since the fence (what the
+/// stream holds unsent), when it changed since `reported`: re-protect
+/// sends those again whatever their digests say.
+async fn report_fenced_writes(
+    s: &Session,
+    stream: &Stream,
+    reported: &mut Option<Vec<(String, u64, u64)>>,
+) {
+    use ferry_proto::registry::v1 as reg;
+    let runs = stream.unsent().await.data.runs(FENCED_RANGES);
+    if reported.as_ref() == Some(&runs) {
+        return;
+    }
+    let Ok(channel) = ferry_runtime::connect(&s.registry, &s.credentials) else {
+        return;
+    };
+    let request = reg::ReportFencedWritesRequest {
+        vm_name: s.vm.clone(),
+        epoch: s.epoch.get(),
+        ranges: runs
+            .iter()
+            .map(|(disk, offset, length)| reg::ChangedRange {
+                disk_id: disk.clone(),
+                offset: *offset,
+                length: *length,
+            })
+            .collect(),
+    };
+    match RegistryClient::new(channel)
+        .report_fenced_writes(request)
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(vm = %s.vm, ranges = runs.len(), "reported the writes made since the fence");
+            *reported = Some(runs);
+        }
+        Err(status) => tracing::debug!(vm = %s.vm, %status, "fenced writes not reported"),
+    }
 }
 
 /// Opens the disks whose images lie inside the roots; the others are

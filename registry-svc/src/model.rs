@@ -919,6 +919,46 @@ pub struct ProtectedItem {
     /// Set on an item made by re-protect: what it replicates back to.
     #[serde(default)]
     pub reprotection: Option<Reprotection>,
+    /// What the fenced source wrote after the fence, as its agent last
+    /// reported.
+    #[serde(default)]
+    pub fenced_writes: Vec<ChangedRange>,
+}
+
+/// A range of a disk that changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangedRange {
+    pub disk_id: String,
+    pub offset: u64,
+    pub length: u64,
+}
+
+impl From<&ChangedRange> for pb::ChangedRange {
+    fn from(r: &ChangedRange) -> Self {
+        pb::ChangedRange {
+            disk_id: r.disk_id.clone(),
+            offset: r.offset,
+            length: r.length,
+        }
+    }
+}
+
+impl TryFrom<pb::ChangedRange> for ChangedRange {
+    type Error = RegistryError;
+    fn try_from(r: pb::ChangedRange) -> Result<Self, Self::Error> {
+        check_name("disk id", &r.disk_id)?;
+        if r.length == 0 || r.offset.checked_add(r.length).is_none() {
+            return Err(RegistryError::invalid(format!(
+                "range {}+{} of disk {:?} is empty or overflows",
+                r.offset, r.length, r.disk_id
+            )));
+        }
+        Ok(ChangedRange {
+            disk_id: r.disk_id,
+            offset: r.offset,
+            length: r.length,
+        })
+    }
 }
 
 /// A disk of a VM by id, at a path on its host.
@@ -969,6 +1009,10 @@ pub struct Reprotection {
     pub seed_complete: bool,
     pub seed_summary: String,
     pub job_id: String,
+    /// What the original side wrote after it was fenced: sent again
+    /// whatever the digests say.
+    #[serde(default)]
+    pub distrusted: Vec<ChangedRange>,
 }
 
 impl From<&Reprotection> for pb::Reprotection {
@@ -980,6 +1024,7 @@ impl From<&Reprotection> for pb::Reprotection {
             seed_complete: r.seed_complete,
             seed_summary: r.seed_summary.clone(),
             job_id: r.job_id.clone(),
+            distrusted: r.distrusted.iter().map(pb::ChangedRange::from).collect(),
         }
     }
 }
@@ -1047,6 +1092,7 @@ impl From<&ProtectedItem> for pb::ProtectedItem {
             cache_endpoint: i.cache_endpoint.clone().unwrap_or_default(),
             processor_endpoint: i.processor_endpoint.clone().unwrap_or_default(),
             reprotection: i.reprotection.as_ref().map(pb::Reprotection::from),
+            fenced_writes: i.fenced_writes.iter().map(pb::ChangedRange::from).collect(),
         }
     }
 }

@@ -549,6 +549,7 @@ impl Registry {
             failed_over: false,
             incarnation,
             reprotection: None,
+            fenced_writes: Vec::new(),
         };
         let mut writes = Writes::new();
         writes.put(Kind::Item, &item.vm_name, &item)?;

@@ -229,6 +229,27 @@ impl RegistryApi for RegistryService {
         Ok(Response::new(item(&turned)))
     }
 
+    async fn report_fenced_writes(
+        &self,
+        request: Request<pb::ReportFencedWritesRequest>,
+    ) -> Result<pb::ProtectedItem> {
+        audit::target(&request, Target::vm(&request.get_ref().vm_name));
+        let caller = Caller::of(&request);
+        let req = request.into_inner();
+        name("VM name", &req.vm_name)?;
+        caller.check_vm(&req.vm_name)?;
+        let ranges = req
+            .ranges
+            .into_iter()
+            .map(crate::model::ChangedRange::try_from)
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let reported = self
+            .registry
+            .report_fenced_writes(&req.vm_name, req.epoch, ranges)
+            .await?;
+        Ok(Response::new(item(&reported)))
+    }
+
     async fn complete_reprotect_seed(
         &self,
         request: Request<pb::CompleteReprotectSeedRequest>,

@@ -1550,13 +1550,21 @@ async fn reprotect_turns_a_committed_item_around_once() {
     assert!(err.message().contains("ENABLING"), "{err:?}");
     assert_eq!(before, everything(c).await);
 
-    for to in [
-        S::InitialReplication,
-        S::Protected,
-        S::FailoverInProgress,
-        S::FailedOver,
-        S::Committed,
-    ] {
+    agent_cache(c, "web").await;
+    for to in [S::InitialReplication, S::Protected] {
+        transition(c, "web", to).await.unwrap();
+    }
+    // The failover fences the agent.
+    c.transition_state(pb::TransitionStateRequest {
+        vm_name: "web".into(),
+        to: S::FailoverInProgress as i32,
+        reason: "failover".into(),
+        bump_epoch: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for to in [S::FailedOver, S::Committed] {
         transition(c, "web", to).await.unwrap();
     }
     // Bad input: a precise status, nothing changed.
@@ -1602,6 +1610,62 @@ async fn reprotect_turns_a_committed_item_around_once() {
     }
     assert_eq!(before, everything(c).await);
 
+    // The fenced agent's writes since the fence.
+    let fenced = |epoch: u64, ranges: Vec<(&str, u64, u64)>| pb::ReportFencedWritesRequest {
+        vm_name: "web".into(),
+        epoch,
+        ranges: ranges
+            .into_iter()
+            .map(|(d, offset, length)| pb::ChangedRange {
+                disk_id: d.into(),
+                offset,
+                length,
+            })
+            .collect(),
+    };
+    let committed = c
+        .get_protected_item(pb::GetProtectedItemRequest {
+            vm_name: "web".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let before = everything(c).await;
+    let many: Vec<(&str, u64, u64)> = (0..4097).map(|i| ("os", i * 131072, 65536)).collect();
+    for (req, code, says) in [
+        (
+            fenced(committed.epoch, vec![("os", 0, 65536)]),
+            Code::FailedPrecondition,
+            "not fenced",
+        ),
+        (
+            fenced(committed.epoch - 1, vec![("swap", 0, 65536)]),
+            Code::InvalidArgument,
+            "swap",
+        ),
+        (
+            fenced(committed.epoch - 1, vec![("os", 1 << 40, 65536)]),
+            Code::InvalidArgument,
+            "past the end",
+        ),
+        (
+            fenced(committed.epoch - 1, many),
+            Code::InvalidArgument,
+            "at most 4096",
+        ),
+    ] {
+        let err = c.report_fenced_writes(req).await.unwrap_err();
+        assert_eq!(err.code(), code, "{err:?}");
+        assert!(err.message().contains(says), "{err:?}");
+    }
+    assert_eq!(before, everything(c).await);
+    let reported = c
+        .report_fenced_writes(fenced(committed.epoch - 1, vec![("os", 65536, 65536)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reported.fenced_writes.len(), 1);
+
     // Turned around: a new incarnation from westus back to eastus, its
     // target the original placement, the original disks remembered.
     let turned = c
@@ -1642,6 +1706,8 @@ async fn reprotect_turns_a_committed_item_around_once() {
         vec![("os", "/images/os.raw"), ("data", "/images/data.raw")]
     );
     assert!(!r.seed_complete);
+    assert_eq!(r.distrusted, reported.fenced_writes);
+    assert!(turned.fenced_writes.is_empty());
     // The registered VM moved with it.
     let moved = c
         .get_vm(pb::GetVmRequest { name: "web".into() })

@@ -186,8 +186,30 @@ async fn protect_failover_reprotect_failback_reprotect_and_fail_over_again() {
     commit(&url).await;
 
     // The old source is fenced but stays online: a write after the fence
-    // lands on the original disk only (failback undoes it).
+    // lands on the original disk only (failback undoes it). Another
+    // rewrites bytes the disk held already: its digest still matches, yet
+    // it crosses again, since its agent reported it as written after the
+    // fence.
     qemu_io(&nbd, "os", "write -P 0x33 1M 64k").await;
+    qemu_io(&nbd, "os", "write -P 0x11 0 64k").await;
+    let reported = wait_for(
+        "the fenced writes reported",
+        Duration::from_secs(30),
+        || async {
+            protected_item(&registry, "vm")
+                .await
+                .filter(|i| i.fenced_writes.len() == 2)
+        },
+    )
+    .await;
+    assert_eq!(
+        reported
+            .fenced_writes
+            .iter()
+            .map(|r| (r.disk_id.as_str(), r.offset, r.length))
+            .collect::<Vec<_>>(),
+        vec![("os", 0, CHUNK), ("os", 1 << 20, CHUNK)]
+    );
     a.stop(Duration::from_secs(5)).await.unwrap();
 
     // Re-protect: westus -> eastus, seeded from the original disks.
@@ -200,6 +222,8 @@ async fn protect_failover_reprotect_failback_reprotect_and_fail_over_again() {
     assert_eq!(turned.source.as_ref().unwrap().source_region, "westus");
     let r = turned.reprotection.clone().unwrap();
     assert!(r.seed_complete, "{r:?}");
+    assert_eq!(r.distrusted, reported.fenced_writes);
+    assert!(turned.fenced_writes.is_empty());
     let (b, nbd) = agent(
         &registry,
         &dir.path().join("west-agent"),
@@ -208,21 +232,23 @@ async fn protect_failover_reprotect_failback_reprotect_and_fail_over_again() {
     .await;
     let protected = wait_state(&registry, reg::ReplicationState::Protected).await;
     assert!(protected.incarnation > 0 && protected.incarnation == turned.incarnation);
-    // What crossed: the one chunk the fenced source wrote, and digests.
+    // What crossed: the two chunks the fenced source wrote (one differs,
+    // one is distrusted), and digests.
     let chunks = (OS + DATA) / CHUNK;
     let crossed = b.streamed_bytes();
     println!(
-        "re-protect: {crossed} bytes crossed regions for {} bytes of disk ({} MiB seeded in eastus); 1 chunk differed",
+        "re-protect: {crossed} bytes crossed regions for {} bytes of disk ({} MiB seeded in \
+         eastus); 1 chunk differed, 1 was written after the fence",
         OS + DATA,
         seeded >> 20
     );
     assert!(
-        crossed <= CHUNK + chunks * DIGEST_BYTES_PER_CHUNK + OVERHEAD,
-        "re-protect sent {crossed} bytes; at most one chunk, digests and markers should cross"
+        crossed <= 2 * CHUNK + chunks * DIGEST_BYTES_PER_CHUNK + OVERHEAD,
+        "re-protect sent {crossed} bytes; at most two chunks, digests and markers should cross"
     );
     assert!(
-        crossed >= CHUNK,
-        "the chunk written after the fence crossed again"
+        crossed >= 2 * CHUNK,
+        "both chunks written after the fence crossed again, the one whose digest matches too"
     );
 
     // Writes in westus, then failback into the original disks.

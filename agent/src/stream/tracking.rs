@@ -108,6 +108,33 @@ impl Dirty {
         self.disks.values().flatten().all(|w| *w == 0)
     }
 
+    /// The dirty chunks as (disk, offset, length) runs, at most `max` of
+    /// them: past that, runs closer than a growing gap are merged (more is
+    /// covered, never less).
+    pub fn runs(&self, max: usize) -> Vec<(String, u64, u64)> {
+        let mut gap = 0u64;
+        loop {
+            let mut runs: Vec<(String, u64, u64)> = Vec::new();
+            for disk in self.disks.keys() {
+                for c in self.chunks(disk) {
+                    match runs.last_mut() {
+                        Some((d, first, n)) if d == disk && *first + *n + gap >= c => {
+                            *n = c - *first + 1
+                        }
+                        _ => runs.push((disk.clone(), c, 1)),
+                    }
+                }
+            }
+            if runs.len() <= max.max(1) {
+                return runs
+                    .into_iter()
+                    .map(|(d, first, n)| (d, first * DIRTY_CHUNK, n * DIRTY_CHUNK))
+                    .collect();
+            }
+            gap = (gap * 2).max(1);
+        }
+    }
+
     /// How many chunks are dirty.
     pub fn count(&self) -> u64 {
         self.disks
@@ -521,6 +548,31 @@ impl Stream {
 mod tests {
     use super::*;
     use crate::stream::{State, StreamLimits};
+
+    #[test]
+    fn runs_coalesce_and_stay_within_the_bound() {
+        let mut d = Dirty::default();
+        d.mark("os", 0, 2 * DIRTY_CHUNK);
+        d.mark("os", 5 * DIRTY_CHUNK, 1);
+        d.mark("data", 3 * DIRTY_CHUNK, DIRTY_CHUNK);
+        assert_eq!(
+            d.runs(10),
+            vec![
+                ("data".to_string(), 3 * DIRTY_CHUNK, DIRTY_CHUNK),
+                ("os".to_string(), 0, 2 * DIRTY_CHUNK),
+                ("os".to_string(), 5 * DIRTY_CHUNK, DIRTY_CHUNK),
+            ]
+        );
+        // Two at most: the runs of "os" merge, covering the gap.
+        assert_eq!(
+            d.runs(2),
+            vec![
+                ("data".to_string(), 3 * DIRTY_CHUNK, DIRTY_CHUNK),
+                ("os".to_string(), 0, 6 * DIRTY_CHUNK),
+            ]
+        );
+        assert!(Dirty::default().runs(4).is_empty());
+    }
 
     fn digests(offset: u64, chunks: u64) -> Op {
         Op::Digests(pb::ChunkDigests {

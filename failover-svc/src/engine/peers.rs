@@ -92,6 +92,9 @@ pub struct Reprotection {
     pub seed_complete: bool,
     /// The re-protect job.
     pub job_id: String,
+    /// What the original side wrote after the fence (disk, offset,
+    /// length): sent again whatever the digests say.
+    pub distrusted: Vec<(String, u64, u64)>,
 }
 
 /// Bytes of an original disk, for a reverse replica's seed.
@@ -377,6 +380,11 @@ fn item(i: reg::ProtectedItem) -> Result<Item> {
                 .collect(),
             seed_complete: r.seed_complete,
             job_id: r.job_id,
+            distrusted: r
+                .distrusted
+                .into_iter()
+                .map(|d| (d.disk_id, d.offset, d.length))
+                .collect(),
         }),
         source_nics: source
             .nics

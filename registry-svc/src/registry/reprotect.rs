@@ -11,7 +11,12 @@ use super::{Change, Registry, INCARNATION};
 use crate::derive::derive_targets;
 use crate::error::RegistryError;
 use crate::lifecycle::State;
-use crate::model::{DiskAt, Overrides, ProtectedItem, RegionServices, Reprotection, Vm};
+use crate::model::{
+    ChangedRange, DiskAt, Overrides, ProtectedItem, RegionServices, Reprotection, Vm,
+};
+
+/// The most ranges a fenced agent may report.
+pub const MAX_FENCED_RANGES: usize = 4096;
 use crate::store::{Kind, Writes};
 
 /// A re-protect request, validated.
@@ -153,7 +158,9 @@ impl Registry {
                 seed_complete: false,
                 seed_summary: String::new(),
                 job_id: req.job_id.clone(),
+                distrusted: item.fenced_writes.clone(),
             }),
+            fenced_writes: Vec::new(),
         };
         let mut writes = Writes::new();
         writes.put(Kind::Item, vm, &turned)?;
@@ -197,6 +204,70 @@ impl Registry {
             }
             r.seed_complete = true;
             r.seed_summary = summary;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// A fenced agent (at `epoch`) reports every range its VM wrote since
+    /// the fence; they replace its last report. Re-protect distrusts them.
+    pub async fn report_fenced_writes(
+        &self,
+        vm: &str,
+        epoch: u64,
+        ranges: Vec<ChangedRange>,
+    ) -> Result<ProtectedItem, RegistryError> {
+        if ranges.len() > MAX_FENCED_RANGES {
+            return Err(RegistryError::invalid(format!(
+                "{} ranges; at most {MAX_FENCED_RANGES} (coalesce them)",
+                ranges.len()
+            )));
+        }
+        self.update_item(vm, |item| {
+            if !matches!(
+                item.state,
+                State::FailoverInProgress | State::FailedOver | State::Committed
+            ) {
+                return Err(RegistryError::precondition(format!(
+                    "VM {vm:?} is {}: its source is not fenced by a failover",
+                    item.state.name()
+                )));
+            }
+            if epoch >= item.epoch {
+                return Err(RegistryError::precondition(format!(
+                    "epoch {epoch} is not below VM {vm:?}'s {}: this agent is not fenced",
+                    item.epoch
+                )));
+            }
+            let mut clipped = Vec::with_capacity(ranges.len());
+            for r in &ranges {
+                let disk = item
+                    .source
+                    .disks
+                    .iter()
+                    .find(|d| d.id == r.disk_id)
+                    .ok_or_else(|| {
+                        RegistryError::invalid(format!(
+                            "range names disk {:?}, which VM {vm:?} does not have",
+                            r.disk_id
+                        ))
+                    })?;
+                if r.offset >= disk.size_bytes {
+                    return Err(RegistryError::invalid(format!(
+                        "range at {} is past the end of disk {:?} ({} bytes)",
+                        r.offset, r.disk_id, disk.size_bytes
+                    )));
+                }
+                clipped.push(ChangedRange {
+                    disk_id: r.disk_id.clone(),
+                    offset: r.offset,
+                    length: r.length.min(disk.size_bytes - r.offset),
+                });
+            }
+            if item.fenced_writes == clipped {
+                return Ok(false);
+            }
+            item.fenced_writes = clipped;
             Ok(true)
         })
         .await

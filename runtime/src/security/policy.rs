@@ -194,6 +194,10 @@ pub const TABLE: &[(&str, Allow)] = &[
         services(&[Failover]).mutating(),
     ),
     (
+        "ferry.registry.v1.Registry/ReportFencedWrites",
+        services(&[]).and_agent().mutating(),
+    ),
+    (
         "ferry.registry.v1.Registry/ReportReplicationProgress",
         services(&[Processor]).and_agent().frequent(),
     ),

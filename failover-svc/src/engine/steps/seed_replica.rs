@@ -119,9 +119,14 @@ async fn seed(
             Ok(())
         })
     };
+    let distrusted = item
+        .reprotection
+        .as_ref()
+        .map(|r| r.distrusted.clone())
+        .unwrap_or_default();
     let sending = engine
         .peers
-        .seed_replica(&vm, item.incarnation, Vec::new(), rx);
+        .seed_replica(&vm, item.incarnation, distrusted, rx);
     tokio::pin!(sending);
     let mut every = tokio::time::interval(Duration::from_millis(500));
     let seeded = loop {
