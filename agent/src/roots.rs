@@ -46,6 +46,10 @@ pub enum Refused {
     /// The image could not be opened.
     #[error("disk {disk}: {source}")]
     Open { disk: String, source: CaptureError },
+    /// A writer holds the image to itself (a failback into the original
+    /// disks): serving it now would show the VM a disk being rewritten.
+    #[error("disk {disk}: {path} is being written by a failback into the original disks; it is not served: start the agent again once that failover has ended")]
+    InUse { disk: String, path: String },
 }
 
 /// The agent's disk roots, resolved.
@@ -177,6 +181,20 @@ impl DiskRoots {
                     roots: self.listed(),
                 });
             }
+        }
+        // Held while the agent serves it, so that a failback does not
+        // write under it.
+        match ferry_runtime::disk_lock::hold_served(&opened) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(Refused::InUse {
+                    disk: disk.to_string(),
+                    path: path.display().to_string(),
+                })
+            }
+            Err(e) => tracing::warn!(disk, path = %path.display(), error = %e,
+                "the image cannot be locked (its filesystem has no OFD locks?): a failback \
+                 cannot tell that this agent serves it"),
         }
         SourceDisk::from_file(disk, &real, opened, size).map_err(|source| Refused::Open {
             disk: disk.to_string(),

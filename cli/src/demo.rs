@@ -1,8 +1,9 @@
 //! `ferry demo`: the four services in this process on loopback, a sample VM
 //! with two disks written through its agent's NBD export, recovery points, a
 //! test failover and its cleanup, an unplanned failover to an earlier point
-//! checked byte for byte against the source at that point, and commit,
-//! printed as it happens, with the figures at the end.
+//! checked byte for byte against the source at that point, commit,
+//! re-protect back to the original region and failback into the original
+//! disks, printed as it happens, with the figures at the end.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -109,10 +110,24 @@ pub async fn run(data_dir: Option<PathBuf>) -> Result<()> {
         output::bytes(figures.materialized),
         figures.materialized as f64 / (1 << 20) as f64 / figures.failover_secs.max(1e-9)
     );
+    println!(
+        "    re-protect: crossed regions        {} of {} of disks",
+        mib(figures.reprotect_crossed),
+        output::bytes(figures.disk_bytes)
+    );
+    println!(
+        "    failback: written into originals  {}",
+        mib(figures.failback_written)
+    );
     for (round, mib_s) in ["A", "B"].iter().zip(&figures.ingest_mib_s) {
         println!("    round {round}: NBD write to durable in cache {mib_s:.0} MiB/s");
     }
     Ok(())
+}
+
+/// A measured byte count, for people.
+fn mib(n: u64) -> String {
+    format!("{:.2} MiB", n as f64 / (1u64 << 20) as f64)
 }
 
 /// The shadow copies of the source images at a moment.
@@ -613,7 +628,134 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<Figu
     )
     .await?;
     steps.end("commit", t);
+    // The original VM is stopped: its agent lets go of the original disks.
     let _ = agent.stop(Duration::from_secs(1)).await;
+
+    let t = steps.begin(
+        12,
+        "re-protecting demo-web: westus back to eastus, seeded from the original disks",
+    );
+    let job = f
+        .reprotect(fo::ReprotectRequest {
+            vm_name: "demo-web".into(),
+            request_id: String::new(),
+        })
+        .await
+        .map_err(|s| anyhow!("re-protect: {}", s.message()))?
+        .into_inner();
+    let job = follow_job(&mut f, &job.id, false).await?;
+    if job.state != fo::JobState::Succeeded as i32 {
+        bail!("the re-protect failed: {}", job.error);
+    }
+    if let Some(seed) = job.steps.iter().find(|s| s.name == "seed-replica") {
+        println!("    {}", seed.message);
+    }
+    // Its agent runs beside the failed-over disks.
+    let roots: Vec<PathBuf> = failed_over
+        .disks
+        .iter()
+        .filter_map(|d| Path::new(&d.path).parent().map(Path::to_path_buf))
+        .collect();
+    let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let west_nbd = nbd.local_addr()?.to_string();
+    let west = Agent::start(AgentOptions::new(
+        url,
+        "demo-web",
+        nbd.into(),
+        dir.join("agent-westus"),
+        roots,
+    ))
+    .await?;
+    wait_event_for(
+        &mut events,
+        pb::EventKind::Upserted,
+        Some(pb::ReplicationState::Protected),
+        120,
+    )
+    .await?;
+    figures.reprotect_crossed = west.streamed_bytes();
+    figures.disk_bytes = failed_over.disks.iter().map(|d| d.size_bytes).sum();
+    println!(
+        "    PROTECTED westus -> eastus: {} crossed regions for {} of disks (digests, and \
+         round B's writes, which the failover to point {} left out)",
+        mib(figures.reprotect_crossed),
+        output::bytes(figures.disk_bytes),
+        older.id
+    );
+    steps.end("re-protect", t);
+
+    let t = steps.begin(
+        13,
+        "writes in westus, then failback: a planned failover into the original disks",
+    );
+    nbd_write(&west_nbd, "data", 20 << 20, 1 << 20, 0xc1).await?;
+    west.stream.flushed().await;
+    let job = f
+        .start_failover(fo::StartFailoverRequest {
+            target: Some(fo::start_failover_request::Target::VmName(
+                "demo-web".into(),
+            )),
+            kind: fo::FailoverKind::Planned as i32,
+            point: Some(fo::PointChoice {
+                choice: Some(fo::point_choice::Choice::Latest(true)),
+            }),
+            test_network: String::new(),
+            request_id: String::new(),
+            instant: false,
+            alternate_location: false,
+        })
+        .await
+        .map_err(|s| anyhow!("failback: {}", s.message()))?
+        .into_inner();
+    let job = follow_job(&mut f, &job.id, true).await?;
+    if job.state != fo::JobState::Succeeded as i32 {
+        bail!("the failback failed: {}", job.error);
+    }
+    figures.failback_written = job.bytes_written;
+    println!(
+        "    {} written into the original disks (original location: {}), the blocks that differed",
+        mib(job.bytes_written),
+        job.original_location
+    );
+    for (d, original) in failed_over.disks.iter().zip([&os, &data]) {
+        let same = same_bytes(Path::new(&d.path), original)?;
+        println!(
+            "    {} {} {}",
+            original.display(),
+            if same {
+                "is byte-for-byte identical to"
+            } else {
+                "DIFFERS from"
+            },
+            d.name
+        );
+        if !same {
+            bail!(
+                "the original disk {} differs after failback",
+                original.display()
+            );
+        }
+    }
+    let job = f
+        .commit_failover(fo::CommitFailoverRequest {
+            target: Some(fo::commit_failover_request::Target::VmName(
+                "demo-web".into(),
+            )),
+            request_id: String::new(),
+        })
+        .await
+        .map_err(|s| anyhow!("commit: {}", s.message()))?
+        .into_inner();
+    follow_job(&mut f, &job.id, false).await?;
+    wait_event(
+        &mut events,
+        pb::EventKind::Upserted,
+        Some(pb::ReplicationState::Committed),
+    )
+    .await?;
+    println!("    demo-web runs in eastus on its original disks again; committed");
+    steps.end("failback", t);
+    let _ = west.stop(Duration::from_secs(1)).await;
     watcher.abort();
     Ok(figures)
 }
@@ -635,6 +777,11 @@ struct Figures {
     failover_secs: f64,
     materialized: u64,
     ingest_mib_s: Vec<f64>,
+    /// Bytes the re-protected VM's agent sent, of `disk_bytes`.
+    reprotect_crossed: u64,
+    disk_bytes: u64,
+    /// Bytes failback wrote into the original disks.
+    failback_written: u64,
 }
 
 type Seen = (pb::EventKind, Option<pb::ReplicationState>);

@@ -158,3 +158,39 @@ pub(crate) fn originals_exist(item: &Item) -> bool {
             .is_some_and(|m| m.is_file() && m.len() >= d.size_bytes)
     })
 }
+
+/// Opens an original disk for a failback, taken for this writer alone;
+/// FAILED_PRECONDITION while an agent or a QEMU holds it.
+pub(crate) fn take_original(disk: &str, path: &std::path::Path) -> Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| FailoverError::io(path, e))?;
+    match ferry_runtime::disk_lock::take_alone(&file) {
+        Ok(true) => Ok(file),
+        Ok(false) => Err(Refused::failed_precondition(format!(
+            "original disk {disk:?} at {} is in use (an agent serves it, or a VM runs on it): \
+             stop the original VM and its agent before failing back into it, or fail back to \
+             an alternate location",
+            path.display()
+        ))
+        .into()),
+        Err(e) => {
+            tracing::warn!(disk, path = %path.display(), error = %e,
+                "the original disk cannot be locked: whether something uses it is unknown");
+            Ok(file)
+        }
+    }
+}
+
+/// Every original disk of `item` can be taken alone now (taken and let go
+/// at once): a failback into them is refused before anything is drained.
+pub(crate) fn originals_free(item: &Item) -> Result<()> {
+    if let Some(r) = &item.reprotection {
+        for (disk, path) in &r.original_disks {
+            drop(take_original(disk, path)?);
+        }
+    }
+    Ok(())
+}

@@ -6,7 +6,9 @@
 //! 1 GiB disk half written beside `cp --sparse=always` (see
 //! `failover_bench`). `ferry-loadgen instant-bench`: seconds until a
 //! failed-over VM runs on libvirt, instant against materialize-first (see
-//! `instant_bench`). `ferry-loadgen group-bench`: bookmark rounds of a
+//! `instant_bench`). `ferry-loadgen reprotect-bench`: re-protect's seed,
+//! digest comparison rate and bytes crossed, failback's bytes written (see
+//! `reprotect_bench`). `ferry-loadgen group-bench`: bookmark rounds of a
 //! 20-VM group and the write latency they add (see `group_bench`). All print
 //! figures and ratios and assert nothing (machines are noisy).
 //! `ferry-loadgen compare`: fio against qemu-nbd, QEMU's own replication
@@ -29,6 +31,7 @@ mod instant_bench;
 mod plots;
 mod processor_bench;
 mod report;
+mod reprotect_bench;
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -124,6 +127,17 @@ enum Cli {
     /// the request until the VM runs, for disks half written.
     #[command(name = "instant-bench")]
     Instant {
+        /// Where the data goes.
+        #[arg(long, default_value = "target/bench")]
+        dir: PathBuf,
+        /// Disk sizes in GiB, a run each.
+        #[arg(long, value_delimiter = ',', default_value = "1,4")]
+        gib: Vec<u64>,
+    },
+    /// Re-protect and failback: the seed, the digest comparison's rate,
+    /// the bytes that crossed and were written, for disks half written.
+    #[command(name = "reprotect-bench")]
+    Reprotect {
         /// Where the data goes.
         #[arg(long, default_value = "target/bench")]
         dir: PathBuf,
@@ -470,6 +484,10 @@ async fn main() -> Result<()> {
             std::fs::create_dir_all(&dir)?;
             let work = tempfile::tempdir_in(&dir)?;
             return failover_bench::run(work.path()).await;
+        }
+        Cli::Reprotect { dir, gib } => {
+            std::fs::create_dir_all(&dir)?;
+            return reprotect_bench::run(&dir, &gib).await;
         }
         Cli::Instant { dir, gib } => {
             std::fs::create_dir_all(&dir)?;

@@ -1029,6 +1029,12 @@ impl Pipeline {
         let Ok(meta) = self.replica.meta() else {
             return;
         };
+        if !meta.syncing.is_empty() {
+            // A round is still comparing: asked for once it has ended, so
+            // that the agent's answer never cuts into the round (its
+            // digests would go to the changed-chunk map and round again).
+            return;
+        }
         let ranges: Vec<cache::DiskRange> = meta
             .mismatched
             .iter()

@@ -5,6 +5,7 @@
 pub mod batch_trace;
 pub mod binary;
 pub mod config;
+pub mod disk_lock;
 pub mod durable;
 pub mod follow;
 pub mod health_port;

@@ -406,7 +406,7 @@ async fn reprotect_and_failback_refuse_what_they_cannot_do_and_change_nothing() 
     )
     .await;
     commit(&url).await;
-    a.stop(Duration::from_secs(5)).await.unwrap();
+    // The old agent goes on serving the original disk (fenced).
     let job = reprotect(&url).await.unwrap();
     assert_eq!(job.bytes_written, 1 << 20, "{job:#?}");
     assert_eq!(item(&registry).await.processor_endpoint, east_url);
@@ -418,22 +418,39 @@ async fn reprotect_and_failback_refuse_what_they_cannot_do_and_change_nothing() 
     .await;
     wait_state(&registry, reg::ReplicationState::Protected).await;
 
+    let planned = || async {
+        common::failover(&url)
+            .await
+            .start_failover(common::failover_request(
+                "vm",
+                fo::FailoverKind::Planned,
+                fo::point_choice::Choice::Latest(true),
+                "",
+            ))
+            .await
+    };
+    // Failback into an original disk the old agent still serves: refused,
+    // nothing fenced, drained or started.
+    let before = item(&registry).await;
+    let err = planned().await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("in use"), "{err:?}");
+    assert!(err.message().contains("os.raw"), "{err:?}");
+    let after = item(&registry).await;
+    assert_eq!((after.state(), after.epoch), (before.state(), before.epoch));
+    assert!(
+        b.stream.detached().await.is_none(),
+        "the agent still streams"
+    );
+    a.stop(Duration::from_secs(5)).await.unwrap();
+
     // Failback while the original region's processor is away: UNAVAILABLE
     // naming it, and nothing fenced, drained or started.
     stop_east.cancel();
     let _ = east_task.await;
     let before = item(&registry).await;
     let count = jobs(&url).await.len();
-    let err = common::failover(&url)
-        .await
-        .start_failover(common::failover_request(
-            "vm",
-            fo::FailoverKind::Planned,
-            fo::point_choice::Choice::Latest(true),
-            "",
-        ))
-        .await
-        .unwrap_err();
+    let err = planned().await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     assert!(err.message().contains("eastus"), "{err:?}");
     assert!(err.message().contains("nothing was fenced"), "{err:?}");

@@ -315,6 +315,9 @@ impl Engine {
             && !instant
             && !alternate_location
             && crate::reprotect::originals_exist(&item);
+        if original_location {
+            crate::reprotect::originals_free(&item)?;
+        }
         if kind != FailoverKind::Test {
             // Nothing is fenced or drained while the target's processor
             // cannot be asked for the point.

@@ -56,11 +56,8 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
         let (path, file) = match super::original_disk(job, &item, &disk.disk_id)? {
             Some(path) => {
                 unowned(backend.as_ref(), &vm, target, &name, &path)?;
-                let file = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(&path)
-                    .map_err(|e| FailoverError::io(&path, e))?;
+                // Held to itself until this disk is written and checked.
+                let file = crate::reprotect::take_original(&disk.disk_id, &path)?;
                 (path, file)
             }
             None => {
