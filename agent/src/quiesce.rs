@@ -8,7 +8,6 @@
 //! in the VM's agent health until a later quiesce succeeds.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use ferry_proto::cache::v1::MarkerKind;
@@ -36,51 +35,18 @@ pub const SCRIPT_TIMEOUT: Duration = Duration::from_secs(60);
 /// environment (`FERRY_VM`, `FERRY_SEQUENCE`, `FERRY_PHASE`); an error that
 /// says what went wrong.
 async fn run_script(
-    script: &PathBuf,
+    script: &std::path::Path,
     phase: &str,
     vm: &str,
     sequence: u64,
     timeout: Duration,
 ) -> Result<(), String> {
-    let child = tokio::process::Command::new(script)
-        .env("FERRY_VM", vm)
-        .env("FERRY_SEQUENCE", sequence.to_string())
-        .env("FERRY_PHASE", phase)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        // Its own process group, so that a timeout kills what it started too.
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("{phase} script {} cannot start: {e}", script.display()))?;
-    let pid = child.id();
-    match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Err(_) => {
-            if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
-                // SAFETY: kill(2) with a negative pid signals that process
-                // group; it touches no memory of ours.
-                unsafe {
-                    libc::kill(-pid, libc::SIGKILL);
-                }
-            }
-            Err(format!(
-                "{phase} script {} timed out after {timeout:?} and was killed",
-                script.display()
-            ))
-        }
-        Ok(Err(e)) => Err(format!("{phase} script {}: {e}", script.display())),
-        Ok(Ok(out)) if out.status.success() => Ok(()),
-        Ok(Ok(out)) => {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            Err(format!(
-                "{phase} script {} failed ({}): {}",
-                script.display(),
-                out.status,
-                stderr.trim()
-            ))
-        }
-    }
+    let env = [
+        ("FERRY_VM", vm.to_string()),
+        ("FERRY_SEQUENCE", sequence.to_string()),
+        ("FERRY_PHASE", phase.to_string()),
+    ];
+    ferry_runtime::script::run(script, &env, timeout, &format!("{phase} script")).await
 }
 
 /// One quiesce: pre script, marker, post script. The marker's sequence, or

@@ -150,6 +150,10 @@ pub enum Command {
     },
     /// Failover, commit and cleanup jobs, newest first.
     Jobs(JobsArgs),
+    /// Recovery plans: groups of VMs failed over in order, with scripts and
+    /// manual steps before and after each group.
+    #[command(subcommand)]
+    Plan(crate::plan::PlanCommand),
     /// Virtual networks of the target regions (test failovers use them).
     #[command(subcommand)]
     Network(NetworkCommand),

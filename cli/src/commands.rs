@@ -391,6 +391,7 @@ pub async fn run(url: &str, out: Output, command: Command) -> Result<()> {
         | Command::Status(_)
         | Command::Failover(_)
         | Command::Reprotect { .. }
+        | Command::Plan(_)
         | Command::Jobs(_)
         | Command::Network(_)
         | Command::TargetVms { .. }

@@ -12,6 +12,7 @@ mod embedded;
 mod enroll;
 mod nbd_client;
 mod output;
+mod plan;
 mod recovery;
 mod serve;
 mod status;
@@ -63,6 +64,7 @@ async fn run(cli: Cli) -> Result<()> {
             recovery::reprotect(&cli.failover, cli.output, vm, no_wait).await
         }
         Command::Jobs(a) => recovery::jobs(&cli.failover, cli.output, a).await,
+        Command::Plan(c) => plan::run(&cli.failover, cli.output, c).await,
         Command::Network(c) => recovery::network(&cli.failover, cli.output, c).await,
         Command::TargetVms { vm } => recovery::target_vms(&cli.failover, cli.output, vm).await,
         Command::Token(c) => tokens::run(&cli.registry, cli.output, c).await,

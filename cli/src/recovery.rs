@@ -16,7 +16,10 @@ use crate::args::{FailoverAction, FailoverArgs, JobsArgs, NetworkCommand, Output
 use crate::output::{self, table};
 
 /// A failed call, said so that a person can act on it.
-fn status<'a>(service: &'static str, url: &'a str) -> impl Fn(tonic::Status) -> anyhow::Error + 'a {
+pub(crate) fn status<'a>(
+    service: &'static str,
+    url: &'a str,
+) -> impl Fn(tonic::Status) -> anyhow::Error + 'a {
     move |s| {
         if s.code() == tonic::Code::Unavailable {
             anyhow!(
@@ -211,7 +214,7 @@ pub async fn follow_job(
     last.ok_or_else(|| anyhow!("job {id} sent nothing"))
 }
 
-fn choice(point: &str) -> fo::point_choice::Choice {
+pub(crate) fn choice(point: &str) -> fo::point_choice::Choice {
     use fo::point_choice::Choice;
     match point {
         "latest" => Choice::Latest(true),

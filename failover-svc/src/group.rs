@@ -96,6 +96,9 @@ impl Engine {
         test_network: String,
         request_id: String,
     ) -> Result<JobRecord> {
+        if let Some(job) = self.jobs.by_request(&request_id)? {
+            return Ok(job);
+        }
         let planned = kind == FailoverKind::Planned;
         if planned && !self.peers.has_cache() {
             return Err(Refused::failed_precondition(

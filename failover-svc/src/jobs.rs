@@ -93,8 +93,49 @@ stored_enum!(
         CleanupTest = "cleanup-test" / 3,
         /// A re-protect of a committed failover.
         Reprotect = "reprotect" / 4,
+        /// A recovery plan's job.
+        Plan = "plan" / 5,
     }
 );
+
+stored_enum!(
+    /// What a plan's job does to every VM of the plan.
+    PlanOp, "plan operation" {
+        /// A failover of the job's `failover_kind`.
+        Failover = "failover" / 1,
+        Commit = "commit" / 2,
+        CleanupTest = "cleanup-test" / 3,
+        Reprotect = "reprotect" / 4,
+    }
+);
+
+/// What one stage of a plan's job does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageKind {
+    /// The `index`th action before or after the group.
+    Action {
+        when: crate::plans::When,
+        index: usize,
+    },
+    /// The group's VMs and replication groups, one child job each.
+    Vms,
+}
+
+/// One stage of a plan's job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stage {
+    /// Its group, 1-based.
+    pub group: usize,
+    pub kind: StageKind,
+    /// For people: "pre:notify", "vms", "post:check".
+    pub label: String,
+    pub state: JobState,
+    pub message: String,
+    /// The child jobs it started.
+    #[serde(default)]
+    pub children: Vec<String>,
+}
 
 stored_enum!(
     /// How a failover goes.
@@ -327,6 +368,19 @@ pub struct JobRecord {
     /// A re-protect: the committed incarnation it turns around.
     #[serde(default)]
     pub incarnation: u64,
+    /// A plan's job: the plan, what it does, the plan's groups as they
+    /// were when it started, and its stages.
+    #[serde(default)]
+    pub plan: String,
+    #[serde(default)]
+    pub plan_op: Option<PlanOp>,
+    #[serde(default)]
+    pub plan_groups: Vec<crate::plans::PlanGroup>,
+    #[serde(default)]
+    pub stages: Vec<Stage>,
+    /// While the plan's job waits at a manual action: its text.
+    #[serde(default)]
+    pub waiting_for: String,
 }
 
 impl JobRecord {
@@ -364,6 +418,11 @@ impl JobRecord {
             original_location: false,
             bytes_written: 0,
             incarnation: 0,
+            plan: String::new(),
+            plan_op: None,
+            plan_groups: Vec::new(),
+            stages: Vec::new(),
+            waiting_for: String::new(),
         }
     }
 
@@ -388,6 +447,7 @@ impl JobRecord {
     pub fn target(&self) -> &str {
         match &self.vm_name {
             Some(vm) => vm.as_str(),
+            None if !self.plan.is_empty() => &self.plan,
             None => &self.group,
         }
     }
@@ -399,6 +459,9 @@ impl JobRecord {
             |what: String| Err(FailoverError::Corrupt(format!("job {}: {what}", self.id)));
         match (self.kind, self.failover_kind) {
             (JobKind::Failover, None) => return damaged("a failover job without its kind".into()),
+            (JobKind::Plan, Some(_)) if self.plan_op != Some(PlanOp::Failover) => {
+                return damaged("a plan job with a failover kind but no failover".into())
+            }
             (JobKind::Commit | JobKind::CleanupTest | JobKind::Reprotect, Some(k)) => {
                 return damaged(format!(
                     "a {} job with failover kind {}",
@@ -408,7 +471,11 @@ impl JobRecord {
             }
             _ => {}
         }
-        if self.vm_name.is_none() == self.group.is_empty() {
+        if self.kind == JobKind::Plan {
+            if self.plan.is_empty() || self.vm_name.is_some() || !self.group.is_empty() {
+                return damaged("a plan job names no plan, or a VM or group".into());
+            }
+        } else if self.vm_name.is_none() == self.group.is_empty() {
             return damaged("names neither one VM nor one group".into());
         }
         Ok(())

@@ -14,6 +14,8 @@ pub mod jobs;
 pub mod libvirt;
 pub mod metrics;
 pub mod overlay;
+pub mod plan_run;
+pub mod plans;
 pub mod point_exports;
 pub mod reprotect;
 pub mod requests;
@@ -49,6 +51,9 @@ pub struct Settings {
     /// Target regions whose VMs run on libvirt hosts; absent: every region
     /// is in the local inventory alone.
     pub libvirt: Option<libvirt::Settings>,
+    /// Where recovery plans' script actions are (an action names a file
+    /// here); empty: `<data dir>/plan-scripts`.
+    pub plan_scripts_dir: Option<std::path::PathBuf>,
 }
 
 /// Serves recovery points over NBD for instant failover, on the caller's
@@ -112,7 +117,11 @@ pub async fn run(
     let mut service = Service::start(ServiceKind::Failover, SERVICE_NAME, &config, &needs).await?;
     let dir = config.data_dir.clone();
     let libvirt = settings.libvirt.clone();
-    let (backend, jobs) = open_storage(move || {
+    let scripts = settings
+        .plan_scripts_dir
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("plan-scripts"));
+    let (backend, jobs, plans) = open_storage(move || {
         let db = sled::Config::new().path(dir.join("index")).open()?;
         let local = inventory::LocalBackend::new(&db, &dir.join("regions"))?;
         let backend: Arc<dyn inventory::Backend> = match libvirt {
@@ -124,7 +133,8 @@ pub async fn run(
             None => Arc::new(local),
         };
         let jobs = jobs::Jobs::open(&db)?;
-        Ok::<_, FailoverError>((backend, jobs))
+        let plans = plans::Plans::open(&db, &scripts)?;
+        Ok::<_, FailoverError>((backend, jobs, plans))
     })
     .await?;
     let start_timeout = std::time::Duration::from_secs(
@@ -166,9 +176,13 @@ pub async fn run(
         peers,
         backend,
         jobs,
-        (settings.materialize_mib_per_sec > 0).then_some(settings.materialize_mib_per_sec << 20),
-        start_timeout,
-        instant,
+        Arc::new(plans),
+        engine::Tuning {
+            write_rate: (settings.materialize_mib_per_sec > 0)
+                .then_some(settings.materialize_mib_per_sec << 20),
+            start_timeout,
+            instant,
+        },
         shutdown.clone(),
     );
     service.routes().add_service(

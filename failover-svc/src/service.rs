@@ -16,7 +16,8 @@ use ferry_proto::ids::{UnixNanos, VmName};
 use crate::engine::Engine;
 use crate::error::FailoverError;
 use crate::inventory;
-use crate::jobs::{Choice, FailoverKind, JobKind, JobRecord, JobState};
+use crate::jobs::{Choice, FailoverKind, JobKind, JobRecord, JobState, PlanOp};
+use crate::plans::{Action, ActionKind, Plan, When};
 use crate::requests::{FailoverRequest, JobRequest, Target};
 
 /// The tonic service.
@@ -133,6 +134,18 @@ impl From<JobKind> for pb::JobKind {
             JobKind::Commit => pb::JobKind::Commit,
             JobKind::CleanupTest => pb::JobKind::CleanupTest,
             JobKind::Reprotect => pb::JobKind::Reprotect,
+            JobKind::Plan => pb::JobKind::Plan,
+        }
+    }
+}
+
+impl From<PlanOp> for pb::PlanOperation {
+    fn from(o: PlanOp) -> pb::PlanOperation {
+        match o {
+            PlanOp::Failover => pb::PlanOperation::Failover,
+            PlanOp::Commit => pb::PlanOperation::Commit,
+            PlanOp::CleanupTest => pb::PlanOperation::CleanupTest,
+            PlanOp::Reprotect => pb::PlanOperation::Reprotect,
         }
     }
 }
@@ -174,6 +187,7 @@ impl From<&JobRecord> for pb::Job {
             },
             replication_group: job.group.clone(),
             state: state(job.state),
+            // A plan's job shows its stages after its steps.
             steps: job
                 .steps
                 .iter()
@@ -182,6 +196,11 @@ impl From<&JobRecord> for pb::Job {
                     state: state(s.state),
                     message: s.message.clone(),
                 })
+                .chain(job.stages.iter().map(|s| pb::JobStep {
+                    name: format!("group {} {}", s.group, s.label),
+                    state: state(s.state),
+                    message: s.message.clone(),
+                }))
                 .collect(),
             bytes_done: job.bytes_done,
             bytes_total: job.bytes_total,
@@ -218,6 +237,17 @@ impl From<&JobRecord> for pb::Job {
             instant: job.instant,
             original_location: job.original_location,
             bytes_written: job.bytes_written,
+            plan: job.plan.clone(),
+            plan_operation: job
+                .plan_op
+                .map_or(pb::PlanOperation::Unspecified, pb::PlanOperation::from)
+                as i32,
+            child_jobs: job
+                .stages
+                .iter()
+                .flat_map(|s| s.children.iter().cloned())
+                .collect(),
+            waiting_for: job.waiting_for.clone(),
         }
     }
 }
@@ -286,8 +316,203 @@ fn audited(target: &Target) -> audit::Target {
     }
 }
 
+fn plan_proto(p: &Plan) -> pb::RecoveryPlan {
+    let action = |a: &Action| pb::PlanAction {
+        name: a.name.clone(),
+        kind: Some(match &a.kind {
+            ActionKind::Script {
+                script,
+                timeout_secs,
+            } => pb::plan_action::Kind::Script(pb::ScriptAction {
+                script: script.clone(),
+                timeout_seconds: *timeout_secs,
+            }),
+            ActionKind::Manual { text } => {
+                pb::plan_action::Kind::Manual(pb::ManualAction { text: text.clone() })
+            }
+        }),
+    };
+    pb::RecoveryPlan {
+        name: p.name.clone(),
+        groups: p
+            .groups
+            .iter()
+            .map(|g| pb::PlanGroup {
+                vm_names: g.vms.iter().map(|v| v.to_string()).collect(),
+                replication_groups: g.replication_groups.clone(),
+                pre: g.pre.iter().map(action).collect(),
+                post: g.post.iter().map(action).collect(),
+            })
+            .collect(),
+        created_at: Some(p.created_nanos.to_timestamp()),
+    }
+}
+
+impl TryFrom<pb::PlanAction> for Action {
+    type Error = FailoverError;
+
+    fn try_from(a: pb::PlanAction) -> Result<Self, FailoverError> {
+        let kind = match a.kind {
+            Some(pb::plan_action::Kind::Script(s)) => ActionKind::Script {
+                script: s.script,
+                timeout_secs: s.timeout_seconds,
+            },
+            Some(pb::plan_action::Kind::Manual(m)) => ActionKind::Manual { text: m.text },
+            None => {
+                return Err(
+                    Refused::invalid_argument("an action is a script or a manual action").into(),
+                )
+            }
+        };
+        Ok(Action { name: a.name, kind })
+    }
+}
+
+impl TryFrom<pb::StartPlanRequest> for crate::plan_run::PlanRequest {
+    type Error = FailoverError;
+
+    fn try_from(req: pb::StartPlanRequest) -> Result<Self, FailoverError> {
+        let op = match pb::PlanOperation::try_from(req.operation) {
+            Ok(pb::PlanOperation::Failover) => PlanOp::Failover,
+            Ok(pb::PlanOperation::Commit) => PlanOp::Commit,
+            Ok(pb::PlanOperation::CleanupTest) => PlanOp::CleanupTest,
+            Ok(pb::PlanOperation::Reprotect) => PlanOp::Reprotect,
+            _ => {
+                return Err(Refused::invalid_argument(
+                    "operation is unset: FAILOVER, COMMIT, CLEANUP_TEST or REPROTECT",
+                )
+                .into())
+            }
+        };
+        let (kind, choice) = if op == PlanOp::Failover {
+            // The failover's fields, checked as StartFailover's.
+            let f = FailoverRequest::try_from(pb::StartFailoverRequest {
+                target: Some(pb::start_failover_request::Target::ReplicationGroup(
+                    "plan".into(),
+                )),
+                kind: req.kind,
+                point: req.point,
+                test_network: req.test_network.clone(),
+                ..Default::default()
+            })?;
+            if f.kind == FailoverKind::Test && req.test_network.is_empty() {
+                return Err(Refused::invalid_argument(
+                    "a test failover needs test_network: an isolated network of the target region",
+                )
+                .into());
+            }
+            (Some(f.kind), f.choice)
+        } else {
+            (None, None)
+        };
+        if req.plan.is_empty() {
+            return Err(Refused::invalid_argument("plan is empty").into());
+        }
+        Ok(crate::plan_run::PlanRequest {
+            plan: req.plan,
+            op,
+            kind,
+            choice,
+            test_network: req.test_network,
+            request_id: req.request_id,
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl Failover for FailoverService {
+    async fn create_plan(
+        &self,
+        request: Request<pb::CreatePlanRequest>,
+    ) -> Result<Response<pb::RecoveryPlan>, Status> {
+        let name = request.into_inner().name;
+        let plan = self.engine.create_plan(&name).await?;
+        Ok(Response::new(plan_proto(&plan)))
+    }
+
+    async fn get_plan(
+        &self,
+        request: Request<pb::GetPlanRequest>,
+    ) -> Result<Response<pb::RecoveryPlan>, Status> {
+        let plan = self.engine.plan(&request.into_inner().name)?;
+        Ok(Response::new(plan_proto(&plan)))
+    }
+
+    async fn list_plans(
+        &self,
+        _request: Request<pb::ListPlansRequest>,
+    ) -> Result<Response<pb::ListPlansResponse>, Status> {
+        let plans = self.engine.list_plans()?;
+        Ok(Response::new(pb::ListPlansResponse {
+            plans: plans.iter().map(plan_proto).collect(),
+        }))
+    }
+
+    async fn delete_plan(
+        &self,
+        request: Request<pb::DeletePlanRequest>,
+    ) -> Result<Response<pb::DeletePlanResponse>, Status> {
+        self.engine.delete_plan(&request.into_inner().name)?;
+        Ok(Response::new(pb::DeletePlanResponse {}))
+    }
+
+    async fn add_plan_group(
+        &self,
+        request: Request<pb::AddPlanGroupRequest>,
+    ) -> Result<Response<pb::RecoveryPlan>, Status> {
+        let req = request.into_inner();
+        let vms = req
+            .vm_names
+            .into_iter()
+            .map(|v| VmName::parse(v).map_err(|e| Refused::invalid_argument(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(FailoverError::from)?;
+        let plan = self
+            .engine
+            .add_plan_group(&req.plan, vms, req.replication_groups)
+            .await?;
+        Ok(Response::new(plan_proto(&plan)))
+    }
+
+    async fn add_plan_action(
+        &self,
+        request: Request<pb::AddPlanActionRequest>,
+    ) -> Result<Response<pb::RecoveryPlan>, Status> {
+        let req = request.into_inner();
+        let when = match pb::ActionWhen::try_from(req.when) {
+            Ok(pb::ActionWhen::Pre) => When::Pre,
+            Ok(pb::ActionWhen::Post) => When::Post,
+            _ => return Err(Status::invalid_argument("when is unset: PRE or POST")),
+        };
+        let action = Action::try_from(
+            req.action
+                .ok_or_else(|| Status::invalid_argument("action is missing"))?,
+        )?;
+        let plan = self
+            .engine
+            .add_plan_action(&req.plan, req.group as usize, when, action)?;
+        Ok(Response::new(plan_proto(&plan)))
+    }
+
+    async fn start_plan(
+        &self,
+        request: Request<pb::StartPlanRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let audit = audit::slot(&request);
+        let req = crate::plan_run::PlanRequest::try_from(request.into_inner())?;
+        let job = self.engine.start_plan(req).await?;
+        audit.add(audit::Target::job(job.id.as_str()));
+        Ok(Response::new(pb::Job::from(&job)))
+    }
+
+    async fn resume_plan(
+        &self,
+        request: Request<pb::ResumePlanRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let job = self.engine.resume_plan(&request.into_inner().plan).await?;
+        Ok(Response::new(pb::Job::from(&job)))
+    }
+
     async fn start_failover(
         &self,
         request: Request<pb::StartFailoverRequest>,

@@ -18,6 +18,7 @@ pub mod peers;
 pub mod readiness;
 pub mod refusal;
 pub mod retry;
+pub mod script;
 pub mod security;
 pub mod service;
 pub mod shutdown;

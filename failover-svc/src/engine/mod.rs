@@ -77,6 +77,11 @@ pub struct Engine {
     /// shutdown, so nothing of the engine outlives the service.
     tasks: tokio_util::task::TaskTracker,
     pub(crate) shutdown: CancellationToken,
+    /// Recovery plans.
+    pub(crate) plans: Arc<crate::plans::Plans>,
+    /// Plan jobs told to go on past a manual action, by job id (a permit
+    /// is kept if the job is not waiting yet).
+    pub(crate) resumes: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Notify>>>,
 }
 
 /// One VM's failover as the engine starts it: asked for, or a group
@@ -99,6 +104,7 @@ pub(crate) struct VmFailover {
 fn busy_key(job: &JobRecord) -> String {
     match &job.vm_name {
         Some(vm) => vm.to_string(),
+        None if !job.plan.is_empty() => format!("plan:{}", job.plan),
         None => format!("group:{}", job.group),
     }
 }
@@ -108,16 +114,31 @@ pub(crate) fn state_name(s: ReplicationState) -> &'static str {
     s.as_str_name().trim_start_matches("REPLICATION_STATE_")
 }
 
+/// How the engine's steps behave: the materialize cap, start-vm's wait,
+/// instant failover's means.
+pub struct Tuning {
+    /// Bytes per second materialization may write, if capped.
+    pub write_rate: Option<u64>,
+    /// How long start-vm waits for a started VM to be ready.
+    pub start_timeout: Duration,
+    /// Serving points to instantly failed-over VMs; None: off.
+    pub instant: Option<crate::point_exports::InstantFailover>,
+}
+
 impl Engine {
     pub fn new(
         peers: Arc<dyn Peers>,
         backend: Arc<dyn Backend>,
         jobs: Arc<Jobs>,
-        write_rate: Option<u64>,
-        start_timeout: Duration,
-        instant: Option<crate::point_exports::InstantFailover>,
+        plans: Arc<crate::plans::Plans>,
+        tuning: Tuning,
         shutdown: CancellationToken,
     ) -> Arc<Engine> {
+        let Tuning {
+            write_rate,
+            start_timeout,
+            instant,
+        } = tuning;
         Arc::new(Engine {
             peers,
             backend,
@@ -128,6 +149,8 @@ impl Engine {
             instant,
             tasks: tokio_util::task::TaskTracker::new(),
             shutdown,
+            plans,
+            resumes: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -500,6 +523,39 @@ impl Engine {
         let accepted = job.clone();
         self.spawn_run(job);
         Ok(accepted)
+    }
+
+    /// Runs an ended job again from its first step that did not succeed
+    /// (a plan resumed after a failure), as one job per key at a time.
+    pub(crate) fn rerun(self: &Arc<Self>, mut job: JobRecord) -> Result<JobRecord> {
+        {
+            let mut busy = self
+                .busy
+                .lock()
+                .map_err(|_| FailoverError::Corrupt("busy lock".into()))?;
+            if !busy.insert(busy_key(&job)) {
+                return Err(Refused::failed_precondition(format!(
+                    "a job is running for {}; wait for it (ferry jobs --watch)",
+                    job.target()
+                ))
+                .into());
+            }
+        }
+        for s in &mut job.steps {
+            if s.state != JobState::Succeeded {
+                s.state = JobState::Queued;
+            }
+        }
+        job.state = JobState::Queued;
+        job.error.clear();
+        job.finished_nanos = UnixNanos(0);
+        if let Err(e) = self.jobs.save(&job) {
+            self.release(&busy_key(&job));
+            return Err(e);
+        }
+        let again = job.clone();
+        self.spawn_run(job);
+        Ok(again)
     }
 
     /// Runs a job in its own task. Not async: a group job's member jobs are

@@ -334,9 +334,12 @@ fn engine(db: &sled::Db, dir: &Path, fake: &Arc<Fake>) -> (Arc<Engine>, Cancella
         peers,
         Arc::new(backend),
         jobs,
-        None,
-        Duration::from_secs(5),
-        None,
+        Arc::new(crate::plans::Plans::open(db, &dir.join("plan-scripts")).unwrap()),
+        crate::engine::Tuning {
+            write_rate: None,
+            start_timeout: Duration::from_secs(5),
+            instant: None,
+        },
         shutdown.clone(),
     );
     (engine, shutdown)
@@ -932,9 +935,12 @@ async fn start_on(state: Run, marker: Option<&str>) -> JobRecord {
         s.fake.clone(),
         Arc::new(backend),
         s.engine.jobs.clone(),
-        None,
-        Duration::from_millis(600),
-        None,
+        s.engine.plans.clone(),
+        crate::engine::Tuning {
+            write_rate: None,
+            start_timeout: Duration::from_millis(600),
+            instant: None,
+        },
         s.shutdown.clone(),
     );
     engine
@@ -1025,17 +1031,20 @@ async fn an_instant_failover_is_refused_where_it_cannot_run_with_nothing_started
         peers.clone(),
         s.engine.backend.clone(),
         s.engine.jobs.clone(),
-        None,
-        Duration::from_secs(5),
-        Some(crate::point_exports::InstantFailover {
-            exports: Arc::new(crate::point_exports::PointExports::new(
-                peers,
-                s.shutdown.clone(),
-            )),
-            address: "127.0.0.1:10809".parse().unwrap(),
-            qemu_img: crate::overlay::QemuImg::new("qemu-img".into()),
-            hydrate_mib_per_sec: 0,
-        }),
+        s.engine.plans.clone(),
+        crate::engine::Tuning {
+            write_rate: None,
+            start_timeout: Duration::from_secs(5),
+            instant: Some(crate::point_exports::InstantFailover {
+                exports: Arc::new(crate::point_exports::PointExports::new(
+                    peers,
+                    s.shutdown.clone(),
+                )),
+                address: "127.0.0.1:10809".parse().unwrap(),
+                qemu_img: crate::overlay::QemuImg::new("qemu-img".into()),
+                hydrate_mib_per_sec: 0,
+            }),
+        },
         s.shutdown.clone(),
     );
     let local = code(

@@ -361,6 +361,32 @@ pub const TABLE: &[(&str, Allow)] = &[
         "ferry.failover.v1.Failover/Reprotect",
         role(Operator).mutating(),
     ),
+    (
+        "ferry.failover.v1.Failover/CreatePlan",
+        role(Operator).mutating(),
+    ),
+    ("ferry.failover.v1.Failover/GetPlan", role(Reader)),
+    ("ferry.failover.v1.Failover/ListPlans", role(Reader)),
+    (
+        "ferry.failover.v1.Failover/DeletePlan",
+        role(Operator).mutating(),
+    ),
+    (
+        "ferry.failover.v1.Failover/AddPlanGroup",
+        role(Operator).mutating(),
+    ),
+    (
+        "ferry.failover.v1.Failover/AddPlanAction",
+        role(Operator).mutating(),
+    ),
+    (
+        "ferry.failover.v1.Failover/StartPlan",
+        role(Operator).mutating(),
+    ),
+    (
+        "ferry.failover.v1.Failover/ResumePlan",
+        role(Operator).mutating(),
+    ),
     ("ferry.failover.v1.Failover/GetJob", role(Reader)),
     ("ferry.failover.v1.Failover/ListJobs", role(Reader)),
     ("ferry.failover.v1.Failover/WatchJob", role(Reader)),

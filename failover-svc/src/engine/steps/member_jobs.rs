@@ -22,9 +22,9 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
         let started = match (job.kind, job.failover_kind) {
             (JobKind::Commit, _) => engine.commit(m.vm_name.clone(), key).await,
             (JobKind::CleanupTest, _) => engine.cleanup_test(m.vm_name.clone(), key).await,
-            (JobKind::Reprotect, _) => {
+            (JobKind::Reprotect | JobKind::Plan, _) => {
                 return Err(FailoverError::Corrupt(format!(
-                    "group job {} is a re-protect; groups are not re-protected",
+                    "group job {} is a re-protect or a plan: not a group's",
                     job.id
                 )))
             }

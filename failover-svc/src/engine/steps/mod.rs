@@ -18,6 +18,7 @@ mod network;
 mod pin_point;
 mod release_points;
 mod reverse_registry;
+mod run_plan;
 mod seed_replica;
 mod serve_disks;
 mod start_vm;
@@ -97,6 +98,9 @@ pub enum Step {
     /// Re-protect: the reverse replica holds the original disks.
     #[serde(rename = "seed-replica")]
     SeedReplica,
+    /// Plan: every stage in order (see `run_plan`).
+    #[serde(rename = "run-plan")]
+    RunPlan,
 }
 
 use Step::*;
@@ -142,6 +146,8 @@ pub const CLEANUP_TEST: &[Step] = &[Validate, DeleteVm, ReleasePoints];
 pub const GROUP: &[Step] = &[Validate, MemberJobs, MembersDone];
 /// Re-protect of a committed failover.
 pub const REPROTECT: &[Step] = &[Validate, ReverseRegistry, SeedReplica];
+/// A recovery plan's job: its stages do the work.
+pub const PLAN: &[Step] = &[Validate, RunPlan];
 
 /// Instant test failover: the VM starts on overlays of the served point,
 /// then hydrates.
@@ -208,6 +214,7 @@ impl Step {
             MembersDone => "members-done",
             ReverseRegistry => "reverse-registry",
             SeedReplica => "seed-replica",
+            RunPlan => "run-plan",
         }
     }
 
@@ -232,6 +239,7 @@ impl Step {
             MembersDone => members_done::run(engine, job).await,
             ReverseRegistry => reverse_registry::run(engine, job).await,
             SeedReplica => seed_replica::run(engine, job).await,
+            RunPlan => run_plan::run(engine, job).await,
         }
     }
 }
@@ -331,6 +339,7 @@ mod tests {
             MembersDone,
             ReverseRegistry,
             SeedReplica,
+            RunPlan,
         ];
         for step in all {
             let stored = serde_json::to_string(&step).unwrap();

@@ -7,6 +7,14 @@ use crate::engine::{state_name, Engine};
 use crate::jobs::JobRecord;
 
 pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<String> {
+    if !job.plan.is_empty() {
+        return Ok(format!(
+            "plan {} of {} group(s), {} stage(s)",
+            job.plan,
+            job.plan_groups.len(),
+            job.stages.len()
+        ));
+    }
     let Some(vm) = &job.vm_name else {
         let g = engine.group(&job.group).await?;
         return Ok(format!("group {} of {} VMs", g.name, g.members.len()));
