@@ -123,6 +123,17 @@ pub async fn replicate(
         );
         return Ok(sent);
     }
+    protected(registry, vm, "initial replication complete").await?;
+    tracing::info!(vm, chunks = sent, "initial replication complete");
+    Ok(sent)
+}
+
+/// Initial replication is over: 100%, then PROTECTED.
+async fn protected(
+    registry: &mut RegistryClient<PeerChannel>,
+    vm: &str,
+    reason: &str,
+) -> Result<(), tonic::Status> {
     registry
         .report_replication_progress(reg::ReportReplicationProgressRequest {
             vm_name: vm.to_string(),
@@ -133,12 +144,11 @@ pub async fn replicate(
         .transition_state(reg::TransitionStateRequest {
             vm_name: vm.to_string(),
             to: reg::ReplicationState::Protected as i32,
-            reason: "initial replication complete".into(),
+            reason: reason.to_string(),
             ..Default::default()
         })
         .await?;
-    tracing::info!(vm, chunks = sent, "initial replication complete");
-    Ok(sent)
+    Ok(())
 }
 
 /// Bytes of disk per digest record while comparing (16 chunks of the
@@ -255,20 +265,12 @@ pub async fn replicate_by_checksum(
         }
     }
     capture.set_comparing(false);
-    registry
-        .report_replication_progress(reg::ReportReplicationProgressRequest {
-            vm_name: vm.to_string(),
-            percent: 100,
-        })
-        .await?;
-    registry
-        .transition_state(reg::TransitionStateRequest {
-            vm_name: vm.to_string(),
-            to: reg::ReplicationState::Protected as i32,
-            reason: "initial replication complete: the reverse replica matches".into(),
-            ..Default::default()
-        })
-        .await?;
+    protected(
+        registry,
+        vm,
+        "initial replication complete: the reverse replica matches",
+    )
+    .await?;
     tracing::info!(
         vm,
         chunks = compared,

@@ -610,23 +610,7 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<Figu
     steps.end("failover", t);
 
     let t = steps.begin(11, "committing the failover");
-    let job = f
-        .commit_failover(fo::CommitFailoverRequest {
-            target: Some(fo::commit_failover_request::Target::VmName(
-                "demo-web".into(),
-            )),
-            request_id: String::new(),
-        })
-        .await
-        .map_err(|s| anyhow!("commit: {}", s.message()))?
-        .into_inner();
-    follow_job(&mut f, &job.id, false).await?;
-    wait_event(
-        &mut events,
-        pb::EventKind::Upserted,
-        Some(pb::ReplicationState::Committed),
-    )
-    .await?;
+    commit(&mut f, &mut events).await?;
     steps.end("commit", t);
     // The original VM is stopped: its agent lets go of the original disks.
     let _ = agent.stop(Duration::from_secs(1)).await;
@@ -736,6 +720,19 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<Figu
             );
         }
     }
+    commit(&mut f, &mut events).await?;
+    println!("    demo-web runs in eastus on its original disks again; committed");
+    steps.end("failback", t);
+    let _ = west.stop(Duration::from_secs(1)).await;
+    watcher.abort();
+    Ok(figures)
+}
+
+/// Commits demo-web's failover and waits until registry says so.
+async fn commit(
+    f: &mut FailoverClient<PeerChannel>,
+    events: &mut mpsc::Receiver<Seen>,
+) -> Result<()> {
     let job = f
         .commit_failover(fo::CommitFailoverRequest {
             target: Some(fo::commit_failover_request::Target::VmName(
@@ -746,18 +743,13 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<Figu
         .await
         .map_err(|s| anyhow!("commit: {}", s.message()))?
         .into_inner();
-    follow_job(&mut f, &job.id, false).await?;
+    follow_job(f, &job.id, false).await?;
     wait_event(
-        &mut events,
+        events,
         pb::EventKind::Upserted,
         Some(pb::ReplicationState::Committed),
     )
-    .await?;
-    println!("    demo-web runs in eastus on its original disks again; committed");
-    steps.end("failback", t);
-    let _ = west.stop(Duration::from_secs(1)).await;
-    watcher.abort();
-    Ok(figures)
+    .await
 }
 
 async fn target_vms(f: &mut FailoverClient<PeerChannel>) -> Result<Vec<fo::TargetVm>> {

@@ -289,16 +289,7 @@ impl Pipelines {
         {
             return;
         }
-        let disks: BTreeMap<String, u64> = item
-            .source
-            .as_ref()
-            .map(|v| {
-                v.disks
-                    .iter()
-                    .map(|d| (d.id.clone(), d.size_bytes))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let disks = item_disks(item);
         let replica =
             match self
                 .replicas
@@ -511,6 +502,19 @@ const PENDING_TRACES: usize = 256;
 const RANGES_PER_REQUEST: usize = 4096;
 /// How long before mismatched ranges are asked for again.
 const REQUEST_AGAIN: Duration = Duration::from_secs(10);
+
+/// An item's disks and their sizes, as its replica keeps them.
+pub(crate) fn item_disks(item: &registry::ProtectedItem) -> BTreeMap<String, u64> {
+    item.source
+        .as_ref()
+        .map(|v| {
+            v.disks
+                .iter()
+                .map(|d| (d.id.clone(), d.size_bytes))
+                .collect()
+        })
+        .unwrap_or_default()
+}
 
 /// Runs blocking replica work off the async threads.
 pub(crate) async fn blocking<T: Send + 'static>(

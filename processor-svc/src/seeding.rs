@@ -57,16 +57,7 @@ async fn open(
     if let Some(why) = why_not {
         return Err(Refused::failed_precondition(format!("cannot seed: {why}")).into());
     }
-    let disks: std::collections::BTreeMap<String, u64> = item
-        .source
-        .as_ref()
-        .map(|v| {
-            v.disks
-                .iter()
-                .map(|d| (d.id.clone(), d.size_bytes))
-                .collect()
-        })
-        .unwrap_or_default();
+    let disks = crate::pipeline::item_disks(&item);
     let hold = pipelines.hold_for_seed(vm.as_str()).await?;
     let replicas = pipelines.replicas().clone();
     let incarnation = Incarnation(open.incarnation);

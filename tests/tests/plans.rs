@@ -105,12 +105,13 @@ async fn test_vm_names(url: &str) -> Vec<String> {
 async fn a_three_group_plan_waits_stops_resumes_and_cleans_up() {
     let dir = tempfile::tempdir().unwrap();
     let failover_dir = dir.path().join("failover");
-    let cluster = Cluster::start_options(ClusterOptions {
+    let mut cluster = Cluster::start_options(ClusterOptions {
         failover_dir: Some(failover_dir.clone()),
         ..Default::default()
     })
     .await;
-    let (registry, url) = (cluster.registry.url.clone(), cluster.failover.url.clone());
+    let registry = cluster.registry.url.clone();
+    let mut url = cluster.failover.url.clone();
     let scripts = failover_dir.join("plan-scripts");
     std::fs::create_dir_all(&scripts).unwrap();
     let log = dir.path().join("actions.log");
@@ -319,6 +320,17 @@ async fn a_three_group_plan_waits_stops_resumes_and_cleans_up() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+
+    // failover-svc restarts: the plan's job resumes, waiting again.
+    drop(f);
+    cluster.restart_failover(Default::default()).await;
+    url = cluster.failover.url.clone();
+    let again = wait_for("the job waiting again", Duration::from_secs(30), || async {
+        Some(job(&url, &started.id).await).filter(|j| !j.waiting_for.is_empty())
+    })
+    .await;
+    assert_eq!(again.state, fo::JobState::Running as i32, "{again:#?}");
+    assert_eq!(test_vm_names(&url).await, vec!["db-test"]);
 
     // Resumed from the CLI: groups 2 and 3 come up, group 3's check fails.
     let (ok, said) = ferry(&url, &["resume", "shop", "--no-wait"]);

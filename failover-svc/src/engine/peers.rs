@@ -275,6 +275,24 @@ impl Tonic {
         Ok(c)
     }
 
+    /// Where registry placed `vm`'s item (and its group), for the calls
+    /// that follow.
+    fn learn_placement(&self, vm: &VmName, answer: &reg::ProtectedItem) {
+        let placement = Placement {
+            processor: answer.processor_endpoint.clone(),
+            cache: answer.cache_endpoint.clone(),
+        };
+        if let Ok(mut p) = self.placements.lock() {
+            if !answer.replication_group.is_empty() {
+                p.insert(
+                    format!("group:{}", answer.replication_group),
+                    placement.clone(),
+                );
+            }
+            p.insert(vm.to_string(), placement);
+        }
+    }
+
     fn placement(&self, name: &str) -> Placement {
         self.placements
             .lock()
@@ -456,19 +474,7 @@ impl Peers for Tonic {
             .await
             .map_err(|s| FailoverError::peer("registry", s))?
             .into_inner();
-        let placement = Placement {
-            processor: answer.processor_endpoint.clone(),
-            cache: answer.cache_endpoint.clone(),
-        };
-        if let Ok(mut p) = self.placements.lock() {
-            if !answer.replication_group.is_empty() {
-                p.insert(
-                    format!("group:{}", answer.replication_group),
-                    placement.clone(),
-                );
-            }
-            p.insert(vm.to_string(), placement);
-        }
+        self.learn_placement(vm, &answer);
         item(answer)
     }
 
@@ -689,16 +695,8 @@ impl Peers for Tonic {
             .await
             .map_err(|s| FailoverError::peer("registry (re-protect)", s))?
             .into_inner();
-        // Placed anew: the next call learns where.
-        if let Ok(mut p) = self.placements.lock() {
-            p.insert(
-                vm.to_string(),
-                Placement {
-                    processor: answer.processor_endpoint.clone(),
-                    cache: answer.cache_endpoint.clone(),
-                },
-            );
-        }
+        // Placed anew.
+        self.learn_placement(vm, &answer);
         item(answer)
     }
 

@@ -138,9 +138,7 @@ async fn vms(engine: &Arc<Engine>, job: &mut JobRecord, stage: usize) -> Result<
         let key = format!("{}/{stage}/{vm}", job.id);
         let started = match op {
             PlanOp::Failover => {
-                let kind = job.failover_kind.ok_or_else(|| {
-                    FailoverError::Corrupt(format!("plan job {} has no failover kind", job.id))
-                })?;
+                let kind = failover_kind(job)?;
                 engine
                     .start_vm_failover(VmFailover {
                         vm: vm.clone(),
@@ -167,9 +165,7 @@ async fn vms(engine: &Arc<Engine>, job: &mut JobRecord, stage: usize) -> Result<
         let key = format!("{}/{stage}/group:{r}", job.id);
         let started = match op {
             PlanOp::Failover => {
-                let kind = job.failover_kind.ok_or_else(|| {
-                    FailoverError::Corrupt(format!("plan job {} has no failover kind", job.id))
-                })?;
+                let kind = failover_kind(job)?;
                 engine
                     .start_group_failover(r.clone(), kind, None, job.test_network.clone(), key)
                     .await
@@ -227,6 +223,11 @@ async fn vms(engine: &Arc<Engine>, job: &mut JobRecord, stage: usize) -> Result<
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
     }
+}
+
+fn failover_kind(job: &JobRecord) -> Result<FailoverKind> {
+    job.failover_kind
+        .ok_or_else(|| FailoverError::Corrupt(format!("plan job {} has no failover kind", job.id)))
 }
 
 /// A child job refused at its start, said as the plan's.
