@@ -182,15 +182,7 @@ async fn show_job(
     };
     match out {
         Output::Json => println!("{:#}", job_json(&job)),
-        Output::Table => {
-            print!("{}", job_text(&job));
-            if !job.waiting_for.is_empty() {
-                println!(
-                    "  waiting for: {}\n  go on with: ferry plan resume {}",
-                    job.waiting_for, job.plan
-                );
-            }
-        }
+        Output::Table => print!("{}", job_text(&job)),
     }
     if job.state == fo::JobState::Failed as i32 {
         bail!("plan job {} failed: {}", job.id, job.error);

@@ -88,6 +88,21 @@ fn job_kind(j: &fo::Job) -> String {
         Ok(fo::JobKind::Commit) => "commit".into(),
         Ok(fo::JobKind::CleanupTest) => "cleanup test".into(),
         Ok(fo::JobKind::Reprotect) => "re-protect".into(),
+        Ok(fo::JobKind::Plan) => {
+            let what = match fo::PlanOperation::try_from(j.plan_operation) {
+                Ok(fo::PlanOperation::Failover) => {
+                    match fo::FailoverKind::try_from(j.failover_kind) {
+                        Ok(fo::FailoverKind::Test) => "test failover",
+                        Ok(fo::FailoverKind::Planned) => "planned failover",
+                        _ => "unplanned failover",
+                    }
+                }
+                Ok(fo::PlanOperation::Commit) => "commit",
+                Ok(fo::PlanOperation::CleanupTest) => "cleanup test",
+                _ => "re-protect",
+            };
+            format!("plan {} {what}", j.plan)
+        }
         _ => "-".into(),
     }
 }
@@ -108,6 +123,9 @@ pub fn job_json(j: &fo::Job) -> Value {
             "data_loss_window": output::duration_json(&p.data_loss_window),
         })).collect::<Vec<_>>(),
         "error": j.error,
+        "plan": j.plan,
+        "child_jobs": j.child_jobs,
+        "waiting_for": j.waiting_for,
         "created_at": output::time_json(&j.created_at),
         "finished_at": output::time_json(&j.finished_at),
     })
@@ -118,7 +136,11 @@ fn job_row(j: &fo::Job) -> Vec<String> {
         j.id.clone(),
         job_kind(j),
         j.vm_names.join(","),
-        job_state(j.state).into(),
+        if j.waiting_for.is_empty() {
+            job_state(j.state).into()
+        } else {
+            format!("waiting: {}", j.waiting_for)
+        },
         format!(
             "{} / {}",
             output::bytes(j.bytes_done),
@@ -158,6 +180,12 @@ pub fn job_text(j: &fo::Job) -> String {
             p.vm_name,
             output::time(&p.time),
             output::duration(&p.data_loss_window)
+        ));
+    }
+    if !j.waiting_for.is_empty() {
+        out.push_str(&format!(
+            "  waiting for: {} (go on: ferry plan resume {})\n",
+            j.waiting_for, j.plan
         ));
     }
     if !j.error.is_empty() {

@@ -283,10 +283,20 @@ async fn a_three_group_plan_waits_stops_resumes_and_cleans_up() {
         std::fs::read_to_string(&log).unwrap(),
         "shop 1 db test-failover post notify\n"
     );
-    // `ferry jobs` shows what it waits for.
     let (ok, shown) = ferry(&url, &["show", "shop"]);
     assert!(ok, "{shown}");
     assert!(shown.contains("group 2: group:app"), "{shown}");
+    // `ferry jobs` shows what it waits for.
+    let out = Command::new(bin_path("ferry"))
+        .args(["--failover", url.as_str(), "jobs"])
+        .env_remove("FERRY_TOKEN")
+        .output()
+        .unwrap();
+    let jobs = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        jobs.contains("waiting: confirm-db: check that db answers"),
+        "{jobs}"
+    );
 
     // A VM of this plan in another plan: refused while this one runs.
     f.create_plan(fo::CreatePlanRequest {

@@ -608,3 +608,75 @@ async fn a_seed_is_taken_only_for_a_reprotected_item_and_only_whole() {
     assert!(err.message().contains("seeded already"), "{err:?}");
     cluster.stop().await;
 }
+
+/// Failback to an alternate location makes a new VM in the original region
+/// and leaves the original disks as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failback_to_an_alternate_location_leaves_the_original_disks_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let failover_dir = dir.path().join("failover");
+    let cluster = Cluster::start_options(ClusterOptions {
+        failover_dir: Some(failover_dir.clone()),
+        ..Default::default()
+    })
+    .await;
+    let (registry, url) = (cluster.registry.url.clone(), cluster.failover.url.clone());
+    let east = dir.path().join("east");
+    std::fs::create_dir_all(&east).unwrap();
+    let source = east.join("os.raw");
+    run_tool(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "raw",
+            source.to_str().unwrap(),
+            &OS.to_string(),
+        ],
+    );
+    common::policy(&registry, "fast", Duration::from_secs(1)).await;
+    protect_vm_with(&registry, "vm", &[("os", OS, &source)], "fast").await;
+    let (a, nbd) = agent(&registry, &east.join("agent"), vec![east.clone()]).await;
+    wait_state(&registry, reg::ReplicationState::Protected).await;
+    qemu_io(&nbd, "os", "write -P 0x71 0 1M").await;
+    a.stream.flushed().await;
+    failover(
+        &url,
+        fo::FailoverKind::Unplanned,
+        fo::point_choice::Choice::Latest(true),
+    )
+    .await;
+    commit(&url).await;
+    a.stop(Duration::from_secs(5)).await.unwrap();
+    let kept = dir.path().join("original-before.raw");
+    std::fs::copy(&source, &kept).unwrap();
+
+    reprotect(&url).await.unwrap();
+    let (b, nbd) = agent(
+        &registry,
+        &dir.path().join("west-agent"),
+        vec![failover_dir],
+    )
+    .await;
+    wait_state(&registry, reg::ReplicationState::Protected).await;
+    qemu_io(&nbd, "os", "write -P 0x72 2M 1M").await;
+    let mut request = common::failover_request(
+        "vm",
+        fo::FailoverKind::Planned,
+        fo::point_choice::Choice::Latest(true),
+        "",
+    );
+    request.alternate_location = true;
+    let (job, _) = common::succeed(&url, request).await;
+    assert!(!job.original_location, "{job:#?}");
+    let west = disks_in(&url, "westus").await;
+    let back = disks_in(&url, "eastus").await;
+    assert_ne!(back[0].1, source, "a new VM's disk, not the original");
+    assert_identical(&back, &west, "the new VM in eastus");
+    assert!(
+        identical_images(&source, &kept),
+        "the original disk was left alone"
+    );
+    b.stop(Duration::from_secs(5)).await.unwrap();
+    cluster.stop().await;
+}
