@@ -14,16 +14,26 @@ use crate::recovery::{choice, failover_client, job_json, job_text};
 #[derive(Subcommand)]
 pub enum PlanCommand {
     /// Create an empty plan.
-    Create { name: String },
+    Create {
+        /// The plan's name.
+        name: String,
+    },
     /// Show a plan: its groups in order, with their actions.
-    Show { name: String },
+    Show {
+        /// The plan.
+        name: String,
+    },
     /// Every plan.
     List,
     /// Delete a plan (not while its job runs).
-    Delete { name: String },
+    Delete {
+        /// The plan.
+        name: String,
+    },
     /// Append a group: VMs and replication groups failed over together,
     /// after every earlier group.
     AddGroup {
+        /// The plan.
         plan: String,
         /// A protected VM (not in a replication group); repeatable.
         #[arg(long = "vm")]
@@ -36,6 +46,7 @@ pub enum PlanCommand {
     /// failover-svc's plan scripts directory, or a manual step the plan's
     /// job waits at until `ferry plan resume`.
     AddAction {
+        /// The plan.
         plan: String,
         /// The group, 1-based.
         #[arg(long)]
@@ -61,6 +72,7 @@ pub enum PlanCommand {
     },
     /// Fail the plan over, group by group (unplanned by default).
     Failover {
+        /// The plan.
         plan: String,
         /// A test failover into an isolated network.
         #[arg(long)]
@@ -82,26 +94,34 @@ pub enum PlanCommand {
     },
     /// Commit the plan's failover.
     Commit {
+        /// The plan.
         plan: String,
+        /// Return once the job is accepted.
         #[arg(long)]
         no_wait: bool,
     },
     /// Remove everything the plan's test failover created.
     CleanupTest {
+        /// The plan.
         plan: String,
+        /// Return once the job is accepted.
         #[arg(long)]
         no_wait: bool,
     },
     /// Re-protect every VM of the plan after its committed failover.
     Reprotect {
+        /// The plan.
         plan: String,
+        /// Return once the job is accepted.
         #[arg(long)]
         no_wait: bool,
     },
     /// Go on past the manual action the plan's job waits at, or, after a
     /// failure is fixed, from the stage that failed.
     Resume {
+        /// The plan.
         plan: String,
+        /// Return once the job is accepted.
         #[arg(long)]
         no_wait: bool,
     },
