@@ -3,7 +3,8 @@
 //! after group 3 that fails until it is fixed. Its test failover goes group
 //! by group, waits at the manual step until `ferry plan resume` (the CLI
 //! binary), stops at the failing script naming it, goes on once it is fixed,
-//! and the cleanup of the plan's test failover leaves nothing behind. Bad
+//! and the cleanup of the plan's test failover leaves nothing behind; then
+//! its unplanned failover and commit. Bad
 //! input (a VM in two groups, a group member added alone, a VM in another
 //! running plan, a script outside the scripts directory) gets a precise
 //! status and changes nothing.
@@ -91,7 +92,8 @@ async fn job(url: &str, id: &str) -> fo::Job {
         .into_inner()
 }
 
-async fn test_vm_names(url: &str) -> Vec<String> {
+/// The names of every VM failovers made (a test failover's end in -test).
+async fn target_vm_names(url: &str) -> Vec<String> {
     let mut names: Vec<String> = common::target_vms(url)
         .await
         .into_iter()
@@ -278,7 +280,7 @@ async fn a_three_group_plan_waits_stops_resumes_and_cleans_up() {
         waiting.waiting_for.contains("check that db answers"),
         "{waiting:#?}"
     );
-    assert_eq!(test_vm_names(&url).await, vec!["db-test"]);
+    assert_eq!(target_vm_names(&url).await, vec!["db-test"]);
     assert_eq!(
         std::fs::read_to_string(&log).unwrap(),
         "shop 1 db test-failover post notify\n"
@@ -340,7 +342,7 @@ async fn a_three_group_plan_waits_stops_resumes_and_cleans_up() {
     })
     .await;
     assert_eq!(again.state, fo::JobState::Running as i32, "{again:#?}");
-    assert_eq!(test_vm_names(&url).await, vec!["db-test"]);
+    assert_eq!(target_vm_names(&url).await, vec!["db-test"]);
 
     // Resumed from the CLI: groups 2 and 3 come up, group 3's check fails.
     let (ok, said) = ferry(&url, &["resume", "shop", "--no-wait"]);
@@ -360,7 +362,7 @@ async fn a_three_group_plan_waits_stops_resumes_and_cleans_up() {
         failed.error
     );
     assert_eq!(
-        test_vm_names(&url).await,
+        target_vm_names(&url).await,
         vec!["app1-test", "app2-test", "db-test", "web-test"]
     );
 
@@ -379,7 +381,33 @@ async fn a_three_group_plan_waits_stops_resumes_and_cleans_up() {
     // The cleanup of the plan's test failover leaves nothing behind.
     let (ok, said) = ferry(&url, &["cleanup-test", "shop"]);
     assert!(ok, "{said}");
-    assert!(test_vm_names(&url).await.is_empty());
+    assert!(target_vm_names(&url).await.is_empty());
+
+    // The real thing: an unplanned failover of the plan (it waits at the
+    // manual step again, the CLI returns saying so), resumed, committed.
+    let (ok, said) = ferry(&url, &["failover", "shop", "--point", "latest"]);
+    assert!(ok, "{said}");
+    assert!(said.contains("waiting for: confirm-db"), "{said}");
+    let (ok, said) = ferry(&url, &["resume", "shop"]);
+    assert!(ok, "{said}");
+    let (ok, said) = ferry(&url, &["commit", "shop"]);
+    assert!(ok, "{said}");
+    for vm in ["db", "app1", "app2", "web"] {
+        let item = ferry_testkit::protected_item(&registry, vm).await.unwrap();
+        assert_eq!(
+            item.state(),
+            ferry_proto::registry::v1::ReplicationState::Committed,
+            "{vm}"
+        );
+    }
+    assert_eq!(
+        target_vm_names(&url).await,
+        vec!["app1", "app2", "db", "web"]
+    );
+    // Replication groups are not re-protected: refused, nothing started.
+    let (ok, said) = ferry(&url, &["reprotect", "shop"]);
+    assert!(!ok, "{said}");
+    assert!(said.contains("groups are not re-protected"), "{said}");
     let (ok, said) = ferry(&url, &["delete", "shop"]);
     assert!(ok, "{said}");
 
