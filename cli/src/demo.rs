@@ -444,27 +444,15 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<Figu
     })
     .await
     .map_err(|s| anyhow!("create the drill network: {}", s.message()))?;
-    let job = f
-        .start_failover(fo::StartFailoverRequest {
-            target: Some(fo::start_failover_request::Target::VmName(
-                "demo-web".into(),
-            )),
-            kind: fo::FailoverKind::Test as i32,
-            point: Some(fo::PointChoice {
-                choice: Some(fo::point_choice::Choice::LatestProcessed(true)),
-            }),
-            test_network: "demo-drill".into(),
-            request_id: String::new(),
-            instant: false,
-            alternate_location: false,
-        })
-        .await
-        .map_err(|s| anyhow!("test failover: {}", s.message()))?
-        .into_inner();
-    let job = follow_job(&mut f, &job.id, true).await?;
-    if job.state != fo::JobState::Succeeded as i32 {
-        bail!("the test failover failed: {}", job.error);
-    }
+    fail_over(
+        &mut f,
+        fo::FailoverKind::Test,
+        fo::point_choice::Choice::LatestProcessed(true),
+        "demo-drill".into(),
+        String::new(),
+        "test failover",
+    )
+    .await?;
     let vms = target_vms(&mut f).await?;
     let test_vm = vms
         .iter()
@@ -532,27 +520,15 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<Figu
         ),
     );
     let started = Instant::now();
-    let job = f
-        .start_failover(fo::StartFailoverRequest {
-            target: Some(fo::start_failover_request::Target::VmName(
-                "demo-web".into(),
-            )),
-            kind: fo::FailoverKind::Unplanned as i32,
-            point: Some(fo::PointChoice {
-                choice: Some(fo::point_choice::Choice::PointId(older.id.clone())),
-            }),
-            test_network: String::new(),
-            request_id: "demo-failover".into(),
-            instant: false,
-            alternate_location: false,
-        })
-        .await
-        .map_err(|s| anyhow!("failover: {}", s.message()))?
-        .into_inner();
-    let job = follow_job(&mut f, &job.id, true).await?;
-    if job.state != fo::JobState::Succeeded as i32 {
-        bail!("the failover failed: {}", job.error);
-    }
+    let job = fail_over(
+        &mut f,
+        fo::FailoverKind::Unplanned,
+        fo::point_choice::Choice::PointId(older.id.clone()),
+        String::new(),
+        "demo-failover".into(),
+        "failover",
+    )
+    .await?;
     figures.failover_secs = started.elapsed().as_secs_f64();
     figures.materialized = job.bytes_total;
     if let Some(used) = job.points.first() {
@@ -674,27 +650,15 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<Figu
     );
     nbd_write(&west_nbd, "data", 20 << 20, 1 << 20, 0xc1).await?;
     west.stream.flushed().await;
-    let job = f
-        .start_failover(fo::StartFailoverRequest {
-            target: Some(fo::start_failover_request::Target::VmName(
-                "demo-web".into(),
-            )),
-            kind: fo::FailoverKind::Planned as i32,
-            point: Some(fo::PointChoice {
-                choice: Some(fo::point_choice::Choice::Latest(true)),
-            }),
-            test_network: String::new(),
-            request_id: String::new(),
-            instant: false,
-            alternate_location: false,
-        })
-        .await
-        .map_err(|s| anyhow!("failback: {}", s.message()))?
-        .into_inner();
-    let job = follow_job(&mut f, &job.id, true).await?;
-    if job.state != fo::JobState::Succeeded as i32 {
-        bail!("the failback failed: {}", job.error);
-    }
+    let job = fail_over(
+        &mut f,
+        fo::FailoverKind::Planned,
+        fo::point_choice::Choice::Latest(true),
+        String::new(),
+        String::new(),
+        "failback",
+    )
+    .await?;
     figures.failback_written = job.bytes_written;
     println!(
         "    {} written into the original disks (original location: {}), the blocks that differed",
@@ -726,6 +690,40 @@ async fn walk(services: &Embedded, dir: &Path, steps: &mut Steps) -> Result<Figu
     let _ = west.stop(Duration::from_secs(1)).await;
     watcher.abort();
     Ok(figures)
+}
+
+/// Fails demo-web over (`what` names it in errors) and follows the job;
+/// an error unless it succeeded.
+async fn fail_over(
+    f: &mut FailoverClient<PeerChannel>,
+    kind: fo::FailoverKind,
+    point: fo::point_choice::Choice,
+    test_network: String,
+    request_id: String,
+    what: &str,
+) -> Result<fo::Job> {
+    let job = f
+        .start_failover(fo::StartFailoverRequest {
+            target: Some(fo::start_failover_request::Target::VmName(
+                "demo-web".into(),
+            )),
+            kind: kind as i32,
+            point: Some(fo::PointChoice {
+                choice: Some(point),
+            }),
+            test_network,
+            request_id,
+            instant: false,
+            alternate_location: false,
+        })
+        .await
+        .map_err(|s| anyhow!("{what}: {}", s.message()))?
+        .into_inner();
+    let job = follow_job(f, &job.id, true).await?;
+    if job.state != fo::JobState::Succeeded as i32 {
+        bail!("the {what} failed: {}", job.error);
+    }
+    Ok(job)
 }
 
 /// Commits demo-web's failover and waits until registry says so.

@@ -259,6 +259,13 @@ impl Engine {
         }
     }
 
+    /// Drops a plan job's resume permit once its manual step went on.
+    pub(crate) fn forget_resume(&self, job: &str) {
+        if let Ok(mut r) = self.resumes.lock() {
+            r.remove(job);
+        }
+    }
+
     /// Goes on with plan `name`'s job: past the manual action it waits at,
     /// or, when it failed, from the stage that failed.
     pub async fn resume_plan(self: &Arc<Self>, name: &str) -> Result<JobRecord> {

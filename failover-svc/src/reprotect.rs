@@ -147,16 +147,37 @@ impl Engine {
 /// Whether every original disk of a re-protected item is there, whole:
 /// failback then writes into them (original-location recovery).
 pub(crate) fn originals_exist(item: &Item) -> bool {
+    originals(item).is_ok()
+}
+
+/// The original disks by id (path, size), if every one is there whole.
+pub(crate) fn originals(item: &Item) -> std::result::Result<Vec<(String, PathBuf, u64)>, String> {
     let Some(r) = &item.reprotection else {
-        return false;
+        return Err("the item names no original disks".into());
     };
-    item.disks.iter().all(|d| {
-        r.original_disks
-            .iter()
-            .find(|(id, _)| *id == d.id)
-            .and_then(|(_, path)| std::fs::metadata(path).ok())
-            .is_some_and(|m| m.is_file() && m.len() >= d.size_bytes)
-    })
+    let mut disks = Vec::new();
+    for d in &item.disks {
+        let Some((_, path)) = r.original_disks.iter().find(|(id, _)| *id == d.id) else {
+            return Err(format!("disk {:?} has no original disk", d.id));
+        };
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_file() && m.len() >= d.size_bytes => {
+                disks.push((d.id.clone(), path.clone(), d.size_bytes))
+            }
+            Ok(m) if m.is_file() => {
+                return Err(format!(
+                    "original disk {} holds {} bytes, less than disk {:?}'s {}",
+                    path.display(),
+                    m.len(),
+                    d.id,
+                    d.size_bytes
+                ))
+            }
+            Ok(_) => return Err(format!("original disk {} is not a file", path.display())),
+            Err(e) => return Err(format!("original disk {}: {e}", path.display())),
+        }
+    }
+    Ok(disks)
 }
 
 /// Opens an original disk for a failback, taken for this writer alone;

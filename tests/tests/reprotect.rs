@@ -302,6 +302,55 @@ async fn protect_failover_reprotect_failback_reprotect_and_fail_over_again() {
     cluster.stop().await;
 }
 
+/// The services (failover-svc's data under `dir/failover`) and "vm" with one
+/// OS disk under `dir/east`: protected, its agent running, 1 MiB of `byte`
+/// written through it and durable in the cache.
+struct OneDisk {
+    cluster: Cluster,
+    registry: String,
+    url: String,
+    failover_dir: PathBuf,
+    source: PathBuf,
+    agent: Agent,
+}
+
+async fn one_disk_vm(dir: &Path, byte: u8) -> OneDisk {
+    let failover_dir = dir.join("failover");
+    let cluster = Cluster::start_options(ClusterOptions {
+        failover_dir: Some(failover_dir.clone()),
+        ..Default::default()
+    })
+    .await;
+    let (registry, url) = (cluster.registry.url.clone(), cluster.failover.url.clone());
+    let east = dir.join("east");
+    std::fs::create_dir_all(&east).unwrap();
+    let source = east.join("os.raw");
+    run_tool(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "raw",
+            source.to_str().unwrap(),
+            &OS.to_string(),
+        ],
+    );
+    common::policy(&registry, "fast", Duration::from_secs(1)).await;
+    protect_vm_with(&registry, "vm", &[("os", OS, &source)], "fast").await;
+    let (agent, nbd) = agent(&registry, &east.join("agent"), vec![east.clone()]).await;
+    wait_state(&registry, reg::ReplicationState::Protected).await;
+    qemu_io(&nbd, "os", &format!("write -P {byte:#x} 0 1M")).await;
+    agent.stream.flushed().await;
+    OneDisk {
+        cluster,
+        registry,
+        url,
+        failover_dir,
+        source,
+        agent,
+    }
+}
+
 /// A processor-svc of its own for eastus (`[processor] endpoint`), set in
 /// registry as that region's; its token and task.
 async fn eastus_processor(
@@ -358,34 +407,16 @@ async fn jobs(url: &str) -> Vec<fo::Job> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reprotect_and_failback_refuse_what_they_cannot_do_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let failover_dir = dir.path().join("failover");
-    let cluster = Cluster::start_options(ClusterOptions {
-        failover_dir: Some(failover_dir.clone()),
-        ..Default::default()
-    })
-    .await;
-    let (registry, url) = (cluster.registry.url.clone(), cluster.failover.url.clone());
+    let OneDisk {
+        cluster,
+        registry,
+        url,
+        failover_dir,
+        agent: a,
+        ..
+    } = one_disk_vm(dir.path(), 0x61).await;
     // The reverse direction's replica lives on eastus's own processor.
     let (east_url, stop_east, east_task) = eastus_processor(&cluster, dir.path()).await;
-    let east = dir.path().join("east");
-    std::fs::create_dir_all(&east).unwrap();
-    let source = east.join("os.raw");
-    run_tool(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "raw",
-            source.to_str().unwrap(),
-            &OS.to_string(),
-        ],
-    );
-    common::policy(&registry, "fast", Duration::from_secs(1)).await;
-    protect_vm_with(&registry, "vm", &[("os", OS, &source)], "fast").await;
-    let (a, nbd) = agent(&registry, &east.join("agent"), vec![east.clone()]).await;
-    wait_state(&registry, reg::ReplicationState::Protected).await;
-    qemu_io(&nbd, "os", "write -P 0x61 0 1M").await;
-    a.stream.flushed().await;
 
     // Re-protect of a VM that is not committed.
     let before = item(&registry).await;
@@ -614,32 +645,15 @@ async fn a_seed_is_taken_only_for_a_reprotected_item_and_only_whole() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failback_to_an_alternate_location_leaves_the_original_disks_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let failover_dir = dir.path().join("failover");
-    let cluster = Cluster::start_options(ClusterOptions {
-        failover_dir: Some(failover_dir.clone()),
-        ..Default::default()
-    })
-    .await;
-    let (registry, url) = (cluster.registry.url.clone(), cluster.failover.url.clone());
-    let east = dir.path().join("east");
-    std::fs::create_dir_all(&east).unwrap();
-    let source = east.join("os.raw");
-    run_tool(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "raw",
-            source.to_str().unwrap(),
-            &OS.to_string(),
-        ],
-    );
-    common::policy(&registry, "fast", Duration::from_secs(1)).await;
-    protect_vm_with(&registry, "vm", &[("os", OS, &source)], "fast").await;
-    let (a, nbd) = agent(&registry, &east.join("agent"), vec![east.clone()]).await;
-    wait_state(&registry, reg::ReplicationState::Protected).await;
-    qemu_io(&nbd, "os", "write -P 0x71 0 1M").await;
-    a.stream.flushed().await;
+    let OneDisk {
+        cluster,
+        registry,
+        url,
+        failover_dir,
+        source,
+        agent: a,
+        ..
+    } = one_disk_vm(dir.path(), 0x71).await;
     failover(
         &url,
         fo::FailoverKind::Unplanned,

@@ -118,7 +118,11 @@ async fn action(
                 _ = engine.shutdown.cancelled() => {
                     Err(Refused::unavailable("failover-svc is stopping").into())
                 }
-                _ = resume.notified() => Ok(format!("{} confirmed (ferry plan resume)", action.name)),
+                _ = resume.notified() => {
+                    // Used: the next manual step waits for a permit of its own.
+                    engine.forget_resume(job.id.as_str());
+                    Ok(format!("{} confirmed (ferry plan resume)", action.name))
+                }
             }
         }
     }

@@ -48,7 +48,7 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
     if r.seed_complete {
         return Ok(format!("seeded already; {start_agent}"));
     }
-    let summary = match originals(&item) {
+    let summary = match crate::reprotect::originals(&item) {
         Err(why) => {
             tracing::warn!(%vm, why, "re-protect without a seed");
             format!(
@@ -63,36 +63,6 @@ pub(super) async fn run(engine: &Arc<Engine>, job: &mut JobRecord) -> Result<Str
         .complete_seed(&vm, item.incarnation, &summary)
         .await?;
     Ok(format!("{summary}; {start_agent}"))
-}
-
-/// The original disks by id (path, size), if every one is there whole.
-fn originals(item: &Item) -> std::result::Result<Vec<(String, PathBuf, u64)>, String> {
-    let Some(r) = &item.reprotection else {
-        return Err("the item names no original disks".into());
-    };
-    let mut disks = Vec::new();
-    for d in &item.disks {
-        let Some((_, path)) = r.original_disks.iter().find(|(id, _)| *id == d.id) else {
-            return Err(format!("disk {:?} has no original disk", d.id));
-        };
-        match std::fs::metadata(path) {
-            Ok(m) if m.is_file() && m.len() >= d.size_bytes => {
-                disks.push((d.id.clone(), path.clone(), d.size_bytes))
-            }
-            Ok(m) if m.is_file() => {
-                return Err(format!(
-                    "original disk {} holds {} bytes, less than disk {:?}'s {}",
-                    path.display(),
-                    m.len(),
-                    d.id,
-                    d.size_bytes
-                ))
-            }
-            Ok(_) => return Err(format!("original disk {} is not a file", path.display())),
-            Err(e) => return Err(format!("original disk {}: {e}", path.display())),
-        }
-    }
-    Ok(disks)
 }
 
 /// Streams the data of `disks` into the reverse replica; what it did.
